@@ -1,0 +1,181 @@
+//! The YAML schema exactly as users write it (see `config/*.yaml`).
+//!
+//! Every struct rejects unknown keys so a typo is an error, not a silently
+//! ignored setting. Numbers and booleans also accept strings so that values
+//! produced by `${VAR}` expansion (always strings) deserialize.
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use std::str::FromStr;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub buckets: Vec<RawBucket>,
+    #[serde(default)]
+    pub metrics: Option<RawMetrics>,
+    #[serde(default)]
+    pub logging: Option<RawLogging>,
+    /// Default health check for every bucket that does not set its own.
+    #[serde(default)]
+    pub health_check: Option<RawHealthCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub address: String,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub workers: Option<usize>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub idle_timeout_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub shutdown_timeout_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBucket {
+    pub name: String,
+    pub path_prefix: String,
+    pub s3: RawS3,
+    #[serde(default)]
+    pub auth: Option<RawAuth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    #[serde(deserialize_with = "flex")]
+    pub enabled: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawS3 {
+    pub bucket: String,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    pub access_key: String,
+    pub secret_key: String,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub timeout_seconds: Option<u64>,
+    #[serde(default)]
+    pub replicas: Option<Vec<RawReplica>>,
+    #[serde(default)]
+    pub circuit_breaker: Option<RawCircuitBreaker>,
+    #[serde(default)]
+    pub health_check: Option<RawHealthCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReplica {
+    pub name: String,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub bucket: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub access_key: Option<String>,
+    #[serde(default)]
+    pub secret_key: Option<String>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub priority: Option<u32>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub timeout_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCircuitBreaker {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub failure_threshold: Option<u32>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub success_threshold: Option<u32>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub timeout_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub half_open_requests: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub enabled: Option<bool>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub interval_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub timeout_seconds: Option<u64>,
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub enabled: Option<bool>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub address: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLogging {
+    #[serde(default)]
+    pub level: Option<String>,
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// A number or boolean written natively or as a string (`"8080"`, `"true"`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Flex<T> {
+    Native(T),
+    Text(String),
+}
+
+fn flex<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + FromStr,
+{
+    match Flex::<T>::deserialize(d)
+        .map_err(|_| de::Error::custom(format!("expected {}", type_word::<T>())))?
+    {
+        Flex::Native(v) => Ok(v),
+        Flex::Text(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| de::Error::custom(format!("expected {}, found {s:?}", type_word::<T>()))),
+    }
+}
+
+fn flex_opt<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + FromStr,
+{
+    flex(d).map(Some)
+}
+
+fn type_word<T>() -> &'static str {
+    let name = std::any::type_name::<T>();
+    if name == "bool" {
+        "a boolean (true or false)"
+    } else {
+        "a non-negative integer"
+    }
+}

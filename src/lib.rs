@@ -1,0 +1,13 @@
+//! yatagarasu: a read-only S3 origin proxy that keeps serving when an S3
+//! endpoint dies. See README.md for the tour; `proxy.rs` reads top to bottom.
+
+pub mod config;
+pub mod http;
+pub mod log;
+pub mod metrics;
+pub mod proxy;
+pub mod router;
+pub mod s3;
+pub mod server;
+pub mod shared;
+pub mod upstream;

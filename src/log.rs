@@ -1,0 +1,226 @@
+//! Structured logging: one line per event, `text` or `json`, to stderr.
+//!
+//! Shard threads buffer INFO/DEBUG lines (access logs) and flush them on their
+//! periodic tick or when the buffer fills; WARN and ERROR are written at once,
+//! and every other thread writes unbuffered. The level comes from the config
+//! and can be overridden with `RUST_LOG` (`error|warn|info|debug`).
+
+use crate::config::{Level, LogFormat};
+use std::cell::{Cell, RefCell};
+use std::fmt::{Display, Write as _};
+use std::io::Write;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+static LEVEL: AtomicU8 = AtomicU8::new(2);
+static FORMAT: AtomicU8 = AtomicU8::new(0);
+const FLUSH_AT: usize = 16 * 1024;
+
+thread_local! {
+    static BUFFER: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(FLUSH_AT * 2));
+    static BUFFERED: Cell<bool> = const { Cell::new(false) };
+    static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
+}
+
+fn level_code(l: Level) -> u8 {
+    match l {
+        Level::Error => 0,
+        Level::Warn => 1,
+        Level::Info => 2,
+        Level::Debug => 3,
+    }
+}
+
+/// Sets level and format; `RUST_LOG` wins over the config's level.
+pub fn init(level: Level, format: LogFormat) {
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| Level::parse(v.trim()))
+        .unwrap_or(level);
+    LEVEL.store(level_code(level), Ordering::Relaxed);
+    FORMAT.store(matches!(format, LogFormat::Json) as u8, Ordering::Relaxed);
+}
+
+/// Makes this thread buffer INFO/DEBUG lines until `flush`.
+pub fn buffer_this_thread() {
+    BUFFERED.with(|b| b.set(true));
+}
+
+pub fn enabled(level: Level) -> bool {
+    level_code(level) <= LEVEL.load(Ordering::Relaxed)
+}
+
+/// Writes out this thread's buffered lines.
+pub fn flush() {
+    BUFFER.with(|b| {
+        let mut b = b.borrow_mut();
+        if !b.is_empty() {
+            let _ = std::io::stderr().write_all(&b);
+            b.clear();
+        }
+    });
+}
+
+/// Logs `msg` with `fields` at `level`.
+pub fn log(level: Level, msg: &str, fields: &[(&str, &dyn Display)]) {
+    if !enabled(level) {
+        return;
+    }
+    LINE.with(|line| {
+        let mut line = line.borrow_mut();
+        line.clear();
+        format_line(
+            &mut line,
+            level,
+            msg,
+            fields,
+            FORMAT.load(Ordering::Relaxed) == 1,
+        );
+        let urgent = level <= Level::Warn || !BUFFERED.with(|b| b.get());
+        BUFFER.with(|b| {
+            let mut b = b.borrow_mut();
+            b.extend_from_slice(line.as_bytes());
+            if urgent || b.len() >= FLUSH_AT {
+                let _ = std::io::stderr().write_all(&b);
+                b.clear();
+            }
+        });
+    });
+}
+
+fn format_line(
+    out: &mut String,
+    level: Level,
+    msg: &str,
+    fields: &[(&str, &dyn Display)],
+    json: bool,
+) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    if json {
+        out.push_str("{\"ts\":\"");
+        timestamp(out, now.as_secs(), now.subsec_millis());
+        out.push_str("\",\"level\":\"");
+        out.push_str(level.as_str());
+        out.push_str("\",\"msg\":");
+        json_str(out, msg);
+        let mut tmp = String::new();
+        for (k, v) in fields {
+            out.push(',');
+            json_str(out, k);
+            out.push(':');
+            tmp.clear();
+            let _ = write!(tmp, "{v}");
+            json_str(out, &tmp);
+        }
+        out.push_str("}\n");
+    } else {
+        timestamp(out, now.as_secs(), now.subsec_millis());
+        out.push(' ');
+        out.push_str(level.as_str());
+        out.push(' ');
+        out.push_str(msg);
+        let mut tmp = String::new();
+        for (k, v) in fields {
+            out.push(' ');
+            out.push_str(k);
+            out.push('=');
+            tmp.clear();
+            let _ = write!(tmp, "{v}");
+            if tmp.is_empty() || tmp.contains([' ', '"', '=']) {
+                let _ = write!(out, "{tmp:?}");
+            } else {
+                out.push_str(&tmp);
+            }
+        }
+        out.push('\n');
+    }
+}
+
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// RFC 3339 UTC timestamp with milliseconds.
+fn timestamp(out: &mut String, secs: u64, millis: u32) {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let _ = write!(
+        out,
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    );
+}
+
+/// `log!(Level::Warn, "message", key = value, ...)`.
+#[macro_export]
+macro_rules! log {
+    ($level:expr, $msg:expr $(, $k:ident = $v:expr)* $(,)?) => {
+        if $crate::log::enabled($level) {
+            $crate::log::log($level, $msg, &[$((stringify!($k), &$v as &dyn ::std::fmt::Display)),*]);
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_civil() {
+        let mut s = String::new();
+        timestamp(&mut s, 1_795_647_737, 5);
+        assert_eq!(s, "2026-11-25T23:02:17.005Z");
+    }
+
+    #[test]
+    fn text_and_json_lines() {
+        let mut s = String::new();
+        format_line(
+            &mut s,
+            Level::Warn,
+            "Replica 'primary' failed, trying 'backup'",
+            &[("cause", &"connect refused")],
+            false,
+        );
+        assert!(
+            s.contains(
+                " WARN Replica 'primary' failed, trying 'backup' cause=\"connect refused\"\n"
+            ),
+            "{s}"
+        );
+        s.clear();
+        format_line(&mut s, Level::Info, "a\"b", &[("n", &5)], true);
+        assert!(
+            s.ends_with(",\"level\":\"INFO\",\"msg\":\"a\\\"b\",\"n\":\"5\"}\n"),
+            "{s}"
+        );
+    }
+}

@@ -1,0 +1,149 @@
+//! Metrics: per-core recording with no lock or atomic on the request path,
+//! merged into Prometheus text only when scraped.
+//!
+//! Each shard owns a [`ShardMetrics`] (plain counters and `hdrhistogram`s in
+//! microseconds). When a scrape starts it bumps a generation counter; each shard
+//! notices on its next tick (every few ms) and copies its metrics into its
+//! publication slot, the only place a lock is taken, off the request path. The
+//! scraper merges the slots, adds live gauges (connections, breaker states) and
+//! encodes with the `prometheus` crate's text encoder.
+
+pub mod render;
+
+use crate::http::head::Method;
+use hdrhistogram::Histogram;
+use std::collections::HashMap;
+
+/// Latency histogram bounds in microseconds: 1 us .. 1 hour, 2 significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    // Constant, valid bounds: construction cannot fail.
+    Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("constant histogram bounds are valid")
+}
+
+/// Counters of one replica on one shard.
+#[derive(Clone)]
+pub struct ReplicaMetrics {
+    pub requests: u64,
+    pub failures: HashMap<&'static str, u64>,
+    pub resumes: u64,
+    pub duration: Histogram<u64>,
+}
+
+/// Everything one shard records. Cloned into the publication slot on demand.
+#[derive(Clone)]
+pub struct ShardMetrics {
+    /// `(bucket index or usize::MAX, method, status) -> count`.
+    pub requests: HashMap<(usize, Method, u16), u64>,
+    pub request_duration: Histogram<u64>,
+    pub upstream_duration: Histogram<u64>,
+    pub bytes_sent: u64,
+    pub connections_total: u64,
+    /// Indexed by global replica id.
+    pub replicas: Vec<ReplicaMetrics>,
+    /// `(from replica id, to replica id) -> count`.
+    pub failovers: HashMap<(usize, usize), u64>,
+}
+
+impl ShardMetrics {
+    pub fn new(replicas: usize) -> ShardMetrics {
+        ShardMetrics {
+            requests: HashMap::new(),
+            request_duration: new_histogram(),
+            upstream_duration: new_histogram(),
+            bytes_sent: 0,
+            connections_total: 0,
+            replicas: (0..replicas)
+                .map(|_| ReplicaMetrics {
+                    requests: 0,
+                    failures: HashMap::new(),
+                    resumes: 0,
+                    duration: new_histogram(),
+                })
+                .collect(),
+            failovers: HashMap::new(),
+        }
+    }
+
+    pub fn request(
+        &mut self,
+        bucket: Option<usize>,
+        method: Method,
+        status: u16,
+        micros: u64,
+        bytes: u64,
+    ) {
+        *self
+            .requests
+            .entry((bucket.unwrap_or(usize::MAX), method, status))
+            .or_insert(0) += 1;
+        let _ = self.request_duration.record(micros.max(1));
+        self.bytes_sent += bytes;
+    }
+
+    pub fn upstream(&mut self, replica: usize, micros: u64) {
+        let _ = self.upstream_duration.record(micros.max(1));
+        if let Some(r) = self.replicas.get_mut(replica) {
+            r.requests += 1;
+            let _ = r.duration.record(micros.max(1));
+        }
+    }
+
+    pub fn replica_failure(&mut self, replica: usize, reason: &'static str) {
+        if let Some(r) = self.replicas.get_mut(replica) {
+            *r.failures.entry(reason).or_insert(0) += 1;
+        }
+    }
+
+    pub fn failover(&mut self, from: usize, to: usize) {
+        *self.failovers.entry((from, to)).or_insert(0) += 1;
+    }
+
+    pub fn resume(&mut self, replica: usize) {
+        if let Some(r) = self.replicas.get_mut(replica) {
+            r.resumes += 1;
+        }
+    }
+
+    /// Adds `other` into `self` (scrape-time merge).
+    pub fn merge(&mut self, other: &ShardMetrics) {
+        for (k, v) in &other.requests {
+            *self.requests.entry(*k).or_insert(0) += v;
+        }
+        let _ = self.request_duration.add(&other.request_duration);
+        let _ = self.upstream_duration.add(&other.upstream_duration);
+        self.bytes_sent += other.bytes_sent;
+        self.connections_total += other.connections_total;
+        for (mine, theirs) in self.replicas.iter_mut().zip(&other.replicas) {
+            mine.requests += theirs.requests;
+            mine.resumes += theirs.resumes;
+            for (k, v) in &theirs.failures {
+                *mine.failures.entry(k).or_insert(0) += v;
+            }
+            let _ = mine.duration.add(&theirs.duration);
+        }
+        for (k, v) in &other.failovers {
+            *self.failovers.entry(*k).or_insert(0) += v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_adds_everything() {
+        let mut a = ShardMetrics::new(2);
+        let mut b = ShardMetrics::new(2);
+        a.request(Some(0), Method::Get, 200, 1500, 10);
+        b.request(Some(0), Method::Get, 200, 2500, 5);
+        b.replica_failure(1, "connect");
+        b.failover(1, 0);
+        a.merge(&b);
+        assert_eq!(a.requests[&(0, Method::Get, 200)], 2);
+        assert_eq!(a.bytes_sent, 15);
+        assert_eq!(a.request_duration.len(), 2);
+        assert_eq!(a.replicas[1].failures["connect"], 1);
+        assert_eq!(a.failovers[&(1, 0)], 1);
+    }
+}

@@ -1,0 +1,249 @@
+//! Prometheus text exposition of merged shard metrics and live replica state.
+
+use super::ShardMetrics;
+use crate::shared::{Shared, PROBE_FAILED};
+use crate::upstream::breaker::State;
+use hdrhistogram::Histogram;
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram as PHistogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+use prometheus::{Encoder, TextEncoder};
+use std::sync::atomic::Ordering;
+
+/// Histogram bucket bounds in seconds.
+const BOUNDS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name((*k).to_string());
+            l.set_value((*v).to_string());
+            l
+        })
+        .collect()
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_string());
+    f.set_help(help.to_string());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn counter(pairs: &[(&str, &str)], v: f64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(v);
+    let mut m = Metric::default();
+    m.set_label(labels(pairs));
+    m.set_counter(c);
+    m
+}
+
+fn gauge(pairs: &[(&str, &str)], v: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(v);
+    let mut m = Metric::default();
+    m.set_label(labels(pairs));
+    m.set_gauge(g);
+    m
+}
+
+fn histogram(pairs: &[(&str, &str)], h: &Histogram<u64>) -> Metric {
+    let mut counts = [0u64; BOUNDS.len()];
+    let mut sum_us = 0f64;
+    for v in h.iter_recorded() {
+        let value = h.highest_equivalent(v.value_iterated_to());
+        let n = v.count_at_value();
+        sum_us += h.median_equivalent(value) as f64 * n as f64;
+        let secs = value as f64 / 1e6;
+        if let Some(i) = BOUNDS.iter().position(|b| secs <= *b) {
+            counts[i] += n;
+        }
+    }
+    let mut cumulative = 0;
+    let buckets = BOUNDS
+        .iter()
+        .zip(counts)
+        .map(|(bound, c)| {
+            cumulative += c;
+            let mut b = Bucket::default();
+            b.set_upper_bound(*bound);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    let mut ph = PHistogram::default();
+    ph.set_sample_count(h.len());
+    ph.set_sample_sum(sum_us / 1e6);
+    ph.set_bucket(buckets);
+    let mut m = Metric::default();
+    m.set_label(labels(pairs));
+    m.set_histogram(ph);
+    m
+}
+
+/// Renders every metric as Prometheus text.
+pub fn render(shared: &Shared, merged: &ShardMetrics) -> String {
+    let mut families = Vec::new();
+    let bucket_name = |i: usize| shared.config.buckets.get(i).map_or("", |b| b.name.as_str());
+
+    let mut reqs: Vec<_> = merged.requests.iter().collect();
+    reqs.sort_by_key(|(k, _)| **k);
+    let metrics = reqs
+        .into_iter()
+        .map(|((b, m, s), v)| {
+            let status = s.to_string();
+            counter(
+                &[
+                    ("bucket", bucket_name(*b)),
+                    ("method", m.as_str()),
+                    ("status", &status),
+                ],
+                *v as f64,
+            )
+        })
+        .collect();
+    families.push(family(
+        "yatagarasu_requests_total",
+        "Client requests served, by bucket, method and status.",
+        MetricType::COUNTER,
+        metrics,
+    ));
+    families.push(family(
+        "yatagarasu_request_duration_seconds",
+        "Time from request head to last response byte.",
+        MetricType::HISTOGRAM,
+        vec![histogram(&[], &merged.request_duration)],
+    ));
+    families.push(family(
+        "yatagarasu_upstream_duration_seconds",
+        "Time from sending a request upstream to its response head.",
+        MetricType::HISTOGRAM,
+        vec![histogram(&[], &merged.upstream_duration)],
+    ));
+    families.push(family(
+        "yatagarasu_response_bytes_total",
+        "Response body bytes sent to clients.",
+        MetricType::COUNTER,
+        vec![counter(&[], merged.bytes_sent as f64)],
+    ));
+    families.push(family(
+        "yatagarasu_connections_total",
+        "Client connections accepted.",
+        MetricType::COUNTER,
+        vec![counter(&[], merged.connections_total as f64)],
+    ));
+    let open: i64 = shared
+        .shards
+        .iter()
+        .map(|s| s.open_connections.load(Ordering::Relaxed))
+        .sum();
+    families.push(family(
+        "yatagarasu_open_connections",
+        "Client connections open now.",
+        MetricType::GAUGE,
+        vec![gauge(&[], open.max(0) as f64)],
+    ));
+
+    let mut health = Vec::new();
+    let mut state = Vec::new();
+    let mut requests = Vec::new();
+    let mut failures = Vec::new();
+    let mut resumes = Vec::new();
+    let mut durations = Vec::new();
+    for (id, r) in shared.replicas.iter().enumerate() {
+        let b = bucket_name(r.bucket);
+        let name = r.config.name.as_str();
+        let l = [("bucket", b), ("replica", name)];
+        let s = r.breaker.load().state;
+        let healthy = s != State::Open && r.probe.load(Ordering::Relaxed) != PROBE_FAILED;
+        health.push(gauge(&l, healthy as u8 as f64));
+        state.push(gauge(&l, s.code() as f64));
+        if let Some(m) = merged.replicas.get(id) {
+            requests.push(counter(&l, m.requests as f64));
+            resumes.push(counter(&l, m.resumes as f64));
+            durations.push(histogram(&l, &m.duration));
+            let mut reasons: Vec<_> = m.failures.iter().collect();
+            reasons.sort();
+            for (reason, v) in reasons {
+                failures.push(counter(
+                    &[("bucket", b), ("replica", name), ("reason", reason)],
+                    *v as f64,
+                ));
+            }
+        }
+    }
+    let mut failovers: Vec<_> = merged.failovers.iter().collect();
+    failovers.sort();
+    let failovers = failovers
+        .into_iter()
+        .filter_map(|((from, to), v)| {
+            let f = shared.replicas.get(*from)?;
+            let t = shared.replicas.get(*to)?;
+            Some(counter(
+                &[
+                    ("bucket", bucket_name(f.bucket)),
+                    ("from", &f.config.name),
+                    ("to", &t.config.name),
+                ],
+                *v as f64,
+            ))
+        })
+        .collect();
+    families.push(family(
+        "yatagarasu_replica_health",
+        "1 if the replica is usable (breaker not open, last probe passed).",
+        MetricType::GAUGE,
+        health,
+    ));
+    families.push(family(
+        "yatagarasu_circuit_breaker_state",
+        "Breaker state: 0 closed, 1 open, 2 half-open.",
+        MetricType::GAUGE,
+        state,
+    ));
+    families.push(family(
+        "yatagarasu_replica_requests_total",
+        "Requests sent to each replica.",
+        MetricType::COUNTER,
+        requests,
+    ));
+    families.push(family(
+        "yatagarasu_replica_failures_total",
+        "Failed attempts per replica, by reason.",
+        MetricType::COUNTER,
+        failures,
+    ));
+    families.push(family(
+        "yatagarasu_replica_failovers_total",
+        "Requests moved from one replica to the next.",
+        MetricType::COUNTER,
+        failovers,
+    ));
+    families.push(family(
+        "yatagarasu_replica_resumes_total",
+        "Bodies resumed on a replica after another failed mid-body.",
+        MetricType::COUNTER,
+        resumes,
+    ));
+    families.push(family(
+        "yatagarasu_replica_request_duration_seconds",
+        "Time to response head, per replica.",
+        MetricType::HISTOGRAM,
+        durations,
+    ));
+    families.retain(|f| !f.get_metric().is_empty());
+
+    let mut out = Vec::new();
+    if TextEncoder::new().encode(&families, &mut out).is_err() {
+        return String::from("# metrics encoding failed\n");
+    }
+    String::from_utf8(out).unwrap_or_default()
+}

@@ -1,0 +1,91 @@
+//! The metrics endpoint (`metrics.port`): a small blocking HTTP server on its
+//! own thread. `GET /metrics` asks every shard to publish its per-core metrics
+//! (they do on their next tick), merges them and renders Prometheus text.
+
+use crate::config::Level;
+use crate::log;
+use crate::metrics::{render::render, ShardMetrics};
+use crate::shared::Shared;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    for stream in listener.incoming() {
+        match stream {
+            Ok(s) => {
+                if let Err(e) = handle(s, &shared) {
+                    log!(Level::Debug, "metrics request failed", error = e);
+                }
+            }
+            Err(e) => {
+                log!(Level::Warn, "metrics accept failed", error = e);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn handle(mut s: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = [0u8; 4096];
+    let mut len = 0;
+    loop {
+        let n = s.read(&mut buf[len..])?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") || len == buf.len() {
+            break;
+        }
+    }
+    let line = buf[..len].split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("");
+    let path = parts.next().unwrap_or("");
+    let (status, ctype, body) = if (method == "GET" || method == "HEAD")
+        && (path == "/metrics" || path.starts_with("/metrics?"))
+    {
+        (200, "text/plain; version=0.0.4", gather(shared))
+    } else {
+        (404, "text/plain", "not found; try /metrics\n".to_string())
+    };
+    let reason = if status == 200 { "OK" } else { "Not Found" };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    if method != "HEAD" {
+        s.write_all(body.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Collects a fresh snapshot from every shard (waiting up to 500 ms) and renders it.
+pub fn gather(shared: &Shared) -> String {
+    let generation = shared.scrape_generation.fetch_add(1, Ordering::AcqRel) + 1;
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline
+        && !shared.shards.iter().all(|s| {
+            s.published.load(Ordering::Acquire) >= generation
+                || s.stopped_accepting.load(Ordering::Relaxed)
+        })
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut merged = ShardMetrics::new(shared.replicas.len());
+    for s in &shared.shards {
+        if let Ok(slot) = s.metrics.lock() {
+            if let Some(m) = slot.as_ref() {
+                merged.merge(m);
+            }
+        }
+    }
+    render(shared, &merged)
+}

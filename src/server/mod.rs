@@ -1,0 +1,285 @@
+//! Process layout: one pinned monoio runtime per worker, each with its own
+//! `SO_REUSEPORT` listener, connection pool and metrics; plus a health-prober
+//! thread, a metrics-endpoint thread, and the main thread waiting for signals.
+//!
+//! Shutdown (SIGTERM/SIGINT): every shard stops accepting, answers with
+//! `Connection: close` from then on, and the process exits once no request is
+//! in flight or `server.shutdown_timeout_seconds` has passed.
+
+pub mod driver;
+pub mod metrics_http;
+
+use crate::config::{Config, Level};
+use crate::log;
+use crate::proxy::Shard;
+use crate::shared::Shared;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often each shard checks for shutdown, scrape requests and log flushing.
+const TICK: Duration = Duration::from_millis(20);
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Runs the proxy until a shutdown signal; returns the exit code.
+pub fn run(config: Config) -> i32 {
+    let workers = config.server.workers;
+    let mut addr = config.server.address;
+    // Bind everything up front so a taken port is reported before any thread starts.
+    let mut listeners = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        match bind_reuseport(addr) {
+            Ok(l) => {
+                if addr.port() == 0 {
+                    if let Ok(a) = l.local_addr() {
+                        addr = a;
+                    }
+                }
+                listeners.push(l);
+            }
+            Err(e) => {
+                log!(Level::Error, "cannot listen", address = addr, error = e);
+                return 1;
+            }
+        }
+    }
+    let metrics_listener = if config.metrics.enabled {
+        match std::net::TcpListener::bind(config.metrics.address) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log!(
+                    Level::Error,
+                    "cannot listen for metrics",
+                    address = config.metrics.address,
+                    error = e
+                );
+                return 1;
+            }
+        }
+    } else {
+        None
+    };
+    let shutdown_timeout = config.server.shutdown_timeout;
+    let shared = Arc::new(Shared::new(config));
+    let signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            log!(Level::Error, "cannot install signal handlers", error = e);
+            return 1;
+        }
+    };
+
+    let choice = driver::choose();
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut threads = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let shared = shared.clone();
+        let core = if cores.is_empty() {
+            None
+        } else {
+            Some(cores[i % cores.len()])
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("yatagarasu-w{i}"))
+            .spawn(move || {
+                let pinned = core.is_some_and(core_affinity::set_for_current);
+                log::buffer_this_thread();
+                let result = driver::block_on(choice, |used| {
+                    log!(
+                        Level::Info,
+                        "Worker started",
+                        worker = i,
+                        driver = used,
+                        core = core.map_or("-".to_string(), |c| c.id.to_string()),
+                        pinned = pinned,
+                    );
+                    log::flush();
+                    shard_main(i, shared, listener)
+                });
+                if let Err(e) = result {
+                    log!(Level::Error, "worker runtime failed", worker = i, error = e);
+                    log::flush();
+                    std::process::exit(1);
+                }
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                log!(Level::Error, "cannot start worker thread", error = e);
+                return 1;
+            }
+        }
+    }
+    {
+        let shared = shared.clone();
+        let _ = std::thread::Builder::new()
+            .name("yatagarasu-health".into())
+            .spawn(move || {
+                if let Err(e) = driver::block_on(choice, |_| crate::upstream::health::run(shared)) {
+                    log!(Level::Error, "health checker failed to start", error = e);
+                }
+            });
+    }
+    if let Some(l) = metrics_listener {
+        let shared = shared.clone();
+        let _ = std::thread::Builder::new()
+            .name("yatagarasu-metrics".into())
+            .spawn(move || metrics_http::serve(l, shared));
+    }
+    log!(
+        Level::Info,
+        "Yatagarasu listening",
+        address = addr,
+        workers = workers,
+        metrics = if shared.config.metrics.enabled {
+            shared.config.metrics.address.to_string()
+        } else {
+            "off".into()
+        },
+        buckets = shared.config.buckets.len(),
+    );
+
+    let mut signals = signals;
+    for sig in signals.forever() {
+        match sig {
+            signal_hook::consts::SIGHUP => {
+                log!(Level::Warn, "SIGHUP received: configuration reload is not supported yet; keeping the running config");
+            }
+            _ => {
+                log!(
+                    Level::Info,
+                    "Shutdown signal received, draining",
+                    signal = sig
+                );
+                break;
+            }
+        }
+    }
+    shared.shutdown.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + shutdown_timeout;
+    loop {
+        let stopped = shared
+            .shards
+            .iter()
+            .all(|s| s.stopped_accepting.load(Ordering::SeqCst));
+        let in_flight = shared.in_flight();
+        if stopped && in_flight == 0 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            log!(
+                Level::Warn,
+                "Drain timed out; exiting with requests in flight",
+                in_flight = in_flight
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Give shards one tick to flush their buffered log lines.
+    std::thread::sleep(TICK * 2);
+    log!(Level::Info, "Shutdown complete");
+    0
+}
+
+async fn shard_main(id: usize, shared: Arc<Shared>, listener: std::net::TcpListener) {
+    let listener = match monoio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            log!(
+                Level::Error,
+                "cannot adopt listener",
+                worker = id,
+                error = e
+            );
+            log::flush();
+            std::process::exit(1);
+        }
+    };
+    let shard = Rc::new(Shard::new(id, shared.clone()));
+    let canceller = monoio::io::Canceller::new();
+    let handle = canceller.handle();
+    {
+        let shard = shard.clone();
+        monoio::spawn(async move {
+            let mut canceller = Some(canceller);
+            loop {
+                monoio::time::sleep(TICK).await;
+                tick(&shard);
+                if shard.shared.shutdown.load(Ordering::Relaxed) && !shard.draining.get() {
+                    shard.draining.set(true);
+                    if let Some(c) = canceller.take() {
+                        c.cancel();
+                    }
+                }
+            }
+        });
+    }
+    let me = &shared.shards[id];
+    loop {
+        match listener.cancelable_accept(handle.clone()).await {
+            Ok((stream, _peer)) => {
+                if shard.draining.get() {
+                    break;
+                }
+                me.open_connections.fetch_add(1, Ordering::Relaxed);
+                shard.metrics.borrow_mut().connections_total += 1;
+                let shard = shard.clone();
+                monoio::spawn(async move {
+                    shard.serve(stream).await;
+                    shard.shared.shards[shard.id]
+                        .open_connections
+                        .fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            Err(e) => {
+                if shard.draining.get() {
+                    break;
+                }
+                // EMFILE and friends: back off briefly instead of spinning.
+                log!(Level::Warn, "accept failed", worker = id, error = e);
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    me.stopped_accepting.store(true, Ordering::SeqCst);
+    log!(Level::Info, "Worker stopped accepting", worker = id);
+    // Keep serving in-flight requests; the main thread ends the process.
+    loop {
+        monoio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
+/// Periodic per-shard housekeeping, off the request path.
+fn tick(shard: &Shard) {
+    log::flush();
+    let me = &shard.shared.shards[shard.id];
+    let wanted = shard.shared.scrape_generation.load(Ordering::Acquire);
+    if wanted > me.published.load(Ordering::Relaxed) {
+        let snapshot = shard.metrics.borrow().clone();
+        if let Ok(mut slot) = me.metrics.lock() {
+            *slot = Some(snapshot);
+        }
+        me.published.store(wanted, Ordering::Release);
+    }
+}

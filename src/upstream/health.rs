@@ -1,0 +1,165 @@
+//! Active health checks: one prober per process (its own thread and runtime),
+//! not one per core.
+//!
+//! Every `interval_seconds`, each replica of each bucket with checks enabled
+//! gets a signed `HEAD` of `health_check.path` relative to its bucket (`/` is
+//! `HEAD /<bucket>/`, S3's HeadBucket). Any HTTP response below 500 within
+//! `timeout_seconds` means alive. A failing probe opens the replica's breaker
+//! (no client request needs to fail first); a passing probe moves an OPEN
+//! breaker to HALF-OPEN at once, so a recovered replica gets trial traffic
+//! within one interval. Results are published through the same shared breaker
+//! words the shards read, so every core sees them on its next request.
+
+use crate::config::Level;
+use crate::http::head::{self, Response};
+use crate::http::io::{read_more, write_all};
+use crate::log;
+use crate::s3::Signer;
+use crate::shared::{now_ms, Shared, PROBE_FAILED, PROBE_OK};
+use crate::upstream::breaker::State;
+use crate::upstream::pool::Pool;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Probes every replica whose bucket has health checks enabled, forever.
+pub async fn run(shared: Arc<Shared>) {
+    let pool = std::rc::Rc::new(Pool::new(shared.replicas.len()));
+    for rid in 0..shared.replicas.len() {
+        let bucket = shared.bucket(shared.replicas[rid].bucket);
+        if !bucket.health.enabled {
+            continue;
+        }
+        let shared = shared.clone();
+        let pool = pool.clone();
+        monoio::spawn(async move {
+            let interval = shared.bucket(shared.replicas[rid].bucket).health.interval;
+            loop {
+                let started = Instant::now();
+                if shared.shutdown.load(Ordering::Relaxed) {
+                    return;
+                }
+                let result = probe(&shared, &pool, rid).await;
+                apply(&shared, rid, result);
+                let elapsed = started.elapsed();
+                monoio::time::sleep(interval.saturating_sub(elapsed)).await;
+            }
+        });
+    }
+    loop {
+        monoio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
+/// One probe: `Ok(status)` for any HTTP response below 500, `Err(cause)` otherwise.
+pub async fn probe(shared: &Shared, pool: &Pool, rid: usize) -> Result<u16, String> {
+    let r = &shared.replicas[rid];
+    let settings = &shared.bucket(r.bucket).health;
+    let replica = &r.config;
+    let deadline = Instant::now() + settings.timeout;
+    let path = if replica.virtual_hosted {
+        settings.path.clone()
+    } else {
+        format!("/{}{}", replica.bucket, settings.path)
+    };
+    let mut req = Vec::with_capacity(512);
+    req.extend_from_slice(format!("HEAD {path} HTTP/1.1\r\n").as_bytes());
+    head::header(&mut req, "Host", &replica.endpoint.authority);
+    head::header(&mut req, "User-Agent", "yatagarasu-health-check");
+    head::header(&mut req, "Connection", "close");
+    Signer::new(&replica.access_key, &replica.secret_key, &replica.region).sign_into(
+        "HEAD",
+        &replica.endpoint.authority,
+        &path,
+        SystemTime::now(),
+        &mut req,
+    )?;
+    req.extend_from_slice(b"\r\n");
+    let mut conn = pool
+        .connect(rid, &replica.endpoint, settings.timeout)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    write_all(&mut conn.stream, &mut req, left)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut resp = Response::default();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match read_more(&mut conn.stream, &mut conn.buf, left).await {
+            Ok(0) => return Err("closed before a response".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+        match head::parse_response(&conn.buf, true, &mut resp) {
+            Ok(Some(_)) if resp.status < 500 => return Ok(resp.status),
+            Ok(Some(_)) => return Err(format!("HTTP {}", resp.status)),
+            Ok(None) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Publishes a probe result into the replica's shared breaker word.
+pub fn apply(shared: &Shared, rid: usize, result: Result<u16, String>) {
+    let r = &shared.replicas[rid];
+    let bucket = shared.bucket(r.bucket);
+    let before = r.probe.swap(
+        if result.is_ok() {
+            PROBE_OK
+        } else {
+            PROBE_FAILED
+        },
+        Ordering::Relaxed,
+    );
+    let published = r.breaker.load();
+    match result {
+        Ok(status) => {
+            if before == PROBE_FAILED {
+                log!(
+                    Level::Info,
+                    "Health check passed again",
+                    bucket = bucket.name,
+                    replica = r.config.name,
+                    status = status
+                );
+            }
+            if published.state == State::Open {
+                r.breaker.publish(State::HalfOpen, published.open_until);
+                log!(
+                    Level::Info,
+                    "Circuit breaker state changed",
+                    bucket = bucket.name,
+                    replica = r.config.name,
+                    from = "open",
+                    to = "half-open",
+                    by = "health check",
+                );
+            }
+        }
+        Err(cause) => {
+            if before != PROBE_FAILED {
+                log!(
+                    Level::Warn,
+                    "Health check failed",
+                    bucket = bucket.name,
+                    replica = r.config.name,
+                    cause = cause
+                );
+            }
+            if published.state != State::Open {
+                let until = now_ms() + bucket.breaker.open_for.as_millis() as u64;
+                r.breaker.publish(State::Open, until);
+                log!(
+                    Level::Warn,
+                    "Circuit breaker state changed",
+                    bucket = bucket.name,
+                    replica = r.config.name,
+                    from = published.state.as_str(),
+                    to = "open",
+                    by = "health check",
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Per-core keep-alive pool of upstream connections, one idle list per replica.
+//!
+//! Owned by one shard and used through `&self` with `RefCell`s: no locks. Idle
+//! connections are reused newest first and dropped after `IDLE_TTL` (S3
+//! endpoints close idle connections after a few seconds to a minute). Each
+//! connection carries its own read buffer, so reusing a connection reuses the
+//! buffer too: no allocation per request.
+
+use crate::config::Endpoint;
+use monoio::net::TcpStream;
+use std::cell::RefCell;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+/// Size of each upstream connection's read buffer (also the body copy chunk).
+pub const CONN_BUF: usize = 64 * 1024;
+/// Idle connections older than this are closed instead of reused.
+pub const IDLE_TTL: Duration = Duration::from_secs(15);
+/// Idle connections kept per replica per core.
+pub const MAX_IDLE: usize = 64;
+/// How long a resolved address is reused before resolving again.
+const DNS_TTL: Duration = Duration::from_secs(30);
+
+/// One upstream HTTP/1.1 connection.
+pub struct UpConn {
+    pub stream: TcpStream,
+    /// Bytes read but not yet consumed live in `buf[..len]`.
+    pub buf: Vec<u8>,
+    /// Came from the pool (may have been closed by the peer meanwhile).
+    pub reused: bool,
+    idle_since: Instant,
+}
+
+#[derive(Default)]
+pub struct Pool {
+    idle: RefCell<Vec<Vec<UpConn>>>,
+    addrs: RefCell<Vec<Option<(SocketAddr, Instant)>>>,
+}
+
+impl Pool {
+    pub fn new(replicas: usize) -> Pool {
+        Pool {
+            idle: RefCell::new((0..replicas).map(|_| Vec::new()).collect()),
+            addrs: RefCell::new(vec![None; replicas]),
+        }
+    }
+
+    /// An idle connection to `replica`, if a fresh enough one exists.
+    pub fn take(&self, replica: usize) -> Option<UpConn> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(replica)?;
+        while let Some(mut c) = list.pop() {
+            if c.idle_since.elapsed() < IDLE_TTL {
+                c.reused = true;
+                c.buf.clear();
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response was fully read.
+    pub fn put(&self, replica: usize, mut conn: UpConn) {
+        let mut idle = self.idle.borrow_mut();
+        if let Some(list) = idle.get_mut(replica) {
+            if list.len() >= MAX_IDLE {
+                list.remove(0);
+            }
+            conn.idle_since = Instant::now();
+            list.push(conn);
+        }
+    }
+
+    /// Drops every idle connection to `replica` (after it failed).
+    pub fn clear(&self, replica: usize) {
+        if let Some(list) = self.idle.borrow_mut().get_mut(replica) {
+            list.clear();
+        }
+    }
+
+    /// Opens a new connection within `timeout`.
+    pub async fn connect(
+        &self,
+        replica: usize,
+        endpoint: &Endpoint,
+        timeout: Duration,
+    ) -> io::Result<UpConn> {
+        let addr = self.resolve(replica, endpoint)?;
+        let stream = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(UpConn {
+            stream,
+            buf: Vec::with_capacity(CONN_BUF),
+            reused: false,
+            idle_since: Instant::now(),
+        })
+    }
+
+    fn resolve(&self, replica: usize, endpoint: &Endpoint) -> io::Result<SocketAddr> {
+        if let Some(Some((addr, at))) = self.addrs.borrow().get(replica) {
+            if at.elapsed() < DNS_TTL {
+                return Ok(*addr);
+            }
+        }
+        let host = endpoint.host.trim_start_matches('[').trim_end_matches(']');
+        // Literal addresses resolve without a lookup; names use the system
+        // resolver (blocking, but cached for DNS_TTL per core).
+        let addr = (host, endpoint.port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, format!("{host}: no address"))
+            })?;
+        if let Some(slot) = self.addrs.borrow_mut().get_mut(replica) {
+            *slot = Some((addr, Instant::now()));
+        }
+        Ok(addr)
+    }
+}
