@@ -370,6 +370,7 @@ impl Shard {
             bucket = bucket.map_or("-", |b| self.shared.bucket(b).name.as_str()),
             replica = o.replica.map_or("-", |r| self.replica(r).name.as_str()),
             request_id = c.req.request_id,
+            worker = self.id,
         );
     }
 

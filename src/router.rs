@@ -139,7 +139,7 @@ mod tests {
     use super::*;
 
     fn router() -> Router {
-        Router::new(["/data", "/data/archive", "/assets/img", ""].into_iter())
+        Router::new(["/data", "/data/archive", "/assets/img", ""])
     }
 
     #[test]
@@ -151,7 +151,7 @@ mod tests {
         assert_eq!(r.route("/assets/img/p.png"), Ok((2, "p.png")));
         assert_eq!(r.route("/data/"), Err(RouteError::NoKey));
         assert_eq!(r.route("/data"), Err(RouteError::NoKey));
-        let no_root = Router::new(["/data"].into_iter());
+        let no_root = Router::new(["/data"]);
         assert_eq!(no_root.route("/database/x"), Err(RouteError::NoBucket));
         assert_eq!(no_root.route("/dat"), Err(RouteError::NoBucket));
     }

@@ -15,14 +15,10 @@ pub fn expand_tree(
     errors: &mut Vec<String>,
 ) {
     match value {
-        Value::String(s) => {
-            if s.contains('$') {
-                match expand_str(s, env) {
-                    Ok(out) => *s = out,
-                    Err(e) => errors.push(format!("{}: {}", display_path(path), e)),
-                }
-            }
-        }
+        Value::String(s) if s.contains('$') => match expand_str(s, env) {
+            Ok(out) => *s = out,
+            Err(e) => errors.push(format!("{}: {}", display_path(path), e)),
+        },
         Value::Sequence(items) => {
             for (i, item) in items.iter_mut().enumerate() {
                 let len = path.len();

@@ -1,0 +1,203 @@
+//! `yatagarasu --check`: every example config is valid; every kind of mistake
+//! is reported with its YAML path and exit code 1.
+
+use std::process::Command;
+
+fn check(text: &str, env: &[(&str, &str)]) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, text).unwrap();
+    check_path(path.to_str().unwrap(), env)
+}
+
+fn check_path(path: &str, env: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_yatagarasu"));
+    cmd.args(["--check", "--config", path]);
+    cmd.env_remove("MINIO_ACCESS_KEY")
+        .env_remove("MINIO_SECRET_KEY");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+const ENV: [(&str, &str); 4] = [
+    ("MINIO_ACCESS_KEY", "minioadmin"),
+    ("MINIO_SECRET_KEY", "minioadmin"),
+    ("S3_ACCESS_KEY", "a"),
+    ("S3_SECRET_KEY", "b"),
+];
+
+#[test]
+fn every_example_config_is_valid() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let (code, out) = check_path(path.to_str().unwrap(), &ENV);
+            assert_eq!(code, 0, "{}: {out}", path.display());
+            assert!(out.contains("configuration is valid"));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 3);
+}
+
+const GOOD: &str = r#"
+server:
+  address: "127.0.0.1:8080"
+buckets:
+  - name: "one"
+    path_prefix: "/data"
+    s3:
+      bucket: "b"
+      endpoint: "http://127.0.0.1:9000"
+      access_key: "${MINIO_ACCESS_KEY}"
+      secret_key: "k"
+      replicas:
+        - name: "primary"
+          endpoint: "http://127.0.0.1:9001"
+          priority: 1
+  - name: "two"
+    path_prefix: "/other"
+    s3:
+      bucket: "c"
+      endpoint: "http://127.0.0.1:9000"
+      access_key: "a"
+      secret_key: "k"
+"#;
+
+fn assert_error(text: &str, env: &[(&str, &str)], needles: &[&str]) {
+    let (code, out) = check(text, env);
+    assert_eq!(code, 1, "expected failure:\n{out}");
+    for n in needles {
+        assert!(out.contains(n), "missing {n:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn the_base_config_is_valid() {
+    let (code, out) = check(GOOD, &ENV);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn missing_environment_variable() {
+    assert_error(
+        GOOD,
+        &[],
+        &["buckets[0].s3.access_key", "MINIO_ACCESS_KEY is not set"],
+    );
+}
+
+#[test]
+fn variables_in_comments_are_ignored() {
+    let text = format!("# uses ${{NOT_SET_ANYWHERE}}\n{GOOD}");
+    assert_eq!(check(&text, &ENV).0, 0);
+}
+
+#[test]
+fn unknown_key() {
+    assert_error(
+        &GOOD.replace("priority: 1", "priorty: 1"),
+        &ENV,
+        &["buckets[0].s3.replicas[0]", "unknown field `priorty`"],
+    );
+    assert_error(
+        &GOOD.replace("server:", "sever:"),
+        &ENV,
+        &["unknown field `sever`"],
+    );
+}
+
+#[test]
+fn wrong_type() {
+    assert_error(
+        &GOOD.replace("priority: 1", "priority: first"),
+        &ENV,
+        &["buckets[0].s3.replicas[0].priority", "non-negative integer"],
+    );
+    assert_error(
+        &GOOD.replace("path_prefix: \"/other\"", "path_prefix: [1]"),
+        &ENV,
+        &["buckets[1].path_prefix"],
+    );
+}
+
+#[test]
+fn duplicate_and_overlapping_prefixes() {
+    assert_error(
+        &GOOD.replace("\"/other\"", "\"/data/\""),
+        &ENV,
+        &["buckets[1].path_prefix", "overlaps buckets[0].path_prefix"],
+    );
+}
+
+#[test]
+fn empty_credentials() {
+    assert_error(
+        &GOOD.replace("secret_key: \"k\"", "secret_key: \"\""),
+        &ENV,
+        &[
+            "buckets[0].s3.secret_key: must not be empty",
+            "buckets[1].s3.secret_key: must not be empty",
+        ],
+    );
+}
+
+#[test]
+fn every_problem_is_listed_at_once() {
+    let text = GOOD
+        .replace("\"127.0.0.1:8080\"", "\"nowhere\"")
+        .replace(
+            "endpoint: \"http://127.0.0.1:9001\"",
+            "endpoint: \"ftp://x\"",
+        )
+        .replace("path_prefix: \"/other\"", "path_prefix: \"other\"");
+    assert_error(
+        &text,
+        &ENV,
+        &[
+            "3 problems",
+            "server.address",
+            "buckets[0].s3.replicas[0].endpoint",
+            "buckets[1].path_prefix",
+        ],
+    );
+}
+
+#[test]
+fn settings_that_cannot_work_are_rejected() {
+    assert_error(
+        &GOOD.replace("http://127.0.0.1:9001", "https://127.0.0.1:9001"),
+        &ENV,
+        &["replicas[0].endpoint", "TLS"],
+    );
+    let auth = GOOD.replace("      secret_key: \"k\"\n      replicas", "      secret_key: \"k\"\n      circuit_breaker:\n        failure_threshold: 0\n      replicas");
+    assert_error(
+        &auth,
+        &ENV,
+        &["circuit_breaker.failure_threshold: must be at least 1"],
+    );
+    let auth = format!("{GOOD}    auth:\n      enabled: true\n");
+    assert_error(&auth, &ENV, &["buckets[1].auth.enabled"]);
+    assert_error(
+        &format!("{GOOD}logging:\n  level: loud\n"),
+        &ENV,
+        &["logging.level"],
+    );
+}
+
+#[test]
+fn missing_file_and_bad_yaml() {
+    let (code, out) = check_path("/nonexistent/config.yaml", &[]);
+    assert_eq!(code, 1);
+    assert!(out.contains("cannot read config"));
+    assert_error("server: [unclosed", &[], &["invalid YAML"]);
+}

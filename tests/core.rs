@@ -1,0 +1,512 @@
+//! Core proxy behaviour against real s3s-fs (and moto) processes.
+
+mod support;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+use support::fault::{Fault, Mode};
+use support::http::{self, Conn};
+use support::*;
+
+fn setup() -> (S3, Proxy) {
+    let s3 = S3::start();
+    s3.create_bucket("data-bucket");
+    s3.put("data-bucket", "test.txt", b"Primary data!\n");
+    let proxy = Proxy::start(&single_bucket("/data", "data-bucket", &s3.endpoint()));
+    (s3, proxy)
+}
+
+#[test]
+fn signed_get_and_head_stream_the_object() {
+    let (s3, proxy) = setup();
+    let body = pattern(300_000, 7);
+    s3.put("data-bucket", "big.bin", &body);
+    let r = proxy.get("/data/big.bin");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), body.len());
+    assert_eq!(sha256(&r.body), sha256(&body));
+    assert!(r.header("etag").is_some());
+    assert!(r.header("last-modified").is_some());
+    let h = http::head(proxy.port, "/data/big.bin");
+    assert_eq!(h.status, 200);
+    assert_eq!(h.header("content-length"), Some("300000"));
+    assert!(h.body.is_empty());
+    // A HEAD on a keep-alive connection must not leave stray body bytes behind.
+    let mut c = Conn::open(proxy.port).unwrap();
+    let h1 = c.request("HEAD", "/data/test.txt", &[]).unwrap();
+    assert_eq!(h1.header("content-length"), Some("14"));
+    let g = c.request("GET", "/data/test.txt", &[]).unwrap();
+    assert_eq!(g.text(), "Primary data!\n");
+}
+
+#[test]
+fn wrong_secret_gives_403_from_s3() {
+    let s3 = S3::start();
+    s3.create_bucket("data-bucket");
+    s3.put("data-bucket", "test.txt", b"x");
+    let cfg = single_bucket("/data", "data-bucket", &s3.endpoint()).replace(SK, "not-the-secret");
+    let proxy = Proxy::start(&cfg);
+    let r = proxy.get("/data/test.txt");
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("SignatureDoesNotMatch"), "{}", r.text());
+}
+
+#[test]
+fn range_requests_return_the_right_bytes() {
+    let (s3, proxy) = setup();
+    let body = pattern(100_000, 3);
+    s3.put("data-bucket", "r.bin", &body);
+    let r = http::get(proxy.port, "/data/r.bin", &[("Range", "bytes=1000-1999")]);
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, &body[1000..2000]);
+    assert_eq!(r.header("content-range"), Some("bytes 1000-1999/100000"));
+    let tail = http::get(proxy.port, "/data/r.bin", &[("Range", "bytes=-10")]);
+    assert_eq!(tail.status, 206);
+    assert_eq!(tail.body, &body[body.len() - 10..]);
+    let bad = http::get(
+        proxy.port,
+        "/data/r.bin",
+        &[("Range", "bytes=200000-300000")],
+    );
+    assert_eq!(bad.status, 416);
+}
+
+#[test]
+fn missing_key_is_404_and_unrouted_path_is_404() {
+    let (_s3, proxy) = setup();
+    let r = proxy.get("/data/does-not-exist.txt");
+    assert_eq!(r.status, 404);
+    assert!(r.text().contains("NoSuchKey"), "{}", r.text());
+    assert_eq!(
+        proxy.get("/database/test.txt").status,
+        404,
+        "/data must not match /database"
+    );
+    assert_eq!(proxy.get("/data/").status, 404);
+}
+
+#[test]
+fn conditional_requests_via_moto_give_304_and_412() {
+    let moto = Moto::start();
+    http::signed(moto.port, "PUT", "/cond-bucket", b"", AK, SK);
+    let put = http::signed(
+        moto.port,
+        "PUT",
+        "/cond-bucket/obj.txt",
+        b"hello moto",
+        AK,
+        SK,
+    );
+    assert_eq!(put.status, 200);
+    let proxy = Proxy::start(&single_bucket("/m", "cond-bucket", &moto.endpoint()));
+    let first = proxy.get("/m/obj.txt");
+    assert_eq!(first.status, 200);
+    assert_eq!(first.text(), "hello moto");
+    let etag = first.header("etag").expect("etag").to_string();
+    let r = http::get(proxy.port, "/m/obj.txt", &[("If-None-Match", &etag)]);
+    assert_eq!(r.status, 304);
+    assert!(r.body.is_empty());
+    let r = http::get(
+        proxy.port,
+        "/m/obj.txt",
+        &[("If-Match", "\"not-the-etag\"")],
+    );
+    assert_eq!(r.status, 412);
+    let lm = first
+        .header("last-modified")
+        .expect("last-modified")
+        .to_string();
+    let r = http::get(proxy.port, "/m/obj.txt", &[("If-Modified-Since", &lm)]);
+    assert_eq!(r.status, 304);
+}
+
+#[test]
+fn tricky_keys_reach_s3_unchanged() {
+    let (s3, proxy) = setup();
+    // (key as uploaded, URI-encoded for S3; path as a client would send it)
+    let cases = [
+        ("a%20b.txt", "/data/a%20b.txt"),
+        ("plus%2Bsign.txt", "/data/plus+sign.txt"),
+        ("%E6%97%A5%E6%9C%AC.txt", "/data/%E6%97%A5%E6%9C%AC.txt"),
+        ("dir/sub/file.txt", "/data/dir%2Fsub/file.txt"),
+        ("dots..in..name", "/data/dots..in..name"),
+        ("tilde~and-_.txt", "/data/tilde~and-_.txt"),
+    ];
+    for (i, (key, path)) in cases.iter().enumerate() {
+        let body = format!("object {i}");
+        s3.put("data-bucket", key, body.as_bytes());
+        let r = proxy.get(path);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.text(), body, "{path}");
+    }
+}
+
+#[test]
+fn path_traversal_is_refused() {
+    let (s3, proxy) = setup();
+    s3.create_bucket("secret-bucket");
+    s3.put("secret-bucket", "secret.txt", b"top secret");
+    for target in [
+        "/data/../secret-bucket/secret.txt",
+        "/data/%2e%2e/secret-bucket/secret.txt",
+        "/data/%2E%2E%2Fsecret-bucket%2Fsecret.txt",
+        "/data/./test.txt",
+        "/data/a/../../secret-bucket/secret.txt",
+    ] {
+        let raw = format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let r = http::raw(proxy.port, raw.as_bytes()).unwrap();
+        assert_eq!(r.status, 400, "{target}");
+        assert!(!r.text().contains("top secret"));
+    }
+}
+
+#[test]
+fn malformed_requests_get_clear_errors_and_workers_survive() {
+    let (_s3, proxy) = setup();
+    let cases: Vec<(Vec<u8>, u16)> = vec![
+        (b"GARBAGE\r\n\r\n".to_vec(), 400),
+        (b"GET /data/test.txt HTTP/1.1\r\n\r\n".to_vec(), 400), // no Host
+        (
+            b"GET /data/test.txt HTTP/9.9\r\nHost: x\r\n\r\n".to_vec(),
+            400,
+        ),
+        (b"GET /data/a%zz HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), 400),
+        (
+            b"GET /data/test.txt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .to_vec(),
+            400,
+        ),
+        (
+            format!("GET /data/{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(9000)).into_bytes(),
+            414,
+        ),
+        (
+            format!(
+                "GET /data/t HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+                "b".repeat(20000)
+            )
+            .into_bytes(),
+            431,
+        ),
+        (b"\x00\x01\x02\x03\r\n\r\n".to_vec(), 400),
+    ];
+    for (raw, status) in cases {
+        let r = http::raw(proxy.port, &raw).unwrap_or_else(|e| {
+            panic!(
+                "{:?}: {e}",
+                String::from_utf8_lossy(&raw[..20.min(raw.len())])
+            )
+        });
+        assert_eq!(
+            r.status,
+            status,
+            "{:?}",
+            String::from_utf8_lossy(&raw[..40.min(raw.len())])
+        );
+    }
+    let r = http::raw(
+        proxy.port,
+        b"POST /data/test.txt HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    let r = http::raw(
+        proxy.port,
+        b"DELETE /data/test.txt HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(r.status, 405);
+    // Half a request, then the client vanishes: nothing breaks.
+    {
+        let mut c = Conn::open(proxy.port).unwrap();
+        c.send(b"GET /data/te").unwrap();
+    }
+    assert_eq!(proxy.get("/data/test.txt").text(), "Primary data!\n");
+}
+
+#[test]
+fn idle_clients_are_closed_after_the_timeout() {
+    let s3 = S3::start();
+    s3.create_bucket("data-bucket");
+    s3.put("data-bucket", "test.txt", b"x");
+    let port = free_port();
+    let cfg = format!(
+        "server:\n  address: \"127.0.0.1:{port}\"\n  workers: 1\n  idle_timeout_seconds: 1\n{}",
+        single_bucket("/data", "data-bucket", &s3.endpoint())
+    );
+    let proxy = Proxy::start(&cfg);
+    let mut c = Conn::open(proxy.port).unwrap();
+    assert_eq!(c.request("GET", "/data/test.txt", &[]).unwrap().status, 200);
+    let t = Instant::now();
+    assert!(
+        c.is_closed(Duration::from_secs(5)),
+        "idle connection still open"
+    );
+    assert!(t.elapsed() >= Duration::from_millis(500));
+}
+
+#[test]
+fn keep_alive_both_sides_and_connection_close_honoured() {
+    let s3 = S3::start();
+    s3.create_bucket("data-bucket");
+    s3.put("data-bucket", "test.txt", b"Primary data!\n");
+    let fault = Fault::start(s3.port, Mode::Pass);
+    let proxy = Proxy::start_with(
+        &single_bucket("/data", "data-bucket", &fault.endpoint()),
+        1,
+        &[],
+    );
+    let mut c = Conn::open(proxy.port).unwrap();
+    let mut after_first = 0;
+    for i in 0..5 {
+        let r = c.request("GET", "/data/test.txt", &[]).unwrap();
+        assert_eq!(r.text(), "Primary data!\n");
+        assert_eq!(r.header("connection"), None);
+        if i == 0 {
+            after_first = fault.connections.load(std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    assert_eq!(
+        fault.connections.load(std::sync::atomic::Ordering::SeqCst),
+        after_first,
+        "the upstream connection is reused"
+    );
+    let r = c
+        .request("GET", "/data/test.txt", &[("Connection", "close")])
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.is_closed(Duration::from_secs(2)));
+    // HTTP/1.0 without keep-alive: closed after the response.
+    let mut c = Conn::open(proxy.port).unwrap();
+    c.send(b"GET /data/test.txt HTTP/1.0\r\n\r\n").unwrap();
+    let r = c.read_response(false).unwrap();
+    assert_eq!(r.text(), "Primary data!\n");
+    assert!(c.is_closed(Duration::from_secs(2)));
+}
+
+#[test]
+fn stale_pooled_connection_is_retried_once() {
+    let s3 = S3::start();
+    s3.create_bucket("data-bucket");
+    s3.put("data-bucket", "test.txt", b"Primary data!\n");
+    let fault = Fault::start(s3.port, Mode::CloseIdle(200));
+    let proxy = Proxy::start_with(
+        &single_bucket("/data", "data-bucket", &fault.endpoint()),
+        1,
+        &[],
+    );
+    for _ in 0..3 {
+        let r = proxy.get("/data/test.txt");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "Primary data!\n");
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    assert!(fault.connections.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+    assert!(
+        !proxy
+            .metrics()
+            .contains("yatagarasu_replica_failures_total"),
+        "a stale connection is not a replica failure"
+    );
+}
+
+#[test]
+fn request_id_is_kept_sent_upstream_and_authorization_dropped() {
+    let s3 = S3::start();
+    s3.create_bucket("data-bucket");
+    s3.put("data-bucket", "test.txt", b"x");
+    let fault = Fault::start(s3.port, Mode::Pass);
+    let proxy = Proxy::start(&single_bucket("/data", "data-bucket", &fault.endpoint()));
+    let r = http::get(
+        proxy.port,
+        "/data/test.txt",
+        &[
+            ("X-Request-ID", "req-12345"),
+            ("Authorization", "Bearer client-token"),
+        ],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-request-id"), Some("req-12345"));
+    let upstream = fault.recorded().join("");
+    assert!(upstream.contains("X-Request-ID: req-12345"), "{upstream}");
+    assert!(
+        !upstream.contains("client-token"),
+        "client Authorization leaked upstream"
+    );
+    assert!(
+        upstream.contains("authorization: AWS4-HMAC-SHA256"),
+        "{upstream}"
+    );
+    let generated = proxy.get("/data/test.txt");
+    let id = generated.header("x-request-id").expect("generated id");
+    assert_eq!(id.len(), 16);
+    assert!(
+        proxy.wait_log(&format!("request_id={id}"), Duration::from_secs(2)),
+        "{}",
+        proxy.log()
+    );
+}
+
+#[test]
+fn streams_256_mib_with_bounded_memory() {
+    let (s3, proxy) = setup();
+    let size = 256 * 1024 * 1024;
+    let body = pattern(size, 42);
+    let expected = sha256(&body);
+    s3.put("data-bucket", "huge.bin", &body);
+    drop(body);
+    let mut c = Conn::open(proxy.port).unwrap();
+    c.send(b"GET /data/huge.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    // Read the stream incrementally, hashing as we go.
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut head = Vec::new();
+    let mut total = 0usize;
+    loop {
+        let n = c.stream.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        let mut data = &buf[..n];
+        if head.is_empty() || !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            head.extend_from_slice(data);
+            match head.windows(4).position(|w| w == b"\r\n\r\n") {
+                Some(p) => {
+                    let body_start = head[p + 4..].to_vec();
+                    head.truncate(p + 4);
+                    hasher.update(&body_start);
+                    total += body_start.len();
+                }
+                None => continue,
+            }
+            data = &[];
+        }
+        hasher.update(data);
+        total += data.len();
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(total, size);
+    let got: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(got, expected);
+    let rss = proxy.peak_rss_kib();
+    assert!(rss > 0 && rss < 64 * 1024, "peak RSS {rss} KiB");
+}
+
+#[test]
+fn concurrent_clients_on_several_workers() {
+    let (s3, proxy) = setup();
+    let objects: Vec<Vec<u8>> = (0..8)
+        .map(|i| pattern(10_000 + i * 3_000, i as u64))
+        .collect();
+    for (i, o) in objects.iter().enumerate() {
+        s3.put("data-bucket", &format!("obj{i}"), o);
+    }
+    let objects = std::sync::Arc::new(objects);
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let objects = objects.clone();
+            let port = proxy.port;
+            std::thread::spawn(move || {
+                let mut c = Conn::open(port).unwrap();
+                for n in 0..20 {
+                    let i = (t + n) % objects.len();
+                    let r = c.request("GET", &format!("/data/obj{i}"), &[]).unwrap();
+                    assert_eq!(r.status, 200);
+                    assert_eq!(r.body, objects[i]);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    assert!(proxy.wait_log("worker=1 driver", Duration::from_secs(1)));
+    let m = proxy.metrics();
+    assert!(
+        m.contains("yatagarasu_requests_total{bucket=\"b\",method=\"GET\",status=\"200\"} 320"),
+        "{m}"
+    );
+    assert!(proxy.wait_log("worker=0", Duration::from_secs(2)) && proxy.log().contains("worker=1"));
+    let log = proxy.log();
+    let w0 = log
+        .lines()
+        .filter(|l| l.contains("INFO request ") && l.contains(" worker=0"))
+        .count();
+    let w1 = log
+        .lines()
+        .filter(|l| l.contains("INFO request ") && l.contains(" worker=1"))
+        .count();
+    assert!(
+        w0 > 0 && w1 > 0,
+        "both workers served requests: {w0} / {w1}"
+    );
+}
+
+#[test]
+fn metrics_endpoint_exports_the_core_metrics() {
+    let (_s3, proxy) = setup();
+    proxy.get("/data/test.txt");
+    proxy.get("/data/missing");
+    let m = proxy.metrics();
+    for needle in [
+        "yatagarasu_requests_total{bucket=\"b\",method=\"GET\",status=\"200\"} 1",
+        "yatagarasu_requests_total{bucket=\"b\",method=\"GET\",status=\"404\"} 1",
+        "yatagarasu_request_duration_seconds_count",
+        "yatagarasu_upstream_duration_seconds_bucket{le=",
+        "yatagarasu_response_bytes_total",
+        "yatagarasu_open_connections",
+    ] {
+        assert!(m.contains(needle), "missing {needle}:\n{m}");
+    }
+    let ready = proxy.get("/ready");
+    assert_eq!(ready.status, 200);
+    assert!(ready.text().contains("\"status\":\"ready\""));
+    assert_eq!(proxy.get("/health").status, 200);
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let s3 = S3::start();
+    s3.create_bucket("data-bucket");
+    let body = pattern(200_000, 9);
+    s3.put("data-bucket", "slow.bin", &body);
+    // A slow upstream keeps the request in flight while we signal.
+    let fault = Fault::start(
+        s3.port,
+        Mode::Drip {
+            bytes: 20_000,
+            every_ms: 100,
+        },
+    );
+    let mut proxy = Proxy::start(&single_bucket("/data", "data-bucket", &fault.endpoint()));
+    let port = proxy.port;
+    let client = std::thread::spawn(move || http::get(port, "/data/slow.bin", &[]));
+    std::thread::sleep(Duration::from_millis(300));
+    proxy.term();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        Conn::open(port)
+            .and_then(|mut c| c.request("GET", "/health", &[]))
+            .is_err(),
+        "still accepting after SIGTERM"
+    );
+    let r = client.join().expect("client");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        sha256(&r.body),
+        sha256(&body),
+        "in-flight response completed"
+    );
+    let status = proxy.wait_exit(Duration::from_secs(10)).expect("exited");
+    assert!(status.success(), "{status}");
+    assert!(proxy.log().contains("Shutdown complete"));
+}

@@ -1,0 +1,370 @@
+//! Test support: real processes and real sockets only.
+//!
+//! - [`S3`]: an `s3s-fs` process that verifies SigV4, started, killed (-9) and
+//!   restarted by PID on the same port and data directory.
+//! - [`Moto`]: a `moto_server` process (it honours `If-None-Match`).
+//! - [`Proxy`]: the built `yatagarasu` binary with a generated config; its log
+//!   is captured to a file.
+//! - [`Fault`]: a TCP fault proxy put in front of a replica: pass, hang,
+//!   answer 5xx, reset or stall mid-body, drip slowly, close idle connections.
+//! - [`http`]: a tiny blocking HTTP/1.1 client that can send raw bytes.
+//!
+//! Everything listens on 127.0.0.1 and is stopped by PID when dropped.
+
+#![allow(dead_code)]
+
+pub mod fault;
+pub mod http;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const AK: &str = "test-access-key";
+pub const SK: &str = "test-secret-key";
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn find_bin(name: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(format!("{}_BIN", name.to_uppercase().replace('-', "_"))) {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cargo_bin = Path::new(&home).join(".cargo/bin").join(name);
+    if cargo_bin.exists() {
+        return cargo_bin;
+    }
+    PathBuf::from(name)
+}
+
+fn kill_pid(child: &mut Child, signal: i32) {
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+    let _ = child.wait();
+}
+
+/// An s3s-fs process with credentials [`AK`]/[`SK`].
+pub struct S3 {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl S3 {
+    pub fn start() -> S3 {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = S3 {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        s.restart();
+        s
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// (Re)starts the process on the same port and data directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::File::create(self.dir.path().with_extension("log")).expect("log file");
+        let child = Command::new(find_bin("s3s-fs"))
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", AK, "--secret-key", SK])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect(
+                "s3s-fs must be installed (cargo install s3s-fs@0.14.1 --features binary --locked)",
+            );
+        self.child = Some(child);
+        assert!(
+            wait_for_port(self.port, Duration::from_secs(15)),
+            "s3s-fs did not start"
+        );
+    }
+
+    /// `kill -9`, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_pid(&mut c, libc::SIGKILL);
+        }
+    }
+
+    pub fn create_bucket(&self, bucket: &str) {
+        let r = http::signed(self.port, "PUT", &format!("/{bucket}"), b"", AK, SK);
+        assert!(
+            r.status == 200 || r.status == 409,
+            "create bucket: {} {}",
+            r.status,
+            r.text()
+        );
+    }
+
+    pub fn put(&self, bucket: &str, key_encoded: &str, body: &[u8]) {
+        let r = http::signed(
+            self.port,
+            "PUT",
+            &format!("/{bucket}/{key_encoded}"),
+            body,
+            AK,
+            SK,
+        );
+        assert_eq!(r.status, 200, "put {key_encoded}: {}", r.text());
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A moto S3 server (signatures not checked; used for conditional requests).
+pub struct Moto {
+    pub port: u16,
+    child: Child,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = free_port();
+        let child = Command::new(find_bin("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server must be installed (pip install 'moto[server]')");
+        assert!(
+            wait_for_port(port, Duration::from_secs(30)),
+            "moto did not start"
+        );
+        Moto { port, child }
+    }
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        kill_pid(&mut self.child, libc::SIGKILL);
+    }
+}
+
+/// The yatagarasu binary under test.
+pub struct Proxy {
+    pub port: u16,
+    pub metrics_port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub exit: Option<std::process::ExitStatus>,
+}
+
+impl Proxy {
+    /// Starts the proxy with `body` as the config; `server:` and `metrics:`
+    /// sections are added (with free ports) unless `body` has them.
+    pub fn start(body: &str) -> Proxy {
+        Self::start_with(body, 2, &[])
+    }
+
+    pub fn start_with(body: &str, workers: usize, env: &[(&str, &str)]) -> Proxy {
+        // Use the ports the body names, if it has its own sections.
+        let find = |key: &str| {
+            body.find(key).and_then(|i| {
+                let rest = &body[i + key.len()..];
+                let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+                digits.parse::<u16>().ok()
+            })
+        };
+        let port = find("address: \"127.0.0.1:").unwrap_or_else(free_port);
+        let metrics_port = find("  port: ").unwrap_or_else(free_port);
+        let mut config = String::new();
+        if !body.contains("server:") {
+            config.push_str(&format!(
+                "server:\n  address: \"127.0.0.1:{port}\"\n  workers: {workers}\n"
+            ));
+        }
+        if !body.contains("metrics:") {
+            config.push_str(&format!(
+                "metrics:\n  enabled: true\n  port: {metrics_port}\n"
+            ));
+        }
+        config.push_str(body);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, config).expect("write config");
+        let log = std::fs::File::create(dir.path().join("proxy.log")).expect("log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_yatagarasu"));
+        cmd.arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start yatagarasu");
+        let mut p = Proxy {
+            port,
+            metrics_port,
+            dir,
+            child: Some(child),
+            exit: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(r) = http::try_get(port, "/health", &[]) {
+                if r.status == 200 {
+                    break;
+                }
+            }
+            if let Some(c) = p.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("proxy exited at start ({status}):\n{}", p.log());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy did not become healthy:\n{}",
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` (shards flush buffered lines every few ms).
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn get(&self, path: &str) -> http::Resp {
+        http::get(self.port, path, &[])
+    }
+
+    pub fn metrics(&self) -> String {
+        http::get(self.metrics_port, "/metrics", &[]).text()
+    }
+
+    /// Sends SIGTERM.
+    pub fn term(&self) {
+        unsafe {
+            libc::kill(self.pid() as i32, libc::SIGTERM);
+        }
+    }
+
+    /// Waits for the process to exit; returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(s)) = c.try_wait() {
+                    self.child = None;
+                    self.exit = Some(s);
+                    return Some(s);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// VmHWM (peak resident set) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_pid(&mut c, libc::SIGKILL);
+        }
+    }
+}
+
+/// A bucket section with one endpoint.
+pub fn single_bucket(prefix: &str, bucket: &str, endpoint: &str) -> String {
+    format!(
+        "buckets:\n  - name: \"b\"\n    path_prefix: \"{prefix}\"\n    s3:\n      bucket: \"{bucket}\"\n      region: \"us-east-1\"\n      endpoint: \"{endpoint}\"\n      access_key: \"{AK}\"\n      secret_key: \"{SK}\"\n"
+    )
+}
+
+/// sha256 hex of `data`.
+pub fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(data);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn write_file(path: &Path, text: &str) {
+    let mut f = std::fs::File::create(path).expect("create");
+    f.write_all(text.as_bytes()).expect("write");
+}
