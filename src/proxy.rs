@@ -527,7 +527,9 @@ impl Shard {
                         .borrow_mut()
                         .upstream(rid, t0.elapsed().as_micros() as u64);
                     self.record(rid, admit, true);
-                    return self.relay(c, rid, answer, &order[pos + 1..], bucket).await;
+                    return self
+                        .relay(c, rid, answer, &order[pos + 1..], bucket, encoded_key)
+                        .await;
                 }
                 Err(f) => {
                     self.metrics
@@ -604,7 +606,7 @@ impl Shard {
         );
         if let Some(captured) = failure.captured {
             // Every replica refused our credentials: S3's own 403 explains it best.
-            return self.relay(c, rid, captured, &[], bucket).await;
+            return self.relay(c, rid, captured, &[], bucket, encoded_key).await;
         }
         let body = format!("bucket '{bucket_name}': all replicas failed\n");
         self.simple_outcome(c, 502, "text/plain", body.as_bytes(), &[])
@@ -783,6 +785,7 @@ impl Shard {
     }
 
     /// Streams an answer to the client; resumes on `rest` if the body breaks.
+    #[allow(clippy::too_many_arguments)]
     async fn relay(
         &self,
         c: &mut Client,
@@ -790,6 +793,7 @@ impl Shard {
         answer: Answer,
         rest: &[usize],
         bucket: usize,
+        encoded_key: &str,
     ) -> Outcome {
         let Answer { mut conn, head_len } = answer;
         let framing = c.resp.framing();
@@ -892,7 +896,7 @@ impl Shard {
                 match framing {
                     Framing::Length(len) => {
                         let resumed = self
-                            .resume(c, rid, bucket, out.bytes, len, rest, timeouts)
+                            .resume(c, rid, bucket, encoded_key, out.bytes, len, rest, timeouts)
                             .await;
                         out.bytes = resumed.0;
                         out.keep_alive = out.keep_alive && resumed.1;
@@ -925,6 +929,7 @@ impl Shard {
         c: &mut Client,
         failed: usize,
         bucket: usize,
+        encoded_key: &str,
         mut sent: u64,
         len: u64,
         rest: &[usize],
@@ -944,7 +949,6 @@ impl Shard {
             );
             return (sent, false, None);
         }
-        let encoded_key = c.upath.clone();
         for &rid in rest {
             let admit = self.admit(rid, now_ms());
             if admit == Admit::Rejected {
@@ -968,7 +972,7 @@ impl Shard {
                 etag: &etag,
             };
             let original_status = c.resp.status;
-            let attempt = self.attempt(c, rid, &encoded_key, Some(r)).await;
+            let attempt = self.attempt(c, rid, encoded_key, Some(r)).await;
             let Answer { mut conn, head_len } = match attempt {
                 Ok(a) => a,
                 Err(f) => {

@@ -108,10 +108,11 @@ impl Drop for Fault {
     }
 }
 
-fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>, rec: &Mutex<Vec<Vec<u8>>>) -> bool {
     let mut tmp = [0u8; 4096];
     loop {
         if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            rec.lock().unwrap().push(buf[..p + 4].to_vec());
             buf.drain(..p + 4);
             return true;
         }
@@ -137,7 +138,7 @@ fn handle(
         }
         Mode::Status(code) => {
             let mut buf = Vec::new();
-            while read_head(&mut client, &mut buf) {
+            while read_head(&mut client, &mut buf, &rec) {
                 let body = format!(
                     "<Error><Code>InjectedFault</Code><Message>status {code}</Message></Error>"
                 );
