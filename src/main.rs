@@ -7,6 +7,7 @@ const USAGE: &str = "usage: yatagarasu [--config PATH] [--check]
 
   --config PATH   configuration file (default /etc/yatagarasu/config.yaml)
   --check         validate the configuration, list every problem, exit 0 or 1
+  --probe ADDR    GET http://ADDR/health, exit 0 if it answers 200 (container HEALTHCHECK)
   --version       print the version
 ";
 
@@ -22,6 +23,10 @@ fn main() {
             },
             s if s.starts_with("--config=") => path = s["--config=".len()..].to_string(),
             "--check" => check = true,
+            "--probe" => match args.next() {
+                Some(addr) => std::process::exit(probe(&addr)),
+                None => fail_usage("--probe needs host:port"),
+            },
             "--version" | "-V" => {
                 println!("yatagarasu {}", env!("CARGO_PKG_VERSION"));
                 return;
@@ -74,4 +79,28 @@ fn main() {
 fn fail_usage(msg: &str) -> ! {
     eprintln!("yatagarasu: {msg}\n\n{USAGE}");
     std::process::exit(2);
+}
+
+/// A dependency-free liveness probe for container health checks.
+fn probe(addr: &str) -> i32 {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    use std::time::Duration;
+    let Some(sock) = addr.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+        eprintln!("--probe: {addr:?} is not host:port");
+        return 2;
+    };
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(3)) else {
+        return 1;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    let req = format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return 1;
+    }
+    let mut buf = [0u8; 32];
+    match s.read(&mut buf) {
+        Ok(n) if buf[..n].starts_with(b"HTTP/1.1 200") => 0,
+        _ => 1,
+    }
 }

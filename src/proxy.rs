@@ -220,6 +220,16 @@ impl Shard {
     fn record(&self, rid: usize, admit: Admit, ok: bool) {
         let mut all = self.breakers.borrow_mut();
         let b = &mut all[rid];
+        let shared = &self.shared.replicas[rid].breaker;
+        if admit == Admit::Normal {
+            if ok {
+                shared.clear_failures();
+            } else {
+                // Consecutive failures are counted across cores.
+                let n = shared.add_failure();
+                b.breaker.record_failure_count(n - 1);
+            }
+        }
         if let Some(t) = b.breaker.record(admit, ok, now_ms()) {
             b.seen = self.shared.replicas[rid]
                 .breaker

@@ -510,3 +510,53 @@ fn sigterm_drains_in_flight_requests_then_exits_zero() {
     assert!(status.success(), "{status}");
     assert!(proxy.log().contains("Shutdown complete"));
 }
+
+#[test]
+fn epoll_fallback_serves_and_the_driver_is_logged() {
+    let s3 = S3::start();
+    s3.create_bucket("data-bucket");
+    s3.put("data-bucket", "test.txt", b"via epoll");
+    let cfg = single_bucket("/data", "data-bucket", &s3.endpoint());
+    // monoio's own switch, as a container without io_uring would behave.
+    let proxy = Proxy::start_with(
+        &cfg,
+        2,
+        &[
+            ("MONOIO_FORCE_LEGACY_DRIVER", "1"),
+            ("YATAGARASU_DRIVER", "auto"),
+        ],
+    );
+    assert_eq!(proxy.get("/data/test.txt").text(), "via epoll");
+    assert!(
+        proxy.wait_log("worker=0 driver=epoll", Duration::from_secs(2)),
+        "{}",
+        proxy.log()
+    );
+    assert!(proxy.log().contains("worker=1 driver=epoll"));
+    let proxy = Proxy::start_with(&cfg, 1, &[("YATAGARASU_DRIVER", "epoll")]);
+    assert_eq!(proxy.get("/data/test.txt").text(), "via epoll");
+    assert!(proxy.wait_log("driver=epoll", Duration::from_secs(2)));
+    if monoio::utils::detect_uring() {
+        let proxy = Proxy::start_with(&cfg, 1, &[("YATAGARASU_DRIVER", "auto")]);
+        assert_eq!(proxy.get("/data/test.txt").text(), "via epoll");
+        assert!(
+            proxy.wait_log("driver=io_uring", Duration::from_secs(2)),
+            "{}",
+            proxy.log()
+        );
+    }
+}
+
+#[test]
+fn probe_flag_reports_liveness_for_container_healthchecks() {
+    let (_s3, proxy) = setup();
+    let run = |addr: String| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_yatagarasu"))
+            .args(["--probe", &addr])
+            .status()
+            .unwrap()
+            .code()
+    };
+    assert_eq!(run(format!("127.0.0.1:{}", proxy.port)), Some(0));
+    assert_eq!(run(format!("127.0.0.1:{}", free_port())), Some(1));
+}

@@ -2,7 +2,9 @@
 //!
 //! Definitions (all times are milliseconds on the caller's clock):
 //! - CLOSED: every request is admitted. `failure_threshold` *consecutive*
-//!   failures open the breaker; any success resets the count.
+//!   failures open the breaker; any success resets the count. The count is
+//!   shared by all cores: the caller passes the process-wide count to
+//!   [`Breaker::record_failure_count`] before recording a failure.
 //! - OPEN: nothing is admitted until `open_until`. The first admission at or
 //!   after it moves the breaker to HALF-OPEN.
 //! - HALF-OPEN: at most `half_open_requests` trial requests are in flight at
@@ -172,6 +174,14 @@ impl Breaker {
         }
     }
 
+    /// Sets the consecutive-failure count (process-wide) while CLOSED, so the
+    /// next recorded failure is compared against the threshold with it.
+    pub fn record_failure_count(&mut self, consecutive_before: u32) {
+        if self.state == State::Closed {
+            self.failures = consecutive_before;
+        }
+    }
+
     /// Gives back an admission whose outcome says nothing about the replica
     /// (for example the client went away first).
     pub fn release(&mut self, admit: Admit) {
@@ -315,6 +325,20 @@ mod tests {
             })
         );
         assert_eq!(b.open_until(), 120_001);
+    }
+
+    #[test]
+    fn shared_failure_count_opens_sooner() {
+        let mut b = Breaker::new(&settings());
+        // Two failures were seen on other cores; this core's first one is the third.
+        b.record_failure_count(2);
+        assert_eq!(
+            fail(&mut b, 9),
+            Some(Transition {
+                from: State::Closed,
+                to: State::Open
+            })
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! cache line is only written on transitions, which are rare.
 
 use super::breaker::State;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 const UNTIL_BITS: u32 = 38;
 const UNTIL_MASK: u64 = (1 << UNTIL_BITS) - 1;
@@ -29,6 +29,8 @@ pub struct Published {
 #[repr(align(64))]
 pub struct SharedBreaker {
     word: AtomicU64,
+    /// Consecutive failures seen by all cores while CLOSED.
+    failures: AtomicU32,
 }
 
 impl SharedBreaker {
@@ -38,6 +40,21 @@ impl SharedBreaker {
 
     pub fn load(&self) -> Published {
         unpack(self.word.load(Ordering::Acquire))
+    }
+
+    /// Counts one more consecutive failure (any core); returns the new count.
+    pub fn add_failure(&self) -> u32 {
+        self.failures
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1)
+    }
+
+    /// A success (or a state change) ends the run of failures. Writes only
+    /// when there is something to reset, so successes cost a read.
+    pub fn clear_failures(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Release);
+        }
     }
 
     /// Publishes `state`; returns the new generation.
@@ -50,6 +67,7 @@ impl SharedBreaker {
                 generation = g as u32;
                 Some((g << GEN_SHIFT) | (state.code() << STATE_SHIFT) | (open_until & UNTIL_MASK))
             });
+        self.clear_failures();
         generation
     }
 }

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test command: installs what the suite needs (s3s-fs, moto) when missing,
+# checks formatting and lints, then runs every test on the default driver
+# (io_uring where the kernel allows) and the process tests again on epoll.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+if ! command -v s3s-fs >/dev/null 2>&1; then
+  echo "== installing s3s-fs 0.14.1"
+  cargo install s3s-fs@0.14.1 --features binary --locked
+fi
+if ! command -v moto_server >/dev/null 2>&1; then
+  echo "== installing moto"
+  python3 -m pip install --quiet 'moto[server]'
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets -- -D warnings
+
+echo "== tests (driver: auto)"
+cargo test --all-targets -- --test-threads=4
+echo "== process tests again on the epoll driver"
+YATAGARASU_DRIVER=epoll cargo test --test core --test ha -- --test-threads=4
