@@ -22,13 +22,23 @@ use yatagarasu::upstream::breaker::Breaker;
 use yatagarasu::upstream::select::{Plan, Selector};
 
 fn sign(c: &mut Criterion) {
-    let signer = Signer::new("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "us-east-1");
+    let signer = Signer::new(
+        "AKIAIOSFODNN7EXAMPLE",
+        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "us-east-1",
+    );
     let mut out = Vec::with_capacity(512);
     c.bench_function("sigv4_sign", |b| {
         b.iter(|| {
             out.clear();
             signer
-                .sign_into("GET", "127.0.0.1:9000", black_box("/data-bucket/dir/object-1k.bin"), SystemTime::now(), &mut out)
+                .sign_into(
+                    "GET",
+                    "127.0.0.1:9000",
+                    black_box("/data-bucket/dir/object-1k.bin"),
+                    SystemTime::now(),
+                    &mut out,
+                )
                 .expect("sign");
             black_box(&out);
         })
