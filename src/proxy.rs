@@ -22,7 +22,7 @@ use crate::http::body::{self, PumpError, Pumped, Timeouts};
 use crate::http::head::{
     self, Framing, HeadError, Method, Request, Response, FORWARDED_REQUEST_HEADERS,
 };
-use crate::http::io::{read_more, write_all};
+use crate::http::io::{read_more, write_all, write_range};
 use crate::log;
 use crate::metrics::ShardMetrics;
 use crate::router::{self, RouteError};
@@ -62,6 +62,8 @@ pub struct Shard {
     pub metrics: RefCell<ShardMetrics>,
     rid_state: Cell<u64>,
     pub draining: Cell<bool>,
+    /// Empty pipes kept for splicing bodies.
+    pipes: RefCell<Vec<body::SplicePipe>>,
 }
 
 /// One client connection's reusable state.
@@ -179,6 +181,7 @@ impl Shard {
             shared,
             rid_state: Cell::new(seed),
             draining: Cell::new(false),
+            pipes: RefCell::new(Vec::new()),
         }
     }
 
@@ -854,15 +857,21 @@ impl Shard {
                 reusable: true,
             }),
             Framing::Length(len) => {
-                body::length(
-                    &mut conn.stream,
-                    &mut conn.buf,
-                    start,
-                    len - out.bytes,
-                    &mut c.stream,
-                    timeouts,
-                )
-                .await
+                let remaining = len - out.bytes;
+                if self.shared.config.server.zero_copy.splice(remaining) {
+                    self.splice_body(&mut conn, start, remaining, &mut c.stream, timeouts)
+                        .await
+                } else {
+                    body::length(
+                        &mut conn.stream,
+                        &mut conn.buf,
+                        start,
+                        remaining,
+                        &mut c.stream,
+                        timeouts,
+                    )
+                    .await
+                }
             }
             Framing::Chunked => {
                 body::chunked(
@@ -929,6 +938,66 @@ impl Shard {
             }
         }
         out
+    }
+
+    /// Sends the bytes already buffered, then splices the rest of the body.
+    async fn splice_body(
+        &self,
+        conn: &mut UpConn,
+        start: usize,
+        remaining: u64,
+        client: &mut TcpStream,
+        t: Timeouts,
+    ) -> Result<Pumped, (PumpError, u64)> {
+        let buffered = (conn.buf.len() - start).min(remaining as usize);
+        if buffered > 0
+            && write_range(client, &mut conn.buf, start, start + buffered, t.client)
+                .await
+                .is_err()
+        {
+            return Err((PumpError::Client, 0));
+        }
+        let pipe = self.pipes.borrow_mut().pop();
+        let mut pipe = match pipe.map_or_else(monoio::net::unix::new_pipe, Ok) {
+            Ok(p) => p,
+            // No pipe (fd limit): copy instead.
+            Err(_) => {
+                let end = conn.buf.len();
+                return body::length(
+                    &mut conn.stream,
+                    &mut conn.buf,
+                    end,
+                    remaining - buffered as u64,
+                    client,
+                    t,
+                )
+                .await
+                .map(|p| Pumped {
+                    sent: p.sent + buffered as u64,
+                    ..p
+                })
+                .map_err(|(e, n)| (e, n + buffered as u64));
+            }
+        };
+        match body::splice_length(
+            &mut conn.stream,
+            &mut pipe,
+            remaining - buffered as u64,
+            client,
+            t,
+        )
+        .await
+        {
+            Ok(p) => {
+                self.pipes.borrow_mut().push(pipe);
+                conn.buf.clear();
+                Ok(Pumped {
+                    sent: p.sent + buffered as u64,
+                    ..p
+                })
+            }
+            Err((e, n)) => Err((e, n + buffered as u64)),
+        }
     }
 
     /// Continues a Content-Length body that broke after `sent` of `len` bytes.

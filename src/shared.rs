@@ -7,14 +7,9 @@ use crate::metrics::ShardMetrics;
 use crate::router::Router;
 use crate::upstream::snapshot::SharedBreaker;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
-use std::time::Instant;
+use std::sync::Mutex;
 
-/// Milliseconds since the process started: the clock breakers run on.
-pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
+pub use crate::clock::now_ms;
 
 /// Probe verdicts stored in [`ReplicaShared::probe`].
 pub const PROBE_UNKNOWN: u8 = 0;

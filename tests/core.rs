@@ -560,3 +560,43 @@ fn probe_flag_reports_liveness_for_container_healthchecks() {
     assert_eq!(run(format!("127.0.0.1:{}", proxy.port)), Some(0));
     assert_eq!(run(format!("127.0.0.1:{}", free_port())), Some(1));
 }
+
+#[test]
+fn zero_copy_on_off_and_auto_serve_identical_bytes_with_keep_alive() {
+    let s3 = S3::start();
+    s3.create_bucket("data-bucket");
+    let body = pattern(3 * 1024 * 1024 + 17, 11);
+    s3.put("data-bucket", "z.bin", &body);
+    for mode in ["on", "off", "auto"] {
+        let port = free_port();
+        let cfg = format!(
+            "server:\n  address: \"127.0.0.1:{port}\"\n  workers: 1\n  zero_copy: \"{mode}\"\n{}",
+            single_bucket("/data", "data-bucket", &s3.endpoint())
+        );
+        let proxy = Proxy::start(&cfg);
+        let mut c = Conn::open(proxy.port).unwrap();
+        for _ in 0..3 {
+            let r = c.request("GET", "/data/z.bin", &[]).unwrap();
+            assert_eq!(r.status, 200, "{mode}");
+            assert!(r.body == body, "{mode}: bytes differ");
+        }
+        let r = c
+            .request("GET", "/data/z.bin", &[("Range", "bytes=100-2000099")])
+            .unwrap();
+        assert_eq!(r.status, 206);
+        assert!(r.body == body[100..2_000_100], "{mode}: range bytes differ");
+    }
+    let bad = format!(
+        "server:\n  address: \"127.0.0.1:1\"\n  zero_copy: \"sometimes\"\n{}",
+        single_bucket("/data", "data-bucket", &s3.endpoint())
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, bad).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_yatagarasu"))
+        .args(["--check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.zero_copy"));
+}

@@ -395,6 +395,28 @@ fn reset_mid_body_resumes_from_backup_with_exact_bytes() {
 }
 
 #[test]
+fn reset_mid_body_resumes_with_zero_copy_on() {
+    let p = pair();
+    let size = 16 * 1024 * 1024;
+    let body = pattern(size, 65);
+    p.primary.put("data-bucket", "big.bin", &body);
+    p.backup.put("data-bucket", "big.bin", &body);
+    let fault = Fault::start(p.primary.port, Mode::ResetAfter(5 * 1024 * 1024));
+    let port = free_port();
+    let cfg = format!(
+        "server:\n  address: \"127.0.0.1:{port}\"\n  workers: 1\n  zero_copy: \"on\"\n{}",
+        ha_config(&fault.endpoint(), &p.backup.endpoint(), NO_HEALTH, BREAKER)
+    );
+    let proxy = Proxy::start(&cfg);
+    let r = proxy.get("/data/big.bin");
+    assert_eq!(r.status, 200);
+    assert!(r.body == body, "bytes differ ({} of {size})", r.body.len());
+    assert!(proxy
+        .log()
+        .contains("failed mid-body, resuming from 'backup'"));
+}
+
+#[test]
 fn etag_mismatch_on_resume_closes_the_connection() {
     let p = pair();
     let size = 8 * 1024 * 1024;

@@ -31,6 +31,32 @@ pub struct Server {
     pub workers: usize,
     pub idle_timeout: Duration,
     pub shutdown_timeout: Duration,
+    pub zero_copy: ZeroCopy,
+}
+
+/// `server.zero_copy`: how Content-Length bodies move from a plain-TCP
+/// upstream to a plain-TCP client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroCopy {
+    /// splice(2) for bodies of at least [`ZeroCopy::AUTO_MIN_BYTES`], copy below.
+    Auto,
+    /// splice(2) for every such body.
+    On,
+    /// Always copy through a user-space buffer.
+    Off,
+}
+
+impl ZeroCopy {
+    /// Smallest body `auto` splices (from loadtest/results: see README).
+    pub const AUTO_MIN_BYTES: u64 = 8 * 1024 * 1024;
+
+    pub fn splice(self, body_bytes: u64) -> bool {
+        match self {
+            ZeroCopy::On => true,
+            ZeroCopy::Off => false,
+            ZeroCopy::Auto => body_bytes >= Self::AUTO_MIN_BYTES,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -215,7 +241,25 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
     if idle == 0 {
         errs.push("server.idle_timeout_seconds: must be at least 1".into());
     }
+    let zero_copy = match raw
+        .server
+        .zero_copy
+        .as_deref()
+        .map(|z| z.to_ascii_lowercase())
+    {
+        None => ZeroCopy::Auto,
+        Some(z) if z == "auto" => ZeroCopy::Auto,
+        Some(z) if z == "on" || z == "true" => ZeroCopy::On,
+        Some(z) if z == "off" || z == "false" => ZeroCopy::Off,
+        Some(z) => {
+            errs.push(format!(
+                "server.zero_copy: {z:?} is not one of auto, on, off"
+            ));
+            ZeroCopy::Auto
+        }
+    };
     let server = Server {
+        zero_copy,
         address,
         workers: workers.max(1),
         idle_timeout: Duration::from_secs(idle.max(1)),

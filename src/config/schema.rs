@@ -32,6 +32,8 @@ pub struct RawServer {
     pub idle_timeout_seconds: Option<u64>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub shutdown_timeout_seconds: Option<u64>,
+    #[serde(default)]
+    pub zero_copy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

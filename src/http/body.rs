@@ -231,3 +231,54 @@ where
         }
     }
 }
+
+/// A pipe pair for splicing: `(read end, write end)`.
+pub type SplicePipe = (monoio::net::Pipe, monoio::net::Pipe);
+
+/// Most bytes moved per splice call (the default pipe capacity).
+const SPLICE_CHUNK: u64 = 64 * 1024;
+
+/// Streams exactly `remaining` bytes from a plain-TCP upstream to a plain-TCP
+/// client with splice(2) through `pipe`: the payload never enters user space.
+/// The pipe is empty again when this returns `Ok`; after an error it may hold
+/// bytes and must be dropped.
+pub async fn splice_length<U, C>(
+    up: &mut U,
+    pipe: &mut SplicePipe,
+    mut remaining: u64,
+    client: &mut C,
+    t: Timeouts,
+) -> Result<Pumped, (PumpError, u64)>
+where
+    U: monoio::io::as_fd::AsReadFd,
+    C: monoio::io::as_fd::AsWriteFd,
+{
+    use monoio::io::splice::{SpliceDestination, SpliceSource};
+    let mut sent = 0u64;
+    while remaining > 0 {
+        let want = remaining.min(SPLICE_CHUNK) as u32;
+        let n = match monoio::time::timeout(t.upstream, up.splice_to_pipe(&mut pipe.1, want)).await
+        {
+            Ok(Ok(0)) => return Err((PumpError::Upstream("truncated"), sent)),
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err((PumpError::Upstream(upstream_error(&e)), sent)),
+            Err(_) => return Err((PumpError::Upstream("timeout"), sent)),
+        };
+        let mut left = n;
+        while left > 0 {
+            match monoio::time::timeout(t.client, client.splice_from_pipe(&mut pipe.0, left)).await
+            {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err((PumpError::Client, sent)),
+                Ok(Ok(m)) => {
+                    left -= m.min(left);
+                    sent += m as u64;
+                }
+            }
+        }
+        remaining -= n as u64;
+    }
+    Ok(Pumped {
+        sent,
+        reusable: true,
+    })
+}

@@ -1,39 +1,60 @@
-//! S3 specifics: SigV4 request signing (with `aws-sigv4`) and reading S3 error codes.
+//! S3 specifics: SigV4 request signing and reading S3 error codes.
+//!
+//! Signing uses `aws-sigv4` for the cryptography (signing-key derivation and
+//! the final HMAC) and builds the canonical request itself: a proxy's upstream
+//! requests all have the same shape (`GET`/`HEAD`, a path, `host`,
+//! `x-amz-content-sha256: UNSIGNED-PAYLOAD`, `x-amz-date`), so the canonical
+//! request is one short string, and the derived signing key is cached per day
+//! (region and service are fixed per replica). A unit test checks the result
+//! byte for byte against `aws-sigv4`'s own full signer.
 
-use aws_credential_types::Credentials;
-use aws_sigv4::http_request::{
-    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
-    UriPathNormalizationMode,
-};
-use aws_sigv4::sign::v4;
-use aws_smithy_runtime_api::client::identity::Identity;
-use std::time::SystemTime;
+use aws_sigv4::sign::v4::{calculate_signature, generate_signing_key};
+use sha2::{Digest, Sha256};
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Signs requests for one replica (one access key, one region).
+/// Signs requests for one replica (one access key, one region). Not `Sync`:
+/// each core owns its signers, and the key cache is a plain `RefCell`.
 pub struct Signer {
-    identity: Identity,
+    access_key: String,
+    secret_key: String,
     region: String,
-    settings: SigningSettings,
+    /// `(days since epoch, signing key)` for the current UTC day.
+    key: RefCell<Option<(u64, [u8; 32])>>,
+    scratch: RefCell<String>,
 }
+
+const SIGNED_HEADERS: &str = "host;x-amz-content-sha256;x-amz-date";
+const UNSIGNED: &str = "UNSIGNED-PAYLOAD";
 
 impl Signer {
     pub fn new(access_key: &str, secret_key: &str, region: &str) -> Signer {
-        let creds = Credentials::new(access_key, secret_key, None, None, "yatagarasu-config");
-        let mut settings = SigningSettings::default();
-        // S3's rules: the path is signed exactly as sent (already encoded once,
-        // never normalised), and the payload hash travels in x-amz-content-sha256.
-        settings.percent_encoding_mode = PercentEncodingMode::Single;
-        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
-        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
         Signer {
-            identity: creds.into(),
+            access_key: access_key.to_string(),
+            secret_key: secret_key.to_string(),
             region: region.to_string(),
-            settings,
+            key: RefCell::new(None),
+            scratch: RefCell::new(String::with_capacity(512)),
         }
+    }
+
+    fn signing_key(&self, day: u64, now: SystemTime) -> [u8; 32] {
+        if let Some((d, k)) = *self.key.borrow() {
+            if d == day {
+                return k;
+            }
+        }
+        let derived = generate_signing_key(&self.secret_key, now, &self.region, "s3");
+        let mut k = [0u8; 32];
+        k.copy_from_slice(&derived.as_ref()[..32]);
+        *self.key.borrow_mut() = Some((day, k));
+        k
     }
 
     /// Appends the signing headers (`x-amz-date`, `x-amz-content-sha256`,
     /// `authorization`) for `method host path` as `name: value\r\n` lines.
+    /// `path` must already be URI-encoded (it is signed exactly as sent).
     pub fn sign_into(
         &self,
         method: &str,
@@ -42,34 +63,72 @@ impl Signer {
         now: SystemTime,
         out: &mut Vec<u8>,
     ) -> Result<(), String> {
-        let params = v4::SigningParams::builder()
-            .identity(&self.identity)
-            .region(&self.region)
-            .name("s3")
-            .time(now)
-            .settings(self.settings.clone())
-            .build()
-            .map_err(|e| format!("signing parameters: {e}"))?
-            .into();
-        let headers = [("host", host)];
-        let request = SignableRequest::new(
-            method,
-            path,
-            headers.into_iter(),
-            SignableBody::UnsignedPayload,
-        )
-        .map_err(|e| format!("signing request: {e}"))?;
-        let (instructions, _signature) = sign(request, &params)
-            .map_err(|e| format!("signing: {e}"))?
-            .into_parts();
-        for (name, value) in instructions.headers() {
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+        if host.is_empty() || host.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err(format!("invalid host {host:?} for signing"));
         }
+        let secs = now
+            .duration_since(UNIX_EPOCH)
+            .map_err(|_| "clock before 1970".to_string())?
+            .as_secs();
+        let (y, mo, d, h, mi, s) = crate::clock::civil(secs);
+        let mut amz_date = [0u8; 16];
+        let _ = write_date(&mut amz_date, y, mo, d, h, mi, s);
+        let amz_date = std::str::from_utf8(&amz_date).map_err(|_| "date".to_string())?;
+        let date = &amz_date[..8];
+        let key = self.signing_key(secs / 86_400, now);
+
+        let mut c = self.scratch.borrow_mut();
+        c.clear();
+        // Canonical request (query string always empty).
+        let _ = write!(
+            c,
+            "{method}\n{path}\n\nhost:{host}\nx-amz-content-sha256:{UNSIGNED}\nx-amz-date:{amz_date}\n\n{SIGNED_HEADERS}\n{UNSIGNED}"
+        );
+        let hash = Sha256::digest(c.as_bytes());
+        c.clear();
+        let _ = write!(
+            c,
+            "AWS4-HMAC-SHA256\n{amz_date}\n{date}/{}/s3/aws4_request\n",
+            self.region
+        );
+        for b in hash {
+            let _ = write!(c, "{b:02x}");
+        }
+        let signature = calculate_signature(key, c.as_bytes());
+        out.extend_from_slice(b"x-amz-date: ");
+        out.extend_from_slice(amz_date.as_bytes());
+        out.extend_from_slice(b"\r\nx-amz-content-sha256: UNSIGNED-PAYLOAD\r\nauthorization: AWS4-HMAC-SHA256 Credential=");
+        out.extend_from_slice(self.access_key.as_bytes());
+        out.push(b'/');
+        out.extend_from_slice(date.as_bytes());
+        out.push(b'/');
+        out.extend_from_slice(self.region.as_bytes());
+        out.extend_from_slice(b"/s3/aws4_request, SignedHeaders=");
+        out.extend_from_slice(SIGNED_HEADERS.as_bytes());
+        out.extend_from_slice(b", Signature=");
+        out.extend_from_slice(signature.as_bytes());
+        out.extend_from_slice(b"\r\n");
         Ok(())
     }
+}
+
+fn write_date(out: &mut [u8; 16], y: i64, mo: u32, d: u32, h: u64, mi: u64, s: u64) -> Option<()> {
+    let mut w = |pos: usize, v: u64, width: usize| {
+        let mut v = v;
+        for i in (0..width).rev() {
+            out[pos + i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    w(0, y.max(0) as u64, 4);
+    w(4, mo as u64, 2);
+    w(6, d as u64, 2);
+    w(9, h, 2);
+    w(11, mi, 2);
+    w(13, s, 2);
+    out[8] = b'T';
+    out[15] = b'Z';
+    Some(())
 }
 
 /// The `<Code>` of an S3 XML error body, if there is one.
@@ -88,30 +147,111 @@ pub fn is_broken_replica_code(code: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aws_credential_types::Credentials;
+    use aws_sigv4::http_request::{
+        sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest,
+        SigningSettings, UriPathNormalizationMode,
+    };
+    use aws_sigv4::sign::v4;
+    use aws_smithy_runtime_api::client::identity::Identity;
+    use std::time::Duration;
 
-    #[test]
-    fn signs_with_s3_headers() {
-        let s = Signer::new("AKID", "SECRET", "us-east-1");
-        let mut out = Vec::new();
-        s.sign_into(
-            "GET",
-            "127.0.0.1:9000",
-            "/bucket/a%20b",
-            SystemTime::UNIX_EPOCH,
-            &mut out,
+    /// aws-sigv4's complete signer, configured for S3: the reference.
+    fn reference(
+        ak: &str,
+        sk: &str,
+        region: &str,
+        method: &str,
+        host: &str,
+        path: &str,
+        now: SystemTime,
+    ) -> String {
+        let identity: Identity = Credentials::new(ak, sk, None, None, "test").into();
+        let mut settings = SigningSettings::default();
+        settings.percent_encoding_mode = PercentEncodingMode::Single;
+        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
+        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(region)
+            .name("s3")
+            .time(now)
+            .settings(settings)
+            .build()
+            .unwrap()
+            .into();
+        let req = SignableRequest::new(
+            method,
+            path,
+            [("host", host)].into_iter(),
+            SignableBody::UnsignedPayload,
         )
         .unwrap();
+        let (instr, _) = sign(req, &params).unwrap().into_parts();
+        let mut out = String::new();
+        let mut headers: Vec<_> = instr.headers().collect();
+        headers.sort();
+        for (k, v) in headers {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+        out
+    }
+
+    fn ours(s: &Signer, method: &str, host: &str, path: &str, now: SystemTime) -> String {
+        let mut out = Vec::new();
+        s.sign_into(method, host, path, now, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
-        assert!(text.contains("x-amz-date: 19700101T000000Z\r\n"), "{text}");
-        assert!(
-            text.contains("x-amz-content-sha256: UNSIGNED-PAYLOAD\r\n"),
-            "{text}"
+        let mut lines: Vec<&str> = text.split_inclusive("\r\n").collect();
+        lines.sort();
+        lines.concat()
+    }
+
+    #[test]
+    fn matches_aws_sigv4_byte_for_byte() {
+        let s = Signer::new(
+            "AKIDEXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+            "eu-west-1",
         );
-        assert!(text.contains("authorization: AWS4-HMAC-SHA256 Credential=AKID/19700101/us-east-1/s3/aws4_request"), "{text}");
-        assert!(
-            text.contains("SignedHeaders=host;x-amz-content-sha256;x-amz-date"),
-            "{text}"
+        let cases = [
+            ("GET", "127.0.0.1:9000", "/bucket/a%20b/%E6%97%A5~x.txt"),
+            ("HEAD", "[::1]:9002", "/bucket/"),
+            ("GET", "my-bucket.s3.eu-west-1.amazonaws.com", "/k%2Bplus"),
+        ];
+        for (i, (m, h, p)) in cases.iter().enumerate() {
+            for t in [0u64, 1_795_647_737, 1_795_647_737 + 86_400 * 40 + 7] {
+                let now = UNIX_EPOCH + Duration::from_secs(t + i as u64);
+                assert_eq!(
+                    ours(&s, m, h, p, now),
+                    reference(
+                        "AKIDEXAMPLE",
+                        "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+                        "eu-west-1",
+                        m,
+                        h,
+                        p,
+                        now
+                    ),
+                    "{m} {h} {p} at {t}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn key_cache_follows_the_day() {
+        let s = Signer::new("A", "S", "us-east-1");
+        let day1 = UNIX_EPOCH + Duration::from_secs(86_400 * 100 + 5);
+        let day2 = UNIX_EPOCH + Duration::from_secs(86_400 * 101 + 5);
+        assert_eq!(
+            ours(&s, "GET", "h", "/b/k", day1),
+            reference("A", "S", "us-east-1", "GET", "h", "/b/k", day1)
         );
+        assert_eq!(
+            ours(&s, "GET", "h", "/b/k", day2),
+            reference("A", "S", "us-east-1", "GET", "h", "/b/k", day2)
+        );
+        assert_eq!(s.key.borrow().map(|(d, _)| d), Some(101));
     }
 
     #[test]

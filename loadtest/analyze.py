@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Aggregates loadtest/results/runs.csv into results.md and chart.png."""
+import csv
+import os
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+
+out = sys.argv[1]
+rows = list(csv.DictReader(open(os.path.join(out, "runs.csv"))))
+SIZES = [s for s in ["1k", "64k", "1m", "64m"] if any(r["size"] == s for r in rows)]
+ORDER = ["origin", "bare", "yatagarasu", "yatagarasu2w", "nginx", "haproxy"]
+MIB = {"1k": 1 / 1024, "64k": 1 / 16, "1m": 1, "64m": 64}
+
+agg = defaultdict(dict)
+for size in SIZES:
+    for t in ORDER:
+        rs = [r for r in rows if r["size"] == size and r["target"] == t and r["requests"]]
+        if not rs:
+            continue
+        reqs = [int(r["requests"]) for r in rs]
+        secs = [int(r["duration_us"]) / 1e6 for r in rs]
+        rps = statistics.median(q / s for q, s in zip(reqs, secs))
+        mibps = statistics.median(int(r["bytes"]) / (int(r["duration_us"]) / 1e6) / 2**20 for r in rs)
+        cpu = [float(r["cpu_s"]) for r in rs]
+        cpu_per_req_us = statistics.median(c * 1e6 / q for c, q in zip(cpu, reqs))
+        agg[size][t] = dict(
+            rps=rps,
+            mibps=mibps,
+            p50=statistics.median(int(r["p50_us"]) for r in rs) / 1000,
+            p99=statistics.median(int(r["p99_us"]) for r in rs) / 1000,
+            p999=statistics.median(int(r["p999_us"]) for r in rs) / 1000,
+            errors=sum(int(r["errors"]) for r in rs),
+            cpu_us=cpu_per_req_us,
+            cpu_100k=cpu_per_req_us * 1e5 / 1e6,
+            cpu_ms_mib=cpu_per_req_us / 1000 / MIB[size],
+            rss=max(int(r["peak_rss_kib"]) for r in rs) / 1024,
+        )
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if b else "-"
+
+
+lines = ["# Load test results", ""]
+lines.append("Machine: " + subprocess.run(["sh", "-c", "nproc; uname -sr; grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
+                                          capture_output=True, text=True).stdout.replace("\n", " | ").strip(" |"))
+lines.append("")
+lines.append("One worker per proxy; wrk -t1 (32 connections; 16 for 1 MiB; 4 for 64 MiB) on the same 2 cores as the "
+             "proxy and the origin, so requests/s follow each proxy's CPU cost per request. Origin: nginx serving "
+             "files (sendfile), measured directly as the limit. `bare` is loadtest/bare_forwarder.rs (same runtime "
+             "and pumps, no signing/routing/breakers/metrics/logs). `yatagarasu2w` is yatagarasu with 2 workers. "
+             "Medians over the rounds; CPU from /proc utime+stime of every process of the target.")
+lines.append("")
+for size in SIZES:
+    lines.append(f"## {size}")
+    lines.append("")
+    lines.append("| target | req/s | MiB/s | p50 ms | p99 ms | p99.9 ms | errors | CPU us/req | CPU s/100k req | CPU ms/MiB | peak RSS MiB |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for t in ORDER:
+        a = agg[size].get(t)
+        if not a:
+            continue
+        lines.append(f"| {t} | {a['rps']:.0f} | {a['mibps']:.1f} | {a['p50']:.2f} | {a['p99']:.2f} | {a['p999']:.2f} | "
+                     f"{a['errors']} | {a['cpu_us']:.1f} | {a['cpu_100k']:.2f} | {a['cpu_ms_mib']:.2f} | {a['rss']:.1f} |")
+    y, n, h, b = (agg[size].get(k) for k in ["yatagarasu", "nginx", "haproxy", "bare"])
+    if y and n and h:
+        lines.append("")
+        lines.append(f"yatagarasu vs nginx: req/s {ratio(y['rps'], n['rps'])}, CPU/req {ratio(y['cpu_us'], n['cpu_us'])}, "
+                     f"p99 {ratio(y['p99'], n['p99'])}; vs haproxy: req/s {ratio(y['rps'], h['rps'])}, "
+                     f"CPU/req {ratio(y['cpu_us'], h['cpu_us'])}"
+                     + (f"; vs bare forwarder: CPU/req {ratio(y['cpu_us'], b['cpu_us'])}" if b else ""))
+    lines.append("")
+
+idle = os.path.join(out, "idle.csv")
+if os.path.exists(idle):
+    lines += ["## 10k idle keep-alive client connections", "", "| target | connections | RSS before KiB | RSS idle KiB | bytes/conn |", "|---|---|---|---|---|"]
+    for r in csv.DictReader(open(idle)):
+        lines.append(f"| {r['target']} | {r['connections']} | {r['rss_before_kib']} | {r['rss_idle_kib']} | {r['per_conn_bytes']} |")
+    lines.append("")
+offered = os.path.join(out, "offered.csv")
+if os.path.exists(offered):
+    lines += ["## Latency at fixed offered load (1 KiB, oha -q)", "", "| target | % of its peak | rate req/s | p50 ms | p99 ms | p99.9 ms |", "|---|---|---|---|---|---|"]
+    for r in csv.DictReader(open(offered)):
+        lines.append(f"| {r['target']} | {r['pct']} | {r['rate']} | {r['p50_ms']} | {r['p99_ms']} | {r['p999_ms']} |")
+    lines.append("")
+
+with open(os.path.join(out, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+# Chart: requests/s and p99 per size per target.
+targets = [t for t in ORDER if any(t in agg[s] for s in SIZES)]
+dat = os.path.join(out, "chart.dat")
+with open(dat, "w") as f:
+    f.write("size " + " ".join(f"{t}_rps {t}_p99" for t in targets) + "\n")
+    for s in SIZES:
+        f.write(s + " " + " ".join(f"{agg[s].get(t, {}).get('rps', 0):.1f} {agg[s].get(t, {}).get('p99', 0):.3f}" for t in targets) + "\n")
+plot = f"""
+set terminal pngcairo size 1400,560 font ',10'
+set output '{os.path.join(out, 'chart.png')}'
+set multiplot layout 1,2 title 'yatagarasu vs nginx vs haproxy (1 worker each, same machine)'
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set key top right
+set logscale y
+set grid ytics
+set title 'requests/s (log scale)'
+plot for [i=0:{len(targets) - 1}] '{dat}' using 2*i+2:xtic(1) title columnheader(2*i+2)
+set title 'p99 latency, ms (log scale)'
+plot for [i=0:{len(targets) - 1}] '{dat}' using 2*i+3:xtic(1) title columnheader(2*i+3)
+unset multiplot
+"""
+subprocess.run(["gnuplot"], input=plot, text=True, check=False)
+print(open(os.path.join(out, "results.md")).read())
