@@ -17,6 +17,9 @@ use yatagarasu::server::driver;
 
 const T: Duration = Duration::from_secs(30);
 
+/// Idle upstream connections with their read buffers.
+type Pool = Rc<RefCell<Vec<(TcpStream, Vec<u8>)>>>;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(listen), Some(origin)) = (args.get(1), args.get(2)) else {
@@ -32,7 +35,7 @@ fn main() {
         eprintln!("bare-forwarder on {listen} -> {origin} ({used})");
         async move {
             let listener = TcpListener::bind(listen).expect("bind");
-            let pool: Rc<RefCell<Vec<(TcpStream, Vec<u8>)>>> = Rc::new(RefCell::new(Vec::new()));
+            let pool: Pool = Rc::new(RefCell::new(Vec::new()));
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
@@ -50,11 +53,7 @@ fn main() {
     }
 }
 
-async fn serve(
-    mut client: TcpStream,
-    origin: SocketAddr,
-    pool: Rc<RefCell<Vec<(TcpStream, Vec<u8>)>>>,
-) {
+async fn serve(mut client: TcpStream, origin: SocketAddr, pool: Pool) {
     let mut rbuf = Vec::with_capacity(4096);
     let mut wbuf = Vec::with_capacity(1024);
     let mut req = Request::default();
