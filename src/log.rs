@@ -20,6 +20,7 @@ thread_local! {
     static BUFFER: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(FLUSH_AT * 2));
     static BUFFERED: Cell<bool> = const { Cell::new(false) };
     static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
+    static FIELD: RefCell<String> = RefCell::new(String::with_capacity(128));
 }
 
 fn level_code(l: Level) -> u8 {
@@ -69,13 +70,10 @@ pub fn log(level: Level, msg: &str, fields: &[(&str, &dyn Display)]) {
     LINE.with(|line| {
         let mut line = line.borrow_mut();
         line.clear();
-        format_line(
-            &mut line,
-            level,
-            msg,
-            fields,
-            FORMAT.load(Ordering::Relaxed) == 1,
-        );
+        FIELD.with(|tmp| {
+            let json = FORMAT.load(Ordering::Relaxed) == 1;
+            format_line(&mut line, &mut tmp.borrow_mut(), level, msg, fields, json);
+        });
         let urgent = level <= Level::Warn || !BUFFERED.with(|b| b.get());
         BUFFER.with(|b| {
             let mut b = b.borrow_mut();
@@ -90,6 +88,7 @@ pub fn log(level: Level, msg: &str, fields: &[(&str, &dyn Display)]) {
 
 fn format_line(
     out: &mut String,
+    tmp: &mut String,
     level: Level,
     msg: &str,
     fields: &[(&str, &dyn Display)],
@@ -105,14 +104,13 @@ fn format_line(
         out.push_str(level.as_str());
         out.push_str("\",\"msg\":");
         json_str(out, msg);
-        let mut tmp = String::new();
         for (k, v) in fields {
             out.push(',');
             json_str(out, k);
             out.push(':');
             tmp.clear();
             let _ = write!(tmp, "{v}");
-            json_str(out, &tmp);
+            json_str(out, tmp);
         }
         out.push_str("}\n");
     } else {
@@ -121,7 +119,6 @@ fn format_line(
         out.push_str(level.as_str());
         out.push(' ');
         out.push_str(msg);
-        let mut tmp = String::new();
         for (k, v) in fields {
             out.push(' ');
             out.push_str(k);
@@ -191,6 +188,7 @@ mod tests {
         let mut s = String::new();
         format_line(
             &mut s,
+            &mut String::new(),
             Level::Warn,
             "Replica 'primary' failed, trying 'backup'",
             &[("cause", &"connect refused")],
@@ -203,7 +201,14 @@ mod tests {
             "{s}"
         );
         s.clear();
-        format_line(&mut s, Level::Info, "a\"b", &[("n", &5)], true);
+        format_line(
+            &mut s,
+            &mut String::new(),
+            Level::Info,
+            "a\"b",
+            &[("n", &5)],
+            true,
+        );
         assert!(
             s.ends_with(",\"level\":\"INFO\",\"msg\":\"a\\\"b\",\"n\":\"5\"}\n"),
             "{s}"

@@ -75,6 +75,8 @@ struct Client {
     resp: Response,
     path: String,
     upath: String,
+    /// The upstream request path, reused.
+    opath: String,
 }
 
 /// How a request ended, for the access log and metrics.
@@ -291,6 +293,7 @@ impl Shard {
             resp: Response::default(),
             path: String::new(),
             upath: String::new(),
+            opath: String::new(),
         };
         loop {
             let head_len = match self.read_head(&mut c, idle).await {
@@ -520,8 +523,13 @@ impl Shard {
         let ids = &self.shared.bucket_replicas[bucket];
         let mut plan = Plan::default();
         self.selectors.borrow_mut()[bucket].plan(|i| self.usable(ids[i], now), &mut plan);
-        let order: Vec<usize> = plan.as_slice().iter().map(|&i| ids[i as usize]).collect();
-        let bucket_name = self.shared.bucket(bucket).name.clone();
+        // Global replica ids in plan order, on the stack.
+        let mut order_buf = [0usize; crate::config::MAX_REPLICAS];
+        for (slot, &i) in order_buf.iter_mut().zip(plan.as_slice()) {
+            *slot = ids[i as usize];
+        }
+        let order = &order_buf[..plan.as_slice().len()];
+        let bucket_name = &self.shared.bucket(bucket).name;
         let mut attempted = false;
         let mut last: Option<(usize, Failure)> = None;
         for (pos, &rid) in order.iter().enumerate() {
@@ -641,7 +649,7 @@ impl Shard {
         } else {
             "GET"
         };
-        let mut object_path = String::with_capacity(replica.bucket.len() + encoded_key.len() + 2);
+        let mut object_path = std::mem::take(&mut c.opath);
         replica.object_path(encoded_key, &mut object_path);
         c.wbuf.clear();
         c.wbuf.extend_from_slice(method.as_bytes());
@@ -672,8 +680,10 @@ impl Shard {
             SystemTime::now(),
             &mut c.wbuf,
         ) {
+            c.opath = object_path;
             return Err(Failure::new("signing", e));
         }
+        c.opath = object_path;
         c.wbuf.extend_from_slice(b"\r\n");
 
         let mut conn = match self.pool.take(rid) {
@@ -1017,7 +1027,7 @@ impl Shard {
         let etag = c.resp.etag.clone();
         // Offset of the body's first byte within the object.
         let base = c.resp.content_range_start.unwrap_or(0);
-        let bucket_name = self.shared.bucket(bucket).name.clone();
+        let bucket_name = &self.shared.bucket(bucket).name;
         let mut from = failed;
         if etag.is_empty() {
             log!(

@@ -407,16 +407,15 @@ pub fn reason(status: u16) -> &'static str {
 pub fn status_line(out: &mut Vec<u8>, status: u16) {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
-    let mut tmp = itoa_buf(status as u64);
-    out.extend_from_slice(tmp.as_bytes());
-    out.push(b' ');
+    let s = status.min(999);
+    out.extend_from_slice(&[
+        b'0' + (s / 100) as u8,
+        b'0' + (s / 10 % 10) as u8,
+        b'0' + (s % 10) as u8,
+        b' ',
+    ]);
     out.extend_from_slice(reason(status).as_bytes());
     out.extend_from_slice(b"\r\n");
-    tmp.clear();
-}
-
-fn itoa_buf(v: u64) -> String {
-    v.to_string()
 }
 
 /// Appends one `name: value` header line.
