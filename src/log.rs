@@ -128,7 +128,7 @@ fn format_line(
             if tmp.is_empty() || tmp.contains([' ', '"', '=']) {
                 let _ = write!(out, "{tmp:?}");
             } else {
-                out.push_str(&tmp);
+                out.push_str(tmp);
             }
         }
         out.push('\n');
