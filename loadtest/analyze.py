@@ -10,7 +10,7 @@ from collections import defaultdict
 out = sys.argv[1]
 rows = list(csv.DictReader(open(os.path.join(out, "runs.csv"))))
 SIZES = [s for s in ["1k", "64k", "1m", "64m"] if any(r["size"] == s for r in rows)]
-ORDER = ["origin", "bare", "yatagarasu", "yatagarasu2w", "nginx", "haproxy"]
+ORDER = ["origin", "bare", "yatagarasu", "splice", "yatagarasu2w", "nginx", "haproxy"]
 MIB = {"1k": 1 / 1024, "64k": 1 / 16, "1m": 1, "64m": 64}
 
 agg = defaultdict(dict)
@@ -50,7 +50,7 @@ lines.append("")
 lines.append("One worker per proxy; wrk -t1 (32 connections; 16 for 1 MiB; 4 for 64 MiB) on the same 2 cores as the "
              "proxy and the origin, so requests/s follow each proxy's CPU cost per request. Origin: nginx serving "
              "files (sendfile), measured directly as the limit. `bare` is loadtest/bare_forwarder.rs (same runtime "
-             "and pumps, no signing/routing/breakers/metrics/logs). `yatagarasu2w` is yatagarasu with 2 workers. "
+             "and pumps, no signing/routing/breakers/metrics/logs). `yatagarasu` copies bodies (`zero_copy: off`), `splice` is the same proxy with `zero_copy: on`; `yatagarasu2w` is yatagarasu with 2 workers. "
              "Medians over the rounds; CPU from /proc utime+stime of every process of the target.")
 lines.append("")
 for size in SIZES:
@@ -64,13 +64,16 @@ for size in SIZES:
             continue
         lines.append(f"| {t} | {a['rps']:.0f} | {a['mibps']:.1f} | {a['p50']:.2f} | {a['p99']:.2f} | {a['p999']:.2f} | "
                      f"{a['errors']} | {a['cpu_us']:.1f} | {a['cpu_100k']:.2f} | {a['cpu_ms_mib']:.2f} | {a['rss']:.1f} |")
-    y, n, h, b = (agg[size].get(k) for k in ["yatagarasu", "nginx", "haproxy", "bare"])
+    y, n, h, b, sp = (agg[size].get(k) for k in ["yatagarasu", "nginx", "haproxy", "bare", "splice"])
     if y and n and h:
         lines.append("")
         lines.append(f"yatagarasu vs nginx: req/s {ratio(y['rps'], n['rps'])}, CPU/req {ratio(y['cpu_us'], n['cpu_us'])}, "
                      f"p99 {ratio(y['p99'], n['p99'])}; vs haproxy: req/s {ratio(y['rps'], h['rps'])}, "
                      f"CPU/req {ratio(y['cpu_us'], h['cpu_us'])}"
                      + (f"; vs bare forwarder: CPU/req {ratio(y['cpu_us'], b['cpu_us'])}" if b else ""))
+    if y and sp:
+        lines.append("")
+        lines.append(f"splice vs copy: MiB/s {ratio(sp['mibps'], y['mibps'])}, CPU/req {ratio(sp['cpu_us'], y['cpu_us'])}, p99 {ratio(sp['p99'], y['p99'])}")
     lines.append("")
 
 idle = os.path.join(out, "idle.csv")

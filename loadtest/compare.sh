@@ -20,7 +20,7 @@ SIZES=${SIZES:-"1k 64k 1m 64m"}
 WORK=$ROOT/loadtest/work
 OUT=$ROOT/loadtest/results
 mkdir -p "$WORK" "$OUT"
-ulimit -n 65536 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need wrk || ! need nginx || ! need haproxy || ! need gnuplot; then
@@ -33,7 +33,7 @@ cargo build --release --quiet --features loadtest --bin bare-forwarder
 YATA=$ROOT/target/release/yatagarasu
 BARE=$ROOT/target/release/bare-forwarder
 
-P_ORIGIN=18000 P_YATA=18001 P_NGINX=18002 P_HAPROXY=18003 P_BARE=18004 P_YATA_COPY=18005 P_YATA2=18006
+P_ORIGIN=18000 P_YATA=18001 P_NGINX=18002 P_HAPROXY=18003 P_BARE=18004 P_YATA_SPLICE=18005 P_YATA2=18006
 
 echo "== objects"
 mkdir -p "$WORK/origin/data-bucket" "$WORK/logs"
@@ -68,7 +68,8 @@ worker_processes 1;
 daemon off;
 pid $WORK/nginx-proxy.pid;
 error_log $WORK/logs/nginx-error.log;
-events { worker_connections 4096; }
+worker_rlimit_nofile 15000;
+events { worker_connections 12000; }
 http {
   access_log $WORK/logs/nginx-access.log combined buffer=64k flush=1s;
   keepalive_requests 1000000; keepalive_timeout 120s;
@@ -86,7 +87,7 @@ CONF
 cat >"$WORK/haproxy.cfg" <<CONF
 global
   nbthread 1
-  maxconn 20000
+  maxconn 8000
 defaults
   mode http
   timeout connect 5s
@@ -106,6 +107,7 @@ yata_conf() { # port workers zero_copy
 server:
   address: "127.0.0.1:$1"
   workers: $2
+  zero_copy: "$3"
 buckets:
   - name: "bench"
     path_prefix: "/data"
@@ -121,8 +123,9 @@ logging:
   level: "info"
 CONF
 }
-yata_conf $P_YATA 1 >"$WORK/yata.yaml"
-yata_conf $P_YATA2 2 >"$WORK/yata2.yaml"
+yata_conf $P_YATA 1 off >"$WORK/yata.yaml"
+yata_conf $P_YATA_SPLICE 1 on >"$WORK/yata-splice.yaml"
+yata_conf $P_YATA2 2 off >"$WORK/yata2.yaml"
 
 start() { # name cmd...
   "${@:2}" >"$WORK/logs/$1.out" 2>&1 &
@@ -137,8 +140,9 @@ start nginx nginx -c "$WORK/nginx-proxy.conf"
 start haproxy haproxy -f "$WORK/haproxy.cfg"
 start yatagarasu "$YATA" --config "$WORK/yata.yaml"
 start yatagarasu2w "$YATA" --config "$WORK/yata2.yaml"
+start splice "$YATA" --config "$WORK/yata-splice.yaml"
 start bare "$BARE" 127.0.0.1:$P_BARE 127.0.0.1:$P_ORIGIN
-for p in $P_ORIGIN $P_NGINX $P_HAPROXY $P_YATA $P_YATA2 $P_BARE; do wait_port $p; done
+for p in $P_ORIGIN $P_NGINX $P_HAPROXY $P_YATA $P_YATA2 $P_YATA_SPLICE $P_BARE; do wait_port $p; done
 sleep 0.5
 
 # All PIDs of a target (master + workers), for CPU and RSS.
@@ -156,12 +160,12 @@ done = function(s, lat, req)
 end
 LUA
 
-port_of() { case $1 in origin) echo $P_ORIGIN;; yatagarasu) echo $P_YATA;; yatagarasu2w) echo $P_YATA2;; nginx) echo $P_NGINX;; haproxy) echo $P_HAPROXY;; bare) echo $P_BARE;; esac; }
+port_of() { case $1 in origin) echo $P_ORIGIN;; yatagarasu) echo $P_YATA;; yatagarasu2w) echo $P_YATA2;; splice) echo $P_YATA_SPLICE;; nginx) echo $P_NGINX;; haproxy) echo $P_HAPROXY;; bare) echo $P_BARE;; esac; }
 conns_for() { case $1 in 64m) echo 4;; 1m) echo 16;; *) echo 32;; esac; }
 
 CSV=$OUT/runs.csv
 echo "size,target,round,requests,bytes,duration_us,errors,p50_us,p99_us,p999_us,cpu_s,peak_rss_kib" >"$CSV"
-TARGETS=${TARGETS:-"origin yatagarasu nginx haproxy bare yatagarasu2w"}
+TARGETS=${TARGETS:-"origin yatagarasu splice nginx haproxy bare yatagarasu2w"}
 echo "== load: ${DURATION}s per run, $ROUNDS round(s), targets: $TARGETS"
 for size in $SIZES; do
   for round in $(seq 1 "$ROUNDS"); do

@@ -45,6 +45,10 @@ const ERROR_BODY_MAX: u64 = 8 * 1024;
 const COALESCE_MAX: usize = 16 * 1024;
 /// Initial client read buffer (grows to the head limit when needed).
 const CLIENT_BUF: usize = 4 * 1024;
+/// A keep-alive connection idle this long gives its buffers back ("parks").
+const PARK_AFTER: Duration = Duration::from_secs(2);
+/// Free read buffers kept per core.
+const READ_BUF_POOL: usize = 1024;
 
 struct LocalBreaker {
     breaker: Breaker,
@@ -64,6 +68,11 @@ pub struct Shard {
     pub draining: Cell<bool>,
     /// Empty pipes kept for splicing bodies.
     pipes: RefCell<Vec<body::SplicePipe>>,
+    /// Connections parked since the last memory trim (see `server::tick`).
+    pub parked: Cell<usize>,
+    /// Free client read buffers: reused across connections, so buffers freed
+    /// by idle connections do not leave holes between live allocations.
+    read_bufs: RefCell<Vec<Vec<u8>>>,
 }
 
 /// One client connection's reusable state.
@@ -77,6 +86,18 @@ struct Client {
     upath: String,
     /// The upstream request path, reused.
     opath: String,
+}
+
+impl Client {
+    /// Releases every per-connection buffer while the connection is idle.
+    fn park(&mut self) {
+        self.rbuf = Vec::new();
+        self.wbuf = Vec::new();
+        self.resp.forward = String::new();
+        self.path = String::new();
+        self.upath = String::new();
+        self.opath = String::new();
+    }
 }
 
 /// How a request ended, for the access log and metrics.
@@ -184,6 +205,8 @@ impl Shard {
             rid_state: Cell::new(seed),
             draining: Cell::new(false),
             pipes: RefCell::new(Vec::new()),
+            parked: Cell::new(0),
+            read_bufs: RefCell::new(Vec::new()),
         }
     }
 
@@ -284,19 +307,25 @@ impl Shard {
     /// Serves one client connection until it closes, errs or idles out.
     pub async fn serve(&self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
-        let idle = self.shared.config.server.idle_timeout;
         let mut c = Client {
             stream,
-            rbuf: Vec::with_capacity(CLIENT_BUF),
-            wbuf: Vec::with_capacity(1024),
+            // Allocated when the first bytes are readable (see read_head).
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
             req: Request::default(),
             resp: Response::default(),
             path: String::new(),
             upath: String::new(),
             opath: String::new(),
         };
+        self.connection(&mut c).await;
+        self.give_read_buf(std::mem::take(&mut c.rbuf));
+    }
+
+    async fn connection(&self, c: &mut Client) {
+        let idle = self.shared.config.server.idle_timeout;
         loop {
-            let head_len = match self.read_head(&mut c, idle).await {
+            let head_len = match self.read_head(c, idle).await {
                 Ok(Some(n)) => n,
                 Ok(None) => return,
                 Err(e) => {
@@ -309,9 +338,9 @@ impl Shard {
                     };
                     c.req.request_id.clear();
                     self.next_request_id(&mut c.req.request_id);
-                    let _ = self
-                        .simple(&mut c, status, "text/plain", msg.as_bytes(), false, &[])
-                        .await;
+                    let _ =
+                        Box::pin(self.simple(c, status, "text/plain", msg.as_bytes(), false, &[]))
+                            .await;
                     self.metrics
                         .borrow_mut()
                         .request(None, Method::Other, status, 1, 0);
@@ -328,14 +357,32 @@ impl Shard {
             let shard = &self.shared.shards[self.id];
             shard.in_flight.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            let outcome = self.handle(&mut c).await;
+            // Boxed so an idle connection's task stays small: the request
+            // state machine exists only while a request is being served.
+            let outcome = Box::pin(self.handle(c)).await;
             shard.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.finish(&c, &outcome, started);
+            self.finish(c, &outcome, started);
             // Keep any pipelined bytes that followed this head.
             c.rbuf.drain(..head_len.min(c.rbuf.len()));
             if !outcome.keep_alive || self.draining.get() {
                 return;
             }
+        }
+    }
+
+    fn take_read_buf(&self) -> Vec<u8> {
+        self.read_bufs
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(CLIENT_BUF))
+    }
+
+    /// Keeps an empty standard-size read buffer for the next connection.
+    fn give_read_buf(&self, mut buf: Vec<u8>) {
+        let mut pool = self.read_bufs.borrow_mut();
+        if buf.capacity() == CLIENT_BUF && pool.len() < READ_BUF_POOL {
+            buf.clear();
+            pool.push(buf);
         }
     }
 
@@ -354,6 +401,34 @@ impl Shard {
                     return Err(HeadError::HeadersTooLarge);
                 }
                 c.rbuf.reserve(head::MAX_REQUEST_HEAD + 1 - c.rbuf.len());
+            }
+            if c.rbuf.capacity() == 0 {
+                // New or parked connection: no buffer until there is data.
+                match monoio::time::timeout(idle, c.stream.readable(false)).await {
+                    Ok(Ok(())) => c.rbuf = self.take_read_buf(),
+                    _ => return Ok(None),
+                }
+            }
+            if c.rbuf.is_empty() && idle > PARK_AFTER {
+                // Between requests: a normal read for a while, then park.
+                match read_more(&mut c.stream, &mut c.rbuf, PARK_AFTER).await {
+                    Ok(0) => return Ok(None),
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        // An idle keep-alive connection keeps no buffers: wait
+                        // for readability only, then read with fresh ones.
+                        self.give_read_buf(std::mem::take(&mut c.rbuf));
+                        c.park();
+                        self.parked.set(self.parked.get() + 1);
+                        let left = idle.saturating_sub(PARK_AFTER);
+                        match monoio::time::timeout(left, c.stream.readable(false)).await {
+                            Ok(Ok(())) => c.rbuf = self.take_read_buf(),
+                            _ => return Ok(None),
+                        }
+                        continue;
+                    }
+                    Err(_) => return Ok(None),
+                }
             }
             match read_more(&mut c.stream, &mut c.rbuf, idle).await {
                 Ok(0) => {

@@ -600,3 +600,26 @@ fn zero_copy_on_off_and_auto_serve_identical_bytes_with_keep_alive() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("server.zero_copy"));
 }
+
+#[test]
+fn a_parked_keep_alive_connection_serves_again() {
+    let (_s3, proxy) = setup();
+    let mut c = Conn::open(proxy.port).unwrap();
+    assert_eq!(
+        c.request("GET", "/data/test.txt", &[]).unwrap().text(),
+        "Primary data!\n"
+    );
+    // Past the 2 s park delay: the connection has given its buffers back.
+    std::thread::sleep(Duration::from_millis(2600));
+    assert_eq!(
+        c.request("GET", "/data/test.txt", &[]).unwrap().text(),
+        "Primary data!\n"
+    );
+    // A connection that never sent anything is served when it finally does.
+    let mut quiet = Conn::open(proxy.port).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        quiet.request("HEAD", "/data/test.txt", &[]).unwrap().status,
+        200
+    );
+}

@@ -273,6 +273,15 @@ async fn shard_main(id: usize, shared: Arc<Shared>, listener: std::net::TcpListe
 /// Periodic per-shard housekeeping, off the request path.
 fn tick(shard: &Shard) {
     log::flush();
+    // Parked connections freed their buffers; hand the memory back to the
+    // OS once a burst of them has gone idle, so RSS follows live use.
+    if shard.parked.get() >= 256 {
+        shard.parked.set(0);
+        // SAFETY: malloc_trim only walks glibc's own heap bookkeeping.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
     let me = &shard.shared.shards[shard.id];
     let wanted = shard.shared.scrape_generation.load(Ordering::Acquire);
     if wanted > me.published.load(Ordering::Relaxed) {
