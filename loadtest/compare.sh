@@ -136,6 +136,7 @@ start() { # name cmd...
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 not up" >&2; exit 1; }
 
 start origin nginx -c "$WORK/origin.conf"
+wait_port $P_ORIGIN   # proxies' first health probes must find the origin up
 start nginx nginx -c "$WORK/nginx-proxy.conf"
 start haproxy haproxy -f "$WORK/haproxy.cfg"
 start yatagarasu "$YATA" --config "$WORK/yata.yaml"

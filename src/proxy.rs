@@ -31,6 +31,7 @@ use crate::shared::{now_ms, Shared};
 use crate::upstream::breaker::{Admit, Breaker, State};
 use crate::upstream::pool::{Pool, UpConn};
 use crate::upstream::select::{Plan, Selector};
+use crate::upstream::tls::UpStream;
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
@@ -815,22 +816,12 @@ impl Shard {
     }
 
     async fn connect(&self, rid: usize, deadline: Instant) -> Result<UpConn, Failure> {
-        let replica = self.replica(rid);
+        let r = &self.shared.replicas[rid];
         let left = deadline.saturating_duration_since(Instant::now());
         self.pool
-            .connect(rid, &replica.endpoint, left)
+            .connect(rid, &r.config.endpoint, r.tls.as_ref(), left)
             .await
-            .map_err(|e| {
-                let reason = if e.kind() == io::ErrorKind::TimedOut {
-                    "timeout"
-                } else {
-                    "connect"
-                };
-                Failure::new(
-                    reason,
-                    format!("connect to {}: {e}", replica.endpoint.authority),
-                )
-            })
+            .map_err(|(reason, detail)| Failure::new(reason, detail))
     }
 
     /// Writes the request in `c.wbuf` and reads the response head.
@@ -1064,14 +1055,26 @@ impl Shard {
                 .map_err(|(e, n)| (e, n + buffered as u64));
             }
         };
-        match body::splice_length(
-            &mut conn.stream,
-            &mut pipe,
-            remaining - buffered as u64,
-            client,
-            t,
-        )
-        .await
+        let UpStream::Plain(upstream) = &mut conn.stream else {
+            // TLS upstream: bytes must be decrypted in user space.
+            self.pipes.borrow_mut().push(pipe);
+            let end = conn.buf.len();
+            return body::length(
+                &mut conn.stream,
+                &mut conn.buf,
+                end,
+                remaining - buffered as u64,
+                client,
+                t,
+            )
+            .await
+            .map(|p| Pumped {
+                sent: p.sent + buffered as u64,
+                ..p
+            })
+            .map_err(|(e, n)| (e, n + buffered as u64));
+        };
+        match body::splice_length(upstream, &mut pipe, remaining - buffered as u64, client, t).await
         {
             Ok(p) => {
                 self.pipes.borrow_mut().push(pipe);

@@ -20,6 +20,8 @@ pub const PROBE_FAILED: u8 = 2;
 pub struct ReplicaShared {
     pub bucket: usize,
     pub config: Replica,
+    /// TLS client for `https://` endpoints.
+    pub tls: Option<monoio_rustls::TlsConnector>,
     pub breaker: SharedBreaker,
     pub probe: AtomicU8,
 }
@@ -51,7 +53,8 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Shared {
+    /// Builds the shared state; fails only when a TLS client cannot be set up.
+    pub fn new(config: Config) -> Result<Shared, String> {
         let router = Router::new(config.buckets.iter().map(|b| b.path_prefix.as_str()));
         let mut replicas = Vec::new();
         let mut bucket_replicas = Vec::new();
@@ -59,8 +62,16 @@ impl Shared {
             let mut ids = Vec::new();
             for r in &b.replicas {
                 ids.push(replicas.len());
+                let tls = if r.endpoint.tls {
+                    let c = crate::upstream::tls::connector(r)
+                        .map_err(|e| format!("bucket {:?} replica {:?}: {e}", b.name, r.name))?;
+                    Some(c)
+                } else {
+                    None
+                };
                 replicas.push(ReplicaShared {
                     bucket: bi,
+                    tls,
                     config: r.clone(),
                     breaker: SharedBreaker::new(),
                     probe: AtomicU8::new(PROBE_UNKNOWN),
@@ -71,7 +82,7 @@ impl Shared {
         let shards = (0..config.server.workers)
             .map(|_| ShardShared::default())
             .collect();
-        Shared {
+        Ok(Shared {
             config,
             router,
             replicas,
@@ -79,7 +90,7 @@ impl Shared {
             shards,
             scrape_generation: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
-        }
+        })
     }
 
     pub fn bucket(&self, idx: usize) -> &Bucket {

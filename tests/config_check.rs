@@ -27,11 +27,15 @@ fn check_path(path: &str, env: &[(&str, &str)]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
-const ENV: [(&str, &str); 4] = [
+const ENV: [(&str, &str); 8] = [
     ("MINIO_ACCESS_KEY", "minioadmin"),
     ("MINIO_SECRET_KEY", "minioadmin"),
     ("S3_ACCESS_KEY", "a"),
     ("S3_SECRET_KEY", "b"),
+    ("AWS_ACCESS_KEY", "AKIAEXAMPLE"),
+    ("AWS_SECRET_KEY", "secret"),
+    ("R2_ACCESS_KEY", "r2key"),
+    ("R2_SECRET_KEY", "r2secret"),
 ];
 
 #[test]
@@ -46,7 +50,7 @@ fn every_example_config_is_valid() {
             seen += 1;
         }
     }
-    assert!(seen >= 3);
+    assert!(seen >= 5);
 }
 
 const GOOD: &str = r#"
@@ -174,10 +178,14 @@ fn every_problem_is_listed_at_once() {
 
 #[test]
 fn settings_that_cannot_work_are_rejected() {
+    let plain_with_ca = GOOD.replace(
+        "          priority: 1\n",
+        "          priority: 1\n          ca_file: \"/etc/ssl/certs/ca-certificates.crt\"\n",
+    );
     assert_error(
-        &GOOD.replace("http://127.0.0.1:9001", "https://127.0.0.1:9001"),
+        &plain_with_ca,
         &ENV,
-        &["replicas[0].endpoint", "TLS"],
+        &["buckets[0].s3.replicas[0]", "https:// endpoints only"],
     );
     let auth = GOOD.replace("      secret_key: \"k\"\n      replicas", "      secret_key: \"k\"\n      circuit_breaker:\n        failure_threshold: 0\n      replicas");
     assert_error(

@@ -175,6 +175,10 @@ pub struct Replica {
     pub timeout: Duration,
     /// Virtual-hosted style (`bucket.host/key`) rather than path style (`host/bucket/key`).
     pub virtual_hosted: bool,
+    /// Extra trusted CA certificates (PEM) for an `https://` endpoint.
+    pub ca_file: Option<String>,
+    /// Accept any certificate from an `https://` endpoint (logged at WARN).
+    pub insecure_skip_verify: bool,
 }
 
 impl Replica {
@@ -352,7 +356,10 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
                     priority: 1,
                     weight: 1,
                     timeout: Duration::from_secs(default_timeout.max(1)),
+                    ca_file: s3.ca_file.clone(),
+                    insecure_skip_verify: s3.insecure_skip_verify.unwrap_or(false),
                 });
+                check_tls(replicas.last(), &at3, &mut errs);
             }
             Some(list) => {
                 if list.is_empty() {
@@ -422,7 +429,13 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
                         priority: rep.priority.unwrap_or(1),
                         weight: weight.max(1),
                         timeout: Duration::from_secs(timeout.max(1)),
+                        ca_file: rep.ca_file.clone().or_else(|| s3.ca_file.clone()),
+                        insecure_skip_verify: rep
+                            .insecure_skip_verify
+                            .or(s3.insecure_skip_verify)
+                            .unwrap_or(false),
                     });
+                    check_tls(replicas.last(), &atr, &mut errs);
                 }
             }
         }
@@ -542,6 +555,21 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
     }
 }
 
+/// `ca_file` must be readable PEM, and TLS settings need an https endpoint.
+fn check_tls(replica: Option<&Replica>, at: &str, errs: &mut Vec<String>) {
+    let Some(r) = replica else { return };
+    if !r.endpoint.tls && (r.ca_file.is_some() || r.insecure_skip_verify) {
+        errs.push(format!(
+            "{at}: ca_file and insecure_skip_verify apply to https:// endpoints only (this one is http://)"
+        ));
+    }
+    if let Some(path) = &r.ca_file {
+        if let Err(e) = crate::upstream::tls::load_pem_certs(path) {
+            errs.push(format!("{at}.ca_file: {e}"));
+        }
+    }
+}
+
 fn check_health(h: &RawHealthCheck, at: &str, errs: &mut Vec<String>) {
     if h.interval_seconds == Some(0) {
         errs.push(format!("{at}.interval_seconds: must be at least 1"));
@@ -594,10 +622,6 @@ fn resolve_endpoint(
         } else {
             format!("{bucket}.s3.{region}.amazonaws.com")
         };
-        errs.push(format!(
-            "{at}: no endpoint set, so this replica is AWS S3 at https://{host}, but this build has no TLS client yet; \
-             set an http:// endpoint"
-        ));
         return Endpoint {
             tls: true,
             authority: host.clone(),
@@ -613,11 +637,6 @@ fn resolve_endpoint(
         errs.push(format!("{at}: {src:?} must start with http:// or https://"));
         return fallback;
     };
-    if tls {
-        errs.push(format!(
-            "{at}: {src:?} uses https, but this build has no TLS client yet; use an http:// endpoint"
-        ));
-    }
     let rest = rest.trim_end_matches('/');
     if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
         errs.push(format!(
@@ -753,6 +772,91 @@ metrics:
                 .any(|e| e.starts_with("buckets[0].s3.secret_key")),
             "{errs:?}"
         );
+    }
+
+    fn example(name: &str) -> Config {
+        let path = format!("{}/config/{name}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(path).unwrap();
+        parse(&text, &|_| Some("x".to_string())).unwrap()
+    }
+
+    #[test]
+    fn multi_region_resolves_to_aws_regional_endpoints() {
+        let c = example("multi-region.yaml");
+        let hosts: Vec<_> = c.buckets[0]
+            .replicas
+            .iter()
+            .map(|r| {
+                (
+                    r.endpoint.host.as_str(),
+                    r.endpoint.tls,
+                    r.virtual_hosted,
+                    r.region.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                (
+                    "global-assets.s3.us-west-2.amazonaws.com",
+                    true,
+                    true,
+                    "us-west-2"
+                ),
+                (
+                    "global-assets.s3.us-east-1.amazonaws.com",
+                    true,
+                    true,
+                    "us-east-1"
+                ),
+                (
+                    "global-assets.s3.eu-west-1.amazonaws.com",
+                    true,
+                    true,
+                    "eu-west-1"
+                ),
+            ]
+        );
+        let mut p = String::new();
+        c.buckets[0].replicas[0].object_path("a/b.txt", &mut p);
+        assert_eq!(p, "/a/b.txt", "virtual-hosted: no bucket in the path");
+    }
+
+    #[test]
+    fn mixed_providers_resolve_to_each_provider() {
+        let c = example("mixed-providers.yaml");
+        let r = &c.buckets[0].replicas;
+        assert_eq!(r[0].endpoint.authority, "media.s3.us-east-1.amazonaws.com");
+        assert_eq!(
+            (
+                r[1].endpoint.authority.as_str(),
+                r[1].endpoint.port,
+                r[1].virtual_hosted
+            ),
+            ("xxx.r2.cloudflarestorage.com", 443, false)
+        );
+        assert_eq!(r[1].region, "auto");
+        assert_eq!(
+            (r[2].endpoint.authority.as_str(), r[2].endpoint.tls),
+            ("minio.internal:9000", true)
+        );
+        let mut p = String::new();
+        r[1].object_path("k", &mut p);
+        assert_eq!(p, "/media/k", "custom endpoints are path-style");
+        // Dotted bucket names cannot be virtual-hosted under TLS.
+        let dotted = parse(
+            &BASE
+                .replace("data-bucket", "my.bucket")
+                .replace("          endpoint: \"http://127.0.0.1:9001\"\n", ""),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            dotted.buckets[0].replicas[0].endpoint.host,
+            "s3.us-east-1.amazonaws.com"
+        );
+        assert!(!dotted.buckets[0].replicas[0].virtual_hosted);
     }
 
     #[test]

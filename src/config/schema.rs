@@ -66,6 +66,10 @@ pub struct RawS3 {
     #[serde(default, deserialize_with = "flex_opt")]
     pub timeout_seconds: Option<u64>,
     #[serde(default)]
+    pub ca_file: Option<String>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub insecure_skip_verify: Option<bool>,
+    #[serde(default)]
     pub replicas: Option<Vec<RawReplica>>,
     #[serde(default)]
     pub circuit_breaker: Option<RawCircuitBreaker>,
@@ -93,6 +97,10 @@ pub struct RawReplica {
     pub timeout_seconds: Option<u64>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub weight: Option<u32>,
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub insecure_skip_verify: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -75,7 +75,24 @@ pub fn run(config: Config) -> i32 {
         None
     };
     let shutdown_timeout = config.server.shutdown_timeout;
-    let shared = Arc::new(Shared::new(config));
+    let shared = match Shared::new(config) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            log!(Level::Error, "cannot start", error = e);
+            return 1;
+        }
+    };
+    for r in &shared.replicas {
+        if r.config.insecure_skip_verify {
+            log!(
+                Level::Warn,
+                "TLS certificate verification is OFF for this replica (insecure_skip_verify)",
+                bucket = shared.bucket(r.bucket).name,
+                replica = r.config.name,
+                endpoint = r.config.endpoint.authority,
+            );
+        }
+    }
     let signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,

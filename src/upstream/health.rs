@@ -4,9 +4,9 @@
 //! Every `interval_seconds`, each replica of each bucket with checks enabled
 //! gets a signed `HEAD` of `health_check.path` relative to its bucket (`/` is
 //! `HEAD /<bucket>/`, S3's HeadBucket). Any HTTP response below 500 within
-//! `timeout_seconds` means alive. A failing probe opens the replica's breaker
-//! (no client request needs to fail first); a passing probe moves an OPEN
-//! breaker to HALF-OPEN at once, so a recovered replica gets trial traffic
+//! `timeout_seconds` means alive. [`FALL`] consecutive failing probes open the
+//! replica's breaker (no client request needs to fail first; one lost probe
+//! is not enough); a passing probe moves an OPEN breaker to HALF-OPEN at once, so a recovered replica gets trial traffic
 //! within one interval. Results are published through the same shared breaker
 //! words the shards read, so every core sees them on its next request.
 
@@ -22,6 +22,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+/// Consecutive failed probes that open a breaker.
+pub const FALL: u32 = 2;
+
 /// Probes every replica whose bucket has health checks enabled, forever.
 pub async fn run(shared: Arc<Shared>) {
     let pool = std::rc::Rc::new(Pool::new(shared.replicas.len()));
@@ -34,13 +37,19 @@ pub async fn run(shared: Arc<Shared>) {
         let pool = pool.clone();
         monoio::spawn(async move {
             let interval = shared.bucket(shared.replicas[rid].bucket).health.interval;
+            let mut failed_in_a_row = 0;
             loop {
                 let started = Instant::now();
                 if shared.shutdown.load(Ordering::Relaxed) {
                     return;
                 }
                 let result = probe(&shared, &pool, rid).await;
-                apply(&shared, rid, result);
+                failed_in_a_row = if result.is_ok() {
+                    0
+                } else {
+                    failed_in_a_row + 1
+                };
+                apply(&shared, rid, result, failed_in_a_row);
                 let elapsed = started.elapsed();
                 monoio::time::sleep(interval.saturating_sub(elapsed)).await;
             }
@@ -76,9 +85,9 @@ pub async fn probe(shared: &Shared, pool: &Pool, rid: usize) -> Result<u16, Stri
     )?;
     req.extend_from_slice(b"\r\n");
     let mut conn = pool
-        .connect(rid, &replica.endpoint, settings.timeout)
+        .connect(rid, &replica.endpoint, r.tls.as_ref(), settings.timeout)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|(reason, detail)| format!("{reason}: {detail}"))?;
     let left = deadline.saturating_duration_since(Instant::now());
     write_all(&mut conn.stream, &mut req, left)
         .await
@@ -100,8 +109,9 @@ pub async fn probe(shared: &Shared, pool: &Pool, rid: usize) -> Result<u16, Stri
     }
 }
 
-/// Publishes a probe result into the replica's shared breaker word.
-pub fn apply(shared: &Shared, rid: usize, result: Result<u16, String>) {
+/// Publishes a probe result into the replica's shared breaker word;
+/// `failed_in_a_row` counts this probe if it failed.
+pub fn apply(shared: &Shared, rid: usize, result: Result<u16, String>, failed_in_a_row: u32) {
     let r = &shared.replicas[rid];
     let bucket = shared.bucket(r.bucket);
     let before = r.probe.swap(
@@ -147,7 +157,7 @@ pub fn apply(shared: &Shared, rid: usize, result: Result<u16, String>) {
                     cause = cause
                 );
             }
-            if published.state != State::Open {
+            if published.state != State::Open && failed_in_a_row >= FALL {
                 let until = now_ms() + bucket.breaker.open_for.as_millis() as u64;
                 r.breaker.publish(State::Open, until);
                 log!(

@@ -6,3 +6,4 @@ pub mod health;
 pub mod pool;
 pub mod select;
 pub mod snapshot;
+pub mod tls;

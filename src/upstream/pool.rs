@@ -6,8 +6,10 @@
 //! connection carries its own read buffer, so reusing a connection reuses the
 //! buffer too: no allocation per request.
 
+use super::tls::{self, UpStream};
 use crate::config::Endpoint;
 use monoio::net::TcpStream;
+use monoio_rustls::TlsConnector;
 use std::cell::RefCell;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -24,7 +26,7 @@ const DNS_TTL: Duration = Duration::from_secs(30);
 
 /// One upstream HTTP/1.1 connection.
 pub struct UpConn {
-    pub stream: TcpStream,
+    pub stream: UpStream,
     /// Bytes read but not yet consumed live in `buf[..len]`.
     pub buf: Vec<u8>,
     /// Came from the pool (may have been closed by the peer meanwhile).
@@ -79,19 +81,59 @@ impl Pool {
         }
     }
 
-    /// Opens a new connection within `timeout`.
+    /// Opens a new connection (TCP, then TLS for `https://`) within `timeout`.
+    /// Errors carry a failure reason (`connect`, `timeout`, `tls`) and detail.
     pub async fn connect(
         &self,
         replica: usize,
         endpoint: &Endpoint,
+        tls: Option<&TlsConnector>,
         timeout: Duration,
-    ) -> io::Result<UpConn> {
-        let addr = self.resolve(replica, endpoint)?;
+    ) -> Result<UpConn, (&'static str, String)> {
+        let deadline = Instant::now() + timeout;
+        let addr = self
+            .resolve(replica, endpoint)
+            .map_err(|e| ("connect", format!("resolve {}: {e}", endpoint.host)))?;
         let stream = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
-            Ok(r) => r?,
-            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(("connect", format!("connect to {}: {e}", endpoint.authority)))
+            }
+            Err(_) => {
+                return Err((
+                    "timeout",
+                    format!("connect to {} timed out", endpoint.authority),
+                ))
+            }
         };
         let _ = stream.set_nodelay(true);
+        let stream = match (endpoint.tls, tls) {
+            (false, _) => UpStream::Plain(stream),
+            (true, None) => {
+                return Err(("tls", format!("no TLS client for {}", endpoint.authority)))
+            }
+            (true, Some(connector)) => {
+                let name = tls::server_name(&endpoint.host).map_err(|e| ("tls", e))?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                match monoio::time::timeout(left, connector.connect(name, stream)).await {
+                    Ok(Ok(s)) => UpStream::Tls(Box::new(s)),
+                    Ok(Err(e)) => {
+                        // TlsError's own text hides the cause; io::Error keeps it.
+                        let e = io::Error::from(e);
+                        return Err((
+                            "tls",
+                            format!("TLS handshake with {}: {e}", endpoint.authority),
+                        ));
+                    }
+                    Err(_) => {
+                        return Err((
+                            "timeout",
+                            format!("TLS handshake with {} timed out", endpoint.authority),
+                        ))
+                    }
+                }
+            }
+        };
         Ok(UpConn {
             stream,
             buf: Vec::with_capacity(CONN_BUF),

@@ -1,0 +1,147 @@
+//! A TLS-terminating front for a plain HTTP backend (s3s-fs), with a test CA.
+//! One thread per connection, requests handled in order (keep-alive).
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+
+/// A certificate authority made for one test.
+pub struct TestCa {
+    params: CertificateParams,
+    key: KeyPair,
+    pub pem: String,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::CrlSign,
+        ];
+        let key = KeyPair::generate().expect("ca key");
+        let cert = params.self_signed(&key).expect("ca cert");
+        TestCa {
+            pem: cert.pem(),
+            params,
+            key,
+        }
+    }
+
+    /// A server certificate for 127.0.0.1 and localhost: (cert DER, key DER).
+    pub fn leaf(&self) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .expect("leaf params");
+        let key = KeyPair::generate().expect("leaf key");
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).expect("leaf cert");
+        (
+            cert.der().clone(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+}
+
+/// Listens with TLS on a free port and forwards to `127.0.0.1:backend`.
+pub struct TlsFront {
+    pub port: u16,
+}
+
+impl TlsFront {
+    pub fn start(ca: &TestCa, backend: u16) -> TlsFront {
+        let (cert, key) = ca.leaf();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .expect("server cert");
+        let config = Arc::new(config);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(tcp) = conn else { continue };
+                let config = config.clone();
+                std::thread::spawn(move || {
+                    let Ok(session) = rustls::ServerConnection::new(config) else {
+                        return;
+                    };
+                    let mut tls = rustls::StreamOwned::new(session, tcp);
+                    let Ok(mut up) = TcpStream::connect(("127.0.0.1", backend)) else {
+                        return;
+                    };
+                    let _ = serve(&mut tls, &mut up);
+                });
+            }
+        });
+        TlsFront { port }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+}
+
+fn read_head<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> std::io::Result<Option<Vec<u8>>> {
+    let mut tmp = [0u8; 16384];
+    loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = buf[..p + 4].to_vec();
+            buf.drain(..p + 4);
+            return Ok(Some(head));
+        }
+        let n = r.read(&mut tmp)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+fn content_length(head: &[u8]) -> usize {
+    let text = String::from_utf8_lossy(head).to_ascii_lowercase();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0)
+}
+
+fn serve<S: Read + Write>(client: &mut S, up: &mut TcpStream) -> std::io::Result<()> {
+    let mut cbuf = Vec::new();
+    let mut ubuf = Vec::new();
+    while let Some(req) = read_head(client, &mut cbuf)? {
+        up.write_all(&req)?;
+        let Some(head) = read_head(up, &mut ubuf)? else {
+            return Ok(());
+        };
+        let is_head = req.starts_with(b"HEAD ");
+        let mut left = if is_head { 0 } else { content_length(&head) };
+        client.write_all(&head)?;
+        let mut tmp = vec![0u8; 65536];
+        let take = left.min(ubuf.len());
+        client.write_all(&ubuf[..take])?;
+        ubuf.drain(..take);
+        left -= take;
+        while left > 0 {
+            let n = up.read(&mut tmp)?;
+            if n == 0 {
+                return Ok(());
+            }
+            let k = n.min(left);
+            client.write_all(&tmp[..k])?;
+            left -= k;
+        }
+        client.flush()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! TLS to upstream replicas: a local TLS endpoint with a CA made by the test.
+
+mod support;
+
+use std::time::Duration;
+use support::tls_front::{TestCa, TlsFront};
+use support::*;
+
+fn tls_bucket(endpoint: &str, extra: &str) -> String {
+    format!(
+        "buckets:\n  - name: \"secure\"\n    path_prefix: \"/s\"\n    s3:\n      bucket: \"data-bucket\"\n      region: \"us-east-1\"\n      endpoint: \"{endpoint}\"\n      access_key: \"{AK}\"\n      secret_key: \"{SK}\"\n{extra}"
+    )
+}
+
+fn backend() -> S3 {
+    let s3 = S3::start();
+    s3.create_bucket("data-bucket");
+    s3.put("data-bucket", "hello.txt", b"over TLS\n");
+    s3
+}
+
+#[test]
+fn signed_get_over_tls_with_a_private_ca() {
+    let s3 = backend();
+    let ca = TestCa::new("yatagarasu test CA");
+    let front = TlsFront::start(&ca, s3.port);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &ca.pem).unwrap();
+    let proxy = Proxy::start(&tls_bucket(
+        &front.endpoint(),
+        &format!("      ca_file: \"{}\"\n", ca_path.display()),
+    ));
+    for _ in 0..3 {
+        let r = proxy.get("/s/hello.txt");
+        assert_eq!(r.status, 200, "{}\n{}", r.text(), proxy.log());
+        assert_eq!(r.text(), "over TLS\n");
+    }
+    let big = pattern(2 * 1024 * 1024 + 3, 5);
+    s3.put("data-bucket", "big.bin", &big);
+    let r = proxy.get("/s/big.bin");
+    assert!(r.body == big, "TLS body differs");
+}
+
+#[test]
+fn wrong_ca_is_refused_and_counts_as_a_replica_failure() {
+    let s3 = backend();
+    let ca = TestCa::new("the real CA");
+    let other = TestCa::new("some other CA");
+    let front = TlsFront::start(&ca, s3.port);
+    let dir = tempfile::tempdir().unwrap();
+    let other_path = dir.path().join("other.pem");
+    std::fs::write(&other_path, &other.pem).unwrap();
+    // Primary over TLS with the wrong CA, backup plain: the client never notices.
+    let cfg = format!(
+        "buckets:\n  - name: \"secure\"\n    path_prefix: \"/s\"\n    s3:\n      bucket: \"data-bucket\"\n      access_key: \"{AK}\"\n      secret_key: \"{SK}\"\n      health_check:\n        enabled: false\n      replicas:\n        - name: \"tls-primary\"\n          endpoint: \"{}\"\n          ca_file: \"{}\"\n          priority: 1\n        - name: \"plain-backup\"\n          endpoint: \"{}\"\n          priority: 2\n",
+        front.endpoint(),
+        other_path.display(),
+        s3.endpoint()
+    );
+    let proxy = Proxy::start(&cfg);
+    let r = proxy.get("/s/hello.txt");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "over TLS\n");
+    assert!(proxy.wait_log(
+        "Replica 'tls-primary' failed, trying 'plain-backup'",
+        Duration::from_secs(2)
+    ));
+    let log = proxy.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("Replica 'tls-primary' failed"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("tls:") && line.contains("TLS handshake"),
+        "{line}"
+    );
+    assert!(
+        line.to_ascii_lowercase().contains("issuer") || line.contains("certificate"),
+        "{line}"
+    );
+    let m = proxy.metrics();
+    assert!(m.contains("yatagarasu_replica_failures_total{bucket=\"secure\",replica=\"tls-primary\",reason=\"tls\"} 1"), "{m}");
+}
+
+#[test]
+fn without_the_ca_the_system_roots_refuse_the_test_certificate() {
+    let s3 = backend();
+    let ca = TestCa::new("unknown to the system");
+    let front = TlsFront::start(&ca, s3.port);
+    let proxy = Proxy::start(&tls_bucket(
+        &front.endpoint(),
+        "      health_check:\n        enabled: false\n",
+    ));
+    let r = proxy.get("/s/hello.txt");
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("secure"));
+}
+
+#[test]
+fn insecure_skip_verify_works_and_warns() {
+    let s3 = backend();
+    let ca = TestCa::new("self-signed");
+    let front = TlsFront::start(&ca, s3.port);
+    let proxy = Proxy::start(&tls_bucket(
+        &front.endpoint(),
+        "      insecure_skip_verify: true\n",
+    ));
+    assert_eq!(proxy.get("/s/hello.txt").text(), "over TLS\n");
+    assert!(
+        proxy
+            .log()
+            .contains("WARN TLS certificate verification is OFF"),
+        "{}",
+        proxy.log()
+    );
+}
+
+#[test]
+fn tls_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |body: String| {
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            format!("server:\n  address: \"127.0.0.1:1\"\n{body}"),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_yatagarasu"))
+            .args(["--check", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = check(tls_bucket(
+        "https://127.0.0.1:9443",
+        "      ca_file: \"/nonexistent/ca.pem\"\n",
+    ));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("buckets[0].s3.ca_file") && err.contains("cannot read"),
+        "{err}"
+    );
+    let (code, err) = check(tls_bucket(
+        "http://127.0.0.1:9000",
+        "      insecure_skip_verify: true\n",
+    ));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("https:// endpoints only"), "{err}");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let (code, err) = check(tls_bucket(
+        "https://127.0.0.1:9443",
+        &format!("      ca_file: \"{}\"\n", garbage.display()),
+    ));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no certificate"), "{err}");
+}
