@@ -9,6 +9,7 @@
 #
 #   bash loadtest/compare.sh               # full run (~10 min)
 #   QUICK=1 bash loadtest/compare.sh       # one short round
+#   SKIP_LOAD=1 bash loadtest/compare.sh   # keep runs.csv; redo idle + offered-load parts
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -165,7 +166,9 @@ port_of() { case $1 in origin) echo $P_ORIGIN;; yatagarasu) echo $P_YATA;; yatag
 conns_for() { case $1 in 64m) echo 4;; 1m) echo 16;; *) echo 32;; esac; }
 
 CSV=$OUT/runs.csv
+if [ -n "${SKIP_LOAD:-}" ]; then SIZES=""; else
 echo "size,target,round,requests,bytes,duration_us,errors,p50_us,p99_us,p999_us,cpu_s,peak_rss_kib" >"$CSV"
+fi
 TARGETS=${TARGETS:-"origin yatagarasu splice nginx haproxy bare yatagarasu2w"}
 echo "== load: ${DURATION}s per run, $ROUNDS round(s), targets: $TARGETS"
 for size in $SIZES; do

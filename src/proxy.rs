@@ -31,7 +31,7 @@ use crate::shared::{now_ms, Shared};
 use crate::upstream::breaker::{Admit, Breaker, State};
 use crate::upstream::pool::{Pool, UpConn};
 use crate::upstream::select::{Plan, Selector};
-use crate::upstream::tls::UpStream;
+use crate::upstream::tls::{ClientStream, MaybeTls};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
@@ -78,7 +78,7 @@ pub struct Shard {
 
 /// One client connection's reusable state.
 struct Client {
-    stream: TcpStream,
+    stream: ClientStream,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
     req: Request,
@@ -306,8 +306,26 @@ impl Shard {
     // ---- connection loop ----
 
     /// Serves one client connection until it closes, errs or idles out.
-    pub async fn serve(&self, stream: TcpStream) {
+    pub async fn serve(&self, stream: TcpStream, tls: Option<&monoio_rustls::TlsAcceptor>) {
         let _ = stream.set_nodelay(true);
+        let stream = match tls {
+            None => MaybeTls::Plain(stream),
+            Some(acceptor) => {
+                let idle = self.shared.config.server.idle_timeout;
+                match monoio::time::timeout(idle, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
+                    Ok(Err(e)) => {
+                        log!(
+                            Level::Debug,
+                            "TLS handshake with client failed",
+                            error = io::Error::from(e)
+                        );
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+        };
         let mut c = Client {
             stream,
             // Allocated when the first bytes are readable (see read_head).
@@ -404,13 +422,18 @@ impl Shard {
                 c.rbuf.reserve(head::MAX_REQUEST_HEAD + 1 - c.rbuf.len());
             }
             if c.rbuf.capacity() == 0 {
-                // New or parked connection: no buffer until there is data.
-                match monoio::time::timeout(idle, c.stream.readable(false)).await {
-                    Ok(Ok(())) => c.rbuf = self.take_read_buf(),
-                    _ => return Ok(None),
+                // New or parked connection: no buffer until there is data
+                // (TLS may hold decrypted bytes already, so it reads at once).
+                if let MaybeTls::Plain(s) = &c.stream {
+                    match monoio::time::timeout(idle, s.readable(false)).await {
+                        Ok(Ok(())) => {}
+                        _ => return Ok(None),
+                    }
                 }
+                c.rbuf = self.take_read_buf();
             }
-            if c.rbuf.is_empty() && idle > PARK_AFTER {
+            let plain = matches!(c.stream, MaybeTls::Plain(_));
+            if plain && c.rbuf.is_empty() && idle > PARK_AFTER {
                 // Between requests: a normal read for a while, then park.
                 match read_more(&mut c.stream, &mut c.rbuf, PARK_AFTER).await {
                     Ok(0) => return Ok(None),
@@ -422,7 +445,10 @@ impl Shard {
                         c.park();
                         self.parked.set(self.parked.get() + 1);
                         let left = idle.saturating_sub(PARK_AFTER);
-                        match monoio::time::timeout(left, c.stream.readable(false)).await {
+                        let MaybeTls::Plain(s) = &c.stream else {
+                            return Ok(None);
+                        };
+                        match monoio::time::timeout(left, s.readable(false)).await {
                             Ok(Ok(())) => c.rbuf = self.take_read_buf(),
                             _ => return Ok(None),
                         }
@@ -934,8 +960,9 @@ impl Shard {
             }),
             Framing::Length(len) => {
                 let remaining = len - out.bytes;
-                if self.shared.config.server.zero_copy.splice(remaining) {
-                    self.splice_body(&mut conn, start, remaining, &mut c.stream, timeouts)
+                let splice = self.shared.config.server.zero_copy.splice(remaining);
+                if let (true, MaybeTls::Plain(client)) = (splice, &mut c.stream) {
+                    self.splice_body(&mut conn, start, remaining, client, timeouts)
                         .await
                 } else {
                     body::length(
@@ -1055,7 +1082,7 @@ impl Shard {
                 .map_err(|(e, n)| (e, n + buffered as u64));
             }
         };
-        let UpStream::Plain(upstream) = &mut conn.stream else {
+        let MaybeTls::Plain(upstream) = &mut conn.stream else {
             // TLS upstream: bytes must be decrypted in user space.
             self.pipes.borrow_mut().push(pipe);
             let end = conn.buf.len();

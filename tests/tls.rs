@@ -3,6 +3,7 @@
 mod support;
 
 use std::time::Duration;
+use support::http;
 use support::tls_front::{TestCa, TlsFront};
 use support::*;
 
@@ -158,4 +159,55 @@ fn tls_settings_are_checked() {
     ));
     assert_eq!(code, Some(1));
     assert!(err.contains("no certificate"), "{err}");
+}
+
+#[test]
+fn the_listener_serves_https_when_server_tls_is_set() {
+    use std::io::{Read, Write};
+    let s3 = backend();
+    let ca = TestCa::new("listener CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.leaf_pem_files(dir.path());
+    let port = free_port();
+    let cfg = format!(
+        "server:\n  address: \"127.0.0.1:{port}\"\n  workers: 1\n  tls:\n    cert_file: \"{cert}\"\n    key_file: \"{key}\"\n{}",
+        single_bucket("/s", "data-bucket", &s3.endpoint())
+    );
+    let proxy = Proxy::start(&cfg);
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(ca.client_config(), name).unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    for _ in 0..2 {
+        tls.write_all(b"GET /s/hello.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).ends_with("over TLS\n") {
+            let n = tls.read(&mut buf).unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 200 OK"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    // Plain HTTP on the TLS port gets nowhere, and the proxy stays up.
+    assert!(http::try_get(proxy.port, "/s/hello.txt", &[]).is_err());
+    let (code, _) = {
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, cfg.replace(&key, "/nonexistent.key")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_yatagarasu"))
+            .args(["--check", "--config", bad.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(1));
 }

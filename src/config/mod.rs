@@ -32,6 +32,14 @@ pub struct Server {
     pub idle_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub zero_copy: ZeroCopy,
+    /// `server.tls`: serve HTTPS with this certificate chain and key (PEM).
+    pub tls: Option<ListenerTls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    pub cert_file: String,
+    pub key_file: String,
 }
 
 /// `server.zero_copy`: how Content-Length bodies move from a plain-TCP
@@ -48,7 +56,7 @@ pub enum ZeroCopy {
 
 impl ZeroCopy {
     /// Smallest body `auto` splices (from loadtest/results: see README).
-    pub const AUTO_MIN_BYTES: u64 = 8 * 1024 * 1024;
+    pub const AUTO_MIN_BYTES: u64 = 1024 * 1024;
 
     pub fn splice(self, body_bytes: u64) -> bool {
         match self {
@@ -262,7 +270,17 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             ZeroCopy::Auto
         }
     };
+    let tls = raw.server.tls.as_ref().map(|t| ListenerTls {
+        cert_file: t.cert_file.clone(),
+        key_file: t.key_file.clone(),
+    });
+    if let Some(t) = &tls {
+        if let Err(e) = crate::upstream::tls::acceptor(&t.cert_file, &t.key_file) {
+            errs.push(format!("server.tls: {e}"));
+        }
+    }
     let server = Server {
+        tls,
         zero_copy,
         address,
         workers: workers.max(1),

@@ -34,6 +34,15 @@ pub struct RawServer {
     pub shutdown_timeout_seconds: Option<u64>,
     #[serde(default)]
     pub zero_copy: Option<String>,
+    #[serde(default)]
+    pub tls: Option<RawListenerTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenerTls {
+    pub cert_file: String,
+    pub key_file: String,
 }
 
 #[derive(Debug, Deserialize)]

@@ -233,6 +233,22 @@ async fn shard_main(id: usize, shared: Arc<Shared>, listener: std::net::TcpListe
         }
     };
     let shard = Rc::new(Shard::new(id, shared.clone()));
+    let tls = match &shared.config.server.tls {
+        None => None,
+        Some(t) => match crate::upstream::tls::acceptor(&t.cert_file, &t.key_file) {
+            Ok(a) => Some(Rc::new(a)),
+            Err(e) => {
+                log!(
+                    Level::Error,
+                    "cannot set up listener TLS",
+                    worker = id,
+                    error = e
+                );
+                log::flush();
+                std::process::exit(1);
+            }
+        },
+    };
     let canceller = monoio::io::Canceller::new();
     let handle = canceller.handle();
     {
@@ -261,8 +277,9 @@ async fn shard_main(id: usize, shared: Arc<Shared>, listener: std::net::TcpListe
                 me.open_connections.fetch_add(1, Ordering::Relaxed);
                 shard.metrics.borrow_mut().connections_total += 1;
                 let shard = shard.clone();
+                let tls = tls.clone();
                 monoio::spawn(async move {
-                    shard.serve(stream).await;
+                    shard.serve(stream, tls.as_deref()).await;
                     shard.shared.shards[shard.id]
                         .open_connections
                         .fetch_sub(1, Ordering::Relaxed);

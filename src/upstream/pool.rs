@@ -6,7 +6,7 @@
 //! connection carries its own read buffer, so reusing a connection reuses the
 //! buffer too: no allocation per request.
 
-use super::tls::{self, UpStream};
+use super::tls::{self, MaybeTls, UpStream};
 use crate::config::Endpoint;
 use monoio::net::TcpStream;
 use monoio_rustls::TlsConnector;
@@ -108,7 +108,7 @@ impl Pool {
         };
         let _ = stream.set_nodelay(true);
         let stream = match (endpoint.tls, tls) {
-            (false, _) => UpStream::Plain(stream),
+            (false, _) => MaybeTls::Plain(stream),
             (true, None) => {
                 return Err(("tls", format!("no TLS client for {}", endpoint.authority)))
             }
@@ -116,7 +116,7 @@ impl Pool {
                 let name = tls::server_name(&endpoint.host).map_err(|e| ("tls", e))?;
                 let left = deadline.saturating_duration_since(Instant::now());
                 match monoio::time::timeout(left, connector.connect(name, stream)).await {
-                    Ok(Ok(s)) => UpStream::Tls(Box::new(s)),
+                    Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
                     Ok(Err(e)) => {
                         // TlsError's own text hides the cause; io::Error keeps it.
                         let e = io::Error::from(e);

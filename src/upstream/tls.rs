@@ -126,54 +126,75 @@ impl ServerCertVerifier for NoVerify {
     }
 }
 
-/// An upstream connection: plain TCP (splice-capable) or TLS.
-pub enum UpStream {
+/// A connection that is plain TCP (splice-capable, pollable) or TLS.
+pub enum MaybeTls<T> {
     Plain(TcpStream),
-    Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>),
+    Tls(Box<T>),
 }
 
-impl AsyncReadRent for UpStream {
-    async fn read<T: monoio::buf::IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+/// An upstream connection.
+pub type UpStream = MaybeTls<monoio_rustls::ClientTlsStream<TcpStream>>;
+/// A client connection.
+pub type ClientStream = MaybeTls<monoio_rustls::ServerTlsStream<TcpStream>>;
+
+impl<T: AsyncReadRent> AsyncReadRent for MaybeTls<T> {
+    async fn read<B: monoio::buf::IoBufMut>(&mut self, buf: B) -> BufResult<usize, B> {
         match self {
-            UpStream::Plain(s) => s.read(buf).await,
-            UpStream::Tls(s) => s.read(buf).await,
+            MaybeTls::Plain(s) => s.read(buf).await,
+            MaybeTls::Tls(s) => s.read(buf).await,
         }
     }
 
-    async fn readv<T: monoio::buf::IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+    async fn readv<B: monoio::buf::IoVecBufMut>(&mut self, buf: B) -> BufResult<usize, B> {
         match self {
-            UpStream::Plain(s) => s.readv(buf).await,
-            UpStream::Tls(s) => s.readv(buf).await,
+            MaybeTls::Plain(s) => s.readv(buf).await,
+            MaybeTls::Tls(s) => s.readv(buf).await,
         }
     }
 }
 
-impl AsyncWriteRent for UpStream {
-    async fn write<T: monoio::buf::IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+impl<T: AsyncWriteRent> AsyncWriteRent for MaybeTls<T> {
+    async fn write<B: monoio::buf::IoBuf>(&mut self, buf: B) -> BufResult<usize, B> {
         match self {
-            UpStream::Plain(s) => s.write(buf).await,
-            UpStream::Tls(s) => s.write(buf).await,
+            MaybeTls::Plain(s) => s.write(buf).await,
+            MaybeTls::Tls(s) => s.write(buf).await,
         }
     }
 
-    async fn writev<T: monoio::buf::IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+    async fn writev<B: monoio::buf::IoVecBuf>(&mut self, buf: B) -> BufResult<usize, B> {
         match self {
-            UpStream::Plain(s) => s.writev(buf).await,
-            UpStream::Tls(s) => s.writev(buf).await,
+            MaybeTls::Plain(s) => s.writev(buf).await,
+            MaybeTls::Tls(s) => s.writev(buf).await,
         }
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
         match self {
-            UpStream::Plain(s) => s.flush().await,
-            UpStream::Tls(s) => s.flush().await,
+            MaybeTls::Plain(s) => s.flush().await,
+            MaybeTls::Tls(s) => s.flush().await,
         }
     }
 
     async fn shutdown(&mut self) -> std::io::Result<()> {
         match self {
-            UpStream::Plain(s) => s.shutdown().await,
-            UpStream::Tls(s) => s.shutdown().await,
+            MaybeTls::Plain(s) => s.shutdown().await,
+            MaybeTls::Tls(s) => s.shutdown().await,
         }
     }
+}
+
+/// Builds the listener's TLS acceptor from PEM files (`server.tls`).
+pub fn acceptor(cert_file: &str, key_file: &str) -> Result<monoio_rustls::TlsAcceptor, String> {
+    let certs = load_pem_certs(cert_file)?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("cannot read a private key from {key_file:?}: {e}"))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            format!("{cert_file:?} and {key_file:?} do not make a usable certificate: {e}")
+        })?;
+    Ok(monoio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

@@ -240,8 +240,14 @@ impl Proxy {
             exit: None,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
+        let https = body.contains("cert_file:");
         loop {
-            if let Ok(r) = http::try_get(port, "/health", &[]) {
+            if https {
+                // An HTTPS listener: being connectable is the readiness signal here.
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    break;
+                }
+            } else if let Ok(r) = http::try_get(port, "/health", &[]) {
                 if r.status == 200 {
                     break;
                 }

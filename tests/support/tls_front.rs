@@ -33,6 +33,40 @@ impl TestCa {
         }
     }
 
+    /// A server certificate as PEM files in `dir`: (cert path, key path).
+    pub fn leaf_pem_files(&self, dir: &std::path::Path) -> (String, String) {
+        let params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .expect("leaf params");
+        let key = KeyPair::generate().expect("leaf key");
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).expect("leaf cert");
+        let cert_path = dir.join("server.pem");
+        let key_path = dir.join("server.key");
+        std::fs::write(&cert_path, cert.pem()).expect("write cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        (
+            cert_path.display().to_string(),
+            key_path.display().to_string(),
+        )
+    }
+
+    /// A rustls client trusting only this CA.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        let der =
+            rustls::pki_types::pem::PemObject::from_pem_slice(self.pem.as_bytes()).expect("ca pem");
+        roots.add(der).expect("add ca");
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        )
+    }
+
     /// A server certificate for 127.0.0.1 and localhost: (cert DER, key DER).
     pub fn leaf(&self) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
         let params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
