@@ -73,7 +73,7 @@ fn main() {
         version = env!("CARGO_PKG_VERSION"),
         config = path
     );
-    std::process::exit(server::run(cfg));
+    std::process::exit(server::run(cfg, &path));
 }
 
 fn fail_usage(msg: &str) -> ! {

@@ -27,7 +27,7 @@ use crate::log;
 use crate::metrics::ShardMetrics;
 use crate::router::{self, RouteError};
 use crate::s3::{self, Signer};
-use crate::shared::{now_ms, Shared};
+use crate::shared::{now_ms, Process, Shared};
 use crate::upstream::breaker::{Admit, Breaker, State};
 use crate::upstream::pool::{Pool, UpConn};
 use crate::upstream::select::{Plan, Selector};
@@ -36,6 +36,7 @@ use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
 use std::io;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -59,11 +60,23 @@ struct LocalBreaker {
 /// Everything one core needs to serve requests. Owned by that core's thread.
 pub struct Shard {
     pub id: usize,
+    /// The configuration generation this state was built for.
     pub shared: Arc<Shared>,
     breakers: RefCell<Vec<LocalBreaker>>,
     selectors: RefCell<Vec<Selector>>,
     signers: Vec<Signer>,
     pub pool: Pool,
+    /// Per-core state that outlives generations.
+    pub core: Rc<Core>,
+}
+
+/// Per-core state that outlives configuration generations: metrics, buffers,
+/// pipes, the drain flag, and the shard built for the current generation.
+pub struct Core {
+    pub id: usize,
+    pub process: Arc<Process>,
+    current: RefCell<Option<Rc<Shard>>>,
+    seen_epoch: Cell<u64>,
     pub metrics: RefCell<ShardMetrics>,
     rid_state: Cell<u64>,
     pub draining: Cell<bool>,
@@ -74,6 +87,43 @@ pub struct Shard {
     /// Free client read buffers: reused across connections, so buffers freed
     /// by idle connections do not leave holes between live allocations.
     read_bufs: RefCell<Vec<Vec<u8>>>,
+}
+
+impl Core {
+    pub fn new(id: usize, process: Arc<Process>) -> Rc<Core> {
+        let seed = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ ((id as u64 + 1) << 56);
+        Rc::new(Core {
+            id,
+            process,
+            current: RefCell::new(None),
+            seen_epoch: Cell::new(u64::MAX),
+            metrics: RefCell::new(ShardMetrics::new(0)),
+            rid_state: Cell::new(seed),
+            draining: Cell::new(false),
+            pipes: RefCell::new(Vec::new()),
+            parked: Cell::new(0),
+            read_bufs: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// The shard for the current configuration generation; adopts a newly
+    /// reloaded generation on first use (one relaxed load per request).
+    pub fn current(self: &Rc<Self>) -> Rc<Shard> {
+        let epoch = self.process.epoch.load(Ordering::Acquire);
+        if epoch != self.seen_epoch.get() {
+            let shard = Rc::new(Shard::new(self.clone(), self.process.current()));
+            *self.current.borrow_mut() = Some(shard);
+            self.seen_epoch.set(epoch);
+        }
+        match &*self.current.borrow() {
+            Some(s) => s.clone(),
+            None => Rc::new(Shard::new(self.clone(), self.process.current())),
+        }
+    }
 }
 
 /// One client connection's reusable state.
@@ -163,7 +213,7 @@ struct Resume<'a> {
 }
 
 impl Shard {
-    pub fn new(id: usize, shared: Arc<Shared>) -> Shard {
+    pub fn new(core: Rc<Core>, shared: Arc<Shared>) -> Shard {
         let breakers = shared
             .replicas
             .iter()
@@ -190,25 +240,20 @@ impl Shard {
             .iter()
             .map(|r| Signer::new(&r.config.access_key, &r.config.secret_key, &r.config.region))
             .collect();
-        let seed = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-            ^ ((id as u64 + 1) << 56);
         Shard {
-            id,
+            id: core.id,
             pool: Pool::new(shared.replicas.len()),
-            metrics: RefCell::new(ShardMetrics::new(shared.replicas.len())),
             breakers: RefCell::new(breakers),
             selectors: RefCell::new(selectors),
             signers,
             shared,
-            rid_state: Cell::new(seed),
-            draining: Cell::new(false),
-            pipes: RefCell::new(Vec::new()),
-            parked: Cell::new(0),
-            read_bufs: RefCell::new(Vec::new()),
+            core,
         }
+    }
+
+    /// Stable metric id of a replica of this generation.
+    fn mid(&self, rid: usize) -> usize {
+        self.shared.replicas[rid].metric_id
     }
 
     fn replica(&self, rid: usize) -> &Replica {
@@ -294,8 +339,12 @@ impl Shard {
 
     fn next_request_id(&self, out: &mut String) {
         // splitmix64: unique per shard and start time, cheap, no allocation.
-        let mut z = self.rid_state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
-        self.rid_state.set(z);
+        let mut z = self
+            .core
+            .rid_state
+            .get()
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.core.rid_state.set(z);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
@@ -360,7 +409,8 @@ impl Shard {
                     let _ =
                         Box::pin(self.simple(c, status, "text/plain", msg.as_bytes(), false, &[]))
                             .await;
-                    self.metrics
+                    self.core
+                        .metrics
                         .borrow_mut()
                         .request(None, Method::Other, status, 1, 0);
                     log!(
@@ -373,24 +423,28 @@ impl Shard {
                     return;
                 }
             };
-            let shard = &self.shared.shards[self.id];
+            let shard = &self.shared.process.shards[self.id];
             shard.in_flight.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
             // Boxed so an idle connection's task stays small: the request
             // state machine exists only while a request is being served.
-            let outcome = Box::pin(self.handle(c)).await;
+            // The newest configuration generation serves this request; it
+            // keeps its generation alive until it finishes, whatever reloads.
+            let current = self.core.current();
+            let outcome = Box::pin(current.handle(c)).await;
             shard.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.finish(c, &outcome, started);
+            current.finish(c, &outcome, started);
             // Keep any pipelined bytes that followed this head.
             c.rbuf.drain(..head_len.min(c.rbuf.len()));
-            if !outcome.keep_alive || self.draining.get() {
+            if !outcome.keep_alive || self.core.draining.get() {
                 return;
             }
         }
     }
 
     fn take_read_buf(&self) -> Vec<u8> {
-        self.read_bufs
+        self.core
+            .read_bufs
             .borrow_mut()
             .pop()
             .unwrap_or_else(|| Vec::with_capacity(CLIENT_BUF))
@@ -398,7 +452,7 @@ impl Shard {
 
     /// Keeps an empty standard-size read buffer for the next connection.
     fn give_read_buf(&self, mut buf: Vec<u8>) {
-        let mut pool = self.read_bufs.borrow_mut();
+        let mut pool = self.core.read_bufs.borrow_mut();
         if buf.capacity() == CLIENT_BUF && pool.len() < READ_BUF_POOL {
             buf.clear();
             pool.push(buf);
@@ -443,7 +497,7 @@ impl Shard {
                         // for readability only, then read with fresh ones.
                         self.give_read_buf(std::mem::take(&mut c.rbuf));
                         c.park();
-                        self.parked.set(self.parked.get() + 1);
+                        self.core.parked.set(self.core.parked.get() + 1);
                         let left = idle.saturating_sub(PARK_AFTER);
                         let MaybeTls::Plain(s) = &c.stream else {
                             return Ok(None);
@@ -474,9 +528,14 @@ impl Shard {
     fn finish(&self, c: &Client, o: &Outcome, started: Instant) {
         let micros = started.elapsed().as_micros() as u64;
         let bucket = o.replica.map(|r| self.shared.replicas[r].bucket);
-        self.metrics
-            .borrow_mut()
-            .request(bucket, c.req.method(), o.status, micros, o.bytes);
+        let bucket_metric = bucket.map(|b| self.shared.bucket_metric[b]);
+        self.core.metrics.borrow_mut().request(
+            bucket_metric,
+            c.req.method(),
+            o.status,
+            micros,
+            o.bytes,
+        );
         log!(
             Level::Info,
             "request",
@@ -502,7 +561,7 @@ impl Shard {
         keep_alive: bool,
         extra: &[(&str, &str)],
     ) -> bool {
-        let keep = keep_alive && c.req.keep_alive && !self.draining.get();
+        let keep = keep_alive && c.req.keep_alive && !self.core.draining.get();
         head::status_line(&mut c.wbuf, status);
         head::header(&mut c.wbuf, "Content-Type", content_type);
         let mut len = itoa(body.len() as u64);
@@ -640,25 +699,33 @@ impl Shard {
                 continue;
             }
             if let Some((prev, _)) = &last {
-                self.metrics.borrow_mut().failover(*prev, rid);
+                self.core
+                    .metrics
+                    .borrow_mut()
+                    .failover(self.mid(*prev), self.mid(rid));
             }
             attempted = true;
             let t0 = Instant::now();
             match self.attempt(c, rid, encoded_key, None).await {
                 Ok(answer) => {
-                    self.metrics
+                    self.core
+                        .metrics
                         .borrow_mut()
-                        .upstream(rid, t0.elapsed().as_micros() as u64);
+                        .upstream(self.mid(rid), t0.elapsed().as_micros() as u64);
                     self.record(rid, admit, true);
                     return self
                         .relay(c, rid, answer, &order[pos + 1..], bucket, encoded_key)
                         .await;
                 }
                 Err(f) => {
-                    self.metrics
+                    self.core
+                        .metrics
                         .borrow_mut()
-                        .upstream(rid, t0.elapsed().as_micros() as u64);
-                    self.metrics.borrow_mut().replica_failure(rid, f.reason);
+                        .upstream(self.mid(rid), t0.elapsed().as_micros() as u64);
+                    self.core
+                        .metrics
+                        .borrow_mut()
+                        .replica_failure(self.mid(rid), f.reason);
                     self.record(rid, admit, false);
                     let next = order[pos + 1..]
                         .iter()
@@ -913,7 +980,7 @@ impl Shard {
         let Answer { mut conn, head_len } = answer;
         let framing = c.resp.framing();
         let status = c.resp.status;
-        let mut keep = c.req.keep_alive && !self.draining.get();
+        let mut keep = c.req.keep_alive && !self.core.draining.get();
         let rechunk = !c.req.http10;
         if matches!(framing, Framing::Chunked | Framing::Close) && !rechunk {
             keep = false;
@@ -1012,7 +1079,10 @@ impl Shard {
             }
             Err((PumpError::Upstream(reason), sent)) => {
                 out.bytes += sent;
-                self.metrics.borrow_mut().replica_failure(rid, reason);
+                self.core
+                    .metrics
+                    .borrow_mut()
+                    .replica_failure(self.mid(rid), reason);
                 self.record(rid, Admit::Normal, false);
                 drop(conn);
                 match framing {
@@ -1060,7 +1130,7 @@ impl Shard {
         {
             return Err((PumpError::Client, 0));
         }
-        let pipe = self.pipes.borrow_mut().pop();
+        let pipe = self.core.pipes.borrow_mut().pop();
         let mut pipe = match pipe.map_or_else(monoio::net::unix::new_pipe, Ok) {
             Ok(p) => p,
             // No pipe (fd limit): copy instead.
@@ -1084,7 +1154,7 @@ impl Shard {
         };
         let MaybeTls::Plain(upstream) = &mut conn.stream else {
             // TLS upstream: bytes must be decrypted in user space.
-            self.pipes.borrow_mut().push(pipe);
+            self.core.pipes.borrow_mut().push(pipe);
             let end = conn.buf.len();
             return body::length(
                 &mut conn.stream,
@@ -1104,7 +1174,7 @@ impl Shard {
         match body::splice_length(upstream, &mut pipe, remaining - buffered as u64, client, t).await
         {
             Ok(p) => {
-                self.pipes.borrow_mut().push(pipe);
+                self.core.pipes.borrow_mut().push(pipe);
                 conn.buf.clear();
                 Ok(Pumped {
                     sent: p.sent + buffered as u64,
@@ -1159,7 +1229,10 @@ impl Shard {
                 request_id = c.req.request_id,
                 offset = base + sent,
             );
-            self.metrics.borrow_mut().failover(from, rid);
+            self.core
+                .metrics
+                .borrow_mut()
+                .failover(self.mid(from), self.mid(rid));
             let r = Resume {
                 first: base + sent,
                 last: base + len - 1,
@@ -1170,7 +1243,10 @@ impl Shard {
             let Answer { mut conn, head_len } = match attempt {
                 Ok(a) => a,
                 Err(f) => {
-                    self.metrics.borrow_mut().replica_failure(rid, f.reason);
+                    self.core
+                        .metrics
+                        .borrow_mut()
+                        .replica_failure(self.mid(rid), f.reason);
                     self.record(rid, admit, false);
                     from = rid;
                     continue;
@@ -1195,7 +1271,7 @@ impl Shard {
                 continue;
             }
             self.record(rid, admit, true);
-            self.metrics.borrow_mut().resume(rid);
+            self.core.metrics.borrow_mut().resume(self.mid(rid));
             let remaining = r.last - r.first + 1;
             match body::length(
                 &mut conn.stream,
@@ -1217,7 +1293,10 @@ impl Shard {
                 Err((PumpError::Client, n)) => return (sent + n, false, Some(rid)),
                 Err((PumpError::Upstream(reason), n)) => {
                     sent += n;
-                    self.metrics.borrow_mut().replica_failure(rid, reason);
+                    self.core
+                        .metrics
+                        .borrow_mut()
+                        .replica_failure(self.mid(rid), reason);
                     self.record(rid, Admit::Normal, false);
                     from = rid;
                 }

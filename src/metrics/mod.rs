@@ -29,7 +29,8 @@ pub struct ReplicaMetrics {
     pub duration: Histogram<u64>,
 }
 
-/// Everything one shard records. Cloned into the publication slot on demand.
+/// Everything one shard records, keyed by the stable metric ids of
+/// `shared::Registry` (so counters survive configuration reloads). Cloned into the publication slot on demand.
 #[derive(Clone)]
 pub struct ShardMetrics {
     /// `(bucket index or usize::MAX, method, status) -> count`.
@@ -52,14 +53,7 @@ impl ShardMetrics {
             upstream_duration: new_histogram(),
             bytes_sent: 0,
             connections_total: 0,
-            replicas: (0..replicas)
-                .map(|_| ReplicaMetrics {
-                    requests: 0,
-                    failures: HashMap::new(),
-                    resumes: 0,
-                    duration: new_histogram(),
-                })
-                .collect(),
+            replicas: Vec::with_capacity(replicas),
             failovers: HashMap::new(),
         }
     }
@@ -80,18 +74,28 @@ impl ShardMetrics {
         self.bytes_sent += bytes;
     }
 
+    /// The counters of replica metric id `id` (grown on first use).
+    fn replica(&mut self, id: usize) -> &mut ReplicaMetrics {
+        while self.replicas.len() <= id {
+            self.replicas.push(ReplicaMetrics {
+                requests: 0,
+                failures: HashMap::new(),
+                resumes: 0,
+                duration: new_histogram(),
+            });
+        }
+        &mut self.replicas[id]
+    }
+
     pub fn upstream(&mut self, replica: usize, micros: u64) {
         let _ = self.upstream_duration.record(micros.max(1));
-        if let Some(r) = self.replicas.get_mut(replica) {
-            r.requests += 1;
-            let _ = r.duration.record(micros.max(1));
-        }
+        let r = self.replica(replica);
+        r.requests += 1;
+        let _ = r.duration.record(micros.max(1));
     }
 
     pub fn replica_failure(&mut self, replica: usize, reason: &'static str) {
-        if let Some(r) = self.replicas.get_mut(replica) {
-            *r.failures.entry(reason).or_insert(0) += 1;
-        }
+        *self.replica(replica).failures.entry(reason).or_insert(0) += 1;
     }
 
     pub fn failover(&mut self, from: usize, to: usize) {
@@ -99,9 +103,7 @@ impl ShardMetrics {
     }
 
     pub fn resume(&mut self, replica: usize) {
-        if let Some(r) = self.replicas.get_mut(replica) {
-            r.resumes += 1;
-        }
+        self.replica(replica).resumes += 1;
     }
 
     /// Adds `other` into `self` (scrape-time merge).
@@ -113,7 +115,8 @@ impl ShardMetrics {
         let _ = self.upstream_duration.add(&other.upstream_duration);
         self.bytes_sent += other.bytes_sent;
         self.connections_total += other.connections_total;
-        for (mine, theirs) in self.replicas.iter_mut().zip(&other.replicas) {
+        for (id, theirs) in other.replicas.iter().enumerate() {
+            let mine = self.replica(id);
             mine.requests += theirs.requests;
             mine.resumes += theirs.resumes;
             for (k, v) in &theirs.failures {

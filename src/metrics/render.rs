@@ -92,7 +92,18 @@ fn histogram(pairs: &[(&str, &str)], h: &Histogram<u64>) -> Metric {
 /// Renders every metric as Prometheus text.
 pub fn render(shared: &Shared, merged: &ShardMetrics) -> String {
     let mut families = Vec::new();
-    let bucket_name = |i: usize| shared.config.buckets.get(i).map_or("", |b| b.name.as_str());
+    // Counters are keyed by stable metric ids; names come from the registry.
+    let registry = match shared.process.registry.lock() {
+        Ok(r) => r,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let bucket_name = |i: usize| registry.buckets.get(i).map_or("", |b| b.as_str());
+    let replica_name = |i: usize| {
+        registry
+            .replicas
+            .get(i)
+            .map(|(b, r)| (b.as_str(), r.as_str()))
+    };
 
     let mut reqs: Vec<_> = merged.requests.iter().collect();
     reqs.sort_by_key(|(k, _)| **k);
@@ -141,6 +152,7 @@ pub fn render(shared: &Shared, merged: &ShardMetrics) -> String {
         vec![counter(&[], merged.connections_total as f64)],
     ));
     let open: i64 = shared
+        .process
         .shards
         .iter()
         .map(|s| s.open_connections.load(Ordering::Relaxed))
@@ -158,26 +170,31 @@ pub fn render(shared: &Shared, merged: &ShardMetrics) -> String {
     let mut failures = Vec::new();
     let mut resumes = Vec::new();
     let mut durations = Vec::new();
-    for (id, r) in shared.replicas.iter().enumerate() {
-        let b = bucket_name(r.bucket);
-        let name = r.config.name.as_str();
-        let l = [("bucket", b), ("replica", name)];
+    // Live state: the replicas of the current configuration.
+    for r in &shared.replicas {
+        let b = shared.bucket(r.bucket).name.as_str();
+        let l = [("bucket", b), ("replica", r.config.name.as_str())];
         let s = r.breaker.load().state;
         let healthy = s != State::Open && r.probe.load(Ordering::Relaxed) != PROBE_FAILED;
         health.push(gauge(&l, healthy as u8 as f64));
         state.push(gauge(&l, s.code() as f64));
-        if let Some(m) = merged.replicas.get(id) {
-            requests.push(counter(&l, m.requests as f64));
-            resumes.push(counter(&l, m.resumes as f64));
-            durations.push(histogram(&l, &m.duration));
-            let mut reasons: Vec<_> = m.failures.iter().collect();
-            reasons.sort();
-            for (reason, v) in reasons {
-                failures.push(counter(
-                    &[("bucket", b), ("replica", name), ("reason", reason)],
-                    *v as f64,
-                ));
-            }
+    }
+    // Counters: every replica ever configured (they survive reloads).
+    for (id, m) in merged.replicas.iter().enumerate() {
+        let Some((b, name)) = replica_name(id) else {
+            continue;
+        };
+        let l = [("bucket", b), ("replica", name)];
+        requests.push(counter(&l, m.requests as f64));
+        resumes.push(counter(&l, m.resumes as f64));
+        durations.push(histogram(&l, &m.duration));
+        let mut reasons: Vec<_> = m.failures.iter().collect();
+        reasons.sort();
+        for (reason, v) in reasons {
+            failures.push(counter(
+                &[("bucket", b), ("replica", name), ("reason", reason)],
+                *v as f64,
+            ));
         }
     }
     let mut failovers: Vec<_> = merged.failovers.iter().collect();
@@ -185,16 +202,9 @@ pub fn render(shared: &Shared, merged: &ShardMetrics) -> String {
     let failovers = failovers
         .into_iter()
         .filter_map(|((from, to), v)| {
-            let f = shared.replicas.get(*from)?;
-            let t = shared.replicas.get(*to)?;
-            Some(counter(
-                &[
-                    ("bucket", bucket_name(f.bucket)),
-                    ("from", &f.config.name),
-                    ("to", &t.config.name),
-                ],
-                *v as f64,
-            ))
+            let (b, f) = replica_name(*from)?;
+            let (_, t) = replica_name(*to)?;
+            Some(counter(&[("bucket", b), ("from", f), ("to", t)], *v as f64))
         })
         .collect();
     families.push(family(
@@ -238,6 +248,17 @@ pub fn render(shared: &Shared, merged: &ShardMetrics) -> String {
         "Time to response head, per replica.",
         MetricType::HISTOGRAM,
         durations,
+    ));
+    let reloads = ["success", "failure"]
+        .iter()
+        .zip([&shared.process.reloads_ok, &shared.process.reloads_failed])
+        .map(|(result, n)| counter(&[("result", result)], n.load(Ordering::Relaxed) as f64))
+        .collect();
+    families.push(family(
+        "yatagarasu_config_reloads_total",
+        "Configuration reloads (SIGHUP), by result.",
+        MetricType::COUNTER,
+        reloads,
     ));
     families.retain(|f| !f.get_metric().is_empty());
 

@@ -5,14 +5,14 @@
 use crate::config::Level;
 use crate::log;
 use crate::metrics::{render::render, ShardMetrics};
-use crate::shared::Shared;
+use crate::shared::Process;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub fn serve(listener: TcpListener, shared: Arc<Process>) {
     for stream in listener.incoming() {
         match stream {
             Ok(s) => {
@@ -28,7 +28,7 @@ pub fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn handle(mut s: TcpStream, shared: &Shared) -> std::io::Result<()> {
+fn handle(mut s: TcpStream, shared: &Process) -> std::io::Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = [0u8; 4096];
@@ -68,7 +68,7 @@ fn handle(mut s: TcpStream, shared: &Shared) -> std::io::Result<()> {
 }
 
 /// Collects a fresh snapshot from every shard (waiting up to 500 ms) and renders it.
-pub fn gather(shared: &Shared) -> String {
+pub fn gather(shared: &Process) -> String {
     let generation = shared.scrape_generation.fetch_add(1, Ordering::AcqRel) + 1;
     let deadline = Instant::now() + Duration::from_millis(500);
     while Instant::now() < deadline
@@ -79,7 +79,7 @@ pub fn gather(shared: &Shared) -> String {
     {
         std::thread::sleep(Duration::from_millis(2));
     }
-    let mut merged = ShardMetrics::new(shared.replicas.len());
+    let mut merged = ShardMetrics::new(0);
     for s in &shared.shards {
         if let Ok(slot) = s.metrics.lock() {
             if let Some(m) = slot.as_ref() {
@@ -87,5 +87,5 @@ pub fn gather(shared: &Shared) -> String {
             }
         }
     }
-    render(shared, &merged)
+    render(&shared.current(), &merged)
 }

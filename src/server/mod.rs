@@ -11,8 +11,8 @@ pub mod metrics_http;
 
 use crate::config::{Config, Level};
 use crate::log;
-use crate::proxy::Shard;
-use crate::shared::Shared;
+use crate::proxy::Core;
+use crate::shared::{Process, Shared};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -37,7 +37,7 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 }
 
 /// Runs the proxy until a shutdown signal; returns the exit code.
-pub fn run(config: Config) -> i32 {
+pub fn run(config: Config, config_path: &str) -> i32 {
     let workers = config.server.workers;
     let mut addr = config.server.address;
     // Bind everything up front so a taken port is reported before any thread starts.
@@ -75,24 +75,14 @@ pub fn run(config: Config) -> i32 {
         None
     };
     let shutdown_timeout = config.server.shutdown_timeout;
-    let shared = match Shared::new(config) {
-        Ok(s) => Arc::new(s),
+    let process = match Process::start(config, config_path) {
+        Ok(p) => p,
         Err(e) => {
             log!(Level::Error, "cannot start", error = e);
             return 1;
         }
     };
-    for r in &shared.replicas {
-        if r.config.insecure_skip_verify {
-            log!(
-                Level::Warn,
-                "TLS certificate verification is OFF for this replica (insecure_skip_verify)",
-                bucket = shared.bucket(r.bucket).name,
-                replica = r.config.name,
-                endpoint = r.config.endpoint.authority,
-            );
-        }
-    }
+    warn_insecure(&process.current());
     let signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -109,7 +99,7 @@ pub fn run(config: Config) -> i32 {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut threads = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
-        let shared = shared.clone();
+        let process = process.clone();
         let core = if cores.is_empty() {
             None
         } else {
@@ -130,7 +120,7 @@ pub fn run(config: Config) -> i32 {
                         pinned = pinned,
                     );
                     log::flush();
-                    shard_main(i, shared, listener)
+                    shard_main(i, process, listener)
                 });
                 if let Err(e) = result {
                     log!(Level::Error, "worker runtime failed", worker = i, error = e);
@@ -147,40 +137,41 @@ pub fn run(config: Config) -> i32 {
         }
     }
     {
-        let shared = shared.clone();
+        let process = process.clone();
         let _ = std::thread::Builder::new()
             .name("yatagarasu-health".into())
             .spawn(move || {
-                if let Err(e) = driver::block_on(choice, |_| crate::upstream::health::run(shared)) {
+                if let Err(e) = driver::block_on(choice, |_| crate::upstream::health::run(process))
+                {
                     log!(Level::Error, "health checker failed to start", error = e);
                 }
             });
     }
     if let Some(l) = metrics_listener {
-        let shared = shared.clone();
+        let process = process.clone();
         let _ = std::thread::Builder::new()
             .name("yatagarasu-metrics".into())
-            .spawn(move || metrics_http::serve(l, shared));
+            .spawn(move || metrics_http::serve(l, process));
     }
+    let first = process.current();
     log!(
         Level::Info,
         "Yatagarasu listening",
         address = addr,
         workers = workers,
-        metrics = if shared.config.metrics.enabled {
-            shared.config.metrics.address.to_string()
+        metrics = if first.config.metrics.enabled {
+            first.config.metrics.address.to_string()
         } else {
             "off".into()
         },
-        buckets = shared.config.buckets.len(),
+        buckets = first.config.buckets.len(),
     );
+    drop(first);
 
     let mut signals = signals;
     for sig in signals.forever() {
         match sig {
-            signal_hook::consts::SIGHUP => {
-                log!(Level::Warn, "SIGHUP received: configuration reload is not supported yet; keeping the running config");
-            }
+            signal_hook::consts::SIGHUP => reload(&process),
             _ => {
                 log!(
                     Level::Info,
@@ -191,14 +182,14 @@ pub fn run(config: Config) -> i32 {
             }
         }
     }
-    shared.shutdown.store(true, Ordering::SeqCst);
+    process.shutdown.store(true, Ordering::SeqCst);
     let deadline = Instant::now() + shutdown_timeout;
     loop {
-        let stopped = shared
+        let stopped = process
             .shards
             .iter()
             .all(|s| s.stopped_accepting.load(Ordering::SeqCst));
-        let in_flight = shared.in_flight();
+        let in_flight = process.in_flight();
         if stopped && in_flight == 0 {
             break;
         }
@@ -218,7 +209,49 @@ pub fn run(config: Config) -> i32 {
     0
 }
 
-async fn shard_main(id: usize, shared: Arc<Shared>, listener: std::net::TcpListener) {
+/// SIGHUP: re-read the config file; keep the running one if it is invalid.
+fn reload(process: &Arc<Process>) {
+    log!(
+        Level::Info,
+        "SIGHUP received: reloading configuration",
+        config = process.config_path
+    );
+    match process.reload() {
+        Ok(gen) => {
+            crate::log::init(gen.config.logging.level, gen.config.logging.format);
+            warn_insecure(&gen);
+            log!(
+                Level::Info,
+                "Configuration reloaded",
+                buckets = gen.config.buckets.len(),
+                replicas = gen.replicas.len(),
+            );
+        }
+        Err(errors) => {
+            log!(
+                Level::Error,
+                "Configuration reload rejected; keeping the running configuration",
+                problems = errors.join("; "),
+            );
+        }
+    }
+}
+
+fn warn_insecure(gen: &Shared) {
+    for r in &gen.replicas {
+        if r.config.insecure_skip_verify {
+            log!(
+                Level::Warn,
+                "TLS certificate verification is OFF for this replica (insecure_skip_verify)",
+                bucket = gen.bucket(r.bucket).name,
+                replica = r.config.name,
+                endpoint = r.config.endpoint.authority,
+            );
+        }
+    }
+}
+
+async fn shard_main(id: usize, process: Arc<Process>, listener: std::net::TcpListener) {
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -232,7 +265,8 @@ async fn shard_main(id: usize, shared: Arc<Shared>, listener: std::net::TcpListe
             std::process::exit(1);
         }
     };
-    let shard = Rc::new(Shard::new(id, shared.clone()));
+    let core = Core::new(id, process.clone());
+    let shared = process.current();
     let tls = match &shared.config.server.tls {
         None => None,
         Some(t) => match crate::upstream::tls::acceptor(&t.cert_file, &t.key_file) {
@@ -252,14 +286,14 @@ async fn shard_main(id: usize, shared: Arc<Shared>, listener: std::net::TcpListe
     let canceller = monoio::io::Canceller::new();
     let handle = canceller.handle();
     {
-        let shard = shard.clone();
+        let core = core.clone();
         monoio::spawn(async move {
             let mut canceller = Some(canceller);
             loop {
                 monoio::time::sleep(TICK).await;
-                tick(&shard);
-                if shard.shared.shutdown.load(Ordering::Relaxed) && !shard.draining.get() {
-                    shard.draining.set(true);
+                tick(&core);
+                if core.process.shutdown.load(Ordering::Relaxed) && !core.draining.get() {
+                    core.draining.set(true);
                     if let Some(c) = canceller.take() {
                         c.cancel();
                     }
@@ -267,26 +301,27 @@ async fn shard_main(id: usize, shared: Arc<Shared>, listener: std::net::TcpListe
             }
         });
     }
-    let me = &shared.shards[id];
+    drop(shared);
+    let me = &process.shards[id];
     loop {
         match listener.cancelable_accept(handle.clone()).await {
             Ok((stream, _peer)) => {
-                if shard.draining.get() {
+                if core.draining.get() {
                     break;
                 }
                 me.open_connections.fetch_add(1, Ordering::Relaxed);
-                shard.metrics.borrow_mut().connections_total += 1;
-                let shard = shard.clone();
+                core.metrics.borrow_mut().connections_total += 1;
+                let shard = core.current();
                 let tls = tls.clone();
                 monoio::spawn(async move {
                     shard.serve(stream, tls.as_deref()).await;
-                    shard.shared.shards[shard.id]
+                    shard.shared.process.shards[shard.id]
                         .open_connections
                         .fetch_sub(1, Ordering::Relaxed);
                 });
             }
             Err(e) => {
-                if shard.draining.get() {
+                if core.draining.get() {
                     break;
                 }
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -305,7 +340,7 @@ async fn shard_main(id: usize, shared: Arc<Shared>, listener: std::net::TcpListe
 }
 
 /// Periodic per-shard housekeeping, off the request path.
-fn tick(shard: &Shard) {
+fn tick(shard: &Core) {
     log::flush();
     // Parked connections freed their buffers; hand the memory back to the
     // OS once a burst of them has gone idle, so RSS follows live use.
@@ -316,8 +351,8 @@ fn tick(shard: &Shard) {
             libc::malloc_trim(0);
         }
     }
-    let me = &shard.shared.shards[shard.id];
-    let wanted = shard.shared.scrape_generation.load(Ordering::Acquire);
+    let me = &shard.process.shards[shard.id];
+    let wanted = shard.process.scrape_generation.load(Ordering::Acquire);
     if wanted > me.published.load(Ordering::Relaxed) {
         let snapshot = shard.metrics.borrow().clone();
         if let Ok(mut slot) = me.metrics.lock() {

@@ -15,7 +15,7 @@ use crate::http::head::{self, Response};
 use crate::http::io::{read_more, write_all};
 use crate::log;
 use crate::s3::Signer;
-use crate::shared::{now_ms, Shared, PROBE_FAILED, PROBE_OK};
+use crate::shared::{now_ms, Process, Shared, PROBE_FAILED, PROBE_OK};
 use crate::upstream::breaker::State;
 use crate::upstream::pool::Pool;
 use std::sync::atomic::Ordering;
@@ -25,38 +25,43 @@ use std::time::{Duration, Instant, SystemTime};
 /// Consecutive failed probes that open a breaker.
 pub const FALL: u32 = 2;
 
-/// Probes every replica whose bucket has health checks enabled, forever.
-pub async fn run(shared: Arc<Shared>) {
-    let pool = std::rc::Rc::new(Pool::new(shared.replicas.len()));
-    for rid in 0..shared.replicas.len() {
-        let bucket = shared.bucket(shared.replicas[rid].bucket);
-        if !bucket.health.enabled {
-            continue;
-        }
-        let shared = shared.clone();
-        let pool = pool.clone();
-        monoio::spawn(async move {
-            let interval = shared.bucket(shared.replicas[rid].bucket).health.interval;
-            let mut failed_in_a_row = 0;
-            loop {
-                let started = Instant::now();
-                if shared.shutdown.load(Ordering::Relaxed) {
-                    return;
-                }
-                let result = probe(&shared, &pool, rid).await;
-                failed_in_a_row = if result.is_ok() {
-                    0
-                } else {
-                    failed_in_a_row + 1
-                };
-                apply(&shared, rid, result, failed_in_a_row);
-                let elapsed = started.elapsed();
-                monoio::time::sleep(interval.saturating_sub(elapsed)).await;
-            }
-        });
-    }
+/// Probes every replica whose bucket has health checks enabled, forever;
+/// after a configuration reload, the new generation's replicas instead.
+pub async fn run(process: Arc<Process>) {
     loop {
-        monoio::time::sleep(Duration::from_secs(3600)).await;
+        let epoch = process.epoch.load(Ordering::Acquire);
+        let shared = process.current();
+        let pool = std::rc::Rc::new(Pool::new(shared.replicas.len()));
+        for rid in 0..shared.replicas.len() {
+            if !shared.bucket(shared.replicas[rid].bucket).health.enabled {
+                continue;
+            }
+            let (shared, pool, process) = (shared.clone(), pool.clone(), process.clone());
+            monoio::spawn(async move {
+                let interval = shared.bucket(shared.replicas[rid].bucket).health.interval;
+                let mut failed_in_a_row = 0;
+                loop {
+                    let started = Instant::now();
+                    if process.shutdown.load(Ordering::Relaxed)
+                        || process.epoch.load(Ordering::Acquire) != epoch
+                    {
+                        return;
+                    }
+                    let result = probe(&shared, &pool, rid).await;
+                    failed_in_a_row = if result.is_ok() {
+                        0
+                    } else {
+                        failed_in_a_row + 1
+                    };
+                    apply(&shared, rid, result, failed_in_a_row);
+                    monoio::time::sleep(interval.saturating_sub(started.elapsed())).await;
+                }
+            });
+        }
+        drop(shared);
+        while process.epoch.load(Ordering::Acquire) == epoch {
+            monoio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 }
 
