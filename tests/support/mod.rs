@@ -182,6 +182,8 @@ impl Drop for Moto {
 
 /// The yatagarasu binary under test.
 pub struct Proxy {
+    /// The `server:`/`metrics:` sections the harness added (kept on reload).
+    prefix: String,
     pub port: u16,
     pub metrics_port: u16,
     pub dir: tempfile::TempDir,
@@ -218,6 +220,7 @@ impl Proxy {
                 "metrics:\n  enabled: true\n  port: {metrics_port}\n"
             ));
         }
+        let prefix = config.clone();
         config.push_str(body);
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("config.yaml");
@@ -233,6 +236,7 @@ impl Proxy {
         }
         let child = cmd.spawn().expect("start yatagarasu");
         let mut p = Proxy {
+            prefix,
             port,
             metrics_port,
             dir,
@@ -297,6 +301,16 @@ impl Proxy {
 
     pub fn metrics(&self) -> String {
         http::get(self.metrics_port, "/metrics", &[]).text()
+    }
+
+    /// Rewrites the config file with `body` (same server/metrics sections)
+    /// and sends SIGHUP.
+    pub fn reload(&self, body: &str) {
+        let path = self.dir.path().join("config.yaml");
+        std::fs::write(&path, format!("{}{body}", self.prefix)).expect("write config");
+        unsafe {
+            libc::kill(self.pid() as i32, libc::SIGHUP);
+        }
     }
 
     /// Sends SIGTERM.
