@@ -5,11 +5,13 @@
 # falls back to epoll by itself (and logs `driver=epoll`). To use io_uring,
 # run with the profile shipped here, which allows the three io_uring syscalls:
 #   docker run --security-opt seccomp=deploy/seccomp-io-uring.json ...
+# (an allow-list of the syscalls yatagarasu uses, io_uring included).
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
+COPY loadtest ./loadtest
 RUN cargo build --release --locked --bin yatagarasu
 
 FROM debian:bookworm-slim

@@ -89,6 +89,70 @@ if os.path.exists(offered):
         lines.append(f"| {r['target']} | {r['pct']} | {r['rate']} | {r['p50_ms']} | {r['p99_ms']} | {r['p999_ms']} |")
     lines.append("")
 
+# Targets from the performance issue, evaluated on this run.
+def get(size, t, k):
+    return agg.get(size, {}).get(t, {}).get(k)
+
+
+checks = []
+
+
+def check(name, value, goal, ok, note):
+    if value is None:
+        return
+    checks.append(f"| {name} | {value} | {goal} | {'met' if ok else 'missed'} | {note} |")
+
+
+y1, n1, h1, b1 = (agg.get("1k", {}).get(t) for t in ["yatagarasu", "nginx", "haproxy", "bare"])
+if y1 and n1 and h1:
+    r = y1["cpu_us"] / n1["cpu_us"]
+    check("1 KiB CPU/request vs nginx", f"{r:.2f}x", "<= 0.70x", r <= 0.7,
+          "kernel TCP work (two sockets per request) dominates both; see Limits")
+    r = y1["rps"] / n1["rps"]
+    check("1 KiB req/s vs nginx", f"{r:.2f}x", ">= 1.10x", r >= 1.1, "")
+    r = y1["rps"] / h1["rps"]
+    check("1 KiB req/s vs HAProxy", f"{r:.2f}x", ">= 1.10x", r >= 1.1, "")
+for size in ["1m", "64m"]:
+    best = None
+    for t in ["yatagarasu", "splice"]:
+        a = agg.get(size, {}).get(t)
+        if a and (best is None or a["cpu_ms_mib"] < best[1]["cpu_ms_mib"]):
+            best = (t, a)
+    n = agg.get(size, {}).get("nginx")
+    if best and n:
+        r = best[1]["cpu_ms_mib"] / n["cpu_ms_mib"]
+        check(f"{size} CPU/MiB vs nginx ({best[0]})", f"{r:.2f}x", "<= 0.60x", r <= 0.6, "")
+        r = best[1]["mibps"] / n["mibps"]
+        check(f"{size} MiB/s vs nginx ({best[0]})", f"{r:.2f}x", ">= 1.20x", r >= 1.2, "")
+if y1 and b1:
+    for size in SIZES:
+        y, b = get(size, "yatagarasu", "cpu_us"), get(size, "bare", "cpu_us")
+        if y and b:
+            r = y / b
+            check(f"{size} full proxy CPU vs bare forwarder", f"{r:.2f}x", "<= 1.15x", r <= 1.15,
+                  "signing, routing, breakers, metrics and the access log")
+if os.path.exists(os.path.join(out, "offered.csv")):
+    rows_o = list(csv.DictReader(open(os.path.join(out, "offered.csv"))))
+    yo = [r for r in rows_o if r["target"] == "yatagarasu" and r["pct"] == "50" and r["p99_ms"]]
+    no = [r for r in rows_o if r["target"] == "nginx" and r["pct"] == "50" and r["p99_ms"]]
+    if yo and no:
+        a, b = float(yo[0]["p99_ms"]), float(no[0]["p99_ms"])
+        check("p99 at 50% of peak vs nginx", f"{a:.3f} vs {b:.3f} ms", "<= nginx", a <= b, "")
+if os.path.exists(idle):
+    for r in csv.DictReader(open(idle)):
+        if r["target"] == "yatagarasu":
+            mib = int(r["rss_idle_kib"]) / 1024
+            check("RSS with 10k idle keep-alive clients", f"{mib:.0f} MiB", "<= 64 MiB", mib <= 64,
+                  "about 8 KiB per connection: task, stream and runtime state (buffers are released after 2 s idle)")
+y2, y1w = get("1k", "yatagarasu2w", "rps"), get("1k", "yatagarasu", "rps")
+if y2 and y1w:
+    checks.append(f"| 2 workers vs 1 (1 KiB) | {y2 / y1w:.2f}x req/s | reported | - | wrk and the origin need the same two cores |")
+if checks:
+    lines += ["## Targets", "", "| target | measured | goal | result | note |", "|---|---|---|---|---|"] + checks + [""]
+limits = os.path.join(os.path.dirname(os.path.abspath(__file__)), "LIMITS.md")
+if os.path.exists(limits):
+    lines += [open(limits).read().strip(), ""]
+
 with open(os.path.join(out, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -96,17 +160,17 @@ with open(os.path.join(out, "results.md"), "w") as f:
 targets = [t for t in ORDER if any(t in agg[s] for s in SIZES)]
 dat = os.path.join(out, "chart.dat")
 with open(dat, "w") as f:
-    f.write("size " + " ".join(f"{t}_rps {t}_p99" for t in targets) + "\n")
+    f.write("size " + " ".join(f"{t} {t}" for t in targets) + "\n")
     for s in SIZES:
         f.write(s + " " + " ".join(f"{agg[s].get(t, {}).get('rps', 0):.1f} {agg[s].get(t, {}).get('p99', 0):.3f}" for t in targets) + "\n")
 plot = f"""
-set terminal pngcairo size 1400,560 font ',10'
+set terminal pngcairo size 1400,600 font ',10' noenhanced
 set output '{os.path.join(out, 'chart.png')}'
 set multiplot layout 1,2 title 'yatagarasu vs nginx vs haproxy (1 worker each, same machine)'
 set style data histograms
 set style histogram clustered gap 1
 set style fill solid 0.8 border -1
-set key top right
+set key outside bottom center horizontal
 set logscale y
 set grid ytics
 set title 'requests/s (log scale)'
