@@ -1130,31 +1130,16 @@ impl Shard {
         {
             return Err((PumpError::Client, 0));
         }
-        let pipe = self.core.pipes.borrow_mut().pop();
-        let mut pipe = match pipe.map_or_else(monoio::net::unix::new_pipe, Ok) {
-            Ok(p) => p,
-            // No pipe (fd limit): copy instead.
-            Err(_) => {
-                let end = conn.buf.len();
-                return body::length(
-                    &mut conn.stream,
-                    &mut conn.buf,
-                    end,
-                    remaining - buffered as u64,
-                    client,
-                    t,
-                )
-                .await
-                .map(|p| Pumped {
-                    sent: p.sent + buffered as u64,
-                    ..p
-                })
-                .map_err(|(e, n)| (e, n + buffered as u64));
+        // Splicing needs a plain-TCP upstream and a pipe (none when out of
+        // file descriptors); otherwise the bytes are copied.
+        let pipe = match conn.stream {
+            MaybeTls::Plain(_) => {
+                let pooled = self.core.pipes.borrow_mut().pop();
+                pooled.map_or_else(monoio::net::unix::new_pipe, Ok).ok()
             }
+            MaybeTls::Tls(_) => None,
         };
-        let MaybeTls::Plain(upstream) = &mut conn.stream else {
-            // TLS upstream: bytes must be decrypted in user space.
-            self.core.pipes.borrow_mut().push(pipe);
+        let (Some(mut pipe), MaybeTls::Plain(upstream)) = (pipe, &mut conn.stream) else {
             let end = conn.buf.len();
             return body::length(
                 &mut conn.stream,
