@@ -623,3 +623,36 @@ fn a_parked_keep_alive_connection_serves_again() {
         200
     );
 }
+
+#[test]
+fn logging_level_and_format_come_from_config_and_rust_log_overrides() {
+    let s3 = S3::start();
+    s3.create_bucket("data-bucket");
+    s3.put("data-bucket", "test.txt", b"x");
+    let body = format!(
+        "{}logging:\n  level: \"info\"\n  format: \"json\"\n",
+        single_bucket("/data", "data-bucket", &s3.endpoint())
+    );
+    let proxy = Proxy::start(&body);
+    assert_eq!(proxy.get("/data/test.txt").status, 200);
+    assert!(
+        proxy.wait_log("\"msg\":\"request\"", Duration::from_secs(2)),
+        "{}",
+        proxy.log()
+    );
+    for line in proxy.log().lines() {
+        assert!(
+            line.starts_with("{\"ts\":\"") && line.ends_with('}'),
+            "not a JSON line: {line}"
+        );
+    }
+    // RUST_LOG=warn silences the INFO access log; the config's format stays.
+    let quiet = Proxy::start_with(&body, 1, &[("RUST_LOG", "warn")]);
+    assert_eq!(quiet.get("/data/test.txt").status, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !quiet.log().contains("\"level\":\"INFO\""),
+        "{}",
+        quiet.log()
+    );
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the suite needs (s3s-fs, moto) when missing,
 # checks formatting and lints, then runs every test on the default driver
-# (io_uring where the kernel allows) and the process tests again on epoll.
+# (io_uring where the kernel allows), the process tests again on epoll, and
+# finally the tutorial demo (needs ports 8080, 9090, 9001 and 9002 free).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -26,3 +27,5 @@ echo "== benches compile and run once (criterion test mode)"
 cargo test --benches
 echo "== process tests again on the epoll driver"
 YATAGARASU_DRIVER=epoll cargo test --test core --test ha --test reload --test tls -- --test-threads=4
+echo "== the HA tutorial demo (tests/demo.sh)"
+HEALTH_WAIT=${HEALTH_WAIT:-10} bash tests/demo.sh
