@@ -142,8 +142,9 @@ if os.path.exists(idle):
     for r in csv.DictReader(open(idle)):
         if r["target"] == "yatagarasu":
             mib = int(r["rss_idle_kib"]) / 1024
+            per = int(r["per_conn_bytes"]) / 1024
             check("RSS with 10k idle keep-alive clients", f"{mib:.0f} MiB", "<= 64 MiB", mib <= 64,
-                  "about 8 KiB per connection: task, stream and runtime state (buffers are released after 2 s idle)")
+                  f"about {per:.1f} KiB per connection: task and stream state; buffers go back to a per-core pool 100 ms into idleness")
 y2, y1w = get("1k", "yatagarasu2w", "rps"), get("1k", "yatagarasu", "rps")
 if y2 and y1w:
     checks.append(f"| 2 workers vs 1 (1 KiB) | {y2 / y1w:.2f}x req/s | reported | - | wrk and the origin need the same two cores |")

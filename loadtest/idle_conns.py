@@ -47,7 +47,7 @@ def main():
                     break
                 got += chunk
             socks.append(s)
-        time.sleep(3.5)  # past the proxy's 2 s park delay
+        time.sleep(3.5)  # well past the proxy's 100 ms park delay
         after = rss_kib(int(pid))
         per = (after - before) * 1024 // max(n, 1)
         print(f"{name},{n},{before},{after},{per}", flush=True)
