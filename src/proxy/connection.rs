@@ -1,0 +1,297 @@
+//! One client connection: read request heads within limits, hand each request
+//! to the current configuration generation, keep the connection alive, and
+//! park it (no buffers held) when it goes idle.
+
+use super::*;
+
+/// Initial client read buffer (grows to the head limit when needed).
+const CLIENT_BUF: usize = 4 * 1024;
+/// A keep-alive connection idle this long gives its buffers back ("parks").
+/// Busy connections never reach it; idle ones hold no buffer (see loadtest).
+const PARK_AFTER: Duration = Duration::from_millis(100);
+/// Free read buffers kept per core.
+const READ_BUF_POOL: usize = 1024;
+
+impl Client {
+    /// Releases every per-connection buffer while the connection is idle.
+    fn park(&mut self) {
+        self.rbuf = Vec::new();
+        self.wbuf = Vec::new();
+        self.resp.forward = String::new();
+        self.path = String::new();
+        self.upath = String::new();
+        self.opath = String::new();
+    }
+}
+
+impl Shard {
+    pub(super) fn next_request_id(&self, out: &mut String) {
+        // splitmix64: unique per shard and start time, cheap, no allocation.
+        let mut z = self
+            .core
+            .rid_state
+            .get()
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.core.rid_state.set(z);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        out.clear();
+        let _ = write!(out, "{z:016x}");
+    }
+
+    // ---- connection loop ----
+
+    /// Serves one client connection until it closes, errs or idles out.
+    pub async fn serve(&self, stream: TcpStream, tls: Option<&monoio_rustls::TlsAcceptor>) {
+        let _ = stream.set_nodelay(true);
+        let stream = match tls {
+            None => MaybeTls::Plain(stream),
+            Some(acceptor) => {
+                let idle = self.shared.config.server.idle_timeout;
+                match monoio::time::timeout(idle, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
+                    Ok(Err(e)) => {
+                        log!(
+                            Level::Debug,
+                            "TLS handshake with client failed",
+                            error = io::Error::from(e)
+                        );
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+        };
+        let mut c = Client {
+            stream,
+            // Allocated when the first bytes are readable (see read_head).
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+            req: Request::default(),
+            resp: Response::default(),
+            path: String::new(),
+            upath: String::new(),
+            opath: String::new(),
+        };
+        self.connection(&mut c).await;
+        self.give_read_buf(std::mem::take(&mut c.rbuf));
+    }
+
+    pub(super) async fn connection(&self, c: &mut Client) {
+        let idle = self.shared.config.server.idle_timeout;
+        loop {
+            let head_len = match self.read_head(c, idle).await {
+                Ok(Some(n)) => n,
+                Ok(None) => return,
+                Err(e) => {
+                    let status = e.status();
+                    let msg = match e {
+                        HeadError::BadRequest(m) => m,
+                        HeadError::UriTooLong => "request line too long",
+                        HeadError::HeadersTooLarge => "request head too large",
+                        HeadError::Partial => "incomplete request",
+                    };
+                    c.req.request_id.clear();
+                    self.next_request_id(&mut c.req.request_id);
+                    let _ =
+                        Box::pin(self.simple(c, status, "text/plain", msg.as_bytes(), false, &[]))
+                            .await;
+                    self.core
+                        .metrics
+                        .borrow_mut()
+                        .request(None, Method::Other, status, 1, 0);
+                    log!(
+                        Level::Info,
+                        "bad request",
+                        status = status,
+                        reason = msg,
+                        request_id = c.req.request_id
+                    );
+                    return;
+                }
+            };
+            let shard = &self.shared.process.shards[self.id];
+            shard.in_flight.fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
+            // Boxed so an idle connection's task stays small: the request
+            // state machine exists only while a request is being served.
+            // The newest configuration generation serves this request; it
+            // keeps its generation alive until it finishes, whatever reloads.
+            let current = self.core.current();
+            let outcome = Box::pin(current.handle(c)).await;
+            shard.in_flight.fetch_sub(1, Ordering::Relaxed);
+            current.finish(c, &outcome, started);
+            // Keep any pipelined bytes that followed this head.
+            c.rbuf.drain(..head_len.min(c.rbuf.len()));
+            if !outcome.keep_alive || self.core.draining.get() {
+                return;
+            }
+        }
+    }
+
+    pub(super) fn take_read_buf(&self) -> Vec<u8> {
+        self.core
+            .read_bufs
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(CLIENT_BUF))
+    }
+
+    /// Keeps an empty standard-size read buffer for the next connection.
+    pub(super) fn give_read_buf(&self, mut buf: Vec<u8>) {
+        let mut pool = self.core.read_bufs.borrow_mut();
+        if buf.capacity() == CLIENT_BUF && pool.len() < READ_BUF_POOL {
+            buf.clear();
+            pool.push(buf);
+        }
+    }
+
+    /// Reads until a full request head is buffered. `Ok(None)`: clean close or idle timeout.
+    pub(super) async fn read_head(
+        &self,
+        c: &mut Client,
+        idle: Duration,
+    ) -> Result<Option<usize>, HeadError> {
+        loop {
+            if !c.rbuf.is_empty() {
+                match head::parse_request(&c.rbuf, &mut c.req) {
+                    Ok(n) => return Ok(Some(n)),
+                    Err(HeadError::Partial) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if c.rbuf.len() == c.rbuf.capacity() {
+                if c.rbuf.capacity() > head::MAX_REQUEST_HEAD {
+                    return Err(HeadError::HeadersTooLarge);
+                }
+                c.rbuf.reserve(head::MAX_REQUEST_HEAD + 1 - c.rbuf.len());
+            }
+            if c.rbuf.capacity() == 0 {
+                // New or parked connection: no buffer until there is data
+                // (TLS may hold decrypted bytes already, so it reads at once).
+                if let MaybeTls::Plain(s) = &c.stream {
+                    match monoio::time::timeout(idle, s.readable(false)).await {
+                        Ok(Ok(())) => {}
+                        _ => return Ok(None),
+                    }
+                }
+                c.rbuf = self.take_read_buf();
+            }
+            let plain = matches!(c.stream, MaybeTls::Plain(_));
+            if plain && c.rbuf.is_empty() && idle > PARK_AFTER {
+                // Between requests: a normal read for a while, then park.
+                match read_more(&mut c.stream, &mut c.rbuf, PARK_AFTER).await {
+                    Ok(0) => return Ok(None),
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        // An idle keep-alive connection keeps no buffers: wait
+                        // for readability only, then read with fresh ones.
+                        self.give_read_buf(std::mem::take(&mut c.rbuf));
+                        c.park();
+                        self.core.parked.set(self.core.parked.get() + 1);
+                        let left = idle.saturating_sub(PARK_AFTER);
+                        let MaybeTls::Plain(s) = &c.stream else {
+                            return Ok(None);
+                        };
+                        match monoio::time::timeout(left, s.readable(false)).await {
+                            Ok(Ok(())) => c.rbuf = self.take_read_buf(),
+                            _ => return Ok(None),
+                        }
+                        continue;
+                    }
+                    Err(_) => return Ok(None),
+                }
+            }
+            match read_more(&mut c.stream, &mut c.rbuf, idle).await {
+                Ok(0) => {
+                    return if c.rbuf.is_empty() {
+                        Ok(None)
+                    } else {
+                        Err(HeadError::BadRequest("connection closed mid-head"))
+                    };
+                }
+                Ok(_) => {}
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+
+    pub(super) fn finish(&self, c: &Client, o: &Outcome, started: Instant) {
+        let micros = started.elapsed().as_micros() as u64;
+        let bucket = o.replica.map(|r| self.shared.replicas[r].bucket);
+        let bucket_metric = bucket.map(|b| self.shared.bucket_metric[b]);
+        self.core.metrics.borrow_mut().request(
+            bucket_metric,
+            c.req.method(),
+            o.status,
+            micros,
+            o.bytes,
+        );
+        log!(
+            Level::Info,
+            "request",
+            method = c.req.method_text,
+            path = String::from_utf8_lossy(&c.req.target),
+            status = o.status,
+            bytes = o.bytes,
+            duration_ms = format_args!("{:.3}", micros as f64 / 1000.0),
+            bucket = bucket.map_or("-", |b| self.shared.bucket(b).name.as_str()),
+            replica = o.replica.map_or("-", |r| self.replica(r).name.as_str()),
+            request_id = c.req.request_id,
+            worker = self.id,
+        );
+    }
+
+    /// Sends a response generated by the proxy itself.
+    pub(super) async fn simple(
+        &self,
+        c: &mut Client,
+        status: u16,
+        content_type: &str,
+        body: &[u8],
+        keep_alive: bool,
+        extra: &[(&str, &str)],
+    ) -> bool {
+        let keep = keep_alive && c.req.keep_alive && !self.core.draining.get();
+        head::status_line(&mut c.wbuf, status);
+        head::header(&mut c.wbuf, "Content-Type", content_type);
+        let mut len = itoa(body.len() as u64);
+        head::header(&mut c.wbuf, "Content-Length", &len);
+        head::header(&mut c.wbuf, "X-Request-ID", &c.req.request_id);
+        for (k, v) in extra {
+            head::header(&mut c.wbuf, k, v);
+        }
+        connection_header(&mut c.wbuf, keep, c.req.http10);
+        c.wbuf.extend_from_slice(b"\r\n");
+        if c.req.method() != Method::Head {
+            c.wbuf.extend_from_slice(body);
+        }
+        len.clear();
+        let ok = write_all(
+            &mut c.stream,
+            &mut c.wbuf,
+            self.shared.config.server.idle_timeout,
+        )
+        .await
+        .is_ok();
+        ok && keep
+    }
+
+    pub(super) async fn simple_outcome(
+        &self,
+        c: &mut Client,
+        status: u16,
+        ctype: &str,
+        body: &[u8],
+        extra: &[(&str, &str)],
+    ) -> Outcome {
+        let keep_alive = self.simple(c, status, ctype, body, true, extra).await;
+        Outcome {
+            status,
+            bytes: body.len() as u64,
+            keep_alive,
+            replica: None,
+        }
+    }
+}

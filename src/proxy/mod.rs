@@ -1,0 +1,659 @@
+//! The request flow, top to bottom:
+//!
+//! ```text
+//! parse head -> route prefix -> plan replicas (priority, weight, breakers)
+//!   -> for each replica: sign, send, read head within timeout_seconds
+//!        failure? record it, log "Replica 'a' failed, trying 'b'", next
+//!        answer?  record success, stream the body to the client
+//!   -> body broke after bytes went out? resume on the next replica with
+//!      Range + If-Match, or close the client connection (never short data)
+//!   -> nothing answered: 502 (attempts failed) or 503 + Retry-After (all open)
+//!   -> metrics + one access-log line
+//! ```
+//!
+//! What counts as a replica *failure*: connect refused or timed out, reset,
+//! timeout (head not received within `timeout_seconds`, or a body read stalled
+//! longer than that), malformed or truncated response, any 5xx, and 403 with S3
+//! code `InvalidAccessKeyId` or `SignatureDoesNotMatch`. Every other status is
+//! an *answer*: relayed to the client, never retried.
+
+use crate::config::{Level, Replica};
+use crate::http::body::{self, PumpError, Pumped, Timeouts};
+use crate::http::head::{
+    self, Framing, HeadError, Method, Request, Response, FORWARDED_REQUEST_HEADERS,
+};
+use crate::http::io::{read_more, write_all, write_range};
+use crate::log;
+use crate::metrics::ShardMetrics;
+use crate::router::{self, RouteError};
+use crate::s3::{self, Signer};
+use crate::shared::{now_ms, Process, Shared};
+
+mod breakers;
+mod connection;
+mod relay;
+use crate::upstream::breaker::{Admit, Breaker, State};
+use crate::upstream::pool::{Pool, UpConn};
+use crate::upstream::select::{Plan, Selector};
+use crate::upstream::tls::{ClientStream, MaybeTls};
+use monoio::net::TcpStream;
+use std::cell::{Cell, RefCell};
+use std::fmt::Write as _;
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Largest S3 error body read to classify a 403.
+const ERROR_BODY_MAX: u64 = 8 * 1024;
+
+struct LocalBreaker {
+    breaker: Breaker,
+    seen: u32,
+}
+
+/// Everything one core needs to serve requests. Owned by that core's thread.
+pub struct Shard {
+    pub id: usize,
+    /// The configuration generation this state was built for.
+    pub shared: Arc<Shared>,
+    breakers: RefCell<Vec<LocalBreaker>>,
+    selectors: RefCell<Vec<Selector>>,
+    signers: Vec<Signer>,
+    pub pool: Pool,
+    /// Per-core state that outlives generations.
+    pub core: Rc<Core>,
+}
+
+/// Per-core state that outlives configuration generations: metrics, buffers,
+/// pipes, the drain flag, and the shard built for the current generation.
+pub struct Core {
+    pub id: usize,
+    pub process: Arc<Process>,
+    current: RefCell<Option<Rc<Shard>>>,
+    seen_epoch: Cell<u64>,
+    pub metrics: RefCell<ShardMetrics>,
+    rid_state: Cell<u64>,
+    pub draining: Cell<bool>,
+    /// Empty pipes kept for splicing bodies.
+    pipes: RefCell<Vec<body::SplicePipe>>,
+    /// Connections parked since the last memory trim (see `server::tick`).
+    pub parked: Cell<usize>,
+    /// Free client read buffers: reused across connections, so buffers freed
+    /// by idle connections do not leave holes between live allocations.
+    read_bufs: RefCell<Vec<Vec<u8>>>,
+}
+
+impl Core {
+    pub fn new(id: usize, process: Arc<Process>) -> Rc<Core> {
+        let seed = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ ((id as u64 + 1) << 56);
+        Rc::new(Core {
+            id,
+            process,
+            current: RefCell::new(None),
+            seen_epoch: Cell::new(u64::MAX),
+            metrics: RefCell::new(ShardMetrics::new(0)),
+            rid_state: Cell::new(seed),
+            draining: Cell::new(false),
+            pipes: RefCell::new(Vec::new()),
+            parked: Cell::new(0),
+            read_bufs: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// The shard for the current configuration generation; adopts a newly
+    /// reloaded generation on first use (one relaxed load per request).
+    pub fn current(self: &Rc<Self>) -> Rc<Shard> {
+        let epoch = self.process.epoch.load(Ordering::Acquire);
+        if epoch != self.seen_epoch.get() {
+            let shard = Rc::new(Shard::new(self.clone(), self.process.current()));
+            *self.current.borrow_mut() = Some(shard);
+            self.seen_epoch.set(epoch);
+        }
+        match &*self.current.borrow() {
+            Some(s) => s.clone(),
+            None => Rc::new(Shard::new(self.clone(), self.process.current())),
+        }
+    }
+}
+
+/// One client connection's reusable state.
+struct Client {
+    stream: ClientStream,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    req: Request,
+    resp: Response,
+    path: String,
+    upath: String,
+    /// The upstream request path, reused.
+    opath: String,
+}
+
+/// How a request ended, for the access log and metrics.
+struct Outcome {
+    status: u16,
+    bytes: u64,
+    keep_alive: bool,
+    replica: Option<usize>,
+}
+
+/// A replica's response head classified as an answer.
+struct Answer {
+    conn: UpConn,
+    head_len: usize,
+}
+
+/// A failed attempt.
+struct Failure {
+    reason: &'static str,
+    detail: String,
+    /// For a 403 auth failure: the response, relayed if no replica answers.
+    captured: Option<Answer>,
+}
+
+impl Failure {
+    fn new(reason: &'static str, detail: impl Into<String>) -> Failure {
+        Failure {
+            reason,
+            detail: detail.into(),
+            captured: None,
+        }
+    }
+}
+
+fn io_reason(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::TimedOut => "timeout",
+        io::ErrorKind::ConnectionRefused => "connect",
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe => "reset",
+        _ => "io",
+    }
+}
+
+fn status_reason(status: u16) -> &'static str {
+    match status {
+        500 => "http_500",
+        502 => "http_502",
+        503 => "http_503",
+        504 => "http_504",
+        _ => "http_5xx",
+    }
+}
+
+/// Overrides for a resumed body: `Range` and `If-Match` replace the client's.
+#[derive(Clone, Copy)]
+struct Resume<'a> {
+    first: u64,
+    last: u64,
+    etag: &'a str,
+}
+
+impl Shard {
+    pub fn new(core: Rc<Core>, shared: Arc<Shared>) -> Shard {
+        let breakers = shared
+            .replicas
+            .iter()
+            .map(|r| LocalBreaker {
+                breaker: Breaker::new(&shared.bucket(r.bucket).breaker),
+                seen: u32::MAX,
+            })
+            .collect();
+        let selectors = shared
+            .config
+            .buckets
+            .iter()
+            .map(|b| {
+                Selector::new(
+                    &b.replicas
+                        .iter()
+                        .map(|r| (r.priority, r.weight))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let signers = shared
+            .replicas
+            .iter()
+            .map(|r| Signer::new(&r.config.access_key, &r.config.secret_key, &r.config.region))
+            .collect();
+        Shard {
+            id: core.id,
+            pool: Pool::new(shared.replicas.len()),
+            breakers: RefCell::new(breakers),
+            selectors: RefCell::new(selectors),
+            signers,
+            shared,
+            core,
+        }
+    }
+
+    /// Stable metric id of a replica of this generation.
+    fn mid(&self, rid: usize) -> usize {
+        self.shared.replicas[rid].metric_id
+    }
+
+    fn replica(&self, rid: usize) -> &Replica {
+        &self.shared.replicas[rid].config
+    }
+
+    // ---- one request ----
+
+    async fn handle(&self, c: &mut Client) -> Outcome {
+        if c.req.request_id.is_empty() {
+            let mut id = std::mem::take(&mut c.req.request_id);
+            self.next_request_id(&mut id);
+            c.req.request_id = id;
+        }
+        let method = c.req.method();
+        if method == Method::Other {
+            return self
+                .simple_outcome(
+                    c,
+                    405,
+                    "text/plain",
+                    b"only GET and HEAD are supported",
+                    &[("Allow", "GET, HEAD")],
+                )
+                .await;
+        }
+        let mut path = std::mem::take(&mut c.path);
+        let decoded = router::decode_path(&c.req.target, &mut path);
+        let outcome = match decoded {
+            Err(RouteError::BadPath(why)) => {
+                self.simple_outcome(c, 400, "text/plain", why.as_bytes(), &[])
+                    .await
+            }
+            Err(_) => {
+                self.simple_outcome(c, 400, "text/plain", b"bad path", &[])
+                    .await
+            }
+            Ok(()) if path == "/health" => {
+                self.simple_outcome(c, 200, "application/json", b"{\"status\":\"ok\"}", &[])
+                    .await
+            }
+            Ok(()) if path == "/ready" => {
+                let (ready, body) = readiness(&self.shared);
+                self.simple_outcome(
+                    c,
+                    if ready { 200 } else { 503 },
+                    "application/json",
+                    body.as_bytes(),
+                    &[],
+                )
+                .await
+            }
+            Ok(()) => match self.shared.router.route(&path) {
+                Err(RouteError::NoBucket) => {
+                    self.simple_outcome(
+                        c,
+                        404,
+                        "text/plain",
+                        b"no bucket is configured for this path",
+                        &[],
+                    )
+                    .await
+                }
+                Err(_) => {
+                    self.simple_outcome(c, 404, "text/plain", b"no object key in path", &[])
+                        .await
+                }
+                Ok((bucket, key)) => {
+                    let mut upath = std::mem::take(&mut c.upath);
+                    upath.clear();
+                    router::encode_key(key, &mut upath);
+                    let o = self.proxy(c, bucket, &upath).await;
+                    c.upath = upath;
+                    o
+                }
+            },
+        };
+        c.path = path;
+        outcome
+    }
+
+    /// Tries the bucket's replicas in plan order until one answers.
+    async fn proxy(&self, c: &mut Client, bucket: usize, encoded_key: &str) -> Outcome {
+        let now = now_ms();
+        let ids = &self.shared.bucket_replicas[bucket];
+        let mut plan = Plan::default();
+        self.selectors.borrow_mut()[bucket].plan(|i| self.usable(ids[i], now), &mut plan);
+        // Global replica ids in plan order, on the stack.
+        let mut order_buf = [0usize; crate::config::MAX_REPLICAS];
+        for (slot, &i) in order_buf.iter_mut().zip(plan.as_slice()) {
+            *slot = ids[i as usize];
+        }
+        let order = &order_buf[..plan.as_slice().len()];
+        let bucket_name = &self.shared.bucket(bucket).name;
+        let mut attempted = false;
+        let mut last: Option<(usize, Failure)> = None;
+        for (pos, &rid) in order.iter().enumerate() {
+            let admit = self.admit(rid, now_ms());
+            if admit == Admit::Rejected {
+                continue;
+            }
+            if let Some((prev, _)) = &last {
+                self.core
+                    .metrics
+                    .borrow_mut()
+                    .failover(self.mid(*prev), self.mid(rid));
+            }
+            attempted = true;
+            let t0 = Instant::now();
+            match self.attempt(c, rid, encoded_key, None).await {
+                Ok(answer) => {
+                    self.core
+                        .metrics
+                        .borrow_mut()
+                        .upstream(self.mid(rid), t0.elapsed().as_micros() as u64);
+                    self.record(rid, admit, true);
+                    return self
+                        .relay(c, rid, answer, &order[pos + 1..], bucket, encoded_key)
+                        .await;
+                }
+                Err(f) => {
+                    self.core
+                        .metrics
+                        .borrow_mut()
+                        .upstream(self.mid(rid), t0.elapsed().as_micros() as u64);
+                    self.core
+                        .metrics
+                        .borrow_mut()
+                        .replica_failure(self.mid(rid), f.reason);
+                    self.record(rid, admit, false);
+                    let next = order[pos + 1..]
+                        .iter()
+                        .copied()
+                        .find(|&n| self.usable(n, now_ms()));
+                    if let Some(next) = next {
+                        log!(
+                            Level::Warn,
+                            &format!(
+                                "Replica '{}' failed, trying '{}'",
+                                self.replica(rid).name,
+                                self.replica(next).name
+                            ),
+                            bucket = bucket_name,
+                            request_id = c.req.request_id,
+                            cause = format_args!("{}: {}", f.reason, f.detail),
+                        );
+                    }
+                    last = Some((rid, f));
+                }
+            }
+        }
+        if !attempted {
+            let wait_ms = ids
+                .iter()
+                .map(|&rid| {
+                    let p = self.shared.replicas[rid].breaker.load();
+                    if p.state == State::Open {
+                        p.open_until.saturating_sub(now_ms())
+                    } else {
+                        1000
+                    }
+                })
+                .min()
+                .unwrap_or(1000);
+            let secs = itoa(wait_ms.div_ceil(1000).max(1));
+            log!(
+                Level::Error,
+                "No replica available: every circuit breaker is open",
+                bucket = bucket_name,
+                request_id = c.req.request_id,
+                retry_after = secs,
+            );
+            let body = format!(
+                "bucket '{bucket_name}': no replica available (all circuit breakers open)\n"
+            );
+            return self
+                .simple_outcome(
+                    c,
+                    503,
+                    "text/plain",
+                    body.as_bytes(),
+                    &[("Retry-After", &secs)],
+                )
+                .await;
+        }
+        let (rid, failure) = match last {
+            Some(l) => l,
+            None => (ids[0], Failure::new("io", "no attempt")),
+        };
+        log!(
+            Level::Error,
+            "All replicas failed",
+            bucket = bucket_name,
+            request_id = c.req.request_id,
+            last_replica = self.replica(rid).name,
+            cause = format_args!("{}: {}", failure.reason, failure.detail),
+        );
+        if let Some(captured) = failure.captured {
+            // Every replica refused our credentials: S3's own 403 explains it best.
+            return self.relay(c, rid, captured, &[], bucket, encoded_key).await;
+        }
+        let body = format!("bucket '{bucket_name}': all replicas failed\n");
+        self.simple_outcome(c, 502, "text/plain", body.as_bytes(), &[])
+            .await
+    }
+
+    /// Sends one request to `rid` and reads its response head into `c.resp`.
+    async fn attempt(
+        &self,
+        c: &mut Client,
+        rid: usize,
+        encoded_key: &str,
+        resume: Option<Resume<'_>>,
+    ) -> Result<Answer, Failure> {
+        let replica = self.replica(rid);
+        let deadline = Instant::now() + replica.timeout;
+        let method = if c.req.method() == Method::Head {
+            "HEAD"
+        } else {
+            "GET"
+        };
+        let mut object_path = std::mem::take(&mut c.opath);
+        replica.object_path(encoded_key, &mut object_path);
+        c.wbuf.clear();
+        c.wbuf.extend_from_slice(method.as_bytes());
+        c.wbuf.push(b' ');
+        c.wbuf.extend_from_slice(object_path.as_bytes());
+        c.wbuf.extend_from_slice(b" HTTP/1.1\r\n");
+        head::header(&mut c.wbuf, "Host", &replica.endpoint.authority);
+        match resume {
+            None => {
+                for (idx, value) in &c.req.forwarded {
+                    head::header(&mut c.wbuf, FORWARDED_REQUEST_HEADERS[*idx], value);
+                }
+            }
+            Some(r) => {
+                head::header(
+                    &mut c.wbuf,
+                    "Range",
+                    &format!("bytes={}-{}", r.first, r.last),
+                );
+                head::header(&mut c.wbuf, "If-Match", r.etag);
+            }
+        }
+        head::header(&mut c.wbuf, "X-Request-ID", &c.req.request_id);
+        if let Err(e) = self.signers[rid].sign_into(
+            method,
+            &replica.endpoint.authority,
+            &object_path,
+            SystemTime::now(),
+            &mut c.wbuf,
+        ) {
+            c.opath = object_path;
+            return Err(Failure::new("signing", e));
+        }
+        c.opath = object_path;
+        c.wbuf.extend_from_slice(b"\r\n");
+
+        let mut conn = match self.pool.take(rid) {
+            Some(conn) => conn,
+            None => self.connect(rid, deadline).await?,
+        };
+        let head_len = match self.exchange(c, &mut conn, deadline).await {
+            Ok(n) => n,
+            Err((e, got_bytes)) if conn.reused && !got_bytes => {
+                // A pooled connection the peer had closed: retry once on a fresh one.
+                log!(
+                    Level::Debug,
+                    "stale pooled connection, retrying",
+                    replica = replica.name,
+                    cause = e
+                );
+                conn = self.connect(rid, deadline).await?;
+                self.exchange(c, &mut conn, deadline)
+                    .await
+                    .map_err(|(e, _)| Failure::new(io_reason(&e), e.to_string()))?
+            }
+            Err((e, _)) => return Err(Failure::new(io_reason(&e), e.to_string())),
+        };
+        let status = c.resp.status;
+        if status >= 500 {
+            return Err(Failure::new(
+                status_reason(status),
+                format!("HTTP {status} from upstream"),
+            ));
+        }
+        if status == 403 {
+            if let Framing::Length(len) = c.resp.framing() {
+                if len <= ERROR_BODY_MAX {
+                    let want = head_len + len as usize;
+                    while conn.buf.len() < want {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match read_more(&mut conn.stream, &mut conn.buf, left).await {
+                            Ok(0) => return Err(Failure::new("truncated", "403 body cut short")),
+                            Ok(_) => {}
+                            Err(e) => return Err(Failure::new(io_reason(&e), e.to_string())),
+                        }
+                    }
+                    if let Some(code) = s3::error_code(&conn.buf[head_len..want]) {
+                        if s3::is_broken_replica_code(code) {
+                            let mut f = Failure::new("auth", format!("HTTP 403 {code}"));
+                            f.captured = Some(Answer { conn, head_len });
+                            return Err(f);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Answer { conn, head_len })
+    }
+
+    async fn connect(&self, rid: usize, deadline: Instant) -> Result<UpConn, Failure> {
+        let r = &self.shared.replicas[rid];
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.pool
+            .connect(rid, &r.config.endpoint, r.tls.as_ref(), left)
+            .await
+            .map_err(|(reason, detail)| Failure::new(reason, detail))
+    }
+
+    /// Writes the request in `c.wbuf` and reads the response head.
+    /// On error, says whether any response byte had arrived.
+    async fn exchange(
+        &self,
+        c: &mut Client,
+        conn: &mut UpConn,
+        deadline: Instant,
+    ) -> Result<usize, (io::Error, bool)> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        write_all(&mut conn.stream, &mut c.wbuf, left)
+            .await
+            .map_err(|e| (e, false))?;
+        conn.buf.clear();
+        let head_request = c.req.method() == Method::Head;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match read_more(&mut conn.stream, &mut conn.buf, left).await {
+                Ok(0) => {
+                    let got = !conn.buf.is_empty();
+                    return Err((
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "upstream closed before a full response head",
+                        ),
+                        got,
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let got = !conn.buf.is_empty();
+                    let e = if e.kind() == io::ErrorKind::TimedOut {
+                        io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no response head within timeout_seconds",
+                        )
+                    } else {
+                        e
+                    };
+                    return Err((e, got));
+                }
+            }
+            match head::parse_response(&conn.buf, head_request, &mut c.resp) {
+                Ok(Some(n)) => return Ok(n),
+                Ok(None) => {}
+                Err(msg) => return Err((io::Error::new(io::ErrorKind::InvalidData, msg), true)),
+            }
+        }
+    }
+}
+
+fn connection_header(out: &mut Vec<u8>, keep: bool, http10: bool) {
+    if !keep {
+        head::header(out, "Connection", "close");
+    } else if http10 {
+        head::header(out, "Connection", "keep-alive");
+    }
+}
+
+fn itoa(v: u64) -> String {
+    v.to_string()
+}
+
+/// `/ready`: 503 when some bucket has no usable replica; lists every replica's state.
+pub fn readiness(shared: &Shared) -> (bool, String) {
+    let now = now_ms();
+    let mut ready = true;
+    let mut body = String::from("{\"buckets\":[");
+    for (bi, b) in shared.config.buckets.iter().enumerate() {
+        if bi > 0 {
+            body.push(',');
+        }
+        let _ = write!(body, "{{\"name\":{:?},\"replicas\":[", b.name);
+        let mut usable = false;
+        for (n, &rid) in shared.bucket_replicas[bi].iter().enumerate() {
+            let r = &shared.replicas[rid];
+            let p = r.breaker.load();
+            let ok = p.state != State::Open || now >= p.open_until;
+            usable |= ok;
+            if n > 0 {
+                body.push(',');
+            }
+            let _ = write!(
+                body,
+                "{{\"name\":{:?},\"state\":\"{}\",\"usable\":{}}}",
+                r.config.name,
+                p.state.as_str(),
+                ok
+            );
+        }
+        let _ = write!(body, "],\"usable\":{usable}}}");
+        ready &= usable;
+    }
+    let _ = write!(
+        body,
+        "],\"status\":\"{}\"}}",
+        if ready { "ready" } else { "unavailable" }
+    );
+    (ready, body)
+}
