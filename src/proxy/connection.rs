@@ -37,7 +37,7 @@ impl Shard {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
         out.clear();
-        let _ = write!(out, "{z:016x}");
+        crate::s3::push_hex(out, &z.to_be_bytes());
     }
 
     // ---- connection loop ----

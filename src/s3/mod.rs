@@ -11,7 +11,6 @@
 use aws_sigv4::sign::v4::{calculate_signature, generate_signing_key};
 use sha2::{Digest, Sha256};
 use std::cell::RefCell;
-use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Signs requests for one replica (one access key, one region). Not `Sync`:
@@ -79,21 +78,39 @@ impl Signer {
 
         let mut c = self.scratch.borrow_mut();
         c.clear();
-        // Canonical request (query string always empty).
-        let _ = write!(
-            c,
-            "{method}\n{path}\n\nhost:{host}\nx-amz-content-sha256:{UNSIGNED}\nx-amz-date:{amz_date}\n\n{SIGNED_HEADERS}\n{UNSIGNED}"
-        );
+        // Canonical request (query string always empty), built without
+        // formatting machinery: this runs for every upstream request.
+        for part in [
+            method,
+            "\n",
+            path,
+            "\n\nhost:",
+            host,
+            "\nx-amz-content-sha256:",
+            UNSIGNED,
+            "\nx-amz-date:",
+            amz_date,
+            "\n\n",
+            SIGNED_HEADERS,
+            "\n",
+            UNSIGNED,
+        ] {
+            c.push_str(part);
+        }
         let hash = Sha256::digest(c.as_bytes());
         c.clear();
-        let _ = write!(
-            c,
-            "AWS4-HMAC-SHA256\n{amz_date}\n{date}/{}/s3/aws4_request\n",
-            self.region
-        );
-        for b in hash {
-            let _ = write!(c, "{b:02x}");
+        for part in [
+            "AWS4-HMAC-SHA256\n",
+            amz_date,
+            "\n",
+            date,
+            "/",
+            &self.region,
+            "/s3/aws4_request\n",
+        ] {
+            c.push_str(part);
         }
+        push_hex(&mut c, &hash);
         let signature = calculate_signature(key, c.as_bytes());
         out.extend_from_slice(b"x-amz-date: ");
         out.extend_from_slice(amz_date.as_bytes());
@@ -109,6 +126,15 @@ impl Signer {
         out.extend_from_slice(signature.as_bytes());
         out.extend_from_slice(b"\r\n");
         Ok(())
+    }
+}
+
+/// Appends `bytes` as lowercase hex.
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for &b in bytes {
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 15) as usize] as char);
     }
 }
 
