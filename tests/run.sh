@@ -11,9 +11,10 @@ if ! command -v s3s-fs >/dev/null 2>&1; then
   echo "== installing s3s-fs 0.14.1"
   cargo install s3s-fs@0.14.1 --features binary --locked
 fi
-if ! command -v moto_server >/dev/null 2>&1; then
+if ! python3 -c 'import moto.server' >/dev/null 2>&1; then
   echo "== installing moto"
   python3 -m pip install --quiet 'moto[server]'
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 fi
 
 echo "== cargo fmt --check"

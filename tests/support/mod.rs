@@ -157,12 +157,27 @@ pub struct Moto {
 impl Moto {
     pub fn start() -> Moto {
         let port = free_port();
+        let args = [
+            "-H".to_string(),
+            "127.0.0.1".to_string(),
+            "-p".to_string(),
+            port.to_string(),
+        ];
+        // The console script, or the module when the script is not on PATH.
         let child = Command::new(find_bin("moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("moto_server must be installed (pip install 'moto[server]')");
+            .or_else(|_| {
+                Command::new("python3")
+                    .args(["-m", "moto.server"])
+                    .args(&args)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+            })
+            .expect("moto must be installed (pip install 'moto[server]')");
         assert!(
             wait_for_port(port, Duration::from_secs(30)),
             "moto did not start"
