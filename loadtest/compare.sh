@@ -28,6 +28,10 @@ if ! need wrk || ! need nginx || ! need haproxy || ! need gnuplot; then
   echo "== installing wrk nginx haproxy gnuplot (apt)"
   apt-get update -qq && apt-get install -y -qq wrk nginx-light haproxy gnuplot-nox >/dev/null
 fi
+if ! need oha; then
+  echo "== installing oha (latency at fixed offered load)"
+  cargo install oha --locked --quiet || echo "oha unavailable: the offered-load part will be skipped"
+fi
 echo "== building release binaries"
 cargo build --release --quiet --bin yatagarasu
 cargo build --release --quiet --features loadtest --bin bare-forwarder
