@@ -67,6 +67,19 @@ fn main() {
         return;
     }
     log::init(cfg.logging.level, cfg.logging.format);
+    // A panic is a bug: report it and exit non-zero so a supervisor restarts
+    // the whole process, instead of running on with a dead worker.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current().name().unwrap_or("?").to_string();
+        yatagarasu::log!(
+            Level::Error,
+            "panic: exiting",
+            thread = thread,
+            detail = info
+        );
+        log::flush();
+        std::process::exit(70);
+    }));
     yatagarasu::log!(
         Level::Info,
         "Starting yatagarasu",

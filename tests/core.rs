@@ -656,3 +656,31 @@ fn logging_level_and_format_come_from_config_and_rust_log_overrides() {
         quiet.log()
     );
 }
+
+#[test]
+fn endpoints_given_by_name_are_resolved_off_the_cores() {
+    let s3 = S3::start();
+    s3.create_bucket("data-bucket");
+    s3.put("data-bucket", "test.txt", b"by name");
+    // "localhost" may resolve to ::1 first; s3s-fs listens on 127.0.0.1 only,
+    // so this also shows each resolved address being tried in turn.
+    let endpoint = format!("http://localhost:{}", s3.port);
+    let proxy = Proxy::start(&single_bucket("/data", "data-bucket", &endpoint));
+    for _ in 0..3 {
+        let r = proxy.get("/data/test.txt");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "by name");
+    }
+    let bad = Proxy::start(&single_bucket(
+        "/data",
+        "data-bucket",
+        "http://no-such-host.invalid:9000",
+    ));
+    let r = bad.get("/data/test.txt");
+    assert_eq!(r.status, 502);
+    assert!(
+        bad.wait_log("resolve no-such-host.invalid", Duration::from_secs(2)),
+        "{}",
+        bad.log()
+    );
+}

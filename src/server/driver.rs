@@ -7,8 +7,17 @@
 //! io_uring rings are set up with COOP_TASKRUN + SINGLE_ISSUER + DEFER_TASKRUN
 //! (each ring has one thread), falling back to a plain ring on older kernels.
 
+use monoio::blocking::DefaultThreadPool;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use std::future::Future;
+use std::sync::OnceLock;
+
+/// One process-wide thread for blocking work (DNS lookups), shared by every
+/// runtime so no core ever blocks on the system resolver.
+fn blocking_pool() -> Box<DefaultThreadPool> {
+    static POOL: OnceLock<DefaultThreadPool> = OnceLock::new();
+    Box::new(POOL.get_or_init(|| DefaultThreadPool::new(1)).clone())
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Choice {
@@ -46,6 +55,7 @@ where
     if choice == Choice::IoUring {
         let tuned = RuntimeBuilder::<IoUringDriver>::new()
             .enable_timer()
+            .attach_thread_pool(blocking_pool())
             .with_entries(1024)
             .uring_builder(tuned_uring())
             .build();
@@ -53,6 +63,7 @@ where
             Ok(rt) => Ok(rt),
             Err(_) => RuntimeBuilder::<IoUringDriver>::new()
                 .enable_timer()
+                .attach_thread_pool(blocking_pool())
                 .with_entries(1024)
                 .build(),
         };
@@ -62,6 +73,7 @@ where
     }
     let mut rt = RuntimeBuilder::<LegacyDriver>::new()
         .enable_timer()
+        .attach_thread_pool(blocking_pool())
         .build()?;
     Ok(rt.block_on(f("epoll")))
 }

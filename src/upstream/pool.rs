@@ -34,10 +34,14 @@ pub struct UpConn {
     idle_since: Instant,
 }
 
+/// Addresses of a name and the time they were looked up.
+type Resolved = (Vec<SocketAddr>, Instant);
+
 #[derive(Default)]
 pub struct Pool {
     idle: RefCell<Vec<Vec<UpConn>>>,
-    addrs: RefCell<Vec<Option<(SocketAddr, Instant)>>>,
+    /// Per replica: resolved addresses and when they were resolved.
+    addrs: RefCell<Vec<Option<Resolved>>>,
 }
 
 impl Pool {
@@ -91,20 +95,33 @@ impl Pool {
         timeout: Duration,
     ) -> Result<UpConn, (&'static str, String)> {
         let deadline = Instant::now() + timeout;
-        let addr = self
+        let addrs = self
             .resolve(replica, endpoint)
+            .await
             .map_err(|e| ("connect", format!("resolve {}: {e}", endpoint.host)))?;
-        let stream = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Err(("connect", format!("connect to {}: {e}", endpoint.authority)))
+        // Each resolved address in turn, within the one deadline.
+        let mut last_error = String::new();
+        let mut connected = None;
+        for addr in addrs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match monoio::time::timeout(left, TcpStream::connect_addr(addr)).await {
+                Ok(Ok(s)) => {
+                    connected = Some(s);
+                    break;
+                }
+                Ok(Err(e)) => {
+                    last_error = format!("connect to {} ({addr}): {e}", endpoint.authority)
+                }
+                Err(_) => {
+                    return Err((
+                        "timeout",
+                        format!("connect to {} timed out", endpoint.authority),
+                    ))
+                }
             }
-            Err(_) => {
-                return Err((
-                    "timeout",
-                    format!("connect to {} timed out", endpoint.authority),
-                ))
-            }
+        }
+        let Some(stream) = connected else {
+            return Err(("connect", last_error));
         };
         let _ = stream.set_nodelay(true);
         let stream = match (endpoint.tls, tls) {
@@ -142,24 +159,34 @@ impl Pool {
         })
     }
 
-    fn resolve(&self, replica: usize, endpoint: &Endpoint) -> io::Result<SocketAddr> {
-        if let Some(Some((addr, at))) = self.addrs.borrow().get(replica) {
+    /// The endpoint's addresses, in the resolver's order. Literal addresses
+    /// need no lookup; names are resolved on the process's blocking thread
+    /// (never on a shard's core) and cached for [`DNS_TTL`] per core.
+    async fn resolve(&self, replica: usize, endpoint: &Endpoint) -> io::Result<Vec<SocketAddr>> {
+        let host = endpoint.host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, endpoint.port)]);
+        }
+        if let Some(Some((addrs, at))) = self.addrs.borrow().get(replica) {
             if at.elapsed() < DNS_TTL {
-                return Ok(*addr);
+                return Ok(addrs.clone());
             }
         }
-        let host = endpoint.host.trim_start_matches('[').trim_end_matches(']');
-        // Literal addresses resolve without a lookup; names use the system
-        // resolver (blocking, but cached for DNS_TTL per core).
-        let addr = (host, endpoint.port)
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| {
-                io::Error::new(io::ErrorKind::NotFound, format!("{host}: no address"))
-            })?;
-        if let Some(slot) = self.addrs.borrow_mut().get_mut(replica) {
-            *slot = Some((addr, Instant::now()));
+        let (name, port) = (host.to_string(), endpoint.port);
+        let addrs: Vec<SocketAddr> =
+            monoio::spawn_blocking(move || (name.as_str(), port).to_socket_addrs())
+                .await
+                .map_err(|_| io::Error::other("resolver thread unavailable"))??
+                .collect();
+        if addrs.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{host}: no address"),
+            ));
         }
-        Ok(addr)
+        if let Some(slot) = self.addrs.borrow_mut().get_mut(replica) {
+            *slot = Some((addrs.clone(), Instant::now()));
+        }
+        Ok(addrs)
     }
 }
