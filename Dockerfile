@@ -15,7 +15,11 @@ COPY loadtest ./loadtest
 RUN cargo build --release --locked --bin yatagarasu
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --no-create-home yatagarasu \
+# ca-certificates: the system roots TLS to S3, R2 and other providers checks against.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home yatagarasu \
  && mkdir -p /etc/yatagarasu
 COPY --from=build /src/target/release/yatagarasu /usr/local/bin/yatagarasu
 COPY config/ha-tutorial.yaml /etc/yatagarasu/config.yaml
