@@ -2,7 +2,6 @@
 
 mod support;
 
-use std::io::Read;
 use std::time::{Duration, Instant};
 use support::fault::{Fault, Mode};
 use support::http::{self, Conn};
@@ -367,7 +366,7 @@ fn streams_256_mib_with_bounded_memory() {
     let mut head = Vec::new();
     let mut total = 0usize;
     loop {
-        let n = c.stream.read(&mut buf).unwrap();
+        let n = read_retry(&mut c.stream, &mut buf).unwrap();
         if n == 0 {
             break;
         }

@@ -163,7 +163,7 @@ fn tls_settings_are_checked() {
 
 #[test]
 fn the_listener_serves_https_when_server_tls_is_set() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let s3 = backend();
     let ca = TestCa::new("listener CA");
     let dir = tempfile::tempdir().unwrap();
@@ -185,7 +185,7 @@ fn the_listener_serves_https_when_server_tls_is_set() {
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
         while !String::from_utf8_lossy(&got).ends_with("over TLS\n") {
-            let n = tls.read(&mut buf).unwrap();
+            let n = read_retry(&mut tls, &mut buf).unwrap();
             assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
             got.extend_from_slice(&buf[..n]);
         }

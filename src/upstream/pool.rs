@@ -110,7 +110,11 @@ impl Pool {
                     break;
                 }
                 Ok(Err(e)) => {
-                    last_error = format!("connect to {} ({addr}): {e}", endpoint.authority)
+                    last_error = if addr.to_string() == endpoint.authority {
+                        format!("connect to {addr}: {e}")
+                    } else {
+                        format!("connect to {} ({addr}): {e}", endpoint.authority)
+                    }
                 }
                 Err(_) => {
                     return Err((

@@ -4,7 +4,7 @@
 //! upstream connections. It also counts connections and records the first
 //! bytes of every request for assertions.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -116,7 +116,7 @@ fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>, rec: &Mutex<Vec<Vec<u8>>>) ->
             buf.drain(..p + 4);
             return true;
         }
-        match s.read(&mut tmp) {
+        match super::read_retry(s, &mut tmp) {
             Ok(0) | Err(_) => return false,
             Ok(n) => buf.extend_from_slice(&tmp[..n]),
         }
@@ -133,7 +133,7 @@ fn handle(
     match mode {
         Mode::Hang => {
             let mut tmp = [0u8; 4096];
-            while matches!(client.read(&mut tmp), Ok(n) if n > 0) {}
+            while matches!(super::read_retry(&mut client, &mut tmp), Ok(n) if n > 0) {}
             return;
         }
         Mode::Status(code) => {
@@ -169,7 +169,7 @@ fn handle(
     std::thread::spawn(move || {
         let mut tmp = [0u8; 65536];
         loop {
-            match c_read.read(&mut tmp) {
+            match super::read_retry(&mut c_read, &mut tmp) {
                 Ok(0) | Err(_) => {
                     let _ = u_write.shutdown(Shutdown::Write);
                     return;
@@ -191,7 +191,7 @@ fn handle(
     let mut sent = 0usize;
     let mut tmp = vec![0u8; 65536];
     loop {
-        let n = match upstream.read(&mut tmp) {
+        let n = match super::read_retry(&mut upstream, &mut tmp) {
             Ok(0) => break,
             Ok(n) => n,
             Err(_) => break,
@@ -225,7 +225,7 @@ fn handle(
                     }
                     // Stall: keep both sockets open, send nothing more.
                     let mut t = [0u8; 1];
-                    while matches!(client.read(&mut t), Ok(n) if n > 0) {}
+                    while matches!(super::read_retry(&mut client, &mut t), Ok(n) if n > 0) {}
                     return;
                 }
             }

@@ -1,7 +1,7 @@
 //! A tiny blocking HTTP/1.1 client for tests, able to send raw bytes and to
 //! keep a connection alive across requests.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -62,7 +62,7 @@ impl Conn {
 
     fn fill(&mut self) -> io::Result<usize> {
         let mut tmp = [0u8; 65536];
-        let n = self.stream.read(&mut tmp)?;
+        let n = super::read_retry(&mut self.stream, &mut tmp)?;
         self.buf.extend_from_slice(&tmp[..n]);
         Ok(n)
     }
@@ -174,7 +174,7 @@ impl Conn {
     pub fn is_closed(&mut self, wait: Duration) -> bool {
         let _ = self.stream.set_read_timeout(Some(wait));
         let mut tmp = [0u8; 1];
-        match self.stream.read(&mut tmp) {
+        match super::read_retry(&mut self.stream, &mut tmp) {
             Ok(0) => true,
             Ok(_) => false,
             Err(e) => !matches!(

@@ -26,6 +26,16 @@ use std::time::{Duration, Instant};
 pub const AK: &str = "test-access-key";
 pub const SK: &str = "test-secret-key";
 
+/// `read`, retried when a signal interrupts it (EINTR).
+pub fn read_retry<R: std::io::Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

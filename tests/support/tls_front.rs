@@ -132,7 +132,7 @@ fn read_head<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> std::io::Result<Option<Ve
             buf.drain(..p + 4);
             return Ok(Some(head));
         }
-        let n = r.read(&mut tmp)?;
+        let n = super::read_retry(r, &mut tmp)?;
         if n == 0 {
             return Ok(None);
         }
@@ -167,7 +167,7 @@ fn serve<S: Read + Write>(client: &mut S, up: &mut TcpStream) -> std::io::Result
         ubuf.drain(..take);
         left -= take;
         while left > 0 {
-            let n = up.read(&mut tmp)?;
+            let n = super::read_retry(up, &mut tmp)?;
             if n == 0 {
                 return Ok(());
             }
