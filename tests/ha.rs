@@ -417,6 +417,37 @@ fn reset_mid_body_resumes_with_zero_copy_on() {
 }
 
 #[test]
+fn a_body_that_stalls_longer_than_timeout_seconds_is_resumed() {
+    let p = pair();
+    let size = 8 * 1024 * 1024;
+    let body = pattern(size, 66);
+    p.primary.put("data-bucket", "stall.bin", &body);
+    p.backup.put("data-bucket", "stall.bin", &body);
+    // The primary sends 1 MiB, then nothing, with the connection left open.
+    let fault = Fault::start(p.primary.port, Mode::StallAfter(1024 * 1024));
+    let proxy = Proxy::start(&ha_config(
+        &fault.endpoint(),
+        &p.backup.endpoint(),
+        NO_HEALTH,
+        BREAKER,
+    ));
+    let t = Instant::now();
+    let r = proxy.get("/data/stall.bin");
+    assert_eq!(r.status, 200);
+    assert!(r.body == body, "bytes differ ({} of {size})", r.body.len());
+    // The stall is noticed after the primary's timeout_seconds (2 s).
+    assert!(
+        t.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(proxy
+        .log()
+        .contains("failed mid-body, resuming from 'backup'"));
+    assert!(proxy.metrics().contains("yatagarasu_replica_failures_total{bucket=\"ha-data\",replica=\"primary\",reason=\"timeout\"} 1"));
+}
+
+#[test]
 fn etag_mismatch_on_resume_closes_the_connection() {
     let p = pair();
     let size = 8 * 1024 * 1024;
