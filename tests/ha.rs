@@ -272,7 +272,7 @@ fn hung_primary_fails_over_after_timeout_seconds() {
 }
 
 #[test]
-fn slow_primary_fails_over_and_slow_body_is_a_failure_too() {
+fn slow_primary_fails_over() {
     let p = pair();
     // Head dribbles in slower than timeout_seconds allows.
     let fault = Fault::start(
@@ -350,20 +350,28 @@ fn broken_credentials_on_primary_fail_over() {
         .contains("replica=\"primary\",reason=\"auth\"} 1"));
 }
 
-#[test]
-fn reset_mid_body_resumes_from_backup_with_exact_bytes() {
+/// The same `size`-byte object as `big.bin` on both replicas, the primary
+/// behind a fault proxy in `mode`, and a proxy (`server` may set its own
+/// `server:` section). Returns the object's bytes.
+fn resume_setup(size: usize, seed: u64, mode: Mode, server: &str) -> (Pair, Fault, Proxy, Vec<u8>) {
     let p = pair();
-    let size = 64 * 1024 * 1024;
-    let body = pattern(size, 64);
+    let body = pattern(size, seed);
     p.primary.put("data-bucket", "big.bin", &body);
     p.backup.put("data-bucket", "big.bin", &body);
-    let fault = Fault::start(p.primary.port, Mode::ResetAfter(10 * 1024 * 1024));
-    let proxy = Proxy::start(&ha_config(
-        &fault.endpoint(),
-        &p.backup.endpoint(),
-        NO_HEALTH,
-        BREAKER,
+    let fault = Fault::start(p.primary.port, mode);
+    let proxy = Proxy::start(&format!(
+        "{server}{}",
+        ha_config(&fault.endpoint(), &p.backup.endpoint(), NO_HEALTH, BREAKER)
     ));
+    (p, fault, proxy, body)
+}
+
+const RESUMED: &str = "failed mid-body, resuming from 'backup'";
+
+#[test]
+fn reset_mid_body_resumes_from_backup_with_exact_bytes() {
+    let size = 64 * 1024 * 1024;
+    let (_p, _fault, proxy, body) = resume_setup(size, 64, Mode::ResetAfter(10 * 1024 * 1024), "");
     let r = proxy.get("/data/big.bin");
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), size);
@@ -381,58 +389,36 @@ fn reset_mid_body_resumes_from_backup_with_exact_bytes() {
         r.body.len()
     );
     let m = proxy.metrics();
-    assert_eq!(
-        metric(
-            &m,
-            "yatagarasu_replica_resumes_total{bucket=\"ha-data\",replica=\"backup\"}"
-        ),
-        Some(2.0),
-        "{m}"
+    let resumes = metric(
+        &m,
+        "yatagarasu_replica_resumes_total{bucket=\"ha-data\",replica=\"backup\"}",
     );
-    assert!(proxy
-        .log()
-        .contains("failed mid-body, resuming from 'backup'"));
+    assert_eq!(resumes, Some(2.0), "{m}");
+    assert!(proxy.log().contains(RESUMED));
 }
 
 #[test]
 fn reset_mid_body_resumes_with_zero_copy_on() {
-    let p = pair();
     let size = 16 * 1024 * 1024;
-    let body = pattern(size, 65);
-    p.primary.put("data-bucket", "big.bin", &body);
-    p.backup.put("data-bucket", "big.bin", &body);
-    let fault = Fault::start(p.primary.port, Mode::ResetAfter(5 * 1024 * 1024));
-    let port = free_port();
-    let cfg = format!(
-        "server:\n  address: \"127.0.0.1:{port}\"\n  workers: 1\n  zero_copy: \"on\"\n{}",
-        ha_config(&fault.endpoint(), &p.backup.endpoint(), NO_HEALTH, BREAKER)
+    let server = format!(
+        "server:\n  address: \"127.0.0.1:{}\"\n  workers: 1\n  zero_copy: \"on\"\n",
+        free_port()
     );
-    let proxy = Proxy::start(&cfg);
+    let (_p, _fault, proxy, body) =
+        resume_setup(size, 65, Mode::ResetAfter(5 * 1024 * 1024), &server);
     let r = proxy.get("/data/big.bin");
     assert_eq!(r.status, 200);
     assert!(r.body == body, "bytes differ ({} of {size})", r.body.len());
-    assert!(proxy
-        .log()
-        .contains("failed mid-body, resuming from 'backup'"));
+    assert!(proxy.log().contains(RESUMED));
 }
 
 #[test]
 fn a_body_that_stalls_longer_than_timeout_seconds_is_resumed() {
-    let p = pair();
     let size = 8 * 1024 * 1024;
-    let body = pattern(size, 66);
-    p.primary.put("data-bucket", "stall.bin", &body);
-    p.backup.put("data-bucket", "stall.bin", &body);
     // The primary sends 1 MiB, then nothing, with the connection left open.
-    let fault = Fault::start(p.primary.port, Mode::StallAfter(1024 * 1024));
-    let proxy = Proxy::start(&ha_config(
-        &fault.endpoint(),
-        &p.backup.endpoint(),
-        NO_HEALTH,
-        BREAKER,
-    ));
+    let (_p, _fault, proxy, body) = resume_setup(size, 66, Mode::StallAfter(1024 * 1024), "");
     let t = Instant::now();
-    let r = proxy.get("/data/stall.bin");
+    let r = proxy.get("/data/big.bin");
     assert_eq!(r.status, 200);
     assert!(r.body == body, "bytes differ ({} of {size})", r.body.len());
     // The stall is noticed after the primary's timeout_seconds (2 s).
@@ -441,10 +427,9 @@ fn a_body_that_stalls_longer_than_timeout_seconds_is_resumed() {
         "{:?}",
         t.elapsed()
     );
-    assert!(proxy
-        .log()
-        .contains("failed mid-body, resuming from 'backup'"));
-    assert!(proxy.metrics().contains("yatagarasu_replica_failures_total{bucket=\"ha-data\",replica=\"primary\",reason=\"timeout\"} 1"));
+    assert!(proxy.log().contains(RESUMED));
+    let failures = "yatagarasu_replica_failures_total{bucket=\"ha-data\",replica=\"primary\",reason=\"timeout\"} 1";
+    assert!(proxy.metrics().contains(failures));
 }
 
 #[test]
