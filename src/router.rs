@@ -19,6 +19,9 @@ pub enum RouteError {
     NoBucket,
     /// The prefix matched but named no object.
     NoKey,
+    /// A query parameter the proxy will not serve (an S3 sub-resource such as
+    /// `acl`), or a malformed value of a forwarded one; names the parameter.
+    BadQuery(&'static str),
 }
 
 /// Maps normalised prefixes to bucket indexes.
@@ -61,30 +64,55 @@ impl Router {
     }
 }
 
-/// Percent-decodes the path part of a request target into `out`.
+/// Splits a request target into its path and query (without `?`).
 ///
-/// Accepts origin-form (`/a/b?q`) and absolute-form (`http://h/a/b`); the query
-/// is dropped. Fails on malformed escapes, invalid UTF-8, NUL or dot segments.
-pub fn decode_path(target: &[u8], out: &mut String) -> Result<(), RouteError> {
+/// Origin-form (`/a/b?q`) and absolute-form (`http://h/a/b?q`). An
+/// absolute-form target must be a valid URI (checked with `http::Uri`); per
+/// RFC 3986 its authority ends at the first `/`, `?` or `#`, so
+/// `http://evil.example?/data/x` has an empty path and is refused.
+pub fn split_target(target: &[u8]) -> Result<(&[u8], &[u8]), RouteError> {
     let mut t = target;
     if t.first() != Some(&b'/') {
-        let lower = |p: &[u8], s: &[u8]| p.len() >= s.len() && p[..s.len()].eq_ignore_ascii_case(s);
-        let skip = if lower(t, b"http://") {
-            7
-        } else if lower(t, b"https://") {
-            8
-        } else {
-            return Err(RouteError::BadPath("request target must be a path"));
-        };
-        t = &t[skip..];
-        match t.iter().position(|&b| b == b'/') {
-            Some(p) => t = &t[p..],
-            None => return Err(RouteError::BadPath("request target has no path")),
+        let uri = http::Uri::try_from(t)
+            .map_err(|_| RouteError::BadPath("request target must be a path or an absolute URI"))?;
+        match uri.scheme_str() {
+            Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => {}
+            _ => return Err(RouteError::BadPath("request target must be a path")),
+        }
+        if uri.authority().is_none() {
+            return Err(RouteError::BadPath("request target has no authority"));
+        }
+        let after_scheme = t
+            .windows(3)
+            .position(|w| w == b"://")
+            .map(|p| p + 3)
+            .ok_or(RouteError::BadPath("request target must be a path"))?;
+        t = &t[after_scheme..];
+        let end = t
+            .iter()
+            .position(|&b| matches!(b, b'/' | b'?' | b'#'))
+            .unwrap_or(t.len());
+        t = &t[end..];
+        if t.first() != Some(&b'/') {
+            return Err(RouteError::BadPath("request target has no path"));
         }
     }
-    if let Some(q) = t.iter().position(|&b| b == b'?' || b == b'#') {
-        t = &t[..q];
-    }
+    let t = match t.iter().position(|&b| b == b'#') {
+        Some(f) => &t[..f],
+        None => t,
+    };
+    Ok(match t.iter().position(|&b| b == b'?') {
+        Some(q) => (&t[..q], &t[q + 1..]),
+        None => (t, &[][..]),
+    })
+}
+
+/// Percent-decodes the path part of a request target into `out`.
+///
+/// The query is not part of the path (see [`upstream_query`]). Fails on
+/// malformed escapes, invalid UTF-8, NUL or dot segments.
+pub fn decode_path(target: &[u8], out: &mut String) -> Result<(), RouteError> {
+    let (t, _) = split_target(target)?;
     let mut bytes = std::mem::take(out).into_bytes();
     bytes.clear();
     let mut i = 0;
@@ -134,6 +162,153 @@ pub fn encode_key(key: &str, out: &mut String) {
     }
 }
 
+/// Query parameters forwarded to S3 and signed: they select *which* object
+/// bytes are read. In SigV4 canonical (byte) order.
+const FORWARDED_QUERY: [&str; 2] = ["partNumber", "versionId"];
+
+/// S3 sub-resources: they address something other than the object's bytes
+/// (or a write), so a read-only object proxy refuses them with a 400 naming
+/// the parameter. Every other parameter (cache-busters like `?v=123`) is
+/// dropped.
+const SUBRESOURCES: &[&str] = &[
+    "accelerate",
+    "acl",
+    "analytics",
+    "attributes",
+    "cors",
+    "delete",
+    "encryption",
+    "intelligent-tiering",
+    "inventory",
+    "legal-hold",
+    "lifecycle",
+    "list-type",
+    "location",
+    "logging",
+    "metrics",
+    "notification",
+    "object-lock",
+    "ownershipControls",
+    "policy",
+    "policyStatus",
+    "publicAccessBlock",
+    "replication",
+    "requestPayment",
+    "restore",
+    "retention",
+    "select",
+    "select-type",
+    "tagging",
+    "torrent",
+    "uploadId",
+    "uploads",
+    "versioning",
+    "versions",
+    "website",
+];
+
+/// Percent-decodes `v` (query component: `+` stays `+`, as S3 reads it).
+fn decode_component(v: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(v.len());
+    let mut i = 0;
+    while i < v.len() {
+        if v[i] == b'%' {
+            let hi = v.get(i + 1).and_then(|c| (*c as char).to_digit(16))?;
+            let lo = v.get(i + 2).and_then(|c| (*c as char).to_digit(16))?;
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(v[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// The query to send upstream, in SigV4 canonical form (sorted, each value
+/// encoded with SigV4's rules), appended to `out`: `partNumber` and
+/// `versionId` when the client gave them; empty otherwise.
+pub fn upstream_query(target: &[u8], out: &mut String) -> Result<(), RouteError> {
+    let (_, query) = split_target(target)?;
+    if query.is_empty() {
+        return Ok(());
+    }
+    let mut values: [Option<Vec<u8>>; FORWARDED_QUERY.len()] = Default::default();
+    for pair in query.split(|&b| b == b'&') {
+        if pair.is_empty() {
+            continue;
+        }
+        let (name, value) = match pair.iter().position(|&b| b == b'=') {
+            Some(p) => (&pair[..p], &pair[p + 1..]),
+            None => (pair, &[][..]),
+        };
+        let Some(name) = decode_component(name) else {
+            continue;
+        };
+        if let Some(i) = FORWARDED_QUERY.iter().position(|f| f.as_bytes() == name) {
+            let v = decode_component(value)
+                .filter(|v| !v.is_empty() && std::str::from_utf8(v).is_ok())
+                .ok_or(RouteError::BadQuery(FORWARDED_QUERY[i]))?;
+            if values[i].is_some()
+                || (FORWARDED_QUERY[i] == "partNumber"
+                    && !(v.iter().all(u8::is_ascii_digit) && v.len() <= 5))
+            {
+                return Err(RouteError::BadQuery(FORWARDED_QUERY[i]));
+            }
+            values[i] = Some(v);
+        } else if let Some(sub) = SUBRESOURCES.iter().find(|s| s.as_bytes() == name) {
+            return Err(RouteError::BadQuery(sub));
+        }
+    }
+    for (name, value) in FORWARDED_QUERY.iter().zip(values.iter()) {
+        let Some(v) = value else { continue };
+        if !out.is_empty() {
+            out.push('&');
+        }
+        out.push_str(name);
+        out.push('=');
+        // Valid UTF-8 (checked above): encode every byte but unreserved ones.
+        encode_component(std::str::from_utf8(v).unwrap_or_default(), out);
+    }
+    Ok(())
+}
+
+/// The target as the access log shows it: the path, then the query's
+/// parameter names with every value redacted (URLs of CDN origins carry
+/// signatures and tokens).
+pub fn loggable_target(target: &[u8], out: &mut String) {
+    out.clear();
+    let (path, query) = match target.iter().position(|&b| b == b'?') {
+        Some(q) => (&target[..q], &target[q + 1..]),
+        None => (target, &[][..]),
+    };
+    out.push_str(&String::from_utf8_lossy(path));
+    let mut first = true;
+    for pair in query.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
+        let name = pair.split(|&b| b == b'=').next().unwrap_or_default();
+        out.push(if first { '?' } else { '&' });
+        first = false;
+        out.push_str(&String::from_utf8_lossy(name));
+        if name.len() < pair.len() {
+            out.push_str("=REDACTED");
+        }
+    }
+}
+
+/// Appends `v` URI-encoded for a SigV4 query component (`/` escaped too).
+fn encode_component(v: &str, out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in v.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 15) as usize] as char);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +346,48 @@ mod tests {
         assert!(decode_path(b"/data/%ff", &mut s).is_err());
         assert!(decode_path(b"/data/a%00", &mut s).is_err());
         assert!(decode_path(b"*", &mut s).is_err());
+        // RFC 3986: the authority ends at '?', so this target has no path.
+        assert!(decode_path(b"http://evil.example?/data/x", &mut s).is_err());
+        assert!(decode_path(b"http://evil.example#/data/x", &mut s).is_err());
+        decode_path(b"http://example.com/data/x?y", &mut s).unwrap();
+        assert_eq!(s, "/data/x");
+    }
+
+    #[test]
+    fn forwards_version_and_part_refuses_subresources_drops_the_rest() {
+        let q = |t: &str| {
+            let mut out = String::new();
+            upstream_query(t.as_bytes(), &mut out).map(|_| out)
+        };
+        assert_eq!(q("/d/k").unwrap(), "");
+        assert_eq!(q("/d/k?v=123&token=abc").unwrap(), "");
+        assert_eq!(
+            q("/d/k?versionId=a/b%2Bc&partNumber=2&v=1").unwrap(),
+            "partNumber=2&versionId=a%2Fb%2Bc"
+        );
+        assert_eq!(q("/d/k?acl"), Err(RouteError::BadQuery("acl")));
+        assert_eq!(
+            q("/d/k?x=1&legal-hold"),
+            Err(RouteError::BadQuery("legal-hold"))
+        );
+        assert_eq!(
+            q("/d/k?partNumber=x"),
+            Err(RouteError::BadQuery("partNumber"))
+        );
+        assert_eq!(
+            q("/d/k?versionId=1&versionId=2"),
+            Err(RouteError::BadQuery("versionId"))
+        );
+        assert_eq!(q("/d/k?versionId="), Err(RouteError::BadQuery("versionId")));
+    }
+
+    #[test]
+    fn log_target_keeps_names_and_redacts_values() {
+        let mut s = String::new();
+        loggable_target(b"/data/x?token=secret&v&sig=zz", &mut s);
+        assert_eq!(s, "/data/x?token=REDACTED&v&sig=REDACTED");
+        loggable_target(b"/data/x", &mut s);
+        assert_eq!(s, "/data/x");
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub struct ReplicaShared {
     pub probe: Arc<AtomicU8>,
     /// Stable id of `(bucket name, replica name)` for metrics.
     pub metric_id: usize,
+    /// When (ms since epoch) this replica last gave any core a non-5xx
+    /// answer, to about a second: written at most once a second per core.
+    /// Tells a request that fails everywhere from a replica that does.
+    pub last_answer_ms: AtomicU64,
 }
 
 /// What one shard exposes to other threads.
@@ -168,8 +172,12 @@ impl Process {
         let old = self.current();
         let mut errs = Vec::new();
         let (a, b) = (&old.config.server, &config.server);
-        if a.address != b.address || a.workers != b.workers || a.tls != b.tls {
-            errs.push("server.address, server.workers and server.tls cannot change on reload; restart instead".into());
+        if a.address != b.address
+            || a.workers != b.workers
+            || a.tls != b.tls
+            || a.max_connections != b.max_connections
+        {
+            errs.push("server.address, server.workers, server.tls and server.max_connections cannot change on reload; restart instead".into());
         }
         if old.config.metrics.enabled != config.metrics.enabled
             || old.config.metrics.address != config.metrics.address
@@ -251,6 +259,7 @@ impl Shared {
                     breaker,
                     probe,
                     metric_id: registry.replica_id(&b.name, &r.name),
+                    last_answer_ms: AtomicU64::new(0),
                 });
             }
             bucket_replicas.push(ids);

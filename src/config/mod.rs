@@ -30,10 +30,36 @@ pub struct Server {
     pub address: SocketAddr,
     pub workers: usize,
     pub idle_timeout: Duration,
+    /// A request head must be complete this long after its first byte.
+    pub request_head_timeout: Duration,
+    /// Open client connections allowed per process (split evenly across
+    /// workers); more are refused at accept.
+    pub max_connections: usize,
     pub shutdown_timeout: Duration,
     pub zero_copy: ZeroCopy,
     /// `server.tls`: serve HTTPS with this certificate chain and key (PEM).
     pub tls: Option<ListenerTls>,
+}
+
+/// `server.request_head_timeout_seconds` default.
+pub const DEFAULT_REQUEST_HEAD_TIMEOUT_SECS: u64 = 10;
+
+/// `server.max_connections` default: what the file-descriptor limit allows,
+/// with room for two upstream sockets per client connection and a reserve
+/// for listeners, pipes and files (a third of the limit per client, at least 64).
+pub fn default_max_connections() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid rlimit struct passed by pointer.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    let fds = if ok && lim.rlim_cur != libc::RLIM_INFINITY {
+        lim.rlim_cur as usize
+    } else {
+        1024
+    };
+    (fds.saturating_sub(64) / 3).max(64)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,6 +279,23 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
     if idle == 0 {
         errs.push("server.idle_timeout_seconds: must be at least 1".into());
     }
+    let head_timeout = raw
+        .server
+        .request_head_timeout_seconds
+        .unwrap_or(DEFAULT_REQUEST_HEAD_TIMEOUT_SECS);
+    if head_timeout == 0 {
+        errs.push("server.request_head_timeout_seconds: must be at least 1".into());
+    }
+    let max_connections = raw
+        .server
+        .max_connections
+        .unwrap_or_else(default_max_connections);
+    if max_connections < workers.max(1) {
+        errs.push(format!(
+            "server.max_connections: must be at least the number of workers ({})",
+            workers.max(1)
+        ));
+    }
     let zero_copy = match raw
         .server
         .zero_copy
@@ -285,6 +328,8 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         address,
         workers: workers.max(1),
         idle_timeout: Duration::from_secs(idle.max(1)),
+        request_head_timeout: Duration::from_secs(head_timeout.max(1)),
+        max_connections: max_connections.max(workers.max(1)),
         shutdown_timeout: Duration::from_secs(raw.server.shutdown_timeout_seconds.unwrap_or(30)),
     };
 

@@ -32,6 +32,10 @@ pub struct RawServer {
     pub idle_timeout_seconds: Option<u64>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub shutdown_timeout_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub request_head_timeout_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub max_connections: Option<usize>,
     #[serde(default)]
     pub zero_copy: Option<String>,
     #[serde(default)]

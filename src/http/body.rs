@@ -8,6 +8,7 @@
 
 use super::chunked::ChunkedDecoder;
 use super::io::{read_more, write_range};
+use crate::upstream::client::Cause;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use std::time::Duration;
 #[derive(Debug)]
 pub enum PumpError {
     /// The upstream stalled, reset, closed early or sent bad framing.
-    Upstream(&'static str),
+    Upstream(Cause),
     /// The client went away or stopped reading.
     Client,
 }
@@ -35,12 +36,8 @@ pub struct Timeouts {
     pub client: Duration,
 }
 
-fn upstream_error(e: &std::io::Error) -> &'static str {
-    match e.kind() {
-        std::io::ErrorKind::TimedOut => "timeout",
-        std::io::ErrorKind::ConnectionReset => "reset",
-        _ => "io",
-    }
+fn upstream_error(e: &std::io::Error) -> Cause {
+    Cause::of_io(e)
 }
 
 /// Streams exactly `remaining` bytes; `buf[start..]` already holds the first ones.
@@ -83,7 +80,7 @@ where
         buf.clear();
         from = 0;
         match read_more(up, buf, t.upstream).await {
-            Ok(0) => return Err((PumpError::Upstream("truncated"), sent)),
+            Ok(0) => return Err((PumpError::Upstream(Cause::Truncated), sent)),
             Ok(_) => {}
             Err(e) => return Err((PumpError::Upstream(upstream_error(&e)), sent)),
         }
@@ -110,7 +107,7 @@ where
     loop {
         let d = decoder
             .decode(&mut buf[from..])
-            .map_err(|_| (PumpError::Upstream("malformed"), sent))?;
+            .map_err(|_| (PumpError::Upstream(Cause::Malformed), sent))?;
         let reusable = d.done && from + d.consumed == buf.len();
         if d.payload > 0 {
             // Payload now sits at buf[from..from + payload].
@@ -156,7 +153,7 @@ where
         buf.clear();
         from = 0;
         match read_more(up, buf, t.upstream).await {
-            Ok(0) => return Err((PumpError::Upstream("truncated"), sent)),
+            Ok(0) => return Err((PumpError::Upstream(Cause::Truncated), sent)),
             Ok(_) => {}
             Err(e) => return Err((PumpError::Upstream(upstream_error(&e)), sent)),
         }
@@ -259,10 +256,10 @@ where
         let want = remaining.min(SPLICE_CHUNK) as u32;
         let n = match monoio::time::timeout(t.upstream, up.splice_to_pipe(&mut pipe.1, want)).await
         {
-            Ok(Ok(0)) => return Err((PumpError::Upstream("truncated"), sent)),
+            Ok(Ok(0)) => return Err((PumpError::Upstream(Cause::Truncated), sent)),
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return Err((PumpError::Upstream(upstream_error(&e)), sent)),
-            Err(_) => return Err((PumpError::Upstream("timeout"), sent)),
+            Err(_) => return Err((PumpError::Upstream(Cause::Timeout), sent)),
         };
         let mut left = n;
         while left > 0 {
@@ -281,4 +278,281 @@ where
         sent,
         reusable: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pumps over scripted in-memory streams: every split point of a
+    //! valid body relays exactly its payload; truncation, bad framing,
+    //! stalls and client failures are reported as the right side's error.
+
+    use super::*;
+    use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
+    use monoio::io::{AsyncReadRent, AsyncWriteRent};
+    use monoio::BufResult;
+    use std::collections::VecDeque;
+    use std::io;
+
+    /// What a scripted upstream does on each read.
+    enum Event {
+        Data(Vec<u8>),
+        Fail(io::ErrorKind),
+        /// Never completes (a stalled upstream).
+        Stall,
+    }
+
+    /// An upstream that returns its events one read at a time; EOF after.
+    struct Scripted(VecDeque<Event>);
+
+    impl Scripted {
+        /// `bytes` delivered in reads split at `cuts` (ascending offsets).
+        fn split(bytes: &[u8], cuts: &[usize]) -> Scripted {
+            let mut events = VecDeque::new();
+            let mut from = 0;
+            for &c in cuts.iter().chain(std::iter::once(&bytes.len())) {
+                if c > from {
+                    events.push_back(Event::Data(bytes[from..c].to_vec()));
+                    from = c;
+                }
+            }
+            Scripted(events)
+        }
+    }
+
+    impl AsyncReadRent for Scripted {
+        async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+            match self.0.pop_front() {
+                None => (Ok(0), buf),
+                Some(Event::Fail(kind)) => (Err(io::Error::from(kind)), buf),
+                Some(Event::Stall) => {
+                    std::future::pending::<()>().await;
+                    (Ok(0), buf)
+                }
+                Some(Event::Data(chunk)) => {
+                    let mut src: &[u8] = &chunk;
+                    let (r, buf) = src.read(buf).await;
+                    if !src.is_empty() {
+                        self.0.push_front(Event::Data(src.to_vec()));
+                    }
+                    (r, buf)
+                }
+            }
+        }
+
+        async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+            (Err(io::Error::from(io::ErrorKind::Unsupported)), buf)
+        }
+    }
+
+    /// A client that takes at most `max` bytes per write; fails after `fail_after` bytes.
+    struct Sink {
+        out: Vec<u8>,
+        max: usize,
+        fail_after: usize,
+    }
+
+    impl Sink {
+        fn new(max: usize) -> Sink {
+            Sink {
+                out: Vec::new(),
+                max,
+                fail_after: usize::MAX,
+            }
+        }
+    }
+
+    impl AsyncWriteRent for Sink {
+        async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+            if self.out.len() >= self.fail_after {
+                return (Err(io::Error::from(io::ErrorKind::BrokenPipe)), buf);
+            }
+            // SAFETY: `read_ptr` points at `bytes_init` initialised bytes owned
+            // by `buf`, which lives until this function returns it.
+            let bytes = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) };
+            let n = bytes.len().min(self.max);
+            self.out.extend_from_slice(&bytes[..n]);
+            (Ok(n), buf)
+        }
+
+        async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+            (Err(io::Error::from(io::ErrorKind::Unsupported)), buf)
+        }
+
+        async fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+
+        async fn shutdown(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("test runtime")
+            .block_on(f)
+    }
+
+    const T: Timeouts = Timeouts {
+        upstream: Duration::from_millis(200),
+        client: Duration::from_millis(200),
+    };
+
+    fn buf() -> Vec<u8> {
+        Vec::with_capacity(16)
+    }
+
+    /// Decodes an HTTP/1.1 chunked body (for checking re-chunked output).
+    fn dechunk(mut b: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let nl = b.windows(2).position(|w| w == b"\r\n").expect("size line");
+            let size = usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap(), 16).unwrap();
+            b = &b[nl + 2..];
+            if size == 0 {
+                assert_eq!(b, b"\r\n");
+                return out;
+            }
+            out.extend_from_slice(&b[..size]);
+            assert_eq!(&b[size..size + 2], b"\r\n");
+            b = &b[size + 2..];
+        }
+    }
+
+    #[test]
+    fn length_relays_exactly_the_body_at_every_split_point() {
+        let body: Vec<u8> = (0..40u8).collect();
+        for cut in 0..=body.len() {
+            for write_max in [1, 7, 1000] {
+                let mut up = Scripted::split(&body, &[cut]);
+                let mut client = Sink::new(write_max);
+                let p = run(length(&mut up, &mut buf(), 0, 40, &mut client, T)).unwrap();
+                assert_eq!((p.sent, p.reusable), (40, true));
+                assert_eq!(client.out, body, "cut {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn length_never_forwards_bytes_past_the_length_and_marks_the_connection() {
+        let mut up = Scripted::split(b"abcdefEXTRA", &[3]);
+        let mut client = Sink::new(1000);
+        let p = run(length(&mut up, &mut buf(), 0, 6, &mut client, T)).unwrap();
+        assert_eq!(client.out, b"abcdef");
+        assert!(!p.reusable);
+    }
+
+    #[test]
+    fn length_reports_truncation_reset_and_stall_as_upstream_failures() {
+        let cases: [(Vec<Event>, Cause); 3] = [
+            (vec![Event::Data(b"abc".to_vec())], Cause::Truncated),
+            (
+                vec![
+                    Event::Data(b"abc".to_vec()),
+                    Event::Fail(io::ErrorKind::ConnectionReset),
+                ],
+                Cause::Reset,
+            ),
+            (
+                vec![Event::Data(b"abc".to_vec()), Event::Stall],
+                Cause::Timeout,
+            ),
+        ];
+        for (events, want) in cases {
+            let mut up = Scripted(events.into());
+            let mut client = Sink::new(1000);
+            match run(length(&mut up, &mut buf(), 0, 10, &mut client, T)) {
+                Err((PumpError::Upstream(c), 3)) => assert_eq!(c, want),
+                other => panic!("{want:?}: {other:?}"),
+            }
+            assert_eq!(client.out, b"abc");
+        }
+    }
+
+    #[test]
+    fn a_failing_client_is_the_clients_error() {
+        let mut up = Scripted::split(b"abcdef", &[3]);
+        let mut client = Sink::new(3);
+        client.fail_after = 3;
+        match run(length(&mut up, &mut buf(), 0, 6, &mut client, T)) {
+            Err((PumpError::Client, 3)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn chunked_relays_the_payload_at_every_pair_of_split_points() {
+        let wire = b"5;x=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nT: v\r\n\r\n";
+        for a in 0..=wire.len() {
+            for b in a..=wire.len() {
+                let mut up = Scripted::split(wire, &[a, b]);
+                let mut client = Sink::new(1000);
+                let p = run(chunked(&mut up, &mut buf(), 0, &mut client, true, T))
+                    .unwrap_or_else(|e| panic!("cuts {a},{b}: {e:?}"));
+                assert_eq!(dechunk(&client.out), b"hello world", "cuts {a},{b}");
+                assert_eq!(p.sent, 11);
+                assert!(p.reusable);
+                // Raw (HTTP/1.0 client): the payload alone.
+                let mut up = Scripted::split(wire, &[a, b]);
+                let mut client = Sink::new(1000);
+                run(chunked(&mut up, &mut buf(), 0, &mut client, false, T)).unwrap();
+                assert_eq!(client.out, b"hello world");
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_with_bytes_after_the_end_is_not_reusable() {
+        let mut up = Scripted::split(b"1\r\na\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n", &[]);
+        let mut client = Sink::new(1000);
+        let p = run(chunked(&mut up, &mut buf(), 0, &mut client, true, T)).unwrap();
+        assert!(!p.reusable);
+    }
+
+    #[test]
+    fn chunked_reports_cut_and_garbage_bodies() {
+        let mut up = Scripted::split(b"5\r\nhel", &[]);
+        let mut client = Sink::new(1000);
+        assert!(matches!(
+            run(chunked(&mut up, &mut buf(), 0, &mut client, true, T)),
+            Err((PumpError::Upstream(Cause::Truncated), 3))
+        ));
+        let mut up = Scripted::split(b"zz\r\n", &[]);
+        assert!(matches!(
+            run(chunked(&mut up, &mut buf(), 0, &mut Sink::new(9), true, T)),
+            Err((PumpError::Upstream(Cause::Malformed), 0))
+        ));
+    }
+
+    #[test]
+    fn until_close_relays_everything_and_rechunks() {
+        let body: Vec<u8> = (0..30u8).collect();
+        for cut in 0..=body.len() {
+            let mut up = Scripted::split(&body, &[cut]);
+            let mut client = Sink::new(1000);
+            let p = run(until_close(&mut up, &mut buf(), 0, &mut client, true, T)).unwrap();
+            assert_eq!(dechunk(&client.out), body, "cut {cut}");
+            assert_eq!((p.sent, p.reusable), (30, false));
+        }
+        let mut up = Scripted(
+            vec![
+                Event::Data(b"ab".to_vec()),
+                Event::Fail(io::ErrorKind::ConnectionReset),
+            ]
+            .into(),
+        );
+        assert!(matches!(
+            run(until_close(
+                &mut up,
+                &mut buf(),
+                0,
+                &mut Sink::new(9),
+                false,
+                T
+            )),
+            Err((PumpError::Upstream(Cause::Reset), 2))
+        ));
+    }
 }

@@ -49,6 +49,10 @@ pub struct Request {
     pub target: Vec<u8>,
     pub http10: bool,
     pub keep_alive: bool,
+    /// The request announced a body (`Content-Length` > 0 or
+    /// `Transfer-Encoding`). Only accepted on methods answered with 405,
+    /// and the connection is then closed: the body is never read.
+    pub has_body: bool,
     pub request_id: String,
     /// `(index into FORWARDED_REQUEST_HEADERS, value)`.
     pub forwarded: Vec<(usize, String)>,
@@ -76,6 +80,8 @@ pub enum HeadError {
     BadRequest(&'static str),
     UriTooLong,
     HeadersTooLarge,
+    /// The head was not complete within `request_head_timeout_seconds`.
+    TimedOut,
 }
 
 impl HeadError {
@@ -84,9 +90,13 @@ impl HeadError {
             HeadError::Partial | HeadError::BadRequest(_) => 400,
             HeadError::UriTooLong => 414,
             HeadError::HeadersTooLarge => 431,
+            HeadError::TimedOut => 408,
         }
     }
 }
+
+/// Index of `range` in [`FORWARDED_REQUEST_HEADERS`].
+const RANGE: usize = 0;
 
 /// Parses a request head from `buf`; on success returns the head's length.
 pub fn parse_request(buf: &[u8], req: &mut Request) -> Result<usize, HeadError> {
@@ -95,11 +105,15 @@ pub fn parse_request(buf: &[u8], req: &mut Request) -> Result<usize, HeadError> 
     let status = match parsed.parse(buf) {
         Ok(s) => s,
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::HeadersTooLarge),
+        Err(httparse::Error::Version) if minor_version_above_one(buf) => {
+            // HTTP/1.2 and later minors are handled as HTTP/1.1 (RFC 9112 §2.6).
+            return parse_as_http11(buf, req);
+        }
         Err(httparse::Error::Version) => {
             return Err(HeadError::BadRequest("unsupported HTTP version"))
         }
         Err(_) => {
-            if line_too_long(buf) {
+            if request_line_too_long(buf) {
                 return Err(HeadError::UriTooLong);
             }
             return Err(HeadError::BadRequest("malformed request head"));
@@ -108,7 +122,7 @@ pub fn parse_request(buf: &[u8], req: &mut Request) -> Result<usize, HeadError> 
     let len = match status {
         httparse::Status::Complete(n) => n,
         httparse::Status::Partial => {
-            if line_too_long(buf) {
+            if request_line_too_long(buf) {
                 return Err(HeadError::UriTooLong);
             }
             if buf.len() >= MAX_REQUEST_HEAD {
@@ -135,12 +149,16 @@ pub fn parse_request(buf: &[u8], req: &mut Request) -> Result<usize, HeadError> 
     req.target.clear();
     req.target.extend_from_slice(path.as_bytes());
     req.http10 = parsed.version == Some(0);
+    req.has_body = false;
     req.request_id.clear();
     for (_, v) in req.forwarded.drain(..) {
         req.spare.push(v);
     }
+    let reads = req.method() != Method::Other;
     let mut connection_close = false;
     let mut connection_keep_alive = false;
+    // Forwarded headers named in `Connection` are hop-by-hop (RFC 9110 §7.6.1).
+    let mut hop_by_hop = 0u32;
     let mut has_host = false;
     for h in parsed.headers.iter() {
         let name = h.name;
@@ -149,6 +167,9 @@ pub fn parse_request(buf: &[u8], req: &mut Request) -> Result<usize, HeadError> 
                 return Err(HeadError::BadRequest("duplicate Host header"));
             }
             has_host = true;
+            if !valid_host(trim(h.value)) {
+                return Err(HeadError::BadRequest("invalid Host header"));
+            }
         } else if name.eq_ignore_ascii_case("connection") {
             for token in h.value.split(|&b| b == b',') {
                 let t = trim(token);
@@ -156,14 +177,20 @@ pub fn parse_request(buf: &[u8], req: &mut Request) -> Result<usize, HeadError> 
                     connection_close = true;
                 } else if t.eq_ignore_ascii_case(b"keep-alive") {
                     connection_keep_alive = true;
+                } else if let Some(idx) = FORWARDED_REQUEST_HEADERS
+                    .iter()
+                    .position(|f| t.eq_ignore_ascii_case(f.as_bytes()))
+                {
+                    hop_by_hop |= 1 << idx;
                 }
             }
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(HeadError::BadRequest("request bodies are not accepted"));
-        } else if name.eq_ignore_ascii_case("content-length") {
-            if trim(h.value) != b"0" {
+        } else if name.eq_ignore_ascii_case("transfer-encoding")
+            || (name.eq_ignore_ascii_case("content-length") && trim(h.value) != b"0")
+        {
+            if reads {
                 return Err(HeadError::BadRequest("request bodies are not accepted"));
             }
+            req.has_body = true;
         } else if name.eq_ignore_ascii_case("x-request-id") {
             let v = trim(h.value);
             if !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic()) {
@@ -180,11 +207,24 @@ pub fn parse_request(buf: &[u8], req: &mut Request) -> Result<usize, HeadError> 
             if value.bytes().any(|b| b.is_ascii_control()) {
                 return Err(HeadError::BadRequest("control character in header"));
             }
+            if idx == RANGE && req.header(RANGE).is_some() {
+                return Err(HeadError::BadRequest("more than one Range header"));
+            }
             let mut s = req.spare.pop().unwrap_or_default();
             s.clear();
             s.push_str(value);
             req.forwarded.push((idx, s));
         }
+    }
+    if hop_by_hop != 0 {
+        let spare = &mut req.spare;
+        req.forwarded.retain_mut(|(i, v)| {
+            let keep = hop_by_hop & (1 << *i) == 0;
+            if !keep {
+                spare.push(std::mem::take(v));
+            }
+            keep
+        });
     }
     if !req.http10 && !has_host {
         return Err(HeadError::BadRequest(
@@ -199,9 +239,75 @@ pub fn parse_request(buf: &[u8], req: &mut Request) -> Result<usize, HeadError> 
     Ok(len)
 }
 
-fn line_too_long(buf: &[u8]) -> bool {
-    let line_end = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
-    line_end > MAX_REQUEST_LINE
+/// `Host` is `uri-host [ ":" port ]` (RFC 9112 §3.2): no user info, no path,
+/// no spaces. Empty is allowed (for targets without an authority).
+fn valid_host(v: &[u8]) -> bool {
+    if v.is_empty() {
+        return true;
+    }
+    if v.iter()
+        .any(|&b| b == b'@' || b == b'/' || b == b'?' || b == b'#')
+    {
+        return false;
+    }
+    if http::uri::Authority::try_from(v).is_err() {
+        return false;
+    }
+    // The port, if any, is digits (the authority parser takes `h:x`).
+    let after_host = match v.iter().rposition(|&b| b == b']') {
+        Some(end) => &v[end + 1..],
+        None => v,
+    };
+    match after_host.iter().position(|&b| b == b':') {
+        Some(p) => {
+            let port = &after_host[p + 1..];
+            port.is_empty() || parse_decimal(port).is_some_and(|n| n <= 65535)
+        }
+        None => true,
+    }
+}
+
+/// The request line ends in `HTTP/1.N` with N > 1.
+fn minor_version_above_one(buf: &[u8]) -> bool {
+    let line = match buf.iter().position(|&b| b == b'\n') {
+        Some(p) => &buf[..p],
+        None => return false,
+    };
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    line.len() >= 9
+        && line[line.len() - 9..line.len() - 1] == *b" HTTP/1."
+        && matches!(line[line.len() - 1], b'2'..=b'9')
+}
+
+/// Re-parses a head whose version is `HTTP/1.N` (N > 1) as HTTP/1.1.
+fn parse_as_http11(buf: &[u8], req: &mut Request) -> Result<usize, HeadError> {
+    let mut copy = buf.to_vec();
+    let end = copy.iter().position(|&b| b == b'\n').unwrap_or(0);
+    let digit = if copy[..end].ends_with(b"\r") {
+        end - 2
+    } else {
+        end - 1
+    };
+    copy[digit] = b'1';
+    parse_request(&copy, req)
+}
+
+/// The buffer starts like a request line (`TOKEN SP target`) whose target
+/// runs past [`MAX_REQUEST_LINE`]: 414. Garbage without that shape is a 400
+/// (or 431 when it is simply too big), never "URI too long".
+fn request_line_too_long(buf: &[u8]) -> bool {
+    let Some(sp) = buf.iter().take(32).position(|&b| b == b' ') else {
+        return false;
+    };
+    if sp == 0 || !buf[..sp].iter().all(|b| b.is_ascii_uppercase()) {
+        return false;
+    }
+    let target = &buf[sp + 1..];
+    let end = target
+        .iter()
+        .position(|&b| b == b' ' || b == b'\r' || b == b'\n')
+        .unwrap_or(target.len());
+    end > MAX_REQUEST_LINE && target.first().is_some_and(|&b| b == b'/' || b == b'h')
 }
 
 fn trim(v: &[u8]) -> &[u8] {
@@ -228,7 +334,7 @@ pub enum Framing {
 }
 
 /// Response headers copied from S3 to the client.
-const FORWARDED_RESPONSE_HEADERS: [&str; 14] = [
+const FORWARDED_RESPONSE_HEADERS: [&str; 15] = [
     "content-type",
     "content-length",
     "content-range",
@@ -243,7 +349,45 @@ const FORWARDED_RESPONSE_HEADERS: [&str; 14] = [
     "date",
     "vary",
     "x-amz-version-id",
+    "location",
 ];
+
+/// A single-range `Content-Range: bytes FIRST-LAST/TOTAL` (TOTAL may be `*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContentRange {
+    pub first: u64,
+    pub last: u64,
+    pub total: Option<u64>,
+}
+
+impl ContentRange {
+    /// Parses `bytes FIRST-LAST/TOTAL` strictly; anything else is `None`.
+    pub fn parse(v: &str) -> Option<ContentRange> {
+        let spec = v.strip_prefix("bytes ")?;
+        let (range, total) = spec.split_once('/')?;
+        let (first, last) = range.split_once('-')?;
+        let first = parse_decimal(first.as_bytes())?;
+        let last = parse_decimal(last.as_bytes())?;
+        let total = match total {
+            "*" => None,
+            t => Some(parse_decimal(t.as_bytes())?),
+        };
+        if last < first || total.is_some_and(|t| last >= t) {
+            return None;
+        }
+        Some(ContentRange { first, last, total })
+    }
+}
+
+/// A non-empty run of ASCII digits as a u64 (no sign, no spaces, no overflow).
+pub fn parse_decimal(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter().try_fold(0u64, |acc, d| {
+        acc.checked_mul(10)?.checked_add((d - b'0') as u64)
+    })
+}
 
 /// The parts of an upstream response the proxy uses; reused across requests.
 #[derive(Debug, Default)]
@@ -252,8 +396,12 @@ pub struct Response {
     pub framing: Option<Framing>,
     pub keep_alive: bool,
     pub etag: String,
-    pub content_range_start: Option<u64>,
-    pub content_range_total: Option<u64>,
+    /// A valid single-range `Content-Range`, if the response carried one.
+    pub content_range: Option<ContentRange>,
+    /// `Content-Type: multipart/...` (a multi-range 206): never resumed.
+    pub multipart: bool,
+    /// The upstream sent a `Date` header.
+    pub has_date: bool,
     /// Headers to pass to the client, already formatted as `Name: value\r\n`.
     pub forward: String,
 }
@@ -265,6 +413,11 @@ impl Response {
 }
 
 /// Parses an upstream response head; `head_request` marks responses to HEAD.
+///
+/// Malformed (an error): a status outside 100-599, a `Content-Length` that is
+/// not plain digits or that disagrees with another, any `Transfer-Encoding`
+/// other than exactly `chunked`, and both `Content-Length` and
+/// `Transfer-Encoding` (RFC 9112 §6.3: a proxy must not guess).
 pub fn parse_response(
     buf: &[u8],
     head_request: bool,
@@ -280,14 +433,19 @@ pub fn parse_response(
             }
             return Ok(None);
         }
+        Err(httparse::Error::TooManyHeaders) => return Err("too many response headers"),
         Err(_) => return Err("malformed response head"),
     };
     let status = parsed.code.unwrap_or(0);
+    if !(100..=599).contains(&status) {
+        return Err("response status outside 100-599");
+    }
     resp.status = status;
     resp.etag.clear();
     resp.forward.clear();
-    resp.content_range_start = None;
-    resp.content_range_total = None;
+    resp.content_range = None;
+    resp.multipart = false;
+    resp.has_date = false;
     let http10 = parsed.version == Some(0);
     let mut keep_alive = !http10;
     let mut length: Option<u64> = None;
@@ -296,22 +454,16 @@ pub fn parse_response(
         let name = h.name;
         let value = trim(h.value);
         if name.eq_ignore_ascii_case("content-length") {
-            let v = std::str::from_utf8(value)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or("invalid Content-Length")?;
+            let v = parse_decimal(value).ok_or("invalid Content-Length")?;
             if length.is_some_and(|l| l != v) {
                 return Err("conflicting Content-Length headers");
             }
             length = Some(v);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = value
-                .rsplit(|&b| b == b',')
-                .next()
-                .map(trim)
-                .unwrap_or_default();
-            if !last.eq_ignore_ascii_case(b"chunked") {
-                return Err("unsupported Transfer-Encoding");
+            // Only `chunked`, once: any other coding (gzip, ...) would reach
+            // the client decoded by nobody.
+            if chunked || !value.eq_ignore_ascii_case(b"chunked") {
+                return Err("unsupported Transfer-Encoding (only chunked is accepted)");
             }
             chunked = true;
         } else if name.eq_ignore_ascii_case("connection") {
@@ -336,21 +488,20 @@ pub fn parse_response(
         };
         if name.eq_ignore_ascii_case("etag") {
             resp.etag.push_str(v);
-        }
-        if name.eq_ignore_ascii_case("content-range") {
-            // "bytes START-END/TOTAL"
-            if let Some(spec) = v.strip_prefix("bytes ") {
-                if let Some((range, total)) = spec.split_once('/') {
-                    resp.content_range_start =
-                        range.split_once('-').and_then(|(s, _)| s.parse().ok());
-                    resp.content_range_total = total.parse().ok();
-                }
-            }
+        } else if name.eq_ignore_ascii_case("content-range") {
+            resp.content_range = ContentRange::parse(v);
+        } else if name.eq_ignore_ascii_case("content-type") {
+            resp.multipart = v.len() >= 10 && v[..10].eq_ignore_ascii_case("multipart/");
+        } else if name.eq_ignore_ascii_case("date") {
+            resp.has_date = true;
         }
         resp.forward.push_str(name);
         resp.forward.push_str(": ");
         resp.forward.push_str(v);
         resp.forward.push_str("\r\n");
+    }
+    if chunked && length.is_some() {
+        return Err("both Content-Length and Transfer-Encoding");
     }
     let no_body = head_request || status == 204 || status == 304 || (100..200).contains(&status);
     resp.framing = Some(if no_body {
@@ -366,41 +517,19 @@ pub fn parse_response(
     // Content-Length is re-emitted by the proxy from the framing it decided on;
     // a HEAD response keeps the object's length.
     if let Some(l) = length {
-        if !chunked {
-            let _ = write!(resp.forward, "Content-Length: {l}\r\n");
-        }
+        let _ = write!(resp.forward, "Content-Length: {l}\r\n");
     }
     resp.keep_alive = keep_alive;
     Ok(Some(len))
 }
 
-/// Standard reason phrase for the statuses the proxy produces or relays.
+/// The standard reason phrase of `status`, or none for a status without one
+/// (the status line then ends `NNN \r\n`, which RFC 9112 §4 allows).
 pub fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        204 => "No Content",
-        206 => "Partial Content",
-        301 => "Moved Permanently",
-        302 => "Found",
-        304 => "Not Modified",
-        307 => "Temporary Redirect",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        412 => "Precondition Failed",
-        414 => "URI Too Long",
-        416 => "Range Not Satisfiable",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Status",
-    }
+    http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("")
 }
 
 /// Writes a status line into `out` (cleared first).
@@ -504,8 +633,12 @@ mod tests {
         assert_eq!(r.framing(), Framing::Length(10));
         assert_eq!(r.etag, "\"e1\"");
         assert_eq!(
-            (r.content_range_start, r.content_range_total),
-            (Some(5), Some(100))
+            r.content_range,
+            Some(ContentRange {
+                first: 5,
+                last: 14,
+                total: Some(100)
+            })
         );
         assert!(r.forward.contains("x-amz-meta-color: red\r\n"));
         assert!(!r.forward.contains("x-amz-request-id"));
@@ -534,5 +667,120 @@ mod tests {
             parse_response(b"HTTP/1.1 200 OK\r\n", false, &mut r),
             Ok(None)
         );
+    }
+
+    fn response(raw: &str) -> Result<Option<usize>, &'static str> {
+        parse_response(raw.as_bytes(), false, &mut Response::default())
+    }
+
+    #[test]
+    fn malformed_responses_are_refused() {
+        for raw in [
+            "HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 600 Big\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5 5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+        ] {
+            assert!(response(raw).is_err(), "{raw:?}");
+        }
+        assert!(response("HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n").is_ok());
+    }
+
+    #[test]
+    fn content_range_is_parsed_strictly_and_multipart_is_flagged() {
+        assert_eq!(
+            ContentRange::parse("bytes 0-9/*"),
+            Some(ContentRange {
+                first: 0,
+                last: 9,
+                total: None
+            })
+        );
+        for bad in [
+            "bytes 9-0/10",
+            "bytes 0-10/10",
+            "bytes -1-2/5",
+            "bytes 0-+1/5",
+            "0-1/5",
+        ] {
+            assert_eq!(ContentRange::parse(bad), None, "{bad}");
+        }
+        let mut r = Response::default();
+        parse_response(
+            b"HTTP/1.1 206 Partial Content\r\nContent-Type: multipart/byteranges; boundary=x\r\nContent-Length: 10\r\n\r\n",
+            false,
+            &mut r,
+        )
+        .unwrap();
+        assert!(r.multipart);
+        assert_eq!(r.content_range, None);
+    }
+
+    #[test]
+    fn location_is_forwarded_and_reasons_are_standard_or_empty() {
+        let mut r = Response::default();
+        parse_response(
+            b"HTTP/1.1 301 Moved\r\nLocation: https://x/y\r\nContent-Length: 0\r\n\r\n",
+            false,
+            &mut r,
+        )
+        .unwrap();
+        assert!(r.forward.contains("Location: https://x/y\r\n"));
+        assert_eq!(reason(404), "Not Found");
+        assert_eq!(reason(299), "");
+        let mut line = Vec::new();
+        status_line(&mut line, 299);
+        assert_eq!(line, b"HTTP/1.1 299 \r\n");
+    }
+
+    #[test]
+    fn request_conformance() {
+        let mut r = Request::default();
+        // Methods with bodies are parsed (to answer 405); GET with a body is not.
+        parse_request(
+            b"PUT /d/k HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
+            &mut r,
+        )
+        .unwrap();
+        assert!(r.has_body);
+        assert_eq!(r.method(), Method::Other);
+        assert!(parse_request(
+            b"GET /d/k HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
+            &mut r
+        )
+        .is_err());
+        // Headers named in Connection are hop-by-hop.
+        parse_request(
+            b"GET /d/k HTTP/1.1\r\nHost: a\r\nRange: bytes=0-1\r\nIf-Match: \"e\"\r\nConnection: Range, close\r\n\r\n",
+            &mut r,
+        )
+        .unwrap();
+        assert_eq!(r.header(0), None);
+        assert_eq!(r.header(1), Some("\"e\""));
+        assert!(!r.keep_alive);
+        // Two Range headers, a bad Host.
+        let two = b"GET /d/k HTTP/1.1\r\nHost: a\r\nRange: bytes=0-1\r\nRange: bytes=2-3\r\n\r\n";
+        assert_eq!(parse_request(two, &mut r).unwrap_err().status(), 400);
+        for host in ["a b/c@d", "u@h", "h/p", "h:x"] {
+            let raw = format!("GET /d/k HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            assert!(parse_request(raw.as_bytes(), &mut r).is_err(), "{host}");
+        }
+        for host in ["example.com", "127.0.0.1:8080", "[::1]:80", ""] {
+            let raw = format!("GET /d/k HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            assert!(parse_request(raw.as_bytes(), &mut r).is_ok(), "{host}");
+        }
+        // HTTP/1.2 is handled as HTTP/1.1; HTTP/2.0 is not HTTP/1.x.
+        let n = parse_request(b"GET /d/k HTTP/1.2\r\nHost: a\r\n\r\nnext", &mut r).unwrap();
+        assert_eq!(n, b"GET /d/k HTTP/1.2\r\nHost: a\r\n\r\n".len());
+        assert!(!r.http10 && r.keep_alive);
+        assert!(parse_request(b"GET /d/k HTTP/2.0\r\nHost: a\r\n\r\n", &mut r).is_err());
+        // Garbage is 400 (or 431 when huge), never 414.
+        let garbage = vec![b'x'; 20_000];
+        assert_ne!(parse_request(&garbage, &mut r).unwrap_err().status(), 414);
+        let garbage = vec![0x01u8; 20_000];
+        assert_ne!(parse_request(&garbage, &mut r).unwrap_err().status(), 414);
     }
 }

@@ -25,6 +25,9 @@ pub fn new_histogram() -> Histogram<u64> {
 pub struct ReplicaMetrics {
     pub requests: u64,
     pub failures: HashMap<&'static str, u64>,
+    /// 5xx answers judged to follow the request, not the replica (not
+    /// counted by the breaker), by reason.
+    pub request_caused: HashMap<&'static str, u64>,
     pub resumes: u64,
     pub duration: Histogram<u64>,
 }
@@ -39,6 +42,11 @@ pub struct ShardMetrics {
     pub upstream_duration: Histogram<u64>,
     pub bytes_sent: u64,
     pub connections_total: u64,
+    /// Connections refused at accept because `server.max_connections` was reached.
+    pub connections_refused: u64,
+    /// Client connections closed because their request head was not
+    /// complete within `server.request_head_timeout_seconds`.
+    pub head_timeouts: u64,
     /// Indexed by global replica id.
     pub replicas: Vec<ReplicaMetrics>,
     /// `(from replica id, to replica id) -> count`.
@@ -53,6 +61,8 @@ impl ShardMetrics {
             upstream_duration: new_histogram(),
             bytes_sent: 0,
             connections_total: 0,
+            connections_refused: 0,
+            head_timeouts: 0,
             replicas: Vec::with_capacity(replicas),
             failovers: HashMap::new(),
         }
@@ -80,6 +90,7 @@ impl ShardMetrics {
             self.replicas.push(ReplicaMetrics {
                 requests: 0,
                 failures: HashMap::new(),
+                request_caused: HashMap::new(),
                 resumes: 0,
                 duration: new_histogram(),
             });
@@ -96,6 +107,14 @@ impl ShardMetrics {
 
     pub fn replica_failure(&mut self, replica: usize, reason: &'static str) {
         *self.replica(replica).failures.entry(reason).or_insert(0) += 1;
+    }
+
+    pub fn request_caused(&mut self, replica: usize, reason: &'static str) {
+        *self
+            .replica(replica)
+            .request_caused
+            .entry(reason)
+            .or_insert(0) += 1;
     }
 
     pub fn failover(&mut self, from: usize, to: usize) {
@@ -115,12 +134,17 @@ impl ShardMetrics {
         let _ = self.upstream_duration.add(&other.upstream_duration);
         self.bytes_sent += other.bytes_sent;
         self.connections_total += other.connections_total;
+        self.connections_refused += other.connections_refused;
+        self.head_timeouts += other.head_timeouts;
         for (id, theirs) in other.replicas.iter().enumerate() {
             let mine = self.replica(id);
             mine.requests += theirs.requests;
             mine.resumes += theirs.resumes;
             for (k, v) in &theirs.failures {
                 *mine.failures.entry(k).or_insert(0) += v;
+            }
+            for (k, v) in &theirs.request_caused {
+                *mine.request_caused.entry(k).or_insert(0) += v;
             }
             let _ = mine.duration.add(&theirs.duration);
         }

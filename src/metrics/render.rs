@@ -151,6 +151,18 @@ pub fn render(shared: &Shared, merged: &ShardMetrics) -> String {
         MetricType::COUNTER,
         vec![counter(&[], merged.connections_total as f64)],
     ));
+    families.push(family(
+        "yatagarasu_connections_refused_total",
+        "Client connections refused at accept: server.max_connections reached.",
+        MetricType::COUNTER,
+        vec![counter(&[], merged.connections_refused as f64)],
+    ));
+    families.push(family(
+        "yatagarasu_request_head_timeouts_total",
+        "Client connections closed: request head not complete within request_head_timeout_seconds.",
+        MetricType::COUNTER,
+        vec![counter(&[], merged.head_timeouts as f64)],
+    ));
     let open: i64 = shared
         .process
         .shards
@@ -168,6 +180,7 @@ pub fn render(shared: &Shared, merged: &ShardMetrics) -> String {
     let mut state = Vec::new();
     let mut requests = Vec::new();
     let mut failures = Vec::new();
+    let mut request_caused = Vec::new();
     let mut resumes = Vec::new();
     let mut durations = Vec::new();
     // Live state: the replicas of the current configuration.
@@ -192,6 +205,14 @@ pub fn render(shared: &Shared, merged: &ShardMetrics) -> String {
         reasons.sort();
         for (reason, v) in reasons {
             failures.push(counter(
+                &[("bucket", b), ("replica", name), ("reason", reason)],
+                *v as f64,
+            ));
+        }
+        let mut reasons: Vec<_> = m.request_caused.iter().collect();
+        reasons.sort();
+        for (reason, v) in reasons {
+            request_caused.push(counter(
                 &[("bucket", b), ("replica", name), ("reason", reason)],
                 *v as f64,
             ));
@@ -230,6 +251,12 @@ pub fn render(shared: &Shared, merged: &ShardMetrics) -> String {
         "Failed attempts per replica, by reason.",
         MetricType::COUNTER,
         failures,
+    ));
+    families.push(family(
+        "yatagarasu_request_caused_failures_total",
+        "5xx answers that followed the request, not the replica (every replica tried answered it with a 5xx while serving other requests): not counted by the breaker.",
+        MetricType::COUNTER,
+        request_caused,
     ));
     families.push(family(
         "yatagarasu_replica_failovers_total",

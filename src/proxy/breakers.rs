@@ -60,6 +60,67 @@ impl Shard {
         }
     }
 
+    /// A replica answered (any non-5xx status): a success for its breaker,
+    /// and fresh evidence that it serves (see `upstream::blame`).
+    pub(super) fn record_answer(&self, rid: usize, admit: Admit) {
+        // 0 means "never" (the clock starts at 0 with the process).
+        let now = now_ms().max(1);
+        let last = &self.shared.replicas[rid].last_answer_ms;
+        let seen = last.load(Ordering::Relaxed);
+        // At most one shared write a second per core.
+        if seen == 0 || now.saturating_sub(seen) >= 1000 {
+            last.store(now, Ordering::Relaxed);
+        }
+        self.record(rid, admit, true);
+    }
+
+    /// A failure blamed on the replica: counted by reason and by its breaker.
+    /// The one place a replica failure is recorded.
+    pub(super) fn record_failure(&self, rid: usize, admit: Admit, cause: Cause) {
+        self.core
+            .metrics
+            .borrow_mut()
+            .replica_failure(self.mid(rid), cause.label());
+        self.record(rid, admit, false);
+    }
+
+    /// Judges the 5xx answers a request got once its other attempts are
+    /// known: each the replica's failure, or the request's (breaker untouched).
+    pub(super) fn judge_5xx(&self, answered: &[(usize, Admit, Cause)], answered_elsewhere: bool) {
+        let last = answered
+            .iter()
+            .map(|(rid, _, _)| {
+                self.shared.replicas[*rid]
+                    .last_answer_ms
+                    .load(Ordering::Relaxed)
+            })
+            .max()
+            .unwrap_or(0);
+        for &(rid, admit, cause) in answered {
+            self.judge_failure(rid, admit, cause, answered_elsewhere, last);
+        }
+    }
+
+    fn judge_failure(
+        &self,
+        rid: usize,
+        admit: Admit,
+        cause: Cause,
+        answered_elsewhere: bool,
+        last_answer_ms: u64,
+    ) {
+        match blame(cause, answered_elsewhere, last_answer_ms, now_ms()) {
+            Blame::Replica => self.record_failure(rid, admit, cause),
+            Blame::Request => {
+                self.core
+                    .metrics
+                    .borrow_mut()
+                    .request_caused(self.mid(rid), cause.label());
+                self.release(rid, admit);
+            }
+        }
+    }
+
     pub(super) fn release(&self, rid: usize, admit: Admit) {
         self.breakers.borrow_mut()[rid].breaker.release(admit);
     }

@@ -1,6 +1,15 @@
 //! One client connection: read request heads within limits, hand each request
 //! to the current configuration generation, keep the connection alive, and
 //! park it (no buffers held) when it goes idle.
+//!
+//! Limits: a request head must be complete within
+//! `server.request_head_timeout_seconds` of its first byte (one deadline,
+//! not one per read), an idle connection closes after
+//! `server.idle_timeout_seconds`. A refused head is answered with
+//! `Connection: close`, the write side is shut down and what the client still
+//! sends is drained (bounded) before closing, so the client reads the error
+//! instead of a reset (RFC 9112 §9.6). A body cut short is the opposite: the
+//! connection is reset (SO_LINGER 0) so the client sees an abort.
 
 use super::*;
 
@@ -11,6 +20,28 @@ const CLIENT_BUF: usize = 4 * 1024;
 const PARK_AFTER: Duration = Duration::from_millis(100);
 /// Free read buffers kept per core.
 const READ_BUF_POOL: usize = 1024;
+/// Most bytes drained from a client after an error response, and for how long.
+const DRAIN_MAX_BYTES: usize = 256 * 1024;
+const DRAIN_FOR: Duration = Duration::from_secs(2);
+
+/// Makes the next close of `fd` send a reset (RST) instead of a FIN.
+fn reset_on_close(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is the client socket, still open (owned by the `Client`
+    // being closed); the option value is a valid `linger` of the given size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
 
 impl Client {
     /// Releases every per-connection buffer while the connection is idle.
@@ -45,6 +76,7 @@ impl Shard {
     /// Serves one client connection until it closes, errs or idles out.
     pub async fn serve(&self, stream: TcpStream, tls: Option<&monoio_rustls::TlsAcceptor>) {
         let _ = stream.set_nodelay(true);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let stream = match tls {
             None => MaybeTls::Plain(stream),
             Some(acceptor) => {
@@ -65,6 +97,7 @@ impl Shard {
         };
         let mut c = Client {
             stream,
+            fd,
             // Allocated when the first bytes are readable (see read_head).
             rbuf: Vec::new(),
             wbuf: Vec::new(),
@@ -73,6 +106,7 @@ impl Shard {
             path: String::new(),
             upath: String::new(),
             opath: String::new(),
+            query: String::new(),
         };
         self.connection(&mut c).await;
         self.give_read_buf(std::mem::take(&mut c.rbuf));
@@ -84,32 +118,7 @@ impl Shard {
             let head_len = match self.read_head(c, idle).await {
                 Ok(Some(n)) => n,
                 Ok(None) => return,
-                Err(e) => {
-                    let status = e.status();
-                    let msg = match e {
-                        HeadError::BadRequest(m) => m,
-                        HeadError::UriTooLong => "request line too long",
-                        HeadError::HeadersTooLarge => "request head too large",
-                        HeadError::Partial => "incomplete request",
-                    };
-                    c.req.request_id.clear();
-                    self.next_request_id(&mut c.req.request_id);
-                    let _ =
-                        Box::pin(self.simple(c, status, "text/plain", msg.as_bytes(), false, &[]))
-                            .await;
-                    self.core
-                        .metrics
-                        .borrow_mut()
-                        .request(None, Method::Other, status, 1, 0);
-                    log!(
-                        Level::Info,
-                        "bad request",
-                        status = status,
-                        reason = msg,
-                        request_id = c.req.request_id
-                    );
-                    return;
-                }
+                Err(e) => return self.reject(c, e).await,
             };
             let shard = &self.shared.process.shards[self.id];
             shard.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -122,10 +131,74 @@ impl Shard {
             let outcome = Box::pin(current.handle(c)).await;
             shard.in_flight.fetch_sub(1, Ordering::Relaxed);
             current.finish(c, &outcome, started);
+            if outcome.abort {
+                reset_on_close(c.fd);
+                return;
+            }
+            if c.req.has_body {
+                // Answered without reading the body: close without losing the answer.
+                return self.drain_and_close(c).await;
+            }
             // Keep any pipelined bytes that followed this head.
             c.rbuf.drain(..head_len.min(c.rbuf.len()));
             if !outcome.keep_alive || self.core.draining.get() {
                 return;
+            }
+        }
+    }
+
+    /// Answers a refused request head (400, 408, 414, 431) and closes.
+    async fn reject(&self, c: &mut Client, e: HeadError) {
+        let status = e.status();
+        let msg = match e {
+            HeadError::BadRequest(m) => m,
+            HeadError::UriTooLong => "request line too long",
+            HeadError::HeadersTooLarge => "request head too large",
+            HeadError::TimedOut => "request head not received in time",
+            HeadError::Partial => "incomplete request",
+        };
+        c.req.request_id.clear();
+        self.next_request_id(&mut c.req.request_id);
+        c.req.keep_alive = false;
+        c.req.method = Some(Method::Other);
+        let _ = Box::pin(self.simple(c, status, "text/plain", msg.as_bytes(), false, &[])).await;
+        {
+            let mut m = self.core.metrics.borrow_mut();
+            m.request(None, Method::Other, status, 1, 0);
+            if e == HeadError::TimedOut {
+                m.head_timeouts += 1;
+            }
+        }
+        log!(
+            Level::Info,
+            "bad request",
+            status = status,
+            reason = msg,
+            request_id = c.req.request_id
+        );
+        self.drain_and_close(c).await;
+    }
+
+    /// Shuts down the write side (the response is out), reads and discards
+    /// what the client still sends (at most [`DRAIN_MAX_BYTES`] for
+    /// [`DRAIN_FOR`]), then lets the connection close.
+    async fn drain_and_close(&self, c: &mut Client) {
+        // SAFETY: `c.fd` is the client's open socket; SHUT_WR only ends our
+        // sending direction (a FIN after the queued response).
+        unsafe {
+            libc::shutdown(c.fd, libc::SHUT_WR);
+        }
+        let deadline = Instant::now() + DRAIN_FOR;
+        let mut drained = 0;
+        if c.rbuf.capacity() == 0 {
+            c.rbuf = self.take_read_buf();
+        }
+        while drained < DRAIN_MAX_BYTES {
+            c.rbuf.clear();
+            let left = deadline.saturating_duration_since(Instant::now());
+            match read_more(&mut c.stream, &mut c.rbuf, left).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => drained += n,
             }
         }
     }
@@ -147,12 +220,17 @@ impl Shard {
         }
     }
 
-    /// Reads until a full request head is buffered. `Ok(None)`: clean close or idle timeout.
+    /// Reads until a full request head is buffered. `Ok(None)`: clean close
+    /// or idle timeout before any byte of a head; a head started but not
+    /// complete within `request_head_timeout_seconds` is `TimedOut`.
     pub(super) async fn read_head(
         &self,
         c: &mut Client,
         idle: Duration,
     ) -> Result<Option<usize>, HeadError> {
+        let head_timeout = self.shared.config.server.request_head_timeout;
+        // Set when the head's first byte is buffered: one deadline for the head.
+        let mut deadline: Option<Instant> = None;
         loop {
             if !c.rbuf.is_empty() {
                 match head::parse_request(&c.rbuf, &mut c.req) {
@@ -160,6 +238,7 @@ impl Shard {
                     Err(HeadError::Partial) => {}
                     Err(e) => return Err(e),
                 }
+                deadline.get_or_insert_with(|| Instant::now() + head_timeout);
             }
             if c.rbuf.len() == c.rbuf.capacity() {
                 if c.rbuf.capacity() > head::MAX_REQUEST_HEAD {
@@ -203,7 +282,11 @@ impl Shard {
                     Err(_) => return Ok(None),
                 }
             }
-            match read_more(&mut c.stream, &mut c.rbuf, idle).await {
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => idle,
+            };
+            match read_more(&mut c.stream, &mut c.rbuf, left).await {
                 Ok(0) => {
                     return if c.rbuf.is_empty() {
                         Ok(None)
@@ -212,6 +295,9 @@ impl Shard {
                     };
                 }
                 Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut && deadline.is_some() => {
+                    return Err(HeadError::TimedOut)
+                }
                 Err(_) => return Ok(None),
             }
         }
@@ -228,11 +314,14 @@ impl Shard {
             micros,
             o.bytes,
         );
+        // The query's values never reach the log (signatures, tokens).
+        let mut target = String::new();
+        router::loggable_target(&c.req.target, &mut target);
         log!(
             Level::Info,
             "request",
             method = c.req.method_text,
-            path = String::from_utf8_lossy(&c.req.target),
+            path = target,
             status = o.status,
             bytes = o.bytes,
             duration_ms = format_args!("{:.3}", micros as f64 / 1000.0),
@@ -258,6 +347,7 @@ impl Shard {
         head::header(&mut c.wbuf, "Content-Type", content_type);
         let mut len = itoa(body.len() as u64);
         head::header(&mut c.wbuf, "Content-Length", &len);
+        self.core.date_header(&mut c.wbuf);
         head::header(&mut c.wbuf, "X-Request-ID", &c.req.request_id);
         for (k, v) in extra {
             head::header(&mut c.wbuf, k, v);
@@ -291,6 +381,7 @@ impl Shard {
             status,
             bytes: body.len() as u64,
             keep_alive,
+            abort: false,
             replica: None,
         }
     }

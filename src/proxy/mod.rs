@@ -28,6 +28,8 @@ use crate::metrics::ShardMetrics;
 use crate::router::{self, RouteError};
 use crate::s3::{self, Signer};
 use crate::shared::{now_ms, Process, Shared};
+use crate::upstream::blame::{blame, Blame};
+use crate::upstream::client::{self as upclient, Cause};
 
 mod breakers;
 mod connection;
@@ -40,6 +42,7 @@ use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
 use std::io;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -83,6 +86,9 @@ pub struct Core {
     /// Free client read buffers: reused across connections, so buffers freed
     /// by idle connections do not leave holes between live allocations.
     read_bufs: RefCell<Vec<Vec<u8>>>,
+    /// `Date` header value for responses the proxy generates, and the
+    /// second it was formatted for.
+    date: RefCell<(u64, String)>,
 }
 
 impl Core {
@@ -103,7 +109,21 @@ impl Core {
             pipes: RefCell::new(Vec::new()),
             parked: Cell::new(0),
             read_bufs: RefCell::new(Vec::new()),
+            date: RefCell::new((0, String::new())),
         })
+    }
+
+    /// Appends a `Date` header (RFC 9110 §6.6.1), formatted once a second.
+    pub fn date_header(&self, out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut cached = self.date.borrow_mut();
+        if cached.0 != secs || cached.1.is_empty() {
+            *cached = (secs, httpdate::fmt_http_date(now));
+        }
+        head::header(out, "Date", &cached.1);
     }
 
     /// The shard for the current configuration generation; adopts a newly
@@ -125,6 +145,8 @@ impl Core {
 /// One client connection's reusable state.
 struct Client {
     stream: ClientStream,
+    /// The TCP socket under `stream`, to abort it with a reset.
+    fd: RawFd,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
     req: Request,
@@ -133,6 +155,8 @@ struct Client {
     upath: String,
     /// The upstream request path, reused.
     opath: String,
+    /// The query forwarded upstream (`partNumber`, `versionId`), canonical.
+    query: String,
 }
 
 /// How a request ended, for the access log and metrics.
@@ -140,6 +164,9 @@ struct Outcome {
     status: u16,
     bytes: u64,
     keep_alive: bool,
+    /// The body was cut short: reset the connection (SO_LINGER 0) so the
+    /// client sees an abort, never a clean end of a short body.
+    abort: bool,
     replica: Option<usize>,
 }
 
@@ -151,40 +178,19 @@ struct Answer {
 
 /// A failed attempt.
 struct Failure {
-    reason: &'static str,
+    cause: Cause,
     detail: String,
     /// For a 403 auth failure: the response, relayed if no replica answers.
-    captured: Option<Answer>,
+    captured: Option<Box<Answer>>,
 }
 
 impl Failure {
-    fn new(reason: &'static str, detail: impl Into<String>) -> Failure {
+    fn new(cause: Cause, detail: impl Into<String>) -> Failure {
         Failure {
-            reason,
+            cause,
             detail: detail.into(),
             captured: None,
         }
-    }
-}
-
-fn io_reason(e: &io::Error) -> &'static str {
-    match e.kind() {
-        io::ErrorKind::TimedOut => "timeout",
-        io::ErrorKind::ConnectionRefused => "connect",
-        io::ErrorKind::ConnectionReset
-        | io::ErrorKind::ConnectionAborted
-        | io::ErrorKind::BrokenPipe => "reset",
-        _ => "io",
-    }
-}
-
-fn status_reason(status: u16) -> &'static str {
-    match status {
-        500 => "http_500",
-        502 => "http_502",
-        503 => "http_503",
-        504 => "http_504",
-        _ => "http_5xx",
     }
 }
 
@@ -252,8 +258,12 @@ impl Shard {
             self.next_request_id(&mut id);
             c.req.request_id = id;
         }
-        let method = c.req.method();
-        if method == Method::Other {
+        if c.req.method() == Method::Other {
+            // A read-only proxy: 405. A body it will not read means the
+            // connection cannot carry another request.
+            if c.req.has_body {
+                c.req.keep_alive = false;
+            }
             return self
                 .simple_outcome(
                     c,
@@ -265,58 +275,54 @@ impl Shard {
                 .await;
         }
         let mut path = std::mem::take(&mut c.path);
-        let decoded = router::decode_path(&c.req.target, &mut path);
-        let outcome = match decoded {
-            Err(RouteError::BadPath(why)) => {
-                self.simple_outcome(c, 400, "text/plain", why.as_bytes(), &[])
-                    .await
-            }
-            Err(_) => {
-                self.simple_outcome(c, 400, "text/plain", b"bad path", &[])
-                    .await
-            }
+        let outcome = match router::decode_path(&c.req.target, &mut path) {
+            Err(e) => self.route_error(c, e).await,
             Ok(()) if path == "/health" => {
                 self.simple_outcome(c, 200, "application/json", b"{\"status\":\"ok\"}", &[])
                     .await
             }
             Ok(()) if path == "/ready" => {
                 let (ready, body) = readiness(&self.shared);
-                self.simple_outcome(
-                    c,
-                    if ready { 200 } else { 503 },
-                    "application/json",
-                    body.as_bytes(),
-                    &[],
-                )
-                .await
-            }
-            Ok(()) => match self.shared.router.route(&path) {
-                Err(RouteError::NoBucket) => {
-                    self.simple_outcome(
-                        c,
-                        404,
-                        "text/plain",
-                        b"no bucket is configured for this path",
-                        &[],
-                    )
+                let status = if ready { 200 } else { 503 };
+                self.simple_outcome(c, status, "application/json", body.as_bytes(), &[])
                     .await
-                }
-                Err(_) => {
-                    self.simple_outcome(c, 404, "text/plain", b"no object key in path", &[])
-                        .await
-                }
-                Ok((bucket, key)) => {
-                    let mut upath = std::mem::take(&mut c.upath);
-                    upath.clear();
-                    router::encode_key(key, &mut upath);
-                    let o = self.proxy(c, bucket, &upath).await;
-                    c.upath = upath;
-                    o
-                }
-            },
+            }
+            Ok(()) => self.route_and_proxy(c, &path).await,
         };
         c.path = path;
         outcome
+    }
+
+    /// Routes a decoded path to its bucket, checks the query, proxies.
+    async fn route_and_proxy(&self, c: &mut Client, path: &str) -> Outcome {
+        let (bucket, key) = match self.shared.router.route(path) {
+            Ok(found) => found,
+            Err(e) => return self.route_error(c, e).await,
+        };
+        c.query.clear();
+        if let Err(e) = router::upstream_query(&c.req.target, &mut c.query) {
+            return self.route_error(c, e).await;
+        }
+        let mut upath = std::mem::take(&mut c.upath);
+        upath.clear();
+        router::encode_key(key, &mut upath);
+        let o = self.proxy(c, bucket, &upath).await;
+        c.upath = upath;
+        o
+    }
+
+    async fn route_error(&self, c: &mut Client, e: RouteError) -> Outcome {
+        let (status, body) = match e {
+            RouteError::BadPath(why) => (400, why.to_string()),
+            RouteError::NoBucket => (404, "no bucket is configured for this path".into()),
+            RouteError::NoKey => (404, "no object key in path".into()),
+            RouteError::BadQuery(name) => (
+                400,
+                format!("query parameter '{name}' is not supported by this read-only proxy"),
+            ),
+        };
+        self.simple_outcome(c, status, "text/plain", body.as_bytes(), &[])
+            .await
     }
 
     /// Tries the bucket's replicas in plan order until one answers.
@@ -331,7 +337,9 @@ impl Shard {
             *slot = ids[i as usize];
         }
         let order = &order_buf[..plan.as_slice().len()];
-        let bucket_name = &self.shared.bucket(bucket).name;
+        // Replicas that answered this request with a 5xx: judged once we know
+        // whether any replica answered it (see upstream::blame).
+        let mut answered_5xx: Vec<(usize, Admit, Cause)> = Vec::new();
         let mut attempted = false;
         let mut last: Option<(usize, Failure)> = None;
         for (pos, &rid) in order.iter().enumerate() {
@@ -347,124 +355,135 @@ impl Shard {
             }
             attempted = true;
             let t0 = Instant::now();
-            match self.attempt(c, rid, encoded_key, None).await {
+            let result = self.attempt(c, rid, encoded_key, None).await;
+            self.core
+                .metrics
+                .borrow_mut()
+                .upstream(self.mid(rid), t0.elapsed().as_micros() as u64);
+            match result {
                 Ok(answer) => {
-                    self.core
-                        .metrics
-                        .borrow_mut()
-                        .upstream(self.mid(rid), t0.elapsed().as_micros() as u64);
-                    self.record(rid, admit, true);
+                    self.record_answer(rid, admit);
+                    self.judge_5xx(&answered_5xx, true);
                     return self
                         .relay(c, rid, answer, &order[pos + 1..], bucket, encoded_key)
                         .await;
                 }
                 Err(f) => {
-                    self.core
-                        .metrics
-                        .borrow_mut()
-                        .upstream(self.mid(rid), t0.elapsed().as_micros() as u64);
-                    self.core
-                        .metrics
-                        .borrow_mut()
-                        .replica_failure(self.mid(rid), f.reason);
-                    self.record(rid, admit, false);
-                    let next = order[pos + 1..]
-                        .iter()
-                        .copied()
-                        .find(|&n| self.usable(n, now_ms()));
-                    if let Some(next) = next {
-                        log!(
-                            Level::Warn,
-                            &format!(
-                                "Replica '{}' failed, trying '{}'",
-                                self.replica(rid).name,
-                                self.replica(next).name
-                            ),
-                            bucket = bucket_name,
-                            request_id = c.req.request_id,
-                            cause = format_args!("{}: {}", f.reason, f.detail),
-                        );
+                    if f.cause.is_http_status() {
+                        answered_5xx.push((rid, admit, f.cause));
+                    } else {
+                        self.record_failure(rid, admit, f.cause);
                     }
+                    self.log_failover(c, bucket, rid, &order[pos + 1..], &f);
                     last = Some((rid, f));
                 }
             }
         }
+        self.judge_5xx(&answered_5xx, false);
         if !attempted {
-            let wait_ms = ids
-                .iter()
-                .map(|&rid| {
-                    let p = self.shared.replicas[rid].breaker.load();
-                    if p.state == State::Open {
-                        p.open_until.saturating_sub(now_ms())
-                    } else {
-                        1000
-                    }
-                })
-                .min()
-                .unwrap_or(1000);
-            let secs = itoa(wait_ms.div_ceil(1000).max(1));
-            log!(
-                Level::Error,
-                "No replica available: every circuit breaker is open",
-                bucket = bucket_name,
-                request_id = c.req.request_id,
-                retry_after = secs,
-            );
-            let body = format!(
-                "bucket '{bucket_name}': no replica available (all circuit breakers open)\n"
-            );
-            return self
-                .simple_outcome(
-                    c,
-                    503,
-                    "text/plain",
-                    body.as_bytes(),
-                    &[("Retry-After", &secs)],
-                )
-                .await;
+            return self.all_open(c, bucket).await;
         }
         let (rid, failure) = match last {
             Some(l) => l,
-            None => (ids[0], Failure::new("io", "no attempt")),
+            None => (ids[0], Failure::new(Cause::Io, "no attempt")),
         };
+        let bucket_name = &self.shared.bucket(bucket).name;
         log!(
             Level::Error,
             "All replicas failed",
             bucket = bucket_name,
             request_id = c.req.request_id,
             last_replica = self.replica(rid).name,
-            cause = format_args!("{}: {}", failure.reason, failure.detail),
+            cause = format_args!("{}: {}", failure.cause.label(), failure.detail),
         );
         if let Some(captured) = failure.captured {
             // Every replica refused our credentials: S3's own 403 explains it best.
-            return self.relay(c, rid, captured, &[], bucket, encoded_key).await;
+            return self
+                .relay(c, rid, *captured, &[], bucket, encoded_key)
+                .await;
         }
         let body = format!("bucket '{bucket_name}': all replicas failed\n");
         self.simple_outcome(c, 502, "text/plain", body.as_bytes(), &[])
             .await
     }
 
-    /// Sends one request to `rid` and reads its response head into `c.resp`.
-    async fn attempt(
+    /// Logs "Replica 'a' failed, trying 'b'" when a usable replica is left.
+    fn log_failover(&self, c: &Client, bucket: usize, rid: usize, rest: &[usize], f: &Failure) {
+        let Some(next) = rest.iter().copied().find(|&n| self.usable(n, now_ms())) else {
+            return;
+        };
+        log!(
+            Level::Warn,
+            &format!(
+                "Replica '{}' failed, trying '{}'",
+                self.replica(rid).name,
+                self.replica(next).name
+            ),
+            bucket = self.shared.bucket(bucket).name,
+            request_id = c.req.request_id,
+            cause = format_args!("{}: {}", f.cause.label(), f.detail),
+        );
+    }
+
+    /// Every breaker of the bucket is open: 503 with `Retry-After`.
+    async fn all_open(&self, c: &mut Client, bucket: usize) -> Outcome {
+        let wait_ms = self.shared.bucket_replicas[bucket]
+            .iter()
+            .map(|&rid| {
+                let p = self.shared.replicas[rid].breaker.load();
+                if p.state == State::Open {
+                    p.open_until.saturating_sub(now_ms())
+                } else {
+                    1000
+                }
+            })
+            .min()
+            .unwrap_or(1000);
+        let secs = itoa(wait_ms.div_ceil(1000).max(1));
+        let bucket_name = &self.shared.bucket(bucket).name;
+        log!(
+            Level::Error,
+            "No replica available: every circuit breaker is open",
+            bucket = bucket_name,
+            request_id = c.req.request_id,
+            retry_after = secs,
+        );
+        let body =
+            format!("bucket '{bucket_name}': no replica available (all circuit breakers open)\n");
+        self.simple_outcome(
+            c,
+            503,
+            "text/plain",
+            body.as_bytes(),
+            &[("Retry-After", &secs)],
+        )
+        .await
+    }
+
+    /// Writes the upstream request head for `rid` into `c.wbuf`.
+    fn build_request(
         &self,
         c: &mut Client,
         rid: usize,
         encoded_key: &str,
         resume: Option<Resume<'_>>,
-    ) -> Result<Answer, Failure> {
+    ) -> Result<(), Failure> {
         let replica = self.replica(rid);
-        let deadline = Instant::now() + replica.timeout;
         let method = if c.req.method() == Method::Head {
             "HEAD"
         } else {
             "GET"
         };
-        let mut object_path = std::mem::take(&mut c.opath);
-        replica.object_path(encoded_key, &mut object_path);
+        let mut target = std::mem::take(&mut c.opath);
+        replica.object_path(encoded_key, &mut target);
+        if !c.query.is_empty() {
+            target.push('?');
+            target.push_str(&c.query);
+        }
         c.wbuf.clear();
         c.wbuf.extend_from_slice(method.as_bytes());
         c.wbuf.push(b' ');
-        c.wbuf.extend_from_slice(object_path.as_bytes());
+        c.wbuf.extend_from_slice(target.as_bytes());
         c.wbuf.extend_from_slice(b" HTTP/1.1\r\n");
         head::header(&mut c.wbuf, "Host", &replica.endpoint.authority);
         match resume {
@@ -483,70 +502,100 @@ impl Shard {
             }
         }
         head::header(&mut c.wbuf, "X-Request-ID", &c.req.request_id);
-        if let Err(e) = self.signers[rid].sign_into(
+        let signed = self.signers[rid].sign_into(
             method,
             &replica.endpoint.authority,
-            &object_path,
+            &target,
             SystemTime::now(),
             &mut c.wbuf,
-        ) {
-            c.opath = object_path;
-            return Err(Failure::new("signing", e));
-        }
-        c.opath = object_path;
+        );
+        c.opath = target;
         c.wbuf.extend_from_slice(b"\r\n");
+        signed.map_err(|e| Failure::new(Cause::Signing, e))
+    }
 
+    /// Sends one request to `rid` and reads its final response head into `c.resp`.
+    async fn attempt(
+        &self,
+        c: &mut Client,
+        rid: usize,
+        encoded_key: &str,
+        resume: Option<Resume<'_>>,
+    ) -> Result<Answer, Failure> {
+        let deadline = Instant::now() + self.replica(rid).timeout;
+        self.build_request(c, rid, encoded_key, resume)?;
+        let head_request = c.req.method() == Method::Head;
         let mut conn = match self.pool.take(rid) {
             Some(conn) => conn,
             None => self.connect(rid, deadline).await?,
         };
-        let head_len = match self.exchange(c, &mut conn, deadline).await {
-            Ok(n) => n,
-            Err((e, got_bytes)) if conn.reused && !got_bytes => {
-                // A pooled connection the peer had closed: retry once on a fresh one.
-                log!(
-                    Level::Debug,
-                    "stale pooled connection, retrying",
-                    replica = replica.name,
-                    cause = e
-                );
-                conn = self.connect(rid, deadline).await?;
-                self.exchange(c, &mut conn, deadline)
-                    .await
-                    .map_err(|(e, _)| Failure::new(io_reason(&e), e.to_string()))?
-            }
-            Err((e, _)) => return Err(Failure::new(io_reason(&e), e.to_string())),
-        };
+        let head_len =
+            match upclient::exchange(&mut conn, &mut c.wbuf, head_request, deadline, &mut c.resp)
+                .await
+            {
+                Ok(n) => n,
+                Err(e) if conn.reused && !e.got_bytes => {
+                    // A pooled connection the peer had closed: retry once on a fresh one.
+                    log!(
+                        Level::Debug,
+                        "stale pooled connection, retrying",
+                        replica = self.replica(rid).name,
+                        cause = e.detail
+                    );
+                    self.build_request(c, rid, encoded_key, resume)?;
+                    conn = self.connect(rid, deadline).await?;
+                    upclient::exchange(&mut conn, &mut c.wbuf, head_request, deadline, &mut c.resp)
+                        .await
+                        .map_err(|e| Failure::new(e.cause, e.detail))?
+                }
+                Err(e) => return Err(Failure::new(e.cause, e.detail)),
+            };
         let status = c.resp.status;
         if status >= 500 {
             return Err(Failure::new(
-                status_reason(status),
+                Cause::Http(status),
                 format!("HTTP {status} from upstream"),
             ));
         }
         if status == 403 {
-            if let Framing::Length(len) = c.resp.framing() {
-                if len <= ERROR_BODY_MAX {
-                    let want = head_len + len as usize;
-                    while conn.buf.len() < want {
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        match read_more(&mut conn.stream, &mut conn.buf, left).await {
-                            Ok(0) => return Err(Failure::new("truncated", "403 body cut short")),
-                            Ok(_) => {}
-                            Err(e) => return Err(Failure::new(io_reason(&e), e.to_string())),
-                        }
-                    }
-                    if let Some(code) = s3::error_code(&conn.buf[head_len..want]) {
-                        if s3::is_broken_replica_code(code) {
-                            let mut f = Failure::new("auth", format!("HTTP 403 {code}"));
-                            f.captured = Some(Answer { conn, head_len });
-                            return Err(f);
-                        }
-                    }
-                }
+            self.check_credentials(c, conn, head_len, deadline).await
+        } else {
+            Ok(Answer { conn, head_len })
+        }
+    }
+
+    /// A 403 is an answer unless S3's error code says this replica refuses
+    /// our credentials (`InvalidAccessKeyId`, `SignatureDoesNotMatch`).
+    async fn check_credentials(
+        &self,
+        c: &Client,
+        mut conn: UpConn,
+        head_len: usize,
+        deadline: Instant,
+    ) -> Result<Answer, Failure> {
+        let Framing::Length(len) = c.resp.framing() else {
+            return Ok(Answer { conn, head_len });
+        };
+        if len > ERROR_BODY_MAX {
+            return Ok(Answer { conn, head_len });
+        }
+        let want = head_len + len as usize;
+        while conn.buf.len() < want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match read_more(&mut conn.stream, &mut conn.buf, left).await {
+                Ok(0) => return Err(Failure::new(Cause::Truncated, "403 body cut short")),
+                Ok(_) => {}
+                Err(e) => return Err(Failure::new(Cause::of_io(&e), e.to_string())),
             }
         }
-        Ok(Answer { conn, head_len })
+        match s3::error_code(&conn.buf[head_len..want]) {
+            Some(code) if s3::is_broken_replica_code(code) => {
+                let mut f = Failure::new(Cause::Auth, format!("HTTP 403 {code}"));
+                f.captured = Some(Box::new(Answer { conn, head_len }));
+                Err(f)
+            }
+            _ => Ok(Answer { conn, head_len }),
+        }
     }
 
     async fn connect(&self, rid: usize, deadline: Instant) -> Result<UpConn, Failure> {
@@ -555,56 +604,7 @@ impl Shard {
         self.pool
             .connect(rid, &r.config.endpoint, r.tls.as_ref(), left)
             .await
-            .map_err(|(reason, detail)| Failure::new(reason, detail))
-    }
-
-    /// Writes the request in `c.wbuf` and reads the response head.
-    /// On error, says whether any response byte had arrived.
-    async fn exchange(
-        &self,
-        c: &mut Client,
-        conn: &mut UpConn,
-        deadline: Instant,
-    ) -> Result<usize, (io::Error, bool)> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        write_all(&mut conn.stream, &mut c.wbuf, left)
-            .await
-            .map_err(|e| (e, false))?;
-        conn.buf.clear();
-        let head_request = c.req.method() == Method::Head;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match read_more(&mut conn.stream, &mut conn.buf, left).await {
-                Ok(0) => {
-                    let got = !conn.buf.is_empty();
-                    return Err((
-                        io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "upstream closed before a full response head",
-                        ),
-                        got,
-                    ));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let got = !conn.buf.is_empty();
-                    let e = if e.kind() == io::ErrorKind::TimedOut {
-                        io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "no response head within timeout_seconds",
-                        )
-                    } else {
-                        e
-                    };
-                    return Err((e, got));
-                }
-            }
-            match head::parse_response(&conn.buf, head_request, &mut c.resp) {
-                Ok(Some(n)) => return Ok(n),
-                Ok(None) => {}
-                Err(msg) => return Err((io::Error::new(io::ErrorKind::InvalidData, msg), true)),
-            }
-        }
+            .map_err(|(cause, detail)| Failure::new(cause, detail))
     }
 }
 

@@ -6,9 +6,18 @@ use super::*;
 /// Bodies up to this size are sent in the same write as the response head.
 const COALESCE_MAX: usize = 16 * 1024;
 
+/// How a resume ended.
+struct Resumed {
+    /// Payload bytes sent to the client in total (before and during the resume).
+    sent: u64,
+    /// The body reached its end.
+    complete: bool,
+    /// The replica that finished (or last tried) the body.
+    replica: Option<usize>,
+}
+
 impl Shard {
     /// Streams an answer to the client; resumes on `rest` if the body breaks.
-    #[allow(clippy::too_many_arguments)]
     pub(super) async fn relay(
         &self,
         c: &mut Client,
@@ -28,6 +37,9 @@ impl Shard {
         }
         head::status_line(&mut c.wbuf, status);
         c.wbuf.extend_from_slice(c.resp.forward.as_bytes());
+        if !c.resp.has_date {
+            self.core.date_header(&mut c.wbuf);
+        }
         head::header(&mut c.wbuf, "X-Request-ID", &c.req.request_id);
         if matches!(framing, Framing::Chunked | Framing::Close) && rechunk {
             head::header(&mut c.wbuf, "Transfer-Encoding", "chunked");
@@ -42,6 +54,7 @@ impl Shard {
             status,
             bytes: 0,
             keep_alive: keep,
+            abort: false,
             replica: Some(rid),
         };
         let mut start = head_len;
@@ -61,16 +74,86 @@ impl Shard {
             out.keep_alive = false;
             return out;
         }
-        let result: Result<Pumped, (PumpError, u64)> = match framing {
+        let result = self
+            .pump(c, &mut conn, framing, start, out.bytes, timeouts)
+            .await;
+        match result {
+            Ok(p) => {
+                out.bytes += p.sent;
+                if upclient::reusable(&c.resp, &conn, head_len, p.reusable) {
+                    self.pool.put(rid, conn);
+                }
+            }
+            Err((PumpError::Client, sent)) => {
+                out.bytes += sent;
+                out.keep_alive = false;
+            }
+            Err((PumpError::Upstream(cause), sent)) => {
+                out.bytes += sent;
+                self.record_failure(rid, Admit::Normal, cause);
+                drop(conn);
+                let resumed = match (framing, resumable(&c.resp)) {
+                    (Framing::Length(len), Some(base)) => {
+                        let plan = ResumePlan {
+                            failed: rid,
+                            base,
+                            sent: out.bytes,
+                            len,
+                        };
+                        self.resume(c, bucket, encoded_key, plan, rest, timeouts)
+                            .await
+                    }
+                    _ => {
+                        log!(
+                            Level::Error,
+                            "Upstream failed mid-body and the body cannot be resumed; aborting the client connection",
+                            bucket = self.shared.bucket(bucket).name,
+                            replica = self.replica(rid).name,
+                            request_id = c.req.request_id,
+                            cause = cause.label(),
+                        );
+                        Resumed {
+                            sent: out.bytes,
+                            complete: false,
+                            replica: None,
+                        }
+                    }
+                };
+                out.bytes = resumed.sent;
+                if !resumed.complete {
+                    out.keep_alive = false;
+                    out.abort = true;
+                }
+                if let Some(r) = resumed.replica {
+                    out.replica = Some(r);
+                }
+            }
+        }
+        out
+    }
+
+    /// Moves the body with the pump its framing needs; `already` bytes of a
+    /// Content-Length body went out with the head.
+    async fn pump(
+        &self,
+        c: &mut Client,
+        conn: &mut UpConn,
+        framing: Framing,
+        start: usize,
+        already: u64,
+        timeouts: Timeouts,
+    ) -> Result<Pumped, (PumpError, u64)> {
+        let rechunk = !c.req.http10;
+        match framing {
             Framing::None => Ok(Pumped {
                 sent: 0,
                 reusable: true,
             }),
             Framing::Length(len) => {
-                let remaining = len - out.bytes;
+                let remaining = len - already;
                 let splice = self.shared.config.server.zero_copy.splice(remaining);
                 if let (true, MaybeTls::Plain(client)) = (splice, &mut c.stream) {
-                    self.splice_body(&mut conn, start, remaining, client, timeouts)
+                    self.splice_body(conn, start, remaining, client, timeouts)
                         .await
                 } else {
                     body::length(
@@ -106,52 +189,7 @@ impl Shard {
                 )
                 .await
             }
-        };
-        match result {
-            Ok(p) => {
-                out.bytes += p.sent;
-                if p.reusable && c.resp.keep_alive {
-                    self.pool.put(rid, conn);
-                }
-            }
-            Err((PumpError::Client, sent)) => {
-                out.bytes += sent;
-                out.keep_alive = false;
-            }
-            Err((PumpError::Upstream(reason), sent)) => {
-                out.bytes += sent;
-                self.core
-                    .metrics
-                    .borrow_mut()
-                    .replica_failure(self.mid(rid), reason);
-                self.record(rid, Admit::Normal, false);
-                drop(conn);
-                match framing {
-                    Framing::Length(len) => {
-                        let resumed = self
-                            .resume(c, rid, bucket, encoded_key, out.bytes, len, rest, timeouts)
-                            .await;
-                        out.bytes = resumed.0;
-                        out.keep_alive = out.keep_alive && resumed.1;
-                        if let Some(r) = resumed.2 {
-                            out.replica = Some(r);
-                        }
-                    }
-                    _ => {
-                        log!(
-                            Level::Error,
-                            "Upstream failed mid-body; closing client connection",
-                            bucket = self.shared.bucket(bucket).name,
-                            replica = self.replica(rid).name,
-                            request_id = c.req.request_id,
-                            cause = reason,
-                        );
-                        out.keep_alive = false;
-                    }
-                }
-            }
         }
-        out
     }
 
     /// Sends the bytes already buffered, then splices the rest of the body.
@@ -211,34 +249,35 @@ impl Shard {
         }
     }
 
-    /// Continues a Content-Length body that broke after `sent` of `len` bytes.
-    /// Returns (bytes sent in total, body complete, replica that finished it).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn resume(
+    /// Continues a Content-Length body that broke mid-way on `rest`, in
+    /// plan order, with `Range` + `If-Match`.
+    async fn resume(
         &self,
         c: &mut Client,
-        failed: usize,
         bucket: usize,
         encoded_key: &str,
-        mut sent: u64,
-        len: u64,
+        plan: ResumePlan,
         rest: &[usize],
         timeouts: Timeouts,
-    ) -> (u64, bool, Option<usize>) {
+    ) -> Resumed {
         let etag = c.resp.etag.clone();
-        // Offset of the body's first byte within the object.
-        let base = c.resp.content_range_start.unwrap_or(0);
         let bucket_name = &self.shared.bucket(bucket).name;
-        let mut from = failed;
+        let mut from = plan.failed;
+        let mut sent = plan.sent;
         if etag.is_empty() {
             log!(
                 Level::Error,
-                "Upstream failed mid-body and the object has no ETag to resume with; closing client connection",
+                "Upstream failed mid-body and the object has no ETag to resume with; aborting the client connection",
                 bucket = bucket_name,
                 request_id = c.req.request_id,
             );
-            return (sent, false, None);
+            return Resumed {
+                sent,
+                complete: false,
+                replica: None,
+            };
         }
+        let original_status = c.resp.status;
         for &rid in rest {
             let admit = self.admit(rid, now_ms());
             if admit == Admit::Rejected {
@@ -253,53 +292,51 @@ impl Shard {
                 ),
                 bucket = bucket_name,
                 request_id = c.req.request_id,
-                offset = base + sent,
+                offset = plan.base + sent,
             );
             self.core
                 .metrics
                 .borrow_mut()
                 .failover(self.mid(from), self.mid(rid));
+            from = rid;
             let r = Resume {
-                first: base + sent,
-                last: base + len - 1,
+                first: plan.base + sent,
+                last: plan.base + plan.len - 1,
                 etag: &etag,
             };
-            let original_status = c.resp.status;
-            let attempt = self.attempt(c, rid, encoded_key, Some(r)).await;
-            let Answer { mut conn, head_len } = match attempt {
-                Ok(a) => a,
-                Err(f) => {
-                    self.core
-                        .metrics
-                        .borrow_mut()
-                        .replica_failure(self.mid(rid), f.reason);
-                    self.record(rid, admit, false);
-                    from = rid;
-                    continue;
-                }
-            };
-            let same = c.resp.status == 206
+            let Answer { mut conn, head_len } =
+                match self.attempt(c, rid, encoded_key, Some(r)).await {
+                    Ok(a) => a,
+                    Err(f) => {
+                        self.record_failure(rid, admit, f.cause);
+                        continue;
+                    }
+                };
+            let continues = c.resp.status == 206
                 && c.resp.etag == etag
-                && c.resp.content_range_start == Some(r.first)
+                && !c.resp.multipart
+                && c.resp
+                    .content_range
+                    .is_some_and(|cr| cr.first == r.first && cr.last == r.last)
                 && c.resp.framing() == Framing::Length(r.last - r.first + 1);
             c.resp.status = original_status;
-            if !same {
-                // 412 (ETag changed) or an unexpected answer: this replica cannot continue the body.
+            if !continues {
+                // 412 (ETag changed) or another answer: this replica cannot
+                // continue the body.
                 self.release(rid, admit);
                 log!(
                     Level::Warn,
-                    "Replica cannot resume the body with the same ETag",
+                    "Replica cannot resume the body with the same ETag at the same offset",
                     bucket = bucket_name,
                     replica = self.replica(rid).name,
                     request_id = c.req.request_id,
                 );
-                from = rid;
                 continue;
             }
-            self.record(rid, admit, true);
+            self.record_answer(rid, admit);
             self.core.metrics.borrow_mut().resume(self.mid(rid));
             let remaining = r.last - r.first + 1;
-            match body::length(
+            let pumped = body::length(
                 &mut conn.stream,
                 &mut conn.buf,
                 head_len,
@@ -307,35 +344,68 @@ impl Shard {
                 &mut c.stream,
                 timeouts,
             )
-            .await
-            {
+            .await;
+            match pumped {
                 Ok(p) => {
-                    sent += p.sent;
-                    if p.reusable && c.resp.keep_alive {
+                    if upclient::reusable(&c.resp, &conn, head_len, p.reusable) {
                         self.pool.put(rid, conn);
                     }
-                    return (sent, true, Some(rid));
+                    return Resumed {
+                        sent: sent + p.sent,
+                        complete: true,
+                        replica: Some(rid),
+                    };
                 }
-                Err((PumpError::Client, n)) => return (sent + n, false, Some(rid)),
-                Err((PumpError::Upstream(reason), n)) => {
+                Err((PumpError::Client, n)) => {
+                    return Resumed {
+                        sent: sent + n,
+                        complete: false,
+                        replica: Some(rid),
+                    }
+                }
+                Err((PumpError::Upstream(cause), n)) => {
                     sent += n;
-                    self.core
-                        .metrics
-                        .borrow_mut()
-                        .replica_failure(self.mid(rid), reason);
-                    self.record(rid, Admit::Normal, false);
-                    from = rid;
+                    self.record_failure(rid, Admit::Normal, cause);
                 }
             }
         }
         log!(
             Level::Error,
-            "No replica could resume the body; closing client connection",
+            "No replica could resume the body; aborting the client connection",
             bucket = bucket_name,
             request_id = c.req.request_id,
             sent = sent,
-            expected = len,
+            expected = plan.len,
         );
-        (sent, false, None)
+        Resumed {
+            sent,
+            complete: false,
+            replica: None,
+        }
+    }
+}
+
+/// Where a broken Content-Length body stands.
+#[derive(Debug, Clone, Copy)]
+struct ResumePlan {
+    /// The replica whose body broke.
+    failed: usize,
+    /// Offset of the body's first byte within the object.
+    base: u64,
+    /// Payload bytes already sent to the client.
+    sent: u64,
+    /// The body's length.
+    len: u64,
+}
+
+/// Whether a broken body can be continued from another replica, and if so
+/// the object offset of its first byte: a 200 (offset 0) or a single-range
+/// 206 with a valid `Content-Range`. A multipart/byteranges 206 never is:
+/// object bytes would be pasted into multipart framing.
+fn resumable(resp: &Response) -> Option<u64> {
+    match resp.status {
+        200 => Some(0),
+        206 if !resp.multipart => resp.content_range.map(|cr| cr.first),
+        _ => None,
     }
 }

@@ -53,15 +53,18 @@ impl Signer {
 
     /// Appends the signing headers (`x-amz-date`, `x-amz-content-sha256`,
     /// `authorization`) for `method host path` as `name: value\r\n` lines.
-    /// `path` must already be URI-encoded (it is signed exactly as sent).
+    /// `target` is the URI-encoded path, optionally followed by `?` and a
+    /// query already in SigV4 canonical form (sorted, encoded); both are
+    /// signed exactly as sent.
     pub fn sign_into(
         &self,
         method: &str,
         host: &str,
-        path: &str,
+        target: &str,
         now: SystemTime,
         out: &mut Vec<u8>,
     ) -> Result<(), String> {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
         if host.is_empty() || host.bytes().any(|b| b.is_ascii_control() || b == b' ') {
             return Err(format!("invalid host {host:?} for signing"));
         }
@@ -78,13 +81,15 @@ impl Signer {
 
         let mut c = self.scratch.borrow_mut();
         c.clear();
-        // Canonical request (query string always empty), built without
+        // Canonical request, built without
         // formatting machinery: this runs for every upstream request.
         for part in [
             method,
             "\n",
             path,
-            "\n\nhost:",
+            "\n",
+            query,
+            "\nhost:",
             host,
             "\nx-amz-content-sha256:",
             UNSIGNED,
@@ -243,6 +248,11 @@ mod tests {
             ("GET", "127.0.0.1:9000", "/bucket/a%20b/%E6%97%A5~x.txt"),
             ("HEAD", "[::1]:9002", "/bucket/"),
             ("GET", "my-bucket.s3.eu-west-1.amazonaws.com", "/k%2Bplus"),
+            (
+                "GET",
+                "127.0.0.1:9000",
+                "/bucket/k?partNumber=2&versionId=a%2Fb%2Bc",
+            ),
         ];
         for (i, (m, h, p)) in cases.iter().enumerate() {
             for t in [0u64, 1_795_647_737, 1_795_647_737 + 86_400 * 40 + 7] {

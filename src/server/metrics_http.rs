@@ -8,16 +8,38 @@ use crate::metrics::{render::render, ShardMetrics};
 use crate::shared::Process;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Connections served at once; more are closed at accept.
+const MAX_CONCURRENT: usize = 32;
+/// One deadline per connection: read the request and write the answer.
+const DEADLINE: Duration = Duration::from_secs(5);
+
+/// Accepts scrape connections and serves each on its own short-lived thread,
+/// so one slow client cannot hold up a scrape.
 pub fn serve(listener: TcpListener, shared: Arc<Process>) {
+    let active = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         match stream {
             Ok(s) => {
-                if let Err(e) = handle(s, &shared) {
-                    log!(Level::Debug, "metrics request failed", error = e);
+                if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONCURRENT {
+                    active.fetch_sub(1, Ordering::AcqRel);
+                    drop(s);
+                    continue;
+                }
+                let (shared, mine) = (shared.clone(), active.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("yatagarasu-scrape".into())
+                    .spawn(move || {
+                        if let Err(e) = handle(s, &shared) {
+                            log!(Level::Debug, "metrics request failed", error = e);
+                        }
+                        mine.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    active.fetch_sub(1, Ordering::AcqRel);
                 }
             }
             Err(e) => {
@@ -28,12 +50,24 @@ pub fn serve(listener: TcpListener, shared: Arc<Process>) {
     }
 }
 
+/// Time left before `deadline`, or a `TimedOut` error once it has passed.
+fn left(deadline: Instant) -> std::io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "metrics request deadline passed",
+        ));
+    }
+    Ok(left)
+}
+
 fn handle(mut s: TcpStream, shared: &Process) -> std::io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let deadline = Instant::now() + DEADLINE;
     let mut buf = [0u8; 4096];
     let mut len = 0;
     loop {
+        s.set_read_timeout(Some(left(deadline)?))?;
         let n = s.read(&mut buf[len..])?;
         if n == 0 {
             return Ok(());
@@ -60,6 +94,7 @@ fn handle(mut s: TcpStream, shared: &Process) -> std::io::Result<()> {
         "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
+    s.set_write_timeout(Some(left(deadline)?))?;
     s.write_all(head.as_bytes())?;
     if method != "HEAD" {
         s.write_all(body.as_bytes())?;

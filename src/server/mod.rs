@@ -301,13 +301,36 @@ async fn shard_main(id: usize, process: Arc<Process>, listener: std::net::TcpLis
             }
         });
     }
+    // This worker's share of server.max_connections (rounded up).
+    let limit = shared
+        .config
+        .server
+        .max_connections
+        .div_ceil(shared.config.server.workers.max(1)) as i64;
     drop(shared);
     let me = &process.shards[id];
+    let mut last_refusal_log: Option<Instant> = None;
     loop {
         match listener.cancelable_accept(handle.clone()).await {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 if core.draining.get() {
                     break;
+                }
+                if me.open_connections.load(Ordering::Relaxed) >= limit {
+                    // Refused at accept: closed before any byte is read.
+                    drop(stream);
+                    core.metrics.borrow_mut().connections_refused += 1;
+                    if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        last_refusal_log = Some(Instant::now());
+                        log!(
+                            Level::Warn,
+                            "Connection refused: server.max_connections reached",
+                            worker = id,
+                            limit_per_worker = limit,
+                            peer = peer,
+                        );
+                    }
+                    continue;
                 }
                 me.open_connections.fetch_add(1, Ordering::Relaxed);
                 core.metrics.borrow_mut().connections_total += 1;

@@ -12,11 +12,11 @@
 
 use crate::config::Level;
 use crate::http::head::{self, Response};
-use crate::http::io::{read_more, write_all};
 use crate::log;
 use crate::s3::Signer;
 use crate::shared::{now_ms, Process, Shared, PROBE_FAILED, PROBE_OK};
 use crate::upstream::breaker::State;
+use crate::upstream::client;
 use crate::upstream::pool::Pool;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -65,7 +65,9 @@ pub async fn run(process: Arc<Process>) {
     }
 }
 
-/// One probe: `Ok(status)` for any HTTP response below 500, `Err(cause)` otherwise.
+/// One probe: `Ok(status)` for any HTTP response below 500, `Err(cause)`
+/// otherwise. Uses the proxy's own upstream client (interim responses,
+/// framing checks, failure causes).
 pub async fn probe(shared: &Shared, pool: &Pool, rid: usize) -> Result<u16, String> {
     let r = &shared.replicas[rid];
     let settings = &shared.bucket(r.bucket).health;
@@ -92,25 +94,15 @@ pub async fn probe(shared: &Shared, pool: &Pool, rid: usize) -> Result<u16, Stri
     let mut conn = pool
         .connect(rid, &replica.endpoint, r.tls.as_ref(), settings.timeout)
         .await
-        .map_err(|(reason, detail)| format!("{reason}: {detail}"))?;
-    let left = deadline.saturating_duration_since(Instant::now());
-    write_all(&mut conn.stream, &mut req, left)
-        .await
-        .map_err(|e| format!("send: {e}"))?;
+        .map_err(|(cause, detail)| format!("{}: {detail}", cause.label()))?;
     let mut resp = Response::default();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match read_more(&mut conn.stream, &mut conn.buf, left).await {
-            Ok(0) => return Err("closed before a response".into()),
-            Ok(_) => {}
-            Err(e) => return Err(format!("read: {e}")),
-        }
-        match head::parse_response(&conn.buf, true, &mut resp) {
-            Ok(Some(_)) if resp.status < 500 => return Ok(resp.status),
-            Ok(Some(_)) => return Err(format!("HTTP {}", resp.status)),
-            Ok(None) => {}
-            Err(e) => return Err(e.into()),
-        }
+    client::exchange(&mut conn, &mut req, true, deadline, &mut resp)
+        .await
+        .map_err(|e| format!("{}: {}", e.cause.label(), e.detail))?;
+    if resp.status < 500 {
+        Ok(resp.status)
+    } else {
+        Err(format!("HTTP {}", resp.status))
     }
 }
 

@@ -5,7 +5,14 @@
 //! endpoints close idle connections after a few seconds to a minute). Each
 //! connection carries its own read buffer, so reusing a connection reuses the
 //! buffer too: no allocation per request.
+//!
+//! A connection is taken from the pool only if its socket holds no unread
+//! input: bytes nobody asked for (a 304 with a body, more bytes than the
+//! Content-Length said) or a close would otherwise be read as the *next*
+//! request's response (RFC 9112 §9.3). The check is one non-blocking
+//! `recv(MSG_PEEK)`.
 
+use super::client::Cause;
 use super::tls::{self, MaybeTls, UpStream};
 use crate::config::Endpoint;
 use monoio::net::TcpStream;
@@ -13,6 +20,7 @@ use monoio_rustls::TlsConnector;
 use std::cell::RefCell;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 /// Size of each upstream connection's read buffer (also the body copy chunk).
@@ -32,6 +40,34 @@ pub struct UpConn {
     /// Came from the pool (may have been closed by the peer meanwhile).
     pub reused: bool,
     idle_since: Instant,
+    /// The TCP socket under the (possibly TLS) stream, for the idle check.
+    fd: RawFd,
+}
+
+/// True when an idle socket has input waiting (stray bytes or a close) or
+/// an error: such a connection must not carry another request.
+fn has_pending_input(fd: RawFd) -> bool {
+    let mut byte = [0u8; 1];
+    // SAFETY: `fd` is the open socket owned by the connection being checked
+    // (the caller holds the `UpConn`); the buffer is a valid 1-byte array and
+    // MSG_PEEK | MSG_DONTWAIT neither consumes data nor blocks.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            byte.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return !matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        );
+    }
+    // n > 0: unread bytes; n == 0: the peer closed.
+    true
 }
 
 /// Addresses of a name and the time they were looked up.
@@ -57,7 +93,7 @@ impl Pool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(replica)?;
         while let Some(mut c) = list.pop() {
-            if c.idle_since.elapsed() < IDLE_TTL {
+            if c.idle_since.elapsed() < IDLE_TTL && !has_pending_input(c.fd) {
                 c.reused = true;
                 c.buf.clear();
                 return Some(c);
@@ -93,12 +129,12 @@ impl Pool {
         endpoint: &Endpoint,
         tls: Option<&TlsConnector>,
         timeout: Duration,
-    ) -> Result<UpConn, (&'static str, String)> {
+    ) -> Result<UpConn, (Cause, String)> {
         let deadline = Instant::now() + timeout;
         let addrs = self
             .resolve(replica, endpoint)
             .await
-            .map_err(|e| ("connect", format!("resolve {}: {e}", endpoint.host)))?;
+            .map_err(|e| (Cause::Connect, format!("resolve {}: {e}", endpoint.host)))?;
         // Each resolved address in turn, within the one deadline.
         let mut last_error = String::new();
         let mut connected = None;
@@ -118,23 +154,27 @@ impl Pool {
                 }
                 Err(_) => {
                     return Err((
-                        "timeout",
+                        Cause::Timeout,
                         format!("connect to {} timed out", endpoint.authority),
                     ))
                 }
             }
         }
         let Some(stream) = connected else {
-            return Err(("connect", last_error));
+            return Err((Cause::Connect, last_error));
         };
         let _ = stream.set_nodelay(true);
+        let fd = stream.as_raw_fd();
         let stream = match (endpoint.tls, tls) {
             (false, _) => MaybeTls::Plain(stream),
             (true, None) => {
-                return Err(("tls", format!("no TLS client for {}", endpoint.authority)))
+                return Err((
+                    Cause::Tls,
+                    format!("no TLS client for {}", endpoint.authority),
+                ))
             }
             (true, Some(connector)) => {
-                let name = tls::server_name(&endpoint.host).map_err(|e| ("tls", e))?;
+                let name = tls::server_name(&endpoint.host).map_err(|e| (Cause::Tls, e))?;
                 let left = deadline.saturating_duration_since(Instant::now());
                 match monoio::time::timeout(left, connector.connect(name, stream)).await {
                     Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
@@ -142,13 +182,13 @@ impl Pool {
                         // TlsError's own text hides the cause; io::Error keeps it.
                         let e = io::Error::from(e);
                         return Err((
-                            "tls",
+                            Cause::Tls,
                             format!("TLS handshake with {}: {e}", endpoint.authority),
                         ));
                     }
                     Err(_) => {
                         return Err((
-                            "timeout",
+                            Cause::Timeout,
                             format!("TLS handshake with {} timed out", endpoint.authority),
                         ))
                     }
@@ -160,6 +200,7 @@ impl Pool {
             buf: Vec::with_capacity(CONN_BUF),
             reused: false,
             idle_since: Instant::now(),
+            fd,
         })
     }
 

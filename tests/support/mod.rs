@@ -15,6 +15,7 @@
 
 pub mod fault;
 pub mod http;
+pub mod rogue;
 pub mod tls_front;
 
 use std::io::Write;

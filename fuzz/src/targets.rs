@@ -1,0 +1,122 @@
+//! Fuzz target bodies, shared by the cargo-afl binaries (`src/bin/*.rs`) and
+//! the corpus replay test (`tests/fuzz_corpus.rs`). Each takes arbitrary
+//! bytes, must never panic, and checks the invariants the proxy relies on.
+
+use yatagarasu::config::expand::expand_str;
+use yatagarasu::http::chunked::ChunkedDecoder;
+use yatagarasu::http::head::{self, Request, Response};
+use yatagarasu::router::{self, Router};
+
+/// Request heads: a parsed head lies within the input; refusals map to 4xx.
+pub fn request_head(data: &[u8]) {
+    let mut req = Request::default();
+    match head::parse_request(data, &mut req) {
+        Ok(n) => {
+            assert!(n <= data.len());
+            assert!(req.target.len() <= head::MAX_REQUEST_LINE);
+            // Never two Range headers, never control characters forwarded.
+            assert!(req.forwarded.iter().filter(|(i, _)| *i == 0).count() <= 1);
+            for (_, v) in &req.forwarded {
+                assert!(!v.bytes().any(|b| b.is_ascii_control()));
+            }
+        }
+        Err(e) => assert!((400..=431).contains(&e.status())),
+    }
+}
+
+/// Response heads: a final status is 100-599; framing is unambiguous.
+pub fn response_head(data: &[u8]) {
+    let (flag, data) = data.split_first().unwrap_or((&0, data));
+    let mut resp = Response::default();
+    if let Ok(Some(n)) = head::parse_response(data, flag & 1 == 1, &mut resp) {
+        assert!(n <= data.len());
+        assert!((100..=599).contains(&resp.status));
+        if let Some(cr) = resp.content_range {
+            assert!(cr.first <= cr.last);
+        }
+        assert!(!resp.forward.contains("\r\n\r\n"));
+    }
+}
+
+/// Chunked decoding: fed in two pieces split anywhere, the payload is the
+/// same as fed whole, and never longer than the input.
+pub fn chunked(data: &[u8]) {
+    let (split, data) = match data.split_first() {
+        Some((s, rest)) => (*s as usize, rest),
+        None => return,
+    };
+    let whole = decode(data, &[data.len()]);
+    let cut = split.min(data.len());
+    let pieces = decode(data, &[cut, data.len()]);
+    match (&whole, &pieces) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b),
+        (Err(_), Err(_)) => {}
+        // An error in the second piece may come after payload from the first.
+        _ => assert!(whole.is_err() || pieces.is_err()),
+    }
+    if let Ok((payload, _)) = whole {
+        assert!(payload.len() <= data.len());
+    }
+}
+
+fn decode(data: &[u8], cuts: &[usize]) -> Result<(Vec<u8>, bool), &'static str> {
+    let mut d = ChunkedDecoder::default();
+    let mut out = Vec::new();
+    let mut from = 0;
+    for &c in cuts {
+        let mut piece = data[from..c].to_vec();
+        from = c;
+        let r = d.decode(&mut piece)?;
+        out.extend_from_slice(&piece[..r.payload]);
+        if r.done {
+            return Ok((out, true));
+        }
+    }
+    Ok((out, false))
+}
+
+/// Path decoding and routing: a decoded path never holds a dot segment or
+/// NUL, a routed key is non-empty, a forwarded query holds only the two
+/// forwarded parameters, and the log form never shows a query value.
+pub fn route(data: &[u8]) {
+    let mut path = String::new();
+    if router::decode_path(data, &mut path).is_ok() {
+        assert!(!path.split('/').any(|s| s == "." || s == ".."));
+        assert!(!path.contains('\0'));
+        let r = Router::new(["/data", "/data/archive", ""]);
+        if let Ok((_, key)) = r.route(&path) {
+            assert!(!key.is_empty());
+            let mut enc = String::new();
+            router::encode_key(key, &mut enc);
+            assert!(enc.bytes().all(|b| b.is_ascii_graphic()));
+        }
+        let mut q = String::new();
+        if router::upstream_query(data, &mut q).is_ok() {
+            for pair in q.split('&').filter(|p| !p.is_empty()) {
+                let name = pair.split('=').next().unwrap_or("");
+                assert!(name == "partNumber" || name == "versionId", "{q}");
+            }
+        }
+    }
+    let mut logged = String::new();
+    router::loggable_target(data, &mut logged);
+    if let Some(q) = logged.split_once('?').map(|(_, q)| q) {
+        for pair in q.split('&') {
+            if let Some((_, v)) = pair.split_once('=') {
+                assert_eq!(v, "REDACTED");
+            }
+        }
+    }
+}
+
+/// `${VAR}` expansion: never panics; without `$` the input is unchanged.
+pub fn expand(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    let env = |name: &str| (name.len() < 4).then(|| format!("<{name}>"));
+    let out = expand_str(s, &env);
+    if !s.contains('$') {
+        assert_eq!(out.as_deref(), Ok(s));
+    }
+}

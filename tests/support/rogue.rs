@@ -1,0 +1,190 @@
+//! A scripted misbehaving upstream: a real socket server on loopback that
+//! answers each request with whatever raw bytes the test scripts, including
+//! responses no well-behaved S3 would send (interim 1xx heads, bodies after a
+//! 304, bytes past the Content-Length, bad framing, resets mid-body).
+//!
+//! Connections are kept alive: after a script's steps, the next request on
+//! the same connection is read and answered, unless a step closed it. Every
+//! request head is recorded with the index of the connection it came on, so
+//! tests can tell whether a connection was reused.
+
+use std::io::Write;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// One thing the upstream does while answering a request.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// Write these bytes.
+    Send(Vec<u8>),
+    /// Wait.
+    Sleep(Duration),
+    /// Close with a reset (SO_LINGER 0).
+    Reset,
+    /// Close cleanly (FIN).
+    Close,
+    /// Keep the connection open, never answer again.
+    Hang,
+}
+
+/// `Step::Send` of a string.
+pub fn send(s: &str) -> Step {
+    Step::Send(s.as_bytes().to_vec())
+}
+
+/// A request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Request line and headers.
+    pub head: String,
+    /// The request target (path and query).
+    pub target: String,
+    /// Which accepted connection (0-based) carried it.
+    pub connection: usize,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+}
+
+type Script = dyn Fn(&Seen) -> Vec<Step> + Send + Sync;
+
+pub struct Rogue {
+    pub port: u16,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub connections: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Rogue {
+    /// Starts the upstream; `script` decides the steps for each request.
+    pub fn start(script: impl Fn(&Seen) -> Vec<Step> + Send + Sync + 'static) -> Rogue {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind rogue upstream");
+        let port = listener.local_addr().expect("addr").port();
+        let r = Rogue {
+            port,
+            seen: Arc::new(Mutex::new(Vec::new())),
+            connections: Arc::new(AtomicUsize::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+            sockets: Arc::new(Mutex::new(Vec::new())),
+        };
+        let script: Arc<Script> = Arc::new(script);
+        let (seen, conns, stop, socks) = (
+            r.seen.clone(),
+            r.connections.clone(),
+            r.stop.clone(),
+            r.sockets.clone(),
+        );
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(stream) = conn else { continue };
+                let index = conns.fetch_add(1, Ordering::SeqCst);
+                if let Ok(clone) = stream.try_clone() {
+                    socks.lock().unwrap().push(clone);
+                }
+                let (script, seen) = (script.clone(), seen.clone());
+                std::thread::spawn(move || serve(stream, index, &*script, &seen));
+            }
+        });
+        r
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Rogue {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        for s in self.sockets.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Sets SO_LINGER 0 so closing `s` sends a reset.
+pub fn reset_on_close(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: the fd belongs to `s`, open for the duration of the call; the
+    // option value is a valid `linger` of the size passed.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+fn serve(mut s: TcpStream, index: usize, script: &Script, seen: &Mutex<Vec<Seen>>) {
+    let _ = s.set_nodelay(true);
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 8192];
+    loop {
+        let end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            match super::read_retry(&mut s, &mut tmp) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end);
+        let target = head.split(' ').nth(1).unwrap_or("").to_string();
+        let request = Seen {
+            head,
+            target,
+            connection: index,
+        };
+        seen.lock().unwrap().push(request.clone());
+        for step in script(&request) {
+            match step {
+                Step::Send(bytes) => {
+                    if s.write_all(&bytes).is_err() {
+                        return;
+                    }
+                }
+                Step::Sleep(d) => std::thread::sleep(d),
+                Step::Reset => {
+                    reset_on_close(&s);
+                    return;
+                }
+                Step::Close => {
+                    let _ = s.shutdown(Shutdown::Both);
+                    return;
+                }
+                Step::Hang => {
+                    while matches!(super::read_retry(&mut s, &mut tmp), Ok(n) if n > 0) {}
+                    return;
+                }
+            }
+        }
+    }
+}
