@@ -10,6 +10,8 @@
 //!   on the happy path.
 //! - `metrics_record`: per-core recording (map update + two histogram records)
 //!   must stay far below a microsecond.
+//! - `pool_idle_check`: the `recv(MSG_PEEK)` every pooled connection gets
+//!   when taken (so stray bytes are never read as the next response).
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use std::time::{Duration, SystemTime};
@@ -106,5 +108,21 @@ fn metrics(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, sign, route, parse, select, metrics);
+fn idle_check(c: &mut Criterion) {
+    use std::os::fd::AsRawFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let client =
+        std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let (_server, _) = listener.accept().expect("accept");
+    let fd = client.as_raw_fd();
+    c.bench_function("pool_idle_check", |b| {
+        b.iter(|| {
+            assert!(!yatagarasu::upstream::pool::has_pending_input(black_box(
+                fd
+            )))
+        })
+    });
+}
+
+criterion_group!(benches, sign, route, parse, select, metrics, idle_check);
 criterion_main!(benches);

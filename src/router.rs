@@ -8,6 +8,7 @@
 //! segment, NUL bytes or invalid UTF-8 are refused: no request can address
 //! anything outside its bucket, whatever the upstream does with dot segments.
 
+use percent_encoding::{percent_decode, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use std::collections::HashMap;
 
 /// Why a path could not be turned into a bucket and key.
@@ -113,33 +114,13 @@ pub fn split_target(target: &[u8]) -> Result<(&[u8], &[u8]), RouteError> {
 /// malformed escapes, invalid UTF-8, NUL or dot segments.
 pub fn decode_path(target: &[u8], out: &mut String) -> Result<(), RouteError> {
     let (t, _) = split_target(target)?;
-    let mut bytes = std::mem::take(out).into_bytes();
-    bytes.clear();
-    let mut i = 0;
-    while i < t.len() {
-        let b = t[i];
-        if b == b'%' {
-            let hi = t.get(i + 1).and_then(|c| (*c as char).to_digit(16));
-            let lo = t.get(i + 2).and_then(|c| (*c as char).to_digit(16));
-            match (hi, lo) {
-                (Some(h), Some(l)) => bytes.push((h * 16 + l) as u8),
-                _ => {
-                    *out = String::new();
-                    return Err(RouteError::BadPath("malformed percent-encoding"));
-                }
-            }
-            i += 3;
-        } else {
-            bytes.push(b);
-            i += 1;
-        }
-    }
-    if bytes.contains(&0) {
+    let decoded = decode_component(t).ok_or(RouteError::BadPath("malformed percent-encoding"))?;
+    if decoded.contains(&0) {
         return Err(RouteError::BadPath("NUL byte in path"));
     }
-    let s = String::from_utf8(bytes).map_err(|_| RouteError::BadPath("path is not valid UTF-8"))?;
+    let s =
+        String::from_utf8(decoded).map_err(|_| RouteError::BadPath("path is not valid UTF-8"))?;
     if s.split('/').any(|seg| seg == "." || seg == "..") {
-        *out = String::new();
         return Err(RouteError::BadPath(
             "'.' and '..' path segments are not allowed",
         ));
@@ -148,18 +129,18 @@ pub fn decode_path(target: &[u8], out: &mut String) -> Result<(), RouteError> {
     Ok(())
 }
 
+/// SigV4's URI encoding: everything but `A-Za-z0-9-_.~` is escaped.
+const SIGV4_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+/// The same for an object key, whose `/` separators stay.
+const SIGV4_KEY: &AsciiSet = &SIGV4_COMPONENT.remove(b'/');
+
 /// Appends `key` URI-encoded for S3/SigV4: unreserved characters and `/` stay.
 pub fn encode_key(key: &str, out: &mut String) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for &b in key.as_bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
-            out.push(b as char);
-        } else {
-            out.push('%');
-            out.push(HEX[(b >> 4) as usize] as char);
-            out.push(HEX[(b & 15) as usize] as char);
-        }
-    }
+    out.extend(utf8_percent_encode(key, SIGV4_KEY));
 }
 
 /// Query parameters forwarded to S3 and signed: they select *which* object
@@ -207,22 +188,18 @@ const SUBRESOURCES: &[&str] = &[
     "website",
 ];
 
-/// Percent-decodes `v` (query component: `+` stays `+`, as S3 reads it).
+/// Percent-decodes `v` (`+` stays `+`, as S3 reads it); `None` when an
+/// escape is not `%` and two hex digits (the crate passes those through).
 fn decode_component(v: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(v.len());
-    let mut i = 0;
-    while i < v.len() {
-        if v[i] == b'%' {
-            let hi = v.get(i + 1).and_then(|c| (*c as char).to_digit(16))?;
-            let lo = v.get(i + 2).and_then(|c| (*c as char).to_digit(16))?;
-            out.push((hi * 16 + lo) as u8);
-            i += 3;
-        } else {
-            out.push(v[i]);
-            i += 1;
+    let mut rest = v;
+    while let Some(p) = rest.iter().position(|&b| b == b'%') {
+        let hex = rest.get(p + 1..p + 3)?;
+        if !hex.iter().all(u8::is_ascii_hexdigit) {
+            return None;
         }
+        rest = &rest[p + 3..];
     }
-    Some(out)
+    Some(percent_decode(v).collect())
 }
 
 /// The query to send upstream, in SigV4 canonical form (sorted, each value
@@ -297,16 +274,7 @@ pub fn loggable_target(target: &[u8], out: &mut String) {
 
 /// Appends `v` URI-encoded for a SigV4 query component (`/` escaped too).
 fn encode_component(v: &str, out: &mut String) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for &b in v.as_bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push('%');
-            out.push(HEX[(b >> 4) as usize] as char);
-            out.push(HEX[(b & 15) as usize] as char);
-        }
-    }
+    out.extend(utf8_percent_encode(v, SIGV4_COMPONENT));
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 pub mod expand;
 pub mod schema;
+mod validate;
 
 use schema::*;
 use std::collections::HashMap;
@@ -41,9 +42,6 @@ pub struct Server {
     pub tls: Option<ListenerTls>,
 }
 
-/// `server.request_head_timeout_seconds` default.
-pub const DEFAULT_REQUEST_HEAD_TIMEOUT_SECS: u64 = 10;
-
 /// `server.max_connections` default: what the file-descriptor limit allows,
 /// with room for two upstream sockets per client connection and a reserve
 /// for listeners, pipes and files (a third of the limit per client, at least 64).
@@ -70,13 +68,17 @@ pub struct ListenerTls {
 
 /// `server.zero_copy`: how Content-Length bodies move from a plain-TCP
 /// upstream to a plain-TCP client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ZeroCopy {
     /// splice(2) for bodies of at least [`ZeroCopy::AUTO_MIN_BYTES`], copy below.
+    #[default]
     Auto,
     /// splice(2) for every such body.
+    #[serde(alias = "true")]
     On,
     /// Always copy through a user-space buffer.
+    #[serde(alias = "false")]
     Off,
 }
 
@@ -127,7 +129,9 @@ impl Level {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `logging.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
@@ -160,10 +164,10 @@ pub struct BreakerSettings {
 impl Default for BreakerSettings {
     fn default() -> Self {
         BreakerSettings {
-            failure_threshold: 5,
-            success_threshold: 2,
-            open_for: Duration::from_secs(60),
-            half_open_requests: 1,
+            failure_threshold: DEFAULT_FAILURE_THRESHOLD,
+            success_threshold: DEFAULT_SUCCESS_THRESHOLD,
+            open_for: Duration::from_secs(DEFAULT_OPEN_SECS),
+            half_open_requests: DEFAULT_HALF_OPEN_REQUESTS,
         }
     }
 }
@@ -180,9 +184,9 @@ impl Default for HealthSettings {
     fn default() -> Self {
         HealthSettings {
             enabled: true,
-            interval: Duration::from_secs(10),
-            timeout: Duration::from_secs(5),
-            path: "/".into(),
+            interval: Duration::from_secs(DEFAULT_HEALTH_INTERVAL_SECS),
+            timeout: Duration::from_secs(DEFAULT_HEALTH_TIMEOUT_SECS),
+            path: DEFAULT_HEALTH_PATH.into(),
         }
     }
 }
@@ -253,400 +257,7 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             vec![format!("{path}: {inner}")]
         }
     })?;
-    validate(raw)
-}
-
-fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
-    let mut errs = Vec::new();
-    let address = match raw.server.address.to_socket_addrs().map(|mut a| a.next()) {
-        Ok(Some(a)) => a,
-        _ => {
-            errs.push(format!(
-                "server.address: {:?} is not a valid listen address (expected host:port)",
-                raw.server.address
-            ));
-            SocketAddr::from(([0, 0, 0, 0], 8080))
-        }
-    };
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let workers = raw.server.workers.unwrap_or(cores);
-    if workers == 0 || workers > 1024 {
-        errs.push("server.workers: must be between 1 and 1024".into());
-    }
-    let idle = raw.server.idle_timeout_seconds.unwrap_or(60);
-    if idle == 0 {
-        errs.push("server.idle_timeout_seconds: must be at least 1".into());
-    }
-    let head_timeout = raw
-        .server
-        .request_head_timeout_seconds
-        .unwrap_or(DEFAULT_REQUEST_HEAD_TIMEOUT_SECS);
-    if head_timeout == 0 {
-        errs.push("server.request_head_timeout_seconds: must be at least 1".into());
-    }
-    let max_connections = raw
-        .server
-        .max_connections
-        .unwrap_or_else(default_max_connections);
-    if max_connections < workers.max(1) {
-        errs.push(format!(
-            "server.max_connections: must be at least the number of workers ({})",
-            workers.max(1)
-        ));
-    }
-    let zero_copy = match raw
-        .server
-        .zero_copy
-        .as_deref()
-        .map(|z| z.to_ascii_lowercase())
-    {
-        None => ZeroCopy::Auto,
-        Some(z) if z == "auto" => ZeroCopy::Auto,
-        Some(z) if z == "on" || z == "true" => ZeroCopy::On,
-        Some(z) if z == "off" || z == "false" => ZeroCopy::Off,
-        Some(z) => {
-            errs.push(format!(
-                "server.zero_copy: {z:?} is not one of auto, on, off"
-            ));
-            ZeroCopy::Auto
-        }
-    };
-    let tls = raw.server.tls.as_ref().map(|t| ListenerTls {
-        cert_file: t.cert_file.clone(),
-        key_file: t.key_file.clone(),
-    });
-    if let Some(t) = &tls {
-        if let Err(e) = crate::upstream::tls::acceptor(&t.cert_file, &t.key_file) {
-            errs.push(format!("server.tls: {e}"));
-        }
-    }
-    let server = Server {
-        tls,
-        zero_copy,
-        address,
-        workers: workers.max(1),
-        idle_timeout: Duration::from_secs(idle.max(1)),
-        request_head_timeout: Duration::from_secs(head_timeout.max(1)),
-        max_connections: max_connections.max(workers.max(1)),
-        shutdown_timeout: Duration::from_secs(raw.server.shutdown_timeout_seconds.unwrap_or(30)),
-    };
-
-    let default_health = raw.health_check.clone();
-    if let Some(h) = &default_health {
-        check_health(h, "health_check", &mut errs);
-    }
-    if raw.buckets.is_empty() {
-        errs.push("buckets: at least one bucket is required".into());
-    }
-    let mut buckets = Vec::new();
-    let mut prefixes: HashMap<String, usize> = HashMap::new();
-    let mut names: HashMap<String, usize> = HashMap::new();
-    for (i, b) in raw.buckets.into_iter().enumerate() {
-        let at = format!("buckets[{i}]");
-        if b.name.trim().is_empty() {
-            errs.push(format!("{at}.name: must not be empty"));
-        } else if let Some(j) = names.insert(b.name.clone(), i) {
-            errs.push(format!(
-                "{at}.name: {:?} is already used by buckets[{j}]",
-                b.name
-            ));
-        }
-        let prefix = match normalize_prefix(&b.path_prefix) {
-            Ok(p) => p,
-            Err(e) => {
-                errs.push(format!("{at}.path_prefix: {e}"));
-                String::new()
-            }
-        };
-        if prefix == "/health" || prefix == "/ready" {
-            errs.push(format!(
-                "{at}.path_prefix: {prefix:?} is reserved for the proxy's own endpoint"
-            ));
-        }
-        if let Some(j) = prefixes.insert(prefix.clone(), i) {
-            errs.push(format!(
-                "{at}.path_prefix: {:?} overlaps buckets[{j}].path_prefix (both route {:?})",
-                b.path_prefix,
-                if prefix.is_empty() { "/" } else { &prefix }
-            ));
-        }
-        if let Some(auth) = &b.auth {
-            if auth.enabled {
-                errs.push(format!(
-                    "{at}.auth.enabled: client authentication is not supported by this proxy; set it to false"
-                ));
-            }
-        }
-        let s3 = b.s3;
-        let at3 = format!("{at}.s3");
-        if s3.bucket.trim().is_empty() {
-            errs.push(format!("{at3}.bucket: must not be empty"));
-        }
-        let region = s3.region.clone().unwrap_or_else(|| "us-east-1".into());
-        if region.trim().is_empty() {
-            errs.push(format!("{at3}.region: must not be empty"));
-        }
-        if s3.access_key.is_empty() {
-            errs.push(format!("{at3}.access_key: must not be empty"));
-        }
-        if s3.secret_key.is_empty() {
-            errs.push(format!("{at3}.secret_key: must not be empty"));
-        }
-        let default_timeout = s3.timeout_seconds.unwrap_or(30);
-        if default_timeout == 0 {
-            errs.push(format!("{at3}.timeout_seconds: must be at least 1"));
-        }
-        let mut replicas = Vec::new();
-        match &s3.replicas {
-            None => {
-                let endpoint = resolve_endpoint(
-                    s3.endpoint.as_deref(),
-                    &s3.bucket,
-                    &region,
-                    &format!("{at3}.endpoint"),
-                    &mut errs,
-                );
-                replicas.push(Replica {
-                    name: "default".into(),
-                    virtual_hosted: s3.endpoint.is_none() && !s3.bucket.contains('.'),
-                    endpoint,
-                    bucket: s3.bucket.clone(),
-                    region: region.clone(),
-                    access_key: s3.access_key.clone(),
-                    secret_key: s3.secret_key.clone(),
-                    priority: 1,
-                    weight: 1,
-                    timeout: Duration::from_secs(default_timeout.max(1)),
-                    ca_file: s3.ca_file.clone(),
-                    insecure_skip_verify: s3.insecure_skip_verify.unwrap_or(false),
-                });
-                check_tls(replicas.last(), &at3, &mut errs);
-            }
-            Some(list) => {
-                if list.is_empty() {
-                    errs.push(format!(
-                        "{at3}.replicas: must list at least one replica (or be removed)"
-                    ));
-                }
-                if list.len() > MAX_REPLICAS {
-                    errs.push(format!(
-                        "{at3}.replicas: at most {MAX_REPLICAS} replicas per bucket"
-                    ));
-                }
-                let mut rnames: HashMap<&str, usize> = HashMap::new();
-                for (r, rep) in list.iter().enumerate() {
-                    let atr = format!("{at3}.replicas[{r}]");
-                    if rep.name.trim().is_empty() {
-                        errs.push(format!("{atr}.name: must not be empty"));
-                    } else if let Some(j) = rnames.insert(&rep.name, r) {
-                        errs.push(format!(
-                            "{atr}.name: {:?} is already used by replicas[{j}]",
-                            rep.name
-                        ));
-                    }
-                    let bucket = rep.bucket.clone().unwrap_or_else(|| s3.bucket.clone());
-                    let rregion = rep.region.clone().unwrap_or_else(|| region.clone());
-                    let endpoint_src = rep.endpoint.as_deref().or(s3.endpoint.as_deref());
-                    let endpoint = resolve_endpoint(
-                        endpoint_src,
-                        &bucket,
-                        &rregion,
-                        &format!("{atr}.endpoint"),
-                        &mut errs,
-                    );
-                    let access_key = rep
-                        .access_key
-                        .clone()
-                        .unwrap_or_else(|| s3.access_key.clone());
-                    let secret_key = rep
-                        .secret_key
-                        .clone()
-                        .unwrap_or_else(|| s3.secret_key.clone());
-                    if rep.access_key.as_deref() == Some("") {
-                        errs.push(format!("{atr}.access_key: must not be empty"));
-                    }
-                    if rep.secret_key.as_deref() == Some("") {
-                        errs.push(format!("{atr}.secret_key: must not be empty"));
-                    }
-                    if bucket.trim().is_empty() {
-                        errs.push(format!("{atr}.bucket: must not be empty"));
-                    }
-                    let timeout = rep.timeout_seconds.unwrap_or(default_timeout);
-                    if timeout == 0 {
-                        errs.push(format!("{atr}.timeout_seconds: must be at least 1"));
-                    }
-                    let weight = rep.weight.unwrap_or(1);
-                    if weight == 0 || weight > 1_000_000 {
-                        errs.push(format!("{atr}.weight: must be between 1 and 1000000"));
-                    }
-                    replicas.push(Replica {
-                        name: rep.name.clone(),
-                        virtual_hosted: endpoint_src.is_none() && !bucket.contains('.'),
-                        endpoint,
-                        bucket,
-                        region: rregion,
-                        access_key,
-                        secret_key,
-                        priority: rep.priority.unwrap_or(1),
-                        weight: weight.max(1),
-                        timeout: Duration::from_secs(timeout.max(1)),
-                        ca_file: rep.ca_file.clone().or_else(|| s3.ca_file.clone()),
-                        insecure_skip_verify: rep
-                            .insecure_skip_verify
-                            .or(s3.insecure_skip_verify)
-                            .unwrap_or(false),
-                    });
-                    check_tls(replicas.last(), &atr, &mut errs);
-                }
-            }
-        }
-        let mut breaker = BreakerSettings::default();
-        if let Some(cb) = &s3.circuit_breaker {
-            let atc = format!("{at3}.circuit_breaker");
-            breaker.failure_threshold = cb.failure_threshold.unwrap_or(breaker.failure_threshold);
-            breaker.success_threshold = cb.success_threshold.unwrap_or(breaker.success_threshold);
-            breaker.open_for = cb
-                .timeout_seconds
-                .map(Duration::from_secs)
-                .unwrap_or(breaker.open_for);
-            breaker.half_open_requests =
-                cb.half_open_requests.unwrap_or(breaker.half_open_requests);
-            for (v, key) in [
-                (breaker.failure_threshold, "failure_threshold"),
-                (breaker.success_threshold, "success_threshold"),
-                (breaker.half_open_requests, "half_open_requests"),
-            ] {
-                if v == 0 {
-                    errs.push(format!("{atc}.{key}: must be at least 1"));
-                }
-            }
-            if breaker.open_for.is_zero() {
-                errs.push(format!("{atc}.timeout_seconds: must be at least 1"));
-            }
-        }
-        let health_raw = s3.health_check.clone().or_else(|| default_health.clone());
-        if let Some(h) = &s3.health_check {
-            check_health(h, &format!("{at3}.health_check"), &mut errs);
-        }
-        let mut health = HealthSettings::default();
-        if let Some(h) = health_raw {
-            health.enabled = h.enabled.unwrap_or(true);
-            health.interval = h
-                .interval_seconds
-                .map(Duration::from_secs)
-                .unwrap_or(health.interval);
-            health.timeout = h
-                .timeout_seconds
-                .map(Duration::from_secs)
-                .unwrap_or(health.timeout);
-            health.path = h.path.unwrap_or(health.path);
-        }
-        buckets.push(Bucket {
-            name: b.name,
-            path_prefix: prefix,
-            replicas,
-            breaker,
-            health,
-        });
-    }
-
-    let metrics = match raw.metrics {
-        None => Metrics {
-            enabled: true,
-            address: SocketAddr::new(address.ip(), 9090),
-        },
-        Some(m) => {
-            let port = m.port.unwrap_or(9090);
-            let ip = match &m.address {
-                None => address.ip(),
-                Some(a) => match a.parse() {
-                    Ok(ip) => ip,
-                    Err(_) => {
-                        errs.push(format!("metrics.address: {a:?} is not an IP address"));
-                        address.ip()
-                    }
-                },
-            };
-            let metrics = Metrics {
-                enabled: m.enabled.unwrap_or(true),
-                address: SocketAddr::new(ip, port),
-            };
-            if metrics.enabled && port == address.port() && port != 0 {
-                errs.push(format!(
-                    "metrics.port: {port} is the same port as server.address"
-                ));
-            }
-            metrics
-        }
-    };
-
-    let mut logging = Logging {
-        level: Level::Info,
-        format: LogFormat::Text,
-    };
-    if let Some(l) = raw.logging {
-        if let Some(level) = l.level {
-            match Level::parse(&level) {
-                Some(v) => logging.level = v,
-                None => errs.push(format!(
-                    "logging.level: {level:?} is not one of error, warn, info, debug"
-                )),
-            }
-        }
-        if let Some(format) = l.format {
-            match format.to_ascii_lowercase().as_str() {
-                "text" => logging.format = LogFormat::Text,
-                "json" => logging.format = LogFormat::Json,
-                _ => errs.push(format!(
-                    "logging.format: {format:?} is not one of text, json"
-                )),
-            }
-        }
-    }
-
-    if errs.is_empty() {
-        Ok(Config {
-            server,
-            buckets,
-            metrics,
-            logging,
-        })
-    } else {
-        Err(errs)
-    }
-}
-
-/// `ca_file` must be readable PEM, and TLS settings need an https endpoint.
-fn check_tls(replica: Option<&Replica>, at: &str, errs: &mut Vec<String>) {
-    let Some(r) = replica else { return };
-    if !r.endpoint.tls && (r.ca_file.is_some() || r.insecure_skip_verify) {
-        errs.push(format!(
-            "{at}: ca_file and insecure_skip_verify apply to https:// endpoints only (this one is http://)"
-        ));
-    }
-    if let Some(path) = &r.ca_file {
-        if let Err(e) = crate::upstream::tls::load_pem_certs(path) {
-            errs.push(format!("{at}.ca_file: {e}"));
-        }
-    }
-}
-
-fn check_health(h: &RawHealthCheck, at: &str, errs: &mut Vec<String>) {
-    if h.interval_seconds == Some(0) {
-        errs.push(format!("{at}.interval_seconds: must be at least 1"));
-    }
-    if h.timeout_seconds == Some(0) {
-        errs.push(format!("{at}.timeout_seconds: must be at least 1"));
-    }
-    if let Some(p) = &h.path {
-        if !p.starts_with('/') || p.chars().any(|c| c.is_control() || c == ' ') {
-            errs.push(format!(
-                "{at}.path: {p:?} must start with '/' and contain no spaces"
-            ));
-        }
-    }
+    validate::validate(raw)
 }
 
 /// `/data/` -> `/data`; `/` -> `""`. Rejects anything that cannot match a request path.
@@ -663,86 +274,6 @@ pub fn normalize_prefix(p: &str) -> Result<String, String> {
         return Err(format!("{p:?} must not contain '.' or '..' segments"));
     }
     Ok(p.trim_end_matches('/').to_string())
-}
-
-/// Parses `http://host[:port][/]`, or builds the AWS regional endpoint when absent.
-fn resolve_endpoint(
-    src: Option<&str>,
-    bucket: &str,
-    region: &str,
-    at: &str,
-    errs: &mut Vec<String>,
-) -> Endpoint {
-    let fallback = Endpoint {
-        tls: false,
-        host: "invalid".into(),
-        port: 80,
-        authority: "invalid".into(),
-    };
-    let Some(src) = src else {
-        let host = if bucket.contains('.') {
-            format!("s3.{region}.amazonaws.com")
-        } else {
-            format!("{bucket}.s3.{region}.amazonaws.com")
-        };
-        return Endpoint {
-            tls: true,
-            authority: host.clone(),
-            host,
-            port: 443,
-        };
-    };
-    let (tls, rest) = if let Some(r) = src.strip_prefix("http://") {
-        (false, r)
-    } else if let Some(r) = src.strip_prefix("https://") {
-        (true, r)
-    } else {
-        errs.push(format!("{at}: {src:?} must start with http:// or https://"));
-        return fallback;
-    };
-    let rest = rest.trim_end_matches('/');
-    if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
-        errs.push(format!(
-            "{at}: {src:?} must be scheme://host[:port] with no path"
-        ));
-        return fallback;
-    }
-    let default_port = if tls { 443 } else { 80 };
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        match v6.split_once(']') {
-            Some((h, tail)) => (format!("[{h}]"), tail.strip_prefix(':')),
-            None => {
-                errs.push(format!("{at}: {src:?} has an unclosed IPv6 bracket"));
-                return fallback;
-            }
-        }
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (rest.to_string(), None),
-        }
-    };
-    let port = match port {
-        None => default_port,
-        Some(p) => match p.parse::<u16>() {
-            Ok(p) if p > 0 => p,
-            _ => {
-                errs.push(format!("{at}: {src:?} has an invalid port"));
-                return fallback;
-            }
-        },
-    };
-    let authority = if port == default_port {
-        host.clone()
-    } else {
-        format!("{host}:{port}")
-    };
-    Endpoint {
-        tls,
-        host,
-        port,
-        authority,
-    }
 }
 
 #[cfg(test)]

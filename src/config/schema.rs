@@ -4,9 +4,41 @@
 //! ignored setting. Numbers and booleans also accept strings so that values
 //! produced by `${VAR}` expansion (always strings) deserialize.
 
+use super::{LogFormat, ZeroCopy};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use std::str::FromStr;
+
+// ---- defaults of keys the user may leave out ----
+
+/// `server.idle_timeout_seconds`.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
+/// `server.request_head_timeout_seconds`.
+pub const DEFAULT_REQUEST_HEAD_TIMEOUT_SECS: u64 = 10;
+/// `server.shutdown_timeout_seconds`.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+/// Most `server.workers`.
+pub const MAX_WORKERS: usize = 1024;
+/// `s3.region`.
+pub const DEFAULT_REGION: &str = "us-east-1";
+/// `s3.timeout_seconds` (each replica's unless it sets its own).
+pub const DEFAULT_REPLICA_TIMEOUT_SECS: u64 = 30;
+/// `replicas[].priority` (lower is tried first).
+pub const DEFAULT_PRIORITY: u32 = 1;
+/// `replicas[].weight`, and its largest value.
+pub const DEFAULT_WEIGHT: u32 = 1;
+pub const MAX_WEIGHT: u32 = 1_000_000;
+/// `circuit_breaker.*`.
+pub const DEFAULT_FAILURE_THRESHOLD: u32 = 5;
+pub const DEFAULT_SUCCESS_THRESHOLD: u32 = 2;
+pub const DEFAULT_OPEN_SECS: u64 = 60;
+pub const DEFAULT_HALF_OPEN_REQUESTS: u32 = 1;
+/// `health_check.*`.
+pub const DEFAULT_HEALTH_INTERVAL_SECS: u64 = 10;
+pub const DEFAULT_HEALTH_TIMEOUT_SECS: u64 = 5;
+pub const DEFAULT_HEALTH_PATH: &str = "/";
+/// `metrics.port`.
+pub const DEFAULT_METRICS_PORT: u16 = 9090;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,7 +69,7 @@ pub struct RawServer {
     #[serde(default, deserialize_with = "flex_opt")]
     pub max_connections: Option<usize>,
     #[serde(default)]
-    pub zero_copy: Option<String>,
+    pub zero_copy: Option<ZeroCopy>,
     #[serde(default)]
     pub tls: Option<RawListenerTls>,
 }
@@ -90,7 +122,7 @@ pub struct RawS3 {
     pub health_check: Option<RawHealthCheck>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawReplica {
     pub name: String,
@@ -159,7 +191,7 @@ pub struct RawLogging {
     #[serde(default)]
     pub level: Option<String>,
     #[serde(default)]
-    pub format: Option<String>,
+    pub format: Option<LogFormat>,
 }
 
 /// A number or boolean written natively or as a string (`"8080"`, `"true"`).

@@ -40,7 +40,6 @@ use crate::upstream::select::{Plan, Selector};
 use crate::upstream::tls::{ClientStream, MaybeTls};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
-use std::fmt::Write as _;
 use std::io;
 use std::os::fd::RawFd;
 use std::rc::Rc;
@@ -620,40 +619,38 @@ fn itoa(v: u64) -> String {
     v.to_string()
 }
 
-/// `/ready`: 503 when some bucket has no usable replica; lists every replica's state.
+/// `/ready`: 503 when some bucket has no usable replica; lists every
+/// replica's breaker state as JSON (serde_json: names are escaped properly).
 pub fn readiness(shared: &Shared) -> (bool, String) {
     let now = now_ms();
     let mut ready = true;
-    let mut body = String::from("{\"buckets\":[");
-    for (bi, b) in shared.config.buckets.iter().enumerate() {
-        if bi > 0 {
-            body.push(',');
-        }
-        let _ = write!(body, "{{\"name\":{:?},\"replicas\":[", b.name);
-        let mut usable = false;
-        for (n, &rid) in shared.bucket_replicas[bi].iter().enumerate() {
-            let r = &shared.replicas[rid];
-            let p = r.breaker.load();
-            let ok = p.state != State::Open || now >= p.open_until;
-            usable |= ok;
-            if n > 0 {
-                body.push(',');
-            }
-            let _ = write!(
-                body,
-                "{{\"name\":{:?},\"state\":\"{}\",\"usable\":{}}}",
-                r.config.name,
-                p.state.as_str(),
-                ok
-            );
-        }
-        let _ = write!(body, "],\"usable\":{usable}}}");
-        ready &= usable;
-    }
-    let _ = write!(
-        body,
-        "],\"status\":\"{}\"}}",
-        if ready { "ready" } else { "unavailable" }
-    );
-    (ready, body)
+    let buckets: Vec<serde_json::Value> = shared
+        .config
+        .buckets
+        .iter()
+        .enumerate()
+        .map(|(bi, b)| {
+            let replicas: Vec<serde_json::Value> = shared.bucket_replicas[bi]
+                .iter()
+                .map(|&rid| {
+                    let r = &shared.replicas[rid];
+                    let p = r.breaker.load();
+                    let usable = p.state != State::Open || now >= p.open_until;
+                    serde_json::json!({
+                        "name": r.config.name,
+                        "state": p.state.as_str(),
+                        "usable": usable,
+                    })
+                })
+                .collect();
+            let usable = replicas.iter().any(|r| r["usable"] == true);
+            ready &= usable;
+            serde_json::json!({ "name": b.name, "replicas": replicas, "usable": usable })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "buckets": buckets,
+        "status": if ready { "ready" } else { "unavailable" },
+    });
+    (ready, body.to_string())
 }

@@ -134,12 +134,14 @@ impl Signer {
     }
 }
 
-/// Appends `bytes` as lowercase hex.
+/// Appends `bytes` (at most 32) as lowercase hex, without allocating.
 pub fn push_hex(out: &mut String, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for &b in bytes {
-        out.push(HEX[(b >> 4) as usize] as char);
-        out.push(HEX[(b & 15) as usize] as char);
+    let mut buf = [0u8; 64];
+    let n = bytes.len().min(32);
+    let hex = &mut buf[..n * 2];
+    if hex::encode_to_slice(&bytes[..n], hex).is_ok() {
+        // Hex digits are ASCII.
+        out.push_str(std::str::from_utf8(hex).unwrap_or_default());
     }
 }
 

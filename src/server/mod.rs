@@ -362,6 +362,16 @@ async fn shard_main(id: usize, process: Arc<Process>, listener: std::net::TcpLis
     }
 }
 
+/// Returns freed heap pages to the OS (glibc only; other C libraries, such
+/// as musl for a static build, return memory on their own terms).
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own heap bookkeeping.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Periodic per-shard housekeeping, off the request path.
 fn tick(shard: &Core) {
     log::flush();
@@ -369,10 +379,7 @@ fn tick(shard: &Core) {
     // OS once a burst of them has gone idle, so RSS follows live use.
     if shard.parked.get() >= 256 {
         shard.parked.set(0);
-        // SAFETY: malloc_trim only walks glibc's own heap bookkeeping.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        trim_heap();
     }
     let me = &shard.process.shards[shard.id];
     let wanted = shard.process.scrape_generation.load(Ordering::Acquire);

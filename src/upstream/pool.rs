@@ -45,8 +45,9 @@ pub struct UpConn {
 }
 
 /// True when an idle socket has input waiting (stray bytes or a close) or
-/// an error: such a connection must not carry another request.
-fn has_pending_input(fd: RawFd) -> bool {
+/// an error: such a connection must not carry another request. One
+/// `recv(MSG_PEEK | MSG_DONTWAIT)`; `benches/hot_path.rs` prices it.
+pub fn has_pending_input(fd: RawFd) -> bool {
     let mut byte = [0u8; 1];
     // SAFETY: `fd` is the open socket owned by the connection being checked
     // (the caller holds the `UpConn`); the buffer is a valid 1-byte array and

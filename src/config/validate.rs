@@ -1,0 +1,496 @@
+//! Raw YAML schema -> resolved [`Config`], one function per section.
+//!
+//! Every check reports into one [`Problems`] collector with the YAML path it
+//! concerns, so `--check` lists every problem at once. Defaults are the
+//! named constants of `schema.rs`; nothing downstream re-validates.
+
+use super::schema::*;
+use super::*;
+
+/// Problems found so far, each `path: message`.
+#[derive(Default)]
+pub(super) struct Problems(Vec<String>);
+
+impl Problems {
+    /// Records `message` about the value at YAML path `at`.
+    fn at(&mut self, at: &str, message: impl std::fmt::Display) {
+        self.0.push(format!("{at}: {message}"));
+    }
+
+    /// Records that `value` at `at` must be at least 1.
+    fn positive(&mut self, at: &str, value: u64) {
+        if value == 0 {
+            self.at(at, "must be at least 1");
+        }
+    }
+
+    /// Records that the string at `at` must not be blank.
+    fn non_empty(&mut self, at: &str, value: &str) {
+        if value.trim().is_empty() {
+            self.at(at, "must not be empty");
+        }
+    }
+}
+
+/// Checks and resolves a whole configuration.
+pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
+    let mut p = Problems::default();
+    let server = server(&raw.server, &mut p);
+    if let Some(h) = &raw.health_check {
+        check_health(h, "health_check", &mut p);
+    }
+    if raw.buckets.is_empty() {
+        p.at("buckets", "at least one bucket is required");
+    }
+    let buckets = buckets(raw.buckets, raw.health_check.as_ref(), &mut p);
+    let metrics = metrics(raw.metrics.as_ref(), server.address, &mut p);
+    let logging = logging(raw.logging.as_ref(), &mut p);
+    if p.0.is_empty() {
+        Ok(Config {
+            server,
+            buckets,
+            metrics,
+            logging,
+        })
+    } else {
+        Err(p.0)
+    }
+}
+
+fn server(raw: &RawServer, p: &mut Problems) -> Server {
+    let address = match raw.address.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(a)) => a,
+        _ => {
+            p.at(
+                "server.address",
+                format_args!(
+                    "{:?} is not a valid listen address (expected host:port)",
+                    raw.address
+                ),
+            );
+            SocketAddr::from(([0, 0, 0, 0], 8080))
+        }
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = raw.workers.unwrap_or(cores);
+    if workers == 0 || workers > MAX_WORKERS {
+        p.at(
+            "server.workers",
+            format_args!("must be between 1 and {MAX_WORKERS}"),
+        );
+    }
+    let workers = workers.max(1);
+    let idle = raw
+        .idle_timeout_seconds
+        .unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS);
+    p.positive("server.idle_timeout_seconds", idle);
+    let head = raw
+        .request_head_timeout_seconds
+        .unwrap_or(DEFAULT_REQUEST_HEAD_TIMEOUT_SECS);
+    p.positive("server.request_head_timeout_seconds", head);
+    let max_connections = raw.max_connections.unwrap_or_else(default_max_connections);
+    if max_connections < workers {
+        p.at(
+            "server.max_connections",
+            format_args!("must be at least the number of workers ({workers})"),
+        );
+    }
+    let tls = raw.tls.as_ref().map(|t| ListenerTls {
+        cert_file: t.cert_file.clone(),
+        key_file: t.key_file.clone(),
+    });
+    if let Some(t) = &tls {
+        if let Err(e) = crate::upstream::tls::acceptor(&t.cert_file, &t.key_file) {
+            p.at("server.tls", e);
+        }
+    }
+    Server {
+        tls,
+        zero_copy: raw.zero_copy.unwrap_or_default(),
+        address,
+        workers,
+        idle_timeout: Duration::from_secs(idle.max(1)),
+        request_head_timeout: Duration::from_secs(head.max(1)),
+        max_connections: max_connections.max(workers),
+        shutdown_timeout: Duration::from_secs(
+            raw.shutdown_timeout_seconds
+                .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
+        ),
+    }
+}
+
+/// Every bucket, plus the checks across buckets (unique names and prefixes).
+fn buckets(
+    raw: Vec<RawBucket>,
+    default_health: Option<&RawHealthCheck>,
+    p: &mut Problems,
+) -> Vec<Bucket> {
+    let mut prefixes: HashMap<String, usize> = HashMap::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, b) in raw.into_iter().enumerate() {
+        let at = format!("buckets[{i}]");
+        if b.name.trim().is_empty() {
+            p.at(&format!("{at}.name"), "must not be empty");
+        } else if let Some(j) = names.insert(b.name.clone(), i) {
+            p.at(
+                &format!("{at}.name"),
+                format_args!("{:?} is already used by buckets[{j}]", b.name),
+            );
+        }
+        let prefix = path_prefix(&b.path_prefix, &format!("{at}.path_prefix"), p);
+        if let Some(j) = prefixes.insert(prefix.clone(), i) {
+            p.at(
+                &format!("{at}.path_prefix"),
+                format_args!(
+                    "{:?} overlaps buckets[{j}].path_prefix (both route {:?})",
+                    b.path_prefix,
+                    if prefix.is_empty() { "/" } else { &prefix }
+                ),
+            );
+        }
+        if b.auth.as_ref().is_some_and(|a| a.enabled) {
+            p.at(
+                &format!("{at}.auth.enabled"),
+                "client authentication is not supported by this proxy; set it to false",
+            );
+        }
+        let at3 = format!("{at}.s3");
+        let s3 = &b.s3;
+        let replicas = replicas(s3, &at3, p);
+        let breaker = breaker(
+            s3.circuit_breaker.as_ref(),
+            &format!("{at3}.circuit_breaker"),
+            p,
+        );
+        if let Some(h) = &s3.health_check {
+            check_health(h, &format!("{at3}.health_check"), p);
+        }
+        let health = health(s3.health_check.as_ref().or(default_health));
+        out.push(Bucket {
+            name: b.name,
+            path_prefix: prefix,
+            replicas,
+            breaker,
+            health,
+        });
+    }
+    out
+}
+
+fn path_prefix(raw: &str, at: &str, p: &mut Problems) -> String {
+    let prefix = normalize_prefix(raw).unwrap_or_else(|e| {
+        p.at(at, e);
+        String::new()
+    });
+    if prefix == "/health" || prefix == "/ready" {
+        p.at(
+            at,
+            format_args!("{prefix:?} is reserved for the proxy's own endpoint"),
+        );
+    }
+    prefix
+}
+
+/// The bucket's replicas: its `replicas` list, each inheriting the bucket's
+/// settings, or one replica named `default` made of the bucket's settings.
+fn replicas(s3: &RawS3, at3: &str, p: &mut Problems) -> Vec<Replica> {
+    p.non_empty(&format!("{at3}.bucket"), &s3.bucket);
+    let region = s3.region.as_deref().unwrap_or(DEFAULT_REGION);
+    p.non_empty(&format!("{at3}.region"), region);
+    for (key, value) in [
+        ("access_key", &s3.access_key),
+        ("secret_key", &s3.secret_key),
+    ] {
+        if value.is_empty() {
+            p.at(&format!("{at3}.{key}"), "must not be empty");
+        }
+    }
+    let timeout = s3.timeout_seconds.unwrap_or(DEFAULT_REPLICA_TIMEOUT_SECS);
+    p.positive(&format!("{at3}.timeout_seconds"), timeout);
+    let Some(list) = &s3.replicas else {
+        let implicit = RawReplica {
+            name: "default".into(),
+            ..RawReplica::default()
+        };
+        return vec![replica(&implicit, s3, at3, p)];
+    };
+    if list.is_empty() {
+        p.at(
+            &format!("{at3}.replicas"),
+            "must list at least one replica (or be removed)",
+        );
+    }
+    if list.len() > MAX_REPLICAS {
+        p.at(
+            &format!("{at3}.replicas"),
+            format_args!("at most {MAX_REPLICAS} replicas per bucket"),
+        );
+    }
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut out = Vec::with_capacity(list.len());
+    for (r, rep) in list.iter().enumerate() {
+        let atr = format!("{at3}.replicas[{r}]");
+        if rep.name.trim().is_empty() {
+            p.at(&format!("{atr}.name"), "must not be empty");
+        } else if let Some(j) = names.insert(&rep.name, r) {
+            p.at(
+                &format!("{atr}.name"),
+                format_args!("{:?} is already used by replicas[{j}]", rep.name),
+            );
+        }
+        out.push(replica(rep, s3, &atr, p));
+    }
+    out
+}
+
+/// One replica: its own keys, else the bucket's (`s3`), else the defaults.
+fn replica(rep: &RawReplica, s3: &RawS3, at: &str, p: &mut Problems) -> Replica {
+    let bucket = rep.bucket.clone().unwrap_or_else(|| s3.bucket.clone());
+    if rep.bucket.is_some() {
+        p.non_empty(&format!("{at}.bucket"), &bucket);
+    }
+    let region = rep
+        .region
+        .as_deref()
+        .or(s3.region.as_deref())
+        .unwrap_or(DEFAULT_REGION)
+        .to_string();
+    let endpoint_src = rep.endpoint.as_deref().or(s3.endpoint.as_deref());
+    let endpoint = resolve_endpoint(endpoint_src, &bucket, &region, &format!("{at}.endpoint"), p);
+    for (key, value) in [
+        ("access_key", &rep.access_key),
+        ("secret_key", &rep.secret_key),
+    ] {
+        if value.as_deref() == Some("") {
+            p.at(&format!("{at}.{key}"), "must not be empty");
+        }
+    }
+    let timeout = rep
+        .timeout_seconds
+        .or(s3.timeout_seconds)
+        .unwrap_or(DEFAULT_REPLICA_TIMEOUT_SECS);
+    if rep.timeout_seconds.is_some() {
+        p.positive(&format!("{at}.timeout_seconds"), timeout);
+    }
+    let weight = rep.weight.unwrap_or(DEFAULT_WEIGHT);
+    if weight == 0 || weight > MAX_WEIGHT {
+        p.at(
+            &format!("{at}.weight"),
+            format_args!("must be between 1 and {MAX_WEIGHT}"),
+        );
+    }
+    let replica = Replica {
+        name: rep.name.clone(),
+        virtual_hosted: endpoint_src.is_none() && !bucket.contains('.'),
+        endpoint,
+        bucket,
+        region,
+        access_key: rep
+            .access_key
+            .clone()
+            .unwrap_or_else(|| s3.access_key.clone()),
+        secret_key: rep
+            .secret_key
+            .clone()
+            .unwrap_or_else(|| s3.secret_key.clone()),
+        priority: rep.priority.unwrap_or(DEFAULT_PRIORITY),
+        weight: weight.max(1),
+        timeout: Duration::from_secs(timeout.max(1)),
+        ca_file: rep.ca_file.clone().or_else(|| s3.ca_file.clone()),
+        insecure_skip_verify: rep
+            .insecure_skip_verify
+            .or(s3.insecure_skip_verify)
+            .unwrap_or(false),
+    };
+    check_tls(&replica, at, p);
+    replica
+}
+
+fn breaker(raw: Option<&RawCircuitBreaker>, at: &str, p: &mut Problems) -> BreakerSettings {
+    let mut b = BreakerSettings::default();
+    let Some(cb) = raw else { return b };
+    b.failure_threshold = cb.failure_threshold.unwrap_or(b.failure_threshold);
+    b.success_threshold = cb.success_threshold.unwrap_or(b.success_threshold);
+    b.open_for = cb.timeout_seconds.map_or(b.open_for, Duration::from_secs);
+    b.half_open_requests = cb.half_open_requests.unwrap_or(b.half_open_requests);
+    for (v, key) in [
+        (b.failure_threshold, "failure_threshold"),
+        (b.success_threshold, "success_threshold"),
+        (b.half_open_requests, "half_open_requests"),
+    ] {
+        p.positive(&format!("{at}.{key}"), v as u64);
+    }
+    p.positive(&format!("{at}.timeout_seconds"), b.open_for.as_secs());
+    b
+}
+
+fn health(raw: Option<&RawHealthCheck>) -> HealthSettings {
+    let mut h = HealthSettings::default();
+    if let Some(r) = raw {
+        h.enabled = r.enabled.unwrap_or(true);
+        h.interval = r.interval_seconds.map_or(h.interval, Duration::from_secs);
+        h.timeout = r.timeout_seconds.map_or(h.timeout, Duration::from_secs);
+        h.path = r.path.clone().unwrap_or(h.path);
+    }
+    h
+}
+
+fn check_health(h: &RawHealthCheck, at: &str, p: &mut Problems) {
+    if let Some(v) = h.interval_seconds {
+        p.positive(&format!("{at}.interval_seconds"), v);
+    }
+    if let Some(v) = h.timeout_seconds {
+        p.positive(&format!("{at}.timeout_seconds"), v);
+    }
+    if let Some(path) = &h.path {
+        if !path.starts_with('/') || path.chars().any(|c| c.is_control() || c == ' ') {
+            p.at(
+                &format!("{at}.path"),
+                format_args!("{path:?} must start with '/' and contain no spaces"),
+            );
+        }
+    }
+}
+
+/// `ca_file` must be readable PEM, and TLS settings need an https endpoint.
+fn check_tls(r: &Replica, at: &str, p: &mut Problems) {
+    if !r.endpoint.tls && (r.ca_file.is_some() || r.insecure_skip_verify) {
+        p.at(
+            at,
+            "ca_file and insecure_skip_verify apply to https:// endpoints only (this one is http://)",
+        );
+    }
+    if let Some(path) = &r.ca_file {
+        if let Err(e) = crate::upstream::tls::load_pem_certs(path) {
+            p.at(&format!("{at}.ca_file"), e);
+        }
+    }
+}
+
+fn metrics(raw: Option<&RawMetrics>, server: SocketAddr, p: &mut Problems) -> Metrics {
+    let Some(m) = raw else {
+        return Metrics {
+            enabled: true,
+            address: SocketAddr::new(server.ip(), DEFAULT_METRICS_PORT),
+        };
+    };
+    let port = m.port.unwrap_or(DEFAULT_METRICS_PORT);
+    let ip = match &m.address {
+        None => server.ip(),
+        Some(a) => a.parse().unwrap_or_else(|_| {
+            p.at(
+                "metrics.address",
+                format_args!("{a:?} is not an IP address"),
+            );
+            server.ip()
+        }),
+    };
+    let enabled = m.enabled.unwrap_or(true);
+    if enabled && port == server.port() && port != 0 {
+        p.at(
+            "metrics.port",
+            format_args!("{port} is the same port as server.address"),
+        );
+    }
+    Metrics {
+        enabled,
+        address: SocketAddr::new(ip, port),
+    }
+}
+
+fn logging(raw: Option<&RawLogging>, p: &mut Problems) -> Logging {
+    let mut logging = Logging {
+        level: Level::Info,
+        format: LogFormat::Text,
+    };
+    let Some(l) = raw else { return logging };
+    if let Some(level) = &l.level {
+        match Level::parse(level) {
+            Some(v) => logging.level = v,
+            None => p.at(
+                "logging.level",
+                format_args!("{level:?} is not one of error, warn, info, debug"),
+            ),
+        }
+    }
+    if let Some(format) = l.format {
+        logging.format = format;
+    }
+    logging
+}
+
+/// Parses `http://host[:port][/]`, or builds the AWS regional endpoint when absent.
+fn resolve_endpoint(
+    src: Option<&str>,
+    bucket: &str,
+    region: &str,
+    at: &str,
+    p: &mut Problems,
+) -> Endpoint {
+    let Some(src) = src else {
+        let host = if bucket.contains('.') {
+            format!("s3.{region}.amazonaws.com")
+        } else {
+            format!("{bucket}.s3.{region}.amazonaws.com")
+        };
+        return Endpoint {
+            tls: true,
+            authority: host.clone(),
+            host,
+            port: 443,
+        };
+    };
+    parse_endpoint(src).unwrap_or_else(|e| {
+        p.at(at, format_args!("{src:?} {e}"));
+        Endpoint {
+            tls: false,
+            host: "invalid".into(),
+            port: 80,
+            authority: "invalid".into(),
+        }
+    })
+}
+
+/// `scheme://host[:port]` with no path; the error completes "<src> ...".
+fn parse_endpoint(src: &str) -> Result<Endpoint, &'static str> {
+    let (tls, rest) = if let Some(r) = src.strip_prefix("http://") {
+        (false, r)
+    } else if let Some(r) = src.strip_prefix("https://") {
+        (true, r)
+    } else {
+        return Err("must start with http:// or https://");
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
+        return Err("must be scheme://host[:port] with no path");
+    }
+    let default_port = if tls { 443 } else { 80 };
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, tail) = v6.split_once(']').ok_or("has an unclosed IPv6 bracket")?;
+        (format!("[{h}]"), tail.strip_prefix(':'))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, port)) => (h.to_string(), Some(port)),
+            None => (rest.to_string(), None),
+        }
+    };
+    let port = match port {
+        None => default_port,
+        Some(v) => match v.parse::<u16>() {
+            Ok(n) if n > 0 => n,
+            _ => return Err("has an invalid port"),
+        },
+    };
+    let authority = if port == default_port {
+        host.clone()
+    } else {
+        format!("{host}:{port}")
+    };
+    Ok(Endpoint {
+        tls,
+        host,
+        port,
+        authority,
+    })
+}
