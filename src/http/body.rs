@@ -10,6 +10,7 @@ use super::chunked::ChunkedDecoder;
 use super::io::{read_more, write_range};
 use crate::upstream::client::Cause;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use std::io::Write as _;
 use std::time::Duration;
 
 /// Which side broke a pump.
@@ -87,6 +88,64 @@ where
     }
 }
 
+/// Sends `buf[from..from + n]` to the client: as one chunk (size line,
+/// payload, CRLF) when `rechunk`, raw otherwise. `buf` is cut after the
+/// payload (the CRLF goes there, so payload and CRLF leave in one write).
+async fn forward<C: AsyncWriteRentExt>(
+    client: &mut C,
+    frame: &mut Vec<u8>,
+    buf: &mut Vec<u8>,
+    (from, n): (usize, usize),
+    rechunk: bool,
+    t: Timeouts,
+) -> Result<(), PumpError> {
+    if !rechunk {
+        return write_range(client, buf, from, from + n, t.client)
+            .await
+            .map_err(|_| PumpError::Client);
+    }
+    frame.clear();
+    let _ = write!(frame, "{n:x}\r\n");
+    let flen = frame.len();
+    write_range(client, frame, 0, flen, t.client)
+        .await
+        .map_err(|_| PumpError::Client)?;
+    buf.truncate(from + n);
+    buf.extend_from_slice(b"\r\n");
+    write_range(client, buf, from, from + n + 2, t.client)
+        .await
+        .map_err(|_| PumpError::Client)
+}
+
+/// Ends a re-chunked body with the last (empty) chunk.
+async fn last_chunk<C: AsyncWriteRentExt>(
+    client: &mut C,
+    frame: &mut Vec<u8>,
+    rechunk: bool,
+    t: Timeouts,
+) -> Result<(), PumpError> {
+    if !rechunk {
+        return Ok(());
+    }
+    frame.clear();
+    frame.extend_from_slice(b"0\r\n\r\n");
+    write_range(client, frame, 0, 5, t.client)
+        .await
+        .map_err(|_| PumpError::Client)
+}
+
+/// Reads the next piece of the body; end of stream is `Ok(0)`.
+async fn next_piece<U: AsyncReadRent>(
+    up: &mut U,
+    buf: &mut Vec<u8>,
+    t: Timeouts,
+) -> Result<usize, PumpError> {
+    buf.clear();
+    read_more(up, buf, t.upstream)
+        .await
+        .map_err(|e| PumpError::Upstream(upstream_error(&e)))
+}
+
 /// Streams a chunked body, re-chunked (`rechunk`) or raw until close for HTTP/1.0 clients.
 pub async fn chunked<U, C>(
     up: &mut U,
@@ -111,51 +170,22 @@ where
         let reusable = d.done && from + d.consumed == buf.len();
         if d.payload > 0 {
             // Payload now sits at buf[from..from + payload].
-            if rechunk {
-                frame.clear();
-                frame.extend_from_slice(format!("{:x}\r\n", d.payload).as_bytes());
-                let flen = frame.len();
-                if write_range(client, &mut frame, 0, flen, t.client)
-                    .await
-                    .is_err()
-                {
-                    return Err((PumpError::Client, sent));
-                }
-                buf.truncate(from + d.payload);
-                buf.extend_from_slice(b"\r\n");
-                if write_range(client, buf, from, from + d.payload + 2, t.client)
-                    .await
-                    .is_err()
-                {
-                    return Err((PumpError::Client, sent));
-                }
-            } else if write_range(client, buf, from, from + d.payload, t.client)
+            forward(client, &mut frame, buf, (from, d.payload), rechunk, t)
                 .await
-                .is_err()
-            {
-                return Err((PumpError::Client, sent));
-            }
+                .map_err(|e| (e, sent))?;
             sent += d.payload as u64;
         }
         if d.done {
-            if rechunk {
-                frame.clear();
-                frame.extend_from_slice(b"0\r\n\r\n");
-                if write_range(client, &mut frame, 0, 5, t.client)
-                    .await
-                    .is_err()
-                {
-                    return Err((PumpError::Client, sent));
-                }
-            }
+            last_chunk(client, &mut frame, rechunk, t)
+                .await
+                .map_err(|e| (e, sent))?;
             return Ok(Pumped { sent, reusable });
         }
-        buf.clear();
         from = 0;
-        match read_more(up, buf, t.upstream).await {
+        match next_piece(up, buf, t).await {
             Ok(0) => return Err((PumpError::Upstream(Cause::Truncated), sent)),
             Ok(_) => {}
-            Err(e) => return Err((PumpError::Upstream(upstream_error(&e)), sent)),
+            Err(e) => return Err((e, sent)),
         }
     }
 }
@@ -179,52 +209,22 @@ where
     loop {
         let n = buf.len() - from;
         if n > 0 {
-            if rechunk {
-                frame.clear();
-                frame.extend_from_slice(format!("{n:x}\r\n").as_bytes());
-                let flen = frame.len();
-                if write_range(client, &mut frame, 0, flen, t.client)
-                    .await
-                    .is_err()
-                {
-                    return Err((PumpError::Client, sent));
-                }
-                buf.extend_from_slice(b"\r\n");
-                if write_range(client, buf, from, from + n + 2, t.client)
-                    .await
-                    .is_err()
-                {
-                    return Err((PumpError::Client, sent));
-                }
-            } else if write_range(client, buf, from, from + n, t.client)
+            forward(client, &mut frame, buf, (from, n), rechunk, t)
                 .await
-                .is_err()
-            {
-                return Err((PumpError::Client, sent));
-            }
+                .map_err(|e| (e, sent))?;
             sent += n as u64;
         }
-        buf.clear();
         from = 0;
-        match read_more(up, buf, t.upstream).await {
+        match next_piece(up, buf, t).await {
             Ok(0) => {
-                if rechunk {
-                    frame.clear();
-                    frame.extend_from_slice(b"0\r\n\r\n");
-                    if write_range(client, &mut frame, 0, 5, t.client)
-                        .await
-                        .is_err()
-                    {
-                        return Err((PumpError::Client, sent));
-                    }
-                }
-                return Ok(Pumped {
-                    sent,
-                    reusable: false,
-                });
+                last_chunk(client, &mut frame, rechunk, t)
+                    .await
+                    .map_err(|e| (e, sent))?;
+                let reusable = false;
+                return Ok(Pumped { sent, reusable });
             }
             Ok(_) => {}
-            Err(e) => return Err((PumpError::Upstream(upstream_error(&e)), sent)),
+            Err(e) => return Err((e, sent)),
         }
     }
 }

@@ -102,8 +102,15 @@ const RANGE: usize = 0;
 pub fn parse_request(buf: &[u8], req: &mut Request) -> Result<usize, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
-    let status = match parsed.parse(buf) {
-        Ok(s) => s,
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if request_line_too_long(buf) => {
+            return Err(HeadError::UriTooLong)
+        }
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST_HEAD => {
+            return Err(HeadError::HeadersTooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Err(HeadError::Partial),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::HeadersTooLarge),
         Err(httparse::Error::Version) if minor_version_above_one(buf) => {
             // HTTP/1.2 and later minors are handled as HTTP/1.1 (RFC 9112 §2.6).
@@ -112,31 +119,22 @@ pub fn parse_request(buf: &[u8], req: &mut Request) -> Result<usize, HeadError> 
         Err(httparse::Error::Version) => {
             return Err(HeadError::BadRequest("unsupported HTTP version"))
         }
-        Err(_) => {
-            if request_line_too_long(buf) {
-                return Err(HeadError::UriTooLong);
-            }
-            return Err(HeadError::BadRequest("malformed request head"));
-        }
+        Err(_) if request_line_too_long(buf) => return Err(HeadError::UriTooLong),
+        Err(_) => return Err(HeadError::BadRequest("malformed request head")),
     };
-    let len = match status {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial => {
-            if request_line_too_long(buf) {
-                return Err(HeadError::UriTooLong);
-            }
-            if buf.len() >= MAX_REQUEST_HEAD {
-                return Err(HeadError::HeadersTooLarge);
-            }
-            return Err(HeadError::Partial);
-        }
-    };
+    if len > MAX_REQUEST_HEAD {
+        return Err(HeadError::HeadersTooLarge);
+    }
+    request_line(&parsed, req)?;
+    request_headers(parsed.headers, req)?;
+    Ok(len)
+}
+
+/// Copies the method, target and version; resets the per-request fields.
+fn request_line(parsed: &httparse::Request<'_, '_>, req: &mut Request) -> Result<(), HeadError> {
     let path = parsed.path.unwrap_or("");
     if path.len() > MAX_REQUEST_LINE {
         return Err(HeadError::UriTooLong);
-    }
-    if len > MAX_REQUEST_HEAD {
-        return Err(HeadError::HeadersTooLarge);
     }
     let method = parsed.method.unwrap_or("");
     req.method = Some(match method {
@@ -154,72 +152,75 @@ pub fn parse_request(buf: &[u8], req: &mut Request) -> Result<usize, HeadError> 
     for (_, v) in req.forwarded.drain(..) {
         req.spare.push(v);
     }
+    Ok(())
+}
+
+/// What the `Connection` headers said.
+#[derive(Default)]
+struct ConnectionTokens {
+    close: bool,
+    keep_alive: bool,
+    /// Forwarded headers named in `Connection`: hop-by-hop (RFC 9110 §7.6.1).
+    hop_by_hop: u32,
+}
+
+impl ConnectionTokens {
+    fn add(&mut self, value: &[u8]) {
+        for token in value.split(|&b| b == b',').map(trim) {
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if let Some(idx) = forwarded_index(token) {
+                self.hop_by_hop |= 1 << idx;
+            }
+        }
+    }
+}
+
+fn forwarded_index(name: &[u8]) -> Option<usize> {
+    FORWARDED_REQUEST_HEADERS
+        .iter()
+        .position(|f| name.eq_ignore_ascii_case(f.as_bytes()))
+}
+
+/// Reads the headers the proxy acts on; refuses the ones it must.
+fn request_headers(headers: &[httparse::Header<'_>], req: &mut Request) -> Result<(), HeadError> {
     let reads = req.method() != Method::Other;
-    let mut connection_close = false;
-    let mut connection_keep_alive = false;
-    // Forwarded headers named in `Connection` are hop-by-hop (RFC 9110 §7.6.1).
-    let mut hop_by_hop = 0u32;
+    let mut conn = ConnectionTokens::default();
     let mut has_host = false;
-    for h in parsed.headers.iter() {
-        let name = h.name;
+    for h in headers {
+        let (name, value) = (h.name, trim(h.value));
         if name.eq_ignore_ascii_case("host") {
-            if has_host {
+            if std::mem::replace(&mut has_host, true) {
                 return Err(HeadError::BadRequest("duplicate Host header"));
             }
-            has_host = true;
-            if !valid_host(trim(h.value)) {
+            if !valid_host(value) {
                 return Err(HeadError::BadRequest("invalid Host header"));
             }
         } else if name.eq_ignore_ascii_case("connection") {
-            for token in h.value.split(|&b| b == b',') {
-                let t = trim(token);
-                if t.eq_ignore_ascii_case(b"close") {
-                    connection_close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                    connection_keep_alive = true;
-                } else if let Some(idx) = FORWARDED_REQUEST_HEADERS
-                    .iter()
-                    .position(|f| t.eq_ignore_ascii_case(f.as_bytes()))
-                {
-                    hop_by_hop |= 1 << idx;
-                }
-            }
+            conn.add(value);
         } else if name.eq_ignore_ascii_case("transfer-encoding")
-            || (name.eq_ignore_ascii_case("content-length") && trim(h.value) != b"0")
+            || (name.eq_ignore_ascii_case("content-length") && value != b"0")
         {
             if reads {
                 return Err(HeadError::BadRequest("request bodies are not accepted"));
             }
             req.has_body = true;
         } else if name.eq_ignore_ascii_case("x-request-id") {
-            let v = trim(h.value);
-            if !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic()) {
+            if !value.is_empty() && value.len() <= 128 && value.iter().all(u8::is_ascii_graphic) {
                 req.request_id.clear();
                 req.request_id
-                    .push_str(std::str::from_utf8(v).unwrap_or_default());
+                    .push_str(std::str::from_utf8(value).unwrap_or_default());
             }
-        } else if let Some(idx) = FORWARDED_REQUEST_HEADERS
-            .iter()
-            .position(|f| name.eq_ignore_ascii_case(f))
-        {
-            let value = std::str::from_utf8(trim(h.value))
-                .map_err(|_| HeadError::BadRequest("non-ASCII conditional or Range header"))?;
-            if value.bytes().any(|b| b.is_ascii_control()) {
-                return Err(HeadError::BadRequest("control character in header"));
-            }
-            if idx == RANGE && req.header(RANGE).is_some() {
-                return Err(HeadError::BadRequest("more than one Range header"));
-            }
-            let mut s = req.spare.pop().unwrap_or_default();
-            s.clear();
-            s.push_str(value);
-            req.forwarded.push((idx, s));
+        } else if let Some(idx) = forwarded_index(name.as_bytes()) {
+            forward_header(req, idx, value)?;
         }
     }
-    if hop_by_hop != 0 {
+    if conn.hop_by_hop != 0 {
         let spare = &mut req.spare;
         req.forwarded.retain_mut(|(i, v)| {
-            let keep = hop_by_hop & (1 << *i) == 0;
+            let keep = conn.hop_by_hop & (1 << *i) == 0;
             if !keep {
                 spare.push(std::mem::take(v));
             }
@@ -232,11 +233,28 @@ pub fn parse_request(buf: &[u8], req: &mut Request) -> Result<usize, HeadError> 
         ));
     }
     req.keep_alive = if req.http10 {
-        connection_keep_alive && !connection_close
+        conn.keep_alive && !conn.close
     } else {
-        !connection_close
+        !conn.close
     };
-    Ok(len)
+    Ok(())
+}
+
+/// Keeps a `Range` or conditional header to forward upstream.
+fn forward_header(req: &mut Request, idx: usize, value: &[u8]) -> Result<(), HeadError> {
+    let value = std::str::from_utf8(value)
+        .map_err(|_| HeadError::BadRequest("non-ASCII conditional or Range header"))?;
+    if value.bytes().any(|b| b.is_ascii_control()) {
+        return Err(HeadError::BadRequest("control character in header"));
+    }
+    if idx == RANGE && req.header(RANGE).is_some() {
+        return Err(HeadError::BadRequest("more than one Range header"));
+    }
+    let mut s = req.spare.pop().unwrap_or_default();
+    s.clear();
+    s.push_str(value);
+    req.forwarded.push((idx, s));
+    Ok(())
 }
 
 /// `Host` is `uri-host [ ":" port ]` (RFC 9112 §3.2): no user info, no path,
@@ -427,12 +445,10 @@ pub fn parse_response(
     let mut parsed = httparse::Response::new(&mut headers);
     let len = match parsed.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => {
-            if buf.len() >= MAX_RESPONSE_HEAD {
-                return Err("response head too large");
-            }
-            return Ok(None);
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_RESPONSE_HEAD => {
+            return Err("response head too large")
         }
+        Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err("too many response headers"),
         Err(_) => return Err("malformed response head"),
     };
@@ -441,86 +457,110 @@ pub fn parse_response(
         return Err("response status outside 100-599");
     }
     resp.status = status;
+    let http10 = parsed.version == Some(0);
+    let f = response_headers(parsed.headers, http10, resp)?;
+    let no_body = head_request || status == 204 || status == 304 || (100..200).contains(&status);
+    resp.keep_alive = f.keep_alive;
+    resp.framing = Some(if no_body {
+        Framing::None
+    } else if f.chunked {
+        Framing::Chunked
+    } else if let Some(l) = f.length {
+        Framing::Length(l)
+    } else {
+        resp.keep_alive = false;
+        Framing::Close
+    });
+    // Content-Length is re-emitted by the proxy from the framing it decided on;
+    // a HEAD response keeps the object's length.
+    if let Some(l) = f.length {
+        let _ = write!(resp.forward, "Content-Length: {l}\r\n");
+    }
+    Ok(Some(len))
+}
+
+/// The framing headers of a response.
+struct FramingHeaders {
+    length: Option<u64>,
+    chunked: bool,
+    keep_alive: bool,
+}
+
+/// Reads framing, keeps the headers to forward (formatted) and the fields
+/// the proxy uses (ETag, Content-Range, multipart, Date).
+fn response_headers(
+    headers: &[httparse::Header<'_>],
+    http10: bool,
+    resp: &mut Response,
+) -> Result<FramingHeaders, &'static str> {
     resp.etag.clear();
     resp.forward.clear();
     resp.content_range = None;
     resp.multipart = false;
     resp.has_date = false;
-    let http10 = parsed.version == Some(0);
-    let mut keep_alive = !http10;
-    let mut length: Option<u64> = None;
-    let mut chunked = false;
-    for h in parsed.headers.iter() {
-        let name = h.name;
-        let value = trim(h.value);
+    let mut f = FramingHeaders {
+        length: None,
+        chunked: false,
+        keep_alive: !http10,
+    };
+    for h in headers {
+        let (name, value) = (h.name, trim(h.value));
         if name.eq_ignore_ascii_case("content-length") {
             let v = parse_decimal(value).ok_or("invalid Content-Length")?;
-            if length.is_some_and(|l| l != v) {
+            if f.length.is_some_and(|l| l != v) {
                 return Err("conflicting Content-Length headers");
             }
-            length = Some(v);
+            f.length = Some(v);
+            continue;
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             // Only `chunked`, once: any other coding (gzip, ...) would reach
             // the client decoded by nobody.
-            if chunked || !value.eq_ignore_ascii_case(b"chunked") {
+            if f.chunked || !value.eq_ignore_ascii_case(b"chunked") {
                 return Err("unsupported Transfer-Encoding (only chunked is accepted)");
             }
-            chunked = true;
+            f.chunked = true;
         } else if name.eq_ignore_ascii_case("connection") {
-            for token in value.split(|&b| b == b',') {
-                let t = trim(token);
+            for t in value.split(|&b| b == b',').map(trim) {
                 if t.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
+                    f.keep_alive = false;
                 } else if t.eq_ignore_ascii_case(b"keep-alive") && http10 {
-                    keep_alive = true;
+                    f.keep_alive = true;
                 }
             }
         }
-        let forwarded = FORWARDED_RESPONSE_HEADERS
-            .iter()
-            .any(|f| name.eq_ignore_ascii_case(f))
-            || (name.len() > 11 && name[..11].eq_ignore_ascii_case("x-amz-meta-"));
-        if !forwarded || name.eq_ignore_ascii_case("content-length") {
-            continue;
-        }
-        let Ok(v) = std::str::from_utf8(value) else {
-            continue;
-        };
-        if name.eq_ignore_ascii_case("etag") {
-            resp.etag.push_str(v);
-        } else if name.eq_ignore_ascii_case("content-range") {
-            resp.content_range = ContentRange::parse(v);
-        } else if name.eq_ignore_ascii_case("content-type") {
-            resp.multipart = v.len() >= 10 && v[..10].eq_ignore_ascii_case("multipart/");
-        } else if name.eq_ignore_ascii_case("date") {
-            resp.has_date = true;
-        }
-        resp.forward.push_str(name);
-        resp.forward.push_str(": ");
-        resp.forward.push_str(v);
-        resp.forward.push_str("\r\n");
+        keep_response_header(resp, name, value);
     }
-    if chunked && length.is_some() {
+    if f.chunked && f.length.is_some() {
         return Err("both Content-Length and Transfer-Encoding");
     }
-    let no_body = head_request || status == 204 || status == 304 || (100..200).contains(&status);
-    resp.framing = Some(if no_body {
-        Framing::None
-    } else if chunked {
-        Framing::Chunked
-    } else if let Some(l) = length {
-        Framing::Length(l)
-    } else {
-        keep_alive = false;
-        Framing::Close
-    });
-    // Content-Length is re-emitted by the proxy from the framing it decided on;
-    // a HEAD response keeps the object's length.
-    if let Some(l) = length {
-        let _ = write!(resp.forward, "Content-Length: {l}\r\n");
+    Ok(f)
+}
+
+/// Appends `name: value` to the forwarded headers if it is one the client
+/// gets, noting the fields the proxy reads itself.
+fn keep_response_header(resp: &mut Response, name: &str, value: &[u8]) {
+    let forwarded = FORWARDED_RESPONSE_HEADERS
+        .iter()
+        .any(|f| name.eq_ignore_ascii_case(f))
+        || (name.len() > 11 && name[..11].eq_ignore_ascii_case("x-amz-meta-"));
+    let Ok(v) = std::str::from_utf8(value) else {
+        return;
+    };
+    if !forwarded {
+        return;
     }
-    resp.keep_alive = keep_alive;
-    Ok(Some(len))
+    if name.eq_ignore_ascii_case("etag") {
+        resp.etag.push_str(v);
+    } else if name.eq_ignore_ascii_case("content-range") {
+        resp.content_range = ContentRange::parse(v);
+    } else if name.eq_ignore_ascii_case("content-type") {
+        resp.multipart = v.len() >= 10 && v[..10].eq_ignore_ascii_case("multipart/");
+    } else if name.eq_ignore_ascii_case("date") {
+        resp.has_date = true;
+    }
+    for part in [name, ": ", v, "\r\n"] {
+        resp.forward.push_str(part);
+    }
 }
 
 /// The standard reason phrase of `status`, or none for a status without one

@@ -48,7 +48,7 @@ impl Client {
     fn park(&mut self) {
         self.rbuf = Vec::new();
         self.wbuf = Vec::new();
-        self.resp.forward = String::new();
+        self.responses.clear();
         self.path = String::new();
         self.upath = String::new();
         self.opath = String::new();
@@ -102,7 +102,7 @@ impl Shard {
             rbuf: Vec::new(),
             wbuf: Vec::new(),
             req: Request::default(),
-            resp: Response::default(),
+            responses: Vec::new(),
             path: String::new(),
             upath: String::new(),
             opath: String::new(),
@@ -240,22 +240,8 @@ impl Shard {
                 }
                 deadline.get_or_insert_with(|| Instant::now() + head_timeout);
             }
-            if c.rbuf.len() == c.rbuf.capacity() {
-                if c.rbuf.capacity() > head::MAX_REQUEST_HEAD {
-                    return Err(HeadError::HeadersTooLarge);
-                }
-                c.rbuf.reserve(head::MAX_REQUEST_HEAD + 1 - c.rbuf.len());
-            }
-            if c.rbuf.capacity() == 0 {
-                // New or parked connection: no buffer until there is data
-                // (TLS may hold decrypted bytes already, so it reads at once).
-                if let MaybeTls::Plain(s) = &c.stream {
-                    match monoio::time::timeout(idle, s.readable(false)).await {
-                        Ok(Ok(())) => {}
-                        _ => return Ok(None),
-                    }
-                }
-                c.rbuf = self.take_read_buf();
+            if !self.room_to_read(c, idle).await? {
+                return Ok(None);
             }
             let plain = matches!(c.stream, MaybeTls::Plain(_));
             if plain && c.rbuf.is_empty() && idle > PARK_AFTER {
@@ -264,18 +250,8 @@ impl Shard {
                     Ok(0) => return Ok(None),
                     Ok(_) => continue,
                     Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                        // An idle keep-alive connection keeps no buffers: wait
-                        // for readability only, then read with fresh ones.
-                        self.give_read_buf(std::mem::take(&mut c.rbuf));
-                        c.park();
-                        self.core.parked.set(self.core.parked.get() + 1);
-                        let left = idle.saturating_sub(PARK_AFTER);
-                        let MaybeTls::Plain(s) = &c.stream else {
+                        if !self.park_until_readable(c, idle - PARK_AFTER).await {
                             return Ok(None);
-                        };
-                        match monoio::time::timeout(left, s.readable(false)).await {
-                            Ok(Ok(())) => c.rbuf = self.take_read_buf(),
-                            _ => return Ok(None),
                         }
                         continue;
                     }
@@ -300,6 +276,50 @@ impl Shard {
                 }
                 Err(_) => return Ok(None),
             }
+        }
+    }
+
+    /// Makes room in the read buffer: grows it up to the head limit (431
+    /// beyond), or on a new or parked connection takes one once data is
+    /// readable (TLS may hold decrypted bytes already, so it reads at once).
+    /// `Ok(false)`: the connection idled out or failed first.
+    async fn room_to_read(&self, c: &mut Client, idle: Duration) -> Result<bool, HeadError> {
+        if c.rbuf.capacity() == 0 {
+            if let MaybeTls::Plain(s) = &c.stream {
+                if !matches!(
+                    monoio::time::timeout(idle, s.readable(false)).await,
+                    Ok(Ok(()))
+                ) {
+                    return Ok(false);
+                }
+            }
+            c.rbuf = self.take_read_buf();
+        }
+        if c.rbuf.len() == c.rbuf.capacity() {
+            if c.rbuf.capacity() > head::MAX_REQUEST_HEAD {
+                return Err(HeadError::HeadersTooLarge);
+            }
+            c.rbuf.reserve(head::MAX_REQUEST_HEAD + 1 - c.rbuf.len());
+        }
+        Ok(true)
+    }
+
+    /// An idle keep-alive connection keeps no buffers: gives them back, waits
+    /// for readability only, then takes a fresh read buffer. False when the
+    /// connection stayed idle for `left` or failed.
+    async fn park_until_readable(&self, c: &mut Client, left: Duration) -> bool {
+        self.give_read_buf(std::mem::take(&mut c.rbuf));
+        c.park();
+        self.core.parked.set(self.core.parked.get() + 1);
+        let MaybeTls::Plain(s) = &c.stream else {
+            return false;
+        };
+        match monoio::time::timeout(left, s.readable(false)).await {
+            Ok(Ok(())) => {
+                c.rbuf = self.take_read_buf();
+                true
+            }
+            _ => false,
         }
     }
 

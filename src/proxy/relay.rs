@@ -1,135 +1,113 @@
-//! Streaming an answer to the client (copy or splice pump), and resuming a
-//! body that broke mid-way from the next replica with `Range` + `If-Match`.
+//! Step "relay": the answer's head and body go to the client, through the
+//! copy pumps or splice(2). A body that breaks mid-way is handed to the
+//! resume step; whatever cannot be completed ends in a reset (see `Outcome`).
 
+use super::resume::Resumed;
 use super::*;
 
 /// Bodies up to this size are sent in the same write as the response head.
 const COALESCE_MAX: usize = 16 * 1024;
 
-/// How a resume ended.
-struct Resumed {
-    /// Payload bytes sent to the client in total (before and during the resume).
-    sent: u64,
-    /// The body reached its end.
-    complete: bool,
-    /// The replica that finished (or last tried) the body.
-    replica: Option<usize>,
-}
-
 impl Shard {
-    /// Streams an answer to the client; resumes on `rest` if the body breaks.
+    /// Streams an answer to the client; if the body breaks, resumes it on the
+    /// replicas after `ctx.order[next..]`.
     pub(super) async fn relay(
         &self,
         c: &mut Client,
-        rid: usize,
-        answer: Answer,
-        rest: &[usize],
-        bucket: usize,
-        encoded_key: &str,
+        ctx: &RequestCtx<'_>,
+        mut answer: Answer,
+        next: usize,
     ) -> Outcome {
-        let Answer { mut conn, head_len } = answer;
-        let framing = c.resp.framing();
-        let status = c.resp.status;
-        let mut keep = c.req.keep_alive && !self.core.draining.get();
-        let rechunk = !c.req.http10;
-        if matches!(framing, Framing::Chunked | Framing::Close) && !rechunk {
-            keep = false;
-        }
-        head::status_line(&mut c.wbuf, status);
-        c.wbuf.extend_from_slice(c.resp.forward.as_bytes());
-        if !c.resp.has_date {
-            self.core.date_header(&mut c.wbuf);
-        }
-        head::header(&mut c.wbuf, "X-Request-ID", &c.req.request_id);
-        if matches!(framing, Framing::Chunked | Framing::Close) && rechunk {
-            head::header(&mut c.wbuf, "Transfer-Encoding", "chunked");
-        }
-        connection_header(&mut c.wbuf, keep, c.req.http10);
-        c.wbuf.extend_from_slice(b"\r\n");
+        let framing = answer.resp.framing();
         let timeouts = Timeouts {
-            upstream: self.replica(rid).timeout,
+            upstream: self.replica(answer.rid).timeout,
             client: self.shared.config.server.idle_timeout,
         };
-        let mut out = Outcome {
-            status,
-            bytes: 0,
-            keep_alive: keep,
-            abort: false,
-            replica: Some(rid),
-        };
-        let mut start = head_len;
-        if let Framing::Length(len) = framing {
-            let avail = conn.buf.len() - head_len;
-            if avail <= COALESCE_MAX {
-                let n = avail.min(len as usize);
-                c.wbuf.extend_from_slice(&conn.buf[head_len..head_len + n]);
-                start = head_len + n;
-                out.bytes = n as u64;
-            }
-        }
+        let (mut out, start) = self.head_for_client(c, &answer);
         if write_all(&mut c.stream, &mut c.wbuf, timeouts.client)
             .await
             .is_err()
         {
             out.keep_alive = false;
+            c.give_response(answer.resp);
             return out;
         }
-        let result = self
-            .pump(c, &mut conn, framing, start, out.bytes, timeouts)
+        let pumped = self
+            .pump(c, &mut answer.conn, framing, start, out.bytes, timeouts)
             .await;
-        match result {
+        match pumped {
             Ok(p) => {
                 out.bytes += p.sent;
-                if upclient::reusable(&c.resp, &conn, head_len, p.reusable) {
-                    self.pool.put(rid, conn);
+                let reusable =
+                    upclient::reusable(&answer.resp, &answer.conn, answer.head_len, p.reusable);
+                if reusable {
+                    self.pool.put(answer.rid, answer.conn);
                 }
+                c.give_response(answer.resp);
             }
             Err((PumpError::Client, sent)) => {
                 out.bytes += sent;
                 out.keep_alive = false;
+                c.give_response(answer.resp);
             }
             Err((PumpError::Upstream(cause), sent)) => {
                 out.bytes += sent;
-                self.record_failure(rid, Admit::Normal, cause);
-                drop(conn);
-                let resumed = match (framing, resumable(&c.resp)) {
-                    (Framing::Length(len), Some(base)) => {
-                        let plan = ResumePlan {
-                            failed: rid,
-                            base,
-                            sent: out.bytes,
-                            len,
-                        };
-                        self.resume(c, bucket, encoded_key, plan, rest, timeouts)
-                            .await
-                    }
-                    _ => {
-                        log!(
-                            Level::Error,
-                            "Upstream failed mid-body and the body cannot be resumed; aborting the client connection",
-                            bucket = self.shared.bucket(bucket).name,
-                            replica = self.replica(rid).name,
-                            request_id = c.req.request_id,
-                            cause = cause.label(),
-                        );
-                        Resumed {
-                            sent: out.bytes,
-                            complete: false,
-                            replica: None,
-                        }
-                    }
-                };
-                out.bytes = resumed.sent;
-                if !resumed.complete {
-                    out.keep_alive = false;
-                    out.abort = true;
-                }
-                if let Some(r) = resumed.replica {
-                    out.replica = Some(r);
-                }
+                self.record_failure(answer.rid, Admit::Normal, cause);
+                let resumed = self
+                    .resume(
+                        c,
+                        ctx,
+                        answer,
+                        out.bytes,
+                        &ctx.order[next.min(ctx.order.len())..],
+                        timeouts,
+                    )
+                    .await;
+                out.finish_resume(resumed);
             }
         }
         out
+    }
+
+    /// Writes the client's response head into `c.wbuf`, with the first body
+    /// bytes when they are few; returns the outcome so far and where the rest
+    /// of the body starts in `answer.conn.buf`.
+    fn head_for_client(&self, c: &mut Client, answer: &Answer) -> (Outcome, usize) {
+        let resp = &answer.resp;
+        let framing = resp.framing();
+        let rechunk = !c.req.http10;
+        let delimited_by_us = matches!(framing, Framing::Chunked | Framing::Close);
+        let keep = c.req.keep_alive && !self.core.draining.get() && (rechunk || !delimited_by_us);
+        let w = &mut c.wbuf;
+        head::status_line(w, resp.status);
+        w.extend_from_slice(resp.forward.as_bytes());
+        if !resp.has_date {
+            self.core.date_header(w);
+        }
+        head::header(w, "X-Request-ID", &c.req.request_id);
+        if delimited_by_us && rechunk {
+            head::header(w, "Transfer-Encoding", "chunked");
+        }
+        connection_header(w, keep, c.req.http10);
+        w.extend_from_slice(b"\r\n");
+        let mut out = Outcome {
+            status: resp.status,
+            bytes: 0,
+            keep_alive: keep,
+            abort: false,
+            replica: Some(answer.rid),
+        };
+        let mut start = answer.head_len;
+        if let Framing::Length(len) = framing {
+            let avail = answer.conn.buf.len() - start;
+            if avail <= COALESCE_MAX {
+                let n = avail.min(len as usize);
+                w.extend_from_slice(&answer.conn.buf[start..start + n]);
+                start += n;
+                out.bytes = n as u64;
+            }
+        }
+        (out, start)
     }
 
     /// Moves the body with the pump its framing needs; `already` bytes of a
@@ -144,6 +122,7 @@ impl Shard {
         timeouts: Timeouts,
     ) -> Result<Pumped, (PumpError, u64)> {
         let rechunk = !c.req.http10;
+        let t = timeouts;
         match framing {
             Framing::None => Ok(Pumped {
                 sent: 0,
@@ -152,42 +131,23 @@ impl Shard {
             Framing::Length(len) => {
                 let remaining = len - already;
                 let splice = self.shared.config.server.zero_copy.splice(remaining);
-                if let (true, MaybeTls::Plain(client)) = (splice, &mut c.stream) {
-                    self.splice_body(conn, start, remaining, client, timeouts)
-                        .await
-                } else {
-                    body::length(
-                        &mut conn.stream,
-                        &mut conn.buf,
-                        start,
-                        remaining,
-                        &mut c.stream,
-                        timeouts,
-                    )
-                    .await
+                match (splice, &mut c.stream) {
+                    (true, MaybeTls::Plain(client)) => {
+                        self.splice_body(conn, start, remaining, client, t).await
+                    }
+                    (_, client) => {
+                        body::length(&mut conn.stream, &mut conn.buf, start, remaining, client, t)
+                            .await
+                    }
                 }
             }
             Framing::Chunked => {
-                body::chunked(
-                    &mut conn.stream,
-                    &mut conn.buf,
-                    start,
-                    &mut c.stream,
-                    rechunk,
-                    timeouts,
-                )
-                .await
+                let (up, buf, client) = (&mut conn.stream, &mut conn.buf, &mut c.stream);
+                body::chunked(up, buf, start, client, rechunk, t).await
             }
             Framing::Close => {
-                body::until_close(
-                    &mut conn.stream,
-                    &mut conn.buf,
-                    start,
-                    &mut c.stream,
-                    rechunk,
-                    timeouts,
-                )
-                .await
+                let (up, buf, client) = (&mut conn.stream, &mut conn.buf, &mut c.stream);
+                body::until_close(up, buf, start, client, rechunk, t).await
             }
         }
     }
@@ -248,164 +208,18 @@ impl Shard {
             Err((e, n)) => Err((e, n + buffered as u64)),
         }
     }
-
-    /// Continues a Content-Length body that broke mid-way on `rest`, in
-    /// plan order, with `Range` + `If-Match`.
-    async fn resume(
-        &self,
-        c: &mut Client,
-        bucket: usize,
-        encoded_key: &str,
-        plan: ResumePlan,
-        rest: &[usize],
-        timeouts: Timeouts,
-    ) -> Resumed {
-        let etag = c.resp.etag.clone();
-        let bucket_name = &self.shared.bucket(bucket).name;
-        let mut from = plan.failed;
-        let mut sent = plan.sent;
-        if etag.is_empty() {
-            log!(
-                Level::Error,
-                "Upstream failed mid-body and the object has no ETag to resume with; aborting the client connection",
-                bucket = bucket_name,
-                request_id = c.req.request_id,
-            );
-            return Resumed {
-                sent,
-                complete: false,
-                replica: None,
-            };
-        }
-        let original_status = c.resp.status;
-        for &rid in rest {
-            let admit = self.admit(rid, now_ms());
-            if admit == Admit::Rejected {
-                continue;
-            }
-            log!(
-                Level::Warn,
-                &format!(
-                    "Replica '{}' failed mid-body, resuming from '{}'",
-                    self.replica(from).name,
-                    self.replica(rid).name
-                ),
-                bucket = bucket_name,
-                request_id = c.req.request_id,
-                offset = plan.base + sent,
-            );
-            self.core
-                .metrics
-                .borrow_mut()
-                .failover(self.mid(from), self.mid(rid));
-            from = rid;
-            let r = Resume {
-                first: plan.base + sent,
-                last: plan.base + plan.len - 1,
-                etag: &etag,
-            };
-            let Answer { mut conn, head_len } =
-                match self.attempt(c, rid, encoded_key, Some(r)).await {
-                    Ok(a) => a,
-                    Err(f) => {
-                        self.record_failure(rid, admit, f.cause);
-                        continue;
-                    }
-                };
-            let continues = c.resp.status == 206
-                && c.resp.etag == etag
-                && !c.resp.multipart
-                && c.resp
-                    .content_range
-                    .is_some_and(|cr| cr.first == r.first && cr.last == r.last)
-                && c.resp.framing() == Framing::Length(r.last - r.first + 1);
-            c.resp.status = original_status;
-            if !continues {
-                // 412 (ETag changed) or another answer: this replica cannot
-                // continue the body.
-                self.release(rid, admit);
-                log!(
-                    Level::Warn,
-                    "Replica cannot resume the body with the same ETag at the same offset",
-                    bucket = bucket_name,
-                    replica = self.replica(rid).name,
-                    request_id = c.req.request_id,
-                );
-                continue;
-            }
-            self.record_answer(rid, admit);
-            self.core.metrics.borrow_mut().resume(self.mid(rid));
-            let remaining = r.last - r.first + 1;
-            let pumped = body::length(
-                &mut conn.stream,
-                &mut conn.buf,
-                head_len,
-                remaining,
-                &mut c.stream,
-                timeouts,
-            )
-            .await;
-            match pumped {
-                Ok(p) => {
-                    if upclient::reusable(&c.resp, &conn, head_len, p.reusable) {
-                        self.pool.put(rid, conn);
-                    }
-                    return Resumed {
-                        sent: sent + p.sent,
-                        complete: true,
-                        replica: Some(rid),
-                    };
-                }
-                Err((PumpError::Client, n)) => {
-                    return Resumed {
-                        sent: sent + n,
-                        complete: false,
-                        replica: Some(rid),
-                    }
-                }
-                Err((PumpError::Upstream(cause), n)) => {
-                    sent += n;
-                    self.record_failure(rid, Admit::Normal, cause);
-                }
-            }
-        }
-        log!(
-            Level::Error,
-            "No replica could resume the body; aborting the client connection",
-            bucket = bucket_name,
-            request_id = c.req.request_id,
-            sent = sent,
-            expected = plan.len,
-        );
-        Resumed {
-            sent,
-            complete: false,
-            replica: None,
-        }
-    }
 }
 
-/// Where a broken Content-Length body stands.
-#[derive(Debug, Clone, Copy)]
-struct ResumePlan {
-    /// The replica whose body broke.
-    failed: usize,
-    /// Offset of the body's first byte within the object.
-    base: u64,
-    /// Payload bytes already sent to the client.
-    sent: u64,
-    /// The body's length.
-    len: u64,
-}
-
-/// Whether a broken body can be continued from another replica, and if so
-/// the object offset of its first byte: a 200 (offset 0) or a single-range
-/// 206 with a valid `Content-Range`. A multipart/byteranges 206 never is:
-/// object bytes would be pasted into multipart framing.
-fn resumable(resp: &Response) -> Option<u64> {
-    match resp.status {
-        200 => Some(0),
-        206 if !resp.multipart => resp.content_range.map(|cr| cr.first),
-        _ => None,
+impl Outcome {
+    /// Folds a resume's result in: an incomplete body aborts the connection.
+    fn finish_resume(&mut self, r: Resumed) {
+        self.bytes = r.sent;
+        if !r.complete {
+            self.keep_alive = false;
+            self.abort = true;
+        }
+        if let Some(rid) = r.replica {
+            self.replica = Some(rid);
+        }
     }
 }

@@ -79,10 +79,41 @@ impl Signer {
         let date = &amz_date[..8];
         let key = self.signing_key(secs / 86_400, now);
 
+        let signature = self.signature(key, method, host, path, query, amz_date);
+        for part in [
+            "x-amz-date: ",
+            amz_date,
+            "\r\nx-amz-content-sha256: UNSIGNED-PAYLOAD\r\nauthorization: AWS4-HMAC-SHA256 Credential=",
+            &self.access_key,
+            "/",
+            date,
+            "/",
+            &self.region,
+            "/s3/aws4_request, SignedHeaders=",
+            SIGNED_HEADERS,
+            ", Signature=",
+            &signature,
+            "\r\n",
+        ] {
+            out.extend_from_slice(part.as_bytes());
+        }
+        Ok(())
+    }
+
+    /// The request signature: canonical request, its hash in the string to
+    /// sign, HMAC with the day's key. Built without formatting machinery:
+    /// this runs for every upstream request.
+    fn signature(
+        &self,
+        key: [u8; 32],
+        method: &str,
+        host: &str,
+        path: &str,
+        query: &str,
+        amz_date: &str,
+    ) -> String {
         let mut c = self.scratch.borrow_mut();
         c.clear();
-        // Canonical request, built without
-        // formatting machinery: this runs for every upstream request.
         for part in [
             method,
             "\n",
@@ -108,7 +139,7 @@ impl Signer {
             "AWS4-HMAC-SHA256\n",
             amz_date,
             "\n",
-            date,
+            &amz_date[..8],
             "/",
             &self.region,
             "/s3/aws4_request\n",
@@ -116,21 +147,7 @@ impl Signer {
             c.push_str(part);
         }
         push_hex(&mut c, &hash);
-        let signature = calculate_signature(key, c.as_bytes());
-        out.extend_from_slice(b"x-amz-date: ");
-        out.extend_from_slice(amz_date.as_bytes());
-        out.extend_from_slice(b"\r\nx-amz-content-sha256: UNSIGNED-PAYLOAD\r\nauthorization: AWS4-HMAC-SHA256 Credential=");
-        out.extend_from_slice(self.access_key.as_bytes());
-        out.push(b'/');
-        out.extend_from_slice(date.as_bytes());
-        out.push(b'/');
-        out.extend_from_slice(self.region.as_bytes());
-        out.extend_from_slice(b"/s3/aws4_request, SignedHeaders=");
-        out.extend_from_slice(SIGNED_HEADERS.as_bytes());
-        out.extend_from_slice(b", Signature=");
-        out.extend_from_slice(signature.as_bytes());
-        out.extend_from_slice(b"\r\n");
-        Ok(())
+        calculate_signature(key, c.as_bytes())
     }
 }
 

@@ -136,34 +136,7 @@ impl Pool {
             .resolve(replica, endpoint)
             .await
             .map_err(|e| (Cause::Connect, format!("resolve {}: {e}", endpoint.host)))?;
-        // Each resolved address in turn, within the one deadline.
-        let mut last_error = String::new();
-        let mut connected = None;
-        for addr in addrs {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match monoio::time::timeout(left, TcpStream::connect_addr(addr)).await {
-                Ok(Ok(s)) => {
-                    connected = Some(s);
-                    break;
-                }
-                Ok(Err(e)) => {
-                    last_error = if addr.to_string() == endpoint.authority {
-                        format!("connect to {addr}: {e}")
-                    } else {
-                        format!("connect to {} ({addr}): {e}", endpoint.authority)
-                    }
-                }
-                Err(_) => {
-                    return Err((
-                        Cause::Timeout,
-                        format!("connect to {} timed out", endpoint.authority),
-                    ))
-                }
-            }
-        }
-        let Some(stream) = connected else {
-            return Err((Cause::Connect, last_error));
-        };
+        let stream = connect_any(&addrs, endpoint, deadline).await?;
         let _ = stream.set_nodelay(true);
         let fd = stream.as_raw_fd();
         let stream = match (endpoint.tls, tls) {
@@ -174,27 +147,9 @@ impl Pool {
                     format!("no TLS client for {}", endpoint.authority),
                 ))
             }
-            (true, Some(connector)) => {
-                let name = tls::server_name(&endpoint.host).map_err(|e| (Cause::Tls, e))?;
-                let left = deadline.saturating_duration_since(Instant::now());
-                match monoio::time::timeout(left, connector.connect(name, stream)).await {
-                    Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
-                    Ok(Err(e)) => {
-                        // TlsError's own text hides the cause; io::Error keeps it.
-                        let e = io::Error::from(e);
-                        return Err((
-                            Cause::Tls,
-                            format!("TLS handshake with {}: {e}", endpoint.authority),
-                        ));
-                    }
-                    Err(_) => {
-                        return Err((
-                            Cause::Timeout,
-                            format!("TLS handshake with {} timed out", endpoint.authority),
-                        ))
-                    }
-                }
-            }
+            (true, Some(connector)) => MaybeTls::Tls(Box::new(
+                handshake(connector, stream, endpoint, deadline).await?,
+            )),
         };
         Ok(UpConn {
             stream,
@@ -234,5 +189,59 @@ impl Pool {
             *slot = Some((addrs.clone(), Instant::now()));
         }
         Ok(addrs)
+    }
+}
+
+/// Connects to each address in turn, within the one deadline.
+async fn connect_any(
+    addrs: &[SocketAddr],
+    endpoint: &Endpoint,
+    deadline: Instant,
+) -> Result<TcpStream, (Cause, String)> {
+    let mut last_error = String::new();
+    for &addr in addrs {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match monoio::time::timeout(left, TcpStream::connect_addr(addr)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => {
+                last_error = if addr.to_string() == endpoint.authority {
+                    format!("connect to {addr}: {e}")
+                } else {
+                    format!("connect to {} ({addr}): {e}", endpoint.authority)
+                }
+            }
+            Err(_) => {
+                let detail = format!("connect to {} timed out", endpoint.authority);
+                return Err((Cause::Timeout, detail));
+            }
+        }
+    }
+    Err((Cause::Connect, last_error))
+}
+
+/// The TLS handshake with an `https://` endpoint (SNI from its host).
+async fn handshake(
+    connector: &TlsConnector,
+    stream: TcpStream,
+    endpoint: &Endpoint,
+    deadline: Instant,
+) -> Result<monoio_rustls::ClientTlsStream<TcpStream>, (Cause, String)> {
+    let name = tls::server_name(&endpoint.host).map_err(|e| (Cause::Tls, e))?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    match monoio::time::timeout(left, connector.connect(name, stream)).await {
+        Ok(Ok(s)) => Ok(s),
+        // TlsError's own text hides the cause; io::Error keeps it.
+        Ok(Err(e)) => Err((
+            Cause::Tls,
+            format!(
+                "TLS handshake with {}: {}",
+                endpoint.authority,
+                io::Error::from(e)
+            ),
+        )),
+        Err(_) => Err((
+            Cause::Timeout,
+            format!("TLS handshake with {} timed out", endpoint.authority),
+        )),
     }
 }

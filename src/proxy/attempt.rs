@@ -1,0 +1,184 @@
+//! Step "attempt": one request to one replica. Builds and signs the upstream
+//! request, sends it on a pooled or new connection (a pooled one the peer had
+//! closed is retried once on a fresh one), reads the final response head
+//! within the replica's timeout, and classifies it: an [`Answer`], or a
+//! [`Failure`] (5xx, a 403 for broken credentials, any transport failure).
+
+use super::*;
+
+/// Largest S3 error body read to classify a 403.
+const ERROR_BODY_MAX: u64 = 8 * 1024;
+
+/// Overrides for a resumed body: `Range` and `If-Match` replace the client's.
+#[derive(Clone, Copy)]
+pub(super) struct Resume<'a> {
+    pub first: u64,
+    pub last: u64,
+    pub etag: &'a str,
+}
+
+impl Shard {
+    /// Sends the request to `rid` and reads its final response head.
+    pub(super) async fn attempt(
+        &self,
+        c: &mut Client,
+        ctx: &RequestCtx<'_>,
+        rid: usize,
+        resume: Option<Resume<'_>>,
+    ) -> Result<Answer, Failure> {
+        let deadline = Instant::now() + self.replica(rid).timeout;
+        let mut resp = c.take_response();
+        let result = self
+            .exchange(c, ctx, rid, resume, deadline, &mut resp)
+            .await;
+        let (conn, head_len) = match result {
+            Ok(done) => done,
+            Err(f) => {
+                c.give_response(resp);
+                return Err(f);
+            }
+        };
+        let status = resp.status;
+        let answer = Answer {
+            rid,
+            conn,
+            head_len,
+            resp,
+        };
+        match status {
+            500.. => {
+                c.give_response(answer.resp);
+                Err(Failure::new(
+                    Cause::Http(status),
+                    format!("HTTP {status} from upstream"),
+                ))
+            }
+            403 => self.check_credentials(answer, deadline).await,
+            _ => Ok(answer),
+        }
+    }
+
+    /// Request out, final head in; retries once when a pooled connection
+    /// turns out to be closed before any response byte.
+    async fn exchange(
+        &self,
+        c: &mut Client,
+        ctx: &RequestCtx<'_>,
+        rid: usize,
+        resume: Option<Resume<'_>>,
+        deadline: Instant,
+        resp: &mut Response,
+    ) -> Result<(UpConn, usize), Failure> {
+        let head_request = c.req.method() == Method::Head;
+        self.build_request(c, ctx.key, rid, resume)?;
+        let mut conn = match self.pool.take(rid) {
+            Some(conn) => conn,
+            None => self.connect(rid, deadline).await?,
+        };
+        let first = upclient::exchange(&mut conn, &mut c.wbuf, head_request, deadline, resp).await;
+        match first {
+            Ok(n) => Ok((conn, n)),
+            Err(e) if conn.reused && !e.got_bytes => {
+                log!(
+                    Level::Debug,
+                    "stale pooled connection, retrying",
+                    replica = self.replica(rid).name,
+                    cause = e.detail
+                );
+                self.build_request(c, ctx.key, rid, resume)?;
+                let mut conn = self.connect(rid, deadline).await?;
+                upclient::exchange(&mut conn, &mut c.wbuf, head_request, deadline, resp)
+                    .await
+                    .map(|n| (conn, n))
+                    .map_err(|e| Failure::new(e.cause, e.detail))
+            }
+            Err(e) => Err(Failure::new(e.cause, e.detail)),
+        }
+    }
+
+    /// Writes the signed upstream request head for `rid` into `c.wbuf`.
+    fn build_request(
+        &self,
+        c: &mut Client,
+        key: &str,
+        rid: usize,
+        resume: Option<Resume<'_>>,
+    ) -> Result<(), Failure> {
+        let replica = self.replica(rid);
+        let method = match c.req.method() {
+            Method::Head => "HEAD",
+            _ => "GET",
+        };
+        let mut target = std::mem::take(&mut c.opath);
+        replica.object_path(key, &mut target);
+        if !c.query.is_empty() {
+            target.push('?');
+            target.push_str(&c.query);
+        }
+        let w = &mut c.wbuf;
+        w.clear();
+        for part in [method, " ", &target, " HTTP/1.1\r\n"] {
+            w.extend_from_slice(part.as_bytes());
+        }
+        head::header(w, "Host", &replica.endpoint.authority);
+        match resume {
+            None => {
+                for (idx, value) in &c.req.forwarded {
+                    head::header(w, FORWARDED_REQUEST_HEADERS[*idx], value);
+                }
+            }
+            Some(r) => {
+                head::header(w, "Range", &format!("bytes={}-{}", r.first, r.last));
+                head::header(w, "If-Match", r.etag);
+            }
+        }
+        head::header(w, "X-Request-ID", &c.req.request_id);
+        let signed = self.signers[rid].sign_into(
+            method,
+            &replica.endpoint.authority,
+            &target,
+            SystemTime::now(),
+            w,
+        );
+        w.extend_from_slice(b"\r\n");
+        c.opath = target;
+        signed.map_err(|e| Failure::new(Cause::Signing, e))
+    }
+
+    /// A 403 is an answer unless S3's error code says this replica refuses
+    /// our credentials (`InvalidAccessKeyId`, `SignatureDoesNotMatch`).
+    async fn check_credentials(&self, mut a: Answer, deadline: Instant) -> Result<Answer, Failure> {
+        let Framing::Length(len) = a.resp.framing() else {
+            return Ok(a);
+        };
+        if len > ERROR_BODY_MAX {
+            return Ok(a);
+        }
+        let want = a.head_len + len as usize;
+        while a.conn.buf.len() < want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match read_more(&mut a.conn.stream, &mut a.conn.buf, left).await {
+                Ok(0) => return Err(Failure::new(Cause::Truncated, "403 body cut short")),
+                Ok(_) => {}
+                Err(e) => return Err(Failure::new(Cause::of_io(&e), e.to_string())),
+            }
+        }
+        match s3::error_code(&a.conn.buf[a.head_len..want]) {
+            Some(code) if s3::is_broken_replica_code(code) => {
+                let mut f = Failure::new(Cause::Auth, format!("HTTP 403 {code}"));
+                f.captured = Some(Box::new(a));
+                Err(f)
+            }
+            _ => Ok(a),
+        }
+    }
+
+    async fn connect(&self, rid: usize, deadline: Instant) -> Result<UpConn, Failure> {
+        let r = &self.shared.replicas[rid];
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.pool
+            .connect(rid, &r.config.endpoint, r.tls.as_ref(), left)
+            .await
+            .map_err(|(cause, detail)| Failure::new(cause, detail))
+    }
+}

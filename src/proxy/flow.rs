@@ -1,0 +1,253 @@
+//! The request flow, top to bottom: `handle` routes a request, plans its
+//! replicas, tries them in order and relays the first answer; when nothing
+//! answers, `all_failed` (502) or `all_open` (503 + `Retry-After`) says so.
+//! The cache and authentication steps are to be inserted in `handle`, before
+//! `plan` (authentication before any lookup).
+
+use super::*;
+
+/// How trying a request's replicas ended. Moved once per request; boxing
+/// the answer would cost an allocation on every request.
+#[allow(clippy::large_enum_variant)]
+enum Tried {
+    /// A replica answered; `next` is where the plan continues (for resume).
+    Answered { answer: Answer, next: usize },
+    /// Every breaker was open: nothing was tried.
+    AllOpen,
+    /// Every replica tried failed; the last one and why.
+    AllFailed { rid: usize, failure: Failure },
+}
+
+impl Shard {
+    /// Serves one parsed request.
+    pub(super) async fn handle(&self, c: &mut Client) -> Outcome {
+        if c.req.request_id.is_empty() {
+            let mut id = std::mem::take(&mut c.req.request_id);
+            self.next_request_id(&mut id);
+            c.req.request_id = id;
+        }
+        if c.req.method() == Method::Other {
+            return self.method_not_allowed(c).await;
+        }
+        let mut path = std::mem::take(&mut c.path);
+        let outcome = match router::decode_path(&c.req.target, &mut path) {
+            Err(e) => self.route_error(c, e).await,
+            Ok(()) if path == "/health" => {
+                self.simple_outcome(c, 200, "application/json", b"{\"status\":\"ok\"}", &[])
+                    .await
+            }
+            Ok(()) if path == "/ready" => {
+                let (ready, body) = readiness(&self.shared);
+                let status = if ready { 200 } else { 503 };
+                self.simple_outcome(c, status, "application/json", body.as_bytes(), &[])
+                    .await
+            }
+            Ok(()) => self.route_and_proxy(c, &path).await,
+        };
+        c.path = path;
+        outcome
+    }
+
+    /// A read-only proxy: 405. A body it will not read means the connection
+    /// cannot carry another request.
+    async fn method_not_allowed(&self, c: &mut Client) -> Outcome {
+        if c.req.has_body {
+            c.req.keep_alive = false;
+        }
+        self.simple_outcome(
+            c,
+            405,
+            "text/plain",
+            b"only GET and HEAD are supported",
+            &[("Allow", "GET, HEAD")],
+        )
+        .await
+    }
+
+    /// Step "route": decoded path -> bucket and key; the forwarded query.
+    async fn route_and_proxy(&self, c: &mut Client, path: &str) -> Outcome {
+        let (bucket, key) = match self.shared.router.route(path) {
+            Ok(found) => found,
+            Err(e) => return self.route_error(c, e).await,
+        };
+        c.query.clear();
+        if let Err(e) = router::upstream_query(&c.req.target, &mut c.query) {
+            return self.route_error(c, e).await;
+        }
+        let mut encoded = std::mem::take(&mut c.upath);
+        encoded.clear();
+        router::encode_key(key, &mut encoded);
+        let o = self.proxy(c, bucket, &encoded).await;
+        c.upath = encoded;
+        o
+    }
+
+    async fn route_error(&self, c: &mut Client, e: RouteError) -> Outcome {
+        let (status, body) = match e {
+            RouteError::BadPath(why) => (400, why.to_string()),
+            RouteError::NoBucket => (404, "no bucket is configured for this path".into()),
+            RouteError::NoKey => (404, "no object key in path".into()),
+            RouteError::BadQuery(name) => (
+                400,
+                format!("query parameter '{name}' is not supported by this read-only proxy"),
+            ),
+        };
+        self.simple_outcome(c, status, "text/plain", body.as_bytes(), &[])
+            .await
+    }
+
+    /// Steps "plan", "try replicas", then "relay" or the error answers.
+    async fn proxy(&self, c: &mut Client, bucket: usize, key: &str) -> Outcome {
+        let mut order_buf = [0usize; crate::config::MAX_REPLICAS];
+        let order = self.plan(bucket, &mut order_buf);
+        let ctx = RequestCtx { bucket, key, order };
+        match self.try_replicas(c, &ctx).await {
+            Tried::Answered { answer, next } => self.relay(c, &ctx, answer, next).await,
+            Tried::AllOpen => self.all_open(c, bucket).await,
+            Tried::AllFailed { rid, failure } => self.all_failed(c, &ctx, rid, failure).await,
+        }
+    }
+
+    /// Step "plan": the bucket's replicas in the order to try them (global
+    /// replica ids, written into `buf`).
+    fn plan<'b>(&self, bucket: usize, buf: &'b mut [usize]) -> &'b [usize] {
+        let now = now_ms();
+        let ids = &self.shared.bucket_replicas[bucket];
+        let mut plan = Plan::default();
+        self.selectors.borrow_mut()[bucket].plan(|i| self.usable(ids[i], now), &mut plan);
+        for (slot, &i) in buf.iter_mut().zip(plan.as_slice()) {
+            *slot = ids[i as usize];
+        }
+        &buf[..plan.as_slice().len()]
+    }
+
+    /// Step "try replicas": each admitted replica in plan order until one
+    /// answers. 5xx answers are judged once the outcome is known (see
+    /// `upstream::blame`); every other failure is recorded at once.
+    async fn try_replicas(&self, c: &mut Client, ctx: &RequestCtx<'_>) -> Tried {
+        let mut answered_5xx: Vec<(usize, Admit, Cause)> = Vec::new();
+        let mut last: Option<(usize, Failure)> = None;
+        for (pos, &rid) in ctx.order.iter().enumerate() {
+            let admit = self.admit(rid, now_ms());
+            if admit == Admit::Rejected {
+                continue;
+            }
+            if let Some((prev, _)) = &last {
+                let (from, to) = (self.mid(*prev), self.mid(rid));
+                self.core.metrics.borrow_mut().failover(from, to);
+            }
+            let t0 = Instant::now();
+            let result = self.attempt(c, ctx, rid, None).await;
+            let micros = t0.elapsed().as_micros() as u64;
+            self.core
+                .metrics
+                .borrow_mut()
+                .upstream(self.mid(rid), micros);
+            match result {
+                Ok(answer) => {
+                    self.record_answer(rid, admit);
+                    self.judge_5xx(&answered_5xx, true);
+                    return Tried::Answered {
+                        answer,
+                        next: pos + 1,
+                    };
+                }
+                Err(f) => {
+                    if f.cause.is_http_status() {
+                        answered_5xx.push((rid, admit, f.cause));
+                    } else {
+                        self.record_failure(rid, admit, f.cause);
+                    }
+                    self.log_failover(c, ctx, rid, &ctx.order[pos + 1..], &f);
+                    last = Some((rid, f));
+                }
+            }
+        }
+        self.judge_5xx(&answered_5xx, false);
+        match last {
+            Some((rid, failure)) => Tried::AllFailed { rid, failure },
+            None => Tried::AllOpen,
+        }
+    }
+
+    /// Logs "Replica 'a' failed, trying 'b'" when a usable replica is left.
+    fn log_failover(
+        &self,
+        c: &Client,
+        ctx: &RequestCtx<'_>,
+        rid: usize,
+        rest: &[usize],
+        f: &Failure,
+    ) {
+        let Some(next) = rest.iter().copied().find(|&n| self.usable(n, now_ms())) else {
+            return;
+        };
+        log!(
+            Level::Warn,
+            &format!(
+                "Replica '{}' failed, trying '{}'",
+                self.replica(rid).name,
+                self.replica(next).name
+            ),
+            bucket = self.shared.bucket(ctx.bucket).name,
+            request_id = c.req.request_id,
+            cause = format_args!("{}: {}", f.cause.label(), f.detail),
+        );
+    }
+
+    /// Every replica tried failed: 502 naming the bucket, or S3's own 403
+    /// when every replica refused the credentials.
+    async fn all_failed(
+        &self,
+        c: &mut Client,
+        ctx: &RequestCtx<'_>,
+        rid: usize,
+        failure: Failure,
+    ) -> Outcome {
+        let bucket_name = &self.shared.bucket(ctx.bucket).name;
+        log!(
+            Level::Error,
+            "All replicas failed",
+            bucket = bucket_name,
+            request_id = c.req.request_id,
+            last_replica = self.replica(rid).name,
+            cause = format_args!("{}: {}", failure.cause.label(), failure.detail),
+        );
+        if let Some(captured) = failure.captured {
+            return self.relay(c, ctx, *captured, ctx.order.len()).await;
+        }
+        let body = format!("bucket '{bucket_name}': all replicas failed\n");
+        self.simple_outcome(c, 502, "text/plain", body.as_bytes(), &[])
+            .await
+    }
+
+    /// Every breaker of the bucket is open: 503 with `Retry-After`.
+    async fn all_open(&self, c: &mut Client, bucket: usize) -> Outcome {
+        let wait_ms = self.shared.bucket_replicas[bucket]
+            .iter()
+            .map(|&rid| {
+                let p = self.shared.replicas[rid].breaker.load();
+                if p.state == State::Open {
+                    p.open_until.saturating_sub(now_ms())
+                } else {
+                    1000
+                }
+            })
+            .min()
+            .unwrap_or(1000);
+        let secs = itoa(wait_ms.div_ceil(1000).max(1));
+        let bucket_name = &self.shared.bucket(bucket).name;
+        log!(
+            Level::Error,
+            "No replica available: every circuit breaker is open",
+            bucket = bucket_name,
+            request_id = c.req.request_id,
+            retry_after = secs,
+        );
+        let body =
+            format!("bucket '{bucket_name}': no replica available (all circuit breakers open)\n");
+        let extra = [("Retry-After", secs.as_str())];
+        self.simple_outcome(c, 503, "text/plain", body.as_bytes(), &extra)
+            .await
+    }
+}

@@ -1,0 +1,205 @@
+//! Step "resume": a Content-Length body that broke after bytes went out
+//! continues from the next replicas, in plan order, with
+//! `Range: bytes=N-M` (offset by the client's own range) and
+//! `If-Match: <ETag>`. Only a 200 or a single-range 206 is resumed, and only
+//! from a 206 whose `Content-Range` is exactly the range asked for, with the
+//! same ETag; otherwise the body cannot be completed and the relay resets the
+//! client connection.
+
+use super::attempt::Resume;
+use super::*;
+
+/// How a resume ended.
+pub(super) struct Resumed {
+    /// Payload bytes sent to the client in total (before and during the resume).
+    pub sent: u64,
+    /// The body reached its end.
+    pub complete: bool,
+    /// The replica that finished (or last tried) the body.
+    pub replica: Option<usize>,
+}
+
+impl Resumed {
+    fn incomplete(sent: u64) -> Resumed {
+        Resumed {
+            sent,
+            complete: false,
+            replica: None,
+        }
+    }
+}
+
+/// What one replica did with a resume request.
+enum Continued {
+    /// It sent the rest: done (complete or not, see `Resumed`).
+    Finished(Resumed),
+    /// It sent part of the rest before failing: try the next replica.
+    Partly(u64),
+    /// It could not continue (failure, 412, another answer).
+    Refused,
+}
+
+/// Whether a broken body can be continued from another replica, and if so
+/// the object offset of its first byte: a 200 (offset 0) or a single-range
+/// 206 with a valid `Content-Range`. A multipart/byteranges 206 never is:
+/// object bytes would be pasted into multipart framing.
+fn resumable(resp: &Response) -> Option<u64> {
+    match resp.status {
+        200 => Some(0),
+        206 if !resp.multipart => resp.content_range.map(|cr| cr.first),
+        _ => None,
+    }
+}
+
+/// The answer to a resume request is exactly the rest of the same body: a
+/// single-range 206 at the offset asked for, of the length asked for, with
+/// the same ETag.
+fn continues(resp: &Response, want: &Resume<'_>) -> bool {
+    resp.status == 206
+        && resp.etag == want.etag
+        && !resp.multipart
+        && resp
+            .content_range
+            .is_some_and(|cr| cr.first == want.first && cr.last == want.last)
+        && resp.framing() == Framing::Length(want.last - want.first + 1)
+}
+
+impl Shard {
+    /// Continues the body of `broken` (which failed after `sent` payload
+    /// bytes) on `rest`.
+    pub(super) async fn resume(
+        &self,
+        c: &mut Client,
+        ctx: &RequestCtx<'_>,
+        broken: Answer,
+        mut sent: u64,
+        rest: &[usize],
+        timeouts: Timeouts,
+    ) -> Resumed {
+        let Answer { rid, resp, .. } = broken;
+        let (Framing::Length(len), Some(base), false) =
+            (resp.framing(), resumable(&resp), resp.etag.is_empty())
+        else {
+            self.log_unresumable(c, ctx, rid, "the response cannot be resumed (no ETag, no Content-Length, or a multipart or unparsed range)");
+            c.give_response(resp);
+            return Resumed::incomplete(sent);
+        };
+        let mut from = rid;
+        for &next in rest {
+            let admit = self.admit(next, now_ms());
+            if admit == Admit::Rejected {
+                continue;
+            }
+            self.log_resume(c, ctx, from, next, base + sent);
+            let (f, t) = (self.mid(from), self.mid(next));
+            self.core.metrics.borrow_mut().failover(f, t);
+            from = next;
+            let want = Resume {
+                first: base + sent,
+                last: base + len - 1,
+                etag: &resp.etag,
+            };
+            match self.continue_on(c, ctx, next, admit, want, timeouts).await {
+                Continued::Finished(mut r) => {
+                    r.sent += sent;
+                    c.give_response(resp);
+                    return r;
+                }
+                Continued::Partly(n) => sent += n,
+                Continued::Refused => {}
+            }
+        }
+        self.log_unresumable(c, ctx, from, "no replica could resume the body");
+        c.give_response(resp);
+        Resumed::incomplete(sent)
+    }
+
+    /// Asks `rid` for the rest of the body and streams what it sends.
+    async fn continue_on(
+        &self,
+        c: &mut Client,
+        ctx: &RequestCtx<'_>,
+        rid: usize,
+        admit: Admit,
+        want: Resume<'_>,
+        timeouts: Timeouts,
+    ) -> Continued {
+        let mut a = match self.attempt(c, ctx, rid, Some(want)).await {
+            Ok(a) => a,
+            Err(f) => {
+                self.record_failure(rid, admit, f.cause);
+                return Continued::Refused;
+            }
+        };
+        let remaining = want.last - want.first + 1;
+        if !continues(&a.resp, &want) {
+            // 412 (the ETag changed) or another answer: not this body.
+            self.release(rid, admit);
+            c.give_response(a.resp);
+            log!(
+                Level::Warn,
+                "Replica cannot resume the body with the same ETag at the same offset",
+                bucket = self.shared.bucket(ctx.bucket).name,
+                replica = self.replica(rid).name,
+                request_id = c.req.request_id,
+            );
+            return Continued::Refused;
+        }
+        self.record_answer(rid, admit);
+        self.core.metrics.borrow_mut().resume(self.mid(rid));
+        let (up, buf) = (&mut a.conn.stream, &mut a.conn.buf);
+        let pumped = body::length(up, buf, a.head_len, remaining, &mut c.stream, timeouts).await;
+        let result = match pumped {
+            Ok(p) => {
+                if upclient::reusable(&a.resp, &a.conn, a.head_len, p.reusable) {
+                    self.pool.put(rid, a.conn);
+                }
+                let (sent, complete, replica) = (p.sent, true, Some(rid));
+                Continued::Finished(Resumed {
+                    sent,
+                    complete,
+                    replica,
+                })
+            }
+            Err((PumpError::Client, sent)) => {
+                let (complete, replica) = (false, Some(rid));
+                Continued::Finished(Resumed {
+                    sent,
+                    complete,
+                    replica,
+                })
+            }
+            Err((PumpError::Upstream(cause), n)) => {
+                self.record_failure(rid, Admit::Normal, cause);
+                Continued::Partly(n)
+            }
+        };
+        c.give_response(a.resp);
+        result
+    }
+
+    fn log_resume(&self, c: &Client, ctx: &RequestCtx<'_>, from: usize, to: usize, offset: u64) {
+        log!(
+            Level::Warn,
+            &format!(
+                "Replica '{}' failed mid-body, resuming from '{}'",
+                self.replica(from).name,
+                self.replica(to).name
+            ),
+            bucket = self.shared.bucket(ctx.bucket).name,
+            request_id = c.req.request_id,
+            offset = offset,
+        );
+    }
+
+    fn log_unresumable(&self, c: &Client, ctx: &RequestCtx<'_>, rid: usize, why: &str) {
+        log!(
+            Level::Error,
+            "Upstream failed mid-body; aborting the client connection",
+            bucket = self.shared.bucket(ctx.bucket).name,
+            replica = self.replica(rid).name,
+            request_id = c.req.request_id,
+            cause = why,
+        );
+    }
+}
