@@ -17,7 +17,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use std::time::{Duration, SystemTime};
 use yatagarasu::config::BreakerSettings;
 use yatagarasu::http::head::{parse_request, Method, Request};
-use yatagarasu::metrics::ShardMetrics;
+use yatagarasu::metrics::WorkerMetrics;
 use yatagarasu::router::{decode_path, encode_key, Router};
 use yatagarasu::s3::Signer;
 use yatagarasu::upstream::breaker::Breaker;
@@ -97,7 +97,7 @@ fn select(c: &mut Criterion) {
 }
 
 fn metrics(c: &mut Criterion) {
-    let mut m = ShardMetrics::new(3);
+    let mut m = WorkerMetrics::new(3);
     let mut i = 0u64;
     c.bench_function("metrics_record", |b| {
         b.iter(|| {

@@ -11,4 +11,6 @@ pub mod router;
 pub mod s3;
 pub mod server;
 pub mod shared;
+pub mod stream;
+pub mod tls;
 pub mod upstream;

@@ -1,9 +1,14 @@
 //! Structured logging: one line per event, `text` or `json`, to stderr.
 //!
-//! Shard threads buffer INFO/DEBUG lines (access logs) and flush them on their
+//! Worker threads buffer INFO/DEBUG lines (access logs) and flush them on their
 //! periodic tick or when the buffer fills; WARN and ERROR are written at once,
 //! and every other thread writes unbuffered. The level comes from the config
 //! and can be overridden with `RUST_LOG` (`error|warn|info|debug`).
+//!
+//! Events of the libraries (rustls through the `log` facade; the AWS crates'
+//! `tracing` events, which reach `log` when no tracing subscriber is set)
+//! come out through the same writer, with a `target` field naming their
+//! origin: [`install_bridge`].
 
 use crate::config::{Level, LogFormat};
 use std::cell::{Cell, RefCell};
@@ -40,6 +45,54 @@ pub fn init(level: Level, format: LogFormat) {
         .unwrap_or(level);
     LEVEL.store(level_code(level), Ordering::Relaxed);
     FORMAT.store(matches!(format, LogFormat::Json) as u8, Ordering::Relaxed);
+    set_bridge_level();
+}
+
+/// Routes the `log` facade (rustls, monoio, and the AWS crates' `tracing`
+/// events) into this logger, at the configured level. Call once at start.
+pub fn install_bridge() {
+    static BRIDGE: Bridge = Bridge;
+    if ::log::set_logger(&BRIDGE).is_ok() {
+        set_bridge_level();
+    }
+}
+
+/// Keeps the facade's level filter in step with ours (after `init`).
+fn set_bridge_level() {
+    ::log::set_max_level(match LEVEL.load(Ordering::Relaxed) {
+        0 => ::log::LevelFilter::Error,
+        1 => ::log::LevelFilter::Warn,
+        2 => ::log::LevelFilter::Info,
+        _ => ::log::LevelFilter::Debug,
+    });
+}
+
+/// The `log::Log` implementation behind [`install_bridge`].
+struct Bridge;
+
+impl ::log::Log for Bridge {
+    fn enabled(&self, metadata: &::log::Metadata<'_>) -> bool {
+        enabled(from_facade(metadata.level()))
+    }
+
+    fn log(&self, record: &::log::Record<'_>) {
+        let level = from_facade(record.level());
+        if enabled(level) {
+            let msg = record.args().to_string();
+            log(level, &msg, &[("target", &record.target())]);
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn from_facade(l: ::log::Level) -> Level {
+    match l {
+        ::log::Level::Error => Level::Error,
+        ::log::Level::Warn => Level::Warn,
+        ::log::Level::Info => Level::Info,
+        ::log::Level::Debug | ::log::Level::Trace => Level::Debug,
+    }
 }
 
 /// Makes this thread buffer INFO/DEBUG lines until `flush`.

@@ -67,6 +67,7 @@ fn main() {
         return;
     }
     log::init(cfg.logging.level, cfg.logging.format);
+    log::install_bridge();
     // A panic is a bug: report it and exit non-zero so a supervisor restarts
     // the whole process, instead of running on with a dead worker.
     std::panic::set_hook(Box::new(|info| {

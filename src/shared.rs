@@ -1,40 +1,43 @@
 //! State shared across threads.
 //!
-//! [`Process`] lives as long as the process: per-shard counters, the scrape
+//! [`Process`] lives as long as the process: per-worker counters, the scrape
 //! and shutdown flags, the metric-name registry, and the current
-//! configuration *generation*. A [`Shared`] is one generation: the config,
+//! configuration *generation*. A [`Generation`] is one generation: the config,
 //! router and replicas. SIGHUP builds a new generation and publishes it with an
-//! epoch bump; each shard adopts it on its next request while requests already
+//! epoch bump; each worker adopts it on its next request while requests already
 //! running finish on the generation they started with. Breaker words of
 //! replicas whose settings did not change are carried into the new generation,
 //! so their state survives a reload.
 //!
 //! Everything read on the request path is read-mostly: atomics written on rare
-//! events (breaker transitions, probe results, reloads) or by their own shard.
+//! events (breaker transitions, probe results, reloads) or by their own worker.
 
 use crate::config::{self, Bucket, Config, Replica};
-use crate::metrics::ShardMetrics;
+use crate::metrics::WorkerMetrics;
 use crate::router::Router;
-use crate::upstream::snapshot::SharedBreaker;
+use crate::upstream::snapshot::PublishedBreaker;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use crate::clock::now_ms;
 
-/// Probe verdicts stored in [`ReplicaShared::probe`].
+/// Probe verdicts stored in [`ReplicaState::probe`].
 pub const PROBE_UNKNOWN: u8 = 0;
 pub const PROBE_OK: u8 = 1;
 pub const PROBE_FAILED: u8 = 2;
 
-/// One replica, addressed by its id within a generation (index into `Shared::replicas`).
-pub struct ReplicaShared {
+/// One replica as one configuration generation sees it (owned by the
+/// [`Generation`], read by every thread): its settings, TLS client, published
+/// breaker and probe verdict. Addressed by its id within the generation
+/// (index into `Generation::replicas`).
+pub struct ReplicaState {
     pub bucket: usize,
     pub config: Replica,
     /// TLS client for `https://` endpoints.
     pub tls: Option<monoio_rustls::TlsConnector>,
-    /// Shared across generations while the replica's settings are unchanged.
-    pub breaker: Arc<SharedBreaker>,
+    /// Carried across generations while the replica's settings are unchanged.
+    pub breaker: Arc<PublishedBreaker>,
     pub probe: Arc<AtomicU8>,
     /// Stable id of `(bucket name, replica name)` for metrics.
     pub metric_id: usize,
@@ -44,18 +47,19 @@ pub struct ReplicaShared {
     pub last_answer_ms: AtomicU64,
 }
 
-/// What one shard exposes to other threads.
+/// What one worker thread publishes to the others (process-wide, one per
+/// worker): in-flight and open counts, scraped metrics, shutdown progress.
 #[derive(Default)]
-pub struct ShardShared {
+pub struct WorkerStatus {
     /// Requests being served now (for the shutdown drain).
     pub in_flight: AtomicUsize,
     /// Client connections open now.
     pub open_connections: AtomicI64,
-    /// Highest scrape generation this shard has published for.
+    /// Highest scrape generation this worker has published for.
     pub published: AtomicU64,
-    /// The shard's metrics as of `published`.
-    pub metrics: Mutex<Option<ShardMetrics>>,
-    /// Set once the shard stopped accepting after a shutdown request.
+    /// The worker's metrics as of `published`.
+    pub metrics: Mutex<Option<WorkerMetrics>>,
+    /// Set once the worker stopped accepting after a shutdown request.
     pub stopped_accepting: AtomicBool,
 }
 
@@ -92,9 +96,12 @@ impl Registry {
     }
 }
 
+/// Process-wide state, alive from start to exit: per-worker status, the
+/// scrape and shutdown flags, the metric-name registry and the current
+/// configuration [`Generation`].
 pub struct Process {
     pub config_path: String,
-    pub shards: Vec<ShardShared>,
+    pub workers: Vec<WorkerStatus>,
     pub scrape_generation: AtomicU64,
     pub shutdown: AtomicBool,
     /// Bumped each time a new generation is installed.
@@ -102,15 +109,16 @@ pub struct Process {
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
     pub registry: Mutex<Registry>,
-    current: Mutex<Option<Arc<Shared>>>,
+    current: Mutex<Option<Arc<Generation>>>,
 }
 
-/// One configuration generation.
-pub struct Shared {
+/// One configuration generation (immutable, shared by every thread through
+/// an `Arc`): the config, router and replicas. A reload builds the next one.
+pub struct Generation {
     pub process: Arc<Process>,
     pub config: Config,
     pub router: Router,
-    pub replicas: Vec<ReplicaShared>,
+    pub replicas: Vec<ReplicaState>,
     /// `bucket_replicas[b]` = ids of bucket `b`'s replicas, in config order.
     pub bucket_replicas: Vec<Vec<usize>>,
     /// Stable metric id of each bucket.
@@ -122,8 +130,8 @@ impl Process {
     pub fn start(config: Config, config_path: &str) -> Result<Arc<Process>, String> {
         let process = Arc::new(Process {
             config_path: config_path.to_string(),
-            shards: (0..config.server.workers)
-                .map(|_| ShardShared::default())
+            workers: (0..config.server.workers)
+                .map(|_| WorkerStatus::default())
                 .collect(),
             scrape_generation: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
@@ -133,13 +141,13 @@ impl Process {
             registry: Mutex::new(Registry::default()),
             current: Mutex::new(None),
         });
-        let first = Shared::build(config, process.clone(), None)?;
+        let first = Generation::build(config, process.clone(), None)?;
         process.install(first);
         Ok(process)
     }
 
     /// The current generation.
-    pub fn current(&self) -> Arc<Shared> {
+    pub fn current(&self) -> Arc<Generation> {
         match self.current.lock() {
             Ok(g) => g.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -147,7 +155,7 @@ impl Process {
         .expect("a generation is installed at start")
     }
 
-    fn install(&self, gen: Shared) {
+    fn install(&self, gen: Generation) {
         let gen = Arc::new(gen);
         match self.current.lock() {
             Ok(mut g) => *g = Some(gen),
@@ -158,7 +166,7 @@ impl Process {
 
     /// Re-reads the config file and installs it; on any problem the running
     /// generation stays and the problems are returned.
-    pub fn reload(self: &Arc<Self>) -> Result<Arc<Shared>, Vec<String>> {
+    pub fn reload(self: &Arc<Self>) -> Result<Arc<Generation>, Vec<String>> {
         let result = self.try_reload();
         match &result {
             Ok(_) => self.reloads_ok.fetch_add(1, Ordering::Relaxed),
@@ -167,7 +175,7 @@ impl Process {
         result
     }
 
-    fn try_reload(self: &Arc<Self>) -> Result<Arc<Shared>, Vec<String>> {
+    fn try_reload(self: &Arc<Self>) -> Result<Arc<Generation>, Vec<String>> {
         let config = config::load(&self.config_path)?;
         let old = self.current();
         let mut errs = Vec::new();
@@ -187,27 +195,27 @@ impl Process {
         if !errs.is_empty() {
             return Err(errs);
         }
-        let new = Shared::build(config, self.clone(), Some(&old)).map_err(|e| vec![e])?;
+        let new = Generation::build(config, self.clone(), Some(&old)).map_err(|e| vec![e])?;
         self.install(new);
         Ok(self.current())
     }
 
     pub fn in_flight(&self) -> usize {
-        self.shards
+        self.workers
             .iter()
             .map(|s| s.in_flight.load(Ordering::Relaxed))
             .sum()
     }
 }
 
-impl Shared {
+impl Generation {
     /// Builds a generation; replicas unchanged since `previous` keep their
     /// breaker state. Fails only when a TLS client cannot be set up.
     fn build(
         config: Config,
         process: Arc<Process>,
-        previous: Option<&Shared>,
-    ) -> Result<Shared, String> {
+        previous: Option<&Generation>,
+    ) -> Result<Generation, String> {
         let router = Router::new(config.buckets.iter().map(|b| b.path_prefix.as_str()));
         let mut replicas = Vec::new();
         let mut bucket_replicas = Vec::new();
@@ -216,7 +224,7 @@ impl Shared {
             Ok(r) => r,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let mut carried: HashMap<(&str, &str), &ReplicaShared> = HashMap::new();
+        let mut carried: HashMap<(&str, &str), &ReplicaState> = HashMap::new();
         if let Some(prev) = previous {
             for r in &prev.replicas {
                 carried.insert(
@@ -231,7 +239,7 @@ impl Shared {
             for r in &b.replicas {
                 ids.push(replicas.len());
                 let tls = if r.endpoint.tls {
-                    let c = crate::upstream::tls::connector(r)
+                    let c = crate::tls::connector(r.ca_file.as_deref(), r.insecure_skip_verify)
                         .map_err(|e| format!("bucket {:?} replica {:?}: {e}", b.name, r.name))?;
                     Some(c)
                 } else {
@@ -248,11 +256,11 @@ impl Shared {
                 let (breaker, probe) = match same {
                     Some(old) => (old.breaker.clone(), old.probe.clone()),
                     None => (
-                        Arc::new(SharedBreaker::new()),
+                        Arc::new(PublishedBreaker::new()),
                         Arc::new(AtomicU8::new(PROBE_UNKNOWN)),
                     ),
                 };
-                replicas.push(ReplicaShared {
+                replicas.push(ReplicaState {
                     bucket: bi,
                     tls,
                     config: r.clone(),
@@ -265,7 +273,7 @@ impl Shared {
             bucket_replicas.push(ids);
         }
         drop(registry);
-        Ok(Shared {
+        Ok(Generation {
             process,
             config,
             router,

@@ -89,13 +89,23 @@ fn without_the_ca_the_system_roots_refuse_the_test_certificate() {
     let s3 = backend();
     let ca = TestCa::new("unknown to the system");
     let front = TlsFront::start(&ca, s3.port);
-    let proxy = Proxy::start(&tls_bucket(
-        &front.endpoint(),
-        "      health_check:\n        enabled: false\n",
-    ));
+    let proxy = Proxy::start_with(
+        &tls_bucket(
+            &front.endpoint(),
+            "      health_check:\n        enabled: false\n",
+        ),
+        2,
+        &[("RUST_LOG", "debug")],
+    );
     let r = proxy.get("/s/hello.txt");
     assert_eq!(r.status, 502);
     assert!(r.text().contains("secure"));
+    // rustls' own events reach the proxy's log through the `log` bridge.
+    assert!(
+        proxy.wait_log("target=rustls", Duration::from_secs(2)),
+        "{}",
+        proxy.log()
+    );
 }
 
 #[test]

@@ -100,7 +100,7 @@ fn server(raw: &RawServer, p: &mut Problems) -> Server {
         key_file: t.key_file.clone(),
     });
     if let Some(t) = &tls {
-        if let Err(e) = crate::upstream::tls::acceptor(&t.cert_file, &t.key_file) {
+        if let Err(e) = crate::tls::acceptor(&t.cert_file, &t.key_file) {
             p.at("server.tls", e);
         }
     }
@@ -362,7 +362,7 @@ fn check_tls(r: &Replica, at: &str, p: &mut Problems) {
         );
     }
     if let Some(path) = &r.ca_file {
-        if let Err(e) = crate::upstream::tls::load_pem_certs(path) {
+        if let Err(e) = crate::tls::load_pem_certs(path) {
             p.at(&format!("{at}.ca_file"), e);
         }
     }

@@ -1,8 +1,8 @@
 //! Metrics: per-core recording with no lock or atomic on the request path,
 //! merged into Prometheus text only when scraped.
 //!
-//! Each shard owns a [`ShardMetrics`] (plain counters and `hdrhistogram`s in
-//! microseconds). When a scrape starts it bumps a generation counter; each shard
+//! Each worker owns a [`WorkerMetrics`] (plain counters and `hdrhistogram`s in
+//! microseconds). When a scrape starts it bumps a generation counter; each worker
 //! notices on its next tick (every few ms) and copies its metrics into its
 //! publication slot, the only place a lock is taken, off the request path. The
 //! scraper merges the slots, adds live gauges (connections, breaker states) and
@@ -20,7 +20,7 @@ pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("constant histogram bounds are valid")
 }
 
-/// Counters of one replica on one shard.
+/// Counters of one replica on one worker.
 #[derive(Clone)]
 pub struct ReplicaMetrics {
     pub requests: u64,
@@ -32,10 +32,10 @@ pub struct ReplicaMetrics {
     pub duration: Histogram<u64>,
 }
 
-/// Everything one shard records, keyed by the stable metric ids of
+/// Everything one worker records, keyed by the stable metric ids of
 /// `shared::Registry` (so counters survive configuration reloads). Cloned into the publication slot on demand.
 #[derive(Clone)]
-pub struct ShardMetrics {
+pub struct WorkerMetrics {
     /// `(bucket index or usize::MAX, method, status) -> count`.
     pub requests: HashMap<(usize, Method, u16), u64>,
     pub request_duration: Histogram<u64>,
@@ -53,9 +53,9 @@ pub struct ShardMetrics {
     pub failovers: HashMap<(usize, usize), u64>,
 }
 
-impl ShardMetrics {
-    pub fn new(replicas: usize) -> ShardMetrics {
-        ShardMetrics {
+impl WorkerMetrics {
+    pub fn new(replicas: usize) -> WorkerMetrics {
+        WorkerMetrics {
             requests: HashMap::new(),
             request_duration: new_histogram(),
             upstream_duration: new_histogram(),
@@ -126,7 +126,7 @@ impl ShardMetrics {
     }
 
     /// Adds `other` into `self` (scrape-time merge).
-    pub fn merge(&mut self, other: &ShardMetrics) {
+    pub fn merge(&mut self, other: &WorkerMetrics) {
         for (k, v) in &other.requests {
             *self.requests.entry(*k).or_insert(0) += v;
         }
@@ -160,8 +160,8 @@ mod tests {
 
     #[test]
     fn merge_adds_everything() {
-        let mut a = ShardMetrics::new(2);
-        let mut b = ShardMetrics::new(2);
+        let mut a = WorkerMetrics::new(2);
+        let mut b = WorkerMetrics::new(2);
         a.request(Some(0), Method::Get, 200, 1500, 10);
         b.request(Some(0), Method::Get, 200, 2500, 5);
         b.replica_failure(1, "connect");

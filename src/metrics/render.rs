@@ -1,7 +1,7 @@
-//! Prometheus text exposition of merged shard metrics and live replica state.
+//! Prometheus text exposition of merged worker metrics and live replica state.
 
-use super::ShardMetrics;
-use crate::shared::{Shared, PROBE_FAILED};
+use super::WorkerMetrics;
+use crate::shared::{Generation, PROBE_FAILED};
 use crate::upstream::breaker::State;
 use hdrhistogram::Histogram;
 use prometheus::proto::{
@@ -90,7 +90,7 @@ fn histogram(pairs: &[(&str, &str)], h: &Histogram<u64>) -> Metric {
 }
 
 /// Renders every metric as Prometheus text.
-pub fn render(shared: &Shared, merged: &ShardMetrics) -> String {
+pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
     let mut families = Vec::new();
     // Counters are keyed by stable metric ids; names come from the registry.
     let registry = match shared.process.registry.lock() {
@@ -165,7 +165,7 @@ pub fn render(shared: &Shared, merged: &ShardMetrics) -> String {
     ));
     let open: i64 = shared
         .process
-        .shards
+        .workers
         .iter()
         .map(|s| s.open_connections.load(Ordering::Relaxed))
         .sum();

@@ -17,7 +17,7 @@ pub(super) struct Resume<'a> {
     pub etag: &'a str,
 }
 
-impl Shard {
+impl WorkerGeneration {
     /// Sends the request to `rid` and reads its final response head.
     pub(super) async fn attempt(
         &self,

@@ -1,9 +1,9 @@
-//! The shard's local breaker copies: synchronised with the shared snapshot on
+//! The worker's local breaker copies: synchronised with the shared snapshot on
 //! every use, transitions published for the other cores and logged.
 
 use super::*;
 
-impl Shard {
+impl WorkerGeneration {
     // ---- breakers: local copy, synchronised with the shared snapshot ----
 
     pub(super) fn sync(&self, rid: usize, b: &mut LocalBreaker) {

@@ -55,9 +55,9 @@ impl Client {
     }
 }
 
-impl Shard {
+impl WorkerGeneration {
     pub(super) fn next_request_id(&self, out: &mut String) {
-        // splitmix64: unique per shard and start time, cheap, no allocation.
+        // splitmix64: unique per worker and start time, cheap, no allocation.
         let mut z = self
             .core
             .rid_state
@@ -120,8 +120,8 @@ impl Shard {
                 Ok(None) => return,
                 Err(e) => return self.reject(c, e).await,
             };
-            let shard = &self.shared.process.shards[self.id];
-            shard.in_flight.fetch_add(1, Ordering::Relaxed);
+            let worker = &self.shared.process.workers[self.id];
+            worker.in_flight.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
             // Boxed so an idle connection's task stays small: the request
             // state machine exists only while a request is being served.
@@ -129,7 +129,7 @@ impl Shard {
             // keeps its generation alive until it finishes, whatever reloads.
             let current = self.core.current();
             let outcome = Box::pin(current.handle(c)).await;
-            shard.in_flight.fetch_sub(1, Ordering::Relaxed);
+            worker.in_flight.fetch_sub(1, Ordering::Relaxed);
             current.finish(c, &outcome, started);
             if outcome.abort {
                 reset_on_close(c.fd);

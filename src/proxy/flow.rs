@@ -18,7 +18,7 @@ enum Tried {
     AllFailed { rid: usize, failure: Failure },
 }
 
-impl Shard {
+impl WorkerGeneration {
     /// Serves one parsed request.
     pub(super) async fn handle(&self, c: &mut Client) -> Outcome {
         if c.req.request_id.is_empty() {

@@ -1,4 +1,4 @@
-//! Serving requests: per-core state ([`Core`], [`Shard`]) and the request
+//! Serving requests: per-core state ([`Worker`], [`WorkerGeneration`]) and the request
 //! path as named steps, one file each:
 //!
 //! ```text
@@ -27,10 +27,10 @@ use crate::http::head::{
 };
 use crate::http::io::{read_more, write_all, write_range};
 use crate::log;
-use crate::metrics::ShardMetrics;
+use crate::metrics::WorkerMetrics;
 use crate::router::{self, RouteError};
 use crate::s3::{self, Signer};
-use crate::shared::{now_ms, Process, Shared};
+use crate::shared::{now_ms, Generation, Process};
 use crate::upstream::blame::{blame, Blame};
 use crate::upstream::client::{self as upclient, Cause};
 
@@ -40,10 +40,10 @@ mod connection;
 mod flow;
 mod relay;
 mod resume;
+use crate::stream::{ClientStream, MaybeTls};
 use crate::upstream::breaker::{Admit, Breaker, State};
 use crate::upstream::pool::{Pool, UpConn};
 use crate::upstream::select::{Plan, Selector};
-use crate::upstream::tls::{ClientStream, MaybeTls};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -58,27 +58,30 @@ struct LocalBreaker {
     seen: u32,
 }
 
-/// Everything one core needs to serve requests. Owned by that core's thread.
-pub struct Shard {
+/// One worker's view of one configuration [`Generation`] (owned by that
+/// worker's thread, rebuilt on reload): breaker copies, replica selectors,
+/// signers and the upstream connection pool.
+pub struct WorkerGeneration {
     pub id: usize,
     /// The configuration generation this state was built for.
-    pub shared: Arc<Shared>,
+    pub shared: Arc<Generation>,
     breakers: RefCell<Vec<LocalBreaker>>,
     selectors: RefCell<Vec<Selector>>,
     signers: Vec<Signer>,
     pub pool: Pool,
     /// Per-core state that outlives generations.
-    pub core: Rc<Core>,
+    pub core: Rc<Worker>,
 }
 
-/// Per-core state that outlives configuration generations: metrics, buffers,
-/// pipes, the drain flag, and the shard built for the current generation.
-pub struct Core {
+/// One worker thread's state that outlives configuration generations (owned
+/// by that thread): metrics, buffers, pipes, the drain flag, and its
+/// [`WorkerGeneration`] for the current generation.
+pub struct Worker {
     pub id: usize,
     pub process: Arc<Process>,
-    current: RefCell<Option<Rc<Shard>>>,
+    current: RefCell<Option<Rc<WorkerGeneration>>>,
     seen_epoch: Cell<u64>,
-    pub metrics: RefCell<ShardMetrics>,
+    pub metrics: RefCell<WorkerMetrics>,
     rid_state: Cell<u64>,
     pub draining: Cell<bool>,
     /// Empty pipes kept for splicing bodies.
@@ -93,19 +96,19 @@ pub struct Core {
     date: RefCell<(u64, String)>,
 }
 
-impl Core {
-    pub fn new(id: usize, process: Arc<Process>) -> Rc<Core> {
+impl Worker {
+    pub fn new(id: usize, process: Arc<Process>) -> Rc<Worker> {
         let seed = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
             ^ ((id as u64 + 1) << 56);
-        Rc::new(Core {
+        Rc::new(Worker {
             id,
             process,
             current: RefCell::new(None),
             seen_epoch: Cell::new(u64::MAX),
-            metrics: RefCell::new(ShardMetrics::new(0)),
+            metrics: RefCell::new(WorkerMetrics::new(0)),
             rid_state: Cell::new(seed),
             draining: Cell::new(false),
             pipes: RefCell::new(Vec::new()),
@@ -128,18 +131,18 @@ impl Core {
         head::header(out, "Date", &cached.1);
     }
 
-    /// The shard for the current configuration generation; adopts a newly
+    /// The worker for the current configuration generation; adopts a newly
     /// reloaded generation on first use (one relaxed load per request).
-    pub fn current(self: &Rc<Self>) -> Rc<Shard> {
+    pub fn current(self: &Rc<Self>) -> Rc<WorkerGeneration> {
         let epoch = self.process.epoch.load(Ordering::Acquire);
         if epoch != self.seen_epoch.get() {
-            let shard = Rc::new(Shard::new(self.clone(), self.process.current()));
-            *self.current.borrow_mut() = Some(shard);
+            let worker = Rc::new(WorkerGeneration::new(self.clone(), self.process.current()));
+            *self.current.borrow_mut() = Some(worker);
             self.seen_epoch.set(epoch);
         }
         match &*self.current.borrow() {
             Some(s) => s.clone(),
-            None => Rc::new(Shard::new(self.clone(), self.process.current())),
+            None => Rc::new(WorkerGeneration::new(self.clone(), self.process.current())),
         }
     }
 }
@@ -224,8 +227,8 @@ impl Failure {
     }
 }
 
-impl Shard {
-    pub fn new(core: Rc<Core>, shared: Arc<Shared>) -> Shard {
+impl WorkerGeneration {
+    pub fn new(core: Rc<Worker>, shared: Arc<Generation>) -> WorkerGeneration {
         let breakers = shared
             .replicas
             .iter()
@@ -252,7 +255,7 @@ impl Shard {
             .iter()
             .map(|r| Signer::new(&r.config.access_key, &r.config.secret_key, &r.config.region))
             .collect();
-        Shard {
+        WorkerGeneration {
             id: core.id,
             pool: Pool::new(shared.replicas.len()),
             breakers: RefCell::new(breakers),
@@ -287,7 +290,7 @@ fn itoa(v: u64) -> String {
 
 /// `/ready`: 503 when some bucket has no usable replica; lists every
 /// replica's breaker state as JSON (serde_json: names are escaped properly).
-pub fn readiness(shared: &Shared) -> (bool, String) {
+pub fn readiness(shared: &Generation) -> (bool, String) {
     let now = now_ms();
     let mut ready = true;
     let buckets: Vec<serde_json::Value> = shared

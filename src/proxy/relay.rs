@@ -8,7 +8,7 @@ use super::*;
 /// Bodies up to this size are sent in the same write as the response head.
 const COALESCE_MAX: usize = 16 * 1024;
 
-impl Shard {
+impl WorkerGeneration {
     /// Streams an answer to the client; if the body breaks, resumes it on the
     /// replicas after `ctx.order[next..]`.
     pub(super) async fn relay(

@@ -64,7 +64,7 @@ fn continues(resp: &Response, want: &Resume<'_>) -> bool {
         && resp.framing() == Framing::Length(want.last - want.first + 1)
 }
 
-impl Shard {
+impl WorkerGeneration {
     /// Continues the body of `broken` (which failed after `sent` payload
     /// bytes) on `rest`.
     pub(super) async fn resume(

@@ -1,10 +1,10 @@
 //! The metrics endpoint (`metrics.port`): a small blocking HTTP server on its
-//! own thread. `GET /metrics` asks every shard to publish its per-core metrics
+//! own thread. `GET /metrics` asks every worker to publish its per-core metrics
 //! (they do on their next tick), merges them and renders Prometheus text.
 
 use crate::config::Level;
 use crate::log;
-use crate::metrics::{render::render, ShardMetrics};
+use crate::metrics::{render::render, WorkerMetrics};
 use crate::shared::Process;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -102,20 +102,20 @@ fn handle(mut s: TcpStream, shared: &Process) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Collects a fresh snapshot from every shard (waiting up to 500 ms) and renders it.
+/// Collects a fresh snapshot from every worker (waiting up to 500 ms) and renders it.
 pub fn gather(shared: &Process) -> String {
     let generation = shared.scrape_generation.fetch_add(1, Ordering::AcqRel) + 1;
     let deadline = Instant::now() + Duration::from_millis(500);
     while Instant::now() < deadline
-        && !shared.shards.iter().all(|s| {
+        && !shared.workers.iter().all(|s| {
             s.published.load(Ordering::Acquire) >= generation
                 || s.stopped_accepting.load(Ordering::Relaxed)
         })
     {
         std::thread::sleep(Duration::from_millis(2));
     }
-    let mut merged = ShardMetrics::new(0);
-    for s in &shared.shards {
+    let mut merged = WorkerMetrics::new(0);
+    for s in &shared.workers {
         if let Ok(slot) = s.metrics.lock() {
             if let Some(m) = slot.as_ref() {
                 merged.merge(m);

@@ -2,7 +2,7 @@
 //! `SO_REUSEPORT` listener, connection pool and metrics; plus a health-prober
 //! thread, a metrics-endpoint thread, and the main thread waiting for signals.
 //!
-//! Shutdown (SIGTERM/SIGINT): every shard stops accepting, answers with
+//! Shutdown (SIGTERM/SIGINT): every worker stops accepting, answers with
 //! `Connection: close` from then on, and the process exits once no request is
 //! in flight or `server.shutdown_timeout_seconds` has passed.
 
@@ -11,15 +11,15 @@ pub mod metrics_http;
 
 use crate::config::{Config, Level};
 use crate::log;
-use crate::proxy::Core;
-use crate::shared::{Process, Shared};
+use crate::proxy::Worker;
+use crate::shared::{Generation, Process};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How often each shard checks for shutdown, scrape requests and log flushing.
+/// How often each worker checks for shutdown, scrape requests and log flushing.
 const TICK: Duration = Duration::from_millis(20);
 
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -36,54 +36,120 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Runs the proxy until a shutdown signal; returns the exit code.
-pub fn run(config: Config, config_path: &str) -> i32 {
-    let workers = config.server.workers;
-    let mut addr = config.server.address;
-    // Bind everything up front so a taken port is reported before any thread starts.
-    let mut listeners = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        match bind_reuseport(addr) {
-            Ok(l) => {
-                if addr.port() == 0 {
-                    if let Ok(a) = l.local_addr() {
-                        addr = a;
-                    }
-                }
-                listeners.push(l);
+/// What the embedding code tells a running server (signals, or a test).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Re-read the configuration file (SIGHUP).
+    Reload,
+    /// Stop accepting, drain, return (SIGTERM, SIGINT).
+    Stop,
+}
+
+/// A proxy with its sockets bound and its process state built, not yet
+/// serving. `bind` reports a taken port before any thread starts.
+pub struct Server {
+    process: Arc<Process>,
+    listeners: Vec<std::net::TcpListener>,
+    metrics_listener: Option<std::net::TcpListener>,
+    acceptor: Option<monoio_rustls::TlsAcceptor>,
+    address: SocketAddr,
+}
+
+impl Server {
+    /// Binds one `SO_REUSEPORT` listener per worker (port 0 picks one port for
+    /// all), the metrics listener, builds the listener TLS acceptor once, and
+    /// the first configuration generation.
+    pub fn bind(config: Config, config_path: &str) -> Result<Server, String> {
+        let mut address = config.server.address;
+        let mut listeners = Vec::with_capacity(config.server.workers);
+        for _ in 0..config.server.workers {
+            let l =
+                bind_reuseport(address).map_err(|e| format!("cannot listen on {address}: {e}"))?;
+            if address.port() == 0 {
+                address = l
+                    .local_addr()
+                    .map_err(|e| format!("listener address: {e}"))?;
             }
-            Err(e) => {
-                log!(Level::Error, "cannot listen", address = addr, error = e);
-                return 1;
-            }
+            listeners.push(l);
         }
+        let metrics_listener = match config.metrics.enabled {
+            false => None,
+            true => Some(
+                std::net::TcpListener::bind(config.metrics.address).map_err(|e| {
+                    format!(
+                        "cannot listen for metrics on {}: {e}",
+                        config.metrics.address
+                    )
+                })?,
+            ),
+        };
+        let acceptor = match &config.server.tls {
+            None => None,
+            Some(t) => Some(crate::tls::acceptor(&t.cert_file, &t.key_file)?),
+        };
+        let process = Process::start(config, config_path)?;
+        Ok(Server {
+            process,
+            listeners,
+            metrics_listener,
+            acceptor,
+            address,
+        })
     }
-    let metrics_listener = if config.metrics.enabled {
-        match std::net::TcpListener::bind(config.metrics.address) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                log!(
-                    Level::Error,
-                    "cannot listen for metrics",
-                    address = config.metrics.address,
-                    error = e
-                );
-                return 1;
+
+    /// The address the proxy listens on (the bound port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The metrics endpoint's address, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// Starts the workers, the prober and the metrics endpoint, then obeys
+    /// `control` until it says [`Control::Stop`] (or ends): stops accepting,
+    /// drains in-flight requests (bounded by `shutdown_timeout_seconds`) and
+    /// returns the exit code. Worker threads end with the process.
+    pub fn run_until(self, control: impl IntoIterator<Item = Control>) -> i32 {
+        let Server {
+            process,
+            listeners,
+            metrics_listener,
+            acceptor,
+            address,
+        } = self;
+        warn_insecure(&process.current());
+        if let Err(e) = start_workers(&process, listeners, acceptor) {
+            log!(Level::Error, "cannot start worker thread", error = e);
+            return 1;
+        }
+        start_helpers(&process, metrics_listener);
+        log_listening(&process, address);
+        for c in control {
+            match c {
+                Control::Reload => reload(&process),
+                Control::Stop => break,
             }
         }
-    } else {
-        None
-    };
-    let shutdown_timeout = config.server.shutdown_timeout;
-    let process = match Process::start(config, config_path) {
-        Ok(p) => p,
+        log!(Level::Info, "Shutdown requested, draining");
+        drain(&process);
+        0
+    }
+}
+
+/// Runs the proxy until SIGTERM or SIGINT (SIGHUP reloads); returns the exit code.
+pub fn run(config: Config, config_path: &str) -> i32 {
+    let server = match Server::bind(config, config_path) {
+        Ok(s) => s,
         Err(e) => {
             log!(Level::Error, "cannot start", error = e);
             return 1;
         }
     };
-    warn_insecure(&process.current());
-    let signals = match signal_hook::iterator::Signals::new([
+    let mut signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGHUP,
@@ -94,12 +160,24 @@ pub fn run(config: Config, config_path: &str) -> i32 {
             return 1;
         }
     };
+    let control = signals.forever().map(|sig| match sig {
+        signal_hook::consts::SIGHUP => Control::Reload,
+        _ => Control::Stop,
+    });
+    server.run_until(control)
+}
 
+/// One pinned worker thread per listener.
+fn start_workers(
+    process: &Arc<Process>,
+    listeners: Vec<std::net::TcpListener>,
+    acceptor: Option<monoio_rustls::TlsAcceptor>,
+) -> std::io::Result<()> {
     let choice = driver::choose();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let mut threads = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let process = process.clone();
+        let tls = acceptor.clone();
         let core = if cores.is_empty() {
             None
         } else {
@@ -120,7 +198,7 @@ pub fn run(config: Config, config_path: &str) -> i32 {
                         pinned = pinned,
                     );
                     log::flush();
-                    shard_main(i, process, listener)
+                    worker_main(i, process, listener, tls)
                 });
                 if let Err(e) = result {
                     log!(Level::Error, "worker runtime failed", worker = i, error = e);
@@ -128,37 +206,37 @@ pub fn run(config: Config, config_path: &str) -> i32 {
                     std::process::exit(1);
                 }
             });
-        match spawned {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                log!(Level::Error, "cannot start worker thread", error = e);
-                return 1;
+        spawned?;
+    }
+    Ok(())
+}
+
+/// The health prober's thread and the metrics endpoint's thread.
+fn start_helpers(process: &Arc<Process>, metrics_listener: Option<std::net::TcpListener>) {
+    let choice = driver::choose();
+    let prober = process.clone();
+    let _ = std::thread::Builder::new()
+        .name("yatagarasu-health".into())
+        .spawn(move || {
+            if let Err(e) = driver::block_on(choice, |_| crate::upstream::health::run(prober)) {
+                log!(Level::Error, "health checker failed to start", error = e);
             }
-        }
-    }
-    {
-        let process = process.clone();
-        let _ = std::thread::Builder::new()
-            .name("yatagarasu-health".into())
-            .spawn(move || {
-                if let Err(e) = driver::block_on(choice, |_| crate::upstream::health::run(process))
-                {
-                    log!(Level::Error, "health checker failed to start", error = e);
-                }
-            });
-    }
+        });
     if let Some(l) = metrics_listener {
         let process = process.clone();
         let _ = std::thread::Builder::new()
             .name("yatagarasu-metrics".into())
             .spawn(move || metrics_http::serve(l, process));
     }
+}
+
+fn log_listening(process: &Process, address: SocketAddr) {
     let first = process.current();
     log!(
         Level::Info,
         "Yatagarasu listening",
-        address = addr,
-        workers = workers,
+        address = address,
+        workers = first.config.server.workers,
         metrics = if first.config.metrics.enabled {
             first.config.metrics.address.to_string()
         } else {
@@ -166,27 +244,16 @@ pub fn run(config: Config, config_path: &str) -> i32 {
         },
         buckets = first.config.buckets.len(),
     );
-    drop(first);
+}
 
-    let mut signals = signals;
-    for sig in signals.forever() {
-        match sig {
-            signal_hook::consts::SIGHUP => reload(&process),
-            _ => {
-                log!(
-                    Level::Info,
-                    "Shutdown signal received, draining",
-                    signal = sig
-                );
-                break;
-            }
-        }
-    }
+/// Stops every worker accepting and waits for in-flight requests, bounded by
+/// `server.shutdown_timeout_seconds`.
+fn drain(process: &Process) {
     process.shutdown.store(true, Ordering::SeqCst);
-    let deadline = Instant::now() + shutdown_timeout;
+    let deadline = Instant::now() + process.current().config.server.shutdown_timeout;
     loop {
         let stopped = process
-            .shards
+            .workers
             .iter()
             .all(|s| s.stopped_accepting.load(Ordering::SeqCst));
         let in_flight = process.in_flight();
@@ -203,10 +270,9 @@ pub fn run(config: Config, config_path: &str) -> i32 {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    // Give shards one tick to flush their buffered log lines.
+    // Give workers one tick to flush their buffered log lines.
     std::thread::sleep(TICK * 2);
     log!(Level::Info, "Shutdown complete");
-    0
 }
 
 /// SIGHUP: re-read the config file; keep the running one if it is invalid.
@@ -237,7 +303,7 @@ fn reload(process: &Arc<Process>) {
     }
 }
 
-fn warn_insecure(gen: &Shared) {
+fn warn_insecure(gen: &Generation) {
     for r in &gen.replicas {
         if r.config.insecure_skip_verify {
             log!(
@@ -251,7 +317,12 @@ fn warn_insecure(gen: &Shared) {
     }
 }
 
-async fn shard_main(id: usize, process: Arc<Process>, listener: std::net::TcpListener) {
+async fn worker_main(
+    id: usize,
+    process: Arc<Process>,
+    listener: std::net::TcpListener,
+    tls: Option<monoio_rustls::TlsAcceptor>,
+) {
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -265,24 +336,9 @@ async fn shard_main(id: usize, process: Arc<Process>, listener: std::net::TcpLis
             std::process::exit(1);
         }
     };
-    let core = Core::new(id, process.clone());
+    let core = Worker::new(id, process.clone());
     let shared = process.current();
-    let tls = match &shared.config.server.tls {
-        None => None,
-        Some(t) => match crate::upstream::tls::acceptor(&t.cert_file, &t.key_file) {
-            Ok(a) => Some(Rc::new(a)),
-            Err(e) => {
-                log!(
-                    Level::Error,
-                    "cannot set up listener TLS",
-                    worker = id,
-                    error = e
-                );
-                log::flush();
-                std::process::exit(1);
-            }
-        },
-    };
+    let tls = tls.map(Rc::new);
     let canceller = monoio::io::Canceller::new();
     let handle = canceller.handle();
     {
@@ -308,7 +364,7 @@ async fn shard_main(id: usize, process: Arc<Process>, listener: std::net::TcpLis
         .max_connections
         .div_ceil(shared.config.server.workers.max(1)) as i64;
     drop(shared);
-    let me = &process.shards[id];
+    let me = &process.workers[id];
     let mut last_refusal_log: Option<Instant> = None;
     loop {
         match listener.cancelable_accept(handle.clone()).await {
@@ -334,11 +390,11 @@ async fn shard_main(id: usize, process: Arc<Process>, listener: std::net::TcpLis
                 }
                 me.open_connections.fetch_add(1, Ordering::Relaxed);
                 core.metrics.borrow_mut().connections_total += 1;
-                let shard = core.current();
+                let worker = core.current();
                 let tls = tls.clone();
                 monoio::spawn(async move {
-                    shard.serve(stream, tls.as_deref()).await;
-                    shard.shared.process.shards[shard.id]
+                    worker.serve(stream, tls.as_deref()).await;
+                    worker.shared.process.workers[worker.id]
                         .open_connections
                         .fetch_sub(1, Ordering::Relaxed);
                 });
@@ -372,19 +428,19 @@ fn trim_heap() {
     }
 }
 
-/// Periodic per-shard housekeeping, off the request path.
-fn tick(shard: &Core) {
+/// Periodic per-worker housekeeping, off the request path.
+fn tick(worker: &Worker) {
     log::flush();
     // Parked connections freed their buffers; hand the memory back to the
     // OS once a burst of them has gone idle, so RSS follows live use.
-    if shard.parked.get() >= 256 {
-        shard.parked.set(0);
+    if worker.parked.get() >= 256 {
+        worker.parked.set(0);
         trim_heap();
     }
-    let me = &shard.process.shards[shard.id];
-    let wanted = shard.process.scrape_generation.load(Ordering::Acquire);
+    let me = &worker.process.workers[worker.id];
+    let wanted = worker.process.scrape_generation.load(Ordering::Acquire);
     if wanted > me.published.load(Ordering::Relaxed) {
-        let snapshot = shard.metrics.borrow().clone();
+        let snapshot = worker.metrics.borrow().clone();
         if let Ok(mut slot) = me.metrics.lock() {
             *slot = Some(snapshot);
         }

@@ -8,13 +8,13 @@
 //! replica's breaker (no client request needs to fail first; one lost probe
 //! is not enough); a passing probe moves an OPEN breaker to HALF-OPEN at once, so a recovered replica gets trial traffic
 //! within one interval. Results are published through the same shared breaker
-//! words the shards read, so every core sees them on its next request.
+//! words the workers read, so every core sees them on its next request.
 
 use crate::config::Level;
 use crate::http::head::{self, Response};
 use crate::log;
 use crate::s3::Signer;
-use crate::shared::{now_ms, Process, Shared, PROBE_FAILED, PROBE_OK};
+use crate::shared::{now_ms, Generation, Process, PROBE_FAILED, PROBE_OK};
 use crate::upstream::breaker::State;
 use crate::upstream::client;
 use crate::upstream::pool::Pool;
@@ -68,7 +68,7 @@ pub async fn run(process: Arc<Process>) {
 /// One probe: `Ok(status)` for any HTTP response below 500, `Err(cause)`
 /// otherwise. Uses the proxy's own upstream client (interim responses,
 /// framing checks, failure causes).
-pub async fn probe(shared: &Shared, pool: &Pool, rid: usize) -> Result<u16, String> {
+pub async fn probe(shared: &Generation, pool: &Pool, rid: usize) -> Result<u16, String> {
     let r = &shared.replicas[rid];
     let settings = &shared.bucket(r.bucket).health;
     let replica = &r.config;
@@ -108,7 +108,7 @@ pub async fn probe(shared: &Shared, pool: &Pool, rid: usize) -> Result<u16, Stri
 
 /// Publishes a probe result into the replica's shared breaker word;
 /// `failed_in_a_row` counts this probe if it failed.
-pub fn apply(shared: &Shared, rid: usize, result: Result<u16, String>, failed_in_a_row: u32) {
+pub fn apply(shared: &Generation, rid: usize, result: Result<u16, String>, failed_in_a_row: u32) {
     let r = &shared.replicas[rid];
     let bucket = shared.bucket(r.bucket);
     let before = r.probe.swap(

@@ -8,4 +8,3 @@ pub mod health;
 pub mod pool;
 pub mod select;
 pub mod snapshot;
-pub mod tls;

@@ -1,6 +1,6 @@
 //! Per-core keep-alive pool of upstream connections, one idle list per replica.
 //!
-//! Owned by one shard and used through `&self` with `RefCell`s: no locks. Idle
+//! Owned by one worker and used through `&self` with `RefCell`s: no locks. Idle
 //! connections are reused newest first and dropped after `IDLE_TTL` (S3
 //! endpoints close idle connections after a few seconds to a minute). Each
 //! connection carries its own read buffer, so reusing a connection reuses the
@@ -13,8 +13,9 @@
 //! `recv(MSG_PEEK)`.
 
 use super::client::Cause;
-use super::tls::{self, MaybeTls, UpStream};
 use crate::config::Endpoint;
+use crate::stream::{MaybeTls, UpStream};
+use crate::tls;
 use monoio::net::TcpStream;
 use monoio_rustls::TlsConnector;
 use std::cell::RefCell;
@@ -162,7 +163,7 @@ impl Pool {
 
     /// The endpoint's addresses, in the resolver's order. Literal addresses
     /// need no lookup; names are resolved on the process's blocking thread
-    /// (never on a shard's core) and cached for [`DNS_TTL`] per core.
+    /// (never on a worker's core) and cached for [`DNS_TTL`] per core.
     async fn resolve(&self, replica: usize, endpoint: &Endpoint) -> io::Result<Vec<SocketAddr>> {
         let host = endpoint.host.trim_start_matches('[').trim_end_matches(']');
         if let Ok(ip) = host.parse::<std::net::IpAddr>() {

@@ -24,18 +24,20 @@ pub struct Published {
     pub open_until: u64,
 }
 
-/// One replica's shared breaker word, padded to its own cache line.
+/// One replica's breaker state as published to every core (process-wide,
+/// carried across generations while the replica is unchanged): one packed
+/// word, padded to its own cache line.
 #[derive(Debug, Default)]
 #[repr(align(64))]
-pub struct SharedBreaker {
+pub struct PublishedBreaker {
     word: AtomicU64,
     /// Consecutive failures seen by all cores while CLOSED.
     failures: AtomicU32,
 }
 
-impl SharedBreaker {
-    pub fn new() -> SharedBreaker {
-        SharedBreaker::default()
+impl PublishedBreaker {
+    pub fn new() -> PublishedBreaker {
+        PublishedBreaker::default()
     }
 
     pub fn load(&self) -> Published {
@@ -86,7 +88,7 @@ mod tests {
 
     #[test]
     fn round_trips_and_bumps_generation() {
-        let s = SharedBreaker::new();
+        let s = PublishedBreaker::new();
         assert_eq!(
             s.load(),
             Published {

@@ -309,7 +309,7 @@ impl Proxy {
         std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
     }
 
-    /// Waits until the log contains `needle` (shards flush buffered lines every few ms).
+    /// Waits until the log contains `needle` (workers flush buffered lines every few ms).
     pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {

@@ -1,15 +1,12 @@
-//! TLS to upstream replicas (rustls via monoio-rustls).
+//! TLS settings built once (rustls with ring, used through monoio-rustls):
+//! the client side for `https://` replicas and the listener's acceptor.
 //!
-//! Certificates are checked against the system's roots plus an optional
-//! per-replica `ca_file` (PEM) for private CAs, with SNI set from the endpoint
-//! host. `insecure_skip_verify: true` turns verification off for that replica
+//! Upstream certificates are checked against the system's roots plus an
+//! optional `ca_file` (PEM) for private CAs, with SNI set from the endpoint
+//! host. `insecure_skip_verify` turns verification off for that replica
 //! (logged at WARN at start). A handshake or certificate failure is a replica
-//! failure with reason `tls`.
+//! failure with reason `tls`. Nothing here knows the configuration types.
 
-use crate::config::Replica;
-use monoio::io::{AsyncReadRent, AsyncWriteRent};
-use monoio::net::TcpStream;
-use monoio::BufResult;
 use monoio_rustls::TlsConnector;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -40,12 +37,13 @@ pub fn load_pem_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String
     Ok(certs)
 }
 
-/// Builds the TLS client for one replica.
-pub fn connector(replica: &Replica) -> Result<TlsConnector, String> {
+/// Builds a TLS client: the system's roots plus `ca_file`, or no
+/// certificate verification at all when `insecure`.
+pub fn connector(ca_file: Option<&str>, insecure: bool) -> Result<TlsConnector, String> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?;
-    let config = if replica.insecure_skip_verify {
+    let config = if insecure {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
@@ -53,7 +51,7 @@ pub fn connector(replica: &Replica) -> Result<TlsConnector, String> {
     } else {
         let mut roots = RootCertStore::empty();
         let (_added, _ignored) = roots.add_parsable_certificates(system_roots().iter().cloned());
-        if let Some(path) = &replica.ca_file {
+        if let Some(path) = ca_file {
             for cert in load_pem_certs(path)? {
                 roots
                     .add(cert)
@@ -123,63 +121,6 @@ impl ServerCertVerifier for NoVerify {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// A connection that is plain TCP (splice-capable, pollable) or TLS.
-pub enum MaybeTls<T> {
-    Plain(TcpStream),
-    Tls(Box<T>),
-}
-
-/// An upstream connection.
-pub type UpStream = MaybeTls<monoio_rustls::ClientTlsStream<TcpStream>>;
-/// A client connection.
-pub type ClientStream = MaybeTls<monoio_rustls::ServerTlsStream<TcpStream>>;
-
-impl<T: AsyncReadRent> AsyncReadRent for MaybeTls<T> {
-    async fn read<B: monoio::buf::IoBufMut>(&mut self, buf: B) -> BufResult<usize, B> {
-        match self {
-            MaybeTls::Plain(s) => s.read(buf).await,
-            MaybeTls::Tls(s) => s.read(buf).await,
-        }
-    }
-
-    async fn readv<B: monoio::buf::IoVecBufMut>(&mut self, buf: B) -> BufResult<usize, B> {
-        match self {
-            MaybeTls::Plain(s) => s.readv(buf).await,
-            MaybeTls::Tls(s) => s.readv(buf).await,
-        }
-    }
-}
-
-impl<T: AsyncWriteRent> AsyncWriteRent for MaybeTls<T> {
-    async fn write<B: monoio::buf::IoBuf>(&mut self, buf: B) -> BufResult<usize, B> {
-        match self {
-            MaybeTls::Plain(s) => s.write(buf).await,
-            MaybeTls::Tls(s) => s.write(buf).await,
-        }
-    }
-
-    async fn writev<B: monoio::buf::IoVecBuf>(&mut self, buf: B) -> BufResult<usize, B> {
-        match self {
-            MaybeTls::Plain(s) => s.writev(buf).await,
-            MaybeTls::Tls(s) => s.writev(buf).await,
-        }
-    }
-
-    async fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            MaybeTls::Plain(s) => s.flush().await,
-            MaybeTls::Tls(s) => s.flush().await,
-        }
-    }
-
-    async fn shutdown(&mut self) -> std::io::Result<()> {
-        match self {
-            MaybeTls::Plain(s) => s.shutdown().await,
-            MaybeTls::Tls(s) => s.shutdown().await,
-        }
     }
 }
 
