@@ -587,6 +587,60 @@ pub fn status_line(out: &mut Vec<u8>, status: u16) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// A response the proxy generates itself (errors, `/health`, `/ready`,
+/// metrics): the one writer of such heads, for every listener.
+pub struct Generated<'a> {
+    pub status: u16,
+    pub content_type: &'a str,
+    pub content_length: usize,
+    /// `Date` header value (RFC 9110 §6.6.1).
+    pub date: &'a str,
+    /// Extra headers (`X-Request-ID`, `Allow`, `Retry-After`, ...).
+    pub extra: &'a [(&'a str, &'a str)],
+    /// Keep the connection open; otherwise `Connection: close`.
+    pub keep_alive: bool,
+    /// An HTTP/1.0 client, told `Connection: keep-alive` when kept open.
+    pub http10: bool,
+}
+
+impl Generated<'_> {
+    /// Writes the complete head (status line to the blank line) into `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        status_line(out, self.status);
+        header(out, "Content-Type", self.content_type);
+        let mut len = [0u8; 20];
+        header(
+            out,
+            "Content-Length",
+            decimal(self.content_length as u64, &mut len),
+        );
+        header(out, "Date", self.date);
+        for (k, v) in self.extra {
+            header(out, k, v);
+        }
+        if !self.keep_alive {
+            header(out, "Connection", "close");
+        } else if self.http10 {
+            header(out, "Connection", "keep-alive");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// `v` in decimal, written into `buf`.
+fn decimal(mut v: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).unwrap_or("0")
+}
+
 /// Appends one `name: value` header line.
 pub fn header(out: &mut Vec<u8>, name: &str, value: &str) {
     out.extend_from_slice(name.as_bytes());

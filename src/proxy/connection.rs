@@ -363,21 +363,26 @@ impl WorkerGeneration {
         extra: &[(&str, &str)],
     ) -> bool {
         let keep = keep_alive && c.req.keep_alive && !self.core.draining.get();
-        head::status_line(&mut c.wbuf, status);
-        head::header(&mut c.wbuf, "Content-Type", content_type);
-        let mut len = itoa(body.len() as u64);
-        head::header(&mut c.wbuf, "Content-Length", &len);
-        self.core.date_header(&mut c.wbuf);
-        head::header(&mut c.wbuf, "X-Request-ID", &c.req.request_id);
-        for (k, v) in extra {
-            head::header(&mut c.wbuf, k, v);
-        }
-        connection_header(&mut c.wbuf, keep, c.req.http10);
-        c.wbuf.extend_from_slice(b"\r\n");
+        let mut headers = [("X-Request-ID", c.req.request_id.as_str()); 3];
+        debug_assert!(extra.len() <= 2, "at most two extra headers");
+        let n = extra.len().min(2) + 1;
+        headers[1..n].copy_from_slice(&extra[..n - 1]);
+        c.wbuf.clear();
+        self.core.with_date(|date| {
+            head::Generated {
+                status,
+                content_type,
+                content_length: body.len(),
+                date,
+                extra: &headers[..n],
+                keep_alive: keep,
+                http10: c.req.http10,
+            }
+            .write(&mut c.wbuf)
+        });
         if c.req.method() != Method::Head {
             c.wbuf.extend_from_slice(body);
         }
-        len.clear();
         let ok = write_all(
             &mut c.stream,
             &mut c.wbuf,

@@ -118,8 +118,9 @@ impl Worker {
         })
     }
 
-    /// Appends a `Date` header (RFC 9110 §6.6.1), formatted once a second.
-    pub fn date_header(&self, out: &mut Vec<u8>) {
+    /// Calls `f` with the current `Date` header value (RFC 9110 §6.6.1),
+    /// formatted at most once a second.
+    pub fn with_date<R>(&self, f: impl FnOnce(&str) -> R) -> R {
         let now = SystemTime::now();
         let secs = now
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -128,7 +129,12 @@ impl Worker {
         if cached.0 != secs || cached.1.is_empty() {
             *cached = (secs, httpdate::fmt_http_date(now));
         }
-        head::header(out, "Date", &cached.1);
+        f(&cached.1)
+    }
+
+    /// Appends a `Date` header line.
+    pub fn date_header(&self, out: &mut Vec<u8>) {
+        self.with_date(|d| head::header(out, "Date", d));
     }
 
     /// The worker for the current configuration generation; adopts a newly

@@ -3,6 +3,7 @@
 //! (they do on their next tick), merges them and renders Prometheus text.
 
 use crate::config::Level;
+use crate::http::head::Generated;
 use crate::log;
 use crate::metrics::{render::render, WorkerMetrics};
 use crate::shared::Process;
@@ -89,13 +90,19 @@ fn handle(mut s: TcpStream, shared: &Process) -> std::io::Result<()> {
     } else {
         (404, "text/plain", "not found; try /metrics\n".to_string())
     };
-    let reason = if status == 200 { "OK" } else { "Not Found" };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
+    let mut head = Vec::with_capacity(256);
+    Generated {
+        status,
+        content_type: ctype,
+        content_length: body.len(),
+        date: &httpdate::fmt_http_date(std::time::SystemTime::now()),
+        extra: &[],
+        keep_alive: false,
+        http10: false,
+    }
+    .write(&mut head);
     s.set_write_timeout(Some(left(deadline)?))?;
-    s.write_all(head.as_bytes())?;
+    s.write_all(&head)?;
     if method != "HEAD" {
         s.write_all(body.as_bytes())?;
     }
