@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! yatagarasu: a read-only S3 origin proxy that keeps serving when an S3
 //! endpoint dies. See README.md for the tour; `proxy.rs` reads top to bottom.
 

@@ -100,6 +100,7 @@ pub fn buffer_this_thread() {
     BUFFERED.with(|b| b.set(true));
 }
 
+/// Whether events at `level` are written.
 pub fn enabled(level: Level) -> bool {
     level_code(level) <= LEVEL.load(Ordering::Relaxed)
 }

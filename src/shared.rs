@@ -24,7 +24,9 @@ pub use crate::clock::now_ms;
 
 /// Probe verdicts stored in [`ReplicaState::probe`].
 pub const PROBE_UNKNOWN: u8 = 0;
+/// The last probe passed.
 pub const PROBE_OK: u8 = 1;
+/// The last probe failed.
 pub const PROBE_FAILED: u8 = 2;
 
 /// One replica as one configuration generation sees it (owned by the
@@ -32,12 +34,15 @@ pub const PROBE_FAILED: u8 = 2;
 /// breaker and probe verdict. Addressed by its id within the generation
 /// (index into `Generation::replicas`).
 pub struct ReplicaState {
+    /// Index of its bucket in the generation.
     pub bucket: usize,
+    /// Its resolved settings.
     pub config: Replica,
     /// TLS client for `https://` endpoints.
     pub tls: Option<monoio_rustls::TlsConnector>,
     /// Carried across generations while the replica's settings are unchanged.
     pub breaker: Arc<PublishedBreaker>,
+    /// The prober's last verdict (`PROBE_*`).
     pub probe: Arc<AtomicU8>,
     /// Stable id of `(bucket name, replica name)` for metrics.
     pub metric_id: usize,
@@ -66,7 +71,9 @@ pub struct WorkerStatus {
 /// Stable metric ids for bucket and replica names, across reloads. Only grows.
 #[derive(Default)]
 pub struct Registry {
+    /// Bucket names, by metric id.
     pub buckets: Vec<String>,
+    /// `(bucket, replica)` names, by metric id.
     pub replicas: Vec<(String, String)>,
 }
 
@@ -100,14 +107,21 @@ impl Registry {
 /// scrape and shutdown flags, the metric-name registry and the current
 /// configuration [`Generation`].
 pub struct Process {
+    /// The config file, re-read on SIGHUP.
     pub config_path: String,
+    /// One status per worker thread.
     pub workers: Vec<WorkerStatus>,
+    /// Bumped by each scrape; workers publish when they see it.
     pub scrape_generation: AtomicU64,
+    /// Set by SIGTERM/SIGINT.
     pub shutdown: AtomicBool,
     /// Bumped each time a new generation is installed.
     pub epoch: AtomicU64,
+    /// Reloads applied.
     pub reloads_ok: AtomicU64,
+    /// Reloads rejected.
     pub reloads_failed: AtomicU64,
+    /// Stable metric ids of bucket and replica names.
     pub registry: Mutex<Registry>,
     current: Mutex<Option<Arc<Generation>>>,
 }
@@ -115,9 +129,13 @@ pub struct Process {
 /// One configuration generation (immutable, shared by every thread through
 /// an `Arc`): the config, router and replicas. A reload builds the next one.
 pub struct Generation {
+    /// The process this generation belongs to.
     pub process: Arc<Process>,
+    /// The resolved configuration.
     pub config: Config,
+    /// Path prefix -> bucket.
     pub router: Router,
+    /// Every replica of every bucket, by replica id.
     pub replicas: Vec<ReplicaState>,
     /// `bucket_replicas[b]` = ids of bucket `b`'s replicas, in config order.
     pub bucket_replicas: Vec<Vec<usize>>,
@@ -200,6 +218,7 @@ impl Process {
         Ok(self.current())
     }
 
+    /// Requests being served now, over all workers.
     pub fn in_flight(&self) -> usize {
         self.workers
             .iter()
@@ -283,6 +302,7 @@ impl Generation {
         })
     }
 
+    /// Bucket `idx` of this generation.
     pub fn bucket(&self, idx: usize) -> &Bucket {
         &self.config.buckets[idx]
     }

@@ -7,7 +7,9 @@ use monoio::BufResult;
 
 /// A connection that is plain TCP (splice-capable, pollable) or TLS.
 pub enum MaybeTls<T> {
+    /// Plain TCP (splice-capable, pollable).
     Plain(TcpStream),
+    /// TLS over TCP.
     Tls(Box<T>),
 }
 

@@ -19,24 +19,35 @@ pub const DEFAULT_PATH: &str = "/etc/yatagarasu/config.yaml";
 pub const MAX_REPLICAS: usize = 32;
 
 #[derive(Debug, Clone)]
+/// The whole resolved configuration.
 pub struct Config {
+    /// `server:`.
     pub server: Server,
+    /// `buckets:`, in file order.
     pub buckets: Vec<Bucket>,
+    /// `metrics:`.
     pub metrics: Metrics,
+    /// `logging:`.
     pub logging: Logging,
 }
 
 #[derive(Debug, Clone)]
+/// `server:`, resolved.
 pub struct Server {
+    /// `server.address`: the listen address.
     pub address: SocketAddr,
+    /// `server.workers`: one pinned runtime per worker.
     pub workers: usize,
+    /// `server.idle_timeout_seconds`: idle keep-alive timeout; also bounds client writes.
     pub idle_timeout: Duration,
     /// A request head must be complete this long after its first byte.
     pub request_head_timeout: Duration,
     /// Open client connections allowed per process (split evenly across
     /// workers); more are refused at accept.
     pub max_connections: usize,
+    /// `server.shutdown_timeout_seconds`: drain bound on SIGTERM.
     pub shutdown_timeout: Duration,
+    /// `server.zero_copy`.
     pub zero_copy: ZeroCopy,
     /// `server.tls`: serve HTTPS with this certificate chain and key (PEM).
     pub tls: Option<ListenerTls>,
@@ -61,8 +72,11 @@ pub fn default_max_connections() -> usize {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+/// `server.tls`: the listener's certificate chain and key (PEM files).
 pub struct ListenerTls {
+    /// Certificate chain (PEM).
     pub cert_file: String,
+    /// Private key (PEM).
     pub key_file: String,
 }
 
@@ -86,6 +100,7 @@ impl ZeroCopy {
     /// Smallest body `auto` splices (from loadtest/results: see README).
     pub const AUTO_MIN_BYTES: u64 = 1024 * 1024;
 
+    /// Whether a Content-Length body of `body_bytes` is spliced.
     pub fn splice(self, body_bytes: u64) -> bool {
         match self {
             ZeroCopy::On => true,
@@ -96,20 +111,29 @@ impl ZeroCopy {
 }
 
 #[derive(Debug, Clone)]
+/// `metrics:`, resolved.
 pub struct Metrics {
+    /// Serve the Prometheus endpoint.
     pub enabled: bool,
+    /// Where it listens.
     pub address: SocketAddr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// Log level, most severe first.
 pub enum Level {
+    /// Errors only.
     Error,
+    /// Warnings and errors.
     Warn,
+    /// Access log and state changes (the default).
     Info,
+    /// Everything, including library events.
     Debug,
 }
 
 impl Level {
+    /// Parses `error|warn|warning|info|debug|trace` (any case).
     pub fn parse(s: &str) -> Option<Level> {
         match s.to_ascii_lowercase().as_str() {
             "error" => Some(Level::Error),
@@ -119,6 +143,7 @@ impl Level {
             _ => None,
         }
     }
+    /// The level as it appears in a log line.
     pub fn as_str(self) -> &'static str {
         match self {
             Level::Error => "ERROR",
@@ -133,31 +158,46 @@ impl Level {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// One `key=value` line per event.
     Text,
+    /// One JSON object per event.
     Json,
 }
 
 #[derive(Debug, Clone)]
+/// `logging:`, resolved.
 pub struct Logging {
+    /// `logging.level` (`RUST_LOG` overrides it).
     pub level: Level,
+    /// `logging.format`.
     pub format: LogFormat,
 }
 
 #[derive(Debug, Clone)]
+/// One bucket: a path prefix served from replicas of one S3 bucket.
 pub struct Bucket {
+    /// `buckets[].name`: used in logs and metric labels.
     pub name: String,
     /// Normalised: starts with `/`, no trailing `/` (the root prefix is `""`).
     pub path_prefix: String,
+    /// Its replicas, in config order (the plan orders them per request).
     pub replicas: Vec<Replica>,
+    /// `s3.circuit_breaker`, shared by the bucket's replicas.
     pub breaker: BreakerSettings,
+    /// `s3.health_check` (or the top-level default).
     pub health: HealthSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `s3.circuit_breaker`, resolved.
 pub struct BreakerSettings {
+    /// Consecutive failures (across cores) that open the breaker.
     pub failure_threshold: u32,
+    /// Successful trials that close a half-open breaker.
     pub success_threshold: u32,
+    /// How long an open breaker stays open before a trial.
     pub open_for: Duration,
+    /// Trials let through at once while half-open.
     pub half_open_requests: u32,
 }
 
@@ -173,10 +213,15 @@ impl Default for BreakerSettings {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+/// `health_check`, resolved.
 pub struct HealthSettings {
+    /// Probe this bucket's replicas.
     pub enabled: bool,
+    /// Time between probes.
     pub interval: Duration,
+    /// Time a probe may take.
     pub timeout: Duration,
+    /// Path probed with a signed HEAD, relative to the bucket.
     pub path: String,
 }
 
@@ -192,24 +237,38 @@ impl Default for HealthSettings {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a replica listens.
 pub struct Endpoint {
+    /// `https://`.
     pub tls: bool,
+    /// Host name or IP (IPv6 in brackets).
     pub host: String,
+    /// Port (the scheme's default when not given).
     pub port: u16,
     /// `Host` header value (port omitted when it is the scheme's default).
     pub authority: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+/// One replica of a bucket, with everything inherited resolved.
 pub struct Replica {
+    /// `replicas[].name`: used in logs and metric labels.
     pub name: String,
+    /// Where it listens.
     pub endpoint: Endpoint,
+    /// The S3 bucket name.
     pub bucket: String,
+    /// The region signed for.
     pub region: String,
+    /// Access key id.
     pub access_key: String,
+    /// Secret key.
     pub secret_key: String,
+    /// Lower is tried first.
     pub priority: u32,
+    /// Share of requests within its priority.
     pub weight: u32,
+    /// Connect + response head timeout, and body stall timeout.
     pub timeout: Duration,
     /// Virtual-hosted style (`bucket.host/key`) rather than path style (`host/bucket/key`).
     pub virtual_hosted: bool,

@@ -4,6 +4,10 @@
 //! ignored setting. Numbers and booleans also accept strings so that values
 //! produced by `${VAR}` expansion (always strings) deserialize.
 
+// The `Raw*` structs below are the YAML as written: each field is the key of
+// the same name, documented in the README's Configuration table.
+#![allow(missing_docs)]
+
 use super::{LogFormat, ZeroCopy};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
@@ -25,17 +29,23 @@ pub const DEFAULT_REGION: &str = "us-east-1";
 pub const DEFAULT_REPLICA_TIMEOUT_SECS: u64 = 30;
 /// `replicas[].priority` (lower is tried first).
 pub const DEFAULT_PRIORITY: u32 = 1;
-/// `replicas[].weight`, and its largest value.
+/// `replicas[].weight`.
 pub const DEFAULT_WEIGHT: u32 = 1;
+/// Largest `replicas[].weight`.
 pub const MAX_WEIGHT: u32 = 1_000_000;
-/// `circuit_breaker.*`.
+/// `circuit_breaker.failure_threshold`.
 pub const DEFAULT_FAILURE_THRESHOLD: u32 = 5;
+/// `circuit_breaker.success_threshold`.
 pub const DEFAULT_SUCCESS_THRESHOLD: u32 = 2;
+/// `circuit_breaker.timeout_seconds`.
 pub const DEFAULT_OPEN_SECS: u64 = 60;
+/// `circuit_breaker.half_open_requests`.
 pub const DEFAULT_HALF_OPEN_REQUESTS: u32 = 1;
-/// `health_check.*`.
+/// `health_check.interval_seconds`.
 pub const DEFAULT_HEALTH_INTERVAL_SECS: u64 = 10;
+/// `health_check.timeout_seconds`.
 pub const DEFAULT_HEALTH_TIMEOUT_SECS: u64 = 5;
+/// `health_check.path`.
 pub const DEFAULT_HEALTH_PATH: &str = "/";
 /// `metrics.port`.
 pub const DEFAULT_METRICS_PORT: u16 = 9090;

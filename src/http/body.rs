@@ -23,6 +23,7 @@ pub enum PumpError {
 }
 
 #[derive(Debug, Clone, Copy)]
+/// What a body pump did.
 pub struct Pumped {
     /// Payload bytes written to the client.
     pub sent: u64,
@@ -33,7 +34,9 @@ pub struct Pumped {
 /// Timeouts for one pump: upstream stall and client write.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
+    /// Longest wait for upstream bytes.
     pub upstream: Duration,
+    /// Longest wait for the client to take bytes.
     pub client: Duration,
 }
 

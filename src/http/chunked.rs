@@ -19,6 +19,7 @@ enum St {
 }
 
 #[derive(Debug, Clone)]
+/// Incremental chunked-body decoder (state kept across reads).
 pub struct ChunkedDecoder {
     st: St,
     size: u64,
@@ -42,10 +43,12 @@ pub struct Decoded {
     pub payload: usize,
     /// Input bytes consumed (less than the input only once `done`).
     pub consumed: usize,
+    /// The last chunk and trailers were read.
     pub done: bool,
 }
 
 impl ChunkedDecoder {
+    /// The last chunk and trailers were read.
     pub fn is_done(&self) -> bool {
         self.st == St::Done
     }

@@ -15,13 +15,18 @@ pub const MAX_RESPONSE_HEAD: usize = 32 * 1024;
 const MAX_HEADERS: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Request methods as the proxy tells them apart.
 pub enum Method {
+    /// `GET`.
     Get,
+    /// `HEAD`.
     Head,
+    /// Anything else (answered 405).
     Other,
 }
 
 impl Method {
+    /// The method name.
     pub fn as_str(self) -> &'static str {
         match self {
             Method::Get => "GET",
@@ -44,15 +49,21 @@ pub const FORWARDED_REQUEST_HEADERS: [&str; 6] = [
 /// The parts of a client request the proxy uses; reused across requests.
 #[derive(Debug, Default)]
 pub struct Request {
+    /// The method, once a head was parsed.
     pub method: Option<Method>,
+    /// The method as sent (for the access log).
     pub method_text: String,
+    /// The request target as sent (path and query).
     pub target: Vec<u8>,
+    /// An HTTP/1.0 request.
     pub http10: bool,
+    /// The client keeps the connection open after this request.
     pub keep_alive: bool,
     /// The request announced a body (`Content-Length` > 0 or
     /// `Transfer-Encoding`). Only accepted on methods answered with 405,
     /// and the connection is then closed: the body is never read.
     pub has_body: bool,
+    /// `X-Request-ID` from the client (if sane) or generated.
     pub request_id: String,
     /// `(index into FORWARDED_REQUEST_HEADERS, value)`.
     pub forwarded: Vec<(usize, String)>,
@@ -60,10 +71,12 @@ pub struct Request {
 }
 
 impl Request {
+    /// The method (`Other` before any head was parsed).
     pub fn method(&self) -> Method {
         self.method.unwrap_or(Method::Other)
     }
 
+    /// The value of the forwarded header at `name_idx` of [`FORWARDED_REQUEST_HEADERS`].
     pub fn header(&self, name_idx: usize) -> Option<&str> {
         self.forwarded
             .iter()
@@ -77,14 +90,18 @@ impl Request {
 pub enum HeadError {
     /// Not yet complete: read more.
     Partial,
+    /// A malformed head (400), with the reason.
     BadRequest(&'static str),
+    /// The request target is too long (414).
     UriTooLong,
+    /// The head is too large or has too many headers (431).
     HeadersTooLarge,
     /// The head was not complete within `request_head_timeout_seconds`.
     TimedOut,
 }
 
 impl HeadError {
+    /// The status code this refusal is answered with.
     pub fn status(self) -> u16 {
         match self {
             HeadError::Partial | HeadError::BadRequest(_) => 400,
@@ -345,7 +362,9 @@ fn trim(v: &[u8]) -> &[u8] {
 pub enum Framing {
     /// No body (HEAD, 204, 304, 1xx).
     None,
+    /// Exactly this many bytes.
     Length(u64),
+    /// Chunked transfer coding.
     Chunked,
     /// Read until the upstream closes.
     Close,
@@ -373,8 +392,11 @@ const FORWARDED_RESPONSE_HEADERS: [&str; 15] = [
 /// A single-range `Content-Range: bytes FIRST-LAST/TOTAL` (TOTAL may be `*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContentRange {
+    /// First byte offset.
     pub first: u64,
+    /// Last byte offset (inclusive).
     pub last: u64,
+    /// The representation's length, unless `*`.
     pub total: Option<u64>,
 }
 
@@ -410,9 +432,13 @@ pub fn parse_decimal(v: &[u8]) -> Option<u64> {
 /// The parts of an upstream response the proxy uses; reused across requests.
 #[derive(Debug, Default)]
 pub struct Response {
+    /// The status code (100-599).
     pub status: u16,
+    /// How the body is delimited (`None` until parsed).
     pub framing: Option<Framing>,
+    /// The upstream keeps the connection open after this response.
     pub keep_alive: bool,
+    /// The `ETag`, empty when absent.
     pub etag: String,
     /// A valid single-range `Content-Range`, if the response carried one.
     pub content_range: Option<ContentRange>,
@@ -425,6 +451,7 @@ pub struct Response {
 }
 
 impl Response {
+    /// How the body is delimited (read-to-close until parsed).
     pub fn framing(&self) -> Framing {
         self.framing.unwrap_or(Framing::Close)
     }
@@ -590,8 +617,11 @@ pub fn status_line(out: &mut Vec<u8>, status: u16) {
 /// A response the proxy generates itself (errors, `/health`, `/ready`,
 /// metrics): the one writer of such heads, for every listener.
 pub struct Generated<'a> {
+    /// The status code.
     pub status: u16,
+    /// `Content-Type`.
     pub content_type: &'a str,
+    /// `Content-Length` of the body that follows.
     pub content_length: usize,
     /// `Date` header value (RFC 9110 §6.6.1).
     pub date: &'a str,

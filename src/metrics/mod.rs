@@ -23,12 +23,16 @@ pub fn new_histogram() -> Histogram<u64> {
 /// Counters of one replica on one worker.
 #[derive(Clone)]
 pub struct ReplicaMetrics {
+    /// Requests sent to the replica.
     pub requests: u64,
+    /// Failures blamed on the replica, by reason label.
     pub failures: HashMap<&'static str, u64>,
     /// 5xx answers judged to follow the request, not the replica (not
     /// counted by the breaker), by reason.
     pub request_caused: HashMap<&'static str, u64>,
+    /// Bodies resumed from this replica.
     pub resumes: u64,
+    /// Upstream response-head latency (us).
     pub duration: Histogram<u64>,
 }
 
@@ -38,9 +42,13 @@ pub struct ReplicaMetrics {
 pub struct WorkerMetrics {
     /// `(bucket index or usize::MAX, method, status) -> count`.
     pub requests: HashMap<(usize, Method, u16), u64>,
+    /// Client request latency (us).
     pub request_duration: Histogram<u64>,
+    /// Upstream response-head latency over all replicas (us).
     pub upstream_duration: Histogram<u64>,
+    /// Payload bytes sent to clients.
     pub bytes_sent: u64,
+    /// Client connections accepted.
     pub connections_total: u64,
     /// Connections refused at accept because `server.max_connections` was reached.
     pub connections_refused: u64,
@@ -54,6 +62,7 @@ pub struct WorkerMetrics {
 }
 
 impl WorkerMetrics {
+    /// Empty metrics for `replicas` replica ids (grown on demand).
     pub fn new(replicas: usize) -> WorkerMetrics {
         WorkerMetrics {
             requests: HashMap::new(),
@@ -68,6 +77,7 @@ impl WorkerMetrics {
         }
     }
 
+    /// Records one finished client request.
     pub fn request(
         &mut self,
         bucket: Option<usize>,
@@ -98,6 +108,7 @@ impl WorkerMetrics {
         &mut self.replicas[id]
     }
 
+    /// Records one upstream attempt and its head latency.
     pub fn upstream(&mut self, replica: usize, micros: u64) {
         let _ = self.upstream_duration.record(micros.max(1));
         let r = self.replica(replica);
@@ -105,10 +116,12 @@ impl WorkerMetrics {
         let _ = r.duration.record(micros.max(1));
     }
 
+    /// Counts a failure blamed on the replica.
     pub fn replica_failure(&mut self, replica: usize, reason: &'static str) {
         *self.replica(replica).failures.entry(reason).or_insert(0) += 1;
     }
 
+    /// Counts a 5xx blamed on the request (see `upstream::blame`).
     pub fn request_caused(&mut self, replica: usize, reason: &'static str) {
         *self
             .replica(replica)
@@ -117,10 +130,12 @@ impl WorkerMetrics {
             .or_insert(0) += 1;
     }
 
+    /// Counts a request moved from replica `from` to `to`.
     pub fn failover(&mut self, from: usize, to: usize) {
         *self.failovers.entry((from, to)).or_insert(0) += 1;
     }
 
+    /// Counts a body resumed from `replica`.
     pub fn resume(&mut self, replica: usize) {
         self.replica(replica).resumes += 1;
     }

@@ -62,12 +62,14 @@ struct LocalBreaker {
 /// worker's thread, rebuilt on reload): breaker copies, replica selectors,
 /// signers and the upstream connection pool.
 pub struct WorkerGeneration {
+    /// The worker's index.
     pub id: usize,
     /// The configuration generation this state was built for.
     pub shared: Arc<Generation>,
     breakers: RefCell<Vec<LocalBreaker>>,
     selectors: RefCell<Vec<Selector>>,
     signers: Vec<Signer>,
+    /// This worker's upstream connections to this generation's replicas.
     pub pool: Pool,
     /// Per-core state that outlives generations.
     pub core: Rc<Worker>,
@@ -77,12 +79,16 @@ pub struct WorkerGeneration {
 /// by that thread): metrics, buffers, pipes, the drain flag, and its
 /// [`WorkerGeneration`] for the current generation.
 pub struct Worker {
+    /// The worker's index (its core and listener).
     pub id: usize,
+    /// Process-wide state.
     pub process: Arc<Process>,
     current: RefCell<Option<Rc<WorkerGeneration>>>,
     seen_epoch: Cell<u64>,
+    /// This worker's metrics, published on scrape.
     pub metrics: RefCell<WorkerMetrics>,
     rid_state: Cell<u64>,
+    /// Set once shutdown began: answer with `Connection: close`.
     pub draining: Cell<bool>,
     /// Empty pipes kept for splicing bodies.
     pipes: RefCell<Vec<body::SplicePipe>>,
@@ -97,6 +103,7 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// State for worker `id`, before any generation is adopted.
     pub fn new(id: usize, process: Arc<Process>) -> Rc<Worker> {
         let seed = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -234,6 +241,7 @@ impl Failure {
 }
 
 impl WorkerGeneration {
+    /// Builds this worker's state for generation `shared`.
     pub fn new(core: Rc<Worker>, shared: Arc<Generation>) -> WorkerGeneration {
         let breakers = shared
             .replicas

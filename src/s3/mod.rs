@@ -28,6 +28,7 @@ const SIGNED_HEADERS: &str = "host;x-amz-content-sha256;x-amz-date";
 const UNSIGNED: &str = "UNSIGNED-PAYLOAD";
 
 impl Signer {
+    /// A signer for one access key and region.
     pub fn new(access_key: &str, secret_key: &str, region: &str) -> Signer {
         Signer {
             access_key: access_key.to_string(),

@@ -20,8 +20,11 @@ fn blocking_pool() -> Box<DefaultThreadPool> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The event loop a worker runs.
 pub enum Choice {
+    /// io_uring (monoio's fusion driver).
     IoUring,
+    /// epoll (monoio's legacy driver).
     Epoll,
 }
 

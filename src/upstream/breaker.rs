@@ -18,9 +18,13 @@
 use crate::config::BreakerSettings;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Circuit breaker states.
 pub enum State {
+    /// Requests flow; failures are counted.
     Closed,
+    /// Requests are refused until the open period ends.
     Open,
+    /// A limited number of trial requests decide.
     HalfOpen,
 }
 
@@ -33,6 +37,7 @@ impl State {
             State::HalfOpen => 2,
         }
     }
+    /// Decodes a state from its packed code.
     pub fn from_code(c: u64) -> State {
         match c {
             1 => State::Open,
@@ -40,6 +45,7 @@ impl State {
             _ => State::Closed,
         }
     }
+    /// The state as shown in logs and `/ready`.
     pub fn as_str(self) -> &'static str {
         match self {
             State::Closed => "closed",
@@ -63,11 +69,14 @@ pub enum Admit {
 /// A state change, for publishing and logging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transition {
+    /// The state before.
     pub from: State,
+    /// The state after.
     pub to: State,
 }
 
 #[derive(Debug, Clone)]
+/// One replica's breaker on one core: the pure state machine.
 pub struct Breaker {
     failure_threshold: u32,
     success_threshold: u32,
@@ -81,6 +90,7 @@ pub struct Breaker {
 }
 
 impl Breaker {
+    /// A closed breaker with `s`'s thresholds.
     pub fn new(s: &BreakerSettings) -> Breaker {
         Breaker {
             failure_threshold: s.failure_threshold.max(1),
@@ -95,6 +105,7 @@ impl Breaker {
         }
     }
 
+    /// The current state.
     pub fn state(&self) -> State {
         self.state
     }

@@ -92,8 +92,11 @@ impl Cause {
 /// byte is retried once on a fresh connection).
 #[derive(Debug)]
 pub struct ExchangeError {
+    /// Why the exchange failed.
     pub cause: Cause,
+    /// What happened, for the log.
     pub detail: String,
+    /// Some response bytes had arrived.
     pub got_bytes: bool,
 }
 

@@ -35,6 +35,7 @@ const DNS_TTL: Duration = Duration::from_secs(30);
 
 /// One upstream HTTP/1.1 connection.
 pub struct UpConn {
+    /// The stream (plain or TLS).
     pub stream: UpStream,
     /// Bytes read but not yet consumed live in `buf[..len]`.
     pub buf: Vec<u8>,
@@ -76,6 +77,7 @@ pub fn has_pending_input(fd: RawFd) -> bool {
 type Resolved = (Vec<SocketAddr>, Instant);
 
 #[derive(Default)]
+/// Per-core keep-alive pool and resolver cache, per replica.
 pub struct Pool {
     idle: RefCell<Vec<Vec<UpConn>>>,
     /// Per replica: resolved addresses and when they were resolved.
@@ -83,6 +85,7 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// An empty pool for `replicas` replica ids.
     pub fn new(replicas: usize) -> Pool {
         Pool {
             idle: RefCell::new((0..replicas).map(|_| Vec::new()).collect()),

@@ -25,9 +25,11 @@ impl Default for Plan {
 }
 
 impl Plan {
+    /// The replicas, by index into the bucket, in order.
     pub fn as_slice(&self) -> &[u8] {
         &self.ids[..self.len]
     }
+    /// No replica is usable.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -40,6 +42,7 @@ impl Plan {
 }
 
 #[derive(Debug, Clone)]
+/// Plans replicas for one bucket on one core (smooth weighted round-robin).
 pub struct Selector {
     /// Replica indexes grouped by priority, best first; each group sorted by weight, heaviest first.
     groups: Vec<Vec<usize>>,

@@ -19,8 +19,11 @@ const GEN_MASK: u64 = (1 << (64 - GEN_SHIFT)) - 1;
 /// The published view of one replica's breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Published {
+    /// Bumped on every publication.
     pub generation: u32,
+    /// The published state.
     pub state: State,
+    /// When an open breaker may half-open (ms on the breaker clock).
     pub open_until: u64,
 }
 
@@ -36,10 +39,12 @@ pub struct PublishedBreaker {
 }
 
 impl PublishedBreaker {
+    /// A closed breaker.
     pub fn new() -> PublishedBreaker {
         PublishedBreaker::default()
     }
 
+    /// The published state, in one atomic load.
     pub fn load(&self) -> Published {
         unpack(self.word.load(Ordering::Acquire))
     }
