@@ -12,6 +12,10 @@
 //!   must stay far below a microsecond.
 //! - `pool_idle_check`: the `recv(MSG_PEEK)` every pooled connection gets
 //!   when taken (so stray bytes are never read as the next response).
+//! - `access_log/ours` vs `access_log/tracing_nonblocking`: one access-log
+//!   line through our per-worker buffered logger, against `tracing` with the
+//!   fmt subscriber and a non-blocking writer (both end in a sink; run with
+//!   `2>/dev/null`, our lines go to stderr when the buffer fills).
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use std::time::{Duration, SystemTime};
@@ -124,5 +128,63 @@ fn idle_check(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, sign, route, parse, select, metrics, idle_check);
+fn access_log(c: &mut Criterion) {
+    use yatagarasu::config::{Level, LogFormat};
+    yatagarasu::log::init(Level::Info, LogFormat::Text);
+    yatagarasu::log::buffer_this_thread();
+    let mut g = c.benchmark_group("access_log");
+    g.bench_function("ours", |b| {
+        b.iter(|| {
+            yatagarasu::log!(
+                Level::Info,
+                "request",
+                method = "GET",
+                path = black_box("/data/dir/object-1k.bin"),
+                status = 200,
+                bytes = 1024,
+                duration_ms = format_args!("{:.3}", 0.153),
+                bucket = "data",
+                replica = "primary",
+                request_id = "53ba56a855c3bbba",
+                worker = 0,
+            );
+        })
+    });
+    yatagarasu::log::flush();
+    let (writer, _guard) = tracing_appender::non_blocking(std::io::sink());
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        g.bench_function("tracing_nonblocking", |b| {
+            b.iter(|| {
+                tracing::info!(
+                    method = "GET",
+                    path = black_box("/data/dir/object-1k.bin"),
+                    status = 200,
+                    bytes = 1024,
+                    duration_ms = format_args!("{:.3}", 0.153),
+                    bucket = "data",
+                    replica = "primary",
+                    request_id = "53ba56a855c3bbba",
+                    worker = 0,
+                    "request"
+                );
+            })
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    sign,
+    route,
+    parse,
+    select,
+    metrics,
+    idle_check,
+    access_log
+);
 criterion_main!(benches);

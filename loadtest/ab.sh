@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# A/B of two yatagarasu binaries in one run: same nginx file origin, same
+# config, same wrk settings, alternating order, each proxy pinned to core 0
+# and wrk plus the origin to core 1. Reports requests/s and CPU us per
+# request (utime+stime from /proc) per object size; medians of ROUNDS.
+#
+#   bash loadtest/ab.sh <binary A> <binary B> [label A] [label B]
+#
+# Used to show that a refactor kept (or bettered) the figures of the binary
+# before it. Needs wrk and nginx (apt: wrk nginx-light).
+set -euo pipefail
+A=$1 B=$2 LA=${3:-A} LB=${4:-B}
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}
+SIZES=${SIZES:-"1k 64k"}
+WORK=$(mktemp -d)
+P_ORIGIN=18100 P_PROXY=18101
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+mkdir -p "$WORK/origin/data-bucket" "$WORK/logs"
+for s in $SIZES; do
+  case $s in 1k) n=1024;; 64k) n=65536;; 1m) n=1048576;; esac
+  head -c "$n" /dev/urandom >"$WORK/origin/data-bucket/obj-$s"
+done
+cat >"$WORK/origin.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $WORK/origin.pid;
+error_log $WORK/logs/origin-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  sendfile on; tcp_nopush on; tcp_nodelay on;
+  keepalive_requests 1000000; keepalive_timeout 120s;
+  server { listen 127.0.0.1:$P_ORIGIN; root $WORK/origin; }
+}
+CONF
+cat >"$WORK/proxy.yaml" <<CONF
+server:
+  address: "127.0.0.1:$P_PROXY"
+  workers: 1
+buckets:
+  - name: "bench"
+    path_prefix: "/data"
+    s3:
+      bucket: "data-bucket"
+      endpoint: "http://127.0.0.1:$P_ORIGIN"
+      access_key: "bench"
+      secret_key: "bench-secret"
+      health_check:
+        enabled: false
+metrics:
+  enabled: false
+CONF
+taskset -c 1 nginx -c "$WORK/origin.conf" -p "$WORK" &
+PIDS+=($!)
+sleep 0.5
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+run_one() { # binary size -> "rps us_per_req"
+  taskset -c 0 "$1" --config "$WORK/proxy.yaml" 2>"$WORK/logs/proxy.log" &
+  local pid=$!
+  for _ in $(seq 50); do curl -sf "http://127.0.0.1:$P_PROXY/health" >/dev/null 2>&1 && break; sleep 0.1; done
+  taskset -c 1 wrk -t1 -c32 -d1s "http://127.0.0.1:$P_PROXY/data/obj-$2" >/dev/null
+  local t0; t0=$(cpu_ticks "$pid")
+  local out; out=$(taskset -c 1 wrk -t1 -c32 -d"${DURATION}s" "http://127.0.0.1:$P_PROXY/data/obj-$2")
+  local t1; t1=$(cpu_ticks "$pid")
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  local reqs; reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+  local hz; hz=$(getconf CLK_TCK)
+  awk -v r="$reqs" -v d="$DURATION" -v t=$((t1 - t0)) -v hz="$hz" \
+    'BEGIN { printf "%.0f %.2f\n", r / d, (t / hz) * 1e6 / r }'
+}
+
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+echo "| object | $LA req/s | $LB req/s | $LA CPU us/req | $LB CPU us/req | CPU $LB/$LA |"
+echo "|---|---|---|---|---|---|"
+for s in $SIZES; do
+  : >"$WORK/a" ; : >"$WORK/b"
+  for r in $(seq "$ROUNDS"); do
+    if [ $((r % 2)) = 1 ]; then
+      run_one "$A" "$s" >>"$WORK/a"; run_one "$B" "$s" >>"$WORK/b"
+    else
+      run_one "$B" "$s" >>"$WORK/b"; run_one "$A" "$s" >>"$WORK/a"
+    fi
+  done
+  ra=$(cut -d' ' -f1 "$WORK/a" | median); rb=$(cut -d' ' -f1 "$WORK/b" | median)
+  ca=$(cut -d' ' -f2 "$WORK/a" | median); cb=$(cut -d' ' -f2 "$WORK/b" | median)
+  ratio=$(awk -v a="$ca" -v b="$cb" 'BEGIN { printf "%.2f", b / a }')
+  echo "| $s | $ra | $rb | $ca | $cb | ${ratio}x |"
+done
