@@ -177,14 +177,5 @@ fn access_log(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(
-    benches,
-    sign,
-    route,
-    parse,
-    select,
-    metrics,
-    idle_check,
-    access_log
-);
+criterion_group!(benches, sign, route, parse, select, metrics, idle_check, access_log);
 criterion_main!(benches);

@@ -62,6 +62,59 @@ pub struct RawConfig {
     /// Default health check for every bucket that does not set its own.
     #[serde(default)]
     pub health_check: Option<RawHealthCheck>,
+    /// The origin cache (checked; not yet available, see `cache`).
+    #[serde(default)]
+    pub cache: Option<RawCache>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub cache_layers: Option<Vec<String>>,
+    #[serde(default)]
+    pub memory: Option<RawCacheMemory>,
+    #[serde(default)]
+    pub disk: Option<RawCacheDisk>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub stale_if_error_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub slice_size_mb: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheMemory {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub max_cache_size_mb: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub max_item_size_mb: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub default_ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheDisk {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub cache_dir: Option<String>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub max_disk_cache_size_mb: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBucketCache {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub enabled: Option<bool>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub ttl_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub max_item_size_mb: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +152,8 @@ pub struct RawBucket {
     pub s3: RawS3,
     #[serde(default)]
     pub auth: Option<RawAuth>,
+    #[serde(default)]
+    pub cache: Option<RawBucketCache>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -136,13 +136,9 @@ impl WorkerGeneration {
             // 412 (the ETag changed) or another answer: not this body.
             self.release(rid, admit);
             c.give_response(a.resp);
-            log!(
-                Level::Warn,
-                "Replica cannot resume the body with the same ETag at the same offset",
-                bucket = self.shared.bucket(ctx.bucket).name,
-                replica = self.replica(rid).name,
-                request_id = c.req.request_id,
-            );
+            let msg = "Replica cannot resume the body";
+            let why = "not a 206 of the same ETag at the offset asked for";
+            self.log_replica(Level::Warn, msg, c, ctx, rid, why);
             return Continued::Refused;
         }
         self.record_answer(rid, admit);
@@ -193,9 +189,22 @@ impl WorkerGeneration {
     }
 
     fn log_unresumable(&self, c: &Client, ctx: &RequestCtx<'_>, rid: usize, why: &str) {
+        let msg = "Upstream failed mid-body; aborting the client connection";
+        self.log_replica(Level::Error, msg, c, ctx, rid, why);
+    }
+
+    fn log_replica(
+        &self,
+        level: Level,
+        msg: &str,
+        c: &Client,
+        ctx: &RequestCtx<'_>,
+        rid: usize,
+        why: &str,
+    ) {
         log!(
-            Level::Error,
-            "Upstream failed mid-body; aborting the client connection",
+            level,
+            msg,
             bucket = self.shared.bucket(ctx.bucket).name,
             replica = self.replica(rid).name,
             request_id = c.req.request_id,
