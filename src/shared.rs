@@ -12,6 +12,7 @@
 //! Everything read on the request path is read-mostly: atomics written on rare
 //! events (breaker transitions, probe results, reloads) or by their own worker.
 
+use crate::cache::store::MemoryStore;
 use crate::config::{self, Bucket, Config, Replica};
 use crate::metrics::WorkerMetrics;
 use crate::router::Router;
@@ -123,6 +124,8 @@ pub struct Process {
     pub reloads_failed: AtomicU64,
     /// Stable metric ids of bucket and replica names.
     pub registry: Mutex<Registry>,
+    /// The memory cache tier, when `cache.enabled` (kept across reloads).
+    pub cache: Option<MemoryStore>,
     current: Mutex<Option<Arc<Generation>>>,
 }
 
@@ -146,6 +149,10 @@ pub struct Generation {
 impl Process {
     /// Builds the process state and its first generation.
     pub fn start(config: Config, config_path: &str) -> Result<Arc<Process>, String> {
+        let cache = match config.cache.enabled {
+            true => Some(MemoryStore::new(config.cache.memory_bytes)?),
+            false => None,
+        };
         let process = Arc::new(Process {
             config_path: config_path.to_string(),
             workers: (0..config.server.workers)
@@ -157,6 +164,7 @@ impl Process {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             registry: Mutex::new(Registry::default()),
+            cache,
             current: Mutex::new(None),
         });
         let first = Generation::build(config, process.clone(), None)?;
@@ -210,12 +218,41 @@ impl Process {
         {
             errs.push("metrics cannot change on reload; restart instead".into());
         }
+        if old.config.cache != config.cache {
+            errs.push(
+                "cache cannot change on reload (bucket-level cache settings can); restart instead"
+                    .into(),
+            );
+        }
         if !errs.is_empty() {
             return Err(errs);
         }
+        self.drop_moved_buckets(&old.config, &config);
         let new = Generation::build(config, self.clone(), Some(&old)).map_err(|e| vec![e])?;
         self.install(new);
         Ok(self.current())
+    }
+
+    /// A bucket whose S3 location changed (replica endpoints or bucket
+    /// names) loses its cached entries: they may not be the same objects.
+    fn drop_moved_buckets(&self, old: &Config, new: &Config) {
+        let Some(store) = &self.cache else { return };
+        let location = |b: &config::Bucket| -> Vec<(String, String)> {
+            b.replicas
+                .iter()
+                .map(|r| (r.endpoint.authority.clone(), r.bucket.clone()))
+                .collect()
+        };
+        for b in &old.buckets {
+            let moved = new
+                .buckets
+                .iter()
+                .find(|n| n.name == b.name)
+                .is_none_or(|n| location(n) != location(b));
+            if moved {
+                store.remove_prefix(&crate::cache::store::bucket_prefix(&b.name));
+            }
+        }
     }
 
     /// Requests being served now, over all workers.

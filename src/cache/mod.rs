@@ -11,3 +11,4 @@
 //! configuration check rather than silently ignored.
 
 pub mod policy;
+pub mod store;

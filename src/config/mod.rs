@@ -29,6 +29,32 @@ pub struct Config {
     pub metrics: Metrics,
     /// `logging:`.
     pub logging: Logging,
+    /// `cache:`.
+    pub cache: CacheSettings,
+}
+
+/// `cache:`, resolved (the memory tier; see `crate::cache`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// `cache.enabled`: buckets cache unless they opt out.
+    pub enabled: bool,
+    /// `cache.memory.max_cache_size_mb`, in bytes.
+    pub memory_bytes: u64,
+    /// `cache.memory.max_item_size_mb`, in bytes: larger objects are not stored.
+    pub max_item_bytes: u64,
+    /// `cache.memory.default_ttl_seconds`: freshness when the origin says nothing.
+    pub default_ttl: Duration,
+}
+
+/// `buckets[].cache`, resolved against `cache:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketCache {
+    /// This bucket's objects are cached.
+    pub enabled: bool,
+    /// Freshness when the origin says nothing (`ttl_seconds`, else the default).
+    pub ttl: Duration,
+    /// Largest object stored (`max_item_size_mb`, else the default), in bytes.
+    pub max_item_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -186,6 +212,8 @@ pub struct Bucket {
     pub breaker: BreakerSettings,
     /// `s3.health_check` (or the top-level default).
     pub health: HealthSettings,
+    /// `cache` (or the top-level settings).
+    pub cache: BucketCache,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -47,6 +47,12 @@ pub const DEFAULT_HEALTH_INTERVAL_SECS: u64 = 10;
 pub const DEFAULT_HEALTH_TIMEOUT_SECS: u64 = 5;
 /// `health_check.path`.
 pub const DEFAULT_HEALTH_PATH: &str = "/";
+/// `cache.memory.max_cache_size_mb`.
+pub const DEFAULT_CACHE_MEMORY_MB: u64 = 1024;
+/// `cache.memory.max_item_size_mb`.
+pub const DEFAULT_CACHE_ITEM_MB: u64 = 10;
+/// `cache.memory.default_ttl_seconds`.
+pub const DEFAULT_CACHE_TTL_SECS: u64 = 3600;
 /// `metrics.port`.
 pub const DEFAULT_METRICS_PORT: u16 = 9090;
 
@@ -62,7 +68,7 @@ pub struct RawConfig {
     /// Default health check for every bucket that does not set its own.
     #[serde(default)]
     pub health_check: Option<RawHealthCheck>,
-    /// The origin cache (checked; not yet available, see `cache`).
+    /// The origin cache.
     #[serde(default)]
     pub cache: Option<RawCache>,
 }

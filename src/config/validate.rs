@@ -42,10 +42,8 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
     if raw.buckets.is_empty() {
         p.at("buckets", "at least one bucket is required");
     }
-    if let Some(c) = &raw.cache {
-        cache(c, &mut p);
-    }
-    let buckets = buckets(raw.buckets, raw.health_check.as_ref(), &mut p);
+    let cache = cache(raw.cache.as_ref(), &mut p);
+    let buckets = buckets(raw.buckets, raw.health_check.as_ref(), &cache, &mut p);
     let metrics = metrics(raw.metrics.as_ref(), server.address, &mut p);
     let logging = logging(raw.logging.as_ref(), &mut p);
     if p.0.is_empty() {
@@ -54,6 +52,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             buckets,
             metrics,
             logging,
+            cache,
         })
     } else {
         Err(p.0)
@@ -126,6 +125,7 @@ fn server(raw: &RawServer, p: &mut Problems) -> Server {
 fn buckets(
     raw: Vec<RawBucket>,
     default_health: Option<&RawHealthCheck>,
+    cache: &CacheSettings,
     p: &mut Problems,
 ) -> Vec<Bucket> {
     let mut prefixes: HashMap<String, usize> = HashMap::new();
@@ -158,9 +158,7 @@ fn buckets(
                 "client authentication is not supported by this proxy; set it to false",
             );
         }
-        if let Some(c) = &b.cache {
-            bucket_cache(c, &format!("{at}.cache"), p);
-        }
+        let bucket_cache = bucket_cache(b.cache.as_ref(), cache, &format!("{at}.cache"), p);
         let at3 = format!("{at}.s3");
         let s3 = &b.s3;
         let replicas = replicas(s3, &at3, p);
@@ -179,61 +177,62 @@ fn buckets(
             replicas,
             breaker,
             health,
+            cache: bucket_cache,
         });
     }
     out
 }
 
-/// Refuses `enabled: true` at `at` while the origin cache is not available.
-fn cache_not_available(enabled: Option<bool>, at: &str, p: &mut Problems) {
-    if enabled == Some(true) {
-        p.at(
-            &format!("{at}.enabled"),
-            "the origin cache is not available in this version yet; set it to false",
-        );
-    }
+/// Refuses a key of a cache feature that has not landed yet.
+fn not_yet(at: &str, what: &str, p: &mut Problems) {
+    p.at(
+        at,
+        format_args!("{what} is not available in this version yet; remove the key"),
+    );
 }
 
-/// `cache:`: every key checked, so a config written for the cache loads
-/// (disabled) or names its mistakes.
-fn cache(c: &RawCache, p: &mut Problems) {
-    cache_not_available(c.enabled, "cache", p);
-    let mut seen = Vec::new();
+const MIB: u64 = 1024 * 1024;
+
+/// `cache:`: the memory tier's settings. Keys of the parts still to come
+/// (disk tier, stale-if-error, slices) are refused, never ignored.
+fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
+    let mut out = CacheSettings {
+        enabled: false,
+        memory_bytes: DEFAULT_CACHE_MEMORY_MB * MIB,
+        max_item_bytes: DEFAULT_CACHE_ITEM_MB * MIB,
+        default_ttl: Duration::from_secs(DEFAULT_CACHE_TTL_SECS),
+    };
+    let Some(c) = raw else { return out };
+    out.enabled = c.enabled.unwrap_or(false);
     for (i, layer) in c.cache_layers.iter().flatten().enumerate() {
-        if layer != "memory" && layer != "disk" {
-            p.at(
-                &format!("cache.cache_layers[{i}]"),
-                format_args!("{layer:?} is not one of memory, disk"),
-            );
-        } else if seen.contains(&layer) {
-            p.at(
-                &format!("cache.cache_layers[{i}]"),
-                format_args!("{layer:?} is listed twice"),
-            );
+        let at = format!("cache.cache_layers[{i}]");
+        match layer.as_str() {
+            "memory" => {}
+            "disk" => not_yet(&at, "the disk tier", p),
+            other => p.at(&at, format_args!("{other:?} is not one of memory, disk")),
         }
-        seen.push(layer);
     }
     if let Some(m) = &c.memory {
-        for (v, key) in [
-            (m.max_cache_size_mb, "max_cache_size_mb"),
-            (m.max_item_size_mb, "max_item_size_mb"),
-            (m.default_ttl_seconds, "default_ttl_seconds"),
-        ] {
-            if let Some(v) = v {
-                p.positive(&format!("cache.memory.{key}"), v);
-            }
+        let mb = m.max_cache_size_mb.unwrap_or(DEFAULT_CACHE_MEMORY_MB);
+        let item = m.max_item_size_mb.unwrap_or(DEFAULT_CACHE_ITEM_MB);
+        let ttl = m.default_ttl_seconds.unwrap_or(DEFAULT_CACHE_TTL_SECS);
+        p.positive("cache.memory.max_cache_size_mb", mb);
+        p.positive("cache.memory.max_item_size_mb", item);
+        p.positive("cache.memory.default_ttl_seconds", ttl);
+        if item > mb {
+            p.at(
+                "cache.memory.max_item_size_mb",
+                "must not exceed max_cache_size_mb",
+            );
         }
-        if let (Some(item), Some(total)) = (m.max_item_size_mb, m.max_cache_size_mb) {
-            if item > total {
-                p.at(
-                    "cache.memory.max_item_size_mb",
-                    "must not exceed max_cache_size_mb",
-                );
-            }
-        }
+        out.memory_bytes = mb.max(1) * MIB;
+        out.max_item_bytes = item.max(1) * MIB;
+        out.default_ttl = Duration::from_secs(ttl.max(1));
     }
     if let Some(d) = &c.disk {
-        cache_not_available(d.enabled, "cache.disk", p);
+        if d.enabled == Some(true) {
+            not_yet("cache.disk.enabled", "the disk tier", p);
+        }
         if d.enabled == Some(true) && d.cache_dir.as_deref().is_none_or(|s| s.trim().is_empty()) {
             p.at(
                 "cache.disk.cache_dir",
@@ -244,22 +243,41 @@ fn cache(c: &RawCache, p: &mut Problems) {
             p.positive("cache.disk.max_disk_cache_size_mb", v);
         }
     }
-    if let Some(v) = c.slice_size_mb {
-        p.positive("cache.slice_size_mb", v);
+    if c.stale_if_error_seconds.is_some() {
+        not_yet("cache.stale_if_error_seconds", "serving stale copies", p);
     }
+    if c.slice_size_mb.is_some() {
+        not_yet("cache.slice_size_mb", "caching large objects by slices", p);
+    }
+    out
 }
 
-/// `buckets[].cache`.
-fn bucket_cache(c: &RawBucketCache, at: &str, p: &mut Problems) {
-    cache_not_available(c.enabled, at, p);
-    for (v, key) in [
-        (c.ttl_seconds, "ttl_seconds"),
-        (c.max_item_size_mb, "max_item_size_mb"),
-    ] {
-        if let Some(v) = v {
-            p.positive(&format!("{at}.{key}"), v);
-        }
+/// `buckets[].cache`, resolved against the top-level settings.
+fn bucket_cache(
+    raw: Option<&RawBucketCache>,
+    top: &CacheSettings,
+    at: &str,
+    p: &mut Problems,
+) -> BucketCache {
+    let mut out = BucketCache {
+        enabled: top.enabled,
+        ttl: top.default_ttl,
+        max_item_bytes: top.max_item_bytes,
+    };
+    let Some(c) = raw else { return out };
+    if c.enabled == Some(true) && !top.enabled {
+        p.at(&format!("{at}.enabled"), "needs cache.enabled: true");
     }
+    out.enabled = top.enabled && c.enabled.unwrap_or(true);
+    if let Some(v) = c.ttl_seconds {
+        p.positive(&format!("{at}.ttl_seconds"), v);
+        out.ttl = Duration::from_secs(v.max(1));
+    }
+    if let Some(v) = c.max_item_size_mb {
+        p.positive(&format!("{at}.max_item_size_mb"), v);
+        out.max_item_bytes = v.max(1) * MIB;
+    }
+    out
 }
 
 fn path_prefix(raw: &str, at: &str, p: &mut Problems) -> String {

@@ -44,7 +44,21 @@ fn upstream_error(e: &std::io::Error) -> Cause {
     Cause::of_io(e)
 }
 
-/// Streams exactly `remaining` bytes; `buf[start..]` already holds the first ones.
+/// Receives a copy of every body byte a pump sends (a cache fill), each
+/// piece before it is written to the client.
+pub trait Tee {
+    /// The next bytes of the body.
+    fn push(&mut self, bytes: &[u8]);
+}
+
+impl Tee for Vec<u8> {
+    fn push(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// Streams exactly `remaining` bytes; `buf[start..]` already holds the first
+/// ones. Every byte sent is also given to `tee` when there is one.
 pub async fn length<U, C>(
     up: &mut U,
     buf: &mut Vec<u8>,
@@ -52,6 +66,7 @@ pub async fn length<U, C>(
     mut remaining: u64,
     client: &mut C,
     t: Timeouts,
+    mut tee: Option<&mut dyn Tee>,
 ) -> Result<Pumped, (PumpError, u64)>
 where
     U: AsyncReadRent,
@@ -69,6 +84,9 @@ where
         }
         let n = buf.len() - from;
         if n > 0 {
+            if let Some(copy) = tee.as_deref_mut() {
+                copy.push(&buf[from..from + n]);
+            }
             if write_range(client, buf, from, from + n, t.client)
                 .await
                 .is_err()
@@ -431,7 +449,7 @@ mod tests {
             for write_max in [1, 7, 1000] {
                 let mut up = Scripted::split(&body, &[cut]);
                 let mut client = Sink::new(write_max);
-                let p = run(length(&mut up, &mut buf(), 0, 40, &mut client, T)).unwrap();
+                let p = run(length(&mut up, &mut buf(), 0, 40, &mut client, T, None)).unwrap();
                 assert_eq!((p.sent, p.reusable), (40, true));
                 assert_eq!(client.out, body, "cut {cut}");
             }
@@ -442,7 +460,7 @@ mod tests {
     fn length_never_forwards_bytes_past_the_length_and_marks_the_connection() {
         let mut up = Scripted::split(b"abcdefEXTRA", &[3]);
         let mut client = Sink::new(1000);
-        let p = run(length(&mut up, &mut buf(), 0, 6, &mut client, T)).unwrap();
+        let p = run(length(&mut up, &mut buf(), 0, 6, &mut client, T, None)).unwrap();
         assert_eq!(client.out, b"abcdef");
         assert!(!p.reusable);
     }
@@ -466,7 +484,7 @@ mod tests {
         for (events, want) in cases {
             let mut up = Scripted(events.into());
             let mut client = Sink::new(1000);
-            match run(length(&mut up, &mut buf(), 0, 10, &mut client, T)) {
+            match run(length(&mut up, &mut buf(), 0, 10, &mut client, T, None)) {
                 Err((PumpError::Upstream(c), 3)) => assert_eq!(c, want),
                 other => panic!("{want:?}: {other:?}"),
             }
@@ -479,7 +497,7 @@ mod tests {
         let mut up = Scripted::split(b"abcdef", &[3]);
         let mut client = Sink::new(3);
         client.fail_after = 3;
-        match run(length(&mut up, &mut buf(), 0, 6, &mut client, T)) {
+        match run(length(&mut up, &mut buf(), 0, 6, &mut client, T, None)) {
             Err((PumpError::Client, 3)) => {}
             other => panic!("{other:?}"),
         }

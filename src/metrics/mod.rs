@@ -57,6 +57,10 @@ pub struct WorkerMetrics {
     pub head_timeouts: u64,
     /// Indexed by global replica id.
     pub replicas: Vec<ReplicaMetrics>,
+    /// `(bucket metric id, result) -> count` of cache lookups.
+    pub cache: HashMap<(usize, &'static str), u64>,
+    /// Bucket metric id -> body bytes served from the cache.
+    pub cache_saved: HashMap<usize, u64>,
     /// `(from replica id, to replica id) -> count`.
     pub failovers: HashMap<(usize, usize), u64>,
 }
@@ -74,6 +78,8 @@ impl WorkerMetrics {
             head_timeouts: 0,
             replicas: Vec::with_capacity(replicas),
             failovers: HashMap::new(),
+            cache: HashMap::new(),
+            cache_saved: HashMap::new(),
         }
     }
 
@@ -130,6 +136,16 @@ impl WorkerMetrics {
             .or_insert(0) += 1;
     }
 
+    /// Counts a cache lookup of bucket `bucket` by result (hit, miss, bypass).
+    pub fn cache(&mut self, bucket: usize, result: &'static str) {
+        *self.cache.entry((bucket, result)).or_insert(0) += 1;
+    }
+
+    /// Counts body bytes served from the cache instead of an upstream GET.
+    pub fn cache_saved(&mut self, bucket: usize, bytes: u64) {
+        *self.cache_saved.entry(bucket).or_insert(0) += bytes;
+    }
+
     /// Counts a request moved from replica `from` to `to`.
     pub fn failover(&mut self, from: usize, to: usize) {
         *self.failovers.entry((from, to)).or_insert(0) += 1;
@@ -165,6 +181,12 @@ impl WorkerMetrics {
         }
         for (k, v) in &other.failovers {
             *self.failovers.entry(*k).or_insert(0) += v;
+        }
+        for (k, v) in &other.cache {
+            *self.cache.entry(*k).or_insert(0) += v;
+        }
+        for (k, v) in &other.cache_saved {
+            *self.cache_saved.entry(*k).or_insert(0) += v;
         }
     }
 }

@@ -127,6 +127,7 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
         MetricType::COUNTER,
         metrics,
     ));
+    cache_families(shared, merged, &bucket_name, &mut families);
     families.push(family(
         "yatagarasu_request_duration_seconds",
         "Time from request head to last response byte.",
@@ -294,4 +295,59 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
         return String::from("# metrics encoding failed\n");
     }
     String::from_utf8(out).unwrap_or_default()
+}
+
+/// The origin cache's families (only when the cache is enabled).
+fn cache_families<'n>(
+    shared: &Generation,
+    merged: &WorkerMetrics,
+    bucket_name: &dyn Fn(usize) -> &'n str,
+    families: &mut Vec<MetricFamily>,
+) {
+    let Some(store) = shared.process.cache.as_ref() else {
+        return;
+    };
+    let mut results: Vec<_> = merged.cache.iter().collect();
+    results.sort();
+    let requests = results
+        .into_iter()
+        .map(|((b, r), v)| counter(&[("bucket", bucket_name(*b)), ("result", r)], *v as f64))
+        .collect();
+    families.push(family(
+        "yatagarasu_cache_requests_total",
+        "Cache lookups by bucket and result (hit, miss, bypass).",
+        MetricType::COUNTER,
+        requests,
+    ));
+    let mut saved: Vec<_> = merged.cache_saved.iter().collect();
+    saved.sort();
+    let saved = saved
+        .into_iter()
+        .map(|(b, v)| counter(&[("bucket", bucket_name(*b))], *v as f64))
+        .collect();
+    families.push(family(
+        "yatagarasu_cache_upstream_bytes_saved_total",
+        "Body bytes served from the cache instead of an upstream GET.",
+        MetricType::COUNTER,
+        saved,
+    ));
+    let memory = [("layer", "memory")];
+    families.push(family(
+        "yatagarasu_cache_bytes",
+        "Bytes held by each cache layer.",
+        MetricType::GAUGE,
+        vec![gauge(&memory, store.bytes() as f64)],
+    ));
+    families.push(family(
+        "yatagarasu_cache_items",
+        "Objects held by each cache layer.",
+        MetricType::GAUGE,
+        vec![gauge(&memory, store.items() as f64)],
+    ));
+    families.push(family(
+        "yatagarasu_cache_evictions_total",
+        "Objects evicted from each cache layer.",
+        MetricType::COUNTER,
+        vec![counter(&memory, store.evictions() as f64)],
+    ));
 }

@@ -107,6 +107,7 @@ impl WorkerGeneration {
             upath: String::new(),
             opath: String::new(),
             query: String::new(),
+            cache: cache::CacheUse::Off,
         };
         self.connection(&mut c).await;
         self.give_read_buf(std::mem::take(&mut c.rbuf));
@@ -325,7 +326,9 @@ impl WorkerGeneration {
 
     pub(super) fn finish(&self, c: &Client, o: &Outcome, started: Instant) {
         let micros = started.elapsed().as_micros() as u64;
-        let bucket = o.replica.map(|r| self.shared.replicas[r].bucket);
+        let bucket = o
+            .bucket
+            .or_else(|| o.replica.map(|r| self.shared.replicas[r].bucket));
         let bucket_metric = bucket.map(|b| self.shared.bucket_metric[b]);
         self.core.metrics.borrow_mut().request(
             bucket_metric,
@@ -408,6 +411,7 @@ impl WorkerGeneration {
             keep_alive,
             abort: false,
             replica: None,
+            bucket: None,
         }
     }
 }

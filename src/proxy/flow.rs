@@ -1,8 +1,8 @@
-//! The request flow, top to bottom: `handle` routes a request, plans its
-//! replicas, tries them in order and relays the first answer; when nothing
-//! answers, `all_failed` (502) or `all_open` (503 + `Retry-After`) says so.
-//! The cache and authentication steps are to be inserted in `handle`, before
-//! `plan` (authentication before any lookup).
+//! The request flow, top to bottom: `handle` routes a request, looks it up
+//! in the cache (`cache.rs`), plans its replicas, tries them in order and
+//! relays the first answer; when nothing answers, `all_failed` (502) or
+//! `all_open` (503 + `Retry-After`) says so. Authentication is to come
+//! before the cache lookup.
 
 use super::*;
 
@@ -77,7 +77,10 @@ impl WorkerGeneration {
         let mut encoded = std::mem::take(&mut c.upath);
         encoded.clear();
         router::encode_key(key, &mut encoded);
-        let o = self.proxy(c, bucket, &encoded).await;
+        let o = match self.cache_lookup(c, bucket, &encoded) {
+            Some(copy) => self.serve_cached(c, bucket, &copy).await,
+            None => self.proxy(c, bucket, &encoded).await,
+        };
         c.upath = encoded;
         o
     }

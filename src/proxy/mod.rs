@@ -36,6 +36,7 @@ use crate::upstream::client::{self as upclient, Cause};
 
 mod attempt;
 mod breakers;
+mod cache;
 mod connection;
 mod flow;
 mod relay;
@@ -177,6 +178,8 @@ struct Client {
     opath: String,
     /// The query forwarded upstream (`partNumber`, `versionId`), canonical.
     query: String,
+    /// What the cache does for the current request.
+    cache: cache::CacheUse,
 }
 
 /// How a request ended, for the access log and metrics.
@@ -187,7 +190,10 @@ struct Outcome {
     /// The body was cut short: reset the connection (SO_LINGER 0) so the
     /// client sees an abort, never a clean end of a short body.
     abort: bool,
+    /// The replica that answered, if any.
     replica: Option<usize>,
+    /// The bucket, when no replica was involved (a cache hit).
+    bucket: Option<usize>,
 }
 
 /// A replica's final response, classified as an answer: the connection it

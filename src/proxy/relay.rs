@@ -24,6 +24,7 @@ impl WorkerGeneration {
             client: self.shared.config.server.idle_timeout,
         };
         let (mut out, start) = self.head_for_client(c, &answer);
+        let mut fill = self.fill_start(c, &answer, start);
         if write_all(&mut c.stream, &mut c.wbuf, timeouts.client)
             .await
             .is_err()
@@ -32,8 +33,17 @@ impl WorkerGeneration {
             c.give_response(answer.resp);
             return out;
         }
+        let tee = fill.as_mut().map(|f| f as &mut dyn body::Tee);
         let pumped = self
-            .pump(c, &mut answer.conn, framing, start, out.bytes, timeouts)
+            .pump(
+                c,
+                &mut answer.conn,
+                framing,
+                start,
+                out.bytes,
+                timeouts,
+                tee,
+            )
             .await;
         match pumped {
             Ok(p) => {
@@ -85,6 +95,9 @@ impl WorkerGeneration {
             self.core.date_header(w);
         }
         head::header(w, "X-Request-ID", &c.req.request_id);
+        if let Some(x) = c.cache.x_cache() {
+            head::header(w, "X-Cache", x);
+        }
         if delimited_by_us && rechunk {
             head::header(w, "Transfer-Encoding", "chunked");
         }
@@ -96,6 +109,7 @@ impl WorkerGeneration {
             keep_alive: keep,
             abort: false,
             replica: Some(answer.rid),
+            bucket: None,
         };
         let mut start = answer.head_len;
         if let Framing::Length(len) = framing {
@@ -111,7 +125,9 @@ impl WorkerGeneration {
     }
 
     /// Moves the body with the pump its framing needs; `already` bytes of a
-    /// Content-Length body went out with the head.
+    /// Content-Length body went out with the head. A cache fill (`tee`) is
+    /// copied, never spliced.
+    #[allow(clippy::too_many_arguments)]
     async fn pump(
         &self,
         c: &mut Client,
@@ -120,6 +136,7 @@ impl WorkerGeneration {
         start: usize,
         already: u64,
         timeouts: Timeouts,
+        tee: Option<&mut dyn body::Tee>,
     ) -> Result<Pumped, (PumpError, u64)> {
         let rechunk = !c.req.http10;
         let t = timeouts;
@@ -130,14 +147,14 @@ impl WorkerGeneration {
             }),
             Framing::Length(len) => {
                 let remaining = len - already;
-                let splice = self.shared.config.server.zero_copy.splice(remaining);
+                let splice = tee.is_none() && self.shared.config.server.zero_copy.splice(remaining);
                 match (splice, &mut c.stream) {
                     (true, MaybeTls::Plain(client)) => {
                         self.splice_body(conn, start, remaining, client, t).await
                     }
                     (_, client) => {
-                        body::length(&mut conn.stream, &mut conn.buf, start, remaining, client, t)
-                            .await
+                        let (up, buf) = (&mut conn.stream, &mut conn.buf);
+                        body::length(up, buf, start, remaining, client, t, tee).await
                     }
                 }
             }
@@ -187,6 +204,7 @@ impl WorkerGeneration {
                 remaining - buffered as u64,
                 client,
                 t,
+                None,
             )
             .await
             .map(|p| Pumped {

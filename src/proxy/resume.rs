@@ -144,7 +144,8 @@ impl WorkerGeneration {
         self.record_answer(rid, admit);
         self.core.metrics.borrow_mut().resume(self.mid(rid));
         let (up, buf) = (&mut a.conn.stream, &mut a.conn.buf);
-        let pumped = body::length(up, buf, a.head_len, remaining, &mut c.stream, timeouts).await;
+        let client = &mut c.stream;
+        let pumped = body::length(up, buf, a.head_len, remaining, client, timeouts, None).await;
         let result = match pumped {
             Ok(p) => {
                 if upclient::reusable(&a.resp, &a.conn, a.head_len, p.reusable) {

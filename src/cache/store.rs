@@ -1,0 +1,189 @@
+//! The memory tier: one copy of each object per process, shared by every
+//! worker, bounded by bytes.
+//!
+//! Backed by `quick_cache`'s sharded cache: admission and eviction are
+//! scan-resistant (hot and cold queues with ghost entries, in the S3-FIFO /
+//! CLOCK-Pro family), a lookup takes one shard's lock for the time of a hash
+//! probe and an `Arc` clone, and no lock is ever held across I/O: a hit hands
+//! the worker an `Arc<Object>` whose body is `Bytes`, written to the socket
+//! without copying.
+
+use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// One stored response (a 200 to a GET).
+#[derive(Debug)]
+pub struct Object {
+    /// When it was stored (our clock).
+    pub stored_at: SystemTime,
+    /// How long it is fresh from `stored_at` (see `policy::freshness`).
+    pub fresh_for: Duration,
+    /// Its `ETag` (may be empty).
+    pub etag: String,
+    /// Its `Last-Modified`, if any.
+    pub last_modified: Option<String>,
+    /// Headers relayed with it, `Name: value\r\n` each, without
+    /// `Content-Length` (computed per answer: whole or a range).
+    pub headers: String,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// Weighs an entry by the memory it holds.
+#[derive(Clone)]
+struct ByBytes;
+
+/// Fixed cost of an entry beyond its key, headers and body.
+const ENTRY_OVERHEAD: u64 = 160;
+
+impl quick_cache::Weighter<String, Arc<Object>> for ByBytes {
+    fn weight(&self, key: &String, o: &Arc<Object>) -> u64 {
+        ENTRY_OVERHEAD
+            + key.len() as u64
+            + o.headers.len() as u64
+            + o.etag.len() as u64
+            + o.body.len() as u64
+    }
+}
+
+/// Counts evictions for `yatagarasu_cache_evictions_total`.
+#[derive(Clone, Default)]
+struct CountEvictions(Arc<AtomicU64>);
+
+impl quick_cache::Lifecycle<String, Arc<Object>> for CountEvictions {
+    type RequestState = ();
+
+    fn begin_request(&self) -> Self::RequestState {}
+
+    fn on_evict(&self, _state: &mut (), _key: String, _val: Arc<Object>) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+type Inner = quick_cache::sync::Cache<
+    String,
+    Arc<Object>,
+    ByBytes,
+    quick_cache::DefaultHashBuilder,
+    CountEvictions,
+>;
+
+/// The process-wide memory tier.
+pub struct MemoryStore {
+    inner: Inner,
+    evictions: Arc<AtomicU64>,
+}
+
+impl MemoryStore {
+    /// A store of at most `max_bytes` (keys, headers and bodies).
+    pub fn new(max_bytes: u64) -> Result<MemoryStore, String> {
+        let lifecycle = CountEvictions::default();
+        let evictions = lifecycle.0.clone();
+        // Sized for 64 KiB objects on average; the weight bound is what limits.
+        let items = (max_bytes / (64 * 1024)).clamp(64, 1 << 20) as usize;
+        let options = quick_cache::OptionsBuilder::new()
+            .estimated_items_capacity(items)
+            .weight_capacity(max_bytes)
+            .build()
+            .map_err(|e| format!("memory cache: {e:?}"))?;
+        Ok(MemoryStore {
+            inner: Inner::with_options(options, ByBytes, Default::default(), lifecycle),
+            evictions,
+        })
+    }
+
+    /// The stored object under `key`.
+    pub fn get(&self, key: &str) -> Option<Arc<Object>> {
+        self.inner.get(key)
+    }
+
+    /// Stores (or replaces) `key`.
+    pub fn insert(&self, key: String, object: Object) {
+        self.inner.insert(key, Arc::new(object));
+    }
+
+    /// Drops every entry whose key starts with `prefix` (a bucket's).
+    pub fn remove_prefix(&self, prefix: &str) {
+        self.inner.retain(|k, _| !k.starts_with(prefix));
+    }
+
+    /// Bytes held (keys, headers, bodies and per-entry overhead).
+    pub fn bytes(&self) -> u64 {
+        self.inner.weight()
+    }
+
+    /// Entries held.
+    pub fn items(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// Entries evicted so far.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+}
+
+/// The cache key of an object: bucket name, encoded key and forwarded query
+/// (`versionId`, `partNumber`), NUL-separated (none of them holds a NUL).
+pub fn key(bucket: &str, encoded_key: &str, query: &str) -> String {
+    let mut k = String::with_capacity(bucket.len() + encoded_key.len() + query.len() + 2);
+    for part in [bucket, "\0", encoded_key, "\0", query] {
+        k.push_str(part);
+    }
+    k
+}
+
+/// The prefix of every key of `bucket`.
+pub fn bucket_prefix(bucket: &str) -> String {
+    format!("{bucket}\0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(len: usize) -> Object {
+        Object {
+            stored_at: SystemTime::UNIX_EPOCH,
+            fresh_for: Duration::from_secs(60),
+            etag: "\"e\"".into(),
+            last_modified: None,
+            headers: String::new(),
+            body: Bytes::from(vec![7u8; len]),
+        }
+    }
+
+    #[test]
+    fn bounded_by_bytes_and_counts_evictions() {
+        let store = MemoryStore::new(1024 * 1024).unwrap();
+        for i in 0..200 {
+            store.insert(key("b", &format!("k{i}"), ""), object(16 * 1024));
+        }
+        assert!(store.bytes() <= 1024 * 1024, "{}", store.bytes());
+        assert!(store.items() < 200);
+        assert!(store.evictions() > 0);
+    }
+
+    #[test]
+    fn keys_separate_buckets_versions_and_parts() {
+        let store = MemoryStore::new(1024 * 1024).unwrap();
+        store.insert(key("a", "k", ""), object(1));
+        store.insert(key("a", "k", "versionId=2"), object(2));
+        store.insert(key("ab", "k", ""), object(3));
+        assert_eq!(store.get(&key("a", "k", "")).map(|o| o.body.len()), Some(1));
+        assert_eq!(
+            store
+                .get(&key("a", "k", "versionId=2"))
+                .map(|o| o.body.len()),
+            Some(2)
+        );
+        store.remove_prefix(&bucket_prefix("a"));
+        assert!(store.get(&key("a", "k", "")).is_none());
+        assert_eq!(
+            store.get(&key("ab", "k", "")).map(|o| o.body.len()),
+            Some(3)
+        );
+    }
+}

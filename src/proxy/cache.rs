@@ -1,0 +1,318 @@
+//! Step "cache": after routing, before planning replicas. A fresh stored
+//! copy answers the request itself (whole, a single range, 304 to a
+//! conditional, HEAD); otherwise the request goes upstream, and a cacheable
+//! 200 to a plain GET is copied while it is relayed and stored once complete
+//! ("fill"). Responses carry `X-Cache: HIT | MISS | BYPASS` and, from the
+//! cache, `Age`. The decisions are `crate::cache::policy`'s.
+//!
+//! Not yet: collapsed forwarding (concurrent misses each go upstream),
+//! revalidation of expired copies (they are fetched again), stale-if-error,
+//! the disk tier and slices.
+
+use super::*;
+use crate::cache::policy::{self, Precondition, RangeAnswer};
+use crate::cache::store::{self, Object};
+use crate::http::body::Tee as _;
+use bytes::Bytes;
+
+/// Index of each header in [`FORWARDED_REQUEST_HEADERS`].
+const RANGE: usize = 0;
+const IF_MATCH: usize = 1;
+const IF_NONE_MATCH: usize = 2;
+const IF_MODIFIED_SINCE: usize = 3;
+const IF_UNMODIFIED_SINCE: usize = 4;
+const IF_RANGE: usize = 5;
+
+/// Headers a 304 from the cache carries (RFC 9110 §15.4.5).
+const NOT_MODIFIED_HEADERS: [&str; 6] = [
+    "etag",
+    "last-modified",
+    "cache-control",
+    "expires",
+    "date",
+    "vary",
+];
+
+/// What the cache does for one request.
+#[derive(Debug, Clone)]
+pub(super) enum CacheUse {
+    /// The bucket does not cache: nothing is added to the response.
+    Off,
+    /// Not answered from and not stored in the cache (`X-Cache: BYPASS`).
+    Bypass,
+    /// A miss: a cacheable answer is stored under this key (`X-Cache: MISS`).
+    Fill(String),
+}
+
+impl CacheUse {
+    /// The `X-Cache` value for a response relayed from upstream.
+    pub(super) fn x_cache(&self) -> Option<&'static str> {
+        match self {
+            CacheUse::Off => None,
+            CacheUse::Bypass => Some("BYPASS"),
+            CacheUse::Fill(_) => Some("MISS"),
+        }
+    }
+}
+
+impl WorkerGeneration {
+    /// Looks the request up; `Some(copy)` when a fresh copy answers it.
+    /// Otherwise sets `c.cache` for the relay (fill, bypass, or off).
+    pub(super) fn cache_lookup(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        key: &str,
+    ) -> Option<Arc<Object>> {
+        c.cache = CacheUse::Off;
+        let settings = &self.shared.bucket(bucket).cache;
+        let store = self
+            .shared
+            .process
+            .cache
+            .as_ref()
+            .filter(|_| settings.enabled)?;
+        let mid = self.shared.bucket_metric[bucket];
+        let unsupported = [IF_MATCH, IF_UNMODIFIED_SINCE, IF_RANGE]
+            .iter()
+            .any(|&h| c.req.header(h).is_some());
+        if unsupported {
+            c.cache = CacheUse::Bypass;
+            self.core.metrics.borrow_mut().cache(mid, "bypass");
+            return None;
+        }
+        let name = &self.shared.bucket(bucket).name;
+        let k = store::key(name, key, &c.query);
+        if let Some(copy) = store.get(&k) {
+            if policy::is_fresh(copy.stored_at, copy.fresh_for, SystemTime::now()) {
+                self.core.metrics.borrow_mut().cache(mid, "hit");
+                return Some(copy);
+            }
+        }
+        let plain_get = c.req.method() == Method::Get
+            && [RANGE, IF_NONE_MATCH, IF_MODIFIED_SINCE]
+                .iter()
+                .all(|&h| c.req.header(h).is_none());
+        let (use_, result) = if plain_get {
+            (CacheUse::Fill(k), "miss")
+        } else {
+            (CacheUse::Bypass, "bypass")
+        };
+        c.cache = use_;
+        self.core.metrics.borrow_mut().cache(mid, result);
+        None
+    }
+
+    /// Answers from a stored copy: 304, 416, 206 or 200 (HEAD: head only).
+    pub(super) async fn serve_cached(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        copy: &Object,
+    ) -> Outcome {
+        let len = copy.body.len() as u64;
+        let pre = policy::precondition(
+            c.req.header(IF_NONE_MATCH),
+            c.req.header(IF_MODIFIED_SINCE),
+            &copy.etag,
+            copy.last_modified.as_deref(),
+        );
+        let answer = match pre {
+            Precondition::NotModified => None,
+            Precondition::Serve => Some(policy::range(c.req.header(RANGE), len)),
+        };
+        let (status, body) = match answer {
+            None => (304, None),
+            Some(RangeAnswer::Unsatisfiable) => (416, None),
+            Some(RangeAnswer::Whole) => (200, Some(copy.body.clone())),
+            Some(RangeAnswer::Part { first, last }) => {
+                (206, Some(copy.body.slice(first as usize..=last as usize)))
+            }
+        };
+        let keep = c.req.keep_alive && !self.core.draining.get();
+        self.cached_head(c, copy, status, answer, keep);
+        let mut out = Outcome {
+            status,
+            bytes: 0,
+            keep_alive: keep,
+            abort: false,
+            replica: None,
+            bucket: Some(bucket),
+        };
+        let client_timeout = self.shared.config.server.idle_timeout;
+        if write_all(&mut c.stream, &mut c.wbuf, client_timeout)
+            .await
+            .is_err()
+        {
+            out.keep_alive = false;
+            return out;
+        }
+        let Some(body) = body.filter(|_| c.req.method() == Method::Get) else {
+            return out;
+        };
+        let n = body.len() as u64;
+        if write_bytes(&mut c.stream, body, client_timeout)
+            .await
+            .is_err()
+        {
+            out.keep_alive = false;
+            out.abort = true;
+            return out;
+        }
+        out.bytes = n;
+        let mid = self.shared.bucket_metric[bucket];
+        self.core.metrics.borrow_mut().cache_saved(mid, n);
+        out
+    }
+
+    /// The head of an answer from the cache, into `c.wbuf`.
+    fn cached_head(
+        &self,
+        c: &mut Client,
+        copy: &Object,
+        status: u16,
+        answer: Option<RangeAnswer>,
+        keep: bool,
+    ) {
+        let len = copy.body.len() as u64;
+        let w = &mut c.wbuf;
+        head::status_line(w, status);
+        match answer {
+            None => {
+                for line in copy.headers.split_inclusive("\r\n") {
+                    let name = line.split(':').next().unwrap_or("");
+                    if NOT_MODIFIED_HEADERS
+                        .iter()
+                        .any(|h| name.eq_ignore_ascii_case(h))
+                    {
+                        w.extend_from_slice(line.as_bytes());
+                    }
+                }
+            }
+            Some(RangeAnswer::Unsatisfiable) => {
+                head::header(w, "Content-Range", &format!("bytes */{len}"));
+                head::header(w, "Content-Length", "0");
+                self.core.date_header(w);
+            }
+            Some(RangeAnswer::Whole) => {
+                w.extend_from_slice(copy.headers.as_bytes());
+                head::header(w, "Content-Length", &itoa(len));
+            }
+            Some(RangeAnswer::Part { first, last }) => {
+                w.extend_from_slice(copy.headers.as_bytes());
+                head::header(w, "Content-Range", &format!("bytes {first}-{last}/{len}"));
+                head::header(w, "Content-Length", &itoa(last - first + 1));
+            }
+        }
+        let age = policy::age(copy.stored_at, SystemTime::now());
+        head::header(w, "Age", &itoa(age));
+        head::header(w, "X-Cache", "HIT");
+        head::header(w, "X-Request-ID", &c.req.request_id);
+        connection_header(w, keep, c.req.http10);
+        w.extend_from_slice(b"\r\n");
+    }
+
+    /// A fill for the answer's body, when it is to be stored: a 200 with a
+    /// Content-Length within the bucket's item limit that the policy lets a
+    /// shared cache store. The bytes already sent with the head
+    /// (`answer.conn.buf[head_len..start]`) are copied in.
+    pub(super) fn fill_start(&self, c: &Client, answer: &Answer, start: usize) -> Option<Fill<'_>> {
+        let CacheUse::Fill(key) = &c.cache else {
+            return None;
+        };
+        let store = self.shared.process.cache.as_ref()?;
+        let resp = &answer.resp;
+        let Framing::Length(len) = resp.framing() else {
+            return None;
+        };
+        let bucket = self.shared.replicas[answer.rid].bucket;
+        let settings = &self.shared.bucket(bucket).cache;
+        if len > settings.max_item_bytes {
+            return None;
+        }
+        let fresh_for = self.freshness(resp, settings.ttl)?;
+        let mut headers = String::with_capacity(resp.forward.len() + 40);
+        for line in resp.forward.split_inclusive("\r\n") {
+            if !starts_with_ignore_case(line, "content-length:") {
+                headers.push_str(line);
+            }
+        }
+        if !resp.has_date {
+            headers.push_str("Date: ");
+            headers.push_str(&httpdate::fmt_http_date(SystemTime::now()));
+            headers.push_str("\r\n");
+        }
+        let mut fill = Fill {
+            store,
+            key: key.clone(),
+            len,
+            body: Vec::with_capacity(len as usize),
+            meta: Some(Object {
+                stored_at: SystemTime::now(),
+                fresh_for,
+                etag: resp.etag.clone(),
+                last_modified: forwarded_value(&resp.forward, "last-modified").map(str::to_string),
+                headers,
+                body: Bytes::new(),
+            }),
+        };
+        fill.push(&answer.conn.buf[answer.head_len..start]);
+        Some(fill)
+    }
+
+    /// How long `resp` may be served from the cache (`None`: not stored).
+    fn freshness(&self, resp: &Response, ttl: Duration) -> Option<Duration> {
+        let stored = policy::Stored {
+            status: resp.status,
+            cache_control: forwarded_value(&resp.forward, "cache-control"),
+            expires: forwarded_value(&resp.forward, "expires"),
+            date: forwarded_value(&resp.forward, "date"),
+        };
+        policy::freshness(&stored, ttl, SystemTime::now())
+    }
+}
+
+fn starts_with_ignore_case(line: &str, prefix: &str) -> bool {
+    line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix)
+}
+
+/// The value of header `name` among formatted `Name: value\r\n` lines.
+fn forwarded_value<'a>(forward: &'a str, name: &str) -> Option<&'a str> {
+    forward.split("\r\n").find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Writes a whole `Bytes` (shared with the cache: no copy) within `timeout`.
+async fn write_bytes(stream: &mut ClientStream, body: Bytes, timeout: Duration) -> io::Result<()> {
+    use monoio::io::AsyncWriteRentExt;
+    match monoio::time::timeout(timeout, stream.write_all(body)).await {
+        Ok((r, _)) => r.map(|_| ()),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
+    }
+}
+
+/// A body being copied into the cache while it is relayed. The object is
+/// stored the moment its last byte is in hand, before that byte is written
+/// to the client, so a client that has the whole body finds it cached.
+pub(super) struct Fill<'s> {
+    store: &'s store::MemoryStore,
+    key: String,
+    len: u64,
+    body: Vec<u8>,
+    /// Everything but the body; taken when stored.
+    meta: Option<Object>,
+}
+
+impl crate::http::body::Tee for Fill<'_> {
+    fn push(&mut self, bytes: &[u8]) {
+        self.body.extend_from_slice(bytes);
+        if self.body.len() as u64 == self.len {
+            if let Some(mut object) = self.meta.take() {
+                object.body = Bytes::from(std::mem::take(&mut self.body));
+                self.store.insert(std::mem::take(&mut self.key), object);
+            }
+        }
+    }
+}

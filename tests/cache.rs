@@ -1,0 +1,222 @@
+//! The origin cache's memory tier through real sockets: a scripted upstream
+//! counts the GETs that reach it, the proxy runs as its own process.
+
+mod support;
+
+use std::time::Duration;
+use support::http::{self, Conn};
+use support::rogue::{send, Rogue, Step};
+use support::*;
+
+/// One bucket `/b` with the cache on, on one upstream; `extra` goes into
+/// the top-level `cache:` section, `bucket` into the bucket's `cache:`.
+fn config(endpoint: &str, extra: &str, bucket: &str) -> String {
+    format!(
+        "cache:\n  enabled: true\n  cache_layers: [\"memory\"]\n{extra}buckets:\n  - name: \"b\"\n    path_prefix: \"/b\"\n{bucket}    s3:\n      bucket: \"bkt\"\n      endpoint: \"{endpoint}\"\n      access_key: \"{AK}\"\n      secret_key: \"{SK}\"\n      health_check:\n        enabled: false\n"
+    )
+}
+
+/// An upstream serving `body` for every key, with extra response headers.
+fn origin(body: &'static str, headers: &'static str) -> Rogue {
+    Rogue::start(move |_| {
+        vec![send(&format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"v1\"\r\nLast-Modified: Wed, 21 Oct 2026 07:28:00 GMT\r\nContent-Type: text/plain\r\n{headers}\r\n{body}",
+            body.len()
+        ))]
+    })
+}
+
+fn gets(up: &Rogue) -> usize {
+    up.seen()
+        .iter()
+        .filter(|s| s.head.starts_with("GET "))
+        .count()
+}
+
+#[test]
+fn a_miss_fills_and_the_next_requests_hit_without_upstream() {
+    let up = origin("hello cache", "");
+    let proxy = Proxy::start(&config(&up.endpoint(), "", ""));
+    let first = proxy.get("/b/k.txt");
+    assert_eq!((first.status, first.text().as_str()), (200, "hello cache"));
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    for _ in 0..5 {
+        let r = proxy.get("/b/k.txt");
+        assert_eq!((r.status, r.text().as_str()), (200, "hello cache"));
+        assert_eq!(r.header("x-cache"), Some("HIT"));
+        assert!(r.header("age").is_some());
+        assert_eq!(r.header("etag"), Some("\"v1\""));
+        assert_eq!(r.header("content-type"), Some("text/plain"));
+    }
+    assert_eq!(gets(&up), 1, "hits went upstream");
+    // Another key, and the same key with another versionId, are other objects.
+    assert_eq!(proxy.get("/b/other.txt").header("x-cache"), Some("MISS"));
+    assert_eq!(
+        proxy.get("/b/k.txt?versionId=2").header("x-cache"),
+        Some("MISS")
+    );
+    assert_eq!(gets(&up), 3);
+    let m = proxy.metrics();
+    for needle in [
+        "yatagarasu_cache_requests_total{bucket=\"b\",result=\"hit\"} 5",
+        "yatagarasu_cache_requests_total{bucket=\"b\",result=\"miss\"} 3",
+        "yatagarasu_cache_upstream_bytes_saved_total{bucket=\"b\"} 55",
+        "yatagarasu_cache_items{layer=\"memory\"} 3",
+    ] {
+        assert!(m.contains(needle), "{needle}\n{m}");
+    }
+}
+
+#[test]
+fn ranges_conditionals_and_head_are_answered_from_the_copy() {
+    let up = origin("0123456789", "");
+    let proxy = Proxy::start(&config(&up.endpoint(), "", ""));
+    assert_eq!(proxy.get("/b/k").status, 200);
+    let r = http::get(proxy.port, "/b/k", &[("Range", "bytes=2-5")]);
+    assert_eq!((r.status, r.text().as_str()), (206, "2345"));
+    assert_eq!(r.header("content-range"), Some("bytes 2-5/10"));
+    assert_eq!(r.header("x-cache"), Some("HIT"));
+    let r = http::get(proxy.port, "/b/k", &[("Range", "bytes=-3")]);
+    assert_eq!((r.status, r.text().as_str()), (206, "789"));
+    let r = http::get(proxy.port, "/b/k", &[("Range", "bytes=10-")]);
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("content-range"), Some("bytes */10"));
+    let r = http::get(proxy.port, "/b/k", &[("If-None-Match", "\"v1\"")]);
+    assert_eq!(r.status, 304);
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("etag"), Some("\"v1\""));
+    let r = http::get(
+        proxy.port,
+        "/b/k",
+        &[("If-Modified-Since", "Thu, 22 Oct 2026 07:28:00 GMT")],
+    );
+    assert_eq!(r.status, 304);
+    let r = http::get(proxy.port, "/b/k", &[("If-None-Match", "\"v0\"")]);
+    assert_eq!((r.status, r.text().as_str()), (200, "0123456789"));
+    let r = http::head(proxy.port, "/b/k");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some("10"));
+    assert_eq!(r.header("x-cache"), Some("HIT"));
+    // Keep-alive holds across answers from the cache.
+    let mut conn = Conn::open(proxy.port).unwrap();
+    for _ in 0..3 {
+        let r = conn.request("GET", "/b/k", &[]).unwrap();
+        assert_eq!(r.text(), "0123456789");
+    }
+    assert_eq!(gets(&up), 1);
+}
+
+#[test]
+fn what_must_not_be_stored_is_not() {
+    let up = Rogue::start(|r| {
+        let cc = match r.target.as_str() {
+            "/bkt/nostore" => "Cache-Control: no-store\r\n",
+            "/bkt/private" => "Cache-Control: private, max-age=600\r\n",
+            _ => "",
+        };
+        let status = if r.target == "/bkt/missing" {
+            "404 Not Found"
+        } else {
+            "200 OK"
+        };
+        vec![send(&format!(
+            "HTTP/1.1 {status}\r\nContent-Length: 2\r\n{cc}\r\nok"
+        ))]
+    });
+    let proxy = Proxy::start(&config(&up.endpoint(), "", ""));
+    for key in ["nostore", "private", "missing"] {
+        for _ in 0..2 {
+            assert_eq!(
+                proxy.get(&format!("/b/{key}")).header("x-cache"),
+                Some("MISS")
+            );
+        }
+    }
+    assert_eq!(gets(&up), 6);
+    // A Range on a miss goes upstream as asked and is not stored.
+    let r = http::get(proxy.port, "/b/ranged", &[("Range", "bytes=0-0")]);
+    assert_eq!(r.header("x-cache"), Some("BYPASS"));
+    assert_eq!(proxy.get("/b/ranged").header("x-cache"), Some("MISS"));
+}
+
+#[test]
+fn max_age_expires_the_copy_and_large_objects_are_not_stored() {
+    let up = origin("short-lived", "Cache-Control: max-age=1\r\n");
+    let proxy = Proxy::start(&config(
+        &up.endpoint(),
+        "",
+        "    cache:\n      max_item_size_mb: 1\n",
+    ));
+    assert_eq!(proxy.get("/b/k").header("x-cache"), Some("MISS"));
+    assert_eq!(proxy.get("/b/k").header("x-cache"), Some("HIT"));
+    std::thread::sleep(Duration::from_millis(1300));
+    assert_eq!(proxy.get("/b/k").header("x-cache"), Some("MISS"));
+    assert_eq!(gets(&up), 2);
+
+    let big = Rogue::start(|_| {
+        let body = vec![b'x'; 1024 * 1024 + 1];
+        let mut out =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        out.extend_from_slice(&body);
+        vec![Step::Send(out)]
+    });
+    let proxy = Proxy::start(&config(
+        &big.endpoint(),
+        "",
+        "    cache:\n      max_item_size_mb: 1\n",
+    ));
+    for _ in 0..2 {
+        let r = proxy.get("/b/big");
+        assert_eq!(r.body.len(), 1024 * 1024 + 1);
+    }
+    assert_eq!(gets(&big), 2, "an object over max_item_size_mb was stored");
+}
+
+#[test]
+fn a_bucket_that_opts_out_is_not_cached_and_says_nothing() {
+    let up = origin("x", "");
+    let proxy = Proxy::start(&config(
+        &up.endpoint(),
+        "",
+        "    cache:\n      enabled: false\n",
+    ));
+    for _ in 0..2 {
+        let r = proxy.get("/b/k");
+        assert_eq!(r.text(), "x");
+        assert_eq!(r.header("x-cache"), None);
+    }
+    assert_eq!(gets(&up), 2);
+}
+
+#[test]
+fn the_memory_tier_stays_within_its_bound_under_churn() {
+    static BODY: [u8; 64 * 1024] = [b'z'; 64 * 1024];
+    let up = Rogue::start(|_| {
+        let mut out =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", BODY.len()).into_bytes();
+        out.extend_from_slice(&BODY);
+        vec![Step::Send(out)]
+    });
+    let proxy = Proxy::start(&config(
+        &up.endpoint(),
+        "  memory:\n    max_cache_size_mb: 2\n    max_item_size_mb: 1\n",
+        "",
+    ));
+    let mut conn = Conn::open(proxy.port).unwrap();
+    for i in 0..200 {
+        let r = conn.request("GET", &format!("/b/k{i}"), &[]).unwrap();
+        assert_eq!(r.body.len(), BODY.len());
+    }
+    let m = proxy.metrics();
+    let bytes: f64 = m
+        .lines()
+        .find(|l| l.starts_with("yatagarasu_cache_bytes{layer=\"memory\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .expect("cache bytes gauge");
+    assert!(bytes <= 2.0 * 1024.0 * 1024.0, "{bytes}");
+    assert!(
+        !m.contains("yatagarasu_cache_evictions_total{layer=\"memory\"} 0"),
+        "{m}"
+    );
+}
