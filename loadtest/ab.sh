@@ -14,6 +14,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 SIZES=${SIZES:-"1k 64k"}
 WORK=$(mktemp -d)
+chmod 755 "$WORK" # nginx workers run as another user
 P_ORIGIN=18100 P_PROXY=18101
 PIDS=()
 cleanup() {
@@ -71,6 +72,10 @@ run_one() { # binary size -> "rps us_per_req"
   taskset -c 1 wrk -t1 -c32 -d1s "http://127.0.0.1:$P_PROXY/data/obj-$2" >/dev/null
   local t0; t0=$(cpu_ticks "$pid")
   local out; out=$(taskset -c 1 wrk -t1 -c32 -d"${DURATION}s" "http://127.0.0.1:$P_PROXY/data/obj-$2")
+  [ -n "${AB_DEBUG:-}" ] && echo "$out" >&2
+  if echo "$out" | grep -q "Non-2xx"; then
+    echo "$1 answered errors on obj-$2:" >&2; echo "$out" >&2; exit 1
+  fi
   local t1; t1=$(cpu_ticks "$pid")
   kill "$pid"; wait "$pid" 2>/dev/null || true
   local reqs; reqs=$(echo "$out" | awk '/requests in/ {print $1}')

@@ -114,12 +114,17 @@ pub fn split_target(target: &[u8]) -> Result<(&[u8], &[u8]), RouteError> {
 /// malformed escapes, invalid UTF-8, NUL or dot segments.
 pub fn decode_path(target: &[u8], out: &mut String) -> Result<(), RouteError> {
     let (t, _) = split_target(target)?;
-    let decoded = decode_component(t).ok_or(RouteError::BadPath("malformed percent-encoding"))?;
-    if decoded.contains(&0) {
+    if !valid_escapes(t) {
+        return Err(RouteError::BadPath("malformed percent-encoding"));
+    }
+    // Decoded into `out`'s own buffer: no allocation once it has grown.
+    let mut bytes = std::mem::take(out).into_bytes();
+    bytes.clear();
+    bytes.extend(percent_decode(t));
+    if bytes.contains(&0) {
         return Err(RouteError::BadPath("NUL byte in path"));
     }
-    let s =
-        String::from_utf8(decoded).map_err(|_| RouteError::BadPath("path is not valid UTF-8"))?;
+    let s = String::from_utf8(bytes).map_err(|_| RouteError::BadPath("path is not valid UTF-8"))?;
     if s.split('/').any(|seg| seg == "." || seg == "..") {
         return Err(RouteError::BadPath(
             "'.' and '..' path segments are not allowed",
@@ -188,18 +193,22 @@ const SUBRESOURCES: &[&str] = &[
     "website",
 ];
 
-/// Percent-decodes `v` (`+` stays `+`, as S3 reads it); `None` when an
-/// escape is not `%` and two hex digits (the crate passes those through).
-fn decode_component(v: &[u8]) -> Option<Vec<u8>> {
+/// Every `%` is followed by two hex digits (the crate passes others through).
+fn valid_escapes(v: &[u8]) -> bool {
     let mut rest = v;
     while let Some(p) = rest.iter().position(|&b| b == b'%') {
-        let hex = rest.get(p + 1..p + 3)?;
-        if !hex.iter().all(u8::is_ascii_hexdigit) {
-            return None;
+        match rest.get(p + 1..p + 3) {
+            Some(hex) if hex.iter().all(u8::is_ascii_hexdigit) => rest = &rest[p + 3..],
+            _ => return false,
         }
-        rest = &rest[p + 3..];
     }
-    Some(percent_decode(v).collect())
+    true
+}
+
+/// Percent-decodes `v` (`+` stays `+`, as S3 reads it); `None` when an
+/// escape is malformed.
+fn decode_component(v: &[u8]) -> Option<Vec<u8>> {
+    valid_escapes(v).then(|| percent_decode(v).collect())
 }
 
 /// The query to send upstream, in SigV4 canonical form (sorted, each value

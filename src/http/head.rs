@@ -570,12 +570,12 @@ fn keep_response_header(resp: &mut Response, name: &str, value: &[u8]) {
         .iter()
         .any(|f| name.eq_ignore_ascii_case(f))
         || (name.len() > 11 && name[..11].eq_ignore_ascii_case("x-amz-meta-"));
-    let Ok(v) = std::str::from_utf8(value) else {
-        return;
-    };
     if !forwarded {
         return;
     }
+    let Ok(v) = std::str::from_utf8(value) else {
+        return;
+    };
     if name.eq_ignore_ascii_case("etag") {
         resp.etag.push_str(v);
     } else if name.eq_ignore_ascii_case("content-range") {

@@ -338,8 +338,15 @@ impl WorkerGeneration {
             o.bytes,
         );
         // The query's values never reach the log (signatures, tokens).
-        let mut target = String::new();
-        router::loggable_target(&c.req.target, &mut target);
+        let redacted;
+        let target = if c.req.target.contains(&b'?') {
+            let mut t = String::new();
+            router::loggable_target(&c.req.target, &mut t);
+            redacted = t;
+            std::borrow::Cow::Borrowed(redacted.as_str())
+        } else {
+            String::from_utf8_lossy(&c.req.target)
+        };
         log!(
             Level::Info,
             "request",
