@@ -126,6 +126,9 @@ pub struct Process {
     pub registry: Mutex<Registry>,
     /// The memory cache tier, when `cache.enabled` (kept across reloads).
     pub cache: Option<MemoryStore>,
+    /// When each key last had a stale copy served, for one WARN a minute per
+    /// key across workers. Locked only while serving stale (an outage).
+    pub stale_warned: Mutex<HashMap<String, std::time::Instant>>,
     current: Mutex<Option<Arc<Generation>>>,
 }
 
@@ -165,6 +168,7 @@ impl Process {
             reloads_failed: AtomicU64::new(0),
             registry: Mutex::new(Registry::default()),
             cache,
+            stale_warned: Mutex::new(HashMap::new()),
             current: Mutex::new(None),
         });
         let first = Generation::build(config, process.clone(), None)?;

@@ -220,3 +220,62 @@ fn the_memory_tier_stays_within_its_bound_under_churn() {
         "{m}"
     );
 }
+
+#[test]
+fn stale_if_error_serves_an_expired_copy_through_an_outage_then_fresh_again() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let down = Arc::new(AtomicBool::new(false));
+    let version = Arc::new(AtomicUsize::new(1));
+    let (d, v) = (down.clone(), version.clone());
+    let up = Rogue::start(move |_| {
+        if d.load(Ordering::SeqCst) {
+            return vec![send("HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\n\r\n")];
+        }
+        let body = format!("version {}", v.load(Ordering::SeqCst));
+        vec![send(&format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nCache-Control: max-age=1\r\n\r\n{body}",
+            body.len()
+        ))]
+    });
+    let cfg = config(&up.endpoint(), "  stale_if_error_seconds: 60\n", "").replace(
+        "      health_check:",
+        "      circuit_breaker:\n        failure_threshold: 2\n        timeout_seconds: 1\n      health_check:",
+    );
+    let proxy = Proxy::start(&cfg);
+    assert_eq!(proxy.get("/b/k").text(), "version 1");
+    down.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1200));
+    // Expired, every replica failing (then every breaker open): the copy answers.
+    for _ in 0..4 {
+        let r = proxy.get("/b/k");
+        assert_eq!((r.status, r.text().as_str()), (200, "version 1"));
+        assert_eq!(r.header("x-cache"), Some("STALE"));
+    }
+    assert!(proxy.wait_log(
+        "WARN No replica could answer; serving a stale copy",
+        Duration::from_secs(2)
+    ));
+    let warnings = proxy.log().matches("serving a stale copy").count();
+    assert_eq!(
+        warnings, 1,
+        "one WARN per key per minute (one worker served it)"
+    );
+    // A key never stored has nothing to fall back on.
+    assert!(proxy.get("/b/never").status >= 500);
+    // Recovery: the breaker half-opens after 1 s, the next request refills.
+    down.store(false, Ordering::SeqCst);
+    version.store(2, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = proxy.get("/b/k");
+    assert_eq!(
+        (r.text().as_str(), r.header("x-cache")),
+        ("version 2", Some("MISS"))
+    );
+    assert_eq!(proxy.get("/b/k").header("x-cache"), Some("HIT"));
+    let m = proxy.metrics();
+    assert!(
+        m.contains("yatagarasu_cache_requests_total{bucket=\"b\",result=\"stale\"} 4"),
+        "{m}"
+    );
+}

@@ -235,7 +235,6 @@ fn the_cache_section_is_checked_by_path_and_unlanded_parts_are_refused() {
     for needle in [
         "cache.cache_layers[1]: the disk tier is not available in this version yet",
         "cache.disk.enabled: the disk tier is not available",
-        "cache.stale_if_error_seconds: serving stale copies is not available",
         "cache.slice_size_mb: caching large objects by slices is not available",
     ] {
         assert!(out.contains(needle), "{needle}: {out}");

@@ -99,6 +99,20 @@ pub fn is_fresh(stored_at: SystemTime, fresh_for: Duration, now: SystemTime) -> 
         .is_ok_and(|elapsed| elapsed < fresh_for)
 }
 
+/// Whether an expired copy may still answer when no replica can
+/// (`stale_if_error_seconds` past its freshness; never when that is zero).
+pub fn usable_when_failing(
+    stored_at: SystemTime,
+    fresh_for: Duration,
+    stale_for: Duration,
+    now: SystemTime,
+) -> bool {
+    !stale_for.is_zero()
+        && now
+            .duration_since(stored_at)
+            .is_ok_and(|elapsed| elapsed < fresh_for + stale_for)
+}
+
 /// How a stored copy answers a request's preconditions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precondition {
@@ -261,6 +275,16 @@ mod tests {
         assert!(is_fresh(at(0), DAY, at(100)));
         assert!(!is_fresh(at(0), Duration::from_secs(100), at(100)));
         assert!(!is_fresh(at(0), Duration::ZERO, at(0)));
+    }
+
+    #[test]
+    fn stale_copies_serve_only_within_stale_if_error() {
+        let fresh = Duration::from_secs(10);
+        let stale = Duration::from_secs(100);
+        assert!(usable_when_failing(at(0), fresh, stale, at(50)));
+        assert!(usable_when_failing(at(0), fresh, stale, at(109)));
+        assert!(!usable_when_failing(at(0), fresh, stale, at(110)));
+        assert!(!usable_when_failing(at(0), fresh, Duration::ZERO, at(11)));
     }
 
     #[test]

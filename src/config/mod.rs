@@ -44,6 +44,9 @@ pub struct CacheSettings {
     pub max_item_bytes: u64,
     /// `cache.memory.default_ttl_seconds`: freshness when the origin says nothing.
     pub default_ttl: Duration,
+    /// `cache.stale_if_error_seconds`: how long past its freshness a copy may
+    /// answer when no replica can (0: never).
+    pub stale_if_error: Duration,
 }
 
 /// `buckets[].cache`, resolved against `cache:`.

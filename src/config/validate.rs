@@ -201,6 +201,7 @@ fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
         memory_bytes: DEFAULT_CACHE_MEMORY_MB * MIB,
         max_item_bytes: DEFAULT_CACHE_ITEM_MB * MIB,
         default_ttl: Duration::from_secs(DEFAULT_CACHE_TTL_SECS),
+        stale_if_error: Duration::ZERO,
     };
     let Some(c) = raw else { return out };
     out.enabled = c.enabled.unwrap_or(false);
@@ -243,9 +244,7 @@ fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
             p.positive("cache.disk.max_disk_cache_size_mb", v);
         }
     }
-    if c.stale_if_error_seconds.is_some() {
-        not_yet("cache.stale_if_error_seconds", "serving stale copies", p);
-    }
+    out.stale_if_error = Duration::from_secs(c.stale_if_error_seconds.unwrap_or(0));
     if c.slice_size_mb.is_some() {
         not_yet("cache.slice_size_mb", "caching large objects by slices", p);
     }

@@ -2,12 +2,14 @@
 //! copy answers the request itself (whole, a single range, 304 to a
 //! conditional, HEAD); otherwise the request goes upstream, and a cacheable
 //! 200 to a plain GET is copied while it is relayed and stored once complete
-//! ("fill"). Responses carry `X-Cache: HIT | MISS | BYPASS` and, from the
-//! cache, `Age`. The decisions are `crate::cache::policy`'s.
+//! ("fill"). When no replica can answer, an expired copy within
+//! `stale_if_error_seconds` does (`STALE`). Responses carry
+//! `X-Cache: HIT | MISS | BYPASS | STALE` and, from the cache, `Age`. The
+//! decisions are `crate::cache::policy`'s.
 //!
 //! Not yet: collapsed forwarding (concurrent misses each go upstream),
-//! revalidation of expired copies (they are fetched again), stale-if-error,
-//! the disk tier and slices.
+//! revalidation of expired copies (they are fetched again), the disk tier
+//! and slices.
 
 use super::*;
 use crate::cache::policy::{self, Precondition, RangeAnswer};
@@ -65,6 +67,7 @@ impl WorkerGeneration {
         key: &str,
     ) -> Option<Arc<Object>> {
         c.cache = CacheUse::Off;
+        c.stale = None;
         let settings = &self.shared.bucket(bucket).cache;
         let store = self
             .shared
@@ -84,9 +87,14 @@ impl WorkerGeneration {
         let name = &self.shared.bucket(bucket).name;
         let k = store::key(name, key, &c.query);
         if let Some(copy) = store.get(&k) {
-            if policy::is_fresh(copy.stored_at, copy.fresh_for, SystemTime::now()) {
+            let now = SystemTime::now();
+            if policy::is_fresh(copy.stored_at, copy.fresh_for, now) {
                 self.core.metrics.borrow_mut().cache(mid, "hit");
                 return Some(copy);
+            }
+            let stale_for = self.shared.config.cache.stale_if_error;
+            if policy::usable_when_failing(copy.stored_at, copy.fresh_for, stale_for, now) {
+                c.stale = Some(copy);
             }
         }
         let plain_get = c.req.method() == Method::Get
@@ -99,16 +107,75 @@ impl WorkerGeneration {
             (CacheUse::Bypass, "bypass")
         };
         c.cache = use_;
-        self.core.metrics.borrow_mut().cache(mid, result);
+        // With a stale copy in hand, the result is known once the replicas
+        // have been tried (`stale_or_count`).
+        if c.stale.is_none() {
+            self.core.metrics.borrow_mut().cache(mid, result);
+        }
         None
     }
 
-    /// Answers from a stored copy: 304, 416, 206 or 200 (HEAD: head only).
+    /// After the replicas were tried: `Some(copy)` when an expired copy is to
+    /// answer because none could (counted `stale`, WARN once a minute per
+    /// key); otherwise counts the lookup as the miss or bypass it was.
+    pub(super) fn stale_or_count(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        replicas_failed: bool,
+    ) -> Option<Arc<Object>> {
+        let copy = c.stale.take()?;
+        let mid = self.shared.bucket_metric[bucket];
+        if !replicas_failed {
+            let result = c.cache.x_cache().map_or("miss", |x| match x {
+                "BYPASS" => "bypass",
+                _ => "miss",
+            });
+            self.core.metrics.borrow_mut().cache(mid, result);
+            return None;
+        }
+        self.core.metrics.borrow_mut().cache(mid, "stale");
+        let key = match &c.cache {
+            CacheUse::Fill(k) => k.clone(),
+            _ => String::from_utf8_lossy(&c.req.target).into_owned(),
+        };
+        let mut warned = match self.shared.process.stale_warned.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let due = warned
+            .get(&key)
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+        if due {
+            if warned.len() >= 10_000 {
+                warned.clear();
+            }
+            warned.insert(key, Instant::now());
+            drop(warned);
+            let age = policy::age(copy.stored_at, SystemTime::now());
+            log!(
+                Level::Warn,
+                "No replica could answer; serving a stale copy",
+                bucket = self.shared.bucket(bucket).name,
+                path = String::from_utf8_lossy(&c.req.target)
+                    .split('?')
+                    .next()
+                    .unwrap_or(""),
+                age_seconds = age,
+                request_id = c.req.request_id,
+            );
+        }
+        Some(copy)
+    }
+
+    /// Answers from a stored copy: 304, 416, 206 or 200 (HEAD: head only),
+    /// with `X-Cache: <x_cache>` (HIT, or STALE when no replica could answer).
     pub(super) async fn serve_cached(
         &self,
         c: &mut Client,
         bucket: usize,
         copy: &Object,
+        x_cache: &'static str,
     ) -> Outcome {
         let len = copy.body.len() as u64;
         let pre = policy::precondition(
@@ -130,7 +197,7 @@ impl WorkerGeneration {
             }
         };
         let keep = c.req.keep_alive && !self.core.draining.get();
-        self.cached_head(c, copy, status, answer, keep);
+        self.cached_head(c, copy, (status, answer, x_cache), keep);
         let mut out = Outcome {
             status,
             bytes: 0,
@@ -170,8 +237,7 @@ impl WorkerGeneration {
         &self,
         c: &mut Client,
         copy: &Object,
-        status: u16,
-        answer: Option<RangeAnswer>,
+        (status, answer, x_cache): (u16, Option<RangeAnswer>, &str),
         keep: bool,
     ) {
         let len = copy.body.len() as u64;
@@ -206,7 +272,7 @@ impl WorkerGeneration {
         }
         let age = policy::age(copy.stored_at, SystemTime::now());
         head::header(w, "Age", &itoa(age));
-        head::header(w, "X-Cache", "HIT");
+        head::header(w, "X-Cache", x_cache);
         head::header(w, "X-Request-ID", &c.req.request_id);
         connection_header(w, keep, c.req.http10);
         w.extend_from_slice(b"\r\n");

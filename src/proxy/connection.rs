@@ -108,6 +108,7 @@ impl WorkerGeneration {
             opath: String::new(),
             query: String::new(),
             cache: cache::CacheUse::Off,
+            stale: None,
         };
         self.connection(&mut c).await;
         self.give_read_buf(std::mem::take(&mut c.rbuf));

@@ -78,7 +78,7 @@ impl WorkerGeneration {
         encoded.clear();
         router::encode_key(key, &mut encoded);
         let o = match self.cache_lookup(c, bucket, &encoded) {
-            Some(copy) => self.serve_cached(c, bucket, &copy).await,
+            Some(copy) => self.serve_cached(c, bucket, &copy, "HIT").await,
             None => self.proxy(c, bucket, &encoded).await,
         };
         c.upath = encoded;
@@ -104,7 +104,13 @@ impl WorkerGeneration {
         let mut order_buf = [0usize; crate::config::MAX_REPLICAS];
         let order = self.plan(bucket, &mut order_buf);
         let ctx = RequestCtx { bucket, key, order };
-        match self.try_replicas(c, &ctx).await {
+        let tried = self.try_replicas(c, &ctx).await;
+        let failed = !matches!(tried, Tried::Answered { .. });
+        if let Some(copy) = self.stale_or_count(c, bucket, failed) {
+            // Stale-if-error: an expired copy rather than a 502 or 503.
+            return self.serve_cached(c, bucket, &copy, "STALE").await;
+        }
+        match tried {
             Tried::Answered { answer, next } => self.relay(c, &ctx, answer, next).await,
             Tried::AllOpen => self.all_open(c, bucket).await,
             Tried::AllFailed { rid, failure } => self.all_failed(c, &ctx, rid, failure).await,

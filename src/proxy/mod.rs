@@ -180,6 +180,8 @@ struct Client {
     query: String,
     /// What the cache does for the current request.
     cache: cache::CacheUse,
+    /// An expired copy that may answer if no replica can (stale-if-error).
+    stale: Option<Arc<crate::cache::store::Object>>,
 }
 
 /// How a request ended, for the access log and metrics.

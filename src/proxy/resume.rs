@@ -136,8 +136,8 @@ impl WorkerGeneration {
             // 412 (the ETag changed) or another answer: not this body.
             self.release(rid, admit);
             c.give_response(a.resp);
-            let msg = "Replica cannot resume the body";
-            let why = "not a 206 of the same ETag at the offset asked for";
+            let msg = "Replica cannot resume the body with the same ETag at the same offset";
+            let why = "not a single-range 206 of that ETag at the offset asked for";
             self.log_replica(Level::Warn, msg, c, ctx, rid, why);
             return Continued::Refused;
         }
