@@ -279,3 +279,59 @@ fn stale_if_error_serves_an_expired_copy_through_an_outage_then_fresh_again() {
         "{m}"
     );
 }
+
+#[test]
+fn an_expired_copy_is_revalidated_with_its_etag_and_replaced_when_it_changed() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let version = Arc::new(AtomicUsize::new(1));
+    let v = version.clone();
+    let up = Rogue::start(move |r| {
+        let current = format!("\"v{}\"", v.load(Ordering::SeqCst));
+        if r.header("if-none-match").as_deref() == Some(current.as_str()) {
+            return vec![send(&format!(
+                "HTTP/1.1 304 Not Modified\r\nETag: {current}\r\nCache-Control: max-age=1\r\n\r\n"
+            ))];
+        }
+        let body = format!("body of {current}");
+        vec![send(&format!(
+            "HTTP/1.1 200 OK\r\nETag: {current}\r\nCache-Control: max-age=1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))]
+    });
+    let proxy = Proxy::start_with(&config(&up.endpoint(), "", ""), 1, &[]);
+    assert_eq!(proxy.get("/b/k").header("x-cache"), Some("MISS"));
+    std::thread::sleep(Duration::from_millis(1200));
+    let r = proxy.get("/b/k");
+    assert_eq!((r.status, r.text().as_str()), (200, "body of \"v1\""));
+    assert_eq!(r.header("x-cache"), Some("REVALIDATED"));
+    assert_eq!(
+        up.seen()[1].header("if-none-match").as_deref(),
+        Some("\"v1\"")
+    );
+    assert_eq!(proxy.get("/b/k").header("x-cache"), Some("HIT"));
+    assert_eq!(up.seen().len(), 2, "the refreshed copy answered");
+    // The object changed: the revalidation gets a 200 that replaces the copy.
+    version.store(2, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1200));
+    let r = proxy.get("/b/k");
+    assert_eq!(
+        (r.text().as_str(), r.header("x-cache")),
+        ("body of \"v2\"", Some("MISS"))
+    );
+    let r = proxy.get("/b/k");
+    assert_eq!(
+        (r.text().as_str(), r.header("x-cache")),
+        ("body of \"v2\"", Some("HIT"))
+    );
+    assert_eq!(r.header("etag"), Some("\"v2\""));
+    let m = proxy.metrics();
+    assert!(
+        m.contains("yatagarasu_cache_requests_total{bucket=\"b\",result=\"revalidated\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("yatagarasu_cache_requests_total{bucket=\"b\",result=\"miss\"} 2"),
+        "{m}"
+    );
+}

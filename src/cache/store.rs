@@ -104,6 +104,11 @@ impl MemoryStore {
         self.inner.insert(key, Arc::new(object));
     }
 
+    /// Stores (or replaces) `key` with an object already shared.
+    pub fn insert_shared(&self, key: String, object: Arc<Object>) {
+        self.inner.insert(key, object);
+    }
+
     /// Drops every entry whose key starts with `prefix` (a bucket's).
     pub fn remove_prefix(&self, prefix: &str) {
         self.inner.retain(|k, _| !k.starts_with(prefix));

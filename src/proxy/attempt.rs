@@ -126,6 +126,9 @@ impl WorkerGeneration {
                 for (idx, value) in &c.req.forwarded {
                     head::header(w, FORWARDED_REQUEST_HEADERS[*idx], value);
                 }
+                if let super::cache::CacheUse::Revalidate(_, copy) = &c.cache {
+                    head::header(w, "If-None-Match", &copy.etag);
+                }
             }
             Some(r) => {
                 head::header(w, "Range", &format!("bytes={}-{}", r.first, r.last));

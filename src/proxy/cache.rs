@@ -4,12 +4,14 @@
 //! 200 to a plain GET is copied while it is relayed and stored once complete
 //! ("fill"). When no replica can answer, an expired copy within
 //! `stale_if_error_seconds` does (`STALE`). Responses carry
-//! `X-Cache: HIT | MISS | BYPASS | STALE` and, from the cache, `Age`. The
+//! `X-Cache: HIT | MISS | BYPASS | STALE | REVALIDATED` and, from the cache, `Age`. The
 //! decisions are `crate::cache::policy`'s.
 //!
-//! Not yet: collapsed forwarding (concurrent misses each go upstream),
-//! revalidation of expired copies (they are fetched again), the disk tier
-//! and slices.
+//! An expired copy with an ETag is revalidated (`If-None-Match`; a 304
+//! refreshes it: `REVALIDATED`).
+//!
+//! Not yet: collapsed forwarding (concurrent misses each go upstream), the
+//! disk tier and slices.
 
 use super::*;
 use crate::cache::policy::{self, Precondition, RangeAnswer};
@@ -44,6 +46,10 @@ pub(super) enum CacheUse {
     Bypass,
     /// A miss: a cacheable answer is stored under this key (`X-Cache: MISS`).
     Fill(String),
+    /// An expired copy with an ETag: the request goes upstream with
+    /// `If-None-Match`; a 304 refreshes the copy without moving the body
+    /// (`REVALIDATED`), a 200 replaces it like a fill.
+    Revalidate(String, Arc<Object>),
 }
 
 impl CacheUse {
@@ -52,7 +58,15 @@ impl CacheUse {
         match self {
             CacheUse::Off => None,
             CacheUse::Bypass => Some("BYPASS"),
-            CacheUse::Fill(_) => Some("MISS"),
+            CacheUse::Fill(_) | CacheUse::Revalidate(..) => Some("MISS"),
+        }
+    }
+
+    /// The key an answer is stored under, if it is to be stored.
+    fn fill_key(&self) -> Option<&str> {
+        match self {
+            CacheUse::Fill(k) | CacheUse::Revalidate(k, _) => Some(k),
+            _ => None,
         }
     }
 }
@@ -86,6 +100,7 @@ impl WorkerGeneration {
         }
         let name = &self.shared.bucket(bucket).name;
         let k = store::key(name, key, &c.query);
+        let mut expired = None;
         if let Some(copy) = store.get(&k) {
             let now = SystemTime::now();
             if policy::is_fresh(copy.stored_at, copy.fresh_for, now) {
@@ -94,50 +109,116 @@ impl WorkerGeneration {
             }
             let stale_for = self.shared.config.cache.stale_if_error;
             if policy::usable_when_failing(copy.stored_at, copy.fresh_for, stale_for, now) {
-                c.stale = Some(copy);
+                c.stale = Some(copy.clone());
             }
+            expired = Some(copy);
         }
         let plain_get = c.req.method() == Method::Get
             && [RANGE, IF_NONE_MATCH, IF_MODIFIED_SINCE]
                 .iter()
                 .all(|&h| c.req.header(h).is_none());
-        let (use_, result) = if plain_get {
-            (CacheUse::Fill(k), "miss")
-        } else {
-            (CacheUse::Bypass, "bypass")
+        c.cache = match (plain_get, expired) {
+            (true, Some(copy)) if !copy.etag.is_empty() => CacheUse::Revalidate(k, copy),
+            (true, _) => CacheUse::Fill(k),
+            (false, _) => CacheUse::Bypass,
         };
-        c.cache = use_;
-        // With a stale copy in hand, the result is known once the replicas
-        // have been tried (`stale_or_count`).
-        if c.stale.is_none() {
+        // A revalidation or a stale copy in hand: the result is known once
+        // the replicas have been tried (`settle`).
+        if !self.deferred(c) {
+            let result = if plain_get { "miss" } else { "bypass" };
             self.core.metrics.borrow_mut().cache(mid, result);
         }
         None
     }
 
+    /// The lookup's result is counted after the replicas were tried.
+    fn deferred(&self, c: &Client) -> bool {
+        c.stale.is_some() || matches!(c.cache, CacheUse::Revalidate(..))
+    }
+
+    /// When the answer is a 304 to this request's revalidation: the key and
+    /// the expired copy it confirms (taken from `c.cache`).
+    pub(super) fn confirmed_copy(
+        &self,
+        c: &mut Client,
+        answer: &Answer,
+    ) -> Option<(String, Arc<Object>)> {
+        if answer.resp.status != 304 || !matches!(c.cache, CacheUse::Revalidate(..)) {
+            return None;
+        }
+        match std::mem::replace(&mut c.cache, CacheUse::Off) {
+            CacheUse::Revalidate(key, copy) => Some((key, copy)),
+            _ => None,
+        }
+    }
+
+    /// After a 304 to a revalidation: the expired copy is fresh again (its
+    /// body untouched, freshness from the 304's headers) and answers.
+    pub(super) fn refresh_copy(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        answer: Answer,
+        (key, copy): (String, Arc<Object>),
+    ) -> Arc<Object> {
+        if upclient::reusable(&answer.resp, &answer.conn, answer.head_len, true) {
+            self.pool.put(answer.rid, answer.conn);
+        }
+        let ttl = self.shared.bucket(bucket).cache.ttl;
+        let stored = policy::Stored {
+            status: 200,
+            cache_control: forwarded_value(&answer.resp.forward, "cache-control"),
+            expires: forwarded_value(&answer.resp.forward, "expires"),
+            date: forwarded_value(&answer.resp.forward, "date"),
+        };
+        let fresh = policy::freshness(&stored, ttl, SystemTime::now());
+        c.give_response(answer.resp);
+        c.stale = None;
+        let mid = self.shared.bucket_metric[bucket];
+        self.core.metrics.borrow_mut().cache(mid, "revalidated");
+        let Some(fresh_for) = fresh else {
+            return copy;
+        };
+        let refreshed = Arc::new(Object {
+            stored_at: SystemTime::now(),
+            fresh_for,
+            etag: copy.etag.clone(),
+            last_modified: copy.last_modified.clone(),
+            headers: copy.headers.clone(),
+            body: copy.body.clone(),
+        });
+        if let Some(store) = &self.shared.process.cache {
+            store.insert_shared(key, refreshed.clone());
+        }
+        refreshed
+    }
+
     /// After the replicas were tried: `Some(copy)` when an expired copy is to
     /// answer because none could (counted `stale`, WARN once a minute per
-    /// key); otherwise counts the lookup as the miss or bypass it was.
-    pub(super) fn stale_or_count(
+    /// key); otherwise counts a deferred lookup as the miss or bypass it was.
+    pub(super) fn settle(
         &self,
         c: &mut Client,
         bucket: usize,
         replicas_failed: bool,
     ) -> Option<Arc<Object>> {
-        let copy = c.stale.take()?;
-        let mid = self.shared.bucket_metric[bucket];
-        if !replicas_failed {
-            let result = c.cache.x_cache().map_or("miss", |x| match x {
-                "BYPASS" => "bypass",
-                _ => "miss",
-            });
-            self.core.metrics.borrow_mut().cache(mid, result);
+        if !self.deferred(c) {
             return None;
         }
+        let mid = self.shared.bucket_metric[bucket];
+        let stale = c.stale.take();
+        let Some(copy) = stale.filter(|_| replicas_failed) else {
+            let result = match c.cache {
+                CacheUse::Bypass => "bypass",
+                _ => "miss",
+            };
+            self.core.metrics.borrow_mut().cache(mid, result);
+            return None;
+        };
         self.core.metrics.borrow_mut().cache(mid, "stale");
-        let key = match &c.cache {
-            CacheUse::Fill(k) => k.clone(),
-            _ => String::from_utf8_lossy(&c.req.target).into_owned(),
+        let key = match c.cache.fill_key() {
+            Some(k) => k.to_string(),
+            None => String::from_utf8_lossy(&c.req.target).into_owned(),
         };
         let mut warned = match self.shared.process.stale_warned.lock() {
             Ok(w) => w,
@@ -283,9 +364,7 @@ impl WorkerGeneration {
     /// shared cache store. The bytes already sent with the head
     /// (`answer.conn.buf[head_len..start]`) are copied in.
     pub(super) fn fill_start(&self, c: &Client, answer: &Answer, start: usize) -> Option<Fill<'_>> {
-        let CacheUse::Fill(key) = &c.cache else {
-            return None;
-        };
+        let key = c.cache.fill_key()?;
         let store = self.shared.process.cache.as_ref()?;
         let resp = &answer.resp;
         let Framing::Length(len) = resp.framing() else {
@@ -310,7 +389,7 @@ impl WorkerGeneration {
         }
         let mut fill = Fill {
             store,
-            key: key.clone(),
+            key: key.to_string(),
             len,
             body: Vec::with_capacity(len as usize),
             meta: Some(Object {

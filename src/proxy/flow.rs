@@ -104,9 +104,18 @@ impl WorkerGeneration {
         let mut order_buf = [0usize; crate::config::MAX_REPLICAS];
         let order = self.plan(bucket, &mut order_buf);
         let ctx = RequestCtx { bucket, key, order };
-        let tried = self.try_replicas(c, &ctx).await;
+        let tried = match self.try_replicas(c, &ctx).await {
+            Tried::Answered { answer, next } => match self.confirmed_copy(c, &answer) {
+                Some(confirmed) => {
+                    let copy = self.refresh_copy(c, bucket, answer, confirmed);
+                    return self.serve_cached(c, bucket, &copy, "REVALIDATED").await;
+                }
+                None => Tried::Answered { answer, next },
+            },
+            other => other,
+        };
         let failed = !matches!(tried, Tried::Answered { .. });
-        if let Some(copy) = self.stale_or_count(c, bucket, failed) {
+        if let Some(copy) = self.settle(c, bucket, failed) {
             // Stale-if-error: an expired copy rather than a 502 or 503.
             return self.serve_cached(c, bucket, &copy, "STALE").await;
         }
