@@ -335,3 +335,141 @@ fn an_expired_copy_is_revalidated_with_its_etag_and_replaced_when_it_changed() {
         "{m}"
     );
 }
+
+#[test]
+fn a_reload_keeps_the_cache_and_a_bucket_that_moved_loses_its_entries() {
+    let first = origin("from the first origin", "");
+    let second = origin("from the second origin", "");
+    let proxy = Proxy::start_with(&config(&first.endpoint(), "", ""), 1, &[]);
+    assert_eq!(proxy.get("/b/k").header("x-cache"), Some("MISS"));
+    // An unrelated change (a timeout): the copy survives the reload.
+    let same_place = config(&first.endpoint(), "", "").replace(
+        "      health_check:",
+        "      timeout_seconds: 7\n      health_check:",
+    );
+    proxy.reload(&same_place);
+    assert!(proxy.wait_log("Configuration reloaded", Duration::from_secs(5)));
+    let r = proxy.get("/b/k");
+    assert_eq!(
+        (r.text().as_str(), r.header("x-cache")),
+        ("from the first origin", Some("HIT"))
+    );
+    // The bucket now lives elsewhere: its copies are dropped.
+    proxy.reload(&config(&second.endpoint(), "", ""));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while proxy.log().matches("Configuration reloaded").count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", proxy.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = proxy.get("/b/k");
+    assert_eq!(
+        (r.text().as_str(), r.header("x-cache")),
+        ("from the second origin", Some("MISS"))
+    );
+}
+
+#[test]
+fn purge_and_stats_on_the_admin_port_with_a_token() {
+    let up = origin("purgeable", "");
+    let token = "0123456789abcdef-admin";
+    let cfg = format!(
+        "admin:\n  token: \"{token}\"\n{}",
+        config(&up.endpoint(), "", "")
+    );
+    let proxy = Proxy::start(&cfg);
+    let admin = |method: &str, path: &str, auth: Option<&str>| {
+        let mut c = Conn::open(proxy.metrics_port).unwrap();
+        let bearer = auth.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|b| ("Authorization", b.as_str()))
+            .collect();
+        c.request(method, path, &headers).unwrap()
+    };
+    for key in ["a.txt", "dir/b%20c.txt"] {
+        assert_eq!(
+            proxy.get(&format!("/b/{key}")).header("x-cache"),
+            Some("MISS")
+        );
+        assert_eq!(
+            proxy.get(&format!("/b/{key}")).header("x-cache"),
+            Some("HIT")
+        );
+    }
+    let stats = admin("GET", "/admin/cache/stats", Some(token));
+    assert_eq!(stats.status, 200);
+    assert!(stats.text().contains("\"items\":2"), "{}", stats.text());
+    assert_eq!(admin("GET", "/admin/cache/stats", None).status, 401);
+    assert_eq!(
+        admin("GET", "/admin/cache/stats", Some("0123456789abcdef-wrong")).status,
+        401
+    );
+    // Never on the public port.
+    assert_eq!(http::get(proxy.port, "/admin/cache/stats", &[]).status, 404);
+    let r = admin("POST", "/admin/cache/purge/b/dir/b%20c.txt", Some(token));
+    assert_eq!((r.status, r.text().as_str()), (200, "{\"purged\":1}"));
+    assert_eq!(
+        proxy.get("/b/dir/b%20c.txt").header("x-cache"),
+        Some("MISS")
+    );
+    assert_eq!(proxy.get("/b/a.txt").header("x-cache"), Some("HIT"));
+    let r = admin("POST", "/admin/cache/purge/b", Some(token));
+    assert_eq!((r.status, r.text().as_str()), (200, "{\"purged\":2}"));
+    assert_eq!(proxy.get("/b/a.txt").header("x-cache"), Some("MISS"));
+    assert_eq!(
+        admin("POST", "/admin/cache/purge/nope", Some(token)).status,
+        404
+    );
+}
+
+#[test]
+fn admin_endpoints_are_off_without_a_token() {
+    let up = origin("x", "");
+    let proxy = Proxy::start(&config(&up.endpoint(), "", ""));
+    let mut c = Conn::open(proxy.metrics_port).unwrap();
+    let r = c
+        .request(
+            "GET",
+            "/admin/cache/stats",
+            &[("Authorization", "Bearer anything-at-all-here")],
+        )
+        .unwrap();
+    assert_eq!(r.status, 404);
+}
+
+#[test]
+fn a_purge_during_a_fill_wins() {
+    // The body arrives in two parts 400 ms apart; the purge lands between.
+    let up = Rogue::start(|_| {
+        vec![
+            send("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst"),
+            Step::Sleep(Duration::from_millis(400)),
+            send("-half"),
+        ]
+    });
+    let token = "0123456789abcdef-admin";
+    let cfg = format!(
+        "admin:\n  token: \"{token}\"\n{}",
+        config(&up.endpoint(), "", "")
+    );
+    let proxy = Proxy::start(&cfg);
+    let port = proxy.port;
+    let fetch = std::thread::spawn(move || http::get(port, "/b/k", &[]));
+    std::thread::sleep(Duration::from_millis(150));
+    let mut c = Conn::open(proxy.metrics_port).unwrap();
+    let auth = format!("Bearer {token}");
+    let r = c
+        .request(
+            "POST",
+            "/admin/cache/purge/b/k",
+            &[("Authorization", &auth)],
+        )
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(fetch.join().unwrap().text(), "first-half");
+    assert_eq!(
+        proxy.get("/b/k").header("x-cache"),
+        Some("MISS"),
+        "the fill was stored after the purge"
+    );
+}

@@ -74,6 +74,10 @@ type Inner = quick_cache::sync::Cache<
 pub struct MemoryStore {
     inner: Inner,
     evictions: Arc<AtomicU64>,
+    /// Bumped by every purge; a fill that started before a purge is not
+    /// stored (a purge during a fill wins).
+    purges: AtomicU64,
+    max_bytes: u64,
 }
 
 impl MemoryStore {
@@ -91,6 +95,8 @@ impl MemoryStore {
         Ok(MemoryStore {
             inner: Inner::with_options(options, ByBytes, Default::default(), lifecycle),
             evictions,
+            purges: AtomicU64::new(0),
+            max_bytes,
         })
     }
 
@@ -109,9 +115,29 @@ impl MemoryStore {
         self.inner.insert(key, object);
     }
 
-    /// Drops every entry whose key starts with `prefix` (a bucket's).
-    pub fn remove_prefix(&self, prefix: &str) {
+    /// Drops every entry whose key starts with `prefix` (a bucket's, or an
+    /// object's with all its versions); returns how many.
+    pub fn remove_prefix(&self, prefix: &str) -> usize {
+        let before = self.inner.len();
         self.inner.retain(|k, _| !k.starts_with(prefix));
+        before.saturating_sub(self.inner.len())
+    }
+
+    /// Purges every entry whose key starts with `prefix`; fills under way
+    /// are not stored. Returns how many entries were dropped.
+    pub fn purge(&self, prefix: &str) -> usize {
+        self.purges.fetch_add(1, Ordering::SeqCst);
+        self.remove_prefix(prefix)
+    }
+
+    /// The purge count, taken when a fill starts.
+    pub fn purge_epoch(&self) -> u64 {
+        self.purges.load(Ordering::SeqCst)
+    }
+
+    /// The byte bound (`max_cache_size_mb`).
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
     }
 
     /// Bytes held (keys, headers, bodies and per-entry overhead).
@@ -138,6 +164,11 @@ pub fn key(bucket: &str, encoded_key: &str, query: &str) -> String {
         k.push_str(part);
     }
     k
+}
+
+/// The prefix of every key of one object (all versions and parts).
+pub fn object_prefix(bucket: &str, encoded_key: &str) -> String {
+    format!("{bucket}\0{encoded_key}\0")
 }
 
 /// The prefix of every key of `bucket`.

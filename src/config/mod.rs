@@ -31,6 +31,8 @@ pub struct Config {
     pub logging: Logging,
     /// `cache:`.
     pub cache: CacheSettings,
+    /// `admin.token`: bearer token of the admin endpoints (none: they are off).
+    pub admin_token: Option<String>,
 }
 
 /// `cache:`, resolved (the memory tier; see `crate::cache`).

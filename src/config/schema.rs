@@ -71,6 +71,16 @@ pub struct RawConfig {
     /// The origin cache.
     #[serde(default)]
     pub cache: Option<RawCache>,
+    /// The admin endpoints on the metrics listener.
+    #[serde(default)]
+    pub admin: Option<RawAdmin>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

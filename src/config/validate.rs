@@ -46,6 +46,10 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
     let buckets = buckets(raw.buckets, raw.health_check.as_ref(), &cache, &mut p);
     let metrics = metrics(raw.metrics.as_ref(), server.address, &mut p);
     let logging = logging(raw.logging.as_ref(), &mut p);
+    let admin_token = raw.admin.as_ref().and_then(|a| a.token.clone());
+    if admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+        p.at("admin.token", "must be at least 16 characters");
+    }
     if p.0.is_empty() {
         Ok(Config {
             server,
@@ -53,6 +57,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             metrics,
             logging,
             cache,
+            admin_token,
         })
     } else {
         Err(p.0)

@@ -389,6 +389,7 @@ impl WorkerGeneration {
         }
         let mut fill = Fill {
             store,
+            epoch: store.purge_epoch(),
             key: key.to_string(),
             len,
             body: Vec::with_capacity(len as usize),
@@ -443,6 +444,8 @@ async fn write_bytes(stream: &mut ClientStream, body: Bytes, timeout: Duration) 
 /// to the client, so a client that has the whole body finds it cached.
 pub(super) struct Fill<'s> {
     store: &'s store::MemoryStore,
+    /// The store's purge count when the fill started.
+    epoch: u64,
     key: String,
     len: u64,
     body: Vec<u8>,
@@ -454,7 +457,8 @@ impl crate::http::body::Tee for Fill<'_> {
     fn push(&mut self, bytes: &[u8]) {
         self.body.extend_from_slice(bytes);
         if self.body.len() as u64 == self.len {
-            if let Some(mut object) = self.meta.take() {
+            let purged = self.store.purge_epoch() != self.epoch;
+            if let Some(mut object) = self.meta.take().filter(|_| !purged) {
                 object.body = Bytes::from(std::mem::take(&mut self.body));
                 self.store.insert(std::mem::take(&mut self.key), object);
             }

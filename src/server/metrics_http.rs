@@ -1,4 +1,5 @@
-//! The metrics endpoint (`metrics.port`): a small blocking HTTP server on its
+//! The metrics endpoint (`metrics.port`), with the admin endpoints
+//! (`admin.rs`) when `admin.token` is set: a small blocking HTTP server on its
 //! own thread. `GET /metrics` asks every worker to publish its per-core metrics
 //! (they do on their next tick), merges them and renders Prometheus text.
 
@@ -78,12 +79,19 @@ fn handle(mut s: TcpStream, shared: &Process) -> std::io::Result<()> {
             break;
         }
     }
-    let line = buf[..len].split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let method = parts.next().unwrap_or("");
-    let path = parts.next().unwrap_or("");
-    let (status, ctype, body) = if (method == "GET" || method == "HEAD")
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let _ = req.parse(&buf[..len]);
+    let method = req.method.unwrap_or("");
+    let path = req.path.unwrap_or("");
+    let authorization = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+        .and_then(|h| std::str::from_utf8(h.value).ok());
+    let (status, ctype, body) = if path.starts_with("/admin/") {
+        super::admin::handle(shared, method, path, authorization)
+    } else if (method == "GET" || method == "HEAD")
         && (path == "/metrics" || path.starts_with("/metrics?"))
     {
         (200, "text/plain; version=0.0.4", gather(shared))

@@ -6,6 +6,7 @@
 //! `Connection: close` from then on, and the process exits once no request is
 //! in flight or `server.shutdown_timeout_seconds` has passed.
 
+pub mod admin;
 pub mod driver;
 pub mod metrics_http;
 
