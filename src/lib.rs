@@ -2,6 +2,7 @@
 //! yatagarasu: a read-only S3 origin proxy that keeps serving when an S3
 //! endpoint dies. See README.md for the tour; `proxy.rs` reads top to bottom.
 
+pub mod access;
 pub mod cache;
 pub mod clock;
 pub mod config;

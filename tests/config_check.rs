@@ -267,3 +267,27 @@ fn the_cache_section_is_checked_by_path_and_unlanded_parts_are_refused() {
         "{out}"
     );
 }
+
+#[test]
+fn ip_filter_ranges_are_checked_by_path() {
+    let bad = GOOD
+        .replacen(
+            "    s3:",
+            "    ip_filter:\n      allowlist: [\"10.0.0.0/8\", \"10.0.0.0/40\"]\n      blocklist: [\"nope\"]\n    s3:",
+            1,
+        )
+        .replacen(
+            "server:\n  address: \"127.0.0.1:8080\"",
+            "server:\n  address: \"127.0.0.1:8080\"\n  trusted_proxies: [\"300.1.1.1\"]",
+            1,
+        );
+    let (code, out) = check(&bad, &ENV);
+    assert_eq!(code, 1);
+    for needle in [
+        "buckets[0].ip_filter.allowlist[1]: \"10.0.0.0/40\" has an invalid prefix length",
+        "buckets[0].ip_filter.blocklist[0]: \"nope\" is not an IP address",
+        "server.trusted_proxies[0]: \"300.1.1.1\" is not an IP address",
+    ] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+}

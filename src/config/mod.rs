@@ -80,6 +80,8 @@ pub struct Server {
     pub shutdown_timeout: Duration,
     /// `server.zero_copy`.
     pub zero_copy: ZeroCopy,
+    /// `server.trusted_proxies`: peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<crate::access::ip::Cidr>,
     /// `server.tls`: serve HTTPS with this certificate chain and key (PEM).
     pub tls: Option<ListenerTls>,
 }
@@ -219,6 +221,10 @@ pub struct Bucket {
     pub health: HealthSettings,
     /// `cache` (or the top-level settings).
     pub cache: BucketCache,
+    /// `ip_filter.allowlist`: when not empty, only these ranges may read.
+    pub allowlist: Vec<crate::access::ip::Cidr>,
+    /// `ip_filter.blocklist`: these ranges may not read (wins over the allowlist).
+    pub blocklist: Vec<crate::access::ip::Cidr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -150,6 +150,8 @@ pub struct RawServer {
     #[serde(default)]
     pub zero_copy: Option<ZeroCopy>,
     #[serde(default)]
+    pub trusted_proxies: Option<Vec<String>>,
+    #[serde(default)]
     pub tls: Option<RawListenerTls>,
 }
 
@@ -170,6 +172,17 @@ pub struct RawBucket {
     pub auth: Option<RawAuth>,
     #[serde(default)]
     pub cache: Option<RawBucketCache>,
+    #[serde(default)]
+    pub ip_filter: Option<RawIpFilter>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIpFilter {
+    #[serde(default)]
+    pub allowlist: Vec<String>,
+    #[serde(default)]
+    pub blocklist: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

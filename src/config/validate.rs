@@ -113,6 +113,11 @@ fn server(raw: &RawServer, p: &mut Problems) -> Server {
     }
     Server {
         tls,
+        trusted_proxies: cidrs(
+            raw.trusted_proxies.as_deref().unwrap_or_default(),
+            "server.trusted_proxies",
+            p,
+        ),
         zero_copy: raw.zero_copy.unwrap_or_default(),
         address,
         workers,
@@ -164,6 +169,13 @@ fn buckets(
             );
         }
         let bucket_cache = bucket_cache(b.cache.as_ref(), cache, &format!("{at}.cache"), p);
+        let (allowlist, blocklist) = match &b.ip_filter {
+            None => (Vec::new(), Vec::new()),
+            Some(f) => (
+                cidrs(&f.allowlist, &format!("{at}.ip_filter.allowlist"), p),
+                cidrs(&f.blocklist, &format!("{at}.ip_filter.blocklist"), p),
+            ),
+        };
         let at3 = format!("{at}.s3");
         let s3 = &b.s3;
         let replicas = replicas(s3, &at3, p);
@@ -183,6 +195,8 @@ fn buckets(
             breaker,
             health,
             cache: bucket_cache,
+            allowlist,
+            blocklist,
         });
     }
     out
@@ -282,6 +296,20 @@ fn bucket_cache(
         out.max_item_bytes = v.max(1) * MIB;
     }
     out
+}
+
+/// A list of CIDR ranges; each bad entry is reported with its index.
+fn cidrs(list: &[String], at: &str, p: &mut Problems) -> Vec<crate::access::ip::Cidr> {
+    list.iter()
+        .enumerate()
+        .filter_map(|(i, s)| match crate::access::ip::Cidr::parse(s) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                p.at(&format!("{at}[{i}]"), e);
+                None
+            }
+        })
+        .collect()
 }
 
 fn path_prefix(raw: &str, at: &str, p: &mut Problems) -> String {

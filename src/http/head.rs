@@ -65,6 +65,9 @@ pub struct Request {
     pub has_body: bool,
     /// `X-Request-ID` from the client (if sane) or generated.
     pub request_id: String,
+    /// `X-Forwarded-For` as sent (several headers joined with `,`); only
+    /// believed from trusted proxies (see `access::ip`).
+    pub forwarded_for: String,
     /// `(index into FORWARDED_REQUEST_HEADERS, value)`.
     pub forwarded: Vec<(usize, String)>,
     spare: Vec<String>,
@@ -166,6 +169,7 @@ fn request_line(parsed: &httparse::Request<'_, '_>, req: &mut Request) -> Result
     req.http10 = parsed.version == Some(0);
     req.has_body = false;
     req.request_id.clear();
+    req.forwarded_for.clear();
     for (_, v) in req.forwarded.drain(..) {
         req.spare.push(v);
     }
@@ -224,6 +228,13 @@ fn request_headers(headers: &[httparse::Header<'_>], req: &mut Request) -> Resul
                 return Err(HeadError::BadRequest("request bodies are not accepted"));
             }
             req.has_body = true;
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            if let Ok(v) = std::str::from_utf8(value) {
+                if !req.forwarded_for.is_empty() {
+                    req.forwarded_for.push(',');
+                }
+                req.forwarded_for.push_str(v);
+            }
         } else if name.eq_ignore_ascii_case("x-request-id") {
             if !value.is_empty() && value.len() <= 128 && value.iter().all(u8::is_ascii_graphic) {
                 req.request_id.clear();

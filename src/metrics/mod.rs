@@ -61,6 +61,8 @@ pub struct WorkerMetrics {
     pub cache: HashMap<(usize, &'static str), u64>,
     /// Bucket metric id -> body bytes served from the cache.
     pub cache_saved: HashMap<usize, u64>,
+    /// Bucket metric id -> requests refused by the bucket's IP filter.
+    pub ip_filtered: HashMap<usize, u64>,
     /// `(from replica id, to replica id) -> count`.
     pub failovers: HashMap<(usize, usize), u64>,
 }
@@ -80,6 +82,7 @@ impl WorkerMetrics {
             failovers: HashMap::new(),
             cache: HashMap::new(),
             cache_saved: HashMap::new(),
+            ip_filtered: HashMap::new(),
         }
     }
 
@@ -187,6 +190,9 @@ impl WorkerMetrics {
         }
         for (k, v) in &other.cache_saved {
             *self.cache_saved.entry(*k).or_insert(0) += v;
+        }
+        for (k, v) in &other.ip_filtered {
+            *self.ip_filtered.entry(*k).or_insert(0) += v;
         }
     }
 }

@@ -128,6 +128,17 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
         metrics,
     ));
     cache_families(shared, merged, &bucket_name, &mut families);
+    let mut filtered: Vec<_> = merged.ip_filtered.iter().collect();
+    filtered.sort();
+    families.push(family(
+        "yatagarasu_ip_filtered_total",
+        "Requests refused by a bucket's IP filter.",
+        MetricType::COUNTER,
+        filtered
+            .into_iter()
+            .map(|(b, v)| counter(&[("bucket", bucket_name(*b))], *v as f64))
+            .collect(),
+    ));
     families.push(family(
         "yatagarasu_request_duration_seconds",
         "Time from request head to last response byte.",

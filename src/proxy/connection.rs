@@ -74,7 +74,12 @@ impl WorkerGeneration {
     // ---- connection loop ----
 
     /// Serves one client connection until it closes, errs or idles out.
-    pub async fn serve(&self, stream: TcpStream, tls: Option<&monoio_rustls::TlsAcceptor>) {
+    pub async fn serve(
+        &self,
+        stream: TcpStream,
+        tls: Option<&monoio_rustls::TlsAcceptor>,
+        peer: std::net::IpAddr,
+    ) {
         let _ = stream.set_nodelay(true);
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let stream = match tls {
@@ -98,6 +103,7 @@ impl WorkerGeneration {
         let mut c = Client {
             stream,
             fd,
+            peer,
             // Allocated when the first bytes are readable (see read_head).
             rbuf: Vec::new(),
             wbuf: Vec::new(),

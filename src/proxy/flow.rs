@@ -70,6 +70,11 @@ impl WorkerGeneration {
             Ok(found) => found,
             Err(e) => return self.route_error(c, e).await,
         };
+        if !self.ip_allowed(c, bucket) {
+            return self
+                .simple_outcome(c, 403, "text/plain", b"forbidden\n", &[])
+                .await;
+        }
         c.query.clear();
         if let Err(e) = router::upstream_query(&c.req.target, &mut c.query) {
             return self.route_error(c, e).await;
@@ -83,6 +88,37 @@ impl WorkerGeneration {
         };
         c.upath = encoded;
         o
+    }
+
+    /// Step "access": the bucket's IP filter on the client's address (the
+    /// peer, or behind `server.trusted_proxies` its `X-Forwarded-For`).
+    fn ip_allowed(&self, c: &Client, bucket: usize) -> bool {
+        let b = self.shared.bucket(bucket);
+        if b.allowlist.is_empty() && b.blocklist.is_empty() {
+            return true;
+        }
+        let xff = (!c.req.forwarded_for.is_empty()).then_some(c.req.forwarded_for.as_str());
+        let trusted = &self.shared.config.server.trusted_proxies;
+        let client = crate::access::ip::client_address(c.peer, xff, trusted);
+        if crate::access::ip::allowed(client, &b.allowlist, &b.blocklist) {
+            return true;
+        }
+        let mid = self.shared.bucket_metric[bucket];
+        *self
+            .core
+            .metrics
+            .borrow_mut()
+            .ip_filtered
+            .entry(mid)
+            .or_insert(0) += 1;
+        log!(
+            Level::Info,
+            "Request refused by the bucket's IP filter",
+            bucket = b.name,
+            client = client,
+            request_id = c.req.request_id,
+        );
+        false
     }
 
     async fn route_error(&self, c: &mut Client, e: RouteError) -> Outcome {

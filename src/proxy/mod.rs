@@ -166,6 +166,8 @@ struct Client {
     stream: ClientStream,
     /// The TCP socket under `stream`, to abort it with a reset.
     fd: RawFd,
+    /// The socket peer's address.
+    peer: std::net::IpAddr,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
     req: Request,

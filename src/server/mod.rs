@@ -394,7 +394,7 @@ async fn worker_main(
                 let worker = core.current();
                 let tls = tls.clone();
                 monoio::spawn(async move {
-                    worker.serve(stream, tls.as_deref()).await;
+                    worker.serve(stream, tls.as_deref(), peer.ip()).await;
                     worker.shared.process.workers[worker.id]
                         .open_connections
                         .fetch_sub(1, Ordering::Relaxed);
