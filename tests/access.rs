@@ -88,3 +88,64 @@ fn x_forwarded_for_counts_only_from_trusted_proxies() {
         "no header: the peer"
     );
 }
+
+fn limited(endpoint: &str, server_extra: &str, bucket_extra: &str, top: &str) -> String {
+    let port = free_port();
+    format!(
+        "server:\n  address: \"127.0.0.1:{port}\"\n  workers: 1\n{server_extra}{top}buckets:\n  - name: \"b\"\n    path_prefix: \"/b\"\n    s3:\n      bucket: \"bkt\"\n      endpoint: \"{endpoint}\"\n      access_key: \"{AK}\"\n      secret_key: \"{SK}\"\n{bucket_extra}      health_check:\n        enabled: false\n"
+    )
+}
+
+#[test]
+fn per_ip_and_global_limits_answer_429_with_retry_after() {
+    let up = upstream();
+    let per_ip = "  trusted_proxies: [\"127.0.0.1/32\"]\n  rate_limit:\n    enabled: true\n    per_ip:\n      requests_per_second: 1\n      burst: 2\n";
+    let proxy = Proxy::start(&limited(&up.endpoint(), per_ip, "", ""));
+    let from = |ip: &str| http::get(proxy.port, "/b/k", &[("X-Forwarded-For", ip)]);
+    assert_eq!(from("10.0.0.1").status, 200);
+    assert_eq!(from("10.0.0.1").status, 200);
+    let r = from("10.0.0.1");
+    assert_eq!(r.status, 429);
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    assert_eq!(
+        from("10.0.0.2").status,
+        200,
+        "another address has its own bucket"
+    );
+    assert_eq!(up.seen().len(), 3);
+    assert!(proxy
+        .metrics()
+        .contains("yatagarasu_rate_limited_total{scope=\"per_ip\"} 1"));
+
+    let global = "  rate_limit:\n    enabled: true\n    global:\n      requests_per_second: 1\n";
+    let proxy = Proxy::start(&limited(&up.endpoint(), global, "", ""));
+    let first = http::get(proxy.port, "/b/k", &[]);
+    let second = http::get(proxy.port, "/b/k", &[]);
+    assert_eq!((first.status, second.status), (200, 429));
+    // Disabled limits do nothing.
+    let off = "  rate_limit:\n    enabled: false\n    global:\n      requests_per_second: 1\n";
+    let proxy = Proxy::start(&limited(&up.endpoint(), off, "", ""));
+    for _ in 0..5 {
+        assert_eq!(http::get(proxy.port, "/b/k", &[]).status, 200);
+    }
+}
+
+#[test]
+fn the_bucket_upstream_limit_guards_upstream_requests_and_cache_hits_do_not_count() {
+    let up = upstream();
+    let cache = "cache:\n  enabled: true\n";
+    let bucket = "      rate_limit:\n        requests_per_second: 1\n";
+    let proxy = Proxy::start(&limited(&up.endpoint(), "", bucket, cache));
+    assert_eq!(proxy.get("/b/cached").status, 200);
+    for _ in 0..10 {
+        let r = proxy.get("/b/cached");
+        assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
+    }
+    let r = proxy.get("/b/other");
+    assert_eq!(r.status, 429, "a second upstream request within the second");
+    assert_eq!(up.seen().len(), 1);
+    assert!(proxy
+        .metrics()
+        .contains("yatagarasu_rate_limited_total{scope=\"bucket\"} 1"));
+}

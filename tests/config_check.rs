@@ -291,3 +291,24 @@ fn ip_filter_ranges_are_checked_by_path() {
         assert!(out.contains(needle), "{needle}: {out}");
     }
 }
+
+#[test]
+fn rate_limits_are_checked_by_path() {
+    let bad = GOOD.replacen(
+        "server:\n  address: \"127.0.0.1:8080\"",
+        "server:\n  address: \"127.0.0.1:8080\"\n  rate_limit:\n    enabled: true\n    global:\n      requests_per_second: 0\n    per_ip:\n      requests_per_second: 5\n      burst: 0.5\n    per_host: {}",
+        1,
+    );
+    let (code, out) = check(&bad, &ENV);
+    assert_eq!(code, 1);
+    assert!(out.contains("server.rate_limit"), "{out}");
+    let bad = bad.replace("\n    per_host: {}", "");
+    let (code, out) = check(&bad, &ENV);
+    assert_eq!(code, 1);
+    for needle in [
+        "server.rate_limit.global.requests_per_second: must be a positive number",
+        "server.rate_limit.per_ip.burst: must be at least 1",
+    ] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+}

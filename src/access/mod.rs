@@ -1,5 +1,7 @@
-//! Who may read (issue #11), landing in steps. What is here: IP filters per
-//! bucket and the client address behind trusted proxies ([`ip`], pure).
-//! Not yet: JWT authentication and rate limits.
+//! Who may read (issue #11), landing in steps. What is here, pure: IP
+//! filters per bucket and the client address behind trusted proxies
+//! ([`ip`]); token buckets for rate limits ([`rate`]). Not yet: JWT
+//! authentication.
 
 pub mod ip;
+pub mod rate;

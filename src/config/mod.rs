@@ -51,6 +51,24 @@ pub struct CacheSettings {
     pub stale_if_error: Duration,
 }
 
+/// A rate: requests a second, and how many may come at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Sustained requests per second (process-wide).
+    pub per_second: f64,
+    /// Requests admitted at once (process-wide).
+    pub burst: f64,
+}
+
+/// `server.rate_limit`, resolved (empty when not enabled).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RateLimits {
+    /// `global`: every client request together.
+    pub global: Option<Rate>,
+    /// `per_ip`: each client address.
+    pub per_ip: Option<Rate>,
+}
+
 /// `buckets[].cache`, resolved against `cache:`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketCache {
@@ -80,6 +98,8 @@ pub struct Server {
     pub shutdown_timeout: Duration,
     /// `server.zero_copy`.
     pub zero_copy: ZeroCopy,
+    /// `server.rate_limit` when enabled: client request limits.
+    pub rate_limit: RateLimits,
     /// `server.trusted_proxies`: peers whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<crate::access::ip::Cidr>,
     /// `server.tls`: serve HTTPS with this certificate chain and key (PEM).
@@ -221,6 +241,9 @@ pub struct Bucket {
     pub health: HealthSettings,
     /// `cache` (or the top-level settings).
     pub cache: BucketCache,
+    /// `s3.rate_limit`: requests sent upstream for this bucket (cache hits
+    /// do not count).
+    pub upstream_rate: Option<Rate>,
     /// `ip_filter.allowlist`: when not empty, only these ranges may read.
     pub allowlist: Vec<crate::access::ip::Cidr>,
     /// `ip_filter.blocklist`: these ranges may not read (wins over the allowlist).

@@ -152,6 +152,8 @@ pub struct RawServer {
     #[serde(default)]
     pub trusted_proxies: Option<Vec<String>>,
     #[serde(default)]
+    pub rate_limit: Option<RawRateLimit>,
+    #[serde(default)]
     pub tls: Option<RawListenerTls>,
 }
 
@@ -174,6 +176,26 @@ pub struct RawBucket {
     pub cache: Option<RawBucketCache>,
     #[serde(default)]
     pub ip_filter: Option<RawIpFilter>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub global: Option<RawRate>,
+    #[serde(default)]
+    pub per_ip: Option<RawRate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRate {
+    #[serde(deserialize_with = "flex")]
+    pub requests_per_second: f64,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub burst: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -214,6 +236,8 @@ pub struct RawS3 {
     pub circuit_breaker: Option<RawCircuitBreaker>,
     #[serde(default)]
     pub health_check: Option<RawHealthCheck>,
+    #[serde(default)]
+    pub rate_limit: Option<RawRate>,
 }
 
 #[derive(Debug, Default, Deserialize)]

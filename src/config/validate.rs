@@ -113,6 +113,7 @@ fn server(raw: &RawServer, p: &mut Problems) -> Server {
     }
     Server {
         tls,
+        rate_limit: rate_limits(raw.rate_limit.as_ref(), p),
         trusted_proxies: cidrs(
             raw.trusted_proxies.as_deref().unwrap_or_default(),
             "server.trusted_proxies",
@@ -169,6 +170,10 @@ fn buckets(
             );
         }
         let bucket_cache = bucket_cache(b.cache.as_ref(), cache, &format!("{at}.cache"), p);
+        let upstream_rate =
+            b.s3.rate_limit
+                .as_ref()
+                .map(|r| rate(r, &format!("{at}.s3.rate_limit"), p));
         let (allowlist, blocklist) = match &b.ip_filter {
             None => (Vec::new(), Vec::new()),
             Some(f) => (
@@ -195,6 +200,7 @@ fn buckets(
             breaker,
             health,
             cache: bucket_cache,
+            upstream_rate,
             allowlist,
             blocklist,
         });
@@ -296,6 +302,43 @@ fn bucket_cache(
         out.max_item_bytes = v.max(1) * MIB;
     }
     out
+}
+
+/// `server.rate_limit`: nothing unless `enabled`.
+fn rate_limits(raw: Option<&RawRateLimit>, p: &mut Problems) -> RateLimits {
+    let Some(r) = raw else {
+        return RateLimits::default();
+    };
+    let global = r
+        .global
+        .as_ref()
+        .map(|g| rate(g, "server.rate_limit.global", p));
+    let per_ip = r
+        .per_ip
+        .as_ref()
+        .map(|g| rate(g, "server.rate_limit.per_ip", p));
+    if r.enabled != Some(true) {
+        return RateLimits::default();
+    }
+    RateLimits { global, per_ip }
+}
+
+/// A rate: positive requests per second; burst (default: one second's worth) >= 1.
+fn rate(r: &RawRate, at: &str, p: &mut Problems) -> Rate {
+    if !(r.requests_per_second > 0.0 && r.requests_per_second.is_finite()) {
+        p.at(
+            &format!("{at}.requests_per_second"),
+            "must be a positive number",
+        );
+    }
+    let burst = r.burst.unwrap_or(r.requests_per_second.max(1.0));
+    if !(burst >= 1.0 && burst.is_finite()) {
+        p.at(&format!("{at}.burst"), "must be at least 1");
+    }
+    Rate {
+        per_second: r.requests_per_second.max(0.001),
+        burst: burst.max(1.0),
+    }
 }
 
 /// A list of CIDR ranges; each bad entry is reported with its index.

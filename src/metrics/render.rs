@@ -128,6 +128,17 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
         metrics,
     ));
     cache_families(shared, merged, &bucket_name, &mut families);
+    let mut limited: Vec<_> = merged.rate_limited.iter().collect();
+    limited.sort();
+    families.push(family(
+        "yatagarasu_rate_limited_total",
+        "Requests refused with 429 by a rate limit, by scope (global, per_ip, bucket).",
+        MetricType::COUNTER,
+        limited
+            .into_iter()
+            .map(|(scope, v)| counter(&[("scope", scope)], *v as f64))
+            .collect(),
+    ));
     let mut filtered: Vec<_> = merged.ip_filtered.iter().collect();
     filtered.sort();
     families.push(family(

@@ -66,6 +66,9 @@ impl WorkerGeneration {
 
     /// Step "route": decoded path -> bucket and key; the forwarded query.
     async fn route_and_proxy(&self, c: &mut Client, path: &str) -> Outcome {
+        if let Some(refused) = self.limit_client(c).await {
+            return refused;
+        }
         let (bucket, key) = match self.shared.router.route(path) {
             Ok(found) => found,
             Err(e) => return self.route_error(c, e).await,
@@ -137,6 +140,9 @@ impl WorkerGeneration {
 
     /// Steps "plan", "try replicas", then "relay" or the error answers.
     async fn proxy(&self, c: &mut Client, bucket: usize, key: &str) -> Outcome {
+        if let Some(refused) = self.limit_upstream(c, bucket).await {
+            return refused;
+        }
         let mut order_buf = [0usize; crate::config::MAX_REPLICAS];
         let order = self.plan(bucket, &mut order_buf);
         let ctx = RequestCtx { bucket, key, order };

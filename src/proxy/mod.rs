@@ -39,6 +39,7 @@ mod breakers;
 mod cache;
 mod connection;
 mod flow;
+mod limits;
 mod relay;
 mod resume;
 use crate::stream::{ClientStream, MaybeTls};
@@ -74,6 +75,8 @@ pub struct WorkerGeneration {
     pub pool: Pool,
     /// Per-core state that outlives generations.
     pub core: Rc<Worker>,
+    /// This worker's share of the rate limits.
+    limits: RefCell<limits::Limiters>,
 }
 
 /// One worker thread's state that outlives configuration generations (owned
@@ -280,6 +283,7 @@ impl WorkerGeneration {
             .map(|r| Signer::new(&r.config.access_key, &r.config.secret_key, &r.config.region))
             .collect();
         WorkerGeneration {
+            limits: RefCell::new(limits::Limiters::new(&shared.config)),
             id: core.id,
             pool: Pool::new(shared.replicas.len()),
             breakers: RefCell::new(breakers),

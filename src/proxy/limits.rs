@@ -1,0 +1,101 @@
+//! Step "limits": rate limits before a request costs anything. Client limits
+//! (`server.rate_limit`: global and per address) run right after routing; the
+//! bucket's upstream limit (`s3.rate_limit`, an S3 bill guard) runs only when
+//! a request is about to go upstream, so cache hits never count. Excess gets
+//! 429 with `Retry-After`. Each worker holds its share of every limit
+//! (`access::rate`).
+
+use super::*;
+use crate::access::rate::{PerAddress, TokenBucket};
+use crate::config::Rate;
+
+/// Addresses tracked per worker for `per_ip` (least recently seen dropped).
+const PER_IP_ADDRESSES: usize = 65_536;
+
+/// One worker's token buckets for one configuration generation.
+pub(super) struct Limiters {
+    global: Option<TokenBucket>,
+    per_ip: Option<PerAddress>,
+    /// By bucket index.
+    upstream: Vec<Option<TokenBucket>>,
+}
+
+/// This worker's share of a process-wide rate.
+fn share(r: Rate, workers: usize) -> (f64, f64) {
+    let w = workers.max(1) as f64;
+    (r.per_second / w, (r.burst / w).max(1.0))
+}
+
+impl Limiters {
+    pub(super) fn new(config: &crate::config::Config) -> Limiters {
+        let w = config.server.workers;
+        let now = now_ms();
+        let bucket = |r: Rate| {
+            let (rate, burst) = share(r, w);
+            TokenBucket::new(rate, burst, now)
+        };
+        let limits = &config.server.rate_limit;
+        Limiters {
+            global: limits.global.map(bucket),
+            per_ip: limits.per_ip.map(|r| {
+                let (rate, burst) = share(r, w);
+                PerAddress::new(rate, burst, PER_IP_ADDRESSES)
+            }),
+            upstream: config
+                .buckets
+                .iter()
+                .map(|b| b.upstream_rate.map(bucket))
+                .collect(),
+        }
+    }
+}
+
+impl WorkerGeneration {
+    /// Client limits: `Some(outcome)` (a 429) when the request is refused.
+    pub(super) async fn limit_client(&self, c: &mut Client) -> Option<Outcome> {
+        let now = now_ms();
+        let verdict = {
+            let mut l = self.limits.borrow_mut();
+            let per_ip = match l.per_ip.as_mut() {
+                Some(t) => {
+                    let xff =
+                        (!c.req.forwarded_for.is_empty()).then_some(c.req.forwarded_for.as_str());
+                    let trusted = &self.shared.config.server.trusted_proxies;
+                    let ip = crate::access::ip::client_address(c.peer, xff, trusted);
+                    t.take(ip, now).err().map(|w| ("per_ip", w))
+                }
+                None => None,
+            };
+            per_ip.or_else(|| {
+                l.global
+                    .as_mut()
+                    .and_then(|g| g.take(now).err().map(|w| ("global", w)))
+            })
+        };
+        let (scope, wait_ms) = verdict?;
+        Some(self.too_many(c, scope, wait_ms).await)
+    }
+
+    /// The bucket's upstream limit: `Some(outcome)` (a 429) when refused.
+    pub(super) async fn limit_upstream(&self, c: &mut Client, bucket: usize) -> Option<Outcome> {
+        let wait_ms = {
+            let mut l = self.limits.borrow_mut();
+            l.upstream.get_mut(bucket)?.as_mut()?.take(now_ms()).err()?
+        };
+        Some(self.too_many(c, "bucket", wait_ms).await)
+    }
+
+    async fn too_many(&self, c: &mut Client, scope: &'static str, wait_ms: u64) -> Outcome {
+        *self
+            .core
+            .metrics
+            .borrow_mut()
+            .rate_limited
+            .entry(scope)
+            .or_insert(0) += 1;
+        let secs = itoa(wait_ms.div_ceil(1000).max(1));
+        let extra = [("Retry-After", secs.as_str())];
+        self.simple_outcome(c, 429, "text/plain", b"too many requests\n", &extra)
+            .await
+    }
+}
