@@ -205,20 +205,7 @@ fn handle(
                     let _ = client.write_all(chunk);
                     if matches!(mode, Mode::ResetAfter(_)) {
                         // SO_LINGER 0 then close: the peer sees a reset.
-                        let l = libc::linger {
-                            l_onoff: 1,
-                            l_linger: 0,
-                        };
-                        unsafe {
-                            use std::os::fd::AsRawFd;
-                            libc::setsockopt(
-                                client.as_raw_fd(),
-                                libc::SOL_SOCKET,
-                                libc::SO_LINGER,
-                                &l as *const libc::linger as *const libc::c_void,
-                                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                            );
-                        }
+                        super::rogue::reset_on_close(&client);
                         let _ = upstream.shutdown(Shutdown::Both);
                         drop(client);
                         return;
