@@ -1,6 +1,8 @@
-#![warn(missing_docs)]
 //! yatagarasu: a read-only S3 origin proxy that keeps serving when an S3
-//! endpoint dies. See README.md for the tour; `proxy.rs` reads top to bottom.
+//! endpoint dies. See README.md for the tour; `proxy/flow.rs` reads the request
+//! path top to bottom.
+
+#![warn(missing_docs)]
 
 pub mod access;
 pub mod cache;

@@ -95,26 +95,43 @@ fn fail_usage(msg: &str) -> ! {
     std::process::exit(2);
 }
 
-/// A dependency-free liveness probe for container health checks.
+/// A liveness probe for container health checks (no curl in the image):
+/// `GET /health` through the proxy's own upstream client.
 fn probe(addr: &str) -> i32 {
-    use std::io::{Read, Write};
     use std::net::ToSocketAddrs;
-    use std::time::Duration;
     let Some(sock) = addr.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
         eprintln!("--probe: {addr:?} is not host:port");
         return 2;
     };
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(3)) else {
+    let host = match sock.ip() {
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        v4 => v4.to_string(),
+    };
+    let endpoint = config::Endpoint {
+        tls: false,
+        authority: format!("{host}:{}", sock.port()),
+        host,
+        port: sock.port(),
+    };
+    let runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build();
+    let Ok(mut runtime) = runtime else {
+        eprintln!("--probe: cannot start a runtime");
         return 1;
     };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-    let req = format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    if s.write_all(req.as_bytes()).is_err() {
-        return 1;
-    }
-    let mut buf = [0u8; 32];
-    match s.read(&mut buf) {
-        Ok(n) if buf[..n].starts_with(b"HTTP/1.1 200") => 0,
-        _ => 1,
+    let timeout = std::time::Duration::from_secs(3);
+    match runtime.block_on(yatagarasu::upstream::client::get_status(
+        &endpoint, "/health", timeout,
+    )) {
+        Ok(200) => 0,
+        Ok(status) => {
+            eprintln!("--probe: /health answered {status}");
+            1
+        }
+        Err(e) => {
+            eprintln!("--probe: {e}");
+            1
+        }
     }
 }

@@ -206,3 +206,30 @@ pub fn reusable(resp: &Response, conn: &UpConn, head_len: usize, body_exact: boo
         Framing::Length(_) | Framing::Chunked => true,
     }
 }
+
+/// `GET <path>` on a plain-HTTP endpoint through this client, within
+/// `timeout`: the final status, or why there is none. For `--probe`.
+pub async fn get_status(
+    endpoint: &crate::config::Endpoint,
+    path: &str,
+    timeout: std::time::Duration,
+) -> Result<u16, String> {
+    let deadline = Instant::now() + timeout;
+    let pool = super::pool::Pool::new(1);
+    let mut conn = pool
+        .connect(0, endpoint, None, timeout)
+        .await
+        .map_err(|(cause, detail)| format!("{}: {detail}", cause.label()))?;
+    let mut request = Vec::with_capacity(128);
+    for part in ["GET ", path, " HTTP/1.1\r\n"] {
+        request.extend_from_slice(part.as_bytes());
+    }
+    head::header(&mut request, "Host", &endpoint.authority);
+    head::header(&mut request, "Connection", "close");
+    request.extend_from_slice(b"\r\n");
+    let mut resp = Response::default();
+    exchange(&mut conn, &mut request, false, deadline, &mut resp)
+        .await
+        .map(|_| resp.status)
+        .map_err(|e| format!("{}: {}", e.cause.label(), e.detail))
+}
