@@ -312,3 +312,26 @@ fn rate_limits_are_checked_by_path() {
         assert!(out.contains(needle), "{needle}: {out}");
     }
 }
+
+#[test]
+fn jwt_settings_are_checked_by_path() {
+    let jwt = "jwt:\n  enabled: true\n  algorithm: \"HS999\"\n  secret: \"s\"\n  keys:\n    - { id: \"k1\", algorithm: \"RS256\", path: \"/nonexistent.pem\" }\n    - { id: \"k2\", algorithm: \"HS256\" }\n  token_sources:\n    - { type: \"header\" }\n    - { type: \"smoke\" }\n  claims:\n    - { claim: \"role\", operator: \"like\", value: \"x\" }\n    - { claim: \"role\", operator: \"in\", value: \"x\" }\n  jwks_url: \"https://auth.example.com/jwks.json\"\n";
+    let (code, out) = check(&format!("{GOOD}{jwt}"), &ENV);
+    assert_eq!(code, 1);
+    for needle in [
+        "jwt.algorithm: \"HS999\" is not one of",
+        "jwt.keys[0]: cannot read \"/nonexistent.pem\"",
+        "jwt.keys[1]: needs a non-empty secret",
+        "jwt.token_sources[0].name: is required for this type",
+        "jwt.token_sources[1].type: \"smoke\" is not one of bearer, header, query, cookie",
+        "jwt.claims[0].operator: \"like\" is not one of",
+        "jwt.claims[1].value: must be a list for the in operator",
+        "jwt.jwks_url: fetching keys from a JWKS URL is not available",
+    ] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+    let no_key = format!("{GOOD}jwt:\n  enabled: true\n");
+    let (code, out) = check(&no_key, &ENV);
+    assert_eq!(code, 1);
+    assert!(out.contains("jwt: enabled with no key"), "{out}");
+}

@@ -4,4 +4,5 @@
 //! authentication.
 
 pub mod ip;
+pub mod jwt;
 pub mod rate;

@@ -33,6 +33,8 @@ pub struct Config {
     pub cache: CacheSettings,
     /// `admin.token`: bearer token of the admin endpoints (none: they are off).
     pub admin_token: Option<String>,
+    /// `jwt:` when enabled: keys, token sources and claim rules.
+    pub jwt: Option<std::sync::Arc<crate::access::jwt::JwtSettings>>,
 }
 
 /// `cache:`, resolved (the memory tier; see `crate::cache`).
@@ -244,6 +246,8 @@ pub struct Bucket {
     /// `s3.rate_limit`: requests sent upstream for this bucket (cache hits
     /// do not count).
     pub upstream_rate: Option<Rate>,
+    /// `auth.enabled`: every request needs a valid JWT (see `jwt:`).
+    pub auth: bool,
     /// `ip_filter.allowlist`: when not empty, only these ranges may read.
     pub allowlist: Vec<crate::access::ip::Cidr>,
     /// `ip_filter.blocklist`: these ranges may not read (wins over the allowlist).

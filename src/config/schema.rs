@@ -74,6 +74,67 @@ pub struct RawConfig {
     /// The admin endpoints on the metrics listener.
     #[serde(default)]
     pub admin: Option<RawAdmin>,
+    /// JWT authentication.
+    #[serde(default)]
+    pub jwt: Option<RawJwt>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub algorithm: Option<String>,
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub rsa_public_key_path: Option<String>,
+    #[serde(default)]
+    pub ecdsa_public_key_path: Option<String>,
+    #[serde(default)]
+    pub keys: Option<Vec<RawJwtKey>>,
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub jwks_refresh_interval_secs: Option<u64>,
+    #[serde(default)]
+    pub token_sources: Option<Vec<RawTokenSource>>,
+    #[serde(default)]
+    pub claims: Option<Vec<RawClaim>>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub leeway_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwtKey {
+    pub id: String,
+    pub algorithm: String,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokenSource {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClaim {
+    pub claim: String,
+    pub operator: String,
+    #[serde(default)]
+    pub value: serde_yaml::Value,
 }
 
 #[derive(Debug, Deserialize)]

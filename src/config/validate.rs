@@ -43,9 +43,17 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         p.at("buckets", "at least one bucket is required");
     }
     let cache = cache(raw.cache.as_ref(), &mut p);
-    let buckets = buckets(raw.buckets, raw.health_check.as_ref(), &cache, &mut p);
+    let jwt_enabled = raw.jwt.as_ref().is_some_and(|j| j.enabled == Some(true));
+    let buckets = buckets(
+        raw.buckets,
+        raw.health_check.as_ref(),
+        &cache,
+        jwt_enabled,
+        &mut p,
+    );
     let metrics = metrics(raw.metrics.as_ref(), server.address, &mut p);
     let logging = logging(raw.logging.as_ref(), &mut p);
+    let jwt = raw.jwt.as_ref().and_then(|j| jwt(j, &mut p));
     let admin_token = raw.admin.as_ref().and_then(|a| a.token.clone());
     if admin_token.as_deref().is_some_and(|t| t.len() < 16) {
         p.at("admin.token", "must be at least 16 characters");
@@ -58,6 +66,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             logging,
             cache,
             admin_token,
+            jwt,
         })
     } else {
         Err(p.0)
@@ -137,6 +146,7 @@ fn buckets(
     raw: Vec<RawBucket>,
     default_health: Option<&RawHealthCheck>,
     cache: &CacheSettings,
+    jwt_enabled: bool,
     p: &mut Problems,
 ) -> Vec<Bucket> {
     let mut prefixes: HashMap<String, usize> = HashMap::new();
@@ -163,10 +173,11 @@ fn buckets(
                 ),
             );
         }
-        if b.auth.as_ref().is_some_and(|a| a.enabled) {
+        let auth = b.auth.as_ref().is_some_and(|a| a.enabled);
+        if auth && !jwt_enabled {
             p.at(
                 &format!("{at}.auth.enabled"),
-                "client authentication is not supported by this proxy; set it to false",
+                "needs jwt.enabled: true and a key",
             );
         }
         let bucket_cache = bucket_cache(b.cache.as_ref(), cache, &format!("{at}.cache"), p);
@@ -201,6 +212,7 @@ fn buckets(
             health,
             cache: bucket_cache,
             upstream_rate,
+            auth,
             allowlist,
             blocklist,
         });
@@ -338,6 +350,158 @@ fn rate(r: &RawRate, at: &str, p: &mut Problems) -> Rate {
     Rate {
         per_second: r.requests_per_second.max(0.001),
         burst: burst.max(1.0),
+    }
+}
+
+/// `jwt:`: the keys (each built now, so a bad file names its key), token
+/// sources and claim rules. `None` unless `enabled`.
+fn jwt(raw: &RawJwt, p: &mut Problems) -> Option<std::sync::Arc<crate::access::jwt::JwtSettings>> {
+    use crate::access::jwt::{ClaimRule, JwtSettings, Op, Source};
+    let mut s = JwtSettings {
+        leeway: raw.leeway_seconds.unwrap_or(30),
+        ..JwtSettings::default()
+    };
+    if raw.jwks_url.is_some() || raw.jwks_refresh_interval_secs.is_some() {
+        not_yet("jwt.jwks_url", "fetching keys from a JWKS URL", p);
+    }
+    let default_alg = raw.algorithm.as_deref().unwrap_or("HS256");
+    let material = (
+        raw.secret.as_deref(),
+        raw.rsa_public_key_path.as_deref(),
+        raw.ecdsa_public_key_path.as_deref(),
+    );
+    if material != (None, None, None) {
+        s.default_key = jwt_key(default_alg, material, "jwt", p);
+    }
+    for (i, k) in raw.keys.iter().flatten().enumerate() {
+        let at = format!("jwt.keys[{i}]");
+        let (secret, path) = (k.secret.as_deref(), k.path.as_deref());
+        let material = match k.algorithm.get(..2) {
+            Some("RS") => (None, path, None),
+            Some("ES") => (None, None, path),
+            _ => (secret, None, None),
+        };
+        if let Some(key) = jwt_key(&k.algorithm, material, &at, p) {
+            if s.keys.insert(k.id.clone(), key).is_some() {
+                p.at(
+                    &format!("{at}.id"),
+                    format_args!("{:?} is listed twice", k.id),
+                );
+            }
+        }
+    }
+    for (i, src) in raw.token_sources.iter().flatten().enumerate() {
+        let at = format!("jwt.token_sources[{i}]");
+        let name = || src.name.clone().filter(|n| !n.is_empty());
+        let source = match (src.kind.as_str(), name()) {
+            ("bearer", _) => Some(Source::Bearer),
+            ("header", Some(n)) => Some(Source::Header {
+                name: n.to_ascii_lowercase(),
+                prefix: src.prefix.clone().unwrap_or_default(),
+            }),
+            ("query", Some(n)) => Some(Source::Query(n)),
+            ("cookie", Some(n)) => Some(Source::Cookie(n)),
+            ("header" | "query" | "cookie", None) => {
+                p.at(&format!("{at}.name"), "is required for this type");
+                None
+            }
+            (other, _) => {
+                p.at(
+                    &format!("{at}.type"),
+                    format_args!("{other:?} is not one of bearer, header, query, cookie"),
+                );
+                None
+            }
+        };
+        s.sources.extend(source);
+    }
+    if raw.token_sources.is_none() {
+        s.sources.push(Source::Bearer);
+    }
+    for (i, c) in raw.claims.iter().flatten().enumerate() {
+        let at = format!("jwt.claims[{i}]");
+        let Some(op) = Op::parse(&c.operator) else {
+            p.at(
+                &format!("{at}.operator"),
+                format_args!(
+                    "{:?} is not one of equals, not_equals, contains, in, exists, gt, lt",
+                    c.operator
+                ),
+            );
+            continue;
+        };
+        let value = serde_json::to_value(&c.value).unwrap_or(serde_json::Value::Null);
+        if op == Op::In && !value.is_array() {
+            p.at(&format!("{at}.value"), "must be a list for the in operator");
+        }
+        if matches!(op, Op::Gt | Op::Lt) && !value.is_number() {
+            p.at(&format!("{at}.value"), "must be a number for gt and lt");
+        }
+        s.claims.push(ClaimRule {
+            claim: c.claim.clone(),
+            op,
+            value,
+        });
+    }
+    if raw.enabled != Some(true) {
+        return None;
+    }
+    if s.default_key.is_none() && s.keys.is_empty() {
+        p.at(
+            "jwt",
+            "enabled with no key: set secret, rsa_public_key_path, ecdsa_public_key_path or keys",
+        );
+    }
+    Some(std::sync::Arc::new(s))
+}
+
+/// One verification key: `alg` decides which of (secret, RSA PEM path, EC
+/// PEM path) it needs.
+fn jwt_key(
+    alg: &str,
+    (secret, rsa, ec): (Option<&str>, Option<&str>, Option<&str>),
+    at: &str,
+    p: &mut Problems,
+) -> Option<crate::access::jwt::Key> {
+    use jsonwebtoken::{Algorithm, DecodingKey};
+    let algorithm = match alg {
+        "HS256" => Algorithm::HS256,
+        "HS384" => Algorithm::HS384,
+        "HS512" => Algorithm::HS512,
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        other => {
+            p.at(
+                &format!("{at}.algorithm"),
+                format_args!("{other:?} is not one of HS256, HS384, HS512, RS256, RS384, RS512, ES256, ES384"),
+            );
+            return None;
+        }
+    };
+    let read = |path: &str| std::fs::read(path).map_err(|e| format!("cannot read {path:?}: {e}"));
+    let key = match (&alg[..2], secret, rsa, ec) {
+        ("HS", Some(s), _, _) if !s.is_empty() => Ok(DecodingKey::from_secret(s.as_bytes())),
+        ("HS", ..) => Err("needs a non-empty secret".to_string()),
+        ("RS", _, Some(path), _) => read(path).and_then(|pem| {
+            DecodingKey::from_rsa_pem(&pem)
+                .map_err(|e| format!("{path:?} is not an RSA public key in PEM: {e}"))
+        }),
+        ("RS", ..) => Err("needs an RSA public key file (rsa_public_key_path or path)".to_string()),
+        (_, _, _, Some(path)) => read(path).and_then(|pem| {
+            DecodingKey::from_ec_pem(&pem)
+                .map_err(|e| format!("{path:?} is not an ECDSA public key in PEM: {e}"))
+        }),
+        _ => Err("needs an ECDSA public key file (ecdsa_public_key_path or path)".to_string()),
+    };
+    match key {
+        Ok(key) => Some(crate::access::jwt::Key { algorithm, key }),
+        Err(e) => {
+            p.at(at, e);
+            None
+        }
     }
 }
 

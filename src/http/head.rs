@@ -285,6 +285,24 @@ fn forward_header(req: &mut Request, idx: usize, value: &[u8]) -> Result<(), Hea
     Ok(())
 }
 
+/// The value of header `name` (lower-case) in a raw request head that
+/// `parse_request` accepted; several headers of that name are not joined
+/// (the first wins). For the headers the parser does not keep (tokens).
+pub fn find_header<'a>(head: &'a [u8], name: &str) -> Option<&'a str> {
+    let end = head
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(head.len(), |p| p + 2);
+    head[..end].split(|&b| b == b'\n').skip(1).find_map(|line| {
+        let colon = line.iter().position(|&b| b == b':')?;
+        let (n, v) = (&line[..colon], &line[colon + 1..]);
+        if !n.eq_ignore_ascii_case(name.as_bytes()) {
+            return None;
+        }
+        std::str::from_utf8(trim(v)).ok()
+    })
+}
+
 /// `Host` is `uri-host [ ":" port ]` (RFC 9112 §3.2): no user info, no path,
 /// no spaces. Empty is allowed (for targets without an authority).
 fn valid_host(v: &[u8]) -> bool {

@@ -63,6 +63,8 @@ pub struct WorkerMetrics {
     pub cache_saved: HashMap<usize, u64>,
     /// Bucket metric id -> requests refused by the bucket's IP filter.
     pub ip_filtered: HashMap<usize, u64>,
+    /// `(bucket metric id, result)` -> authentication outcomes.
+    pub auth: HashMap<(usize, &'static str), u64>,
     /// Scope (global, per_ip, bucket) -> requests refused by a rate limit.
     pub rate_limited: HashMap<&'static str, u64>,
     /// `(from replica id, to replica id) -> count`.
@@ -86,6 +88,7 @@ impl WorkerMetrics {
             cache_saved: HashMap::new(),
             ip_filtered: HashMap::new(),
             rate_limited: HashMap::new(),
+            auth: HashMap::new(),
         }
     }
 
@@ -196,6 +199,9 @@ impl WorkerMetrics {
         }
         for (k, v) in &other.ip_filtered {
             *self.ip_filtered.entry(*k).or_insert(0) += v;
+        }
+        for (k, v) in &other.auth {
+            *self.auth.entry(*k).or_insert(0) += v;
         }
         for (k, v) in &other.rate_limited {
             *self.rate_limited.entry(k).or_insert(0) += v;

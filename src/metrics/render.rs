@@ -128,6 +128,16 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
         metrics,
     ));
     cache_families(shared, merged, &bucket_name, &mut families);
+    let mut auth: Vec<_> = merged.auth.iter().collect();
+    auth.sort();
+    families.push(family(
+        "yatagarasu_auth_requests_total",
+        "JWT authentication outcomes by bucket and result (ok, missing, invalid, expired, forbidden).",
+        MetricType::COUNTER,
+        auth.into_iter()
+            .map(|((b, r), v)| counter(&[("bucket", bucket_name(*b)), ("result", r)], *v as f64))
+            .collect(),
+    ));
     let mut limited: Vec<_> = merged.rate_limited.iter().collect();
     limited.sort();
     families.push(family(

@@ -115,6 +115,7 @@ impl WorkerGeneration {
             query: String::new(),
             cache: cache::CacheUse::Off,
             stale: None,
+            subject: String::new(),
         };
         self.connection(&mut c).await;
         self.give_read_buf(std::mem::take(&mut c.rbuf));
@@ -365,6 +366,11 @@ impl WorkerGeneration {
             bucket = bucket.map_or("-", |b| self.shared.bucket(b).name.as_str()),
             replica = o.replica.map_or("-", |r| self.replica(r).name.as_str()),
             request_id = c.req.request_id,
+            sub = if c.subject.is_empty() {
+                "-"
+            } else {
+                c.subject.as_str()
+            },
             worker = self.id,
         );
     }

@@ -78,6 +78,9 @@ impl WorkerGeneration {
                 .simple_outcome(c, 403, "text/plain", b"forbidden\n", &[])
                 .await;
         }
+        if let Some(refused) = self.authenticate(c, bucket).await {
+            return refused;
+        }
         c.query.clear();
         if let Err(e) = router::upstream_query(&c.req.target, &mut c.query) {
             return self.route_error(c, e).await;
@@ -122,6 +125,78 @@ impl WorkerGeneration {
             request_id = c.req.request_id,
         );
         false
+    }
+
+    /// Step "authenticate": a bucket with `auth.enabled` needs a valid JWT
+    /// whose claims hold, before any cache lookup or upstream request.
+    async fn authenticate(&self, c: &mut Client, bucket: usize) -> Option<Outcome> {
+        c.subject.clear();
+        let b = self.shared.bucket(bucket);
+        let jwt = self.shared.config.jwt.as_ref().filter(|_| b.auth)?;
+        let head = c.rbuf.as_slice();
+        let query = c
+            .req
+            .target
+            .iter()
+            .position(|&x| x == b'?')
+            .and_then(|q| std::str::from_utf8(&c.req.target[q + 1..]).ok())
+            .unwrap_or("");
+        let header = |name: &str| head::find_header(head, name);
+        let verdict = match crate::access::jwt::find_token(&jwt.sources, &header, query) {
+            None => Err(crate::access::jwt::Refusal::Missing),
+            Some(token) => crate::access::jwt::authorize(jwt, token),
+        };
+        let mid = self.shared.bucket_metric[bucket];
+        let refusal = match verdict {
+            Ok(sub) => {
+                c.subject = sub;
+                *self
+                    .core
+                    .metrics
+                    .borrow_mut()
+                    .auth
+                    .entry((mid, "ok"))
+                    .or_insert(0) += 1;
+                return None;
+            }
+            Err(r) => r,
+        };
+        *self
+            .core
+            .metrics
+            .borrow_mut()
+            .auth
+            .entry((mid, refusal.label()))
+            .or_insert(0) += 1;
+        log!(
+            Level::Info,
+            "Request refused by authentication",
+            bucket = b.name,
+            result = refusal.label(),
+            reason = format_args!("{refusal:?}"),
+            request_id = c.req.request_id,
+        );
+        use crate::access::jwt::Refusal;
+        let outcome = match refusal {
+            Refusal::Forbidden(_) => {
+                self.simple_outcome(c, 403, "text/plain", b"forbidden\n", &[])
+                    .await
+            }
+            Refusal::Missing => {
+                let www = [("WWW-Authenticate", "Bearer realm=\"yatagarasu\"")];
+                self.simple_outcome(c, 401, "text/plain", b"unauthorized\n", &www)
+                    .await
+            }
+            Refusal::Invalid(_) | Refusal::Expired => {
+                let www = [(
+                    "WWW-Authenticate",
+                    "Bearer realm=\"yatagarasu\", error=\"invalid_token\"",
+                )];
+                self.simple_outcome(c, 401, "text/plain", b"unauthorized\n", &www)
+                    .await
+            }
+        };
+        Some(outcome)
     }
 
     async fn route_error(&self, c: &mut Client, e: RouteError) -> Outcome {

@@ -185,6 +185,8 @@ struct Client {
     query: String,
     /// What the cache does for the current request.
     cache: cache::CacheUse,
+    /// The authenticated token's `sub` claim (for the access log).
+    subject: String,
     /// An expired copy that may answer if no replica can (stale-if-error).
     stale: Option<Arc<crate::cache::store::Object>>,
 }
