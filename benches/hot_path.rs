@@ -12,6 +12,9 @@
 //!   must stay far below a microsecond.
 //! - `pool_idle_check`: the `recv(MSG_PEEK)` every pooled connection gets
 //!   when taken (so stray bytes are never read as the next response).
+//! - `jwt_verify/hs256`, `jwt_verify/es256`: what verifying a token costs
+//!   (an authenticated request pays it once per token per worker; later
+//!   requests hit the worker's verified-token cache).
 //! - `access_log/ours` vs `access_log/tracing_nonblocking`: one access-log
 //!   line through our per-worker buffered logger, against `tracing` with the
 //!   fmt subscriber and a non-blocking writer (both end in a sink; run with
@@ -177,5 +180,57 @@ fn access_log(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, sign, route, parse, select, metrics, idle_check, access_log);
+fn jwt_verify(c: &mut Criterion) {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    use std::collections::HashMap;
+    use yatagarasu::access::jwt::{authorize, JwtSettings, Key, Source};
+    let exp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + 3600;
+    let claims = serde_json::json!({"sub": "bench", "role": "reader", "exp": exp});
+    let secret = b"bench-secret-0123456789abcdef";
+    let ec = rcgen::KeyPair::generate().expect("EC key");
+    let mut keys = HashMap::new();
+    keys.insert(
+        "h".to_string(),
+        Key {
+            algorithm: Algorithm::HS256,
+            key: jsonwebtoken::DecodingKey::from_secret(secret),
+        },
+    );
+    keys.insert(
+        "e".to_string(),
+        Key {
+            algorithm: Algorithm::ES256,
+            key: jsonwebtoken::DecodingKey::from_ec_pem(ec.public_key_pem().as_bytes())
+                .expect("EC public key"),
+        },
+    );
+    let settings = JwtSettings {
+        keys,
+        sources: vec![Source::Bearer],
+        leeway: 30,
+        ..JwtSettings::default()
+    };
+    let token = |alg: Algorithm, kid: &str, key: &EncodingKey| {
+        let mut h = Header::new(alg);
+        h.kid = Some(kid.into());
+        encode(&h, &claims, key).expect("token")
+    };
+    let hs = token(Algorithm::HS256, "h", &EncodingKey::from_secret(secret));
+    let es = token(
+        Algorithm::ES256,
+        "e",
+        &EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).expect("EC private key"),
+    );
+    let none = HashMap::new();
+    for (name, t) in [("hs256", hs), ("es256", es)] {
+        c.bench_function(&format!("jwt_verify/{name}"), |b| {
+            b.iter(|| black_box(authorize(&settings, &none, &|| {}, black_box(&t)).expect("valid")))
+        });
+    }
+}
+
+criterion_group!(benches, sign, route, parse, select, metrics, idle_check, jwt_verify, access_log);
 criterion_main!(benches);

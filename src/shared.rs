@@ -126,6 +126,8 @@ pub struct Process {
     pub registry: Mutex<Registry>,
     /// The memory cache tier, when `cache.enabled` (kept across reloads).
     pub cache: Option<MemoryStore>,
+    /// Keys fetched from `jwt.jwks_url` (empty without one).
+    pub jwks: Arc<crate::access::jwks::Jwks>,
     /// When each key last had a stale copy served, for one WARN a minute per
     /// key across workers. Locked only while serving stale (an outage).
     pub stale_warned: Mutex<HashMap<String, std::time::Instant>>,
@@ -169,6 +171,7 @@ impl Process {
             registry: Mutex::new(Registry::default()),
             cache,
             stale_warned: Mutex::new(HashMap::new()),
+            jwks: Arc::default(),
             current: Mutex::new(None),
         });
         let first = Generation::build(config, process.clone(), None)?;

@@ -315,7 +315,7 @@ fn rate_limits_are_checked_by_path() {
 
 #[test]
 fn jwt_settings_are_checked_by_path() {
-    let jwt = "jwt:\n  enabled: true\n  algorithm: \"HS999\"\n  secret: \"s\"\n  keys:\n    - { id: \"k1\", algorithm: \"RS256\", path: \"/nonexistent.pem\" }\n    - { id: \"k2\", algorithm: \"HS256\" }\n  token_sources:\n    - { type: \"header\" }\n    - { type: \"smoke\" }\n  claims:\n    - { claim: \"role\", operator: \"like\", value: \"x\" }\n    - { claim: \"role\", operator: \"in\", value: \"x\" }\n  jwks_url: \"https://auth.example.com/jwks.json\"\n";
+    let jwt = "jwt:\n  enabled: true\n  algorithm: \"HS999\"\n  secret: \"s\"\n  keys:\n    - { id: \"k1\", algorithm: \"RS256\", path: \"/nonexistent.pem\" }\n    - { id: \"k2\", algorithm: \"HS256\" }\n  token_sources:\n    - { type: \"header\" }\n    - { type: \"smoke\" }\n  claims:\n    - { claim: \"role\", operator: \"like\", value: \"x\" }\n    - { claim: \"role\", operator: \"in\", value: \"x\" }\n  jwks_url: \"ftp://auth.example.com/jwks.json\"\n";
     let (code, out) = check(&format!("{GOOD}{jwt}"), &ENV);
     assert_eq!(code, 1);
     for needle in [
@@ -326,7 +326,7 @@ fn jwt_settings_are_checked_by_path() {
         "jwt.token_sources[1].type: \"smoke\" is not one of bearer, header, query, cookie",
         "jwt.claims[0].operator: \"like\" is not one of",
         "jwt.claims[1].value: must be a list for the in operator",
-        "jwt.jwks_url: fetching keys from a JWKS URL is not available",
+        "jwt.jwks_url: \"ftp://auth.example.com/jwks.json\" must start with http:// or https://",
     ] {
         assert!(out.contains(needle), "{needle}: {out}");
     }

@@ -107,6 +107,8 @@ pub struct JwtSettings {
     pub claims: Vec<ClaimRule>,
     /// Clock leeway for `exp` and `nbf`, seconds.
     pub leeway: u64,
+    /// `jwks_url` and its refresh interval: keys fetched by `access::jwks`.
+    pub jwks: Option<(String, std::time::Duration)>,
 }
 
 impl std::fmt::Debug for JwtSettings {
@@ -153,15 +155,32 @@ impl Refusal {
     }
 }
 
-/// Verifies `token` and checks its claims; `Ok(sub)` (the `sub` claim, or
-/// empty) when it may read.
-pub fn authorize(settings: &JwtSettings, token: &str) -> Result<String, Refusal> {
+/// A token that verified and whose claims hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorized {
+    /// The `sub` claim (empty when absent), for the access log.
+    pub sub: String,
+    /// The `exp` claim: until when the verdict holds (plus the leeway).
+    pub exp: u64,
+}
+
+/// Verifies `token` and checks its claims; `Ok` when it may read. `fetched` are the JWKS keys; `unknown_kid` is
+/// called when a token names a key neither set has.
+pub fn authorize(
+    settings: &JwtSettings,
+    fetched: &HashMap<String, Key>,
+    unknown_kid: &dyn Fn(),
+    token: &str,
+) -> Result<Authorized, Refusal> {
     let header = jsonwebtoken::decode_header(token).map_err(|e| Refusal::Invalid(e.to_string()))?;
     let key = match &header.kid {
-        Some(kid) => settings
-            .keys
-            .get(kid)
-            .ok_or_else(|| Refusal::Invalid(format!("unknown kid {kid:?}")))?,
+        Some(kid) => match settings.keys.get(kid).or_else(|| fetched.get(kid)) {
+            Some(k) => k,
+            None => {
+                unknown_kid();
+                return Err(Refusal::Invalid(format!("unknown kid {kid:?}")));
+            }
+        },
         None => settings.default_key.as_ref().ok_or_else(|| {
             Refusal::Invalid("token has no kid and there is no default key".into())
         })?,
@@ -184,12 +203,15 @@ pub fn authorize(settings: &JwtSettings, token: &str) -> Result<String, Refusal>
         _ => Refusal::Invalid(e.to_string()),
     })?;
     claims_hold(&data.claims, &settings.claims).map_err(Refusal::Forbidden)?;
-    Ok(data
-        .claims
-        .get("sub")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string())
+    Ok(Authorized {
+        sub: data
+            .claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        exp: data.claims.get("exp").and_then(Value::as_u64).unwrap_or(0),
+    })
 }
 
 /// Every rule holds for `claims`; otherwise which one failed.

@@ -361,8 +361,16 @@ fn jwt(raw: &RawJwt, p: &mut Problems) -> Option<std::sync::Arc<crate::access::j
         leeway: raw.leeway_seconds.unwrap_or(30),
         ..JwtSettings::default()
     };
-    if raw.jwks_url.is_some() || raw.jwks_refresh_interval_secs.is_some() {
-        not_yet("jwt.jwks_url", "fetching keys from a JWKS URL", p);
+    if let Some(url) = &raw.jwks_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            p.at(
+                "jwt.jwks_url",
+                format_args!("{url:?} must start with http:// or https://"),
+            );
+        }
+        let secs = raw.jwks_refresh_interval_secs.unwrap_or(3600);
+        p.positive("jwt.jwks_refresh_interval_secs", secs);
+        s.jwks = Some((url.clone(), Duration::from_secs(secs.max(1))));
     }
     let default_alg = raw.algorithm.as_deref().unwrap_or("HS256");
     let material = (
@@ -446,10 +454,10 @@ fn jwt(raw: &RawJwt, p: &mut Problems) -> Option<std::sync::Arc<crate::access::j
     if raw.enabled != Some(true) {
         return None;
     }
-    if s.default_key.is_none() && s.keys.is_empty() {
+    if s.default_key.is_none() && s.keys.is_empty() && s.jwks.is_none() {
         p.at(
             "jwt",
-            "enabled with no key: set secret, rsa_public_key_path, ecdsa_public_key_path or keys",
+            "enabled with no key: set secret, rsa_public_key_path, ecdsa_public_key_path, keys or jwks_url",
         );
     }
     Some(std::sync::Arc::new(s))

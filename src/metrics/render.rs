@@ -128,6 +128,19 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
         metrics,
     ));
     cache_families(shared, merged, &bucket_name, &mut families);
+    let jwks = &shared.process.jwks;
+    families.push(family(
+        "yatagarasu_jwks_refresh_total",
+        "JWKS fetches by result (ok, failure).",
+        MetricType::COUNTER,
+        vec![
+            counter(&[("result", "ok")], jwks.ok.load(Ordering::Relaxed) as f64),
+            counter(
+                &[("result", "failure")],
+                jwks.failed.load(Ordering::Relaxed) as f64,
+            ),
+        ],
+    ));
     let mut auth: Vec<_> = merged.auth.iter().collect();
     auth.sort();
     families.push(family(

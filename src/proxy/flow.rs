@@ -142,14 +142,24 @@ impl WorkerGeneration {
             .and_then(|q| std::str::from_utf8(&c.req.target[q + 1..]).ok())
             .unwrap_or("");
         let header = |name: &str| head::find_header(head, name);
+        let published = &self.shared.process.jwks;
+        let fetched = {
+            let mut mine = self.jwks.borrow_mut();
+            let v = published.version();
+            if mine.0 != v {
+                *mine = (v, published.keys());
+            }
+            mine.1.clone()
+        };
+        let unknown_kid = || published.want_refresh();
         let verdict = match crate::access::jwt::find_token(&jwt.sources, &header, query) {
             None => Err(crate::access::jwt::Refusal::Missing),
-            Some(token) => crate::access::jwt::authorize(jwt, token),
+            Some(token) => self.verify_token(jwt, &fetched, &unknown_kid, token),
         };
         let mid = self.shared.bucket_metric[bucket];
         let refusal = match verdict {
-            Ok(sub) => {
-                c.subject = sub;
+            Ok(ok) => {
+                c.subject = ok.sub;
                 *self
                     .core
                     .metrics
@@ -197,6 +207,29 @@ impl WorkerGeneration {
             }
         };
         Some(outcome)
+    }
+
+    /// A token verified before (and not yet past its `exp` plus the
+    /// leeway) is not verified again; otherwise `access::jwt::authorize`.
+    fn verify_token(
+        &self,
+        jwt: &crate::access::jwt::JwtSettings,
+        fetched: &crate::access::jwks::KeyMap,
+        unknown_kid: &dyn Fn(),
+        token: &str,
+    ) -> Result<crate::access::jwt::Authorized, crate::access::jwt::Refusal> {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut verified = self.verified.borrow_mut();
+        if let Some(ok) = verified.get(token) {
+            if now <= ok.exp.saturating_add(jwt.leeway) {
+                return Ok(ok.clone());
+            }
+        }
+        let ok = crate::access::jwt::authorize(jwt, fetched, unknown_kid, token)?;
+        verified.insert(token.to_string(), ok.clone());
+        Ok(ok)
     }
 
     async fn route_error(&self, c: &mut Client, e: RouteError) -> Outcome {

@@ -229,6 +229,21 @@ fn start_helpers(process: &Arc<Process>, metrics_listener: Option<std::net::TcpL
             .name("yatagarasu-metrics".into())
             .spawn(move || metrics_http::serve(l, process));
     }
+    // JWKS keys, fetched off the cores; idles while no jwks_url is set.
+    let fetcher = process.clone();
+    let _ = std::thread::Builder::new()
+        .name("yatagarasu-jwks".into())
+        .spawn(move || {
+            let settings = || {
+                fetcher
+                    .current()
+                    .config
+                    .jwt
+                    .as_ref()
+                    .and_then(|j| j.jwks.clone())
+            };
+            crate::access::jwks::run(fetcher.jwks.clone(), settings, &fetcher.shutdown)
+        });
 }
 
 fn log_listening(process: &Process, address: SocketAddr) {
