@@ -345,3 +345,48 @@ fn jwks_keys_are_fetched_rotated_and_kept_when_the_server_fails() {
     .unwrap();
     assert_eq!(status(&hs), 401);
 }
+
+#[test]
+fn every_claim_operator_through_the_proxy() {
+    let up = upstream();
+    let jwt = format!(
+        "  secret: \"{SECRET}\"\n  claims:\n    - {{ claim: \"role\", operator: \"not_equals\", value: \"banned\" }}\n    - {{ claim: \"buckets\", operator: \"contains\", value: \"p\" }}\n    - {{ claim: \"tier\", operator: \"in\", value: [\"gold\", \"silver\"] }}\n    - {{ claim: \"realm.roles\", operator: \"contains\", value: \"reader\" }}\n    - {{ claim: \"email\", operator: \"exists\" }}\n    - {{ claim: \"level\", operator: \"gt\", value: 2 }}\n    - {{ claim: \"level\", operator: \"lt\", value: 10 }}\n"
+    );
+    let proxy = Proxy::start(&config(&up.endpoint(), &jwt, ""));
+    let base = json!({"role": "user", "buckets": ["p", "q"], "tier": "gold",
+                      "realm": {"roles": ["reader"]}, "email": "x@example.com",
+                      "level": 5, "exp": now() + 600});
+    let status = |claims: &serde_json::Value| {
+        http::get(
+            proxy.port,
+            "/p/k",
+            &[("Authorization", &bearer(&hs256(claims.clone())))],
+        )
+        .status
+    };
+    assert_eq!(status(&base), 200);
+    let with = |key: &str, value: serde_json::Value| {
+        let mut c = base.clone();
+        c[key] = value;
+        c
+    };
+    let without = |key: &str| {
+        let mut c = base.clone();
+        c.as_object_mut().unwrap().remove(key);
+        c
+    };
+    for (what, claims) in [
+        ("not_equals", with("role", json!("banned"))),
+        ("contains", with("buckets", json!(["q"]))),
+        ("in", with("tier", json!("bronze"))),
+        (
+            "dotted contains",
+            with("realm", json!({"roles": ["writer"]})),
+        ),
+        ("exists", without("email")),
+        ("gt", with("level", json!(2))),
+        ("lt", with("level", json!(10))),
+    ] {
+        assert_eq!(status(&claims), 403, "{what}");
+    }
+}
