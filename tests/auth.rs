@@ -390,3 +390,28 @@ fn every_claim_operator_through_the_proxy() {
         assert_eq!(status(&claims), 403, "{what}");
     }
 }
+
+#[test]
+fn keys_are_read_again_on_sighup() {
+    let up = upstream();
+    let old = hs256(json!({"exp": now() + 600}));
+    let new_secret = "a-rotated-secret-9876543210";
+    let new = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"exp": now() + 600}),
+        &EncodingKey::from_secret(new_secret.as_bytes()),
+    )
+    .unwrap();
+    // Proxy::start adds server/metrics sections; reload keeps them.
+    let body = |secret: &str| config(&up.endpoint(), &format!("  secret: \"{secret}\"\n"), "");
+    let proxy = Proxy::start(&body(SECRET));
+    let status = |t: &str| http::get(proxy.port, "/p/k", &[("Authorization", &bearer(t))]).status;
+    assert_eq!((status(&old), status(&new)), (200, 401));
+    proxy.reload(&body(new_secret));
+    assert!(
+        proxy.wait_log("Configuration reloaded", Duration::from_secs(5)),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!((status(&old), status(&new)), (401, 200));
+}
