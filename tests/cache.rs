@@ -473,3 +473,34 @@ fn a_purge_during_a_fill_wins() {
         "the fill was stored after the purge"
     );
 }
+
+#[test]
+fn resident_memory_stays_within_the_bound_while_10k_objects_churn() {
+    static BODY: [u8; 8 * 1024] = [b'm'; 8 * 1024];
+    let up = Rogue::start(|_| {
+        let mut out =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", BODY.len()).into_bytes();
+        out.extend_from_slice(&BODY);
+        vec![Step::Send(out)]
+    });
+    let proxy = Proxy::start(&config(
+        &up.endpoint(),
+        "  memory:\n    max_cache_size_mb: 16\n    max_item_size_mb: 1\n",
+        "",
+    ));
+    let mut conn = Conn::open(proxy.port).unwrap();
+    for i in 0..10_000 {
+        let r = conn.request("GET", &format!("/b/churn-{i}"), &[]).unwrap();
+        assert_eq!(r.body.len(), BODY.len());
+    }
+    let peak_mib = proxy.peak_rss_kib() / 1024;
+    assert!(
+        peak_mib <= 16 + 64,
+        "peak RSS {peak_mib} MiB for a 16 MiB cache"
+    );
+    let m = proxy.metrics();
+    assert!(
+        !m.contains("yatagarasu_cache_evictions_total{layer=\"memory\"} 0"),
+        "{m}"
+    );
+}
