@@ -126,6 +126,8 @@ pub struct Process {
     pub registry: Mutex<Registry>,
     /// The memory cache tier, when `cache.enabled` (kept across reloads).
     pub cache: Option<MemoryStore>,
+    /// Cache fills under way, for collapsed forwarding.
+    pub fills: crate::cache::collapse::Fills,
     /// Keys fetched from `jwt.jwks_url` (empty without one).
     pub jwks: Arc<crate::access::jwks::Jwks>,
     /// When each key last had a stale copy served, for one WARN a minute per
@@ -172,6 +174,7 @@ impl Process {
             cache,
             stale_warned: Mutex::new(HashMap::new()),
             jwks: Arc::default(),
+            fills: Default::default(),
             current: Mutex::new(None),
         });
         let first = Generation::build(config, process.clone(), None)?;

@@ -504,3 +504,195 @@ fn resident_memory_stays_within_the_bound_while_10k_objects_churn() {
         "{m}"
     );
 }
+
+/// An upstream that serves `body` in `pieces` writes `gap_ms` apart, with
+/// an ETag, and honours a single `Range: bytes=N-M` (for resumes).
+fn slow_origin(body: Arc<Vec<u8>>, pieces: usize, gap_ms: u64) -> Rogue {
+    Rogue::start(move |r| {
+        let (first, last, status) = match r.header("range") {
+            Some(range) => {
+                let spec = range.trim_start_matches("bytes=");
+                let (a, b) = spec.split_once('-').unwrap();
+                (
+                    a.parse::<usize>().unwrap(),
+                    b.parse::<usize>().unwrap(),
+                    206,
+                )
+            }
+            None => (0, body.len() - 1, 200),
+        };
+        let part = &body[first..=last];
+        let mut head = format!(
+            "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nETag: \"big\"\r\n",
+            part.len()
+        );
+        if status == 206 {
+            head.push_str(&format!(
+                "Content-Range: bytes {first}-{last}/{}\r\n",
+                body.len()
+            ));
+        }
+        head.push_str("\r\n");
+        let mut steps = vec![Step::Send(head.into_bytes())];
+        for chunk in part.chunks(part.len().div_ceil(pieces).max(1)) {
+            steps.push(Step::Send(chunk.to_vec()));
+            steps.push(Step::Sleep(Duration::from_millis(gap_ms)));
+        }
+        steps
+    })
+}
+
+use std::sync::Arc;
+
+fn big_cache(endpoint: &str) -> String {
+    config(
+        endpoint,
+        "  memory:\n    max_cache_size_mb: 64\n    max_item_size_mb: 16\n",
+        "",
+    )
+}
+
+#[test]
+fn concurrent_misses_on_any_core_cause_one_upstream_get_and_stream_byte_exact() {
+    let body = Arc::new(pattern(4 * 1024 * 1024, 7));
+    let up = slow_origin(body.clone(), 16, 40);
+    let proxy = Proxy::start(&big_cache(&up.endpoint()));
+    let port = proxy.port;
+    let clients: Vec<_> = (0..32)
+        .map(|_| std::thread::spawn(move || http::get(port, "/b/big.bin", &[])))
+        .collect();
+    let want = sha256(&body);
+    for c in clients {
+        let r = c.join().unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(sha256(&r.body), want, "a body differs");
+    }
+    assert_eq!(
+        gets(&up),
+        1,
+        "{:?}",
+        up.seen().iter().map(|s| &s.target).collect::<Vec<_>>()
+    );
+    let m = proxy.metrics();
+    assert!(
+        m.contains("yatagarasu_cache_coalesced_total{bucket=\"b\"}"),
+        "{m}"
+    );
+    assert_eq!(proxy.get("/b/big.bin").header("x-cache"), Some("HIT"));
+}
+
+#[test]
+fn a_fill_broken_mid_body_is_resumed_for_every_waiter() {
+    let body = Arc::new(pattern(2 * 1024 * 1024, 9));
+    let b = body.clone();
+    // The primary sends the head and about half, then resets.
+    let primary = Rogue::start(move |_| {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"big\"\r\n\r\n",
+            b.len()
+        );
+        vec![
+            Step::Send(head.into_bytes()),
+            Step::Send(b[..b.len() / 2].to_vec()),
+            Step::Sleep(Duration::from_millis(300)),
+            Step::Reset,
+        ]
+    });
+    let backup = slow_origin(body.clone(), 4, 10);
+    let cfg = format!(
+        "cache:\n  enabled: true\n  memory:\n    max_cache_size_mb: 64\n    max_item_size_mb: 16\nbuckets:\n  - name: \"b\"\n    path_prefix: \"/b\"\n    s3:\n      bucket: \"bkt\"\n      access_key: \"{AK}\"\n      secret_key: \"{SK}\"\n      replicas:\n        - {{ name: \"p\", endpoint: \"{}\", priority: 1 }}\n        - {{ name: \"s\", endpoint: \"{}\", priority: 2 }}\n      health_check:\n        enabled: false\n",
+        primary.endpoint(),
+        backup.endpoint()
+    );
+    let proxy = Proxy::start(&cfg);
+    let port = proxy.port;
+    let clients: Vec<_> = (0..8)
+        .map(|_| std::thread::spawn(move || http::get(port, "/b/big.bin", &[])))
+        .collect();
+    let want = sha256(&body);
+    for c in clients {
+        let r = c.join().unwrap();
+        assert_eq!(sha256(&r.body), want);
+    }
+    assert_eq!(gets(&primary), 1);
+    assert_eq!(gets(&backup), 1, "one resume, for every waiter");
+    assert!(backup.seen()[0].header("range").is_some());
+}
+
+#[test]
+fn when_a_fill_cannot_be_completed_every_waiter_is_aborted() {
+    let body = pattern(1024 * 1024, 3);
+    let up = Rogue::start(move |_| {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"e\"\r\n\r\n",
+            body.len()
+        );
+        vec![
+            Step::Send(head.into_bytes()),
+            Step::Send(body[..1000].to_vec()),
+            Step::Sleep(Duration::from_millis(300)),
+            Step::Reset,
+        ]
+    });
+    let proxy = Proxy::start(&big_cache(&up.endpoint()));
+    let port = proxy.port;
+    let clients: Vec<_> = (0..6)
+        .map(|_| std::thread::spawn(move || http::try_get(port, "/b/x", &[])))
+        .collect();
+    for c in clients {
+        assert!(
+            c.join().unwrap().is_err(),
+            "a short body was presented as complete"
+        );
+    }
+}
+
+#[test]
+fn the_leaders_client_leaving_does_not_cancel_the_fill() {
+    use std::io::{Read, Write};
+    let body = Arc::new(pattern(2 * 1024 * 1024, 5));
+    let up = slow_origin(body.clone(), 8, 60);
+    let proxy = Proxy::start(&big_cache(&up.endpoint()));
+    // The leader reads a little and hangs up.
+    let mut leader = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    leader
+        .write_all(b"GET /b/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut first = [0u8; 1024];
+    let _ = leader.read(&mut first).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let port = proxy.port;
+    let waiters: Vec<_> = (0..4)
+        .map(|_| std::thread::spawn(move || http::get(port, "/b/big.bin", &[])))
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(leader);
+    let want = sha256(&body);
+    for w in waiters {
+        assert_eq!(sha256(&w.join().unwrap().body), want);
+    }
+    assert_eq!(gets(&up), 1);
+}
+
+#[test]
+fn waiters_on_an_uncacheable_answer_fetch_for_themselves() {
+    let up = Rogue::start(|_| {
+        vec![
+            send("HTTP/1.1 200 OK\r\nContent-Length: 6\r\nCache-Control: no-store\r\n\r\n"),
+            Step::Sleep(Duration::from_millis(300)),
+            send("nocopy"),
+        ]
+    });
+    let proxy = Proxy::start(&config(&up.endpoint(), "", ""));
+    let port = proxy.port;
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            std::thread::sleep(Duration::from_millis(if i == 0 { 0 } else { 30 }));
+            std::thread::spawn(move || http::get(port, "/b/k", &[]))
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap().text(), "nocopy");
+    }
+    assert_eq!(gets(&up), 4, "nothing was shared or stored");
+}

@@ -1,14 +1,15 @@
-//! The origin cache (issue #10), landing in steps. What is here:
+//! The origin cache (issue #10): the parts that know nothing of sockets.
 //!
-//! - [`policy`]: the pure decisions a cache makes (is a response storable and
-//!   for how long, how old is a copy, does a stored copy answer a
-//!   conditional or a `Range` request), unit-tested with a fake clock;
-//! - the configuration section (`cache:` and `buckets[].cache`, in the
-//!   tutorial system's key names), parsed and checked with YAML paths.
+//! - [`policy`]: the pure decisions (is a response storable and for how
+//!   long, how old is a copy, may an expired copy serve when no replica can,
+//!   does a stored copy answer a conditional or a `Range` request),
+//!   unit-tested with a fake clock;
+//! - [`store`]: the process-wide memory tier, bounded by bytes;
+//! - [`collapse`]: fills under way, which concurrent misses stream from.
 //!
-//! Not yet here: the memory and disk tiers, collapsed forwarding and
-//! stale-if-error. Until they are, `cache.enabled: true` is refused by the
-//! configuration check rather than silently ignored.
+//! The request-path step is `proxy/cache.rs`. Not yet: the disk tier and
+//! slices (their configuration keys are refused, never ignored).
 
+pub mod collapse;
 pub mod policy;
 pub mod store;

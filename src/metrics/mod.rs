@@ -61,6 +61,8 @@ pub struct WorkerMetrics {
     pub cache: HashMap<(usize, &'static str), u64>,
     /// Bucket metric id -> body bytes served from the cache.
     pub cache_saved: HashMap<usize, u64>,
+    /// Bucket metric id -> requests that streamed another request's fill.
+    pub coalesced: HashMap<usize, u64>,
     /// Bucket metric id -> requests refused by the bucket's IP filter.
     pub ip_filtered: HashMap<usize, u64>,
     /// `(bucket metric id, result)` -> authentication outcomes.
@@ -86,6 +88,7 @@ impl WorkerMetrics {
             failovers: HashMap::new(),
             cache: HashMap::new(),
             cache_saved: HashMap::new(),
+            coalesced: HashMap::new(),
             ip_filtered: HashMap::new(),
             rate_limited: HashMap::new(),
             auth: HashMap::new(),
@@ -150,6 +153,11 @@ impl WorkerMetrics {
         *self.cache.entry((bucket, result)).or_insert(0) += 1;
     }
 
+    /// Counts a request that streamed another request's fill.
+    pub fn coalesced(&mut self, bucket: usize) {
+        *self.coalesced.entry(bucket).or_insert(0) += 1;
+    }
+
     /// Counts body bytes served from the cache instead of an upstream GET.
     pub fn cache_saved(&mut self, bucket: usize, bytes: u64) {
         *self.cache_saved.entry(bucket).or_insert(0) += bytes;
@@ -196,6 +204,9 @@ impl WorkerMetrics {
         }
         for (k, v) in &other.cache_saved {
             *self.cache_saved.entry(*k).or_insert(0) += v;
+        }
+        for (k, v) in &other.coalesced {
+            *self.coalesced.entry(*k).or_insert(0) += v;
         }
         for (k, v) in &other.ip_filtered {
             *self.ip_filtered.entry(*k).or_insert(0) += v;

@@ -376,6 +376,17 @@ fn cache_families<'n>(
         MetricType::COUNTER,
         saved,
     ));
+    let mut coalesced: Vec<_> = merged.coalesced.iter().collect();
+    coalesced.sort();
+    families.push(family(
+        "yatagarasu_cache_coalesced_total",
+        "Requests that streamed another request's upstream fetch (collapsed forwarding).",
+        MetricType::COUNTER,
+        coalesced
+            .into_iter()
+            .map(|(b, v)| counter(&[("bucket", bucket_name(*b))], *v as f64))
+            .collect(),
+    ));
     let memory = [("layer", "memory")];
     families.push(family(
         "yatagarasu_cache_bytes",

@@ -10,10 +10,15 @@
 //! An expired copy with an ETag is revalidated (`If-None-Match`; a 304
 //! refreshes it: `REVALIDATED`).
 //!
-//! Not yet: collapsed forwarding (concurrent misses each go upstream), the
-//! disk tier and slices.
+//! Concurrent misses for one key collapse into one upstream GET whose bytes
+//! every waiter streams (`crate::cache::collapse`, [`serve_waiter`]).
+//!
+//! Not yet: the disk tier and slices.
+//!
+//! [`serve_waiter`]: WorkerGeneration::serve_waiter
 
 use super::*;
+use crate::cache::collapse::{End, Event, FillHead, Role, SharedFill};
 use crate::cache::policy::{self, Precondition, RangeAnswer};
 use crate::cache::store::{self, Object};
 use crate::http::body::Tee as _;
@@ -72,14 +77,15 @@ impl CacheUse {
 }
 
 impl WorkerGeneration {
-    /// Looks the request up; `Some(copy)` when a fresh copy answers it.
-    /// Otherwise sets `c.cache` for the relay (fill, bypass, or off).
+    /// Looks the request up: a fresh copy, or a fill under way to stream
+    /// from (`Err`), answers it; otherwise (`Ok(None)`) sets `c.cache` for
+    /// the relay (fill, bypass, or off).
     pub(super) fn cache_lookup(
         &self,
         c: &mut Client,
         bucket: usize,
         key: &str,
-    ) -> Option<Arc<Object>> {
+    ) -> Result<Option<Arc<Object>>, Arc<SharedFill>> {
         c.cache = CacheUse::Off;
         c.stale = None;
         let settings = &self.shared.bucket(bucket).cache;
@@ -88,7 +94,10 @@ impl WorkerGeneration {
             .process
             .cache
             .as_ref()
-            .filter(|_| settings.enabled)?;
+            .filter(|_| settings.enabled);
+        let Some(store) = store else {
+            return Ok(None);
+        };
         let mid = self.shared.bucket_metric[bucket];
         let unsupported = [IF_MATCH, IF_UNMODIFIED_SINCE, IF_RANGE]
             .iter()
@@ -96,7 +105,7 @@ impl WorkerGeneration {
         if unsupported {
             c.cache = CacheUse::Bypass;
             self.core.metrics.borrow_mut().cache(mid, "bypass");
-            return None;
+            return Ok(None);
         }
         let name = &self.shared.bucket(bucket).name;
         let k = store::key(name, key, &c.query);
@@ -105,7 +114,7 @@ impl WorkerGeneration {
             let now = SystemTime::now();
             if policy::is_fresh(copy.stored_at, copy.fresh_for, now) {
                 self.core.metrics.borrow_mut().cache(mid, "hit");
-                return Some(copy);
+                return Ok(Some(copy));
             }
             let stale_for = self.shared.config.cache.stale_if_error;
             if policy::usable_when_failing(copy.stored_at, copy.fresh_for, stale_for, now) {
@@ -119,7 +128,18 @@ impl WorkerGeneration {
                 .all(|&h| c.req.header(h).is_none());
         c.cache = match (plain_get, expired) {
             (true, Some(copy)) if !copy.etag.is_empty() => CacheUse::Revalidate(k, copy),
-            (true, _) => CacheUse::Fill(k),
+            (true, _) => match self.shared.process.fills.join_or_lead(&k) {
+                Role::Leader(fill) => {
+                    c.leading = Some((k.clone(), fill));
+                    CacheUse::Fill(k)
+                }
+                Role::Waiter(fill) => {
+                    let mut m = self.core.metrics.borrow_mut();
+                    m.cache(mid, "hit");
+                    m.coalesced(mid);
+                    return Err(fill);
+                }
+            },
             (false, _) => CacheUse::Bypass,
         };
         // A revalidation or a stale copy in hand: the result is known once
@@ -128,7 +148,7 @@ impl WorkerGeneration {
             let result = if plain_get { "miss" } else { "bypass" };
             self.core.metrics.borrow_mut().cache(mid, result);
         }
-        None
+        Ok(None)
     }
 
     /// The lookup's result is counted after the replicas were tried.
@@ -387,8 +407,16 @@ impl WorkerGeneration {
             headers.push_str(&httpdate::fmt_http_date(SystemTime::now()));
             headers.push_str("\r\n");
         }
+        let shared = c.leading.as_ref().map(|(_, f)| f.clone());
+        if let Some(f) = &shared {
+            f.set_head(FillHead {
+                headers: headers.clone(),
+                len,
+            });
+        }
         let mut fill = Fill {
             store,
+            shared,
             epoch: store.purge_epoch(),
             key: key.to_string(),
             len,
@@ -444,6 +472,8 @@ async fn write_bytes(stream: &mut ClientStream, body: Bytes, timeout: Duration) 
 /// to the client, so a client that has the whole body finds it cached.
 pub(super) struct Fill<'s> {
     store: &'s store::MemoryStore,
+    /// Waiters on other requests stream these bytes too (collapsed forwarding).
+    shared: Option<Arc<SharedFill>>,
     /// The store's purge count when the fill started.
     epoch: u64,
     key: String,
@@ -456,12 +486,146 @@ pub(super) struct Fill<'s> {
 impl crate::http::body::Tee for Fill<'_> {
     fn push(&mut self, bytes: &[u8]) {
         self.body.extend_from_slice(bytes);
+        if let Some(f) = &self.shared {
+            f.push(bytes);
+        }
         if self.body.len() as u64 == self.len {
             let purged = self.store.purge_epoch() != self.epoch;
             if let Some(mut object) = self.meta.take().filter(|_| !purged) {
                 object.body = Bytes::from(std::mem::take(&mut self.body));
                 self.store.insert(std::mem::take(&mut self.key), object);
             }
+            // Stored first: a request arriving now finds the copy.
+            if let Some(f) = &self.shared {
+                f.end(End::Done);
+            }
+        }
+    }
+}
+
+impl Fill<'_> {
+    /// Other requests are streaming this fill.
+    pub(super) fn has_waiters(&self) -> bool {
+        self.shared.as_ref().is_some_and(|f| f.waiters() > 0)
+    }
+
+    /// Body bytes still to come.
+    pub(super) fn missing(&self) -> u64 {
+        self.len.saturating_sub(self.body.len() as u64)
+    }
+
+    /// The body broke and nothing completed it: waiters abort.
+    pub(super) fn fail(&self) {
+        if let Some(f) = &self.shared {
+            f.end(End::Failed);
+        }
+    }
+}
+
+/// A client that takes every byte and keeps none: where a leader whose own
+/// client left keeps pumping, so its waiters still get the whole body.
+pub(super) struct Discard;
+
+impl monoio::io::AsyncWriteRent for Discard {
+    async fn write<T: monoio::buf::IoBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        let n = buf.bytes_init();
+        (Ok(n), buf)
+    }
+
+    async fn writev<T: monoio::buf::IoVecBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        (Err(io::Error::from(io::ErrorKind::Unsupported)), buf)
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl WorkerGeneration {
+    /// A waiter: streams the leader's fill (head, then bytes as they come).
+    /// A fill abandoned before its head sends the request upstream itself;
+    /// a fill that fails mid-body aborts this connection too.
+    pub(super) async fn serve_waiter(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        fill: Arc<SharedFill>,
+        key: &str,
+    ) -> Outcome {
+        let wait = self.shared.config.server.idle_timeout;
+        let head = match monoio::time::timeout(wait, fill.next(false, 0)).await {
+            Ok(Event::Head(h)) => h,
+            _ => {
+                // No shared answer: fetch for ourselves, without caching.
+                c.cache = CacheUse::Bypass;
+                return self.proxy(c, bucket, key).await;
+            }
+        };
+        let keep = c.req.keep_alive && !self.core.draining.get();
+        let w = &mut c.wbuf;
+        head::status_line(w, 200);
+        w.extend_from_slice(head.headers.as_bytes());
+        head::header(w, "Content-Length", &itoa(head.len));
+        head::header(w, "X-Cache", "HIT");
+        head::header(w, "X-Request-ID", &c.req.request_id);
+        connection_header(w, keep, c.req.http10);
+        w.extend_from_slice(b"\r\n");
+        let mut out = Outcome {
+            status: 200,
+            bytes: 0,
+            keep_alive: keep,
+            abort: false,
+            replica: None,
+            bucket: Some(bucket),
+        };
+        if write_all(&mut c.stream, &mut c.wbuf, wait).await.is_err() {
+            out.keep_alive = false;
+            return out;
+        }
+        let mut seen = 0;
+        while out.bytes < head.len {
+            match monoio::time::timeout(wait, fill.next(true, seen)).await {
+                Ok(Event::Body(pieces)) => {
+                    seen += pieces.len();
+                    for piece in pieces {
+                        let n = piece.len() as u64;
+                        if write_bytes(&mut c.stream, piece, wait).await.is_err() {
+                            out.keep_alive = false;
+                            return out;
+                        }
+                        out.bytes += n;
+                    }
+                }
+                // Failed, abandoned mid-body, or stalled: never a short body
+                // presented as complete.
+                _ => {
+                    out.keep_alive = false;
+                    out.abort = true;
+                    return out;
+                }
+            }
+        }
+        let mid = self.shared.bucket_metric[bucket];
+        self.core.metrics.borrow_mut().cache_saved(mid, out.bytes);
+        out
+    }
+
+    /// The answer will not be shared: waiters stop waiting for it.
+    pub(super) fn abandon_fill(&self, c: &Client) {
+        if let Some((_, fill)) = &c.leading {
+            fill.end(End::Abandoned);
+        }
+    }
+
+    /// After a request: a fill it led ends (abandoned unless it completed or
+    /// failed) and leaves the table of fills under way.
+    pub(super) fn end_fill(&self, c: &mut Client) {
+        if let Some((key, fill)) = c.leading.take() {
+            self.shared.process.fills.finish(&key, &fill);
         }
     }
 }

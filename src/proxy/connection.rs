@@ -116,6 +116,7 @@ impl WorkerGeneration {
             cache: cache::CacheUse::Off,
             stale: None,
             subject: String::new(),
+            leading: None,
         };
         self.connection(&mut c).await;
         self.give_read_buf(std::mem::take(&mut c.rbuf));
@@ -138,6 +139,7 @@ impl WorkerGeneration {
             // keeps its generation alive until it finishes, whatever reloads.
             let current = self.core.current();
             let outcome = Box::pin(current.handle(c)).await;
+            current.end_fill(c);
             worker.in_flight.fetch_sub(1, Ordering::Relaxed);
             current.finish(c, &outcome, started);
             if outcome.abort {

@@ -89,8 +89,9 @@ impl WorkerGeneration {
         encoded.clear();
         router::encode_key(key, &mut encoded);
         let o = match self.cache_lookup(c, bucket, &encoded) {
-            Some(copy) => self.serve_cached(c, bucket, &copy, "HIT").await,
-            None => self.proxy(c, bucket, &encoded).await,
+            Ok(Some(copy)) => self.serve_cached(c, bucket, &copy, "HIT").await,
+            Ok(None) => self.proxy(c, bucket, &encoded).await,
+            Err(fill) => Box::pin(self.serve_waiter(c, bucket, fill, &encoded)).await,
         };
         c.upath = encoded;
         o
@@ -247,7 +248,7 @@ impl WorkerGeneration {
     }
 
     /// Steps "plan", "try replicas", then "relay" or the error answers.
-    async fn proxy(&self, c: &mut Client, bucket: usize, key: &str) -> Outcome {
+    pub(super) async fn proxy(&self, c: &mut Client, bucket: usize, key: &str) -> Outcome {
         if let Some(refused) = self.limit_upstream(c, bucket).await {
             return refused;
         }

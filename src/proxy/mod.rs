@@ -193,6 +193,8 @@ struct Client {
     query: String,
     /// What the cache does for the current request.
     cache: cache::CacheUse,
+    /// The cache fill this request leads (collapsed forwarding), by key.
+    leading: Option<(String, Arc<crate::cache::collapse::SharedFill>)>,
     /// The authenticated token's `sub` claim (for the access log).
     subject: String,
     /// An expired copy that may answer if no replica can (stale-if-error).

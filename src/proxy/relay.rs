@@ -25,6 +25,10 @@ impl WorkerGeneration {
         };
         let (mut out, start) = self.head_for_client(c, &answer);
         let mut fill = self.fill_start(c, &answer, start);
+        if fill.is_none() {
+            // Not cacheable: requests waiting on this fill go upstream now.
+            self.abandon_fill(c);
+        }
         if write_all(&mut c.stream, &mut c.wbuf, timeouts.client)
             .await
             .is_err()
@@ -58,25 +62,55 @@ impl WorkerGeneration {
             Err((PumpError::Client, sent)) => {
                 out.bytes += sent;
                 out.keep_alive = false;
+                if let Some(f) = fill.as_mut().filter(|f| f.has_waiters()) {
+                    // Our client left; others stream this fill: finish it.
+                    Box::pin(self.finish_for_waiters(&mut answer.conn, f, timeouts)).await;
+                }
                 c.give_response(answer.resp);
             }
             Err((PumpError::Upstream(cause), sent)) => {
                 out.bytes += sent;
                 self.record_failure(answer.rid, Admit::Normal, cause);
+                let rest = &ctx.order[next.min(ctx.order.len())..];
+                let tee = fill.as_mut().map(|f| f as &mut dyn body::Tee);
                 let resumed = self
-                    .resume(
-                        c,
-                        ctx,
-                        answer,
-                        out.bytes,
-                        &ctx.order[next.min(ctx.order.len())..],
-                        timeouts,
-                    )
+                    .resume(c, ctx, answer, out.bytes, rest, (timeouts, tee))
                     .await;
+                if !resumed.complete {
+                    if let Some(f) = &fill {
+                        f.fail();
+                    }
+                }
                 out.finish_resume(resumed);
             }
         }
         out
+    }
+
+    /// Pumps the rest of a body into a fill whose waiters still need it,
+    /// after the leader's own client went away.
+    async fn finish_for_waiters(
+        &self,
+        conn: &mut UpConn,
+        fill: &mut super::cache::Fill<'_>,
+        t: Timeouts,
+    ) {
+        let missing = fill.missing();
+        conn.buf.clear();
+        let (up, buf) = (&mut conn.stream, &mut conn.buf);
+        let done = body::length(
+            up,
+            buf,
+            0,
+            missing,
+            &mut super::cache::Discard,
+            t,
+            Some(fill),
+        )
+        .await;
+        if done.is_err() {
+            fill.fail();
+        }
     }
 
     /// Writes the client's response head into `c.wbuf`, with the first body

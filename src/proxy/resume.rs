@@ -74,7 +74,7 @@ impl WorkerGeneration {
         broken: Answer,
         mut sent: u64,
         rest: &[usize],
-        timeouts: Timeouts,
+        (timeouts, mut tee): (Timeouts, Option<&mut dyn body::Tee>),
     ) -> Resumed {
         let Answer { rid, resp, .. } = broken;
         let (Framing::Length(len), Some(base), false) =
@@ -99,7 +99,11 @@ impl WorkerGeneration {
                 last: base + len - 1,
                 etag: &resp.etag,
             };
-            match self.continue_on(c, ctx, next, admit, want, timeouts).await {
+            let step = (
+                timeouts,
+                tee.as_mut().map(|t| &mut **t as &mut dyn body::Tee),
+            );
+            match self.continue_on(c, ctx, (next, admit), want, step).await {
                 Continued::Finished(mut r) => {
                     r.sent += sent;
                     c.give_response(resp);
@@ -119,10 +123,9 @@ impl WorkerGeneration {
         &self,
         c: &mut Client,
         ctx: &RequestCtx<'_>,
-        rid: usize,
-        admit: Admit,
+        (rid, admit): (usize, Admit),
         want: Resume<'_>,
-        timeouts: Timeouts,
+        (timeouts, tee): (Timeouts, Option<&mut dyn body::Tee>),
     ) -> Continued {
         let mut a = match self.attempt(c, ctx, rid, Some(want)).await {
             Ok(a) => a,
@@ -145,7 +148,7 @@ impl WorkerGeneration {
         self.core.metrics.borrow_mut().resume(self.mid(rid));
         let (up, buf) = (&mut a.conn.stream, &mut a.conn.buf);
         let client = &mut c.stream;
-        let pumped = body::length(up, buf, a.head_len, remaining, client, timeouts, None).await;
+        let pumped = body::length(up, buf, a.head_len, remaining, client, timeouts, tee).await;
         let result = match pumped {
             Ok(p) => {
                 if upclient::reusable(&a.resp, &a.conn, a.head_len, p.reusable) {

@@ -63,7 +63,8 @@ pub struct Rogue {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub connections: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
-    sockets: Arc<Mutex<Vec<TcpStream>>>,
+    /// A clone of every connection (by index), to shut them down on drop.
+    sockets: Arc<Mutex<Vec<(usize, TcpStream)>>>,
 }
 
 impl Rogue {
@@ -93,10 +94,10 @@ impl Rogue {
                 let Ok(stream) = conn else { continue };
                 let index = conns.fetch_add(1, Ordering::SeqCst);
                 if let Ok(clone) = stream.try_clone() {
-                    socks.lock().unwrap().push(clone);
+                    socks.lock().unwrap().push((index, clone));
                 }
-                let (script, seen) = (script.clone(), seen.clone());
-                std::thread::spawn(move || serve(stream, index, &*script, &seen));
+                let (script, seen, socks) = (script.clone(), seen.clone(), socks.clone());
+                std::thread::spawn(move || serve(stream, index, &*script, &seen, &socks));
             }
         });
         r
@@ -115,7 +116,7 @@ impl Drop for Rogue {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(("127.0.0.1", self.port));
-        for s in self.sockets.lock().unwrap().drain(..) {
+        for (_, s) in self.sockets.lock().unwrap().drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
@@ -141,7 +142,13 @@ pub fn reset_on_close(s: &TcpStream) {
     }
 }
 
-fn serve(mut s: TcpStream, index: usize, script: &Script, seen: &Mutex<Vec<Seen>>) {
+fn serve(
+    mut s: TcpStream,
+    index: usize,
+    script: &Script,
+    seen: &Mutex<Vec<Seen>>,
+    sockets: &Mutex<Vec<(usize, TcpStream)>>,
+) {
     let _ = s.set_nodelay(true);
     let mut buf = Vec::new();
     let mut tmp = [0u8; 8192];
@@ -174,6 +181,9 @@ fn serve(mut s: TcpStream, index: usize, script: &Script, seen: &Mutex<Vec<Seen>
                 Step::Sleep(d) => std::thread::sleep(d),
                 Step::Reset => {
                     reset_on_close(&s);
+                    // The reset goes out when the last descriptor closes:
+                    // drop the clone kept for shutdown first.
+                    sockets.lock().unwrap().retain(|(i, _)| *i != index);
                     return;
                 }
                 Step::Close => {

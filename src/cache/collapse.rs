@@ -1,0 +1,258 @@
+//! Collapsed forwarding: concurrent misses for one key, on any core, cause
+//! one upstream GET. The first request (the leader) fetches and relays as
+//! usual while copying the body into a [`SharedFill`]; the others (waiters)
+//! stream the same bytes as they arrive: a late joiner first gets what is
+//! already there, then follows. Waiters are woken across cores through
+//! monoio's thread-safe wakers.
+//!
+//! The fill ends `Done` (complete, and stored), `Failed` (the body broke and
+//! nothing could resume it: waiters abort their connections, never a short
+//! body), or `Abandoned` (the answer was not cacheable, or the leader got no
+//! answer: waiters go upstream themselves).
+
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+/// What a waiter needs to write the response head.
+#[derive(Debug)]
+pub struct FillHead {
+    /// Headers relayed (`Name: value\r\n`), without `Content-Length`.
+    pub headers: String,
+    /// The body's length.
+    pub len: u64,
+}
+
+/// How a fill ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Still filling.
+    Open,
+    /// Complete.
+    Done,
+    /// Broken mid-body: waiters abort.
+    Failed,
+    /// Not shared after all: waiters fetch for themselves.
+    Abandoned,
+}
+
+#[derive(Default)]
+struct State {
+    head: Option<Arc<FillHead>>,
+    body: Vec<Bytes>,
+    end: Option<End>,
+    wakers: Vec<Waker>,
+    waiters: usize,
+}
+
+/// One body being fetched once for several clients.
+#[derive(Default)]
+pub struct SharedFill {
+    state: Mutex<State>,
+}
+
+/// What a waiter learns on each wake-up.
+#[derive(Debug)]
+pub enum Event {
+    /// The response head (once).
+    Head(Arc<FillHead>),
+    /// Body pieces from where the waiter stood.
+    Body(Vec<Bytes>),
+    /// The fill ended this way (never `Open`).
+    Ended(End),
+}
+
+impl SharedFill {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        match self.state.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn wake(state: &mut State) {
+        for w in state.wakers.drain(..) {
+            w.wake();
+        }
+    }
+
+    /// The leader has a cacheable head.
+    pub fn set_head(&self, head: FillHead) {
+        let mut s = self.lock();
+        s.head = Some(Arc::new(head));
+        Self::wake(&mut s);
+    }
+
+    /// The next body bytes.
+    pub fn push(&self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut s = self.lock();
+        s.body.push(Bytes::copy_from_slice(bytes));
+        Self::wake(&mut s);
+    }
+
+    /// Ends the fill (the first end wins).
+    pub fn end(&self, end: End) {
+        let mut s = self.lock();
+        if s.end.is_none() {
+            s.end = Some(end);
+        }
+        Self::wake(&mut s);
+    }
+
+    /// Whether it ended, and how.
+    pub fn ended(&self) -> Option<End> {
+        self.lock().end
+    }
+
+    /// Clients waiting on this fill.
+    pub fn waiters(&self) -> usize {
+        self.lock().waiters
+    }
+
+    /// The next event for a waiter that has seen the head (`have_head`) and
+    /// `seen` body pieces.
+    pub fn next(self: &Arc<Self>, have_head: bool, seen: usize) -> Next {
+        Next {
+            fill: self.clone(),
+            have_head,
+            seen,
+        }
+    }
+}
+
+/// Future of [`SharedFill::next`].
+pub struct Next {
+    fill: Arc<SharedFill>,
+    have_head: bool,
+    seen: usize,
+}
+
+impl Future for Next {
+    type Output = Event;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Event> {
+        let mut s = self.fill.lock();
+        if !self.have_head {
+            if let Some(h) = &s.head {
+                return Poll::Ready(Event::Head(h.clone()));
+            }
+        } else if s.body.len() > self.seen {
+            return Poll::Ready(Event::Body(s.body[self.seen..].to_vec()));
+        }
+        if let Some(end) = s.end {
+            return Poll::Ready(Event::Ended(end));
+        }
+        s.wakers.push(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// The role of a request in a key's fill.
+pub enum Role {
+    /// Fetch, relay and fill.
+    Leader(Arc<SharedFill>),
+    /// Stream what the leader fetches.
+    Waiter(Arc<SharedFill>),
+}
+
+/// Fills under way, process-wide, by cache key.
+#[derive(Default)]
+pub struct Fills {
+    map: Mutex<HashMap<String, Arc<SharedFill>>>,
+}
+
+impl Fills {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<SharedFill>>> {
+        match self.map.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Joins the open fill of `key`, or starts one.
+    pub fn join_or_lead(&self, key: &str) -> Role {
+        let mut map = self.lock();
+        if let Some(f) = map.get(key) {
+            if f.ended().is_none() {
+                f.lock().waiters += 1;
+                return Role::Waiter(f.clone());
+            }
+        }
+        let f = Arc::new(SharedFill::default());
+        map.insert(key.to_string(), f.clone());
+        Role::Leader(f)
+    }
+
+    /// Removes `fill` (if it is still the one under `key`), ending it as
+    /// abandoned unless it already ended.
+    pub fn finish(&self, key: &str, fill: &Arc<SharedFill>) {
+        fill.end(End::Abandoned);
+        let mut map = self.lock();
+        if map.get(key).is_some_and(|f| Arc::ptr_eq(f, fill)) {
+            map.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn poll_now(n: &mut Next) -> Poll<Event> {
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        Pin::new(n).poll(&mut cx)
+    }
+
+    #[test]
+    fn waiters_see_the_head_the_bytes_so_far_then_the_end() {
+        let fills = Fills::default();
+        let Role::Leader(lead) = fills.join_or_lead("k") else {
+            panic!("first is the leader")
+        };
+        let Role::Waiter(w) = fills.join_or_lead("k") else {
+            panic!("second waits")
+        };
+        assert!(poll_now(&mut w.next(false, 0)).is_pending());
+        lead.set_head(FillHead {
+            headers: String::new(),
+            len: 6,
+        });
+        lead.push(b"abc");
+        assert!(
+            matches!(poll_now(&mut w.next(false, 0)), Poll::Ready(Event::Head(h)) if h.len == 6)
+        );
+        assert!(
+            matches!(poll_now(&mut w.next(true, 0)), Poll::Ready(Event::Body(b)) if b.len() == 1)
+        );
+        assert!(poll_now(&mut w.next(true, 1)).is_pending());
+        lead.push(b"def");
+        lead.end(End::Done);
+        assert!(
+            matches!(poll_now(&mut w.next(true, 1)), Poll::Ready(Event::Body(b)) if &b[0][..] == b"def")
+        );
+        assert!(matches!(
+            poll_now(&mut w.next(true, 2)),
+            Poll::Ready(Event::Ended(End::Done))
+        ));
+        fills.finish("k", &lead);
+        assert!(
+            matches!(fills.join_or_lead("k"), Role::Leader(_)),
+            "a new fill after the end"
+        );
+    }
+
+    #[test]
+    fn the_first_end_wins() {
+        let f = SharedFill::default();
+        f.end(End::Failed);
+        f.end(End::Abandoned);
+        assert_eq!(f.ended(), Some(End::Failed));
+    }
+}
