@@ -188,25 +188,30 @@ fn a_bucket_that_opts_out_is_not_cached_and_says_nothing() {
     assert_eq!(gets(&up), 2);
 }
 
-#[test]
-fn the_memory_tier_stays_within_its_bound_under_churn() {
-    static BODY: [u8; 64 * 1024] = [b'z'; 64 * 1024];
-    let up = Rogue::start(|_| {
-        let mut out =
-            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", BODY.len()).into_bytes();
-        out.extend_from_slice(&BODY);
+/// A proxy whose cache holds `cache_mb`, in front of an origin answering
+/// every key with `size` bytes, after `objects` distinct keys went through it.
+fn churn(size: usize, cache_mb: u64, objects: usize) -> (Rogue, Proxy) {
+    let up = Rogue::start(move |_| {
+        let mut out = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n").into_bytes();
+        out.resize(out.len() + size, b'z');
         vec![Step::Send(out)]
     });
     let proxy = Proxy::start(&config(
         &up.endpoint(),
-        "  memory:\n    max_cache_size_mb: 2\n    max_item_size_mb: 1\n",
+        &format!("  memory:\n    max_cache_size_mb: {cache_mb}\n    max_item_size_mb: 1\n"),
         "",
     ));
     let mut conn = Conn::open(proxy.port).unwrap();
-    for i in 0..200 {
-        let r = conn.request("GET", &format!("/b/k{i}"), &[]).unwrap();
-        assert_eq!(r.body.len(), BODY.len());
+    for i in 0..objects {
+        let r = conn.request("GET", &format!("/b/churn-{i}"), &[]).unwrap();
+        assert_eq!(r.body.len(), size);
     }
+    (up, proxy)
+}
+
+#[test]
+fn the_memory_tier_stays_within_its_bound_under_churn() {
+    let (_up, proxy) = churn(64 * 1024, 2, 200);
     let m = proxy.metrics();
     let bytes: f64 = m
         .lines()
@@ -476,23 +481,7 @@ fn a_purge_during_a_fill_wins() {
 
 #[test]
 fn resident_memory_stays_within_the_bound_while_10k_objects_churn() {
-    static BODY: [u8; 8 * 1024] = [b'm'; 8 * 1024];
-    let up = Rogue::start(|_| {
-        let mut out =
-            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", BODY.len()).into_bytes();
-        out.extend_from_slice(&BODY);
-        vec![Step::Send(out)]
-    });
-    let proxy = Proxy::start(&config(
-        &up.endpoint(),
-        "  memory:\n    max_cache_size_mb: 16\n    max_item_size_mb: 1\n",
-        "",
-    ));
-    let mut conn = Conn::open(proxy.port).unwrap();
-    for i in 0..10_000 {
-        let r = conn.request("GET", &format!("/b/churn-{i}"), &[]).unwrap();
-        assert_eq!(r.body.len(), BODY.len());
-    }
+    let (_up, proxy) = churn(8 * 1024, 16, 10_000);
     let peak_mib = proxy.peak_rss_kib() / 1024;
     assert!(
         peak_mib <= 16 + 64,
