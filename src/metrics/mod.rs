@@ -153,6 +153,21 @@ impl WorkerMetrics {
         *self.cache.entry((bucket, result)).or_insert(0) += 1;
     }
 
+    /// Counts a request refused by bucket `bucket`'s IP filter.
+    pub fn ip_filtered(&mut self, bucket: usize) {
+        *self.ip_filtered.entry(bucket).or_insert(0) += 1;
+    }
+
+    /// Counts an authentication outcome of bucket `bucket`.
+    pub fn auth(&mut self, bucket: usize, result: &'static str) {
+        *self.auth.entry((bucket, result)).or_insert(0) += 1;
+    }
+
+    /// Counts a request refused with 429 by a limit of `scope`.
+    pub fn rate_limited(&mut self, scope: &'static str) {
+        *self.rate_limited.entry(scope).or_insert(0) += 1;
+    }
+
     /// Counts a request that streamed another request's fill.
     pub fn coalesced(&mut self, bucket: usize) {
         *self.coalesced.entry(bucket).or_insert(0) += 1;

@@ -97,6 +97,15 @@ impl WorkerGeneration {
         o
     }
 
+    /// The client's address: the peer, or behind `server.trusted_proxies`
+    /// its `X-Forwarded-For` (see `access::ip`). One rule for the IP filter
+    /// and the per-address rate limit.
+    pub(super) fn client_ip(&self, c: &Client) -> std::net::IpAddr {
+        let xff = (!c.req.forwarded_for.is_empty()).then_some(c.req.forwarded_for.as_str());
+        let trusted = &self.shared.config.server.trusted_proxies;
+        crate::access::ip::client_address(c.peer, xff, trusted)
+    }
+
     /// Step "access": the bucket's IP filter on the client's address (the
     /// peer, or behind `server.trusted_proxies` its `X-Forwarded-For`).
     fn ip_allowed(&self, c: &Client, bucket: usize) -> bool {
@@ -104,20 +113,12 @@ impl WorkerGeneration {
         if b.allowlist.is_empty() && b.blocklist.is_empty() {
             return true;
         }
-        let xff = (!c.req.forwarded_for.is_empty()).then_some(c.req.forwarded_for.as_str());
-        let trusted = &self.shared.config.server.trusted_proxies;
-        let client = crate::access::ip::client_address(c.peer, xff, trusted);
+        let client = self.client_ip(c);
         if crate::access::ip::allowed(client, &b.allowlist, &b.blocklist) {
             return true;
         }
         let mid = self.shared.bucket_metric[bucket];
-        *self
-            .core
-            .metrics
-            .borrow_mut()
-            .ip_filtered
-            .entry(mid)
-            .or_insert(0) += 1;
+        self.core.metrics.borrow_mut().ip_filtered(mid);
         log!(
             Level::Info,
             "Request refused by the bucket's IP filter",
@@ -161,24 +162,12 @@ impl WorkerGeneration {
         let refusal = match verdict {
             Ok(ok) => {
                 c.subject = ok.sub;
-                *self
-                    .core
-                    .metrics
-                    .borrow_mut()
-                    .auth
-                    .entry((mid, "ok"))
-                    .or_insert(0) += 1;
+                self.core.metrics.borrow_mut().auth(mid, "ok");
                 return None;
             }
             Err(r) => r,
         };
-        *self
-            .core
-            .metrics
-            .borrow_mut()
-            .auth
-            .entry((mid, refusal.label()))
-            .or_insert(0) += 1;
+        self.core.metrics.borrow_mut().auth(mid, refusal.label());
         log!(
             Level::Info,
             "Request refused by authentication",

@@ -56,16 +56,10 @@ impl WorkerGeneration {
         let now = now_ms();
         let verdict = {
             let mut l = self.limits.borrow_mut();
-            let per_ip = match l.per_ip.as_mut() {
-                Some(t) => {
-                    let xff =
-                        (!c.req.forwarded_for.is_empty()).then_some(c.req.forwarded_for.as_str());
-                    let trusted = &self.shared.config.server.trusted_proxies;
-                    let ip = crate::access::ip::client_address(c.peer, xff, trusted);
-                    t.take(ip, now).err().map(|w| ("per_ip", w))
-                }
-                None => None,
-            };
+            let per_ip = l
+                .per_ip
+                .as_mut()
+                .and_then(|t| t.take(self.client_ip(c), now).err().map(|w| ("per_ip", w)));
             per_ip.or_else(|| {
                 l.global
                     .as_mut()
@@ -86,13 +80,7 @@ impl WorkerGeneration {
     }
 
     async fn too_many(&self, c: &mut Client, scope: &'static str, wait_ms: u64) -> Outcome {
-        *self
-            .core
-            .metrics
-            .borrow_mut()
-            .rate_limited
-            .entry(scope)
-            .or_insert(0) += 1;
+        self.core.metrics.borrow_mut().rate_limited(scope);
         let secs = itoa(wait_ms.div_ceil(1000).max(1));
         let extra = [("Retry-After", secs.as_str())];
         self.simple_outcome(c, 429, "text/plain", b"too many requests\n", &extra)
