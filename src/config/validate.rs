@@ -361,6 +361,12 @@ fn jwt(raw: &RawJwt, p: &mut Problems) -> Option<std::sync::Arc<crate::access::j
         leeway: raw.leeway_seconds.unwrap_or(30),
         ..JwtSettings::default()
     };
+    if raw.jwks_url.is_none() && raw.jwks_refresh_interval_secs.is_some() {
+        p.at(
+            "jwt.jwks_refresh_interval_secs",
+            "applies only with jwt.jwks_url",
+        );
+    }
     if let Some(url) = &raw.jwks_url {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             p.at(
