@@ -403,9 +403,11 @@ impl WorkerGeneration {
             }
         }
         if !resp.has_date {
-            headers.push_str("Date: ");
-            headers.push_str(&httpdate::fmt_http_date(SystemTime::now()));
-            headers.push_str("\r\n");
+            self.core.with_date(|d| {
+                for part in ["Date: ", d, "\r\n"] {
+                    headers.push_str(part);
+                }
+            });
         }
         let shared = c.leading.as_ref().map(|(_, f)| f.clone());
         if let Some(f) = &shared {
