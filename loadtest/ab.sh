@@ -24,24 +24,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mkdir -p "$WORK/origin/data-bucket" "$WORK/logs"
-for s in $SIZES; do
-  case $s in 1k) n=1024;; 64k) n=65536;; 1m) n=1048576;; esac
-  head -c "$n" /dev/urandom >"$WORK/origin/data-bucket/obj-$s"
-done
-cat >"$WORK/origin.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/origin.pid;
-error_log $WORK/logs/origin-error.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  sendfile on; tcp_nopush on; tcp_nodelay on;
-  keepalive_requests 1000000; keepalive_timeout 120s;
-  server { listen 127.0.0.1:$P_ORIGIN; root $WORK/origin; }
-}
-CONF
+# shellcheck source=loadtest/origin.sh
+source "$(dirname "$0")/origin.sh"
+make_objects "$WORK" $SIZES
+origin_conf "$WORK" "$P_ORIGIN" >"$WORK/origin.conf"
 cat >"$WORK/proxy.yaml" <<CONF
 server:
   address: "127.0.0.1:$P_PROXY"

@@ -34,30 +34,11 @@ on_core() { if [ "$PIN" = 1 ]; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi;
 # In the background, so that $! is the server itself (killed by PID on exit).
 spawn_on() { if [ "$PIN" = 1 ]; then exec taskset -c "$1" "${@:2}"; else exec "${@:2}"; fi; }
 
-mkdir -p "$WORK/origin/data-bucket" "$WORK/logs" "$WORK/nginx-cache"
-for s in $SIZES; do
-  case $s in 1k) n=1024;; 64k) n=65536;; 1m) n=1048576;; esac
-  head -c "$n" /dev/urandom >"$WORK/origin/data-bucket/obj-$s"
-done
-
-# The origin: nginx serving files (it ignores the proxy's signatures).
-cat >"$WORK/origin.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/origin.pid;
-error_log $WORK/logs/origin-error.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  sendfile on; tcp_nopush on; tcp_nodelay on;
-  keepalive_requests 1000000; keepalive_timeout 120s;
-  server {
-    listen 127.0.0.1:$P_ORIGIN;
-    root $WORK/origin;
-    add_header Cache-Control "max-age=86400";
-  }
-}
-CONF
+# shellcheck source=loadtest/origin.sh
+source "$(dirname "$0")/origin.sh"
+make_objects "$WORK" $SIZES
+mkdir -p "$WORK/nginx-cache"
+origin_conf "$WORK" "$P_ORIGIN" 'add_header Cache-Control "max-age=86400";' >"$WORK/origin.conf"
 # nginx proxy_cache, its best configuration here (see the issue): cache on
 # tmpfs, sendfile off, output_buffers 2 256k.
 CACHE_DIR=/dev/shm/yatagarasu-nginx-cache-$$
