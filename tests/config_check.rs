@@ -330,10 +330,14 @@ fn jwt_settings_are_checked_by_path() {
     ] {
         assert!(out.contains(needle), "{needle}: {out}");
     }
-    let stray = format!("{GOOD}jwt:\n  enabled: true\n  secret: \"s\"\n  jwks_refresh_interval_secs: 60\n");
+    let stray =
+        format!("{GOOD}jwt:\n  enabled: true\n  secret: \"s\"\n  jwks_refresh_interval_secs: 60\n");
     let (code, out) = check(&stray, &ENV);
     assert_eq!(code, 1);
-    assert!(out.contains("jwt.jwks_refresh_interval_secs: applies only with jwt.jwks_url"), "{out}");
+    assert!(
+        out.contains("jwt.jwks_refresh_interval_secs: applies only with jwt.jwks_url"),
+        "{out}"
+    );
     let no_key = format!("{GOOD}jwt:\n  enabled: true\n");
     let (code, out) = check(&no_key, &ENV);
     assert_eq!(code, 1);
