@@ -8,6 +8,7 @@ pub mod access;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod credentials;
 pub mod http;
 pub mod log;
 pub mod metrics;

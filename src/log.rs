@@ -72,18 +72,31 @@ struct Bridge;
 
 impl ::log::Log for Bridge {
     fn enabled(&self, metadata: &::log::Metadata<'_>) -> bool {
-        enabled(from_facade(metadata.level()))
+        admitted(metadata) && enabled(from_facade(metadata.level()))
     }
 
     fn log(&self, record: &::log::Record<'_>) {
         let level = from_facade(record.level());
-        if enabled(level) {
+        if admitted(record.metadata()) && enabled(level) {
             let msg = record.args().to_string();
             log(level, &msg, &[("target", &record.target())]);
         }
     }
 
     fn flush(&self) {}
+}
+
+/// Library events that may carry key material stay out of the log: TRACE
+/// from anyone (the AWS runtime traces response bodies, and an STS or
+/// metadata response body holds keys), and DEBUG from the crates on the
+/// credentials path (their debug events name access key ids).
+fn admitted(m: &::log::Metadata<'_>) -> bool {
+    const CREDENTIAL_PATH: [&str; 4] = ["aws_", "hyper", "h2", "tower"];
+    match m.level() {
+        ::log::Level::Trace => false,
+        ::log::Level::Debug => !CREDENTIAL_PATH.iter().any(|p| m.target().starts_with(p)),
+        _ => true,
+    }
 }
 
 fn from_facade(l: ::log::Level) -> Level {

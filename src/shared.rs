@@ -47,6 +47,8 @@ pub struct ReplicaState {
     pub probe: Arc<AtomicU8>,
     /// Stable id of `(bucket name, replica name)` for metrics.
     pub metric_id: usize,
+    /// Its signing keys, as the credentials thread publishes them.
+    pub credentials: Arc<crate::credentials::Published>,
     /// When (ms since epoch) this replica last gave any core a non-5xx
     /// answer, to about a second: written at most once a second per core.
     /// Tells a request that fails everywhere from a replica that does.
@@ -130,6 +132,8 @@ pub struct Process {
     pub fills: crate::cache::collapse::Fills,
     /// Keys fetched from `jwt.jwks_url` (empty without one).
     pub jwks: Arc<crate::access::jwks::Jwks>,
+    /// Signing credentials of every replica, by source.
+    pub credentials: Arc<crate::credentials::Hub>,
     /// When each key last had a stale copy served, for one WARN a minute per
     /// key across workers. Locked only while serving stale (an outage).
     pub stale_warned: Mutex<HashMap<String, std::time::Instant>>,
@@ -174,6 +178,7 @@ impl Process {
             cache,
             stale_warned: Mutex::new(HashMap::new()),
             jwks: Arc::default(),
+            credentials: Arc::default(),
             fills: Default::default(),
             current: Mutex::new(None),
         });
@@ -334,6 +339,7 @@ impl Generation {
                     probe,
                     metric_id: registry.replica_id(&b.name, &r.name),
                     last_answer_ms: AtomicU64::new(0),
+                    credentials: process.credentials.cell(&r.credentials, &r.region),
                 });
             }
             bucket_replicas.push(ids);

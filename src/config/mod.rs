@@ -315,6 +315,99 @@ pub struct Endpoint {
     pub authority: String,
 }
 
+/// Where a replica's signing keys come from: a base source, optionally
+/// exchanged for an assumed role's session.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct CredentialSource {
+    /// Static keys, key files or an AWS SDK provider.
+    pub base: CredentialBase,
+    /// `credentials.assume_role`: STS AssumeRole on top of `base`.
+    pub assume_role: Option<AssumeRole>,
+}
+
+/// The first source of keys.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum CredentialBase {
+    /// `access_key` / `secret_key` in the file.
+    Static {
+        /// Access key id.
+        access_key: String,
+        /// Secret key.
+        secret_key: String,
+    },
+    /// `access_key_file` / `secret_key_file`, re-read when they change.
+    Files {
+        /// Path of the file holding the access key id.
+        access_key_file: String,
+        /// Path of the file holding the secret key.
+        secret_key_file: String,
+    },
+    /// `credentials.provider`: one of the AWS SDK's providers.
+    Provider(ProviderKind),
+}
+
+/// `credentials.provider` values served by the AWS SDK (`aws-config`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ProviderKind {
+    /// The SDK's default chain (environment, profile, web identity, ECS, IMDS).
+    DefaultChain,
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`.
+    Environment,
+    /// A named profile of the shared config files (`None`: `AWS_PROFILE` or `default`).
+    Profile(Option<String>),
+    /// `AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN` (EKS IRSA).
+    WebIdentity,
+    /// ECS / EKS Pod Identity container credentials.
+    Ecs,
+    /// EC2 instance role via IMDSv2.
+    Imds,
+}
+
+/// `credentials.assume_role`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AssumeRole {
+    /// The role to assume.
+    pub role_arn: String,
+    /// `RoleSessionName`.
+    pub session_name: String,
+    /// `ExternalId`, when the role's trust policy asks for one.
+    pub external_id: Option<String>,
+}
+
+impl CredentialSource {
+    /// Plain keys from the config file: never refreshed.
+    pub fn is_static(&self) -> bool {
+        matches!(self.base, CredentialBase::Static { .. }) && self.assume_role.is_none()
+    }
+
+    /// A label for logs and `/ready` (never a key).
+    pub fn describe(&self) -> String {
+        let base = match &self.base {
+            CredentialBase::Static { .. } => "static".to_string(),
+            CredentialBase::Files { .. } => "key files".to_string(),
+            CredentialBase::Provider(ProviderKind::DefaultChain) => "default_chain".into(),
+            CredentialBase::Provider(ProviderKind::Environment) => "environment".into(),
+            CredentialBase::Provider(ProviderKind::Profile(p)) => {
+                format!("profile {}", p.as_deref().unwrap_or("(default)"))
+            }
+            CredentialBase::Provider(ProviderKind::WebIdentity) => "web_identity".into(),
+            CredentialBase::Provider(ProviderKind::Ecs) => "ecs".into(),
+            CredentialBase::Provider(ProviderKind::Imds) => "imds".into(),
+        };
+        match &self.assume_role {
+            Some(r) => format!("{base} + assume_role {}", r.role_arn),
+            None => base,
+        }
+    }
+}
+
+/// Keys are never printed, not even in debug output.
+impl std::fmt::Debug for CredentialSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 /// One replica of a bucket, with everything inherited resolved.
 pub struct Replica {
@@ -326,10 +419,8 @@ pub struct Replica {
     pub bucket: String,
     /// The region signed for.
     pub region: String,
-    /// Access key id.
-    pub access_key: String,
-    /// Secret key.
-    pub secret_key: String,
+    /// Where its signing keys come from.
+    pub credentials: CredentialSource,
     /// Lower is tried first.
     pub priority: u32,
     /// Share of requests within its priority.
@@ -444,7 +535,13 @@ metrics:
         let b = &c.buckets[0];
         assert_eq!(b.path_prefix, "/data");
         assert_eq!(b.replicas.len(), 2);
-        assert_eq!(b.replicas[0].access_key, "minioadmin");
+        assert_eq!(
+            b.replicas[0].credentials.base,
+            CredentialBase::Static {
+                access_key: "minioadmin".into(),
+                secret_key: "minioadmin".into()
+            }
+        );
         assert_eq!(b.replicas[1].endpoint.host, "[::1]");
         assert_eq!(b.replicas[1].endpoint.authority, "[::1]:9002");
         assert_eq!(b.replicas[1].timeout, Duration::from_secs(30));

@@ -283,8 +283,16 @@ pub struct RawS3 {
     pub region: Option<String>,
     #[serde(default)]
     pub endpoint: Option<String>,
-    pub access_key: String,
-    pub secret_key: String,
+    #[serde(default)]
+    pub access_key: Option<String>,
+    #[serde(default)]
+    pub secret_key: Option<String>,
+    #[serde(default)]
+    pub access_key_file: Option<String>,
+    #[serde(default)]
+    pub secret_key_file: Option<String>,
+    #[serde(default)]
+    pub credentials: Option<RawCredentials>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub timeout_seconds: Option<u64>,
     #[serde(default)]
@@ -301,6 +309,70 @@ pub struct RawS3 {
     pub rate_limit: Option<RawRate>,
 }
 
+/// Where a bucket's or replica's signing keys come from, as written.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RawKeys<'a> {
+    pub access_key: Option<&'a str>,
+    pub secret_key: Option<&'a str>,
+    pub access_key_file: Option<&'a str>,
+    pub secret_key_file: Option<&'a str>,
+    pub credentials: Option<&'a RawCredentials>,
+}
+
+macro_rules! keys_of {
+    ($t:ty) => {
+        impl $t {
+            /// The credential keys set at this level.
+            pub fn keys(&self) -> RawKeys<'_> {
+                RawKeys {
+                    access_key: self.access_key.as_deref(),
+                    secret_key: self.secret_key.as_deref(),
+                    access_key_file: self.access_key_file.as_deref(),
+                    secret_key_file: self.secret_key_file.as_deref(),
+                    credentials: self.credentials.as_ref(),
+                }
+            }
+        }
+    };
+}
+keys_of!(RawS3);
+keys_of!(RawReplica);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredentials {
+    pub provider: RawProvider,
+    #[serde(default)]
+    pub profile: Option<String>,
+    #[serde(default)]
+    pub assume_role: Option<RawAssumeRole>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawProvider {
+    Static,
+    DefaultChain,
+    Environment,
+    Profile,
+    WebIdentity,
+    Ecs,
+    Imds,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAssumeRole {
+    pub role_arn: String,
+    #[serde(default)]
+    pub session_name: Option<String>,
+    #[serde(default)]
+    pub external_id: Option<String>,
+}
+
+/// `credentials.assume_role.session_name`.
+pub const DEFAULT_SESSION_NAME: &str = "yatagarasu";
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawReplica {
@@ -315,6 +387,12 @@ pub struct RawReplica {
     pub access_key: Option<String>,
     #[serde(default)]
     pub secret_key: Option<String>,
+    #[serde(default)]
+    pub access_key_file: Option<String>,
+    #[serde(default)]
+    pub secret_key_file: Option<String>,
+    #[serde(default)]
+    pub credentials: Option<RawCredentials>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub priority: Option<u32>,
     #[serde(default, deserialize_with = "flex_opt")]

@@ -553,19 +553,12 @@ fn replicas(s3: &RawS3, at3: &str, p: &mut Problems) -> Vec<Replica> {
     p.non_empty(&format!("{at3}.bucket"), &s3.bucket);
     let region = s3.region.as_deref().unwrap_or(DEFAULT_REGION);
     p.non_empty(&format!("{at3}.region"), region);
-    for (key, value) in [
-        ("access_key", &s3.access_key),
-        ("secret_key", &s3.secret_key),
-    ] {
-        if value.is_empty() {
-            p.at(&format!("{at3}.{key}"), "must not be empty");
-        }
-    }
+    own_keys(s3.keys(), at3, p);
     let timeout = s3.timeout_seconds.unwrap_or(DEFAULT_REPLICA_TIMEOUT_SECS);
     p.positive(&format!("{at3}.timeout_seconds"), timeout);
     let Some(list) = &s3.replicas else {
         let implicit = RawReplica {
-            name: "default".into(),
+            name: IMPLICIT_REPLICA.into(),
             ..RawReplica::default()
         };
         return vec![replica(&implicit, s3, at3, p)];
@@ -613,14 +606,8 @@ fn replica(rep: &RawReplica, s3: &RawS3, at: &str, p: &mut Problems) -> Replica 
         .to_string();
     let endpoint_src = rep.endpoint.as_deref().or(s3.endpoint.as_deref());
     let endpoint = resolve_endpoint(endpoint_src, &bucket, &region, &format!("{at}.endpoint"), p);
-    for (key, value) in [
-        ("access_key", &rep.access_key),
-        ("secret_key", &rep.secret_key),
-    ] {
-        if value.as_deref() == Some("") {
-            p.at(&format!("{at}.{key}"), "must not be empty");
-        }
-    }
+    own_keys(rep.keys(), at, p);
+    let credentials = credentials(inherit(rep.keys(), s3.keys()), at, p);
     let timeout = rep
         .timeout_seconds
         .or(s3.timeout_seconds)
@@ -641,14 +628,7 @@ fn replica(rep: &RawReplica, s3: &RawS3, at: &str, p: &mut Problems) -> Replica 
         endpoint,
         bucket,
         region,
-        access_key: rep
-            .access_key
-            .clone()
-            .unwrap_or_else(|| s3.access_key.clone()),
-        secret_key: rep
-            .secret_key
-            .clone()
-            .unwrap_or_else(|| s3.secret_key.clone()),
+        credentials,
         priority: rep.priority.unwrap_or(DEFAULT_PRIORITY),
         weight: weight.max(1),
         timeout: Duration::from_secs(timeout.max(1)),
@@ -660,6 +640,203 @@ fn replica(rep: &RawReplica, s3: &RawS3, at: &str, p: &mut Problems) -> Replica 
     };
     check_tls(&replica, at, p);
     replica
+}
+
+/// The name of the one replica of a bucket without a `replicas` list.
+const IMPLICIT_REPLICA: &str = "default";
+
+/// Checks the credential keys written at one level (`s3` or a replica).
+fn own_keys(k: RawKeys<'_>, at: &str, p: &mut Problems) {
+    for (key, value) in [
+        ("access_key", k.access_key),
+        ("secret_key", k.secret_key),
+        ("access_key_file", k.access_key_file),
+        ("secret_key_file", k.secret_key_file),
+    ] {
+        if value.is_some_and(|v| v.is_empty()) {
+            p.at(&format!("{at}.{key}"), "must not be empty");
+        }
+    }
+}
+
+/// A replica's credential keys: its own, and the bucket's for the ones it
+/// leaves out, except that a replica choosing one kind of source (static
+/// keys, or key files / a provider) does not inherit the other kind.
+fn inherit<'a>(rep: RawKeys<'a>, bucket: RawKeys<'a>) -> RawKeys<'a> {
+    let rep_static = rep.access_key.is_some() || rep.secret_key.is_some();
+    let rep_other = rep.access_key_file.is_some()
+        || rep.secret_key_file.is_some()
+        || rep
+            .credentials
+            .is_some_and(|c| c.provider != RawProvider::Static);
+    let from_bucket = |mine: Option<&'a str>, theirs: Option<&'a str>, allowed: bool| {
+        mine.or(if allowed { theirs } else { None })
+    };
+    RawKeys {
+        access_key: from_bucket(rep.access_key, bucket.access_key, !rep_other),
+        secret_key: from_bucket(rep.secret_key, bucket.secret_key, !rep_other),
+        access_key_file: from_bucket(rep.access_key_file, bucket.access_key_file, !rep_static),
+        secret_key_file: from_bucket(rep.secret_key_file, bucket.secret_key_file, !rep_static),
+        credentials: rep.credentials.or(if rep_static {
+            bucket
+                .credentials
+                .filter(|c| c.provider == RawProvider::Static)
+        } else {
+            bucket.credentials
+        }),
+    }
+}
+
+/// Resolves where a replica's keys come from; exactly one source must be
+/// given (no silent fallback to ambient credentials).
+fn credentials(k: RawKeys<'_>, at: &str, p: &mut Problems) -> CredentialSource {
+    let provider = k.credentials.map(|c| c.provider);
+    let has_static = k.access_key.is_some() || k.secret_key.is_some();
+    let has_files = k.access_key_file.is_some() || k.secret_key_file.is_some();
+    let pair = |p: &mut Problems, a: (&str, Option<&str>), b: (&str, Option<&str>)| {
+        for ((name, value), (other, _)) in [(a, b), (b, a)] {
+            if value.is_none() {
+                p.at(&format!("{at}.{name}"), format_args!("missing ({other} is set)"));
+            }
+        }
+        (
+            a.1.unwrap_or_default().to_string(),
+            b.1.unwrap_or_default().to_string(),
+        )
+    };
+    let base = match provider {
+        None | Some(RawProvider::Static) => {
+            if has_static && has_files {
+                p.at(
+                    &format!("{at}.access_key_file"),
+                    "cannot be combined with access_key/secret_key; choose one",
+                );
+            }
+            if has_static {
+                let (access_key, secret_key) = pair(
+                    p,
+                    ("access_key", k.access_key),
+                    ("secret_key", k.secret_key),
+                );
+                CredentialBase::Static {
+                    access_key,
+                    secret_key,
+                }
+            } else if has_files {
+                let (access_key_file, secret_key_file) = pair(
+                    p,
+                    ("access_key_file", k.access_key_file),
+                    ("secret_key_file", k.secret_key_file),
+                );
+                for (key, path) in [
+                    ("access_key_file", &access_key_file),
+                    ("secret_key_file", &secret_key_file),
+                ] {
+                    if path.is_empty() {
+                        continue;
+                    }
+                    match std::fs::read_to_string(path) {
+                        Ok(v) if v.trim().is_empty() => {
+                            p.at(&format!("{at}.{key}"), format_args!("{path} is empty"))
+                        }
+                        Ok(_) => {}
+                        Err(e) => p.at(
+                            &format!("{at}.{key}"),
+                            format_args!("cannot read {path}: {e}"),
+                        ),
+                    }
+                }
+                CredentialBase::Files {
+                    access_key_file,
+                    secret_key_file,
+                }
+            } else {
+                p.at(
+                    at,
+                    "no credentials: set access_key and secret_key, access_key_file and secret_key_file, or credentials.provider",
+                );
+                CredentialBase::Static {
+                    access_key: String::new(),
+                    secret_key: String::new(),
+                }
+            }
+        }
+        Some(kind) => {
+            for (set, key) in [(has_static, "access_key"), (has_files, "access_key_file")] {
+                if set {
+                    p.at(
+                        &format!("{at}.{key}"),
+                        format_args!(
+                            "cannot be combined with credentials.provider {:?} (remove one)",
+                            provider_name(kind)
+                        ),
+                    );
+                }
+            }
+            let profile = k.credentials.and_then(|c| c.profile.clone());
+            CredentialBase::Provider(match kind {
+                RawProvider::DefaultChain => ProviderKind::DefaultChain,
+                RawProvider::Environment => ProviderKind::Environment,
+                RawProvider::Profile => ProviderKind::Profile(profile.clone()),
+                RawProvider::WebIdentity => ProviderKind::WebIdentity,
+                RawProvider::Ecs => ProviderKind::Ecs,
+                // (static is the arm above)
+                RawProvider::Imds | RawProvider::Static => ProviderKind::Imds,
+            })
+        }
+    };
+    let Some(c) = k.credentials else {
+        return CredentialSource {
+            base,
+            assume_role: None,
+        };
+    };
+    if c.profile.is_some() && c.provider != RawProvider::Profile {
+        p.at(
+            &format!("{at}.credentials.profile"),
+            "is only used with provider \"profile\"",
+        );
+    }
+    if c.profile.as_deref() == Some("") {
+        p.at(&format!("{at}.credentials.profile"), "must not be empty");
+    }
+    let assume_role = c.assume_role.as_ref().map(|r| {
+        let at_role = format!("{at}.credentials.assume_role");
+        if !r.role_arn.starts_with("arn:") {
+            p.at(
+                &format!("{at_role}.role_arn"),
+                format_args!("{:?} is not a role ARN (arn:aws:iam::<account>:role/<name>)", r.role_arn),
+            );
+        }
+        let session_name = r
+            .session_name
+            .clone()
+            .unwrap_or_else(|| DEFAULT_SESSION_NAME.to_string());
+        if session_name.is_empty() {
+            p.at(&format!("{at_role}.session_name"), "must not be empty");
+        }
+        if r.external_id.as_deref() == Some("") {
+            p.at(&format!("{at_role}.external_id"), "must not be empty");
+        }
+        AssumeRole {
+            role_arn: r.role_arn.clone(),
+            session_name,
+            external_id: r.external_id.clone(),
+        }
+    });
+    CredentialSource { base, assume_role }
+}
+
+fn provider_name(p: RawProvider) -> &'static str {
+    match p {
+        RawProvider::Static => "static",
+        RawProvider::DefaultChain => "default_chain",
+        RawProvider::Environment => "environment",
+        RawProvider::Profile => "profile",
+        RawProvider::WebIdentity => "web_identity",
+        RawProvider::Ecs => "ecs",
+        RawProvider::Imds => "imds",
+    }
 }
 
 fn breaker(raw: Option<&RawCircuitBreaker>, at: &str, p: &mut Problems) -> BreakerSettings {

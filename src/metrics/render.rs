@@ -89,6 +89,43 @@ fn histogram(pairs: &[(&str, &str)], h: &Histogram<u64>) -> Metric {
     m
 }
 
+/// `yatagarasu_credentials_*`: per replica of the current generation, its
+/// source's fetch counts and the time its keys have left. Static keys have
+/// no expiry and no refreshes.
+fn credential_families(shared: &Generation, families: &mut Vec<MetricFamily>) {
+    let now = std::time::SystemTime::now();
+    let mut refreshes = Vec::new();
+    let mut expiry = Vec::new();
+    for r in &shared.replicas {
+        let bucket = shared.bucket(r.bucket).name.as_str();
+        let l = [("bucket", bucket), ("replica", r.config.name.as_str())];
+        let cell = &r.credentials;
+        if cell.refreshable() {
+            for (result, n) in [("ok", &cell.ok), ("failure", &cell.failed)] {
+                refreshes.push(counter(
+                    &[l[0], l[1], ("result", result)],
+                    n.load(Ordering::Relaxed) as f64,
+                ));
+            }
+        }
+        if let Some(left) = cell.expires_in(now) {
+            expiry.push(gauge(&l, left));
+        }
+    }
+    families.push(family(
+        "yatagarasu_credentials_refresh_total",
+        "Credential fetches per replica by result (ok, failure); static keys are never fetched.",
+        MetricType::COUNTER,
+        refreshes,
+    ));
+    families.push(family(
+        "yatagarasu_credentials_expiry_seconds",
+        "Seconds until the replica's current credentials expire (negative once expired); absent for keys that never expire.",
+        MetricType::GAUGE,
+        expiry,
+    ));
+}
+
 /// Renders every metric as Prometheus text.
 pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
     let mut families = Vec::new();
@@ -141,6 +178,7 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
             ),
         ],
     ));
+    credential_families(shared, &mut families);
     let mut auth: Vec<_> = merged.auth.iter().collect();
     auth.sort();
     families.push(family(

@@ -5,6 +5,7 @@
 //! [`Failure`] (5xx, a 403 for broken credentials, any transport failure).
 
 use super::*;
+use crate::credentials;
 
 /// Largest S3 error body read to classify a 403.
 const ERROR_BODY_MAX: u64 = 8 * 1024;
@@ -27,6 +28,47 @@ impl WorkerGeneration {
         resume: Option<Resume<'_>>,
     ) -> Result<Answer, Failure> {
         let deadline = Instant::now() + self.replica(rid).timeout;
+        let cell = &self.shared.replicas[rid].credentials;
+        if !credentials::wait_for_first(cell, deadline).await {
+            return Err(Failure::new(
+                Cause::Credentials,
+                format!(
+                    "no credentials from {} within the replica timeout",
+                    cell.source.describe()
+                ),
+            ));
+        }
+        match self.attempt_once(c, ctx, rid, resume, deadline).await {
+            // Temporary keys refused: refresh now and try this replica once
+            // more before it counts as failed.
+            Err(f) if f.cause == Cause::Credentials && f.captured.is_some() && cell.refreshable() => {
+                log!(
+                    Level::Info,
+                    "Replica refused our credentials; refreshing and retrying",
+                    replica = self.replica(rid).name,
+                    detail = f.detail,
+                    request_id = c.req.request_id,
+                );
+                if let Some(a) = f.captured {
+                    c.give_response(a.resp);
+                }
+                let deadline = Instant::now() + self.replica(rid).timeout;
+                credentials::refresh_now(cell, deadline).await;
+                self.attempt_once(c, ctx, rid, resume, deadline).await
+            }
+            other => other,
+        }
+    }
+
+    /// One try of [`Self::attempt`].
+    async fn attempt_once(
+        &self,
+        c: &mut Client,
+        ctx: &RequestCtx<'_>,
+        rid: usize,
+        resume: Option<Resume<'_>>,
+        deadline: Instant,
+    ) -> Result<Answer, Failure> {
         let mut resp = c.take_response();
         let result = self
             .exchange(c, ctx, rid, resume, deadline, &mut resp)
@@ -136,20 +178,15 @@ impl WorkerGeneration {
             }
         }
         head::header(w, "X-Request-ID", &c.req.request_id);
-        let signed = self.signers[rid].sign_into(
-            method,
-            &replica.endpoint.authority,
-            &target,
-            SystemTime::now(),
-            w,
-        );
+        let signed = self.sign(rid, method, &replica.endpoint.authority, &target, w);
         w.extend_from_slice(b"\r\n");
         c.opath = target;
-        signed.map_err(|e| Failure::new(Cause::Signing, e))
+        signed
     }
 
     /// A 403 is an answer unless S3's error code says this replica refuses
-    /// our credentials (`InvalidAccessKeyId`, `SignatureDoesNotMatch`).
+    /// our credentials (`InvalidAccessKeyId`, `SignatureDoesNotMatch`,
+    /// `ExpiredToken`, `InvalidToken`, `TokenRefreshRequired`).
     async fn check_credentials(&self, mut a: Answer, deadline: Instant) -> Result<Answer, Failure> {
         let Framing::Length(len) = a.resp.framing() else {
             return Ok(a);
@@ -168,7 +205,7 @@ impl WorkerGeneration {
         }
         match s3::error_code(&a.conn.buf[a.head_len..want]) {
             Some(code) if s3::is_broken_replica_code(code) => {
-                let mut f = Failure::new(Cause::Auth, format!("HTTP 403 {code}"));
+                let mut f = Failure::new(Cause::Credentials, format!("HTTP 403 {code}"));
                 f.captured = Some(Box::new(a));
                 Err(f)
             }

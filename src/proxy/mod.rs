@@ -63,6 +63,15 @@ struct LocalBreaker {
     seen: u32,
 }
 
+/// A core's signer for one replica, and the credentials it was built from.
+#[derive(Default)]
+struct LocalSigner {
+    /// `Published::version` it was built from (0: none yet).
+    version: u64,
+    signer: Option<Signer>,
+    expires: Option<SystemTime>,
+}
+
 /// One worker's view of one configuration [`Generation`] (owned by that
 /// worker's thread, rebuilt on reload): breaker copies, replica selectors,
 /// signers and the upstream connection pool.
@@ -73,7 +82,8 @@ pub struct WorkerGeneration {
     pub shared: Arc<Generation>,
     breakers: RefCell<Vec<LocalBreaker>>,
     selectors: RefCell<Vec<Selector>>,
-    signers: Vec<Signer>,
+    /// Per replica: the credentials version it was built from, and the signer.
+    signers: RefCell<Vec<LocalSigner>>,
     /// This worker's upstream connections to this generation's replicas.
     pub pool: Pool,
     /// Per-core state that outlives generations.
@@ -289,11 +299,7 @@ impl WorkerGeneration {
                 )
             })
             .collect();
-        let signers = shared
-            .replicas
-            .iter()
-            .map(|r| Signer::new(&r.config.access_key, &r.config.secret_key, &r.config.region))
-            .collect();
+        let signers = RefCell::new(shared.replicas.iter().map(|_| LocalSigner::default()).collect());
         WorkerGeneration {
             limits: RefCell::new(limits::Limiters::new(&shared.config)),
             jwks: RefCell::new((u64::MAX, Arc::default())),
@@ -306,6 +312,49 @@ impl WorkerGeneration {
             shared,
             core,
         }
+    }
+
+    /// Signs for `rid` with the keys published last: rebuilds this core's
+    /// signer when their version moved (one atomic load otherwise). Fails
+    /// when there are none yet or they have expired.
+    fn sign(
+        &self,
+        rid: usize,
+        method: &str,
+        host: &str,
+        target: &str,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Failure> {
+        let cell = &self.shared.replicas[rid].credentials;
+        let mut signers = self.signers.borrow_mut();
+        let local = &mut signers[rid];
+        let version = cell.version();
+        if local.version != version {
+            if let Some(creds) = cell.current() {
+                local.signer = Some(Signer::new(&creds, &self.replica(rid).region));
+                local.expires = creds.expires;
+            }
+            local.version = version;
+        }
+        let now = SystemTime::now();
+        let Some(signer) = &local.signer else {
+            return Err(Failure::new(
+                Cause::Credentials,
+                format!("no credentials yet from {}", cell.source.describe()),
+            ));
+        };
+        if local.expires.is_some_and(|e| e <= now) {
+            return Err(Failure::new(
+                Cause::Credentials,
+                format!(
+                    "credentials from {} expired and no refresh has replaced them",
+                    cell.source.describe()
+                ),
+            ));
+        }
+        signer
+            .sign_into(method, host, target, now, out)
+            .map_err(|e| Failure::new(Cause::Signing, e))
     }
 
     /// Stable metric id of a replica of this generation.
@@ -347,10 +396,16 @@ pub fn readiness(shared: &Generation) -> (bool, String) {
                     let r = &shared.replicas[rid];
                     let p = r.breaker.load();
                     let usable = p.state != State::Open || now >= p.open_until;
+                    let clock = SystemTime::now();
                     serde_json::json!({
                         "name": r.config.name,
                         "state": p.state.as_str(),
                         "usable": usable,
+                        "credentials": {
+                            "source": r.credentials.source.describe(),
+                            "state": r.credentials.state(clock).label(),
+                            "expires_in_seconds": r.credentials.expires_in(clock).map(|s| s.floor() as i64),
+                        },
                     })
                 })
                 .collect();

@@ -13,11 +13,14 @@ use sha2::{Digest, Sha256};
 use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Signs requests for one replica (one access key, one region). Not `Sync`:
-/// each core owns its signers, and the key cache is a plain `RefCell`.
+/// Signs requests for one replica (one set of credentials, one region). Not
+/// `Sync`: each core owns its signers, and the key cache is a plain `RefCell`.
+/// Temporary credentials add their session token as `x-amz-security-token`,
+/// which is signed.
 pub struct Signer {
     access_key: String,
     secret_key: String,
+    session_token: Option<String>,
     region: String,
     /// `(days since epoch, signing key)` for the current UTC day.
     key: RefCell<Option<(u64, [u8; 32])>>,
@@ -25,14 +28,16 @@ pub struct Signer {
 }
 
 const SIGNED_HEADERS: &str = "host;x-amz-content-sha256;x-amz-date";
+const SIGNED_HEADERS_WITH_TOKEN: &str = "host;x-amz-content-sha256;x-amz-date;x-amz-security-token";
 const UNSIGNED: &str = "UNSIGNED-PAYLOAD";
 
 impl Signer {
-    /// A signer for one access key and region.
-    pub fn new(access_key: &str, secret_key: &str, region: &str) -> Signer {
+    /// A signer for one set of credentials and a region.
+    pub fn new(creds: &crate::credentials::Credentials, region: &str) -> Signer {
         Signer {
-            access_key: access_key.to_string(),
-            secret_key: secret_key.to_string(),
+            access_key: creds.access_key.clone(),
+            secret_key: creds.secret_key.clone(),
+            session_token: creds.session_token.clone(),
             region: region.to_string(),
             key: RefCell::new(None),
             scratch: RefCell::new(String::with_capacity(512)),
@@ -81,6 +86,11 @@ impl Signer {
         let key = self.signing_key(secs / 86_400, now);
 
         let signature = self.signature(key, method, host, path, query, amz_date);
+        if let Some(token) = &self.session_token {
+            for part in ["x-amz-security-token: ", token, "\r\n"] {
+                out.extend_from_slice(part.as_bytes());
+            }
+        }
         for part in [
             "x-amz-date: ",
             amz_date,
@@ -91,7 +101,7 @@ impl Signer {
             "/",
             &self.region,
             "/s3/aws4_request, SignedHeaders=",
-            SIGNED_HEADERS,
+            self.signed_headers(),
             ", Signature=",
             &signature,
             "\r\n",
@@ -99,6 +109,13 @@ impl Signer {
             out.extend_from_slice(part.as_bytes());
         }
         Ok(())
+    }
+
+    fn signed_headers(&self) -> &'static str {
+        match self.session_token {
+            Some(_) => SIGNED_HEADERS_WITH_TOKEN,
+            None => SIGNED_HEADERS,
+        }
     }
 
     /// The request signature: canonical request, its hash in the string to
@@ -127,11 +144,16 @@ impl Signer {
             UNSIGNED,
             "\nx-amz-date:",
             amz_date,
-            "\n\n",
-            SIGNED_HEADERS,
             "\n",
-            UNSIGNED,
         ] {
+            c.push_str(part);
+        }
+        if let Some(token) = &self.session_token {
+            for part in ["x-amz-security-token:", token, "\n"] {
+                c.push_str(part);
+            }
+        }
+        for part in ["\n", self.signed_headers(), "\n", UNSIGNED] {
             c.push_str(part);
         }
         let hash = Sha256::digest(c.as_bytes());
@@ -192,7 +214,16 @@ pub fn error_code(body: &[u8]) -> Option<&str> {
 
 /// Error codes meaning "this replica is misconfigured", not "the object says no".
 pub fn is_broken_replica_code(code: &str) -> bool {
-    matches!(code, "InvalidAccessKeyId" | "SignatureDoesNotMatch")
+    matches!(code, "InvalidAccessKeyId" | "SignatureDoesNotMatch") || is_expired_token_code(code)
+}
+
+/// Error codes meaning "these temporary credentials are no longer good":
+/// worth a refresh and one more try before the replica counts as failed.
+pub fn is_expired_token_code(code: &str) -> bool {
+    matches!(
+        code,
+        "ExpiredToken" | "InvalidToken" | "TokenRefreshRequired" | "ExpiredTokenException"
+    )
 }
 
 #[cfg(test)]
@@ -211,13 +242,15 @@ mod tests {
     fn reference(
         ak: &str,
         sk: &str,
+        token: Option<&str>,
         region: &str,
         method: &str,
         host: &str,
         path: &str,
         now: SystemTime,
     ) -> String {
-        let identity: Identity = Credentials::new(ak, sk, None, None, "test").into();
+        let identity: Identity =
+            Credentials::new(ak, sk, token.map(str::to_string), None, "test").into();
         let mut settings = SigningSettings::default();
         settings.percent_encoding_mode = PercentEncodingMode::Single;
         settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
@@ -257,11 +290,29 @@ mod tests {
         lines.concat()
     }
 
+    fn creds(ak: &str, sk: &str, token: Option<&str>) -> crate::credentials::Credentials {
+        crate::credentials::Credentials {
+            access_key: ak.into(),
+            secret_key: sk.into(),
+            session_token: token.map(str::to_string),
+            expires: None,
+        }
+    }
+
     #[test]
     fn matches_aws_sigv4_byte_for_byte() {
+        for token in [None, Some("FwoGZXIvYXdzEJr//////////wEaDO+session/token==")] {
+            byte_for_byte(token);
+        }
+    }
+
+    fn byte_for_byte(token: Option<&str>) {
         let s = Signer::new(
-            "AKIDEXAMPLE",
-            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+            &creds(
+                "AKIDEXAMPLE",
+                "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+                token,
+            ),
             "eu-west-1",
         );
         let cases = [
@@ -282,6 +333,7 @@ mod tests {
                     reference(
                         "AKIDEXAMPLE",
                         "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+                        token,
                         "eu-west-1",
                         m,
                         h,
@@ -296,16 +348,16 @@ mod tests {
 
     #[test]
     fn key_cache_follows_the_day() {
-        let s = Signer::new("A", "S", "us-east-1");
+        let s = Signer::new(&creds("A", "S", None), "us-east-1");
         let day1 = UNIX_EPOCH + Duration::from_secs(86_400 * 100 + 5);
         let day2 = UNIX_EPOCH + Duration::from_secs(86_400 * 101 + 5);
         assert_eq!(
             ours(&s, "GET", "h", "/b/k", day1),
-            reference("A", "S", "us-east-1", "GET", "h", "/b/k", day1)
+            reference("A", "S", None, "us-east-1", "GET", "h", "/b/k", day1)
         );
         assert_eq!(
             ours(&s, "GET", "h", "/b/k", day2),
-            reference("A", "S", "us-east-1", "GET", "h", "/b/k", day2)
+            reference("A", "S", None, "us-east-1", "GET", "h", "/b/k", day2)
         );
         assert_eq!(s.key.borrow().map(|(d, _)| d), Some(101));
     }

@@ -229,6 +229,12 @@ fn start_helpers(process: &Arc<Process>, metrics_listener: Option<std::net::TcpL
             .name("yatagarasu-metrics".into())
             .spawn(move || metrics_http::serve(l, process));
     }
+    // Signing credentials other than static keys, fetched off the cores.
+    let hub = process.credentials.clone();
+    let stopper = process.clone();
+    let _ = std::thread::Builder::new()
+        .name("yatagarasu-credentials".into())
+        .spawn(move || crate::credentials::fetch::run(hub, &stopper.shutdown));
     // JWKS keys, fetched off the cores; idles while no jwks_url is set.
     let fetcher = process.clone();
     let _ = std::thread::Builder::new()

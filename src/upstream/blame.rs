@@ -66,7 +66,7 @@ mod tests {
             Cause::Tls,
             Cause::Malformed,
             Cause::Truncated,
-            Cause::Auth,
+            Cause::Credentials,
         ] {
             assert_eq!(
                 blame(cause, false, NOW - 1, NOW),

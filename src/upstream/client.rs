@@ -39,8 +39,9 @@ pub enum Cause {
     Io,
     /// The replica answered with a 5xx status.
     Http(u16),
-    /// A 403 whose S3 code says our credentials are broken on this replica.
-    Auth,
+    /// No valid credentials for this replica: none fetched yet, expired, or
+    /// a 403 whose S3 code says the replica refuses them.
+    Credentials,
     /// The request could not be signed.
     Signing,
 }
@@ -61,7 +62,7 @@ impl Cause {
             Cause::Http(503) => "http_503",
             Cause::Http(504) => "http_504",
             Cause::Http(_) => "http_5xx",
-            Cause::Auth => "auth",
+            Cause::Credentials => "credentials",
             Cause::Signing => "signing",
         }
     }

@@ -83,7 +83,14 @@ pub async fn probe(shared: &Generation, pool: &Pool, rid: usize) -> Result<u16, 
     head::header(&mut req, "Host", &replica.endpoint.authority);
     head::header(&mut req, "User-Agent", "yatagarasu-health-check");
     head::header(&mut req, "Connection", "close");
-    Signer::new(&replica.access_key, &replica.secret_key, &replica.region).sign_into(
+    let creds = r
+        .credentials
+        .current()
+        .ok_or_else(|| "credentials: none fetched yet".to_string())?;
+    if creds.expired(SystemTime::now()) {
+        return Err("credentials: expired".into());
+    }
+    Signer::new(&creds, &replica.region).sign_into(
         "HEAD",
         &replica.endpoint.authority,
         &path,
