@@ -89,9 +89,10 @@ impl ::log::Log for Bridge {
 /// Library events that may carry key material stay out of the log: TRACE
 /// from anyone (the AWS runtime traces response bodies, and an STS or
 /// metadata response body holds keys), and DEBUG from the crates on the
-/// credentials path (their debug events name access key ids).
+/// credentials path (their debug events name access key ids; span
+/// enter/exit lines carry nothing).
 fn admitted(m: &::log::Metadata<'_>) -> bool {
-    const CREDENTIAL_PATH: [&str; 4] = ["aws_", "hyper", "h2", "tower"];
+    const CREDENTIAL_PATH: [&str; 5] = ["aws_", "hyper", "h2", "tower", "tracing::span"];
     match m.level() {
         ::log::Level::Trace => false,
         ::log::Level::Debug => !CREDENTIAL_PATH.iter().any(|p| m.target().starts_with(p)),

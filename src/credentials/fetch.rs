@@ -57,8 +57,8 @@ struct Entry {
     provider: Option<SharedCredentialsProvider>,
     /// When the next scheduled fetch is due.
     next: Instant,
-    /// Start of the last fetch.
-    last: Option<Instant>,
+    /// Start of the last fetch a request asked for.
+    last_on_demand: Option<Instant>,
     failures: u32,
     in_flight: bool,
     /// Key files: what they looked like when last read.
@@ -90,7 +90,7 @@ async fn serve(hub: Arc<Hub>, stop: &AtomicBool) {
                     cell: Arc::downgrade(cell),
                     provider: None,
                     next: Instant::now(),
-                    last: None,
+                    last_on_demand: None,
                     failures: 0,
                     in_flight: false,
                     stamp: None,
@@ -116,16 +116,20 @@ async fn serve(hub: Arc<Hub>, stop: &AtomicBool) {
             }
             let now = Instant::now();
             let wanted = cell.take_wanted();
-            let due = now >= e.next;
-            if !due && !(wanted && schedule::on_demand_fetch(e.last.map(|t| now - t))) {
+            let on_demand =
+                wanted && schedule::on_demand_fetch(e.last_on_demand.map(|t| now - t));
+            if now < e.next && !on_demand {
                 if wanted {
-                    // A fetch began moments ago: its result is the answer.
+                    // Another request's fetch ran moments ago: its keys
+                    // are the answer.
                     cell.fetch_finished();
                 }
                 continue;
             }
+            if on_demand {
+                e.last_on_demand = Some(now);
+            }
             e.in_flight = true;
-            e.last = Some(now);
             let provider = match &e.provider {
                 Some(p) => p.clone(),
                 None => {
@@ -252,6 +256,11 @@ async fn fetch(provider: &SharedCredentialsProvider) -> Result<Credentials, Stri
         || got.session_token().is_some_and(|t| !printable(t))
     {
         return Err("the provider returned keys with spaces or control characters".into());
+    }
+    // The SDK's IMDS provider answers a failed fetch with the last keys it
+    // got ("static stability"): keys already expired are a failed fetch.
+    if got.expiry().is_some_and(|e| e <= SystemTime::now()) {
+        return Err("the provider returned credentials that have already expired".into());
     }
     Ok(Credentials {
         access_key: got.access_key_id().to_string(),

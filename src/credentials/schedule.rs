@@ -24,7 +24,8 @@ pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 /// Longest wait between retries.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Requests asking for a refresh (a 403 naming the keys) within this time of
-/// the last fetch share that fetch instead of starting another.
+/// the last fetch a request asked for share its keys instead of starting
+/// another: a replica refusing every key cannot flood the provider.
 pub const ON_DEMAND_GAP: Duration = Duration::from_secs(1);
 /// How often key files are checked for a change.
 pub const FILE_POLL: Duration = Duration::from_secs(1);
@@ -53,7 +54,7 @@ pub fn after_failure(failures: u32) -> Duration {
 }
 
 /// Whether a request's call for a refresh starts a fetch, given the time
-/// since the last fetch began.
+/// since the last fetch a request started.
 pub fn on_demand_fetch(since_last: Option<Duration>) -> bool {
     since_last.is_none_or(|d| d >= ON_DEMAND_GAP)
 }

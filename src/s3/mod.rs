@@ -212,9 +212,14 @@ pub fn error_code(body: &[u8]) -> Option<&str> {
     Some(&text[start..end])
 }
 
-/// Error codes meaning "this replica is misconfigured", not "the object says no".
+/// Error codes meaning "this replica refuses our keys", not "the object says
+/// no". `NotSignedUp` is what S3 (and s3s) answer for an access key whose
+/// account it does not know.
 pub fn is_broken_replica_code(code: &str) -> bool {
-    matches!(code, "InvalidAccessKeyId" | "SignatureDoesNotMatch") || is_expired_token_code(code)
+    matches!(
+        code,
+        "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "NotSignedUp"
+    ) || is_expired_token_code(code)
 }
 
 /// Error codes meaning "these temporary credentials are no longer good":
@@ -367,6 +372,9 @@ mod tests {
         let body = b"<?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code><Message>x</Message></Error>";
         assert_eq!(error_code(body), Some("SignatureDoesNotMatch"));
         assert!(is_broken_replica_code("InvalidAccessKeyId"));
+        assert!(is_broken_replica_code("NotSignedUp"));
+        assert!(is_broken_replica_code("ExpiredToken"));
+        assert!(!is_broken_replica_code("AccessDenied"));
         assert!(!is_broken_replica_code("NoSuchKey"));
         assert_eq!(error_code(b"nothing"), None);
     }

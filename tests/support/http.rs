@@ -214,7 +214,13 @@ pub fn signed(port: u16, method: &str, path: &str, body: &[u8], ak: &str, sk: &s
         body.len()
     )
     .into_bytes();
-    yatagarasu::s3::Signer::new(ak, sk, "us-east-1")
+    let creds = yatagarasu::credentials::Credentials {
+        access_key: ak.into(),
+        secret_key: sk.into(),
+        session_token: None,
+        expires: None,
+    };
+    yatagarasu::s3::Signer::new(&creds, "us-east-1")
         .sign_into(method, &host, path, std::time::SystemTime::now(), &mut head)
         .expect("sign");
     head.extend_from_slice(b"\r\n");

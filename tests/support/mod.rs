@@ -15,6 +15,7 @@
 
 pub mod fault;
 pub mod http;
+pub mod metadata;
 pub mod rogue;
 pub mod tls_front;
 
@@ -75,23 +76,46 @@ fn kill_pid(child: &mut Child, signal: i32) {
     let _ = child.wait();
 }
 
-/// An s3s-fs process with credentials [`AK`]/[`SK`].
+/// An s3s-fs process with credentials [`AK`]/[`SK`] unless told otherwise.
 pub struct S3 {
     pub port: u16,
-    pub dir: tempfile::TempDir,
+    pub dir: std::sync::Arc<tempfile::TempDir>,
+    /// The one key pair it accepts (s3s-fs takes a single pair).
+    pub keys: (String, String),
     child: Option<Child>,
 }
 
 impl S3 {
     pub fn start() -> S3 {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_with_keys(AK, SK)
+    }
+
+    pub fn start_with_keys(access_key: &str, secret_key: &str) -> S3 {
+        let dir = std::sync::Arc::new(tempfile::tempdir().expect("temp dir"));
+        Self::start_in(dir, access_key, secret_key)
+    }
+
+    /// A second server on the same data directory (same objects).
+    pub fn sharing(&self, access_key: &str, secret_key: &str) -> S3 {
+        Self::start_in(self.dir.clone(), access_key, secret_key)
+    }
+
+    fn start_in(dir: std::sync::Arc<tempfile::TempDir>, access_key: &str, secret_key: &str) -> S3 {
         let mut s = S3 {
             port: free_port(),
             dir,
+            keys: (access_key.into(), secret_key.into()),
             child: None,
         };
         s.restart();
         s
+    }
+
+    /// Stops it, and starts it again accepting only these keys.
+    pub fn restart_with_keys(&mut self, access_key: &str, secret_key: &str) {
+        self.kill();
+        self.keys = (access_key.into(), secret_key.into());
+        self.restart();
     }
 
     pub fn endpoint(&self) -> String {
@@ -105,10 +129,15 @@ impl S3 {
     /// (Re)starts the process on the same port and data directory.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let log = std::fs::File::create(self.dir.path().with_extension("log")).expect("log file");
+        let log = std::fs::File::create(
+            self.dir
+                .path()
+                .with_extension(format!("{}.log", self.port)),
+        )
+        .expect("log file");
         let child = Command::new(find_bin("s3s-fs"))
             .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--access-key", AK, "--secret-key", SK])
+            .args(["--access-key", &self.keys.0, "--secret-key", &self.keys.1])
             .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(log)
@@ -131,7 +160,8 @@ impl S3 {
     }
 
     pub fn create_bucket(&self, bucket: &str) {
-        let r = http::signed(self.port, "PUT", &format!("/{bucket}"), b"", AK, SK);
+        let (ak, sk) = (&self.keys.0, &self.keys.1);
+        let r = http::signed(self.port, "PUT", &format!("/{bucket}"), b"", ak, sk);
         assert!(
             r.status == 200 || r.status == 409,
             "create bucket: {} {}",
@@ -146,8 +176,8 @@ impl S3 {
             "PUT",
             &format!("/{bucket}/{key_encoded}"),
             body,
-            AK,
-            SK,
+            &self.keys.0,
+            &self.keys.1,
         );
         assert_eq!(r.status, 200, "put {key_encoded}: {}", r.text());
     }
