@@ -31,11 +31,13 @@ use yatagarasu::upstream::breaker::Breaker;
 use yatagarasu::upstream::select::{Plan, Selector};
 
 fn sign(c: &mut Criterion) {
-    let signer = Signer::new(
-        "AKIAIOSFODNN7EXAMPLE",
-        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
-        "us-east-1",
-    );
+    let creds = yatagarasu::credentials::Credentials {
+        access_key: "AKIAIOSFODNN7EXAMPLE".into(),
+        secret_key: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY".into(),
+        session_token: None,
+        expires: None,
+    };
+    let signer = Signer::new(&creds, "us-east-1");
     let mut out = Vec::with_capacity(512);
     c.bench_function("sigv4_sign", |b| {
         b.iter(|| {

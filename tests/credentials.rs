@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::metadata::{Keys, Metadata};
 use support::rogue::{send, Rogue, Step};
-use support::{http, Moto, Proxy, S3, AK, SK};
+use support::{http, Moto, Proxy, AK, S3, SK};
 
 const HOUR: Duration = Duration::from_secs(3600);
 const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/origin-reader";
@@ -84,7 +84,10 @@ impl Load {
                     while !stop.load(Ordering::Relaxed) {
                         match http::try_get(port, path, &[]) {
                             Ok(r) if r.status == 200 && r.body == expect => {}
-                            Ok(r) => bad.lock().unwrap().push(format!("{} {}", r.status, r.text())),
+                            Ok(r) => bad
+                                .lock()
+                                .unwrap()
+                                .push(format!("{} {}", r.status, r.text())),
                             Err(e) => bad.lock().unwrap().push(e.to_string()),
                         }
                         done.fetch_add(1, Ordering::Relaxed);
@@ -113,7 +116,12 @@ impl Load {
 
 #[test]
 fn imds_instance_role_keys_sign_requests_and_stay_out_of_logs() {
-    let md = Metadata::start(Keys::new("ASIAIMDSKEY1", "imds-secret-1", "imds-token-1", HOUR));
+    let md = Metadata::start(Keys::new(
+        "ASIAIMDSKEY1",
+        "imds-secret-1",
+        "imds-token-1",
+        HOUR,
+    ));
     let s3 = S3::start_with_keys("ASIAIMDSKEY1", "imds-secret-1");
     s3.create_bucket("bkt");
     s3.put("bkt", "a.txt", b"hello from an instance role");
@@ -130,7 +138,10 @@ fn imds_instance_role_keys_sign_requests_and_stay_out_of_logs() {
     assert_eq!(r.status, 200, "{}\n{}", r.text(), p.log());
     assert_eq!(r.body, b"hello from an instance role");
     let seen = md.seen();
-    assert!(seen.token_puts >= 1, "IMDSv2 session token requested: {seen:?}");
+    assert!(
+        seen.token_puts >= 1,
+        "IMDSv2 session token requested: {seen:?}"
+    );
     assert!(seen.credentials_served >= 1, "{seen:?}");
     assert_eq!(seen.unauthorized, 0, "{seen:?}");
 
@@ -159,7 +170,10 @@ fn imds_instance_role_keys_sign_requests_and_stay_out_of_logs() {
     let log = p.log();
     assert!(log.contains("Credentials refreshed"), "{log}");
     for secret in ["imds-secret-1", "imds-token-1", "ASIAIMDSKEY1"] {
-        assert!(!log.contains(secret), "{secret} leaked into the log:\n{log}");
+        assert!(
+            !log.contains(secret),
+            "{secret} leaked into the log:\n{log}"
+        );
         assert!(!rd.to_string().contains(secret));
         assert!(!m.contains(secret));
     }
@@ -167,7 +181,12 @@ fn imds_instance_role_keys_sign_requests_and_stay_out_of_logs() {
 
 #[test]
 fn ecs_container_credentials() {
-    let md = Metadata::start(Keys::new("ASIAECSKEY1", "ecs-secret-1", "ecs-token-1", HOUR));
+    let md = Metadata::start(Keys::new(
+        "ASIAECSKEY1",
+        "ecs-secret-1",
+        "ecs-token-1",
+        HOUR,
+    ));
     let s3 = S3::start_with_keys("ASIAECSKEY1", "ecs-secret-1");
     s3.create_bucket("bkt");
     s3.put("bkt", "k", b"task role");
@@ -180,7 +199,10 @@ fn ecs_container_credentials() {
     let r = p.get("/b/k");
     assert_eq!(r.status, 200, "{}\n{}", r.text(), p.log());
     assert_eq!(r.body, b"task role");
-    assert_eq!(ready(&p)["buckets"][0]["replicas"][0]["credentials"]["source"], "ecs");
+    assert_eq!(
+        ready(&p)["buckets"][0]["replicas"][0]["credentials"]["source"],
+        "ecs"
+    );
 }
 
 #[test]
@@ -216,7 +238,12 @@ fn cold_start_with_a_slow_provider_waits_instead_of_failing() {
 fn imds_rotation_under_load_fails_no_request() {
     // Keys expiring in 5 min 6 s: the proxy refreshes them about 3-6 s
     // from now (5 minutes ahead, jittered), well before they expire.
-    let k1 = Keys::new("ASIAROT1", "rot-secret-1", "rot-token-1", Duration::from_secs(306));
+    let k1 = Keys::new(
+        "ASIAROT1",
+        "rot-secret-1",
+        "rot-token-1",
+        Duration::from_secs(306),
+    );
     let md = Metadata::start(k1);
     let mut a = S3::start_with_keys("ASIAROT1", "rot-secret-1");
     a.create_bucket("bkt");
@@ -262,7 +289,13 @@ fn imds_rotation_under_load_fails_no_request() {
     std::thread::sleep(Duration::from_millis(1500));
     let (n, bad) = load.finish();
     assert!(n > 20, "only {n} requests ran");
-    assert!(bad.is_empty(), "{} of {n} requests failed: {:?}\n{}", bad.len(), &bad[..bad.len().min(5)], p.log());
+    assert!(
+        bad.is_empty(),
+        "{} of {n} requests failed: {:?}\n{}",
+        bad.len(),
+        &bad[..bad.len().min(5)],
+        p.log()
+    );
     assert_eq!(p.pid(), pid);
     // Both replicas now take the new keys: the primary alone serves.
     b.kill();
@@ -283,7 +316,12 @@ fn write_key(path: &std::path::Path, value: &str) {
 fn key_files_rotate_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let f = |n: &str| dir.path().join(n);
-    for (name, value) in [("a_ak", "FILEKEY1"), ("a_sk", "file-secret-1"), ("b_ak", "FILEKEY1"), ("b_sk", "file-secret-1")] {
+    for (name, value) in [
+        ("a_ak", "FILEKEY1"),
+        ("a_sk", "file-secret-1"),
+        ("b_ak", "FILEKEY1"),
+        ("b_sk", "file-secret-1"),
+    ] {
         write_key(&f(name), value);
     }
     let mut a = S3::start_with_keys("FILEKEY1", "file-secret-1");
@@ -297,7 +335,13 @@ fn key_files_rotate_without_a_restart() {
             f(&format!("{r}_sk")).display()
         )
     };
-    let body = config("", &[("a", &a.endpoint(), &files("a")), ("b", &b.endpoint(), &files("b"))]);
+    let body = config(
+        "",
+        &[
+            ("a", &a.endpoint(), &files("a")),
+            ("b", &b.endpoint(), &files("b")),
+        ],
+    );
     let p = Proxy::start(&body);
     let pid = p.pid();
     assert_eq!(p.get("/b/obj").status, 200, "{}", p.log());
@@ -311,7 +355,13 @@ fn key_files_rotate_without_a_restart() {
     }
     let (n, bad) = load.finish();
     assert!(n > 20, "only {n} requests ran");
-    assert!(bad.is_empty(), "{} of {n} requests failed: {:?}\n{}", bad.len(), &bad[..bad.len().min(5)], p.log());
+    assert!(
+        bad.is_empty(),
+        "{} of {n} requests failed: {:?}\n{}",
+        bad.len(),
+        &bad[..bad.len().min(5)],
+        p.log()
+    );
     assert_eq!(p.pid(), pid, "no restart");
     assert!(p.log().contains("Key files changed"), "{}", p.log());
     // Each replica alone serves with its new keys.
@@ -326,14 +376,22 @@ fn key_files_rotate_without_a_restart() {
 
 #[test]
 fn a_failing_provider_keeps_its_keys_until_expiry_then_fails_over() {
-    let md = Metadata::start(Keys::new("ASIAFAIL1", "fail-secret", "fail-token", Duration::from_secs(9)));
+    let md = Metadata::start(Keys::new(
+        "ASIAFAIL1",
+        "fail-secret",
+        "fail-token",
+        Duration::from_secs(9),
+    ));
     let a = S3::start_with_keys("ASIAFAIL1", "fail-secret");
     a.create_bucket("bkt");
     a.put("bkt", "obj", b"still here");
     let b = a.sharing(AK, SK);
     let ecs = "          credentials:\n            provider: \"ecs\"\n";
     let fixed = format!("          access_key: \"{AK}\"\n          secret_key: \"{SK}\"\n");
-    let body = config("", &[("a", &a.endpoint(), ecs), ("b", &b.endpoint(), &fixed)]);
+    let body = config(
+        "",
+        &[("a", &a.endpoint(), ecs), ("b", &b.endpoint(), &fixed)],
+    );
     let p = Proxy::start_with(
         &body,
         1,
@@ -343,7 +401,11 @@ fn a_failing_provider_keeps_its_keys_until_expiry_then_fails_over() {
     assert_eq!(p.get("/b/obj").status, 200, "{}", p.log());
     md.set_failing(true);
     // Short-lived keys are fetched again every 5 s: that fetch fails.
-    assert!(p.wait_log("Credentials refresh failed", Duration::from_secs(10)), "{}", p.log());
+    assert!(
+        p.wait_log("Credentials refresh failed", Duration::from_secs(10)),
+        "{}",
+        p.log()
+    );
     let served_by = |p: &Proxy, r: &str| {
         metric(
             &p.metrics(),
@@ -357,25 +419,51 @@ fn a_failing_provider_keeps_its_keys_until_expiry_then_fails_over() {
         assert_eq!(p.get("/b/obj").status, 200);
         assert_eq!(served_by(&p, "a"), before + 1.0);
         let rd = ready(&p);
-        assert_eq!(rd["buckets"][0]["replicas"][0]["credentials"]["state"], "refresh_failing", "{rd}");
+        assert_eq!(
+            rd["buckets"][0]["replicas"][0]["credentials"]["state"], "refresh_failing",
+            "{rd}"
+        );
     }
     // Past expiry: the primary fails with cause `credentials`, the backup serves.
-    wait_until("expiry", Duration::from_secs(15), || issued.elapsed() > Duration::from_secs(10));
+    wait_until("expiry", Duration::from_secs(15), || {
+        issued.elapsed() > Duration::from_secs(10)
+    });
     let r = p.get("/b/obj");
     assert_eq!(r.status, 200, "{}\n{}", r.text(), p.log());
     assert_eq!(r.body, b"still here");
     let m = p.metrics();
     assert!(
-        metric(&m, "yatagarasu_replica_failures_total{bucket=\"b\",replica=\"a\",reason=\"credentials\"}")
-            .unwrap_or(0.0)
+        metric(
+            &m,
+            "yatagarasu_replica_failures_total{bucket=\"b\",replica=\"a\",reason=\"credentials\"}"
+        )
+        .unwrap_or(0.0)
             >= 1.0,
         "{m}"
     );
-    assert!(metric(&m, "yatagarasu_credentials_refresh_total{bucket=\"b\",replica=\"a\",result=\"failure\"}").unwrap_or(0.0) >= 1.0, "{m}");
+    assert!(
+        metric(
+            &m,
+            "yatagarasu_credentials_refresh_total{bucket=\"b\",replica=\"a\",result=\"failure\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{m}"
+    );
     let rd = ready(&p);
-    assert_eq!(rd["buckets"][0]["replicas"][0]["credentials"]["state"], "expired", "{rd}");
-    assert_eq!(rd["buckets"][0]["replicas"][1]["credentials"]["state"], "static", "{rd}");
-    assert!(p.log().contains("expired and no refresh has replaced them"), "{}", p.log());
+    assert_eq!(
+        rd["buckets"][0]["replicas"][0]["credentials"]["state"], "expired",
+        "{rd}"
+    );
+    assert_eq!(
+        rd["buckets"][0]["replicas"][1]["credentials"]["state"], "static",
+        "{rd}"
+    );
+    assert!(
+        p.log().contains("expired and no refresh has replaced them"),
+        "{}",
+        p.log()
+    );
 }
 
 fn ok(body: &str) -> Vec<Step> {
@@ -407,7 +495,9 @@ fn an_expired_token_answer_refreshes_and_retries_once() {
         1,
         &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &md.ecs_uri())],
     );
-    wait_until("first keys", Duration::from_secs(5), || md.seen().credentials_served >= 1);
+    wait_until("first keys", Duration::from_secs(5), || {
+        md.seen().credentials_served >= 1
+    });
     md.set_keys(Keys::new("ASIANEW", "new-secret", "new-token", HOUR));
     let r = p.get("/b/k");
     assert_eq!(r.status, 200, "{}\n{}", r.text(), p.log());
@@ -419,11 +509,20 @@ fn an_expired_token_answer_refreshes_and_retries_once() {
         .map(|s| signed_key(&s.header("authorization").unwrap_or_default()).to_string())
         .collect();
     assert_eq!(keys, ["ASIAOLD", "ASIANEW"]);
-    assert_eq!(seen[0].header("x-amz-security-token").as_deref(), Some("old-token"));
-    assert_eq!(seen[1].header("x-amz-security-token").as_deref(), Some("new-token"));
+    assert_eq!(
+        seen[0].header("x-amz-security-token").as_deref(),
+        Some("old-token")
+    );
+    assert_eq!(
+        seen[1].header("x-amz-security-token").as_deref(),
+        Some("new-token")
+    );
     let m = p.metrics();
     assert_eq!(
-        metric(&m, "yatagarasu_replica_failures_total{bucket=\"b\",replica=\"a\",reason=\"credentials\"}"),
+        metric(
+            &m,
+            "yatagarasu_replica_failures_total{bucket=\"b\",replica=\"a\",reason=\"credentials\"}"
+        ),
         None,
         "the retry answered, so no failure counts: {m}"
     );
@@ -434,7 +533,9 @@ fn an_expired_token_answer_refreshes_and_retries_once() {
 fn assert_session_signed(seen: &support::rogue::Seen) {
     let auth = seen.header("authorization").expect("signed");
     assert!(signed_key(&auth).starts_with("ASIA"), "{auth}");
-    let token = seen.header("x-amz-security-token").expect("session token sent");
+    let token = seen
+        .header("x-amz-security-token")
+        .expect("session token sent");
     assert!(token.len() > 20, "{token}");
     assert!(
         auth.contains("SignedHeaders=host;x-amz-content-sha256;x-amz-date;x-amz-security-token"),
@@ -464,7 +565,10 @@ fn web_identity_through_moto_sts() {
     assert_eq!(r.status, 200, "{}\n{}", r.text(), p.log());
     assert_eq!(r.body, b"via irsa");
     assert_session_signed(&rogue.seen()[0]);
-    assert_eq!(ready(&p)["buckets"][0]["replicas"][0]["credentials"]["state"], "ok");
+    assert_eq!(
+        ready(&p)["buckets"][0]["replicas"][0]["credentials"]["state"],
+        "ok"
+    );
 }
 
 #[test]
@@ -480,7 +584,11 @@ fn assume_role_on_static_keys_through_moto_sts() {
     assert_eq!(r.status, 200, "{}\n{}", r.text(), p.log());
     let seen = &rogue.seen()[0];
     assert_session_signed(seen);
-    assert_ne!(signed_key(&seen.header("authorization").unwrap()), AK, "the role's keys sign, not the base keys");
+    assert_ne!(
+        signed_key(&seen.header("authorization").unwrap()),
+        AK,
+        "the role's keys sign, not the base keys"
+    );
     let rd = ready(&p);
     assert!(
         rd["buckets"][0]["replicas"][0]["credentials"]["source"]

@@ -347,7 +347,7 @@ fn broken_credentials_on_primary_fail_over() {
     assert_eq!(r.text(), "Backup data!\n");
     assert!(proxy
         .metrics()
-        .contains("replica=\"primary\",reason=\"auth\"} 1"));
+        .contains("replica=\"primary\",reason=\"credentials\"} 1"));
 }
 
 /// The same `size`-byte object as `big.bin` on both replicas, the primary

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: installs what the suite needs (s3s-fs, moto) when missing,
+# The test command: installs what the suite needs (s3s-fs, moto,
+# kubernetes-validate) when missing, validates the Kubernetes manifests,
 # checks formatting and lints, then runs every test on the default driver
 # (io_uring where the kernel allows), the process tests again on epoll, and
 # finally the tutorial demo (needs ports 8080, 9090, 9001 and 9002 free).
@@ -16,6 +17,13 @@ if ! python3 -c 'import moto.server' >/dev/null 2>&1; then
   python3 -m pip install --quiet 'moto[server]'
   command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 fi
+if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
+  echo "== installing kubernetes-validate"
+  python3 -m pip install --quiet kubernetes-validate
+fi
+
+echo "== Kubernetes manifests against the Kubernetes schemas (offline)"
+python3 -m kubernetes_validate --strict --quiet deploy/k8s/*.yaml
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -27,6 +35,6 @@ cargo test --lib --bins --tests -- --test-threads=4
 echo "== benches compile and run once (criterion test mode)"
 cargo test --benches
 echo "== process tests again on the epoll driver"
-YATAGARASU_DRIVER=epoll cargo test --test core --test ha --test hostile --test cache --test access --test auth --test reload --test tls -- --test-threads=4
+YATAGARASU_DRIVER=epoll cargo test --test core --test ha --test hostile --test cache --test access --test auth --test credentials --test reload --test tls -- --test-threads=4
 echo "== the HA tutorial demo (tests/demo.sh)"
 HEALTH_WAIT=${HEALTH_WAIT:-10} bash tests/demo.sh

@@ -535,12 +535,12 @@ metrics:
         let b = &c.buckets[0];
         assert_eq!(b.path_prefix, "/data");
         assert_eq!(b.replicas.len(), 2);
-        assert_eq!(
-            b.replicas[0].credentials.base,
-            CredentialBase::Static {
-                access_key: "minioadmin".into(),
-                secret_key: "minioadmin".into()
-            }
+        assert!(
+            b.replicas[0].credentials.base
+                == CredentialBase::Static {
+                    access_key: "minioadmin".into(),
+                    secret_key: "minioadmin".into()
+                }
         );
         assert_eq!(b.replicas[1].endpoint.host, "[::1]");
         assert_eq!(b.replicas[1].endpoint.authority, "[::1]:9002");
@@ -588,6 +588,125 @@ metrics:
                 .any(|e| e.starts_with("buckets[0].s3.secret_key")),
             "{errs:?}"
         );
+    }
+
+    /// `BASE` with the bucket's two key lines replaced by `keys`.
+    fn with_keys(keys: &str) -> Result<Config, Vec<String>> {
+        let text = BASE.replace(
+            "      access_key: \"${KEY}\"\n      secret_key: \"${KEY}\"\n",
+            keys,
+        );
+        parse(&text, &env)
+    }
+
+    fn errors_of(keys: &str) -> String {
+        with_keys(keys).map(|_| ()).unwrap_err().join("\n")
+    }
+
+    #[test]
+    fn no_credentials_is_an_error_naming_the_replica() {
+        let e = errors_of("");
+        assert!(
+            e.contains("buckets[0].s3.replicas[0]: no credentials")
+                && e.contains("buckets[0].s3.replicas[1]: no credentials"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn providers_resolve_and_replicas_inherit_them() {
+        let c = with_keys("      credentials:\n        provider: \"web_identity\"\n").unwrap();
+        for r in &c.buckets[0].replicas {
+            assert!(r.credentials.base == CredentialBase::Provider(ProviderKind::WebIdentity));
+            assert!(!r.credentials.is_static());
+        }
+        let c = with_keys(
+            "      credentials:\n        provider: \"profile\"\n        profile: \"prod\"\n        assume_role:\n          role_arn: \"arn:aws:iam::1:role/r\"\n",
+        )
+        .unwrap();
+        let src = &c.buckets[0].replicas[1].credentials;
+        assert!(src.base == CredentialBase::Provider(ProviderKind::Profile(Some("prod".into()))));
+        let role = src.assume_role.as_ref().unwrap();
+        assert_eq!(
+            (role.session_name.as_str(), role.external_id.as_deref()),
+            ("yatagarasu", None)
+        );
+        assert_eq!(
+            format!("{src:?}"),
+            "profile prod + assume_role arn:aws:iam::1:role/r"
+        );
+    }
+
+    #[test]
+    fn a_replica_choosing_a_provider_does_not_inherit_static_keys() {
+        let text = BASE.replace(
+            "          timeout_seconds: 5\n",
+            "          timeout_seconds: 5\n          credentials:\n            provider: \"imds\"\n",
+        );
+        let c = parse(&text, &env).unwrap();
+        let r = &c.buckets[0].replicas;
+        assert!(r[0].credentials.base == CredentialBase::Provider(ProviderKind::Imds));
+        assert!(r[1].credentials.is_static());
+    }
+
+    #[test]
+    fn conflicting_or_misplaced_credential_keys_are_refused() {
+        let e = errors_of(
+            "      access_key: \"a\"\n      secret_key: \"b\"\n      credentials:\n        provider: \"imds\"\n",
+        );
+        assert!(
+            e.contains("access_key: cannot be combined with credentials.provider \"imds\""),
+            "{e}"
+        );
+        let e = errors_of("      access_key: \"a\"\n");
+        assert!(e.contains("secret_key: missing (access_key is set)"), "{e}");
+        let e =
+            errors_of("      credentials:\n        provider: \"ecs\"\n        profile: \"p\"\n");
+        assert!(
+            e.contains("credentials.profile: is only used with provider \"profile\""),
+            "{e}"
+        );
+        let e = errors_of("      credentials:\n        provider: \"imds\"\n        assume_role:\n          role_arn: \"origin-reader\"\n");
+        assert!(
+            e.contains("assume_role.role_arn: \"origin-reader\" is not a role ARN"),
+            "{e}"
+        );
+        let e = errors_of("      credentials:\n        provider: \"instance\"\n");
+        assert!(e.contains("unknown variant `instance`"), "{e}");
+        let e = errors_of("      access_key_file: \"/nonexistent/ak\"\n      secret_key_file: \"/nonexistent/sk\"\n");
+        assert!(
+            e.contains("access_key_file: cannot read /nonexistent/ak"),
+            "{e}"
+        );
+        let e = errors_of("      access_key: \"a\"\n      secret_key: \"b\"\n      access_key_file: \"/x\"\n      secret_key_file: \"/y\"\n");
+        assert!(
+            e.contains("access_key_file: cannot be combined with access_key/secret_key"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn key_files_resolve_when_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ak, sk) = (dir.path().join("ak"), dir.path().join("sk"));
+        std::fs::write(&ak, "AKID\n").unwrap();
+        std::fs::write(&sk, "").unwrap();
+        let keys = format!(
+            "      access_key_file: \"{}\"\n      secret_key_file: \"{}\"\n",
+            ak.display(),
+            sk.display()
+        );
+        let e = errors_of(&keys);
+        assert!(
+            e.contains(&format!("secret_key_file: {} is empty", sk.display())),
+            "{e}"
+        );
+        std::fs::write(&sk, "secret").unwrap();
+        let c = with_keys(&keys).unwrap();
+        assert!(matches!(
+            c.buckets[0].replicas[0].credentials.base,
+            CredentialBase::Files { .. }
+        ));
     }
 
     fn example(name: &str) -> Config {

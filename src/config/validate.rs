@@ -696,7 +696,10 @@ fn credentials(k: RawKeys<'_>, at: &str, p: &mut Problems) -> CredentialSource {
     let pair = |p: &mut Problems, a: (&str, Option<&str>), b: (&str, Option<&str>)| {
         for ((name, value), (other, _)) in [(a, b), (b, a)] {
             if value.is_none() {
-                p.at(&format!("{at}.{name}"), format_args!("missing ({other} is set)"));
+                p.at(
+                    &format!("{at}.{name}"),
+                    format_args!("missing ({other} is set)"),
+                );
             }
         }
         (
@@ -805,7 +808,10 @@ fn credentials(k: RawKeys<'_>, at: &str, p: &mut Problems) -> CredentialSource {
         if !r.role_arn.starts_with("arn:") {
             p.at(
                 &format!("{at_role}.role_arn"),
-                format_args!("{:?} is not a role ARN (arn:aws:iam::<account>:role/<name>)", r.role_arn),
+                format_args!(
+                    "{:?} is not a role ARN (arn:aws:iam::<account>:role/<name>)",
+                    r.role_arn
+                ),
             );
         }
         let session_name = r

@@ -75,7 +75,10 @@ async fn serve(hub: Arc<Hub>, stop: &AtomicBool) {
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<FetchResult>();
     while !stop.load(Ordering::Relaxed) {
         let live = hub.live();
-        entries.retain(|e| live.iter().any(|c| std::ptr::eq(e.cell.as_ptr(), Arc::as_ptr(c))));
+        entries.retain(|e| {
+            live.iter()
+                .any(|c| std::ptr::eq(e.cell.as_ptr(), Arc::as_ptr(c)))
+        });
         for cell in &live {
             if cell.source.is_static() {
                 continue;
@@ -116,8 +119,7 @@ async fn serve(hub: Arc<Hub>, stop: &AtomicBool) {
             }
             let now = Instant::now();
             let wanted = cell.take_wanted();
-            let on_demand =
-                wanted && schedule::on_demand_fetch(e.last_on_demand.map(|t| now - t));
+            let on_demand = wanted && schedule::on_demand_fetch(e.last_on_demand.map(|t| now - t));
             if now < e.next && !on_demand {
                 if wanted {
                     // Another request's fetch ran moments ago: its keys
@@ -205,7 +207,9 @@ fn files_changed(source: &CredentialSource, e: &mut Entry) {
     else {
         return;
     };
-    if e.last_poll.is_some_and(|t| t.elapsed() < schedule::FILE_POLL) {
+    if e.last_poll
+        .is_some_and(|t| t.elapsed() < schedule::FILE_POLL)
+    {
         return;
     }
     e.last_poll = Some(Instant::now());
@@ -396,13 +400,14 @@ impl ProvideCredentials for KeyFiles {
             Ok(value.to_string())
         };
         let result = read(&self.access_key_file).and_then(|ak| {
-            read(&self.secret_key_file).map(|sk| {
-                aws_credential_types::Credentials::new(ak, sk, None, None, "key files")
-            })
+            read(&self.secret_key_file)
+                .map(|sk| aws_credential_types::Credentials::new(ak, sk, None, None, "key files"))
         });
-        aws_credential_types::provider::future::ProvideCredentials::ready(result.map_err(|e| {
-            aws_credential_types::provider::error::CredentialsError::not_loaded(e)
-        }))
+        aws_credential_types::provider::future::ProvideCredentials::ready(
+            result.map_err(|e| {
+                aws_credential_types::provider::error::CredentialsError::not_loaded(e)
+            }),
+        )
     }
 }
 

@@ -40,7 +40,9 @@ pub fn after_success(now: SystemTime, expires: Option<SystemTime>, jitter: f64) 
         .duration_since(now)
         .unwrap_or_default()
         .saturating_sub(LEAD);
-    let spread = MAX_JITTER.min(until_lead / 2).mul_f64(jitter.clamp(0.0, 1.0));
+    let spread = MAX_JITTER
+        .min(until_lead / 2)
+        .mul_f64(jitter.clamp(0.0, 1.0));
     (until_lead - spread).max(MIN_GAP)
 }
 
@@ -75,7 +77,10 @@ mod tests {
         let now = at(T0);
         let exp = Some(at(T0 + 3600));
         assert_eq!(after_success(now, exp, 0.0), Duration::from_secs(55 * 60));
-        assert_eq!(after_success(now, exp, 0.5), Duration::from_secs(54 * 60 + 30));
+        assert_eq!(
+            after_success(now, exp, 0.5),
+            Duration::from_secs(54 * 60 + 30)
+        );
         let latest = after_success(now, exp, 0.999);
         assert!(latest > Duration::from_secs(54 * 60) && latest <= Duration::from_secs(55 * 60));
         for j in [0.0, 0.3, 0.9999] {
@@ -88,7 +93,10 @@ mod tests {
     fn jitter_never_reaches_back_past_half_the_wait() {
         // 6 minutes left: 60 s to the lead point, jitter at most 30 s.
         let d = after_success(at(T0), Some(at(T0 + 360)), 0.999);
-        assert!(d > Duration::from_secs(30) && d <= Duration::from_secs(60), "{d:?}");
+        assert!(
+            d > Duration::from_secs(30) && d <= Duration::from_secs(60),
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -41,7 +41,9 @@ impl WorkerGeneration {
         match self.attempt_once(c, ctx, rid, resume, deadline).await {
             // Temporary keys refused: refresh now and try this replica once
             // more before it counts as failed.
-            Err(f) if f.cause == Cause::Credentials && f.captured.is_some() && cell.refreshable() => {
+            Err(f)
+                if f.cause == Cause::Credentials && f.captured.is_some() && cell.refreshable() =>
+            {
                 log!(
                     Level::Info,
                     "Replica refused our credentials; refreshing and retrying",

@@ -299,7 +299,13 @@ impl WorkerGeneration {
                 )
             })
             .collect();
-        let signers = RefCell::new(shared.replicas.iter().map(|_| LocalSigner::default()).collect());
+        let signers = RefCell::new(
+            shared
+                .replicas
+                .iter()
+                .map(|_| LocalSigner::default())
+                .collect(),
+        );
         WorkerGeneration {
             limits: RefCell::new(limits::Limiters::new(&shared.config)),
             jwks: RefCell::new((u64::MAX, Arc::default())),

@@ -245,17 +245,21 @@ mod tests {
 
     /// aws-sigv4's complete signer, configured for S3: the reference.
     fn reference(
-        ak: &str,
-        sk: &str,
-        token: Option<&str>,
+        c: &crate::credentials::Credentials,
         region: &str,
         method: &str,
         host: &str,
         path: &str,
         now: SystemTime,
     ) -> String {
-        let identity: Identity =
-            Credentials::new(ak, sk, token.map(str::to_string), None, "test").into();
+        let identity: Identity = Credentials::new(
+            &c.access_key,
+            &c.secret_key,
+            c.session_token.clone(),
+            None,
+            "test",
+        )
+        .into();
         let mut settings = SigningSettings::default();
         settings.percent_encoding_mode = PercentEncodingMode::Single;
         settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
@@ -312,14 +316,12 @@ mod tests {
     }
 
     fn byte_for_byte(token: Option<&str>) {
-        let s = Signer::new(
-            &creds(
-                "AKIDEXAMPLE",
-                "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
-                token,
-            ),
-            "eu-west-1",
+        let keys = creds(
+            "AKIDEXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+            token,
         );
+        let s = Signer::new(&keys, "eu-west-1");
         let cases = [
             ("GET", "127.0.0.1:9000", "/bucket/a%20b/%E6%97%A5~x.txt"),
             ("HEAD", "[::1]:9002", "/bucket/"),
@@ -335,16 +337,7 @@ mod tests {
                 let now = UNIX_EPOCH + Duration::from_secs(t + i as u64);
                 assert_eq!(
                     ours(&s, m, h, p, now),
-                    reference(
-                        "AKIDEXAMPLE",
-                        "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
-                        token,
-                        "eu-west-1",
-                        m,
-                        h,
-                        p,
-                        now
-                    ),
+                    reference(&keys, "eu-west-1", m, h, p, now),
                     "{m} {h} {p} at {t}"
                 );
             }
@@ -353,16 +346,17 @@ mod tests {
 
     #[test]
     fn key_cache_follows_the_day() {
-        let s = Signer::new(&creds("A", "S", None), "us-east-1");
+        let keys = creds("A", "S", None);
+        let s = Signer::new(&keys, "us-east-1");
         let day1 = UNIX_EPOCH + Duration::from_secs(86_400 * 100 + 5);
         let day2 = UNIX_EPOCH + Duration::from_secs(86_400 * 101 + 5);
         assert_eq!(
             ours(&s, "GET", "h", "/b/k", day1),
-            reference("A", "S", None, "us-east-1", "GET", "h", "/b/k", day1)
+            reference(&keys, "us-east-1", "GET", "h", "/b/k", day1)
         );
         assert_eq!(
             ours(&s, "GET", "h", "/b/k", day2),
-            reference("A", "S", None, "us-east-1", "GET", "h", "/b/k", day2)
+            reference(&keys, "us-east-1", "GET", "h", "/b/k", day2)
         );
         assert_eq!(s.key.borrow().map(|(d, _)| d), Some(101));
     }

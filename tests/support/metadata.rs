@@ -159,7 +159,9 @@ fn serve(mut s: TcpStream, state: Arc<Mutex<State>>) {
         let header = |name: &str| {
             head.lines().skip(1).find_map(|l| {
                 let (k, v) = l.split_once(':')?;
-                k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_string())
             })
         };
         let (status, body) = answer(method, path, &header, &state);

@@ -129,12 +129,9 @@ impl S3 {
     /// (Re)starts the process on the same port and data directory.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let log = std::fs::File::create(
-            self.dir
-                .path()
-                .with_extension(format!("{}.log", self.port)),
-        )
-        .expect("log file");
+        let log =
+            std::fs::File::create(self.dir.path().with_extension(format!("{}.log", self.port)))
+                .expect("log file");
         let child = Command::new(find_bin("s3s-fs"))
             .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--access-key", &self.keys.0, "--secret-key", &self.keys.1])
