@@ -128,6 +128,10 @@ pub struct Process {
     pub registry: Mutex<Registry>,
     /// The memory cache tier, when `cache.enabled` (kept across reloads).
     pub cache: Option<MemoryStore>,
+    /// The disk cache tier, when `cache.disk.enabled` too.
+    pub disk: Option<Arc<crate::cache::disk::DiskStore>>,
+    /// The disk tier's write queue, until its thread takes it.
+    pub disk_queue: Mutex<Option<std::sync::mpsc::Receiver<crate::cache::disk::Write>>>,
     /// Cache fills under way, for collapsed forwarding.
     pub fills: crate::cache::collapse::Fills,
     /// Keys fetched from `jwt.jwks_url` (empty without one).
@@ -164,6 +168,28 @@ impl Process {
             true => Some(MemoryStore::new(config.cache.memory_bytes)?),
             false => None,
         };
+        let (disk, disk_queue) = match (&cache, &config.cache.disk) {
+            (Some(_), Some(d)) => {
+                let (store, rx, opened) = crate::cache::disk::DiskStore::open(&d.dir, d.max_bytes);
+                match opened {
+                    Ok(n) => crate::log!(
+                        crate::config::Level::Info,
+                        "Disk cache opened",
+                        dir = d.dir,
+                        entries = n,
+                        bytes = store.bytes()
+                    ),
+                    Err(e) => crate::log!(
+                        crate::config::Level::Error,
+                        "Disk cache unusable; continuing memory-only",
+                        dir = d.dir,
+                        error = e
+                    ),
+                }
+                (Some(Arc::new(store)), Some(rx))
+            }
+            _ => (None, None),
+        };
         let process = Arc::new(Process {
             config_path: config_path.to_string(),
             workers: (0..config.server.workers)
@@ -176,6 +202,8 @@ impl Process {
             reloads_failed: AtomicU64::new(0),
             registry: Mutex::new(Registry::default()),
             cache,
+            disk,
+            disk_queue: Mutex::new(disk_queue),
             stale_warned: Mutex::new(HashMap::new()),
             jwks: Arc::default(),
             credentials: Arc::default(),
@@ -265,7 +293,11 @@ impl Process {
                 .find(|n| n.name == b.name)
                 .is_none_or(|n| location(n) != location(b));
             if moved {
-                store.remove_prefix(&crate::cache::store::bucket_prefix(&b.name));
+                let prefix = crate::cache::store::bucket_prefix(&b.name);
+                store.remove_prefix(&prefix);
+                if let Some(disk) = &self.disk {
+                    disk.remove_prefix(&prefix);
+                }
             }
         }
     }

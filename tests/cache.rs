@@ -412,14 +412,20 @@ fn purge_and_stats_on_the_admin_port_with_a_token() {
     // Never on the public port.
     assert_eq!(http::get(proxy.port, "/admin/cache/stats", &[]).status, 404);
     let r = admin("POST", "/admin/cache/purge/b/dir/b%20c.txt", Some(token));
-    assert_eq!((r.status, r.text().as_str()), (200, "{\"purged\":1}"));
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "{\"purged\":1,\"purged_disk\":0}")
+    );
     assert_eq!(
         proxy.get("/b/dir/b%20c.txt").header("x-cache"),
         Some("MISS")
     );
     assert_eq!(proxy.get("/b/a.txt").header("x-cache"), Some("HIT"));
     let r = admin("POST", "/admin/cache/purge/b", Some(token));
-    assert_eq!((r.status, r.text().as_str()), (200, "{\"purged\":2}"));
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "{\"purged\":2,\"purged_disk\":0}")
+    );
     assert_eq!(proxy.get("/b/a.txt").header("x-cache"), Some("MISS"));
     assert_eq!(
         admin("POST", "/admin/cache/purge/nope", Some(token)).status,

@@ -232,10 +232,40 @@ fn the_cache_section_is_checked_by_path_and_unlanded_parts_are_refused() {
     .replace("[\"memory\"]", "[\"memory\", \"disk\"]");
     let (code, out) = check(&format!("{GOOD}{later}"), &ENV);
     assert_eq!(code, 1);
+    assert!(
+        out.contains("cache.slice_size_mb: caching large objects by slices is not available"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("cache.disk"),
+        "the disk tier is accepted: {out}"
+    );
+    // The disk tier's keys are checked like the rest.
+    let disk = |layers: &str, disk: &str| {
+        let text = format!("{CACHE}  disk:\n{disk}").replace("[\"memory\"]", layers);
+        check(&format!("{GOOD}{text}"), &ENV).1
+    };
+    let out = disk("[\"memory\", \"disk\"]", "    enabled: false\n");
+    assert!(
+        out.contains("cache.cache_layers[1]: \"disk\" needs cache.disk.enabled: true"),
+        "{out}"
+    );
+    let out = disk(
+        "[\"disk\", \"memory\"]",
+        "    enabled: true\n    cache_dir: \"/tmp/y\"\n",
+    );
+    assert!(
+        out.contains("cache.cache_layers[0]: memory must come first"),
+        "{out}"
+    );
+    let out = disk(
+        "[\"memory\"]",
+        "    enabled: true\n    max_disk_cache_size_mb: 0\n",
+    );
     for needle in [
-        "cache.cache_layers[1]: the disk tier is not available in this version yet",
-        "cache.disk.enabled: the disk tier is not available",
-        "cache.slice_size_mb: caching large objects by slices is not available",
+        "cache.disk.enabled: the disk tier is enabled but cache.cache_layers does not list \"disk\"",
+        "cache.disk.cache_dir: is required when the disk tier is enabled",
+        "cache.disk.max_disk_cache_size_mb: must be at least 1",
     ] {
         assert!(out.contains(needle), "{needle}: {out}");
     }

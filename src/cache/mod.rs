@@ -11,5 +11,6 @@
 //! slices (their configuration keys are refused, never ignored).
 
 pub mod collapse;
+pub mod disk;
 pub mod policy;
 pub mod store;

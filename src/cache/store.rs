@@ -105,9 +105,11 @@ impl MemoryStore {
         self.inner.get(key)
     }
 
-    /// Stores (or replaces) `key`.
-    pub fn insert(&self, key: String, object: Object) {
-        self.inner.insert(key, Arc::new(object));
+    /// Stores (or replaces) `key`; returns the shared copy.
+    pub fn insert(&self, key: String, object: Object) -> Arc<Object> {
+        let shared = Arc::new(object);
+        self.inner.insert(key, shared.clone());
+        shared
     }
 
     /// Stores (or replaces) `key` with an object already shared.

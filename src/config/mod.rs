@@ -51,6 +51,17 @@ pub struct CacheSettings {
     /// `cache.stale_if_error_seconds`: how long past its freshness a copy may
     /// answer when no replica can (0: never).
     pub stale_if_error: Duration,
+    /// `cache.disk`: the disk tier, when enabled.
+    pub disk: Option<DiskCache>,
+}
+
+/// `cache.disk`, when enabled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskCache {
+    /// `cache_dir`: where entry files live.
+    pub dir: String,
+    /// `max_disk_cache_size_mb`, in bytes.
+    pub max_bytes: u64,
 }
 
 /// A rate: requests a second, and how many may come at once.

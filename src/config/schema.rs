@@ -53,6 +53,8 @@ pub const DEFAULT_CACHE_MEMORY_MB: u64 = 1024;
 pub const DEFAULT_CACHE_ITEM_MB: u64 = 10;
 /// `cache.memory.default_ttl_seconds`.
 pub const DEFAULT_CACHE_TTL_SECS: u64 = 3600;
+/// `cache.disk.max_disk_cache_size_mb`.
+pub const DEFAULT_CACHE_DISK_MB: u64 = 10240;
 /// `metrics.port`.
 pub const DEFAULT_METRICS_PORT: u16 = 9090;
 

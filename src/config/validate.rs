@@ -230,8 +230,8 @@ fn not_yet(at: &str, what: &str, p: &mut Problems) {
 
 const MIB: u64 = 1024 * 1024;
 
-/// `cache:`: the memory tier's settings. Keys of the parts still to come
-/// (disk tier, stale-if-error, slices) are refused, never ignored.
+/// `cache:`: the memory and disk tiers' settings. The key of the part still
+/// to come (slices) is refused, never ignored.
 fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
     let mut out = CacheSettings {
         enabled: false,
@@ -239,16 +239,30 @@ fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
         max_item_bytes: DEFAULT_CACHE_ITEM_MB * MIB,
         default_ttl: Duration::from_secs(DEFAULT_CACHE_TTL_SECS),
         stale_if_error: Duration::ZERO,
+        disk: None,
     };
     let Some(c) = raw else { return out };
     out.enabled = c.enabled.unwrap_or(false);
+    let disk_on = c.disk.as_ref().is_some_and(|d| d.enabled == Some(true));
+    let mut listed_disk = false;
     for (i, layer) in c.cache_layers.iter().flatten().enumerate() {
         let at = format!("cache.cache_layers[{i}]");
         match layer.as_str() {
             "memory" => {}
-            "disk" => not_yet(&at, "the disk tier", p),
+            "disk" if i == 0 => p.at(
+                &at,
+                "memory must come first (a memory hit never needs the disk)",
+            ),
+            "disk" if !disk_on => p.at(&at, "\"disk\" needs cache.disk.enabled: true"),
+            "disk" => listed_disk = true,
             other => p.at(&at, format_args!("{other:?} is not one of memory, disk")),
         }
+    }
+    if disk_on && c.cache_layers.is_some() && !listed_disk {
+        p.at(
+            "cache.disk.enabled",
+            "the disk tier is enabled but cache.cache_layers does not list \"disk\"",
+        );
     }
     if let Some(m) = &c.memory {
         let mb = m.max_cache_size_mb.unwrap_or(DEFAULT_CACHE_MEMORY_MB);
@@ -268,17 +282,20 @@ fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
         out.default_ttl = Duration::from_secs(ttl.max(1));
     }
     if let Some(d) = &c.disk {
-        if d.enabled == Some(true) {
-            not_yet("cache.disk.enabled", "the disk tier", p);
-        }
-        if d.enabled == Some(true) && d.cache_dir.as_deref().is_none_or(|s| s.trim().is_empty()) {
+        let dir = d.cache_dir.as_deref().unwrap_or("").trim();
+        if disk_on && dir.is_empty() {
             p.at(
                 "cache.disk.cache_dir",
                 "is required when the disk tier is enabled",
             );
         }
-        if let Some(v) = d.max_disk_cache_size_mb {
-            p.positive("cache.disk.max_disk_cache_size_mb", v);
+        let mb = d.max_disk_cache_size_mb.unwrap_or(DEFAULT_CACHE_DISK_MB);
+        p.positive("cache.disk.max_disk_cache_size_mb", mb);
+        if disk_on {
+            out.disk = Some(DiskCache {
+                dir: dir.to_string(),
+                max_bytes: mb.max(1) * MIB,
+            });
         }
     }
     out.stale_if_error = Duration::from_secs(c.stale_if_error_seconds.unwrap_or(0));

@@ -426,22 +426,40 @@ fn cache_families<'n>(
             .collect(),
     ));
     let memory = [("layer", "memory")];
+    let disk = [("layer", "disk")];
+    let tiers = |memory_value: f64,
+                 disk_value: &dyn Fn(&crate::cache::disk::DiskStore) -> f64,
+                 f: fn(&[(&str, &str)], f64) -> Metric| {
+        let mut v = vec![f(&memory, memory_value)];
+        if let Some(d) = &shared.process.disk {
+            v.push(f(&disk, disk_value(d)));
+        }
+        v
+    };
     families.push(family(
         "yatagarasu_cache_bytes",
         "Bytes held by each cache layer.",
         MetricType::GAUGE,
-        vec![gauge(&memory, store.bytes() as f64)],
+        tiers(store.bytes() as f64, &|d| d.bytes() as f64, gauge),
     ));
     families.push(family(
         "yatagarasu_cache_items",
         "Objects held by each cache layer.",
         MetricType::GAUGE,
-        vec![gauge(&memory, store.items() as f64)],
+        tiers(store.items() as f64, &|d| d.items() as f64, gauge),
     ));
     families.push(family(
         "yatagarasu_cache_evictions_total",
         "Objects evicted from each cache layer.",
         MetricType::COUNTER,
-        vec![counter(&memory, store.evictions() as f64)],
+        tiers(store.evictions() as f64, &|d| d.evictions() as f64, counter),
     ));
+    if let Some(d) = &shared.process.disk {
+        families.push(family(
+            "yatagarasu_cache_disk_corrupt_total",
+            "Disk entries dropped for a bad length or checksum (then refetched).",
+            MetricType::COUNTER,
+            vec![counter(&[], d.corrupt.load(Ordering::Relaxed) as f64)],
+        ));
+    }
 }

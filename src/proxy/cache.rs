@@ -13,7 +13,12 @@
 //! Concurrent misses for one key collapse into one upstream GET whose bytes
 //! every waiter streams (`crate::cache::collapse`, [`serve_waiter`]).
 //!
-//! Not yet: the disk tier and slices.
+//! A memory miss whose object is in the disk tier is read back into memory
+//! first ([`promote_from_disk`]); stored objects go to the disk tier too.
+//!
+//! Not yet: slices.
+//!
+//! [`promote_from_disk`]: WorkerGeneration::promote_from_disk
 //!
 //! [`serve_waiter`]: WorkerGeneration::serve_waiter
 
@@ -77,6 +82,30 @@ impl CacheUse {
 }
 
 impl WorkerGeneration {
+    /// Step "disk": a memory miss whose entry is on disk is read (on this
+    /// core's driver), checked and put back into memory, so the lookup that
+    /// follows finds it. A bad entry is dropped and reads as a miss.
+    pub(super) async fn promote_from_disk(&self, c: &Client, bucket: usize, key: &str) {
+        let process = &self.shared.process;
+        let (Some(store), Some(disk)) = (&process.cache, &process.disk) else {
+            return;
+        };
+        if !self.shared.bucket(bucket).cache.enabled {
+            return;
+        }
+        let k = store::key(&self.shared.bucket(bucket).name, key, &c.query);
+        if store.get(&k).is_some() || !disk.contains(&k) {
+            return;
+        }
+        let epoch = store.purge_epoch();
+        if let Some(object) = disk.load(&k).await {
+            // A purge while the file was read wins.
+            if store.purge_epoch() == epoch {
+                store.insert(k, object);
+            }
+        }
+    }
+
     /// Looks the request up: a fresh copy, or a fill under way to stream
     /// from (`Err`), answers it; otherwise (`Ok(None)`) sets `c.cache` for
     /// the relay (fill, bypass, or off).
@@ -208,7 +237,10 @@ impl WorkerGeneration {
             body: copy.body.clone(),
         });
         if let Some(store) = &self.shared.process.cache {
-            store.insert_shared(key, refreshed.clone());
+            store.insert_shared(key.clone(), refreshed.clone());
+            if let Some(disk) = &self.shared.process.disk {
+                disk.offer(key, refreshed.clone(), store.purge_epoch());
+            }
         }
         refreshed
     }
@@ -418,6 +450,7 @@ impl WorkerGeneration {
         }
         let mut fill = Fill {
             store,
+            disk: self.shared.process.disk.as_deref(),
             shared,
             epoch: store.purge_epoch(),
             key: key.to_string(),
@@ -474,6 +507,8 @@ async fn write_bytes(stream: &mut ClientStream, body: Bytes, timeout: Duration) 
 /// to the client, so a client that has the whole body finds it cached.
 pub(super) struct Fill<'s> {
     store: &'s store::MemoryStore,
+    /// The disk tier, which gets the object once it is stored in memory.
+    disk: Option<&'s crate::cache::disk::DiskStore>,
     /// Waiters on other requests stream these bytes too (collapsed forwarding).
     shared: Option<Arc<SharedFill>>,
     /// The store's purge count when the fill started.
@@ -495,7 +530,11 @@ impl crate::http::body::Tee for Fill<'_> {
             let purged = self.store.purge_epoch() != self.epoch;
             if let Some(mut object) = self.meta.take().filter(|_| !purged) {
                 object.body = Bytes::from(std::mem::take(&mut self.body));
-                self.store.insert(std::mem::take(&mut self.key), object);
+                let key = std::mem::take(&mut self.key);
+                let shared = self.store.insert(key.clone(), object);
+                if let Some(disk) = self.disk {
+                    disk.offer(key, shared, self.epoch);
+                }
             }
             // Stored first: a request arriving now finds the copy.
             if let Some(f) = &self.shared {

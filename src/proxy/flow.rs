@@ -88,6 +88,7 @@ impl WorkerGeneration {
         let mut encoded = std::mem::take(&mut c.upath);
         encoded.clear();
         router::encode_key(key, &mut encoded);
+        self.promote_from_disk(c, bucket, &encoded).await;
         let o = match self.cache_lookup(c, bucket, &encoded) {
             Ok(Some(copy)) => self.serve_cached(c, bucket, &copy, "HIT").await,
             Ok(None) => self.proxy(c, bucket, &encoded).await,

@@ -37,15 +37,24 @@ pub fn handle(process: &Process, method: &str, path: &str, authorization: Option
     };
     match (method, path) {
         ("GET", "/admin/cache/stats") => {
-            let body = serde_json::json!({
-                "layers": [{
-                    "layer": "memory",
-                    "items": cache.items(),
-                    "bytes": cache.bytes(),
-                    "max_bytes": cache.max_bytes(),
-                    "evictions": cache.evictions(),
-                }]
-            });
+            let mut layers = vec![serde_json::json!({
+                "layer": "memory",
+                "items": cache.items(),
+                "bytes": cache.bytes(),
+                "max_bytes": cache.max_bytes(),
+                "evictions": cache.evictions(),
+            })];
+            if let Some(disk) = &process.disk {
+                layers.push(serde_json::json!({
+                    "layer": "disk",
+                    "items": disk.items(),
+                    "bytes": disk.bytes(),
+                    "evictions": disk.evictions(),
+                    "corrupt_dropped": disk.corrupt.load(std::sync::atomic::Ordering::Relaxed),
+                    "writes": if disk.degraded() { "off (disk unusable)" } else { "on" },
+                }));
+            }
+            let body = serde_json::json!({ "layers": layers });
             (200, "application/json", body.to_string())
         }
         ("POST", p) if p.starts_with("/admin/cache/purge/") => {
@@ -78,17 +87,22 @@ fn purge(process: &Process, cache: &store::MemoryStore, target: &str) -> Answer 
         }
     };
     let purged = cache.purge(&prefix);
+    let purged_disk = process
+        .disk
+        .as_ref()
+        .map_or(0, |d| d.remove_prefix(&prefix));
     crate::log!(
         crate::config::Level::Info,
         "Cache purged",
         bucket = bucket,
         key = key.unwrap_or("*"),
-        entries = purged
+        entries = purged,
+        disk_entries = purged_disk
     );
     (
         200,
         "application/json",
-        serde_json::json!({ "purged": purged }).to_string(),
+        serde_json::json!({ "purged": purged, "purged_disk": purged_disk }).to_string(),
     )
 }
 

@@ -229,6 +229,22 @@ fn start_helpers(process: &Arc<Process>, metrics_listener: Option<std::net::TcpL
             .name("yatagarasu-metrics".into())
             .spawn(move || metrics_http::serve(l, process));
     }
+    // The disk cache's writer: its own monoio runtime (io_uring where allowed).
+    let queue = match process.disk_queue.lock() {
+        Ok(mut q) => q.take(),
+        Err(poisoned) => poisoned.into_inner().take(),
+    };
+    if let (Some(disk), Some(rx)) = (process.disk.clone(), queue) {
+        let writer = process.clone();
+        let _ = std::thread::Builder::new()
+            .name("yatagarasu-disk".into())
+            .spawn(move || {
+                let epoch = || writer.cache.as_ref().map_or(0, |c| c.purge_epoch());
+                if let Err(e) = driver::block_on(choice, |_| disk.run_writer(rx, epoch)) {
+                    log!(Level::Error, "disk cache writer failed to start", error = e);
+                }
+            });
+    }
     // Signing credentials other than static keys, fetched off the cores.
     let hub = process.credentials.clone();
     let stopper = process.clone();

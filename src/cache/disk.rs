@@ -1,0 +1,589 @@
+//! The disk tier: stored objects kept in files under `cache.disk.cache_dir`,
+//! so the cache survives a restart and holds more than memory.
+//!
+//! - **Format** ([`encode_head`], [`decode`]): a fixed head (magic, lengths,
+//!   CRC-32 of the metadata and of the body), the metadata as JSON (key,
+//!   freshness, validators, headers), then the body. An entry whose length or
+//!   checksum does not match is dropped and refetched.
+//! - **Writes** run on a thread of their own with its own monoio runtime
+//!   (io_uring where the kernel allows): a core hands over an `Arc<Object>`
+//!   through a bounded queue and never waits (a full queue skips the write).
+//!   A file is written under a temporary name and renamed, so a crash never
+//!   exposes a partial entry.
+//! - **Reads** run on the core that missed in memory, through its own
+//!   monoio driver (`monoio::fs`): one `read` of the whole file, checked,
+//!   then promoted into the memory tier.
+//! - **Index**: key -> file, rebuilt at start by reading each file's head;
+//!   bounded by `max_disk_cache_size_mb` with least-recently-used eviction.
+//!   The index lock is held for map operations only, never across I/O.
+//! - **Degrading**: a write that fails because the disk is full, read-only or
+//!   not ours logs one ERROR and turns writes off (memory-only); requests
+//!   never fail because of the disk.
+
+use super::store::Object;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+const MAGIC: &[u8; 8] = b"YTGCACH1";
+/// Bytes of the fixed head: magic, meta length (u32), body length (u64),
+/// meta CRC-32, body CRC-32.
+pub const HEAD_LEN: usize = 8 + 4 + 8 + 4 + 4;
+/// Entry files end with this; temporary files start with [`TMP_PREFIX`].
+const SUFFIX: &str = ".entry";
+const TMP_PREFIX: &str = ".tmp-";
+/// Writes waiting for the disk thread; more are skipped.
+const QUEUE: usize = 256;
+
+/// The metadata of an entry, as stored.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Meta {
+    key: String,
+    stored_at_ms: u64,
+    fresh_for_ms: u64,
+    etag: String,
+    last_modified: Option<String>,
+    headers: String,
+}
+
+/// The head and metadata of `object` stored under `key`.
+pub fn encode_head(key: &str, object: &Object) -> Vec<u8> {
+    let meta = Meta {
+        key: key.to_string(),
+        stored_at_ms: object
+            .stored_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        fresh_for_ms: object.fresh_for.as_millis() as u64,
+        etag: object.etag.clone(),
+        last_modified: object.last_modified.clone(),
+        headers: object.headers.clone(),
+    };
+    let meta = serde_json::to_vec(&meta).unwrap_or_default();
+    let mut out = Vec::with_capacity(HEAD_LEN + meta.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(object.body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&meta).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&object.body).to_le_bytes());
+    out.extend_from_slice(&meta);
+    out
+}
+
+/// The fixed head's fields: (meta length, body length, meta CRC, body CRC).
+fn parse_head(head: &[u8]) -> Result<(usize, u64, u32, u32), String> {
+    if head.len() < HEAD_LEN || &head[..8] != MAGIC {
+        return Err("not a cache entry (bad magic)".into());
+    }
+    let u32_at = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+    let mut body_len = [0u8; 8];
+    body_len.copy_from_slice(&head[12..20]);
+    Ok((
+        u32_at(8) as usize,
+        u64::from_le_bytes(body_len),
+        u32_at(20),
+        u32_at(24),
+    ))
+}
+
+/// The key of an entry from its head and metadata (index rebuild), checking
+/// that the file is exactly as long as the head says.
+fn read_key(start: &[u8], file_len: u64) -> Result<String, String> {
+    let (meta_len, body_len, meta_crc, _) = parse_head(start)?;
+    let want = HEAD_LEN as u64 + meta_len as u64 + body_len;
+    if want != file_len {
+        return Err(format!("length {file_len}, head says {want} (truncated?)"));
+    }
+    let meta = start
+        .get(HEAD_LEN..HEAD_LEN + meta_len)
+        .ok_or("metadata cut short")?;
+    if crc32fast::hash(meta) != meta_crc {
+        return Err("metadata checksum mismatch".into());
+    }
+    let meta: Meta = serde_json::from_slice(meta).map_err(|e| format!("metadata: {e}"))?;
+    Ok(meta.key)
+}
+
+/// A whole entry file -> `(key, object)`, every length and checksum checked;
+/// the body shares the file's buffer.
+pub fn decode(file: Vec<u8>) -> Result<(String, Object), String> {
+    let (meta_len, body_len, meta_crc, body_crc) = parse_head(&file)?;
+    let want = HEAD_LEN as u64 + meta_len as u64 + body_len;
+    if want != file.len() as u64 {
+        return Err(format!("length {}, head says {want}", file.len()));
+    }
+    let meta_bytes = &file[HEAD_LEN..HEAD_LEN + meta_len];
+    if crc32fast::hash(meta_bytes) != meta_crc {
+        return Err("metadata checksum mismatch".into());
+    }
+    let meta: Meta = serde_json::from_slice(meta_bytes).map_err(|e| format!("metadata: {e}"))?;
+    let all = Bytes::from(file);
+    let body = all.slice(HEAD_LEN + meta_len..);
+    if crc32fast::hash(&body) != body_crc {
+        return Err("body checksum mismatch".into());
+    }
+    let object = Object {
+        stored_at: UNIX_EPOCH + Duration::from_millis(meta.stored_at_ms),
+        fresh_for: Duration::from_millis(meta.fresh_for_ms),
+        etag: meta.etag,
+        last_modified: meta.last_modified,
+        headers: meta.headers,
+        body,
+    };
+    Ok((meta.key, object))
+}
+
+/// The file name of `key`: a hash, so any key maps to a safe name.
+fn file_name(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(key.as_bytes());
+    let mut name = String::with_capacity(40);
+    crate::s3::push_hex(&mut name, &digest[..16]);
+    name.push_str(SUFFIX);
+    name
+}
+
+struct IndexEntry {
+    size: u64,
+    /// Higher is more recently used.
+    used: u64,
+}
+
+#[derive(Default)]
+struct Index {
+    entries: HashMap<String, IndexEntry>,
+    bytes: u64,
+    clock: u64,
+}
+
+impl Index {
+    fn touch(&mut self, key: &str) -> bool {
+        self.clock += 1;
+        let clock = self.clock;
+        self.entries.get_mut(key).map(|e| e.used = clock).is_some()
+    }
+
+    fn insert(&mut self, key: String, size: u64) {
+        self.clock += 1;
+        let used = self.clock;
+        if let Some(old) = self.entries.insert(key, IndexEntry { size, used }) {
+            self.bytes -= old.size;
+        }
+        self.bytes += size;
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        match self.entries.remove(key) {
+            Some(e) => {
+                self.bytes -= e.size;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Least recently used keys to drop so that `bytes <= max`.
+    fn over(&mut self, max: u64) -> Vec<String> {
+        if self.bytes <= max {
+            return Vec::new();
+        }
+        let mut by_age: Vec<(&String, &IndexEntry)> = self.entries.iter().collect();
+        by_age.sort_by_key(|(_, e)| e.used);
+        let mut excess = self.bytes - max;
+        let mut out = Vec::new();
+        for (k, e) in by_age {
+            if excess == 0 {
+                break;
+            }
+            excess = excess.saturating_sub(e.size);
+            out.push(k.clone());
+        }
+        for k in &out {
+            self.remove(k);
+        }
+        out
+    }
+}
+
+/// One object on its way to the disk thread.
+pub struct Write {
+    key: String,
+    object: Arc<Object>,
+    /// The memory tier's purge count when it was stored.
+    epoch: u64,
+}
+
+/// The disk tier (process-wide).
+pub struct DiskStore {
+    dir: PathBuf,
+    max_bytes: u64,
+    index: Mutex<Index>,
+    queue: SyncSender<Write>,
+    /// Writes are off (the disk failed us); reads go on.
+    degraded: AtomicBool,
+    evictions: AtomicU64,
+    /// Entries dropped for a bad length or checksum.
+    pub corrupt: AtomicU64,
+    tmp_seq: AtomicU64,
+}
+
+impl DiskStore {
+    /// Opens (creating) `dir` and rebuilds the index from the entries in it;
+    /// returns the store and the receiving end of its write queue, for
+    /// [`DiskStore::run_writer`]. A directory that cannot be created or
+    /// written leaves the store degraded (memory-only), logged by the caller.
+    pub fn open(dir: &str, max_bytes: u64) -> (DiskStore, Receiver<Write>, Result<usize, String>) {
+        let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let store = DiskStore {
+            dir: PathBuf::from(dir),
+            max_bytes,
+            index: Mutex::new(Index::default()),
+            queue,
+            degraded: AtomicBool::new(false),
+            evictions: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
+            tmp_seq: AtomicU64::new(0),
+        };
+        let rebuilt = store.rebuild();
+        if rebuilt.is_err() {
+            store.degraded.store(true, Ordering::Relaxed);
+        }
+        (store, rx, rebuilt)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        match self.index.lock() {
+            Ok(i) => i,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Reads every entry's head (at start, before any worker runs): valid
+    /// entries are indexed, partial and corrupt ones and temporary files
+    /// deleted. Returns how many entries were kept.
+    fn rebuild(&self) -> Result<usize, String> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+        let probe = self.dir.join(format!("{TMP_PREFIX}probe"));
+        std::fs::write(&probe, b"")
+            .map_err(|e| format!("cannot write in {}: {e}", self.dir.display()))?;
+        let _ = std::fs::remove_file(&probe);
+        let entries = std::fs::read_dir(&self.dir)
+            .map_err(|e| format!("cannot list {}: {e}", self.dir.display()))?;
+        let mut index = self.lock();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with(TMP_PREFIX) {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            if !name.ends_with(SUFFIX) {
+                continue;
+            }
+            match read_entry_key(&path) {
+                Ok((key, size)) if file_name(&key) == name => index.insert(key, size),
+                Ok(_) | Err(_) => {
+                    self.corrupt.fetch_add(1, Ordering::Relaxed);
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let excess = index.over(self.max_bytes);
+        drop(index);
+        for k in excess {
+            let _ = std::fs::remove_file(self.dir.join(file_name(&k)));
+        }
+        Ok(self.lock().entries.len())
+    }
+
+    /// Whether an entry for `key` is on disk (marks it used).
+    pub fn contains(&self, key: &str) -> bool {
+        self.lock().touch(key)
+    }
+
+    /// Hands `object` to the disk thread; never waits.
+    pub fn offer(&self, key: String, object: Arc<Object>, epoch: u64) {
+        if self.degraded.load(Ordering::Relaxed) {
+            return;
+        }
+        let size = HEAD_LEN as u64 + object.body.len() as u64 + 512;
+        if size > self.max_bytes {
+            return;
+        }
+        match self.queue.try_send(Write { key, object, epoch }) {
+            Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Reads the entry for `key` on the calling core's monoio driver; a bad
+    /// entry is dropped (and counted) and reads as `None`.
+    pub async fn load(&self, key: &str) -> Option<Object> {
+        let path = self.dir.join(file_name(key));
+        let result = async {
+            let file = monoio::fs::File::open(&path).await?;
+            let len = file.metadata().await?.len() as usize;
+            let (r, buf) = file.read_exact_at(Vec::with_capacity(len), 0).await;
+            let _ = file.close().await;
+            r.map(|_| buf)
+        }
+        .await;
+        let checked = match result {
+            Ok(buf) => decode(buf).and_then(|(k, o)| {
+                if k == key {
+                    Ok(o)
+                } else {
+                    Err("entry holds another key".into())
+                }
+            }),
+            Err(e) => Err(e.to_string()),
+        };
+        match checked {
+            Ok(object) => Some(object),
+            Err(why) => {
+                self.corrupt.fetch_add(1, Ordering::Relaxed);
+                self.lock().remove(key);
+                let _ = monoio::fs::remove_file(&path).await;
+                crate::log!(
+                    crate::config::Level::Warn,
+                    "Disk cache entry dropped",
+                    file = path.display(),
+                    reason = why
+                );
+                None
+            }
+        }
+    }
+
+    /// Drops every entry whose key starts with `prefix` (purge, moved
+    /// bucket); returns how many. Runs off the cores (admin, reload).
+    pub fn remove_prefix(&self, prefix: &str) -> usize {
+        let gone: Vec<String> = {
+            let mut index = self.lock();
+            let keys: Vec<String> = index
+                .entries
+                .keys()
+                .filter(|k| k.starts_with(prefix))
+                .cloned()
+                .collect();
+            for k in &keys {
+                index.remove(k);
+            }
+            keys
+        };
+        for k in &gone {
+            let _ = std::fs::remove_file(self.dir.join(file_name(k)));
+        }
+        gone.len()
+    }
+
+    /// Bytes held on disk (entry files).
+    pub fn bytes(&self) -> u64 {
+        self.lock().bytes
+    }
+
+    /// Entries held.
+    pub fn items(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Entries evicted so far.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Whether writes were turned off.
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    /// The disk thread: writes queued entries until the queue closes.
+    /// `purge_epoch` is the memory tier's current purge count: an entry
+    /// queued before a purge is not indexed.
+    pub async fn run_writer(&self, rx: Receiver<Write>, purge_epoch: impl Fn() -> u64) {
+        // This thread does nothing else: waiting on the queue blocks no one.
+        while let Ok(w) = rx.recv() {
+            if self.degraded() {
+                continue;
+            }
+            match self.write(&w).await {
+                Ok(size) => {
+                    let excess = {
+                        let mut index = self.lock();
+                        if purge_epoch() != w.epoch {
+                            None
+                        } else {
+                            index.insert(w.key.clone(), size);
+                            Some(index.over(self.max_bytes))
+                        }
+                    };
+                    match excess {
+                        None => {
+                            let _ = monoio::fs::remove_file(self.dir.join(file_name(&w.key))).await;
+                        }
+                        Some(keys) => {
+                            for k in keys {
+                                self.evictions.fetch_add(1, Ordering::Relaxed);
+                                let _ = monoio::fs::remove_file(self.dir.join(file_name(&k))).await;
+                            }
+                        }
+                    }
+                }
+                Err(e) if disk_unusable(&e) => {
+                    self.degraded.store(true, Ordering::Relaxed);
+                    crate::log!(
+                        crate::config::Level::Error,
+                        "Disk cache unusable; continuing memory-only",
+                        dir = self.dir.display(),
+                        error = e
+                    );
+                }
+                Err(e) => crate::log!(
+                    crate::config::Level::Warn,
+                    "Disk cache write failed",
+                    dir = self.dir.display(),
+                    error = e
+                ),
+            }
+        }
+    }
+
+    /// Writes one entry: a temporary file, then renamed into place.
+    async fn write(&self, w: &Write) -> std::io::Result<u64> {
+        let head = encode_head(&w.key, &w.object);
+        let tmp = self.dir.join(format!(
+            "{TMP_PREFIX}{}",
+            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        let size = head.len() as u64 + w.object.body.len() as u64;
+        let result = async {
+            let file = monoio::fs::File::create(&tmp).await?;
+            let head_len = head.len() as u64;
+            let (r, _) = file.write_all_at(head, 0).await;
+            r?;
+            let (r, _) = file.write_all_at(w.object.body.clone(), head_len).await;
+            r?;
+            file.close().await?;
+            monoio::fs::rename(&tmp, self.dir.join(file_name(&w.key))).await
+        }
+        .await;
+        if result.is_err() {
+            let _ = monoio::fs::remove_file(&tmp).await;
+        }
+        result.map(|_| size)
+    }
+}
+
+/// Failures that mean the disk cannot take entries at all.
+fn disk_unusable(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC)
+            | Some(libc::EROFS)
+            | Some(libc::EACCES)
+            | Some(libc::EDQUOT)
+            | Some(libc::EPERM)
+            | Some(libc::ENOENT)
+            | Some(libc::ENOTDIR)
+    )
+}
+
+/// The key and size of the entry file at `path` (reads the head and
+/// metadata only).
+fn read_entry_key(path: &Path) -> Result<(String, u64), String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let mut head = [0u8; HEAD_LEN];
+    f.read_exact(&mut head).map_err(|e| e.to_string())?;
+    let (meta_len, ..) = parse_head(&head)?;
+    let mut start = head.to_vec();
+    start.resize(HEAD_LEN + meta_len, 0);
+    f.read_exact(&mut start[HEAD_LEN..])
+        .map_err(|e| e.to_string())?;
+    read_key(&start, len).map(|k| (k, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(body: &[u8]) -> Object {
+        Object {
+            stored_at: UNIX_EPOCH + Duration::from_millis(1_800_000_000_123),
+            fresh_for: Duration::from_secs(600),
+            etag: "\"v1\"".into(),
+            last_modified: Some("Wed, 21 Oct 2026 07:28:00 GMT".into()),
+            headers: "Content-Type: text/plain\r\n".into(),
+            body: Bytes::copy_from_slice(body),
+        }
+    }
+
+    fn file(key: &str, o: &Object) -> Vec<u8> {
+        let mut f = encode_head(key, o);
+        f.extend_from_slice(&o.body);
+        f
+    }
+
+    #[test]
+    fn round_trips() {
+        let o = object(b"hello disk");
+        let (k, back) = decode(file("b\0k\0", &o)).unwrap();
+        assert_eq!(k, "b\0k\0");
+        assert_eq!(back.body, o.body);
+        assert_eq!(
+            (
+                back.stored_at,
+                back.fresh_for,
+                back.etag,
+                back.last_modified,
+                back.headers
+            ),
+            (o.stored_at, o.fresh_for, o.etag, o.last_modified, o.headers)
+        );
+    }
+
+    #[test]
+    fn truncation_and_corruption_are_detected() {
+        let f = file("k", &object(b"0123456789"));
+        let mut short = f.clone();
+        short.pop();
+        assert!(decode(short).unwrap_err().contains("length"));
+        let mut flipped = f.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(decode(flipped).unwrap_err().contains("body checksum"));
+        let mut meta = f.clone();
+        meta[HEAD_LEN + 2] ^= 1;
+        assert!(decode(meta).unwrap_err().contains("metadata checksum"));
+        assert!(decode(b"garbage".to_vec()).is_err());
+        assert!(read_key(&f, f.len() as u64 + 1).is_err());
+        assert_eq!(read_key(&f, f.len() as u64).unwrap(), "k");
+    }
+
+    #[test]
+    fn index_evicts_least_recently_used() {
+        let mut i = Index::default();
+        i.insert("a".into(), 40);
+        i.insert("b".into(), 40);
+        i.insert("c".into(), 40);
+        assert!(i.touch("a"));
+        assert_eq!(i.over(100), vec!["b".to_string()]);
+        assert_eq!(i.bytes, 80);
+        assert!(i.over(100).is_empty());
+        i.insert("a".into(), 10);
+        assert_eq!(i.bytes, 50, "a replaced entry is counted once");
+        assert!(i.remove("c") && !i.remove("c"));
+    }
+
+    #[test]
+    fn file_names_are_safe_for_any_key() {
+        let n = file_name("b\0../../etc/passwd\0versionId=1");
+        assert!(n.ends_with(SUFFIX) && !n.contains('/') && n.len() == 32 + SUFFIX.len());
+    }
+}

@@ -1,0 +1,286 @@
+//! The origin cache's disk tier through real sockets and real files: a
+//! scripted upstream counts the GETs that reach it; the proxy is killed
+//! (-9) and started again on the same cache directory.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use support::http::Conn;
+use support::rogue::Rogue;
+use support::*;
+
+/// One bucket `/b` with the memory and disk tiers on.
+fn config(endpoint: &str, dir: &Path, disk_mb: u64, top: &str) -> String {
+    format!(
+        "{top}cache:\n  enabled: true\n  cache_layers: [\"memory\", \"disk\"]\n  disk:\n    enabled: true\n    cache_dir: \"{}\"\n    max_disk_cache_size_mb: {disk_mb}\nbuckets:\n  - name: \"b\"\n    path_prefix: \"/b\"\n    s3:\n      bucket: \"bkt\"\n      endpoint: \"{endpoint}\"\n      access_key: \"{AK}\"\n      secret_key: \"{SK}\"\n      health_check:\n        enabled: false\n",
+        dir.display()
+    )
+}
+
+/// An upstream answering every GET with `len` bytes derived from the key.
+fn origin(len: usize) -> Rogue {
+    Rogue::start(move |s| {
+        let body = body_for(&s.target, len);
+        let mut out = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nETag: \"v1\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+        )
+        .into_bytes();
+        out.extend_from_slice(&body);
+        vec![support::rogue::Step::Send(out)]
+    })
+}
+
+fn body_for(target: &str, len: usize) -> Vec<u8> {
+    let seed = target
+        .bytes()
+        .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+    pattern(len, seed)
+}
+
+fn gets(up: &Rogue) -> usize {
+    up.seen()
+        .iter()
+        .filter(|s| s.head.starts_with("GET "))
+        .count()
+}
+
+fn metric(m: &str, prefix: &str) -> Option<f64> {
+    m.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn disk_items(p: &Proxy) -> f64 {
+    metric(&p.metrics(), "yatagarasu_cache_items{layer=\"disk\"}").unwrap_or(-1.0)
+}
+
+fn wait_disk_items(p: &Proxy, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while disk_items(p) != n {
+        assert!(
+            Instant::now() < deadline,
+            "disk items {} != {n}\n{}",
+            disk_items(p),
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn entry_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "entry"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_restart_with_a_warm_disk_cache_serves_hits_without_upstream() {
+    let up = origin(100 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&up.endpoint(), dir.path(), 64, "");
+    let p = Proxy::start(&cfg);
+    for k in ["a", "b", "c"] {
+        let r = p.get(&format!("/b/{k}"));
+        assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+    }
+    wait_disk_items(&p, 3.0);
+    assert_eq!(entry_files(dir.path()).len(), 3);
+    drop(p); // kill -9: the entries were already renamed into place
+
+    let p = Proxy::start(&cfg);
+    assert_eq!(disk_items(&p), 3.0, "index rebuilt at start");
+    for k in ["a", "b", "c"] {
+        let r = p.get(&format!("/b/{k}"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-cache"), Some("HIT"), "{k}");
+        assert_eq!(r.body, body_for(&format!("/bkt/{k}"), 100 * 1024), "{k}");
+    }
+    assert_eq!(gets(&up), 3, "hits after the restart went upstream");
+    // Ranges and HEAD from a promoted entry too.
+    let r = support::http::get(p.port, "/b/a", &[("Range", "bytes=10-19")]);
+    assert_eq!((r.status, r.body.len()), (206, 10));
+    assert_eq!(gets(&up), 3);
+}
+
+#[test]
+fn truncated_or_corrupted_entries_are_dropped_and_refetched() {
+    let up = origin(50 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&up.endpoint(), dir.path(), 64, "");
+    let p = Proxy::start(&cfg);
+    assert_eq!(p.get("/b/one").status, 200);
+    assert_eq!(p.get("/b/two").status, 200);
+    wait_disk_items(&p, 2.0);
+    drop(p);
+    let files = entry_files(dir.path());
+    assert_eq!(files.len(), 2);
+    // One cut short (a crash mid-write of the disk itself), one with a
+    // flipped bit in its body (same length).
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&files[0])
+        .unwrap();
+    f.set_len(f.metadata().unwrap().len() - 7).unwrap();
+    let mut bytes = std::fs::read(&files[1]).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&files[1], bytes).unwrap();
+
+    let p = Proxy::start(&cfg);
+    assert_eq!(
+        disk_items(&p),
+        1.0,
+        "the truncated entry is dropped at start"
+    );
+    for k in ["one", "two"] {
+        let r = p.get(&format!("/b/{k}"));
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("x-cache"),
+            Some("MISS"),
+            "{k}: a bad entry is never served"
+        );
+        assert_eq!(r.body, body_for(&format!("/bkt/{k}"), 50 * 1024));
+    }
+    assert_eq!(gets(&up), 4, "both refetched");
+    let m = p.metrics();
+    assert_eq!(
+        metric(&m, "yatagarasu_cache_disk_corrupt_total"),
+        Some(2.0),
+        "{m}"
+    );
+    assert!(p.log().contains("Disk cache entry dropped"), "{}", p.log());
+    // Refetched copies are written again.
+    wait_disk_items(&p, 2.0);
+}
+
+#[test]
+fn the_disk_tier_is_bounded_and_evicts_least_recently_used() {
+    let up = origin(300 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proxy::start(&config(&up.endpoint(), dir.path(), 1, ""));
+    for i in 0..6 {
+        assert_eq!(p.get(&format!("/b/k{i}")).status, 200);
+        // One at a time, so the order of writes is the order of use.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = p.metrics();
+        let bytes = metric(&m, "yatagarasu_cache_bytes{layer=\"disk\"}").unwrap();
+        let evicted = metric(&m, "yatagarasu_cache_evictions_total{layer=\"disk\"}").unwrap();
+        if evicted >= 3.0 {
+            assert!(bytes <= 1024.0 * 1024.0, "{bytes}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{m}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let items = disk_items(&p);
+    assert!((1.0..=3.0).contains(&items), "{items}");
+    assert_eq!(
+        entry_files(dir.path()).len() as f64,
+        items,
+        "evicted files are deleted"
+    );
+}
+
+#[test]
+fn an_unusable_cache_dir_degrades_to_memory_only() {
+    let up = origin(1024);
+    let dir = tempfile::tempdir().unwrap();
+    // A path under a regular file can never be created.
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let p = Proxy::start(&config(&up.endpoint(), &file.join("cache"), 64, ""));
+    assert!(
+        p.log()
+            .contains("Disk cache unusable; continuing memory-only"),
+        "{}",
+        p.log()
+    );
+    let r = p.get("/b/k");
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+    let r = p.get("/b/k");
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
+    assert_eq!(disk_items(&p), 0.0);
+}
+
+#[test]
+fn a_disk_that_fails_while_running_turns_writes_off_without_failing_requests() {
+    let up = origin(8 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("cache");
+    let p = Proxy::start(&config(&up.endpoint(), &cache_dir, 64, ""));
+    assert_eq!(p.get("/b/before").status, 200);
+    wait_disk_items(&p, 1.0);
+    // The directory disappears under the proxy (unmounted, wiped).
+    std::fs::remove_dir_all(&cache_dir).unwrap();
+    for i in 0..5 {
+        let r = p.get(&format!("/b/after{i}"));
+        assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+    }
+    assert!(
+        p.wait_log(
+            "Disk cache unusable; continuing memory-only",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        p.log()
+    );
+    for i in 0..5 {
+        let r = p.get(&format!("/b/after{i}"));
+        assert_eq!(
+            (r.status, r.header("x-cache")),
+            (200, Some("HIT")),
+            "memory still serves"
+        );
+    }
+    // The entry indexed before is gone with the directory: a miss, refetched.
+    let r = p.get("/b/before");
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn a_purge_removes_disk_entries_too() {
+    let up = origin(4096);
+    let dir = tempfile::tempdir().unwrap();
+    let token = "0123456789abcdef-admin";
+    let cfg = config(
+        &up.endpoint(),
+        dir.path(),
+        64,
+        &format!("admin:\n  token: \"{token}\"\n"),
+    );
+    let p = Proxy::start(&cfg);
+    assert_eq!(p.get("/b/x").status, 200);
+    assert_eq!(p.get("/b/y").status, 200);
+    wait_disk_items(&p, 2.0);
+    let mut c = Conn::open(p.metrics_port).unwrap();
+    let auth = format!("Bearer {token}");
+    let r = c
+        .request(
+            "POST",
+            "/admin/cache/purge/b/x",
+            &[("Authorization", auth.as_str())],
+        )
+        .unwrap();
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "{\"purged\":1,\"purged_disk\":1}")
+    );
+    assert_eq!(entry_files(dir.path()).len(), 1);
+    drop(p);
+    // After a restart the purged object is fetched again, the other is not.
+    let p = Proxy::start(&cfg);
+    assert_eq!(p.get("/b/x").header("x-cache"), Some("MISS"));
+    assert_eq!(p.get("/b/y").header("x-cache"), Some("HIT"));
+    assert_eq!(gets(&up), 3);
+}
