@@ -28,23 +28,7 @@ trap cleanup EXIT
 source "$(dirname "$0")/origin.sh"
 make_objects "$WORK" $SIZES
 origin_conf "$WORK" "$P_ORIGIN" >"$WORK/origin.conf"
-cat >"$WORK/proxy.yaml" <<CONF
-server:
-  address: "127.0.0.1:$P_PROXY"
-  workers: 1
-buckets:
-  - name: "bench"
-    path_prefix: "/data"
-    s3:
-      bucket: "data-bucket"
-      endpoint: "http://127.0.0.1:$P_ORIGIN"
-      access_key: "bench"
-      secret_key: "bench-secret"
-      health_check:
-        enabled: false
-metrics:
-  enabled: false
-CONF
+yata_yaml "$P_PROXY" "$P_ORIGIN" >"$WORK/proxy.yaml"
 taskset -c 1 nginx -c "$WORK/origin.conf" -p "$WORK" &
 PIDS+=($!)
 sleep 0.5

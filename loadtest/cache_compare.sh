@@ -77,30 +77,12 @@ backend origin { .host = "127.0.0.1"; .port = "$P_ORIGIN"; }
 sub vcl_recv { set req.url = regsub(req.url, "^/data/", "/data-bucket/"); return (hash); }
 sub vcl_backend_response { set beresp.ttl = 1h; }
 VCL
-cat >"$WORK/yata.yaml" <<CONF
-server:
-  address: "127.0.0.1:$P_YATA"
-  workers: 1
-cache:
+yata_yaml "$P_YATA" "$P_ORIGIN" "cache:
   enabled: true
   memory:
     max_cache_size_mb: 256
     max_item_size_mb: 8
-buckets:
-  - name: "bench"
-    path_prefix: "/data"
-    s3:
-      bucket: "data-bucket"
-      endpoint: "http://127.0.0.1:$P_ORIGIN"
-      access_key: "bench"
-      secret_key: "bench-secret"
-      health_check:
-        enabled: false
-metrics:
-  enabled: false
-logging:
-  level: "warn"
-CONF
+" >"$WORK/yata.yaml"
 
 spawn_on 1 nginx -c "$WORK/origin.conf" -p "$WORK" &
 PIDS+=($!)

@@ -19,6 +19,8 @@ ROUNDS=${ROUNDS:-2}
 [ -n "${QUICK:-}" ] && DURATION=3 && ROUNDS=1
 SIZES=${SIZES:-"1k 64k 1m 64m"}
 WORK=$ROOT/loadtest/work
+# shellcheck source=loadtest/origin.sh
+source "$ROOT/loadtest/origin.sh"
 OUT=$ROOT/loadtest/results
 mkdir -p "$WORK" "$OUT"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -89,24 +91,7 @@ http {
   }
 }
 CONF
-cat >"$WORK/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  option http-keep-alive
-frontend fe
-  bind 127.0.0.1:$P_HAPROXY
-  http-request replace-path ^/data/(.*) /data-bucket/\1
-  default_backend origin
-backend origin
-  http-reuse always
-  server o 127.0.0.1:$P_ORIGIN
-CONF
+haproxy_cfg "$P_HAPROXY" "$P_ORIGIN" >"$WORK/haproxy.cfg"
 yata_conf() { # port workers zero_copy
   cat <<CONF
 server:

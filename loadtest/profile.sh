@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Where a request's CPU goes: yatagarasu pinned to core 0, wrk and the nginx
+# file origin on core 1 (as peers.sh), one object size. Prints per request:
+# syscalls, io_uring submissions and completions (kernel tracepoints), and
+# the hottest symbols of a perf profile of the proxy (kernel and user).
+#
+#   bash loadtest/profile.sh [size: 1k|64k|1m] [binary]
+#
+# Needs perf, wrk, nginx.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SIZE=${1:-64k}
+BIN=${2:-$ROOT/target/release/yatagarasu}
+SECS=${SECS:-5}
+WORK=$(mktemp -d)
+chmod 755 "$WORK"
+P_ORIGIN=18300 P_YATA=18301
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+# shellcheck source=loadtest/origin.sh
+source "$ROOT/loadtest/origin.sh"
+make_objects "$WORK" "$SIZE"
+origin_conf "$WORK" "$P_ORIGIN" >"$WORK/origin.conf"
+yata_yaml "$P_YATA" "$P_ORIGIN" >"$WORK/y.yaml"
+taskset -c 1 nginx -c "$WORK/origin.conf" &
+PIDS+=($!)
+taskset -c 0 "$BIN" --config "$WORK/y.yaml" 2>"$WORK/logs/y.log" &
+PID=$!
+PIDS+=($PID)
+for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$P_YATA/data/obj-$SIZE" && break; sleep 0.1; done
+URL="http://127.0.0.1:$P_YATA/data/obj-$SIZE"
+taskset -c 1 wrk -t1 -c32 -d1s "$URL" >/dev/null
+
+# Counts per request: syscalls and io_uring operations of the proxy.
+taskset -c 1 wrk -t1 -c32 -d"$((SECS + 2))s" "$URL" >"$WORK/wrk1.txt" &
+WRK=$!
+sleep 1
+perf stat -x, -e raw_syscalls:sys_enter,io_uring:io_uring_submit_req,io_uring:io_uring_complete,context-switches \
+  -p "$PID" -- sleep "$SECS" 2>"$WORK/stat.csv"
+wait $WRK
+RPS=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk1.txt")
+echo "object $SIZE: $RPS req/s (wrk -t1 -c32, proxy on core 0)"
+awk -F, -v rps="$RPS" -v secs="$SECS" '$1 ~ /^[0-9]+$/ { printf "  %-32s %8.2f per request\n", $3, $1 / (rps * secs) }' "$WORK/stat.csv"
+
+# Where the CPU goes.
+taskset -c 1 wrk -t1 -c32 -d"$((SECS + 2))s" "$URL" >/dev/null &
+WRK=$!
+sleep 1
+perf record -q -F 1999 -g -o "$WORK/perf.data" -p "$PID" -- sleep "$SECS" 2>/dev/null
+wait $WRK
+echo
+echo "top symbols (self time, % of the proxy's samples):"
+perf report -i "$WORK/perf.data" --no-children --sort sym --stdio 2>/dev/null \
+  | grep -E '^ +[0-9]+\.[0-9]+%' | head -25
+echo
+echo "user vs kernel:"
+perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null \
+  | grep -E '^ +[0-9]+\.[0-9]+%' | head -6
