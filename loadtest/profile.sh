@@ -56,8 +56,12 @@ wait $WRK
 echo
 echo "top symbols (self time, % of the proxy's samples):"
 perf report -i "$WORK/perf.data" --no-children --sort sym --stdio 2>/dev/null \
-  | grep -E '^ +[0-9]+\.[0-9]+%' | head -25
+  | grep -E '^ +[0-9]+\.[0-9]+%' | head -25 || true
+echo
+echo "who calls memmove (user-space copies), by caller:"
+perf report -i "$WORK/perf.data" --no-children -S __memmove_avx512_unaligned_erms -g caller,0.5,callee --stdio 2>/dev/null \
+  | grep -oE '(yatagarasu|monoio|bytes)::[A-Za-z0-9_:<>]+' | sort | uniq -c | sort -rn | head -8 || true
 echo
 echo "user vs kernel:"
 perf report -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null \
-  | grep -E '^ +[0-9]+\.[0-9]+%' | head -6
+  | grep -E '^ +[0-9]+\.[0-9]+%' | head -6 || true
