@@ -223,7 +223,7 @@ cache:
 "#;
 
 #[test]
-fn the_cache_section_is_checked_by_path_and_unlanded_parts_are_refused() {
+fn the_cache_section_is_checked_by_path() {
     let (code, out) = check(&format!("{GOOD}{CACHE}"), &ENV);
     assert_eq!(code, 0, "{out}");
     let later = format!(
@@ -231,15 +231,19 @@ fn the_cache_section_is_checked_by_path_and_unlanded_parts_are_refused() {
     )
     .replace("[\"memory\"]", "[\"memory\", \"disk\"]");
     let (code, out) = check(&format!("{GOOD}{later}"), &ENV);
-    assert_eq!(code, 1);
-    assert!(
-        out.contains("cache.slice_size_mb: caching large objects by slices is not available"),
-        "{out}"
-    );
-    assert!(
-        !out.contains("cache.disk"),
-        "the disk tier is accepted: {out}"
-    );
+    assert_eq!(code, 0, "the disk tier and slices are accepted: {out}");
+    for (mb, needle) in [
+        ("0", "cache.slice_size_mb: must be between 1 and 1024"),
+        (
+            "64",
+            "cache.slice_size_mb: must not exceed cache.memory.max_item_size_mb",
+        ),
+    ] {
+        let text = later.replace("slice_size_mb: 8", &format!("slice_size_mb: {mb}"));
+        let (code, out) = check(&format!("{GOOD}{text}"), &ENV);
+        assert_eq!(code, 1);
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
     // The disk tier's keys are checked like the rest.
     let disk = |layers: &str, disk: &str| {
         let text = format!("{CACHE}  disk:\n{disk}").replace("[\"memory\"]", layers);

@@ -49,6 +49,8 @@ struct Meta {
     etag: String,
     last_modified: Option<String>,
     headers: String,
+    /// The whole object's length (differs from the body's for slices).
+    total: u64,
 }
 
 /// The head and metadata of `object` stored under `key`.
@@ -63,6 +65,7 @@ pub fn encode_head(key: &str, object: &Object) -> Vec<u8> {
         etag: object.etag.clone(),
         last_modified: object.last_modified.clone(),
         headers: object.headers.clone(),
+        total: object.total,
     };
     let meta = serde_json::to_vec(&meta).unwrap_or_default();
     let mut out = Vec::with_capacity(HEAD_LEN + meta.len());
@@ -134,6 +137,7 @@ pub fn decode(file: Vec<u8>) -> Result<(String, Object), String> {
         last_modified: meta.last_modified,
         headers: meta.headers,
         body,
+        total: meta.total,
     };
     Ok((meta.key, object))
 }
@@ -521,6 +525,7 @@ mod tests {
             last_modified: Some("Wed, 21 Oct 2026 07:28:00 GMT".into()),
             headers: "Content-Type: text/plain\r\n".into(),
             body: Bytes::copy_from_slice(body),
+            total: body.len() as u64,
         }
     }
 

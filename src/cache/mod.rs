@@ -13,4 +13,5 @@
 pub mod collapse;
 pub mod disk;
 pub mod policy;
+pub mod slice;
 pub mod store;

@@ -27,8 +27,11 @@ pub struct Object {
     /// Headers relayed with it, `Name: value\r\n` each, without
     /// `Content-Length` (computed per answer: whole or a range).
     pub headers: String,
-    /// The body.
+    /// The body (one slice of it for a slice; empty for slice metadata).
     pub body: Bytes,
+    /// The whole object's length: `body.len()` unless this is a slice or
+    /// slice metadata (see `cache::slice`).
+    pub total: u64,
 }
 
 /// Weighs an entry by the memory it holds.
@@ -190,6 +193,7 @@ mod tests {
             last_modified: None,
             headers: String::new(),
             body: Bytes::from(vec![7u8; len]),
+            total: len as u64,
         }
     }
 

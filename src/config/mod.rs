@@ -53,6 +53,9 @@ pub struct CacheSettings {
     pub stale_if_error: Duration,
     /// `cache.disk`: the disk tier, when enabled.
     pub disk: Option<DiskCache>,
+    /// `cache.slice_size_mb`, in bytes: range requests are served from
+    /// slices of this size (`None`: ranges go upstream as they are).
+    pub slice_bytes: Option<u64>,
 }
 
 /// `cache.disk`, when enabled.

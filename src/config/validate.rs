@@ -220,18 +220,11 @@ fn buckets(
     out
 }
 
-/// Refuses a key of a cache feature that has not landed yet.
-fn not_yet(at: &str, what: &str, p: &mut Problems) {
-    p.at(
-        at,
-        format_args!("{what} is not available in this version yet; remove the key"),
-    );
-}
-
 const MIB: u64 = 1024 * 1024;
+/// Largest `cache.slice_size_mb`.
+const MAX_SLICE_MB: u64 = 1024;
 
-/// `cache:`: the memory and disk tiers' settings. The key of the part still
-/// to come (slices) is refused, never ignored.
+/// `cache:`: the memory and disk tiers and slices.
 fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
     let mut out = CacheSettings {
         enabled: false,
@@ -240,6 +233,7 @@ fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
         default_ttl: Duration::from_secs(DEFAULT_CACHE_TTL_SECS),
         stale_if_error: Duration::ZERO,
         disk: None,
+        slice_bytes: None,
     };
     let Some(c) = raw else { return out };
     out.enabled = c.enabled.unwrap_or(false);
@@ -299,8 +293,19 @@ fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
         }
     }
     out.stale_if_error = Duration::from_secs(c.stale_if_error_seconds.unwrap_or(0));
-    if c.slice_size_mb.is_some() {
-        not_yet("cache.slice_size_mb", "caching large objects by slices", p);
+    if let Some(mb) = c.slice_size_mb {
+        if !(1..=MAX_SLICE_MB).contains(&mb) {
+            p.at(
+                "cache.slice_size_mb",
+                format_args!("must be between 1 and {MAX_SLICE_MB}"),
+            );
+        } else if mb * MIB > out.max_item_bytes {
+            p.at(
+                "cache.slice_size_mb",
+                "must not exceed cache.memory.max_item_size_mb (a slice is stored like an object)",
+            );
+        }
+        out.slice_bytes = Some(mb.clamp(1, MAX_SLICE_MB) * MIB);
     }
     out
 }

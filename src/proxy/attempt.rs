@@ -176,7 +176,10 @@ impl WorkerGeneration {
             }
             Some(r) => {
                 head::header(w, "Range", &format!("bytes={}-{}", r.first, r.last));
-                head::header(w, "If-Match", r.etag);
+                // A first slice fetch knows no ETag yet.
+                if !r.etag.is_empty() {
+                    head::header(w, "If-Match", r.etag);
+                }
             }
         }
         head::header(w, "X-Request-ID", &c.req.request_id);

@@ -15,8 +15,7 @@
 //!
 //! A memory miss whose object is in the disk tier is read back into memory
 //! first ([`promote_from_disk`]); stored objects go to the disk tier too.
-//!
-//! Not yet: slices.
+//! Single-range requests may be answered from slices first (`slices.rs`).
 //!
 //! [`promote_from_disk`]: WorkerGeneration::promote_from_disk
 //!
@@ -30,7 +29,7 @@ use crate::http::body::Tee as _;
 use bytes::Bytes;
 
 /// Index of each header in [`FORWARDED_REQUEST_HEADERS`].
-const RANGE: usize = 0;
+pub(super) const RANGE: usize = 0;
 const IF_MATCH: usize = 1;
 const IF_NONE_MATCH: usize = 2;
 const IF_MODIFIED_SINCE: usize = 3;
@@ -235,6 +234,7 @@ impl WorkerGeneration {
             last_modified: copy.last_modified.clone(),
             headers: copy.headers.clone(),
             body: copy.body.clone(),
+            total: copy.total,
         });
         if let Some(store) = &self.shared.process.cache {
             store.insert_shared(key.clone(), refreshed.clone());
@@ -366,14 +366,14 @@ impl WorkerGeneration {
     }
 
     /// The head of an answer from the cache, into `c.wbuf`.
-    fn cached_head(
+    pub(super) fn cached_head(
         &self,
         c: &mut Client,
         copy: &Object,
         (status, answer, x_cache): (u16, Option<RangeAnswer>, &str),
         keep: bool,
     ) {
-        let len = copy.body.len() as u64;
+        let len = copy.total;
         let w = &mut c.wbuf;
         head::status_line(w, status);
         match answer {
@@ -463,6 +463,7 @@ impl WorkerGeneration {
                 last_modified: forwarded_value(&resp.forward, "last-modified").map(str::to_string),
                 headers,
                 body: Bytes::new(),
+                total: len,
             }),
         };
         fill.push(&answer.conn.buf[answer.head_len..start]);
@@ -470,15 +471,41 @@ impl WorkerGeneration {
     }
 
     /// How long `resp` may be served from the cache (`None`: not stored).
-    fn freshness(&self, resp: &Response, ttl: Duration) -> Option<Duration> {
+    pub(super) fn freshness(&self, resp: &Response, ttl: Duration) -> Option<Duration> {
+        self.freshness_as(resp, resp.status, ttl)
+    }
+
+    /// [`Self::freshness`] judging `resp` as if its status were `status`
+    /// (a slice, a 206 to the proxy's own range request, is judged as the
+    /// 200 it is a part of).
+    pub(super) fn freshness_as(
+        &self,
+        resp: &Response,
+        status: u16,
+        ttl: Duration,
+    ) -> Option<Duration> {
         let stored = policy::Stored {
-            status: resp.status,
+            status,
             cache_control: forwarded_value(&resp.forward, "cache-control"),
             expires: forwarded_value(&resp.forward, "expires"),
             date: forwarded_value(&resp.forward, "date"),
         };
         policy::freshness(&stored, ttl, SystemTime::now())
     }
+}
+
+/// A GET with one byte range and no conditional: what slices answer.
+pub(super) fn single_range_only(c: &Client) -> bool {
+    c.req.header(RANGE).is_some_and(|r| !r.contains(','))
+        && [
+            IF_MATCH,
+            IF_NONE_MATCH,
+            IF_MODIFIED_SINCE,
+            IF_UNMODIFIED_SINCE,
+            IF_RANGE,
+        ]
+        .iter()
+        .all(|&h| c.req.header(h).is_none())
 }
 
 fn starts_with_ignore_case(line: &str, prefix: &str) -> bool {
@@ -494,7 +521,11 @@ fn forwarded_value<'a>(forward: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// Writes a whole `Bytes` (shared with the cache: no copy) within `timeout`.
-async fn write_bytes(stream: &mut ClientStream, body: Bytes, timeout: Duration) -> io::Result<()> {
+pub(super) async fn write_bytes(
+    stream: &mut ClientStream,
+    body: Bytes,
+    timeout: Duration,
+) -> io::Result<()> {
     use monoio::io::AsyncWriteRentExt;
     match monoio::time::timeout(timeout, stream.write_all(body)).await {
         Ok((r, _)) => r.map(|_| ()),

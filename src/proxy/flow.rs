@@ -89,6 +89,10 @@ impl WorkerGeneration {
         encoded.clear();
         router::encode_key(key, &mut encoded);
         self.promote_from_disk(c, bucket, &encoded).await;
+        if let Some(o) = Box::pin(self.serve_sliced(c, bucket, &encoded)).await {
+            c.upath = encoded;
+            return o;
+        }
         let o = match self.cache_lookup(c, bucket, &encoded) {
             Ok(Some(copy)) => self.serve_cached(c, bucket, &copy, "HIT").await,
             Ok(None) => self.proxy(c, bucket, &encoded).await,
@@ -269,7 +273,7 @@ impl WorkerGeneration {
 
     /// Step "plan": the bucket's replicas in the order to try them (global
     /// replica ids, written into `buf`).
-    fn plan<'b>(&self, bucket: usize, buf: &'b mut [usize]) -> &'b [usize] {
+    pub(super) fn plan<'b>(&self, bucket: usize, buf: &'b mut [usize]) -> &'b [usize] {
         let now = now_ms();
         let ids = &self.shared.bucket_replicas[bucket];
         let mut plan = Plan::default();

@@ -42,6 +42,7 @@ mod flow;
 mod limits;
 mod relay;
 mod resume;
+mod slices;
 use crate::stream::{ClientStream, MaybeTls};
 use crate::upstream::breaker::{Admit, Breaker, State};
 use crate::upstream::pool::{Pool, UpConn};

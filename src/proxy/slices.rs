@@ -1,0 +1,476 @@
+//! Step "slices": with `cache.slice_size_mb` set, a single-range GET on a
+//! bucket that caches is answered from slices of the object (see
+//! `crate::cache::slice`), so a 1 MiB range of a 5 GiB object costs one
+//! slice fetch, not the object, and the next range in that slice costs none.
+//!
+//! A missing slice is fetched from the replicas in plan order with
+//! `Range: bytes=<slice>` and `If-Match: <the object's ETag>`; only a
+//! single-range 206 at the slice's offset, of the right length, with that
+//! ETag is kept. A 412, or another ETag, means the object changed: its
+//! slices are dropped and, before any byte was sent, the request starts over
+//! once on the new version; after bytes were sent the client connection is
+//! reset (never a body joined from two versions, never a short body). An
+//! answer that is not a slice (a 200 from an origin that ignores ranges, a
+//! 404, a 416, an uncacheable 206) sends the request down the normal path.
+
+use super::attempt::Resume;
+use super::cache::CacheUse;
+use super::*;
+use crate::cache::policy::{self, RangeAnswer};
+use crate::cache::slice;
+use crate::cache::store::{self, Object};
+use bytes::Bytes;
+
+/// Why a slice could not be had.
+enum SliceError {
+    /// The answer is not a slice: the request goes the normal way.
+    NotSliceable,
+    /// The object changed under its stored ETag.
+    Changed,
+    /// No replica gave the slice (failures, breakers open).
+    Failed,
+}
+
+/// The slice being fetched.
+struct Want<'a> {
+    object_key: &'a str,
+    n: u64,
+    size: u64,
+    /// The object's known ETag (`None` on the first fetch).
+    etag: Option<&'a str>,
+}
+
+impl WorkerGeneration {
+    /// Answers a single-range GET from slices; `None` when the request is
+    /// not one for slices or the object cannot be sliced (the caller goes on
+    /// with the normal lookup and relay).
+    pub(super) async fn serve_sliced(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        key: &str,
+    ) -> Option<Outcome> {
+        let size = self.shared.config.cache.slice_bytes?;
+        let store = self.shared.process.cache.as_ref()?;
+        let settings = &self.shared.bucket(bucket).cache;
+        if !settings.enabled || c.req.method() != Method::Get || !super::cache::single_range_only(c)
+        {
+            return None;
+        }
+        let range = c.req.header(super::cache::RANGE)?.to_string();
+        let object_key = store::key(&self.shared.bucket(bucket).name, key, &c.query);
+        // A whole copy answers its ranges in the normal lookup.
+        if store.get(&object_key).is_some() {
+            return None;
+        }
+        c.cache = CacheUse::Off;
+        if let Some(refused) = self.limit_upstream(c, bucket).await {
+            return Some(refused);
+        }
+        for _ in 0..2 {
+            match self
+                .slices_once(c, bucket, key, &object_key, &range, size)
+                .await
+            {
+                Err(SliceError::Changed) => {
+                    store.remove_prefix(&slice::prefix(&object_key));
+                }
+                Err(SliceError::NotSliceable) | Err(SliceError::Failed) => return None,
+                Ok(outcome) => return Some(outcome),
+            }
+        }
+        None
+    }
+
+    /// One go at answering from slices: the object's metadata (stored, or
+    /// learned from the first slice fetched), the first slice needed, the
+    /// head, then every slice of the range in order.
+    async fn slices_once(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        key: &str,
+        object_key: &str,
+        range: &str,
+        size: u64,
+    ) -> Result<Outcome, SliceError> {
+        let store = self
+            .shared
+            .process
+            .cache
+            .as_ref()
+            .ok_or(SliceError::NotSliceable)?;
+        let mut fetched: Option<(u64, Arc<Object>)> = None;
+        let now = SystemTime::now();
+        let meta = match self
+            .stored(&slice::meta_key(object_key))
+            .await
+            .filter(|m| policy::is_fresh(m.stored_at, m.fresh_for, now))
+        {
+            Some(m) => m,
+            None => {
+                store.remove_prefix(&slice::prefix(object_key));
+                let n = slice::first_to_fetch(range, size);
+                let want = Want {
+                    object_key,
+                    n,
+                    size,
+                    etag: None,
+                };
+                let (meta, s) = self.fetch_slice(c, bucket, key, &want).await?;
+                fetched = Some((n, s));
+                meta
+            }
+        };
+        let (first, last) = match policy::range(Some(range), meta.total) {
+            RangeAnswer::Part { first, last } => (first, last),
+            RangeAnswer::Unsatisfiable => {
+                let keep = c.req.keep_alive && !self.core.draining.get();
+                let answer = Some(RangeAnswer::Unsatisfiable);
+                self.cached_head(c, &meta, (416, answer, "HIT"), keep);
+                return Ok(self.write_head_only(c, bucket, 416, keep).await);
+            }
+            RangeAnswer::Whole => return Err(SliceError::NotSliceable),
+        };
+        let slices = slice::covering(first, last, size);
+        // The first slice before the head: an object that changed is found
+        // while the request can still start over.
+        let head_slice = *slices.start();
+        let mut fetched_any = fetched.is_some();
+        let (first_slice, was_fetched) = self
+            .slice_of(
+                c,
+                bucket,
+                key,
+                (object_key, &meta, size),
+                head_slice,
+                &mut fetched,
+            )
+            .await?;
+        fetched_any |= was_fetched;
+        let all_stored = !fetched_any
+            && slices
+                .clone()
+                .skip(1)
+                .all(|n| stored_slice(store, object_key, n, &meta.etag).is_some());
+        let x_cache = if all_stored { "HIT" } else { "MISS" };
+        let mid = self.shared.bucket_metric[bucket];
+        self.core
+            .metrics
+            .borrow_mut()
+            .cache(mid, if all_stored { "hit" } else { "miss" });
+        let keep = c.req.keep_alive && !self.core.draining.get();
+        let part = Some(RangeAnswer::Part { first, last });
+        self.cached_head(c, &meta, (206, part, x_cache), keep);
+        let mut out = self.write_head_only(c, bucket, 206, keep).await;
+        if !out.keep_alive && keep {
+            return Ok(out);
+        }
+        let timeout = self.shared.config.server.idle_timeout;
+        let mut current = Some(first_slice);
+        for n in slices {
+            let s = match current.take() {
+                Some(s) => s,
+                None => match self
+                    .slice_of(c, bucket, key, (object_key, &meta, size), n, &mut fetched)
+                    .await
+                {
+                    Ok((s, _)) => s,
+                    Err(_) => {
+                        // Bytes went out: the client must not take what it
+                        // has for the whole range.
+                        out.keep_alive = false;
+                        out.abort = true;
+                        return Ok(out);
+                    }
+                },
+            };
+            let (s_first, _) = slice::bounds(n, size, meta.total);
+            let from = first.max(s_first) - s_first;
+            let to = (last.min(s_first + s.body.len() as u64 - 1) - s_first) as usize;
+            let part = s.body.slice(from as usize..=to);
+            let len = part.len() as u64;
+            if super::cache::write_bytes(&mut c.stream, part, timeout)
+                .await
+                .is_err()
+            {
+                out.keep_alive = false;
+                out.abort = true;
+                return Ok(out);
+            }
+            out.bytes += len;
+        }
+        if all_stored {
+            self.core.metrics.borrow_mut().cache_saved(mid, out.bytes);
+        }
+        Ok(out)
+    }
+
+    /// Slice `n`: the one just fetched, a stored one of the same ETag, or a
+    /// new fetch with `If-Match` (then `true`).
+    async fn slice_of(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        key: &str,
+        (object_key, meta, size): (&str, &Object, u64),
+        n: u64,
+        fetched: &mut Option<(u64, Arc<Object>)>,
+    ) -> Result<(Arc<Object>, bool), SliceError> {
+        if let Some((_, s)) = fetched.take_if(|(m, _)| *m == n) {
+            return Ok((s, true));
+        }
+        if let Some(s) = self.stored(&slice::key(object_key, n)).await {
+            if s.etag == meta.etag {
+                return Ok((s, false));
+            }
+        }
+        let want = Want {
+            object_key,
+            n,
+            size,
+            etag: Some(&meta.etag),
+        };
+        let (_, s) = self.fetch_slice(c, bucket, key, &want).await?;
+        Ok((s, true))
+    }
+
+    /// Fetches one slice from the replicas in plan order and stores it (and,
+    /// on a first fetch, the object's metadata); returns both.
+    async fn fetch_slice(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        key: &str,
+        want: &Want<'_>,
+    ) -> Result<(Arc<Object>, Arc<Object>), SliceError> {
+        let mut order_buf = [0usize; crate::config::MAX_REPLICAS];
+        let order = self.plan(bucket, &mut order_buf);
+        let ctx = RequestCtx { bucket, key, order };
+        let first = want.n.saturating_mul(want.size);
+        let resume = Resume {
+            first,
+            last: first + want.size - 1,
+            etag: want.etag.unwrap_or(""),
+        };
+        for &rid in ctx.order {
+            let admit = self.admit(rid, now_ms());
+            if admit == Admit::Rejected {
+                continue;
+            }
+            let t0 = Instant::now();
+            let result = self.attempt(c, &ctx, rid, Some(resume)).await;
+            let micros = t0.elapsed().as_micros() as u64;
+            self.core
+                .metrics
+                .borrow_mut()
+                .upstream(self.mid(rid), micros);
+            let answer = match result {
+                Ok(a) => a,
+                Err(f) => {
+                    if !f.cause.is_http_status() {
+                        self.record_failure(rid, admit, f.cause);
+                    }
+                    continue;
+                }
+            };
+            self.record_answer(rid, admit);
+            match self.take_slice(c, answer, want, resume).await {
+                Ok(got) => return Ok(got),
+                Err(Some(e)) => return Err(e),
+                Err(None) => continue,
+            }
+        }
+        Err(SliceError::Failed)
+    }
+
+    /// Checks one replica's answer to a slice request and reads its body.
+    /// `Err(None)`: the body broke, try the next replica.
+    async fn take_slice(
+        &self,
+        c: &mut Client,
+        mut a: Answer,
+        want: &Want<'_>,
+        asked: Resume<'_>,
+    ) -> Result<(Arc<Object>, Arc<Object>), Option<SliceError>> {
+        let resp = &a.resp;
+        let cr = resp
+            .content_range
+            .filter(|_| resp.status == 206 && !resp.multipart);
+        let verdict = match (resp.status, cr) {
+            (412, _) => Err(SliceError::Changed),
+            (206, Some(cr)) if cr.first == asked.first && cr.total.is_some() => match want.etag {
+                Some(e) if e != resp.etag => Err(SliceError::Changed),
+                _ if resp.etag.is_empty() => Err(SliceError::NotSliceable),
+                _ => Ok(cr),
+            },
+            _ => Err(SliceError::NotSliceable),
+        };
+        let cr = match verdict {
+            Ok(cr) => cr,
+            Err(e) => {
+                c.give_response(a.resp);
+                return Err(Some(e));
+            }
+        };
+        let len = cr.last - cr.first + 1;
+        if resp.framing() != Framing::Length(len) || len > want.size {
+            c.give_response(a.resp);
+            return Err(Some(SliceError::NotSliceable));
+        }
+        let bucket = self.shared.replicas[a.rid].bucket;
+        let ttl = self.shared.bucket(bucket).cache.ttl;
+        let Some(fresh_for) = self.freshness_as(resp, 200, ttl) else {
+            c.give_response(a.resp);
+            return Err(Some(SliceError::NotSliceable));
+        };
+        let want_bytes = a.head_len + len as usize;
+        a.conn
+            .buf
+            .reserve(want_bytes.saturating_sub(a.conn.buf.len()));
+        let deadline = Instant::now() + self.replica(a.rid).timeout;
+        while a.conn.buf.len() < want_bytes {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match read_more(&mut a.conn.stream, &mut a.conn.buf, left).await {
+                Ok(n) if n > 0 => {}
+                Ok(_) | Err(_) => {
+                    c.give_response(a.resp);
+                    return Err(None);
+                }
+            }
+        }
+        let body = Bytes::copy_from_slice(&a.conn.buf[a.head_len..want_bytes]);
+        let exact = a.conn.buf.len() == want_bytes;
+        let total = cr.total.unwrap_or(0);
+        let now = SystemTime::now();
+        let mut headers = String::with_capacity(a.resp.forward.len() + 40);
+        for line in a.resp.forward.split_inclusive("\r\n") {
+            let name = line.split(':').next().unwrap_or("");
+            if !name.eq_ignore_ascii_case("content-length")
+                && !name.eq_ignore_ascii_case("content-range")
+            {
+                headers.push_str(line);
+            }
+        }
+        if !a.resp.has_date {
+            self.core.with_date(|d| {
+                for part in ["Date: ", d, "\r\n"] {
+                    headers.push_str(part);
+                }
+            });
+        }
+        let meta = Object {
+            stored_at: now,
+            fresh_for,
+            etag: a.resp.etag.clone(),
+            last_modified: a
+                .resp
+                .forward
+                .split("\r\n")
+                .find_map(|l| {
+                    l.split_once(':')
+                        .filter(|(n, _)| n.eq_ignore_ascii_case("last-modified"))
+                })
+                .map(|(_, v)| v.trim().to_string()),
+            headers,
+            body: Bytes::new(),
+            total,
+        };
+        let piece = Object {
+            stored_at: now,
+            fresh_for,
+            etag: a.resp.etag.clone(),
+            last_modified: None,
+            headers: String::new(),
+            body,
+            total,
+        };
+        if upclient::reusable(&a.resp, &a.conn, a.head_len, exact) {
+            self.pool.put(a.rid, a.conn);
+        }
+        c.give_response(a.resp);
+        Ok(self.store_slice(want, meta, piece))
+    }
+
+    /// Stores a fetched slice (and the metadata on a first fetch) in memory
+    /// and hands both to the disk tier.
+    fn store_slice(
+        &self,
+        want: &Want<'_>,
+        meta: Object,
+        piece: Object,
+    ) -> (Arc<Object>, Arc<Object>) {
+        let process = &self.shared.process;
+        let Some(store) = &process.cache else {
+            return (Arc::new(meta), Arc::new(piece));
+        };
+        let epoch = store.purge_epoch();
+        let meta_key = slice::meta_key(want.object_key);
+        let meta = match (want.etag, store.get(&meta_key)) {
+            (Some(_), Some(m)) => m,
+            _ => store.insert(meta_key.clone(), meta),
+        };
+        let key = slice::key(want.object_key, want.n);
+        let piece = store.insert(key.clone(), piece);
+        if let Some(disk) = &process.disk {
+            disk.offer(meta_key, meta.clone(), epoch);
+            disk.offer(key, piece.clone(), epoch);
+        }
+        (meta, piece)
+    }
+
+    /// A stored slice or slice metadata: from memory, else from the disk
+    /// tier (promoted into memory).
+    async fn stored(&self, key: &str) -> Option<Arc<Object>> {
+        let process = &self.shared.process;
+        let store = process.cache.as_ref()?;
+        if let Some(o) = store.get(key) {
+            return Some(o);
+        }
+        let disk = process.disk.as_ref().filter(|d| d.contains(key))?;
+        let epoch = store.purge_epoch();
+        let object = disk.load(key).await?;
+        if store.purge_epoch() != epoch {
+            return None;
+        }
+        Some(store.insert(key.to_string(), object))
+    }
+
+    /// Writes the head in `c.wbuf`; the outcome so far.
+    async fn write_head_only(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        status: u16,
+        keep: bool,
+    ) -> Outcome {
+        let mut out = Outcome {
+            status,
+            bytes: 0,
+            keep_alive: keep,
+            abort: false,
+            replica: None,
+            bucket: Some(bucket),
+        };
+        let timeout = self.shared.config.server.idle_timeout;
+        if write_all(&mut c.stream, &mut c.wbuf, timeout)
+            .await
+            .is_err()
+        {
+            out.keep_alive = false;
+        }
+        out
+    }
+}
+
+/// Stored slice `n` of the object, if it has the object's ETag.
+fn stored_slice(
+    store: &store::MemoryStore,
+    object_key: &str,
+    n: u64,
+    etag: &str,
+) -> Option<Arc<Object>> {
+    store
+        .get(&slice::key(object_key, n))
+        .filter(|s| s.etag == etag)
+}
