@@ -88,10 +88,14 @@ impl WorkerGeneration {
         let mut encoded = std::mem::take(&mut c.upath);
         encoded.clear();
         router::encode_key(key, &mut encoded);
-        self.promote_from_disk(c, bucket, &encoded).await;
-        if let Some(o) = Box::pin(self.serve_sliced(c, bucket, &encoded)).await {
-            c.upath = encoded;
-            return o;
+        if self.shared.process.disk.is_some() {
+            self.promote_from_disk(c, bucket, &encoded).await;
+        }
+        if self.wants_slices(c, bucket) {
+            if let Some(o) = Box::pin(self.serve_sliced(c, bucket, &encoded)).await {
+                c.upath = encoded;
+                return o;
+            }
         }
         let o = match self.cache_lookup(c, bucket, &encoded) {
             Ok(Some(copy)) => self.serve_cached(c, bucket, &copy, "HIT").await,

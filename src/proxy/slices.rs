@@ -41,6 +41,16 @@ struct Want<'a> {
 }
 
 impl WorkerGeneration {
+    /// Whether the request is one slices may answer (a cheap check made
+    /// before the slice step's future is built).
+    pub(super) fn wants_slices(&self, c: &Client, bucket: usize) -> bool {
+        self.shared.config.cache.slice_bytes.is_some()
+            && self.shared.process.cache.is_some()
+            && self.shared.bucket(bucket).cache.enabled
+            && c.req.method() == Method::Get
+            && super::cache::single_range_only(c)
+    }
+
     /// Answers a single-range GET from slices; `None` when the request is
     /// not one for slices or the object cannot be sliced (the caller goes on
     /// with the normal lookup and relay).
