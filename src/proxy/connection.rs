@@ -18,8 +18,9 @@ const CLIENT_BUF: usize = 4 * 1024;
 /// A keep-alive connection idle this long gives its buffers back ("parks").
 /// Busy connections never reach it; idle ones hold no buffer (see loadtest).
 const PARK_AFTER: Duration = Duration::from_millis(100);
-/// Free read buffers kept per core.
-const READ_BUF_POOL: usize = 1024;
+/// Free read buffers kept per core (enough for bursts of new or waking
+/// connections; parked ones hold none).
+const READ_BUF_POOL: usize = 64;
 /// Most bytes drained from a client after an error response, and for how long.
 const DRAIN_MAX_BYTES: usize = 256 * 1024;
 const DRAIN_FOR: Duration = Duration::from_secs(2);
@@ -43,15 +44,29 @@ fn reset_on_close(fd: RawFd) {
     }
 }
 
+/// What reading a request head came to.
+pub(super) enum Next {
+    /// A complete head of this many bytes is buffered.
+    Head(usize),
+    /// No buffer and nothing to read yet (a new connection, or nothing for
+    /// [`PARK_AFTER`] between requests): park for at most this long.
+    Park(Duration),
+    /// The client closed or idled out before a head began.
+    Closed,
+}
+
 impl Client {
     /// Releases every per-connection buffer while the connection is idle.
     fn park(&mut self) {
         self.rbuf = Vec::new();
         self.wbuf = Vec::new();
-        self.responses.clear();
+        self.responses = Vec::new();
+        self.req = Request::default();
         self.path = String::new();
         self.upath = String::new();
         self.opath = String::new();
+        self.query = String::new();
+        self.subject = String::new();
     }
 }
 
@@ -86,7 +101,7 @@ impl WorkerGeneration {
             None => MaybeTls::Plain(stream),
             Some(acceptor) => {
                 let idle = self.shared.config.server.idle_timeout;
-                match monoio::time::timeout(idle, acceptor.accept(stream)).await {
+                match Box::pin(monoio::time::timeout(idle, acceptor.accept(stream))).await {
                     Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
                     Ok(Err(e)) => {
                         log!(
@@ -125,10 +140,19 @@ impl WorkerGeneration {
     pub(super) async fn connection(&self, c: &mut Client) {
         let idle = self.shared.config.server.idle_timeout;
         loop {
-            let head_len = match self.read_head(c, idle).await {
-                Ok(Some(n)) => n,
-                Ok(None) => return,
-                Err(e) => return self.reject(c, e).await,
+            // Reading a head and serving a request are boxed: their state
+            // exists only while they run, and the task of an idle (parked)
+            // connection is the small wait below.
+            let head_len = match Box::pin(self.read_head(c, idle)).await {
+                Ok(Next::Head(n)) => n,
+                Ok(Next::Park(left)) => {
+                    if !self.park_until_readable(c, left).await {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(Next::Closed) => return,
+                Err(e) => return Box::pin(self.reject(c, e)).await,
             };
             let worker = &self.shared.process.workers[self.id];
             worker.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -148,7 +172,7 @@ impl WorkerGeneration {
             }
             if c.req.has_body {
                 // Answered without reading the body: close without losing the answer.
-                return self.drain_and_close(c).await;
+                return Box::pin(self.drain_and_close(c)).await;
             }
             // Keep any pipelined bytes that followed this head.
             c.rbuf.drain(..head_len.min(c.rbuf.len()));
@@ -231,42 +255,43 @@ impl WorkerGeneration {
         }
     }
 
-    /// Reads until a full request head is buffered. `Ok(None)`: clean close
-    /// or idle timeout before any byte of a head; a head started but not
-    /// complete within `request_head_timeout_seconds` is `TimedOut`.
+    /// Reads until a full request head is buffered. `Closed`: clean close
+    /// or idle timeout before any byte of a head; `Park`: no byte for
+    /// [`PARK_AFTER`] between requests (the caller parks the connection); a
+    /// head started but not complete within `request_head_timeout_seconds`
+    /// is `TimedOut`.
     pub(super) async fn read_head(
         &self,
         c: &mut Client,
         idle: Duration,
-    ) -> Result<Option<usize>, HeadError> {
+    ) -> Result<Next, HeadError> {
         let head_timeout = self.shared.config.server.request_head_timeout;
         // Set when the head's first byte is buffered: one deadline for the head.
         let mut deadline: Option<Instant> = None;
         loop {
             if !c.rbuf.is_empty() {
                 match head::parse_request(&c.rbuf, &mut c.req) {
-                    Ok(n) => return Ok(Some(n)),
+                    Ok(n) => return Ok(Next::Head(n)),
                     Err(HeadError::Partial) => {}
                     Err(e) => return Err(e),
                 }
                 deadline.get_or_insert_with(|| Instant::now() + head_timeout);
             }
-            if !self.room_to_read(c, idle).await? {
-                return Ok(None);
-            }
             let plain = matches!(c.stream, MaybeTls::Plain(_));
+            if plain && c.rbuf.capacity() == 0 {
+                // A new connection: no buffer until its first bytes arrive.
+                return Ok(Next::Park(idle));
+            }
+            self.room_to_read(c)?;
             if plain && c.rbuf.is_empty() && idle > PARK_AFTER {
                 // Between requests: a normal read for a while, then park.
                 match read_more(&mut c.stream, &mut c.rbuf, PARK_AFTER).await {
-                    Ok(0) => return Ok(None),
+                    Ok(0) => return Ok(Next::Closed),
                     Ok(_) => continue,
                     Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                        if !self.park_until_readable(c, idle - PARK_AFTER).await {
-                            return Ok(None);
-                        }
-                        continue;
+                        return Ok(Next::Park(idle.saturating_sub(PARK_AFTER)))
                     }
-                    Err(_) => return Ok(None),
+                    Err(_) => return Ok(Next::Closed),
                 }
             }
             let left = match deadline {
@@ -276,7 +301,7 @@ impl WorkerGeneration {
             match read_more(&mut c.stream, &mut c.rbuf, left).await {
                 Ok(0) => {
                     return if c.rbuf.is_empty() {
-                        Ok(None)
+                        Ok(Next::Closed)
                     } else {
                         Err(HeadError::BadRequest("connection closed mid-head"))
                     };
@@ -285,25 +310,17 @@ impl WorkerGeneration {
                 Err(e) if e.kind() == io::ErrorKind::TimedOut && deadline.is_some() => {
                     return Err(HeadError::TimedOut)
                 }
-                Err(_) => return Ok(None),
+                Err(_) => return Ok(Next::Closed),
             }
         }
     }
 
     /// Makes room in the read buffer: grows it up to the head limit (431
-    /// beyond), or on a new or parked connection takes one once data is
-    /// readable (TLS may hold decrypted bytes already, so it reads at once).
-    /// `Ok(false)`: the connection idled out or failed first.
-    async fn room_to_read(&self, c: &mut Client, idle: Duration) -> Result<bool, HeadError> {
+    /// beyond); a TLS connection without one takes one at once (TLS may hold
+    /// decrypted bytes already; plain connections get theirs when parking
+    /// ends).
+    fn room_to_read(&self, c: &mut Client) -> Result<(), HeadError> {
         if c.rbuf.capacity() == 0 {
-            if let MaybeTls::Plain(s) = &c.stream {
-                if !matches!(
-                    monoio::time::timeout(idle, s.readable(false)).await,
-                    Ok(Ok(()))
-                ) {
-                    return Ok(false);
-                }
-            }
             c.rbuf = self.take_read_buf();
         }
         if c.rbuf.len() == c.rbuf.capacity() {
@@ -312,12 +329,13 @@ impl WorkerGeneration {
             }
             c.rbuf.reserve(head::MAX_REQUEST_HEAD + 1 - c.rbuf.len());
         }
-        Ok(true)
+        Ok(())
     }
 
     /// An idle keep-alive connection keeps no buffers: gives them back, waits
-    /// for readability only, then takes a fresh read buffer. False when the
-    /// connection stayed idle for `left` or failed.
+    /// for readability only (no timer of its own: see `park`), then takes a
+    /// fresh read buffer. False when the connection stayed idle for `left`
+    /// or failed.
     async fn park_until_readable(&self, c: &mut Client, left: Duration) -> bool {
         self.give_read_buf(std::mem::take(&mut c.rbuf));
         c.park();
@@ -325,13 +343,13 @@ impl WorkerGeneration {
         let MaybeTls::Plain(s) = &c.stream else {
             return false;
         };
-        match monoio::time::timeout(left, s.readable(false)).await {
-            Ok(Ok(())) => {
-                c.rbuf = self.take_read_buf();
-                true
-            }
-            _ => false,
+        let deadline = now_ms().saturating_add(left.as_millis() as u64);
+        let slot = self.core.parking.park(deadline);
+        if !super::park::until_readable(s.readable(false), &slot).await {
+            return false;
         }
+        c.rbuf = self.take_read_buf();
+        true
     }
 
     pub(super) fn finish(&self, c: &Client, o: &Outcome, started: Instant) {

@@ -40,6 +40,7 @@ mod cache;
 mod connection;
 mod flow;
 mod limits;
+pub mod park;
 mod relay;
 mod resume;
 mod slices;
@@ -117,6 +118,8 @@ pub struct Worker {
     pipes: RefCell<Vec<body::SplicePipe>>,
     /// Connections parked since the last memory trim (see `server::tick`).
     pub parked: Cell<usize>,
+    /// Parked connections waiting for data, swept for idle timeouts.
+    pub parking: park::Parking,
     /// Free client read buffers: reused across connections, so buffers freed
     /// by idle connections do not leave holes between live allocations.
     read_bufs: RefCell<Vec<Vec<u8>>>,
@@ -143,6 +146,7 @@ impl Worker {
             draining: Cell::new(false),
             pipes: RefCell::new(Vec::new()),
             parked: Cell::new(0),
+            parking: park::Parking::default(),
             read_bufs: RefCell::new(Vec::new()),
             date: RefCell::new((0, String::new())),
         })

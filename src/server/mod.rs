@@ -469,6 +469,7 @@ fn trim_heap() {
 /// Periodic per-worker housekeeping, off the request path.
 fn tick(worker: &Worker) {
     log::flush();
+    worker.parking.tick(crate::shared::now_ms());
     // Parked connections freed their buffers; hand the memory back to the
     // OS once a burst of them has gone idle, so RSS follows live use.
     if worker.parked.get() >= 256 {
