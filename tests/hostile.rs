@@ -650,3 +650,58 @@ fn the_access_log_redacts_query_values() {
     assert!(proxy.wait_log("token=REDACTED&sig=REDACTED", Duration::from_secs(2)));
     assert!(!proxy.log().contains("supersecret"));
 }
+
+/// A flood of clients that exhausts the proxy's file descriptors must not
+/// open the replica's breaker (taking the bucket down for everyone once the
+/// flood is gone): the request that cannot reach a replica gets a 503 with
+/// `Retry-After: 1`, the breaker stays closed, and service is back as soon
+/// as descriptors are free.
+#[test]
+fn running_out_of_file_descriptors_is_not_a_replica_failure() {
+    let up = Rogue::start(|_| ok("fine"));
+    let body = config(&[("only", &up.endpoint())], BREAKER)
+        .replace("failure_threshold: 5", "failure_threshold: 1");
+    let body = format!(
+        "server:\n  address: \"127.0.0.1:{}\"\n  workers: 1\n  max_connections: 1000\n{body}",
+        free_port()
+    );
+    let proxy = Proxy::start_with_nofile(&body, 1, 48);
+    // A client whose request comes once the descriptors are gone.
+    let mut first = TcpStream::connect(proxy.addr()).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut flood = Vec::new();
+    for _ in 0..60 {
+        if let Ok(s) = TcpStream::connect(proxy.addr()) {
+            flood.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    first
+        .write_all(b"GET /b/k HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut got = String::new();
+    let _ = first.read_to_string(&mut got);
+    assert!(got.starts_with("HTTP/1.1 503"), "{got}\n{}", proxy.log());
+    assert!(got.contains("Retry-After: 1"), "{got}");
+    drop(flood);
+    std::thread::sleep(Duration::from_millis(300));
+    let m2 = proxy.metrics();
+    assert!(
+        m2.contains("yatagarasu_circuit_breaker_state{bucket=\"b\",replica=\"only\"} 0"),
+        "the breaker must stay closed (threshold 1):\n{m2}"
+    );
+    assert!(
+        m2.contains("reason=\"local_resources\"} 1"),
+        "counted as the proxy's own exhaustion:\n{m2}"
+    );
+    let r = proxy.get("/b/k");
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "fine"),
+        "{}",
+        proxy.log()
+    );
+    assert!(proxy
+        .log()
+        .contains("Out of local resources reaching the replicas"));
+}

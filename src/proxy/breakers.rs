@@ -81,6 +81,11 @@ impl WorkerGeneration {
             .metrics
             .borrow_mut()
             .replica_failure(self.mid(rid), cause.label());
+        if cause == Cause::LocalResources {
+            // The proxy's own exhaustion says nothing about the replica.
+            self.release(rid, admit);
+            return;
+        }
         self.record(rid, admit, false);
     }
 

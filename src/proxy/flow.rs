@@ -346,6 +346,9 @@ impl WorkerGeneration {
         rest: &[usize],
         f: &Failure,
     ) {
+        if f.cause == Cause::LocalResources {
+            return; // logged once a second by `overloaded`
+        }
         let Some(next) = rest.iter().copied().find(|&n| self.usable(n, now_ms())) else {
             return;
         };
@@ -372,6 +375,9 @@ impl WorkerGeneration {
         failure: Failure,
     ) -> Outcome {
         let bucket_name = &self.shared.bucket(ctx.bucket).name;
+        if failure.cause == Cause::LocalResources {
+            return self.overloaded(c, bucket_name, &failure).await;
+        }
         log!(
             Level::Error,
             "All replicas failed",
@@ -386,6 +392,32 @@ impl WorkerGeneration {
         let body = format!("bucket '{bucket_name}': all replicas failed\n");
         self.simple_outcome(c, 502, "text/plain", body.as_bytes(), &[])
             .await
+    }
+
+    /// The proxy ran out of its own resources (file descriptors) reaching
+    /// the replicas: 503 with `Retry-After: 1`, the breakers untouched, one
+    /// WARN a second per worker at most (a flood must not flood the log).
+    async fn overloaded(&self, c: &mut Client, bucket_name: &str, failure: &Failure) -> Outcome {
+        let (now, last) = (now_ms().max(1), self.core.overload_logged.get());
+        if last == 0 || now.saturating_sub(last) >= 1000 {
+            self.core.overload_logged.set(now);
+            log!(
+                Level::Warn,
+                "Out of local resources reaching the replicas; answering 503 (raise the file-descriptor limit or lower server.max_connections)",
+                bucket = bucket_name,
+                request_id = c.req.request_id,
+                cause = failure.detail,
+            );
+        }
+        let body = format!("bucket '{bucket_name}': proxy overloaded, retry\n");
+        self.simple_outcome(
+            c,
+            503,
+            "text/plain",
+            body.as_bytes(),
+            &[("Retry-After", "1")],
+        )
+        .await
     }
 
     /// Every breaker of the bucket is open: 503 with `Retry-After`.

@@ -120,6 +120,9 @@ pub struct Worker {
     pub parked: Cell<usize>,
     /// Parked connections waiting for data, swept for idle timeouts.
     pub parking: park::Parking,
+    /// When (ms, process clock) this worker last logged running out of
+    /// local resources (0: never).
+    pub overload_logged: Cell<u64>,
     /// Free client read buffers: reused across connections, so buffers freed
     /// by idle connections do not leave holes between live allocations.
     read_bufs: RefCell<Vec<Vec<u8>>>,
@@ -147,6 +150,7 @@ impl Worker {
             pipes: RefCell::new(Vec::new()),
             parked: Cell::new(0),
             parking: park::Parking::default(),
+            overload_logged: Cell::new(0),
             read_bufs: RefCell::new(Vec::new()),
             date: RefCell::new((0, String::new())),
         })

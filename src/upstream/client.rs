@@ -44,6 +44,10 @@ pub enum Cause {
     Credentials,
     /// The request could not be signed.
     Signing,
+    /// The proxy itself ran out of file descriptors, socket buffers or
+    /// memory while connecting: not the replica's failure, never counted
+    /// against its breaker (a flood of clients must not open it).
+    LocalResources,
 }
 
 impl Cause {
@@ -64,6 +68,7 @@ impl Cause {
             Cause::Http(_) => "http_5xx",
             Cause::Credentials => "credentials",
             Cause::Signing => "signing",
+            Cause::LocalResources => "local_resources",
         }
     }
 

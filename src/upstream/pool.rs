@@ -196,6 +196,15 @@ impl Pool {
     }
 }
 
+/// The proxy's own limits, not the replica's: out of file descriptors
+/// (process or system), socket buffers or memory.
+pub fn is_local_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
+}
+
 /// Connects to each address in turn, within the one deadline.
 async fn connect_any(
     addrs: &[SocketAddr],
@@ -207,6 +216,12 @@ async fn connect_any(
         let left = deadline.saturating_duration_since(Instant::now());
         match monoio::time::timeout(left, TcpStream::connect_addr(addr)).await {
             Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) if is_local_exhaustion(&e) => {
+                return Err((
+                    Cause::LocalResources,
+                    format!("connect to {}: {e}", endpoint.authority),
+                ));
+            }
             Ok(Err(e)) => {
                 last_error = if addr.to_string() == endpoint.authority {
                     format!("connect to {addr}: {e}")

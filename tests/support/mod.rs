@@ -252,6 +252,16 @@ impl Proxy {
     }
 
     pub fn start_with(body: &str, workers: usize, env: &[(&str, &str)]) -> Proxy {
+        Self::start_full(body, workers, env, None)
+    }
+
+    /// Starts the proxy with its open-file limit lowered to `nofile`
+    /// (through the shell's `ulimit`, which then execs the binary: same PID).
+    pub fn start_with_nofile(body: &str, workers: usize, nofile: u64) -> Proxy {
+        Self::start_full(body, workers, &[], Some(nofile))
+    }
+
+    fn start_full(body: &str, workers: usize, env: &[(&str, &str)], nofile: Option<u64>) -> Proxy {
         // Use the ports the body names, if it has its own sections.
         let find = |key: &str| {
             body.find(key).and_then(|i| {
@@ -279,7 +289,16 @@ impl Proxy {
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, config).expect("write config");
         let log = std::fs::File::create(dir.path().join("proxy.log")).expect("log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_yatagarasu"));
+        let mut cmd = match nofile {
+            None => Command::new(env!("CARGO_BIN_EXE_yatagarasu")),
+            Some(n) => {
+                let mut c = Command::new("bash");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_yatagarasu"));
+                c
+            }
+        };
         cmd.arg("--config")
             .arg(&path)
             .stdout(Stdio::null())
