@@ -25,28 +25,7 @@ source "$ROOT/loadtest/origin.sh"
 make_objects "$WORK" 1k
 origin_conf "$WORK" "$P_ORIGIN" >"$WORK/origin.conf"
 yata_yaml "$P_YATA" "$P_ORIGIN" | sed "s/^  workers: 1$/  workers: 1\n  max_connections: 15000/" >"$WORK/y.yaml"
-cat >"$WORK/nginx.conf" <<CONF
-worker_processes 1;
-worker_rlimit_nofile 30000;
-daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/logs/nginx-error.log;
-events { worker_connections 25000; }
-http {
-  access_log off;
-  keepalive_requests 1000000; keepalive_timeout 300s;
-  proxy_buffer_size 64k; proxy_buffers 8 64k; proxy_busy_buffers_size 128k;
-  upstream origin { server 127.0.0.1:$P_ORIGIN; keepalive 128; }
-  server {
-    listen 127.0.0.1:$P_NGINX;
-    location /data/ {
-      proxy_pass http://origin/data-bucket/;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }
-  }
-}
-CONF
+NGINX_CONNECTIONS=25000 nginx_proxy_conf "$WORK" "$P_NGINX" "$P_ORIGIN" "$NGINX_TUNED" "worker_rlimit_nofile 30000;" >"$WORK/nginx.conf"
 nginx -c "$WORK/origin.conf" &
 PIDS+=($!)
 "$BIN" --config "$WORK/y.yaml" 2>"$WORK/logs/y.log" &

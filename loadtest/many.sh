@@ -29,29 +29,7 @@ source "$ROOT/loadtest/origin.sh"
 make_objects "$WORK" 1k
 origin_conf "$WORK" "$P_ORIGIN" | sed "s/worker_connections 4096;/worker_connections 30000;/; s/^worker_processes 1;/worker_processes 1;\nworker_rlimit_nofile 60000;/" >"$WORK/origin.conf"
 yata_yaml "$P_YATA" "$P_ORIGIN" | sed "s/^  workers: 1$/  workers: 1\n  max_connections: 15000/" >"$WORK/y.yaml"
-cat >"$WORK/nginx.conf" <<CONF
-worker_processes 1;
-worker_cpu_affinity 1;
-worker_rlimit_nofile 60000;
-daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/logs/nginx-error.log;
-events { worker_connections 30000; }
-http {
-  access_log off;
-  keepalive_requests 1000000; keepalive_timeout 300s;
-  proxy_buffer_size 64k; proxy_buffers 8 64k; proxy_busy_buffers_size 128k;
-  upstream origin { server 127.0.0.1:$P_ORIGIN; keepalive 128; }
-  server {
-    listen 127.0.0.1:$P_NGINX backlog=16384;
-    location /data/ {
-      proxy_pass http://origin/data-bucket/;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }
-  }
-}
-CONF
+NGINX_CONNECTIONS=16000 nginx_proxy_conf "$WORK" "$P_NGINX" "$P_ORIGIN" "$NGINX_TUNED" "worker_cpu_affinity 1; worker_rlimit_nofile 20000;" >"$WORK/nginx.conf"
 taskset -c 1 nginx -c "$WORK/origin.conf" &
 PIDS+=($!)
 sleep 0.5

@@ -5,6 +5,10 @@
 #   origin_conf <work> <port> [directives] nginx config serving <work>/origin at <port>
 #   yata_yaml <port> <origin port> [extra]  a one-worker yatagarasu config for /data -> the origin
 #   haproxy_cfg <port> <origin port> [global lines]  HAProxy proxying /data to the origin
+#   nginx_proxy_conf <work> <port> <origin port> [http directives] [main directives]
+#                                           nginx (one worker) proxying /data to the origin,
+#                                           keep-alive 128 upstream; NGINX_TUNED holds the
+#                                           buffer settings that fit 64 KiB responses
 
 make_objects() {
   local work=$1 s n
@@ -73,5 +77,34 @@ frontend fe
 backend origin
   http-reuse always
   server o 127.0.0.1:$2
+CONF
+}
+
+# nginx tuned for proxying: 64 KiB responses fit the buffers instead of
+# spilling to temporary files.
+NGINX_TUNED="proxy_buffer_size 64k; proxy_buffers 8 64k; proxy_busy_buffers_size 128k;"
+
+nginx_proxy_conf() {
+  cat <<CONF
+worker_processes 1;
+${5:-}
+daemon off;
+pid $1/nginx-$2.pid;
+error_log $1/logs/nginx-$2-error.log;
+events { worker_connections ${NGINX_CONNECTIONS:-4096}; }
+http {
+  access_log off;
+  keepalive_requests 1000000; keepalive_timeout 300s;
+  ${4:-}
+  upstream origin { server 127.0.0.1:$3; keepalive 128; }
+  server {
+    listen 127.0.0.1:$2 backlog=16384;
+    location /data/ {
+      proxy_pass http://origin/data-bucket/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
 CONF
 }

@@ -37,35 +37,8 @@ origin_conf "$WORK" "$P_ORIGIN" >"$WORK/origin.conf"
 
 yata_yaml "$P_YATA" "$P_ORIGIN" >"$WORK/yatagarasu.yaml"
 
-# nginx as a proxy: $1 port, $2 extra http-level directives.
-nginx_conf() {
-  cat <<CONF
-worker_processes 1;
-worker_cpu_affinity 1;
-daemon off;
-pid $WORK/nginx-$1.pid;
-error_log $WORK/logs/nginx-$1-error.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000; keepalive_timeout 120s;
-  $2
-  upstream origin { server 127.0.0.1:$P_ORIGIN; keepalive 128; }
-  server {
-    listen 127.0.0.1:$1;
-    location /data/ {
-      proxy_pass http://origin/data-bucket/;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }
-  }
-}
-CONF
-}
-nginx_conf "$P_NGINX" "" >"$WORK/nginx.conf"
-# Tuned for proxying: 64 KiB responses fit the buffers instead of spilling
-# to temporary files.
-nginx_conf "$P_TUNED" "proxy_buffer_size 64k; proxy_buffers 8 64k; proxy_busy_buffers_size 128k;" >"$WORK/nginx_tuned.conf"
+nginx_proxy_conf "$WORK" "$P_NGINX" "$P_ORIGIN" "" "worker_cpu_affinity 1;" >"$WORK/nginx.conf"
+nginx_proxy_conf "$WORK" "$P_TUNED" "$P_ORIGIN" "$NGINX_TUNED" "worker_cpu_affinity 1;" >"$WORK/nginx_tuned.conf"
 haproxy_cfg "$P_HAPROXY" "$P_ORIGIN" "  cpu-map 1/1 0" >"$WORK/haproxy.cfg"
 
 taskset -c 1 nginx -c "$WORK/origin.conf" &

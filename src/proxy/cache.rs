@@ -331,22 +331,11 @@ impl WorkerGeneration {
         };
         let keep = c.req.keep_alive && !self.core.draining.get();
         self.cached_head(c, copy, (status, answer, x_cache), keep);
-        let mut out = Outcome {
-            status,
-            bytes: 0,
-            keep_alive: keep,
-            abort: false,
-            replica: None,
-            bucket: Some(bucket),
+        let mut out = match self.write_cached_head(c, bucket, status, keep).await {
+            Ok(out) => out,
+            Err(failed) => return failed,
         };
         let client_timeout = self.shared.config.server.idle_timeout;
-        if write_all(&mut c.stream, &mut c.wbuf, client_timeout)
-            .await
-            .is_err()
-        {
-            out.keep_alive = false;
-            return out;
-        }
         let Some(body) = body.filter(|_| c.req.method() == Method::Get) else {
             return out;
         };
@@ -363,6 +352,34 @@ impl WorkerGeneration {
         let mid = self.shared.bucket_metric[bucket];
         self.core.metrics.borrow_mut().cache_saved(mid, n);
         out
+    }
+
+    /// Writes the head prepared in `c.wbuf` by [`Self::cached_head`]; the
+    /// outcome so far, `Err` (connection not to be kept) when the write
+    /// failed.
+    pub(super) async fn write_cached_head(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        status: u16,
+        keep: bool,
+    ) -> Result<Outcome, Outcome> {
+        let mut out = Outcome {
+            status,
+            bytes: 0,
+            keep_alive: keep,
+            abort: false,
+            replica: None,
+            bucket: Some(bucket),
+        };
+        let timeout = self.shared.config.server.idle_timeout;
+        match write_all(&mut c.stream, &mut c.wbuf, timeout).await {
+            Ok(()) => Ok(out),
+            Err(_) => {
+                out.keep_alive = false;
+                Err(out)
+            }
+        }
     }
 
     /// The head of an answer from the cache, into `c.wbuf`.

@@ -138,7 +138,8 @@ impl WorkerGeneration {
                 let keep = c.req.keep_alive && !self.core.draining.get();
                 let answer = Some(RangeAnswer::Unsatisfiable);
                 self.cached_head(c, &meta, (416, answer, "HIT"), keep);
-                return Ok(self.write_head_only(c, bucket, 416, keep).await);
+                let (Ok(out) | Err(out)) = self.write_cached_head(c, bucket, 416, keep).await;
+                return Ok(out);
             }
             RangeAnswer::Whole => return Err(SliceError::NotSliceable),
         };
@@ -172,10 +173,10 @@ impl WorkerGeneration {
         let keep = c.req.keep_alive && !self.core.draining.get();
         let part = Some(RangeAnswer::Part { first, last });
         self.cached_head(c, &meta, (206, part, x_cache), keep);
-        let mut out = self.write_head_only(c, bucket, 206, keep).await;
-        if !out.keep_alive && keep {
-            return Ok(out);
-        }
+        let mut out = match self.write_cached_head(c, bucket, 206, keep).await {
+            Ok(out) => out,
+            Err(failed) => return Ok(failed),
+        };
         let timeout = self.shared.config.server.idle_timeout;
         let mut current = Some(first_slice);
         for n in slices {
@@ -444,32 +445,6 @@ impl WorkerGeneration {
             return None;
         }
         Some(store.insert(key.to_string(), object))
-    }
-
-    /// Writes the head in `c.wbuf`; the outcome so far.
-    async fn write_head_only(
-        &self,
-        c: &mut Client,
-        bucket: usize,
-        status: u16,
-        keep: bool,
-    ) -> Outcome {
-        let mut out = Outcome {
-            status,
-            bytes: 0,
-            keep_alive: keep,
-            abort: false,
-            replica: None,
-            bucket: Some(bucket),
-        };
-        let timeout = self.shared.config.server.idle_timeout;
-        if write_all(&mut c.stream, &mut c.wbuf, timeout)
-            .await
-            .is_err()
-        {
-            out.keep_alive = false;
-        }
-        out
     }
 }
 
