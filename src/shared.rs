@@ -253,8 +253,9 @@ impl Process {
             || a.workers != b.workers
             || a.tls != b.tls
             || a.max_connections != b.max_connections
+            || a.max_upstream_connections != b.max_upstream_connections
         {
-            errs.push("server.address, server.workers, server.tls and server.max_connections cannot change on reload; restart instead".into());
+            errs.push("server.address, server.workers, server.tls, server.max_connections and server.max_upstream_connections cannot change on reload; restart instead".into());
         }
         if old.config.metrics.enabled != config.metrics.enabled
             || old.config.metrics.address != config.metrics.address

@@ -705,3 +705,36 @@ fn running_out_of_file_descriptors_is_not_a_replica_failure() {
         .log()
         .contains("Out of local resources reaching the replicas"));
 }
+
+/// `server.max_upstream_connections` caps the sockets a worker opens to the
+/// replicas: more concurrent requests than that wait for a connection to be
+/// returned instead of each opening its own, and all are served.
+#[test]
+fn upstream_connections_are_capped_and_requests_queue_for_them() {
+    let up = Rogue::start(|_| {
+        let mut steps = vec![Step::Sleep(Duration::from_millis(150))];
+        steps.extend(ok("queued"));
+        steps
+    });
+    let body = format!(
+        "server:\n  address: \"127.0.0.1:{}\"\n  workers: 1\n  max_upstream_connections: 2\n{}",
+        free_port(),
+        config(&[("only", &up.endpoint())], BREAKER)
+    );
+    let proxy = Proxy::start(&body);
+    let port = proxy.port;
+    let clients: Vec<_> = (0..8)
+        .map(|_| std::thread::spawn(move || http::get(port, "/b/k", &[])))
+        .collect();
+    for c in clients {
+        let r = c.join().unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "queued"));
+    }
+    let seen = up.seen();
+    assert_eq!(seen.len(), 8);
+    let connections = seen.iter().map(|s| s.connection).max().unwrap_or(0) + 1;
+    assert!(
+        connections <= 2,
+        "{connections} upstream connections for a cap of 2"
+    );
+}

@@ -110,6 +110,9 @@ pub struct Server {
     /// Open client connections allowed per process (split evenly across
     /// workers); more are refused at accept.
     pub max_connections: usize,
+    /// Upstream connections allowed per process (all replicas, split evenly
+    /// across workers); a request needing one beyond waits for one.
+    pub max_upstream_connections: usize,
     /// `server.shutdown_timeout_seconds`: drain bound on SIGTERM.
     pub shutdown_timeout: Duration,
     /// `server.zero_copy`.
@@ -126,18 +129,31 @@ pub struct Server {
 /// with room for two upstream sockets per client connection and a reserve
 /// for listeners, pipes and files (a third of the limit per client, at least 64).
 pub fn default_max_connections() -> usize {
+    (fd_limit().saturating_sub(64) / 3).max(64)
+}
+
+/// `server.max_upstream_connections` default: the descriptors left after
+/// the client connections and a reserve of 64 (at least 64).
+pub fn default_max_upstream_connections(max_connections: usize) -> usize {
+    fd_limit()
+        .saturating_sub(64)
+        .saturating_sub(max_connections)
+        .max(64)
+}
+
+/// The process's open-file limit (1024 when unknown or unlimited).
+fn fd_limit() -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes into the valid rlimit struct passed by pointer.
     let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
-    let fds = if ok && lim.rlim_cur != libc::RLIM_INFINITY {
+    if ok && lim.rlim_cur != libc::RLIM_INFINITY {
         lim.rlim_cur as usize
     } else {
         1024
-    };
-    (fds.saturating_sub(64) / 3).max(64)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

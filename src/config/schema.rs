@@ -210,6 +210,8 @@ pub struct RawServer {
     pub request_head_timeout_seconds: Option<u64>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub max_connections: Option<usize>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub max_upstream_connections: Option<usize>,
     #[serde(default)]
     pub zero_copy: Option<ZeroCopy>,
     #[serde(default)]

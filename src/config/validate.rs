@@ -111,6 +111,15 @@ fn server(raw: &RawServer, p: &mut Problems) -> Server {
             format_args!("must be at least the number of workers ({workers})"),
         );
     }
+    let max_upstream = raw
+        .max_upstream_connections
+        .unwrap_or_else(|| default_max_upstream_connections(max_connections));
+    if max_upstream < workers {
+        p.at(
+            "server.max_upstream_connections",
+            format_args!("must be at least the number of workers ({workers})"),
+        );
+    }
     let tls = raw.tls.as_ref().map(|t| ListenerTls {
         cert_file: t.cert_file.clone(),
         key_file: t.key_file.clone(),
@@ -134,6 +143,7 @@ fn server(raw: &RawServer, p: &mut Problems) -> Server {
         idle_timeout: Duration::from_secs(idle.max(1)),
         request_head_timeout: Duration::from_secs(head.max(1)),
         max_connections: max_connections.max(workers),
+        max_upstream_connections: max_upstream.max(workers),
         shutdown_timeout: Duration::from_secs(
             raw.shutdown_timeout_seconds
                 .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_SECS),

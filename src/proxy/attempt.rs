@@ -115,10 +115,7 @@ impl WorkerGeneration {
     ) -> Result<(UpConn, usize), Failure> {
         let head_request = c.req.method() == Method::Head;
         self.build_request(c, ctx.key, rid, resume)?;
-        let mut conn = match self.pool.take(rid) {
-            Some(conn) => conn,
-            None => self.connect(rid, deadline).await?,
-        };
+        let mut conn = self.upstream_conn(rid, deadline, false).await?;
         let first = upclient::exchange(&mut conn, &mut c.wbuf, head_request, deadline, resp).await;
         match first {
             Ok(n) => Ok((conn, n)),
@@ -129,8 +126,9 @@ impl WorkerGeneration {
                     replica = self.replica(rid).name,
                     cause = e.detail
                 );
+                drop(conn); // its budget slot goes to the fresh one
                 self.build_request(c, ctx.key, rid, resume)?;
-                let mut conn = self.connect(rid, deadline).await?;
+                let mut conn = self.upstream_conn(rid, deadline, true).await?;
                 upclient::exchange(&mut conn, &mut c.wbuf, head_request, deadline, resp)
                     .await
                     .map(|n| (conn, n))
@@ -218,11 +216,30 @@ impl WorkerGeneration {
         }
     }
 
-    async fn connect(&self, rid: usize, deadline: Instant) -> Result<UpConn, Failure> {
+    /// A pooled connection to `rid` (unless `fresh`), or a new one within
+    /// the worker's upstream budget. Waiting for room until `deadline` in
+    /// vain is the proxy's own exhaustion (`local_resources`), not the
+    /// replica's failure.
+    async fn upstream_conn(
+        &self,
+        rid: usize,
+        deadline: Instant,
+        fresh: bool,
+    ) -> Result<UpConn, Failure> {
+        let slot = match self.pool.acquire(rid, deadline, fresh).await {
+            Ok(Acquired::Pooled(conn)) => return Ok(conn),
+            Ok(Acquired::New(slot)) => slot,
+            Err(()) => {
+                return Err(Failure::new(
+                    Cause::LocalResources,
+                    "no upstream connection free before the replica timeout (server.max_upstream_connections)",
+                ))
+            }
+        };
         let r = &self.shared.replicas[rid];
         let left = deadline.saturating_duration_since(Instant::now());
         self.pool
-            .connect(rid, &r.config.endpoint, r.tls.as_ref(), left)
+            .connect(rid, &r.config.endpoint, r.tls.as_ref(), left, slot)
             .await
             .map_err(|(cause, detail)| Failure::new(cause, detail))
     }

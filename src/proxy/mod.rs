@@ -46,7 +46,7 @@ mod resume;
 mod slices;
 use crate::stream::{ClientStream, MaybeTls};
 use crate::upstream::breaker::{Admit, Breaker, State};
-use crate::upstream::pool::{Pool, UpConn};
+use crate::upstream::pool::{Acquired, Pool, UpConn};
 use crate::upstream::select::{Plan, Selector};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
@@ -120,6 +120,9 @@ pub struct Worker {
     pub parked: Cell<usize>,
     /// Parked connections waiting for data, swept for idle timeouts.
     pub parking: park::Parking,
+    /// This worker's share of `server.max_upstream_connections`, shared by
+    /// the pools of every configuration generation.
+    pub upstream_budget: Rc<crate::upstream::pool::Budget>,
     /// When (ms, process clock) this worker last logged running out of
     /// local resources (0: never).
     pub overload_logged: Cell<u64>,
@@ -139,6 +142,14 @@ impl Worker {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
             ^ ((id as u64 + 1) << 56);
+        let upstream_budget = {
+            let server = &process.current().config.server;
+            crate::upstream::pool::Budget::new(
+                server
+                    .max_upstream_connections
+                    .div_ceil(server.workers.max(1)),
+            )
+        };
         Rc::new(Worker {
             id,
             process,
@@ -150,6 +161,7 @@ impl Worker {
             pipes: RefCell::new(Vec::new()),
             parked: Cell::new(0),
             parking: park::Parking::default(),
+            upstream_budget,
             overload_logged: Cell::new(0),
             read_bufs: RefCell::new(Vec::new()),
             date: RefCell::new((0, String::new())),
@@ -320,7 +332,7 @@ impl WorkerGeneration {
             jwks: RefCell::new((u64::MAX, Arc::default())),
             verified: RefCell::new(quick_cache::unsync::Cache::new(VERIFIED_TOKENS)),
             id: core.id,
-            pool: Pool::new(shared.replicas.len()),
+            pool: Pool::with_budget(shared.replicas.len(), core.upstream_budget.clone()),
             breakers: RefCell::new(breakers),
             selectors: RefCell::new(selectors),
             signers,

@@ -223,7 +223,7 @@ pub async fn get_status(
     let deadline = Instant::now() + timeout;
     let pool = super::pool::Pool::new(1);
     let mut conn = pool
-        .connect(0, endpoint, None, timeout)
+        .connect(0, endpoint, None, timeout, super::pool::Slot::unbudgeted())
         .await
         .map_err(|(cause, detail)| format!("{}: {detail}", cause.label()))?;
     let mut request = Vec::with_capacity(128);

@@ -99,7 +99,13 @@ pub async fn probe(shared: &Generation, pool: &Pool, rid: usize) -> Result<u16, 
     )?;
     req.extend_from_slice(b"\r\n");
     let mut conn = pool
-        .connect(rid, &replica.endpoint, r.tls.as_ref(), settings.timeout)
+        .connect(
+            rid,
+            &replica.endpoint,
+            r.tls.as_ref(),
+            settings.timeout,
+            crate::upstream::pool::Slot::unbudgeted(),
+        )
         .await
         .map_err(|(cause, detail)| format!("{}: {detail}", cause.label()))?;
     let mut resp = Response::default();

@@ -6,6 +6,13 @@
 //! connection carries its own read buffer, so reusing a connection reuses the
 //! buffer too: no allocation per request.
 //!
+//! Connections count against the worker's [`Budget`]
+//! (`server.max_upstream_connections`, split across workers): a request that
+//! needs a new connection beyond it first closes an idle one of any replica,
+//! and when none is idle waits (bounded by the replica timeout) for one to
+//! be returned or closed, so a flood of clients cannot exhaust the process's
+//! file descriptors on upstream sockets.
+//!
 //! A connection is taken from the pool only if its socket holds no unread
 //! input: bytes nobody asked for (a 304 with a body, more bytes than the
 //! Content-Length said) or a close would otherwise be read as the *next*
@@ -18,10 +25,13 @@ use crate::stream::{MaybeTls, UpStream};
 use crate::tls;
 use monoio::net::TcpStream;
 use monoio_rustls::TlsConnector;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// Size of each upstream connection's read buffer (also the body copy chunk).
@@ -32,6 +42,113 @@ pub const IDLE_TTL: Duration = Duration::from_secs(15);
 pub const MAX_IDLE: usize = 64;
 /// How long a resolved address is reused before resolving again.
 const DNS_TTL: Duration = Duration::from_secs(30);
+
+/// How many upstream connections one worker may hold open (idle or busy).
+pub struct Budget {
+    limit: usize,
+    open: Cell<usize>,
+    waiters: RefCell<Waiters>,
+}
+
+/// Requests waiting for a connection, first come first served. A waiter
+/// that gives up (its deadline passed) leaves its place empty, so no wake-up
+/// is spent on it.
+#[derive(Default)]
+struct Waiters {
+    wakers: Vec<Option<Waker>>,
+    free: Vec<usize>,
+    queue: VecDeque<usize>,
+}
+
+impl Waiters {
+    fn id(&mut self) -> usize {
+        self.free.pop().unwrap_or_else(|| {
+            self.wakers.push(None);
+            self.wakers.len() - 1
+        })
+    }
+
+    fn wait(&mut self, id: usize, waker: &Waker) {
+        self.wakers[id] = Some(waker.clone());
+        self.queue.push_back(id);
+    }
+
+    fn leave(&mut self, id: usize) {
+        self.wakers[id] = None;
+        self.free.push(id);
+    }
+
+    fn wake_one(&mut self) {
+        while let Some(id) = self.queue.pop_front() {
+            if let Some(w) = self.wakers[id].take() {
+                w.wake();
+                return;
+            }
+        }
+    }
+}
+
+impl Budget {
+    /// A budget of `limit` connections (`usize::MAX`: unlimited).
+    pub fn new(limit: usize) -> Rc<Budget> {
+        Rc::new(Budget {
+            limit: limit.max(1),
+            open: Cell::new(0),
+            waiters: RefCell::new(Waiters::default()),
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.get()
+    }
+
+    fn try_take(&self) -> bool {
+        if self.open.get() < self.limit {
+            self.open.set(self.open.get() + 1);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A connection closed (or was never made): a waiter may go on.
+    fn release(&self) {
+        self.open.set(self.open.get().saturating_sub(1));
+        self.wake_one();
+    }
+
+    fn wake_one(&self) {
+        self.waiters.borrow_mut().wake_one();
+    }
+}
+
+/// A request's place among a budget's waiters, given up when dropped.
+struct Place<'a>(&'a Budget, usize);
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.borrow_mut().leave(self.1);
+    }
+}
+
+/// One connection's share of a [`Budget`], given back when dropped.
+pub struct Slot(Option<Rc<Budget>>);
+
+impl Slot {
+    /// A slot outside any budget (the health prober, `--probe`).
+    pub fn unbudgeted() -> Slot {
+        Slot(None)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            b.release();
+        }
+    }
+}
 
 /// One upstream HTTP/1.1 connection.
 pub struct UpConn {
@@ -44,6 +161,8 @@ pub struct UpConn {
     idle_since: Instant,
     /// The TCP socket under the (possibly TLS) stream, for the idle check.
     fd: RawFd,
+    /// Its share of the worker's upstream budget (freed when it closes).
+    _slot: Slot,
 }
 
 /// True when an idle socket has input waiting (stray bytes or a close) or
@@ -82,14 +201,90 @@ pub struct Pool {
     idle: RefCell<Vec<Vec<UpConn>>>,
     /// Per replica: resolved addresses and when they were resolved.
     addrs: RefCell<Vec<Option<Resolved>>>,
+    /// The worker's connection budget (`None`: unlimited).
+    budget: Option<Rc<Budget>>,
+}
+
+/// What a request gets from [`Pool::acquire`].
+pub enum Acquired {
+    /// An idle connection to the replica, checked.
+    Pooled(UpConn),
+    /// Room to open a new one.
+    New(Slot),
 }
 
 impl Pool {
-    /// An empty pool for `replicas` replica ids.
+    /// An empty pool for `replicas` replica ids, outside any budget.
     pub fn new(replicas: usize) -> Pool {
         Pool {
             idle: RefCell::new((0..replicas).map(|_| Vec::new()).collect()),
             addrs: RefCell::new(vec![None; replicas]),
+            budget: None,
+        }
+    }
+
+    /// An empty pool whose connections count against `budget`.
+    pub fn with_budget(replicas: usize, budget: Rc<Budget>) -> Pool {
+        Pool {
+            budget: Some(budget),
+            ..Pool::new(replicas)
+        }
+    }
+
+    /// An idle connection to `replica`, or a slot to open one: beyond the
+    /// budget, an idle connection of another replica is closed to make room,
+    /// and with none idle the request waits until `deadline` for a
+    /// connection to be returned or closed (`Err(())`: it waited in vain).
+    /// `fresh`: never a pooled connection (a retry after a stale one).
+    pub async fn acquire(
+        &self,
+        replica: usize,
+        deadline: Instant,
+        fresh: bool,
+    ) -> Result<Acquired, ()> {
+        let pooled = || if fresh { None } else { self.take(replica) };
+        let Some(budget) = &self.budget else {
+            return Ok(match pooled() {
+                Some(c) => Acquired::Pooled(c),
+                None => Acquired::New(Slot::unbudgeted()),
+            });
+        };
+        if let Some(c) = pooled() {
+            return Ok(Acquired::Pooled(c));
+        }
+        if budget.try_take() || (self.close_one_idle() && budget.try_take()) {
+            return Ok(Acquired::New(Slot(Some(budget.clone()))));
+        }
+        let place = Place(budget, budget.waiters.borrow_mut().id());
+        let wait = std::future::poll_fn(|cx| {
+            if let Some(c) = pooled() {
+                return Poll::Ready(Acquired::Pooled(c));
+            }
+            if budget.try_take() || (self.close_one_idle() && budget.try_take()) {
+                return Poll::Ready(Acquired::New(Slot(Some(budget.clone()))));
+            }
+            budget.waiters.borrow_mut().wait(place.1, cx.waker());
+            Poll::Pending
+        });
+        let left = deadline.saturating_duration_since(Instant::now());
+        monoio::time::timeout(left, wait).await.map_err(|_| ())
+    }
+
+    /// Closes the idle connection unused longest, of any replica.
+    fn close_one_idle(&self) -> bool {
+        let mut idle = self.idle.borrow_mut();
+        let oldest = idle
+            .iter()
+            .enumerate()
+            .filter_map(|(r, list)| list.first().map(|c| (r, c.idle_since)))
+            .min_by_key(|(_, since)| *since)
+            .map(|(r, _)| r);
+        match oldest {
+            Some(r) => {
+                drop(idle[r].remove(0));
+                true
+            }
+            None => false,
         }
     }
 
@@ -117,6 +312,11 @@ impl Pool {
             conn.idle_since = Instant::now();
             list.push(conn);
         }
+        drop(idle);
+        // A waiter may take this connection, or close it to make room.
+        if let Some(b) = &self.budget {
+            b.wake_one();
+        }
     }
 
     /// Drops every idle connection to `replica` (after it failed).
@@ -134,6 +334,7 @@ impl Pool {
         endpoint: &Endpoint,
         tls: Option<&TlsConnector>,
         timeout: Duration,
+        slot: Slot,
     ) -> Result<UpConn, (Cause, String)> {
         let deadline = Instant::now() + timeout;
         let addrs = self
@@ -161,6 +362,7 @@ impl Pool {
             reused: false,
             idle_since: Instant::now(),
             fd,
+            _slot: slot,
         })
     }
 
