@@ -7,7 +7,9 @@
 #   bash loadtest/ab.sh <binary A> <binary B> [label A] [label B]
 #
 # Used to show that a refactor kept (or bettered) the figures of the binary
-# before it. Needs wrk and nginx (apt: wrk nginx-light).
+# before it. Needs wrk and nginx (apt: wrk nginx-light). WRK_HEADER adds a
+# request header; ORIGIN_DIRECTIVES adds nginx directives to the
+# origin's server block.
 set -euo pipefail
 A=$1 B=$2 LA=${3:-A} LB=${4:-B}
 ROUNDS=${ROUNDS:-3}
@@ -27,7 +29,7 @@ trap cleanup EXIT
 # shellcheck source=loadtest/origin.sh
 source "$(dirname "$0")/origin.sh"
 make_objects "$WORK" $SIZES
-origin_conf "$WORK" "$P_ORIGIN" >"$WORK/origin.conf"
+origin_conf "$WORK" "$P_ORIGIN" "${ORIGIN_DIRECTIVES:-}" >"$WORK/origin.conf"
 yata_yaml "$P_PROXY" "$P_ORIGIN" >"$WORK/proxy.yaml"
 taskset -c 1 nginx -c "$WORK/origin.conf" -p "$WORK" &
 PIDS+=($!)
@@ -39,9 +41,9 @@ run_one() { # binary size -> "rps us_per_req"
   taskset -c 0 "$1" --config "$WORK/proxy.yaml" 2>"$WORK/logs/proxy.log" &
   local pid=$!
   for _ in $(seq 50); do curl -sf "http://127.0.0.1:$P_PROXY/health" >/dev/null 2>&1 && break; sleep 0.1; done
-  taskset -c 1 wrk -t1 -c32 -d1s "http://127.0.0.1:$P_PROXY/data/obj-$2" >/dev/null
+  taskset -c 1 wrk -t1 -c32 -d1s ${WRK_HEADER:+-H "$WRK_HEADER"} "http://127.0.0.1:$P_PROXY/data/obj-$2" >/dev/null
   local t0; t0=$(cpu_ticks "$pid")
-  local out; out=$(taskset -c 1 wrk -t1 -c32 -d"${DURATION}s" "http://127.0.0.1:$P_PROXY/data/obj-$2")
+  local out; out=$(taskset -c 1 wrk -t1 -c32 -d"${DURATION}s" ${WRK_HEADER:+-H "$WRK_HEADER"} "http://127.0.0.1:$P_PROXY/data/obj-$2")
   [ -n "${AB_DEBUG:-}" ] && echo "$out" >&2
   if echo "$out" | grep -q "Non-2xx"; then
     echo "$1 answered errors on obj-$2:" >&2; echo "$out" >&2; exit 1
