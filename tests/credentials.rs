@@ -597,3 +597,41 @@ fn assume_role_on_static_keys_through_moto_sts() {
         "{rd}"
     );
 }
+
+#[test]
+fn a_reload_switches_a_replica_to_another_source() {
+    let mut s3 = S3::start_with_keys("STATICKEY1", "static-secret-1");
+    s3.create_bucket("bkt");
+    s3.put("bkt", "k", b"reloaded");
+    let fixed = "      access_key: \"STATICKEY1\"\n      secret_key: \"static-secret-1\"\n";
+    let p = Proxy::start(&config(fixed, &[("a", &s3.endpoint(), "")]));
+    assert_eq!(p.get("/b/k").status, 200, "{}", p.log());
+    // The keys move to files (a Kubernetes secret) with new values; the
+    // server learns them, then the proxy's configuration is reloaded.
+    let dir = tempfile::tempdir().unwrap();
+    write_key(&dir.path().join("ak"), "FILEKEY9");
+    write_key(&dir.path().join("sk"), "file-secret-9");
+    s3.restart_with_keys("FILEKEY9", "file-secret-9");
+    let files = format!(
+        "      access_key_file: \"{}\"\n      secret_key_file: \"{}\"\n",
+        dir.path().join("ak").display(),
+        dir.path().join("sk").display()
+    );
+    p.reload(&config(&files, &[("a", &s3.endpoint(), "")]));
+    wait_until(
+        "the reloaded source's keys",
+        Duration::from_secs(10),
+        || {
+            let rd = ready(&p);
+            rd["buckets"][0]["replicas"][0]["credentials"]["source"] == "key files"
+                && rd["buckets"][0]["replicas"][0]["credentials"]["state"] == "ok"
+        },
+    );
+    let r = p.get("/b/k");
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"reloaded"[..]),
+        "{}",
+        p.log()
+    );
+}
