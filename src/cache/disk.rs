@@ -329,9 +329,11 @@ impl DiskStore {
     /// entry is dropped (and counted) and reads as `None`.
     pub async fn load(&self, key: &str) -> Option<Object> {
         let path = self.dir.join(file_name(key));
+        // The size the index recorded saves a stat; a file that changed
+        // since fails the length check below and is dropped like any other.
+        let len = self.lock().entries.get(key)?.size as usize;
         let result = async {
             let file = monoio::fs::File::open(&path).await?;
-            let len = file.metadata().await?.len() as usize;
             let (r, buf) = file.read_exact_at(Vec::with_capacity(len), 0).await;
             let _ = file.close().await;
             r.map(|_| buf)
