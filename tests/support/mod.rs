@@ -271,7 +271,13 @@ impl Proxy {
             })
         };
         let port = find("address: \"127.0.0.1:").unwrap_or_else(free_port);
-        let metrics_port = find("  port: ").unwrap_or_else(free_port);
+        // Two free ports asked for in a row can be the same one.
+        let metrics_port = find("  port: ").unwrap_or_else(|| loop {
+            let p = free_port();
+            if p != port {
+                break p;
+            }
+        });
         let mut config = String::new();
         if !body.contains("server:") {
             config.push_str(&format!(
