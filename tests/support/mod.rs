@@ -262,6 +262,19 @@ impl Proxy {
     }
 
     fn start_full(body: &str, workers: usize, env: &[(&str, &str)], nofile: Option<u64>) -> Proxy {
+        Self::start_attempt(body, workers, env, nofile, 0)
+    }
+
+    /// One start. A port the harness picked can be taken by someone else
+    /// (another test's client socket) before the proxy binds it: then the
+    /// harness picks new ones and starts again, a few times.
+    fn start_attempt(
+        body: &str,
+        workers: usize,
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+        attempt: u32,
+    ) -> Proxy {
         // Use the ports the body names, if it has its own sections.
         let find = |key: &str| {
             body.find(key).and_then(|i| {
@@ -336,7 +349,14 @@ impl Proxy {
             }
             if let Some(c) = p.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    panic!("proxy exited at start ({status}):\n{}", p.log());
+                    // Reaped: never signal that PID again.
+                    p.child = None;
+                    let log = p.log();
+                    let ours = !body.contains("server:") || !body.contains("metrics:");
+                    if log.contains("Address already in use") && ours && attempt < 3 {
+                        return Self::start_attempt(body, workers, env, nofile, attempt + 1);
+                    }
+                    panic!("proxy exited at start ({status}):\n{log}");
                 }
             }
             assert!(
