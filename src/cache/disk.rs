@@ -94,10 +94,11 @@ fn parse_head(head: &[u8]) -> Result<(usize, u64, u32, u32), String> {
     ))
 }
 
-/// The key of an entry from its head and metadata (index rebuild), checking
-/// that the file is exactly as long as the head says.
-fn read_key(start: &[u8], file_len: u64) -> Result<String, String> {
-    let (meta_len, body_len, meta_crc, _) = parse_head(start)?;
+/// An entry's head and metadata (`start` holds at least both), checked
+/// against the file's length and the metadata checksum; also returns the
+/// metadata length and the body checksum.
+fn read_meta(start: &[u8], file_len: u64) -> Result<(Meta, usize, u32), String> {
+    let (meta_len, body_len, meta_crc, body_crc) = parse_head(start)?;
     let want = HEAD_LEN as u64 + meta_len as u64 + body_len;
     if want != file_len {
         return Err(format!("length {file_len}, head says {want} (truncated?)"));
@@ -108,23 +109,19 @@ fn read_key(start: &[u8], file_len: u64) -> Result<String, String> {
     if crc32fast::hash(meta) != meta_crc {
         return Err("metadata checksum mismatch".into());
     }
-    let meta: Meta = serde_json::from_slice(meta).map_err(|e| format!("metadata: {e}"))?;
-    Ok(meta.key)
+    let meta = serde_json::from_slice(meta).map_err(|e| format!("metadata: {e}"))?;
+    Ok((meta, meta_len, body_crc))
+}
+
+/// The key of an entry from its head and metadata (index rebuild).
+fn read_key(start: &[u8], file_len: u64) -> Result<String, String> {
+    read_meta(start, file_len).map(|(meta, ..)| meta.key)
 }
 
 /// A whole entry file -> `(key, object)`, every length and checksum checked;
 /// the body shares the file's buffer.
 pub fn decode(file: Vec<u8>) -> Result<(String, Object), String> {
-    let (meta_len, body_len, meta_crc, body_crc) = parse_head(&file)?;
-    let want = HEAD_LEN as u64 + meta_len as u64 + body_len;
-    if want != file.len() as u64 {
-        return Err(format!("length {}, head says {want}", file.len()));
-    }
-    let meta_bytes = &file[HEAD_LEN..HEAD_LEN + meta_len];
-    if crc32fast::hash(meta_bytes) != meta_crc {
-        return Err("metadata checksum mismatch".into());
-    }
-    let meta: Meta = serde_json::from_slice(meta_bytes).map_err(|e| format!("metadata: {e}"))?;
+    let (meta, meta_len, body_crc) = read_meta(&file, file.len() as u64)?;
     let all = Bytes::from(file);
     let body = all.slice(HEAD_LEN + meta_len..);
     if crc32fast::hash(&body) != body_crc {

@@ -19,7 +19,7 @@ pub mod schedule;
 use crate::config::CredentialSource;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 /// One set of keys. `Debug` shows no key material.
 #[derive(Clone, PartialEq, Eq)]
@@ -249,11 +249,6 @@ impl Hub {
         cells.retain(|c| Arc::strong_count(c) > 1);
         cells.clone()
     }
-}
-
-/// Seconds since the epoch of `t` (0 before it).
-pub fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Waits (polling, without blocking the core) until `cell` has keys or

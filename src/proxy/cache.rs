@@ -445,19 +445,7 @@ impl WorkerGeneration {
             return None;
         }
         let fresh_for = self.freshness(resp, settings.ttl)?;
-        let mut headers = String::with_capacity(resp.forward.len() + 40);
-        for line in resp.forward.split_inclusive("\r\n") {
-            if !starts_with_ignore_case(line, "content-length:") {
-                headers.push_str(line);
-            }
-        }
-        if !resp.has_date {
-            self.core.with_date(|d| {
-                for part in ["Date: ", d, "\r\n"] {
-                    headers.push_str(part);
-                }
-            });
-        }
+        let headers = self.stored_headers(resp);
         let shared = c.leading.as_ref().map(|(_, f)| f.clone());
         if let Some(f) = &shared {
             f.set_head(FillHead {
@@ -485,6 +473,29 @@ impl WorkerGeneration {
         };
         fill.push(&answer.conn.buf[answer.head_len..start]);
         Some(fill)
+    }
+
+    /// The headers stored with a copy (a whole object or a slice's
+    /// metadata): the upstream's, less the framing ones (`Content-Length`,
+    /// `Content-Range`: computed per answer), with a `Date` when the
+    /// upstream sent none.
+    pub(super) fn stored_headers(&self, resp: &Response) -> String {
+        let mut headers = String::with_capacity(resp.forward.len() + 40);
+        for line in resp.forward.split_inclusive("\r\n") {
+            if !starts_with_ignore_case(line, "content-length:")
+                && !starts_with_ignore_case(line, "content-range:")
+            {
+                headers.push_str(line);
+            }
+        }
+        if !resp.has_date {
+            self.core.with_date(|d| {
+                for part in ["Date: ", d, "\r\n"] {
+                    headers.push_str(part);
+                }
+            });
+        }
+        headers
     }
 
     /// How long `resp` may be served from the cache (`None`: not stored).
@@ -530,7 +541,7 @@ fn starts_with_ignore_case(line: &str, prefix: &str) -> bool {
 }
 
 /// The value of header `name` among formatted `Name: value\r\n` lines.
-fn forwarded_value<'a>(forward: &'a str, name: &str) -> Option<&'a str> {
+pub(super) fn forwarded_value<'a>(forward: &'a str, name: &str) -> Option<&'a str> {
     forward.split("\r\n").find_map(|line| {
         let (n, v) = line.split_once(':')?;
         n.eq_ignore_ascii_case(name).then(|| v.trim())

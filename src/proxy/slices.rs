@@ -354,35 +354,13 @@ impl WorkerGeneration {
         let exact = a.conn.buf.len() == want_bytes;
         let total = cr.total.unwrap_or(0);
         let now = SystemTime::now();
-        let mut headers = String::with_capacity(a.resp.forward.len() + 40);
-        for line in a.resp.forward.split_inclusive("\r\n") {
-            let name = line.split(':').next().unwrap_or("");
-            if !name.eq_ignore_ascii_case("content-length")
-                && !name.eq_ignore_ascii_case("content-range")
-            {
-                headers.push_str(line);
-            }
-        }
-        if !a.resp.has_date {
-            self.core.with_date(|d| {
-                for part in ["Date: ", d, "\r\n"] {
-                    headers.push_str(part);
-                }
-            });
-        }
+        let headers = self.stored_headers(&a.resp);
         let meta = Object {
             stored_at: now,
             fresh_for,
             etag: a.resp.etag.clone(),
-            last_modified: a
-                .resp
-                .forward
-                .split("\r\n")
-                .find_map(|l| {
-                    l.split_once(':')
-                        .filter(|(n, _)| n.eq_ignore_ascii_case("last-modified"))
-                })
-                .map(|(_, v)| v.trim().to_string()),
+            last_modified: super::cache::forwarded_value(&a.resp.forward, "last-modified")
+                .map(str::to_string),
             headers,
             body: Bytes::new(),
             total,
