@@ -46,6 +46,14 @@ fn config(keys: &str, replicas: &[(&str, &str, &str)]) -> String {
     out
 }
 
+/// An s3s-fs accepting only `keys`, holding `bkt/<key>`.
+fn s3_holding(keys: (&str, &str), key: &str, body: &[u8]) -> S3 {
+    let s3 = S3::start_with_keys(keys.0, keys.1);
+    s3.create_bucket("bkt");
+    s3.put("bkt", key, body);
+    s3
+}
+
 fn provider(name: &str) -> String {
     format!("      credentials:\n        provider: \"{name}\"\n")
 }
@@ -122,9 +130,11 @@ fn imds_instance_role_keys_sign_requests_and_stay_out_of_logs() {
         "imds-token-1",
         HOUR,
     ));
-    let s3 = S3::start_with_keys("ASIAIMDSKEY1", "imds-secret-1");
-    s3.create_bucket("bkt");
-    s3.put("bkt", "a.txt", b"hello from an instance role");
+    let s3 = s3_holding(
+        ("ASIAIMDSKEY1", "imds-secret-1"),
+        "a.txt",
+        b"hello from an instance role",
+    );
     let body = config(&provider("imds"), &[("a", &s3.endpoint(), "")]);
     let p = Proxy::start_with(
         &body,
@@ -187,9 +197,7 @@ fn ecs_container_credentials() {
         "ecs-token-1",
         HOUR,
     ));
-    let s3 = S3::start_with_keys("ASIAECSKEY1", "ecs-secret-1");
-    s3.create_bucket("bkt");
-    s3.put("bkt", "k", b"task role");
+    let s3 = s3_holding(("ASIAECSKEY1", "ecs-secret-1"), "k", b"task role");
     let body = config(&provider("ecs"), &[("a", &s3.endpoint(), "")]);
     let p = Proxy::start_with(
         &body,
@@ -209,9 +217,7 @@ fn ecs_container_credentials() {
 fn cold_start_with_a_slow_provider_waits_instead_of_failing() {
     let md = Metadata::start(Keys::new("ASIASLOW1", "slow-secret", "slow-token", HOUR));
     md.set_delay(Duration::from_millis(1500));
-    let s3 = S3::start_with_keys("ASIASLOW1", "slow-secret");
-    s3.create_bucket("bkt");
-    s3.put("bkt", "k", b"worth the wait");
+    let s3 = s3_holding(("ASIASLOW1", "slow-secret"), "k", b"worth the wait");
     let body = config(&provider("ecs"), &[("a", &s3.endpoint(), "")]);
     let t0 = Instant::now();
     let p = Proxy::start_with(
@@ -245,9 +251,7 @@ fn imds_rotation_under_load_fails_no_request() {
         Duration::from_secs(306),
     );
     let md = Metadata::start(k1);
-    let mut a = S3::start_with_keys("ASIAROT1", "rot-secret-1");
-    a.create_bucket("bkt");
-    a.put("bkt", "obj", b"rotating");
+    let mut a = s3_holding(("ASIAROT1", "rot-secret-1"), "obj", b"rotating");
     let mut b = a.sharing("ASIAROT1", "rot-secret-1");
     let body = config(
         &provider("imds"),
@@ -324,9 +328,7 @@ fn key_files_rotate_without_a_restart() {
     ] {
         write_key(&f(name), value);
     }
-    let mut a = S3::start_with_keys("FILEKEY1", "file-secret-1");
-    a.create_bucket("bkt");
-    a.put("bkt", "obj", b"from files");
+    let mut a = s3_holding(("FILEKEY1", "file-secret-1"), "obj", b"from files");
     let mut b = a.sharing("FILEKEY1", "file-secret-1");
     let files = |r: &str| {
         format!(
@@ -382,9 +384,7 @@ fn a_failing_provider_keeps_its_keys_until_expiry_then_fails_over() {
         "fail-token",
         Duration::from_secs(9),
     ));
-    let a = S3::start_with_keys("ASIAFAIL1", "fail-secret");
-    a.create_bucket("bkt");
-    a.put("bkt", "obj", b"still here");
+    let a = s3_holding(("ASIAFAIL1", "fail-secret"), "obj", b"still here");
     let b = a.sharing(AK, SK);
     let ecs = "          credentials:\n            provider: \"ecs\"\n";
     let fixed = format!("          access_key: \"{AK}\"\n          secret_key: \"{SK}\"\n");
@@ -600,9 +600,7 @@ fn assume_role_on_static_keys_through_moto_sts() {
 
 #[test]
 fn a_reload_switches_a_replica_to_another_source() {
-    let mut s3 = S3::start_with_keys("STATICKEY1", "static-secret-1");
-    s3.create_bucket("bkt");
-    s3.put("bkt", "k", b"reloaded");
+    let mut s3 = s3_holding(("STATICKEY1", "static-secret-1"), "k", b"reloaded");
     let fixed = "      access_key: \"STATICKEY1\"\n      secret_key: \"static-secret-1\"\n";
     let p = Proxy::start(&config(fixed, &[("a", &s3.endpoint(), "")]));
     assert_eq!(p.get("/b/k").status, 200, "{}", p.log());
