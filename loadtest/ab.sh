@@ -15,19 +15,11 @@ A=$1 B=$2 LA=${3:-A} LB=${4:-B}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 SIZES=${SIZES:-"1k 64k"}
-WORK=$(mktemp -d)
-chmod 755 "$WORK" # nginx workers run as another user
 P_ORIGIN=18100 P_PROXY=18101
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 
 # shellcheck source=loadtest/origin.sh
 source "$(dirname "$0")/origin.sh"
+setup_work
 make_objects "$WORK" $SIZES
 origin_conf "$WORK" "$P_ORIGIN" "${ORIGIN_DIRECTIVES:-}" >"$WORK/origin.conf"
 yata_yaml "$P_PROXY" "$P_ORIGIN" >"$WORK/proxy.yaml"

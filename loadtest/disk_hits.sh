@@ -14,18 +14,10 @@ BIN=${1:-$ROOT/target/release/yatagarasu}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 N=64
-WORK=$(mktemp -d)
-chmod 755 "$WORK"
 P_ORIGIN=18600 P_YATA=18601
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 # shellcheck source=loadtest/origin.sh
 source "$ROOT/loadtest/origin.sh"
+setup_work
 make_objects "$WORK" 64k
 for i in $(seq 0 $((N - 1))); do cp "$WORK/origin/data-bucket/obj-64k" "$WORK/origin/data-bucket/o$i"; done
 origin_conf "$WORK" "$P_ORIGIN" >"$WORK/origin.conf"

@@ -9,19 +9,11 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${1:-$ROOT/target/release/yatagarasu}
 N=${2:-10000}
-WORK=$(mktemp -d)
-chmod 755 "$WORK"
 P_ORIGIN=18400 P_YATA=18401 P_NGINX=18402
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)"
 # shellcheck source=loadtest/origin.sh
 source "$ROOT/loadtest/origin.sh"
+setup_work
 make_objects "$WORK" 1k
 origin_conf "$WORK" "$P_ORIGIN" >"$WORK/origin.conf"
 yata_yaml "$P_YATA" "$P_ORIGIN" | sed "s/^  workers: 1$/  workers: 1\n  max_connections: 15000/" >"$WORK/y.yaml"

@@ -12,20 +12,12 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${1:-$ROOT/target/release/yatagarasu}
 DURATION=${DURATION:-10}
 CLIENTS=${CLIENTS:-"1000 10000"}
-WORK=${KEEP_WORK:-$(mktemp -d)}
-chmod 755 "$WORK"
 P_ORIGIN=18500 P_YATA=18501 P_NGINX=18502
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"
-}
-trap cleanup EXIT
 ulimit -Hn 65536 2>/dev/null || true  # root may raise the hard limit
 ulimit -n "$(ulimit -Hn)"
 # shellcheck source=loadtest/origin.sh
 source "$ROOT/loadtest/origin.sh"
+setup_work
 make_objects "$WORK" 1k
 origin_conf "$WORK" "$P_ORIGIN" | sed "s/worker_connections 4096;/worker_connections 30000;/; s/^worker_processes 1;/worker_processes 1;\nworker_rlimit_nofile 60000;/" >"$WORK/origin.conf"
 yata_yaml "$P_YATA" "$P_ORIGIN" | sed "s/^  workers: 1$/  workers: 1\n  max_connections: 15000/" >"$WORK/y.yaml"

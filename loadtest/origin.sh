@@ -1,6 +1,8 @@
 # Shared by the load scripts (sourced): the nginx file origin every proxy
 # and cache is measured in front of.
 #
+#   setup_work                            WORK (a temporary directory, or KEEP_WORK), PIDS;
+#                                           on exit the PIDS are killed and WORK removed
 #   make_objects <work> <sizes...>        objects obj-1k, obj-64k, obj-1m under <work>/origin/data-bucket
 #   origin_conf <work> <port> [directives] nginx config serving <work>/origin at <port>
 #   yata_yaml <port> <origin port> [extra]  a one-worker yatagarasu config for /data -> the origin
@@ -9,6 +11,19 @@
 #                                           nginx (one worker) proxying /data to the origin,
 #                                           keep-alive 128 upstream; NGINX_TUNED holds the
 #                                           buffer settings that fit 64 KiB responses
+
+setup_work() {
+  WORK=${KEEP_WORK:-$(mktemp -d)}
+  chmod 755 "$WORK" # nginx workers run as another user
+  PIDS=()
+  trap cleanup_work EXIT
+}
+
+cleanup_work() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"
+}
 
 make_objects() {
   local work=$1 s n

@@ -19,19 +19,11 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 SIZES=${SIZES:-"1k 64k 1m"}
 TARGETS=${TARGETS:-"yatagarasu nginx nginx_tuned haproxy"}
-WORK=$(mktemp -d)
-chmod 755 "$WORK" # nginx workers run as another user
 P_ORIGIN=18200 P_YATA=18201 P_NGINX=18202 P_TUNED=18203 P_HAPROXY=18204
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 
 # shellcheck source=loadtest/origin.sh
 source "$ROOT/loadtest/origin.sh"
+setup_work
 make_objects "$WORK" $SIZES
 origin_conf "$WORK" "$P_ORIGIN" >"$WORK/origin.conf"
 

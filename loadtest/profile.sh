@@ -12,18 +12,10 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SIZE=${1:-64k}
 BIN=${2:-$ROOT/target/release/yatagarasu}
 SECS=${SECS:-5}
-WORK=$(mktemp -d)
-chmod 755 "$WORK"
 P_ORIGIN=18300 P_YATA=18301
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 # shellcheck source=loadtest/origin.sh
 source "$ROOT/loadtest/origin.sh"
+setup_work
 make_objects "$WORK" "$SIZE"
 origin_conf "$WORK" "$P_ORIGIN" >"$WORK/origin.conf"
 yata_yaml "$P_YATA" "$P_ORIGIN" >"$WORK/y.yaml"
