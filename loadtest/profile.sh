@@ -5,6 +5,7 @@
 # the hottest symbols of a perf profile of the proxy (kernel and user).
 #
 #   bash loadtest/profile.sh [size: 1k|64k|1m] [binary]
+#   CACHE=1 bash loadtest/profile.sh 1m      # cache hits (memory tier, warmed)
 #
 # Needs perf, wrk, nginx.
 set -euo pipefail
@@ -18,7 +19,17 @@ source "$ROOT/loadtest/origin.sh"
 setup_work
 make_objects "$WORK" "$SIZE"
 origin_conf "$WORK" "$P_ORIGIN" >"$WORK/origin.conf"
-yata_yaml "$P_YATA" "$P_ORIGIN" >"$WORK/y.yaml"
+EXTRA=""
+if [ "${CACHE:-0}" = 1 ]; then
+  EXTRA="cache:
+  enabled: true
+  memory:
+    max_cache_size_mb: 256
+    max_item_size_mb: 8
+"
+  origin_conf "$WORK" "$P_ORIGIN" 'add_header Cache-Control "max-age=86400";' >"$WORK/origin.conf"
+fi
+yata_yaml "$P_YATA" "$P_ORIGIN" "$EXTRA" >"$WORK/y.yaml"
 taskset -c 1 nginx -c "$WORK/origin.conf" &
 PIDS+=($!)
 taskset -c 0 "$BIN" --config "$WORK/y.yaml" 2>"$WORK/logs/y.log" &

@@ -691,3 +691,146 @@ fn waiters_on_an_uncacheable_answer_fetch_for_themselves() {
     }
     assert_eq!(gets(&up), 4, "nothing was shared or stored");
 }
+
+/// An upstream serving `len` bytes of `pattern(len, seed)` for `/bkt/k<seed>`.
+fn patterned_origin(len: usize) -> Rogue {
+    Rogue::start(move |r| {
+        let seed: u64 = r
+            .target
+            .rsplit("/k")
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut out =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nETag: \"{seed}\"\r\n\r\n")
+                .into_bytes();
+        out.extend_from_slice(&pattern(len, seed));
+        vec![Step::Send(out)]
+    })
+}
+
+/// Reads one response head from `s`; its Content-Length.
+fn read_head(s: &mut std::net::TcpStream) -> usize {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("content-length")
+}
+
+fn by_reference_bytes(proxy: &Proxy) -> u64 {
+    let m = proxy.metrics();
+    m.lines()
+        .find_map(|l| l.strip_prefix("yatagarasu_cache_sent_by_reference_bytes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no by-reference counter\n{m}"))
+}
+
+#[test]
+fn large_hits_sent_by_reference_keep_their_bytes_after_the_copy_is_purged_and_replaced() {
+    use std::io::{Read, Write};
+    const MB: usize = 1024 * 1024;
+    let up = patterned_origin(4 * MB);
+    let token = "0123456789abcdef-admin";
+    let cfg = format!(
+        "admin:\n  token: \"{token}\"\n{}",
+        config(
+            &up.endpoint(),
+            "  memory:\n    max_cache_size_mb: 64\n    max_item_size_mb: 8\n",
+            ""
+        )
+    );
+    let proxy = Proxy::start_with(&cfg, 1, &[]);
+    let bearer = format!("Bearer {token}");
+    let purge = |path: &str| {
+        let r = Conn::open(proxy.metrics_port)
+            .unwrap()
+            .request("POST", path, &[("Authorization", bearer.as_str())])
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    let mut other = Conn::open(proxy.port).unwrap();
+    let mut churn = |keys: std::ops::RangeInclusive<u64>| {
+        for i in keys {
+            let r = other.request("GET", &format!("/b/k{i}"), &[]).unwrap();
+            assert_eq!(sha256(&r.body), sha256(&pattern(4 * MB, i)));
+        }
+    };
+    // Bodies stored and dropped before: memory that an allocator would
+    // hand out again (which a mapped body never is).
+    churn(7..=9);
+    purge("/admin/cache/purge/b");
+    assert_eq!(proxy.get("/b/k0").header("x-cache"), Some("MISS"));
+
+    // A client that reads slowly: the hit's pages are in the kernel's
+    // socket queues while the copy is purged and new bodies are mapped.
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.write_all(b"GET /b/k0 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let len = read_head(&mut slow);
+    assert_eq!(len, 4 * MB);
+    let mut got = vec![0u8; len];
+    slow.read_exact(&mut got[..MB]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    purge("/admin/cache/purge/b/k0");
+    // Most of the rest: the proxy finishes its send and drops the body,
+    // whose last pages are still queued for this client.
+    slow.read_exact(&mut got[MB..3 * MB]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..3 {
+        churn(1..=3);
+        purge("/admin/cache/purge/b");
+    }
+    churn(1..=1);
+    slow.read_exact(&mut got[3 * MB..]).unwrap();
+    assert_eq!(
+        sha256(&got),
+        sha256(&pattern(4 * MB, 0)),
+        "bytes changed in flight"
+    );
+    assert!(by_reference_bytes(&proxy) >= 4 * MB as u64);
+
+    // The same connection keeps working (the socket's mode changed for the
+    // splice): another large hit, then a request the runtime reads.
+    slow.write_all(b"GET /b/k1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let len = read_head(&mut slow);
+    let mut body = vec![0u8; len];
+    slow.read_exact(&mut body).unwrap();
+    assert_eq!(sha256(&body), sha256(&pattern(4 * MB, 1)));
+    slow.write_all(b"GET /b/k0 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let len = read_head(&mut slow);
+    let mut body = Vec::new();
+    slow.read_to_end(&mut body).unwrap();
+    assert_eq!(
+        (body.len(), sha256(&body)),
+        (len, sha256(&pattern(4 * MB, 0)))
+    );
+}
+
+#[test]
+fn with_zero_copy_off_hits_are_copied() {
+    let up = patterned_origin(256 * 1024);
+    let cfg = format!(
+        "server:\n  address: \"127.0.0.1:{}\"\n  workers: 1\n  zero_copy: off\n{}",
+        free_port(),
+        config(&up.endpoint(), "", "")
+    );
+    let proxy = Proxy::start(&cfg);
+    for _ in 0..3 {
+        let r = proxy.get("/b/k5");
+        assert_eq!(sha256(&r.body), sha256(&pattern(256 * 1024, 5)));
+    }
+    assert_eq!(by_reference_bytes(&proxy), 0);
+}

@@ -20,6 +20,7 @@
 //!   not ours logs one ERROR and turns writes off (memory-only); requests
 //!   never fail because of the disk.
 
+use super::region::{Body, Region, MAPPED_MIN_BYTES};
 use super::store::Object;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -119,11 +120,11 @@ fn read_key(start: &[u8], file_len: u64) -> Result<String, String> {
 }
 
 /// A whole entry file -> `(key, object)`, every length and checksum checked;
-/// the body shares the file's buffer.
-pub fn decode(file: Vec<u8>) -> Result<(String, Object), String> {
+/// the body shares the file's buffer (and so is sent by reference when the
+/// file was read into a mapping, see `region`).
+pub fn decode(file: Body) -> Result<(String, Object), String> {
     let (meta, meta_len, body_crc) = read_meta(&file, file.len() as u64)?;
-    let all = Bytes::from(file);
-    let body = all.slice(HEAD_LEN + meta_len..);
+    let body = file.slice(HEAD_LEN + meta_len..);
     if crc32fast::hash(&body) != body_crc {
         return Err("body checksum mismatch".into());
     }
@@ -331,9 +332,15 @@ impl DiskStore {
         let len = self.lock().entries.get(key)?.size as usize;
         let result = async {
             let file = monoio::fs::File::open(&path).await?;
-            let (r, buf) = file.read_exact_at(Vec::with_capacity(len), 0).await;
+            let read = if len as u64 >= MAPPED_MIN_BYTES {
+                let (r, buf) = file.read_exact_at(Region::new(len)?, 0).await;
+                r.map(|_| buf.freeze())
+            } else {
+                let (r, buf) = file.read_exact_at(Vec::with_capacity(len), 0).await;
+                r.map(|_| Body::from(Bytes::from(buf)))
+            };
             let _ = file.close().await;
-            r.map(|_| buf)
+            read
         }
         .await;
         let checked = match result {
@@ -469,7 +476,9 @@ impl DiskStore {
             let head_len = head.len() as u64;
             let (r, _) = file.write_all_at(head, 0).await;
             r?;
-            let (r, _) = file.write_all_at(w.object.body.clone(), head_len).await;
+            let (r, _) = file
+                .write_all_at(w.object.body.bytes().clone(), head_len)
+                .await;
             r?;
             file.close().await?;
             monoio::fs::rename(&tmp, self.dir.join(file_name(&w.key))).await
@@ -523,9 +532,13 @@ mod tests {
             etag: "\"v1\"".into(),
             last_modified: Some("Wed, 21 Oct 2026 07:28:00 GMT".into()),
             headers: "Content-Type: text/plain\r\n".into(),
-            body: Bytes::copy_from_slice(body),
+            body: Bytes::copy_from_slice(body).into(),
             total: body.len() as u64,
         }
+    }
+
+    fn dec(file: Vec<u8>) -> Result<(String, Object), String> {
+        decode(Bytes::from(file).into())
     }
 
     fn file(key: &str, o: &Object) -> Vec<u8> {
@@ -537,7 +550,7 @@ mod tests {
     #[test]
     fn round_trips() {
         let o = object(b"hello disk");
-        let (k, back) = decode(file("b\0k\0", &o)).unwrap();
+        let (k, back) = dec(file("b\0k\0", &o)).unwrap();
         assert_eq!(k, "b\0k\0");
         assert_eq!(back.body, o.body);
         assert_eq!(
@@ -557,15 +570,15 @@ mod tests {
         let f = file("k", &object(b"0123456789"));
         let mut short = f.clone();
         short.pop();
-        assert!(decode(short).unwrap_err().contains("length"));
+        assert!(dec(short).unwrap_err().contains("length"));
         let mut flipped = f.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
-        assert!(decode(flipped).unwrap_err().contains("body checksum"));
+        assert!(dec(flipped).unwrap_err().contains("body checksum"));
         let mut meta = f.clone();
         meta[HEAD_LEN + 2] ^= 1;
-        assert!(decode(meta).unwrap_err().contains("metadata checksum"));
-        assert!(decode(b"garbage".to_vec()).is_err());
+        assert!(dec(meta).unwrap_err().contains("metadata checksum"));
+        assert!(dec(b"garbage".to_vec()).is_err());
         assert!(read_key(&f, f.len() as u64 + 1).is_err());
         assert_eq!(read_key(&f, f.len() as u64).unwrap(), "k");
     }

@@ -5,13 +5,16 @@
 //!   does a stored copy answer a conditional or a `Range` request),
 //!   unit-tested with a fake clock;
 //! - [`store`]: the process-wide memory tier, bounded by bytes;
-//! - [`collapse`]: fills under way, which concurrent misses stream from.
+//! - [`collapse`]: fills under way, which concurrent misses stream from;
+//! - [`region`]: stored bodies, large ones in mappings of their own (sent
+//!   by reference);
+//! - [`disk`]: the disk tier; [`slice`]: large objects cached in slices.
 //!
-//! The request-path step is `proxy/cache.rs`. Not yet: the disk tier and
-//! slices (their configuration keys are refused, never ignored).
+//! The request-path steps are `proxy/cache.rs` and `proxy/slices.rs`.
 
 pub mod collapse;
 pub mod disk;
 pub mod policy;
+pub mod region;
 pub mod slice;
 pub mod store;

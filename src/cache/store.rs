@@ -5,10 +5,11 @@
 //! scan-resistant (hot and cold queues with ghost entries, in the S3-FIFO /
 //! CLOCK-Pro family), a lookup takes one shard's lock for the time of a hash
 //! probe and an `Arc` clone, and no lock is ever held across I/O: a hit hands
-//! the worker an `Arc<Object>` whose body is `Bytes`, written to the socket
-//! without copying.
+//! the worker an `Arc<Object>` whose body is shared `Bytes`, written to the
+//! socket without copying it in the process (large bodies not even in the
+//! kernel: `region`).
 
-use bytes::Bytes;
+use super::region::Body;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,7 +29,7 @@ pub struct Object {
     /// `Content-Length` (computed per answer: whole or a range).
     pub headers: String,
     /// The body (one slice of it for a slice; empty for slice metadata).
-    pub body: Bytes,
+    pub body: Body,
     /// The whole object's length: `body.len()` unless this is a slice or
     /// slice metadata (see `cache::slice`).
     pub total: u64,
@@ -192,7 +193,7 @@ mod tests {
             etag: "\"e\"".into(),
             last_modified: None,
             headers: String::new(),
-            body: Bytes::from(vec![7u8; len]),
+            body: bytes::Bytes::from(vec![7u8; len]).into(),
             total: len as u64,
         }
     }

@@ -4,3 +4,4 @@ pub mod body;
 pub mod chunked;
 pub mod head;
 pub mod io;
+pub mod zerocopy;

@@ -61,6 +61,8 @@ pub struct WorkerMetrics {
     pub cache: HashMap<(usize, &'static str), u64>,
     /// Bucket metric id -> body bytes served from the cache.
     pub cache_saved: HashMap<usize, u64>,
+    /// Cached body bytes sent by reference (vmsplice), not copied.
+    pub cache_by_reference: u64,
     /// Bucket metric id -> requests that streamed another request's fill.
     pub coalesced: HashMap<usize, u64>,
     /// Bucket metric id -> requests refused by the bucket's IP filter.
@@ -84,6 +86,7 @@ impl WorkerMetrics {
             connections_total: 0,
             connections_refused: 0,
             head_timeouts: 0,
+            cache_by_reference: 0,
             replicas: Vec::with_capacity(replicas),
             failovers: HashMap::new(),
             cache: HashMap::new(),
@@ -199,6 +202,7 @@ impl WorkerMetrics {
         self.connections_total += other.connections_total;
         self.connections_refused += other.connections_refused;
         self.head_timeouts += other.head_timeouts;
+        self.cache_by_reference += other.cache_by_reference;
         for (id, theirs) in other.replicas.iter().enumerate() {
             let mine = self.replica(id);
             mine.requests += theirs.requests;

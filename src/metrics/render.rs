@@ -414,6 +414,12 @@ fn cache_families<'n>(
         MetricType::COUNTER,
         saved,
     ));
+    families.push(family(
+        "yatagarasu_cache_sent_by_reference_bytes_total",
+        "Cached body bytes sent to clients by reference (vmsplice, server.zero_copy), not copied.",
+        MetricType::COUNTER,
+        vec![counter(&[], merged.cache_by_reference as f64)],
+    ));
     let mut coalesced: Vec<_> = merged.coalesced.iter().collect();
     coalesced.sort();
     families.push(family(

@@ -24,8 +24,10 @@
 use super::*;
 use crate::cache::collapse::{End, Event, FillHead, Role, SharedFill};
 use crate::cache::policy::{self, Precondition, RangeAnswer};
+use crate::cache::region::{Body, Filling};
 use crate::cache::store::{self, Object};
 use crate::http::body::Tee as _;
+use crate::http::zerocopy;
 use bytes::Bytes;
 
 /// Index of each header in [`FORWARDED_REQUEST_HEADERS`].
@@ -340,7 +342,8 @@ impl WorkerGeneration {
             return out;
         };
         let n = body.len() as u64;
-        if write_bytes(&mut c.stream, body, client_timeout)
+        if self
+            .send_stored(&mut c.stream, body, client_timeout)
             .await
             .is_err()
         {
@@ -460,14 +463,14 @@ impl WorkerGeneration {
             epoch: store.purge_epoch(),
             key: key.to_string(),
             len,
-            body: Vec::with_capacity(len as usize),
+            body: Filling::with_capacity(len),
             meta: Some(Object {
                 stored_at: SystemTime::now(),
                 fresh_for,
                 etag: resp.etag.clone(),
                 last_modified: forwarded_value(&resp.forward, "last-modified").map(str::to_string),
                 headers,
-                body: Bytes::new(),
+                body: Body::default(),
                 total: len,
             }),
         };
@@ -548,6 +551,52 @@ pub(super) fn forwarded_value<'a>(forward: &'a str, name: &str) -> Option<&'a st
     })
 }
 
+impl WorkerGeneration {
+    /// Writes a stored body within `timeout`: by reference (see
+    /// `http::zerocopy`) when `server.zero_copy` says so for its size, it
+    /// lives in a mapping of its own and the client is plain TCP; else one
+    /// write of the shared `Bytes`.
+    pub(super) async fn send_stored(
+        &self,
+        stream: &mut ClientStream,
+        body: Body,
+        timeout: Duration,
+    ) -> io::Result<()> {
+        let plain = match stream {
+            MaybeTls::Plain(s) => Some(s),
+            MaybeTls::Tls(_) => None,
+        };
+        let by_reference = self
+            .shared
+            .config
+            .server
+            .zero_copy
+            .send_stored(body.len() as u64);
+        if let (Some(s), Some(bytes), true) = (plain, body.mapped(), by_reference) {
+            let pooled = self.core.zero_copy_pipes.borrow_mut().pop();
+            if let Ok(mut pipe) = pooled.map_or_else(zerocopy::Pipe::new, Ok) {
+                zerocopy::set_nonblocking(s)?;
+                // SAFETY: `bytes` is a mapped body (`Body::mapped`): never
+                // written again, its pages never reused while referenced.
+                unsafe { zerocopy::send(s, &mut pipe, bytes, timeout) }.await?;
+                let mut pool = self.core.zero_copy_pipes.borrow_mut();
+                if pool.len() < KEPT_PIPES {
+                    pool.push(pipe);
+                }
+                drop(pool);
+                self.core.metrics.borrow_mut().cache_by_reference += bytes.len() as u64;
+                return Ok(());
+            }
+        }
+        write_bytes(stream, body.bytes().clone(), timeout).await
+    }
+}
+
+/// Empty pipes a worker keeps for sending by reference (more are made, and
+/// closed after use, while more sends run at once; a pipe that cannot be
+/// made means a copy).
+const KEPT_PIPES: usize = 64;
+
 /// Writes a whole `Bytes` (shared with the cache: no copy) within `timeout`.
 pub(super) async fn write_bytes(
     stream: &mut ClientStream,
@@ -574,7 +623,7 @@ pub(super) struct Fill<'s> {
     epoch: u64,
     key: String,
     len: u64,
-    body: Vec<u8>,
+    body: Filling,
     /// Everything but the body; taken when stored.
     meta: Option<Object>,
 }
@@ -588,7 +637,8 @@ impl crate::http::body::Tee for Fill<'_> {
         if self.body.len() as u64 == self.len {
             let purged = self.store.purge_epoch() != self.epoch;
             if let Some(mut object) = self.meta.take().filter(|_| !purged) {
-                object.body = Bytes::from(std::mem::take(&mut self.body));
+                let body = std::mem::replace(&mut self.body, Filling::Heap(Vec::new()));
+                object.body = body.freeze();
                 let key = std::mem::take(&mut self.key);
                 let shared = self.store.insert(key.clone(), object);
                 if let Some(disk) = self.disk {

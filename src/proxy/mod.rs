@@ -116,6 +116,8 @@ pub struct Worker {
     pub draining: Cell<bool>,
     /// Empty pipes kept for splicing bodies.
     pipes: RefCell<Vec<body::SplicePipe>>,
+    /// Empty pipes kept for sending stored bodies by reference.
+    zero_copy_pipes: RefCell<Vec<crate::http::zerocopy::Pipe>>,
     /// Connections parked since the last memory trim (see `server::tick`).
     pub parked: Cell<usize>,
     /// Parked connections waiting for data, swept for idle timeouts.
@@ -159,6 +161,7 @@ impl Worker {
             rid_state: Cell::new(seed),
             draining: Cell::new(false),
             pipes: RefCell::new(Vec::new()),
+            zero_copy_pipes: RefCell::new(Vec::new()),
             parked: Cell::new(0),
             parking: park::Parking::default(),
             upstream_budget,

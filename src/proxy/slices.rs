@@ -17,9 +17,9 @@ use super::attempt::Resume;
 use super::cache::CacheUse;
 use super::*;
 use crate::cache::policy::{self, RangeAnswer};
+use crate::cache::region::{Body, Filling};
 use crate::cache::slice;
 use crate::cache::store::{self, Object};
-use bytes::Bytes;
 
 /// Why a slice could not be had.
 enum SliceError {
@@ -201,7 +201,8 @@ impl WorkerGeneration {
             let to = (last.min(s_first + s.body.len() as u64 - 1) - s_first) as usize;
             let part = s.body.slice(from as usize..=to);
             let len = part.len() as u64;
-            if super::cache::write_bytes(&mut c.stream, part, timeout)
+            if self
+                .send_stored(&mut c.stream, part, timeout)
                 .await
                 .is_err()
             {
@@ -350,7 +351,12 @@ impl WorkerGeneration {
                 }
             }
         }
-        let body = Bytes::copy_from_slice(&a.conn.buf[a.head_len..want_bytes]);
+        let body = {
+            let piece = &a.conn.buf[a.head_len..want_bytes];
+            let mut f = Filling::with_capacity(piece.len() as u64);
+            f.extend_from_slice(piece);
+            f.freeze()
+        };
         let exact = a.conn.buf.len() == want_bytes;
         let total = cr.total.unwrap_or(0);
         let now = SystemTime::now();
@@ -362,7 +368,7 @@ impl WorkerGeneration {
             last_modified: super::cache::forwarded_value(&a.resp.forward, "last-modified")
                 .map(str::to_string),
             headers,
-            body: Bytes::new(),
+            body: Body::default(),
             total,
         };
         let piece = Object {

@@ -1,0 +1,145 @@
+//! Sending a stored body by reference: vmsplice(2) its pages into a pipe,
+//! splice(2) the pipe into a plain-TCP client. The sender's copy into the
+//! socket (half the CPU of a 1 MiB cache hit, see loadtest/results) is
+//! gone; the kernel holds the pages until the receiver has read them.
+//!
+//! Only bodies that live in a mapping of their own may be sent this way
+//! (`cache::region::Body::mapped`): their pages are never written again and
+//! never reused while the kernel may hold them. The pipe is this module's
+//! own (non-blocking, its descriptors known); the client socket is made
+//! non-blocking for the splice and waited on with the runtime's readiness
+//! poll, so a full socket never blocks the core.
+
+use monoio::net::TcpStream;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+/// Pipe capacity asked for: fewer rounds per body; the kernel may give less
+/// (a user's pipe pages are limited), which only means more rounds.
+const PIPE_BYTES: i32 = 256 * 1024;
+
+/// A pipe whose two ends this process reads and writes with plain
+/// syscalls (both non-blocking). Empty whenever it is not in use: a send
+/// that fails drops its pipe.
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+}
+
+impl Pipe {
+    /// A new pipe (fails when out of file descriptors).
+    pub fn new() -> io::Result<Pipe> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are open and ours alone.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: fcntl on a descriptor we own; failure leaves the default.
+        let capacity = unsafe {
+            libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES);
+            libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
+        };
+        Ok(Pipe {
+            read,
+            write,
+            capacity: usize::try_from(capacity).unwrap_or(0).max(4096),
+        })
+    }
+}
+
+/// Makes `stream` non-blocking (once per connection; the runtime's own
+/// operations on it are unaffected).
+pub fn set_nonblocking(stream: &TcpStream) -> io::Result<()> {
+    let fd = stream.as_raw_fd();
+    // SAFETY: fcntl on the stream's open descriptor, which outlives the call.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Sends `bytes` to `stream` by reference, each wait for the socket within
+/// `timeout`. `stream` must be non-blocking ([`set_nonblocking`]).
+///
+/// # Safety
+/// `bytes` must stay unmodified for as long as the kernel may hold its
+/// pages, which is past this call: memory of a `cache::region::Region`
+/// (`Body::mapped`) is; heap memory is not.
+pub async unsafe fn send(
+    stream: &TcpStream,
+    pipe: &mut Pipe,
+    bytes: &[u8],
+    timeout: Duration,
+) -> io::Result<()> {
+    let mut off = 0;
+    while off < bytes.len() {
+        let want = (bytes.len() - off).min(pipe.capacity);
+        let iov = libc::iovec {
+            // SAFETY (of the pointer arithmetic): off < bytes.len().
+            iov_base: bytes[off..].as_ptr() as *mut libc::c_void,
+            iov_len: want,
+        };
+        // SAFETY: the iovec describes readable memory inside `bytes`; the
+        // caller guarantees those pages are never written again (see the
+        // function's contract), so the references vmsplice takes stay
+        // valid. The pipe is empty and non-blocking: this never waits.
+        let put =
+            unsafe { libc::vmsplice(pipe.write.as_raw_fd(), &iov, 1, libc::SPLICE_F_NONBLOCK) };
+        let put = usize::try_from(put).map_err(|_| io::Error::last_os_error())?;
+        if put == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "vmsplice moved nothing",
+            ));
+        }
+        let mut left = put;
+        while left > 0 {
+            let more = if off + put < bytes.len() {
+                libc::SPLICE_F_MORE
+            } else {
+                0
+            };
+            // SAFETY: splice between two descriptors we hold open; no
+            // user memory is involved.
+            let n = unsafe {
+                libc::splice(
+                    pipe.read.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    stream.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    left,
+                    libc::SPLICE_F_NONBLOCK | more,
+                )
+            };
+            match usize::try_from(n) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "socket closed")),
+                Ok(n) => left -= n.min(left),
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        return Err(e);
+                    }
+                    match monoio::time::timeout(timeout, stream.writable(false)).await {
+                        Ok(r) => r?,
+                        Err(_) => {
+                            return Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out"))
+                        }
+                    }
+                }
+            }
+        }
+        off += put;
+    }
+    Ok(())
+}
