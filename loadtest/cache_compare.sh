@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Cache hits side by side (issue #10): yatagarasu's memory tier, nginx
+# Cache hits side by side (issue #10): yatagarasu's memory tier (hits sent
+# by reference, and copied with server.zero_copy: off), nginx
 # proxy_cache and Varnish, each in front of the same nginx file origin, one
 # worker each, warmed, driven by the same wrk. Each cache is pinned to core 0,
 # wrk and the origin to core 1 (PIN=0 runs unpinned). CPU per request is the
@@ -20,7 +21,7 @@ PIN=${PIN:-1}
 YATA=${YATA:-$ROOT/target/release/yatagarasu}
 WORK=$(mktemp -d)
 chmod 755 "$WORK"
-P_ORIGIN=18200 P_YATA=18201 P_NGINX=18202 P_VARNISH=18203
+P_ORIGIN=18200 P_YATA=18201 P_NGINX=18202 P_VARNISH=18203 P_COPY=18204
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
@@ -77,16 +78,23 @@ backend origin { .host = "127.0.0.1"; .port = "$P_ORIGIN"; }
 sub vcl_recv { set req.url = regsub(req.url, "^/data/", "/data-bucket/"); return (hash); }
 sub vcl_backend_response { set beresp.ttl = 1h; }
 VCL
-yata_yaml "$P_YATA" "$P_ORIGIN" "cache:
+CACHE_YAML="cache:
   enabled: true
   memory:
     max_cache_size_mb: 256
     max_item_size_mb: 8
-" >"$WORK/yata.yaml"
+"
+yata_yaml "$P_YATA" "$P_ORIGIN" "$CACHE_YAML" >"$WORK/yata.yaml"
+# The same with hits copied into the socket (server.zero_copy: off), to
+# show what sending by reference changes.
+yata_yaml "$P_COPY" "$P_ORIGIN" "  zero_copy: off
+$CACHE_YAML" >"$WORK/yata-copy.yaml"
 
 spawn_on 1 nginx -c "$WORK/origin.conf" -p "$WORK" &
 PIDS+=($!)
 spawn_on 0 "$YATA" --config "$WORK/yata.yaml" 2>"$WORK/logs/yata.log" &
+PIDS+=($!)
+spawn_on 0 "$YATA" --config "$WORK/yata-copy.yaml" 2>"$WORK/logs/yata-copy.log" &
 PIDS+=($!)
 spawn_on 0 nginx -c "$WORK/nginx-cache.conf" -p "$WORK" &
 PIDS+=($!)
@@ -99,11 +107,12 @@ sleep 2
 pids_of() {
   case $1 in
     yatagarasu) pgrep -f "$WORK/yata.yaml" ;;
+    copy) pgrep -f "$WORK/yata-copy.yaml" ;;
     nginx) m=$(cat "$WORK/nginx-cache.pid"); echo "$m" $(pgrep -P "$m") ;;
     varnish) pgrep -f "$WORK/varnish" ;;
   esac
 }
-port_of() { case $1 in yatagarasu) echo $P_YATA;; nginx) echo $P_NGINX;; varnish) echo $P_VARNISH;; esac; }
+port_of() { case $1 in yatagarasu) echo $P_YATA;; copy) echo $P_COPY;; nginx) echo $P_NGINX;; varnish) echo $P_VARNISH;; esac; }
 ticks() { local t=0; for p in $(pids_of "$1"); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo $t; }
 
 run() { # target size -> "rps us_per_req"
@@ -120,16 +129,17 @@ run() { # target size -> "rps us_per_req"
 }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-echo "| object | yatagarasu req/s | nginx proxy_cache req/s | Varnish req/s | yatagarasu CPU us/req | nginx CPU us/req | Varnish CPU us/req |"
-echo "|---|---|---|---|---|---|---|"
+TARGETS="yatagarasu copy nginx varnish"
+echo "| object | yatagarasu req/s | yatagarasu zero_copy off req/s | nginx proxy_cache req/s | Varnish req/s | yatagarasu CPU us/req | zero_copy off CPU us/req | nginx CPU us/req | Varnish CPU us/req |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for s in $SIZES; do
-  for t in yatagarasu nginx varnish; do : >"$WORK/r-$t"; done
+  for t in $TARGETS; do : >"$WORK/r-$t"; done
   for _ in $(seq "$ROUNDS"); do
-    for t in yatagarasu nginx varnish; do run "$t" "$s" >>"$WORK/r-$t"; done
+    for t in $TARGETS; do run "$t" "$s" >>"$WORK/r-$t"; done
   done
   row="| $s"
   for col in 1 2; do
-    for t in yatagarasu nginx varnish; do row="$row | $(cut -d' ' -f$col "$WORK/r-$t" | median)"; done
+    for t in $TARGETS; do row="$row | $(cut -d' ' -f$col "$WORK/r-$t" | median)"; done
   done
   echo "$row |"
 done

@@ -41,7 +41,7 @@ yata_yaml "$P_YATA" "$P_ORIGIN" "cache:
     max_item_size_mb: 1
   disk:
     enabled: true
-    cache_dir: \"$WORK/disk\"
+    cache_dir: \"$WORK/disk-cache\"
 " >"$WORK/disk.yaml"
 taskset -c 1 nginx -c "$WORK/origin.conf" &
 PIDS+=($!)
@@ -69,14 +69,14 @@ run_one() { # config -> "rps us_per_req"
     'BEGIN { printf "%.0f %.2f\n", r / d, (t / hz) * 1e6 / r }'
 }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-: >"$WORK/memory"; : >"$WORK/disk"
+: >"$WORK/r-memory"; : >"$WORK/r-disk"
 for r in $(seq "$ROUNDS"); do
-  run_one memory >>"$WORK/memory"
-  rm -rf "$WORK/disk"
-  run_one disk >>"$WORK/disk"
+  run_one memory >>"$WORK/r-memory"
+  rm -rf "$WORK/disk-cache"
+  run_one disk >>"$WORK/r-disk"
 done
 echo "| tier | req/s | CPU us/req |"
 echo "|---|---|---|"
 for t in memory disk; do
-  echo "| $t | $(cut -d' ' -f1 "$WORK/$t" | median) | $(cut -d' ' -f2 "$WORK/$t" | median) |"
+  echo "| $t | $(cut -d' ' -f1 "$WORK/r-$t" | median) | $(cut -d' ' -f2 "$WORK/r-$t" | median) |"
 done

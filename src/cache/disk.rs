@@ -11,8 +11,11 @@
 //!   A file is written under a temporary name and renamed, so a crash never
 //!   exposes a partial entry.
 //! - **Reads** run on the core that missed in memory, through its own
-//!   monoio driver (`monoio::fs`): one `read` of the whole file, checked,
-//!   then promoted into the memory tier.
+//!   monoio driver (`monoio::fs`): one `read` of the whole file (a large
+//!   one into a mapping of its own, so its hits are sent by reference),
+//!   checked (the body's checksum once per entry and process: entries this
+//!   process wrote, or read once, are known good), then promoted into the
+//!   memory tier.
 //! - **Index**: key -> file, rebuilt at start by reading each file's head;
 //!   bounded by `max_disk_cache_size_mb` with least-recently-used eviction.
 //!   The index lock is held for map operations only, never across I/O.
@@ -20,7 +23,7 @@
 //!   not ours logs one ERROR and turns writes off (memory-only); requests
 //!   never fail because of the disk.
 
-use super::region::{Body, Region, MAPPED_MIN_BYTES};
+use super::region::{Body, Region, MAPPED_MIN_READ_BYTES};
 use super::store::Object;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -119,13 +122,14 @@ fn read_key(start: &[u8], file_len: u64) -> Result<String, String> {
     read_meta(start, file_len).map(|(meta, ..)| meta.key)
 }
 
-/// A whole entry file -> `(key, object)`, every length and checksum checked;
+/// A whole entry file -> `(key, object)`, every length and the metadata's
+/// checksum checked, the body's too when `check_body`;
 /// the body shares the file's buffer (and so is sent by reference when the
 /// file was read into a mapping, see `region`).
-pub fn decode(file: Body) -> Result<(String, Object), String> {
+pub fn decode(file: Body, check_body: bool) -> Result<(String, Object), String> {
     let (meta, meta_len, body_crc) = read_meta(&file, file.len() as u64)?;
     let body = file.slice(HEAD_LEN + meta_len..);
-    if crc32fast::hash(&body) != body_crc {
+    if check_body && crc32fast::hash(&body) != body_crc {
         return Err("body checksum mismatch".into());
     }
     let object = Object {
@@ -154,6 +158,10 @@ struct IndexEntry {
     size: u64,
     /// Higher is more recently used.
     used: u64,
+    /// Its body checksum held when this process wrote or last read it:
+    /// later reads check lengths and metadata only (a file changed behind
+    /// our back after that is not noticed until the next start).
+    checked: bool,
 }
 
 #[derive(Default)]
@@ -170,10 +178,15 @@ impl Index {
         self.entries.get_mut(key).map(|e| e.used = clock).is_some()
     }
 
-    fn insert(&mut self, key: String, size: u64) {
+    fn insert(&mut self, key: String, size: u64, checked: bool) {
         self.clock += 1;
         let used = self.clock;
-        if let Some(old) = self.entries.insert(key, IndexEntry { size, used }) {
+        let entry = IndexEntry {
+            size,
+            used,
+            checked,
+        };
+        if let Some(old) = self.entries.insert(key, entry) {
             self.bytes -= old.size;
         }
         self.bytes += size;
@@ -289,7 +302,7 @@ impl DiskStore {
                 continue;
             }
             match read_entry_key(&path) {
-                Ok((key, size)) if file_name(&key) == name => index.insert(key, size),
+                Ok((key, size)) if file_name(&key) == name => index.insert(key, size, false),
                 Ok(_) | Err(_) => {
                     self.corrupt.fetch_add(1, Ordering::Relaxed);
                     let _ = std::fs::remove_file(&path);
@@ -329,10 +342,14 @@ impl DiskStore {
         let path = self.dir.join(file_name(key));
         // The size the index recorded saves a stat; a file that changed
         // since fails the length check below and is dropped like any other.
-        let len = self.lock().entries.get(key)?.size as usize;
+        let (len, body_checked) = {
+            let index = self.lock();
+            let e = index.entries.get(key)?;
+            (e.size as usize, e.checked)
+        };
         let result = async {
             let file = monoio::fs::File::open(&path).await?;
-            let read = if len as u64 >= MAPPED_MIN_BYTES {
+            let read = if len as u64 >= MAPPED_MIN_READ_BYTES {
                 let (r, buf) = file.read_exact_at(Region::new(len)?, 0).await;
                 r.map(|_| buf.freeze())
             } else {
@@ -343,8 +360,8 @@ impl DiskStore {
             read
         }
         .await;
-        let checked = match result {
-            Ok(buf) => decode(buf).and_then(|(k, o)| {
+        let outcome = match result {
+            Ok(buf) => decode(buf, !body_checked).and_then(|(k, o)| {
                 if k == key {
                     Ok(o)
                 } else {
@@ -353,8 +370,13 @@ impl DiskStore {
             }),
             Err(e) => Err(e.to_string()),
         };
-        match checked {
-            Ok(object) => Some(object),
+        match outcome {
+            Ok(object) => {
+                if let Some(e) = self.lock().entries.get_mut(key) {
+                    e.checked = e.size == len as u64;
+                }
+                Some(object)
+            }
             Err(why) => {
                 self.corrupt.fetch_add(1, Ordering::Relaxed);
                 self.lock().remove(key);
@@ -428,7 +450,7 @@ impl DiskStore {
                         if purge_epoch() != w.epoch {
                             None
                         } else {
-                            index.insert(w.key.clone(), size);
+                            index.insert(w.key.clone(), size, true);
                             Some(index.over(self.max_bytes))
                         }
                     };
@@ -538,7 +560,7 @@ mod tests {
     }
 
     fn dec(file: Vec<u8>) -> Result<(String, Object), String> {
-        decode(Bytes::from(file).into())
+        decode(Bytes::from(file).into(), true)
     }
 
     fn file(key: &str, o: &Object) -> Vec<u8> {
@@ -586,14 +608,14 @@ mod tests {
     #[test]
     fn index_evicts_least_recently_used() {
         let mut i = Index::default();
-        i.insert("a".into(), 40);
-        i.insert("b".into(), 40);
-        i.insert("c".into(), 40);
+        i.insert("a".into(), 40, true);
+        i.insert("b".into(), 40, true);
+        i.insert("c".into(), 40, true);
         assert!(i.touch("a"));
         assert_eq!(i.over(100), vec!["b".to_string()]);
         assert_eq!(i.bytes, 80);
         assert!(i.over(100).is_empty());
-        i.insert("a".into(), 10);
+        i.insert("a".into(), 10, true);
         assert_eq!(i.bytes, 50, "a replaced entry is counted once");
         assert!(i.remove("c") && !i.remove("c"));
     }

@@ -20,6 +20,14 @@ use std::ptr::NonNull;
 /// heap is cheaper and a copy costs little; see loadtest/results).
 pub const MAPPED_MIN_BYTES: u64 = 64 * 1024;
 
+/// Disk-tier reads at least this long go into a [`Region`]; smaller ones to
+/// the heap: a fresh mapping's page setup (zeroing, mapping, unmapping)
+/// costs a 64 KiB disk hit more than the copy it saves (101 us of CPU per
+/// hit against 42 us with a heap buffer, loadtest/disk_hits.sh). From
+/// 1 MiB the read is mapped so that the promoted copy's later memory hits
+/// are sent by reference.
+pub const MAPPED_MIN_READ_BYTES: u64 = 1024 * 1024;
+
 /// An anonymous private mapping holding one body.
 pub struct Region {
     ptr: NonNull<u8>,
@@ -48,7 +56,9 @@ impl Region {
                 std::ptr::null_mut(),
                 capacity,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                // Populated at once: every page is written next, and one
+                // call costs less than a fault per page.
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
                 -1,
                 0,
             )
