@@ -183,29 +183,29 @@ pub enum ZeroCopy {
 }
 
 impl ZeroCopy {
-    /// Smallest body `auto` splices (from loadtest/results: see README).
+    /// Smallest relayed body `auto` splices (from loadtest/results: see README).
     pub const AUTO_MIN_BYTES: u64 = 1024 * 1024;
-
-    /// Whether a Content-Length body of `body_bytes` is spliced.
-    pub fn splice(self, body_bytes: u64) -> bool {
-        match self {
-            ZeroCopy::On => true,
-            ZeroCopy::Off => false,
-            ZeroCopy::Auto => body_bytes >= Self::AUTO_MIN_BYTES,
-        }
-    }
 
     /// Smallest cached body `auto` sends by reference (from
     /// loadtest/results/cache-hits.md: at 64 KiB it already saves CPU).
     pub const AUTO_MIN_STORED_BYTES: u64 = 64 * 1024;
 
+    /// Whether a Content-Length body of `body_bytes` is spliced.
+    pub fn splice(self, body_bytes: u64) -> bool {
+        self.applies(body_bytes, Self::AUTO_MIN_BYTES)
+    }
+
     /// Whether a cached body of `body_bytes` (one that may be: in a mapping
     /// of its own) is sent by reference.
     pub fn send_stored(self, body_bytes: u64) -> bool {
+        self.applies(body_bytes, Self::AUTO_MIN_STORED_BYTES)
+    }
+
+    fn applies(self, body_bytes: u64, auto_min: u64) -> bool {
         match self {
             ZeroCopy::On => true,
             ZeroCopy::Off => false,
-            ZeroCopy::Auto => body_bytes >= Self::AUTO_MIN_STORED_BYTES,
+            ZeroCopy::Auto => body_bytes >= auto_min,
         }
     }
 }
