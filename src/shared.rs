@@ -165,7 +165,14 @@ impl Process {
     /// Builds the process state and its first generation.
     pub fn start(config: Config, config_path: &str) -> Result<Arc<Process>, String> {
         let cache = match config.cache.enabled {
-            true => Some(MemoryStore::new(config.cache.memory_bytes)?),
+            true => {
+                let largest = config
+                    .buckets
+                    .iter()
+                    .map(|b| b.cache.max_item_bytes)
+                    .fold(config.cache.max_item_bytes, u64::max);
+                Some(MemoryStore::new(config.cache.memory_bytes, largest)?)
+            }
             false => None,
         };
         let (disk, disk_queue) = match (&cache, &config.cache.disk) {

@@ -74,6 +74,22 @@ type Inner = quick_cache::sync::Cache<
     CountEvictions,
 >;
 
+/// Room per entry beyond its body (key, headers, overhead) when sizing
+/// shards.
+const ITEM_MARGIN: u64 = 64 * 1024;
+
+/// How many shards the store has: as many as `quick_cache` would use
+/// (4 per core), fewer when a shard would be too small for the largest
+/// object. A shard admits an entry only within 97% of its share of the
+/// capacity (its hot part), so on a 64-core machine a 1 GiB store in 256
+/// shards would refuse every 10 MiB object.
+fn shards(max_bytes: u64, largest_item: u64, parallelism: usize) -> usize {
+    let fits = (max_bytes as f64 * 0.97 / (largest_item + ITEM_MARGIN) as f64) as usize;
+    let wanted = (parallelism * 4).min(fits).max(1);
+    // A power of two (quick_cache rounds up; rounding down keeps the fit).
+    1 << (usize::BITS - 1 - wanted.leading_zeros())
+}
+
 /// The process-wide memory tier.
 pub struct MemoryStore {
     inner: Inner,
@@ -85,15 +101,18 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
-    /// A store of at most `max_bytes` (keys, headers and bodies).
-    pub fn new(max_bytes: u64) -> Result<MemoryStore, String> {
+    /// A store of at most `max_bytes` (keys, headers and bodies) that
+    /// admits objects of up to `largest_item` body bytes.
+    pub fn new(max_bytes: u64, largest_item: u64) -> Result<MemoryStore, String> {
         let lifecycle = CountEvictions::default();
         let evictions = lifecycle.0.clone();
         // Sized for 64 KiB objects on average; the weight bound is what limits.
         let items = (max_bytes / (64 * 1024)).clamp(64, 1 << 20) as usize;
+        let parallelism = std::thread::available_parallelism().map_or(1, |n| n.get());
         let options = quick_cache::OptionsBuilder::new()
             .estimated_items_capacity(items)
             .weight_capacity(max_bytes)
+            .shards(shards(max_bytes, largest_item, parallelism))
             .build()
             .map_err(|e| format!("memory cache: {e:?}"))?;
         Ok(MemoryStore {
@@ -186,6 +205,27 @@ pub fn bucket_prefix(bucket: &str) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn shards_are_never_too_small_for_the_largest_object() {
+        const MB: u64 = 1024 * 1024;
+        assert_eq!(shards(1024 * MB, 10 * MB, 2), 8);
+        // 64 cores would want 256 shards of 4 MiB: too small for 10 MiB.
+        let n = shards(1024 * MB, 10 * MB, 64);
+        assert!(n.is_power_of_two(), "{n}");
+        assert!((1024 * MB / n as u64) * 97 / 100 > 10 * MB, "{n}");
+        assert_eq!(shards(256 * MB, 128 * MB, 2), 1);
+        assert_eq!(shards(MB, 8 * MB, 2), 1);
+    }
+
+    #[test]
+    fn an_object_as_large_as_the_item_limit_is_admitted() {
+        const MB: usize = 1024 * 1024;
+        let store = MemoryStore::new(256 * MB as u64, 100 * MB as u64).unwrap();
+        store.insert(key("b", "big", ""), object(64 * MB));
+        let got = store.get(&key("b", "big", "")).map(|o| o.body.len());
+        assert_eq!(got, Some(64 * MB));
+    }
+
     fn object(len: usize) -> Object {
         Object {
             stored_at: SystemTime::UNIX_EPOCH,
@@ -200,7 +240,7 @@ mod tests {
 
     #[test]
     fn bounded_by_bytes_and_counts_evictions() {
-        let store = MemoryStore::new(1024 * 1024).unwrap();
+        let store = MemoryStore::new(1024 * 1024, 64 * 1024).unwrap();
         for i in 0..200 {
             store.insert(key("b", &format!("k{i}"), ""), object(16 * 1024));
         }
@@ -211,7 +251,7 @@ mod tests {
 
     #[test]
     fn keys_separate_buckets_versions_and_parts() {
-        let store = MemoryStore::new(1024 * 1024).unwrap();
+        let store = MemoryStore::new(1024 * 1024, 64 * 1024).unwrap();
         store.insert(key("a", "k", ""), object(1));
         store.insert(key("a", "k", "versionId=2"), object(2));
         store.insert(key("ab", "k", ""), object(3));
