@@ -284,3 +284,61 @@ fn a_purge_removes_disk_entries_too() {
     assert_eq!(p.get("/b/y").header("x-cache"), Some("HIT"));
     assert_eq!(gets(&up), 3);
 }
+
+#[test]
+fn entries_in_the_page_cache_are_sent_from_their_files_without_promotion() {
+    const LEN: usize = 256 * 1024;
+    let up = origin(LEN);
+    let dir = tempfile::tempdir().unwrap();
+    // A memory tier with room for about three of the eight objects.
+    let top = "";
+    let cfg = config(&up.endpoint(), dir.path(), 64, top).replace(
+        "  disk:\n",
+        "  memory:\n    max_cache_size_mb: 1\n    max_item_size_mb: 1\n  disk:\n",
+    );
+    let p = Proxy::start(&cfg);
+    let keys = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    for k in keys {
+        assert_eq!(p.get(&format!("/b/{k}")).status, 200);
+    }
+    wait_disk_items(&p, 8.0);
+    let m = p.metrics();
+    let evictions = |m: &str| metric(m, "yatagarasu_cache_evictions_total{layer=\"memory\"}");
+    let by_reference = |m: &str| metric(m, "yatagarasu_cache_sent_by_reference_bytes_total");
+    let (evicted, sent) = (evictions(&m), by_reference(&m).unwrap_or(0.0));
+    for k in keys {
+        let r = p.get(&format!("/b/{k}"));
+        assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")), "{k}");
+        assert_eq!(r.body, body_for(&format!("/bkt/{k}"), LEN), "{k}");
+    }
+    // A range, a conditional and a HEAD of an object only on disk.
+    let want = body_for("/bkt/a", LEN);
+    let r = support::http::get(p.port, "/b/a", &[("Range", "bytes=100000-100999")]);
+    assert_eq!((r.status, r.header("x-cache")), (206, Some("HIT")));
+    assert_eq!(r.body, &want[100_000..101_000]);
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes 100000-100999/{LEN}").as_str())
+    );
+    let r = support::http::get(p.port, "/b/a", &[("If-None-Match", "\"v1\"")]);
+    assert_eq!(r.status, 304);
+    let r = Conn::open(p.port)
+        .unwrap()
+        .request("HEAD", "/b/a", &[])
+        .unwrap();
+    assert_eq!(
+        (r.status, r.header("content-length")),
+        (200, Some("262144"))
+    );
+    assert_eq!(gets(&up), 8, "disk hits went upstream");
+    let m = p.metrics();
+    assert_eq!(
+        evictions(&m),
+        evicted,
+        "objects were read into memory (promoted) rather than sent from their files"
+    );
+    assert!(
+        by_reference(&m).unwrap_or(0.0) >= sent + (8 * LEN + 1000) as f64,
+        "{m}"
+    );
+}

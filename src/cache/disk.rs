@@ -132,16 +132,80 @@ pub fn decode(file: Body, check_body: bool) -> Result<(String, Object), String> 
     if check_body && crc32fast::hash(&body) != body_crc {
         return Err("body checksum mismatch".into());
     }
-    let object = Object {
-        stored_at: UNIX_EPOCH + Duration::from_millis(meta.stored_at_ms),
-        fresh_for: Duration::from_millis(meta.fresh_for_ms),
-        etag: meta.etag,
-        last_modified: meta.last_modified,
-        headers: meta.headers,
-        body,
-        total: meta.total,
+    Ok(meta.into_object(body))
+}
+
+impl Meta {
+    /// `(key, object)` with `body`.
+    fn into_object(self, body: Body) -> (String, Object) {
+        let object = Object {
+            stored_at: UNIX_EPOCH + Duration::from_millis(self.stored_at_ms),
+            fresh_for: Duration::from_millis(self.fresh_for_ms),
+            etag: self.etag,
+            last_modified: self.last_modified,
+            headers: self.headers,
+            body,
+            total: self.total,
+        };
+        (self.key, object)
+    }
+}
+
+/// An entry to be sent straight from its file ([`DiskStore::open_resident`]).
+pub struct Resident {
+    /// The open entry file (a file is never changed once renamed into
+    /// place: a new copy is a new file, so its pages stay what they were).
+    pub file: monoio::fs::File,
+    /// The stored copy's metadata (its body left empty).
+    pub object: Object,
+    /// Where the body starts in the file.
+    pub body_offset: u64,
+}
+
+/// Bytes read to find an entry's head and metadata (more metadata than
+/// this means a normal read instead).
+const HEAD_PROBE: usize = 16 * 1024;
+
+/// Whether every page of `len` bytes from `offset` of `fd` is in the page
+/// cache (cachestat(2), Linux 6.5+; `false` where it is missing).
+fn resident(fd: std::os::fd::RawFd, offset: u64, len: u64) -> bool {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    const SYS_CACHESTAT: libc::c_long = 451;
+    if len == 0 {
+        return true;
+    }
+    let page = 4096u64;
+    let first = offset / page * page;
+    let range = Range {
+        off: first,
+        len: offset + len - first,
     };
-    Ok((meta.key, object))
+    let mut stat = Stat::default();
+    // SAFETY: cachestat reads `range` and writes `stat`, both live locals
+    // of the layouts the kernel defines; `fd` is open for the call.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            fd,
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    r == 0 && stat.nr_cache >= range.len.div_ceil(page)
 }
 
 /// The file name of `key`: a hash, so any key maps to a safe name.
@@ -387,6 +451,45 @@ impl DiskStore {
                     file = path.display(),
                     reason = why
                 );
+                None
+            }
+        }
+    }
+
+    /// Opens the entry for `key` to be sent from the page cache without
+    /// reading it: only when its body's checksum already held in this
+    /// process and every page of its body is in the page cache, so sending
+    /// it never waits for the disk. `None` means: read it instead
+    /// ([`Self::load`]).
+    pub async fn open_resident(&self, key: &str) -> Option<Resident> {
+        use std::os::fd::AsRawFd;
+        let (len, checked) = {
+            let index = self.lock();
+            let e = index.entries.get(key)?;
+            (e.size, e.checked)
+        };
+        if !checked {
+            return None;
+        }
+        let file = monoio::fs::File::open(self.dir.join(file_name(key)))
+            .await
+            .ok()?;
+        let want = (len as usize).min(HEAD_PROBE);
+        let (r, start) = file.read_exact_at(Vec::with_capacity(want), 0).await;
+        let found = r.ok().and_then(|_| read_meta(&start, len).ok());
+        let body = found.and_then(|(meta, meta_len, _)| {
+            let offset = (HEAD_LEN + meta_len) as u64;
+            (meta.key == key && resident(file.as_raw_fd(), offset, len - offset))
+                .then_some((meta, offset))
+        });
+        match body {
+            Some((meta, body_offset)) => Some(Resident {
+                file,
+                object: meta.into_object(Body::default()).1,
+                body_offset,
+            }),
+            None => {
+                let _ = file.close().await;
                 None
             }
         }

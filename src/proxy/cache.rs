@@ -312,7 +312,68 @@ impl WorkerGeneration {
         copy: &Object,
         x_cache: &'static str,
     ) -> Outcome {
-        let len = copy.body.len() as u64;
+        self.answer_stored(c, bucket, copy, x_cache, Source::Memory)
+            .await
+    }
+
+    /// A disk-tier entry whose pages are all in the page cache answers a
+    /// memory miss straight from its file (`Some`), when the client is
+    /// plain TCP and `server.zero_copy` sends such a body by reference;
+    /// otherwise (`None`) the entry is read and promoted as usual
+    /// ([`Self::promote_from_disk`]).
+    pub(super) async fn serve_from_disk(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        key: &str,
+    ) -> Option<Outcome> {
+        let process = &self.shared.process;
+        let (Some(store), Some(disk)) = (&process.cache, &process.disk) else {
+            return None;
+        };
+        let settings = &self.shared.bucket(bucket).cache;
+        let conditional_unsupported = [IF_MATCH, IF_UNMODIFIED_SINCE, IF_RANGE]
+            .iter()
+            .any(|&h| c.req.header(h).is_some());
+        if !settings.enabled || conditional_unsupported || !matches!(c.stream, MaybeTls::Plain(_)) {
+            return None;
+        }
+        let k = store::key(&self.shared.bucket(bucket).name, key, &c.query);
+        if store.get(&k).is_some() || !disk.contains(&k) {
+            return None;
+        }
+        let entry = disk.open_resident(&k).await?;
+        let copy = &entry.object;
+        let by_reference = self.shared.config.server.zero_copy.send_stored(copy.total);
+        let fresh = policy::is_fresh(copy.stored_at, copy.fresh_for, SystemTime::now());
+        let out = if by_reference && fresh {
+            let mid = self.shared.bucket_metric[bucket];
+            self.core.metrics.borrow_mut().cache(mid, "hit");
+            let source = Source::File {
+                file: &entry.file,
+                offset: entry.body_offset,
+            };
+            Some(self.answer_stored(c, bucket, copy, "HIT", source).await)
+        } else {
+            None
+        };
+        let _ = entry.file.close().await;
+        out
+    }
+
+    /// Answers from a stored copy whose body is at `source`.
+    async fn answer_stored(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        copy: &Object,
+        x_cache: &'static str,
+        source: Source<'_>,
+    ) -> Outcome {
+        let len = match source {
+            Source::Memory => copy.body.len() as u64,
+            Source::File { .. } => copy.total,
+        };
         let pre = policy::precondition(
             c.req.header(IF_NONE_MATCH),
             c.req.header(IF_MODIFIED_SINCE),
@@ -323,13 +384,11 @@ impl WorkerGeneration {
             Precondition::NotModified => None,
             Precondition::Serve => Some(policy::range(c.req.header(RANGE), len)),
         };
-        let (status, body) = match answer {
+        let (status, part) = match answer {
             None => (304, None),
             Some(RangeAnswer::Unsatisfiable) => (416, None),
-            Some(RangeAnswer::Whole) => (200, Some(copy.body.clone())),
-            Some(RangeAnswer::Part { first, last }) => {
-                (206, Some(copy.body.slice(first as usize..=last as usize)))
-            }
+            Some(RangeAnswer::Whole) => (200, Some((0, len))),
+            Some(RangeAnswer::Part { first, last }) => (206, Some((first, last + 1 - first))),
         };
         let keep = c.req.keep_alive && !self.core.draining.get();
         self.cached_head(c, copy, (status, answer, x_cache), keep);
@@ -338,15 +397,20 @@ impl WorkerGeneration {
             Err(failed) => return failed,
         };
         let client_timeout = self.shared.config.server.idle_timeout;
-        let Some(body) = body.filter(|_| c.req.method() == Method::Get) else {
+        let Some((from, n)) = part.filter(|_| c.req.method() == Method::Get) else {
             return out;
         };
-        let n = body.len() as u64;
-        if self
-            .send_stored(&mut c.stream, body, client_timeout)
-            .await
-            .is_err()
-        {
+        let sent = match source {
+            Source::Memory => {
+                let body = copy.body.slice(from as usize..(from + n) as usize);
+                self.send_stored(&mut c.stream, body, client_timeout).await
+            }
+            Source::File { file, offset } => {
+                self.send_file(&mut c.stream, file, offset + from, n, client_timeout)
+                    .await
+            }
+        };
+        if sent.is_err() {
             out.keep_alive = false;
             out.abort = true;
             return out;
@@ -579,17 +643,57 @@ impl WorkerGeneration {
                 // SAFETY: `bytes` is a mapped body (`Body::mapped`): never
                 // written again, its pages never reused while referenced.
                 unsafe { zerocopy::send(s, &mut pipe, bytes, timeout) }.await?;
-                let mut pool = self.core.zero_copy_pipes.borrow_mut();
-                if pool.len() < KEPT_PIPES {
-                    pool.push(pipe);
-                }
-                drop(pool);
+                self.keep_pipe(pipe);
                 self.core.metrics.borrow_mut().cache_by_reference += bytes.len() as u64;
                 return Ok(());
             }
         }
         write_bytes(stream, body.bytes().clone(), timeout).await
     }
+
+    /// Sends `len` bytes of a disk entry's file from `offset` through the
+    /// page cache (see `http::zerocopy::send_file`); only for plain-TCP
+    /// clients.
+    async fn send_file(
+        &self,
+        stream: &mut ClientStream,
+        file: &monoio::fs::File,
+        offset: u64,
+        len: u64,
+        timeout: Duration,
+    ) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let MaybeTls::Plain(s) = stream else {
+            return Err(io::Error::other("a file is only spliced to plain TCP"));
+        };
+        let pooled = self.core.zero_copy_pipes.borrow_mut().pop();
+        let mut pipe = pooled.map_or_else(zerocopy::Pipe::new, Ok)?;
+        zerocopy::set_nonblocking(s)?;
+        zerocopy::send_file(s, &mut pipe, file.as_raw_fd(), offset, len, timeout).await?;
+        self.keep_pipe(pipe);
+        self.core.metrics.borrow_mut().cache_by_reference += len;
+        Ok(())
+    }
+
+    /// Returns an empty pipe to the worker's pool (up to [`KEPT_PIPES`]).
+    fn keep_pipe(&self, pipe: zerocopy::Pipe) {
+        let mut pool = self.core.zero_copy_pipes.borrow_mut();
+        if pool.len() < KEPT_PIPES {
+            pool.push(pipe);
+        }
+    }
+}
+
+/// Where a stored copy's body is read from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// The memory tier's copy (`Object::body`).
+    Memory,
+    /// A disk-tier file, its body from `offset`, in the page cache.
+    File {
+        file: &'a monoio::fs::File,
+        offset: u64,
+    },
 }
 
 /// Empty pipes a worker keeps for sending by reference (more are made, and

@@ -89,6 +89,10 @@ impl WorkerGeneration {
         encoded.clear();
         router::encode_key(key, &mut encoded);
         if self.shared.process.disk.is_some() {
+            if let Some(o) = self.serve_from_disk(c, bucket, &encoded).await {
+                c.upath = encoded;
+                return o;
+            }
             self.promote_from_disk(c, bucket, &encoded).await;
         }
         if self.wants_slices(c, bucket) {
