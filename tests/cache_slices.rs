@@ -236,3 +236,70 @@ fn a_slice_is_fetched_from_the_next_replica_when_the_first_fails() {
     assert!(r.body == expected(42 * MIB + 7, 42 * MIB + 1006, 1));
     assert_eq!(asked(&up, 0), [(slice_range(42), None)]);
 }
+
+/// An origin of one `total`-byte object (version 1) that answers a whole
+/// GET with 200 and a `bytes=a-b` range with 206, honouring `If-Match`.
+fn small_origin(total: u64) -> Rogue {
+    Rogue::start(move |s: &Seen| {
+        if s.header("if-match").is_some_and(|m| m != "\"v1\"") {
+            return vec![Step::Send(
+                b"HTTP/1.1 412 Precondition Failed\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            )];
+        }
+        let range = s.header("range").and_then(|r| {
+            let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
+            Some((
+                a.parse::<u64>().ok()?,
+                b.parse::<u64>().ok()?.min(total - 1),
+            ))
+        });
+        let (status, (first, last)) = match range {
+            Some(r) => ("206 Partial Content", r),
+            None => ("200 OK", (0, total - 1)),
+        };
+        let mut out = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nETag: \"v1\"\r\nContent-Type: video/mp4\r\n",
+            last - first + 1
+        );
+        if range.is_some() {
+            out.push_str(&format!("Content-Range: bytes {first}-{last}/{total}\r\n"));
+        }
+        out.push_str("\r\n");
+        let mut out = out.into_bytes();
+        out.extend_from_slice(&expected(first, last, 1));
+        vec![Step::Send(out)]
+    })
+}
+
+#[test]
+fn whole_gets_of_an_object_above_the_item_limit_are_answered_from_slices() {
+    let total = 6 * MIB + 123;
+    let up = small_origin(total);
+    let cfg = config(&up.endpoint()).replace(
+        "    max_cache_size_mb: 64\n",
+        "    max_cache_size_mb: 64\n    max_item_size_mb: 1\n",
+    );
+    let p = Proxy::start(&cfg);
+    let want = expected(0, total - 1, 1);
+    // First: relayed whole (too large to store), its size and ETag noted.
+    let r = http::get(p.port, "/b/movie.mp4", &[]);
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+    assert!(r.body == want, "relayed body differs");
+    let seen = up.seen().len();
+    // Then: assembled from 1 MiB slices fetched with Range + If-Match.
+    let r = http::get(p.port, "/b/movie.mp4", &[]);
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+    assert_eq!(r.header("content-length"), Some(total.to_string().as_str()));
+    assert_eq!(r.header("content-range"), None);
+    assert!(r.body == want, "sliced body differs");
+    let fetches: Vec<Seen> = up.seen().into_iter().skip(seen).collect();
+    assert_eq!(fetches.len(), 7, "one fetch per slice");
+    assert!(fetches
+        .iter()
+        .all(|s| s.header("range").is_some() && s.header("if-match").as_deref() == Some("\"v1\"")));
+    // And from stored slices alone.
+    let r = http::get(p.port, "/b/movie.mp4", &[]);
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
+    assert!(r.body == want, "body from stored slices differs");
+    assert_eq!(up.seen().len(), seen + 7, "a hit went upstream");
+}

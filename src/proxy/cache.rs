@@ -509,6 +509,7 @@ impl WorkerGeneration {
         let bucket = self.shared.replicas[answer.rid].bucket;
         let settings = &self.shared.bucket(bucket).cache;
         if len > settings.max_item_bytes {
+            self.note_large(key, resp, len, settings.ttl);
             return None;
         }
         let fresh_for = self.freshness(resp, settings.ttl)?;
@@ -587,6 +588,21 @@ impl WorkerGeneration {
         };
         policy::freshness(&stored, ttl, SystemTime::now())
     }
+}
+
+/// A GET with no range and no conditional.
+pub(super) fn plain_get(c: &Client) -> bool {
+    c.req.method() == Method::Get
+        && [
+            RANGE,
+            IF_MATCH,
+            IF_NONE_MATCH,
+            IF_MODIFIED_SINCE,
+            IF_UNMODIFIED_SINCE,
+            IF_RANGE,
+        ]
+        .iter()
+        .all(|&h| c.req.header(h).is_none())
 }
 
 /// A GET with one byte range and no conditional: what slices answer.

@@ -48,7 +48,7 @@ impl WorkerGeneration {
             && self.shared.process.cache.is_some()
             && self.shared.bucket(bucket).cache.enabled
             && c.req.method() == Method::Get
-            && super::cache::single_range_only(c)
+            && (super::cache::single_range_only(c) || super::cache::plain_get(c))
     }
 
     /// Answers a single-range GET from slices; `None` when the request is
@@ -63,16 +63,26 @@ impl WorkerGeneration {
         let size = self.shared.config.cache.slice_bytes?;
         let store = self.shared.process.cache.as_ref()?;
         let settings = &self.shared.bucket(bucket).cache;
-        if !settings.enabled || c.req.method() != Method::Get || !super::cache::single_range_only(c)
-        {
+        if !settings.enabled || !self.wants_slices(c, bucket) {
             return None;
         }
-        let range = c.req.header(super::cache::RANGE)?.to_string();
         let object_key = store::key(&self.shared.bucket(bucket).name, key, &c.query);
         // A whole copy answers its ranges in the normal lookup.
         if store.get(&object_key).is_some() {
             return None;
         }
+        // A whole GET goes through slices only for an object known to be
+        // above the item limit (its slice metadata stored, see
+        // `cache::Fill`); any other is relayed and stored whole as before.
+        let range = match c.req.header(super::cache::RANGE) {
+            Some(r) => r.to_string(),
+            None => {
+                self.stored(&slice::meta_key(&object_key))
+                    .await
+                    .filter(|m| m.total > 0)?;
+                String::new()
+            }
+        };
         c.cache = CacheUse::Off;
         if let Some(refused) = self.limit_upstream(c, bucket).await {
             return Some(refused);
@@ -120,7 +130,11 @@ impl WorkerGeneration {
             Some(m) => m,
             None => {
                 store.remove_prefix(&slice::prefix(object_key));
-                let n = slice::first_to_fetch(range, size);
+                let n = if range.is_empty() {
+                    0
+                } else {
+                    slice::first_to_fetch(range, size)
+                };
                 let want = Want {
                     object_key,
                     n,
@@ -132,8 +146,11 @@ impl WorkerGeneration {
                 meta
             }
         };
-        let (first, last) = match policy::range(Some(range), meta.total) {
+        let whole = range.is_empty();
+        let asked = if whole { None } else { Some(range) };
+        let (first, last) = match policy::range(asked, meta.total) {
             RangeAnswer::Part { first, last } => (first, last),
+            RangeAnswer::Whole if whole && meta.total > 0 => (0, meta.total - 1),
             RangeAnswer::Unsatisfiable => {
                 let keep = c.req.keep_alive && !self.core.draining.get();
                 let answer = Some(RangeAnswer::Unsatisfiable);
@@ -171,9 +188,12 @@ impl WorkerGeneration {
             .borrow_mut()
             .cache(mid, if all_stored { "hit" } else { "miss" });
         let keep = c.req.keep_alive && !self.core.draining.get();
-        let part = Some(RangeAnswer::Part { first, last });
-        self.cached_head(c, &meta, (206, part, x_cache), keep);
-        let mut out = match self.write_cached_head(c, bucket, 206, keep).await {
+        let (status, part) = match whole {
+            true => (200, RangeAnswer::Whole),
+            false => (206, RangeAnswer::Part { first, last }),
+        };
+        self.cached_head(c, &meta, (status, Some(part), x_cache), keep);
+        let mut out = match self.write_cached_head(c, bucket, status, keep).await {
             Ok(out) => out,
             Err(failed) => return Ok(failed),
         };
@@ -385,6 +405,43 @@ impl WorkerGeneration {
         }
         c.give_response(a.resp);
         Ok(self.store_slice(want, meta, piece))
+    }
+
+    /// A whole answer too large to store (`len` above the item limit):
+    /// with slices configured, its metadata is stored, so that later whole
+    /// GETs of the object are answered from slices. Needs an ETag (slices
+    /// are fetched with `If-Match`) and a storable answer.
+    pub(super) fn note_large(&self, object_key: &str, resp: &Response, len: u64, ttl: Duration) {
+        let Some(store) = self.shared.process.cache.as_ref() else {
+            return;
+        };
+        if self.shared.config.cache.slice_bytes.is_none() || resp.etag.is_empty() {
+            return;
+        }
+        let Some(fresh_for) = self.freshness(resp, ttl) else {
+            return;
+        };
+        let meta_key = slice::meta_key(object_key);
+        if store.get(&meta_key).is_some_and(|m| m.etag == resp.etag) {
+            return;
+        }
+        let meta = Object {
+            stored_at: SystemTime::now(),
+            fresh_for,
+            etag: resp.etag.clone(),
+            last_modified: super::cache::forwarded_value(&resp.forward, "last-modified")
+                .map(str::to_string),
+            headers: self.stored_headers(resp),
+            body: Body::default(),
+            total: len,
+        };
+        // Slices of another version are dropped with the old metadata.
+        store.remove_prefix(&slice::prefix(object_key));
+        let epoch = store.purge_epoch();
+        let meta = store.insert(meta_key.clone(), meta);
+        if let Some(disk) = &self.shared.process.disk {
+            disk.offer(meta_key, meta, epoch);
+        }
     }
 
     /// Stores a fetched slice (and the metadata on a first fetch) in memory
