@@ -592,31 +592,24 @@ impl WorkerGeneration {
 
 /// A GET with no range and no conditional.
 pub(super) fn plain_get(c: &Client) -> bool {
-    c.req.method() == Method::Get
-        && [
-            RANGE,
-            IF_MATCH,
-            IF_NONE_MATCH,
-            IF_MODIFIED_SINCE,
-            IF_UNMODIFIED_SINCE,
-            IF_RANGE,
-        ]
-        .iter()
-        .all(|&h| c.req.header(h).is_none())
+    c.req.method() == Method::Get && c.req.header(RANGE).is_none() && no_conditionals(c)
 }
 
-/// A GET with one byte range and no conditional: what slices answer.
+/// A request with one byte range and no conditional: what slices answer.
 pub(super) fn single_range_only(c: &Client) -> bool {
-    c.req.header(RANGE).is_some_and(|r| !r.contains(','))
-        && [
-            IF_MATCH,
-            IF_NONE_MATCH,
-            IF_MODIFIED_SINCE,
-            IF_UNMODIFIED_SINCE,
-            IF_RANGE,
-        ]
-        .iter()
-        .all(|&h| c.req.header(h).is_none())
+    c.req.header(RANGE).is_some_and(|r| !r.contains(',')) && no_conditionals(c)
+}
+
+fn no_conditionals(c: &Client) -> bool {
+    [
+        IF_MATCH,
+        IF_NONE_MATCH,
+        IF_MODIFIED_SINCE,
+        IF_UNMODIFIED_SINCE,
+        IF_RANGE,
+    ]
+    .iter()
+    .all(|&h| c.req.header(h).is_none())
 }
 
 fn starts_with_ignore_case(line: &str, prefix: &str) -> bool {
