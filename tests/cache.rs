@@ -867,3 +867,24 @@ fn with_zero_copy_off_hits_are_copied() {
     }
     assert_eq!(by_reference_bytes(&proxy), 0);
 }
+
+#[test]
+fn resident_memory_stays_within_the_bound_while_mapped_bodies_churn() {
+    // 256 KiB bodies live in mappings of their own: evicted ones must be
+    // unmapped (250 MiB pass through a 16 MiB cache).
+    let (_up, proxy) = churn(256 * 1024, 16, 1_000);
+    let peak_mib = proxy.peak_rss_kib() / 1024;
+    assert!(
+        peak_mib <= 16 + 64,
+        "peak RSS {peak_mib} MiB for a 16 MiB cache"
+    );
+    let m = proxy.metrics();
+    assert!(
+        by_reference_bytes(&proxy) == 0,
+        "nothing was a hit yet\n{m}"
+    );
+    assert!(
+        !m.contains("yatagarasu_cache_evictions_total{layer=\"memory\"} 0"),
+        "{m}"
+    );
+}
