@@ -49,7 +49,7 @@ impl WorkerGeneration {
                     "Replica refused our credentials; refreshing and retrying",
                     replica = self.replica(rid).name,
                     detail = f.detail,
-                    request_id = c.req.request_id,
+                    request_id = c.s.req.request_id,
                 );
                 if let Some(a) = f.captured {
                     c.give_response(a.resp);
@@ -113,10 +113,11 @@ impl WorkerGeneration {
         deadline: Instant,
         resp: &mut Response,
     ) -> Result<(UpConn, usize), Failure> {
-        let head_request = c.req.method() == Method::Head;
+        let head_request = c.s.req.method() == Method::Head;
         self.build_request(c, ctx.key, rid, resume)?;
         let mut conn = self.upstream_conn(rid, deadline, false).await?;
-        let first = upclient::exchange(&mut conn, &mut c.wbuf, head_request, deadline, resp).await;
+        let first =
+            upclient::exchange(&mut conn, &mut c.s.wbuf, head_request, deadline, resp).await;
         match first {
             Ok(n) => Ok((conn, n)),
             Err(e) if conn.reused && !e.got_bytes => {
@@ -129,7 +130,7 @@ impl WorkerGeneration {
                 drop(conn); // its budget slot goes to the fresh one
                 self.build_request(c, ctx.key, rid, resume)?;
                 let mut conn = self.upstream_conn(rid, deadline, true).await?;
-                upclient::exchange(&mut conn, &mut c.wbuf, head_request, deadline, resp)
+                upclient::exchange(&mut conn, &mut c.s.wbuf, head_request, deadline, resp)
                     .await
                     .map(|n| (conn, n))
                     .map_err(|e| Failure::new(e.cause, e.detail))
@@ -138,7 +139,7 @@ impl WorkerGeneration {
         }
     }
 
-    /// Writes the signed upstream request head for `rid` into `c.wbuf`.
+    /// Writes the signed upstream request head for `rid` into `c.s.wbuf`.
     fn build_request(
         &self,
         c: &mut Client,
@@ -147,17 +148,17 @@ impl WorkerGeneration {
         resume: Option<Resume<'_>>,
     ) -> Result<(), Failure> {
         let replica = self.replica(rid);
-        let method = match c.req.method() {
+        let method = match c.s.req.method() {
             Method::Head => "HEAD",
             _ => "GET",
         };
-        let mut target = std::mem::take(&mut c.opath);
+        let mut target = std::mem::take(&mut c.s.opath);
         replica.object_path(key, &mut target);
-        if !c.query.is_empty() {
+        if !c.s.query.is_empty() {
             target.push('?');
-            target.push_str(&c.query);
+            target.push_str(&c.s.query);
         }
-        let w = &mut c.wbuf;
+        let w = &mut c.s.wbuf;
         w.clear();
         for part in [method, " ", &target, " HTTP/1.1\r\n"] {
             w.extend_from_slice(part.as_bytes());
@@ -165,10 +166,10 @@ impl WorkerGeneration {
         head::header(w, "Host", &replica.endpoint.authority);
         match resume {
             None => {
-                for (idx, value) in &c.req.forwarded {
+                for (idx, value) in &c.s.req.forwarded {
                     head::header(w, FORWARDED_REQUEST_HEADERS[*idx], value);
                 }
-                if let super::cache::CacheUse::Revalidate(_, copy) = &c.cache {
+                if let super::cache::CacheUse::Revalidate(_, copy) = &c.s.cache {
                     head::header(w, "If-None-Match", &copy.etag);
                 }
             }
@@ -180,10 +181,10 @@ impl WorkerGeneration {
                 }
             }
         }
-        head::header(w, "X-Request-ID", &c.req.request_id);
+        head::header(w, "X-Request-ID", &c.s.req.request_id);
         let signed = self.sign(rid, method, &replica.endpoint.authority, &target, w);
         w.extend_from_slice(b"\r\n");
-        c.opath = target;
+        c.s.opath = target;
         signed
     }
 

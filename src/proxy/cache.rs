@@ -49,9 +49,10 @@ const NOT_MODIFIED_HEADERS: [&str; 6] = [
 ];
 
 /// What the cache does for one request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(super) enum CacheUse {
     /// The bucket does not cache: nothing is added to the response.
+    #[default]
     Off,
     /// Not answered from and not stored in the cache (`X-Cache: BYPASS`).
     Bypass,
@@ -94,7 +95,7 @@ impl WorkerGeneration {
         if !self.shared.bucket(bucket).cache.enabled {
             return;
         }
-        let k = store::key(&self.shared.bucket(bucket).name, key, &c.query);
+        let k = store::key(&self.shared.bucket(bucket).name, key, &c.s.query);
         if store.get(&k).is_some() || !disk.contains(&k) {
             return;
         }
@@ -108,7 +109,7 @@ impl WorkerGeneration {
     }
 
     /// Looks the request up: a fresh copy, or a fill under way to stream
-    /// from (`Err`), answers it; otherwise (`Ok(None)`) sets `c.cache` for
+    /// from (`Err`), answers it; otherwise (`Ok(None)`) sets `c.s.cache` for
     /// the relay (fill, bypass, or off).
     pub(super) fn cache_lookup(
         &self,
@@ -116,8 +117,8 @@ impl WorkerGeneration {
         bucket: usize,
         key: &str,
     ) -> Result<Option<Arc<Object>>, Arc<SharedFill>> {
-        c.cache = CacheUse::Off;
-        c.stale = None;
+        c.s.cache = CacheUse::Off;
+        c.s.stale = None;
         let settings = &self.shared.bucket(bucket).cache;
         let store = self
             .shared
@@ -131,14 +132,14 @@ impl WorkerGeneration {
         let mid = self.shared.bucket_metric[bucket];
         let unsupported = [IF_MATCH, IF_UNMODIFIED_SINCE, IF_RANGE]
             .iter()
-            .any(|&h| c.req.header(h).is_some());
+            .any(|&h| c.s.req.header(h).is_some());
         if unsupported {
-            c.cache = CacheUse::Bypass;
+            c.s.cache = CacheUse::Bypass;
             self.core.metrics.borrow_mut().cache(mid, "bypass");
             return Ok(None);
         }
         let name = &self.shared.bucket(bucket).name;
-        let k = store::key(name, key, &c.query);
+        let k = store::key(name, key, &c.s.query);
         let mut expired = None;
         if let Some(copy) = store.get(&k) {
             let now = SystemTime::now();
@@ -148,19 +149,19 @@ impl WorkerGeneration {
             }
             let stale_for = self.shared.config.cache.stale_if_error;
             if policy::usable_when_failing(copy.stored_at, copy.fresh_for, stale_for, now) {
-                c.stale = Some(copy.clone());
+                c.s.stale = Some(copy.clone());
             }
             expired = Some(copy);
         }
-        let plain_get = c.req.method() == Method::Get
+        let plain_get = c.s.req.method() == Method::Get
             && [RANGE, IF_NONE_MATCH, IF_MODIFIED_SINCE]
                 .iter()
-                .all(|&h| c.req.header(h).is_none());
-        c.cache = match (plain_get, expired) {
+                .all(|&h| c.s.req.header(h).is_none());
+        c.s.cache = match (plain_get, expired) {
             (true, Some(copy)) if !copy.etag.is_empty() => CacheUse::Revalidate(k, copy),
             (true, _) => match self.shared.process.fills.join_or_lead(&k) {
                 Role::Leader(fill) => {
-                    c.leading = Some((k.clone(), fill));
+                    c.s.leading = Some((k.clone(), fill));
                     CacheUse::Fill(k)
                 }
                 Role::Waiter(fill) => {
@@ -183,20 +184,20 @@ impl WorkerGeneration {
 
     /// The lookup's result is counted after the replicas were tried.
     fn deferred(&self, c: &Client) -> bool {
-        c.stale.is_some() || matches!(c.cache, CacheUse::Revalidate(..))
+        c.s.stale.is_some() || matches!(c.s.cache, CacheUse::Revalidate(..))
     }
 
     /// When the answer is a 304 to this request's revalidation: the key and
-    /// the expired copy it confirms (taken from `c.cache`).
+    /// the expired copy it confirms (taken from `c.s.cache`).
     pub(super) fn confirmed_copy(
         &self,
         c: &mut Client,
         answer: &Answer,
     ) -> Option<(String, Arc<Object>)> {
-        if answer.resp.status != 304 || !matches!(c.cache, CacheUse::Revalidate(..)) {
+        if answer.resp.status != 304 || !matches!(c.s.cache, CacheUse::Revalidate(..)) {
             return None;
         }
-        match std::mem::replace(&mut c.cache, CacheUse::Off) {
+        match std::mem::replace(&mut c.s.cache, CacheUse::Off) {
             CacheUse::Revalidate(key, copy) => Some((key, copy)),
             _ => None,
         }
@@ -223,7 +224,7 @@ impl WorkerGeneration {
         };
         let fresh = policy::freshness(&stored, ttl, SystemTime::now());
         c.give_response(answer.resp);
-        c.stale = None;
+        c.s.stale = None;
         let mid = self.shared.bucket_metric[bucket];
         self.core.metrics.borrow_mut().cache(mid, "revalidated");
         let Some(fresh_for) = fresh else {
@@ -260,9 +261,9 @@ impl WorkerGeneration {
             return None;
         }
         let mid = self.shared.bucket_metric[bucket];
-        let stale = c.stale.take();
+        let stale = c.s.stale.take();
         let Some(copy) = stale.filter(|_| replicas_failed) else {
-            let result = match c.cache {
+            let result = match c.s.cache {
                 CacheUse::Bypass => "bypass",
                 _ => "miss",
             };
@@ -270,9 +271,9 @@ impl WorkerGeneration {
             return None;
         };
         self.core.metrics.borrow_mut().cache(mid, "stale");
-        let key = match c.cache.fill_key() {
+        let key = match c.s.cache.fill_key() {
             Some(k) => k.to_string(),
-            None => String::from_utf8_lossy(&c.req.target).into_owned(),
+            None => String::from_utf8_lossy(&c.s.req.target).into_owned(),
         };
         let mut warned = match self.shared.process.stale_warned.lock() {
             Ok(w) => w,
@@ -292,12 +293,12 @@ impl WorkerGeneration {
                 Level::Warn,
                 "No replica could answer; serving a stale copy",
                 bucket = self.shared.bucket(bucket).name,
-                path = String::from_utf8_lossy(&c.req.target)
+                path = String::from_utf8_lossy(&c.s.req.target)
                     .split('?')
                     .next()
                     .unwrap_or(""),
                 age_seconds = age,
-                request_id = c.req.request_id,
+                request_id = c.s.req.request_id,
             );
         }
         Some(copy)
@@ -334,11 +335,11 @@ impl WorkerGeneration {
         let settings = &self.shared.bucket(bucket).cache;
         let conditional_unsupported = [IF_MATCH, IF_UNMODIFIED_SINCE, IF_RANGE]
             .iter()
-            .any(|&h| c.req.header(h).is_some());
+            .any(|&h| c.s.req.header(h).is_some());
         if !settings.enabled || conditional_unsupported || !matches!(c.stream, MaybeTls::Plain(_)) {
             return None;
         }
-        let k = store::key(&self.shared.bucket(bucket).name, key, &c.query);
+        let k = store::key(&self.shared.bucket(bucket).name, key, &c.s.query);
         if store.get(&k).is_some() || !disk.contains(&k) {
             return None;
         }
@@ -375,14 +376,14 @@ impl WorkerGeneration {
             Source::File { .. } => copy.total,
         };
         let pre = policy::precondition(
-            c.req.header(IF_NONE_MATCH),
-            c.req.header(IF_MODIFIED_SINCE),
+            c.s.req.header(IF_NONE_MATCH),
+            c.s.req.header(IF_MODIFIED_SINCE),
             &copy.etag,
             copy.last_modified.as_deref(),
         );
         let answer = match pre {
             Precondition::NotModified => None,
-            Precondition::Serve => Some(policy::range(c.req.header(RANGE), len)),
+            Precondition::Serve => Some(policy::range(c.s.req.header(RANGE), len)),
         };
         let (status, part) = match answer {
             None => (304, None),
@@ -390,14 +391,14 @@ impl WorkerGeneration {
             Some(RangeAnswer::Whole) => (200, Some((0, len))),
             Some(RangeAnswer::Part { first, last }) => (206, Some((first, last + 1 - first))),
         };
-        let keep = c.req.keep_alive && !self.core.draining.get();
+        let keep = c.s.req.keep_alive && !self.core.draining.get();
         self.cached_head(c, copy, (status, answer, x_cache), keep);
         let mut out = match self.write_cached_head(c, bucket, status, keep).await {
             Ok(out) => out,
             Err(failed) => return failed,
         };
         let client_timeout = self.shared.config.server.idle_timeout;
-        let Some((from, n)) = part.filter(|_| c.req.method() == Method::Get) else {
+        let Some((from, n)) = part.filter(|_| c.s.req.method() == Method::Get) else {
             return out;
         };
         let sent = match source {
@@ -421,7 +422,7 @@ impl WorkerGeneration {
         out
     }
 
-    /// Writes the head prepared in `c.wbuf` by [`Self::cached_head`]; the
+    /// Writes the head prepared in `c.s.wbuf` by [`Self::cached_head`]; the
     /// outcome so far, `Err` (connection not to be kept) when the write
     /// failed.
     pub(super) async fn write_cached_head(
@@ -440,7 +441,7 @@ impl WorkerGeneration {
             bucket: Some(bucket),
         };
         let timeout = self.shared.config.server.idle_timeout;
-        match write_all(&mut c.stream, &mut c.wbuf, timeout).await {
+        match write_all(&mut c.stream, &mut c.s.wbuf, timeout).await {
             Ok(()) => Ok(out),
             Err(_) => {
                 out.keep_alive = false;
@@ -449,7 +450,7 @@ impl WorkerGeneration {
         }
     }
 
-    /// The head of an answer from the cache, into `c.wbuf`.
+    /// The head of an answer from the cache, into `c.s.wbuf`.
     pub(super) fn cached_head(
         &self,
         c: &mut Client,
@@ -458,7 +459,7 @@ impl WorkerGeneration {
         keep: bool,
     ) {
         let len = copy.total;
-        let w = &mut c.wbuf;
+        let w = &mut c.s.wbuf;
         head::status_line(w, status);
         match answer {
             None => {
@@ -490,8 +491,8 @@ impl WorkerGeneration {
         let age = policy::age(copy.stored_at, SystemTime::now());
         head::header(w, "Age", &itoa(age));
         head::header(w, "X-Cache", x_cache);
-        head::header(w, "X-Request-ID", &c.req.request_id);
-        connection_header(w, keep, c.req.http10);
+        head::header(w, "X-Request-ID", &c.s.req.request_id);
+        connection_header(w, keep, c.s.req.http10);
         w.extend_from_slice(b"\r\n");
     }
 
@@ -500,7 +501,7 @@ impl WorkerGeneration {
     /// shared cache store. The bytes already sent with the head
     /// (`answer.conn.buf[head_len..start]`) are copied in.
     pub(super) fn fill_start(&self, c: &Client, answer: &Answer, start: usize) -> Option<Fill<'_>> {
-        let key = c.cache.fill_key()?;
+        let key = c.s.cache.fill_key()?;
         let store = self.shared.process.cache.as_ref()?;
         let resp = &answer.resp;
         let Framing::Length(len) = resp.framing() else {
@@ -514,7 +515,7 @@ impl WorkerGeneration {
         }
         let fresh_for = self.freshness(resp, settings.ttl)?;
         let headers = self.stored_headers(resp);
-        let shared = c.leading.as_ref().map(|(_, f)| f.clone());
+        let shared = c.s.leading.as_ref().map(|(_, f)| f.clone());
         if let Some(f) = &shared {
             f.set_head(FillHead {
                 headers: headers.clone(),
@@ -592,12 +593,12 @@ impl WorkerGeneration {
 
 /// A GET with no range and no conditional.
 pub(super) fn plain_get(c: &Client) -> bool {
-    c.req.method() == Method::Get && c.req.header(RANGE).is_none() && no_conditionals(c)
+    c.s.req.method() == Method::Get && c.s.req.header(RANGE).is_none() && no_conditionals(c)
 }
 
 /// A request with one byte range and no conditional: what slices answer.
 pub(super) fn single_range_only(c: &Client) -> bool {
-    c.req.header(RANGE).is_some_and(|r| !r.contains(',')) && no_conditionals(c)
+    c.s.req.header(RANGE).is_some_and(|r| !r.contains(',')) && no_conditionals(c)
 }
 
 fn no_conditionals(c: &Client) -> bool {
@@ -609,7 +610,7 @@ fn no_conditionals(c: &Client) -> bool {
         IF_RANGE,
     ]
     .iter()
-    .all(|&h| c.req.header(h).is_none())
+    .all(|&h| c.s.req.header(h).is_none())
 }
 
 fn starts_with_ignore_case(line: &str, prefix: &str) -> bool {
@@ -824,18 +825,18 @@ impl WorkerGeneration {
             Ok(Event::Head(h)) => h,
             _ => {
                 // No shared answer: fetch for ourselves, without caching.
-                c.cache = CacheUse::Bypass;
+                c.s.cache = CacheUse::Bypass;
                 return self.proxy(c, bucket, key).await;
             }
         };
-        let keep = c.req.keep_alive && !self.core.draining.get();
-        let w = &mut c.wbuf;
+        let keep = c.s.req.keep_alive && !self.core.draining.get();
+        let w = &mut c.s.wbuf;
         head::status_line(w, 200);
         w.extend_from_slice(head.headers.as_bytes());
         head::header(w, "Content-Length", &itoa(head.len));
         head::header(w, "X-Cache", "HIT");
-        head::header(w, "X-Request-ID", &c.req.request_id);
-        connection_header(w, keep, c.req.http10);
+        head::header(w, "X-Request-ID", &c.s.req.request_id);
+        connection_header(w, keep, c.s.req.http10);
         w.extend_from_slice(b"\r\n");
         let mut out = Outcome {
             status: 200,
@@ -845,7 +846,7 @@ impl WorkerGeneration {
             replica: None,
             bucket: Some(bucket),
         };
-        if write_all(&mut c.stream, &mut c.wbuf, wait).await.is_err() {
+        if write_all(&mut c.stream, &mut c.s.wbuf, wait).await.is_err() {
             out.keep_alive = false;
             return out;
         }
@@ -879,7 +880,7 @@ impl WorkerGeneration {
 
     /// The answer will not be shared: waiters stop waiting for it.
     pub(super) fn abandon_fill(&self, c: &Client) {
-        if let Some((_, fill)) = &c.leading {
+        if let Some((_, fill)) = &c.s.leading {
             fill.end(End::Abandoned);
         }
     }
@@ -887,7 +888,7 @@ impl WorkerGeneration {
     /// After a request: a fill it led ends (abandoned unless it completed or
     /// failed) and leaves the table of fills under way.
     pub(super) fn end_fill(&self, c: &mut Client) {
-        if let Some((key, fill)) = c.leading.take() {
+        if let Some((key, fill)) = c.s.leading.take() {
             self.shared.process.fills.finish(&key, &fill);
         }
     }

@@ -55,18 +55,10 @@ pub(super) enum Next {
     Closed,
 }
 
-impl Client {
-    /// Releases every per-connection buffer while the connection is idle.
-    fn park(&mut self) {
-        self.rbuf = Vec::new();
-        self.wbuf = Vec::new();
-        self.responses = Vec::new();
-        self.req = Request::default();
-        self.path = String::new();
-        self.upath = String::new();
-        self.opath = String::new();
-        self.query = String::new();
-        self.subject = String::new();
+impl RequestState {
+    /// Releases every buffer (the connection is idle).
+    pub(super) fn clear(&mut self) {
+        *self = RequestState::default();
     }
 }
 
@@ -119,25 +111,30 @@ impl WorkerGeneration {
             stream,
             fd,
             peer,
-            // Allocated when the first bytes are readable (see read_head).
-            rbuf: Vec::new(),
-            wbuf: Vec::new(),
-            req: Request::default(),
-            responses: Vec::new(),
-            path: String::new(),
-            upath: String::new(),
-            opath: String::new(),
-            query: String::new(),
-            cache: cache::CacheUse::Off,
-            stale: None,
-            subject: String::new(),
-            leading: None,
+            // Buffers are allocated when the first bytes are readable (see
+            // read_head).
+            s: self.core.take_state(),
         };
-        self.connection(&mut c).await;
-        self.give_read_buf(std::mem::take(&mut c.rbuf));
+        // A parked connection hands its request state back to the worker:
+        // its task holds only the socket while it waits.
+        // Boxed: the serving state exists only while requests are served.
+        while let Some(left) = Box::pin(self.connection(&mut c)).await {
+            self.core.parked.set(self.core.parked.get() + 1);
+            self.core.give_state(c.s);
+            let readable = self.park_until_readable(&c.stream, left).await;
+            c.s = self.core.take_state();
+            if !readable {
+                return;
+            }
+            c.s.rbuf = self.take_read_buf();
+        }
+        self.give_read_buf(std::mem::take(&mut c.s.rbuf));
+        self.core.give_state(c.s);
     }
 
-    pub(super) async fn connection(&self, c: &mut Client) {
+    /// Serves requests until the connection ends (`None`) or is to be
+    /// parked for at most the time given (`Some`).
+    pub(super) async fn connection(&self, c: &mut Client) -> Option<Duration> {
         let idle = self.shared.config.server.idle_timeout;
         loop {
             // Reading a head and serving a request are boxed: their state
@@ -146,13 +143,14 @@ impl WorkerGeneration {
             let head_len = match Box::pin(self.read_head(c, idle)).await {
                 Ok(Next::Head(n)) => n,
                 Ok(Next::Park(left)) => {
-                    if !self.park_until_readable(c, left).await {
-                        return;
-                    }
-                    continue;
+                    self.give_read_buf(std::mem::take(&mut c.s.rbuf));
+                    return Some(left);
                 }
-                Ok(Next::Closed) => return,
-                Err(e) => return Box::pin(self.reject(c, e)).await,
+                Ok(Next::Closed) => return None,
+                Err(e) => {
+                    Box::pin(self.reject(c, e)).await;
+                    return None;
+                }
             };
             let worker = &self.shared.process.workers[self.id];
             worker.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -168,16 +166,17 @@ impl WorkerGeneration {
             current.finish(c, &outcome, started);
             if outcome.abort {
                 reset_on_close(c.fd);
-                return;
+                return None;
             }
-            if c.req.has_body {
+            if c.s.req.has_body {
                 // Answered without reading the body: close without losing the answer.
-                return Box::pin(self.drain_and_close(c)).await;
+                Box::pin(self.drain_and_close(c)).await;
+                return None;
             }
             // Keep any pipelined bytes that followed this head.
-            c.rbuf.drain(..head_len.min(c.rbuf.len()));
+            c.s.rbuf.drain(..head_len.min(c.s.rbuf.len()));
             if !outcome.keep_alive || self.core.draining.get() {
-                return;
+                return None;
             }
         }
     }
@@ -192,10 +191,10 @@ impl WorkerGeneration {
             HeadError::TimedOut => "request head not received in time",
             HeadError::Partial => "incomplete request",
         };
-        c.req.request_id.clear();
-        self.next_request_id(&mut c.req.request_id);
-        c.req.keep_alive = false;
-        c.req.method = Some(Method::Other);
+        c.s.req.request_id.clear();
+        self.next_request_id(&mut c.s.req.request_id);
+        c.s.req.keep_alive = false;
+        c.s.req.method = Some(Method::Other);
         let _ = Box::pin(self.simple(c, status, "text/plain", msg.as_bytes(), false, &[])).await;
         {
             let mut m = self.core.metrics.borrow_mut();
@@ -209,7 +208,7 @@ impl WorkerGeneration {
             "bad request",
             status = status,
             reason = msg,
-            request_id = c.req.request_id
+            request_id = c.s.req.request_id
         );
         self.drain_and_close(c).await;
     }
@@ -225,13 +224,13 @@ impl WorkerGeneration {
         }
         let deadline = Instant::now() + DRAIN_FOR;
         let mut drained = 0;
-        if c.rbuf.capacity() == 0 {
-            c.rbuf = self.take_read_buf();
+        if c.s.rbuf.capacity() == 0 {
+            c.s.rbuf = self.take_read_buf();
         }
         while drained < DRAIN_MAX_BYTES {
-            c.rbuf.clear();
+            c.s.rbuf.clear();
             let left = deadline.saturating_duration_since(Instant::now());
-            match read_more(&mut c.stream, &mut c.rbuf, left).await {
+            match read_more(&mut c.stream, &mut c.s.rbuf, left).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => drained += n,
             }
@@ -269,8 +268,8 @@ impl WorkerGeneration {
         // Set when the head's first byte is buffered: one deadline for the head.
         let mut deadline: Option<Instant> = None;
         loop {
-            if !c.rbuf.is_empty() {
-                match head::parse_request(&c.rbuf, &mut c.req) {
+            if !c.s.rbuf.is_empty() {
+                match head::parse_request(&c.s.rbuf, &mut c.s.req) {
                     Ok(n) => return Ok(Next::Head(n)),
                     Err(HeadError::Partial) => {}
                     Err(e) => return Err(e),
@@ -278,14 +277,14 @@ impl WorkerGeneration {
                 deadline.get_or_insert_with(|| Instant::now() + head_timeout);
             }
             let plain = matches!(c.stream, MaybeTls::Plain(_));
-            if plain && c.rbuf.capacity() == 0 {
+            if plain && c.s.rbuf.capacity() == 0 {
                 // A new connection: no buffer until its first bytes arrive.
                 return Ok(Next::Park(idle));
             }
             self.room_to_read(c)?;
-            if plain && c.rbuf.is_empty() && idle > PARK_AFTER {
+            if plain && c.s.rbuf.is_empty() && idle > PARK_AFTER {
                 // Between requests: a normal read for a while, then park.
-                match read_more(&mut c.stream, &mut c.rbuf, PARK_AFTER).await {
+                match read_more(&mut c.stream, &mut c.s.rbuf, PARK_AFTER).await {
                     Ok(0) => return Ok(Next::Closed),
                     Ok(_) => continue,
                     Err(e) if e.kind() == io::ErrorKind::TimedOut => {
@@ -298,9 +297,9 @@ impl WorkerGeneration {
                 Some(d) => d.saturating_duration_since(Instant::now()),
                 None => idle,
             };
-            match read_more(&mut c.stream, &mut c.rbuf, left).await {
+            match read_more(&mut c.stream, &mut c.s.rbuf, left).await {
                 Ok(0) => {
-                    return if c.rbuf.is_empty() {
+                    return if c.s.rbuf.is_empty() {
                         Ok(Next::Closed)
                     } else {
                         Err(HeadError::BadRequest("connection closed mid-head"))
@@ -320,14 +319,15 @@ impl WorkerGeneration {
     /// decrypted bytes already; plain connections get theirs when parking
     /// ends).
     fn room_to_read(&self, c: &mut Client) -> Result<(), HeadError> {
-        if c.rbuf.capacity() == 0 {
-            c.rbuf = self.take_read_buf();
+        if c.s.rbuf.capacity() == 0 {
+            c.s.rbuf = self.take_read_buf();
         }
-        if c.rbuf.len() == c.rbuf.capacity() {
-            if c.rbuf.capacity() > head::MAX_REQUEST_HEAD {
+        if c.s.rbuf.len() == c.s.rbuf.capacity() {
+            if c.s.rbuf.capacity() > head::MAX_REQUEST_HEAD {
                 return Err(HeadError::HeadersTooLarge);
             }
-            c.rbuf.reserve(head::MAX_REQUEST_HEAD + 1 - c.rbuf.len());
+            c.s.rbuf
+                .reserve(head::MAX_REQUEST_HEAD + 1 - c.s.rbuf.len());
         }
         Ok(())
     }
@@ -336,20 +336,15 @@ impl WorkerGeneration {
     /// for readability only (no timer of its own: see `park`), then takes a
     /// fresh read buffer. False when the connection stayed idle for `left`
     /// or failed.
-    async fn park_until_readable(&self, c: &mut Client, left: Duration) -> bool {
-        self.give_read_buf(std::mem::take(&mut c.rbuf));
-        c.park();
-        self.core.parked.set(self.core.parked.get() + 1);
-        let MaybeTls::Plain(s) = &c.stream else {
+    /// Waits, holding no buffer and no timer, until `stream` is readable
+    /// (`true`) or `left` has passed (`false`; TLS connections never park).
+    async fn park_until_readable(&self, stream: &ClientStream, left: Duration) -> bool {
+        let MaybeTls::Plain(s) = stream else {
             return false;
         };
         let deadline = now_ms().saturating_add(left.as_millis() as u64);
         let slot = self.core.parking.park(deadline);
-        if !super::park::until_readable(s.readable(false), &slot).await {
-            return false;
-        }
-        c.rbuf = self.take_read_buf();
-        true
+        super::park::until_readable(s.readable(false), &slot).await
     }
 
     pub(super) fn finish(&self, c: &Client, o: &Outcome, started: Instant) {
@@ -360,36 +355,36 @@ impl WorkerGeneration {
         let bucket_metric = bucket.map(|b| self.shared.bucket_metric[b]);
         self.core.metrics.borrow_mut().request(
             bucket_metric,
-            c.req.method(),
+            c.s.req.method(),
             o.status,
             micros,
             o.bytes,
         );
         // The query's values never reach the log (signatures, tokens).
         let redacted;
-        let target = if c.req.target.contains(&b'?') {
+        let target = if c.s.req.target.contains(&b'?') {
             let mut t = String::new();
-            router::loggable_target(&c.req.target, &mut t);
+            router::loggable_target(&c.s.req.target, &mut t);
             redacted = t;
             std::borrow::Cow::Borrowed(redacted.as_str())
         } else {
-            String::from_utf8_lossy(&c.req.target)
+            String::from_utf8_lossy(&c.s.req.target)
         };
         log!(
             Level::Info,
             "request",
-            method = c.req.method_text,
+            method = c.s.req.method_text,
             path = target,
             status = o.status,
             bytes = o.bytes,
             duration_ms = format_args!("{:.3}", micros as f64 / 1000.0),
             bucket = bucket.map_or("-", |b| self.shared.bucket(b).name.as_str()),
             replica = o.replica.map_or("-", |r| self.replica(r).name.as_str()),
-            request_id = c.req.request_id,
-            sub = if c.subject.is_empty() {
+            request_id = c.s.req.request_id,
+            sub = if c.s.subject.is_empty() {
                 "-"
             } else {
-                c.subject.as_str()
+                c.s.subject.as_str()
             },
             worker = self.id,
         );
@@ -405,12 +400,12 @@ impl WorkerGeneration {
         keep_alive: bool,
         extra: &[(&str, &str)],
     ) -> bool {
-        let keep = keep_alive && c.req.keep_alive && !self.core.draining.get();
-        let mut headers = [("X-Request-ID", c.req.request_id.as_str()); 3];
+        let keep = keep_alive && c.s.req.keep_alive && !self.core.draining.get();
+        let mut headers = [("X-Request-ID", c.s.req.request_id.as_str()); 3];
         debug_assert!(extra.len() <= 2, "at most two extra headers");
         let n = extra.len().min(2) + 1;
         headers[1..n].copy_from_slice(&extra[..n - 1]);
-        c.wbuf.clear();
+        c.s.wbuf.clear();
         self.core.with_date(|date| {
             head::Generated {
                 status,
@@ -419,16 +414,16 @@ impl WorkerGeneration {
                 date,
                 extra: &headers[..n],
                 keep_alive: keep,
-                http10: c.req.http10,
+                http10: c.s.req.http10,
             }
-            .write(&mut c.wbuf)
+            .write(&mut c.s.wbuf)
         });
-        if c.req.method() != Method::Head {
-            c.wbuf.extend_from_slice(body);
+        if c.s.req.method() != Method::Head {
+            c.s.wbuf.extend_from_slice(body);
         }
         let ok = write_all(
             &mut c.stream,
-            &mut c.wbuf,
+            &mut c.s.wbuf,
             self.shared.config.server.idle_timeout,
         )
         .await

@@ -21,16 +21,16 @@ enum Tried {
 impl WorkerGeneration {
     /// Serves one parsed request.
     pub(super) async fn handle(&self, c: &mut Client) -> Outcome {
-        if c.req.request_id.is_empty() {
-            let mut id = std::mem::take(&mut c.req.request_id);
+        if c.s.req.request_id.is_empty() {
+            let mut id = std::mem::take(&mut c.s.req.request_id);
             self.next_request_id(&mut id);
-            c.req.request_id = id;
+            c.s.req.request_id = id;
         }
-        if c.req.method() == Method::Other {
+        if c.s.req.method() == Method::Other {
             return self.method_not_allowed(c).await;
         }
-        let mut path = std::mem::take(&mut c.path);
-        let outcome = match router::decode_path(&c.req.target, &mut path) {
+        let mut path = std::mem::take(&mut c.s.path);
+        let outcome = match router::decode_path(&c.s.req.target, &mut path) {
             Err(e) => self.route_error(c, e).await,
             Ok(()) if path == "/health" => {
                 self.simple_outcome(c, 200, "application/json", b"{\"status\":\"ok\"}", &[])
@@ -44,15 +44,15 @@ impl WorkerGeneration {
             }
             Ok(()) => self.route_and_proxy(c, &path).await,
         };
-        c.path = path;
+        c.s.path = path;
         outcome
     }
 
     /// A read-only proxy: 405. A body it will not read means the connection
     /// cannot carry another request.
     async fn method_not_allowed(&self, c: &mut Client) -> Outcome {
-        if c.req.has_body {
-            c.req.keep_alive = false;
+        if c.s.req.has_body {
+            c.s.req.keep_alive = false;
         }
         self.simple_outcome(
             c,
@@ -81,23 +81,23 @@ impl WorkerGeneration {
         if let Some(refused) = self.authenticate(c, bucket).await {
             return refused;
         }
-        c.query.clear();
-        if let Err(e) = router::upstream_query(&c.req.target, &mut c.query) {
+        c.s.query.clear();
+        if let Err(e) = router::upstream_query(&c.s.req.target, &mut c.s.query) {
             return self.route_error(c, e).await;
         }
-        let mut encoded = std::mem::take(&mut c.upath);
+        let mut encoded = std::mem::take(&mut c.s.upath);
         encoded.clear();
         router::encode_key(key, &mut encoded);
         if self.shared.process.disk.is_some() {
             if let Some(o) = self.serve_from_disk(c, bucket, &encoded).await {
-                c.upath = encoded;
+                c.s.upath = encoded;
                 return o;
             }
             self.promote_from_disk(c, bucket, &encoded).await;
         }
         if self.wants_slices(c, bucket) {
             if let Some(o) = Box::pin(self.serve_sliced(c, bucket, &encoded)).await {
-                c.upath = encoded;
+                c.s.upath = encoded;
                 return o;
             }
         }
@@ -106,7 +106,7 @@ impl WorkerGeneration {
             Ok(None) => self.proxy(c, bucket, &encoded).await,
             Err(fill) => Box::pin(self.serve_waiter(c, bucket, fill, &encoded)).await,
         };
-        c.upath = encoded;
+        c.s.upath = encoded;
         o
     }
 
@@ -114,7 +114,7 @@ impl WorkerGeneration {
     /// its `X-Forwarded-For` (see `access::ip`). One rule for the IP filter
     /// and the per-address rate limit.
     pub(super) fn client_ip(&self, c: &Client) -> std::net::IpAddr {
-        let xff = (!c.req.forwarded_for.is_empty()).then_some(c.req.forwarded_for.as_str());
+        let xff = (!c.s.req.forwarded_for.is_empty()).then_some(c.s.req.forwarded_for.as_str());
         let trusted = &self.shared.config.server.trusted_proxies;
         crate::access::ip::client_address(c.peer, xff, trusted)
     }
@@ -137,7 +137,7 @@ impl WorkerGeneration {
             "Request refused by the bucket's IP filter",
             bucket = b.name,
             client = client,
-            request_id = c.req.request_id,
+            request_id = c.s.req.request_id,
         );
         false
     }
@@ -145,17 +145,17 @@ impl WorkerGeneration {
     /// Step "authenticate": a bucket with `auth.enabled` needs a valid JWT
     /// whose claims hold, before any cache lookup or upstream request.
     async fn authenticate(&self, c: &mut Client, bucket: usize) -> Option<Outcome> {
-        c.subject.clear();
+        c.s.subject.clear();
         let b = self.shared.bucket(bucket);
         let jwt = self.shared.config.jwt.as_ref().filter(|_| b.auth)?;
-        let head = c.rbuf.as_slice();
-        let query = c
-            .req
-            .target
-            .iter()
-            .position(|&x| x == b'?')
-            .and_then(|q| std::str::from_utf8(&c.req.target[q + 1..]).ok())
-            .unwrap_or("");
+        let head = c.s.rbuf.as_slice();
+        let query =
+            c.s.req
+                .target
+                .iter()
+                .position(|&x| x == b'?')
+                .and_then(|q| std::str::from_utf8(&c.s.req.target[q + 1..]).ok())
+                .unwrap_or("");
         let header = |name: &str| head::find_header(head, name);
         let published = &self.shared.process.jwks;
         let fetched = {
@@ -174,7 +174,7 @@ impl WorkerGeneration {
         let mid = self.shared.bucket_metric[bucket];
         let refusal = match verdict {
             Ok(ok) => {
-                c.subject = ok.sub;
+                c.s.subject = ok.sub;
                 self.core.metrics.borrow_mut().auth(mid, "ok");
                 return None;
             }
@@ -187,7 +187,7 @@ impl WorkerGeneration {
             bucket = b.name,
             result = refusal.label(),
             reason = format_args!("{refusal:?}"),
-            request_id = c.req.request_id,
+            request_id = c.s.req.request_id,
         );
         use crate::access::jwt::Refusal;
         let outcome = match refusal {
@@ -364,7 +364,7 @@ impl WorkerGeneration {
                 self.replica(next).name
             ),
             bucket = self.shared.bucket(ctx.bucket).name,
-            request_id = c.req.request_id,
+            request_id = c.s.req.request_id,
             cause = format_args!("{}: {}", f.cause.label(), f.detail),
         );
     }
@@ -386,7 +386,7 @@ impl WorkerGeneration {
             Level::Error,
             "All replicas failed",
             bucket = bucket_name,
-            request_id = c.req.request_id,
+            request_id = c.s.req.request_id,
             last_replica = self.replica(rid).name,
             cause = format_args!("{}: {}", failure.cause.label(), failure.detail),
         );
@@ -409,7 +409,7 @@ impl WorkerGeneration {
                 Level::Warn,
                 "Out of local resources reaching the replicas; answering 503 (raise the file-descriptor limit or lower server.max_connections)",
                 bucket = bucket_name,
-                request_id = c.req.request_id,
+                request_id = c.s.req.request_id,
                 cause = failure.detail,
             );
         }
@@ -444,7 +444,7 @@ impl WorkerGeneration {
             Level::Error,
             "No replica available: every circuit breaker is open",
             bucket = bucket_name,
-            request_id = c.req.request_id,
+            request_id = c.s.req.request_id,
             retry_after = secs,
         );
         let body =

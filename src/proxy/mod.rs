@@ -128,6 +128,12 @@ pub struct Worker {
     /// When (ms, process clock) this worker last logged running out of
     /// local resources (0: never).
     pub overload_logged: Cell<u64>,
+    /// Request states of parked and closed connections, for the next to
+    /// wake or open (at most [`KEPT_STATES`]).
+    // Boxes, not values: a state moves between a connection and this pool
+    // without being copied or reallocated.
+    #[allow(clippy::vec_box)]
+    states: RefCell<Vec<Box<RequestState>>>,
     /// Free client read buffers: reused across connections, so buffers freed
     /// by idle connections do not leave holes between live allocations.
     read_bufs: RefCell<Vec<Vec<u8>>>,
@@ -136,7 +142,25 @@ pub struct Worker {
     date: RefCell<(u64, String)>,
 }
 
+/// Request states a worker keeps for reuse: enough for the connections
+/// that are busy at once; parked ones beyond it free theirs.
+const KEPT_STATES: usize = 1024;
+
 impl Worker {
+    /// A cleared request state (reused, or new).
+    fn take_state(&self) -> Box<RequestState> {
+        self.states.borrow_mut().pop().unwrap_or_default()
+    }
+
+    /// Hands a connection's request state back (its buffers released).
+    fn give_state(&self, mut state: Box<RequestState>) {
+        state.clear();
+        let mut states = self.states.borrow_mut();
+        if states.len() < KEPT_STATES {
+            states.push(state);
+        }
+    }
+
     /// State for worker `id`, before any generation is adopted.
     pub fn new(id: usize, process: Arc<Process>) -> Rc<Worker> {
         let seed = SystemTime::now()
@@ -167,6 +191,7 @@ impl Worker {
             upstream_budget,
             overload_logged: Cell::new(0),
             read_bufs: RefCell::new(Vec::new()),
+            states: RefCell::new(Vec::new()),
             date: RefCell::new((0, String::new())),
         })
     }
@@ -206,13 +231,21 @@ impl Worker {
     }
 }
 
-/// One client connection's reusable state.
+/// One client connection: its socket, and its request state (in a box of
+/// its own, handed back to the worker while the connection is parked, so
+/// an idle connection's task holds only the socket).
 struct Client {
     stream: ClientStream,
     /// The TCP socket under `stream`, to abort it with a reset.
     fd: RawFd,
     /// The socket peer's address.
     peer: std::net::IpAddr,
+    s: Box<RequestState>,
+}
+
+/// A client connection's per-request state and buffers.
+#[derive(Default)]
+struct RequestState {
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
     req: Request,
@@ -270,13 +303,13 @@ struct RequestCtx<'a> {
 impl Client {
     /// A response head to fill, with buffers from an earlier request.
     fn take_response(&mut self) -> Response {
-        self.responses.pop().unwrap_or_default()
+        self.s.responses.pop().unwrap_or_default()
     }
 
     /// Returns a response head's buffers for the next attempt.
     fn give_response(&mut self, r: Response) {
-        if self.responses.len() < 2 {
-            self.responses.push(r);
+        if self.s.responses.len() < 2 {
+            self.s.responses.push(r);
         }
     }
 }

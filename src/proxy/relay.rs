@@ -29,7 +29,7 @@ impl WorkerGeneration {
             // Not cacheable: requests waiting on this fill go upstream now.
             self.abandon_fill(c);
         }
-        if write_all(&mut c.stream, &mut c.wbuf, timeouts.client)
+        if write_all(&mut c.stream, &mut c.s.wbuf, timeouts.client)
             .await
             .is_err()
         {
@@ -113,29 +113,29 @@ impl WorkerGeneration {
         }
     }
 
-    /// Writes the client's response head into `c.wbuf`, with the first body
+    /// Writes the client's response head into `c.s.wbuf`, with the first body
     /// bytes when they are few; returns the outcome so far and where the rest
     /// of the body starts in `answer.conn.buf`.
     fn head_for_client(&self, c: &mut Client, answer: &Answer) -> (Outcome, usize) {
         let resp = &answer.resp;
         let framing = resp.framing();
-        let rechunk = !c.req.http10;
+        let rechunk = !c.s.req.http10;
         let delimited_by_us = matches!(framing, Framing::Chunked | Framing::Close);
-        let keep = c.req.keep_alive && !self.core.draining.get() && (rechunk || !delimited_by_us);
-        let w = &mut c.wbuf;
+        let keep = c.s.req.keep_alive && !self.core.draining.get() && (rechunk || !delimited_by_us);
+        let w = &mut c.s.wbuf;
         head::status_line(w, resp.status);
         w.extend_from_slice(resp.forward.as_bytes());
         if !resp.has_date {
             self.core.date_header(w);
         }
-        head::header(w, "X-Request-ID", &c.req.request_id);
-        if let Some(x) = c.cache.x_cache() {
+        head::header(w, "X-Request-ID", &c.s.req.request_id);
+        if let Some(x) = c.s.cache.x_cache() {
             head::header(w, "X-Cache", x);
         }
         if delimited_by_us && rechunk {
             head::header(w, "Transfer-Encoding", "chunked");
         }
-        connection_header(w, keep, c.req.http10);
+        connection_header(w, keep, c.s.req.http10);
         w.extend_from_slice(b"\r\n");
         let mut out = Outcome {
             status: resp.status,
@@ -172,7 +172,7 @@ impl WorkerGeneration {
         timeouts: Timeouts,
         tee: Option<&mut dyn body::Tee>,
     ) -> Result<Pumped, (PumpError, u64)> {
-        let rechunk = !c.req.http10;
+        let rechunk = !c.s.req.http10;
         let t = timeouts;
         match framing {
             Framing::None => Ok(Pumped {

@@ -187,7 +187,7 @@ impl WorkerGeneration {
                 self.replica(to).name
             ),
             bucket = self.shared.bucket(ctx.bucket).name,
-            request_id = c.req.request_id,
+            request_id = c.s.req.request_id,
             offset = offset,
         );
     }
@@ -211,7 +211,7 @@ impl WorkerGeneration {
             msg,
             bucket = self.shared.bucket(ctx.bucket).name,
             replica = self.replica(rid).name,
-            request_id = c.req.request_id,
+            request_id = c.s.req.request_id,
             cause = why,
         );
     }

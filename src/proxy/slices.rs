@@ -47,7 +47,7 @@ impl WorkerGeneration {
         self.shared.config.cache.slice_bytes.is_some()
             && self.shared.process.cache.is_some()
             && self.shared.bucket(bucket).cache.enabled
-            && c.req.method() == Method::Get
+            && c.s.req.method() == Method::Get
             && (super::cache::single_range_only(c) || super::cache::plain_get(c))
     }
 
@@ -66,7 +66,7 @@ impl WorkerGeneration {
         if !settings.enabled || !self.wants_slices(c, bucket) {
             return None;
         }
-        let object_key = store::key(&self.shared.bucket(bucket).name, key, &c.query);
+        let object_key = store::key(&self.shared.bucket(bucket).name, key, &c.s.query);
         // A whole copy answers its ranges in the normal lookup.
         if store.get(&object_key).is_some() {
             return None;
@@ -74,7 +74,7 @@ impl WorkerGeneration {
         // A whole GET goes through slices only for an object known to be
         // above the item limit (its slice metadata stored, see
         // `cache::Fill`); any other is relayed and stored whole as before.
-        let range = match c.req.header(super::cache::RANGE) {
+        let range = match c.s.req.header(super::cache::RANGE) {
             Some(r) => r.to_string(),
             None => {
                 self.stored(&slice::meta_key(&object_key))
@@ -83,7 +83,7 @@ impl WorkerGeneration {
                 String::new()
             }
         };
-        c.cache = CacheUse::Off;
+        c.s.cache = CacheUse::Off;
         if let Some(refused) = self.limit_upstream(c, bucket).await {
             return Some(refused);
         }
@@ -152,7 +152,7 @@ impl WorkerGeneration {
             RangeAnswer::Part { first, last } => (first, last),
             RangeAnswer::Whole if whole && meta.total > 0 => (0, meta.total - 1),
             RangeAnswer::Unsatisfiable => {
-                let keep = c.req.keep_alive && !self.core.draining.get();
+                let keep = c.s.req.keep_alive && !self.core.draining.get();
                 let answer = Some(RangeAnswer::Unsatisfiable);
                 self.cached_head(c, &meta, (416, answer, "HIT"), keep);
                 let (Ok(out) | Err(out)) = self.write_cached_head(c, bucket, 416, keep).await;
@@ -187,7 +187,7 @@ impl WorkerGeneration {
             .metrics
             .borrow_mut()
             .cache(mid, if all_stored { "hit" } else { "miss" });
-        let keep = c.req.keep_alive && !self.core.draining.get();
+        let keep = c.s.req.keep_alive && !self.core.draining.get();
         let (status, part) = match whole {
             true => (200, RangeAnswer::Whole),
             false => (206, RangeAnswer::Part { first, last }),
