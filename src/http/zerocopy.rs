@@ -8,8 +8,8 @@
 //! (`cache::region::Body::mapped`): their pages are never written again and
 //! never reused while the kernel may hold them. The pipe is this module's
 //! own (non-blocking, its descriptors known); the client socket is made
-//! non-blocking for the splice and waited on with the runtime's readiness
-//! poll, so a full socket never blocks the core.
+//! non-blocking for the splice ([`NonBlocking`]) and waited on with the
+//! runtime's readiness poll, so a full socket never blocks the core.
 
 use monoio::net::TcpStream;
 use std::io;
@@ -52,33 +52,52 @@ impl Pipe {
     }
 }
 
-/// Makes `stream` non-blocking (once per connection; the runtime's own
-/// operations on it are unaffected).
-pub fn set_nonblocking(stream: &TcpStream) -> io::Result<()> {
-    let fd = stream.as_raw_fd();
-    // SAFETY: fcntl on the stream's open descriptor, which outlives the call.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if flags & libc::O_NONBLOCK == 0 {
-        // SAFETY: as above.
-        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+/// A socket made non-blocking for splicing, its flags put back when this
+/// is dropped: the runtime's io_uring operations on it expect the mode it
+/// set (some kernels answer an io_uring read of a non-blocking socket with
+/// EAGAIN instead of waiting).
+pub struct NonBlocking<'a> {
+    stream: &'a TcpStream,
+    flags: libc::c_int,
+}
+
+impl<'a> NonBlocking<'a> {
+    /// Makes `stream` non-blocking until the result is dropped.
+    pub fn new(stream: &'a TcpStream) -> io::Result<NonBlocking<'a>> {
+        let fd = stream.as_raw_fd();
+        // SAFETY: fcntl on the stream's open descriptor, which outlives the call.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 {
             return Err(io::Error::last_os_error());
         }
+        // SAFETY: as above.
+        if flags & libc::O_NONBLOCK == 0
+            && unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(NonBlocking { stream, flags })
     }
-    Ok(())
+}
+
+impl Drop for NonBlocking<'_> {
+    fn drop(&mut self) {
+        if self.flags & libc::O_NONBLOCK == 0 {
+            // SAFETY: fcntl on the stream's descriptor, still open (borrowed).
+            unsafe { libc::fcntl(self.stream.as_raw_fd(), libc::F_SETFL, self.flags) };
+        }
+    }
 }
 
 /// Sends `bytes` to `stream` by reference, each wait for the socket within
-/// `timeout`. `stream` must be non-blocking ([`set_nonblocking`]).
+/// `timeout`.
 ///
 /// # Safety
 /// `bytes` must stay unmodified for as long as the kernel may hold its
 /// pages, which is past this call: memory of a `cache::region::Region`
 /// (`Body::mapped`) is; heap memory is not.
 pub async unsafe fn send(
-    stream: &TcpStream,
+    stream: &NonBlocking<'_>,
     pipe: &mut Pipe,
     bytes: &[u8],
     timeout: Duration,
@@ -105,12 +124,12 @@ pub async unsafe fn send(
 
 /// Sends `len` bytes of the file `fd` from `offset` to `stream` through the
 /// page cache (splice: no copy), each wait for the socket within
-/// `timeout`. `stream` must be non-blocking ([`set_nonblocking`]). The file
+/// `timeout`. The file
 /// must never be written in place (the kernel may hold its pages past this
 /// call), and its pages should be in the page cache: reading one that is
 /// not blocks the core for a disk read.
 pub async fn send_file(
-    stream: &TcpStream,
+    stream: &NonBlocking<'_>,
     pipe: &mut Pipe,
     fd: std::os::fd::RawFd,
     offset: u64,
@@ -155,7 +174,7 @@ fn moved(n: isize, what: &str) -> io::Result<usize> {
 /// Splices the `n` bytes in `pipe` into `stream`, waiting for room within
 /// `timeout`; `more`: further bytes follow (MSG_MORE).
 async fn drain(
-    stream: &TcpStream,
+    stream: &NonBlocking<'_>,
     pipe: &mut Pipe,
     n: usize,
     more: bool,
@@ -170,7 +189,7 @@ async fn drain(
             libc::splice(
                 pipe.read.as_raw_fd(),
                 std::ptr::null_mut(),
-                stream.as_raw_fd(),
+                stream.stream.as_raw_fd(),
                 std::ptr::null_mut(),
                 left,
                 flags,
@@ -179,7 +198,7 @@ async fn drain(
         match moved(sent, "splice to socket") {
             Ok(m) => left -= m.min(left),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                match monoio::time::timeout(timeout, stream.writable(false)).await {
+                match monoio::time::timeout(timeout, stream.stream.writable(false)).await {
                     Ok(r) => r?,
                     Err(_) => {
                         return Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out"))

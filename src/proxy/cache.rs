@@ -649,10 +649,10 @@ impl WorkerGeneration {
         if let (Some(s), Some(bytes), true) = (plain, body.mapped(), by_reference) {
             let pooled = self.core.zero_copy_pipes.borrow_mut().pop();
             if let Ok(mut pipe) = pooled.map_or_else(zerocopy::Pipe::new, Ok) {
-                zerocopy::set_nonblocking(s)?;
+                let s = zerocopy::NonBlocking::new(s)?;
                 // SAFETY: `bytes` is a mapped body (`Body::mapped`): never
                 // written again, its pages never reused while referenced.
-                unsafe { zerocopy::send(s, &mut pipe, bytes, timeout) }.await?;
+                unsafe { zerocopy::send(&s, &mut pipe, bytes, timeout) }.await?;
                 self.keep_pipe(pipe);
                 self.core.metrics.borrow_mut().cache_by_reference += bytes.len() as u64;
                 return Ok(());
@@ -678,8 +678,8 @@ impl WorkerGeneration {
         };
         let pooled = self.core.zero_copy_pipes.borrow_mut().pop();
         let mut pipe = pooled.map_or_else(zerocopy::Pipe::new, Ok)?;
-        zerocopy::set_nonblocking(s)?;
-        zerocopy::send_file(s, &mut pipe, file.as_raw_fd(), offset, len, timeout).await?;
+        let s = zerocopy::NonBlocking::new(s)?;
+        zerocopy::send_file(&s, &mut pipe, file.as_raw_fd(), offset, len, timeout).await?;
         self.keep_pipe(pipe);
         self.core.metrics.borrow_mut().cache_by_reference += len;
         Ok(())
