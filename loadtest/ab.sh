@@ -42,13 +42,9 @@ run_one() { # binary size -> "rps us_per_req"
   fi
   local t1; t1=$(cpu_ticks "$pid")
   kill "$pid"; wait "$pid" 2>/dev/null || true
-  local reqs; reqs=$(echo "$out" | awk '/requests in/ {print $1}')
-  local hz; hz=$(getconf CLK_TCK)
-  awk -v r="$reqs" -v d="$DURATION" -v t=$((t1 - t0)) -v hz="$hz" \
-    'BEGIN { printf "%.0f %.2f\n", r / d, (t / hz) * 1e6 / r }'
+  rate "$out" $((t1 - t0)) "$DURATION"
 }
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 echo "| object | $LA req/s | $LB req/s | $LA CPU us/req | $LB CPU us/req | CPU $LB/$LA |"
 echo "|---|---|---|---|---|---|"

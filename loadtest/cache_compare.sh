@@ -123,11 +123,8 @@ run() { # target size -> "rps us_per_req"
   local out; out=$(on_core 1 timeout $((DURATION + 20)) wrk -t1 -c32 -d"${DURATION}s" "$url")
   local t1; t1=$(ticks "$1")
   if echo "$out" | grep -q "Non-2xx"; then echo "$1 answered errors for $2" >&2; echo "$out" >&2; exit 1; fi
-  local reqs; reqs=$(echo "$out" | awk '/requests in/ {print $1}')
-  awk -v r="$reqs" -v d="$DURATION" -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" \
-    'BEGIN { printf "%.0f %.2f\n", r / d, (t / hz) * 1e6 / r }'
+  rate "$out" $((t1 - t0)) "$DURATION"
 }
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 TARGETS="yatagarasu copy nginx varnish"
 echo "| object | yatagarasu req/s | yatagarasu zero_copy off req/s | nginx proxy_cache req/s | Varnish req/s | yatagarasu CPU us/req | zero_copy off CPU us/req | nginx CPU us/req | Varnish CPU us/req |"

@@ -62,13 +62,8 @@ run_one() { # config -> "rps us_per_req"
   t1=$(cpu_ticks "$pid")
   kill "$pid"; wait "$pid" 2>/dev/null || true
   if echo "$out" | grep -q "Non-2xx"; then echo "$1: errors" >&2; echo "$out" >&2; fi
-  local reqs hz
-  reqs=$(echo "$out" | awk '/requests in/ {print $1}')
-  hz=$(getconf CLK_TCK)
-  awk -v r="$reqs" -v d="$DURATION" -v t=$((t1 - t0)) -v hz="$hz" \
-    'BEGIN { printf "%.0f %.2f\n", r / d, (t / hz) * 1e6 / r }'
+  rate "$out" $((t1 - t0)) "$DURATION"
 }
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 : >"$WORK/r-memory"; : >"$WORK/r-disk"
 for r in $(seq "$ROUNDS"); do
   run_one memory >>"$WORK/r-memory"

@@ -11,6 +11,8 @@
 #                                           nginx (one worker) proxying /data to the origin,
 #                                           keep-alive 128 upstream; NGINX_TUNED holds the
 #                                           buffer settings that fit 64 KiB responses
+#   rate <wrk output> <cpu ticks> <seconds>  "req/s CPU-us-per-request" of one wrk run
+#   median                                 the median of numbers on stdin, one per line
 
 setup_work() {
   WORK=${KEEP_WORK:-$(mktemp -d)}
@@ -123,3 +125,12 @@ http {
 }
 CONF
 }
+
+rate() {
+  local reqs
+  reqs=$(echo "$1" | awk '/requests in/ {print $1}')
+  awk -v r="$reqs" -v d="$3" -v t="$2" -v hz="$(getconf CLK_TCK)" \
+    'BEGIN { printf "%.0f %.2f\n", r / d, (t / hz) * 1e6 / r }'
+}
+
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }

@@ -69,14 +69,9 @@ run_one() { # target size -> "rps us_per_req"
   if echo "$out" | grep -q "Non-2xx\|Socket errors"; then
     echo "$1 errors on obj-$2:" >&2; echo "$out" >&2
   fi
-  local reqs hz
-  reqs=$(echo "$out" | awk '/requests in/ {print $1}')
-  hz=$(getconf CLK_TCK)
-  awk -v r="$reqs" -v d="$DURATION" -v t=$((t1 - t0)) -v hz="$hz" \
-    'BEGIN { printf "%.0f %.2f\n", r / d, (t / hz) * 1e6 / r }'
+  rate "$out" $((t1 - t0)) "$DURATION"
 }
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
 echo "wrk -t1 -c32, ${DURATION}s, medians of $ROUNDS rounds; proxies on core 0, wrk and origin on core 1"
