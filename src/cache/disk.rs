@@ -383,7 +383,14 @@ impl DiskStore {
 
     /// Whether an entry for `key` is on disk (marks it used).
     pub fn contains(&self, key: &str) -> bool {
-        self.lock().touch(key)
+        self.entry_size(key).is_some()
+    }
+
+    /// The size of the entry file for `key`, if there is one (marked used).
+    pub fn entry_size(&self, key: &str) -> Option<u64> {
+        let mut index = self.lock();
+        index.touch(key);
+        index.entries.get(key).map(|e| e.size)
     }
 
     /// Hands `object` to the disk thread; never waits.

@@ -130,10 +130,7 @@ impl WorkerGeneration {
             return Ok(None);
         };
         let mid = self.shared.bucket_metric[bucket];
-        let unsupported = [IF_MATCH, IF_UNMODIFIED_SINCE, IF_RANGE]
-            .iter()
-            .any(|&h| c.s.req.header(h).is_some());
-        if unsupported {
+        if conditional_not_answered(c) {
             c.s.cache = CacheUse::Bypass;
             self.core.metrics.borrow_mut().cache(mid, "bypass");
             return Ok(None);
@@ -333,19 +330,25 @@ impl WorkerGeneration {
             return None;
         };
         let settings = &self.shared.bucket(bucket).cache;
-        let conditional_unsupported = [IF_MATCH, IF_UNMODIFIED_SINCE, IF_RANGE]
-            .iter()
-            .any(|&h| c.s.req.header(h).is_some());
-        if !settings.enabled || conditional_unsupported || !matches!(c.stream, MaybeTls::Plain(_)) {
+        let zero_copy = self.shared.config.server.zero_copy;
+        if !settings.enabled
+            || conditional_not_answered(c)
+            || !matches!(c.stream, MaybeTls::Plain(_))
+        {
             return None;
         }
         let k = store::key(&self.shared.bucket(bucket).name, key, &c.s.query);
-        if store.get(&k).is_some() || !disk.contains(&k) {
+        if store.get(&k).is_some() {
+            return None;
+        }
+        // The file's size bounds the body's: an entry too small to be sent
+        // by reference is not opened twice (here, then to be read).
+        if !zero_copy.send_stored(disk.entry_size(&k)?) {
             return None;
         }
         let entry = disk.open_resident(&k).await?;
         let copy = &entry.object;
-        let by_reference = self.shared.config.server.zero_copy.send_stored(copy.total);
+        let by_reference = zero_copy.send_stored(copy.total);
         let fresh = policy::is_fresh(copy.stored_at, copy.fresh_for, SystemTime::now());
         let out = if by_reference && fresh {
             let mid = self.shared.bucket_metric[bucket];
@@ -514,11 +517,11 @@ impl WorkerGeneration {
             return None;
         }
         let fresh_for = self.freshness(resp, settings.ttl)?;
-        let headers = self.stored_headers(resp);
+        let meta = self.stored_meta(resp, fresh_for, len);
         let shared = c.s.leading.as_ref().map(|(_, f)| f.clone());
         if let Some(f) = &shared {
             f.set_head(FillHead {
-                headers: headers.clone(),
+                headers: meta.headers.clone(),
                 len,
             });
         }
@@ -530,18 +533,25 @@ impl WorkerGeneration {
             key: key.to_string(),
             len,
             body: Filling::with_capacity(len),
-            meta: Some(Object {
-                stored_at: SystemTime::now(),
-                fresh_for,
-                etag: resp.etag.clone(),
-                last_modified: forwarded_value(&resp.forward, "last-modified").map(str::to_string),
-                headers,
-                body: Body::default(),
-                total: len,
-            }),
+            meta: Some(meta),
         };
         fill.push(&answer.conn.buf[answer.head_len..start]);
         Some(fill)
+    }
+
+    /// A copy of `resp` stored now, fresh for `fresh_for`, of a `total`
+    /// bytes object, its body still empty: a whole object's before its
+    /// fill, or a sliced object's metadata.
+    pub(super) fn stored_meta(&self, resp: &Response, fresh_for: Duration, total: u64) -> Object {
+        Object {
+            stored_at: SystemTime::now(),
+            fresh_for,
+            etag: resp.etag.clone(),
+            last_modified: forwarded_value(&resp.forward, "last-modified").map(str::to_string),
+            headers: self.stored_headers(resp),
+            body: Body::default(),
+            total,
+        }
     }
 
     /// The headers stored with a copy (a whole object or a slice's
@@ -589,6 +599,14 @@ impl WorkerGeneration {
         };
         policy::freshness(&stored, ttl, SystemTime::now())
     }
+}
+
+/// A conditional the cache does not answer (`If-Match`,
+/// `If-Unmodified-Since`, `If-Range`): such a request bypasses it.
+fn conditional_not_answered(c: &Client) -> bool {
+    [IF_MATCH, IF_UNMODIFIED_SINCE, IF_RANGE]
+        .iter()
+        .any(|&h| c.s.req.header(h).is_some())
 }
 
 /// A GET with no range and no conditional.

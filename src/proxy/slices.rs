@@ -17,7 +17,7 @@ use super::attempt::Resume;
 use super::cache::CacheUse;
 use super::*;
 use crate::cache::policy::{self, RangeAnswer};
-use crate::cache::region::{Body, Filling};
+use crate::cache::region::Filling;
 use crate::cache::slice;
 use crate::cache::store::{self, Object};
 
@@ -62,8 +62,7 @@ impl WorkerGeneration {
     ) -> Option<Outcome> {
         let size = self.shared.config.cache.slice_bytes?;
         let store = self.shared.process.cache.as_ref()?;
-        let settings = &self.shared.bucket(bucket).cache;
-        if !settings.enabled || !self.wants_slices(c, bucket) {
+        if !self.wants_slices(c, bucket) {
             return None;
         }
         let object_key = store::key(&self.shared.bucket(bucket).name, key, &c.s.query);
@@ -379,18 +378,8 @@ impl WorkerGeneration {
         };
         let exact = a.conn.buf.len() == want_bytes;
         let total = cr.total.unwrap_or(0);
-        let now = SystemTime::now();
-        let headers = self.stored_headers(&a.resp);
-        let meta = Object {
-            stored_at: now,
-            fresh_for,
-            etag: a.resp.etag.clone(),
-            last_modified: super::cache::forwarded_value(&a.resp.forward, "last-modified")
-                .map(str::to_string),
-            headers,
-            body: Body::default(),
-            total,
-        };
+        let meta = self.stored_meta(&a.resp, fresh_for, total);
+        let now = meta.stored_at;
         let piece = Object {
             stored_at: now,
             fresh_for,
@@ -425,16 +414,7 @@ impl WorkerGeneration {
         if store.get(&meta_key).is_some_and(|m| m.etag == resp.etag) {
             return;
         }
-        let meta = Object {
-            stored_at: SystemTime::now(),
-            fresh_for,
-            etag: resp.etag.clone(),
-            last_modified: super::cache::forwarded_value(&resp.forward, "last-modified")
-                .map(str::to_string),
-            headers: self.stored_headers(resp),
-            body: Body::default(),
-            total: len,
-        };
+        let meta = self.stored_meta(resp, fresh_for, len);
         // Slices of another version are dropped with the old metadata.
         store.remove_prefix(&slice::prefix(object_key));
         let epoch = store.purge_epoch();
