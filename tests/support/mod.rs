@@ -70,6 +70,8 @@ fn find_bin(name: &str) -> PathBuf {
 }
 
 fn kill_pid(child: &mut Child, signal: i32) {
+    // SAFETY: kill(2) on our own child, not yet reaped (wait follows), so
+    // its PID cannot belong to another process.
     unsafe {
         libc::kill(child.id() as i32, signal);
     }
@@ -193,8 +195,25 @@ pub struct Moto {
 }
 
 impl Moto {
+    /// A moto server on a free port. A port the harness picked can be taken
+    /// by another test's server before moto binds it (moto then exits, and
+    /// the port answers, but not as moto): then it starts again elsewhere.
     pub fn start() -> Moto {
-        let port = free_port();
+        for _ in 0..5 {
+            let mut moto = Self::start_on(free_port());
+            let ours = wait_for_port(moto.port, Duration::from_secs(30))
+                && http::try_get(moto.port, "/moto-api/data.json", &[])
+                    .is_ok_and(|r| r.status == 200 && r.body.starts_with(b"{"))
+                && matches!(moto.child.try_wait(), Ok(None));
+            if ours {
+                return moto;
+            }
+            drop(moto); // killed and reaped once, by its Drop
+        }
+        panic!("moto did not start (5 tries)");
+    }
+
+    fn start_on(port: u16) -> Moto {
         let args = [
             "-H".to_string(),
             "127.0.0.1".to_string(),
@@ -216,12 +235,9 @@ impl Moto {
                     .spawn()
             })
             .expect("moto must be installed (pip install 'moto[server]')");
-        assert!(
-            wait_for_port(port, Duration::from_secs(30)),
-            "moto did not start"
-        );
         Moto { port, child }
     }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
