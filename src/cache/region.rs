@@ -131,18 +131,6 @@ impl Drop for Region {
     }
 }
 
-// SAFETY: `stable_init_ptr` points at the mapping, which does not move while
-// the Region lives; `bytes_init` never exceeds what was written.
-unsafe impl monoio::buf::IoBuf for Region {
-    fn read_ptr(&self) -> *const u8 {
-        self.ptr.as_ptr()
-    }
-
-    fn bytes_init(&self) -> usize {
-        self.filled
-    }
-}
-
 // SAFETY: the writable pointer and capacity describe the mapping; the
 // runtime reports how many bytes a read initialized through `set_init`.
 unsafe impl monoio::buf::IoBufMut for Region {

@@ -121,11 +121,10 @@ impl WorkerGeneration {
         while let Some(left) = Box::pin(self.connection(&mut c)).await {
             self.core.parked.set(self.core.parked.get() + 1);
             self.core.give_state(c.s);
-            let readable = self.park_until_readable(&c.stream, left).await;
-            c.s = self.core.take_state();
-            if !readable {
+            if !self.park_until_readable(&c.stream, left).await {
                 return;
             }
+            c.s = self.core.take_state();
             c.s.rbuf = self.take_read_buf();
         }
         self.give_read_buf(std::mem::take(&mut c.s.rbuf));
