@@ -285,6 +285,61 @@ fn stale_if_error_serves_an_expired_copy_through_an_outage_then_fresh_again() {
     );
 }
 
+/// Concurrent requests for an expired copy while the upstream fails slowly:
+/// the first leads a fill, the others wait on it, and when it is abandoned
+/// each tries the replicas itself and falls back to the stale copy. The
+/// outage is still one WARN for the key, and every request is counted once,
+/// as stale (not also as a coalesced hit).
+#[test]
+fn waiters_on_a_failed_fill_fall_back_to_the_stale_copy_with_one_warning() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let down = Arc::new(AtomicBool::new(false));
+    let d = down.clone();
+    let up = Rogue::start(move |_| {
+        if d.load(Ordering::SeqCst) {
+            return vec![
+                Step::Sleep(Duration::from_millis(400)),
+                send("HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\n\r\n"),
+            ];
+        }
+        vec![send(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nCache-Control: max-age=1\r\n\r\nold",
+        )]
+    });
+    let cfg = config(&up.endpoint(), "  stale_if_error_seconds: 60\n", "");
+    let proxy = Proxy::start(&cfg);
+    assert_eq!(proxy.get("/b/k").text(), "old");
+    down.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1200));
+    let clients: Vec<_> = (0..6)
+        .map(|i| {
+            let port = proxy.port;
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20 * i));
+                let mut conn = Conn::open(port).expect("connect");
+                let r = conn.request("GET", "/b/k", &[]).expect("response");
+                (r.status, r.text(), r.header("x-cache").map(str::to_string))
+            })
+        })
+        .collect();
+    for c in clients {
+        let got = c.join().expect("client thread");
+        assert_eq!(got, (200, "old".to_string(), Some("STALE".to_string())));
+    }
+    assert!(proxy.wait_log("serving a stale copy", Duration::from_secs(2)));
+    assert_eq!(proxy.log().matches("serving a stale copy").count(), 1);
+    let m = proxy.metrics();
+    assert!(
+        m.contains("yatagarasu_cache_requests_total{bucket=\"b\",result=\"stale\"} 6"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("result=\"hit\""),
+        "a waiter that fell back was counted as a hit: {m}"
+    );
+}
+
 #[test]
 fn an_expired_copy_is_revalidated_with_its_etag_and_replaced_when_it_changed() {
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -161,12 +161,8 @@ impl WorkerGeneration {
                     c.s.leading = Some((k.clone(), fill));
                     CacheUse::Fill(k)
                 }
-                Role::Waiter(fill) => {
-                    let mut m = self.core.metrics.borrow_mut();
-                    m.cache(mid, "hit");
-                    m.coalesced(mid);
-                    return Err(fill);
-                }
+                // Counted by `serve_waiter` once the fill's head arrives.
+                Role::Waiter(fill) => return Err(fill),
             },
             (false, _) => CacheUse::Bypass,
         };
@@ -252,6 +248,7 @@ impl WorkerGeneration {
         &self,
         c: &mut Client,
         bucket: usize,
+        key: &str,
         replicas_failed: bool,
     ) -> Option<Arc<Object>> {
         if !self.deferred(c) {
@@ -268,10 +265,9 @@ impl WorkerGeneration {
             return None;
         };
         self.core.metrics.borrow_mut().cache(mid, "stale");
-        let key = match c.s.cache.fill_key() {
-            Some(k) => k.to_string(),
-            None => String::from_utf8_lossy(&c.s.req.target).into_owned(),
-        };
+        // The store key, whatever role this request had: a waiter whose fill
+        // was abandoned falls back here too, and is the same key.
+        let key = store::key(&self.shared.bucket(bucket).name, key, &c.s.query);
         let mut warned = match self.shared.process.stale_warned.lock() {
             Ok(w) => w,
             Err(poisoned) => poisoned.into_inner(),
@@ -842,11 +838,18 @@ impl WorkerGeneration {
         let head = match monoio::time::timeout(wait, fill.next(false, 0)).await {
             Ok(Event::Head(h)) => h,
             _ => {
-                // No shared answer: fetch for ourselves, without caching.
+                // No shared answer: fetch for ourselves, without caching (a
+                // stale copy found by the lookup still answers an outage).
                 c.s.cache = CacheUse::Bypass;
                 return self.proxy(c, bucket, key).await;
             }
         };
+        let mid = self.shared.bucket_metric[bucket];
+        {
+            let mut m = self.core.metrics.borrow_mut();
+            m.cache(mid, "hit");
+            m.coalesced(mid);
+        }
         let keep = c.s.req.keep_alive && !self.core.draining.get();
         let w = &mut c.s.wbuf;
         head::status_line(w, 200);

@@ -268,7 +268,13 @@ impl WorkerGeneration {
             other => other,
         };
         let failed = !matches!(tried, Tried::Answered { .. });
-        if let Some(copy) = self.settle(c, bucket, failed) {
+        if failed {
+            // No answer to share: the fill leaves the table before the error
+            // or stale answer goes out, so the client's next request leads
+            // its own instead of joining one already lost.
+            self.end_fill(c);
+        }
+        if let Some(copy) = self.settle(c, bucket, key, failed) {
             // Stale-if-error: an expired copy rather than a 502 or 503.
             return self.serve_cached(c, bucket, &copy, "STALE").await;
         }
