@@ -63,6 +63,8 @@ pub struct WorkerStatus {
     pub in_flight: AtomicUsize,
     /// Client connections open now.
     pub open_connections: AtomicI64,
+    /// Of those, idle ones in the lot (no task), as of the last sweep.
+    pub lot_connections: AtomicUsize,
     /// Highest scrape generation this worker has published for.
     pub published: AtomicU64,
     /// The worker's metrics as of `published`.

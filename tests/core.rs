@@ -623,6 +623,66 @@ fn a_parked_keep_alive_connection_serves_again() {
     );
 }
 
+/// Keep-alive connections idle past a park and a sweep move to the lot
+/// (no task of their own); from there they are served again when they
+/// send, pipelined requests included, and closed when their client hangs
+/// up or their idle timeout passes.
+#[test]
+fn idle_connections_wait_in_the_lot_and_are_served_from_it() {
+    let s3 = S3::start();
+    s3.create_bucket("data-bucket");
+    s3.put("data-bucket", "test.txt", b"Primary data!\n");
+    let port = free_port();
+    let cfg = format!(
+        "server:\n  address: \"127.0.0.1:{port}\"\n  workers: 2\n  idle_timeout_seconds: 3\n{}",
+        single_bucket("/data", "data-bucket", &s3.endpoint())
+    );
+    let proxy = Proxy::start(&cfg);
+    let mut conns: Vec<Conn> = (0..20).map(|_| Conn::open(proxy.port).unwrap()).collect();
+    for c in &mut conns {
+        let r = c.request("GET", "/data/test.txt", &[]).unwrap();
+        assert_eq!(r.text(), "Primary data!\n");
+    }
+    let wait = Duration::from_secs(2);
+    assert!(
+        proxy.wait_metric("yatagarasu_idle_connections", 20.0, wait),
+        "{}",
+        proxy.metrics()
+    );
+    // Served from the lot: half send one request, half two pipelined.
+    for (i, c) in conns.iter_mut().enumerate() {
+        if i % 2 == 0 {
+            let r = c.request("GET", "/data/test.txt", &[]).unwrap();
+            assert_eq!((r.status, r.text().as_str()), (200, "Primary data!\n"));
+        } else {
+            let get = "GET /data/test.txt HTTP/1.1\r\nHost: x\r\n\r\n";
+            c.send(format!("{get}HEAD /data/test.txt HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .unwrap();
+            let r = c.read_response(false).unwrap();
+            assert_eq!(r.text(), "Primary data!\n");
+            let h = c.read_response(true).unwrap();
+            assert_eq!(h.header("content-length"), Some("14"));
+        }
+    }
+    // Back in the lot; clients that hang up are closed from it.
+    assert!(proxy.wait_metric("yatagarasu_idle_connections", 20.0, wait));
+    conns.truncate(5);
+    assert!(
+        proxy.wait_metric("yatagarasu_open_connections", 5.0, wait),
+        "{}",
+        proxy.metrics()
+    );
+    // The rest idle out from the lot (3 s after their last request).
+    for c in &mut conns {
+        assert!(
+            c.is_closed(Duration::from_secs(6)),
+            "idle connection still open"
+        );
+    }
+    assert!(proxy.wait_metric("yatagarasu_open_connections", 0.0, wait));
+    assert!(proxy.wait_metric("yatagarasu_idle_connections", 0.0, wait));
+}
+
 #[test]
 fn logging_level_and_format_come_from_config_and_rust_log_overrides() {
     let s3 = S3::start();

@@ -260,6 +260,19 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
         vec![gauge(&[], open.max(0) as f64)],
     ));
 
+    let in_lot: usize = shared
+        .process
+        .workers
+        .iter()
+        .map(|s| s.lot_connections.load(Ordering::Relaxed))
+        .sum();
+    families.push(family(
+        "yatagarasu_idle_connections",
+        "Keep-alive client connections idle with no task of their own (in the lot), as of each worker's last sweep.",
+        MetricType::GAUGE,
+        vec![gauge(&[], in_lot as f64)],
+    ));
+
     let mut health = Vec::new();
     let mut state = Vec::new();
     let mut requests = Vec::new();

@@ -11,6 +11,7 @@
 //! instead of a reset (RFC 9112 §9.6). A body cut short is the opposite: the
 //! connection is reset (SO_LINGER 0) so the client sees an abort.
 
+use super::park::Woke;
 use super::*;
 
 /// Initial client read buffer (grows to the head limit when needed).
@@ -80,7 +81,8 @@ impl WorkerGeneration {
 
     // ---- connection loop ----
 
-    /// Serves one client connection until it closes, errs or idles out.
+    /// Serves one client connection until it closes, errs or idles out (or
+    /// moves to the lot, see [`Worker::watch_lot`]).
     pub async fn serve(
         &self,
         stream: TcpStream,
@@ -101,13 +103,17 @@ impl WorkerGeneration {
                             "TLS handshake with client failed",
                             error = io::Error::from(e)
                         );
+                        self.core.connection_closed();
                         return;
                     }
-                    Err(_) => return,
+                    Err(_) => {
+                        self.core.connection_closed();
+                        return;
+                    }
                 }
             }
         };
-        let mut c = Client {
+        let c = Client {
             stream,
             fd,
             peer,
@@ -115,20 +121,89 @@ impl WorkerGeneration {
             // read_head).
             s: self.core.take_state(),
         };
-        // A parked connection hands its request state back to the worker:
-        // its task holds only the socket while it waits.
+        self.serve_client(c).await;
+    }
+
+    /// Serves a connection taken out of the lot (its socket is readable).
+    async fn serve_from_lot(&self, idle: Idle) {
+        let c = self.woken(idle.stream, idle.peer);
+        self.serve_client(c).await;
+    }
+
+    /// A (plain-TCP) connection back from parking: a request state and a
+    /// read buffer.
+    fn woken(&self, tcp: TcpStream, peer: std::net::IpAddr) -> Client {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+        let mut s = self.core.take_state();
+        s.rbuf = self.take_read_buf();
+        Client {
+            stream: MaybeTls::Plain(tcp),
+            fd,
+            peer,
+            s,
+        }
+    }
+
+    /// Serves `c`'s requests, parking it whenever it idles, until it closes
+    /// (counted) or moves to the lot.
+    async fn serve_client(&self, mut c: Client) {
         // Boxed: the serving state exists only while requests are served.
         while let Some(left) = Box::pin(self.connection(&mut c)).await {
             self.core.parked.set(self.core.parked.get() + 1);
-            self.core.give_state(c.s);
-            if !self.park_until_readable(&c.stream, left).await {
-                return;
+            match self.park(c, left).await {
+                Some(woken) => c = woken,
+                None => return,
             }
-            c.s = self.core.take_state();
-            c.s.rbuf = self.take_read_buf();
         }
         self.give_read_buf(std::mem::take(&mut c.s.rbuf));
         self.core.give_state(c.s);
+        self.core.connection_closed();
+    }
+
+    /// Parks `c` for at most `left`, its request state handed back to the
+    /// worker: the task holds only the socket and a readiness wait. Returns
+    /// the connection when it is readable; `None` when it closed (counted;
+    /// TLS connections never park) or moved to the lot at a sweep.
+    async fn park(&self, c: Client, left: Duration) -> Option<Client> {
+        let Client {
+            stream, peer, s, ..
+        } = c;
+        self.core.give_state(s);
+        let MaybeTls::Plain(mut tcp) = stream else {
+            self.core.connection_closed();
+            return None;
+        };
+        let deadline = now_ms().saturating_add(left.as_millis() as u64);
+        let mut movable = self.core.lot.is_some();
+        loop {
+            let slot = self.core.parking.park(deadline, movable);
+            match super::park::until_readable(tcp.readable(false), &slot).await {
+                Woke::Readable => return Some(self.woken(tcp, peer)),
+                Woke::Waiting | Woke::Expired => {
+                    self.core.connection_closed();
+                    return None;
+                }
+                Woke::ToLot => {
+                    let Some(idle) = &self.core.lot else {
+                        movable = false;
+                        continue;
+                    };
+                    match idle.lot.insert(Idle { stream: tcp, peer }, deadline) {
+                        Ok(()) => return None,
+                        Err((e, back)) => {
+                            // Kept in its task instead (e.g. max_user_watches).
+                            log!(
+                                Level::Debug,
+                                "Idle connection not moved to the lot",
+                                error = e
+                            );
+                            tcp = back.stream;
+                            movable = false;
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Serves requests until the connection ends (`None`) or is to be
@@ -331,21 +406,6 @@ impl WorkerGeneration {
         Ok(())
     }
 
-    /// An idle keep-alive connection keeps no buffers: gives them back, waits
-    /// for readability only (no timer of its own: see `park`), then takes a
-    /// fresh read buffer. False when the connection stayed idle for `left`
-    /// or failed.
-    /// Waits, holding no buffer and no timer, until `stream` is readable
-    /// (`true`) or `left` has passed (`false`; TLS connections never park).
-    async fn park_until_readable(&self, stream: &ClientStream, left: Duration) -> bool {
-        let MaybeTls::Plain(s) = stream else {
-            return false;
-        };
-        let deadline = now_ms().saturating_add(left.as_millis() as u64);
-        let slot = self.core.parking.park(deadline);
-        super::park::until_readable(s.readable(false), &slot).await
-    }
-
     pub(super) fn finish(&self, c: &Client, o: &Outcome, started: Instant) {
         let micros = started.elapsed().as_micros() as u64;
         let bucket = o
@@ -447,5 +507,57 @@ impl WorkerGeneration {
             replica: None,
             bucket: None,
         }
+    }
+}
+
+impl Worker {
+    /// A connection of this worker ended (closed or idled out).
+    pub fn connection_closed(&self) {
+        self.process.workers[self.id]
+            .open_connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The lot's watcher, one task per worker: gives each connection whose
+    /// socket became readable (or hung up) a task again, served by the
+    /// newest configuration generation.
+    pub async fn watch_lot(self: Rc<Worker>) {
+        let Some(idle) = &self.lot else {
+            return;
+        };
+        let mut woke = Vec::new();
+        loop {
+            if let Err(e) = idle.watch.readable(false).await {
+                log!(
+                    Level::Error,
+                    "Idle connections cannot be watched; they close at their idle timeout",
+                    worker = self.id,
+                    error = e
+                );
+                return;
+            }
+            idle.lot.take_ready(&mut woke);
+            for conn in woke.drain(..) {
+                let generation = self.current();
+                monoio::spawn(async move { generation.serve_from_lot(conn).await });
+            }
+        }
+    }
+
+    /// Closes the connections in the lot past their idle deadline (from the
+    /// worker's tick, after a sweep).
+    pub fn expire_lot(&self, now_ms: u64) {
+        let Some(idle) = &self.lot else {
+            return;
+        };
+        let mut expired = Vec::new();
+        idle.lot.take_expired(now_ms, &mut expired);
+        for conn in expired {
+            drop(conn);
+            self.connection_closed();
+        }
+        self.process.workers[self.id]
+            .lot_connections
+            .store(idle.lot.len(), Ordering::Relaxed);
     }
 }

@@ -40,6 +40,7 @@ mod cache;
 mod connection;
 mod flow;
 mod limits;
+pub mod lot;
 pub mod park;
 mod relay;
 mod resume;
@@ -122,6 +123,9 @@ pub struct Worker {
     pub parked: Cell<usize>,
     /// Parked connections waiting for data, swept for idle timeouts.
     pub parking: park::Parking,
+    /// Connections idle past a sweep, with no task (none when this worker
+    /// could not make an epoll instance: they stay parked in their tasks).
+    pub lot: Option<IdleLot>,
     /// This worker's share of `server.max_upstream_connections`, shared by
     /// the pools of every configuration generation.
     pub upstream_budget: Rc<crate::upstream::pool::Budget>,
@@ -188,6 +192,18 @@ impl Worker {
             zero_copy_pipes: RefCell::new(Vec::new()),
             parked: Cell::new(0),
             parking: park::Parking::default(),
+            lot: match IdleLot::new() {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    log!(
+                        Level::Warn,
+                        "No epoll instance for idle connections; they keep their tasks",
+                        worker = id,
+                        error = e
+                    );
+                    None
+                }
+            },
             upstream_budget,
             overload_logged: Cell::new(0),
             read_bufs: RefCell::new(Vec::new()),
@@ -241,6 +257,48 @@ struct Client {
     /// The socket peer's address.
     peer: std::net::IpAddr,
     s: Box<RequestState>,
+}
+
+/// A plain-TCP client connection in the lot: all an idle connection keeps.
+pub struct Idle {
+    stream: TcpStream,
+    peer: std::net::IpAddr,
+}
+
+impl std::os::fd::AsRawFd for Idle {
+    fn as_raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
+/// This worker's lot and the descriptor its watcher waits on (see
+/// `Worker::watch_lot`).
+pub struct IdleLot {
+    lot: lot::Lot<Idle>,
+    watch: monoio::net::unix::UnixDatagram,
+}
+
+impl IdleLot {
+    /// Needs the worker's runtime: the watch descriptor is registered with
+    /// its driver.
+    fn new() -> io::Result<IdleLot> {
+        let lot = lot::Lot::new()?;
+        // The epoll instance is only polled for readiness through this
+        // wrapper; no datagram operation is ever made on it.
+        let std = std::os::unix::net::UnixDatagram::from(lot.watch_fd()?);
+        let watch = monoio::net::unix::UnixDatagram::from_std(std)?;
+        Ok(IdleLot { lot, watch })
+    }
+
+    /// Connections in the lot.
+    pub fn len(&self) -> usize {
+        self.lot.len()
+    }
+
+    /// No connection is in the lot.
+    pub fn is_empty(&self) -> bool {
+        self.lot.is_empty()
+    }
 }
 
 /// A client connection's per-request state and buffers.

@@ -395,6 +395,7 @@ async fn worker_main(
             }
         });
     }
+    monoio::spawn(core.clone().watch_lot());
     // This worker's share of server.max_connections (rounded up).
     let limit = shared
         .config
@@ -430,11 +431,9 @@ async fn worker_main(
                 core.metrics.borrow_mut().connections_total += 1;
                 let worker = core.current();
                 let tls = tls.clone();
+                // Counted closed where it ends (its task, or the lot).
                 monoio::spawn(async move {
                     worker.serve(stream, tls.as_deref(), peer.ip()).await;
-                    worker.shared.process.workers[worker.id]
-                        .open_connections
-                        .fetch_sub(1, Ordering::Relaxed);
                 });
             }
             Err(e) => {
@@ -469,7 +468,10 @@ fn trim_heap() {
 /// Periodic per-worker housekeeping, off the request path.
 fn tick(worker: &Worker) {
     log::flush();
-    worker.parking.tick(crate::shared::now_ms());
+    let now = crate::shared::now_ms();
+    if worker.parking.tick(now) {
+        worker.expire_lot(now);
+    }
     // Parked connections freed their buffers; hand the memory back to the
     // OS once a burst of them has gone idle, so RSS follows live use.
     if worker.parked.get() >= 256 {

@@ -109,8 +109,15 @@ impl S3 {
             keys: (access_key.into(), secret_key.into()),
             child: None,
         };
-        s.restart();
-        s
+        // Another test's server may take the free port before s3s-fs binds
+        // it (s3s-fs then exits): start again on another.
+        for _ in 0..5 {
+            if s.try_start() {
+                return s;
+            }
+            s.port = free_port();
+        }
+        panic!("s3s-fs did not start");
     }
 
     /// Stops it, and starts it again accepting only these keys.
@@ -130,6 +137,16 @@ impl S3 {
 
     /// (Re)starts the process on the same port and data directory.
     pub fn restart(&mut self) {
+        assert!(
+            self.try_start(),
+            "s3s-fs did not start on port {}",
+            self.port
+        );
+    }
+
+    /// Starts the process; false when it exited instead of serving (its
+    /// port taken).
+    fn try_start(&mut self) -> bool {
         assert!(self.child.is_none(), "already running");
         let log =
             std::fs::File::create(self.dir.path().with_extension(format!("{}.log", self.port)))
@@ -145,10 +162,33 @@ impl S3 {
                 "s3s-fs must be installed (cargo install s3s-fs@0.14.1 --features binary --locked)",
             );
         self.child = Some(child);
-        assert!(
-            wait_for_port(self.port, Duration::from_secs(15)),
-            "s3s-fs did not start"
-        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if self.exited() {
+                return false;
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                // Answered: by this process only if it is still alive once
+                // it has had time to bind (or fail to).
+                std::thread::sleep(Duration::from_millis(100));
+                return !self.exited();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        false
+    }
+
+    /// The process ended by itself (it is then forgotten).
+    fn exited(&mut self) -> bool {
+        let gone = self
+            .child
+            .as_mut()
+            .is_some_and(|c| !matches!(c.try_wait(), Ok(None)));
+        if gone {
+            self.child = None;
+        }
+        gone
     }
 
     /// `kill -9`, as a crash would.
@@ -419,6 +459,26 @@ impl Proxy {
 
     /// Rewrites the config file with `body` (same server/metrics sections)
     /// and sends SIGHUP.
+    /// The value of an unlabelled metric (`None` when absent).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let m = self.metrics();
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Waits until the metric `name` reads `want`; false after `timeout`.
+    pub fn wait_metric(&self, name: &str, want: f64, timeout: Duration) -> bool {
+        let end = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < end {
+            if self.metric(name) == Some(want) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
     pub fn reload(&self, body: &str) {
         let path = self.dir.path().join("config.yaml");
         std::fs::write(&path, format!("{}{body}", self.prefix)).expect("write config");
