@@ -6,6 +6,7 @@
 #
 #   bash loadtest/profile.sh [size: 1k|64k|1m] [binary]
 #   CACHE=1 bash loadtest/profile.sh 1m      # cache hits (memory tier, warmed)
+#   PEER=nginx bash loadtest/profile.sh 64k  # the same for nginx tuned for proxying
 #
 # Needs perf, wrk, nginx.
 set -euo pipefail
@@ -32,10 +33,18 @@ fi
 yata_yaml "$P_YATA" "$P_ORIGIN" "$EXTRA" >"$WORK/y.yaml"
 taskset -c 1 nginx -c "$WORK/origin.conf" &
 PIDS+=($!)
-taskset -c 0 "$BIN" --config "$WORK/y.yaml" 2>"$WORK/logs/y.log" &
+if [ "${PEER:-}" = nginx ]; then
+  nginx_proxy_conf "$WORK" "$P_YATA" "$P_ORIGIN" "$NGINX_TUNED" >"$WORK/peer.conf"
+  taskset -c 0 nginx -c "$WORK/peer.conf" &
+else
+  taskset -c 0 "$BIN" --config "$WORK/y.yaml" 2>"$WORK/logs/y.log" &
+fi
 PID=$!
 PIDS+=($PID)
 for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$P_YATA/data/obj-$SIZE" && break; sleep 0.1; done
+if [ "${PEER:-}" = nginx ]; then
+  PID=$(pgrep -P "$PID" | head -1) # the worker, not the master
+fi
 URL="http://127.0.0.1:$P_YATA/data/obj-$SIZE"
 taskset -c 1 wrk -t1 -c32 -d1s "$URL" >/dev/null
 

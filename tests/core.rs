@@ -5,6 +5,7 @@ mod support;
 use std::time::{Duration, Instant};
 use support::fault::{Fault, Mode};
 use support::http::{self, Conn};
+use support::rogue::{send, Rogue, Step};
 use support::*;
 
 fn setup() -> (S3, Proxy) {
@@ -36,6 +37,50 @@ fn signed_get_and_head_stream_the_object() {
     assert_eq!(h1.header("content-length"), Some("14"));
     let g = c.request("GET", "/data/test.txt", &[]).unwrap();
     assert_eq!(g.text(), "Primary data!\n");
+}
+
+/// A response head and the body bytes read with it leave in one vectored
+/// write (the upstream here sends head and body in one write, as nginx or
+/// S3 do). The client gets them whole and in order at every size around
+/// the points where the path changes (16 KiB copied behind the head, 64 KiB
+/// plus a head read in one receive), slowly through a small window, and
+/// the connection stays usable.
+#[test]
+fn head_and_first_body_bytes_written_together_arrive_byte_exact() {
+    let sizes = [
+        16 * 1024,
+        16 * 1024 + 1,
+        60_000,
+        64 * 1024,
+        68 * 1024,
+        200_000,
+    ];
+    let up = Rogue::start(move |seen| {
+        let index: Option<usize> = seen
+            .target
+            .rsplit('/')
+            .next()
+            .and_then(|name| name.strip_suffix(".bin")?.strip_prefix('w')?.parse().ok());
+        let Some(i) = index.filter(|&i| i < sizes.len()) else {
+            return vec![send("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")];
+        };
+        let body = pattern(sizes[i], i as u64 + 11);
+        let mut raw =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        raw.extend_from_slice(&body);
+        vec![Step::Send(raw)]
+    });
+    let proxy = Proxy::start(&single_bucket("/data", "data-bucket", &up.endpoint()));
+    let mut c = Conn::open_small_window(proxy.port, 2048).unwrap();
+    for (i, &size) in sizes.iter().enumerate() {
+        let body = pattern(size, i as u64 + 11);
+        c.send(format!("GET /data/w{i}.bin HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let r = c.read_response(false).unwrap();
+        assert_eq!((r.status, r.body.len()), (200, size));
+        assert_eq!(sha256(&r.body), sha256(&body), "size {size}");
+    }
 }
 
 #[test]

@@ -5,7 +5,8 @@
 use super::resume::Resumed;
 use super::*;
 
-/// Bodies up to this size are sent in the same write as the response head.
+/// Body bytes up to this size are copied behind the response head; more
+/// go out with it in a vectored write (uncopied).
 const COALESCE_MAX: usize = 16 * 1024;
 
 impl WorkerGeneration {
@@ -23,13 +24,15 @@ impl WorkerGeneration {
             upstream: self.replica(answer.rid).timeout,
             client: self.shared.config.server.idle_timeout,
         };
-        let (mut out, start) = self.head_for_client(c, &answer);
+        let (mut out, with_head) = self.head_for_client(c, &answer);
+        let start = with_head.1;
         let mut fill = self.fill_start(c, &answer, start);
         if fill.is_none() {
             // Not cacheable: requests waiting on this fill go upstream now.
             self.abandon_fill(c);
         }
-        if write_all(&mut c.stream, &mut c.s.wbuf, timeouts.client)
+        let (head, buf) = (&mut c.s.wbuf, &mut answer.conn.buf);
+        if write_head_and_body(&mut c.stream, head, buf, with_head, timeouts.client)
             .await
             .is_err()
         {
@@ -114,9 +117,10 @@ impl WorkerGeneration {
     }
 
     /// Writes the client's response head into `c.s.wbuf`, with the first body
-    /// bytes when they are few; returns the outcome so far and where the rest
-    /// of the body starts in `answer.conn.buf`.
-    fn head_for_client(&self, c: &mut Client, answer: &Answer) -> (Outcome, usize) {
+    /// bytes when they are few; returns the outcome so far and the bytes of
+    /// `answer.conn.buf` to send right behind the head (their end is where
+    /// the rest of the body starts).
+    fn head_for_client(&self, c: &mut Client, answer: &Answer) -> (Outcome, (usize, usize)) {
         let resp = &answer.resp;
         let framing = resp.framing();
         let rechunk = !c.s.req.http10;
@@ -145,17 +149,20 @@ impl WorkerGeneration {
             replica: Some(answer.rid),
             bucket: None,
         };
-        let mut start = answer.head_len;
+        let start = answer.head_len;
+        let mut with_head = (start, start);
         if let Framing::Length(len) = framing {
             let avail = answer.conn.buf.len() - start;
-            if avail <= COALESCE_MAX {
-                let n = avail.min(len as usize);
+            let n = avail.min(usize::try_from(len).unwrap_or(usize::MAX));
+            if n <= COALESCE_MAX {
                 w.extend_from_slice(&answer.conn.buf[start..start + n]);
-                start += n;
-                out.bytes = n as u64;
+                with_head = (start + n, start + n);
+            } else {
+                with_head = (start, start + n);
             }
+            out.bytes = n as u64;
         }
-        (out, start)
+        (out, with_head)
     }
 
     /// Moves the body with the pump its framing needs; `already` bytes of a

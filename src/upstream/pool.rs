@@ -34,8 +34,10 @@ use std::rc::Rc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-/// Size of each upstream connection's read buffer (also the body copy chunk).
-pub const CONN_BUF: usize = 64 * 1024;
+/// Size of each upstream connection's read buffer (also the body copy
+/// chunk): a 64 KiB body and its response head fit, so such a response can
+/// be read in one receive and sent on in one write.
+pub const CONN_BUF: usize = 68 * 1024;
 /// Idle connections older than this are closed instead of reused.
 pub const IDLE_TTL: Duration = Duration::from_secs(15);
 /// Idle connections kept per replica per core.

@@ -41,6 +41,51 @@ impl Conn {
         })
     }
 
+    /// A connection whose receive buffer is `rcvbuf` bytes from the start
+    /// (set before connecting, so the window offered is small too): the
+    /// proxy's writes to it end part-way while the client does not read.
+    pub fn open_small_window(port: u16, rcvbuf: i32) -> io::Result<Conn> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket calls on a descriptor created here; the
+        // option and address point to values that live across each call.
+        let stream = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let stream = TcpStream::from_raw_fd(fd);
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&rcvbuf as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            );
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            let r = libc::connect(
+                fd,
+                (&addr as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            stream
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(Conn {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
     pub fn send(&mut self, raw: &[u8]) -> io::Result<()> {
         self.stream.write_all(raw)
     }
