@@ -74,18 +74,18 @@ pub async fn write_all<S: AsyncWriteRentExt>(
     write_range(s, buf, 0, end, timeout).await
 }
 
-/// Two owned buffers written as one (`head`, then `body[from..to]`).
-struct HeadAndBody {
+/// An owned head and body written as one (`head`, then part of `body`).
+struct HeadAndBody<B> {
     head: Vec<u8>,
-    body: Vec<u8>,
+    body: B,
     iov: [libc::iovec; 2],
 }
 
-// SAFETY: the iovecs point into the two vectors' heap buffers, which neither
-// move nor change while the value is owned by the runtime (the vectors are
-// not touched until it hands the value back); `from..to` was checked against
-// `body`'s length when the iovecs were made.
-unsafe impl IoVecBuf for HeadAndBody {
+// SAFETY: the iovecs point into `head`'s heap buffer and into `body`, whose
+// memory an `IoBuf` keeps in place while it is owned (neither is touched
+// until the runtime hands the value back); the body's part was checked
+// against its initialised length when the iovecs were made.
+unsafe impl<B: IoBuf> IoVecBuf for HeadAndBody<B> {
     fn read_iovec_ptr(&self) -> *const libc::iovec {
         self.iov.as_ptr()
     }
@@ -95,48 +95,65 @@ unsafe impl IoVecBuf for HeadAndBody {
     }
 }
 
-/// Writes all of `head` and then `body[from..to]` with vectored writes: a
-/// response head and the first body bytes leave in one operation, and so in
-/// as few TCP segments as the bytes need.
-pub async fn write_head_and_body<S: AsyncWriteRentExt>(
+/// Writes all of `head` and then `body[from..to]` with vectored writes, so
+/// a response head and its body bytes leave in one operation (and in as
+/// few TCP segments as the bytes need). Returns the body (`None` when the
+/// write timed out and the operation kept it).
+pub async fn write_head_and<S, B>(
     s: &mut S,
     head: &mut Vec<u8>,
-    body: &mut Vec<u8>,
+    body: B,
     (from, to): (usize, usize),
     timeout: Duration,
-) -> io::Result<()> {
-    if from >= to || to > body.len() {
-        write_all(s, head, timeout).await?;
-        return write_range(s, body, from, to, timeout).await;
+) -> (io::Result<()>, Option<B>)
+where
+    S: AsyncWriteRentExt,
+    B: IoBuf,
+{
+    if to > body.bytes_init() {
+        let e = io::Error::new(io::ErrorKind::InvalidInput, "body range out of bounds");
+        return (Err(e), Some(body));
     }
-    let (head_cap, body_cap) = (head.capacity(), body.capacity());
-    let (mut h, mut b) = (std::mem::take(head), std::mem::take(body));
+    if from >= to {
+        return (write_all(s, head, timeout).await, Some(body));
+    }
+    let head_cap = head.capacity();
+    let mut h = std::mem::take(head);
     let iov = [
         libc::iovec {
             iov_base: h.as_mut_ptr().cast(),
             iov_len: h.len(),
         },
         libc::iovec {
-            // SAFETY: `from < to <= b.len()` (checked above): in bounds.
-            iov_base: unsafe { b.as_mut_ptr().add(from) }.cast(),
+            // SAFETY: `from < to <= body.bytes_init()` (checked above).
+            iov_base: unsafe { body.read_ptr().add(from) } as *mut libc::c_void,
             iov_len: to - from,
         },
     ];
-    let both = HeadAndBody {
-        head: h,
-        body: b,
-        iov,
-    };
+    let both = HeadAndBody { head: h, body, iov };
     match monoio::time::timeout(timeout, s.write_vectored_all(both)).await {
         Ok((r, both)) => {
             *head = both.head;
-            *body = both.body;
-            r.map(|_| ())
+            (r.map(|_| ()), Some(both.body))
         }
         Err(_) => {
             *head = Vec::with_capacity(head_cap);
-            *body = Vec::with_capacity(body_cap);
-            Err(timed_out("write timed out"))
+            (Err(timed_out("write timed out")), None)
         }
     }
+}
+
+/// [`write_head_and`] for a body in a buffer the caller keeps (it comes
+/// back in place, or empty with its capacity after a timeout).
+pub async fn write_head_and_body<S: AsyncWriteRentExt>(
+    s: &mut S,
+    head: &mut Vec<u8>,
+    body: &mut Vec<u8>,
+    range: (usize, usize),
+    timeout: Duration,
+) -> io::Result<()> {
+    let cap = body.capacity();
+    let (r, back) = write_head_and(s, head, std::mem::take(body), range, timeout).await;
+    *body = back.unwrap_or_else(|| Vec::with_capacity(cap));
+    r
 }

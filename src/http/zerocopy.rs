@@ -89,6 +89,40 @@ impl Drop for NonBlocking<'_> {
     }
 }
 
+/// Sends a response head (copied, it is ordinary memory) with MSG_MORE: the
+/// kernel holds it back to leave with the body spliced right after, so
+/// head and body share segments.
+pub async fn send_head(stream: &NonBlocking<'_>, head: &[u8], timeout: Duration) -> io::Result<()> {
+    let mut off = 0;
+    while off < head.len() {
+        let rest = &head[off..];
+        // SAFETY: `rest` is readable memory of the given length; the socket
+        // is open (borrowed) and non-blocking, so this never waits.
+        let sent = unsafe {
+            libc::send(
+                stream.stream.as_raw_fd(),
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_MORE | libc::MSG_NOSIGNAL,
+            )
+        };
+        match moved(sent, "send head") {
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(stream, timeout).await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the socket has room, within `timeout`.
+async fn writable(stream: &NonBlocking<'_>, timeout: Duration) -> io::Result<()> {
+    match monoio::time::timeout(timeout, stream.stream.writable(false)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
+    }
+}
+
 /// Sends `bytes` to `stream` by reference, each wait for the socket within
 /// `timeout`.
 ///
@@ -197,14 +231,7 @@ async fn drain(
         };
         match moved(sent, "splice to socket") {
             Ok(m) => left -= m.min(left),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                match monoio::time::timeout(timeout, stream.stream.writable(false)).await {
-                    Ok(r) => r?,
-                    Err(_) => {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out"))
-                    }
-                }
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(stream, timeout).await?,
             Err(e) => return Err(e),
         }
     }

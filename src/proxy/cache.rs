@@ -392,21 +392,20 @@ impl WorkerGeneration {
         };
         let keep = c.s.req.keep_alive && !self.core.draining.get();
         self.cached_head(c, copy, (status, answer, x_cache), keep);
-        let mut out = match self.write_cached_head(c, bucket, status, keep).await {
-            Ok(out) => out,
-            Err(failed) => return failed,
-        };
-        let client_timeout = self.shared.config.server.idle_timeout;
         let Some((from, n)) = part.filter(|_| c.s.req.method() == Method::Get) else {
+            let (Ok(out) | Err(out)) = self.write_cached_head(c, bucket, status, keep).await;
             return out;
         };
+        let mut out = cached_outcome(bucket, status, keep);
+        let client_timeout = self.shared.config.server.idle_timeout;
+        // The head leaves with the body (see send_stored and send_file).
         let sent = match source {
             Source::Memory => {
                 let body = copy.body.slice(from as usize..(from + n) as usize);
-                self.send_stored(&mut c.stream, body, client_timeout).await
+                self.send_stored(c, body, true, client_timeout).await
             }
             Source::File { file, offset } => {
-                self.send_file(&mut c.stream, file, offset + from, n, client_timeout)
+                self.send_file(c, file, offset + from, n, client_timeout)
                     .await
             }
         };
@@ -431,14 +430,7 @@ impl WorkerGeneration {
         status: u16,
         keep: bool,
     ) -> Result<Outcome, Outcome> {
-        let mut out = Outcome {
-            status,
-            bytes: 0,
-            keep_alive: keep,
-            abort: false,
-            replica: None,
-            bucket: Some(bucket),
-        };
+        let mut out = cached_outcome(bucket, status, keep);
         let timeout = self.shared.config.server.idle_timeout;
         match write_all(&mut c.stream, &mut c.s.wbuf, timeout).await {
             Ok(()) => Ok(out),
@@ -640,17 +632,20 @@ pub(super) fn forwarded_value<'a>(forward: &'a str, name: &str) -> Option<&'a st
 }
 
 impl WorkerGeneration {
-    /// Writes a stored body within `timeout`: by reference (see
-    /// `http::zerocopy`) when `server.zero_copy` says so for its size, it
-    /// lives in a mapping of its own and the client is plain TCP; else one
-    /// write of the shared `Bytes`.
+    /// Writes the head in `c.s.wbuf` (when `with_head`) and a stored body
+    /// within `timeout`:
+    /// the body by reference (see `http::zerocopy`, the head sent with
+    /// MSG_MORE ahead of it) when `server.zero_copy` says so for its size,
+    /// it lives in a mapping of its own and the client is plain TCP; else
+    /// head and shared `Bytes` in one vectored write.
     pub(super) async fn send_stored(
         &self,
-        stream: &mut ClientStream,
+        c: &mut Client,
         body: Body,
+        with_head: bool,
         timeout: Duration,
     ) -> io::Result<()> {
-        let plain = match stream {
+        let plain = match &c.stream {
             MaybeTls::Plain(s) => Some(s),
             MaybeTls::Tls(_) => None,
         };
@@ -660,10 +655,16 @@ impl WorkerGeneration {
             .server
             .zero_copy
             .send_stored(body.len() as u64);
-        if let (Some(s), Some(bytes), true) = (plain, body.mapped(), by_reference) {
+        // (A body follows the head there: never an empty one, which would
+        // leave the head held back by MSG_MORE.)
+        let mapped = body.mapped().filter(|b| !b.is_empty());
+        if let (Some(s), Some(bytes), true) = (plain, mapped, by_reference) {
             let pooled = self.core.zero_copy_pipes.borrow_mut().pop();
             if let Ok(mut pipe) = pooled.map_or_else(zerocopy::Pipe::new, Ok) {
                 let s = zerocopy::NonBlocking::new(s)?;
+                if with_head {
+                    zerocopy::send_head(&s, &c.s.wbuf, timeout).await?;
+                }
                 // SAFETY: `bytes` is a mapped body (`Body::mapped`): never
                 // written again, its pages never reused while referenced.
                 unsafe { zerocopy::send(&s, &mut pipe, bytes, timeout) }.await?;
@@ -672,27 +673,39 @@ impl WorkerGeneration {
                 return Ok(());
             }
         }
-        write_bytes(stream, body.bytes().clone(), timeout).await
+        let bytes = body.bytes().clone();
+        if !with_head {
+            return write_bytes(&mut c.stream, bytes, timeout).await;
+        }
+        let whole = (0, bytes.len());
+        write_head_and(&mut c.stream, &mut c.s.wbuf, bytes, whole, timeout)
+            .await
+            .0
     }
 
-    /// Sends `len` bytes of a disk entry's file from `offset` through the
-    /// page cache (see `http::zerocopy::send_file`); only for plain-TCP
-    /// clients.
+    /// Sends the head in `c.s.wbuf`, then `len` bytes of a disk entry's
+    /// file from `offset` through the page cache (see
+    /// `http::zerocopy::send_file`); only for plain-TCP clients.
     async fn send_file(
         &self,
-        stream: &mut ClientStream,
+        c: &mut Client,
         file: &monoio::fs::File,
         offset: u64,
         len: u64,
         timeout: Duration,
     ) -> io::Result<()> {
         use std::os::fd::AsRawFd;
-        let MaybeTls::Plain(s) = stream else {
+        let MaybeTls::Plain(s) = &c.stream else {
             return Err(io::Error::other("a file is only spliced to plain TCP"));
         };
+        if len == 0 {
+            // Nothing to follow a head sent with MSG_MORE: the head alone.
+            return write_all(&mut c.stream, &mut c.s.wbuf, timeout).await;
+        }
         let pooled = self.core.zero_copy_pipes.borrow_mut().pop();
         let mut pipe = pooled.map_or_else(zerocopy::Pipe::new, Ok)?;
         let s = zerocopy::NonBlocking::new(s)?;
+        zerocopy::send_head(&s, &c.s.wbuf, timeout).await?;
         zerocopy::send_file(&s, &mut pipe, file.as_raw_fd(), offset, len, timeout).await?;
         self.keep_pipe(pipe);
         self.core.metrics.borrow_mut().cache_by_reference += len;
@@ -724,6 +737,18 @@ enum Source<'a> {
 /// closed after use, while more sends run at once; a pipe that cannot be
 /// made means a copy).
 const KEPT_PIPES: usize = 64;
+
+/// The outcome of answering from a stored copy, before any byte is sent.
+pub(super) fn cached_outcome(bucket: usize, status: u16, keep: bool) -> Outcome {
+    Outcome {
+        status,
+        bytes: 0,
+        keep_alive: keep,
+        abort: false,
+        replica: None,
+        bucket: Some(bucket),
+    }
+}
 
 /// Writes a whole `Bytes` (shared with the cache: no copy) within `timeout`.
 pub(super) async fn write_bytes(

@@ -25,7 +25,7 @@ use crate::http::body::{self, PumpError, Pumped, Timeouts};
 use crate::http::head::{
     self, Framing, HeadError, Method, Request, Response, FORWARDED_REQUEST_HEADERS,
 };
-use crate::http::io::{read_more, write_all, write_head_and_body, write_range};
+use crate::http::io::{read_more, write_all, write_head_and, write_head_and_body, write_range};
 use crate::log;
 use crate::metrics::WorkerMetrics;
 use crate::router::{self, RouteError};

@@ -192,12 +192,11 @@ impl WorkerGeneration {
             false => (206, RangeAnswer::Part { first, last }),
         };
         self.cached_head(c, &meta, (status, Some(part), x_cache), keep);
-        let mut out = match self.write_cached_head(c, bucket, status, keep).await {
-            Ok(out) => out,
-            Err(failed) => return Ok(failed),
-        };
+        // The head leaves with the first slice's bytes (send_stored).
+        let mut out = super::cache::cached_outcome(bucket, status, keep);
         let timeout = self.shared.config.server.idle_timeout;
         let mut current = Some(first_slice);
+        let mut head_sent = false;
         for n in slices {
             let s = match current.take() {
                 Some(s) => s,
@@ -221,7 +220,7 @@ impl WorkerGeneration {
             let part = s.body.slice(from as usize..=to);
             let len = part.len() as u64;
             if self
-                .send_stored(&mut c.stream, part, timeout)
+                .send_stored(c, part, !head_sent, timeout)
                 .await
                 .is_err()
             {
@@ -230,6 +229,13 @@ impl WorkerGeneration {
                 return Ok(out);
             }
             out.bytes += len;
+            head_sent = true;
+        }
+        if !head_sent {
+            // No slice to send (nothing in range): the head alone.
+            let (Ok(head_only) | Err(head_only)) =
+                self.write_cached_head(c, bucket, status, keep).await;
+            return Ok(head_only);
         }
         if all_stored {
             self.core.metrics.borrow_mut().cache_saved(mid, out.bytes);
