@@ -605,6 +605,54 @@ fn probe_flag_reports_liveness_for_container_healthchecks() {
     assert_eq!(run(format!("127.0.0.1:{}", free_port())), Some(1));
 }
 
+/// `server.zero_copy` decides on the whole body: a 1 MiB body whose head
+/// arrived with its first 64 KiB (as nginx or S3 send it) is still spliced
+/// under `auto`, never under `off`, and small ones only under `on`.
+#[test]
+fn zero_copy_decides_on_the_whole_body_and_off_never_splices() {
+    const MIB: usize = 1024 * 1024;
+    let up = Rogue::start(|seen| {
+        let size = if seen.target.ends_with("big.bin") {
+            MIB
+        } else {
+            100 * 1024
+        };
+        let body = pattern(size, 5);
+        let mut raw = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n").into_bytes();
+        raw.extend_from_slice(&body);
+        vec![Step::Send(raw)]
+    });
+    for (mode, big_spliced, small_spliced) in [
+        ("auto", true, false),
+        ("off", false, false),
+        ("on", true, true),
+    ] {
+        let port = free_port();
+        let cfg = format!(
+            "server:\n  address: \"127.0.0.1:{port}\"\n  workers: 1\n  zero_copy: \"{mode}\"\n{}",
+            single_bucket("/data", "data-bucket", &up.endpoint())
+        );
+        let proxy = Proxy::start(&cfg);
+        let mut c = Conn::open(proxy.port).unwrap();
+        let r = c.request("GET", "/data/big.bin", &[]).unwrap();
+        assert!(r.body == pattern(MIB, 5), "{mode}: bytes differ");
+        let spliced = || {
+            proxy
+                .metric("yatagarasu_spliced_bytes_total")
+                .unwrap_or(-1.0)
+        };
+        let after_big = spliced();
+        assert_eq!(
+            after_big > 0.0,
+            big_spliced,
+            "{mode}: 1 MiB spliced {after_big}"
+        );
+        let r = c.request("GET", "/data/small.bin", &[]).unwrap();
+        assert!(r.body == pattern(100 * 1024, 5), "{mode}: bytes differ");
+        assert_eq!(spliced() > after_big, small_spliced, "{mode}: 100 KiB");
+    }
+}
+
 #[test]
 fn zero_copy_on_off_and_auto_serve_identical_bytes_with_keep_alive() {
     let s3 = S3::start();

@@ -63,6 +63,8 @@ pub struct WorkerMetrics {
     pub cache_saved: HashMap<usize, u64>,
     /// Cached body bytes sent by reference (vmsplice), not copied.
     pub cache_by_reference: u64,
+    /// Relayed body bytes moved upstream -> client with splice(2), not copied.
+    pub spliced: u64,
     /// Bucket metric id -> requests that streamed another request's fill.
     pub coalesced: HashMap<usize, u64>,
     /// Bucket metric id -> requests refused by the bucket's IP filter.
@@ -87,6 +89,7 @@ impl WorkerMetrics {
             connections_refused: 0,
             head_timeouts: 0,
             cache_by_reference: 0,
+            spliced: 0,
             replicas: Vec::with_capacity(replicas),
             failovers: HashMap::new(),
             cache: HashMap::new(),
@@ -203,6 +206,7 @@ impl WorkerMetrics {
         self.connections_refused += other.connections_refused;
         self.head_timeouts += other.head_timeouts;
         self.cache_by_reference += other.cache_by_reference;
+        self.spliced += other.spliced;
         for (id, theirs) in other.replicas.iter().enumerate() {
             let mine = self.replica(id);
             mine.requests += theirs.requests;

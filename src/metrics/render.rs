@@ -267,6 +267,12 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
         .map(|s| s.lot_connections.load(Ordering::Relaxed))
         .sum();
     families.push(family(
+        "yatagarasu_spliced_bytes_total",
+        "Body bytes relayed from upstream to clients with splice(2) (server.zero_copy), not copied.",
+        MetricType::COUNTER,
+        vec![counter(&[], merged.spliced as f64)],
+    ));
+    families.push(family(
         "yatagarasu_idle_connections",
         "Keep-alive client connections idle with no task of their own (in the lot), as of each worker's last sweep.",
         MetricType::GAUGE,

@@ -188,7 +188,9 @@ impl WorkerGeneration {
             }),
             Framing::Length(len) => {
                 let remaining = len - already;
-                let splice = tee.is_none() && self.shared.config.server.zero_copy.splice(remaining);
+                // Decided on the whole body: the bytes that went out with
+                // the head do not make a large body small.
+                let splice = tee.is_none() && self.shared.config.server.zero_copy.splice(len);
                 match (splice, &mut c.stream) {
                     (true, MaybeTls::Plain(client)) => {
                         self.splice_body(conn, start, remaining, client, t).await
@@ -258,6 +260,7 @@ impl WorkerGeneration {
         {
             Ok(p) => {
                 self.core.pipes.borrow_mut().push(pipe);
+                self.core.metrics.borrow_mut().spliced += p.sent;
                 conn.buf.clear();
                 Ok(Pumped {
                     sent: p.sent + buffered as u64,
