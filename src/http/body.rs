@@ -8,6 +8,7 @@
 
 use super::chunked::ChunkedDecoder;
 use super::io::{read_more, write_range};
+use super::zerocopy;
 use crate::upstream::client::Cause;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use std::io::Write as _;
@@ -251,48 +252,40 @@ where
 }
 
 /// A pipe pair for splicing: `(read end, write end)`.
-pub type SplicePipe = (monoio::net::Pipe, monoio::net::Pipe);
-
-/// Most bytes moved per splice call (the default pipe capacity).
-const SPLICE_CHUNK: u64 = 64 * 1024;
-
 /// Streams exactly `remaining` bytes from a plain-TCP upstream to a plain-TCP
-/// client with splice(2) through `pipe`: the payload never enters user space.
-/// The pipe is empty again when this returns `Ok`; after an error it may hold
-/// bytes and must be dropped.
-pub async fn splice_length<U, C>(
-    up: &mut U,
-    pipe: &mut SplicePipe,
+/// client with splice(2) through `pipe` (see `http::zerocopy`): the payload
+/// never enters user space. Both sockets are non-blocking only while this
+/// runs. The pipe is empty again when this returns `Ok`; after an error it
+/// may hold bytes and must be dropped.
+pub async fn splice_length(
+    up: &monoio::net::TcpStream,
+    pipe: &mut zerocopy::Pipe,
     mut remaining: u64,
-    client: &mut C,
+    client: &monoio::net::TcpStream,
     t: Timeouts,
-) -> Result<Pumped, (PumpError, u64)>
-where
-    U: monoio::io::as_fd::AsReadFd,
-    C: monoio::io::as_fd::AsWriteFd,
-{
-    use monoio::io::splice::{SpliceDestination, SpliceSource};
+) -> Result<Pumped, (PumpError, u64)> {
+    let up =
+        zerocopy::NonBlocking::new(up).map_err(|e| (PumpError::Upstream(upstream_error(&e)), 0))?;
+    let client = zerocopy::NonBlocking::new(client).map_err(|_| (PumpError::Client, 0))?;
     let mut sent = 0u64;
     while remaining > 0 {
-        let want = remaining.min(SPLICE_CHUNK) as u32;
-        let n = match monoio::time::timeout(t.upstream, up.splice_to_pipe(&mut pipe.1, want)).await
-        {
-            Ok(Ok(0)) => return Err((PumpError::Upstream(Cause::Truncated), sent)),
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => return Err((PumpError::Upstream(upstream_error(&e)), sent)),
-            Err(_) => return Err((PumpError::Upstream(Cause::Timeout), sent)),
-        };
-        let mut left = n;
-        while left > 0 {
-            match monoio::time::timeout(t.client, client.splice_from_pipe(&mut pipe.0, left)).await
-            {
-                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err((PumpError::Client, sent)),
-                Ok(Ok(m)) => {
-                    left -= m.min(left);
-                    sent += m as u64;
-                }
+        let want = usize::try_from(remaining).unwrap_or(usize::MAX);
+        let n = match zerocopy::fill_from(&up, pipe, want, t.upstream).await {
+            Ok(0) => return Err((PumpError::Upstream(Cause::Truncated), sent)),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err((PumpError::Upstream(Cause::Timeout), sent))
             }
+            Err(e) => return Err((PumpError::Upstream(upstream_error(&e)), sent)),
+        };
+        let more = (n as u64) < remaining;
+        if zerocopy::drain(&client, pipe, n, more, t.client)
+            .await
+            .is_err()
+        {
+            return Err((PumpError::Client, sent));
         }
+        sent += n as u64;
         remaining -= n as u64;
     }
     Ok(Pumped {

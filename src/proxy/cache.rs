@@ -659,8 +659,7 @@ impl WorkerGeneration {
         // leave the head held back by MSG_MORE.)
         let mapped = body.mapped().filter(|b| !b.is_empty());
         if let (Some(s), Some(bytes), true) = (plain, mapped, by_reference) {
-            let pooled = self.core.zero_copy_pipes.borrow_mut().pop();
-            if let Ok(mut pipe) = pooled.map_or_else(zerocopy::Pipe::new, Ok) {
+            if let Ok(mut pipe) = self.core.take_pipe() {
                 let s = zerocopy::NonBlocking::new(s)?;
                 if with_head {
                     zerocopy::send_head(&s, &c.s.wbuf, timeout).await?;
@@ -668,7 +667,7 @@ impl WorkerGeneration {
                 // SAFETY: `bytes` is a mapped body (`Body::mapped`): never
                 // written again, its pages never reused while referenced.
                 unsafe { zerocopy::send(&s, &mut pipe, bytes, timeout) }.await?;
-                self.keep_pipe(pipe);
+                self.core.keep_pipe(pipe);
                 self.core.metrics.borrow_mut().cache_by_reference += bytes.len() as u64;
                 return Ok(());
             }
@@ -702,22 +701,13 @@ impl WorkerGeneration {
             // Nothing to follow a head sent with MSG_MORE: the head alone.
             return write_all(&mut c.stream, &mut c.s.wbuf, timeout).await;
         }
-        let pooled = self.core.zero_copy_pipes.borrow_mut().pop();
-        let mut pipe = pooled.map_or_else(zerocopy::Pipe::new, Ok)?;
+        let mut pipe = self.core.take_pipe()?;
         let s = zerocopy::NonBlocking::new(s)?;
         zerocopy::send_head(&s, &c.s.wbuf, timeout).await?;
         zerocopy::send_file(&s, &mut pipe, file.as_raw_fd(), offset, len, timeout).await?;
-        self.keep_pipe(pipe);
+        self.core.keep_pipe(pipe);
         self.core.metrics.borrow_mut().cache_by_reference += len;
         Ok(())
-    }
-
-    /// Returns an empty pipe to the worker's pool (up to [`KEPT_PIPES`]).
-    fn keep_pipe(&self, pipe: zerocopy::Pipe) {
-        let mut pool = self.core.zero_copy_pipes.borrow_mut();
-        if pool.len() < KEPT_PIPES {
-            pool.push(pipe);
-        }
     }
 }
 
@@ -732,11 +722,6 @@ enum Source<'a> {
         offset: u64,
     },
 }
-
-/// Empty pipes a worker keeps for sending by reference (more are made, and
-/// closed after use, while more sends run at once; a pipe that cannot be
-/// made means a copy).
-const KEPT_PIPES: usize = 64;
 
 /// The outcome of answering from a stored copy, before any byte is sent.
 pub(super) fn cached_outcome(bucket: usize, status: u16, keep: bool) -> Outcome {

@@ -115,10 +115,8 @@ pub struct Worker {
     rid_state: Cell<u64>,
     /// Set once shutdown began: answer with `Connection: close`.
     pub draining: Cell<bool>,
-    /// Empty pipes kept for splicing bodies.
-    pipes: RefCell<Vec<body::SplicePipe>>,
-    /// Empty pipes kept for sending stored bodies by reference.
-    zero_copy_pipes: RefCell<Vec<crate::http::zerocopy::Pipe>>,
+    /// Empty pipes kept for splicing bodies (relayed, or sent by reference).
+    pipes: RefCell<Vec<crate::http::zerocopy::Pipe>>,
     /// Connections parked since the last memory trim (see `server::tick`).
     pub parked: Cell<usize>,
     /// Parked connections waiting for data, swept for idle timeouts.
@@ -146,6 +144,11 @@ pub struct Worker {
     date: RefCell<(u64, String)>,
 }
 
+/// Empty pipes a worker keeps for splicing, two descriptors each (more are
+/// made, and closed after use, while more splices run at once; a pipe that
+/// cannot be made means a copy).
+const KEPT_PIPES: usize = 64;
+
 /// Request states a worker keeps for reuse: enough for the connections
 /// that are busy at once; parked ones beyond it free theirs.
 const KEPT_STATES: usize = 1024;
@@ -162,6 +165,21 @@ impl Worker {
         let mut states = self.states.borrow_mut();
         if states.len() < KEPT_STATES {
             states.push(state);
+        }
+    }
+
+    /// An empty pipe for splicing: a kept one, or a new one (fails when out
+    /// of file descriptors).
+    fn take_pipe(&self) -> io::Result<crate::http::zerocopy::Pipe> {
+        let kept = self.pipes.borrow_mut().pop();
+        kept.map_or_else(crate::http::zerocopy::Pipe::new, Ok)
+    }
+
+    /// Keeps an empty pipe for the next splice (at most [`KEPT_PIPES`]).
+    fn keep_pipe(&self, pipe: crate::http::zerocopy::Pipe) {
+        let mut pool = self.pipes.borrow_mut();
+        if pool.len() < KEPT_PIPES {
+            pool.push(pipe);
         }
     }
 
@@ -189,7 +207,6 @@ impl Worker {
             rid_state: Cell::new(seed),
             draining: Cell::new(false),
             pipes: RefCell::new(Vec::new()),
-            zero_copy_pipes: RefCell::new(Vec::new()),
             parked: Cell::new(0),
             parking: park::Parking::default(),
             lot: match IdleLot::new() {

@@ -232,10 +232,7 @@ impl WorkerGeneration {
         // Splicing needs a plain-TCP upstream and a pipe (none when out of
         // file descriptors); otherwise the bytes are copied.
         let pipe = match conn.stream {
-            MaybeTls::Plain(_) => {
-                let pooled = self.core.pipes.borrow_mut().pop();
-                pooled.map_or_else(monoio::net::unix::new_pipe, Ok).ok()
-            }
+            MaybeTls::Plain(_) => self.core.take_pipe().ok(),
             MaybeTls::Tls(_) => None,
         };
         let (Some(mut pipe), MaybeTls::Plain(upstream)) = (pipe, &mut conn.stream) else {
@@ -259,7 +256,7 @@ impl WorkerGeneration {
         match body::splice_length(upstream, &mut pipe, remaining - buffered as u64, client, t).await
         {
             Ok(p) => {
-                self.core.pipes.borrow_mut().push(pipe);
+                self.core.keep_pipe(pipe);
                 self.core.metrics.borrow_mut().spliced += p.sent;
                 conn.buf.clear();
                 Ok(Pumped {
