@@ -16,6 +16,19 @@ fn setup() -> (S3, Proxy) {
     (s3, proxy)
 }
 
+/// [`setup`] with `server:` settings (the listen address is added).
+fn setup_server(settings: &str) -> (S3, Proxy) {
+    let s3 = S3::start();
+    s3.create_bucket("data-bucket");
+    s3.put("data-bucket", "test.txt", b"Primary data!\n");
+    let cfg = format!(
+        "server:\n  address: \"127.0.0.1:{}\"\n{settings}{}",
+        free_port(),
+        single_bucket("/data", "data-bucket", &s3.endpoint())
+    );
+    (s3, Proxy::start(&cfg))
+}
+
 #[test]
 fn signed_get_and_head_stream_the_object() {
     let (s3, proxy) = setup();
@@ -271,15 +284,7 @@ fn malformed_requests_get_clear_errors_and_workers_survive() {
 
 #[test]
 fn idle_clients_are_closed_after_the_timeout() {
-    let s3 = S3::start();
-    s3.create_bucket("data-bucket");
-    s3.put("data-bucket", "test.txt", b"x");
-    let port = free_port();
-    let cfg = format!(
-        "server:\n  address: \"127.0.0.1:{port}\"\n  workers: 1\n  idle_timeout_seconds: 1\n{}",
-        single_bucket("/data", "data-bucket", &s3.endpoint())
-    );
-    let proxy = Proxy::start(&cfg);
+    let (_s3, proxy) = setup_server("  workers: 1\n  idle_timeout_seconds: 1\n");
     let mut c = Conn::open(proxy.port).unwrap();
     assert_eq!(c.request("GET", "/data/test.txt", &[]).unwrap().status, 200);
     let t = Instant::now();
@@ -722,15 +727,7 @@ fn a_parked_keep_alive_connection_serves_again() {
 /// up or their idle timeout passes.
 #[test]
 fn idle_connections_wait_in_the_lot_and_are_served_from_it() {
-    let s3 = S3::start();
-    s3.create_bucket("data-bucket");
-    s3.put("data-bucket", "test.txt", b"Primary data!\n");
-    let port = free_port();
-    let cfg = format!(
-        "server:\n  address: \"127.0.0.1:{port}\"\n  workers: 2\n  idle_timeout_seconds: 3\n{}",
-        single_bucket("/data", "data-bucket", &s3.endpoint())
-    );
-    let proxy = Proxy::start(&cfg);
+    let (_s3, proxy) = setup_server("  workers: 2\n  idle_timeout_seconds: 3\n");
     let mut conns: Vec<Conn> = (0..20).map(|_| Conn::open(proxy.port).unwrap()).collect();
     for c in &mut conns {
         let r = c.request("GET", "/data/test.txt", &[]).unwrap();
