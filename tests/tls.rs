@@ -221,3 +221,93 @@ fn the_listener_serves_https_when_server_tls_is_set() {
     };
     assert_eq!(code, Some(1));
 }
+
+/// Reads one response (Content-Length framed) from `r`: status and body.
+fn read_framed<R: std::io::Read>(r: &mut R) -> (u16, Vec<u8>) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(n)) = resp.parse(&got) {
+            let len: usize = resp
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+                .expect("content-length");
+            let status = resp.code.unwrap_or(0);
+            while got.len() < n + len {
+                let m = read_retry(r, &mut buf).unwrap();
+                assert!(m > 0, "closed mid-body");
+                got.extend_from_slice(&buf[..m]);
+            }
+            return (status, got[n..n + len].to_vec());
+        }
+        let m = read_retry(r, &mut buf).unwrap();
+        assert!(m > 0, "closed mid-head");
+        got.extend_from_slice(&buf[..m]);
+    }
+}
+
+/// Over a TLS listener, a response head and the body bytes that go with
+/// it in one vectored write (relayed from an upstream that sends head and
+/// body together, and cache hits) arrive whole and in order.
+#[test]
+fn head_and_body_written_together_arrive_whole_over_tls() {
+    use std::io::Write;
+    use support::rogue::{Rogue, Step};
+    let sizes = [1024usize, 20 * 1024, 70 * 1024];
+    let up = Rogue::start(move |seen| {
+        let i: usize = seen
+            .target
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.strip_prefix('o')?.parse().ok())
+            .filter(|&i| i < sizes.len())
+            .unwrap_or(0);
+        let body = pattern(sizes[i], i as u64 + 3);
+        let mut raw = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nCache-Control: max-age=600\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        raw.extend_from_slice(&body);
+        vec![Step::Send(raw)]
+    });
+    let ca = TestCa::new("writev CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.leaf_pem_files(dir.path());
+    let cfg = format!(
+        "server:\n  address: \"127.0.0.1:{}\"\n  workers: 1\n  tls:\n    cert_file: \"{cert}\"\n    key_file: \"{key}\"\ncache:\n  enabled: true\n{}",
+        free_port(),
+        single_bucket("/s", "data-bucket", &up.endpoint())
+    );
+    let proxy = Proxy::start(&cfg);
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(ca.client_config(), name).unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    // Each object twice: relayed (a miss), then from the cache (a hit).
+    for round in 0..2 {
+        for (i, &size) in sizes.iter().enumerate() {
+            tls.write_all(format!("GET /s/o{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .unwrap();
+            let (status, body) = read_framed(&mut tls);
+            assert_eq!((status, body.len()), (200, size));
+            let want = pattern(size, i as u64 + 3);
+            let first_diff = body.iter().zip(&want).position(|(a, b)| a != b);
+            assert!(
+                body == want,
+                "round {round}, size {size}: bytes differ from {first_diff:?}"
+            );
+        }
+    }
+    let gets = up
+        .seen()
+        .iter()
+        .filter(|s| s.head.starts_with("GET "))
+        .count();
+    assert_eq!(gets, 3, "the second round came from the cache");
+}

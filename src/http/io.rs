@@ -6,7 +6,7 @@
 //! caller gets an empty buffer of the same capacity plus a `TimedOut` error.
 
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf};
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use std::io;
 use std::time::Duration;
 
@@ -78,13 +78,17 @@ pub async fn write_all<S: AsyncWriteRentExt>(
 struct HeadAndBody<B> {
     head: Vec<u8>,
     body: B,
-    iov: [libc::iovec; 2],
+    /// Boxed: the value moves after the operation is queued, and the kernel
+    /// may read the iovecs only when the queue is submitted.
+    iov: Box<[libc::iovec; 2]>,
 }
 
-// SAFETY: the iovecs point into `head`'s heap buffer and into `body`, whose
-// memory an `IoBuf` keeps in place while it is owned (neither is touched
-// until the runtime hands the value back); the body's part was checked
-// against its initialised length when the iovecs were made.
+// SAFETY: the iovec array is on the heap, so its address stays put however
+// the value moves; the iovecs point into `head`'s heap buffer and into
+// `body`, whose memory an `IoBuf` keeps in place while it is owned
+// (neither is touched until the runtime hands the value back); the body's
+// part was checked against its initialised length when the iovecs were
+// made.
 unsafe impl<B: IoBuf> IoVecBuf for HeadAndBody<B> {
     fn read_iovec_ptr(&self) -> *const libc::iovec {
         self.iov.as_ptr()
@@ -107,7 +111,7 @@ pub async fn write_head_and<S, B>(
     timeout: Duration,
 ) -> (io::Result<()>, Option<B>)
 where
-    S: AsyncWriteRentExt,
+    S: AsyncWriteRent,
     B: IoBuf,
 {
     if to > body.bytes_init() {
@@ -119,7 +123,7 @@ where
     }
     let head_cap = head.capacity();
     let mut h = std::mem::take(head);
-    let iov = [
+    let iov = Box::new([
         libc::iovec {
             iov_base: h.as_mut_ptr().cast(),
             iov_len: h.len(),
@@ -129,23 +133,49 @@ where
             iov_base: unsafe { body.read_ptr().add(from) } as *mut libc::c_void,
             iov_len: to - from,
         },
-    ];
+    ]);
     let both = HeadAndBody { head: h, body, iov };
-    match monoio::time::timeout(timeout, s.write_vectored_all(both)).await {
-        Ok((r, both)) => {
+    // One writev; what a short write leaves is written with the plain
+    // writers. (Not monoio's `write_vectored_all`: after a write that ends
+    // inside an iovec it shortens the iovec without advancing its start, so
+    // the next write repeats bytes, which a TLS client showed.)
+    let (n, both) = match monoio::time::timeout(timeout, s.writev(both)).await {
+        Ok((Ok(n), both)) => (n, both),
+        Ok((Err(e), both)) => {
             *head = both.head;
-            (r.map(|_| ()), Some(both.body))
+            return (Err(e), Some(both.body));
         }
         Err(_) => {
             *head = Vec::with_capacity(head_cap);
-            (Err(timed_out("write timed out")), None)
+            return (Err(timed_out("write timed out")), None);
+        }
+    };
+    *head = both.head;
+    let mut body = both.body;
+    let head_len = head.len();
+    if n < head_len {
+        if let Err(e) = write_range(s, head, n, head_len, timeout).await {
+            return (Err(e), Some(body));
         }
     }
+    let body_from = from + n.saturating_sub(head_len);
+    if body_from < to {
+        match monoio::time::timeout(timeout, s.write_all(body.slice(body_from..to))).await {
+            Ok((r, slice)) => {
+                body = slice.into_inner();
+                if let Err(e) = r {
+                    return (Err(e), Some(body));
+                }
+            }
+            Err(_) => return (Err(timed_out("write timed out")), None),
+        }
+    }
+    (Ok(()), Some(body))
 }
 
 /// [`write_head_and`] for a body in a buffer the caller keeps (it comes
 /// back in place, or empty with its capacity after a timeout).
-pub async fn write_head_and_body<S: AsyncWriteRentExt>(
+pub async fn write_head_and_body<S: AsyncWriteRent>(
     s: &mut S,
     head: &mut Vec<u8>,
     body: &mut Vec<u8>,
