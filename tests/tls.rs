@@ -13,6 +13,18 @@ fn tls_bucket(endpoint: &str, extra: &str) -> String {
     )
 }
 
+/// A TLS client connection to the proxy's listener, trusting `ca`.
+fn tls_client(
+    ca: &TestCa,
+    port: u16,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(ca.client_config(), name).unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
 fn backend() -> S3 {
     let s3 = S3::start();
     s3.create_bucket("data-bucket");
@@ -184,11 +196,7 @@ fn the_listener_serves_https_when_server_tls_is_set() {
         single_bucket("/s", "data-bucket", &s3.endpoint())
     );
     let proxy = Proxy::start(&cfg);
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let conn = rustls::ClientConnection::new(ca.client_config(), name).unwrap();
-    let tcp = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut tls = tls_client(&ca, proxy.port);
     for _ in 0..2 {
         tls.write_all(b"GET /s/hello.txt HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
@@ -284,11 +292,7 @@ fn head_and_body_written_together_arrive_whole_over_tls() {
         single_bucket("/s", "data-bucket", &up.endpoint())
     );
     let proxy = Proxy::start(&cfg);
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let conn = rustls::ClientConnection::new(ca.client_config(), name).unwrap();
-    let tcp = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut tls = tls_client(&ca, proxy.port);
     // Each object twice: relayed (a miss), then from the cache (a hit).
     for round in 0..2 {
         for (i, &size) in sizes.iter().enumerate() {
