@@ -20,7 +20,7 @@
 
 use monoio::net::TcpStream;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 /// Pipe capacity asked for: fewer rounds per body; the kernel may give less
@@ -131,19 +131,10 @@ pub(crate) async fn fill_from(
     want: usize,
     timeout: Duration,
 ) -> io::Result<usize> {
+    let (from, to) = (stream.stream.as_raw_fd(), pipe.write.as_raw_fd());
+    let flags = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
     loop {
-        // SAFETY: splice between two descriptors we hold open; no user
-        // memory is involved.
-        let n = unsafe {
-            libc::splice(
-                stream.stream.as_raw_fd(),
-                std::ptr::null_mut(),
-                pipe.write.as_raw_fd(),
-                std::ptr::null_mut(),
-                want.min(pipe.capacity),
-                libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
-            )
-        };
+        let n = splice(from, None, to, want.min(pipe.capacity), flags);
         if let Ok(n) = usize::try_from(n) {
             return Ok(n);
         }
@@ -151,10 +142,7 @@ pub(crate) async fn fill_from(
         if e.kind() != io::ErrorKind::WouldBlock {
             return Err(e);
         }
-        match monoio::time::timeout(timeout, stream.stream.readable(false)).await {
-            Ok(r) => r?,
-            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "read timed out")),
-        }
+        readable(stream, timeout).await?;
     }
 }
 
@@ -208,7 +196,7 @@ pub async unsafe fn send(
 pub async fn send_file(
     stream: &NonBlocking<'_>,
     pipe: &mut Pipe,
-    fd: std::os::fd::RawFd,
+    fd: RawFd,
     offset: u64,
     len: u64,
     timeout: Duration,
@@ -217,22 +205,35 @@ pub async fn send_file(
     let end = offset.saturating_add(len);
     while (at as u64) < end {
         let want = ((end - at as u64) as usize).min(pipe.capacity);
-        // SAFETY: splice from a file descriptor the caller holds open into
-        // our pipe; `at` is a live local the kernel advances.
-        let put = unsafe {
-            libc::splice(
-                fd,
-                &mut at,
-                pipe.write.as_raw_fd(),
-                std::ptr::null_mut(),
-                want,
-                libc::SPLICE_F_NONBLOCK,
-            )
-        };
+        let put = splice(
+            fd,
+            Some(&mut at),
+            pipe.write.as_raw_fd(),
+            want,
+            libc::SPLICE_F_NONBLOCK,
+        );
         let put = moved(put, "splice from file")?;
         drain(stream, pipe, put, (at as u64) < end, timeout).await?;
     }
     Ok(())
+}
+
+/// splice(2) of up to `len` bytes from `from` (at `*offset` when given: a
+/// file, which the kernel advances) to `to`; the raw result.
+fn splice(from: RawFd, offset: Option<&mut i64>, to: RawFd, len: usize, flags: u32) -> isize {
+    let off = offset.map_or(std::ptr::null_mut(), |o| o as *mut i64);
+    // SAFETY: both descriptors are held open by the callers (a socket, a
+    // file or one of our pipe's ends); `off` is null or a live local the
+    // caller lends for the call; no user memory is involved.
+    unsafe { libc::splice(from, off, to, std::ptr::null_mut(), len, flags) }
+}
+
+/// Waits until the socket has bytes (or a close) to read, within `timeout`.
+async fn readable(stream: &NonBlocking<'_>, timeout: Duration) -> io::Result<()> {
+    match monoio::time::timeout(timeout, stream.stream.readable(false)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "read timed out")),
+    }
 }
 
 /// The count a splice call returned; an error for failure or nothing moved
@@ -259,20 +260,9 @@ pub(crate) async fn drain(
 ) -> io::Result<()> {
     let flags = libc::SPLICE_F_NONBLOCK | if more { libc::SPLICE_F_MORE } else { 0 };
     let mut left = n;
+    let (from, to) = (pipe.read.as_raw_fd(), stream.stream.as_raw_fd());
     while left > 0 {
-        // SAFETY: splice between two descriptors we hold open; no user
-        // memory is involved.
-        let sent = unsafe {
-            libc::splice(
-                pipe.read.as_raw_fd(),
-                std::ptr::null_mut(),
-                stream.stream.as_raw_fd(),
-                std::ptr::null_mut(),
-                left,
-                flags,
-            )
-        };
-        match moved(sent, "splice to socket") {
+        match moved(splice(from, None, to, left, flags), "splice to socket") {
             Ok(m) => left -= m.min(left),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(stream, timeout).await?,
             Err(e) => return Err(e),

@@ -49,8 +49,9 @@ fn reset_on_close(fd: RawFd) {
 pub(super) enum Next {
     /// A complete head of this many bytes is buffered.
     Head(usize),
-    /// No buffer and nothing to read yet (a new connection, or nothing for
-    /// [`PARK_AFTER`] between requests): park for at most this long.
+    /// Nothing for [`PARK_AFTER`] between requests: park (buffers given
+    /// back) for at most this long. A new connection parks before its first
+    /// read (`serve_client`).
     Park(Duration),
     /// The client closed or idled out before a head began.
     Closed,
@@ -363,10 +364,6 @@ impl WorkerGeneration {
                 deadline.get_or_insert_with(|| Instant::now() + head_timeout);
             }
             let plain = matches!(c.stream, MaybeTls::Plain(_));
-            if plain && c.s.rbuf.capacity() == 0 {
-                // A new connection: no buffer until its first bytes arrive.
-                return Ok(Next::Park(idle));
-            }
             self.room_to_read(c)?;
             if plain && c.s.rbuf.is_empty() && idle > PARK_AFTER {
                 // Between requests: a normal read for a while, then park.
