@@ -99,10 +99,11 @@ unsafe impl<B: IoBuf> IoVecBuf for HeadAndBody<B> {
     }
 }
 
-/// Writes all of `head` and then `body[from..to]` with vectored writes, so
-/// a response head and its body bytes leave in one operation (and in as
-/// few TCP segments as the bytes need). Returns the body (`None` when the
-/// write timed out and the operation kept it).
+/// Writes all of `head` and then `body[from..to]`: one vectored write, so a
+/// response head and its body bytes leave in one operation (and in as few
+/// TCP segments as the bytes need), then plain writes for whatever a short
+/// write left. Returns the body (`None` when the write timed out and the
+/// operation kept it).
 pub async fn write_head_and<S, B>(
     s: &mut S,
     head: &mut Vec<u8>,
