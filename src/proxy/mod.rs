@@ -306,16 +306,6 @@ impl IdleLot {
         let watch = monoio::net::unix::UnixDatagram::from_std(std)?;
         Ok(IdleLot { lot, watch })
     }
-
-    /// Connections in the lot.
-    pub fn len(&self) -> usize {
-        self.lot.len()
-    }
-
-    /// No connection is in the lot.
-    pub fn is_empty(&self) -> bool {
-        self.lot.is_empty()
-    }
 }
 
 /// A client connection's per-request state and buffers.
