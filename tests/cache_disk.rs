@@ -342,3 +342,85 @@ fn entries_in_the_page_cache_are_sent_from_their_files_without_promotion() {
         "{m}"
     );
 }
+
+#[test]
+fn a_disk_tier_file_kept_open_never_outlives_its_entry() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const LEN: usize = 256 * 1024;
+    // Version 1 of every object until the test switches the origin to 2.
+    let version = Arc::new(AtomicUsize::new(1));
+    let v = version.clone();
+    let up = Rogue::start(move |s| {
+        let n = v.load(Ordering::SeqCst);
+        let body = body_for(&format!("{}#{n}", s.target), LEN);
+        let mut out = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {LEN}\r\nETag: \"v{n}\"\r\nCache-Control: max-age=600\r\n\r\n"
+        )
+        .into_bytes();
+        out.extend_from_slice(&body);
+        vec![support::rogue::Step::Send(out)]
+    });
+    let token = "0123456789abcdef-admin";
+    let dir = tempfile::tempdir().unwrap();
+    // A memory tier with room for about three of these objects: the rest
+    // are hits from their disk files, which the proxy keeps open.
+    let cfg = config(
+        &up.endpoint(),
+        dir.path(),
+        64,
+        &format!("admin:\n  token: \"{token}\"\n"),
+    )
+    .replace(
+        "  disk:\n",
+        "  memory:\n    max_cache_size_mb: 1\n    max_item_size_mb: 1\n  disk:\n",
+    );
+    let p = Proxy::start(&cfg);
+    let v1 = body_for("/bkt/a#1", LEN);
+    let v2 = body_for("/bkt/a#2", LEN);
+    let churn = |keys: &[&str]| {
+        for k in keys {
+            assert_eq!(p.get(&format!("/b/{k}")).status, 200, "{k}");
+        }
+    };
+    churn(&["a", "b", "c", "d", "e", "f", "g", "h"]);
+    wait_disk_items(&p, 8.0);
+    for _ in 0..2 {
+        let r = p.get("/b/a");
+        assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
+        assert!(r.body == v1, "version 1 from its disk file");
+    }
+
+    // A purge: the kept file no longer answers.
+    version.store(2, Ordering::SeqCst);
+    let auth = format!("Bearer {token}");
+    let r = Conn::open(p.metrics_port)
+        .unwrap()
+        .request(
+            "POST",
+            "/admin/cache/purge/b/a",
+            &[("Authorization", auth.as_str())],
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = p.get("/b/a");
+    assert_eq!(
+        r.header("x-cache"),
+        Some("MISS"),
+        "a purged entry was a hit"
+    );
+    assert!(r.body == v2);
+    wait_disk_items(&p, 8.0);
+
+    // The new copy is written to a new file: once memory has let it go, its
+    // disk hit sends the new file, not the one kept open for version 1.
+    churn(&["i", "j", "k", "l", "m", "n", "o", "p"]);
+    wait_disk_items(&p, 16.0);
+    for _ in 0..2 {
+        let r = p.get("/b/a");
+        assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
+        assert!(r.body == v2, "a disk hit sent a replaced file");
+    }
+    let a_gets = up.seen().iter().filter(|s| s.target == "/bkt/a").count();
+    assert_eq!(a_gets, 2);
+}

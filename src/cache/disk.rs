@@ -15,7 +15,10 @@
 //!   one into a mapping of its own, so its hits are sent by reference),
 //!   checked (the body's checksum once per entry and process: entries this
 //!   process wrote, or read once, are known good), then promoted into the
-//!   memory tier.
+//!   memory tier. An entry large enough to be sent by reference, whose
+//!   pages are in the page cache, is instead sent from its file
+//!   ([`DiskStore::open_entry`]), which the core keeps open between hits
+//!   (`super::open`).
 //! - **Index**: key -> file, rebuilt at start by reading each file's head;
 //!   bounded by `max_disk_cache_size_mb` with least-recently-used eviction.
 //!   The index lock is held for map operations only, never across I/O.
@@ -151,7 +154,7 @@ impl Meta {
     }
 }
 
-/// An entry to be sent straight from its file ([`DiskStore::open_resident`]).
+/// An entry to be sent straight from its file ([`DiskStore::open_entry`]).
 pub struct Resident {
     /// The open entry file (a file is never changed once renamed into
     /// place: a new copy is a new file, so its pages stay what they were).
@@ -160,6 +163,23 @@ pub struct Resident {
     pub object: Object,
     /// Where the body starts in the file.
     pub body_offset: u64,
+    /// The file's length.
+    pub file_len: u64,
+    /// The index's id of the file (see [`DiskStore::entry`]).
+    pub id: u64,
+}
+
+impl Resident {
+    /// Whether every page of the body is in the page cache, so sending it
+    /// never waits for the disk (`false` where cachestat(2) is missing).
+    pub fn in_page_cache(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        resident(
+            self.file.as_raw_fd(),
+            self.body_offset,
+            self.file_len - self.body_offset,
+        )
+    }
 }
 
 /// Bytes read to find an entry's head and metadata (more metadata than
@@ -220,6 +240,9 @@ fn file_name(key: &str) -> String {
 
 struct IndexEntry {
     size: u64,
+    /// Which file this is: set when the entry is indexed, new for every
+    /// file written under the key (see [`DiskStore::entry`]).
+    id: u64,
     /// Higher is more recently used.
     used: u64,
     /// Its body checksum held when this process wrote or last read it:
@@ -247,6 +270,7 @@ impl Index {
         let used = self.clock;
         let entry = IndexEntry {
             size,
+            id: used,
             used,
             checked,
         };
@@ -388,9 +412,21 @@ impl DiskStore {
 
     /// The size of the entry file for `key`, if there is one (marked used).
     pub fn entry_size(&self, key: &str) -> Option<u64> {
+        self.entry(key).map(|(size, _)| size)
+    }
+
+    /// `(size, id)` of the entry file for `key`, if there is one (marked
+    /// used). The id names the file: a file opened while the index held
+    /// this id is still the entry as long as the index holds it.
+    pub fn entry(&self, key: &str) -> Option<(u64, u64)> {
         let mut index = self.lock();
         index.touch(key);
-        index.entries.get(key).map(|e| e.size)
+        index.entries.get(key).map(|e| (e.size, e.id))
+    }
+
+    /// The id of the entry file for `key` (not marked used).
+    pub fn entry_id(&self, key: &str) -> Option<u64> {
+        self.lock().entries.get(key).map(|e| e.id)
     }
 
     /// Hands `object` to the disk thread; never waits.
@@ -463,17 +499,19 @@ impl DiskStore {
         }
     }
 
-    /// Opens the entry for `key` to be sent from the page cache without
-    /// reading it: only when its body's checksum already held in this
-    /// process and every page of its body is in the page cache, so sending
-    /// it never waits for the disk. `None` means: read it instead
+    /// Opens the entry for `key` to be sent from its file without reading
+    /// its body: only when its body's checksum already held in this process
+    /// (whether its pages are in the page cache is the caller's question,
+    /// [`Resident::in_page_cache`]). `None` means: read it instead
     /// ([`Self::load`]).
-    pub async fn open_resident(&self, key: &str) -> Option<Resident> {
-        use std::os::fd::AsRawFd;
-        let (len, checked) = {
+    pub async fn open_entry(&self, key: &str) -> Option<Resident> {
+        // The id is taken before the file is opened: a file renamed into
+        // place in between is newer than the id says, never older, so a
+        // cache of open files drops it at worst once too often.
+        let (file_len, checked, id) = {
             let index = self.lock();
             let e = index.entries.get(key)?;
-            (e.size, e.checked)
+            (e.size, e.checked, e.id)
         };
         if !checked {
             return None;
@@ -481,19 +519,16 @@ impl DiskStore {
         let file = monoio::fs::File::open(self.dir.join(file_name(key)))
             .await
             .ok()?;
-        let want = (len as usize).min(HEAD_PROBE);
+        let want = (file_len as usize).min(HEAD_PROBE);
         let (r, start) = file.read_exact_at(Vec::with_capacity(want), 0).await;
-        let found = r.ok().and_then(|_| read_meta(&start, len).ok());
-        let body = found.and_then(|(meta, meta_len, _)| {
-            let offset = (HEAD_LEN + meta_len) as u64;
-            (meta.key == key && resident(file.as_raw_fd(), offset, len - offset))
-                .then_some((meta, offset))
-        });
-        match body {
-            Some((meta, body_offset)) => Some(Resident {
+        let found = r.ok().and_then(|_| read_meta(&start, file_len).ok());
+        match found.filter(|(meta, ..)| meta.key == key) {
+            Some((meta, meta_len, _)) => Some(Resident {
                 file,
                 object: meta.into_object(Body::default()).1,
-                body_offset,
+                body_offset: (HEAD_LEN + meta_len) as u64,
+                file_len,
+                id,
             }),
             None => {
                 let _ = file.close().await;

@@ -8,12 +8,14 @@
 //! - [`collapse`]: fills under way, which concurrent misses stream from;
 //! - [`region`]: stored bodies, large ones in mappings of their own (sent
 //!   by reference);
-//! - [`disk`]: the disk tier; [`slice`]: large objects cached in slices.
+//! - [`disk`]: the disk tier; [`open`]: a core's disk-tier files kept open
+//!   between hits; [`slice`]: large objects cached in slices.
 //!
 //! The request-path steps are `proxy/cache.rs` and `proxy/slices.rs`.
 
 pub mod collapse;
 pub mod disk;
+pub mod open;
 pub mod policy;
 pub mod region;
 pub mod slice;

@@ -311,7 +311,8 @@ impl WorkerGeneration {
     }
 
     /// A disk-tier entry whose pages are all in the page cache answers a
-    /// memory miss straight from its file (`Some`), when the client is
+    /// memory miss straight from its file (kept open between hits, see
+    /// `cache::open`) (`Some`), when the client is
     /// plain TCP and `server.zero_copy` sends such a body by reference;
     /// otherwise (`None`) the entry is read and promoted as usual
     /// ([`Self::promote_from_disk`]).
@@ -339,26 +340,32 @@ impl WorkerGeneration {
         }
         // The file's size bounds the body's: an entry too small to be sent
         // by reference is not opened twice (here, then to be read).
-        if !zero_copy.send_stored(disk.entry_size(&k)?) {
+        let (size, id) = disk.entry(&k)?;
+        if !zero_copy.send_stored(size) {
             return None;
         }
-        let entry = disk.open_resident(&k).await?;
-        let copy = &entry.object;
-        let by_reference = zero_copy.send_stored(copy.total);
-        let fresh = policy::is_fresh(copy.stored_at, copy.fresh_for, SystemTime::now());
-        let out = if by_reference && fresh {
-            let mid = self.shared.bucket_metric[bucket];
-            self.core.metrics.borrow_mut().cache(mid, "hit");
-            let source = Source::File {
-                file: &entry.file,
-                offset: entry.body_offset,
-            };
-            Some(self.answer_stored(c, bucket, copy, "HIT", source).await)
-        } else {
-            None
+        let kept = self.core.open_entries.borrow_mut().get(&k, id);
+        let entry = match kept {
+            Some(entry) => entry,
+            None => {
+                let entry = Rc::new(disk.open_entry(&k).await?);
+                let mut open = self.core.open_entries.borrow_mut();
+                open.put(&k, entry.id, entry.clone());
+                entry
+            }
         };
-        let _ = entry.file.close().await;
-        out
+        let copy = &entry.object;
+        let fresh = policy::is_fresh(copy.stored_at, copy.fresh_for, SystemTime::now());
+        if !(zero_copy.send_stored(copy.total) && fresh && entry.in_page_cache()) {
+            return None;
+        }
+        let mid = self.shared.bucket_metric[bucket];
+        self.core.metrics.borrow_mut().cache(mid, "hit");
+        let source = Source::File {
+            file: &entry.file,
+            offset: entry.body_offset,
+        };
+        Some(self.answer_stored(c, bucket, copy, "HIT", source).await)
     }
 
     /// Answers from a stored copy whose body is at `source`.

@@ -117,6 +117,8 @@ pub struct Worker {
     pub draining: Cell<bool>,
     /// Empty pipes kept for splicing bodies (relayed, or sent by reference).
     pipes: RefCell<Vec<crate::http::zerocopy::Pipe>>,
+    /// Disk-tier entry files kept open between hits.
+    pub open_entries: RefCell<crate::cache::open::OpenEntries<crate::cache::disk::Resident>>,
     /// Connections parked since the last memory trim (see `server::tick`).
     pub parked: Cell<usize>,
     /// Parked connections waiting for data, swept for idle timeouts.
@@ -207,6 +209,7 @@ impl Worker {
             rid_state: Cell::new(seed),
             draining: Cell::new(false),
             pipes: RefCell::new(Vec::new()),
+            open_entries: RefCell::default(),
             parked: Cell::new(0),
             parking: park::Parking::default(),
             lot: match IdleLot::new() {

@@ -471,6 +471,14 @@ fn tick(worker: &Worker) {
     let now = crate::shared::now_ms();
     if worker.parking.tick(now) {
         worker.expire_lot(now);
+        // Disk-tier files kept open whose entry was replaced or removed
+        // are closed, so they do not hold the disk space of a removed file.
+        if let Some(disk) = &worker.process.disk {
+            let mut open = worker.open_entries.borrow_mut();
+            if !open.is_empty() {
+                open.prune(|key| disk.entry_id(key));
+            }
+        }
     }
     // Parked connections freed their buffers; hand the memory back to the
     // OS once a burst of them has gone idle, so RSS follows live use.
