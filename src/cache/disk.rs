@@ -30,7 +30,7 @@ use super::region::{Body, Region, MAPPED_MIN_READ_BYTES};
 use super::store::Object;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -251,9 +251,14 @@ struct IndexEntry {
     checked: bool,
 }
 
+/// The entries on disk, least recently used first out. Every operation is
+/// O(log n) or better: the lock around it is held for map operations only,
+/// even on a full disk of a hundred thousand entries.
 #[derive(Default)]
 struct Index {
     entries: HashMap<String, IndexEntry>,
+    /// `used` -> key, oldest first.
+    by_use: BTreeMap<u64, String>,
     bytes: u64,
     clock: u64,
 }
@@ -262,7 +267,14 @@ impl Index {
     fn touch(&mut self, key: &str) -> bool {
         self.clock += 1;
         let clock = self.clock;
-        self.entries.get_mut(key).map(|e| e.used = clock).is_some()
+        let Some(e) = self.entries.get_mut(key) else {
+            return false;
+        };
+        if let Some(k) = self.by_use.remove(&e.used) {
+            self.by_use.insert(clock, k);
+        }
+        e.used = clock;
+        true
     }
 
     fn insert(&mut self, key: String, size: u64, checked: bool) {
@@ -274,7 +286,9 @@ impl Index {
             used,
             checked,
         };
+        self.by_use.insert(used, key.clone());
         if let Some(old) = self.entries.insert(key, entry) {
+            self.by_use.remove(&old.used);
             self.bytes -= old.size;
         }
         self.bytes += size;
@@ -283,6 +297,7 @@ impl Index {
     fn remove(&mut self, key: &str) -> bool {
         match self.entries.remove(key) {
             Some(e) => {
+                self.by_use.remove(&e.used);
                 self.bytes -= e.size;
                 true
             }
@@ -290,24 +305,18 @@ impl Index {
         }
     }
 
-    /// Least recently used keys to drop so that `bytes <= max`.
+    /// Least recently used keys to drop so that `bytes <= max` (dropped
+    /// from the index).
     fn over(&mut self, max: u64) -> Vec<String> {
-        if self.bytes <= max {
-            return Vec::new();
-        }
-        let mut by_age: Vec<(&String, &IndexEntry)> = self.entries.iter().collect();
-        by_age.sort_by_key(|(_, e)| e.used);
-        let mut excess = self.bytes - max;
         let mut out = Vec::new();
-        for (k, e) in by_age {
-            if excess == 0 {
+        while self.bytes > max {
+            let Some((_, key)) = self.by_use.pop_first() else {
                 break;
+            };
+            if let Some(e) = self.entries.remove(&key) {
+                self.bytes -= e.size;
             }
-            excess = excess.saturating_sub(e.size);
-            out.push(k.clone());
-        }
-        for k in &out {
-            self.remove(k);
+            out.push(key);
         }
         out
     }
@@ -763,6 +772,28 @@ mod tests {
         i.insert("a".into(), 10, true);
         assert_eq!(i.bytes, 50, "a replaced entry is counted once");
         assert!(i.remove("c") && !i.remove("c"));
+        assert_eq!(i.by_use.len(), i.entries.len(), "one use mark per entry");
+    }
+
+    #[test]
+    fn a_full_index_evicts_in_use_order_one_insert_at_a_time() {
+        let mut i = Index::default();
+        for n in 0..1000u64 {
+            i.insert(format!("k{n}"), 10, true);
+            if n % 3 == 0 {
+                i.touch("k0");
+            }
+            let out = i.over(100);
+            assert!(i.bytes <= 100 && out.len() <= 1);
+        }
+        // The ten most recently used: k0 (touched), then the newest nine.
+        let mut left: Vec<&String> = i.entries.keys().collect();
+        left.sort();
+        let mut want: Vec<String> = (991..1000).map(|n| format!("k{n}")).collect();
+        want.push("k0".into());
+        want.sort();
+        assert_eq!(left, want.iter().collect::<Vec<_>>());
+        assert_eq!(i.by_use.len(), 10);
     }
 
     #[test]
