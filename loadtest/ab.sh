@@ -8,7 +8,8 @@
 #
 # Used to show that a refactor kept (or bettered) the figures of the binary
 # before it. Needs wrk and nginx (apt: wrk nginx-light). WRK_HEADER adds a
-# request header; ORIGIN_DIRECTIVES adds nginx directives to the
+# request header; EXTRA_YAML adds top-level proxy config (e.g. a cache
+# section); ORIGIN_DIRECTIVES adds nginx directives to the
 # origin's server block.
 set -euo pipefail
 A=$1 B=$2 LA=${3:-A} LB=${4:-B}
@@ -22,7 +23,7 @@ source "$(dirname "$0")/origin.sh"
 setup_work
 make_objects "$WORK" $SIZES
 origin_conf "$WORK" "$P_ORIGIN" "${ORIGIN_DIRECTIVES:-}" >"$WORK/origin.conf"
-yata_yaml "$P_PROXY" "$P_ORIGIN" >"$WORK/proxy.yaml"
+yata_yaml "$P_PROXY" "$P_ORIGIN" "${EXTRA_YAML:-}" >"$WORK/proxy.yaml"
 taskset -c 1 nginx -c "$WORK/origin.conf" -p "$WORK" &
 PIDS+=($!)
 sleep 0.5

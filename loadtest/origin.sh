@@ -32,7 +32,7 @@ make_objects() {
   shift
   mkdir -p "$work/origin/data-bucket" "$work/logs"
   for s in "$@"; do
-    case $s in 1k) n=1024;; 64k) n=65536;; 1m) n=1048576;; 64m) n=67108864;; esac
+    case $s in 1k) n=1024;; 4k) n=4096;; 16k) n=16384;; 32k) n=32768;; 64k) n=65536;; 1m) n=1048576;; 64m) n=67108864;; esac
     head -c "$n" /dev/urandom >"$work/origin/data-bucket/obj-$s"
   done
 }

@@ -59,39 +59,69 @@ impl Pipe {
     }
 }
 
-/// A socket made non-blocking for splicing, its flags put back when this
+/// A socket made non-blocking for splicing, its mode put back when this
 /// is dropped: the runtime's io_uring operations on it expect the mode it
 /// set (some kernels answer an io_uring read of a non-blocking socket with
-/// EAGAIN instead of waiting).
+/// EAGAIN instead of waiting). One ioctl(FIONBIO) each way; none where the
+/// thread's sockets are non-blocking anyway ([`sockets_are_nonblocking`]).
 pub struct NonBlocking<'a> {
     stream: &'a TcpStream,
-    flags: libc::c_int,
+    /// Whether drop makes the socket blocking again.
+    restore: bool,
+}
+
+thread_local! {
+    /// Whether this thread's runtime makes every socket non-blocking (epoll)
+    /// or none (io_uring); unknown on threads that never said.
+    static SOCKETS_NONBLOCKING: std::cell::Cell<Option<bool>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Tells this thread's splices how its runtime makes sockets: every one
+/// non-blocking (`true`, epoll) or none (`false`, io_uring).
+pub fn sockets_are_nonblocking(yes: bool) {
+    SOCKETS_NONBLOCKING.with(|c| c.set(Some(yes)));
+}
+
+/// Sets or clears O_NONBLOCK on `fd`.
+fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
+    let mut value: libc::c_int = on.into();
+    // SAFETY: FIONBIO reads one int from the live local `value`; `fd` is open.
+    if unsafe { libc::ioctl(fd, libc::FIONBIO, &mut value) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl<'a> NonBlocking<'a> {
     /// Makes `stream` non-blocking until the result is dropped.
     pub fn new(stream: &'a TcpStream) -> io::Result<NonBlocking<'a>> {
         let fd = stream.as_raw_fd();
-        // SAFETY: fcntl on the stream's open descriptor, which outlives the call.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        if flags < 0 {
-            return Err(io::Error::last_os_error());
+        let already = match SOCKETS_NONBLOCKING.with(|c| c.get()) {
+            Some(known) => known,
+            None => {
+                // SAFETY: fcntl on the stream's open descriptor.
+                let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+                if flags < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                flags & libc::O_NONBLOCK != 0
+            }
+        };
+        if !already {
+            set_nonblocking(fd, true)?;
         }
-        // SAFETY: as above.
-        if flags & libc::O_NONBLOCK == 0
-            && unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(NonBlocking { stream, flags })
+        Ok(NonBlocking {
+            stream,
+            restore: !already,
+        })
     }
 }
 
 impl Drop for NonBlocking<'_> {
     fn drop(&mut self) {
-        if self.flags & libc::O_NONBLOCK == 0 {
-            // SAFETY: fcntl on the stream's descriptor, still open (borrowed).
-            unsafe { libc::fcntl(self.stream.as_raw_fd(), libc::F_SETFL, self.flags) };
+        if self.restore {
+            let _ = set_nonblocking(self.stream.as_raw_fd(), false);
         }
     }
 }

@@ -71,6 +71,7 @@ where
                 .build(),
         };
         if let Ok(mut rt) = rt {
+            crate::http::zerocopy::sockets_are_nonblocking(false);
             return Ok(rt.block_on(f("io_uring")));
         }
     }
@@ -78,5 +79,6 @@ where
         .enable_timer()
         .attach_thread_pool(blocking_pool())
         .build()?;
+    crate::http::zerocopy::sockets_are_nonblocking(true);
     Ok(rt.block_on(f("epoll")))
 }
