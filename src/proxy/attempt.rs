@@ -239,9 +239,13 @@ impl WorkerGeneration {
         };
         let r = &self.shared.replicas[rid];
         let left = deadline.saturating_duration_since(Instant::now());
-        self.pool
-            .connect(rid, &r.config.endpoint, r.tls.as_ref(), left, slot)
-            .await
-            .map_err(|(cause, detail)| Failure::new(cause, detail))
+        // Boxed: connecting (DNS answer, TCP, a TLS handshake) is the rare
+        // path next to a pooled connection and the largest state in it.
+        Box::pin(
+            self.pool
+                .connect(rid, &r.config.endpoint, r.tls.as_ref(), left, slot),
+        )
+        .await
+        .map_err(|(cause, detail)| Failure::new(cause, detail))
     }
 }

@@ -76,9 +76,11 @@ impl WorkerGeneration {
                 self.record_failure(answer.rid, Admit::Normal, cause);
                 let rest = &ctx.order[next.min(ctx.order.len())..];
                 let tee = fill.as_mut().map(|f| f as &mut dyn body::Tee);
-                let resumed = self
-                    .resume(c, ctx, answer, out.bytes, rest, (timeouts, tee))
-                    .await;
+                // Boxed: a break mid-body is rare, and resuming holds a
+                // whole attempt; inline, every relay's state would be that
+                // much larger.
+                let resumed =
+                    Box::pin(self.resume(c, ctx, answer, out.bytes, rest, (timeouts, tee))).await;
                 if !resumed.complete {
                     if let Some(f) = &fill {
                         f.fail();
