@@ -9,7 +9,7 @@
 //! - [`region`]: stored bodies, large ones in mappings of their own (sent
 //!   by reference);
 //! - [`disk`]: the disk tier; [`open`]: a core's disk-tier files kept open
-//!   between hits; [`slice`]: large objects cached in slices.
+//!   between hits; [`mod@slice`]: large objects cached in slices.
 //!
 //! The request-path steps are `proxy/cache.rs` and `proxy/slices.rs`.
 

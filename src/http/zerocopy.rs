@@ -9,7 +9,7 @@
 //! socket (half the CPU of a 1 MiB cache hit, see loadtest/results) is
 //! gone; the kernel holds the pages until the receiver has read them.
 //! Relaying a large upstream body: splice(2) from the upstream socket into
-//! a pipe and from the pipe into the client socket ([`fill_from`], [`drain`]).
+//! a pipe and from the pipe into the client socket (`fill_from`, `drain`).
 //!
 //! Only bodies that live in a mapping of their own may be sent this way
 //! (`cache::region::Body::mapped`): their pages are never written again and

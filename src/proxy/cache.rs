@@ -311,11 +311,11 @@ impl WorkerGeneration {
     }
 
     /// A disk-tier entry whose pages are all in the page cache answers a
-    /// memory miss straight from its file (kept open between hits, see
-    /// `cache::open`) (`Some`), when the client is
+    /// memory miss straight from its file (`Some`), when the client is
     /// plain TCP and `server.zero_copy` sends such a body by reference;
     /// otherwise (`None`) the entry is read and promoted as usual
-    /// ([`Self::promote_from_disk`]).
+    /// ([`Self::promote_from_disk`]). The core keeps the file open for the
+    /// next hit (`cache::open`).
     pub(super) async fn serve_from_disk(
         &self,
         c: &mut Client,
