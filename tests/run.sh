@@ -29,6 +29,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
+echo "== cargo clippy: the load-test tools (bare forwarder, send methods)"
+cargo clippy --features loadtest --bins -- -D warnings
 
 echo "== tests (driver: auto)"
 cargo test --lib --bins --tests -- --test-threads=4
