@@ -126,7 +126,17 @@ async fn serve(mut client: TcpStream, origin: SocketAddr, pool: Pool) {
             upstream: T,
             client: T,
         };
-        match body::length(&mut up, &mut ubuf, start, len - already, &mut client, t, None).await {
+        match body::length(
+            &mut up,
+            &mut ubuf,
+            start,
+            len - already,
+            &mut client,
+            t,
+            None,
+        )
+        .await
+        {
             Ok(p) if p.reusable => pool.borrow_mut().push((up, ubuf)),
             Ok(_) => {}
             Err(_) => return,

@@ -30,7 +30,7 @@ use super::region::{Body, Region, MAPPED_MIN_READ_BYTES};
 use super::store::Object;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -252,11 +252,14 @@ struct IndexEntry {
 }
 
 /// The entries on disk, least recently used first out. Every operation is
-/// O(log n) or better: the lock around it is held for map operations only,
-/// even on a full disk of a hundred thousand entries.
+/// O(log n) (a prefix removal O(log n) per key removed): the lock around it
+/// is held for map operations only, even on a full disk of a hundred
+/// thousand entries, and a purge does not scan them all.
 #[derive(Default)]
 struct Index {
-    entries: HashMap<String, IndexEntry>,
+    /// Ordered, so the keys of one object or bucket (a common prefix, see
+    /// `store::key`) are one range.
+    entries: BTreeMap<String, IndexEntry>,
     /// `used` -> key, oldest first.
     by_use: BTreeMap<u64, String>,
     bytes: u64,
@@ -303,6 +306,21 @@ impl Index {
             }
             None => false,
         }
+    }
+
+    /// Removes every key starting with `prefix`; returns them.
+    fn remove_prefix(&mut self, prefix: &str) -> Vec<String> {
+        use std::ops::Bound;
+        let keys: Vec<String> = self
+            .entries
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &keys {
+            self.remove(k);
+        }
+        keys
     }
 
     /// Least recently used keys to drop so that `bytes <= max` (dropped
@@ -549,19 +567,7 @@ impl DiskStore {
     /// Drops every entry whose key starts with `prefix` (purge, moved
     /// bucket); returns how many. Runs off the cores (admin, reload).
     pub fn remove_prefix(&self, prefix: &str) -> usize {
-        let gone: Vec<String> = {
-            let mut index = self.lock();
-            let keys: Vec<String> = index
-                .entries
-                .keys()
-                .filter(|k| k.starts_with(prefix))
-                .cloned()
-                .collect();
-            for k in &keys {
-                index.remove(k);
-            }
-            keys
-        };
+        let gone = self.lock().remove_prefix(prefix);
         for k in &gone {
             let _ = std::fs::remove_file(self.dir.join(file_name(k)));
         }
@@ -773,6 +779,31 @@ mod tests {
         assert_eq!(i.bytes, 50, "a replaced entry is counted once");
         assert!(i.remove("c") && !i.remove("c"));
         assert_eq!(i.by_use.len(), i.entries.len(), "one use mark per entry");
+    }
+
+    #[test]
+    fn a_prefix_removes_one_object_or_one_bucket_and_nothing_else() {
+        use crate::cache::store::{bucket_prefix, key, object_prefix};
+        let mut i = Index::default();
+        for (b, k, q) in [
+            ("a", "x", ""),
+            ("a", "x", "versionId=1"),
+            ("a", "xy", ""),
+            ("ab", "x", ""),
+            ("b", "x", ""),
+        ] {
+            i.insert(key(b, k, q), 10, true);
+        }
+        let mut gone = i.remove_prefix(&object_prefix("a", "x"));
+        gone.sort();
+        assert_eq!(gone, vec![key("a", "x", ""), key("a", "x", "versionId=1")]);
+        assert_eq!(
+            i.remove_prefix(&bucket_prefix("a")).len(),
+            1,
+            "the rest of bucket a"
+        );
+        assert_eq!(i.entries.len(), 2);
+        assert_eq!((i.bytes, i.by_use.len()), (20, 2));
     }
 
     #[test]
