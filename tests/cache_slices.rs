@@ -303,3 +303,54 @@ fn whole_gets_of_an_object_above_the_item_limit_are_answered_from_slices() {
     assert!(r.body == want, "body from stored slices differs");
     assert_eq!(up.seen().len(), seen + 7, "a hit went upstream");
 }
+
+#[test]
+fn slices_stored_under_another_slice_size_are_never_served_as_this_one_s() {
+    let version = Arc::new(AtomicU64::new(1));
+    let up = origin(version.clone());
+    let dir = tempfile::tempdir().unwrap();
+    // The disk tier keeps slices across a restart; the slice size is
+    // restart-only configuration.
+    let with_disk = |slice_mb: u64| {
+        config(&up.endpoint())
+            .replace("slice_size_mb: 1", &format!("slice_size_mb: {slice_mb}"))
+            .replace(
+                "  cache_layers: [\"memory\"]\n",
+                &format!(
+                    "  cache_layers: [\"memory\", \"disk\"]\n  disk:\n    enabled: true\n    cache_dir: \"{}\"\n",
+                    dir.path().display()
+                ),
+            )
+    };
+    let p = Proxy::start(&with_disk(1));
+    // Slice 75 of 1 MiB: bytes 75..76 MiB.
+    let r = range(&p, 75 * MIB + 10, 75 * MIB + 19);
+    assert!(r.status == 206 && r.body == expected(75 * MIB + 10, 75 * MIB + 19, 1));
+    // The slice and the object's slice metadata reach the disk.
+    assert!(
+        p.wait_metric(
+            "yatagarasu_cache_items{layer=\"disk\"}",
+            2.0,
+            std::time::Duration::from_secs(10)
+        ),
+        "{}",
+        p.log()
+    );
+    drop(p);
+    // Slices of 2 MiB now: slice 75 is bytes 150..152 MiB.
+    let p = Proxy::start(&with_disk(2));
+    let (a, b) = (150 * MIB + 100, 150 * MIB + 4195);
+    let r = range(&p, a, b);
+    assert_eq!(r.status, 206, "{}", p.log());
+    assert!(
+        r.body == expected(a, b, 1),
+        "bytes of the 1 MiB slice 75 were sent as the 2 MiB one"
+    );
+    assert_eq!(
+        asked(&up, 1),
+        [(
+            format!("bytes={}-{}", 150 * MIB, 152 * MIB - 1),
+            Some("\"v1\"".into())
+        )]
+    );
+}

@@ -2,15 +2,19 @@
 //! `cache.slice_size_mb` fetched with `Range` and `If-Match` (pure
 //! arithmetic and key naming; the request step is `proxy::slices`).
 //!
-//! A slice is stored under its object's cache key plus `\0slice\0<n>`; the
-//! object's length, ETag and headers under `\0slice\0meta`. Every slice of
-//! one object shares the meta's ETag: a fetch that finds another ETag (a
-//! 412 to `If-Match`, or a 206 naming another ETag) drops the object's
-//! slices and meta together, so slices of two versions are never joined.
+//! A slice is stored under its object's cache key plus
+//! `\0slice\0<slice size>\0<n>`; the object's length, ETag and headers
+//! under `\0slice\0meta`. Every slice of one object shares the meta's ETag:
+//! a fetch that finds another ETag (a 412 to `If-Match`, or a 206 naming
+//! another ETag) drops the object's slices and meta together, so slices of
+//! two versions are never joined. The slice size is in the key because a
+//! slice's number means nothing without it: slices the disk tier kept from
+//! a run with another `slice_size_mb` are never read as this run's.
 
-/// The key of slice `n` of the object cached under `object_key`.
-pub fn key(object_key: &str, n: u64) -> String {
-    format!("{object_key}\0slice\0{n}")
+/// The key of slice `n`, of `size` bytes, of the object cached under
+/// `object_key`.
+pub fn key(object_key: &str, size: u64, n: u64) -> String {
+    format!("{object_key}\0slice\0{size}\0{n}")
 }
 
 /// The key of the object's slice metadata (length, ETag, headers).
@@ -72,9 +76,14 @@ mod tests {
     #[test]
     fn keys_share_the_object_prefix() {
         let k = crate::cache::store::key("b", "big.bin", "");
-        assert!(key(&k, 3).starts_with(&prefix(&k)));
+        assert!(key(&k, MIB, 3).starts_with(&prefix(&k)));
         assert!(meta_key(&k).starts_with(&prefix(&k)));
         assert!(prefix(&k).starts_with(&crate::cache::store::object_prefix("b", "big.bin")));
-        assert_ne!(key(&k, 1), key(&k, 11));
+        assert_ne!(key(&k, MIB, 1), key(&k, MIB, 11));
+        assert_ne!(
+            key(&k, MIB, 1),
+            key(&k, 2 * MIB, 1),
+            "another size, another slice"
+        );
     }
 }

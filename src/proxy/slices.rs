@@ -179,7 +179,7 @@ impl WorkerGeneration {
             && slices
                 .clone()
                 .skip(1)
-                .all(|n| stored_slice(store, object_key, n, &meta.etag).is_some());
+                .all(|n| stored_slice(store, object_key, (&meta, size), n).is_some());
         let x_cache = if all_stored { "HIT" } else { "MISS" };
         let mid = self.shared.bucket_metric[bucket];
         self.core
@@ -257,8 +257,8 @@ impl WorkerGeneration {
         if let Some((_, s)) = fetched.take_if(|(m, _)| *m == n) {
             return Ok((s, true));
         }
-        if let Some(s) = self.stored(&slice::key(object_key, n)).await {
-            if s.etag == meta.etag {
+        if let Some(s) = self.stored(&slice::key(object_key, size, n)).await {
+            if is_slice_of(&s, meta, size, n) {
                 return Ok((s, false));
             }
         }
@@ -448,7 +448,7 @@ impl WorkerGeneration {
             (Some(_), Some(m)) => m,
             _ => store.insert(meta_key.clone(), meta),
         };
-        let key = slice::key(want.object_key, want.n);
+        let key = slice::key(want.object_key, want.size, want.n);
         let piece = store.insert(key.clone(), piece);
         if let Some(disk) = &process.disk {
             disk.offer(meta_key, meta.clone(), epoch);
@@ -475,14 +475,61 @@ impl WorkerGeneration {
     }
 }
 
-/// Stored slice `n` of the object, if it has the object's ETag.
+/// Stored slice `n` of the object described by `meta`, if it is one.
 fn stored_slice(
     store: &store::MemoryStore,
     object_key: &str,
+    (meta, size): (&Object, u64),
     n: u64,
-    etag: &str,
 ) -> Option<Arc<Object>> {
     store
-        .get(&slice::key(object_key, n))
-        .filter(|s| s.etag == etag)
+        .get(&slice::key(object_key, size, n))
+        .filter(|s| is_slice_of(s, meta, size, n))
+}
+
+/// Whether `s` is slice `n` of `size` bytes of the object `meta` describes:
+/// the object's ETag, and exactly the bytes such a slice holds (a stored
+/// slice of another length is never joined into an answer).
+fn is_slice_of(s: &Object, meta: &Object, size: u64, n: u64) -> bool {
+    let (first, last) = slice::bounds(n, size, meta.total);
+    s.etag == meta.etag && first <= last && s.body.len() as u64 == last - first + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(etag: &str, body_len: usize, total: u64) -> Object {
+        Object {
+            stored_at: std::time::UNIX_EPOCH,
+            fresh_for: Duration::from_secs(60),
+            etag: etag.into(),
+            last_modified: None,
+            headers: String::new(),
+            body: bytes::Bytes::from(vec![0u8; body_len]).into(),
+            total,
+        }
+    }
+
+    #[test]
+    fn a_stored_slice_must_have_the_object_s_etag_and_the_slice_s_length() {
+        let meta = object("\"v1\"", 0, 2500);
+        assert!(is_slice_of(&object("\"v1\"", 1000, 0), &meta, 1000, 1));
+        assert!(
+            is_slice_of(&object("\"v1\"", 500, 0), &meta, 1000, 2),
+            "the short last one"
+        );
+        assert!(
+            !is_slice_of(&object("\"v2\"", 1000, 0), &meta, 1000, 1),
+            "another version"
+        );
+        assert!(
+            !is_slice_of(&object("\"v1\"", 2000, 0), &meta, 1000, 1),
+            "another size"
+        );
+        assert!(
+            !is_slice_of(&object("\"v1\"", 0, 0), &meta, 1000, 3),
+            "past the end"
+        );
+    }
 }
