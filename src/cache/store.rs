@@ -140,8 +140,14 @@ impl MemoryStore {
         self.inner.insert(key, object);
     }
 
+    /// Drops the entry under `key`; whether there was one.
+    pub fn remove(&self, key: &str) -> bool {
+        self.inner.remove(key).is_some()
+    }
+
     /// Drops every entry whose key starts with `prefix` (a bucket's, or an
-    /// object's with all its versions); returns how many.
+    /// object's with all its versions); returns how many. Visits every
+    /// entry: for purges and reloads, not the request path.
     pub fn remove_prefix(&self, prefix: &str) -> usize {
         let before = self.inner.len();
         self.inner.retain(|k, _| !k.starts_with(prefix));

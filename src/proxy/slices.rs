@@ -92,7 +92,7 @@ impl WorkerGeneration {
                 .await
             {
                 Err(SliceError::Changed) => {
-                    store.remove_prefix(&slice::prefix(&object_key));
+                    drop_slices(store, &object_key, size);
                 }
                 Err(SliceError::NotSliceable) | Err(SliceError::Failed) => return None,
                 Ok(outcome) => return Some(outcome),
@@ -128,7 +128,7 @@ impl WorkerGeneration {
         {
             Some(m) => m,
             None => {
-                store.remove_prefix(&slice::prefix(object_key));
+                drop_slices(store, object_key, size);
                 let n = if range.is_empty() {
                     0
                 } else {
@@ -410,7 +410,10 @@ impl WorkerGeneration {
         let Some(store) = self.shared.process.cache.as_ref() else {
             return;
         };
-        if self.shared.config.cache.slice_bytes.is_none() || resp.etag.is_empty() {
+        let Some(size) = self.shared.config.cache.slice_bytes else {
+            return;
+        };
+        if resp.etag.is_empty() {
             return;
         }
         let Some(fresh_for) = self.freshness(resp, ttl) else {
@@ -422,7 +425,7 @@ impl WorkerGeneration {
         }
         let meta = self.stored_meta(resp, fresh_for, len);
         // Slices of another version are dropped with the old metadata.
-        store.remove_prefix(&slice::prefix(object_key));
+        drop_slices(store, object_key, size);
         let epoch = store.purge_epoch();
         let meta = store.insert(meta_key.clone(), meta);
         if let Some(disk) = &self.shared.process.disk {
@@ -475,6 +478,28 @@ impl WorkerGeneration {
     }
 }
 
+/// Drops the object's slice metadata and the slices it describes, by key:
+/// this runs on the request path (a cold or expired object, a new version),
+/// where a scan of the whole memory tier would stall the core. A scan
+/// happens only when the object has more slices than the tier has entries.
+/// Slices no metadata describes any more (it was evicted first) stay until
+/// evicted; they are never joined into an answer (`is_slice_of`).
+fn drop_slices(store: &store::MemoryStore, object_key: &str, size: u64) {
+    let meta_key = slice::meta_key(object_key);
+    let Some(meta) = store.get(&meta_key) else {
+        return;
+    };
+    let count = meta.total.div_ceil(size.max(1));
+    if count > store.items() as u64 {
+        store.remove_prefix(&slice::prefix(object_key));
+        return;
+    }
+    for n in 0..count {
+        store.remove(&slice::key(object_key, size, n));
+    }
+    store.remove(&meta_key);
+}
+
 /// Stored slice `n` of the object described by `meta`, if it is one.
 fn stored_slice(
     store: &store::MemoryStore,
@@ -509,6 +534,26 @@ mod tests {
             body: bytes::Bytes::from(vec![0u8; body_len]).into(),
             total,
         }
+    }
+
+    #[test]
+    fn dropping_an_object_s_slices_removes_them_by_key_and_nothing_else() {
+        let store = store::MemoryStore::new(64 << 20, 1 << 20).expect("store");
+        let (a, b) = (store::key("bk", "a", ""), store::key("bk", "b", ""));
+        store.insert(slice::meta_key(&a), object("\"v1\"", 0, 2500));
+        for n in 0..3 {
+            store.insert(slice::key(&a, 1000, n), object("\"v1\"", 1000, 0));
+        }
+        store.insert(slice::meta_key(&b), object("\"v1\"", 0, 2500));
+        store.insert(slice::key(&b, 1000, 0), object("\"v1\"", 1000, 0));
+        store.insert(a.clone(), object("\"v1\"", 10, 10));
+        drop_slices(&store, &a, 1000);
+        assert!(store.get(&slice::meta_key(&a)).is_none());
+        assert!((0..3).all(|n| store.get(&slice::key(&a, 1000, n)).is_none()));
+        assert_eq!(store.items(), 3, "b's slices and a's whole copy stay");
+        // No metadata: nothing is known to drop, and nothing is scanned.
+        drop_slices(&store, &a, 1000);
+        assert_eq!(store.items(), 3);
     }
 
     #[test]
