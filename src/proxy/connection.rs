@@ -200,7 +200,12 @@ impl WorkerGeneration {
                         continue;
                     };
                     match idle.lot.insert(Idle { stream: tcp, peer }, deadline) {
-                        Ok(()) => return None,
+                        Ok(()) => {
+                            // Its task's memory is freed now: counted for
+                            // the next trim, as parking is.
+                            self.core.parked.set(self.core.parked.get() + 1);
+                            return None;
+                        }
                         Err((e, back)) => {
                             // Kept in its task instead (e.g. max_user_watches).
                             log!(

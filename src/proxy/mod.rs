@@ -119,7 +119,8 @@ pub struct Worker {
     pipes: RefCell<Vec<crate::http::zerocopy::Pipe>>,
     /// Disk-tier entry files kept open between hits.
     pub open_entries: RefCell<crate::cache::open::OpenEntries<crate::cache::disk::Resident>>,
-    /// Connections parked since the last memory trim (see `server::tick`).
+    /// Connections that gave memory back (parked, or moved to the lot)
+    /// since the last memory trim (see `server::tick`).
     pub parked: Cell<usize>,
     /// Parked connections waiting for data, swept for idle timeouts.
     pub parking: park::Parking,
