@@ -127,8 +127,23 @@ impl WorkerGeneration {
 
     /// Serves a connection taken out of the lot (its socket is readable).
     async fn serve_from_lot(&self, idle: Idle) {
-        let c = self.woken(idle.stream, idle.peer);
-        self.serve_client(c).await;
+        // The runtime's stream again (on epoll: registered with its poller;
+        // the descriptor kept its non-blocking mode, which it shares with
+        // the one it was duplicated from).
+        match TcpStream::from_std(std::net::TcpStream::from(idle.fd)) {
+            Ok(tcp) => {
+                let c = self.woken(tcp, idle.peer);
+                self.serve_client(c).await;
+            }
+            Err(e) => {
+                log!(
+                    Level::Warn,
+                    "Idle connection could not be served again",
+                    error = e
+                );
+                self.core.connection_closed();
+            }
+        }
     }
 
     /// A (plain-TCP) connection back from parking: a request state and a
@@ -180,7 +195,7 @@ impl WorkerGeneration {
             stream, peer, s, ..
         } = c;
         self.core.give_state(s);
-        let MaybeTls::Plain(mut tcp) = stream else {
+        let MaybeTls::Plain(tcp) = stream else {
             self.core.connection_closed();
             return None;
         };
@@ -199,21 +214,37 @@ impl WorkerGeneration {
                         movable = false;
                         continue;
                     };
-                    match idle.lot.insert(Idle { stream: tcp, peer }, deadline) {
+                    let fd = {
+                        use std::os::fd::AsRawFd;
+                        // SAFETY: `tcp` owns this open descriptor and
+                        // outlives the borrow, which only duplicates it.
+                        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(tcp.as_raw_fd()) };
+                        fd.try_clone_to_owned()
+                    };
+                    let outcome = match fd {
+                        Ok(fd) => idle
+                            .lot
+                            .insert(Idle { fd, peer }, deadline)
+                            .map_err(|(e, _duplicate)| e),
+                        Err(e) => Err(e),
+                    };
+                    match outcome {
                         Ok(()) => {
-                            // Its task's memory is freed now: counted for
-                            // the next trim, as parking is.
+                            // The lot holds the duplicate; the runtime's
+                            // stream closes here. Its task's memory is freed
+                            // now: counted for the next trim, as parking is.
+                            drop(tcp);
                             self.core.parked.set(self.core.parked.get() + 1);
                             return None;
                         }
-                        Err((e, back)) => {
-                            // Kept in its task instead (e.g. max_user_watches).
+                        Err(e) => {
+                            // Kept in its task instead (e.g. max_user_watches,
+                            // or no descriptor left to duplicate into).
                             log!(
                                 Level::Debug,
                                 "Idle connection not moved to the lot",
                                 error = e
                             );
-                            tcp = back.stream;
                             movable = false;
                         }
                     }
