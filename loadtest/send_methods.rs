@@ -86,48 +86,28 @@ impl Method {
     }
 }
 
-/// A body in an anonymous mapping of its own, filled once, never written
-/// again (so its pages may be lent to the kernel).
-struct Body {
-    ptr: *mut u8,
-    len: usize,
-}
+/// A body as the cache stores a large one: in a mapping of its own
+/// (`cache::region`), filled once, never written again, so its pages may
+/// be lent to the kernel.
+struct Body(yatagarasu::cache::region::Body);
 
 impl Body {
     fn new(len: usize) -> Body {
-        // SAFETY: a fresh private anonymous mapping; checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert!(ptr != libc::MAP_FAILED, "mmap");
-        let ptr = ptr as *mut u8;
-        // SAFETY: the mapping is `len` writable bytes, ours alone.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-        for (i, b) in bytes.iter_mut().enumerate() {
-            *b = (i * 7 + 3) as u8;
-        }
-        Body { ptr, len }
+        let mut region = yatagarasu::cache::region::Region::new(len).expect("mapping");
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+        assert!(
+            region.extend_from_slice(&bytes),
+            "the mapping holds the body"
+        );
+        Body(region.freeze())
     }
 
     fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping lives as long as `self` and is not written
-        // after `new`.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+        self.0.mapped().expect("a body in a mapping of its own")
     }
-}
 
-impl Drop for Body {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`; nothing borrows it any more
-        // (every method waited until the kernel let its pages go).
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    fn len(&self) -> usize {
+        self.0.len()
     }
 }
 
@@ -138,8 +118,9 @@ fn pin(core: usize) {
 }
 
 fn cpu(who: libc::c_int) -> f64 {
-    // SAFETY: getrusage writes the zeroed struct we pass.
+    // SAFETY: rusage is plain integers, for which all zeroes is valid.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes the struct we pass, a live local.
     unsafe { libc::getrusage(who, &mut u) };
     let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
     t(u.ru_utime) + t(u.ru_stime)
@@ -193,7 +174,7 @@ fn run(method: Method, body: &Body) -> std::io::Result<Figures> {
     });
     let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
-    let rounds = TOTAL / body.len;
+    let rounds = TOTAL / body.len();
     let (cpu0, busy0, t0) = (cpu(libc::RUSAGE_SELF), machine_busy(), Instant::now());
     match method {
         Method::Send => {
@@ -212,7 +193,7 @@ fn run(method: Method, body: &Body) -> std::io::Result<Figures> {
         .join()
         .map_err(|_| std::io::Error::other("reader panicked"))??;
     let sender_cpu = cpu(libc::RUSAGE_SELF) - cpu0 - reader_cpu;
-    let gib = (rounds * body.len) as f64 / (1u64 << 30) as f64;
+    let gib = (rounds * body.len()) as f64 / (1u64 << 30) as f64;
     Ok(Figures {
         mib_s: gib * 1024.0 / elapsed,
         sender: sender_cpu * 1000.0 / gib,
