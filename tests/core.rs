@@ -658,6 +658,109 @@ fn zero_copy_decides_on_the_whole_body_and_off_never_splices() {
     }
 }
 
+/// A spliced relay waits for a pipeful of body before it splices (fewer
+/// wake-ups), but never holds back what a slow upstream has sent; and the
+/// upstream connection, back in the pool, reads small answers at once.
+#[test]
+fn a_spliced_body_from_a_slow_upstream_flows_and_its_connection_is_reused() {
+    use std::io::Write;
+    const SIZE: usize = 2 * 1024 * 1024;
+    let body = pattern(SIZE, 9);
+    let script_body = body.clone();
+    let up = Rogue::start(move |seen| {
+        let b = &script_body;
+        let mut head = format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n").into_bytes();
+        if seen.target.ends_with("small") {
+            vec![send("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmall")]
+        } else if seen.target.ends_with("fast.bin") {
+            head.extend_from_slice(b);
+            vec![Step::Send(head)]
+        } else {
+            head.extend_from_slice(&b[..1000]);
+            vec![
+                Step::Send(head),
+                Step::Sleep(Duration::from_millis(200)),
+                // Far less than a pipeful, then nothing for a while.
+                Step::Send(b[1000..3000].to_vec()),
+                Step::Sleep(Duration::from_millis(2000)),
+                Step::Send(b[3000..].to_vec()),
+            ]
+        }
+    });
+    let port = free_port();
+    let cfg = format!(
+        "server:\n  address: \"127.0.0.1:{port}\"\n  workers: 1\n{}      timeout_seconds: 5\n",
+        single_bucket("/data", "data-bucket", &up.endpoint())
+    );
+    let proxy = Proxy::start(&cfg);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Reads on until `got` holds `n` bytes.
+    fn read_to(s: &mut std::net::TcpStream, got: &mut Vec<u8>, n: usize) {
+        let mut tmp = vec![0u8; 65536];
+        while got.len() < n {
+            let k = read_retry(s, &mut tmp).unwrap();
+            assert!(k > 0, "closed early: {}", String::from_utf8_lossy(got));
+            got.extend_from_slice(&tmp[..k]);
+        }
+    }
+    let head_len = |got: &[u8]| got.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+    let small = |s: &mut std::net::TcpStream| {
+        let started = Instant::now();
+        s.write_all(b"GET /data/small HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"\r\n\r\nsmall") {
+            let need = got.len() + 1;
+            read_to(s, &mut got, need);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "small answer took {took:?}");
+    };
+    let big = |s: &mut std::net::TcpStream, path: &str| {
+        let started = Instant::now();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut got = Vec::new();
+        let head_end = loop {
+            let need = got.len() + 1;
+            read_to(s, &mut got, need);
+            if let Some(end) = head_len(&got) {
+                break end;
+            }
+        };
+        read_to(s, &mut got, head_end + 3000);
+        let first = started.elapsed();
+        read_to(s, &mut got, head_end + SIZE);
+        assert!(got[head_end..] == body[..], "{path}: bytes differ");
+        first
+    };
+
+    big(&mut s, "/data/fast.bin");
+    let spliced = proxy
+        .metric("yatagarasu_spliced_bytes_total")
+        .unwrap_or(0.0);
+    assert!(spliced > 0.0, "not spliced");
+    small(&mut s);
+    let first = big(&mut s, "/data/slow.bin");
+    assert!(
+        first < Duration::from_millis(1500),
+        "the first 3000 bytes took {first:?}: held back for a pipeful"
+    );
+    small(&mut s);
+    let seen: Vec<_> = up
+        .seen()
+        .into_iter()
+        .filter(|r| r.target != "/data-bucket/") // health checks
+        .collect();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(
+        seen.iter().all(|r| r.connection == seen[0].connection),
+        "not reused: {seen:?}"
+    );
+}
+
 #[test]
 fn zero_copy_on_off_and_auto_serve_identical_bytes_with_keep_alive() {
     let s3 = S3::start();
