@@ -117,6 +117,8 @@ pub struct Worker {
     pub draining: Cell<bool>,
     /// Empty pipes kept for splicing bodies (relayed, or sent by reference).
     pipes: RefCell<Vec<crate::http::zerocopy::Pipe>>,
+    /// How much large pipe capacity this worker may still take.
+    pipe_budget: crate::http::zerocopy::PipeBudget,
     /// Disk-tier entry files kept open between hits.
     pub open_entries: RefCell<crate::cache::open::OpenEntries<crate::cache::disk::Resident>>,
     /// Connections that gave memory back (parked, or moved to the lot)
@@ -175,7 +177,7 @@ impl Worker {
     /// of file descriptors).
     fn take_pipe(&self) -> io::Result<crate::http::zerocopy::Pipe> {
         let kept = self.pipes.borrow_mut().pop();
-        kept.map_or_else(crate::http::zerocopy::Pipe::new, Ok)
+        kept.map_or_else(|| self.pipe_budget.pipe(), Ok)
     }
 
     /// Keeps an empty pipe for the next splice (at most [`KEPT_PIPES`]).
@@ -193,6 +195,7 @@ impl Worker {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
             ^ ((id as u64 + 1) << 56);
+        let workers = process.current().config.server.workers;
         let upstream_budget = {
             let server = &process.current().config.server;
             crate::upstream::pool::Budget::new(
@@ -210,6 +213,7 @@ impl Worker {
             rid_state: Cell::new(seed),
             draining: Cell::new(false),
             pipes: RefCell::new(Vec::new()),
+            pipe_budget: crate::http::zerocopy::PipeBudget::new(workers, KEPT_PIPES),
             open_entries: RefCell::default(),
             parked: Cell::new(0),
             parking: park::Parking::default(),
