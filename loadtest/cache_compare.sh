@@ -4,7 +4,9 @@
 # proxy_cache and Varnish, each in front of the same nginx file origin, one
 # worker each, warmed, driven by the same wrk. Each cache is pinned to core 0,
 # wrk and the origin to core 1 (PIN=0 runs unpinned). CPU per request is the
-# cache's own utime+stime (all its processes) from /proc.
+# cache's own utime+stime (all its processes) from /proc; the client's (wrk's)
+# CPU per request and core 1's idle share show when the load tool's core,
+# not the cache, sets the pace. TARGETS picks caches (default: all four).
 #
 #   bash loadtest/cache_compare.sh            # 1 KiB, 64 KiB, 1 MiB; 3 rounds of 5 s
 #   SIZES="64k" ROUNDS=1 bash loadtest/cache_compare.sh
@@ -120,22 +122,34 @@ run() { # target size -> "rps us_per_req"
   curl -sf -m 5 -o /dev/null "$url" && curl -sf -m 5 -o /dev/null "$url" # warm
   on_core 1 timeout 20 wrk -t1 -c32 -d1s "$url" >/dev/null
   local t0; t0=$(ticks "$1")
-  local out; out=$(on_core 1 timeout $((DURATION + 20)) wrk -t1 -c32 -d"${DURATION}s" "$url")
+  local c0; c0=$(core1)
+  local out; out=$(on_core 1 timeout $((DURATION + 20)) /usr/bin/time -f "wrk-cpu %U %S" wrk -t1 -c32 -d"${DURATION}s" "$url" 2>&1)
   local t1; t1=$(ticks "$1")
+  local c1; c1=$(core1)
   if echo "$out" | grep -q "Non-2xx"; then echo "$1 answered errors for $2" >&2; echo "$out" >&2; exit 1; fi
-  rate "$out" $((t1 - t0)) "$DURATION"
+  # The client's own CPU per request (what each cache's way of sending
+  # costs the receiver) and core 1's idle share, for the pinned layout.
+  local reqs; reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+  echo "$(rate "$out" $((t1 - t0)) "$DURATION") $(echo "$out" | awk -v r="$reqs" '/^wrk-cpu/ {printf "%.2f", ($2 + $3) * 1e6 / r}') $(echo "$c0 $c1" | awk '{printf "%.0f", 100 * ($4 - $2) / ($3 - $1)}')"
 }
+# core 1's "total idle" jiffies, from /proc/stat.
+core1() { awk '/^cpu1 / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $5 + $6}' /proc/stat; }
 
-TARGETS="yatagarasu copy nginx varnish"
-echo "| object | yatagarasu req/s | yatagarasu zero_copy off req/s | nginx proxy_cache req/s | Varnish req/s | yatagarasu CPU us/req | zero_copy off CPU us/req | nginx CPU us/req | Varnish CPU us/req |"
-echo "|---|---|---|---|---|---|---|---|---|"
+TARGETS=${TARGETS:-"yatagarasu copy nginx varnish"}
+label() { case $1 in yatagarasu) echo yatagarasu;; copy) echo "zero_copy off";; nginx) echo nginx;; varnish) echo Varnish;; esac; }
+header="| object" rule="|---"
+for what in "req/s" "CPU us/req" "client CPU us/req" "core 1 idle %"; do
+  for t in $TARGETS; do header="$header | $(label "$t") $what"; rule="$rule|---"; done
+done
+echo "$header |"
+echo "$rule|"
 for s in $SIZES; do
   for t in $TARGETS; do : >"$WORK/r-$t"; done
   for _ in $(seq "$ROUNDS"); do
     for t in $TARGETS; do run "$t" "$s" >>"$WORK/r-$t"; done
   done
   row="| $s"
-  for col in 1 2; do
+  for col in 1 2 3 4; do
     for t in $TARGETS; do row="$row | $(cut -d' ' -f$col "$WORK/r-$t" | median)"; done
   done
   echo "$row |"

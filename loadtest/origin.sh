@@ -3,7 +3,7 @@
 #
 #   setup_work                            WORK (a temporary directory, or KEEP_WORK), PIDS;
 #                                           on exit the PIDS are killed and WORK removed
-#   make_objects <work> <sizes...>        objects obj-1k, obj-64k, obj-1m under <work>/origin/data-bucket
+#   make_objects <work> <sizes...>        objects obj-<size> (1k 4k 16k 32k 64k 256k 1m 64m) under <work>/origin/data-bucket
 #   origin_conf <work> <port> [directives] nginx config serving <work>/origin at <port>
 #   yata_yaml <port> <origin port> [extra]  a one-worker yatagarasu config for /data -> the origin
 #   haproxy_cfg <port> <origin port> [global lines]  HAProxy proxying /data to the origin
@@ -32,7 +32,7 @@ make_objects() {
   shift
   mkdir -p "$work/origin/data-bucket" "$work/logs"
   for s in "$@"; do
-    case $s in 1k) n=1024;; 4k) n=4096;; 16k) n=16384;; 32k) n=32768;; 64k) n=65536;; 1m) n=1048576;; 64m) n=67108864;; esac
+    case $s in 1k) n=1024;; 4k) n=4096;; 16k) n=16384;; 32k) n=32768;; 64k) n=65536;; 256k) n=262144;; 1m) n=1048576;; 64m) n=67108864;; esac
     head -c "$n" /dev/urandom >"$work/origin/data-bucket/obj-$s"
   done
 }
