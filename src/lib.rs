@@ -20,3 +20,6 @@ pub mod shared;
 pub mod stream;
 pub mod tls;
 pub mod upstream;
+
+#[cfg(test)]
+pub(crate) mod testing;

@@ -74,14 +74,8 @@ mod tests {
 
     #[test]
     fn a_plain_connection_s_io_futures_are_not_as_large_as_tls_ones() {
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let addr = listener.local_addr().expect("addr");
-            let plain = TcpStream::connect(addr).await.expect("connect");
+        crate::testing::run(async {
+            let (plain, _peer) = crate::testing::loopback_pair().await;
             let mut client: ClientStream = MaybeTls::Plain(plain);
             // Every request's state holds a few of these: a TLS future
             // inline (672 bytes per read) made each of them that large.

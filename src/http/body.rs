@@ -401,13 +401,7 @@ mod tests {
         }
     }
 
-    fn run<F: std::future::Future>(f: F) -> F::Output {
-        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .expect("test runtime")
-            .block_on(f)
-    }
+    use crate::testing::run;
 
     const T: Timeouts = Timeouts {
         upstream: Duration::from_millis(200),

@@ -462,25 +462,6 @@ mod tests {
         value
     }
 
-    /// Runs `test` with a connected pair: (the proxy's end, the origin's).
-    fn with_pair<F, Fut>(test: F)
-    where
-        F: FnOnce(TcpStream, TcpStream) -> Fut,
-        Fut: std::future::Future<Output = ()>,
-    {
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let addr = listener.local_addr().expect("addr");
-            let ours = TcpStream::connect(addr).await.expect("connect");
-            let (origin, _) = listener.accept().await.expect("accept");
-            test(ours, origin).await;
-        });
-    }
-
     /// The origin's writes: each after its pause.
     async fn write_after(mut origin: TcpStream, writes: Vec<(u64, usize)>) -> TcpStream {
         for (pause_ms, n) in writes {
@@ -519,7 +500,8 @@ mod tests {
 
     #[test]
     fn a_body_is_waited_for_a_pipeful_at_a_time_and_the_mark_is_put_back() {
-        with_pair(|ours, origin| async move {
+        crate::testing::run(async {
+            let (ours, origin) = crate::testing::loopback_pair().await;
             assert_eq!(low_water(&ours), 1);
             // 1000 bytes, then the other 3096 a moment later.
             let origin = monoio::spawn(write_after(origin, vec![(5, 1000), (20, 3096)]));
@@ -541,7 +523,8 @@ mod tests {
 
     #[test]
     fn a_slow_stream_s_bytes_are_taken_as_they_come() {
-        with_pair(|ours, origin| async move {
+        crate::testing::run(async {
+            let (ours, origin) = crate::testing::loopback_pair().await;
             // 1000 bytes, then nothing for a second.
             let origin = monoio::spawn(write_after(origin, vec![(5, 1000), (1000, 3096)]));
             let mut pipe = PipeBudget::new(1, 1).pipe().expect("pipe");
