@@ -9,7 +9,9 @@
 //! socket (half the CPU of a 1 MiB cache hit, see loadtest/results) is
 //! gone; the kernel holds the pages until the receiver has read them.
 //! Relaying a large upstream body: splice(2) from the upstream socket into
-//! a pipe and from the pipe into the client socket (`fill_from`, `drain`).
+//! a pipe and from the pipe into the client socket (`fill_from`, `drain`),
+//! woken once per pipeful rather than per segment (the upstream socket's
+//! receive low-water mark, put back when the body ends).
 //!
 //! Only bodies that live in a mapping of their own may be sent this way
 //! (`cache::region::Body::mapped`): their pages are never written again and
@@ -27,7 +29,7 @@ use std::time::Duration;
 
 /// Pipe capacity asked for while the worker's [`PipeBudget`] allows it: a
 /// 1 MiB body in one splice each way (a 1 MiB relay: 21 -> 16 syscalls,
-/// 0.85-0.93x the CPU of 256 KiB pipes).
+/// 0.85-0.98x the CPU of 256 KiB pipes in four A/B runs).
 const LARGE_PIPE_BYTES: usize = 1024 * 1024;
 
 /// Pipe capacity asked for beyond the budget. The kernel may give less
