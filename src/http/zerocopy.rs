@@ -32,9 +32,11 @@ use std::time::Duration;
 /// 0.85-0.98x the CPU of 256 KiB pipes in four A/B runs).
 const LARGE_PIPE_BYTES: usize = 1024 * 1024;
 
-/// Pipe capacity asked for beyond the budget. The kernel may give less
-/// (a user's pipe pages are limited), which only means more rounds.
+/// Pipe capacity asked for when a large one does not fit the budget.
 const PIPE_BYTES: usize = 256 * 1024;
+
+/// A new pipe's capacity (the kernel's default), the least one can hold.
+const DEFAULT_PIPE_BYTES: usize = 64 * 1024;
 
 /// A pipe whose two ends this process reads and writes with plain
 /// syscalls (both non-blocking). Empty whenever it is not in use: a send
@@ -43,15 +45,16 @@ pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     capacity: usize,
-    /// The large capacity this pipe took from its worker's budget, given
-    /// back when it closes.
-    lent: Option<(Rc<Cell<usize>>, usize)>,
+    /// The budget this pipe's capacity was taken from, given back when it
+    /// closes.
+    budget: Rc<Cell<usize>>,
 }
 
 impl Pipe {
-    /// A new pipe asking for `bytes` of capacity (fails when out of file
-    /// descriptors; a smaller capacity is not a failure).
-    fn with_capacity(bytes: usize) -> io::Result<Pipe> {
+    /// A new pipe, its capacity asked for when it is not the default
+    /// (fails when out of file descriptors; a smaller capacity than asked
+    /// for is not a failure).
+    fn with_capacity(bytes: usize, budget: Rc<Cell<usize>>) -> io::Result<Pipe> {
         let mut fds = [0 as libc::c_int; 2];
         // SAFETY: `fds` has room for the two descriptors pipe2 writes.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
@@ -59,68 +62,97 @@ impl Pipe {
         }
         // SAFETY: pipe2 succeeded, so both descriptors are open and ours alone.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let ask = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-        // SAFETY: fcntl on a descriptor we own; failure leaves the default.
-        let capacity = unsafe {
-            libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, ask);
-            libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
-        };
+        if bytes > DEFAULT_PIPE_BYTES {
+            let ask = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+            // SAFETY: fcntl on a descriptor we own; failure leaves the default.
+            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, ask) };
+        }
+        // SAFETY: fcntl on a descriptor we own.
+        let capacity = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        let capacity = usize::try_from(capacity).unwrap_or(0).max(4096);
+        // What the kernel gave is charged (its pages count against the
+        // user), even if the budget had less left.
+        budget.set(budget.get().saturating_sub(capacity));
         Ok(Pipe {
             read,
             write,
-            capacity: usize::try_from(capacity).unwrap_or(0).max(4096),
-            lent: None,
+            capacity,
+            budget,
         })
     }
 }
 
 impl Drop for Pipe {
     fn drop(&mut self) {
-        if let Some((left, bytes)) = self.lent.take() {
-            left.set(left.get() + bytes);
-        }
+        self.budget.set(self.budget.get() + self.capacity);
     }
 }
 
-/// How much large pipe capacity one worker may hold at once. The kernel
-/// counts every pipe's pages against its user (`fs.pipe-user-pages-soft`,
-/// 64 MiB by default), and past that limit an unprivileged user's new
-/// pipes get two pages each: the whole process keeps to half the limit
-/// for large pipes, shared by its workers, and asks for 256 KiB beyond it.
+/// How much pipe capacity one worker may hold at once, in use or kept. The
+/// kernel counts every pipe's pages against its user, and past
+/// `fs.pipe-user-pages-soft` (64 MiB by default) an unprivileged user's new
+/// pipes get two pages each, so every splice would take many rounds. The
+/// process keeps to half that limit, shared by its workers; a worker whose
+/// share is spent copies instead of splicing until a pipe closes. With
+/// CAP_SYS_RESOURCE or CAP_SYS_ADMIN, or no limit set, there is no budget.
 pub struct PipeBudget {
     left: Rc<Cell<usize>>,
 }
 
 impl PipeBudget {
-    /// One worker's share among `workers`, at most `kept` large pipes.
-    pub fn new(workers: usize, kept: usize) -> PipeBudget {
+    /// One worker's share among `workers`.
+    pub fn new(workers: usize) -> PipeBudget {
         let soft_pages = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
             .ok()
             .and_then(|s| s.trim().parse::<usize>().ok())
             .unwrap_or(16384);
-        let most = kept * LARGE_PIPE_BYTES;
-        let share = if soft_pages == 0 {
-            most // no limit
+        let share = if soft_pages == 0 || pipe_limits_exempt() {
+            usize::MAX
         } else {
-            (soft_pages * 4096 / 2 / workers.max(1)).min(most)
+            soft_pages * 4096 / 2 / workers.max(1)
         };
         PipeBudget {
             left: Rc::new(Cell::new(share)),
         }
     }
 
-    /// A new pipe: large while the budget allows it.
-    pub fn pipe(&self) -> io::Result<Pipe> {
-        if self.left.get() < LARGE_PIPE_BYTES {
-            return Pipe::with_capacity(PIPE_BYTES);
-        }
-        let mut pipe = Pipe::with_capacity(LARGE_PIPE_BYTES)?;
-        // What the kernel gave counts, up to what was asked.
-        let took = pipe.capacity.min(LARGE_PIPE_BYTES);
-        self.left.set(self.left.get() - took);
-        pipe.lent = Some((self.left.clone(), took));
-        Ok(pipe)
+    /// Whether [`PipeBudget::pipe`] would make a pipe.
+    pub fn has_room(&self) -> bool {
+        ask_for(self.left.get()).is_some()
     }
+
+    /// A new pipe, as large as the budget allows; an error when the budget
+    /// is spent (the caller copies instead) or out of file descriptors.
+    pub fn pipe(&self) -> io::Result<Pipe> {
+        let Some(bytes) = ask_for(self.left.get()) else {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "the worker's pipe budget is spent",
+            ));
+        };
+        Pipe::with_capacity(bytes, self.left.clone())
+    }
+}
+
+/// The capacity to ask a new pipe for, with `left` bytes of budget: the
+/// largest that fits; none when not even a default pipe does.
+fn ask_for(left: usize) -> Option<usize> {
+    [LARGE_PIPE_BYTES, PIPE_BYTES, DEFAULT_PIPE_BYTES]
+        .into_iter()
+        .find(|&bytes| bytes <= left)
+}
+
+/// Whether this process holds CAP_SYS_RESOURCE or CAP_SYS_ADMIN, which
+/// exempt it from the kernel's per-user pipe limits.
+fn pipe_limits_exempt() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_SYS_RESOURCE: u32 = 24;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN | 1 << CAP_SYS_RESOURCE) != 0)
 }
 
 /// A socket made non-blocking for splicing, its mode put back when this
@@ -475,29 +507,35 @@ mod tests {
     }
 
     #[test]
-    fn large_pipes_are_made_within_the_budget_and_give_it_back_when_closed() {
+    fn a_new_pipe_asks_for_the_largest_capacity_the_budget_has_room_for() {
+        assert_eq!(ask_for(usize::MAX), Some(LARGE_PIPE_BYTES));
+        assert_eq!(ask_for(LARGE_PIPE_BYTES), Some(LARGE_PIPE_BYTES));
+        assert_eq!(ask_for(LARGE_PIPE_BYTES - 1), Some(PIPE_BYTES));
+        assert_eq!(ask_for(PIPE_BYTES - 1), Some(DEFAULT_PIPE_BYTES));
+        assert_eq!(ask_for(DEFAULT_PIPE_BYTES - 1), None);
+        assert_eq!(ask_for(0), None);
+    }
+
+    #[test]
+    fn pipes_are_made_within_the_budget_and_give_it_back_when_closed() {
+        let start = LARGE_PIPE_BYTES + DEFAULT_PIPE_BYTES;
         let budget = PipeBudget {
-            left: Rc::new(Cell::new(2 * LARGE_PIPE_BYTES)),
+            left: Rc::new(Cell::new(start)),
         };
         let first = budget.pipe().expect("pipe");
-        let second = budget.pipe().expect("pipe");
-        let lent = |p: &Pipe| p.lent.as_ref().map_or(0, |(_, n)| *n);
-        assert_eq!(lent(&first), first.capacity.min(LARGE_PIPE_BYTES));
-        assert_eq!(
-            budget.left.get(),
-            2 * LARGE_PIPE_BYTES - lent(&first) - lent(&second)
-        );
-        if budget.left.get() < LARGE_PIPE_BYTES {
-            let third = budget.pipe().expect("pipe");
-            assert!(third.capacity <= PIPE_BYTES, "{}", third.capacity);
-            assert!(third.lent.is_none());
+        assert!(first.capacity <= LARGE_PIPE_BYTES, "{}", first.capacity);
+        assert_eq!(budget.left.get(), start - first.capacity);
+        // What is left holds a default pipe at most.
+        let mut held = vec![];
+        while budget.has_room() {
+            held.push(budget.pipe().expect("pipe"));
         }
-        let before = budget.left.get();
-        let given = lent(&first);
+        assert!(held.iter().all(|p| p.capacity <= PIPE_BYTES));
+        let spent = budget.pipe().err().expect("a pipe past the budget");
+        assert_eq!(spent.kind(), io::ErrorKind::OutOfMemory);
+        drop(held);
         drop(first);
-        assert_eq!(budget.left.get(), before + given);
-        drop(second);
-        assert_eq!(budget.left.get(), 2 * LARGE_PIPE_BYTES);
+        assert_eq!(budget.left.get(), start);
     }
 
     #[test]
@@ -507,7 +545,7 @@ mod tests {
             assert_eq!(low_water(&ours), 1);
             // 1000 bytes, then the other 3096 a moment later.
             let origin = monoio::spawn(write_after(origin, vec![(5, 1000), (20, 3096)]));
-            let mut pipe = PipeBudget::new(1, 1).pipe().expect("pipe");
+            let mut pipe = PipeBudget::new(1).pipe().expect("pipe");
             {
                 let guard = NonBlocking::new(&ours).expect("non-blocking");
                 let long = Duration::from_secs(5);
@@ -529,7 +567,7 @@ mod tests {
             let (ours, origin) = crate::testing::loopback_pair().await;
             // 1000 bytes, then nothing for a second.
             let origin = monoio::spawn(write_after(origin, vec![(5, 1000), (1000, 3096)]));
-            let mut pipe = PipeBudget::new(1, 1).pipe().expect("pipe");
+            let mut pipe = PipeBudget::new(1).pipe().expect("pipe");
             let guard = NonBlocking::new(&ours).expect("non-blocking");
             let started = std::time::Instant::now();
             let n = fill_within(

@@ -356,7 +356,9 @@ impl WorkerGeneration {
         };
         let copy = &entry.object;
         let fresh = policy::is_fresh(copy.stored_at, copy.fresh_for, SystemTime::now());
-        if !(zero_copy.send_stored(copy.total) && fresh && entry.in_page_cache()) {
+        // (Without a pipe to splice through, the entry is read instead.)
+        let spliceable = self.core.pipe_available() && entry.in_page_cache();
+        if !(zero_copy.send_stored(copy.total) && fresh && spliceable) {
             return None;
         }
         let mid = self.shared.bucket_metric[bucket];

@@ -117,7 +117,7 @@ pub struct Worker {
     pub draining: Cell<bool>,
     /// Empty pipes kept for splicing bodies (relayed, or sent by reference).
     pipes: RefCell<Vec<crate::http::zerocopy::Pipe>>,
-    /// How much large pipe capacity this worker may still take.
+    /// How much pipe capacity this worker may still take.
     pipe_budget: crate::http::zerocopy::PipeBudget,
     /// Disk-tier entry files kept open between hits.
     pub open_entries: RefCell<crate::cache::open::OpenEntries<crate::cache::disk::Resident>>,
@@ -173,8 +173,14 @@ impl Worker {
         }
     }
 
-    /// An empty pipe for splicing: a kept one, or a new one (fails when out
+    /// Whether [`Worker::take_pipe`] has a pipe to give (barring running out
     /// of file descriptors).
+    fn pipe_available(&self) -> bool {
+        !self.pipes.borrow().is_empty() || self.pipe_budget.has_room()
+    }
+
+    /// An empty pipe for splicing: a kept one, or a new one (fails when out
+    /// of file descriptors or of the worker's pipe budget).
     fn take_pipe(&self) -> io::Result<crate::http::zerocopy::Pipe> {
         let kept = self.pipes.borrow_mut().pop();
         kept.map_or_else(|| self.pipe_budget.pipe(), Ok)
@@ -213,7 +219,7 @@ impl Worker {
             rid_state: Cell::new(seed),
             draining: Cell::new(false),
             pipes: RefCell::new(Vec::new()),
-            pipe_budget: crate::http::zerocopy::PipeBudget::new(workers, KEPT_PIPES),
+            pipe_budget: crate::http::zerocopy::PipeBudget::new(workers),
             open_entries: RefCell::default(),
             parked: Cell::new(0),
             parking: park::Parking::default(),
