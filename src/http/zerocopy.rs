@@ -45,9 +45,10 @@ pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     capacity: usize,
-    /// The budget this pipe's capacity was taken from, given back when it
-    /// closes.
+    /// The budget this pipe's capacity was taken from, and how much it
+    /// took, given back when it closes.
     budget: Rc<Cell<usize>>,
+    charged: usize,
 }
 
 impl Pipe {
@@ -71,20 +72,23 @@ impl Pipe {
         let capacity = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
         let capacity = usize::try_from(capacity).unwrap_or(0).max(4096);
         // What the kernel gave is charged (its pages count against the
-        // user), even if the budget had less left.
-        budget.set(budget.get().saturating_sub(capacity));
+        // user), all that is left if it gave more than asked.
+        let charged = capacity.min(budget.get());
+        budget.set(budget.get() - charged);
         Ok(Pipe {
             read,
             write,
             capacity,
             budget,
+            charged,
         })
     }
 }
 
 impl Drop for Pipe {
     fn drop(&mut self) {
-        self.budget.set(self.budget.get() + self.capacity);
+        self.budget
+            .set(self.budget.get().saturating_add(self.charged));
     }
 }
 
