@@ -78,7 +78,7 @@ mod tests {
             let (plain, _peer) = crate::testing::loopback_pair().await;
             let mut client: ClientStream = MaybeTls::Plain(plain);
             // Every request's state holds a few of these: a TLS future
-            // inline (672 bytes per read) made each of them that large.
+            // inline (712 bytes per read) made each of them that large.
             let read = client.read(Vec::<u8>::new());
             assert!(
                 std::mem::size_of_val(&read) <= 256,
