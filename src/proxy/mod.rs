@@ -201,13 +201,15 @@ impl Worker {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
             ^ ((id as u64 + 1) << 56);
-        let workers = process.current().config.server.workers;
-        let upstream_budget = {
+        // Both budgets are this worker's share of a process-wide limit.
+        let (upstream_budget, pipe_budget) = {
             let server = &process.current().config.server;
-            crate::upstream::pool::Budget::new(
-                server
-                    .max_upstream_connections
-                    .div_ceil(server.workers.max(1)),
+            let workers = server.workers.max(1);
+            (
+                crate::upstream::pool::Budget::new(
+                    server.max_upstream_connections.div_ceil(workers),
+                ),
+                crate::http::zerocopy::PipeBudget::new(workers),
             )
         };
         Rc::new(Worker {
@@ -219,7 +221,7 @@ impl Worker {
             rid_state: Cell::new(seed),
             draining: Cell::new(false),
             pipes: RefCell::new(Vec::new()),
-            pipe_budget: crate::http::zerocopy::PipeBudget::new(workers),
+            pipe_budget,
             open_entries: RefCell::default(),
             parked: Cell::new(0),
             parking: park::Parking::default(),
