@@ -65,6 +65,10 @@ pub struct WorkerMetrics {
     pub cache_by_reference: u64,
     /// Relayed body bytes moved upstream -> client with splice(2), not copied.
     pub spliced: u64,
+    /// Bodies copied that `server.zero_copy` would have spliced or sent by
+    /// reference, for want of a pipe (the worker's pipe budget spent, or
+    /// out of file descriptors).
+    pub splice_fallbacks: u64,
     /// Bucket metric id -> requests that streamed another request's fill.
     pub coalesced: HashMap<usize, u64>,
     /// Bucket metric id -> requests refused by the bucket's IP filter.
@@ -90,6 +94,7 @@ impl WorkerMetrics {
             head_timeouts: 0,
             cache_by_reference: 0,
             spliced: 0,
+            splice_fallbacks: 0,
             replicas: Vec::with_capacity(replicas),
             failovers: HashMap::new(),
             cache: HashMap::new(),
@@ -207,6 +212,7 @@ impl WorkerMetrics {
         self.head_timeouts += other.head_timeouts;
         self.cache_by_reference += other.cache_by_reference;
         self.spliced += other.spliced;
+        self.splice_fallbacks += other.splice_fallbacks;
         for (id, theirs) in other.replicas.iter().enumerate() {
             let mine = self.replica(id);
             mine.requests += theirs.requests;

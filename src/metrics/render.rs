@@ -273,6 +273,12 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
         vec![counter(&[], merged.spliced as f64)],
     ));
     families.push(family(
+        "yatagarasu_splice_fallbacks_total",
+        "Bodies copied that server.zero_copy would have spliced or sent by reference, for want of a pipe (the worker's pipe budget spent, or out of file descriptors).",
+        MetricType::COUNTER,
+        vec![counter(&[], merged.splice_fallbacks as f64)],
+    ));
+    families.push(family(
         "yatagarasu_idle_connections",
         "Keep-alive client connections idle with no task of their own (in the lot), as of each worker's last sweep.",
         MetricType::GAUGE,

@@ -356,16 +356,19 @@ impl WorkerGeneration {
         };
         let copy = &entry.object;
         let fresh = policy::is_fresh(copy.stored_at, copy.fresh_for, SystemTime::now());
-        // (Without a pipe to splice through, the entry is read instead.)
-        let spliceable = self.core.pipe_available() && entry.in_page_cache();
-        if !(zero_copy.send_stored(copy.total) && fresh && spliceable) {
+        if !(zero_copy.send_stored(copy.total) && fresh && entry.in_page_cache()) {
             return None;
         }
+        // The pipe is taken before anything is sent, so that none being
+        // left can never strand a head already sent; without one the entry
+        // is read instead (and that copy's answer counts any fallback).
+        let pipe = self.core.take_pipe().ok()?;
         let mid = self.shared.bucket_metric[bucket];
         self.core.metrics.borrow_mut().cache(mid, "hit");
         let source = Source::File {
             file: &entry.file,
             offset: entry.body_offset,
+            pipe,
         };
         Some(self.answer_stored(c, bucket, copy, "HIT", source).await)
     }
@@ -379,7 +382,7 @@ impl WorkerGeneration {
         x_cache: &'static str,
         source: Source<'_>,
     ) -> Outcome {
-        let len = match source {
+        let len = match &source {
             Source::Memory => copy.body.len() as u64,
             Source::File { .. } => copy.total,
         };
@@ -402,6 +405,9 @@ impl WorkerGeneration {
         let keep = c.s.req.keep_alive && !self.core.draining.get();
         self.cached_head(c, copy, (status, answer, x_cache), keep);
         let Some((from, n)) = part.filter(|_| c.s.req.method() == Method::Get) else {
+            if let Source::File { pipe, .. } = source {
+                self.core.keep_pipe(pipe);
+            }
             let (Ok(out) | Err(out)) = self.write_cached_head(c, bucket, status, keep).await;
             return out;
         };
@@ -413,8 +419,8 @@ impl WorkerGeneration {
                 let body = copy.body.slice(from as usize..(from + n) as usize);
                 self.send_stored(c, body, true, client_timeout).await
             }
-            Source::File { file, offset } => {
-                self.send_file(c, file, offset + from, n, client_timeout)
+            Source::File { file, offset, pipe } => {
+                self.send_file(c, file, offset + from, n, pipe, client_timeout)
                     .await
             }
         };
@@ -668,7 +674,7 @@ impl WorkerGeneration {
         // leave the head held back by MSG_MORE.)
         let mapped = body.mapped().filter(|b| !b.is_empty());
         if let (Some(s), Some(bytes), true) = (plain, mapped, by_reference) {
-            if let Ok(mut pipe) = self.core.take_pipe() {
+            if let Some(mut pipe) = self.core.pipe_for_splice() {
                 let s = zerocopy::NonBlocking::new(s)?;
                 if with_head {
                     zerocopy::send_head(&s, &c.s.wbuf, timeout).await?;
@@ -692,7 +698,7 @@ impl WorkerGeneration {
     }
 
     /// Writes the head in `c.s.wbuf`, then sends `len` bytes of a disk
-    /// entry's file from `offset` through the page cache (see
+    /// entry's file from `offset` through the page cache and `pipe` (see
     /// `http::zerocopy::send_file`); only for plain-TCP clients.
     async fn send_file(
         &self,
@@ -700,6 +706,7 @@ impl WorkerGeneration {
         file: &monoio::fs::File,
         offset: u64,
         len: u64,
+        mut pipe: zerocopy::Pipe,
         timeout: Duration,
     ) -> io::Result<()> {
         use std::os::fd::AsRawFd;
@@ -711,12 +718,12 @@ impl WorkerGeneration {
         // disk hits cost 1.6x more CPU (loadtest/disk_hits.sh).
         write_all(&mut c.stream, &mut c.s.wbuf, timeout).await?;
         if len == 0 {
+            self.core.keep_pipe(pipe);
             return Ok(());
         }
         let MaybeTls::Plain(s) = &c.stream else {
             return Err(io::Error::other("a file is only spliced to plain TCP"));
         };
-        let mut pipe = self.core.take_pipe()?;
         let s = zerocopy::NonBlocking::new(s)?;
         zerocopy::send_file(&s, &mut pipe, file.as_raw_fd(), offset, len, timeout).await?;
         self.core.keep_pipe(pipe);
@@ -726,14 +733,15 @@ impl WorkerGeneration {
 }
 
 /// Where a stored copy's body is read from.
-#[derive(Clone, Copy)]
 enum Source<'a> {
     /// The memory tier's copy (`Object::body`).
     Memory,
-    /// A disk-tier file, its body from `offset`, in the page cache.
+    /// A disk-tier file, its body from `offset`, in the page cache, to be
+    /// sent through `pipe`.
     File {
         file: &'a monoio::fs::File,
         offset: u64,
+        pipe: zerocopy::Pipe,
     },
 }
 

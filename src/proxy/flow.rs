@@ -1,8 +1,8 @@
-//! The request flow, top to bottom: `handle` routes a request, looks it up
-//! in the cache (`cache.rs`), plans its replicas, tries them in order and
-//! relays the first answer; when nothing answers, `all_failed` (502) or
-//! `all_open` (503 + `Retry-After`) says so. Authentication is to come
-//! before the cache lookup.
+//! The request flow, top to bottom: `handle` routes a request, checks the
+//! client's access (rate limits, the bucket's IP filter, its JWT), looks it
+//! up in the cache (`cache.rs`), plans its replicas, tries them in order
+//! and relays the first answer; when nothing answers, `all_failed` (502) or
+//! `all_open` (503 + `Retry-After`) says so.
 
 use super::*;
 

@@ -173,17 +173,22 @@ impl Worker {
         }
     }
 
-    /// Whether [`Worker::take_pipe`] has a pipe to give (barring running out
-    /// of file descriptors).
-    fn pipe_available(&self) -> bool {
-        !self.pipes.borrow().is_empty() || self.pipe_budget.has_room()
-    }
-
     /// An empty pipe for splicing: a kept one, or a new one (fails when out
     /// of file descriptors or of the worker's pipe budget).
     fn take_pipe(&self) -> io::Result<crate::http::zerocopy::Pipe> {
         let kept = self.pipes.borrow_mut().pop();
         kept.map_or_else(|| self.pipe_budget.pipe(), Ok)
+    }
+
+    /// A pipe for a body `server.zero_copy` would splice or send by
+    /// reference; none (the body is copied, and that is counted) when the
+    /// worker's pipe budget is spent or descriptors ran out.
+    fn pipe_for_splice(&self) -> Option<crate::http::zerocopy::Pipe> {
+        let pipe = self.take_pipe().ok();
+        if pipe.is_none() {
+            self.metrics.borrow_mut().splice_fallbacks += 1;
+        }
+        pipe
     }
 
     /// Keeps an empty pipe for the next splice (at most [`KEPT_PIPES`]).

@@ -234,7 +234,7 @@ impl WorkerGeneration {
         // Splicing needs a plain-TCP upstream and a pipe (none when out of
         // file descriptors); otherwise the bytes are copied.
         let pipe = match conn.stream {
-            MaybeTls::Plain(_) => self.core.take_pipe().ok(),
+            MaybeTls::Plain(_) => self.core.pipe_for_splice(),
             MaybeTls::Tls(_) => None,
         };
         let (Some(mut pipe), MaybeTls::Plain(upstream)) = (pipe, &mut conn.stream) else {

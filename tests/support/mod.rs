@@ -300,6 +300,16 @@ pub struct Proxy {
     pub exit: Option<std::process::ExitStatus>,
 }
 
+/// How the proxy's process is started, besides its config.
+#[derive(Clone, Copy, Default)]
+struct Launch {
+    /// Its open-file limit, lowered through the shell's `ulimit` (which
+    /// then execs the binary: same PID).
+    nofile: Option<u64>,
+    /// Started without CAP_SYS_RESOURCE and CAP_SYS_ADMIN.
+    unprivileged: bool,
+}
+
 impl Proxy {
     /// Starts the proxy with `body` as the config; `server:` and `metrics:`
     /// sections are added (with free ports) unless `body` has them.
@@ -308,17 +318,28 @@ impl Proxy {
     }
 
     pub fn start_with(body: &str, workers: usize, env: &[(&str, &str)]) -> Proxy {
-        Self::start_full(body, workers, env, None)
+        Self::start_attempt(body, workers, env, Launch::default(), 0)
     }
 
     /// Starts the proxy with its open-file limit lowered to `nofile`
     /// (through the shell's `ulimit`, which then execs the binary: same PID).
     pub fn start_with_nofile(body: &str, workers: usize, nofile: u64) -> Proxy {
-        Self::start_full(body, workers, &[], Some(nofile))
+        let launch = Launch {
+            nofile: Some(nofile),
+            ..Launch::default()
+        };
+        Self::start_attempt(body, workers, &[], launch, 0)
     }
 
-    fn start_full(body: &str, workers: usize, env: &[(&str, &str)], nofile: Option<u64>) -> Proxy {
-        Self::start_attempt(body, workers, env, nofile, 0)
+    /// Starts the proxy without CAP_SYS_RESOURCE and CAP_SYS_ADMIN, so the
+    /// kernel's per-user limits (pipe pages) bind it as they bind an
+    /// unprivileged user's process, even when the tests run as root.
+    pub fn start_unprivileged(body: &str, workers: usize) -> Proxy {
+        let launch = Launch {
+            unprivileged: true,
+            ..Launch::default()
+        };
+        Self::start_attempt(body, workers, &[], launch, 0)
     }
 
     /// One start. A port the harness picked can be taken by someone else
@@ -328,7 +349,7 @@ impl Proxy {
         body: &str,
         workers: usize,
         env: &[(&str, &str)],
-        nofile: Option<u64>,
+        launch: Launch,
         attempt: u32,
     ) -> Proxy {
         // Use the ports the body names, if it has its own sections.
@@ -364,7 +385,7 @@ impl Proxy {
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, config).expect("write config");
         let log = std::fs::File::create(dir.path().join("proxy.log")).expect("log");
-        let mut cmd = match nofile {
+        let mut cmd = match launch.nofile {
             None => Command::new(env!("CARGO_BIN_EXE_yatagarasu")),
             Some(n) => {
                 let mut c = Command::new("bash");
@@ -380,6 +401,24 @@ impl Proxy {
             .stderr(log);
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        if launch.unprivileged {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec the closure only makes two
+            // prctl calls (async-signal-safe) and allocates nothing.
+            unsafe {
+                cmd.pre_exec(|| {
+                    // Out of the bounding set, they are not in the new
+                    // program's capabilities either, even for root. A caller
+                    // who may not drop them (EPERM) does not hold them.
+                    const CAP_SYS_ADMIN: libc::c_ulong = 21;
+                    const CAP_SYS_RESOURCE: libc::c_ulong = 24;
+                    for cap in [CAP_SYS_RESOURCE, CAP_SYS_ADMIN] {
+                        libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = cmd.spawn().expect("start yatagarasu");
         let mut p = Proxy {
@@ -410,7 +449,7 @@ impl Proxy {
                     let log = p.log();
                     let ours = !body.contains("server:") || !body.contains("metrics:");
                     if log.contains("Address already in use") && ours && attempt < 3 {
-                        return Self::start_attempt(body, workers, env, nofile, attempt + 1);
+                        return Self::start_attempt(body, workers, env, launch, attempt + 1);
                     }
                     panic!("proxy exited at start ({status}):\n{log}");
                 }
