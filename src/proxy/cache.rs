@@ -150,10 +150,7 @@ impl WorkerGeneration {
             }
             expired = Some(copy);
         }
-        let plain_get = c.s.req.method() == Method::Get
-            && [RANGE, IF_NONE_MATCH, IF_MODIFIED_SINCE]
-                .iter()
-                .all(|&h| c.s.req.header(h).is_none());
+        let plain_get = plain_get(c);
         c.s.cache = match (plain_get, expired) {
             (true, Some(copy)) if !copy.etag.is_empty() => CacheUse::Revalidate(k, copy),
             (true, _) => match self.shared.process.fills.join_or_lead(&k) {
