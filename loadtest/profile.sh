@@ -8,7 +8,7 @@
 #   CACHE=1 bash loadtest/profile.sh 1m      # cache hits (memory tier, warmed)
 #   PEER=nginx bash loadtest/profile.sh 64k  # the same for nginx tuned for proxying
 #
-# Needs perf, wrk, nginx.
+# Needs perf, wrk, nginx, nstat (iproute2) and bc.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SIZE=${1:-64k}
@@ -52,12 +52,19 @@ taskset -c 1 wrk -t1 -c32 -d1s "$URL" >/dev/null
 taskset -c 1 wrk -t1 -c32 -d"$((SECS + 2))s" "$URL" >"$WORK/wrk1.txt" &
 WRK=$!
 sleep 1
+nstat -n
 perf stat -x, -e raw_syscalls:sys_enter,io_uring:io_uring_submit_req,io_uring:io_uring_complete,context-switches \
   -p "$PID" -- sleep "$SECS" 2>"$WORK/stat.csv"
+nstat >"$WORK/nstat.txt"
 wait $WRK
 RPS=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk1.txt")
 echo "object $SIZE: $RPS req/s (wrk -t1 -c32, proxy on core 0)"
 awk -F, -v rps="$RPS" -v secs="$SECS" '$1 ~ /^[0-9]+$/ { printf "  %-32s %8.2f per request\n", $3, $1 / (rps * secs) }' "$WORK/stat.csv"
+# TCP segments on the whole machine (client <-> proxy <-> origin), per
+# request: the kernel's packet work, the same for every proxy that sends
+# the same segments.
+awk -v n="$(echo "$RPS * $SECS" | bc)" '$1 == "TcpOutSegs" || $1 == "TcpExtTCPOrigDataSent" || $1 == "TcpExtTCPPureAcks" {
+  printf "  %-32s %8.2f per request (whole machine)\n", $1, $2 / n }' "$WORK/nstat.txt"
 
 # Where the CPU goes.
 taskset -c 1 wrk -t1 -c32 -d"$((SECS + 2))s" "$URL" >/dev/null &
