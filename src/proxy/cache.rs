@@ -356,8 +356,8 @@ impl WorkerGeneration {
         if !(zero_copy.send_stored(copy.total) && fresh && entry.in_page_cache()) {
             return None;
         }
-        // The pipe is taken before anything is sent, so that none being
-        // left can never strand a head already sent; without one the entry
+        // The pipe is taken before anything is sent: running out of pipes
+        // then can never strand a head already sent. Without one the entry
         // is read instead (and that copy's answer counts any fallback).
         let pipe = self.core.take_pipe().ok()?;
         let mid = self.shared.bucket_metric[bucket];
