@@ -424,3 +424,34 @@ fn a_disk_tier_file_kept_open_never_outlives_its_entry() {
     let a_gets = up.seen().iter().filter(|s| s.target == "/bkt/a").count();
     assert_eq!(a_gets, 2);
 }
+
+/// A disk-tier copy read back for a request answers that request, even
+/// when the memory tier lets it go at once: here the tier (1 MiB) is full
+/// of objects of a quarter of it, each read back and used again, so the
+/// next one read back is the one it drops. Never a second upstream GET.
+#[test]
+fn a_copy_read_from_disk_answers_its_request_even_when_memory_drops_it_at_once() {
+    const LEN: usize = 256 * 1024;
+    let up = origin(LEN);
+    let dir = tempfile::tempdir().unwrap();
+    // Copied hits: no entry is sent from its file, every disk hit is read.
+    let top = format!(
+        "server:\n  address: \"127.0.0.1:{}\"\n  workers: 1\n  zero_copy: off\n",
+        free_port()
+    );
+    let cfg = config(&up.endpoint(), dir.path(), 64, &top).replace(
+        "  disk:\n",
+        "  memory:\n    max_cache_size_mb: 1\n    max_item_size_mb: 1\n  disk:\n",
+    );
+    let p = Proxy::start(&cfg);
+    for k in ["a", "b", "c", "d", "e", "f", "g", "h"] {
+        assert_eq!(p.get(&format!("/b/{k}")).status, 200);
+    }
+    wait_disk_items(&p, 8.0);
+    for k in ["a", "b", "c", "a", "b", "c", "d"] {
+        let r = p.get(&format!("/b/{k}"));
+        assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")), "{k}");
+        assert_eq!(r.body, body_for(&format!("/bkt/{k}"), LEN), "{k}");
+    }
+    assert_eq!(gets(&up), 8, "a copy on disk was fetched again");
+}

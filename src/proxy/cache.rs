@@ -14,7 +14,8 @@
 //! every waiter streams (`crate::cache::collapse`, [`serve_waiter`]).
 //!
 //! A memory miss whose object is in the disk tier is read back into memory
-//! first ([`promote_from_disk`]); stored objects go to the disk tier too.
+//! first ([`promote_from_disk`]), and that copy answers the lookup even if
+//! the memory tier let it go at once; stored objects go to the disk tier too.
 //! Single-range requests may be answered from slices first (`slices.rs`).
 //!
 //! [`promote_from_disk`]: WorkerGeneration::promote_from_disk
@@ -85,37 +86,44 @@ impl CacheUse {
 
 impl WorkerGeneration {
     /// Step "disk": a memory miss whose entry is on disk is read (on this
-    /// core's driver), checked and put back into memory, so the lookup that
-    /// follows finds it. A bad entry is dropped and reads as a miss.
-    pub(super) async fn promote_from_disk(&self, c: &Client, bucket: usize, key: &str) {
+    /// core's driver), checked and put back into memory; the copy read is
+    /// handed to the lookup that follows ([`Self::cache_lookup`]), which
+    /// must not miss it because the memory tier (bounded, shared with the
+    /// other cores) evicted it meanwhile. A bad entry is dropped and reads
+    /// as a miss.
+    pub(super) async fn promote_from_disk(
+        &self,
+        c: &Client,
+        bucket: usize,
+        key: &str,
+    ) -> Option<Arc<Object>> {
         let process = &self.shared.process;
         let (Some(store), Some(disk)) = (&process.cache, &process.disk) else {
-            return;
+            return None;
         };
         if !self.shared.bucket(bucket).cache.enabled {
-            return;
+            return None;
         }
         let k = store::key(&self.shared.bucket(bucket).name, key, &c.s.query);
         if store.get(&k).is_some() || !disk.contains(&k) {
-            return;
+            return None;
         }
         let epoch = store.purge_epoch();
-        if let Some(object) = disk.load(&k).await {
-            // A purge while the file was read wins.
-            if store.purge_epoch() == epoch {
-                store.insert(k, object);
-            }
-        }
+        let object = disk.load(&k).await?;
+        // A purge while the file was read wins.
+        (store.purge_epoch() == epoch).then(|| store.insert(k, object))
     }
 
     /// Looks the request up: a fresh copy, or a fill under way to stream
     /// from (`Err`), answers it; otherwise (`Ok(None)`) sets `c.s.cache` for
-    /// the relay (fill, bypass, or off).
+    /// the relay (fill, bypass, or off). `promoted` is the copy this
+    /// request just read from disk, if it did.
     pub(super) fn cache_lookup(
         &self,
         c: &mut Client,
         bucket: usize,
         key: &str,
+        promoted: Option<Arc<Object>>,
     ) -> Result<Option<Arc<Object>>, Arc<SharedFill>> {
         c.s.cache = CacheUse::Off;
         c.s.stale = None;
@@ -138,7 +146,7 @@ impl WorkerGeneration {
         let name = &self.shared.bucket(bucket).name;
         let k = store::key(name, key, &c.s.query);
         let mut expired = None;
-        if let Some(copy) = store.get(&k) {
+        if let Some(copy) = store.get(&k).or(promoted) {
             let now = SystemTime::now();
             if policy::is_fresh(copy.stored_at, copy.fresh_for, now) {
                 self.core.metrics.borrow_mut().cache(mid, "hit");

@@ -88,12 +88,13 @@ impl WorkerGeneration {
         let mut encoded = std::mem::take(&mut c.s.upath);
         encoded.clear();
         router::encode_key(key, &mut encoded);
+        let mut promoted = None;
         if self.shared.process.disk.is_some() {
             if let Some(o) = self.serve_from_disk(c, bucket, &encoded).await {
                 c.s.upath = encoded;
                 return o;
             }
-            self.promote_from_disk(c, bucket, &encoded).await;
+            promoted = self.promote_from_disk(c, bucket, &encoded).await;
         }
         if self.wants_slices(c, bucket) {
             if let Some(o) = Box::pin(self.serve_sliced(c, bucket, &encoded)).await {
@@ -101,7 +102,7 @@ impl WorkerGeneration {
                 return o;
             }
         }
-        let o = match self.cache_lookup(c, bucket, &encoded) {
+        let o = match self.cache_lookup(c, bucket, &encoded, promoted) {
             Ok(Some(copy)) => self.serve_cached(c, bucket, &copy, "HIT").await,
             Ok(None) => self.proxy(c, bucket, &encoded).await,
             Err(fill) => Box::pin(self.serve_waiter(c, bucket, fill, &encoded)).await,
