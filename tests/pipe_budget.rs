@@ -16,9 +16,12 @@ use support::*;
 /// nothing, so the relay holds its pipe until the client reads.
 const RELAYED: usize = 8 * 1024 * 1024;
 
-/// A cached body: large enough to be sent by reference, and read from
-/// disk into a mapping of its own.
-const CACHED: usize = 2 * 1024 * 1024;
+/// A cached body: large enough to be sent by reference, four of them
+/// more than the memory tier (1 MiB) holds, so most live on disk only.
+const CACHED: usize = 256 * 1024;
+
+/// The cached objects, fetched in this order.
+const STORED: [&str; 8] = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"];
 
 /// How many 1 MiB pipes one worker's budget holds here: none to test when
 /// the machine sets no limit, or one too large to fill with a few dozen
@@ -40,7 +43,7 @@ fn config(endpoint: &str, dir: &std::path::Path) -> String {
         )
     };
     format!(
-        "cache:\n  enabled: true\n  cache_layers: [\"memory\", \"disk\"]\n  disk:\n    enabled: true\n    cache_dir: \"{}\"\nbuckets:\n{}{}",
+        "cache:\n  enabled: true\n  cache_layers: [\"memory\", \"disk\"]\n  memory:\n    max_cache_size_mb: 1\n    max_item_size_mb: 1\n  disk:\n    enabled: true\n    cache_dir: \"{}\"\nbuckets:\n{}{}",
         dir.display(),
         bucket("relayed", "/data", "false"),
         bucket("cached", "/cached", "true"),
@@ -58,79 +61,100 @@ fn bodies_past_the_pipe_budget_are_copied_whole_and_splicing_comes_back_when_rel
         return;
     };
     let relayed = pattern(RELAYED, 3);
-    let cached = pattern(CACHED, 4);
-    let (r, c) = (relayed.clone(), cached.clone());
+    let cached = |key: &str| pattern(CACHED, key.len() as u64 * 31 + key.as_bytes()[1] as u64);
+    let r = relayed.clone();
     let up = Rogue::start(move |seen| {
-        let body = if seen.target.starts_with("/bkt/stored") {
-            &c
-        } else {
-            &r
+        let body = match seen.target.strip_prefix("/bkt/") {
+            Some(key) if key.starts_with('s') => cached(key),
+            _ => r.clone(),
         };
         let mut out = format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"v1\"\r\n\r\n",
             body.len()
         )
         .into_bytes();
-        out.extend_from_slice(body);
+        out.extend_from_slice(&body);
         vec![Step::Send(out)]
     });
     let dir = tempfile::tempdir().expect("cache dir");
-    let cfg = config(&up.endpoint(), dir.path());
+    let proxy = Proxy::start_unprivileged(&config(&up.endpoint(), dir.path()), 1);
 
-    // A first run stores the cached object on disk; the second starts with
-    // nothing in memory, so its hit is a disk-tier one.
-    {
-        let first = Proxy::start_with(&cfg, 1, &[]);
-        let r = first.get("/cached/stored.bin");
-        assert_eq!((r.status, r.body == cached), (200, true));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while first.metric("yatagarasu_cache_items{layer=\"disk\"}") != Some(1.0) {
-            assert!(Instant::now() < deadline, "not stored on disk");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    // Every cached object stored on disk; most of them no longer in memory
+    // (a disk-tier hit then sends the entry from its file).
+    for key in STORED {
+        let r = proxy.get(&format!("/cached/{key}"));
+        assert!(r.status == 200 && r.body == cached(key), "{key}");
     }
-    let proxy = Proxy::start_unprivileged(&cfg, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.metric("yatagarasu_cache_items{layer=\"disk\"}") != Some(STORED.len() as f64) {
+        assert!(Instant::now() < deadline, "not stored on disk");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
-    // More relays than the budget has pipes for, each held open by a
-    // client that reads nothing yet.
-    let n = pipes + 4;
-    let mut clients: Vec<Conn> = (0..n)
-        .map(|i| {
+    // Relays held open by clients that read nothing yet, each holding a
+    // pipe while the budget lasts. Returns once the upstream has seen them
+    // all and the proxy has had time to choose for each.
+    let mut clients: Vec<Conn> = Vec::new();
+    let hold = |clients: &mut Vec<Conn>, to: usize| {
+        for i in clients.len()..to {
             let mut c = Conn::open_small_window(proxy.port, 16 * 1024).expect("connect");
             let req = format!("GET /data/obj-{i} HTTP/1.1\r\nHost: x\r\n\r\n");
             c.send(req.as_bytes()).expect("send");
-            c
+            clients.push(c);
+        }
+        let seen = || {
+            up.seen()
+                .iter()
+                .filter(|s| s.target.starts_with("/bkt/obj-"))
+                .count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while seen() < to {
+            assert!(Instant::now() < deadline, "{} of {to} relays", seen());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let fallbacks = || counter(&proxy, "yatagarasu_splice_fallbacks_total");
+
+    // One pipe left, and many disk-tier hits at once: the one that gets it
+    // sends its entry's file, the others read their entries and copy them.
+    // None may lose the race for the pipe after its head went out.
+    hold(&mut clients, pipes - 1);
+    assert_eq!(fallbacks(), 0.0, "{} relays within the budget", pipes - 1);
+    let port = proxy.port;
+    let start = std::sync::Arc::new(std::sync::Barrier::new(16));
+    let hits: Vec<_> = (0..16)
+        .map(|i| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                let key = STORED[i % 4];
+                let mut c = Conn::open(port).expect("connect");
+                start.wait();
+                (key, c.request("GET", &format!("/cached/{key}"), &[]))
+            })
         })
         .collect();
-    let relays_seen = || {
-        up.seen()
-            .iter()
-            .filter(|s| s.target.starts_with("/bkt/obj-"))
-            .count()
-    };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while relays_seen() < n {
-        assert!(Instant::now() < deadline, "{} of {n} relays", relays_seen());
-        std::thread::sleep(Duration::from_millis(20));
+    for h in hits {
+        let (key, r) = h.join().expect("client");
+        let r = r.unwrap_or_else(|e| panic!("{key}: no whole answer: {e}"));
+        assert_eq!((r.status, r.header("X-Cache")), (200, Some("HIT")), "{key}");
+        assert!(r.body == cached(key), "{key}: the cached body differs");
     }
-    // Every relay has its answer's head by now, and has chosen.
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        counter(&proxy, "yatagarasu_splice_fallbacks_total"),
-        (n - pipes) as f64,
-        "{pipes} relays splice within the budget, the rest copy"
-    );
 
-    // While the budget is spent, a disk-tier hit is read and sent whole.
-    let r = proxy.get("/cached/stored.bin");
-    assert_eq!(r.status, 200);
-    assert_eq!(r.header("X-Cache"), Some("HIT"));
-    assert!(r.body == cached, "the cached body differs");
-    assert_eq!(
-        counter(&proxy, "yatagarasu_splice_fallbacks_total"),
-        (n - pipes + 1) as f64,
-        "the hit is copied, not sent by reference"
-    );
+    // More relays than the budget has pipes for: the one kept pipe goes to
+    // the first, the rest copy.
+    let n = pipes + 4;
+    let before = fallbacks();
+    hold(&mut clients, n);
+    assert_eq!(fallbacks() - before, 4.0, "relays past the budget copy");
+
+    // While the budget is spent, hits are sent whole.
+    for key in STORED {
+        let r = proxy.get(&format!("/cached/{key}"));
+        assert_eq!((r.status, r.header("X-Cache")), (200, Some("HIT")), "{key}");
+        assert!(r.body == cached(key), "{key}: the cached body differs");
+    }
 
     for (i, c) in clients.iter_mut().enumerate() {
         let r = c.read_response(false).expect("relayed answer");
@@ -150,14 +174,11 @@ fn bodies_past_the_pipe_budget_are_copied_whole_and_splicing_comes_back_when_rel
     assert!(r.status == 200 && r.body == relayed);
     let more = counter(&proxy, "yatagarasu_spliced_bytes_total") - spliced;
     assert!(per_body.contains(&more), "{more} bytes spliced");
-    assert_eq!(
-        counter(&proxy, "yatagarasu_splice_fallbacks_total"),
-        (n - pipes + 1) as f64
-    );
+    assert_eq!(fallbacks() - before, 4.0);
     let gets = up
         .seen()
         .iter()
-        .filter(|s| s.target.starts_with("/bkt/stored"))
+        .filter(|s| s.target.starts_with("/bkt/s"))
         .count();
-    assert_eq!(gets, 1, "the disk-tier copy was fetched again");
+    assert_eq!(gets, STORED.len(), "a cached object was fetched again");
 }
