@@ -2,8 +2,9 @@
 //! (`fs.pipe-user-pages-soft`), through real sockets: the proxy is started
 //! without CAP_SYS_RESOURCE and CAP_SYS_ADMIN, as an unprivileged user's
 //! would run, so its pipe budget (half the limit, shared by its workers)
-//! applies. Bodies past the budget are copied, whole; splicing comes back
-//! when pipes close. Its own test binary: the kernel counts every pipe of
+//! applies. Disk-tier hits that lose the last pipe to another read their
+//! entries instead; bodies past the budget are copied, whole; splicing
+//! comes back when relays end. Its own test binary: the kernel counts every pipe of
 //! the user, so no other test's proxies should hold pipes meanwhile.
 mod support;
 use std::time::{Duration, Instant};
