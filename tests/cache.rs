@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 use support::http::{self, Conn};
-use support::rogue::{send, Rogue, Step};
+use support::rogue::{ok_with, send, Rogue, Step};
 use support::*;
 
 /// One bucket `/b` with the cache on, on one upstream; `extra` goes into
@@ -153,13 +153,7 @@ fn max_age_expires_the_copy_and_large_objects_are_not_stored() {
     assert_eq!(proxy.get("/b/k").header("x-cache"), Some("MISS"));
     assert_eq!(gets(&up), 2);
 
-    let big = Rogue::start(|_| {
-        let body = vec![b'x'; 1024 * 1024 + 1];
-        let mut out =
-            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
-        out.extend_from_slice(&body);
-        vec![Step::Send(out)]
-    });
+    let big = Rogue::start(|_| vec![ok_with("", &vec![b'x'; 1024 * 1024 + 1])]);
     let proxy = Proxy::start(&config(
         &big.endpoint(),
         "",
@@ -962,15 +956,10 @@ fn pipelined_requests_of_every_kind_are_answered_in_order_and_byte_exact() {
         let key = seen.target.trim_start_matches("/bkt/").to_string();
         match body_of(&key) {
             None => vec![send("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")],
-            Some(body) => {
-                let mut out = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"v1\"\r\nCache-Control: max-age=600\r\n\r\n",
-                    body.len()
-                )
-                .into_bytes();
-                out.extend_from_slice(&body);
-                vec![Step::Send(out)]
-            }
+            Some(body) => vec![ok_with(
+                "ETag: \"v1\"\r\nCache-Control: max-age=600\r\n",
+                &body,
+            )],
         }
     });
     let proxy = Proxy::start(&config(&up.endpoint(), "", ""));

@@ -21,13 +21,8 @@ fn config(endpoint: &str, dir: &Path, disk_mb: u64, top: &str) -> String {
 /// An upstream answering every GET with `len` bytes derived from the key.
 fn origin(len: usize) -> Rogue {
     Rogue::start(move |s| {
-        let body = body_for(&s.target, len);
-        let mut out = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nETag: \"v1\"\r\nContent-Type: application/octet-stream\r\n\r\n"
-        )
-        .into_bytes();
-        out.extend_from_slice(&body);
-        vec![support::rogue::Step::Send(out)]
+        let headers = "ETag: \"v1\"\r\nContent-Type: application/octet-stream\r\n";
+        vec![support::rogue::ok_with(headers, &body_for(&s.target, len))]
     })
 }
 

@@ -5,7 +5,7 @@ mod support;
 use std::time::{Duration, Instant};
 use support::fault::{Fault, Mode};
 use support::http::{self, Conn};
-use support::rogue::{send, Rogue, Step};
+use support::rogue::{ok_with, send, Rogue, Step};
 use support::*;
 
 fn setup() -> (S3, Proxy) {
@@ -77,11 +77,7 @@ fn head_and_first_body_bytes_written_together_arrive_byte_exact() {
         let Some(i) = index.filter(|&i| i < sizes.len()) else {
             return vec![send("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")];
         };
-        let body = pattern(sizes[i], i as u64 + 11);
-        let mut raw =
-            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
-        raw.extend_from_slice(&body);
-        vec![Step::Send(raw)]
+        vec![ok_with("", &pattern(sizes[i], i as u64 + 11))]
     });
     let proxy = Proxy::start(&single_bucket("/data", "data-bucket", &up.endpoint()));
     let mut c = Conn::open_small_window(proxy.port, 2048).unwrap();

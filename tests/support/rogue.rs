@@ -34,6 +34,18 @@ pub fn send(s: &str) -> Step {
     Step::Send(s.as_bytes().to_vec())
 }
 
+/// A whole 200: its `Content-Length`, then `headers` (each line ending in
+/// CRLF), then `body`, in one write.
+pub fn ok_with(headers: &str, body: &[u8]) -> Step {
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{headers}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    Step::Send(out)
+}
+
 /// A request as the upstream saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
