@@ -165,10 +165,10 @@ pub struct NonBlocking<'a> {
     restore: bool,
     /// The receive low-water mark [`fill_from`] set (SO_RCVLOWAT), put
     /// back to 1 on drop; 1 while untouched.
-    low_water: std::cell::Cell<usize>,
+    low_water: Cell<usize>,
     /// Set once a wait for a pipeful timed out: the stream is slow, and
     /// the rest of its body is taken as it comes.
-    slow: std::cell::Cell<bool>,
+    slow: Cell<bool>,
 }
 
 thread_local! {
@@ -236,8 +236,8 @@ impl<'a> NonBlocking<'a> {
         Ok(NonBlocking {
             stream,
             restore: !already,
-            low_water: std::cell::Cell::new(1),
-            slow: std::cell::Cell::new(false),
+            low_water: Cell::new(1),
+            slow: Cell::new(false),
         })
     }
 }

@@ -231,8 +231,9 @@ impl WorkerGeneration {
         {
             return Err((PumpError::Client, 0));
         }
-        // Splicing needs a plain-TCP upstream and a pipe (none when out of
-        // file descriptors); otherwise the bytes are copied.
+        // Splicing needs a plain-TCP upstream and a pipe (none when the
+        // worker's pipe budget is spent or descriptors ran out); otherwise
+        // the bytes are copied.
         let pipe = match conn.stream {
             MaybeTls::Plain(_) => self.core.pipe_for_splice(),
             MaybeTls::Tls(_) => None,
