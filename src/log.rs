@@ -186,14 +186,22 @@ fn format_line(
         out.push(' ');
         out.push_str(level.as_str());
         out.push(' ');
-        out.push_str(msg);
+        // A message may quote a name from the config or a request: no
+        // control character goes out raw (CWE-117: a forged line).
+        if msg.chars().any(char::is_control) {
+            let _ = write!(out, "{msg:?}");
+        } else {
+            out.push_str(msg);
+        }
         for (k, v) in fields {
             out.push(' ');
             out.push_str(k);
             out.push('=');
             tmp.clear();
             let _ = write!(tmp, "{v}");
-            if tmp.is_empty() || tmp.contains([' ', '"', '=']) {
+            if needs_quoting(tmp) {
+                // Debug escapes control characters (`\n`, `\t`, `\u{1b}`)
+                // and quotes: a value never ends the line or fakes a field.
                 let _ = write!(out, "{tmp:?}");
             } else {
                 out.push_str(tmp);
@@ -201,6 +209,14 @@ fn format_line(
         }
         out.push('\n');
     }
+}
+
+/// Whether a text-format value must be written quoted and escaped: empty,
+/// or holding whitespace, a quote, `=`, or any control character.
+fn needs_quoting(v: &str) -> bool {
+    v.is_empty()
+        || v.chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '=')
 }
 
 fn json_str(out: &mut String, s: &str) {
@@ -212,7 +228,7 @@ fn json_str(out: &mut String, s: &str) {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
+            c if (c as u32) < 0x20 || c == '\u{7f}' || c == '\u{2028}' || c == '\u{2029}' => {
                 let _ = write!(out, "\\u{:04x}", c as u32);
             }
             c => out.push(c),
@@ -249,6 +265,37 @@ mod tests {
         let mut s = String::new();
         timestamp(&mut s, 1_795_647_737, 5);
         assert_eq!(s, "2026-11-25T23:02:17.005Z");
+    }
+
+    #[test]
+    fn no_value_or_message_can_forge_a_line_or_a_field() {
+        let forged = "alice\n2026-12-06T00:00:00.000Z\tERROR\tforged";
+        for json in [false, true] {
+            let mut s = String::new();
+            format_line(
+                &mut s,
+                &mut String::new(),
+                Level::Info,
+                "Request\rserved",
+                &[("sub", &forged), ("k", &"a\u{1b}[31mb")],
+                json,
+            );
+            assert_eq!(s.matches('\n').count(), 1, "{s}");
+            assert!(
+                !s.contains('\t') && !s.contains('\r') && !s.contains('\u{1b}'),
+                "{s}"
+            );
+        }
+        let mut s = String::new();
+        format_line(
+            &mut s,
+            &mut String::new(),
+            Level::Info,
+            "m",
+            &[("sub", &"x\tlevel=ERROR")],
+            false,
+        );
+        assert!(s.ends_with(" m sub=\"x\\tlevel=ERROR\"\n"), "{s}");
     }
 
     #[test]

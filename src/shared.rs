@@ -179,14 +179,21 @@ impl Process {
         };
         let (disk, disk_queue) = match (&cache, &config.cache.disk) {
             (Some(_), Some(d)) => {
-                let (store, rx, opened) = crate::cache::disk::DiskStore::open(&d.dir, d.max_bytes);
+                let origins = config
+                    .buckets
+                    .iter()
+                    .map(|b| (b.name.clone(), b.origin.clone()))
+                    .collect();
+                let (store, rx, opened) =
+                    crate::cache::disk::DiskStore::open(&d.dir, d.max_bytes, &origins);
                 match opened {
                     Ok(n) => crate::log!(
                         crate::config::Level::Info,
                         "Disk cache opened",
                         dir = d.dir,
                         entries = n,
-                        bytes = store.bytes()
+                        bytes = store.bytes(),
+                        dropped_other_origin = store.foreign.load(Ordering::Relaxed),
                     ),
                     Err(e) => crate::log!(
                         crate::config::Level::Error,
@@ -288,20 +295,16 @@ impl Process {
 
     /// A bucket whose S3 location changed (replica endpoints or bucket
     /// names) loses its cached entries: they may not be the same objects.
+    /// (Its new cache keys name the new origin, so the old entries could
+    /// never be found again; this frees their room at once.)
     fn drop_moved_buckets(&self, old: &Config, new: &Config) {
         let Some(store) = &self.cache else { return };
-        let location = |b: &config::Bucket| -> Vec<(String, String)> {
-            b.replicas
-                .iter()
-                .map(|r| (r.endpoint.authority.clone(), r.bucket.clone()))
-                .collect()
-        };
         for b in &old.buckets {
             let moved = new
                 .buckets
                 .iter()
                 .find(|n| n.name == b.name)
-                .is_none_or(|n| location(n) != location(b));
+                .is_none_or(|n| n.origin != b.origin);
             if moved {
                 let prefix = crate::cache::store::bucket_prefix(&b.name);
                 store.remove_prefix(&prefix);

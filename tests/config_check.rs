@@ -349,7 +349,7 @@ fn rate_limits_are_checked_by_path() {
 
 #[test]
 fn jwt_settings_are_checked_by_path() {
-    let jwt = "jwt:\n  enabled: true\n  algorithm: \"HS999\"\n  secret: \"s\"\n  keys:\n    - { id: \"k1\", algorithm: \"RS256\", path: \"/nonexistent.pem\" }\n    - { id: \"k2\", algorithm: \"HS256\" }\n  token_sources:\n    - { type: \"header\" }\n    - { type: \"smoke\" }\n  claims:\n    - { claim: \"role\", operator: \"like\", value: \"x\" }\n    - { claim: \"role\", operator: \"in\", value: \"x\" }\n  jwks_url: \"ftp://auth.example.com/jwks.json\"\n";
+    let jwt = "jwt:\n  enabled: true\n  algorithm: \"HS999\"\n  secret: \"s\"\n  keys:\n    - { id: \"k1\", algorithm: \"RS256\", path: \"/nonexistent.pem\" }\n    - { id: \"k2\", algorithm: \"HS256\" }\n  token_sources:\n    - { type: \"header\" }\n    - { type: \"smoke\" }\n  claims:\n    - { claim: \"role\", operator: \"like\", value: \"x\" }\n    - { claim: \"role\", operator: \"in\", value: 5 }\n  jwks_url: \"ftp://auth.example.com/jwks.json\"\n";
     let (code, out) = check(&format!("{GOOD}{jwt}"), &ENV);
     assert_eq!(code, 1);
     for needle in [
@@ -359,7 +359,7 @@ fn jwt_settings_are_checked_by_path() {
         "jwt.token_sources[0].name: is required for this type",
         "jwt.token_sources[1].type: \"smoke\" is not one of bearer, header, query, cookie",
         "jwt.claims[0].operator: \"like\" is not one of",
-        "jwt.claims[1].value: must be a list for the in operator",
+        "jwt.claims[1].value: must be a list (or a comma-separated string) for the in operator",
         "jwt.jwks_url: \"ftp://auth.example.com/jwks.json\" must start with http:// or https://",
     ] {
         assert!(out.contains(needle), "{needle}: {out}");

@@ -5,7 +5,14 @@
 //! - the client address is the socket peer, or, when the peer is in
 //!   `server.trusted_proxies`, the right-most address of `X-Forwarded-For`
 //!   that is not itself a trusted proxy (addresses to its left were written
-//!   by whoever the client is, and can be forged).
+//!   by whoever the client is, and can be forged);
+//! - an entry is what real front ends write: `10.0.0.1`, `10.0.0.1:52345`,
+//!   `2001:db8::1`, `[2001:db8::1]:443`, `fe80::1%eth0`, quoted or not;
+//!   empty entries (a trailing comma) are skipped. An entry that still
+//!   cannot be read fails closed ([`BadForwardedFor`]: the request is
+//!   refused), never falling back to the trusted proxy's own address: that
+//!   would bypass a blocklist and put every client behind the proxy in one
+//!   per-address rate bucket.
 //!
 //! IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`) are compared as IPv4.
 
@@ -74,27 +81,63 @@ pub fn allowed(ip: IpAddr, allowlist: &[Cidr], blocklist: &[Cidr]) -> bool {
     !any(blocklist, ip) && (allowlist.is_empty() || any(allowlist, ip))
 }
 
+/// A trusted proxy's `X-Forwarded-For` held an entry that is not an
+/// address (the request is refused: 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadForwardedFor;
+
+/// The address in one `X-Forwarded-For` entry: a bare address, with a
+/// port (`a.b.c.d:p`, `[v6]:p`), bracketed, quoted, or with an IPv6 zone
+/// id (dropped). `None` when it is none of these.
+pub fn parse_forwarded_entry(entry: &str) -> Option<IpAddr> {
+    let e = entry.trim().trim_matches('"');
+    let host = if let Some(rest) = e.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']')?;
+        if !(after.is_empty() || after.strip_prefix(':').is_some_and(valid_port)) {
+            return None;
+        }
+        inside
+    } else if e.matches(':').count() == 1 {
+        let (h, port) = e.split_once(':')?;
+        if !valid_port(port) {
+            return None;
+        }
+        h
+    } else {
+        e
+    };
+    // A zone id (`fe80::1%eth0`, or `%25` as in a URI) names an interface
+    // of the proxy's host; the address is what is filtered.
+    let host = host.split('%').next().unwrap_or(host);
+    host.parse::<IpAddr>().ok().map(canonical)
+}
+
+fn valid_port(p: &str) -> bool {
+    !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// The client's address: the peer, or behind trusted proxies the right-most
-/// untrusted `X-Forwarded-For` entry. A malformed entry ends the walk (the
-/// last trusted hop is then the client as far as we can tell).
-pub fn client_address(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[Cidr]) -> IpAddr {
+/// untrusted `X-Forwarded-For` entry. An entry that cannot be read before
+/// that one is found fails closed.
+pub fn client_address(
+    peer: IpAddr,
+    forwarded_for: Option<&str>,
+    trusted: &[Cidr],
+) -> Result<IpAddr, BadForwardedFor> {
     if !any(trusted, peer) {
-        return peer;
+        return Ok(peer);
     }
     let Some(chain) = forwarded_for else {
-        return peer;
+        return Ok(peer);
     };
     let mut client = peer;
-    for hop in chain.rsplit(',').map(str::trim) {
-        let Ok(ip) = hop.parse::<IpAddr>() else {
-            break;
-        };
-        client = canonical(ip);
+    for hop in chain.rsplit(',').map(str::trim).filter(|h| !h.is_empty()) {
+        client = parse_forwarded_entry(hop).ok_or(BadForwardedFor)?;
         if !any(trusted, client) {
             break;
         }
     }
-    client
+    Ok(client)
 }
 
 #[cfg(test)]
@@ -143,7 +186,7 @@ mod tests {
         // Untrusted peer: its X-Forwarded-For means nothing.
         assert_eq!(
             client_address(ip("1.2.3.4"), Some("9.9.9.9"), &trusted),
-            ip("1.2.3.4")
+            Ok(ip("1.2.3.4"))
         );
         // Right-most untrusted entry; the forged left part is ignored.
         assert_eq!(
@@ -152,15 +195,80 @@ mod tests {
                 Some("6.6.6.6, 5.5.5.5, 10.0.0.7"),
                 &trusted
             ),
-            ip("5.5.5.5")
+            Ok(ip("5.5.5.5"))
         );
         assert_eq!(
             client_address(ip("127.0.0.1"), None, &trusted),
-            ip("127.0.0.1")
+            Ok(ip("127.0.0.1"))
         );
+        // Left of the client, garbage is the client's own writing: ignored.
+        assert_eq!(
+            client_address(ip("127.0.0.1"), Some("garbage, 5.5.5.5"), &trusted),
+            Ok(ip("5.5.5.5"))
+        );
+        // All trusted, then garbage: the walk would need it; refused.
         assert_eq!(
             client_address(ip("127.0.0.1"), Some("garbage, 10.0.0.2"), &trusted),
-            ip("10.0.0.2")
+            Err(BadForwardedFor)
+        );
+    }
+
+    #[test]
+    fn entries_as_front_ends_write_them() {
+        for (entry, want) in [
+            ("10.66.1.1", "10.66.1.1"),
+            ("10.66.1.1:52345", "10.66.1.1"),
+            ("[::ffff:10.66.1.1]:52345", "10.66.1.1"),
+            ("::ffff:10.66.1.1", "10.66.1.1"),
+            ("[2001:db8::1]", "2001:db8::1"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            ("2001:db8::1", "2001:db8::1"),
+            ("fe80::1%eth0", "fe80::1"),
+            ("[fe80::1%25eth0]:8080", "fe80::1"),
+            ("\"[2001:db8::2]:1\"", "2001:db8::2"),
+            (" 10.66.1.1 ", "10.66.1.1"),
+        ] {
+            assert_eq!(parse_forwarded_entry(entry), Some(ip(want)), "{entry}");
+        }
+        for bad in [
+            "unknown",
+            "10.66.1.1:",
+            "10.66.1.1:port",
+            "10.66.1.1:123456",
+            "[2001:db8::1]x",
+            "[2001:db8::1",
+            "host.example",
+            "",
+        ] {
+            assert_eq!(parse_forwarded_entry(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_port_or_trailing_comma_never_falls_back_to_the_proxy() {
+        let trusted = cidrs(&["127.0.0.1/32"]);
+        let peer = ip("127.0.0.1");
+        for (chain, want) in [
+            ("10.66.1.1:52345", "10.66.1.1"),
+            ("[::ffff:10.66.1.1]:52345", "10.66.1.1"),
+            ("10.66.1.1,", "10.66.1.1"),
+            ("10.66.1.1, ", "10.66.1.1"),
+            ("fe80::7%eth0", "fe80::7"),
+        ] {
+            assert_eq!(
+                client_address(peer, Some(chain), &trusted),
+                Ok(ip(want)),
+                "{chain}"
+            );
+        }
+        assert_eq!(
+            client_address(peer, Some("unknown"), &trusted),
+            Err(BadForwardedFor)
+        );
+        assert_eq!(
+            client_address(peer, Some(","), &trusted),
+            Ok(peer),
+            "nothing named"
         );
     }
 }

@@ -57,9 +57,17 @@ pub enum Op {
     Equals,
     /// The claim is absent or differs.
     NotEquals,
-    /// A string claim contains the value, or an array claim has it.
+    /// A string claim contains the value anywhere (a substring), or an
+    /// array claim has it as an element. Not for domains:
+    /// `x@example.com.evil` contains `@example.com`; use [`Op::EndsWith`].
     Contains,
-    /// The claim is one of the value's elements.
+    /// A string claim ends with the value (`@example.com` for an email
+    /// domain: `x@example.com.evil` does not).
+    EndsWith,
+    /// A string claim starts with the value.
+    StartsWith,
+    /// The claim is one of the value's elements (an array, or a
+    /// comma-separated string: `"admin, editor"`).
     In,
     /// The claim is present.
     Exists,
@@ -67,6 +75,10 @@ pub enum Op {
     Gt,
     /// The claim is a number less than the value.
     Lt,
+    /// The claim is a number greater than or equal to the value.
+    Gte,
+    /// The claim is a number less than or equal to the value.
+    Lte,
 }
 
 impl Op {
@@ -76,10 +88,14 @@ impl Op {
             "equals" => Op::Equals,
             "not_equals" => Op::NotEquals,
             "contains" => Op::Contains,
+            "ends_with" => Op::EndsWith,
+            "starts_with" => Op::StartsWith,
             "in" => Op::In,
             "exists" => Op::Exists,
             "gt" => Op::Gt,
             "lt" => Op::Lt,
+            "gte" => Op::Gte,
+            "lte" => Op::Lte,
             _ => return None,
         })
     }
@@ -173,6 +189,7 @@ pub fn authorize(
     token: &str,
 ) -> Result<Authorized, Refusal> {
     let header = jsonwebtoken::decode_header(token).map_err(|e| Refusal::Invalid(e.to_string()))?;
+    refuse_critical_extensions(token)?;
     let key = match &header.kid {
         Some(kid) => match settings.keys.get(kid).or_else(|| fetched.get(kid)) {
             Some(k) => k,
@@ -214,6 +231,26 @@ pub fn authorize(
     })
 }
 
+/// RFC 7515 §4.1.11: a header whose `crit` names extensions the recipient
+/// must understand is refused when it does not understand them; this
+/// proxy understands none, so any `crit` is refused (the JWT library
+/// does not look at it).
+fn refuse_critical_extensions(token: &str) -> Result<(), Refusal> {
+    use base64::Engine;
+    let encoded = token.split('.').next().unwrap_or("");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded.trim_end_matches('='))
+        .map_err(|e| Refusal::Invalid(format!("header: {e}")))?;
+    let header: Value =
+        serde_json::from_slice(&raw).map_err(|e| Refusal::Invalid(format!("header: {e}")))?;
+    match header.get("crit") {
+        None => Ok(()),
+        Some(crit) => Err(Refusal::Invalid(format!(
+            "header names critical extensions this proxy does not understand: {crit}"
+        ))),
+    }
+}
+
 /// Every rule holds for `claims`; otherwise which one failed.
 pub fn claims_hold(claims: &Value, rules: &[ClaimRule]) -> Result<(), String> {
     for r in rules {
@@ -228,9 +265,24 @@ pub fn claims_hold(claims: &Value, rules: &[ClaimRule]) -> Result<(), String> {
                 r.value.as_str().is_some_and(|needle| s.contains(needle))
             }
             (Op::Contains, Some(_)) => false,
-            (Op::In, Some(v)) => r.value.as_array().is_some_and(|set| set.contains(v)),
+            (Op::EndsWith, Some(Value::String(s))) => {
+                r.value.as_str().is_some_and(|tail| s.ends_with(tail))
+            }
+            (Op::StartsWith, Some(Value::String(s))) => {
+                r.value.as_str().is_some_and(|head| s.starts_with(head))
+            }
+            (Op::EndsWith | Op::StartsWith, Some(_)) => false,
+            (Op::In, Some(v)) => match &r.value {
+                Value::Array(set) => set.contains(v),
+                Value::String(list) => v
+                    .as_str()
+                    .is_some_and(|v| list.split(',').any(|item| item.trim() == v)),
+                _ => false,
+            },
             (Op::Gt, Some(v)) => num(v).zip(num(&r.value)).is_some_and(|(a, b)| a > b),
             (Op::Lt, Some(v)) => num(v).zip(num(&r.value)).is_some_and(|(a, b)| a < b),
+            (Op::Gte, Some(v)) => num(v).zip(num(&r.value)).is_some_and(|(a, b)| a >= b),
+            (Op::Lte, Some(v)) => num(v).zip(num(&r.value)).is_some_and(|(a, b)| a <= b),
         };
         if !ok {
             return Err(format!("claim {:?} fails {:?}", r.claim, r.op));
@@ -302,6 +354,20 @@ mod tests {
         assert!(ok(rule("buckets", Op::Contains, json!("assets"))));
         assert!(!ok(rule("buckets", Op::Contains, json!("other"))));
         assert!(ok(rule("email", Op::Contains, json!("@example.com"))));
+        assert!(ok(rule("email", Op::EndsWith, json!("@example.com"))));
+        let evil = json!({"email": "x@example.com.evil", "level": 5, "role": "editor"});
+        let holds = |r: ClaimRule| claims_hold(&evil, &[r]).is_ok();
+        assert!(
+            holds(rule("email", Op::Contains, json!("@example.com"))),
+            "contains is a substring test"
+        );
+        assert!(!holds(rule("email", Op::EndsWith, json!("@example.com"))));
+        assert!(holds(rule("email", Op::StartsWith, json!("x@"))));
+        assert!(holds(rule("level", Op::Gte, json!(5))));
+        assert!(holds(rule("level", Op::Lte, json!(5))));
+        assert!(!holds(rule("level", Op::Gte, json!(6))));
+        assert!(holds(rule("role", Op::In, json!("admin, editor"))));
+        assert!(!holds(rule("role", Op::In, json!("admin,editors"))));
         assert!(ok(rule("role", Op::In, json!(["reader", "admin"]))));
         assert!(!ok(rule("role", Op::In, json!(["admin"]))));
         assert!(ok(rule("realm.roles", Op::Contains, json!("admin"))));

@@ -30,7 +30,7 @@ use super::region::{Body, Region, MAPPED_MIN_READ_BYTES};
 use super::store::Object;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -359,6 +359,9 @@ pub struct DiskStore {
     evictions: AtomicU64,
     /// Entries dropped for a bad length or checksum.
     pub corrupt: AtomicU64,
+    /// Entries dropped at start because their bucket's origin changed (or
+    /// the bucket is gone): see `cache::store::key`.
+    pub foreign: AtomicU64,
     tmp_seq: AtomicU64,
 }
 
@@ -367,7 +370,13 @@ impl DiskStore {
     /// returns the store and the receiving end of its write queue, for
     /// [`DiskStore::run_writer`]. A directory that cannot be created or
     /// written leaves the store degraded (memory-only), logged by the caller.
-    pub fn open(dir: &str, max_bytes: u64) -> (DiskStore, Receiver<Write>, Result<usize, String>) {
+    /// `origins`: each configured bucket's origin fingerprint; entries of
+    /// any other origin are dropped.
+    pub fn open(
+        dir: &str,
+        max_bytes: u64,
+        origins: &HashMap<String, String>,
+    ) -> (DiskStore, Receiver<Write>, Result<usize, String>) {
         let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let store = DiskStore {
             dir: PathBuf::from(dir),
@@ -377,9 +386,10 @@ impl DiskStore {
             degraded: AtomicBool::new(false),
             evictions: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
+            foreign: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
         };
-        let rebuilt = store.rebuild();
+        let rebuilt = store.rebuild(origins);
         if rebuilt.is_err() {
             store.degraded.store(true, Ordering::Relaxed);
         }
@@ -396,9 +406,20 @@ impl DiskStore {
     /// Reads every entry's head (at start, before any worker runs): valid
     /// entries are indexed, partial and corrupt ones and temporary files
     /// deleted. Returns how many entries were kept.
-    fn rebuild(&self) -> Result<usize, String> {
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+    fn rebuild(&self, origins: &HashMap<String, String>) -> Result<usize, String> {
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.dir)
+                .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+            // An existing directory is made ours alone too (0700): its
+            // entries are the cached bodies of private objects.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| format!("cannot restrict {}: {e}", self.dir.display()))?;
+        }
         let probe = self.dir.join(format!("{TMP_PREFIX}probe"));
         std::fs::write(&probe, b"")
             .map_err(|e| format!("cannot write in {}: {e}", self.dir.display()))?;
@@ -417,7 +438,19 @@ impl DiskStore {
                 continue;
             }
             match read_entry_key(&path) {
-                Ok((key, size)) if file_name(&key) == name => index.insert(key, size, false),
+                Ok((key, size)) if file_name(&key) == name => {
+                    // Stored while its bucket pointed at another S3
+                    // location (or for a bucket no longer configured):
+                    // never to be served, so not kept.
+                    let current = crate::cache::store::key_origin(&key)
+                        .is_some_and(|(b, o)| origins.get(b).is_some_and(|now| now == o));
+                    if current {
+                        index.insert(key, size, false);
+                    } else {
+                        self.foreign.fetch_add(1, Ordering::Relaxed);
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
                 Ok(_) | Err(_) => {
                     self.corrupt.fetch_add(1, Ordering::Relaxed);
                     let _ = std::fs::remove_file(&path);
@@ -654,7 +687,17 @@ impl DiskStore {
         ));
         let size = head.len() as u64 + w.object.body.len() as u64;
         let result = async {
-            let file = monoio::fs::File::create(&tmp).await?;
+            // Cached private objects are for this user alone (0600).
+            let file = {
+                use std::os::unix::fs::OpenOptionsExt;
+                monoio::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .await?
+            };
             let head_len = head.len() as u64;
             let (r, _) = file.write_all_at(head, 0).await;
             r?;
@@ -792,11 +835,14 @@ mod tests {
             ("ab", "x", ""),
             ("b", "x", ""),
         ] {
-            i.insert(key(b, k, q), 10, true);
+            i.insert(key(b, "o", k, q), 10, true);
         }
         let mut gone = i.remove_prefix(&object_prefix("a", "x"));
         gone.sort();
-        assert_eq!(gone, vec![key("a", "x", ""), key("a", "x", "versionId=1")]);
+        assert_eq!(
+            gone,
+            vec![key("a", "o", "x", ""), key("a", "o", "x", "versionId=1")]
+        );
         assert_eq!(
             i.remove_prefix(&bucket_prefix("a")).len(),
             1,

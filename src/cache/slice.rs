@@ -75,7 +75,7 @@ mod tests {
 
     #[test]
     fn keys_share_the_object_prefix() {
-        let k = crate::cache::store::key("b", "big.bin", "");
+        let k = crate::cache::store::key("b", "o", "big.bin", "");
         assert!(key(&k, MIB, 3).starts_with(&prefix(&k)));
         assert!(meta_key(&k).starts_with(&prefix(&k)));
         assert!(prefix(&k).starts_with(&crate::cache::store::object_prefix("b", "big.bin")));

@@ -187,14 +187,29 @@ impl MemoryStore {
     }
 }
 
-/// The cache key of an object: bucket name, encoded key and forwarded query
-/// (`versionId`, `partNumber`), NUL-separated (none of them holds a NUL).
-pub fn key(bucket: &str, encoded_key: &str, query: &str) -> String {
-    let mut k = String::with_capacity(bucket.len() + encoded_key.len() + query.len() + 2);
-    for part in [bucket, "\0", encoded_key, "\0", query] {
+/// The cache key of an object: bucket name, encoded key, forwarded query
+/// (`versionId`, `partNumber`) and the bucket's origin fingerprint
+/// (`config::origin_fingerprint`), NUL-separated (none of them holds a
+/// NUL). With the origin in the key, an entry stored while the bucket
+/// pointed elsewhere is never found, in memory or on disk.
+pub fn key(bucket: &str, origin: &str, encoded_key: &str, query: &str) -> String {
+    let mut k =
+        String::with_capacity(bucket.len() + encoded_key.len() + query.len() + origin.len() + 3);
+    for part in [bucket, "\0", encoded_key, "\0", query, "\0", origin] {
         k.push_str(part);
     }
     k
+}
+
+/// The bucket name and origin fingerprint a cache key names (for the disk
+/// index rebuild); `None` for a key of no known shape.
+pub fn key_origin(key: &str) -> Option<(&str, &str)> {
+    let mut parts = key.split('\0');
+    let bucket = parts.next()?;
+    let _encoded_key = parts.next()?;
+    let _query = parts.next()?;
+    let origin = parts.next()?;
+    Some((bucket, origin))
 }
 
 /// The prefix of every key of one object (all versions and parts).
@@ -227,8 +242,8 @@ mod tests {
     fn an_object_as_large_as_the_item_limit_is_admitted() {
         const MB: usize = 1024 * 1024;
         let store = MemoryStore::new(256 * MB as u64, 100 * MB as u64).unwrap();
-        store.insert(key("b", "big", ""), object(64 * MB));
-        let got = store.get(&key("b", "big", "")).map(|o| o.body.len());
+        store.insert(key("b", "o", "big", ""), object(64 * MB));
+        let got = store.get(&key("b", "o", "big", "")).map(|o| o.body.len());
         assert_eq!(got, Some(64 * MB));
     }
 
@@ -248,7 +263,7 @@ mod tests {
     fn bounded_by_bytes_and_counts_evictions() {
         let store = MemoryStore::new(1024 * 1024, 64 * 1024).unwrap();
         for i in 0..200 {
-            store.insert(key("b", &format!("k{i}"), ""), object(16 * 1024));
+            store.insert(key("b", "o", &format!("k{i}"), ""), object(16 * 1024));
         }
         assert!(store.bytes() <= 1024 * 1024, "{}", store.bytes());
         assert!(store.items() < 200);
@@ -258,20 +273,23 @@ mod tests {
     #[test]
     fn keys_separate_buckets_versions_and_parts() {
         let store = MemoryStore::new(1024 * 1024, 64 * 1024).unwrap();
-        store.insert(key("a", "k", ""), object(1));
-        store.insert(key("a", "k", "versionId=2"), object(2));
-        store.insert(key("ab", "k", ""), object(3));
-        assert_eq!(store.get(&key("a", "k", "")).map(|o| o.body.len()), Some(1));
+        store.insert(key("a", "o", "k", ""), object(1));
+        store.insert(key("a", "o", "k", "versionId=2"), object(2));
+        store.insert(key("ab", "o", "k", ""), object(3));
+        assert_eq!(
+            store.get(&key("a", "o", "k", "")).map(|o| o.body.len()),
+            Some(1)
+        );
         assert_eq!(
             store
-                .get(&key("a", "k", "versionId=2"))
+                .get(&key("a", "o", "k", "versionId=2"))
                 .map(|o| o.body.len()),
             Some(2)
         );
         store.remove_prefix(&bucket_prefix("a"));
-        assert!(store.get(&key("a", "k", "")).is_none());
+        assert!(store.get(&key("a", "o", "k", "")).is_none());
         assert_eq!(
-            store.get(&key("ab", "k", "")).map(|o| o.body.len()),
+            store.get(&key("ab", "o", "k", "")).map(|o| o.body.len()),
             Some(3)
         );
     }

@@ -297,6 +297,27 @@ pub struct Bucket {
     pub allowlist: Vec<crate::access::ip::Cidr>,
     /// `ip_filter.blocklist`: these ranges may not read (wins over the allowlist).
     pub blocklist: Vec<crate::access::ip::Cidr>,
+    /// Where the bucket's objects come from, as a fingerprint of its
+    /// replicas' S3 locations ([`origin_fingerprint`]): part of every cache
+    /// key, so an entry stored from another location is never served.
+    pub origin: String,
+}
+
+/// A fingerprint of a replica set's S3 locations (scheme, endpoint
+/// authority, bucket; order-independent): 16 hex digits of SHA-256.
+pub fn origin_fingerprint(replicas: &[Replica]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut places: Vec<String> = replicas
+        .iter()
+        .map(|r| {
+            let scheme = if r.endpoint.tls { "https" } else { "http" };
+            format!("{scheme}://{}/{}", r.endpoint.authority, r.bucket)
+        })
+        .collect();
+    places.sort();
+    places.dedup();
+    let digest = Sha256::digest(places.join("\n").as_bytes());
+    hex::encode(&digest[..8])
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

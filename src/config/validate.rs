@@ -217,6 +217,7 @@ fn buckets(
         out.push(Bucket {
             name: b.name,
             path_prefix: prefix,
+            origin: super::origin_fingerprint(&replicas),
             replicas,
             breaker,
             health,
@@ -470,18 +471,30 @@ fn jwt(raw: &RawJwt, p: &mut Problems) -> Option<std::sync::Arc<crate::access::j
             p.at(
                 &format!("{at}.operator"),
                 format_args!(
-                    "{:?} is not one of equals, not_equals, contains, in, exists, gt, lt",
+                    "{:?} is not one of equals, not_equals, contains, ends_with, starts_with, in, exists, gt, gte, lt, lte",
                     c.operator
                 ),
             );
             continue;
         };
         let value = serde_json::to_value(&c.value).unwrap_or(serde_json::Value::Null);
-        if op == Op::In && !value.is_array() {
-            p.at(&format!("{at}.value"), "must be a list for the in operator");
+        if op == Op::In && !(value.is_array() || value.is_string()) {
+            p.at(
+                &format!("{at}.value"),
+                "must be a list (or a comma-separated string) for the in operator",
+            );
         }
-        if matches!(op, Op::Gt | Op::Lt) && !value.is_number() {
-            p.at(&format!("{at}.value"), "must be a number for gt and lt");
+        if matches!(op, Op::Gt | Op::Lt | Op::Gte | Op::Lte) && !value.is_number() {
+            p.at(
+                &format!("{at}.value"),
+                "must be a number for gt, gte, lt and lte",
+            );
+        }
+        if matches!(op, Op::EndsWith | Op::StartsWith) && !value.is_string() {
+            p.at(
+                &format!("{at}.value"),
+                "must be a string for ends_with and starts_with",
+            );
         }
         s.claims.push(ClaimRule {
             claim: c.claim.clone(),

@@ -70,6 +70,9 @@ pub struct Request {
     pub forwarded_for: String,
     /// `(index into FORWARDED_REQUEST_HEADERS, value)`.
     pub forwarded: Vec<(usize, String)>,
+    /// Bytes of the read buffer this request's head takes (its headers end
+    /// there; what follows belongs to the next pipelined request).
+    pub head_len: usize,
     spare: Vec<String>,
 }
 
@@ -147,6 +150,7 @@ pub fn parse_request(buf: &[u8], req: &mut Request) -> Result<usize, HeadError> 
     }
     request_line(&parsed, req)?;
     request_headers(parsed.headers, req)?;
+    req.head_len = len;
     Ok(len)
 }
 
@@ -288,12 +292,13 @@ fn forward_header(req: &mut Request, idx: usize, value: &[u8]) -> Result<(), Hea
 /// The value of header `name` (lower-case) in a raw request head that
 /// `parse_request` accepted; several headers of that name are not joined
 /// (the first wins). For the headers the parser does not keep (tokens).
+///
+/// `head` must be exactly the head (`Request::head_len` bytes): nothing
+/// here looks for its end, since lines may end in a bare LF (which
+/// httparse accepts) and a search for `\r\n\r\n` would then run into the
+/// next pipelined request.
 pub fn find_header<'a>(head: &'a [u8], name: &str) -> Option<&'a str> {
-    let end = head
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(head.len(), |p| p + 2);
-    head[..end].split(|&b| b == b'\n').skip(1).find_map(|line| {
+    head.split(|&b| b == b'\n').skip(1).find_map(|line| {
         let colon = line.iter().position(|&b| b == b':')?;
         let (n, v) = (&line[..colon], &line[colon + 1..]);
         if !n.eq_ignore_ascii_case(name.as_bytes()) {

@@ -28,6 +28,7 @@ impl WorkerGeneration {
         resume: Option<Resume<'_>>,
     ) -> Result<Answer, Failure> {
         let deadline = Instant::now() + self.replica(rid).timeout;
+        self.pay_upstream(c, ctx.bucket, deadline).await?;
         let cell = &self.shared.replicas[rid].credentials;
         if !credentials::wait_for_first(cell, deadline).await {
             return Err(Failure::new(

@@ -77,11 +77,17 @@ impl WorkerGeneration {
     /// A failure blamed on the replica: counted by reason and by its breaker.
     /// The one place a replica failure is recorded.
     pub(super) fn record_failure(&self, rid: usize, admit: Admit, cause: Cause) {
+        if cause == Cause::RateLimited {
+            // Nothing was sent: counted with the 429s it may become.
+            self.core.metrics.borrow_mut().rate_limited("bucket");
+            self.release(rid, admit);
+            return;
+        }
         self.core
             .metrics
             .borrow_mut()
             .replica_failure(self.mid(rid), cause.label());
-        if cause == Cause::LocalResources {
+        if cause.is_local() {
             // The proxy's own exhaustion says nothing about the replica.
             self.release(rid, admit);
             return;

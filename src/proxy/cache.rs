@@ -85,6 +85,13 @@ impl CacheUse {
 }
 
 impl WorkerGeneration {
+    /// The cache key of `key` (URI-encoded) in `bucket`, with the forwarded
+    /// query and the bucket's origin (see `cache::store::key`).
+    pub(super) fn cache_key(&self, bucket: usize, key: &str, query: &str) -> String {
+        let b = self.shared.bucket(bucket);
+        store::key(&b.name, &b.origin, key, query)
+    }
+
     /// Step "disk": a memory miss whose entry is on disk is read (on this
     /// core's driver), checked and put back into memory; the copy read is
     /// handed to the lookup that follows ([`Self::cache_lookup`]), which
@@ -104,7 +111,7 @@ impl WorkerGeneration {
         if !self.shared.bucket(bucket).cache.enabled {
             return None;
         }
-        let k = store::key(&self.shared.bucket(bucket).name, key, &c.s.query);
+        let k = self.cache_key(bucket, key, &c.s.query);
         if store.get(&k).is_some() || !disk.contains(&k) {
             return None;
         }
@@ -143,8 +150,7 @@ impl WorkerGeneration {
             self.core.metrics.borrow_mut().cache(mid, "bypass");
             return Ok(None);
         }
-        let name = &self.shared.bucket(bucket).name;
-        let k = store::key(name, key, &c.s.query);
+        let k = self.cache_key(bucket, key, &c.s.query);
         let mut expired = None;
         if let Some(copy) = store.get(&k).or(promoted) {
             let now = SystemTime::now();
@@ -272,7 +278,7 @@ impl WorkerGeneration {
         self.core.metrics.borrow_mut().cache(mid, "stale");
         // The store key, whatever role this request had: a waiter whose fill
         // was abandoned falls back here too, and is the same key.
-        let key = store::key(&self.shared.bucket(bucket).name, key, &c.s.query);
+        let key = self.cache_key(bucket, key, &c.s.query);
         let mut warned = match self.shared.process.stale_warned.lock() {
             Ok(w) => w,
             Err(poisoned) => poisoned.into_inner(),
@@ -339,7 +345,7 @@ impl WorkerGeneration {
         {
             return None;
         }
-        let k = store::key(&self.shared.bucket(bucket).name, key, &c.s.query);
+        let k = self.cache_key(bucket, key, &c.s.query);
         if store.get(&k).is_some() {
             return None;
         }

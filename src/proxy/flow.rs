@@ -21,6 +21,7 @@ enum Tried {
 impl WorkerGeneration {
     /// Serves one parsed request.
     pub(super) async fn handle(&self, c: &mut Client) -> Outcome {
+        c.s.upstream_prepaid = false;
         if c.s.req.request_id.is_empty() {
             let mut id = std::mem::take(&mut c.s.req.request_id);
             self.next_request_id(&mut id);
@@ -66,14 +67,25 @@ impl WorkerGeneration {
 
     /// Step "route": decoded path -> bucket and key; the forwarded query.
     async fn route_and_proxy(&self, c: &mut Client, path: &str) -> Outcome {
-        if let Some(refused) = self.limit_client(c).await {
+        let Ok(client) = self.client_ip(c) else {
+            log!(
+                Level::Info,
+                "Request refused: a trusted proxy's X-Forwarded-For names no address",
+                x_forwarded_for = c.s.req.forwarded_for,
+                request_id = c.s.req.request_id,
+            );
+            return self
+                .simple_outcome(c, 400, "text/plain", b"malformed X-Forwarded-For\n", &[])
+                .await;
+        };
+        if let Some(refused) = self.limit_client(c, client).await {
             return refused;
         }
         let (bucket, key) = match self.shared.router.route(path) {
             Ok(found) => found,
             Err(e) => return self.route_error(c, e).await,
         };
-        if !self.ip_allowed(c, bucket) {
+        if !self.ip_allowed(c, client, bucket) {
             return self
                 .simple_outcome(c, 403, "text/plain", b"forbidden\n", &[])
                 .await;
@@ -113,8 +125,12 @@ impl WorkerGeneration {
 
     /// The client's address: the peer, or behind `server.trusted_proxies`
     /// its `X-Forwarded-For` (see `access::ip`). One rule for the IP filter
-    /// and the per-address rate limit.
-    pub(super) fn client_ip(&self, c: &Client) -> std::net::IpAddr {
+    /// and the per-address rate limit; an entry that cannot be read fails
+    /// closed.
+    pub(super) fn client_ip(
+        &self,
+        c: &Client,
+    ) -> Result<std::net::IpAddr, crate::access::ip::BadForwardedFor> {
         let xff = (!c.s.req.forwarded_for.is_empty()).then_some(c.s.req.forwarded_for.as_str());
         let trusted = &self.shared.config.server.trusted_proxies;
         crate::access::ip::client_address(c.peer, xff, trusted)
@@ -122,12 +138,11 @@ impl WorkerGeneration {
 
     /// Step "access": the bucket's IP filter on the client's address (the
     /// peer, or behind `server.trusted_proxies` its `X-Forwarded-For`).
-    fn ip_allowed(&self, c: &Client, bucket: usize) -> bool {
+    fn ip_allowed(&self, c: &Client, client: std::net::IpAddr, bucket: usize) -> bool {
         let b = self.shared.bucket(bucket);
         if b.allowlist.is_empty() && b.blocklist.is_empty() {
             return true;
         }
-        let client = self.client_ip(c);
         if crate::access::ip::allowed(client, &b.allowlist, &b.blocklist) {
             return true;
         }
@@ -149,7 +164,8 @@ impl WorkerGeneration {
         c.s.subject.clear();
         let b = self.shared.bucket(bucket);
         let jwt = self.shared.config.jwt.as_ref().filter(|_| b.auth)?;
-        let head = c.s.rbuf.as_slice();
+        // This request's head only: pipelined bytes after it are another's.
+        let head = c.s.rbuf.get(..c.s.req.head_len).unwrap_or_default();
         let query =
             c.s.req
                 .target
@@ -357,8 +373,8 @@ impl WorkerGeneration {
         rest: &[usize],
         f: &Failure,
     ) {
-        if f.cause == Cause::LocalResources {
-            return; // logged once a second by `overloaded`
+        if f.cause.is_local() {
+            return; // logged once a second by `overloaded`, or a 429
         }
         let Some(next) = rest.iter().copied().find(|&n| self.usable(n, now_ms())) else {
             return;
@@ -388,6 +404,12 @@ impl WorkerGeneration {
         let bucket_name = &self.shared.bucket(ctx.bucket).name;
         if failure.cause == Cause::LocalResources {
             return self.overloaded(c, bucket_name, &failure).await;
+        }
+        if failure.cause == Cause::RateLimited {
+            let extra = [("Retry-After", "1")];
+            return self
+                .simple_outcome(c, 429, "text/plain", b"too many requests\n", &extra)
+                .await;
         }
         log!(
             Level::Error,

@@ -52,14 +52,18 @@ impl Limiters {
 
 impl WorkerGeneration {
     /// Client limits: `Some(outcome)` (a 429) when the request is refused.
-    pub(super) async fn limit_client(&self, c: &mut Client) -> Option<Outcome> {
+    pub(super) async fn limit_client(
+        &self,
+        c: &mut Client,
+        client: std::net::IpAddr,
+    ) -> Option<Outcome> {
         let now = now_ms();
         let verdict = {
             let mut l = self.limits.borrow_mut();
             let per_ip = l
                 .per_ip
                 .as_mut()
-                .and_then(|t| t.take(self.client_ip(c), now).err().map(|w| ("per_ip", w)));
+                .and_then(|t| t.take(client, now).err().map(|w| ("per_ip", w)));
             per_ip.or_else(|| {
                 l.global
                     .as_mut()
@@ -70,13 +74,54 @@ impl WorkerGeneration {
         Some(self.too_many(c, scope, wait_ms).await)
     }
 
-    /// The bucket's upstream limit: `Some(outcome)` (a 429) when refused.
+    /// The bucket's upstream limit, before a client request's first
+    /// upstream request: `Some(outcome)` (a 429) when refused. The token
+    /// taken pays for that first request (`Client::upstream_prepaid`);
+    /// every further one (slices, failovers, resumes) pays in
+    /// [`Self::pay_upstream`].
     pub(super) async fn limit_upstream(&self, c: &mut Client, bucket: usize) -> Option<Outcome> {
         let wait_ms = {
             let mut l = self.limits.borrow_mut();
-            l.upstream.get_mut(bucket)?.as_mut()?.take(now_ms()).err()?
+            let taken = l.upstream.get_mut(bucket)?.as_mut()?.take(now_ms());
+            c.s.upstream_prepaid = taken.is_ok();
+            taken.err()?
         };
         Some(self.too_many(c, "bucket", wait_ms).await)
+    }
+
+    /// Charges one request sent to S3 to the bucket's upstream limit: the
+    /// token prepaid by [`Self::limit_upstream`], else a new one, waited
+    /// for while it comes before `deadline`; else the request is not sent
+    /// (`Cause::RateLimited`).
+    pub(super) async fn pay_upstream(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        deadline: Instant,
+    ) -> Result<(), Failure> {
+        if std::mem::take(&mut c.s.upstream_prepaid) {
+            return Ok(());
+        }
+        loop {
+            let wait_ms = {
+                let mut l = self.limits.borrow_mut();
+                let Some(Some(limit)) = l.upstream.get_mut(bucket) else {
+                    return Ok(());
+                };
+                match limit.take(now_ms()) {
+                    Ok(()) => return Ok(()),
+                    Err(w) => w,
+                }
+            };
+            let wait = Duration::from_millis(wait_ms);
+            if Instant::now() + wait > deadline {
+                return Err(Failure::new(
+                    Cause::RateLimited,
+                    format!("bucket's upstream rate limit: next request allowed in {wait_ms} ms"),
+                ));
+            }
+            monoio::time::sleep(wait).await;
+        }
     }
 
     async fn too_many(&self, c: &mut Client, scope: &'static str, wait_ms: u64) -> Outcome {

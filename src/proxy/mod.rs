@@ -357,6 +357,9 @@ struct RequestState {
     subject: String,
     /// An expired copy that may answer if no replica can (stale-if-error).
     stale: Option<Arc<crate::cache::store::Object>>,
+    /// The bucket's upstream limit already paid for this request's next
+    /// upstream request (see `limits`).
+    upstream_prepaid: bool,
 }
 
 /// How a request ended, for the access log and metrics.

@@ -31,6 +31,16 @@ enum SliceError {
     Failed,
 }
 
+/// How a replica's answer to a slice request was taken, when it was not.
+enum Taken {
+    /// A well-formed answer that is not the slice (a 412, another ETag, a
+    /// 200, an uncacheable 206): the replica answered.
+    Refused(SliceError),
+    /// A malformed answer or a broken body: the replica's failure; the
+    /// next replica is tried.
+    ReplicaFailed(Cause),
+}
+
 /// The slice being fetched.
 struct Want<'a> {
     object_key: &'a str,
@@ -38,6 +48,8 @@ struct Want<'a> {
     size: u64,
     /// The object's known ETag (`None` on the first fetch).
     etag: Option<&'a str>,
+    /// The object's known length (`None` on the first fetch).
+    total: Option<u64>,
 }
 
 impl WorkerGeneration {
@@ -65,7 +77,7 @@ impl WorkerGeneration {
         if !self.wants_slices(c, bucket) {
             return None;
         }
-        let object_key = store::key(&self.shared.bucket(bucket).name, key, &c.s.query);
+        let object_key = self.cache_key(bucket, key, &c.s.query);
         // A whole copy answers its ranges in the normal lookup.
         if store.get(&object_key).is_some() {
             return None;
@@ -139,6 +151,7 @@ impl WorkerGeneration {
                     n,
                     size,
                     etag: None,
+                    total: None,
                 };
                 let (meta, s) = self.fetch_slice(c, bucket, key, &want).await?;
                 fetched = Some((n, s));
@@ -214,10 +227,18 @@ impl WorkerGeneration {
                     }
                 },
             };
-            let (s_first, _) = slice::bounds(n, size, meta.total);
+            // Every slice here is exactly its bounds (`take_slice`,
+            // `is_slice_of`); should one not be, the client is cut off
+            // rather than given a short body or a slice out of bounds.
+            let (s_first, s_last) = slice::bounds(n, size, meta.total);
             let from = first.max(s_first) - s_first;
-            let to = (last.min(s_first + s.body.len() as u64 - 1) - s_first) as usize;
-            let part = s.body.slice(from as usize..=to);
+            let to = last.min(s_last) - s_first;
+            if from > to || to >= s.body.len() as u64 {
+                out.keep_alive = false;
+                out.abort = true;
+                return Ok(out);
+            }
+            let part = s.body.slice(from as usize..=to as usize);
             let len = part.len() as u64;
             if self
                 .send_stored(c, part, !head_sent, timeout)
@@ -267,6 +288,7 @@ impl WorkerGeneration {
             n,
             size,
             etag: Some(&meta.etag),
+            total: Some(meta.total),
         };
         let (_, s) = self.fetch_slice(c, bucket, key, &want).await?;
         Ok((s, true))
@@ -290,6 +312,17 @@ impl WorkerGeneration {
             last: first + want.size - 1,
             etag: want.etag.unwrap_or(""),
         };
+        // 5xx answers are judged once the outcome is known, as in
+        // `flow::try_replicas` (see `upstream::blame`).
+        let mut answered_5xx: Vec<(usize, Admit, Cause)> = Vec::new();
+        // A purge that lands while the slice is on its way wins: the slice
+        // then answers this request and is not stored.
+        let epoch = self
+            .shared
+            .process
+            .cache
+            .as_ref()
+            .map_or(0, |s| s.purge_epoch());
         for &rid in ctx.order {
             let admit = self.admit(rid, now_ms());
             if admit == Admit::Rejected {
@@ -304,32 +337,49 @@ impl WorkerGeneration {
                 .upstream(self.mid(rid), micros);
             let answer = match result {
                 Ok(a) => a,
+                Err(f) if f.cause.is_http_status() => {
+                    answered_5xx.push((rid, admit, f.cause));
+                    continue;
+                }
                 Err(f) => {
-                    if !f.cause.is_http_status() {
-                        self.record_failure(rid, admit, f.cause);
-                    }
+                    self.record_failure(rid, admit, f.cause);
                     continue;
                 }
             };
-            self.record_answer(rid, admit);
-            match self.take_slice(c, answer, want, resume).await {
-                Ok(got) => return Ok(got),
-                Err(Some(e)) => return Err(e),
-                Err(None) => continue,
+            match self.take_slice(c, answer, (want, epoch), resume).await {
+                Ok(got) => {
+                    self.record_answer(rid, admit);
+                    self.judge_5xx(&answered_5xx, true);
+                    return Ok(got);
+                }
+                Err(Taken::Refused(e)) => {
+                    // A well-formed answer that is not this slice.
+                    self.record_answer(rid, admit);
+                    self.judge_5xx(&answered_5xx, true);
+                    return Err(e);
+                }
+                Err(Taken::ReplicaFailed(cause)) => {
+                    self.record_failure(rid, admit, cause);
+                    continue;
+                }
             }
         }
+        self.judge_5xx(&answered_5xx, false);
         Err(SliceError::Failed)
     }
 
     /// Checks one replica's answer to a slice request and reads its body.
-    /// `Err(None)`: the body broke, try the next replica.
+    /// A 206 at the slice's offset must be exactly the slice (the object's
+    /// length, as the metadata knows it, decides where the slice ends):
+    /// anything shorter, longer or of another length is a malformed answer
+    /// (RFC 9110 §14.4, §15.3.7), the replica's failure, never stored.
     async fn take_slice(
         &self,
         c: &mut Client,
         mut a: Answer,
-        want: &Want<'_>,
+        (want, epoch): (&Want<'_>, u64),
         asked: Resume<'_>,
-    ) -> Result<(Arc<Object>, Arc<Object>), Option<SliceError>> {
+    ) -> Result<(Arc<Object>, Arc<Object>), Taken> {
         let resp = &a.resp;
         let cr = resp
             .content_range
@@ -347,19 +397,25 @@ impl WorkerGeneration {
             Ok(cr) => cr,
             Err(e) => {
                 c.give_response(a.resp);
-                return Err(Some(e));
+                return Err(Taken::Refused(e));
             }
         };
-        let len = cr.last - cr.first + 1;
-        if resp.framing() != Framing::Length(len) || len > want.size {
+        let total = cr.total.unwrap_or(0);
+        let (s_first, s_last) = slice::bounds(want.n, want.size, total);
+        let exact_slice = cr.first == s_first
+            && cr.last == s_last
+            && s_first <= s_last
+            && want.total.is_none_or(|t| t == total);
+        let len = cr.last.saturating_sub(cr.first) + 1;
+        if !exact_slice || resp.framing() != Framing::Length(len) {
             c.give_response(a.resp);
-            return Err(Some(SliceError::NotSliceable));
+            return Err(Taken::ReplicaFailed(Cause::Malformed));
         }
         let bucket = self.shared.replicas[a.rid].bucket;
         let ttl = self.shared.bucket(bucket).cache.ttl;
         let Some(fresh_for) = self.freshness_as(resp, 200, ttl) else {
             c.give_response(a.resp);
-            return Err(Some(SliceError::NotSliceable));
+            return Err(Taken::Refused(SliceError::NotSliceable));
         };
         let want_bytes = a.head_len + len as usize;
         a.conn
@@ -370,9 +426,13 @@ impl WorkerGeneration {
             let left = deadline.saturating_duration_since(Instant::now());
             match read_more(&mut a.conn.stream, &mut a.conn.buf, left).await {
                 Ok(n) if n > 0 => {}
-                Ok(_) | Err(_) => {
+                Ok(_) => {
                     c.give_response(a.resp);
-                    return Err(None);
+                    return Err(Taken::ReplicaFailed(Cause::Truncated));
+                }
+                Err(e) => {
+                    c.give_response(a.resp);
+                    return Err(Taken::ReplicaFailed(Cause::of_io(&e)));
                 }
             }
         }
@@ -383,7 +443,6 @@ impl WorkerGeneration {
             f.freeze()
         };
         let exact = a.conn.buf.len() == want_bytes;
-        let total = cr.total.unwrap_or(0);
         let meta = self.stored_meta(&a.resp, fresh_for, total);
         let now = meta.stored_at;
         let piece = Object {
@@ -399,7 +458,7 @@ impl WorkerGeneration {
             self.pool.put(a.rid, a.conn);
         }
         c.give_response(a.resp);
-        Ok(self.store_slice(want, meta, piece))
+        Ok(self.store_slice(want, epoch, meta, piece))
     }
 
     /// A whole answer too large to store (`len` above the item limit):
@@ -434,18 +493,19 @@ impl WorkerGeneration {
     }
 
     /// Stores a fetched slice (and the metadata on a first fetch) in memory
-    /// and hands both to the disk tier.
+    /// and hands both to the disk tier, unless a purge came after the fetch
+    /// began (`epoch`): then both only answer the request that fetched them.
     fn store_slice(
         &self,
         want: &Want<'_>,
+        epoch: u64,
         meta: Object,
         piece: Object,
     ) -> (Arc<Object>, Arc<Object>) {
         let process = &self.shared.process;
-        let Some(store) = &process.cache else {
+        let Some(store) = process.cache.as_ref().filter(|s| s.purge_epoch() == epoch) else {
             return (Arc::new(meta), Arc::new(piece));
         };
-        let epoch = store.purge_epoch();
         let meta_key = slice::meta_key(want.object_key);
         let meta = match (want.etag, store.get(&meta_key)) {
             (Some(_), Some(m)) => m,
@@ -539,7 +599,10 @@ mod tests {
     #[test]
     fn dropping_an_object_s_slices_removes_them_by_key_and_nothing_else() {
         let store = store::MemoryStore::new(64 << 20, 1 << 20).expect("store");
-        let (a, b) = (store::key("bk", "a", ""), store::key("bk", "b", ""));
+        let (a, b) = (
+            store::key("bk", "o", "a", ""),
+            store::key("bk", "o", "b", ""),
+        );
         store.insert(slice::meta_key(&a), object("\"v1\"", 0, 2500));
         for n in 0..3 {
             store.insert(slice::key(&a, 1000, n), object("\"v1\"", 1000, 0));

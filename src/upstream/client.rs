@@ -48,6 +48,10 @@ pub enum Cause {
     /// memory while connecting: not the replica's failure, never counted
     /// against its breaker (a flood of clients must not open it).
     LocalResources,
+    /// The bucket's upstream rate limit (`s3.rate_limit`, the S3 bill
+    /// guard) had no token for this request in time: nothing was sent, and
+    /// the replica's breaker is untouched.
+    RateLimited,
 }
 
 impl Cause {
@@ -69,6 +73,7 @@ impl Cause {
             Cause::Credentials => "credentials",
             Cause::Signing => "signing",
             Cause::LocalResources => "local_resources",
+            Cause::RateLimited => "rate_limited",
         }
     }
 
@@ -90,6 +95,12 @@ impl Cause {
     /// (an HTTP answer, as opposed to a transport or protocol failure).
     pub fn is_http_status(self) -> bool {
         matches!(self, Cause::Http(_))
+    }
+
+    /// A failure of the proxy's own making (its resources, its limits):
+    /// it says nothing about the replica, whose breaker is never charged.
+    pub fn is_local(self) -> bool {
+        matches!(self, Cause::LocalResources | Cause::RateLimited)
     }
 }
 

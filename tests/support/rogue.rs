@@ -27,6 +27,29 @@ pub enum Step {
     Close,
     /// Keep the connection open, never answer again.
     Hang,
+    /// Wait until the gate is opened (by the test, on an event it saw).
+    Wait(Gate),
+}
+
+/// A latch a script waits on: the test opens it when what it waits for
+/// has happened (no sleeping to line events up).
+#[derive(Debug, Clone, Default)]
+pub struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    pub fn open(&self) {
+        let (lock, cv) = &*self.0;
+        *lock.lock().unwrap() = true;
+        cv.notify_all();
+    }
+
+    pub fn wait(&self) {
+        let (lock, cv) = &*self.0;
+        let mut open = lock.lock().unwrap();
+        while !*open {
+            open = cv.wait(open).unwrap();
+        }
+    }
 }
 
 /// `Step::Send` of a string.
@@ -191,6 +214,7 @@ fn serve(
                     }
                 }
                 Step::Sleep(d) => std::thread::sleep(d),
+                Step::Wait(g) => g.wait(),
                 Step::Reset => {
                     reset_on_close(&s);
                     // The reset goes out when the last descriptor closes:
