@@ -68,7 +68,7 @@ fn signed_key(authorization: &str) -> &str {
 }
 
 fn ready(p: &Proxy) -> serde_json::Value {
-    let r = p.get("/ready");
+    let r = p.ready_details();
     serde_json::from_slice(&r.body).expect("ready JSON")
 }
 

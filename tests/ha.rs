@@ -484,7 +484,7 @@ fn all_replicas_down_gives_502_then_503_with_retry_after() {
         .parse()
         .unwrap();
     assert!((25..=30).contains(&retry), "{retry}");
-    let ready = proxy.get("/ready");
+    let ready = proxy.ready_details();
     assert_eq!(ready.status, 503);
     assert!(
         ready.text().contains("\"state\":\"open\""),

@@ -361,7 +361,7 @@ fn requests_every_replica_fails_do_not_open_healthy_breakers() {
         let r = proxy.get("/b/k.txt");
         assert_eq!((r.status, r.text().as_str()), (200, "fine"));
     }
-    let ready = proxy.get("/ready").text();
+    let ready = proxy.ready_details().text();
     assert!(!ready.contains("open"), "{ready}");
     let m = proxy.metrics();
     assert!(

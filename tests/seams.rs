@@ -471,3 +471,98 @@ fn a_repointed_bucket_never_serves_the_old_bucket_s_objects_from_disk_after_a_re
         p.metrics()
     );
 }
+
+#[test]
+fn the_public_ready_says_only_ready_or_not_and_details_stay_on_the_metrics_listener() {
+    let up = small_object();
+    let p = Proxy::start(&format!(
+        "buckets:\n{}",
+        bucket("secret-bucket-name", "/b", &up.endpoint(), "")
+    ));
+    let public = p.get("/ready");
+    assert_eq!(public.status, 200);
+    assert_eq!(public.text(), "{\"status\":\"ready\"}");
+    let details = p.ready_details();
+    assert_eq!(details.status, 200);
+    let text = details.text();
+    assert!(
+        text.contains("secret-bucket-name") && text.contains("credentials"),
+        "{text}"
+    );
+}
+
+/// A JWS of `header` and `claims` signed with HS256 and [`SECRET`].
+fn signed_with_header(header: serde_json::Value, claims: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |v: &serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string().as_bytes())
+    };
+    let input = format!("{}.{}", b64(&header), b64(&claims));
+    let sig = jsonwebtoken::crypto::sign(
+        input.as_bytes(),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+        Algorithm::HS256,
+    )
+    .expect("sign");
+    format!("{input}.{sig}")
+}
+
+#[test]
+fn tokens_with_critical_extensions_are_refused() {
+    let up = small_object();
+    let cfg = format!(
+        "jwt:\n  enabled: true\n  secret: \"{SECRET}\"\nlogging:\n  format: text\nbuckets:\n{}",
+        bucket(
+            "p",
+            "/p",
+            &up.endpoint(),
+            "    auth:\n      enabled: true\n"
+        ),
+    );
+    let p = Proxy::start(&cfg);
+    let claims = json!({"sub": "alice", "exp": now() + 600});
+    let plain = signed_with_header(json!({"alg": "HS256", "typ": "JWT"}), claims.clone());
+    let auth = |t: &str| http::get(p.port, "/p/k", &[("Authorization", &format!("Bearer {t}"))]);
+    assert_eq!(auth(&plain).status, 200, "the same token without crit");
+    let crit = signed_with_header(
+        json!({"alg": "HS256", "typ": "JWT", "crit": ["x-must-understand"], "x-must-understand": true}),
+        claims,
+    );
+    let r = auth(&crit);
+    assert_eq!(
+        r.status, 401,
+        "a crit extension nobody here understands was accepted"
+    );
+}
+
+#[test]
+fn a_subject_cannot_forge_a_log_line() {
+    let up = small_object();
+    let cfg = format!(
+        "jwt:\n  enabled: true\n  secret: \"{SECRET}\"\nlogging:\n  format: text\nbuckets:\n{}",
+        bucket(
+            "p",
+            "/p",
+            &up.endpoint(),
+            "    auth:\n      enabled: true\n"
+        ),
+    );
+    let p = Proxy::start(&cfg);
+    let auth = |t: &str| http::get(p.port, "/p/k", &[("Authorization", &format!("Bearer {t}"))]);
+    // A subject made to look like a second, tab-separated ERROR line.
+    let forged = "mallory\n2026-01-01T00:00:00.000Z\tERROR\tforged-line";
+    let token = hs256(json!({"sub": forged, "exp": now() + 600}));
+    assert_eq!(auth(&token).status, 200);
+    assert!(
+        p.wait_log("mallory", Duration::from_secs(10)),
+        "the access line was not logged: {}",
+        p.log()
+    );
+    let log = p.log();
+    for line in log.lines() {
+        assert!(
+            !line.starts_with("2026-01-01T00:00:00.000Z") && !line.contains('\t'),
+            "a forged line: {line:?}"
+        );
+    }
+}

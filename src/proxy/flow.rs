@@ -38,9 +38,14 @@ impl WorkerGeneration {
                     .await
             }
             Ok(()) if path == "/ready" => {
-                let (ready, body) = readiness(&self.shared);
-                let status = if ready { 200 } else { 503 };
-                self.simple_outcome(c, status, "application/json", body.as_bytes(), &[])
+                // Status only: bucket and replica names and credential state
+                // are on the metrics listener's `/ready`.
+                let (ready, _) = readiness(&self.shared);
+                let (status, body): (u16, &[u8]) = match ready {
+                    true => (200, b"{\"status\":\"ready\"}"),
+                    false => (503, b"{\"status\":\"unavailable\"}"),
+                };
+                self.simple_outcome(c, status, "application/json", body, &[])
                     .await
             }
             Ok(()) => self.route_and_proxy(c, &path).await,

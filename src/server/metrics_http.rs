@@ -95,6 +95,12 @@ fn handle(mut s: TcpStream, shared: &Process) -> std::io::Result<()> {
         && (path == "/metrics" || path.starts_with("/metrics?"))
     {
         (200, "text/plain; version=0.0.4", gather(shared))
+    } else if (method == "GET" || method == "HEAD") && path == "/ready" {
+        // The details (buckets, replicas, breaker and credential state)
+        // are for the operator's listener only; the public port says
+        // ready or not.
+        let (ready, body) = crate::proxy::readiness(&shared.current());
+        (if ready { 200 } else { 503 }, "application/json", body)
     } else {
         (404, "text/plain", "not found; try /metrics\n".to_string())
     };

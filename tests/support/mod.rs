@@ -492,6 +492,12 @@ impl Proxy {
         http::get(self.port, path, &[])
     }
 
+    /// `/ready` with its details (buckets, replicas, breakers, credentials),
+    /// from the metrics listener.
+    pub fn ready_details(&self) -> http::Resp {
+        http::get(self.metrics_port, "/ready", &[])
+    }
+
     pub fn metrics(&self) -> String {
         http::get(self.metrics_port, "/metrics", &[]).text()
     }
