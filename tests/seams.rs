@@ -566,3 +566,100 @@ fn a_subject_cannot_forge_a_log_line() {
         );
     }
 }
+
+/// A bucket `/b` on one replica with `failure_threshold: 3`.
+fn breaker_config(endpoint: &str) -> String {
+    format!(
+        "buckets:\n  - name: \"b\"\n    path_prefix: \"/b\"\n    s3:\n      bucket: \"bkt\"\n      endpoint: \"{endpoint}\"\n      access_key: \"{AK}\"\n      secret_key: \"{SK}\"\n      timeout_seconds: 30\n      circuit_breaker:\n        failure_threshold: 3\n        success_threshold: 1\n        timeout_seconds: 60\n      health_check:\n        enabled: false\n"
+    )
+}
+
+#[test]
+fn clients_that_stop_reading_never_open_a_healthy_replica_s_breaker() {
+    use support::rogue::Gate;
+    const BIG: usize = 32 << 20;
+    let body = std::sync::Arc::new(pattern(BIG, 5));
+    let drops: std::sync::Arc<std::sync::Mutex<Vec<Gate>>> = Default::default();
+    let (b, d) = (body.clone(), drops.clone());
+    // `/b/big`: 32 MiB, more than every socket buffer between us; a send
+    // that stalls 2 s is dropped, as S3 drops it. `/b/small`: a few bytes.
+    let up = Rogue::start(move |s: &Seen| {
+        if s.target.contains("small") {
+            return vec![support::rogue::ok_with("ETag: \"s\"\r\n", b"small")];
+        }
+        let gate = Gate::default();
+        d.lock().unwrap().push(gate.clone());
+        let mut out = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\nETag: \"big\"\r\n\r\n")
+            .into_bytes();
+        out.extend_from_slice(&b);
+        vec![Step::SendOrDrop {
+            bytes: out,
+            stall: Duration::from_secs(2),
+            dropped: gate,
+        }]
+    });
+    let p = Proxy::start_with(&breaker_config(&up.endpoint()), 1, &[]);
+    // Three clients ask for the large object and stop reading.
+    let mut clients: Vec<Conn> = (0..3)
+        .map(|_| {
+            let mut c = Conn::open_small_window(p.port, 4096).expect("connect");
+            c.send(b"GET /b/big HTTP/1.1\r\nHost: a\r\n\r\n")
+                .expect("send");
+            c
+        })
+        .collect();
+    // Until the upstream has dropped each stalled send.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while drops.lock().unwrap().len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let gates: Vec<Gate> = drops.lock().unwrap().clone();
+    assert_eq!(gates.len(), 3, "{}", p.log());
+    for g in &gates {
+        g.wait();
+    }
+    // They read again: each gets an abort, never a whole body.
+    for c in &mut clients {
+        let r = c.read_response(false);
+        assert!(r.is_err(), "a short body presented as whole");
+    }
+    assert!(
+        p.wait_metric(
+            "yatagarasu_request_caused_failures_total{bucket=\"b\",replica=\"default\",reason=\"client_stalled\"}",
+            3.0,
+            Duration::from_secs(30)
+        ),
+        "{}\n{}",
+        p.metrics(),
+        p.log()
+    );
+    // The replica's breaker is closed: the bucket still serves.
+    let r = p.get("/b/small");
+    assert_eq!((r.status, r.text().as_str()), (200, "small"), "{}", p.log());
+    assert!(
+        !p.metrics().contains("reason=\"truncated\""),
+        "{}",
+        p.metrics()
+    );
+}
+
+#[test]
+fn an_upstream_that_cuts_bodies_read_at_full_speed_still_opens_the_breaker() {
+    let up = Rogue::start(|_| {
+        vec![
+            support::rogue::send(
+                "HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nETag: \"e\"\r\n\r\nonly-this",
+            ),
+            Step::Close,
+        ]
+    });
+    let p = Proxy::start_with(&breaker_config(&up.endpoint()), 1, &[]);
+    for _ in 0..3 {
+        assert!(
+            http::try_get(p.port, "/b/k", &[]).is_err(),
+            "a cut body presented as whole"
+        );
+    }
+    let r = p.get("/b/k");
+    assert_eq!(r.status, 503, "the breaker did not open: {}", p.log());
+}

@@ -19,8 +19,50 @@ use std::time::Duration;
 pub enum PumpError {
     /// The upstream stalled, reset, closed early or sent bad framing.
     Upstream(Cause),
+    /// The upstream broke after our client stopped reading for
+    /// [`CLIENT_STALL`] or more: the pump stopped reading the upstream too
+    /// (backpressure), and an upstream drops a send that stalls. The
+    /// client's doing, never the replica's failure.
+    ClientStalled(Cause),
     /// The client went away or stopped reading.
     Client,
+}
+
+/// A client write that waits this long means the client stopped reading
+/// (and so, through backpressure, did the pump).
+pub const CLIENT_STALL: Duration = Duration::from_secs(1);
+
+/// Whether a pump's client stalled: once one client write waited
+/// [`CLIENT_STALL`], an upstream failure later in the same body is laid at
+/// the client's door (the upstream cannot tell a proxy that stopped reading
+/// from a dead one). An upstream that fails a body read at full speed is
+/// still the replica's failure.
+#[derive(Default)]
+struct Backpressure {
+    stalled: bool,
+}
+
+impl Backpressure {
+    /// Notes a client write that began at `started` and has just ended.
+    fn wrote(&mut self, started: std::time::Instant) {
+        self.stalled |= started.elapsed() >= CLIENT_STALL;
+    }
+
+    /// The error for an upstream failure with `cause`.
+    fn upstream(&self, cause: Cause) -> PumpError {
+        match self.stalled {
+            true => PumpError::ClientStalled(cause),
+            false => PumpError::Upstream(cause),
+        }
+    }
+
+    /// Reclassifies an upstream error.
+    fn judge(&self, e: PumpError) -> PumpError {
+        match e {
+            PumpError::Upstream(cause) => self.upstream(cause),
+            other => other,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +118,7 @@ where
     let mut sent = 0u64;
     let mut reusable = true;
     let mut from = start;
+    let mut backpressure = Backpressure::default();
     loop {
         let avail = (buf.len() - from) as u64;
         if avail > remaining {
@@ -88,12 +131,14 @@ where
             if let Some(copy) = tee.as_deref_mut() {
                 copy.push(&buf[from..from + n]);
             }
+            let started = std::time::Instant::now();
             if write_range(client, buf, from, from + n, t.client)
                 .await
                 .is_err()
             {
                 return Err((PumpError::Client, sent));
             }
+            backpressure.wrote(started);
             sent += n as u64;
             remaining -= n as u64;
         }
@@ -103,9 +148,9 @@ where
         buf.clear();
         from = 0;
         match read_more(up, buf, t.upstream).await {
-            Ok(0) => return Err((PumpError::Upstream(Cause::Truncated), sent)),
+            Ok(0) => return Err((backpressure.upstream(Cause::Truncated), sent)),
             Ok(_) => {}
-            Err(e) => return Err((PumpError::Upstream(upstream_error(&e)), sent)),
+            Err(e) => return Err((backpressure.upstream(upstream_error(&e)), sent)),
         }
     }
 }
@@ -185,6 +230,7 @@ where
     let mut sent = 0u64;
     let mut from = start;
     let mut frame = Vec::with_capacity(24);
+    let mut backpressure = Backpressure::default();
     loop {
         let d = decoder
             .decode(&mut buf[from..])
@@ -192,9 +238,11 @@ where
         let reusable = d.done && from + d.consumed == buf.len();
         if d.payload > 0 {
             // Payload now sits at buf[from..from + payload].
+            let started = std::time::Instant::now();
             forward(client, &mut frame, buf, (from, d.payload), rechunk, t)
                 .await
                 .map_err(|e| (e, sent))?;
+            backpressure.wrote(started);
             sent += d.payload as u64;
         }
         if d.done {
@@ -205,9 +253,9 @@ where
         }
         from = 0;
         match next_piece(up, buf, t).await {
-            Ok(0) => return Err((PumpError::Upstream(Cause::Truncated), sent)),
+            Ok(0) => return Err((backpressure.upstream(Cause::Truncated), sent)),
             Ok(_) => {}
-            Err(e) => return Err((e, sent)),
+            Err(e) => return Err((backpressure.judge(e), sent)),
         }
     }
 }
@@ -228,12 +276,15 @@ where
     let mut sent = 0u64;
     let mut from = start;
     let mut frame = Vec::with_capacity(24);
+    let mut backpressure = Backpressure::default();
     loop {
         let n = buf.len() - from;
         if n > 0 {
+            let started = std::time::Instant::now();
             forward(client, &mut frame, buf, (from, n), rechunk, t)
                 .await
                 .map_err(|e| (e, sent))?;
+            backpressure.wrote(started);
             sent += n as u64;
         }
         from = 0;
@@ -246,7 +297,7 @@ where
                 return Ok(Pumped { sent, reusable });
             }
             Ok(_) => {}
-            Err(e) => return Err((e, sent)),
+            Err(e) => return Err((backpressure.judge(e), sent)),
         }
     }
 }
@@ -268,23 +319,26 @@ pub async fn splice_length(
         zerocopy::NonBlocking::new(up).map_err(|e| (PumpError::Upstream(upstream_error(&e)), 0))?;
     let client = zerocopy::NonBlocking::new(client).map_err(|_| (PumpError::Client, 0))?;
     let mut sent = 0u64;
+    let mut backpressure = Backpressure::default();
     while remaining > 0 {
         let want = usize::try_from(remaining).unwrap_or(usize::MAX);
         let n = match zerocopy::fill_from(&up, pipe, want, t.upstream).await {
-            Ok(0) => return Err((PumpError::Upstream(Cause::Truncated), sent)),
+            Ok(0) => return Err((backpressure.upstream(Cause::Truncated), sent)),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                return Err((PumpError::Upstream(Cause::Timeout), sent))
+                return Err((backpressure.upstream(Cause::Timeout), sent))
             }
-            Err(e) => return Err((PumpError::Upstream(upstream_error(&e)), sent)),
+            Err(e) => return Err((backpressure.upstream(upstream_error(&e)), sent)),
         };
         let more = (n as u64) < remaining;
+        let started = std::time::Instant::now();
         if zerocopy::drain(&client, pipe, n, more, t.client)
             .await
             .is_err()
         {
             return Err((PumpError::Client, sent));
         }
+        backpressure.wrote(started);
         sent += n as u64;
         remaining -= n as u64;
     }

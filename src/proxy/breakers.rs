@@ -36,12 +36,21 @@ impl WorkerGeneration {
     }
 
     pub(super) fn record(&self, rid: usize, admit: Admit, ok: bool) {
+        self.record_as(rid, admit, ok, true);
+    }
+
+    /// [`Self::record`]; `clears`: a success ends the run of consecutive
+    /// failures counted across cores (not yet when only a head arrived and
+    /// its body may still break, see [`Self::record_head`]).
+    fn record_as(&self, rid: usize, admit: Admit, ok: bool, clears: bool) {
         let mut all = self.breakers.borrow_mut();
         let b = &mut all[rid];
         let shared = &self.shared.replicas[rid].breaker;
         if admit == Admit::Normal {
             if ok {
-                shared.clear_failures();
+                if clears {
+                    shared.clear_failures();
+                }
             } else {
                 // Consecutive failures are counted across cores.
                 let n = shared.add_failure();
@@ -60,9 +69,33 @@ impl WorkerGeneration {
         }
     }
 
-    /// A replica answered (any non-5xx status): a success for its breaker,
-    /// and fresh evidence that it serves (see `upstream::blame`).
+    /// A replica answered with a head whose body is still to come: a
+    /// success for its breaker's state (a half-open trial passes) and
+    /// fresh evidence that it serves, but the run of consecutive failures
+    /// goes on until the body is whole ([`Self::record_body_whole`]): an
+    /// upstream that cuts every body after its head still opens its
+    /// breaker after `failure_threshold` of them.
+    pub(super) fn record_head(&self, rid: usize, admit: Admit) {
+        self.note_answered(rid);
+        self.record_as(rid, admit, true, false);
+    }
+
+    /// The body of an answer recorded with [`Self::record_head`] arrived
+    /// whole: the replica's run of consecutive failures ends.
+    pub(super) fn record_body_whole(&self, rid: usize) {
+        self.shared.replicas[rid].breaker.clear_failures();
+    }
+
+    /// A replica answered (any non-5xx status) with all it had to send: a
+    /// success for its breaker, and fresh evidence that it serves (see
+    /// `upstream::blame`).
     pub(super) fn record_answer(&self, rid: usize, admit: Admit) {
+        self.note_answered(rid);
+        self.record(rid, admit, true);
+    }
+
+    /// Fresh evidence that `rid` serves (see `upstream::blame`).
+    fn note_answered(&self, rid: usize) {
         // 0 means "never" (the clock starts at 0 with the process).
         let now = now_ms().max(1);
         let last = &self.shared.replicas[rid].last_answer_ms;
@@ -71,7 +104,6 @@ impl WorkerGeneration {
         if seen == 0 || now.saturating_sub(seen) >= 1000 {
             last.store(now, Ordering::Relaxed);
         }
-        self.record(rid, admit, true);
     }
 
     /// A failure blamed on the replica: counted by reason and by its breaker.

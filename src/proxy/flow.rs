@@ -282,6 +282,8 @@ impl WorkerGeneration {
         let tried = match self.try_replicas(c, &ctx).await {
             Tried::Answered { answer, next } => match self.confirmed_copy(c, &answer) {
                 Some(confirmed) => {
+                    // A 304: nothing more to come.
+                    self.record_body_whole(answer.rid);
                     let copy = self.refresh_copy(c, bucket, answer, confirmed);
                     return self.serve_cached(c, bucket, &copy, "REVALIDATED").await;
                 }
@@ -344,7 +346,7 @@ impl WorkerGeneration {
                 .upstream(self.mid(rid), micros);
             match result {
                 Ok(answer) => {
-                    self.record_answer(rid, admit);
+                    self.record_head(rid, admit);
                     self.judge_5xx(&answered_5xx, true);
                     return Tried::Answered {
                         answer,

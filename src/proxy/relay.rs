@@ -54,6 +54,7 @@ impl WorkerGeneration {
             .await;
         match pumped {
             Ok(p) => {
+                self.record_body_whole(answer.rid);
                 out.bytes += p.sent;
                 let reusable =
                     upclient::reusable(&answer.resp, &answer.conn, answer.head_len, p.reusable);
@@ -69,6 +70,16 @@ impl WorkerGeneration {
                     // Our client left; others stream this fill: finish it.
                     Box::pin(self.finish_for_waiters(&mut answer.conn, f, timeouts)).await;
                 }
+                c.give_response(answer.resp);
+            }
+            Err((PumpError::ClientStalled(cause), sent)) => {
+                out.bytes += sent;
+                self.client_stalled(c, answer.rid, cause);
+                if let Some(f) = &fill {
+                    f.fail();
+                }
+                out.keep_alive = false;
+                out.abort = true;
                 c.give_response(answer.resp);
             }
             Err((PumpError::Upstream(cause), sent)) => {
@@ -269,6 +280,27 @@ impl WorkerGeneration {
             }
             Err((e, n)) => Err((e, n + buffered as u64)),
         }
+    }
+}
+
+impl WorkerGeneration {
+    /// The upstream broke a body while our client was not reading (see
+    /// `body::PumpError::ClientStalled`): the request's doing, counted as
+    /// such (`yatagarasu_request_caused_failures_total{reason=
+    /// "client_stalled"}`), the breaker untouched. The client's response
+    /// ends as an abort: resuming would stall the same way.
+    pub(super) fn client_stalled(&self, c: &Client, rid: usize, cause: Cause) {
+        self.core
+            .metrics
+            .borrow_mut()
+            .request_caused(self.mid(rid), "client_stalled");
+        log!(
+            Level::Info,
+            "Upstream closed while the client was not reading; aborting the client connection",
+            replica = self.replica(rid).name,
+            request_id = c.s.req.request_id,
+            cause = cause.label(),
+        );
     }
 }
 

@@ -144,13 +144,14 @@ impl WorkerGeneration {
             self.log_replica(Level::Warn, msg, c, ctx, rid, why);
             return Continued::Refused;
         }
-        self.record_answer(rid, admit);
+        self.record_head(rid, admit);
         self.core.metrics.borrow_mut().resume(self.mid(rid));
         let (up, buf) = (&mut a.conn.stream, &mut a.conn.buf);
         let client = &mut c.stream;
         let pumped = body::length(up, buf, a.head_len, remaining, client, timeouts, tee).await;
         let result = match pumped {
             Ok(p) => {
+                self.record_body_whole(rid);
                 if upclient::reusable(&a.resp, &a.conn, a.head_len, p.reusable) {
                     self.pool.put(rid, a.conn);
                 }
@@ -162,6 +163,15 @@ impl WorkerGeneration {
                 })
             }
             Err((PumpError::Client, sent)) => {
+                let (complete, replica) = (false, Some(rid));
+                Continued::Finished(Resumed {
+                    sent,
+                    complete,
+                    replica,
+                })
+            }
+            Err((PumpError::ClientStalled(cause), sent)) => {
+                self.client_stalled(c, rid, cause);
                 let (complete, replica) = (false, Some(rid));
                 Continued::Finished(Resumed {
                     sent,

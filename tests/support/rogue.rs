@@ -29,6 +29,13 @@ pub enum Step {
     Hang,
     /// Wait until the gate is opened (by the test, on an event it saw).
     Wait(Gate),
+    /// Write these bytes as S3 does: a send that makes no progress for
+    /// `stall` is dropped (the connection reset), and `dropped` opened.
+    SendOrDrop {
+        bytes: Vec<u8>,
+        stall: Duration,
+        dropped: Gate,
+    },
 }
 
 /// A latch a script waits on: the test opens it when what it waits for
@@ -215,6 +222,20 @@ fn serve(
                 }
                 Step::Sleep(d) => std::thread::sleep(d),
                 Step::Wait(g) => g.wait(),
+                Step::SendOrDrop {
+                    bytes,
+                    stall,
+                    dropped,
+                } => {
+                    let _ = s.set_write_timeout(Some(stall));
+                    if s.write_all(&bytes).is_err() {
+                        reset_on_close(&s);
+                        sockets.lock().unwrap().retain(|(i, _)| *i != index);
+                        dropped.open();
+                        return;
+                    }
+                    let _ = s.set_write_timeout(None);
+                }
                 Step::Reset => {
                     reset_on_close(&s);
                     // The reset goes out when the last descriptor closes:
