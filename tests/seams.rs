@@ -663,3 +663,136 @@ fn an_upstream_that_cuts_bodies_read_at_full_speed_still_opens_the_breaker() {
     let r = p.get("/b/k");
     assert_eq!(r.status, 503, "the breaker did not open: {}", p.log());
 }
+
+/// A cacheable `size`-byte object per key (content from the key); the
+/// second half of each body waits for `gate` when one is given.
+fn objects_origin(size: usize, gate: Option<support::rogue::Gate>) -> Rogue {
+    Rogue::start(move |s: &Seen| {
+        let seed = s
+            .target
+            .bytes()
+            .fold(3u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+        let body = pattern(size, seed);
+        let mut head =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nETag: \"{seed}\"\r\n\r\n")
+                .into_bytes();
+        match &gate {
+            None => {
+                head.extend_from_slice(&body);
+                vec![Step::Send(head)]
+            }
+            Some(g) => {
+                head.extend_from_slice(&body[..size / 2]);
+                vec![
+                    Step::Send(head),
+                    Step::Wait(g.clone()),
+                    Step::Send(body[size / 2..].to_vec()),
+                ]
+            }
+        }
+    })
+}
+
+/// The body `objects_origin` sends for the proxy path `target` (`/b/..`,
+/// which reaches it as `/bkt/..`).
+fn body_of(target: &str, size: usize) -> Vec<u8> {
+    let target = target.replacen("/b/", "/bkt/", 1);
+    let seed = target
+        .bytes()
+        .fold(3u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+    pattern(size, seed)
+}
+
+fn cache_config(endpoint: &str, memory_mb: u64, item_mb: u64) -> String {
+    format!(
+        "cache:\n  enabled: true\n  memory:\n    max_cache_size_mb: {memory_mb}\n    max_item_size_mb: {item_mb}\nbuckets:\n{}",
+        bucket("b", "/b", endpoint, "")
+    )
+}
+
+#[test]
+fn fills_complete_at_the_upstream_s_pace_while_their_clients_stall() {
+    const SIZE: usize = 4 << 20;
+    let up = objects_origin(SIZE, None);
+    // Budget: max(64 MiB / 4, 4 x 16 MiB): all eight fills (8 MiB each) fit.
+    let p = Proxy::start_with(&cache_config(&up.endpoint(), 64, 16), 1, &[]);
+    // Eight clients ask for eight objects, read nothing, and hold on.
+    let stalled: Vec<Conn> = (0..8)
+        .map(|i| {
+            let mut c = Conn::open_small_window(p.port, 4096).expect("connect");
+            c.send(format!("GET /b/o{i} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+                .expect("send");
+            c
+        })
+        .collect();
+    // Every fill completes and is stored although no client has read its
+    // body; the budget they held is given back.
+    assert!(
+        p.wait_metric(
+            "yatagarasu_cache_items{layer=\"memory\"}",
+            8.0,
+            Duration::from_secs(30)
+        ),
+        "fills held at their clients' pace: {}",
+        p.metrics()
+    );
+    assert!(
+        p.wait_metric("yatagarasu_cache_fill_bytes", 0.0, Duration::from_secs(30)),
+        "{}",
+        p.metrics()
+    );
+    // Others get the objects as hits meanwhile, whole.
+    for i in 0..8 {
+        let target = format!("/b/o{i}");
+        let r = p.get(&target);
+        assert_eq!(r.header("x-cache"), Some("HIT"));
+        assert!(r.body == body_of(&target, SIZE), "o{i}");
+    }
+    // And the stalled clients, reading at last, get every byte.
+    for (i, mut c) in stalled.into_iter().enumerate() {
+        let r = c.read_response(false).expect("the stalled client's answer");
+        assert_eq!(r.header("x-cache"), Some("MISS"));
+        assert!(
+            r.body == body_of(&format!("/b/o{i}"), SIZE),
+            "o{i} for its stalled client"
+        );
+    }
+    assert_eq!(up.seen().len(), 8, "one origin GET per object");
+}
+
+#[test]
+fn fills_past_the_budget_are_relayed_uncached() {
+    use support::rogue::Gate;
+    const SIZE: usize = 4 << 20;
+    let gate = Gate::default();
+    let up = objects_origin(SIZE, Some(gate.clone()));
+    // Budget: max(64 MiB / 4, 4 x 4 MiB) = 16 MiB; a 4 MiB fill holds 8.
+    let p = Proxy::start_with(&cache_config(&up.endpoint(), 64, 4), 1, &[]);
+    let port = p.port;
+    let clients: Vec<_> = (0..3)
+        .map(|i| std::thread::spawn(move || http::get(port, &format!("/b/f{i}"), &[])))
+        .collect();
+    assert!(
+        p.wait_metric(
+            "yatagarasu_cache_fills_refused_total",
+            1.0,
+            Duration::from_secs(30)
+        ),
+        "{}",
+        p.metrics()
+    );
+    assert_eq!(
+        p.metric("yatagarasu_cache_fill_bytes"),
+        Some(16.0 * 1048576.0)
+    );
+    gate.open();
+    for (i, t) in clients.into_iter().enumerate() {
+        let r = t.join().expect("client");
+        assert!(
+            r.status == 200 && r.body == body_of(&format!("/b/f{i}"), SIZE),
+            "f{i}"
+        );
+    }
+    assert!(p.wait_metric("yatagarasu_cache_fill_bytes", 0.0, Duration::from_secs(30)));
+    assert_eq!(up.seen().len(), 3, "one origin GET each");
+}

@@ -5,6 +5,11 @@
 //! already there, then follows. Waiters are woken across cores through
 //! monoio's thread-safe wakers.
 //!
+//! The pieces are a second copy of the body: they live only while the fill
+//! is open. When it ends `Done` they are dropped, and readers still behind
+//! continue from the stored copy (`proxy::cache::stream_fill`), so a reader
+//! that stalls holds no copy of its own.
+//!
 //! The fill ends `Done` (complete, and stored), `Failed` (the body broke and
 //! nothing could resume it: waiters abort their connections, never a short
 //! body), or `Abandoned` (the answer was not cacheable, or the leader got no
@@ -16,6 +21,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
+
+/// Most pieces one [`Event::Body`] hands out.
+pub const PIECES_PER_EVENT: usize = 4;
 
 /// What a waiter needs to write the response head.
 #[derive(Debug)]
@@ -46,6 +54,8 @@ struct State {
     end: Option<End>,
     wakers: Vec<Waker>,
     waiters: usize,
+    /// The stored object, once `Done` (weak: it pins nothing).
+    stored: Option<std::sync::Weak<crate::cache::store::Object>>,
 }
 
 /// One body being fetched once for several clients.
@@ -105,6 +115,46 @@ impl SharedFill {
         Self::wake(&mut s);
     }
 
+    /// Ends the fill complete. With the stored object, the pieces are
+    /// dropped and readers continue from it ([`SharedFill::stored`]); a
+    /// fill that was not stored (a purge came first) keeps its pieces for
+    /// the readers still behind.
+    pub fn done(&self, stored: Option<&Arc<crate::cache::store::Object>>) {
+        let mut s = self.lock();
+        if s.end.is_none() {
+            s.end = Some(End::Done);
+            if let Some(object) = stored {
+                s.stored = Some(Arc::downgrade(object));
+                s.body = Vec::new();
+            }
+        }
+        Self::wake(&mut s);
+    }
+
+    /// The stored object of a fill that ended `Done`, while it lives (in
+    /// the store, or being sent).
+    pub fn stored(&self) -> Option<Arc<crate::cache::store::Object>> {
+        self.lock()
+            .stored
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade)
+    }
+
+    /// Body pieces past the first `seen`, as many as are there now (at
+    /// most [`PIECES_PER_EVENT`]), without waiting.
+    pub fn available(&self, seen: usize) -> Vec<Bytes> {
+        let s = self.lock();
+        let end = s.body.len().min(seen + PIECES_PER_EVENT);
+        s.body
+            .get(seen..end)
+            .map_or_else(Vec::new, <[Bytes]>::to_vec)
+    }
+
+    /// The head, once the leader set it.
+    pub fn head(&self) -> Option<Arc<FillHead>> {
+        self.lock().head.clone()
+    }
+
     /// Whether it ended, and how.
     pub fn ended(&self) -> Option<End> {
         self.lock().end
@@ -143,7 +193,10 @@ impl Future for Next {
                 return Poll::Ready(Event::Head(h.clone()));
             }
         } else if s.body.len() > self.seen {
-            return Poll::Ready(Event::Body(s.body[self.seen..].to_vec()));
+            // A bounded batch: a reader far behind holds only what it is
+            // writing now.
+            let end = s.body.len().min(self.seen + PIECES_PER_EVENT);
+            return Poll::Ready(Event::Body(s.body[self.seen..end].to_vec()));
         }
         if let Some(end) = s.end {
             return Poll::Ready(Event::Ended(end));
@@ -233,14 +286,29 @@ mod tests {
         );
         assert!(poll_now(&mut w.next(true, 1)).is_pending());
         lead.push(b"def");
-        lead.end(End::Done);
         assert!(
             matches!(poll_now(&mut w.next(true, 1)), Poll::Ready(Event::Body(b)) if &b[0][..] == b"def")
         );
+        assert_eq!(w.available(0).len(), 2);
+        let object = Arc::new(crate::cache::store::Object {
+            stored_at: std::time::UNIX_EPOCH,
+            fresh_for: std::time::Duration::ZERO,
+            etag: String::new(),
+            last_modified: None,
+            headers: String::new(),
+            body: Bytes::from_static(b"abcdef").into(),
+            total: 6,
+        });
+        lead.done(Some(&object));
+        assert!(w.stored().is_some());
+        // Done: the pieces are gone; readers go on from the stored copy.
         assert!(matches!(
-            poll_now(&mut w.next(true, 2)),
+            poll_now(&mut w.next(true, 1)),
             Poll::Ready(Event::Ended(End::Done))
         ));
+        assert!(w.available(0).is_empty());
+        drop(object);
+        assert!(w.stored().is_none(), "the fill pins nothing");
         fills.finish("k", &lead);
         assert!(
             matches!(fills.join_or_lead("k"), Role::Leader(_)),

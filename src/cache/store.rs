@@ -90,6 +90,14 @@ fn shards(max_bytes: u64, largest_item: u64, parallelism: usize) -> usize {
     1 << (usize::BITS - 1 - wanted.leading_zeros())
 }
 
+/// What fills in flight may hold beyond the stored entries: a quarter of
+/// the memory bound, and at least two fills of the largest object (a fill
+/// holds its body twice: the copy being stored and the one its waiters
+/// stream).
+pub fn fill_budget(max_bytes: u64, largest_item: u64) -> u64 {
+    (max_bytes / 4).max(largest_item.saturating_mul(4))
+}
+
 /// The process-wide memory tier.
 pub struct MemoryStore {
     inner: Inner,
@@ -98,6 +106,24 @@ pub struct MemoryStore {
     /// stored (a purge during a fill wins).
     purges: AtomicU64,
     max_bytes: u64,
+    /// Bytes fills in flight may hold ([`MemoryStore::reserve_fill`]).
+    fill_budget: u64,
+    /// Bytes fills in flight hold now.
+    fill_held: Arc<AtomicU64>,
+    /// Fills not started for want of budget (their answers relayed uncached).
+    pub fills_refused: AtomicU64,
+}
+
+/// Bytes held by one fill in flight, given back to the budget when dropped.
+pub struct FillReservation {
+    held: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Drop for FillReservation {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 impl MemoryStore {
@@ -120,7 +146,43 @@ impl MemoryStore {
             evictions,
             purges: AtomicU64::new(0),
             max_bytes,
+            fill_budget: fill_budget(max_bytes, largest_item),
+            fill_held: Arc::default(),
+            fills_refused: AtomicU64::new(0),
         })
+    }
+
+    /// Takes `bytes` from the budget of fills in flight, if they fit: a
+    /// fill's bytes (its body being filled, and the copy its waiters
+    /// stream) count against it until the fill ends, whatever the pace of
+    /// the clients reading them. `None` (counted): relay without a fill.
+    pub fn reserve_fill(&self, bytes: u64) -> Option<FillReservation> {
+        let mut held = self.fill_held.load(Ordering::Relaxed);
+        loop {
+            if held.saturating_add(bytes) > self.fill_budget {
+                self.fills_refused.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            match self.fill_held.compare_exchange_weak(
+                held,
+                held + bytes,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return Some(FillReservation {
+                        held: self.fill_held.clone(),
+                        bytes,
+                    })
+                }
+                Err(now) => held = now,
+            }
+        }
+    }
+
+    /// Bytes fills in flight hold now.
+    pub fn fill_bytes(&self) -> u64 {
+        self.fill_held.load(Ordering::Relaxed)
     }
 
     /// The stored object under `key`.
@@ -225,6 +287,21 @@ pub fn bucket_prefix(bucket: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fills_reserve_within_the_budget_and_give_it_back() {
+        const MB: u64 = 1024 * 1024;
+        let store = MemoryStore::new(64 * MB, 4 * MB).expect("store");
+        assert_eq!(fill_budget(64 * MB, 4 * MB), 16 * MB);
+        let a = store.reserve_fill(8 * MB).expect("fits");
+        let b = store.reserve_fill(8 * MB).expect("fits");
+        assert!(store.reserve_fill(1).is_none(), "past the budget");
+        assert_eq!(store.fills_refused.load(Ordering::Relaxed), 1);
+        drop(a);
+        assert_eq!(store.fill_bytes(), 8 * MB);
+        assert!(store.reserve_fill(8 * MB).is_some());
+        drop(b);
+    }
 
     #[test]
     fn shards_are_never_too_small_for_the_largest_object() {

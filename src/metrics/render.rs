@@ -485,6 +485,21 @@ fn cache_families<'n>(
         MetricType::COUNTER,
         tiers(store.evictions() as f64, &|d| d.evictions() as f64, counter),
     ));
+    families.push(family(
+        "yatagarasu_cache_fill_bytes",
+        "Bytes held by cache fills in flight (bodies being stored and the copies their waiters stream), within the fill budget.",
+        MetricType::GAUGE,
+        vec![gauge(&[], store.fill_bytes() as f64)],
+    ));
+    families.push(family(
+        "yatagarasu_cache_fills_refused_total",
+        "Cacheable answers relayed uncached because the fills in flight would have passed the fill budget.",
+        MetricType::COUNTER,
+        vec![counter(
+            &[],
+            store.fills_refused.load(Ordering::Relaxed) as f64,
+        )],
+    ));
     if let Some(d) = &shared.process.disk {
         families.push(family(
             "yatagarasu_cache_disk_corrupt_total",

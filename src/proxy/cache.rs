@@ -531,6 +531,10 @@ impl WorkerGeneration {
             return None;
         }
         let fresh_for = self.freshness(resp, settings.ttl)?;
+        // The body, and the copy waiters stream, count against the budget
+        // of fills in flight until the fill ends; past it the answer is
+        // relayed uncached, at the client's pace.
+        let reservation = store.reserve_fill(len.saturating_mul(2))?;
         let meta = self.stored_meta(resp, fresh_for, len);
         let shared = c.s.leading.as_ref().map(|(_, f)| f.clone());
         if let Some(f) = &shared {
@@ -548,6 +552,7 @@ impl WorkerGeneration {
             len,
             body: Filling::with_capacity(len),
             meta: Some(meta),
+            reservation: Some(reservation),
         };
         fill.push(&answer.conn.buf[answer.head_len..start]);
         Some(fill)
@@ -797,6 +802,8 @@ pub(super) struct Fill<'s> {
     body: Filling,
     /// Everything but the body; taken when stored.
     meta: Option<Object>,
+    /// Its share of the budget of fills in flight, given back once stored.
+    reservation: Option<store::FillReservation>,
 }
 
 impl crate::http::body::Tee for Fill<'_> {
@@ -807,19 +814,23 @@ impl crate::http::body::Tee for Fill<'_> {
         }
         if self.body.len() as u64 == self.len {
             let purged = self.store.purge_epoch() != self.epoch;
+            let mut stored = None;
             if let Some(mut object) = self.meta.take().filter(|_| !purged) {
                 let body = std::mem::replace(&mut self.body, Filling::Heap(Vec::new()));
                 object.body = body.freeze();
                 let key = std::mem::take(&mut self.key);
                 let shared = self.store.insert(key.clone(), object);
                 if let Some(disk) = self.disk {
-                    disk.offer(key, shared, self.epoch);
+                    disk.offer(key, shared.clone(), self.epoch);
                 }
+                stored = Some(shared);
             }
             // Stored first: a request arriving now finds the copy.
             if let Some(f) = &self.shared {
-                f.end(End::Done);
+                f.done(stored.as_ref());
             }
+            // Both copies are gone (into the store; the waiters' pieces).
+            self.reservation = None;
         }
     }
 }
@@ -828,6 +839,16 @@ impl Fill<'_> {
     /// Other requests are streaming this fill.
     pub(super) fn has_waiters(&self) -> bool {
         self.shared.as_ref().is_some_and(|f| f.waiters() > 0)
+    }
+
+    /// The copy readers stream, when there is one (collapsed forwarding).
+    pub(super) fn shared(&self) -> Option<Arc<SharedFill>> {
+        self.shared.clone()
+    }
+
+    /// Body bytes in hand.
+    pub(super) fn filled(&self) -> u64 {
+        self.body.len() as u64
     }
 
     /// Body bytes still to come.
@@ -840,6 +861,55 @@ impl Fill<'_> {
         if let Some(f) = &self.shared {
             f.end(End::Failed);
         }
+    }
+}
+
+/// How streaming a fill to a client ended (`stream_fill`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Streamed {
+    /// Every byte of the body went out.
+    Whole,
+    /// The client went away or stopped taking bytes.
+    ClientGone,
+    /// The fill failed, was abandoned mid-body, or stalled past the wait.
+    Broken,
+    /// The leader's fetch stopped early; every byte it had went out.
+    Stopped,
+    /// The fill completed, but its stored copy was gone (evicted, purged,
+    /// replaced) before this reader caught up.
+    Detached,
+}
+
+/// A one-shot signal between two futures of one task (the leader's fetch
+/// and its client's stream, run together by `monoio::join!`).
+#[derive(Default)]
+pub(super) struct Signal {
+    fired: std::cell::Cell<bool>,
+    waker: RefCell<Option<std::task::Waker>>,
+}
+
+impl Signal {
+    pub(super) fn fire(&self) {
+        self.fired.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    pub(super) fn fired(&self) -> bool {
+        self.fired.get()
+    }
+
+    /// Completes once fired.
+    pub(super) async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.fired.get() {
+                return std::task::Poll::Ready(());
+            }
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await
     }
 }
 
@@ -914,32 +984,119 @@ impl WorkerGeneration {
             out.keep_alive = false;
             return out;
         }
-        let mut seen = 0;
-        while out.bytes < head.len {
-            match monoio::time::timeout(wait, fill.next(true, seen)).await {
-                Ok(Event::Body(pieces)) => {
-                    seen += pieces.len();
-                    for piece in pieces {
-                        let n = piece.len() as u64;
-                        if write_bytes(&mut c.stream, piece, wait).await.is_err() {
-                            out.keep_alive = false;
-                            return out;
-                        }
-                        out.bytes += n;
-                    }
-                }
-                // Failed, abandoned mid-body, or stalled: never a short body
-                // presented as complete.
-                _ => {
-                    out.keep_alive = false;
-                    out.abort = true;
-                    return out;
-                }
+        match self.stream_fill(c, &fill, &head, 0, None).await {
+            (Streamed::Whole, n) => out.bytes = n,
+            (Streamed::ClientGone, n) => {
+                out.bytes = n;
+                out.keep_alive = false;
+                return out;
+            }
+            // Failed, abandoned mid-body, stalled, or the stored copy gone
+            // before this reader caught up: never a short body presented
+            // as complete.
+            (_, n) => {
+                out.bytes = n;
+                out.keep_alive = false;
+                out.abort = true;
+                return out;
             }
         }
         let mid = self.shared.bucket_metric[bucket];
         self.core.metrics.borrow_mut().cache_saved(mid, out.bytes);
         out
+    }
+
+    /// Streams a fill's body to the client from byte `sent` (those before
+    /// it went out already): its pieces while it fills, then, once it is
+    /// stored, chunks copied from the stored object, looked up for each
+    /// chunk, so a reader that stalls pins no copy of its own. `stop`: the
+    /// leader's own fetch ended early (after which the pieces in hand are
+    /// sent and `Stopped` returned). Returns how it ended and the bytes
+    /// that went out in all.
+    pub(super) async fn stream_fill(
+        &self,
+        c: &mut Client,
+        fill: &Arc<SharedFill>,
+        head: &FillHead,
+        mut sent: u64,
+        stop: Option<&Signal>,
+    ) -> (Streamed, u64) {
+        let wait = self.shared.config.server.idle_timeout;
+        let (mut seen, mut at) = (0usize, 0u64);
+        while sent < head.len {
+            let event = match stop {
+                Some(stop) if stop.fired() => {
+                    let pieces = fill.available(seen);
+                    if pieces.is_empty() {
+                        return (Streamed::Stopped, sent);
+                    }
+                    Some(Event::Body(pieces))
+                }
+                Some(stop) => monoio::select! {
+                    e = monoio::time::timeout(wait, fill.next(true, seen)) => e.ok(),
+                    _ = stop.wait() => continue,
+                },
+                None => monoio::time::timeout(wait, fill.next(true, seen))
+                    .await
+                    .ok(),
+            };
+            match event {
+                Some(Event::Body(pieces)) => {
+                    seen += pieces.len();
+                    for piece in pieces {
+                        let n = piece.len() as u64;
+                        // Bytes of this piece that went out already.
+                        let skip = sent.saturating_sub(at).min(n);
+                        at += n;
+                        if skip == n {
+                            continue;
+                        }
+                        let rest = piece.slice(skip as usize..);
+                        if write_bytes(&mut c.stream, rest, wait).await.is_err() {
+                            return (Streamed::ClientGone, sent);
+                        }
+                        sent += n - skip;
+                    }
+                }
+                Some(Event::Ended(End::Done)) => {
+                    return self.stream_stored(c, fill, head.len, sent).await
+                }
+                _ => return (Streamed::Broken, sent),
+            }
+        }
+        (Streamed::Whole, sent)
+    }
+
+    /// The rest of a completed fill's body from its stored copy, a chunk
+    /// at a time: copied, so a slow client pins nothing; the copy is
+    /// reached through the fill's weak reference, so it is this fill's
+    /// object and no other version, or gone (`Detached`).
+    async fn stream_stored(
+        &self,
+        c: &mut Client,
+        fill: &SharedFill,
+        len: u64,
+        mut sent: u64,
+    ) -> (Streamed, u64) {
+        /// Bytes copied out of the stored object per write (what a slow
+        /// reader holds, beyond its socket's buffers).
+        const CHUNK: u64 = 64 * 1024;
+        let wait = self.shared.config.server.idle_timeout;
+        while sent < len {
+            let Some(copy) = fill.stored().filter(|o| o.body.len() as u64 == len) else {
+                return (Streamed::Detached, sent);
+            };
+            let to = (sent + CHUNK).min(len);
+            c.s.wbuf.clear();
+            c.s.wbuf
+                .extend_from_slice(&copy.body[sent as usize..to as usize]);
+            drop(copy);
+            if write_all(&mut c.stream, &mut c.s.wbuf, wait).await.is_err() {
+                return (Streamed::ClientGone, sent);
+            }
+            sent = to;
+        }
+        (Streamed::Whole, sent)
     }
 
     /// The answer will not be shared: waiters stop waiting for it.

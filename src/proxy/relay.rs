@@ -40,6 +40,10 @@ impl WorkerGeneration {
             c.give_response(answer.resp);
             return out;
         }
+        if let Some(f) = fill.take_if(|f| f.shared().is_some()) {
+            return Box::pin(self.relay_filling(c, ctx, answer, next, f, out, (start, timeouts)))
+                .await;
+        }
         let tee = fill.as_mut().map(|f| f as &mut dyn body::Tee);
         let pumped = self
             .pump(
@@ -90,14 +94,122 @@ impl WorkerGeneration {
                 // Boxed: a break mid-body is rare, and resuming holds a
                 // whole attempt; inline, every relay's state would be that
                 // much larger.
+                let broken = (answer.rid, answer.resp);
                 let resumed =
-                    Box::pin(self.resume(c, ctx, answer, out.bytes, rest, (timeouts, tee))).await;
+                    Box::pin(self.resume(c, ctx, broken, out.bytes, rest, (timeouts, tee))).await;
                 if !resumed.complete {
                     if let Some(f) = &fill {
                         f.fail();
                     }
                 }
                 out.finish_resume(resumed);
+            }
+        }
+        out
+    }
+
+    /// Relays a body that fills the cache, the fill decoupled from the
+    /// client (as Varnish streams): one future reads the upstream at the
+    /// upstream's pace into the fill, another streams the fill to the
+    /// client at the client's pace. A client that stops reading holds
+    /// neither the fill (it completes, is stored, and its budget is given
+    /// back) nor a copy (it reads on from the stored object, see
+    /// `stream_fill`). A body that breaks is resumed as in the coupled
+    /// relay, once the client has every byte the fill had.
+    #[allow(clippy::too_many_arguments)]
+    async fn relay_filling(
+        &self,
+        c: &mut Client,
+        ctx: &RequestCtx<'_>,
+        mut answer: Answer,
+        next: usize,
+        mut fill: super::cache::Fill<'_>,
+        mut out: Outcome,
+        (start, timeouts): (usize, Timeouts),
+    ) -> Outcome {
+        use super::cache::{Signal, Streamed};
+        let (Some(shared), Some(head)) = (fill.shared(), fill.shared().and_then(|f| f.head()))
+        else {
+            // No head set: nothing shares this fill (not reached).
+            fill.fail();
+            c.give_response(answer.resp);
+            out.keep_alive = false;
+            out.abort = true;
+            return out;
+        };
+        let stop = Signal::default();
+        let already = out.bytes;
+        let remaining = head.len.saturating_sub(already);
+        let fetch = async {
+            let (up, buf) = (&mut answer.conn.stream, &mut answer.conn.buf);
+            let tee = Some(&mut fill as &mut dyn body::Tee);
+            let mut sink = super::cache::Discard;
+            let r = body::length(up, buf, start, remaining, &mut sink, timeouts, tee).await;
+            if r.is_err() {
+                stop.fire();
+            }
+            r
+        };
+        let stream = self.stream_fill(c, &shared, &head, already, Some(&stop));
+        let (fetched, (streamed, sent)) = monoio::join!(fetch, stream);
+        out.bytes = sent;
+        match fetched {
+            Ok(p) => {
+                self.record_body_whole(answer.rid);
+                let conn = &answer.conn;
+                if upclient::reusable(&answer.resp, conn, answer.head_len, p.reusable) {
+                    self.pool.put(answer.rid, answer.conn);
+                }
+            }
+            Err((PumpError::Upstream(cause) | PumpError::ClientStalled(cause), _)) => {
+                self.record_failure(answer.rid, Admit::Normal, cause);
+                if streamed == Streamed::Stopped && sent == fill.filled() {
+                    // The client has all the fill had: both continue
+                    // together from the next replicas.
+                    let rest = &ctx.order[next.min(ctx.order.len())..];
+                    let tee = Some(&mut fill as &mut dyn body::Tee);
+                    let broken = (answer.rid, answer.resp);
+                    let resumed =
+                        Box::pin(self.resume(c, ctx, broken, sent, rest, (timeouts, tee))).await;
+                    if !resumed.complete {
+                        fill.fail();
+                    }
+                    out.finish_resume(resumed);
+                    return out;
+                }
+                fill.fail();
+                c.give_response(answer.resp);
+                out.keep_alive = false;
+                out.abort = streamed != Streamed::ClientGone;
+                return out;
+            }
+            Err((PumpError::Client, _)) => {
+                // The sink takes everything; not reached.
+                fill.fail();
+                c.give_response(answer.resp);
+                out.keep_alive = false;
+                out.abort = true;
+                return out;
+            }
+        }
+        match streamed {
+            Streamed::Whole => c.give_response(answer.resp),
+            Streamed::ClientGone => {
+                out.keep_alive = false;
+                c.give_response(answer.resp);
+            }
+            Streamed::Detached => {
+                // The stored copy went before this client caught up: the
+                // rest from the replicas, with Range + If-Match.
+                let broken = (answer.rid, answer.resp);
+                let resumed =
+                    Box::pin(self.resume(c, ctx, broken, sent, ctx.order, (timeouts, None))).await;
+                out.finish_resume(resumed);
+            }
+            Streamed::Broken | Streamed::Stopped => {
+                c.give_response(answer.resp);
+                out.keep_alive = false;
+                out.abort = true;
             }
         }
         out

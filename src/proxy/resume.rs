@@ -65,18 +65,19 @@ fn continues(resp: &Response, want: &Resume<'_>) -> bool {
 }
 
 impl WorkerGeneration {
-    /// Continues the body of `broken` (which failed after `sent` payload
-    /// bytes) on `rest`.
+    /// Continues the body of `resp`, which `rid` sent and which broke (or
+    /// which a reader could no longer follow) after `sent` payload bytes,
+    /// on `rest`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn resume(
         &self,
         c: &mut Client,
         ctx: &RequestCtx<'_>,
-        broken: Answer,
+        (rid, resp): (usize, Response),
         mut sent: u64,
         rest: &[usize],
         (timeouts, mut tee): (Timeouts, Option<&mut dyn body::Tee>),
     ) -> Resumed {
-        let Answer { rid, resp, .. } = broken;
         let (Framing::Length(len), Some(base), false) =
             (resp.framing(), resumable(&resp), resp.etag.is_empty())
         else {
