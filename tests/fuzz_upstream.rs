@@ -378,7 +378,7 @@ fn slice_resume_and_fill_paths_hold_their_invariants_against_lying_upstreams() {
         if let Err(e) = run_case(&h, seed) {
             broken.push(format!("{seed:016x}: {e}"));
         }
-        if secs > 0 && std::env::var("FUZZ_UPSTREAM_GROW").is_ok() && extra % 50 == 0 {
+        if secs > 0 && std::env::var("FUZZ_UPSTREAM_GROW").is_ok() && extra.is_multiple_of(50) {
             // Keep a sample of the seeds run, to grow the corpus.
             if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(corpus_path()) {
                 let _ = writeln!(f, "{seed:016x}");
