@@ -53,6 +53,9 @@ fn main() {
         }
     };
     if check {
+        for w in &cfg.warnings {
+            println!("warning: {w}");
+        }
         println!(
             "{path}: configuration is valid ({} bucket{}, {} replica{})",
             cfg.buckets.len(),
@@ -87,6 +90,9 @@ fn main() {
         version = env!("CARGO_PKG_VERSION"),
         config = path
     );
+    for w in &cfg.warnings {
+        yatagarasu::log!(Level::Warn, "Configuration", warning = w);
+    }
     std::process::exit(server::run(cfg, &path));
 }
 

@@ -258,8 +258,10 @@ fn the_cache_section_is_checked_by_path() {
         "[\"disk\", \"memory\"]",
         "    enabled: true\n    cache_dir: \"/tmp/y\"\n",
     );
+    // Any order is accepted (the other system's configs write either);
+    // lookups still go memory first, and the warning says so.
     assert!(
-        out.contains("cache.cache_layers[0]: memory must come first"),
+        out.contains("warning: cache.cache_layers: lookups always go memory, then disk"),
         "{out}"
     );
     let out = disk(
@@ -288,16 +290,19 @@ fn the_cache_section_is_checked_by_path() {
     let (code, out) = check(&format!("{GOOD}{typo}"), &ENV);
     assert_eq!(code, 1);
     assert!(out.contains("cache.memory"), "{out}");
-    // A bucket cannot turn on a cache that is off.
+    // A bucket cannot turn on a cache that is off: accepted, with a
+    // warning that it does nothing.
     let bucket = GOOD.replacen(
         "    s3:",
         "    cache:\n      enabled: true\n      ttl_seconds: 600\n    s3:",
         1,
     );
     let (code, out) = check(&bucket, &ENV);
-    assert_eq!(code, 1);
+    assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("buckets[0].cache.enabled: needs cache.enabled: true"),
+        out.contains(
+            "warning: buckets[0].cache.enabled: has no effect while cache.enabled is false"
+        ),
         "{out}"
     );
 }
@@ -376,4 +381,89 @@ fn jwt_settings_are_checked_by_path() {
     let (code, out) = check(&no_key, &ENV);
     assert_eq!(code, 1);
     assert!(out.contains("jwt: enabled with no key"), "{out}");
+}
+
+/// The other system's names and shapes for the settings both have
+/// (issue #24): each accepted, and each doing what ours does.
+#[test]
+fn the_other_system_s_shapes_load_as_ours() {
+    let theirs = r#"
+server:
+  address: "127.0.0.1"
+  port: 8080
+  threads: 3
+  coalescing: true
+logging:
+  level: "info"
+  format: "pretty"
+cache:
+  enabled: true
+  cache_layers: ["disk", "memory"]
+  disk:
+    enabled: true
+    cache_dir: "/tmp/yatagarasu-compat"
+jwt:
+  enabled: true
+  secret: "s"
+  token_sources:
+    - source_type: "header"
+      name: "Authorization"
+      prefix: "Bearer "
+  claims_verification:
+    - claim: "level"
+      operator: "gte"
+      value: 3
+    - claim: "role"
+      operator: "in"
+      value: "admin, editor"
+buckets:
+  - name: "one"
+    path_prefix: "/one"
+    s3:
+      bucket: "b"
+      endpoint: "http://127.0.0.1:9000"
+      access_key: "a"
+      secret_key: "s"
+      timeout: 7
+      replicas:
+        - name: "r1"
+          endpoint: "http://127.0.0.1:9001"
+          timeout: 4
+      circuit_breaker:
+        half_open_max_requests: 3
+"#;
+    let (code, out) = check(theirs, &ENV);
+    assert_eq!(code, 0, "{out}");
+    // And the same settings, as our own shapes, say the same.
+    let ours = theirs
+        .replace(
+            "  address: \"127.0.0.1\"\n  port: 8080\n  threads: 3\n  coalescing: true\n",
+            "  address: \"127.0.0.1:8080\"\n  workers: 3\n",
+        )
+        .replace("format: \"pretty\"", "format: \"text\"")
+        .replace("source_type:", "type:")
+        .replace("claims_verification:", "claims:")
+        .replace("      timeout: 7\n", "      timeout_seconds: 7\n")
+        .replace("          timeout: 4\n", "          timeout_seconds: 4\n")
+        .replace("half_open_max_requests", "half_open_requests");
+    let (code, ours_out) = check(&ours, &ENV);
+    assert_eq!(code, 0, "{ours_out}");
+    // Collapsing cannot be turned off here: said, not ignored.
+    let off = theirs.replace("coalescing: true", "coalescing: false");
+    let (code, out) = check(&off, &ENV);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("server.coalescing: concurrent misses"),
+        "{out}"
+    );
+    // A port with a host:port address is a clear error.
+    let both = theirs.replace("address: \"127.0.0.1\"", "address: \"127.0.0.1:81\"");
+    let (code, out) = check(&both, &ENV);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains(
+            "server.address: \"127.0.0.1:81\" is not a valid listen host for server.port 8080"
+        ),
+        "{out}"
+    );
 }

@@ -35,6 +35,9 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// `jwt:` when enabled: keys, token sources and claim rules.
     pub jwt: Option<std::sync::Arc<crate::access::jwt::JwtSettings>>,
+    /// Accepted, but worth saying: logged at WARN at start and on reload,
+    /// and printed by `--check` (`YAML path: message`).
+    pub warnings: Vec<String>,
 }
 
 /// `cache:`, resolved (the memory tier; see `crate::cache`).
@@ -258,7 +261,9 @@ impl Level {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
-    /// One `key=value` line per event.
+    /// One `key=value` line per event (`pretty`, the other system's
+    /// human-readable format, is this one).
+    #[serde(alias = "pretty")]
     Text,
     /// One JSON object per event.
     Json,
@@ -594,6 +599,34 @@ buckets:
 metrics:
   port: "${PORT}"
 "#;
+
+    #[test]
+    fn the_other_system_s_names_configure_what_ours_do() {
+        let theirs =
+            BASE.replace(
+                "  address: \"127.0.0.1:8080\"\n",
+                "  address: \"127.0.0.1\"\n  port: 8080\n  threads: 3\n",
+            )
+            .replace("timeout_seconds: 5", "timeout: 5")
+            .replace(
+                "failure_threshold: 3",
+                "failure_threshold: 3\n        half_open_max_requests: 4",
+            ) + "logging:\n  format: pretty\n";
+        let c = parse(&theirs, &env).unwrap();
+        assert_eq!(c.server.address, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.server.workers, 3);
+        assert_eq!(c.buckets[0].replicas[0].timeout, Duration::from_secs(5));
+        assert_eq!(c.buckets[0].breaker.half_open_requests, 4);
+        assert_eq!(c.logging.format, LogFormat::Text);
+        let v6 = BASE.replace(
+            "  address: \"127.0.0.1:8080\"\n",
+            "  address: \"::1\"\n  port: 8081\n",
+        );
+        assert_eq!(
+            parse(&v6, &env).unwrap().server.address,
+            "[::1]:8081".parse().unwrap()
+        );
+    }
 
     #[test]
     fn parses_the_tutorial_shape() {

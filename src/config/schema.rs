@@ -102,7 +102,8 @@ pub struct RawJwt {
     pub jwks_refresh_interval_secs: Option<u64>,
     #[serde(default)]
     pub token_sources: Option<Vec<RawTokenSource>>,
-    #[serde(default)]
+    /// `claims_verification` is the other system's name.
+    #[serde(default, alias = "claims_verification")]
     pub claims: Option<Vec<RawClaim>>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub leeway_seconds: Option<u64>,
@@ -122,7 +123,8 @@ pub struct RawJwtKey {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTokenSource {
-    #[serde(rename = "type")]
+    /// `source_type` is the other system's name.
+    #[serde(rename = "type", alias = "source_type")]
     pub kind: String,
     #[serde(default)]
     pub name: Option<String>,
@@ -199,9 +201,17 @@ pub struct RawBucketCache {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
+    /// `host:port`, or a host with `port` (the other system's shape).
     pub address: String,
     #[serde(default, deserialize_with = "flex_opt")]
+    pub port: Option<u16>,
+    /// `threads` is the other system's name.
+    #[serde(default, alias = "threads", deserialize_with = "flex_opt")]
     pub workers: Option<usize>,
+    /// The other system's switch for request coalescing; collapsing is
+    /// always on here (`false` is refused).
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub coalescing: Option<bool>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub idle_timeout_seconds: Option<u64>,
     #[serde(default, deserialize_with = "flex_opt")]
@@ -297,7 +307,8 @@ pub struct RawS3 {
     pub secret_key_file: Option<String>,
     #[serde(default)]
     pub credentials: Option<RawCredentials>,
-    #[serde(default, deserialize_with = "flex_opt")]
+    /// `timeout` is the other system's name.
+    #[serde(default, alias = "timeout", deserialize_with = "flex_opt")]
     pub timeout_seconds: Option<u64>,
     #[serde(default)]
     pub ca_file: Option<String>,
@@ -399,7 +410,8 @@ pub struct RawReplica {
     pub credentials: Option<RawCredentials>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub priority: Option<u32>,
-    #[serde(default, deserialize_with = "flex_opt")]
+    /// `timeout` is the other system's name.
+    #[serde(default, alias = "timeout", deserialize_with = "flex_opt")]
     pub timeout_seconds: Option<u64>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub weight: Option<u32>,
@@ -418,7 +430,12 @@ pub struct RawCircuitBreaker {
     pub success_threshold: Option<u32>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub timeout_seconds: Option<u64>,
-    #[serde(default, deserialize_with = "flex_opt")]
+    /// `half_open_max_requests` is the other system's name.
+    #[serde(
+        default,
+        alias = "half_open_max_requests",
+        deserialize_with = "flex_opt"
+    )]
     pub half_open_requests: Option<u32>,
 }
 

@@ -9,9 +9,16 @@ use super::*;
 
 /// Problems found so far, each `path: message`.
 #[derive(Default)]
-pub(super) struct Problems(Vec<String>);
+pub(super) struct Problems(Vec<String>, Vec<String>);
 
 impl Problems {
+    /// Records a warning about the value at YAML path `at`: accepted, but
+    /// the user should know (a key of the other system with no effect
+    /// here, a setting that does less than it says).
+    fn warn(&mut self, at: &str, message: impl std::fmt::Display) {
+        self.1.push(format!("{at}: {message}"));
+    }
+
     /// Records `message` about the value at YAML path `at`.
     fn at(&mut self, at: &str, message: impl std::fmt::Display) {
         self.0.push(format!("{at}: {message}"));
@@ -67,26 +74,56 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             cache,
             admin_token,
             jwt,
+            warnings: p.1,
         })
     } else {
         Err(p.0)
     }
 }
 
+/// `server.address` as `host:port`, or a host (IPv6 bare or in brackets)
+/// with `server.port`.
+fn listen_address(raw: &RawServer) -> Option<SocketAddr> {
+    match raw.port {
+        None => raw.address.to_socket_addrs().ok()?.next(),
+        Some(port) => {
+            let host = raw.address.trim_start_matches('[').trim_end_matches(']');
+            (host, port).to_socket_addrs().ok()?.next()
+        }
+    }
+}
+
 fn server(raw: &RawServer, p: &mut Problems) -> Server {
-    let address = match raw.address.to_socket_addrs().map(|mut a| a.next()) {
-        Ok(Some(a)) => a,
-        _ => {
+    let address = match listen_address(raw) {
+        Some(a) => a,
+        None if raw.port.is_some() => {
             p.at(
                 "server.address",
                 format_args!(
-                    "{:?} is not a valid listen address (expected host:port)",
+                    "{:?} is not a valid listen host for server.port {}",
+                    raw.address,
+                    raw.port.unwrap_or(0)
+                ),
+            );
+            SocketAddr::from(([0, 0, 0, 0], 8080))
+        }
+        None => {
+            p.at(
+                "server.address",
+                format_args!(
+                    "{:?} is not a valid listen address (expected host:port, or a host with server.port)",
                     raw.address
                 ),
             );
             SocketAddr::from(([0, 0, 0, 0], 8080))
         }
     };
+    if raw.coalescing == Some(false) {
+        p.at(
+            "server.coalescing",
+            "concurrent misses for one object are always collapsed into one upstream request here; remove the key or set it to true",
+        );
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = raw.workers.unwrap_or(cores);
     if workers == 0 || workers > MAX_WORKERS {
@@ -250,18 +287,33 @@ fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
     out.enabled = c.enabled.unwrap_or(false);
     let disk_on = c.disk.as_ref().is_some_and(|d| d.enabled == Some(true));
     let mut listed_disk = false;
+    let mut listed_memory = false;
     for (i, layer) in c.cache_layers.iter().flatten().enumerate() {
         let at = format!("cache.cache_layers[{i}]");
         match layer.as_str() {
-            "memory" => {}
-            "disk" if i == 0 => p.at(
-                &at,
-                "memory must come first (a memory hit never needs the disk)",
-            ),
+            "memory" => listed_memory = true,
             "disk" if !disk_on => p.at(&at, "\"disk\" needs cache.disk.enabled: true"),
-            "disk" => listed_disk = true,
+            "disk" => {
+                if i == 0 && c.cache_layers.as_ref().is_some_and(|l| l.len() > 1) {
+                    p.warn(
+                        "cache.cache_layers",
+                        "lookups always go memory, then disk (a memory hit never needs the disk); the order written has no effect",
+                    );
+                }
+                listed_disk = true;
+            }
+            "redis" => p.at(
+                &at,
+                "the Redis tier is not supported yet; remove \"redis\" (and cache.redis)",
+            ),
             other => p.at(&at, format_args!("{other:?} is not one of memory, disk")),
         }
+    }
+    if listed_disk && !listed_memory && out.enabled {
+        p.warn(
+            "cache.cache_layers",
+            "the memory tier is always in front of the disk tier here (sized by cache.memory.max_cache_size_mb)",
+        );
     }
     if disk_on && c.cache_layers.is_some() && !listed_disk {
         p.at(
@@ -335,7 +387,10 @@ fn bucket_cache(
     };
     let Some(c) = raw else { return out };
     if c.enabled == Some(true) && !top.enabled {
-        p.at(&format!("{at}.enabled"), "needs cache.enabled: true");
+        p.warn(
+            &format!("{at}.enabled"),
+            "has no effect while cache.enabled is false (the cache is off for every bucket)",
+        );
     }
     out.enabled = top.enabled && c.enabled.unwrap_or(true);
     if let Some(v) = c.ttl_seconds {
