@@ -262,6 +262,9 @@ impl Process {
 
     fn try_reload(self: &Arc<Self>) -> Result<Arc<Generation>, Vec<String>> {
         let config = config::load(&self.config_path)?;
+        for w in &config.warnings {
+            crate::log!(crate::config::Level::Warn, "Configuration", warning = w);
+        }
         let old = self.current();
         let mut errs = Vec::new();
         let (a, b) = (&old.config.server, &config.server);
