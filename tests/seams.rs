@@ -8,6 +8,7 @@ mod support;
 
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use support::http::{self, Conn};
 use support::rogue::{Rogue, Seen, Step};
@@ -284,29 +285,34 @@ fn forwarded_for_entries_with_ports_zones_and_commas_name_the_client_or_fail_clo
     );
 }
 
+/// An honest answer to `s` for a `total`-byte object: the range asked
+/// for (206), or the whole (200).
+fn honest_answer(s: &Seen, total: u64) -> Vec<Step> {
+    let (status, a, b) = match s.header("range").and_then(|r| {
+        let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
+        let a = a.parse::<u64>().ok()?;
+        let b = b.parse::<u64>().map_or(total - 1, |b| b.min(total - 1));
+        Some((a, b))
+    }) {
+        Some((a, b)) => ("206 Partial Content", a, b),
+        None => ("200 OK", 0, total - 1),
+    };
+    let range = match status {
+        "200 OK" => String::new(),
+        _ => format!("Content-Range: bytes {a}-{b}/{total}\r\n"),
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\n{range}Content-Length: {}\r\nETag: \"v1\"\r\n\r\n",
+        b - a + 1
+    )
+    .into_bytes();
+    out.extend_from_slice(&expected(a, b));
+    vec![Step::Send(out)]
+}
+
 /// An origin of a `total`-byte object that answers every range honestly.
 fn honest_origin(total: u64) -> Rogue {
-    Rogue::start(move |s: &Seen| {
-        let (status, a, b) = match s.header("range").and_then(|r| {
-            let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
-            let a = a.parse::<u64>().ok()?;
-            let b = b.parse::<u64>().map_or(total - 1, |b| b.min(total - 1));
-            Some((a, b))
-        }) {
-            Some((a, b)) => ("206 Partial Content", a, b),
-            None => ("200 OK", 0, total - 1),
-        };
-        let mut out = format!(
-            "HTTP/1.1 {status}\r\nContent-Range: bytes {a}-{b}/{total}\r\nContent-Length: {}\r\nETag: \"v1\"\r\n\r\n",
-            b - a + 1
-        );
-        if status.starts_with("200") {
-            out = out.replace(&format!("Content-Range: bytes {a}-{b}/{total}\r\n"), "");
-        }
-        let mut out = out.into_bytes();
-        out.extend_from_slice(&expected(a, b));
-        vec![Step::Send(out)]
-    })
+    Rogue::start(move |s: &Seen| honest_answer(s, total))
 }
 
 #[test]
@@ -578,8 +584,8 @@ fn breaker_config(endpoint: &str) -> String {
 fn clients_that_stop_reading_never_open_a_healthy_replica_s_breaker() {
     use support::rogue::Gate;
     const BIG: usize = 32 << 20;
-    let body = std::sync::Arc::new(pattern(BIG, 5));
-    let drops: std::sync::Arc<std::sync::Mutex<Vec<Gate>>> = Default::default();
+    let body = Arc::new(pattern(BIG, 5));
+    let drops: Arc<std::sync::Mutex<Vec<Gate>>> = Default::default();
     let (b, d) = (body.clone(), drops.clone());
     // `/b/big`: 32 MiB, more than every socket buffer between us; a send
     // that stalls 2 s is dropped, as S3 drops it. `/b/small`: a few bytes.
@@ -795,4 +801,68 @@ fn fills_past_the_budget_are_relayed_uncached() {
     }
     assert!(p.wait_metric("yatagarasu_cache_fill_bytes", 0.0, Duration::from_secs(30)));
     assert_eq!(up.seen().len(), 3, "one origin GET each");
+}
+
+/// Whether the metrics listener's `/ready` says the first replica is usable.
+fn usable_now(p: &Proxy) -> bool {
+    let d: serde_json::Value = serde_json::from_slice(&p.ready_details().body).expect("json");
+    d["buckets"][0]["replicas"][0]["usable"] == true
+}
+
+#[test]
+fn a_5xx_on_a_slice_fetch_does_not_leak_the_half_open_trial() {
+    use std::sync::atomic::AtomicBool;
+    let total = 4 * MIB;
+    let failing = Arc::new(AtomicBool::new(true));
+    let f = failing.clone();
+    // Answers 500 while `failing`, honestly after.
+    let up = Rogue::start(move |s: &Seen| {
+        if f.load(std::sync::atomic::Ordering::SeqCst) {
+            return vec![Step::Send(
+                b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            )];
+        }
+        honest_answer(s, total)
+    });
+    let cfg = format!(
+        "cache:\n  enabled: true\n  slice_size_mb: 1\n  memory:\n    max_cache_size_mb: 64\nbuckets:\n  - name: \"b\"\n    path_prefix: \"/b\"\n    s3:\n      bucket: \"bkt\"\n      endpoint: \"{}\"\n      access_key: \"{AK}\"\n      secret_key: \"{SK}\"\n      circuit_breaker:\n        failure_threshold: 1\n        success_threshold: 1\n        timeout_seconds: 1\n        half_open_requests: 1\n      health_check:\n        enabled: false\n",
+        up.endpoint()
+    );
+    let p = Proxy::start_with(&cfg, 1, &[]);
+    let range = |p: &Proxy| http::get(p.port, "/b/big", &[("Range", "bytes=10-19")]);
+    // A 500 on the slice fetch opens the breaker (threshold 1, the replica
+    // never answered): 503 once the request falls back to the plain path.
+    assert!(range(&p).status >= 500);
+    assert!(!usable_now(&p), "{}", p.log());
+    let usable = usable_now;
+    let wait_usable = |p: &Proxy| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !usable(p) {
+            assert!(std::time::Instant::now() < deadline, "{}", p.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // Half-open: the one trial goes to a slice fetch, and gets a 500.
+    wait_usable(&p);
+    let r = range(&p);
+    assert!(r.status >= 500, "{}", r.status);
+    // The replica recovers. A trial slot that leaked would keep every
+    // request from it for good: the breaker must admit a trial again.
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_usable(&p);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = range(&p);
+        if r.status == 206 {
+            assert!(r.body == expected(10, 19));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica is never tried again ({}): {}",
+            r.status,
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
