@@ -415,3 +415,79 @@ fn keys_are_read_again_on_sighup() {
     );
     assert_eq!((status(&old), status(&new)), (401, 200));
 }
+
+/// Issue #24: the other system's per-bucket `auth.jwt` blocks, each with
+/// its own key and claims; the top-level `jwt` stays the default.
+#[test]
+fn buckets_with_their_own_jwt_keys_and_claims() {
+    let up = upstream();
+    let bucket = |name: &str, prefix: &str, auth: &str| {
+        format!(
+            "  - name: \"{name}\"\n    path_prefix: \"{prefix}\"\n{auth}    s3:\n      bucket: \"bkt\"\n      endpoint: \"{}\"\n      access_key: \"{AK}\"\n      secret_key: \"{SK}\"\n      health_check:\n        enabled: false\n",
+            up.endpoint()
+        )
+    };
+    let cfg = format!(
+        "jwt:\n  enabled: true\n  secret: \"{SECRET}\"\nbuckets:\n{}{}{}",
+        // Its own secret and claims, the other system's names.
+        bucket(
+            "users",
+            "/users",
+            "    auth:\n      enabled: true\n      jwt:\n        secret: \"users-only-secret-0123456789\"\n        algorithm: \"HS256\"\n        token_sources:\n          - source_type: \"header\"\n            name: \"X-Auth-Token\"\n        claims_verification:\n          - claim: \"role\"\n            operator: \"equals\"\n            value: \"user\"\n"
+        ),
+        // Only claims of its own: the top-level key.
+        bucket(
+            "admin",
+            "/admin",
+            "    auth:\n      enabled: true\n      jwt:\n        claims_verification:\n          - claim: \"role\"\n            operator: \"equals\"\n            value: \"admin\"\n"
+        ),
+        // The top-level settings alone.
+        bucket("plain", "/plain", "    auth:\n      enabled: true\n"),
+    );
+    let p = Proxy::start(&cfg);
+    let users_token = |role: &str| {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"sub": "u", "role": role, "exp": now() + 600}),
+            &EncodingKey::from_secret(b"users-only-secret-0123456789"),
+        )
+        .unwrap()
+    };
+    let top_token = |role: &str| hs256(json!({"sub": "t", "role": role, "exp": now() + 600}));
+    let get = |path: &str, h: (&str, &str)| http::get(p.port, path, &[h]).status;
+    // users: its key, its header, its claim.
+    assert_eq!(get("/users/k", ("X-Auth-Token", &users_token("user"))), 200);
+    assert_eq!(
+        get("/users/k", ("X-Auth-Token", &users_token("admin"))),
+        403
+    );
+    assert_eq!(
+        get("/users/k", ("Authorization", &bearer(&users_token("user")))),
+        401,
+        "not its token source"
+    );
+    // A token for the top-level key is never taken for users', and the
+    // other way round, even once verified and remembered for its own bucket.
+    assert_eq!(
+        get("/plain/k", ("Authorization", &bearer(&top_token("user")))),
+        200
+    );
+    assert_eq!(get("/users/k", ("X-Auth-Token", &top_token("user"))), 401);
+    let u = users_token("user");
+    assert_eq!(get("/users/k", ("X-Auth-Token", &u)), 200);
+    assert_eq!(get("/plain/k", ("Authorization", &bearer(&u))), 401);
+    // admin: the top-level key (and token source), its own claim.
+    assert_eq!(
+        get("/admin/k", ("Authorization", &bearer(&top_token("admin")))),
+        200
+    );
+    assert_eq!(
+        get("/admin/k", ("Authorization", &bearer(&top_token("user")))),
+        403
+    );
+    // plain: the top-level settings, no claims.
+    assert_eq!(
+        get("/plain/k", ("Authorization", &bearer(&top_token("anyone")))),
+        200
+    );
+}

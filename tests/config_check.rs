@@ -392,7 +392,9 @@ server:
   address: "127.0.0.1"
   port: 8080
   threads: 3
-  coalescing: true
+  coalescing:
+    enabled: true
+    strategy: "streaming"
 logging:
   level: "info"
   format: "pretty"
@@ -449,11 +451,21 @@ buckets:
     let (code, ours_out) = check(&ours, &ENV);
     assert_eq!(code, 0, "{ours_out}");
     // Collapsing cannot be turned off here: said, not ignored.
-    let off = theirs.replace("coalescing: true", "coalescing: false");
+    let off = theirs.replace(
+        "    enabled: true\n    strategy",
+        "    enabled: false\n    strategy",
+    );
     let (code, out) = check(&off, &ENV);
     assert_eq!(code, 1);
     assert!(
-        out.contains("server.coalescing: concurrent misses"),
+        out.contains("server.coalescing.enabled: concurrent misses"),
+        "{out}"
+    );
+    let waiting = theirs.replace("\"streaming\"", "\"wait_for_complete\"");
+    let (code, out) = check(&waiting, &ENV);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("warning: server.coalescing.strategy: waiters always stream"),
         "{out}"
     );
     // A port with a host:port address is a clear error.
@@ -464,6 +476,39 @@ buckets:
         out.contains(
             "server.address: \"127.0.0.1:81\" is not a valid listen host for server.port 8080"
         ),
+        "{out}"
+    );
+}
+
+/// Keys the other system parses and never acts on (or skips): accepted,
+/// each named in a warning saying it has no effect; a typo stays an error.
+#[test]
+fn the_other_system_s_no_effect_keys_warn_and_typos_still_fail() {
+    let theirs = format!(
+        "{GOOD}compression:\n  enabled: true\n  algorithms: [\"gzip\"]\nobservability:\n  tracing:\n    enabled: false\ncache:\n  enabled: true\n  layers: [\"memory\"]\n  memory:\n    enabled: true\n    max_memory_cache_mb: 64\n    max_entry_size_mb: 4\n"
+    )
+    .replace("  address: \"127.0.0.1:8080\"\n", "  address: \"127.0.0.1:8080\"\n  request_timeout: 30\n");
+    let (code, out) = check(&theirs, &ENV);
+    assert_eq!(code, 0, "{out}");
+    for path in [
+        "server.request_timeout",
+        "compression",
+        "observability",
+        "cache.layers",
+        "cache.memory.enabled",
+        "cache.memory.max_memory_cache_mb",
+        "cache.memory.max_entry_size_mb",
+    ] {
+        assert!(
+            out.contains(&format!("warning: {path}: has no effect")),
+            "{path}: {out}"
+        );
+    }
+    let typo = theirs.replace("request_timeout", "request_timeuot");
+    let (code, out) = check(&typo, &ENV);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("server.request_timeuot: unknown field"),
         "{out}"
     );
 }

@@ -866,3 +866,29 @@ fn a_5xx_on_a_slice_fetch_does_not_leak_the_half_open_trial() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_206_without_content_range_is_a_malformed_answer_never_relayed() {
+    // Found by tests/fuzz_upstream.rs: relayed, the client could not know
+    // where the bytes belong.
+    let up = Rogue::start(|_| {
+        vec![support::rogue::send(
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: 3\r\nETag: \"e\"\r\n\r\nabc",
+        )]
+    });
+    let p = Proxy::start(&format!(
+        "buckets:\n{}",
+        bucket("b", "/b", &up.endpoint(), "")
+    ));
+    let r = http::get(p.port, "/b/k", &[("Range", "bytes=5-7")]);
+    assert_eq!(r.status, 502, "{:?}", r.headers);
+    assert!(
+        p.wait_metric(
+            "yatagarasu_replica_failures_total{bucket=\"b\",replica=\"default\",reason=\"malformed\"}",
+            1.0,
+            Duration::from_secs(10)
+        ),
+        "{}",
+        p.metrics()
+    );
+}

@@ -4,6 +4,7 @@
 //! problems, each prefixed with the YAML path it concerns (for example
 //! `buckets[1].s3.replicas[0].endpoint: ...`). Nothing downstream re-validates.
 
+mod compat;
 pub mod expand;
 pub mod schema;
 mod validate;
@@ -298,6 +299,9 @@ pub struct Bucket {
     pub upstream_rate: Option<Rate>,
     /// `auth.enabled`: every request needs a valid JWT (see `jwt:`).
     pub auth: bool,
+    /// `auth.jwt`: the bucket's own keys, token sources and claim rules
+    /// (over the top-level `jwt`, which applies when this is `None`).
+    pub jwt: Option<std::sync::Arc<crate::access::jwt::JwtSettings>>,
     /// `ip_filter.allowlist`: when not empty, only these ranges may read.
     pub allowlist: Vec<crate::access::ip::Cidr>,
     /// `ip_filter.blocklist`: these ranges may not read (wins over the allowlist).
@@ -535,6 +539,7 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
     if !errors.is_empty() {
         return Err(errors);
     }
+    let no_effect = compat::strip_no_effect_keys(&mut tree);
     let raw: RawConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
@@ -544,7 +549,9 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             vec![format!("{path}: {inner}")]
         }
     })?;
-    validate::validate(raw)
+    let mut config = validate::validate(raw)?;
+    config.warnings.splice(0..0, no_effect);
+    Ok(config)
 }
 
 /// `/data/` -> `/data`; `/` -> `""`. Rejects anything that cannot match a request path.

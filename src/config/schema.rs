@@ -81,7 +81,7 @@ pub struct RawConfig {
     pub jwt: Option<RawJwt>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Clone, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawJwt {
     #[serde(default, deserialize_with = "flex_opt")]
@@ -109,7 +109,7 @@ pub struct RawJwt {
     pub leeway_seconds: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct RawJwtKey {
     pub id: String,
@@ -120,19 +120,21 @@ pub struct RawJwtKey {
     pub secret: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct RawTokenSource {
     /// `source_type` is the other system's name.
     #[serde(rename = "type", alias = "source_type")]
     pub kind: String,
-    #[serde(default)]
+    /// `param_name` is how some of the other system's configs name a
+    /// query parameter.
+    #[serde(default, alias = "param_name")]
     pub name: Option<String>,
     #[serde(default)]
     pub prefix: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct RawClaim {
     pub claim: String,
@@ -208,10 +210,10 @@ pub struct RawServer {
     /// `threads` is the other system's name.
     #[serde(default, alias = "threads", deserialize_with = "flex_opt")]
     pub workers: Option<usize>,
-    /// The other system's switch for request coalescing; collapsing is
-    /// always on here (`false` is refused).
-    #[serde(default, deserialize_with = "flex_opt")]
-    pub coalescing: Option<bool>,
+    /// The other system's request coalescing; collapsing is always on here,
+    /// and it always streams (`enabled: false` is refused).
+    #[serde(default)]
+    pub coalescing: Option<RawCoalescing>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub idle_timeout_seconds: Option<u64>,
     #[serde(default, deserialize_with = "flex_opt")]
@@ -230,6 +232,17 @@ pub struct RawServer {
     pub rate_limit: Option<RawRateLimit>,
     #[serde(default)]
     pub tls: Option<RawListenerTls>,
+}
+
+/// `server.coalescing`: `{enabled, strategy}` (the other system's shape).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCoalescing {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub enabled: Option<bool>,
+    /// `wait_for_complete` or `streaming`: waiters here always stream.
+    #[serde(default)]
+    pub strategy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -287,6 +300,45 @@ pub struct RawIpFilter {
 pub struct RawAuth {
     #[serde(deserialize_with = "flex")]
     pub enabled: bool,
+    /// The bucket's own JWT settings (the other system's shape), over the
+    /// top-level `jwt`.
+    #[serde(default)]
+    pub jwt: Option<RawJwt>,
+}
+
+impl RawJwt {
+    /// This bucket-level block with every key it leaves out taken from
+    /// `top` (the top-level `jwt`); enabled, since the bucket's
+    /// `auth.enabled` asked for it.
+    pub fn over(&self, top: Option<&RawJwt>) -> RawJwt {
+        let top = top.cloned().unwrap_or_default();
+        // A bucket that names its own key material does not inherit the
+        // top-level one (an HMAC secret must not sit beside its RSA key).
+        let own_key = self.secret.is_some()
+            || self.rsa_public_key_path.is_some()
+            || self.ecdsa_public_key_path.is_some();
+        RawJwt {
+            enabled: Some(true),
+            algorithm: self.algorithm.clone().or(top.algorithm),
+            secret: self.secret.clone().or(top.secret.filter(|_| !own_key)),
+            rsa_public_key_path: self
+                .rsa_public_key_path
+                .clone()
+                .or(top.rsa_public_key_path.filter(|_| !own_key)),
+            ecdsa_public_key_path: self
+                .ecdsa_public_key_path
+                .clone()
+                .or(top.ecdsa_public_key_path.filter(|_| !own_key)),
+            keys: self.keys.clone().or(top.keys),
+            jwks_url: self.jwks_url.clone().or(top.jwks_url),
+            jwks_refresh_interval_secs: self
+                .jwks_refresh_interval_secs
+                .or(top.jwks_refresh_interval_secs),
+            token_sources: self.token_sources.clone().or(top.token_sources),
+            claims: self.claims.clone().or(top.claims),
+            leeway_seconds: self.leeway_seconds.or(top.leeway_seconds),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -55,12 +55,12 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         raw.buckets,
         raw.health_check.as_ref(),
         &cache,
-        jwt_enabled,
+        (jwt_enabled, raw.jwt.as_ref()),
         &mut p,
     );
     let metrics = metrics(raw.metrics.as_ref(), server.address, &mut p);
     let logging = logging(raw.logging.as_ref(), &mut p);
-    let jwt = raw.jwt.as_ref().and_then(|j| jwt(j, &mut p));
+    let jwt = raw.jwt.as_ref().and_then(|j| jwt(j, "jwt", &mut p));
     let admin_token = raw.admin.as_ref().and_then(|a| a.token.clone());
     if admin_token.as_deref().is_some_and(|t| t.len() < 16) {
         p.at("admin.token", "must be at least 16 characters");
@@ -118,11 +118,24 @@ fn server(raw: &RawServer, p: &mut Problems) -> Server {
             SocketAddr::from(([0, 0, 0, 0], 8080))
         }
     };
-    if raw.coalescing == Some(false) {
-        p.at(
-            "server.coalescing",
-            "concurrent misses for one object are always collapsed into one upstream request here; remove the key or set it to true",
-        );
+    if let Some(c) = &raw.coalescing {
+        if c.enabled == Some(false) {
+            p.at(
+                "server.coalescing.enabled",
+                "concurrent misses for one object are always collapsed into one upstream request here; remove the key or set it to true",
+            );
+        }
+        match c.strategy.as_deref() {
+            None | Some("streaming") => {}
+            Some("wait_for_complete") => p.warn(
+                "server.coalescing.strategy",
+                "waiters always stream the one fetch as it arrives here; wait_for_complete has no effect",
+            ),
+            Some(other) => p.at(
+                "server.coalescing.strategy",
+                format_args!("{other:?} is not one of streaming, wait_for_complete"),
+            ),
+        }
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = raw.workers.unwrap_or(cores);
@@ -193,7 +206,7 @@ fn buckets(
     raw: Vec<RawBucket>,
     default_health: Option<&RawHealthCheck>,
     cache: &CacheSettings,
-    jwt_enabled: bool,
+    (jwt_enabled, top_jwt): (bool, Option<&RawJwt>),
     p: &mut Problems,
 ) -> Vec<Bucket> {
     let mut prefixes: HashMap<String, usize> = HashMap::new();
@@ -221,10 +234,25 @@ fn buckets(
             );
         }
         let auth = b.auth.as_ref().is_some_and(|a| a.enabled);
-        if auth && !jwt_enabled {
+        // The bucket's own `auth.jwt` (the other system's shape): its keys
+        // over the top-level `jwt`'s, which stays the default.
+        let own_jwt = match b.auth.as_ref().and_then(|a| a.jwt.as_ref()) {
+            Some(own) if auth => {
+                if own.jwks_url.is_some() {
+                    p.at(
+                        &format!("{at}.auth.jwt.jwks_url"),
+                        "a JWK set is fetched for the top-level jwt only; set jwks_url there",
+                    );
+                }
+                let merged = own.over(top_jwt);
+                jwt(&merged, &format!("{at}.auth.jwt"), p)
+            }
+            _ => None,
+        };
+        if auth && !jwt_enabled && own_jwt.is_none() {
             p.at(
                 &format!("{at}.auth.enabled"),
-                "needs jwt.enabled: true and a key",
+                "needs jwt.enabled: true and a key, or a key in the bucket's auth.jwt",
             );
         }
         let bucket_cache = bucket_cache(b.cache.as_ref(), cache, &format!("{at}.cache"), p);
@@ -261,6 +289,7 @@ fn buckets(
             cache: bucket_cache,
             upstream_rate,
             auth,
+            jwt: own_jwt,
             allowlist,
             blocklist,
         });
@@ -443,7 +472,16 @@ fn rate(r: &RawRate, at: &str, p: &mut Problems) -> Rate {
 
 /// `jwt:`: the keys (each built now, so a bad file names its key), token
 /// sources and claim rules. `None` unless `enabled`.
-fn jwt(raw: &RawJwt, p: &mut Problems) -> Option<std::sync::Arc<crate::access::jwt::JwtSettings>> {
+fn jwt(
+    raw: &RawJwt,
+    at0: &str,
+    p: &mut Problems,
+) -> Option<std::sync::Arc<crate::access::jwt::JwtSettings>> {
+    // Off: nothing in it is checked (the other system's configs carry
+    // `enabled: false` with an empty secret).
+    if raw.enabled != Some(true) {
+        return None;
+    }
     use crate::access::jwt::{ClaimRule, JwtSettings, Op, Source};
     let mut s = JwtSettings {
         leeway: raw.leeway_seconds.unwrap_or(30),
@@ -451,19 +489,19 @@ fn jwt(raw: &RawJwt, p: &mut Problems) -> Option<std::sync::Arc<crate::access::j
     };
     if raw.jwks_url.is_none() && raw.jwks_refresh_interval_secs.is_some() {
         p.at(
-            "jwt.jwks_refresh_interval_secs",
-            "applies only with jwt.jwks_url",
+            &format!("{at0}.jwks_refresh_interval_secs"),
+            format_args!("applies only with {at0}.jwks_url"),
         );
     }
     if let Some(url) = &raw.jwks_url {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             p.at(
-                "jwt.jwks_url",
+                &format!("{at0}.jwks_url"),
                 format_args!("{url:?} must start with http:// or https://"),
             );
         }
         let secs = raw.jwks_refresh_interval_secs.unwrap_or(3600);
-        p.positive("jwt.jwks_refresh_interval_secs", secs);
+        p.positive(&format!("{at0}.jwks_refresh_interval_secs"), secs);
         s.jwks = Some((url.clone(), Duration::from_secs(secs.max(1))));
     }
     let default_alg = raw.algorithm.as_deref().unwrap_or("HS256");
@@ -473,10 +511,10 @@ fn jwt(raw: &RawJwt, p: &mut Problems) -> Option<std::sync::Arc<crate::access::j
         raw.ecdsa_public_key_path.as_deref(),
     );
     if material != (None, None, None) {
-        s.default_key = jwt_key(default_alg, material, "jwt", p);
+        s.default_key = jwt_key(default_alg, material, at0, p);
     }
     for (i, k) in raw.keys.iter().flatten().enumerate() {
-        let at = format!("jwt.keys[{i}]");
+        let at = format!("{at0}.keys[{i}]");
         let (secret, path) = (k.secret.as_deref(), k.path.as_deref());
         let material = match k.algorithm.get(..2) {
             Some("RS") => (None, path, None),
@@ -493,9 +531,16 @@ fn jwt(raw: &RawJwt, p: &mut Problems) -> Option<std::sync::Arc<crate::access::j
         }
     }
     for (i, src) in raw.token_sources.iter().flatten().enumerate() {
-        let at = format!("jwt.token_sources[{i}]");
+        let at = format!("{at0}.token_sources[{i}]");
         let name = || src.name.clone().filter(|n| !n.is_empty());
-        let source = match (src.kind.as_str(), name()) {
+        // `bearer_header` and `query_param`: names some of the other
+        // system's configs use.
+        let kind = match src.kind.as_str() {
+            "bearer_header" => "bearer",
+            "query_param" => "query",
+            other => other,
+        };
+        let source = match (kind, name()) {
             ("bearer", _) => Some(Source::Bearer),
             ("header", Some(n)) => Some(Source::Header {
                 name: n.to_ascii_lowercase(),
@@ -521,7 +566,7 @@ fn jwt(raw: &RawJwt, p: &mut Problems) -> Option<std::sync::Arc<crate::access::j
         s.sources.push(Source::Bearer);
     }
     for (i, c) in raw.claims.iter().flatten().enumerate() {
-        let at = format!("jwt.claims[{i}]");
+        let at = format!("{at0}.claims[{i}]");
         let Some(op) = Op::parse(&c.operator) else {
             p.at(
                 &format!("{at}.operator"),
@@ -557,12 +602,9 @@ fn jwt(raw: &RawJwt, p: &mut Problems) -> Option<std::sync::Arc<crate::access::j
             value,
         });
     }
-    if raw.enabled != Some(true) {
-        return None;
-    }
     if s.default_key.is_none() && s.keys.is_empty() && s.jwks.is_none() {
         p.at(
-            "jwt",
+            at0,
             "enabled with no key: set secret, rsa_public_key_path, ecdsa_public_key_path, keys or jwks_url",
         );
     }

@@ -99,6 +99,15 @@ impl WorkerGeneration {
                 ))
             }
             403 => self.check_credentials(answer, deadline).await,
+            // A single-part 206 must say where its bytes go (RFC 9110
+            // §15.3.7); relayed without it, a client could not place them.
+            206 if !answer.resp.multipart && answer.resp.content_range.is_none() => {
+                c.give_response(answer.resp);
+                Err(Failure::new(
+                    Cause::Malformed,
+                    "206 without a Content-Range from upstream",
+                ))
+            }
             _ => Ok(answer),
         }
     }

@@ -168,7 +168,12 @@ impl WorkerGeneration {
     async fn authenticate(&self, c: &mut Client, bucket: usize) -> Option<Outcome> {
         c.s.subject.clear();
         let b = self.shared.bucket(bucket);
-        let jwt = self.shared.config.jwt.as_ref().filter(|_| b.auth)?;
+        // The bucket's own settings (`auth.jwt`), else the top-level ones.
+        let jwt = b
+            .jwt
+            .as_ref()
+            .or(self.shared.config.jwt.as_ref())
+            .filter(|_| b.auth)?;
         // This request's head only: pipelined bytes after it are another's.
         let head = c.s.rbuf.get(..c.s.req.head_len).unwrap_or_default();
         let query =
@@ -246,14 +251,17 @@ impl WorkerGeneration {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        // Remembered with the settings that verified it: a token good for
+        // one bucket's key is never taken for another bucket's.
+        let by = jwt as *const crate::access::jwt::JwtSettings as usize;
         let mut verified = self.verified.borrow_mut();
-        if let Some(ok) = verified.get(token) {
-            if now <= ok.exp.saturating_add(jwt.leeway) {
+        if let Some((seen_by, ok)) = verified.get(token) {
+            if *seen_by == by && now <= ok.exp.saturating_add(jwt.leeway) {
                 return Ok(ok.clone());
             }
         }
         let ok = crate::access::jwt::authorize(jwt, fetched, unknown_kid, token)?;
-        verified.insert(token.to_string(), ok.clone());
+        verified.insert(token.to_string(), (by, ok.clone()));
         Ok(ok)
     }
 

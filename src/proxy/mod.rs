@@ -95,7 +95,9 @@ pub struct WorkerGeneration {
     limits: RefCell<limits::Limiters>,
     /// Tokens this worker verified (whose claims held), until their `exp`:
     /// an ES256 verification costs ~50 us, a lookup well under one.
-    verified: RefCell<quick_cache::unsync::Cache<String, crate::access::jwt::Authorized>>,
+    /// Keyed by token; the value names the settings (by address, stable
+    /// for the generation) that verified it.
+    verified: RefCell<quick_cache::unsync::Cache<String, (usize, crate::access::jwt::Authorized)>>,
     /// The JWKS key set this worker uses, and its version.
     jwks: RefCell<(u64, Arc<crate::access::jwks::KeyMap>)>,
 }
