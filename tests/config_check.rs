@@ -512,3 +512,30 @@ fn the_other_system_s_no_effect_keys_warn_and_typos_still_fail() {
         "{out}"
     );
 }
+
+/// Issue #24: every unknown key and wrongly typed value in one run, each
+/// with its path, and the value checks of the rest too.
+#[test]
+fn every_schema_problem_is_listed_in_one_run() {
+    let bad =
+        GOOD.replace(
+            "  address: \"127.0.0.1:8080\"\n",
+            "  address: \"127.0.0.1:8080\"\n  bogus_one: 1\n  workers: \"many\"\n",
+        )
+        .replace(
+            "          priority: 1\n",
+            "          priority: 1\n          colour: \"red\"\n",
+        ) + "metrics:\n  porrt: 9090\nlogging:\n  level: \"loud\"\n";
+    let (code, out) = check(&bad, &ENV);
+    assert_eq!(code, 1);
+    for needle in [
+        "server.bogus_one: unknown field `bogus_one`",
+        "server.workers: ",
+        "buckets[0].s3.replicas[0].colour: unknown field `colour`",
+        "metrics.porrt: unknown field `porrt`",
+        "logging.level: \"loud\" is not one of",
+    ] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+    assert!(out.contains("(5 problems)"), "{out}");
+}
