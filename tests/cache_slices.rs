@@ -38,16 +38,7 @@ fn origin(version: Arc<AtomicU64>) -> Rogue {
                 )];
             }
         }
-        let (first, last) = match s.header("range").and_then(|r| {
-            let spec = r.strip_prefix("bytes=")?.to_string();
-            let (a, b) = spec.split_once('-')?;
-            match (a.parse::<u64>().ok(), b.parse::<u64>().ok()) {
-                (Some(a), Some(b)) => Some((a, b.min(TOTAL - 1))),
-                (Some(a), None) => Some((a, TOTAL - 1)),
-                (None, Some(n)) => Some((TOTAL - n.min(TOTAL), TOTAL - 1)),
-                _ => None,
-            }
-        }) {
+        let (first, last) = match s.range(TOTAL) {
             Some((a, _)) if a >= TOTAL => {
                 return vec![Step::Send(
                     format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{TOTAL}\r\nContent-Length: 0\r\n\r\n")

@@ -513,8 +513,9 @@ fn signed_with_header(header: serde_json::Value, claims: serde_json::Value) -> S
     format!("{input}.{sig}")
 }
 
-#[test]
-fn tokens_with_critical_extensions_are_refused() {
+/// A proxy whose bucket `/p` needs a token for [`SECRET`] (text logs), in
+/// front of [`small_object`].
+fn jwt_proxy() -> (Rogue, Proxy) {
     let up = small_object();
     let cfg = format!(
         "jwt:\n  enabled: true\n  secret: \"{SECRET}\"\nlogging:\n  format: text\nbuckets:\n{}",
@@ -526,6 +527,12 @@ fn tokens_with_critical_extensions_are_refused() {
         ),
     );
     let p = Proxy::start(&cfg);
+    (up, p)
+}
+
+#[test]
+fn tokens_with_critical_extensions_are_refused() {
+    let (_up, p) = jwt_proxy();
     let claims = json!({"sub": "alice", "exp": now() + 600});
     let plain = signed_with_header(json!({"alg": "HS256", "typ": "JWT"}), claims.clone());
     let auth = |t: &str| http::get(p.port, "/p/k", &[("Authorization", &format!("Bearer {t}"))]);
@@ -543,17 +550,7 @@ fn tokens_with_critical_extensions_are_refused() {
 
 #[test]
 fn a_subject_cannot_forge_a_log_line() {
-    let up = small_object();
-    let cfg = format!(
-        "jwt:\n  enabled: true\n  secret: \"{SECRET}\"\nlogging:\n  format: text\nbuckets:\n{}",
-        bucket(
-            "p",
-            "/p",
-            &up.endpoint(),
-            "    auth:\n      enabled: true\n"
-        ),
-    );
-    let p = Proxy::start(&cfg);
+    let (_up, p) = jwt_proxy();
     let auth = |t: &str| http::get(p.port, "/p/k", &[("Authorization", &format!("Bearer {t}"))]);
     // A subject made to look like a second, tab-separated ERROR line.
     let forged = "mallory\n2026-01-01T00:00:00.000Z\tERROR\tforged-line";

@@ -88,6 +88,21 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// The single range asked for (`bytes=a-b`, `a-`, `-n`) of an object of
+    /// `total` bytes, as `(first, last)` with `last` clamped to the object
+    /// (`first` may be past it: unsatisfiable); `None` without one.
+    pub fn range(&self, total: u64) -> Option<(u64, u64)> {
+        let r = self.header("range")?;
+        let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
+        let end = total.saturating_sub(1);
+        match (a.parse::<u64>().ok(), b.parse::<u64>().ok()) {
+            (Some(a), Some(b)) => Some((a, b.min(end))),
+            (Some(a), None) => Some((a, end)),
+            (None, Some(n)) => Some((total - n.min(total), end)),
+            _ => None,
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<String> {
         self.head.lines().skip(1).find_map(|l| {
             let (k, v) = l.split_once(':')?;
