@@ -1025,3 +1025,50 @@ fn pipelined_requests_of_every_kind_are_answered_in_order_and_byte_exact() {
         }
     }
 }
+
+/// Issue #24: a purge of everything is every bucket's purge; per-bucket
+/// stats and the cache's settings, the other system's endpoint names.
+#[test]
+fn purge_everything_per_bucket_stats_and_info_on_the_admin_port() {
+    let up = origin("purgeable", "");
+    let token = "0123456789abcdef-admin";
+    let second = config(&up.endpoint(), "", "")
+        .split("buckets:\n")
+        .nth(1)
+        .unwrap_or_default()
+        .replace("name: \"b\"", "name: \"c\"")
+        .replace("path_prefix: \"/b\"", "path_prefix: \"/c\"");
+    let cfg = format!(
+        "admin:\n  token: \"{token}\"\n{}{second}",
+        config(&up.endpoint(), "", "")
+    );
+    let proxy = Proxy::start(&cfg);
+    let admin = |method: &str, path: &str| {
+        let mut c = Conn::open(proxy.metrics_port).unwrap();
+        c.request(
+            method,
+            path,
+            &[("Authorization", &format!("Bearer {token}"))],
+        )
+        .unwrap()
+    };
+    for path in ["/b/x", "/b/y", "/c/x"] {
+        assert_eq!(proxy.get(path).header("x-cache"), Some("MISS"));
+        assert_eq!(proxy.get(path).header("x-cache"), Some("HIT"));
+    }
+    let stats: serde_json::Value =
+        serde_json::from_slice(&admin("GET", "/admin/cache/stats/b").body).unwrap();
+    assert_eq!(stats["layers"][0]["items"], 2, "{stats}");
+    assert_eq!(admin("GET", "/admin/cache/stats/nope").status, 404);
+    let info: serde_json::Value =
+        serde_json::from_slice(&admin("GET", "/admin/cache/info").body).unwrap();
+    assert_eq!(info["enabled"], true, "{info}");
+    assert_eq!(info["buckets"].as_array().map(Vec::len), Some(2), "{info}");
+    let r = admin("POST", "/admin/cache/purge");
+    assert_eq!(r.status, 200);
+    let purged: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(purged["purged"], 3, "{purged}");
+    for path in ["/b/x", "/b/y", "/c/x"] {
+        assert_eq!(proxy.get(path).header("x-cache"), Some("MISS"), "{path}");
+    }
+}

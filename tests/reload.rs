@@ -42,8 +42,44 @@ fn wait_reloads(proxy: &Proxy, result: &str, n: usize) {
     }
 }
 
+const ADMIN_TOKEN: &str = "0123456789abcdef-admin";
+
+/// Writes `body` as the config and reloads it: by SIGHUP, or by
+/// `POST /admin/reload` (then its answer is checked: 200, or 422 with the
+/// problems, as the reload succeeded or not).
+fn reload_via(proxy: &Proxy, body: &str, api: bool, ok: bool) {
+    let body = format!("admin:\n  token: \"{ADMIN_TOKEN}\"\n{body}");
+    if !api {
+        proxy.reload(&body);
+        return;
+    }
+    proxy.write_config(&body);
+    let mut c = http::Conn::open(proxy.metrics_port).expect("admin");
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let r = c
+        .request("POST", "/admin/reload", &[("Authorization", &auth)])
+        .expect("reload answer");
+    match ok {
+        true => assert_eq!(r.status, 200, "{}", r.text()),
+        false => {
+            assert_eq!(r.status, 422, "{}", r.text());
+            assert!(r.text().contains("missing field `s3`"), "{}", r.text());
+        }
+    }
+}
+
 #[test]
 fn buckets_are_added_changed_and_removed_and_bad_configs_rejected() {
+    buckets_added_changed_removed(false);
+}
+
+/// The admin API's reload does exactly what SIGHUP does (the same test).
+#[test]
+fn the_admin_reload_adds_changes_removes_and_rejects_alike() {
+    buckets_added_changed_removed(true);
+}
+
+fn buckets_added_changed_removed(api: bool) {
     let a = S3::start();
     let b = S3::start();
     for (s, text) in [(&a, "from a"), (&b, "from b")] {
@@ -54,7 +90,7 @@ fn buckets_are_added_changed_and_removed_and_bad_configs_rejected() {
         "buckets:\n{}",
         bucket("first", "/one", &[("a", &a.endpoint(), 1)])
     );
-    let proxy = Proxy::start(&one);
+    let proxy = Proxy::start(&format!("admin:\n  token: \"{ADMIN_TOKEN}\"\n{one}"));
     assert_eq!(proxy.get("/one/k.txt").text(), "from a");
     assert_eq!(proxy.get("/two/k.txt").status, 404);
 
@@ -64,13 +100,18 @@ fn buckets_are_added_changed_and_removed_and_bad_configs_rejected() {
         bucket("first", "/one", &[("a", &b.endpoint(), 1)]),
         bucket("second", "/two", &[("a", &a.endpoint(), 1)])
     );
-    proxy.reload(&two);
+    reload_via(&proxy, &two, api, true);
     wait_reloads(&proxy, "success", 1);
     assert_eq!(proxy.get("/one/k.txt").text(), "from b");
     assert_eq!(proxy.get("/two/k.txt").text(), "from a");
 
     // An invalid config is rejected; the running one keeps serving.
-    proxy.reload("buckets:\n  - name: broken\n    path_prefix: nope\n");
+    reload_via(
+        &proxy,
+        "buckets:\n  - name: broken\n    path_prefix: nope\n",
+        api,
+        false,
+    );
     wait_reloads(&proxy, "failure", 1);
     assert!(proxy.wait_log("Configuration reload rejected", Duration::from_secs(2)));
     assert!(
@@ -83,7 +124,7 @@ fn buckets_are_added_changed_and_removed_and_bad_configs_rejected() {
     assert_eq!(proxy.get("/two/k.txt").text(), "from a");
 
     // Remove a bucket.
-    proxy.reload(&one);
+    reload_via(&proxy, &one, api, true);
     wait_reloads(&proxy, "success", 2);
     assert_eq!(proxy.get("/two/k.txt").status, 404);
     assert_eq!(proxy.get("/one/k.txt").text(), "from a");

@@ -216,6 +216,15 @@ impl MemoryStore {
         before.saturating_sub(self.inner.len())
     }
 
+    /// Entries whose key starts with `prefix`, and the bytes their bodies
+    /// hold. Visits every entry: for the admin API, not the request path.
+    pub fn prefix_stats(&self, prefix: &str) -> (usize, u64) {
+        self.inner
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .fold((0, 0), |(n, b), (_, o)| (n + 1, b + o.body.len() as u64))
+    }
+
     /// Purges every entry whose key starts with `prefix`; fills under way
     /// are not stored. Returns how many entries were dropped.
     pub fn purge(&self, prefix: &str) -> usize {

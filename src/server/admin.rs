@@ -2,12 +2,20 @@
 //! when `admin.token` is configured; every request needs
 //! `Authorization: Bearer <token>`, compared in constant time.
 //!
+//! - `POST /admin/reload`: re-reads the config file, exactly as SIGHUP does
+//!   (200 with the new bucket and replica counts, or 422 listing every
+//!   problem, the running configuration kept);
+//! - `POST /admin/cache/purge`: drops every object of every bucket;
 //! - `POST /admin/cache/purge/<bucket>/<key>`: drops the object (all its
 //!   versions and parts) from the cache;
 //! - `POST /admin/cache/purge/<bucket>`: drops every object of the bucket;
-//! - `GET /admin/cache/stats`: items, bytes, bound and evictions, as JSON.
+//! - `GET /admin/cache/stats`: items, bytes, bound and evictions, as JSON;
+//! - `GET /admin/cache/stats/<bucket>`: the bucket's items and bytes in
+//!   memory;
+//! - `GET /admin/cache/info`: the cache's settings.
 //!
-//! A purge during a fill wins: the fill is not stored.
+//! The endpoint names are the other system's. A purge during a fill wins:
+//! the fill is not stored.
 
 use crate::cache::store;
 use crate::shared::Process;
@@ -16,7 +24,12 @@ use crate::shared::Process;
 pub type Answer = (u16, &'static str, String);
 
 /// Answers one admin request (`path` starts with `/admin/`).
-pub fn handle(process: &Process, method: &str, path: &str, authorization: Option<&str>) -> Answer {
+pub fn handle(
+    process: &std::sync::Arc<Process>,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+) -> Answer {
     let Some(token) = process.current().config.admin_token.clone() else {
         return text(
             404,
@@ -32,10 +45,59 @@ pub fn handle(process: &Process, method: &str, path: &str, authorization: Option
             "admin endpoints need Authorization: Bearer <admin.token>\n",
         );
     }
+    if (method, path) == ("POST", "/admin/reload") {
+        return reload(process);
+    }
     let Some(cache) = process.cache.as_ref() else {
         return text(404, "the cache is not enabled\n");
     };
     match (method, path) {
+        ("GET", "/admin/cache/info") => {
+            let config = &process.current().config;
+            let c = &config.cache;
+            let body = serde_json::json!({
+                "enabled": c.enabled,
+                "layers": if c.disk.is_some() { vec!["memory", "disk"] } else { vec!["memory"] },
+                "memory": {
+                    "max_bytes": c.memory_bytes,
+                    "max_item_bytes": c.max_item_bytes,
+                    "default_ttl_seconds": c.default_ttl.as_secs(),
+                    "fill_budget_bytes": store::fill_budget(c.memory_bytes, c.max_item_bytes),
+                },
+                "disk": c.disk.as_ref().map(|d| serde_json::json!({
+                    "dir": d.dir,
+                    "max_bytes": d.max_bytes,
+                })),
+                "slice_bytes": c.slice_bytes,
+                "stale_if_error_seconds": c.stale_if_error.as_secs(),
+                "buckets": config.buckets.iter().map(|b| serde_json::json!({
+                    "name": b.name,
+                    "enabled": b.cache.enabled,
+                    "ttl_seconds": b.cache.ttl.as_secs(),
+                    "max_item_bytes": b.cache.max_item_bytes,
+                })).collect::<Vec<_>>(),
+            });
+            (200, "application/json", body.to_string())
+        }
+        ("GET", p) if p.starts_with("/admin/cache/stats/") => {
+            let bucket = &p["/admin/cache/stats/".len()..];
+            if !process
+                .current()
+                .config
+                .buckets
+                .iter()
+                .any(|b| b.name == bucket)
+            {
+                return text(404, "no such bucket\n");
+            }
+            let (items, bytes) = cache.prefix_stats(&store::bucket_prefix(bucket));
+            let body = serde_json::json!({
+                "bucket": bucket,
+                "layers": [{ "layer": "memory", "items": items, "bytes": bytes }],
+            });
+            (200, "application/json", body.to_string())
+        }
+        ("POST", "/admin/cache/purge") => purge_all(process, cache),
         ("GET", "/admin/cache/stats") => {
             let mut layers = vec![serde_json::json!({
                 "layer": "memory",
@@ -103,6 +165,47 @@ fn purge(process: &Process, cache: &store::MemoryStore, target: &str) -> Answer 
         200,
         "application/json",
         serde_json::json!({ "purged": purged, "purged_disk": purged_disk }).to_string(),
+    )
+}
+
+/// `POST /admin/reload`: the SIGHUP path (`server::reload`).
+fn reload(process: &std::sync::Arc<Process>) -> Answer {
+    match super::reload(process) {
+        Ok((buckets, replicas)) => (
+            200,
+            "application/json",
+            serde_json::json!({ "reloaded": true, "buckets": buckets, "replicas": replicas })
+                .to_string(),
+        ),
+        Err(problems) => (
+            422,
+            "application/json",
+            serde_json::json!({ "reloaded": false, "problems": problems }).to_string(),
+        ),
+    }
+}
+
+/// `POST /admin/cache/purge`: every configured bucket, as its own purge.
+fn purge_all(process: &Process, cache: &store::MemoryStore) -> Answer {
+    let names: Vec<String> = process
+        .current()
+        .config
+        .buckets
+        .iter()
+        .map(|b| b.name.clone())
+        .collect();
+    let (mut purged, mut purged_disk) = (0u64, 0u64);
+    for name in &names {
+        let (_, _, body) = purge(process, cache, name);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        purged += v["purged"].as_u64().unwrap_or(0);
+        purged_disk += v["purged_disk"].as_u64().unwrap_or(0);
+    }
+    (
+        200,
+        "application/json",
+        serde_json::json!({ "purged": purged, "purged_disk": purged_disk, "buckets": names.len() })
+            .to_string(),
     )
 }
 

@@ -64,7 +64,7 @@ fn left(deadline: Instant) -> std::io::Result<Duration> {
     Ok(left)
 }
 
-fn handle(mut s: TcpStream, shared: &Process) -> std::io::Result<()> {
+fn handle(mut s: TcpStream, shared: &Arc<Process>) -> std::io::Result<()> {
     let deadline = Instant::now() + DEADLINE;
     let mut buf = [0u8; 4096];
     let mut len = 0;

@@ -131,7 +131,9 @@ impl Server {
         log_listening(&process, address);
         for c in control {
             match c {
-                Control::Reload => reload(&process),
+                Control::Reload => {
+                    let _ = reload(&process);
+                }
                 Control::Stop => break,
             }
         }
@@ -313,11 +315,13 @@ fn drain(process: &Process) {
     log!(Level::Info, "Shutdown complete");
 }
 
-/// SIGHUP: re-read the config file; keep the running one if it is invalid.
-fn reload(process: &Arc<Process>) {
+/// SIGHUP (and `POST /admin/reload`): re-read the config file; keep the
+/// running one if it is invalid. Returns the new bucket and replica
+/// counts, or every problem.
+pub(crate) fn reload(process: &Arc<Process>) -> Result<(usize, usize), Vec<String>> {
     log!(
         Level::Info,
-        "SIGHUP received: reloading configuration",
+        "Reloading configuration",
         config = process.config_path
     );
     match process.reload() {
@@ -330,6 +334,7 @@ fn reload(process: &Arc<Process>) {
                 buckets = gen.config.buckets.len(),
                 replicas = gen.replicas.len(),
             );
+            Ok((gen.config.buckets.len(), gen.replicas.len()))
         }
         Err(errors) => {
             log!(
@@ -337,6 +342,7 @@ fn reload(process: &Arc<Process>) {
                 "Configuration reload rejected; keeping the running configuration",
                 problems = errors.join("; "),
             );
+            Err(errors)
         }
     }
 }

@@ -524,9 +524,16 @@ impl Proxy {
         false
     }
 
-    pub fn reload(&self, body: &str) {
+    /// Writes `body` (after the generated server and metrics sections) as
+    /// the config file, for a reload.
+    pub fn write_config(&self, body: &str) {
         let path = self.dir.path().join("config.yaml");
         std::fs::write(&path, format!("{}{body}", self.prefix)).expect("write config");
+    }
+
+    pub fn reload(&self, body: &str) {
+        self.write_config(body);
+        // SAFETY: kill(2) on our own child, not yet reaped.
         unsafe {
             libc::kill(self.pid() as i32, libc::SIGHUP);
         }
