@@ -362,6 +362,8 @@ pub struct DiskStore {
     /// Entries dropped at start because their bucket's origin changed (or
     /// the bucket is gone): see `cache::store::key`.
     pub foreign: AtomicU64,
+    /// Writes not made because the writer's queue was full.
+    pub writes_dropped: AtomicU64,
     tmp_seq: AtomicU64,
 }
 
@@ -387,6 +389,7 @@ impl DiskStore {
             evictions: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
             foreign: AtomicU64::new(0),
+            writes_dropped: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
         };
         let rebuilt = store.rebuild(origins);
@@ -499,7 +502,12 @@ impl DiskStore {
             return;
         }
         match self.queue.try_send(Write { key, object, epoch }) {
-            Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                // Counted, and said at most once per interval (by the
+                // writer, off the cores): never a silent drop.
+                self.writes_dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -631,8 +639,22 @@ impl DiskStore {
     /// `purge_epoch` is the memory tier's current purge count: an entry
     /// queued before a purge is not indexed.
     pub async fn run_writer(&self, rx: Receiver<Write>, purge_epoch: impl Fn() -> u64) {
+        // Drops happen while the queue is full, so while this loop is busy:
+        // it reports them, once per interval at most.
+        const DROP_REPORT: std::time::Duration = std::time::Duration::from_secs(10);
+        let mut reported = (0u64, std::time::Instant::now());
         // This thread does nothing else: waiting on the queue blocks no one.
         while let Ok(w) = rx.recv() {
+            let dropped = self.writes_dropped.load(Ordering::Relaxed);
+            if dropped > reported.0 && reported.1.elapsed() >= DROP_REPORT {
+                crate::log!(
+                    crate::config::Level::Warn,
+                    "Disk cache writes dropped: the writer's queue was full",
+                    dropped = dropped - reported.0,
+                    total = dropped,
+                );
+                reported = (dropped, std::time::Instant::now());
+            }
             if self.degraded() {
                 continue;
             }
@@ -770,6 +792,21 @@ mod tests {
         let mut f = encode_head(key, o);
         f.extend_from_slice(&o.body);
         f
+    }
+
+    #[test]
+    fn writes_the_queue_cannot_take_are_counted() {
+        let dir = tempfile::tempdir().expect("dir");
+        let origins = HashMap::from([("b".to_string(), "o".to_string())]);
+        let path = dir.path().to_str().expect("utf-8 path").to_string();
+        // No writer runs: the queue fills, then every further write drops.
+        let (store, _rx, opened) = DiskStore::open(&path, 1 << 30, &origins);
+        assert!(opened.is_ok());
+        let o = std::sync::Arc::new(object(b"x"));
+        for i in 0..QUEUE + 10 {
+            store.offer(format!("b\0k{i}\0\0o"), o.clone(), 0);
+        }
+        assert_eq!(store.writes_dropped.load(Ordering::Relaxed), 10);
     }
 
     #[test]

@@ -507,5 +507,11 @@ fn cache_families<'n>(
             MetricType::COUNTER,
             vec![counter(&[], d.corrupt.load(Ordering::Relaxed) as f64)],
         ));
+        families.push(family(
+            "yatagarasu_cache_disk_writes_dropped_total",
+            "Disk-tier writes not made because the writer's queue was full (the object stays in memory only).",
+            MetricType::COUNTER,
+            vec![counter(&[], d.writes_dropped.load(Ordering::Relaxed) as f64)],
+        ));
     }
 }
