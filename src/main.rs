@@ -38,6 +38,9 @@ fn main() {
             other => fail_usage(&format!("unknown argument {other:?}")),
         }
     }
+    // Before the config is read: the default connection budgets follow
+    // the limit.
+    let fds = config::raise_fd_limit();
     let cfg = match config::load(&path) {
         Ok(c) => c,
         Err(errors) => {
@@ -56,6 +59,14 @@ fn main() {
         for w in &cfg.warnings {
             println!("warning: {w}");
         }
+        println!(
+            "connection budgets: server.max_connections={}, server.max_upstream_connections={} (open-file limit {}, raised from {}; hard limit {})",
+            cfg.server.max_connections,
+            cfg.server.max_upstream_connections,
+            fds.soft,
+            fds.was,
+            fds.hard
+        );
         println!(
             "{path}: configuration is valid ({} bucket{}, {} replica{})",
             cfg.buckets.len(),
@@ -93,6 +104,15 @@ fn main() {
     for w in &cfg.warnings {
         yatagarasu::log!(Level::Warn, "Configuration", warning = w);
     }
+    yatagarasu::log!(
+        Level::Info,
+        "Open-file limit",
+        soft = fds.soft,
+        raised_from = fds.was,
+        hard = fds.hard,
+        max_connections = cfg.server.max_connections,
+        max_upstream_connections = cfg.server.max_upstream_connections,
+    );
     std::process::exit(server::run(cfg, &path));
 }
 

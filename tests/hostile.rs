@@ -738,3 +738,54 @@ fn upstream_connections_are_capped_and_requests_queue_for_them() {
         "{connections} upstream connections for a cap of 2"
     );
 }
+
+/// Issue #27: started from a shell with the usual soft open-file limit of
+/// 1024 under a higher hard limit, the proxy raises its soft limit and
+/// serves 2,000 connections at once (it refused all but 320 before).
+#[test]
+fn a_low_soft_open_file_limit_is_raised_and_2000_connections_are_held() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the rlimit passed by pointer.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if (lim.rlim_max as u64) < 4200 {
+        eprintln!(
+            "hard open-file limit {} too low for this test; skipped",
+            lim.rlim_max
+        );
+        return;
+    }
+    // This test's own side needs 2,000 descriptors too.
+    let mine = libc::rlimit {
+        rlim_cur: lim.rlim_max,
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: setrlimit reads the rlimit passed by pointer.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &mine) };
+    let up = Rogue::start(|_| ok("x"));
+    let proxy = Proxy::start_with_soft_nofile(&config(&[("a", &up.endpoint())], BREAKER), 1, 1024);
+    assert!(
+        proxy.log().contains("Open-file limit soft="),
+        "{}",
+        proxy.log()
+    );
+    assert!(proxy.log().contains("raised_from=1024"), "{}", proxy.log());
+    let mut conns: Vec<Conn> = (0..2000)
+        .map(|i| Conn::open(proxy.port).unwrap_or_else(|e| panic!("connection {i}: {e}")))
+        .collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        let r = c
+            .request("GET", "/health", &[])
+            .unwrap_or_else(|e| panic!("connection {i} was not served: {e}"));
+        assert_eq!(r.status, 200, "connection {i}");
+    }
+    assert!(
+        proxy
+            .metrics()
+            .contains("yatagarasu_connections_refused_total 0"),
+        "{}",
+        proxy.metrics()
+    );
+}

@@ -145,6 +145,62 @@ pub fn default_max_upstream_connections(max_connections: usize) -> usize {
         .max(64)
 }
 
+/// The open-file limit: soft before and after [`raise_fd_limit`], and hard.
+#[derive(Debug, Clone, Copy)]
+pub struct FdLimit {
+    /// The soft limit the process was started with.
+    pub was: u64,
+    /// The soft limit now.
+    pub soft: u64,
+    /// The hard limit (the most the soft one may be raised to).
+    pub hard: u64,
+}
+
+/// Most the soft open-file limit is raised to (as the Go runtime does).
+const FD_RAISE_CAP: u64 = 1 << 20;
+
+/// Raises the soft open-file limit to the hard one (at most 2^20), as
+/// HAProxy and the Go runtime do: started from a shell with the usual soft
+/// limit of 1024, the default connection budgets (derived from the limit)
+/// would admit only about 320 clients. Call before the config is read.
+pub fn raise_fd_limit() -> FdLimit {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid rlimit struct passed by pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return FdLimit {
+            was: 0,
+            soft: 0,
+            hard: 0,
+        };
+    }
+    let was = lim.rlim_cur as u64;
+    let hard = lim.rlim_max as u64;
+    let want = hard.min(FD_RAISE_CAP).max(was);
+    if want > was {
+        let raised = libc::rlimit {
+            rlim_cur: want as libc::rlim_t,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the valid rlimit struct passed by pointer;
+        // raising the soft limit up to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return FdLimit {
+                was,
+                soft: want,
+                hard,
+            };
+        }
+    }
+    FdLimit {
+        was,
+        soft: was,
+        hard,
+    }
+}
+
 /// The process's open-file limit (1024 when unknown or unlimited).
 fn fd_limit() -> usize {
     let mut lim = libc::rlimit {

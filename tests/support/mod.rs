@@ -308,6 +308,8 @@ struct Launch {
     nofile: Option<u64>,
     /// Started without CAP_SYS_RESOURCE and CAP_SYS_ADMIN.
     unprivileged: bool,
+    /// Its soft open-file limit only (the hard one left as it is).
+    soft_nofile: Option<u64>,
 }
 
 impl Proxy {
@@ -326,6 +328,17 @@ impl Proxy {
     pub fn start_with_nofile(body: &str, workers: usize, nofile: u64) -> Proxy {
         let launch = Launch {
             nofile: Some(nofile),
+            ..Launch::default()
+        };
+        Self::start_attempt(body, workers, &[], launch, 0)
+    }
+
+    /// Starts the proxy with its soft open-file limit at `soft` and the
+    /// hard one left as it is (a shell's usual 1024 under a higher hard
+    /// limit).
+    pub fn start_with_soft_nofile(body: &str, workers: usize, soft: u64) -> Proxy {
+        let launch = Launch {
+            soft_nofile: Some(soft),
             ..Launch::default()
         };
         Self::start_attempt(body, workers, &[], launch, 0)
@@ -385,12 +398,17 @@ impl Proxy {
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, config).expect("write config");
         let log = std::fs::File::create(dir.path().join("proxy.log")).expect("log");
-        let mut cmd = match launch.nofile {
+        let ulimit = match (launch.nofile, launch.soft_nofile) {
+            (Some(n), _) => Some(format!("ulimit -n {n}")),
+            (None, Some(n)) => Some(format!("ulimit -Sn {n}")),
+            (None, None) => None,
+        };
+        let mut cmd = match ulimit {
             None => Command::new(env!("CARGO_BIN_EXE_yatagarasu")),
-            Some(n) => {
+            Some(ulimit) => {
                 let mut c = Command::new("bash");
                 c.arg("-c")
-                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(format!("{ulimit} && exec \"$0\" \"$@\""))
                     .arg(env!("CARGO_BIN_EXE_yatagarasu"));
                 c
             }
