@@ -176,12 +176,12 @@ pub fn raise_fd_limit() -> FdLimit {
             hard: 0,
         };
     }
-    let was = lim.rlim_cur as u64;
-    let hard = lim.rlim_max as u64;
+    let was: u64 = lim.rlim_cur;
+    let hard: u64 = lim.rlim_max;
     let want = hard.min(FD_RAISE_CAP).max(was);
     if want > was {
         let raised = libc::rlimit {
-            rlim_cur: want as libc::rlim_t,
+            rlim_cur: want,
             rlim_max: lim.rlim_max,
         };
         // SAFETY: setrlimit reads the valid rlimit struct passed by pointer;
