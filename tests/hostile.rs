@@ -750,7 +750,7 @@ fn a_low_soft_open_file_limit_is_raised_and_2000_connections_are_held() {
     };
     // SAFETY: getrlimit writes into the rlimit passed by pointer.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    if (lim.rlim_max as u64) < 4200 {
+    if lim.rlim_max < 4200 {
         eprintln!(
             "hard open-file limit {} too low for this test; skipped",
             lim.rlim_max
