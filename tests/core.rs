@@ -573,11 +573,17 @@ fn epoll_fallback_serves_and_the_driver_is_logged() {
     );
     assert_eq!(proxy.get("/data/test.txt").text(), "via epoll");
     assert!(
-        proxy.wait_log("worker=0 driver=epoll", Duration::from_secs(2)),
+        proxy.wait_log("worker=0 driver=epoll", Duration::from_secs(10)),
         "{}",
         proxy.log()
     );
-    assert!(proxy.log().contains("worker=1 driver=epoll"));
+    // Each worker logs its driver when it starts: wait for the line, not
+    // for a moment (on a busy machine worker 1 may start later).
+    assert!(
+        proxy.wait_log("worker=1 driver=epoll", Duration::from_secs(10)),
+        "{}",
+        proxy.log()
+    );
     let proxy = Proxy::start_with(&cfg, 1, &[("YATAGARASU_DRIVER", "epoll")]);
     assert_eq!(proxy.get("/data/test.txt").text(), "via epoll");
     assert!(proxy.wait_log("driver=epoll", Duration::from_secs(2)));
