@@ -28,8 +28,12 @@ fn expected(first: u64, last: u64, version: u64) -> Vec<u8> {
 
 /// The origin: `version` picks the object's content and ETag.
 fn origin(version: Arc<AtomicU64>) -> Rogue {
-    Rogue::start(move |s: &Seen| {
-        let v = version.load(Ordering::SeqCst);
+    Rogue::start(move |s: &Seen| answer(s, version.load(Ordering::SeqCst)))
+}
+
+/// The origin's answer to `s` for the object's version `v`.
+fn answer(s: &Seen, v: u64) -> Vec<Step> {
+    {
         let etag = format!("\"v{v}\"");
         if let Some(m) = s.header("if-match") {
             if m != etag {
@@ -55,7 +59,7 @@ fn origin(version: Arc<AtomicU64>) -> Rogue {
         .into_bytes();
         out.extend_from_slice(&expected(first, last, v));
         vec![Step::Send(out)]
-    })
+    }
 }
 
 fn config(endpoint: &str) -> String {
@@ -343,5 +347,62 @@ fn slices_stored_under_another_slice_size_are_never_served_as_this_one_s() {
             format!("bytes={}-{}", 150 * MIB, 152 * MIB - 1),
             Some("\"v1\"".into())
         )]
+    );
+}
+
+/// Issue #23: concurrent misses for one slice share one fetch, across
+/// cores, as whole objects do (16 one-byte ranges on a cold object made
+/// 16 slice GETs before).
+#[test]
+fn concurrent_misses_for_one_slice_share_one_fetch() {
+    use support::rogue::Gate;
+    let gate = Gate::default();
+    let held = gate.clone();
+    // The origin holds its answer until every client is waiting.
+    let up = Rogue::start(move |s: &Seen| {
+        held.wait();
+        answer(s, 1)
+    });
+    let p = Proxy::start(&config(&up.endpoint()));
+    let port = p.port;
+    let clients: Vec<_> = (0..16u64)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let at = 7 * MIB + 1000 * i;
+                let r = http::get(
+                    port,
+                    "/b/movie.mp4",
+                    &[("Range", &format!("bytes={at}-{at}"))],
+                );
+                (at, r)
+            })
+        })
+        .collect();
+    // One fetch under way, fifteen requests waiting on it.
+    assert!(
+        p.wait_metric(
+            "yatagarasu_cache_waiters",
+            15.0,
+            std::time::Duration::from_secs(30)
+        ),
+        "{}",
+        p.metrics()
+    );
+    assert_eq!(up.seen().len(), 1);
+    gate.open();
+    for t in clients {
+        let (at, r) = t.join().expect("client");
+        assert_eq!(r.status, 206, "{}", p.log());
+        assert!(r.body == expected(at, at, 1), "byte {at}");
+    }
+    assert_eq!(up.seen().len(), 1, "one slice GET for all");
+    assert!(
+        p.wait_metric(
+            "yatagarasu_cache_coalesced_total{bucket=\"b\"}",
+            15.0,
+            std::time::Duration::from_secs(10)
+        ),
+        "{}",
+        p.metrics()
     );
 }

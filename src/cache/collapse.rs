@@ -242,6 +242,16 @@ impl Fills {
         Role::Leader(f)
     }
 
+    /// Requests waiting now on a fetch another request leads (fills still
+    /// open), over every key: for the metrics scrape.
+    pub fn waiting(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|f| f.ended().is_none())
+            .map(|f| f.waiters())
+            .sum()
+    }
+
     /// Removes `fill` (if it is still the one under `key`), ending it as
     /// abandoned unless it already ended.
     pub fn finish(&self, key: &str, fill: &Arc<SharedFill>) {

@@ -486,6 +486,12 @@ fn cache_families<'n>(
         tiers(store.evictions() as f64, &|d| d.evictions() as f64, counter),
     ));
     families.push(family(
+        "yatagarasu_cache_waiters",
+        "Requests waiting now on a fetch another request leads (collapsed forwarding of objects and slices).",
+        MetricType::GAUGE,
+        vec![gauge(&[], shared.process.fills.waiting() as f64)],
+    ));
+    families.push(family(
         "yatagarasu_cache_fill_bytes",
         "Bytes held by cache fills in flight (bodies being stored and the copies their waiters stream), within the fill budget.",
         MetricType::GAUGE,

@@ -294,9 +294,52 @@ impl WorkerGeneration {
         Ok((s, true))
     }
 
+    /// Fetches one slice once for every request that misses it at the same
+    /// time, on any core (collapsed as whole objects are): the first leads
+    /// the upstream fetch; the others wait for it and take what it stored,
+    /// and go upstream themselves only when it failed or its copy is gone.
+    async fn fetch_slice(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        key: &str,
+        want: &Want<'_>,
+    ) -> Result<(Arc<Object>, Arc<Object>), SliceError> {
+        use crate::cache::collapse::{Event, Role};
+        let slice_key = slice::key(want.object_key, want.size, want.n);
+        let fills = &self.shared.process.fills;
+        let fill = match fills.join_or_lead(&slice_key) {
+            Role::Leader(fill) => {
+                let got = self.fetch_slice_upstream(c, bucket, key, want).await;
+                if let Ok((_, piece)) = &got {
+                    fill.done(Some(piece));
+                }
+                fills.finish(&slice_key, &fill);
+                return got;
+            }
+            Role::Waiter(fill) => fill,
+        };
+        let wait = self.shared.config.server.idle_timeout;
+        let ended = monoio::time::timeout(wait, fill.next(true, 0)).await;
+        if let (Ok(Event::Ended(crate::cache::collapse::End::Done)), Some(piece)) =
+            (ended, fill.stored())
+        {
+            let meta = self.stored(&slice::meta_key(want.object_key)).await;
+            let same = meta.filter(|m| {
+                is_slice_of(&piece, m, want.size, want.n) && want.etag.is_none_or(|e| e == m.etag)
+            });
+            if let Some(meta) = same {
+                let mid = self.shared.bucket_metric[bucket];
+                self.core.metrics.borrow_mut().coalesced(mid);
+                return Ok((meta, piece));
+            }
+        }
+        self.fetch_slice_upstream(c, bucket, key, want).await
+    }
+
     /// Fetches one slice from the replicas in plan order and stores it (and,
     /// on a first fetch, the object's metadata); returns both.
-    async fn fetch_slice(
+    async fn fetch_slice_upstream(
         &self,
         c: &mut Client,
         bucket: usize,
