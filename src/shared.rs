@@ -71,6 +71,11 @@ pub struct WorkerStatus {
     pub metrics: Mutex<Option<WorkerMetrics>>,
     /// Set once the worker stopped accepting after a shutdown request.
     pub stopped_accepting: AtomicBool,
+    /// Set once the worker's accept loop runs (readiness for systemd).
+    pub accepting: AtomicBool,
+    /// When (ms, process clock) the worker last ticked: the watchdog's
+    /// evidence that it is not stuck.
+    pub last_tick_ms: AtomicU64,
 }
 
 /// Stable metric ids for bucket and replica names, across reloads. Only grows.

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod driver;
 pub mod metrics_http;
+mod systemd;
 
 use crate::config::{Config, Level};
 use crate::log;
@@ -128,6 +129,7 @@ impl Server {
             return 1;
         }
         start_helpers(&process, metrics_listener);
+        systemd::start(&process);
         log_listening(&process, address);
         for c in control {
             match c {
@@ -410,6 +412,9 @@ async fn worker_main(
         .div_ceil(shared.config.server.workers.max(1)) as i64;
     drop(shared);
     let me = &process.workers[id];
+    me.last_tick_ms
+        .store(crate::shared::now_ms().max(1), Ordering::Relaxed);
+    me.accepting.store(true, Ordering::Release);
     let mut last_refusal_log: Option<Instant> = None;
     loop {
         match listener.cancelable_accept(handle.clone()).await {
@@ -475,6 +480,9 @@ fn trim_heap() {
 fn tick(worker: &Worker) {
     log::flush();
     let now = crate::shared::now_ms();
+    worker.process.workers[worker.id]
+        .last_tick_ms
+        .store(now.max(1), Ordering::Relaxed);
     if worker.parking.tick(now) {
         worker.expire_lot(now);
         // Disk-tier files kept open whose entry was replaced or removed
