@@ -580,11 +580,14 @@ fn breaker_config(endpoint: &str) -> String {
 #[test]
 fn clients_that_stop_reading_never_open_a_healthy_replica_s_breaker() {
     use support::rogue::Gate;
-    const BIG: usize = 32 << 20;
+    // More than every buffer between the upstream and the client: the
+    // proxy's receive buffer alone may grow to tcp_rmem's maximum (32 MiB
+    // on the test machines).
+    const BIG: usize = 96 << 20;
     let body = Arc::new(pattern(BIG, 5));
     let drops: Arc<std::sync::Mutex<Vec<Gate>>> = Default::default();
     let (b, d) = (body.clone(), drops.clone());
-    // `/b/big`: 32 MiB, more than every socket buffer between us; a send
+    // `/b/big`: 96 MiB, more than every socket buffer between us; a send
     // that stalls 2 s is dropped, as S3 drops it. `/b/small`: a few bytes.
     let up = Rogue::start(move |s: &Seen| {
         if s.target.contains("small") {
@@ -619,7 +622,11 @@ fn clients_that_stop_reading_never_open_a_healthy_replica_s_breaker() {
     let gates: Vec<Gate> = drops.lock().unwrap().clone();
     assert_eq!(gates.len(), 3, "{}", p.log());
     for g in &gates {
-        g.wait();
+        assert!(
+            g.wait_for(Duration::from_secs(60)),
+            "the upstream's send never stalled: {}",
+            p.log()
+        );
     }
     // They read again: each gets an abort, never a whole body.
     for c in &mut clients {

@@ -57,6 +57,14 @@ impl Gate {
             open = cv.wait(open).unwrap();
         }
     }
+
+    /// Waits until the gate is opened or `timeout` passes; whether it was.
+    pub fn wait_for(&self, timeout: Duration) -> bool {
+        let (lock, cv) = &*self.0;
+        let open = lock.lock().unwrap();
+        let (open, _) = cv.wait_timeout_while(open, timeout, |o| !*o).unwrap();
+        *open
+    }
 }
 
 /// `Step::Send` of a string.
