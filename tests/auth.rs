@@ -491,3 +491,39 @@ fn buckets_with_their_own_jwt_keys_and_claims() {
         200
     );
 }
+
+/// Issue #24: the admin API opened by a JWT whose claims satisfy
+/// `jwt.admin_claims` (the other system's guard), beside `admin.token`.
+#[test]
+fn admin_claims_open_the_admin_api_to_admin_tokens_only() {
+    let up = upstream();
+    let jwt = format!(
+        "  secret: \"{SECRET}\"\n  admin_claims:\n    - {{ name: \"role\", operator: \"equals\", value: \"admin\" }}\n"
+    );
+    let p = Proxy::start(&config(&up.endpoint(), &jwt, ""));
+    let admin = |auth: Option<&str>| {
+        let mut c = http::Conn::open(p.metrics_port).unwrap();
+        let h: Vec<(&str, String)> = auth.iter().map(|t| ("Authorization", bearer(t))).collect();
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        c.request("POST", "/admin/reload", &h).unwrap().status
+    };
+    let token = |role: &str| hs256(json!({"sub": "ops", "role": role, "exp": now() + 600}));
+    assert_eq!(admin(Some(&token("admin"))), 200, "{}", p.log());
+    assert_eq!(admin(Some(&token("reader"))), 403);
+    assert_eq!(admin(None), 401);
+    assert_eq!(admin(Some("not-a-token")), 401);
+    let forged = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"role": "admin", "exp": now() + 600}),
+        &EncodingKey::from_secret(b"another-secret-entirely"),
+    )
+    .unwrap();
+    assert_eq!(admin(Some(&forged)), 401);
+    // Never on the public port.
+    let r = http::get(
+        p.port,
+        "/admin/reload",
+        &[("Authorization", &bearer(&token("admin")))],
+    );
+    assert_ne!(r.status, 200);
+}

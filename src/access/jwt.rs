@@ -121,6 +121,9 @@ pub struct JwtSettings {
     pub sources: Vec<Source>,
     /// Rules every token's claims must satisfy.
     pub claims: Vec<ClaimRule>,
+    /// `admin_claims`: rules a token must also satisfy to call the admin
+    /// API (none: tokens do not open it).
+    pub admin_claims: Vec<ClaimRule>,
     /// Clock leeway for `exp` and `nbf`, seconds.
     pub leeway: u64,
     /// `jwks_url` and its refresh interval: keys fetched by `access::jwks`.
@@ -188,6 +191,40 @@ pub fn authorize(
     unknown_kid: &dyn Fn(),
     token: &str,
 ) -> Result<Authorized, Refusal> {
+    let claims = verify(settings, fetched, unknown_kid, token)?;
+    Ok(Authorized {
+        sub: claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        exp: claims.get("exp").and_then(Value::as_u64).unwrap_or(0),
+    })
+}
+
+/// [`authorize`], and the token's claims must also satisfy
+/// `admin_claims`: whether it may call the admin API (never when no
+/// admin rules are configured).
+pub fn authorize_admin(
+    settings: &JwtSettings,
+    fetched: &HashMap<String, Key>,
+    token: &str,
+) -> Result<(), Refusal> {
+    if settings.admin_claims.is_empty() {
+        return Err(Refusal::Forbidden("no jwt.admin_claims configured".into()));
+    }
+    let claims = verify(settings, fetched, &|| {}, token)?;
+    claims_hold(&claims, &settings.admin_claims).map_err(Refusal::Forbidden)
+}
+
+/// The token's claims, once its signature, algorithm, `crit`, `exp`,
+/// `nbf` and the settings' claim rules all hold.
+fn verify(
+    settings: &JwtSettings,
+    fetched: &HashMap<String, Key>,
+    unknown_kid: &dyn Fn(),
+    token: &str,
+) -> Result<Value, Refusal> {
     let header = jsonwebtoken::decode_header(token).map_err(|e| Refusal::Invalid(e.to_string()))?;
     refuse_critical_extensions(token)?;
     let key = match &header.kid {
@@ -220,15 +257,7 @@ pub fn authorize(
         _ => Refusal::Invalid(e.to_string()),
     })?;
     claims_hold(&data.claims, &settings.claims).map_err(Refusal::Forbidden)?;
-    Ok(Authorized {
-        sub: data
-            .claims
-            .get("sub")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string(),
-        exp: data.claims.get("exp").and_then(Value::as_u64).unwrap_or(0),
-    })
+    Ok(data.claims)
 }
 
 /// RFC 7515 §4.1.11: a header whose `crit` names extensions the recipient

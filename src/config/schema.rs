@@ -105,6 +105,9 @@ pub struct RawJwt {
     /// `claims_verification` is the other system's name.
     #[serde(default, alias = "claims_verification")]
     pub claims: Option<Vec<RawClaim>>,
+    /// Rules a token must also satisfy to call the admin API.
+    #[serde(default)]
+    pub admin_claims: Option<Vec<RawClaim>>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub leeway_seconds: Option<u64>,
 }
@@ -137,6 +140,8 @@ pub struct RawTokenSource {
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct RawClaim {
+    /// `name` is how the other system's documentation writes it.
+    #[serde(alias = "name")]
     pub claim: String,
     pub operator: String,
     #[serde(default)]
@@ -336,6 +341,8 @@ impl RawJwt {
                 .or(top.jwks_refresh_interval_secs),
             token_sources: self.token_sources.clone().or(top.token_sources),
             claims: self.claims.clone().or(top.claims),
+            // The admin API is guarded by the top-level settings only.
+            admin_claims: None,
             leeway_seconds: self.leeway_seconds.or(top.leeway_seconds),
         }
     }

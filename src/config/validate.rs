@@ -482,7 +482,7 @@ fn jwt(
     if raw.enabled != Some(true) {
         return None;
     }
-    use crate::access::jwt::{ClaimRule, JwtSettings, Op, Source};
+    use crate::access::jwt::{JwtSettings, Source};
     let mut s = JwtSettings {
         leeway: raw.leeway_seconds.unwrap_or(30),
         ..JwtSettings::default()
@@ -565,8 +565,31 @@ fn jwt(
     if raw.token_sources.is_none() {
         s.sources.push(Source::Bearer);
     }
-    for (i, c) in raw.claims.iter().flatten().enumerate() {
-        let at = format!("{at0}.claims[{i}]");
+    s.claims = claim_rules(raw.claims.as_deref(), &format!("{at0}.claims"), p);
+    s.admin_claims = claim_rules(
+        raw.admin_claims.as_deref(),
+        &format!("{at0}.admin_claims"),
+        p,
+    );
+    if s.default_key.is_none() && s.keys.is_empty() && s.jwks.is_none() {
+        p.at(
+            at0,
+            "enabled with no key: set secret, rsa_public_key_path, ecdsa_public_key_path, keys or jwks_url",
+        );
+    }
+    Some(std::sync::Arc::new(s))
+}
+
+/// Claim rules as written at `list_at`, each checked.
+fn claim_rules(
+    raw: Option<&[RawClaim]>,
+    list_at: &str,
+    p: &mut Problems,
+) -> Vec<crate::access::jwt::ClaimRule> {
+    use crate::access::jwt::{ClaimRule, Op};
+    let mut out = Vec::new();
+    for (i, c) in raw.unwrap_or_default().iter().enumerate() {
+        let at = format!("{list_at}[{i}]");
         let Some(op) = Op::parse(&c.operator) else {
             p.at(
                 &format!("{at}.operator"),
@@ -596,19 +619,13 @@ fn jwt(
                 "must be a string for ends_with and starts_with",
             );
         }
-        s.claims.push(ClaimRule {
+        out.push(ClaimRule {
             claim: c.claim.clone(),
             op,
             value,
         });
     }
-    if s.default_key.is_none() && s.keys.is_empty() && s.jwks.is_none() {
-        p.at(
-            at0,
-            "enabled with no key: set secret, rsa_public_key_path, ecdsa_public_key_path, keys or jwks_url",
-        );
-    }
-    Some(std::sync::Arc::new(s))
+    out
 }
 
 /// One verification key: `alg` decides which of (secret, RSA PEM path, EC

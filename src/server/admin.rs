@@ -1,6 +1,9 @@
 //! Admin endpoints on the metrics listener (never the public port), on only
-//! when `admin.token` is configured; every request needs
-//! `Authorization: Bearer <token>`, compared in constant time.
+//! when `admin.token` or `jwt.admin_claims` is configured; every request
+//! needs `Authorization: Bearer <credential>`: the admin token (compared in
+//! constant time), or a JWT that verifies under the top-level `jwt`
+//! settings and whose claims satisfy both `jwt.claims` and
+//! `jwt.admin_claims` (the other system's guard).
 //!
 //! - `POST /admin/reload`: re-reads the config file, exactly as SIGHUP does
 //!   (200 with the new bucket and replica counts, or 422 listing every
@@ -30,21 +33,50 @@ pub fn handle(
     path: &str,
     authorization: Option<&str>,
 ) -> Answer {
-    let Some(token) = process.current().config.admin_token.clone() else {
+    let generation = process.current();
+    let token = generation.config.admin_token.clone();
+    let by_claims = generation
+        .config
+        .jwt
+        .clone()
+        .filter(|j| !j.admin_claims.is_empty());
+    if token.is_none() && by_claims.is_none() {
         return text(
             404,
-            "not found; admin endpoints are off (set admin.token)\n",
+            "not found; admin endpoints are off (set admin.token or jwt.admin_claims)\n",
         );
-    };
+    }
     let given = authorization
         .and_then(|a| a.strip_prefix("Bearer "))
         .unwrap_or("");
-    if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-        return text(
-            401,
-            "admin endpoints need Authorization: Bearer <admin.token>\n",
-        );
+    let by_token = token
+        .as_deref()
+        .is_some_and(|t| constant_time_eq(given.as_bytes(), t.as_bytes()));
+    if !by_token {
+        let Some(jwt) = by_claims else {
+            return text(
+                401,
+                "admin endpoints need Authorization: Bearer <admin.token>\n",
+            );
+        };
+        use crate::access::jwt::Refusal;
+        match crate::access::jwt::authorize_admin(&jwt, &process.jwks.keys(), given) {
+            Ok(()) => {}
+            Err(Refusal::Forbidden(_)) => {
+                return text(
+                    403,
+                    "admin access denied: the token's claims do not satisfy jwt.admin_claims\n",
+                );
+            }
+            Err(_) => {
+                return text(
+                    401,
+                    "admin endpoints need Authorization: Bearer <admin.token or a valid admin JWT>\n",
+                );
+            }
+        }
     }
+    drop(generation);
     if (method, path) == ("POST", "/admin/reload") {
         return reload(process);
     }
