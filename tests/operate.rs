@@ -81,3 +81,90 @@ fn the_shipped_unit_file_verifies() {
         .collect();
     assert!(ours.is_empty(), "{text}");
 }
+
+fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    match std::process::Command::new(cmd).args(args).output() {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// The package (deploy/debian/build.sh, dpkg-deb) installs the binary, the
+/// config as a conffile, the unit and the system user; the installed
+/// binary checks the installed config; a purge removes it all.
+#[test]
+fn the_debian_package_installs_checks_and_purges_cleanly() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !run("dpkg", &["--version"]).0 {
+        eprintln!("needs root and dpkg; skipped");
+        return;
+    }
+    if run("dpkg", &["-s", "yatagarasu"]).0 {
+        eprintln!("a yatagarasu package is installed on this machine; left alone, skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let deb = dir.path().join("yatagarasu.deb");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/debian/build.sh");
+    let deb_path = deb.to_str().expect("utf-8 path");
+    let out = std::process::Command::new("bash")
+        .args([script, env!("CARGO_BIN_EXE_yatagarasu"), deb_path])
+        .env("DEB_COMPRESSION", "gzip")
+        .output()
+        .expect("bash");
+    let (ok, out) = (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = run("dpkg", &["-i", deb_path]);
+    assert!(ok, "{out}");
+    let installed = || {
+        assert!(std::path::Path::new("/usr/bin/yatagarasu").exists());
+        assert!(std::path::Path::new("/lib/systemd/system/yatagarasu.service").exists());
+        assert!(run("getent", &["passwd", "yatagarasu"]).0, "no system user");
+        let (ok, out) = run(
+            "/usr/bin/yatagarasu",
+            &["--check", "--config", "/etc/yatagarasu/config.yaml"],
+        );
+        assert!(ok, "{out}");
+        let (_, conffiles) = run("dpkg-query", &["-W", "-f=${Conffiles}", "yatagarasu"]);
+        assert!(
+            conffiles.contains("/etc/yatagarasu/config.yaml"),
+            "{conffiles}"
+        );
+        // An operator's edit survives reinstalling the package.
+        let edited = std::fs::read_to_string("/etc/yatagarasu/config.yaml")
+            .expect("config")
+            .replace("max_cache_size_mb: 512", "max_cache_size_mb: 256");
+        std::fs::write("/etc/yatagarasu/config.yaml", &edited).expect("edit");
+        let (ok, out) = run("dpkg", &["-i", "--force-confold", deb_path]);
+        assert!(ok, "{out}");
+        let now = std::fs::read_to_string("/etc/yatagarasu/config.yaml").expect("config");
+        assert!(
+            now.contains("max_cache_size_mb: 256"),
+            "the conffile was replaced"
+        );
+    };
+    let outcome = std::panic::catch_unwind(installed);
+    // Whatever happened, the machine is left as it was.
+    let (purged, out) = run("dpkg", &["--purge", "yatagarasu"]);
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e);
+    }
+    assert!(purged, "{out}");
+    assert!(!std::path::Path::new("/usr/bin/yatagarasu").exists());
+    assert!(!std::path::Path::new("/etc/yatagarasu/config.yaml").exists());
+    assert!(
+        !run("getent", &["passwd", "yatagarasu"]).0,
+        "the user outlived the purge"
+    );
+}
