@@ -124,12 +124,15 @@ impl ServerCertVerifier for NoVerify {
     }
 }
 
+/// TLS 1.2 sessions kept for resumption (about 200 bytes each).
+const TLS12_SESSIONS: usize = 16_384;
+
 /// Builds the listener's TLS acceptor from PEM files (`server.tls`).
 pub fn acceptor(cert_file: &str, key_file: &str) -> Result<monoio_rustls::TlsAcceptor, String> {
     let certs = load_pem_certs(cert_file)?;
     let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| format!("cannot read a private key from {key_file:?}: {e}"))?;
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?
         .with_no_client_auth()
@@ -137,5 +140,12 @@ pub fn acceptor(cert_file: &str, key_file: &str) -> Result<monoio_rustls::TlsAcc
         .map_err(|e| {
             format!("{cert_file:?} and {key_file:?} do not make a usable certificate: {e}")
         })?;
+    // Resumption. This one config is shared by every worker, so a ticket
+    // or a cached session from one worker resumes on any other: TLS 1.3
+    // tickets from rustls's ticketer (its keys rotate every 6 hours, the
+    // previous key still accepted), TLS 1.2 sessions in a bounded cache.
+    config.ticketer =
+        rustls::crypto::ring::Ticketer::new().map_err(|e| format!("TLS tickets: {e}"))?;
+    config.session_storage = rustls::server::ServerSessionMemoryCache::new(TLS12_SESSIONS);
     Ok(monoio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

@@ -309,3 +309,68 @@ fn head_and_body_written_together_arrive_whole_over_tls() {
         .count();
     assert_eq!(gets, 3, "the second round came from the cache");
 }
+
+/// Issue #28: clients resume their TLS sessions (TLS 1.3 tickets, from a
+/// ticketer shared by every worker; a session cache for TLS 1.2), as
+/// `openssl s_client -sess_out` / `-sess_in` sees it.
+#[test]
+fn clients_resume_tls_sessions_with_any_worker() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!("openssl is not installed; skipped");
+        return;
+    }
+    let s3 = backend();
+    let ca = TestCa::new("resumption CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.leaf_pem_files(dir.path());
+    let port = free_port();
+    let cfg = format!(
+        "server:\n  address: \"127.0.0.1:{port}\"\n  workers: 2\n  tls:\n    cert_file: \"{cert}\"\n    key_file: \"{key}\"\n{}",
+        single_bucket("/s", "data-bucket", &s3.endpoint())
+    );
+    let _proxy = Proxy::start(&cfg);
+    let session = dir.path().join("session.pem");
+    let connect = |version: &str, resume: bool| {
+        use std::io::Write;
+        let mut cmd = std::process::Command::new("openssl");
+        cmd.args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            version,
+            "-ign_eof",
+        ]);
+        cmd.arg(if resume { "-sess_in" } else { "-sess_out" })
+            .arg(&session);
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("openssl s_client");
+        // A request, so the client reads what the server sends after the
+        // handshake (TLS 1.3 tickets); the server closes after answering.
+        let _ = child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"GET /s/hello.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let out = child.wait_with_output().expect("s_client output");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for version in ["-tls1_3", "-tls1_2"] {
+        let first = connect(version, false);
+        assert!(first.contains("over TLS"), "{version}: {first}");
+        assert!(first.contains("New,"), "{version}: {first}");
+        // Two workers: resumed whichever one the kernel picks, each time.
+        for _ in 0..4 {
+            let again = connect(version, true);
+            assert!(again.contains("Reused,"), "{version} not resumed: {again}");
+            assert!(again.contains("over TLS"), "{version}: {again}");
+        }
+    }
+}
