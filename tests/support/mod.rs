@@ -373,14 +373,19 @@ impl Proxy {
                 digits.parse::<u16>().ok()
             })
         };
-        let port = find("address: \"127.0.0.1:").unwrap_or_else(free_port);
+        // `host:port`, or the other system's host with `port:` after it.
+        let port = find("address: \"127.0.0.1:")
+            .or_else(|| find("  address: \"127.0.0.1\"\n  port: "))
+            .unwrap_or_else(free_port);
         // Two free ports asked for in a row can be the same one.
-        let metrics_port = find("  port: ").unwrap_or_else(|| loop {
-            let p = free_port();
-            if p != port {
-                break p;
-            }
-        });
+        let metrics_port = find("metrics:\n  enabled: true\n  port: ")
+            .or_else(|| find("  port: ").filter(|p| *p != port))
+            .unwrap_or_else(|| loop {
+                let p = free_port();
+                if p != port {
+                    break p;
+                }
+            });
         let mut config = String::new();
         if !body.contains("server:") {
             config.push_str(&format!(
