@@ -7,9 +7,8 @@
 
 mod support;
 
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use support::http;
 use support::*;
 
@@ -22,19 +21,11 @@ fn server() -> String {
 }
 
 fn token(secret: &str, claims: serde_json::Value) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("token")
+    hs256_token(secret, &claims)
 }
 
 fn exp() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-        + 600
+    unix_now() + 600
 }
 
 #[test]

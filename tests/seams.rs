@@ -6,10 +6,10 @@
 
 mod support;
 
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::json;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use support::http::{self, Conn};
 use support::rogue::{Rogue, Seen, Step};
 use support::*;
@@ -17,19 +17,11 @@ use support::*;
 const SECRET: &str = "seams-hmac-secret-0123456789";
 
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    unix_now()
 }
 
 fn hs256(claims: serde_json::Value) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("token")
+    hs256_token(SECRET, &claims)
 }
 
 /// A 10-byte object, "0123456789", with an ETag; honours a `bytes=a-b`

@@ -614,6 +614,24 @@ pub fn single_bucket(prefix: &str, bucket: &str, endpoint: &str) -> String {
 }
 
 /// sha256 hex of `data`.
+/// An HS256 JWT of `claims` signed with `secret`.
+pub fn hs256_token(secret: &str, claims: &serde_json::Value) -> String {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("token")
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 pub fn sha256(data: &[u8]) -> String {
     use sha2::Digest;
     let d = sha2::Sha256::digest(data);
