@@ -539,3 +539,23 @@ fn every_schema_problem_is_listed_in_one_run() {
     }
     assert!(out.contains("(5 problems)"), "{out}");
 }
+
+/// A bucket's `auth.jwt` keys that could not do what they say there are
+/// refused, not ignored.
+#[test]
+fn bucket_jwt_keys_that_apply_elsewhere_are_refused() {
+    let bucket = GOOD.replacen(
+        "    s3:",
+        "    auth:\n      enabled: true\n      jwt:\n        enabled: false\n        secret: \"s\"\n        jwks_url: \"https://idp.example/jwks\"\n        admin_claims:\n          - { claim: \"role\", operator: \"equals\", value: \"admin\" }\n    s3:",
+        1,
+    );
+    let (code, out) = check(&bucket, &ENV);
+    assert_eq!(code, 1);
+    for needle in [
+        "buckets[0].auth.jwt.jwks_url: a JWK set is fetched for the top-level jwt only",
+        "buckets[0].auth.jwt.admin_claims: the admin API is guarded by the top-level jwt only",
+        "buckets[0].auth.jwt.enabled: is false while the bucket's auth.enabled is true",
+    ] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+}

@@ -244,6 +244,18 @@ fn buckets(
                         "a JWK set is fetched for the top-level jwt only; set jwks_url there",
                     );
                 }
+                if own.admin_claims.is_some() {
+                    p.at(
+                        &format!("{at}.auth.jwt.admin_claims"),
+                        "the admin API is guarded by the top-level jwt only; set admin_claims there",
+                    );
+                }
+                if own.enabled == Some(false) {
+                    p.at(
+                        &format!("{at}.auth.jwt.enabled"),
+                        "is false while the bucket's auth.enabled is true; auth.enabled decides",
+                    );
+                }
                 let merged = own.over(top_jwt);
                 jwt(&merged, &format!("{at}.auth.jwt"), p)
             }
