@@ -110,8 +110,7 @@ impl WorkerGeneration {
     /// The one place a replica failure is recorded.
     pub(super) fn record_failure(&self, rid: usize, admit: Admit, cause: Cause) {
         if cause == Cause::RateLimited {
-            // Nothing was sent: counted with the 429s it may become.
-            self.core.metrics.borrow_mut().rate_limited("bucket");
+            // Nothing was sent (counted by `pay_upstream`).
             self.release(rid, admit);
             return;
         }

@@ -115,6 +115,7 @@ impl WorkerGeneration {
             };
             let wait = Duration::from_millis(wait_ms);
             if Instant::now() + wait > deadline {
+                self.core.metrics.borrow_mut().rate_limited("bucket");
                 return Err(Failure::new(
                     Cause::RateLimited,
                     format!("bucket's upstream rate limit: next request allowed in {wait_ms} ms"),

@@ -128,8 +128,8 @@ impl WorkerGeneration {
         (start, timeouts): (usize, Timeouts),
     ) -> Outcome {
         use super::cache::{Signal, Streamed};
-        let (Some(shared), Some(head)) = (fill.shared(), fill.shared().and_then(|f| f.head()))
-        else {
+        let shared = fill.shared();
+        let Some((shared, head)) = shared.and_then(|f| f.head().map(|h| (f, h))) else {
             // No head set: nothing shares this fill (not reached).
             fill.fail();
             c.give_response(answer.resp);

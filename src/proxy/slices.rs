@@ -389,23 +389,18 @@ impl WorkerGeneration {
                     continue;
                 }
             };
-            match self.take_slice(c, answer, (want, epoch), resume).await {
-                Ok(got) => {
-                    self.record_answer(rid, admit);
-                    self.judge_5xx(&answered_5xx, true);
-                    return Ok(got);
-                }
-                Err(Taken::Refused(e)) => {
-                    // A well-formed answer that is not this slice.
-                    self.record_answer(rid, admit);
-                    self.judge_5xx(&answered_5xx, true);
-                    return Err(e);
-                }
+            let taken = match self.take_slice(c, answer, (want, epoch), resume).await {
                 Err(Taken::ReplicaFailed(cause)) => {
                     self.record_failure(rid, admit, cause);
                     continue;
                 }
-            }
+                // A well-formed answer that is not this slice: answered.
+                Err(Taken::Refused(e)) => Err(e),
+                Ok(got) => Ok(got),
+            };
+            self.record_answer(rid, admit);
+            self.judge_5xx(&answered_5xx, true);
+            return taken;
         }
         self.judge_5xx(&answered_5xx, false);
         Err(SliceError::Failed)

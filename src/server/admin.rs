@@ -160,20 +160,37 @@ pub fn handle(
 
 /// `<bucket>` or `<bucket>/<key>` (the key as a client writes it in a URL).
 fn purge(process: &Process, cache: &store::MemoryStore, target: &str) -> Answer {
+    match purge_counts(process, cache, target) {
+        Ok((purged, purged_disk)) => (
+            200,
+            "application/json",
+            serde_json::json!({ "purged": purged, "purged_disk": purged_disk }).to_string(),
+        ),
+        Err(refused) => refused,
+    }
+}
+
+/// Purges `<bucket>` or `<bucket>/<key>`: entries dropped from memory and
+/// from disk, or the answer refusing it.
+fn purge_counts(
+    process: &Process,
+    cache: &store::MemoryStore,
+    target: &str,
+) -> Result<(usize, usize), Answer> {
     let (bucket, key) = match target.split_once('/') {
         Some((b, k)) => (b, Some(k)),
         None => (target, None),
     };
     let generation = process.current();
     if !generation.config.buckets.iter().any(|b| b.name == bucket) {
-        return text(404, "no such bucket\n");
+        return Err(text(404, "no such bucket\n"));
     }
     let prefix = match key {
         None => store::bucket_prefix(bucket),
         Some(k) => {
             let mut decoded = String::new();
             if crate::router::decode_path(format!("/{k}").as_bytes(), &mut decoded).is_err() {
-                return text(400, "malformed key\n");
+                return Err(text(400, "malformed key\n"));
             }
             let mut encoded = String::new();
             crate::router::encode_key(&decoded[1..], &mut encoded);
@@ -193,11 +210,7 @@ fn purge(process: &Process, cache: &store::MemoryStore, target: &str) -> Answer 
         entries = purged,
         disk_entries = purged_disk
     );
-    (
-        200,
-        "application/json",
-        serde_json::json!({ "purged": purged, "purged_disk": purged_disk }).to_string(),
-    )
+    Ok((purged, purged_disk))
 }
 
 /// `POST /admin/reload`: the SIGHUP path (`server::reload`).
@@ -226,12 +239,12 @@ fn purge_all(process: &Process, cache: &store::MemoryStore) -> Answer {
         .iter()
         .map(|b| b.name.clone())
         .collect();
-    let (mut purged, mut purged_disk) = (0u64, 0u64);
+    let (mut purged, mut purged_disk) = (0, 0);
     for name in &names {
-        let (_, _, body) = purge(process, cache, name);
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        purged += v["purged"].as_u64().unwrap_or(0);
-        purged_disk += v["purged_disk"].as_u64().unwrap_or(0);
+        if let Ok((memory, disk)) = purge_counts(process, cache, name) {
+            purged += memory;
+            purged_disk += disk;
+        }
     }
     (
         200,
