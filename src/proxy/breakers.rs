@@ -2,6 +2,7 @@
 //! every use, transitions published for the other cores and logged.
 
 use super::*;
+use crate::upstream::cursor::{Ledger, ReplicaCursor};
 
 impl WorkerGeneration {
     // ---- breakers: local copy, synchronised with the shared snapshot ----
@@ -126,43 +127,6 @@ impl WorkerGeneration {
         self.record(rid, admit, false);
     }
 
-    /// Judges the 5xx answers a request got once its other attempts are
-    /// known: each the replica's failure, or the request's (breaker untouched).
-    pub(super) fn judge_5xx(&self, answered: &[(usize, Admit, Cause)], answered_elsewhere: bool) {
-        let last = answered
-            .iter()
-            .map(|(rid, _, _)| {
-                self.shared.replicas[*rid]
-                    .last_answer_ms
-                    .load(Ordering::Relaxed)
-            })
-            .max()
-            .unwrap_or(0);
-        for &(rid, admit, cause) in answered {
-            self.judge_failure(rid, admit, cause, answered_elsewhere, last);
-        }
-    }
-
-    fn judge_failure(
-        &self,
-        rid: usize,
-        admit: Admit,
-        cause: Cause,
-        answered_elsewhere: bool,
-        last_answer_ms: u64,
-    ) {
-        match blame(cause, answered_elsewhere, last_answer_ms, now_ms()) {
-            Blame::Replica => self.record_failure(rid, admit, cause),
-            Blame::Request => {
-                self.core
-                    .metrics
-                    .borrow_mut()
-                    .request_caused(self.mid(rid), cause.label());
-                self.release(rid, admit);
-            }
-        }
-    }
-
     pub(super) fn release(&self, rid: usize, admit: Admit) {
         self.breakers.borrow_mut()[rid].breaker.release(admit);
     }
@@ -182,5 +146,49 @@ impl WorkerGeneration {
             from = from.as_str(),
             to = to.as_str(),
         );
+    }
+}
+
+/// A request's walk over its replicas (`upstream::cursor`) on this core's
+/// breakers.
+pub(super) type Cursor<'a> = ReplicaCursor<'a, WorkerGeneration>;
+
+impl Ledger for WorkerGeneration {
+    fn admit(&self, rid: usize) -> Admit {
+        WorkerGeneration::admit(self, rid, now_ms())
+    }
+    fn replica_failed(&self, rid: usize, admit: Admit, cause: Cause) {
+        self.record_failure(rid, admit, cause);
+    }
+    fn request_failed(&self, rid: usize, admit: Admit, cause: Cause) {
+        self.core
+            .metrics
+            .borrow_mut()
+            .request_caused(self.mid(rid), cause.label());
+        WorkerGeneration::release(self, rid, admit);
+    }
+    fn release(&self, rid: usize, admit: Admit) {
+        WorkerGeneration::release(self, rid, admit);
+    }
+    fn answered_head(&self, rid: usize, admit: Admit) {
+        self.record_head(rid, admit);
+    }
+    fn answered_whole(&self, rid: usize, admit: Admit) {
+        self.record_answer(rid, admit);
+    }
+    fn body_whole(&self, rid: usize) {
+        self.record_body_whole(rid);
+    }
+    fn last_answer_ms(&self, rid: usize) -> u64 {
+        self.shared.replicas[rid]
+            .last_answer_ms
+            .load(Ordering::Relaxed)
+    }
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
+    fn failover(&self, from: usize, to: usize) {
+        let (from, to) = (self.mid(from), self.mid(to));
+        self.core.metrics.borrow_mut().failover(from, to);
     }
 }

@@ -22,6 +22,7 @@
 //!
 //! [`serve_waiter`]: WorkerGeneration::serve_waiter
 
+use super::session::Phase;
 use super::*;
 use crate::cache::collapse::{End, Event, FillHead, Role, SharedFill};
 use crate::cache::policy::{self, Precondition, RangeAnswer};
@@ -85,6 +86,30 @@ impl CacheUse {
 }
 
 impl WorkerGeneration {
+    /// Phase "lookup": the disk tier, then slices (a large object's
+    /// ranges), then the memory tier, which may hand this request a fill
+    /// in flight to follow. `Err(outcome)`: a copy answered; `Ok(())`: a
+    /// miss, to forward (this request may lead the fill).
+    pub(super) async fn lookup(&self, c: &mut Client, bucket: usize, key: &str) -> Phase<()> {
+        let mut promoted = None;
+        if self.shared.process.disk.is_some() {
+            if let Some(o) = self.serve_from_disk(c, bucket, key).await {
+                return Err(o);
+            }
+            promoted = self.promote_from_disk(c, bucket, key).await;
+        }
+        if self.wants_slices(c, bucket) {
+            if let Some(o) = Box::pin(self.serve_sliced(c, bucket, key)).await {
+                return Err(o);
+            }
+        }
+        match self.cache_lookup(c, bucket, key, promoted) {
+            Ok(Some(copy)) => Err(self.serve_cached(c, bucket, &copy, "HIT").await),
+            Ok(None) => Ok(()),
+            Err(fill) => Err(Box::pin(self.serve_waiter(c, bucket, fill, key)).await),
+        }
+    }
+
     /// The cache key of `key` (URI-encoded) in `bucket`, with the forwarded
     /// query and the bucket's origin (see `cache::store::key`).
     pub(super) fn cache_key(&self, bucket: usize, key: &str, query: &str) -> String {
@@ -954,7 +979,7 @@ impl WorkerGeneration {
                 // No shared answer: fetch for ourselves, without caching (a
                 // stale copy found by the lookup still answers an outage).
                 c.s.cache = CacheUse::Bypass;
-                return self.proxy(c, bucket, key).await;
+                return self.forward(c, bucket, key).await;
             }
         };
         let mid = self.shared.bucket_metric[bucket];

@@ -1,24 +1,13 @@
-//! Serving requests: per-core state ([`Worker`], [`WorkerGeneration`]) and the request
-//! path as named steps, one file each:
+//! Serving requests: per-core state ([`Worker`], [`WorkerGeneration`]) and
+//! the request path as named phases, listed in order in `session.rs`, one
+//! file each (read and log: `connection.rs`; route; access; lookup:
+//! `cache.rs`; forward; respond: `relay.rs`, `resume.rs`).
 //!
-//! ```text
-//! connection.rs  read a head within limits -> handle -> finish (metrics,
-//!                access log) -> keep alive, park, or close
-//! flow.rs        handle: route (prefix -> bucket, key, query) -> plan
-//!                (priority, weight, breakers) -> try_replicas -> relay, or
-//!                all_failed (502) / all_open (503 + Retry-After)
-//! attempt.rs     one replica: build and sign the request, send it, read the
-//!                final head within timeout_seconds, classify (answer/failure)
-//! relay.rs       stream the answer's body to the client (copy or splice)
-//! resume.rs      a body that broke mid-way continues from the next replica
-//!                with Range + If-Match, or the client connection is reset
-//! breakers.rs    per-core breaker copies; recording answers and failures
-//!                (blame: replica or request) in one place
-//! ```
-//!
-//! What counts as a replica *failure* is documented in the README ("What is a
-//! replica failure") and decided by `upstream::client::Cause` and
-//! `upstream::blame`.
+//! Every upstream request a client request causes (the first answer, a
+//! resumed body, a cache slice) walks its plan of replicas with one
+//! `upstream::cursor::ReplicaCursor` on this core's breakers
+//! (`breakers.rs`): one blame rule (`upstream::blame`, documented in the
+//! README's "What is a replica failure"), one half-open accounting.
 
 use crate::config::{Level, Replica};
 use crate::http::body::{self, PumpError, Pumped, Timeouts};
@@ -31,19 +20,22 @@ use crate::metrics::WorkerMetrics;
 use crate::router::{self, RouteError};
 use crate::s3::{self, Signer};
 use crate::shared::{now_ms, Generation, Process};
-use crate::upstream::blame::{blame, Blame};
 use crate::upstream::client::{self as upclient, Cause};
 
+mod access;
 mod attempt;
 mod breakers;
+use breakers::Cursor;
 mod cache;
 mod connection;
-mod flow;
+mod forward;
 mod limits;
 pub mod lot;
 pub mod park;
 mod relay;
 mod resume;
+mod route;
+mod session;
 mod slices;
 use crate::stream::{ClientStream, MaybeTls};
 use crate::upstream::breaker::{Admit, Breaker, State};

@@ -11,13 +11,13 @@ const COALESCE_MAX: usize = 16 * 1024;
 
 impl WorkerGeneration {
     /// Streams an answer to the client; if the body breaks, resumes it on the
-    /// replicas after `ctx.order[next..]`.
+    /// rest of the cursor's plan.
     pub(super) async fn relay(
         &self,
         c: &mut Client,
         ctx: &RequestCtx<'_>,
         mut answer: Answer,
-        next: usize,
+        cursor: &mut Cursor<'_>,
     ) -> Outcome {
         let framing = answer.resp.framing();
         let timeouts = Timeouts {
@@ -41,7 +41,7 @@ impl WorkerGeneration {
             return out;
         }
         if let Some(f) = fill.take_if(|f| f.shared().is_some()) {
-            return Box::pin(self.relay_filling(c, ctx, answer, next, f, out, (start, timeouts)))
+            return Box::pin(self.relay_filling(c, ctx, answer, cursor, f, out, (start, timeouts)))
                 .await;
         }
         let tee = fill.as_mut().map(|f| f as &mut dyn body::Tee);
@@ -58,7 +58,7 @@ impl WorkerGeneration {
             .await;
         match pumped {
             Ok(p) => {
-                self.record_body_whole(answer.rid);
+                cursor.body_whole();
                 out.bytes += p.sent;
                 let reusable =
                     upclient::reusable(&answer.resp, &answer.conn, answer.head_len, p.reusable);
@@ -78,6 +78,7 @@ impl WorkerGeneration {
             }
             Err((PumpError::ClientStalled(cause), sent)) => {
                 out.bytes += sent;
+                cursor.body_abandoned();
                 self.client_stalled(c, answer.rid, cause);
                 if let Some(f) = &fill {
                     f.fail();
@@ -88,15 +89,14 @@ impl WorkerGeneration {
             }
             Err((PumpError::Upstream(cause), sent)) => {
                 out.bytes += sent;
-                self.record_failure(answer.rid, Admit::Normal, cause);
-                let rest = &ctx.order[next.min(ctx.order.len())..];
+                cursor.body_broke(cause);
                 let tee = fill.as_mut().map(|f| f as &mut dyn body::Tee);
                 // Boxed: a break mid-body is rare, and resuming holds a
                 // whole attempt; inline, every relay's state would be that
                 // much larger.
                 let broken = (answer.rid, answer.resp);
                 let resumed =
-                    Box::pin(self.resume(c, ctx, broken, out.bytes, rest, (timeouts, tee))).await;
+                    Box::pin(self.resume(c, ctx, broken, out.bytes, cursor, (timeouts, tee))).await;
                 if !resumed.complete {
                     if let Some(f) = &fill {
                         f.fail();
@@ -122,7 +122,7 @@ impl WorkerGeneration {
         c: &mut Client,
         ctx: &RequestCtx<'_>,
         mut answer: Answer,
-        next: usize,
+        cursor: &mut Cursor<'_>,
         mut fill: super::cache::Fill<'_>,
         mut out: Outcome,
         (start, timeouts): (usize, Timeouts),
@@ -155,22 +155,21 @@ impl WorkerGeneration {
         out.bytes = sent;
         match fetched {
             Ok(p) => {
-                self.record_body_whole(answer.rid);
+                cursor.body_whole();
                 let conn = &answer.conn;
                 if upclient::reusable(&answer.resp, conn, answer.head_len, p.reusable) {
                     self.pool.put(answer.rid, answer.conn);
                 }
             }
             Err((PumpError::Upstream(cause) | PumpError::ClientStalled(cause), _)) => {
-                self.record_failure(answer.rid, Admit::Normal, cause);
+                cursor.body_broke(cause);
                 if streamed == Streamed::Stopped && sent == fill.filled() {
                     // The client has all the fill had: both continue
                     // together from the next replicas.
-                    let rest = &ctx.order[next.min(ctx.order.len())..];
                     let tee = Some(&mut fill as &mut dyn body::Tee);
                     let broken = (answer.rid, answer.resp);
                     let resumed =
-                        Box::pin(self.resume(c, ctx, broken, sent, rest, (timeouts, tee))).await;
+                        Box::pin(self.resume(c, ctx, broken, sent, cursor, (timeouts, tee))).await;
                     if !resumed.complete {
                         fill.fail();
                     }
@@ -201,9 +200,10 @@ impl WorkerGeneration {
             Streamed::Detached => {
                 // The stored copy went before this client caught up: the
                 // rest from the replicas, with Range + If-Match.
+                cursor.again();
                 let broken = (answer.rid, answer.resp);
                 let resumed =
-                    Box::pin(self.resume(c, ctx, broken, sent, ctx.order, (timeouts, None))).await;
+                    Box::pin(self.resume(c, ctx, broken, sent, cursor, (timeouts, None))).await;
                 out.finish_resume(resumed);
             }
             Streamed::Broken | Streamed::Stopped => {

@@ -67,15 +67,14 @@ fn continues(resp: &Response, want: &Resume<'_>) -> bool {
 impl WorkerGeneration {
     /// Continues the body of `resp`, which `rid` sent and which broke (or
     /// which a reader could no longer follow) after `sent` payload bytes,
-    /// on `rest`.
-    #[allow(clippy::too_many_arguments)]
+    /// on the rest of the cursor's plan.
     pub(super) async fn resume(
         &self,
         c: &mut Client,
         ctx: &RequestCtx<'_>,
         (rid, resp): (usize, Response),
         mut sent: u64,
-        rest: &[usize],
+        cursor: &mut Cursor<'_>,
         (timeouts, mut tee): (Timeouts, Option<&mut dyn body::Tee>),
     ) -> Resumed {
         let (Framing::Length(len), Some(base), false) =
@@ -86,14 +85,8 @@ impl WorkerGeneration {
             return Resumed::incomplete(sent);
         };
         let mut from = rid;
-        for &next in rest {
-            let admit = self.admit(next, now_ms());
-            if admit == Admit::Rejected {
-                continue;
-            }
+        while let Some(next) = cursor.next_replica() {
             self.log_resume(c, ctx, from, next, base + sent);
-            let (f, t) = (self.mid(from), self.mid(next));
-            self.core.metrics.borrow_mut().failover(f, t);
             from = next;
             let want = Resume {
                 first: base + sent,
@@ -104,7 +97,7 @@ impl WorkerGeneration {
                 timeouts,
                 tee.as_mut().map(|t| &mut **t as &mut dyn body::Tee),
             );
-            match self.continue_on(c, ctx, (next, admit), want, step).await {
+            match self.continue_on(c, ctx, cursor, next, want, step).await {
                 Continued::Finished(mut r) => {
                     r.sent += sent;
                     c.give_response(resp);
@@ -119,69 +112,65 @@ impl WorkerGeneration {
         Resumed::incomplete(sent)
     }
 
-    /// Asks `rid` for the rest of the body and streams what it sends.
+    /// Asks `rid` (the cursor's turn) for the rest of the body and streams
+    /// what it sends.
     async fn continue_on(
         &self,
         c: &mut Client,
         ctx: &RequestCtx<'_>,
-        (rid, admit): (usize, Admit),
+        cursor: &mut Cursor<'_>,
+        rid: usize,
         want: Resume<'_>,
         (timeouts, tee): (Timeouts, Option<&mut dyn body::Tee>),
     ) -> Continued {
         let mut a = match self.attempt(c, ctx, rid, Some(want)).await {
             Ok(a) => a,
             Err(f) => {
-                self.record_failure(rid, admit, f.cause);
+                cursor.failed(f.cause);
                 return Continued::Refused;
             }
         };
         let remaining = want.last - want.first + 1;
         if !continues(&a.resp, &want) {
             // 412 (the ETag changed) or another answer: not this body.
-            self.release(rid, admit);
+            cursor.release_turn();
             c.give_response(a.resp);
             let msg = "Replica cannot resume the body with the same ETag at the same offset";
             let why = "not a single-range 206 of that ETag at the offset asked for";
             self.log_replica(Level::Warn, msg, c, ctx, rid, why);
             return Continued::Refused;
         }
-        self.record_head(rid, admit);
+        cursor.answered_head();
         self.core.metrics.borrow_mut().resume(self.mid(rid));
         let (up, buf) = (&mut a.conn.stream, &mut a.conn.buf);
         let client = &mut c.stream;
         let pumped = body::length(up, buf, a.head_len, remaining, client, timeouts, tee).await;
+        let finished = |sent, complete| {
+            Continued::Finished(Resumed {
+                sent,
+                complete,
+                replica: Some(rid),
+            })
+        };
         let result = match pumped {
             Ok(p) => {
-                self.record_body_whole(rid);
+                cursor.body_whole();
                 if upclient::reusable(&a.resp, &a.conn, a.head_len, p.reusable) {
                     self.pool.put(rid, a.conn);
                 }
-                let (sent, complete, replica) = (p.sent, true, Some(rid));
-                Continued::Finished(Resumed {
-                    sent,
-                    complete,
-                    replica,
-                })
+                finished(p.sent, true)
             }
             Err((PumpError::Client, sent)) => {
-                let (complete, replica) = (false, Some(rid));
-                Continued::Finished(Resumed {
-                    sent,
-                    complete,
-                    replica,
-                })
+                cursor.body_abandoned();
+                finished(sent, false)
             }
             Err((PumpError::ClientStalled(cause), sent)) => {
+                cursor.body_abandoned();
                 self.client_stalled(c, rid, cause);
-                let (complete, replica) = (false, Some(rid));
-                Continued::Finished(Resumed {
-                    sent,
-                    complete,
-                    replica,
-                })
+                finished(sent, false)
             }
             Err((PumpError::Upstream(cause), n)) => {
-                self.record_failure(rid, Admit::Normal, cause);
+                cursor.body_broke(cause);
                 Continued::Partly(n)
             }
         };

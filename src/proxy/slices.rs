@@ -355,9 +355,6 @@ impl WorkerGeneration {
             last: first + want.size - 1,
             etag: want.etag.unwrap_or(""),
         };
-        // 5xx answers are judged once the outcome is known, as in
-        // `flow::try_replicas` (see `upstream::blame`).
-        let mut answered_5xx: Vec<(usize, Admit, Cause)> = Vec::new();
         // A purge that lands while the slice is on its way wins: the slice
         // then answers this request and is not stored.
         let epoch = self
@@ -366,11 +363,8 @@ impl WorkerGeneration {
             .cache
             .as_ref()
             .map_or(0, |s| s.purge_epoch());
-        for &rid in ctx.order {
-            let admit = self.admit(rid, now_ms());
-            if admit == Admit::Rejected {
-                continue;
-            }
+        let mut cursor = Cursor::new(self, ctx.order);
+        while let Some(rid) = cursor.next_replica() {
             let t0 = Instant::now();
             let result = self.attempt(c, &ctx, rid, Some(resume)).await;
             let micros = t0.elapsed().as_micros() as u64;
@@ -380,29 +374,23 @@ impl WorkerGeneration {
                 .upstream(self.mid(rid), micros);
             let answer = match result {
                 Ok(a) => a,
-                Err(f) if f.cause.is_http_status() => {
-                    answered_5xx.push((rid, admit, f.cause));
-                    continue;
-                }
                 Err(f) => {
-                    self.record_failure(rid, admit, f.cause);
+                    cursor.failed(f.cause);
                     continue;
                 }
             };
             let taken = match self.take_slice(c, answer, (want, epoch), resume).await {
                 Err(Taken::ReplicaFailed(cause)) => {
-                    self.record_failure(rid, admit, cause);
+                    cursor.failed(cause);
                     continue;
                 }
                 // A well-formed answer that is not this slice: answered.
                 Err(Taken::Refused(e)) => Err(e),
                 Ok(got) => Ok(got),
             };
-            self.record_answer(rid, admit);
-            self.judge_5xx(&answered_5xx, true);
+            cursor.answered_whole();
             return taken;
         }
-        self.judge_5xx(&answered_5xx, false);
         Err(SliceError::Failed)
     }
 

@@ -15,7 +15,7 @@ use crate::http::head::{self, Response};
 use crate::log;
 use crate::s3::Signer;
 use crate::shared::{now_ms, Generation, Process, PROBE_FAILED, PROBE_OK};
-use crate::upstream::breaker::State;
+use crate::upstream::breaker::{Breaker, State};
 use crate::upstream::client;
 use crate::upstream::pool::Pool;
 use std::sync::atomic::Ordering;
@@ -54,7 +54,8 @@ pub async fn run(process: Arc<Process>) {
                         failed_in_a_row + 1
                     };
                     apply(&shared, rid, result, failed_in_a_row);
-                    monoio::time::sleep(interval.saturating_sub(started.elapsed())).await;
+                    let due = next_due(started, interval, Instant::now());
+                    monoio::time::sleep(due.saturating_duration_since(Instant::now())).await;
                 }
             });
         }
@@ -63,6 +64,17 @@ pub async fn run(process: Arc<Process>) {
             monoio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+}
+
+/// When the probe after one that started at `started` is due: the first
+/// tick (`started` plus a whole number of intervals) still ahead of `now`.
+/// Ticks missed while a probe or the machine was slow are skipped, never
+/// fired in a burst to catch up.
+pub fn next_due(started: Instant, interval: Duration, now: Instant) -> Instant {
+    let interval = interval.max(Duration::from_millis(1));
+    let late = now.saturating_duration_since(started);
+    let ticks = late.as_nanos() / interval.as_nanos() + 1;
+    started + interval * u32::try_from(ticks).unwrap_or(u32::MAX)
 }
 
 /// One probe: `Ok(status)` for any HTTP response below 500, `Err(cause)`
@@ -132,8 +144,12 @@ pub fn apply(shared: &Generation, rid: usize, result: Result<u16, String>, faile
         },
         Ordering::Relaxed,
     );
+    // The breaker's own probe transitions, on a copy of the published state.
     let published = r.breaker.load();
-    match result {
+    let mut breaker = Breaker::new(&bucket.breaker);
+    breaker.adopt(published.state, published.open_until);
+    let now = now_ms();
+    let transition = match &result {
         Ok(status) => {
             if before == PROBE_FAILED {
                 log!(
@@ -144,18 +160,7 @@ pub fn apply(shared: &Generation, rid: usize, result: Result<u16, String>, faile
                     status = status
                 );
             }
-            if published.state == State::Open {
-                r.breaker.publish(State::HalfOpen, published.open_until);
-                log!(
-                    Level::Info,
-                    "Circuit breaker state changed",
-                    bucket = bucket.name,
-                    replica = r.config.name,
-                    from = "open",
-                    to = "half-open",
-                    by = "health check",
-                );
-            }
+            breaker.probe_passed(now)
         }
         Err(cause) => {
             if before != PROBE_FAILED {
@@ -167,19 +172,51 @@ pub fn apply(shared: &Generation, rid: usize, result: Result<u16, String>, faile
                     cause = cause
                 );
             }
-            if published.state != State::Open && failed_in_a_row >= FALL {
-                let until = now_ms() + bucket.breaker.open_for.as_millis() as u64;
-                r.breaker.publish(State::Open, until);
-                log!(
-                    Level::Warn,
-                    "Circuit breaker state changed",
-                    bucket = bucket.name,
-                    replica = r.config.name,
-                    from = published.state.as_str(),
-                    to = "open",
-                    by = "health check",
-                );
-            }
+            (failed_in_a_row >= FALL)
+                .then(|| breaker.probe_failed(now))
+                .flatten()
         }
+    };
+    if let Some(t) = transition {
+        r.breaker.publish(t.to, breaker.open_until());
+        log!(
+            if t.to == State::Open {
+                Level::Warn
+            } else {
+                Level::Info
+            },
+            "Circuit breaker state changed",
+            bucket = bucket.name,
+            replica = r.config.name,
+            from = t.from.as_str(),
+            to = t.to.as_str(),
+            by = "health check",
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_on_time_waits_for_the_next_tick() {
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        assert_eq!(next_due(t0, second, t0), t0 + second);
+        let quick = t0 + Duration::from_millis(30);
+        assert_eq!(next_due(t0, second, quick), t0 + second);
+    }
+
+    #[test]
+    fn ticks_missed_by_a_slow_probe_are_skipped_not_fired_in_a_burst() {
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        // The probe (or the machine) took 3.4 intervals: the next one is at
+        // the fourth tick, once; the three missed ones never fire.
+        let late = t0 + Duration::from_millis(3_400);
+        assert_eq!(next_due(t0, second, late), t0 + second * 4);
+        // Exactly on a tick: that tick is spent, the next is due.
+        assert_eq!(next_due(t0, second, t0 + second * 2), t0 + second * 3);
     }
 }

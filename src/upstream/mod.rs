@@ -4,6 +4,7 @@
 pub mod blame;
 pub mod breaker;
 pub mod client;
+pub mod cursor;
 pub mod health;
 pub mod pool;
 pub mod select;

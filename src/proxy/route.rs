@@ -1,0 +1,86 @@
+//! Phase "route": the request's method and path decide where it goes. A
+//! method other than GET or HEAD is refused (405); the path is decoded
+//! (`router::decode_path`); `/health` and `/ready` are answered here; any
+//! other path names a bucket by its prefix, the object key (URI-encoded for
+//! S3) and the query forwarded upstream, or is answered 400 or 404.
+
+use super::session::Phase;
+use super::*;
+
+impl WorkerGeneration {
+    /// Phase "route", first half: the method, the decoded path (into
+    /// `path`), and the proxy's own endpoints.
+    pub(super) async fn decode(&self, c: &mut Client, path: &mut String) -> Phase<()> {
+        if c.s.req.method() == Method::Other {
+            return Err(self.method_not_allowed(c).await);
+        }
+        if let Err(e) = router::decode_path(&c.s.req.target, path) {
+            return Err(self.route_error(c, e).await);
+        }
+        match path.as_str() {
+            "/health" => Err(self
+                .simple_outcome(c, 200, "application/json", b"{\"status\":\"ok\"}", &[])
+                .await),
+            "/ready" => {
+                // Status only: bucket and replica names and credential state
+                // are on the metrics listener's `/ready`.
+                let (ready, _) = readiness(&self.shared);
+                let (status, body): (u16, &[u8]) = match ready {
+                    true => (200, b"{\"status\":\"ready\"}"),
+                    false => (503, b"{\"status\":\"unavailable\"}"),
+                };
+                Err(self
+                    .simple_outcome(c, status, "application/json", body, &[])
+                    .await)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Phase "route", second half: the decoded `path` -> its bucket; the
+    /// object key, URI-encoded for S3, into `key`; the forwarded query into
+    /// the request state.
+    pub(super) async fn route(&self, c: &mut Client, path: &str, key: &mut String) -> Phase<usize> {
+        let (bucket, decoded) = match self.shared.router.route(path) {
+            Ok(found) => found,
+            Err(e) => return Err(self.route_error(c, e).await),
+        };
+        c.s.query.clear();
+        if let Err(e) = router::upstream_query(&c.s.req.target, &mut c.s.query) {
+            return Err(self.route_error(c, e).await);
+        }
+        key.clear();
+        router::encode_key(decoded, key);
+        Ok(bucket)
+    }
+
+    /// A read-only proxy: 405. A body it will not read means the connection
+    /// cannot carry another request.
+    async fn method_not_allowed(&self, c: &mut Client) -> Outcome {
+        if c.s.req.has_body {
+            c.s.req.keep_alive = false;
+        }
+        self.simple_outcome(
+            c,
+            405,
+            "text/plain",
+            b"only GET and HEAD are supported",
+            &[("Allow", "GET, HEAD")],
+        )
+        .await
+    }
+
+    async fn route_error(&self, c: &mut Client, e: RouteError) -> Outcome {
+        let (status, body) = match e {
+            RouteError::BadPath(why) => (400, why.to_string()),
+            RouteError::NoBucket => (404, "no bucket is configured for this path".into()),
+            RouteError::NoKey => (404, "no object key in path".into()),
+            RouteError::BadQuery(name) => (
+                400,
+                format!("query parameter '{name}' is not supported by this read-only proxy"),
+            ),
+        };
+        self.simple_outcome(c, status, "text/plain", body.as_bytes(), &[])
+            .await
+    }
+}

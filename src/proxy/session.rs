@@ -1,0 +1,63 @@
+//! One request, start to end: the phases it runs, in order, in one place.
+//!
+//! ```text
+//! read     connection.rs  a request head within limits (keep-alive, parking)
+//! route    route.rs       method, decoded path, /health and /ready, the
+//!                         bucket by prefix, the key and forwarded query
+//! access   access.rs      client address and rate limits (before routing);
+//!                         the bucket's IP filter and JWT (after)
+//! lookup   cache.rs       disk tier, slices, memory tier, a fill to join
+//! forward  forward.rs     plan the replicas, try them through one
+//!                         `upstream::cursor::ReplicaCursor`; attempt.rs
+//!                         sends one request to one replica
+//! respond  relay.rs       the answer's head and body to the client (copy or
+//!                         splice), a broken body resumed (resume.rs), the
+//!                         cache filled on the way
+//! log      connection.rs  metrics and the access line (`finish`)
+//! ```
+//!
+//! Every phase either hands the request on or answers it ([`Phase`]);
+//! nothing after a phase that answered runs, but the log phase always does.
+
+use super::*;
+
+/// What a phase came to: `Ok(value)` hands the request to the next phase;
+/// `Err(outcome)` means this phase answered it (a refusal, a local endpoint,
+/// a cache hit) and the request goes straight to the log phase.
+pub(super) type Phase<T> = Result<T, Outcome>;
+
+impl WorkerGeneration {
+    /// Runs one parsed request's phases (read before, log after: see
+    /// `connection.rs`).
+    pub(super) async fn handle(&self, c: &mut Client) -> Outcome {
+        self.begin(c);
+        let mut path = std::mem::take(&mut c.s.path);
+        let mut key = std::mem::take(&mut c.s.upath);
+        let outcome = match self.phases(c, &mut path, &mut key).await {
+            Ok(answered) | Err(answered) => answered,
+        };
+        c.s.path = path;
+        c.s.upath = key;
+        outcome
+    }
+
+    /// route -> access -> lookup -> forward (-> respond).
+    async fn phases(&self, c: &mut Client, path: &mut String, key: &mut String) -> Phase<Outcome> {
+        self.decode(c, path).await?;
+        let client = self.admit_client(c).await?;
+        let bucket = self.route(c, path, key).await?;
+        self.access(c, client, bucket).await?;
+        self.lookup(c, bucket, key).await?;
+        Ok(self.forward(c, bucket, key).await)
+    }
+
+    /// Resets what one request keeps between phases; names the request.
+    fn begin(&self, c: &mut Client) {
+        c.s.upstream_prepaid = false;
+        if c.s.req.request_id.is_empty() {
+            let mut id = std::mem::take(&mut c.s.req.request_id);
+            self.next_request_id(&mut id);
+            c.s.req.request_id = id;
+        }
+    }
+}
