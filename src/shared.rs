@@ -137,6 +137,10 @@ pub struct Process {
     pub cache: Option<MemoryStore>,
     /// The disk cache tier, when `cache.disk.enabled` too.
     pub disk: Option<Arc<crate::cache::disk::DiskStore>>,
+    /// The Redis tier, when `cache.redis` is on (with the memory tier).
+    pub redis: Option<Arc<crate::cache::redis::RedisTier>>,
+    /// The Redis tier's write queue, until its thread takes it.
+    pub redis_queue: Mutex<Option<std::sync::mpsc::Receiver<crate::cache::redis::Write>>>,
     /// The disk tier's write queue, until its thread takes it.
     pub disk_queue: Mutex<Option<std::sync::mpsc::Receiver<crate::cache::disk::Write>>>,
     /// Cache fills under way, for collapsed forwarding.
@@ -211,6 +215,13 @@ impl Process {
             }
             _ => (None, None),
         };
+        let (redis, redis_queue) = match (&cache, &config.cache.redis) {
+            (Some(_), Some(r)) => {
+                let (tier, rx) = crate::cache::redis::RedisTier::new(r.clone());
+                (Some(tier), Some(rx))
+            }
+            _ => (None, None),
+        };
         let process = Arc::new(Process {
             config_path: config_path.to_string(),
             workers: (0..config.server.workers)
@@ -225,6 +236,8 @@ impl Process {
             cache,
             disk,
             disk_queue: Mutex::new(disk_queue),
+            redis,
+            redis_queue: Mutex::new(redis_queue),
             stale_warned: Mutex::new(HashMap::new()),
             jwks: Arc::default(),
             credentials: Arc::default(),

@@ -559,3 +559,65 @@ fn bucket_jwt_keys_that_apply_elsewhere_are_refused() {
         assert!(out.contains(needle), "{needle}: {out}");
     }
 }
+
+/// `GOOD` with a top-level `cache:` section.
+fn with_cache(cache: &str) -> String {
+    format!("{GOOD}cache:\n  enabled: true\n{cache}")
+}
+
+#[test]
+fn the_redis_tier_in_the_other_systems_shape_loads_and_names_what_has_no_effect() {
+    let text = with_cache(
+        "  cache_layers: [\"memory\", \"redis\"]\n  redis:\n    enabled: true\n    redis_url: \"redis://:pw@127.0.0.1:6380/3\"\n    redis_key_prefix: \"fleet\"\n    min_pool_size: 5\n    max_pool_size: 50\n",
+    );
+    let (code, out) = check(&text, &ENV);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("cache.redis.min_pool_size"), "{out}");
+}
+
+#[test]
+fn redis_mistakes_are_named() {
+    let redis = |body: &str| {
+        with_cache(&format!(
+            "  cache_layers: [\"memory\", \"redis\"]\n  redis:\n    enabled: true\n{body}"
+        ))
+    };
+    assert_error(
+        &redis("    redis_url: \"rediss://cache:6379\"\n"),
+        &ENV,
+        &[
+            "cache.redis.redis_url",
+            "rediss:// (TLS to Redis) is not supported yet",
+        ],
+    );
+    assert_error(
+        &redis("    redis_url: \"redis://cache:notaport\"\n"),
+        &ENV,
+        &["cache.redis.redis_url", "is not a port"],
+    );
+    assert_error(
+        &redis("    redis_key_prefix: \"x\"\n"),
+        &ENV,
+        &["cache.redis.redis_url", "is required"],
+    );
+    assert_error(
+        &redis("    redis_url: \"redis://c\"\n    redis_key_prefix: \"a{b}\"\n"),
+        &ENV,
+        &["cache.redis.redis_key_prefix", "braces"],
+    );
+    assert_error(
+        &redis("    redis_url: \"redis://c\"\n    operation_timeout_ms: 0\n"),
+        &ENV,
+        &["cache.redis.operation_timeout_ms"],
+    );
+    assert_error(
+        &with_cache("  cache_layers: [\"memory\", \"redis\"]\n"),
+        &ENV,
+        &["cache.cache_layers[1]", "needs cache.redis"],
+    );
+    assert_error(
+        &with_cache("  cache_layers: [\"memory\"]\n  redis:\n    enabled: true\n    redis_url: \"redis://c\"\n"),
+        &ENV,
+        &["cache.redis.enabled", "does not list \"redis\""],
+    );
+}

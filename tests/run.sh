@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: installs what the suite needs (s3s-fs, moto,
+# The test command: installs what the suite needs (s3s-fs, redis-server, moto,
 # kubernetes-validate) when missing, validates the Kubernetes manifests,
 # checks formatting and lints, then runs every test on the default driver
 # (io_uring where the kernel allows), the process tests again on epoll, and
@@ -11,6 +11,11 @@ export PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v s3s-fs >/dev/null 2>&1; then
   echo "== installing s3s-fs 0.14.1"
   cargo install s3s-fs@0.14.1 --features binary --locked
+fi
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  echo "== installing redis-server and redis-tools"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
 fi
 if ! python3 -c 'import moto.server' >/dev/null 2>&1; then
   echo "== installing moto"
@@ -37,6 +42,6 @@ cargo test --lib --bins --tests -- --test-threads=4
 echo "== benches compile and run once (criterion test mode)"
 cargo test --benches
 echo "== process tests again on the epoll driver"
-YATAGARASU_DRIVER=epoll cargo test --test core --test ha --test hostile --test seams --test cache --test cache_disk --test cache_slices --test access --test auth --test credentials --test reload --test tls --test pipe_budget -- --test-threads=4
+YATAGARASU_DRIVER=epoll cargo test --test core --test ha --test hostile --test seams --test cache --test cache_disk --test cache_slices --test cache_redis --test access --test auth --test credentials --test reload --test tls --test pipe_budget -- --test-threads=4
 echo "== the HA tutorial demo (tests/demo.sh)"
 HEALTH_WAIT=${HEALTH_WAIT:-10} bash tests/demo.sh

@@ -17,6 +17,7 @@ pub mod collapse;
 pub mod disk;
 pub mod open;
 pub mod policy;
+pub mod redis;
 pub mod region;
 pub mod slice;
 pub mod store;

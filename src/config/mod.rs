@@ -60,6 +60,33 @@ pub struct CacheSettings {
     /// `cache.slice_size_mb`, in bytes: range requests are served from
     /// slices of this size (`None`: ranges go upstream as they are).
     pub slice_bytes: Option<u64>,
+    /// `cache.redis`: the shared Redis tier, when enabled.
+    pub redis: Option<RedisCache>,
+}
+
+/// `cache.redis`, when enabled (see `cache::redis`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisCache {
+    /// `host:port` from `redis_url`.
+    pub address: String,
+    /// `redis_password`, or the URL's password (`AUTH`).
+    pub password: Option<String>,
+    /// The URL's user name, when it has one (`AUTH user password`).
+    pub user: Option<String>,
+    /// `redis_db`, or the URL's path (`SELECT`).
+    pub db: u32,
+    /// `redis_key_prefix`: every key this proxy writes begins with it.
+    pub prefix: String,
+    /// `redis_ttl_seconds`: how long an entry lives (capped below).
+    pub ttl: Duration,
+    /// `redis_max_ttl_seconds`: no entry lives longer.
+    pub max_ttl: Duration,
+    /// `connection_timeout_ms`.
+    pub connect_timeout: Duration,
+    /// `operation_timeout_ms`: a lookup slower than this is a miss.
+    pub operation_timeout: Duration,
+    /// `max_pool_size`: connections for the process (shared out per core).
+    pub max_connections: usize,
 }
 
 /// `cache.disk`, when enabled.

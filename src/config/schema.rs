@@ -166,6 +166,8 @@ pub struct RawCache {
     pub memory: Option<RawCacheMemory>,
     #[serde(default)]
     pub disk: Option<RawCacheDisk>,
+    #[serde(default)]
+    pub redis: Option<RawCacheRedis>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub stale_if_error_seconds: Option<u64>,
     #[serde(default, deserialize_with = "flex_opt")]
@@ -192,6 +194,34 @@ pub struct RawCacheDisk {
     pub cache_dir: Option<String>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub max_disk_cache_size_mb: Option<u64>,
+}
+
+/// `cache.redis`: the other system's keys.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheRedis {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    #[serde(default)]
+    pub redis_password: Option<String>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub redis_db: Option<u32>,
+    #[serde(default)]
+    pub redis_key_prefix: Option<String>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub redis_ttl_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub redis_max_ttl_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub connection_timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub operation_timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub min_pool_size: Option<usize>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub max_pool_size: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -323,12 +323,14 @@ fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
         stale_if_error: Duration::ZERO,
         disk: None,
         slice_bytes: None,
+        redis: None,
     };
     let Some(c) = raw else { return out };
     out.enabled = c.enabled.unwrap_or(false);
     let disk_on = c.disk.as_ref().is_some_and(|d| d.enabled == Some(true));
     let mut listed_disk = false;
     let mut listed_memory = false;
+    let mut listed_redis = false;
     for (i, layer) in c.cache_layers.iter().flatten().enumerate() {
         let at = format!("cache.cache_layers[{i}]");
         match layer.as_str() {
@@ -343,11 +345,12 @@ fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
                 }
                 listed_disk = true;
             }
-            "redis" => p.at(
+            "redis" if c.redis.is_none() => p.at(&at, "\"redis\" needs cache.redis (redis_url)"),
+            "redis" => listed_redis = true,
+            other => p.at(
                 &at,
-                "the Redis tier is not supported yet; remove \"redis\" (and cache.redis)",
+                format_args!("{other:?} is not one of memory, disk, redis"),
             ),
-            other => p.at(&at, format_args!("{other:?} is not one of memory, disk")),
         }
     }
     if listed_disk && !listed_memory && out.enabled {
@@ -396,6 +399,18 @@ fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
             });
         }
     }
+    if let Some(r) = &c.redis {
+        let on = r.enabled.unwrap_or(listed_redis) || listed_redis;
+        if r.enabled == Some(true) && c.cache_layers.is_some() && !listed_redis {
+            p.at(
+                "cache.redis.enabled",
+                "the Redis tier is enabled but cache.cache_layers does not list \"redis\"",
+            );
+        }
+        if on {
+            out.redis = redis(r, p);
+        }
+    }
     out.stale_if_error = Duration::from_secs(c.stale_if_error_seconds.unwrap_or(0));
     if let Some(mb) = c.slice_size_mb {
         if !(1..=MAX_SLICE_MB).contains(&mb) {
@@ -412,6 +427,81 @@ fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
         out.slice_bytes = Some(mb.clamp(1, MAX_SLICE_MB) * MIB);
     }
     out
+}
+
+/// Default `cache.redis.redis_ttl_seconds` (the other system's).
+const DEFAULT_REDIS_TTL_SECS: u64 = 3600;
+/// Default `cache.redis.redis_max_ttl_seconds` (the other system's).
+const DEFAULT_REDIS_MAX_TTL_SECS: u64 = 86_400;
+
+/// `cache.redis`, when the tier is on.
+fn redis(r: &super::schema::RawCacheRedis, p: &mut Problems) -> Option<super::RedisCache> {
+    let Some(url) = r
+        .redis_url
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    else {
+        p.at(
+            "cache.redis.redis_url",
+            "is required when the Redis tier is on",
+        );
+        return None;
+    };
+    let parsed = match crate::cache::redis::parse_url(url) {
+        Ok(u) => u,
+        Err(why) => {
+            p.at("cache.redis.redis_url", why);
+            return None;
+        }
+    };
+    let ttl = r.redis_ttl_seconds.unwrap_or(DEFAULT_REDIS_TTL_SECS);
+    let max_ttl = r
+        .redis_max_ttl_seconds
+        .unwrap_or(DEFAULT_REDIS_MAX_TTL_SECS);
+    p.positive("cache.redis.redis_ttl_seconds", ttl);
+    p.positive("cache.redis.redis_max_ttl_seconds", max_ttl);
+    let connect = r.connection_timeout_ms.unwrap_or(5000);
+    let operation = r.operation_timeout_ms.unwrap_or(2000);
+    p.positive("cache.redis.connection_timeout_ms", connect);
+    p.positive("cache.redis.operation_timeout_ms", operation);
+    let max_pool = r.max_pool_size.unwrap_or(10);
+    p.positive("cache.redis.max_pool_size", max_pool as u64);
+    if r.min_pool_size.is_some() {
+        p.warn(
+            "cache.redis.min_pool_size",
+            "has no effect: each core opens its Redis connections when it first needs them",
+        );
+    }
+    let prefix = r
+        .redis_key_prefix
+        .clone()
+        .unwrap_or_else(|| "yatagarasu".into());
+    if prefix
+        .bytes()
+        .any(|b| b.is_ascii_control() || b == b'{' || b == b'}')
+    {
+        p.at(
+            "cache.redis.redis_key_prefix",
+            "must not hold control characters or braces (braces are the key's hash tag)",
+        );
+    }
+    Some(super::RedisCache {
+        address: parsed.address,
+        password: r
+            .redis_password
+            .clone()
+            .filter(|s| !s.is_empty())
+            .or(parsed.password),
+        user: parsed.user,
+        db: r.redis_db.or(parsed.db).unwrap_or(0),
+        prefix,
+        ttl: Duration::from_secs(ttl.max(1)),
+        max_ttl: Duration::from_secs(max_ttl.max(1)),
+        connect_timeout: Duration::from_millis(connect.max(1)),
+        operation_timeout: Duration::from_millis(operation.max(1)),
+        max_connections: max_pool.max(1),
+    })
 }
 
 /// `buckets[].cache`, resolved against the top-level settings.

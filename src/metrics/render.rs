@@ -506,6 +506,24 @@ fn cache_families<'n>(
             store.fills_refused.load(Ordering::Relaxed) as f64,
         )],
     ));
+    if let Some(r) = &shared.process.redis {
+        let redis = [
+            ("hits", "Memory misses answered by the Redis tier.", &r.hits),
+            ("misses", "Redis lookups that found no usable entry.", &r.misses),
+            ("errors", "Redis lookups and writes that failed or were skipped while Redis was unavailable (each then a miss, never a client error).", &r.errors),
+            ("writes", "Entries written to the Redis tier.", &r.writes),
+            ("writes_dropped", "Redis writes not made because the writer's queue was full.", &r.writes_dropped),
+            ("bad_entries", "Values under the proxy's Redis keys refused (foreign, cut short, checksum) and deleted.", &r.bad_entries),
+        ];
+        for (name, help, value) in redis {
+            families.push(family(
+                &format!("yatagarasu_cache_redis_{name}_total"),
+                help,
+                MetricType::COUNTER,
+                vec![counter(&[], value.load(Ordering::Relaxed) as f64)],
+            ));
+        }
+    }
     if let Some(d) = &shared.process.disk {
         families.push(family(
             "yatagarasu_cache_disk_corrupt_total",

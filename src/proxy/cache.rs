@@ -98,6 +98,9 @@ impl WorkerGeneration {
             }
             promoted = self.promote_from_disk(c, bucket, key).await;
         }
+        if promoted.is_none() && self.shared.process.redis.is_some() {
+            promoted = self.promote_from_redis(c, bucket, key).await;
+        }
         if self.wants_slices(c, bucket) {
             if let Some(o) = Box::pin(self.serve_sliced(c, bucket, key)).await {
                 return Err(o);
@@ -144,6 +147,44 @@ impl WorkerGeneration {
         let object = disk.load(&k).await?;
         // A purge while the file was read wins.
         (store.purge_epoch() == epoch).then(|| store.insert(k, object))
+    }
+
+    /// Step "redis": a miss in the local tiers asks the Redis tier; an
+    /// intact entry is put into memory (and offered to the disk tier) and
+    /// handed to the lookup that follows, as a disk entry is. Anything else
+    /// (absent, refused, Redis slow or down) is a miss.
+    pub(super) async fn promote_from_redis(
+        &self,
+        c: &Client,
+        bucket: usize,
+        key: &str,
+    ) -> Option<Arc<Object>> {
+        let process = &self.shared.process;
+        let (Some(store), Some(tier), Some(reader)) =
+            (&process.cache, &process.redis, &self.core.redis)
+        else {
+            return None;
+        };
+        if !self.shared.bucket(bucket).cache.enabled || conditional_not_answered(c) {
+            return None;
+        }
+        let k = self.cache_key(bucket, key, &c.s.query);
+        if store.get(&k).is_some() {
+            return None;
+        }
+        let epoch = store.purge_epoch();
+        let crate::cache::redis::Found::Hit(object) = reader.get(tier, &k).await else {
+            return None;
+        };
+        // A purge while Redis answered wins.
+        if store.purge_epoch() != epoch {
+            return None;
+        }
+        let copy = store.insert(k.clone(), object);
+        if let Some(disk) = &process.disk {
+            disk.offer(k, copy.clone(), epoch);
+        }
+        Some(copy)
     }
 
     /// Looks the request up: a fresh copy, or a fill under way to stream
@@ -571,6 +612,8 @@ impl WorkerGeneration {
         let mut fill = Fill {
             store,
             disk: self.shared.process.disk.as_deref(),
+            redis: (self.shared.process.redis.as_deref())
+                .map(|r| (r, self.shared.config.cache.stale_if_error)),
             shared,
             epoch: store.purge_epoch(),
             key: key.to_string(),
@@ -818,6 +861,9 @@ pub(super) struct Fill<'s> {
     store: &'s store::MemoryStore,
     /// The disk tier, which gets the object once it is stored in memory.
     disk: Option<&'s crate::cache::disk::DiskStore>,
+    /// The Redis tier, offered the object once it is stored in memory,
+    /// with how long past its freshness it may be served.
+    redis: Option<(&'s crate::cache::redis::RedisTier, Duration)>,
     /// Waiters on other requests stream these bytes too (collapsed forwarding).
     shared: Option<Arc<SharedFill>>,
     /// The store's purge count when the fill started.
@@ -845,6 +891,16 @@ impl crate::http::body::Tee for Fill<'_> {
                 object.body = body.freeze();
                 let key = std::mem::take(&mut self.key);
                 let shared = self.store.insert(key.clone(), object);
+                if let Some((redis, stale)) = self.redis {
+                    let now = SystemTime::now();
+                    let servable = crate::cache::redis::servable(
+                        shared.stored_at,
+                        shared.fresh_for,
+                        stale,
+                        now,
+                    );
+                    redis.offer(key.clone(), shared.clone(), servable);
+                }
                 if let Some(disk) = self.disk {
                     disk.offer(key, shared.clone(), self.epoch);
                 }

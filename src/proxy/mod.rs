@@ -141,6 +141,8 @@ pub struct Worker {
     /// `Date` header value for responses the proxy generates, and the
     /// second it was formatted for.
     date: RefCell<(u64, String)>,
+    /// This core's connections to the Redis tier, when there is one.
+    pub redis: Option<crate::cache::redis::Reader>,
 }
 
 /// Empty pipes a worker keeps for splicing, two descriptors each (more are
@@ -200,6 +202,10 @@ impl Worker {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
             ^ ((id as u64 + 1) << 56);
+        let redis = process.redis.as_ref().map(|r| {
+            let workers = process.workers.len().max(1);
+            crate::cache::redis::Reader::new(r.settings.max_connections.div_ceil(workers))
+        });
         // Both budgets are this worker's share of a process-wide limit.
         let (upstream_budget, pipe_budget) = {
             let server = &process.current().config.server;
@@ -241,6 +247,7 @@ impl Worker {
             read_bufs: RefCell::new(Vec::new()),
             states: RefCell::new(Vec::new()),
             date: RefCell::new((0, String::new())),
+            redis,
         })
     }
 

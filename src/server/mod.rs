@@ -249,6 +249,24 @@ fn start_helpers(process: &Arc<Process>, metrics_listener: Option<std::net::TcpL
                 }
             });
     }
+    // The Redis tier's writer: its own runtime, off the cores.
+    let queue = match process.redis_queue.lock() {
+        Ok(mut q) => q.take(),
+        Err(poisoned) => poisoned.into_inner().take(),
+    };
+    if let (Some(tier), Some(rx)) = (process.redis.clone(), queue) {
+        let _ = std::thread::Builder::new()
+            .name("yatagarasu-redis".into())
+            .spawn(move || {
+                if let Err(e) = driver::block_on(choice, |_| tier.run_writer(rx)) {
+                    log!(
+                        Level::Error,
+                        "Redis cache writer failed to start",
+                        error = e
+                    );
+                }
+            });
+    }
     // Signing credentials other than static keys, fetched off the cores.
     let hub = process.credentials.clone();
     let stopper = process.clone();

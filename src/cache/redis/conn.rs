@@ -1,0 +1,104 @@
+//! One connection to Redis on the calling thread's monoio runtime: RESP2
+//! frames (the `redis-protocol` crate's codec) over a plain TCP socket, each
+//! command bounded by a deadline. Opening it sends `AUTH` and `SELECT` as
+//! configured; a connection that failed once is dropped, never reused.
+
+use crate::config::RedisCache;
+use crate::http::io::{read_more, write_all};
+use monoio::net::TcpStream;
+use redis_protocol::resp2::decode::decode;
+use redis_protocol::resp2::types::OwnedFrame;
+use std::time::Duration;
+
+/// Read buffer to start with; grows to the largest value read.
+const BUF: usize = 16 * 1024;
+
+/// An open, authenticated connection.
+pub struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Conn {
+    /// Connects within `connection_timeout_ms`, then authenticates and
+    /// selects the database within `operation_timeout_ms`.
+    pub async fn open(s: &RedisCache) -> Result<Conn, String> {
+        let stream = monoio::time::timeout(s.connect_timeout, TcpStream::connect(&s.address))
+            .await
+            .map_err(|_| format!("connect to {} timed out", s.address))?
+            .map_err(|e| format!("connect to {}: {e}", s.address))?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = Conn {
+            stream,
+            buf: Vec::with_capacity(BUF),
+            out: Vec::with_capacity(256),
+        };
+        if let Some(password) = &s.password {
+            let reply = match &s.user {
+                Some(user) => {
+                    let args = [&b"AUTH"[..], user.as_bytes(), password.as_bytes()];
+                    conn.call(&args, s.operation_timeout).await?
+                }
+                None => {
+                    let args = [&b"AUTH"[..], password.as_bytes()];
+                    conn.call(&args, s.operation_timeout).await?
+                }
+            };
+            ok(reply).map_err(|e| format!("AUTH refused: {e}"))?;
+        }
+        if s.db != 0 {
+            let db = s.db.to_string();
+            let reply = conn
+                .call(&[&b"SELECT"[..], db.as_bytes()], s.operation_timeout)
+                .await?;
+            ok(reply).map_err(|e| format!("SELECT {db} refused: {e}"))?;
+        }
+        Ok(conn)
+    }
+
+    /// Sends one command and reads its reply within `timeout`. An error
+    /// reply is `Ok(OwnedFrame::Error)`; `Err` means the connection is done.
+    pub async fn call(&mut self, args: &[&[u8]], timeout: Duration) -> Result<OwnedFrame, String> {
+        self.out.clear();
+        self.out
+            .extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for a in args {
+            self.out
+                .extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            self.out.extend_from_slice(a);
+            self.out.extend_from_slice(b"\r\n");
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        write_all(&mut self.stream, &mut self.out, timeout)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        self.buf.clear();
+        loop {
+            match decode(&self.buf) {
+                Ok(Some((frame, used))) if used == self.buf.len() => return Ok(frame),
+                Ok(Some(_)) => return Err("more than one reply".into()),
+                Ok(None) => {}
+                Err(e) => return Err(format!("unreadable reply: {e:?}")),
+            }
+            if self.buf.len() == self.buf.capacity() {
+                self.buf.reserve(self.buf.capacity());
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match read_more(&mut self.stream, &mut self.buf, left).await {
+                Ok(0) => return Err("connection closed".into()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+}
+
+/// `+OK` or an error naming what Redis said.
+pub fn ok(reply: OwnedFrame) -> Result<(), String> {
+    match reply {
+        OwnedFrame::SimpleString(_) => Ok(()),
+        OwnedFrame::Error(e) => Err(e),
+        other => Err(format!("unexpected reply {other:?}")),
+    }
+}

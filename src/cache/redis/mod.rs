@@ -1,0 +1,441 @@
+//! The Redis tier: a cache shared by every instance of a fleet, behind the
+//! memory and disk tiers (`cache.cache_layers`, `cache.redis`).
+//!
+//! - **Reads** run on the requesting core's runtime ([`Reader`]): a memory
+//!   miss asks Redis for the entry within `operation_timeout_ms`; a hit is
+//!   checked (`entry`), put into the memory tier and served. A slow, dead or
+//!   refusing Redis is a miss, and after three failures in a row the core's
+//!   breaker stops asking for a while, so a dead Redis costs no request its
+//!   timeout. Each core holds at most its share of `max_pool_size`
+//!   connections; when they are all busy a lookup is a miss, never a wait.
+//! - **Writes** are off the response path: a fill stored in memory is
+//!   offered to a bounded queue ([`RedisTier::offer`], never waits), which
+//!   the tier's own thread writes with `SET key value PX ttl` (after a
+//!   failure it drops writes, counted, for two seconds). The TTL is
+//!   `redis_ttl_seconds`, capped by `redis_max_ttl_seconds` and by how long
+//!   the object may still be served (fresh, or stale-if-error).
+//! - **Entries** describe themselves (`entry`): the whole cache key (with
+//!   the origin fingerprint), headers, ETag, length and a CRC-32 of the
+//!   body. A foreign, cut or bit-flipped value is dropped (`DEL`), counted
+//!   and read as a miss.
+//! - **Keys** are `{prefix}:{<hash of the cache key>}`: the braces are a
+//!   Cluster hash tag.
+//!
+//! Not yet: Redis Cluster, `rediss://`, objects stored as chunks,
+//! fleet-wide collapsing, purge and limits (issue #25).
+
+pub mod conn;
+pub mod entry;
+
+use crate::cache::store::Object;
+use crate::config::{BreakerSettings, Level, RedisCache};
+use crate::log;
+use crate::upstream::breaker::{Admit, Breaker};
+use conn::Conn;
+use redis_protocol::resp2::types::OwnedFrame;
+use sha2::Digest;
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Writes waiting for the writer thread; more are dropped and counted.
+const WRITE_QUEUE: usize = 256;
+/// How long the writer drops writes after one failed.
+const WRITER_PAUSE: Duration = Duration::from_secs(2);
+
+/// `redis_url` read: where, and who.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Url {
+    /// `host:port` (port 6379 when not given).
+    pub address: String,
+    /// The user name, when one is given with a password.
+    pub user: Option<String>,
+    /// The password, when given.
+    pub password: Option<String>,
+    /// The database from the path (`/2`).
+    pub db: Option<u32>,
+}
+
+/// Reads `redis://[[user]:password@]host[:port][/db]`.
+pub fn parse_url(url: &str) -> Result<Url, String> {
+    let rest = if let Some(rest) = url.strip_prefix("redis://") {
+        rest
+    } else if url.starts_with("rediss://") {
+        return Err(
+            "rediss:// (TLS to Redis) is not supported yet; use redis:// on a trusted network"
+                .into(),
+        );
+    } else {
+        return Err(format!("{url:?} is not a redis:// URL"));
+    };
+    let (auth, rest) = match rest.rsplit_once('@') {
+        Some((auth, rest)) => (Some(auth), rest),
+        None => (None, rest),
+    };
+    let (hostport, db) = match rest.split_once('/') {
+        Some((h, "")) => (h, None),
+        Some((h, db)) => {
+            let n = db
+                .parse::<u32>()
+                .map_err(|_| format!("database {db:?} in {url:?} is not a number"))?;
+            (h, Some(n))
+        }
+        None => (rest, None),
+    };
+    if hostport.is_empty() {
+        return Err(format!("{url:?} names no host"));
+    }
+    let address = if hostport.ends_with(']') || !hostport.contains(':') {
+        format!("{hostport}:6379")
+    } else {
+        let (_, port) = hostport.rsplit_once(':').unwrap_or((hostport, "6379"));
+        port.parse::<u16>()
+            .map_err(|_| format!("port {port:?} in {url:?} is not a port"))?;
+        hostport.to_string()
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let (user, password) = match auth.map(|a| a.split_once(':')) {
+        None => (None, None),
+        Some(None) => (None, Some(decode(auth.unwrap_or_default()))),
+        Some(Some((u, p))) => ((!u.is_empty()).then(|| decode(u)), Some(decode(p))),
+    };
+    Ok(Url {
+        address,
+        user,
+        password: password.filter(|p| !p.is_empty()),
+        db,
+    })
+}
+
+/// One write for the writer thread.
+pub struct Write {
+    key: String,
+    object: Arc<Object>,
+    ttl: Duration,
+}
+
+/// The process's Redis tier: its settings, counters and write queue.
+pub struct RedisTier {
+    /// `cache.redis`.
+    pub settings: RedisCache,
+    queue: SyncSender<Write>,
+    /// Lookups answered by an entry.
+    pub hits: AtomicU64,
+    /// Lookups that found nothing.
+    pub misses: AtomicU64,
+    /// Lookups and writes that failed (timeout, refused, closed), or were
+    /// skipped while a core's breaker was open.
+    pub errors: AtomicU64,
+    /// Entries written.
+    pub writes: AtomicU64,
+    /// Writes not made because the queue was full.
+    pub writes_dropped: AtomicU64,
+    /// Values under our keys refused (foreign, cut, flipped) and deleted.
+    pub bad_entries: AtomicU64,
+}
+
+impl RedisTier {
+    /// The tier, and the queue its writer thread drains ([`Self::run_writer`]).
+    pub fn new(settings: RedisCache) -> (Arc<RedisTier>, Receiver<Write>) {
+        let (queue, rx) = std::sync::mpsc::sync_channel(WRITE_QUEUE);
+        let tier = RedisTier {
+            settings,
+            queue,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            writes_dropped: AtomicU64::new(0),
+            bad_entries: AtomicU64::new(0),
+        };
+        (Arc::new(tier), rx)
+    }
+
+    /// The Redis key of cache key `key`.
+    pub fn redis_key(&self, key: &str) -> String {
+        let hash = sha2::Sha256::digest(key.as_bytes());
+        format!("{}:{{{}}}", self.settings.prefix, hex::encode(&hash[..16]))
+    }
+
+    /// Hands a stored object to the writer thread; never waits. `servable`:
+    /// how long from now the object may still be served (fresh or stale).
+    pub fn offer(&self, key: String, object: Arc<Object>, servable: Duration) {
+        let ttl = ttl(&self.settings, servable);
+        match self.queue.try_send(Write { key, object, ttl }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.writes_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The writer thread's loop: one connection, reopened after a failure;
+    /// failures are counted and said at most once per 10 s.
+    pub async fn run_writer(self: Arc<Self>, rx: Receiver<Write>) {
+        let mut conn: Option<Conn> = None;
+        let mut warned: Option<Instant> = None;
+        // After a failure, writes are dropped (counted) for a pause: a dead
+        // or stalled Redis costs one timeout per pause, not one per write.
+        let mut paused_until: Option<Instant> = None;
+        // This thread does nothing else: waiting on the queue blocks no one.
+        while let Ok(w) = rx.recv() {
+            if paused_until.is_some_and(|t| Instant::now() < t) {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let value = entry::encode(&w.key, &w.object);
+            let key = self.redis_key(&w.key);
+            let px = w.ttl.as_millis().max(1).to_string();
+            let result = async {
+                let c = match conn.as_mut() {
+                    Some(c) => c,
+                    None => conn.insert(Conn::open(&self.settings).await?),
+                };
+                let args = [&b"SET"[..], key.as_bytes(), &value, b"PX", px.as_bytes()];
+                conn::ok(c.call(&args, self.settings.operation_timeout).await?)
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    self.writes.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    conn = None;
+                    paused_until = Some(Instant::now() + WRITER_PAUSE);
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                    if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        warned = Some(Instant::now());
+                        log!(
+                            Level::Warn,
+                            "Redis cache write failed; the object stays in the local tiers",
+                            redis = self.settings.address,
+                            error = e,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An entry's TTL: `redis_ttl_seconds`, capped by `redis_max_ttl_seconds`
+/// and by how long the object may still be served; at least a second.
+pub fn ttl(s: &RedisCache, servable: Duration) -> Duration {
+    s.ttl
+        .min(s.max_ttl)
+        .min(servable)
+        .max(Duration::from_secs(1))
+}
+
+/// What a lookup found.
+pub enum Found {
+    /// An intact entry for the key.
+    Hit(Object),
+    /// Nothing usable (absent, refused, or Redis unavailable).
+    Miss,
+}
+
+/// Three failures in a row stop a core asking Redis for five seconds.
+fn breaker_settings() -> BreakerSettings {
+    BreakerSettings {
+        failure_threshold: 3,
+        success_threshold: 1,
+        open_for: Duration::from_secs(5),
+        half_open_requests: 1,
+    }
+}
+
+/// One core's way to Redis: its idle connections and its breaker.
+pub struct Reader {
+    idle: RefCell<Vec<Conn>>,
+    open: Cell<usize>,
+    max: usize,
+    breaker: RefCell<Breaker>,
+    /// When this core last said Redis was unavailable (WARN once per 10 s).
+    warned: Cell<Option<Instant>>,
+}
+
+impl Reader {
+    /// A reader holding at most `max` connections.
+    pub fn new(max: usize) -> Reader {
+        Reader {
+            idle: RefCell::new(Vec::new()),
+            open: Cell::new(0),
+            max: max.max(1),
+            breaker: RefCell::new(Breaker::new(&breaker_settings())),
+            warned: Cell::new(None),
+        }
+    }
+
+    /// Looks cache key `key` up in Redis.
+    pub async fn get(&self, tier: &RedisTier, key: &str) -> Found {
+        let now = crate::clock::now_ms();
+        let (admit, _) = self.breaker.borrow_mut().admit(now);
+        if admit == Admit::Rejected {
+            tier.errors.fetch_add(1, Ordering::Relaxed);
+            return Found::Miss;
+        }
+        let rkey = tier.redis_key(key);
+        let result = self.call(tier, &[b"GET", rkey.as_bytes()]).await;
+        let ok = result.is_ok();
+        self.breaker
+            .borrow_mut()
+            .record(admit, ok, crate::clock::now_ms());
+        let value = match result {
+            Ok(OwnedFrame::BulkString(v)) => v,
+            Ok(OwnedFrame::Null) => {
+                tier.misses.fetch_add(1, Ordering::Relaxed);
+                return Found::Miss;
+            }
+            Ok(other) => {
+                self.unavailable(tier, &format!("GET answered {other:?}"));
+                return Found::Miss;
+            }
+            Err(e) => {
+                self.unavailable(tier, &e);
+                return Found::Miss;
+            }
+        };
+        match entry::decode(key, &value) {
+            Ok(object) => {
+                tier.hits.fetch_add(1, Ordering::Relaxed);
+                Found::Hit(object)
+            }
+            Err(bad) => {
+                tier.bad_entries.fetch_add(1, Ordering::Relaxed);
+                tier.misses.fetch_add(1, Ordering::Relaxed);
+                log!(
+                    Level::Warn,
+                    "Redis cache entry refused and deleted",
+                    key = rkey,
+                    reason = format_args!("{bad:?}"),
+                );
+                let _ = self.call(tier, &[b"DEL", rkey.as_bytes()]).await;
+                Found::Miss
+            }
+        }
+    }
+
+    /// One command on an idle connection, or a new one within this core's
+    /// share; all busy is an error (a miss), not a wait.
+    async fn call(&self, tier: &RedisTier, args: &[&[u8]]) -> Result<OwnedFrame, String> {
+        let s = &tier.settings;
+        let kept = self.idle.borrow_mut().pop();
+        let mut conn = match kept {
+            Some(c) => c,
+            None if self.open.get() >= self.max => {
+                return Err("every connection of this core is busy".into())
+            }
+            None => {
+                self.open.set(self.open.get() + 1);
+                match Conn::open(s).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.open.set(self.open.get() - 1);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        match conn.call(args, s.operation_timeout).await {
+            Ok(reply) => {
+                self.idle.borrow_mut().push(conn);
+                match reply {
+                    OwnedFrame::Error(e) => Err(format!("Redis said: {e}")),
+                    reply => Ok(reply),
+                }
+            }
+            Err(e) => {
+                self.open.set(self.open.get() - 1);
+                Err(e)
+            }
+        }
+    }
+
+    fn unavailable(&self, tier: &RedisTier, why: &str) {
+        tier.errors.fetch_add(1, Ordering::Relaxed);
+        let due = self
+            .warned
+            .get()
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+        if due {
+            self.warned.set(Some(Instant::now()));
+            log!(
+                Level::Warn,
+                "Redis cache unavailable; serving from the other tiers and the origin",
+                redis = tier.settings.address,
+                error = why,
+            );
+        }
+    }
+}
+
+/// How long from `now` a copy stored at `stored_at`, fresh for
+/// `fresh_for`, may be served (stale-if-error included).
+pub fn servable(
+    stored_at: SystemTime,
+    fresh_for: Duration,
+    stale: Duration,
+    now: SystemTime,
+) -> Duration {
+    let until = stored_at + fresh_for + stale;
+    until.duration_since(now).unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_read_with_their_user_password_and_database() {
+        let u = parse_url("redis://localhost:6379").expect("plain");
+        assert_eq!(u.address, "localhost:6379");
+        assert_eq!((u.user, u.password, u.db), (None, None, None));
+        let u = parse_url("redis://:s%40cret@10.0.0.1/2").expect("password");
+        assert_eq!(u.address, "10.0.0.1:6379");
+        assert_eq!((u.password.as_deref(), u.db), (Some("s@cret"), Some(2)));
+        let u = parse_url("redis://app:pw@redis:7000/").expect("user");
+        assert_eq!(u.address, "redis:7000");
+        assert_eq!(u.user.as_deref(), Some("app"));
+        assert!(parse_url("rediss://x")
+            .unwrap_err()
+            .contains("not supported yet"));
+        assert!(parse_url("http://x").is_err());
+        assert!(parse_url("redis://x:port").is_err());
+        assert!(parse_url("redis://x/db").is_err());
+    }
+
+    #[test]
+    fn an_entry_lives_no_longer_than_its_object_may_be_served() {
+        let s = RedisCache {
+            address: "x:1".into(),
+            password: None,
+            user: None,
+            db: 0,
+            prefix: "p".into(),
+            ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(600),
+            connect_timeout: Duration::from_secs(1),
+            operation_timeout: Duration::from_secs(1),
+            max_connections: 1,
+        };
+        assert_eq!(
+            ttl(&s, Duration::from_secs(86_400)),
+            Duration::from_secs(600)
+        );
+        assert_eq!(ttl(&s, Duration::from_secs(30)), Duration::from_secs(30));
+        assert_eq!(ttl(&s, Duration::ZERO), Duration::from_secs(1));
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let now = t0 + Duration::from_secs(50);
+        assert_eq!(
+            servable(t0, Duration::from_secs(60), Duration::from_secs(30), now),
+            Duration::from_secs(40)
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! The Redis tier through real sockets: a real `redis-server`, a scripted
+//! origin that counts the GETs reaching it, and the proxy as its own
+//! process (two of them for a fleet).
+
+mod support;
+
+use std::time::Duration;
+use support::redis::Redis;
+use support::rogue::{send, Rogue};
+use support::*;
+
+/// One bucket `/b` cached in memory and Redis, on one upstream.
+fn config(endpoint: &str, redis_url: &str) -> String {
+    format!(
+        "cache:\n  enabled: true\n  cache_layers: [\"memory\", \"redis\"]\n  redis:\n    enabled: true\n    redis_url: \"{redis_url}\"\n    redis_key_prefix: \"yt-test\"\n    operation_timeout_ms: 2000\nbuckets:\n  - name: \"b\"\n    path_prefix: \"/b\"\n    s3:\n      bucket: \"bkt\"\n      endpoint: \"{endpoint}\"\n      access_key: \"{AK}\"\n      secret_key: \"{SK}\"\n      health_check:\n        enabled: false\n"
+    )
+}
+
+/// An upstream answering every key with a body naming the key.
+fn origin() -> Rogue {
+    Rogue::start(move |req| {
+        let path = req.head.split(' ').nth(1).unwrap_or("").to_string();
+        let body = format!("object at {path}\n");
+        vec![send(&format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"v1\"\r\nContent-Type: text/plain\r\n\r\n{body}",
+            body.len()
+        ))]
+    })
+}
+
+fn gets(up: &Rogue) -> usize {
+    up.seen()
+        .iter()
+        .filter(|s| s.head.starts_with("GET "))
+        .count()
+}
+
+const WRITES: &str = "yatagarasu_cache_redis_writes_total";
+const WAIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn a_second_instance_is_served_from_redis_without_an_origin_fetch() {
+    let redis = Redis::start();
+    let up = origin();
+    let first = Proxy::start(&config(&up.endpoint(), &redis.url()));
+    let r = first.get("/b/dir/k.txt");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-cache"), Some("MISS"));
+    let body = r.text();
+    assert!(first.wait_metric(WRITES, 1.0, WAIT), "{}", first.metrics());
+    let keys = redis.keys();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys[0].starts_with("yt-test:{"), "{keys:?}");
+    // The entry lives no longer than redis_ttl_seconds (3600 by default).
+    let ttl: i64 = redis.cli(&["TTL", &keys[0]]).parse().unwrap_or(-9);
+    assert!((1..=3600).contains(&ttl), "TTL {ttl}");
+
+    // Another instance, its memory empty: Redis answers, not the origin.
+    let second = Proxy::start(&config(&up.endpoint(), &redis.url()));
+    for _ in 0..3 {
+        let r = second.get("/b/dir/k.txt");
+        assert_eq!((r.status, r.text()), (200, body.clone()));
+        assert_eq!(r.header("x-cache"), Some("HIT"));
+        assert_eq!(r.header("etag"), Some("\"v1\""));
+        assert_eq!(r.header("content-type"), Some("text/plain"));
+    }
+    assert_eq!(gets(&up), 1, "the second instance went to the origin");
+    // Once in its memory, Redis is not asked again.
+    let m = second.metrics();
+    assert!(m.contains("yatagarasu_cache_redis_hits_total 1\n"), "{m}");
+    // A Range is served from the copy Redis gave.
+    let r = support::http::get(second.port, "/b/dir/k.txt", &[("Range", "bytes=0-5")]);
+    assert_eq!((r.status, r.text().as_str()), (206, "object"));
+    assert_eq!(gets(&up), 1);
+}
+
+#[test]
+fn a_foreign_or_flipped_value_under_our_key_is_dropped_never_served() {
+    let redis = Redis::start();
+    let up = origin();
+    let first = Proxy::start(&config(&up.endpoint(), &redis.url()));
+    for k in ["/b/flip", "/b/foreign"] {
+        assert_eq!(first.get(k).status, 200);
+    }
+    assert!(first.wait_metric(WRITES, 2.0, WAIT), "{}", first.metrics());
+    assert_eq!(gets(&up), 2);
+    // Which key is which: the entry holds its cache key.
+    let keys = redis.keys();
+    let holding = |needle: &str| {
+        keys.iter()
+            .find(|k| redis.cli(&["GET", k]).contains(needle))
+            .cloned()
+            .expect("entry")
+    };
+    let (flip, foreign) = (holding("flip"), holding("foreign"));
+    // One bit of the body's last byte flipped ("\n" -> "\x0b"), and a value
+    // no proxy wrote.
+    let len: usize = redis.cli(&["STRLEN", &flip]).parse().expect("strlen");
+    redis.cli(&["SETRANGE", &flip, &(len - 1).to_string(), "\x0b"]);
+    redis.cli(&["SET", &foreign, "not an entry"]);
+
+    let second = Proxy::start(&config(&up.endpoint(), &redis.url()));
+    for k in ["/b/flip", "/b/foreign"] {
+        let r = second.get(k);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), format!("object at /bkt{}\n", &k[2..]));
+        assert_eq!(r.header("x-cache"), Some("MISS"));
+    }
+    assert_eq!(gets(&up), 4, "both refused entries were refetched");
+    let m = second.metrics();
+    assert!(
+        m.contains("yatagarasu_cache_redis_bad_entries_total 2\n"),
+        "{m}"
+    );
+    assert!(second
+        .log()
+        .contains("Redis cache entry refused and deleted"));
+    // Refetched and written again, intact.
+    assert!(
+        second.wait_metric(WRITES, 2.0, WAIT),
+        "{}",
+        second.metrics()
+    );
+    let third = Proxy::start(&config(&up.endpoint(), &redis.url()));
+    assert_eq!(third.get("/b/flip").header("x-cache"), Some("HIT"));
+    assert_eq!(gets(&up), 4);
+}
+
+#[test]
+fn redis_down_at_start_or_killed_under_load_fails_no_request() {
+    let port = free_port();
+    let up = origin();
+    let proxy = Proxy::start(&config(
+        &up.endpoint(),
+        &format!("redis://127.0.0.1:{port}"),
+    ));
+    // Nothing listens: every request is served from the origin.
+    for i in 0..10 {
+        assert_eq!(proxy.get(&format!("/b/down-{i}")).status, 200);
+    }
+    assert!(
+        proxy.wait_log("Redis cache unavailable", WAIT),
+        "{}",
+        proxy.log()
+    );
+    // Redis comes: the proxy joins it (after its breaker's pause).
+    let mut redis = Redis::start_on(port, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut i = 0;
+    while proxy.metric(WRITES).unwrap_or(0.0) < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "never joined Redis");
+        assert_eq!(proxy.get(&format!("/b/join-{i}")).status, 200);
+        i += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Killed while clients keep asking for new and known objects: not one
+    // request fails.
+    let clients: Vec<_> = (0..4)
+        .map(|t| {
+            let port = proxy.port;
+            std::thread::spawn(move || {
+                (0..60)
+                    .filter(|n| {
+                        let r = support::http::get(port, &format!("/b/load-{t}-{}", n % 20), &[]);
+                        r.status != 200
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    redis.kill();
+    let failed: usize = clients.into_iter().map(|c| c.join().unwrap_or(1)).sum();
+    assert_eq!(failed, 0, "requests failed while Redis died");
+    for i in 0..5 {
+        assert_eq!(proxy.get(&format!("/b/after-{i}")).status, 200);
+    }
+}
+
+#[test]
+fn a_wrong_password_is_named_and_requests_still_succeed() {
+    let redis = Redis::start_on(free_port(), Some("right"));
+    let up = origin();
+    let url = format!("redis://:wrong@127.0.0.1:{}", redis.port);
+    let proxy = Proxy::start(&config(&up.endpoint(), &url));
+    for i in 0..3 {
+        assert_eq!(proxy.get(&format!("/b/k{i}")).status, 200);
+    }
+    assert!(proxy.wait_log("AUTH refused", WAIT), "{}", proxy.log());
+    assert!(redis.keys().is_empty());
+    // The right one works.
+    let url = format!("redis://:right@127.0.0.1:{}", redis.port);
+    let proxy = Proxy::start(&config(&up.endpoint(), &url));
+    assert_eq!(proxy.get("/b/k0").status, 200);
+    assert!(proxy.wait_metric(WRITES, 1.0, WAIT), "{}", proxy.log());
+    assert_eq!(redis.keys().len(), 1);
+}
+
+#[test]
+fn a_stalled_redis_is_a_miss_within_the_timeout_and_its_breaker_spares_requests() {
+    // A socket that accepts and never answers: every Redis call times out.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let (accepted, held) = (accepted.clone(), held.clone());
+        std::thread::spawn(move || {
+            for s in listener.incoming().flatten() {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.lock().expect("held").push(s);
+            }
+        });
+    }
+    let up = origin();
+    let body = config(&up.endpoint(), &format!("redis://127.0.0.1:{port}"))
+        .replace("operation_timeout_ms: 2000", "operation_timeout_ms: 300");
+    let proxy = Proxy::start(&body);
+    let requests = 40;
+    for i in 0..requests {
+        let r = proxy.get(&format!("/b/stalled-{i}"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), format!("object at /bkt/stalled-{i}\n"));
+    }
+    assert_eq!(gets(&up), requests);
+    assert!(
+        proxy.wait_log("Redis cache unavailable", WAIT),
+        "{}",
+        proxy.log()
+    );
+    assert!(proxy.log().contains("timed out"), "{}", proxy.log());
+    // Each core's breaker stops asking after three timeouts in a row; the
+    // writer pauses after one: far fewer connections than requests.
+    let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        n >= 1 && n <= requests / 2,
+        "{n} connections for {requests} requests"
+    );
+}
