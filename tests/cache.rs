@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 use support::http::{self, Conn};
-use support::rogue::{ok_with, send, Rogue, Step};
+use support::rogue::{ok_with, send, Gate, Rogue, Step};
 use support::*;
 
 /// One bucket `/b` with the cache on, on one upstream; `extra` goes into
@@ -1071,4 +1071,125 @@ fn purge_everything_per_bucket_stats_and_info_on_the_admin_port() {
     for path in ["/b/x", "/b/y", "/c/x"] {
         assert_eq!(proxy.get(path).header("x-cache"), Some("MISS"), "{path}");
     }
+}
+
+/// An origin for one object of `body`: a plain GET gets the head and the
+/// first MiB, waits for `gate`, then the rest in 256 KiB pieces; a Range
+/// GET is answered at once (206).
+fn gated_origin(body: Arc<Vec<u8>>, gate: Gate) -> Rogue {
+    Rogue::start(move |r| {
+        if let Some(range) = r.header("range") {
+            let spec = range.trim_start_matches("bytes=");
+            let (a, b) = spec.split_once('-').unwrap_or(("0", ""));
+            let first: usize = a.parse().unwrap_or(0);
+            let last: usize = b.parse().unwrap_or(body.len() - 1).min(body.len() - 1);
+            let mut out = format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nETag: \"big\"\r\nContent-Range: bytes {first}-{last}/{}\r\n\r\n",
+                last + 1 - first,
+                body.len()
+            )
+            .into_bytes();
+            out.extend_from_slice(&body[first..=last]);
+            return vec![Step::Send(out)];
+        }
+        let mut steps = vec![Step::Send(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"big\"\r\n\r\n",
+                body.len()
+            )
+            .into_bytes(),
+        )];
+        const MIB: usize = 1024 * 1024;
+        steps.push(Step::Send(body[..MIB].to_vec()));
+        steps.push(Step::Wait(gate.clone()));
+        for chunk in body[MIB..].chunks(256 * 1024) {
+            steps.push(Step::Send(chunk.to_vec()));
+            steps.push(Step::Sleep(Duration::from_millis(2)));
+        }
+        steps
+    })
+}
+
+fn waiters(proxy: &Proxy) -> f64 {
+    proxy.metric("yatagarasu_cache_waiters").unwrap_or(-1.0)
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn an_object_over_the_item_limit_is_fetched_once_for_a_burst_and_a_reader_left_behind_resumes() {
+    // 32 MiB with the 8 MiB item limit: too large to store, fetched once
+    // for everyone (it was fetched once per client).
+    const LEN: usize = 32 * 1024 * 1024;
+    const CLIENTS: usize = 24;
+    let body = Arc::new(pattern(LEN, 11));
+    let gate = Gate::default();
+    let up = gated_origin(body.clone(), gate.clone());
+    let proxy = Proxy::start(&config(
+        &up.endpoint(),
+        "  memory:\n    max_cache_size_mb: 64\n    max_item_size_mb: 8\n",
+        "",
+    ));
+    let port = proxy.port;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || streams_exactly(port, "/b/huge.bin", &body))
+        })
+        .collect();
+    // Every client but the leader waits on the leader's fetch.
+    wait_until("the burst waits on one fetch", || {
+        waiters(&proxy) == (CLIENTS - 1) as f64
+    });
+    // One more reader that reads the head, then nothing until the others
+    // are done: the fetch's window moves past it.
+    use std::io::{Read, Write};
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    slow.write_all(b"GET /b/huge.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    wait_until("the slow reader joins", || {
+        waiters(&proxy) == CLIENTS as f64
+    });
+    gate.open();
+    let exact = clients
+        .into_iter()
+        .filter_map(|c| c.join().ok())
+        .filter(|ok| *ok)
+        .count();
+    assert_eq!(exact, CLIENTS, "bodies differ or were cut short");
+    assert_eq!(read_head(&mut slow), LEN);
+    let mut got = Vec::with_capacity(LEN);
+    slow.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    slow.read_to_end(&mut got).expect("slow body");
+    assert!(
+        got == *body,
+        "the slow reader's body differs ({} bytes)",
+        got.len()
+    );
+    let seen = up.seen();
+    let whole = seen.iter().filter(|s| s.header("range").is_none()).count();
+    let ranged = seen.len() - whole;
+    assert_eq!(whole, 1, "one fetch of the whole object for the burst");
+    assert!(ranged >= 1, "the slow reader resumed with a range");
+    let m = proxy.metrics();
+    assert!(
+        m.contains(&format!(
+            "yatagarasu_cache_waiters_detached_total{{bucket=\"b\"}} {ranged}\n"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "yatagarasu_cache_coalesced_total{{bucket=\"b\"}} {CLIENTS}\n"
+        )),
+        "{m}"
+    );
+    // Not stored: the next request fetches it again.
+    assert_eq!(proxy.get("/b/huge.bin").header("x-cache"), Some("MISS"));
 }

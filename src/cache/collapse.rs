@@ -10,6 +10,11 @@
 //! continue from the stored copy (`proxy::cache::stream_fill`), so a reader
 //! that stalls holds no copy of its own.
 //!
+//! An object too large to store is still fetched once for everyone waiting
+//! on it: a *pass-through* fill keeps only a window of its latest pieces
+//! ([`SharedFill::set_window`]); a reader that falls behind the window is
+//! told so ([`Event::Behind`]) and continues with a range request of its own.
+//!
 //! The fill ends `Done` (complete, and stored), `Failed` (the body broke and
 //! nothing could resume it: waiters abort their connections, never a short
 //! body), or `Abandoned` (the answer was not cacheable, or the leader got no
@@ -26,12 +31,17 @@ use std::task::{Context, Poll, Waker};
 pub const PIECES_PER_EVENT: usize = 4;
 
 /// What a waiter needs to write the response head.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct FillHead {
     /// Headers relayed (`Name: value\r\n`), without `Content-Length`.
     pub headers: String,
     /// The body's length.
     pub len: u64,
+    /// The object's `ETag` (a reader that falls behind resumes with it).
+    pub etag: String,
+    /// Not stored: readers get the pieces while they are in the window, and
+    /// none once the fill ends.
+    pub passthrough: bool,
 }
 
 /// How a fill ended.
@@ -50,7 +60,14 @@ pub enum End {
 #[derive(Default)]
 struct State {
     head: Option<Arc<FillHead>>,
-    body: Vec<Bytes>,
+    /// The pieces kept: piece `base + i` is `body[i]`.
+    body: std::collections::VecDeque<Bytes>,
+    /// Pieces dropped from the front (a pass-through fill's window moved on).
+    base: usize,
+    /// Bytes in `body`.
+    kept: usize,
+    /// Most bytes kept (0: every piece, until the fill is stored).
+    window: usize,
     end: Option<End>,
     wakers: Vec<Waker>,
     waiters: usize,
@@ -71,6 +88,9 @@ pub enum Event {
     Head(Arc<FillHead>),
     /// Body pieces from where the waiter stood.
     Body(Vec<Bytes>),
+    /// The pieces after where the waiter stood were dropped (a pass-through
+    /// fill's window moved past it): it must continue on its own.
+    Behind,
     /// The fill ended this way (never `Open`).
     Ended(End),
 }
@@ -96,13 +116,27 @@ impl SharedFill {
         Self::wake(&mut s);
     }
 
+    /// Keeps at most `bytes` of the latest pieces (at least the last one):
+    /// a pass-through fill, whose pieces are the only copy, holds bounded
+    /// memory however far behind its slowest reader is.
+    pub fn set_window(&self, bytes: usize) {
+        self.lock().window = bytes;
+    }
+
     /// The next body bytes.
     pub fn push(&self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
         let mut s = self.lock();
-        s.body.push(Bytes::copy_from_slice(bytes));
+        s.body.push_back(Bytes::copy_from_slice(bytes));
+        s.kept += bytes.len();
+        while s.window > 0 && s.kept > s.window && s.body.len() > 1 {
+            if let Some(front) = s.body.pop_front() {
+                s.kept -= front.len();
+                s.base += 1;
+            }
+        }
         Self::wake(&mut s);
     }
 
@@ -125,7 +159,9 @@ impl SharedFill {
             s.end = Some(End::Done);
             if let Some(object) = stored {
                 s.stored = Some(Arc::downgrade(object));
-                s.body = Vec::new();
+                s.base += s.body.len();
+                s.body = Default::default();
+                s.kept = 0;
             }
         }
         Self::wake(&mut s);
@@ -141,13 +177,11 @@ impl SharedFill {
     }
 
     /// Body pieces past the first `seen`, as many as are there now (at
-    /// most [`PIECES_PER_EVENT`]), without waiting.
-    pub fn available(&self, seen: usize) -> Vec<Bytes> {
+    /// most [`PIECES_PER_EVENT`]), without waiting; `None` when the window
+    /// moved past `seen`.
+    pub fn available(&self, seen: usize) -> Option<Vec<Bytes>> {
         let s = self.lock();
-        let end = s.body.len().min(seen + PIECES_PER_EVENT);
-        s.body
-            .get(seen..end)
-            .map_or_else(Vec::new, <[Bytes]>::to_vec)
+        s.pieces_after(seen)
     }
 
     /// The head, once the leader set it.
@@ -176,6 +210,17 @@ impl SharedFill {
     }
 }
 
+impl State {
+    /// Up to [`PIECES_PER_EVENT`] pieces after the first `seen` (a bounded
+    /// batch: a reader far behind holds only what it is writing now);
+    /// `None` when some of them were dropped.
+    fn pieces_after(&self, seen: usize) -> Option<Vec<Bytes>> {
+        let from = seen.checked_sub(self.base)?;
+        let to = self.body.len().min(from + PIECES_PER_EVENT);
+        Some(self.body.range(from.min(to)..to).cloned().collect())
+    }
+}
+
 /// Future of [`SharedFill::next`].
 pub struct Next {
     fill: Arc<SharedFill>,
@@ -192,11 +237,12 @@ impl Future for Next {
             if let Some(h) = &s.head {
                 return Poll::Ready(Event::Head(h.clone()));
             }
-        } else if s.body.len() > self.seen {
-            // A bounded batch: a reader far behind holds only what it is
-            // writing now.
-            let end = s.body.len().min(self.seen + PIECES_PER_EVENT);
-            return Poll::Ready(Event::Body(s.body[self.seen..end].to_vec()));
+        } else if s.stored.is_none() {
+            match s.pieces_after(self.seen) {
+                None => return Poll::Ready(Event::Behind),
+                Some(pieces) if !pieces.is_empty() => return Poll::Ready(Event::Body(pieces)),
+                Some(_) => {}
+            }
         }
         if let Some(end) = s.end {
             return Poll::Ready(Event::Ended(end));
@@ -284,8 +330,8 @@ mod tests {
         };
         assert!(poll_now(&mut w.next(false, 0)).is_pending());
         lead.set_head(FillHead {
-            headers: String::new(),
             len: 6,
+            ..FillHead::default()
         });
         lead.push(b"abc");
         assert!(
@@ -299,7 +345,7 @@ mod tests {
         assert!(
             matches!(poll_now(&mut w.next(true, 1)), Poll::Ready(Event::Body(b)) if &b[0][..] == b"def")
         );
-        assert_eq!(w.available(0).len(), 2);
+        assert_eq!(w.available(0).map(|p| p.len()), Some(2));
         let object = Arc::new(crate::cache::store::Object {
             stored_at: std::time::UNIX_EPOCH,
             fresh_for: std::time::Duration::ZERO,
@@ -316,7 +362,7 @@ mod tests {
             poll_now(&mut w.next(true, 1)),
             Poll::Ready(Event::Ended(End::Done))
         ));
-        assert!(w.available(0).is_empty());
+        assert!(w.available(0).is_none_or(|p| p.is_empty()));
         drop(object);
         assert!(w.stored().is_none(), "the fill pins nothing");
         fills.finish("k", &lead);
@@ -324,6 +370,43 @@ mod tests {
             matches!(fills.join_or_lead("k"), Role::Leader(_)),
             "a new fill after the end"
         );
+    }
+
+    #[test]
+    fn a_pass_through_fill_keeps_a_window_and_tells_readers_left_behind() {
+        let f = Arc::new(SharedFill::default());
+        f.set_window(8);
+        f.set_head(FillHead {
+            len: 20,
+            passthrough: true,
+            ..FillHead::default()
+        });
+        for piece in [b"aaaa", b"bbbb", b"cccc", b"dddd", b"eeee"] {
+            f.push(piece);
+        }
+        // Eight bytes kept: the last two pieces; pieces 0-2 are gone.
+        assert!(matches!(
+            poll_now(&mut f.next(true, 0)),
+            Poll::Ready(Event::Behind)
+        ));
+        assert!(matches!(
+            poll_now(&mut f.next(true, 2)),
+            Poll::Ready(Event::Behind)
+        ));
+        assert!(
+            matches!(poll_now(&mut f.next(true, 3)), Poll::Ready(Event::Body(b)) if b.len() == 2 && &b[0][..] == b"dddd")
+        );
+        assert!(f.available(1).is_none());
+        assert!(poll_now(&mut f.next(true, 5)).is_pending());
+        // Done without a stored copy: readers in the window still get it.
+        f.done(None);
+        assert!(
+            matches!(poll_now(&mut f.next(true, 4)), Poll::Ready(Event::Body(b)) if &b[0][..] == b"eeee")
+        );
+        assert!(matches!(
+            poll_now(&mut f.next(true, 5)),
+            Poll::Ready(Event::Ended(End::Done))
+        ));
     }
 
     #[test]

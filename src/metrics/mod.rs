@@ -71,6 +71,9 @@ pub struct WorkerMetrics {
     pub splice_fallbacks: u64,
     /// Bucket metric id -> requests that streamed another request's fill.
     pub coalesced: HashMap<usize, u64>,
+    /// Waiters that fell behind a shared fetch and continued with a range
+    /// request, by bucket metric id.
+    pub detached: HashMap<usize, u64>,
     /// Bucket metric id -> requests refused by the bucket's IP filter.
     pub ip_filtered: HashMap<usize, u64>,
     /// `(bucket metric id, result)` -> authentication outcomes.
@@ -100,6 +103,7 @@ impl WorkerMetrics {
             cache: HashMap::new(),
             cache_saved: HashMap::new(),
             coalesced: HashMap::new(),
+            detached: HashMap::new(),
             ip_filtered: HashMap::new(),
             rate_limited: HashMap::new(),
             auth: HashMap::new(),
@@ -179,6 +183,12 @@ impl WorkerMetrics {
         *self.rate_limited.entry(scope).or_insert(0) += 1;
     }
 
+    /// Counts a waiter that fell behind a shared fetch and continued with
+    /// a range request.
+    pub fn detached(&mut self, bucket: usize) {
+        *self.detached.entry(bucket).or_insert(0) += 1;
+    }
+
     /// Counts a request that streamed another request's fill.
     pub fn coalesced(&mut self, bucket: usize) {
         *self.coalesced.entry(bucket).or_insert(0) += 1;
@@ -233,6 +243,9 @@ impl WorkerMetrics {
         }
         for (k, v) in &other.cache_saved {
             *self.cache_saved.entry(*k).or_insert(0) += v;
+        }
+        for (k, v) in &other.detached {
+            *self.detached.entry(*k).or_insert(0) += v;
         }
         for (k, v) in &other.coalesced {
             *self.coalesced.entry(*k).or_insert(0) += v;

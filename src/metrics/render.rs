@@ -456,6 +456,17 @@ fn cache_families<'n>(
             .map(|(b, v)| counter(&[("bucket", bucket_name(*b))], *v as f64))
             .collect(),
     ));
+    let mut detached: Vec<_> = merged.detached.iter().collect();
+    detached.sort();
+    families.push(family(
+        "yatagarasu_cache_waiters_detached_total",
+        "Requests that fell behind a shared fetch they streamed (a pass-through fill's window, or a stored copy gone) and continued with a range request of their own.",
+        MetricType::COUNTER,
+        detached
+            .into_iter()
+            .map(|(b, v)| counter(&[("bucket", bucket_name(*b))], *v as f64))
+            .collect(),
+    ));
     let memory = [("layer", "memory")];
     let disk = [("layer", "disk")];
     let tiers = |memory_value: f64,

@@ -594,7 +594,7 @@ impl WorkerGeneration {
         let settings = &self.shared.bucket(bucket).cache;
         if len > settings.max_item_bytes {
             self.note_large(key, resp, len, settings.ttl);
-            return None;
+            return self.pass_through(c, answer, start, len);
         }
         let fresh_for = self.freshness(resp, settings.ttl)?;
         // The body, and the copy waiters stream, count against the budget
@@ -607,6 +607,8 @@ impl WorkerGeneration {
             f.set_head(FillHead {
                 headers: meta.headers.clone(),
                 len,
+                etag: resp.etag.clone(),
+                passthrough: false,
             });
         }
         let mut fill = Fill {
@@ -621,6 +623,57 @@ impl WorkerGeneration {
             body: Filling::with_capacity(len),
             meta: Some(meta),
             reservation: Some(reservation),
+            passthrough: false,
+            passed: 0,
+        };
+        fill.push(&answer.conn.buf[answer.head_len..start]);
+        Some(fill)
+    }
+
+    /// A fill for an answer too large to store that other requests may be
+    /// waiting on: a 200 with a Content-Length and an ETag that a shared
+    /// cache could store but for its size. Its body goes to the waiters
+    /// through a window of [`PASS_WINDOW`] bytes (counted in the fill
+    /// budget) and is kept nowhere; a waiter that falls behind continues
+    /// with a range request (`serve_waiter`). One origin fetch for the
+    /// burst, bounded memory for any object size.
+    fn pass_through(
+        &self,
+        c: &Client,
+        answer: &Answer,
+        start: usize,
+        len: u64,
+    ) -> Option<Fill<'_>> {
+        let resp = &answer.resp;
+        let (_, shared) = c.s.leading.as_ref()?;
+        let store = self.shared.process.cache.as_ref()?;
+        let bucket = self.shared.replicas[answer.rid].bucket;
+        let ttl = self.shared.bucket(bucket).cache.ttl;
+        if resp.status != 200 || resp.etag.is_empty() {
+            return None;
+        }
+        self.freshness(resp, ttl)?;
+        let reservation = store.reserve_fill(PASS_WINDOW as u64)?;
+        shared.set_window(PASS_WINDOW);
+        shared.set_head(FillHead {
+            headers: self.stored_headers(resp),
+            len,
+            etag: resp.etag.clone(),
+            passthrough: true,
+        });
+        let mut fill = Fill {
+            store,
+            disk: None,
+            redis: None,
+            shared: Some(shared.clone()),
+            epoch: store.purge_epoch(),
+            key: String::new(),
+            len,
+            body: Filling::Heap(Vec::new()),
+            meta: None,
+            reservation: Some(reservation),
+            passthrough: true,
+            passed: 0,
         };
         fill.push(&answer.conn.buf[answer.head_len..start]);
         Some(fill)
@@ -841,6 +894,10 @@ pub(super) fn cached_outcome(bucket: usize, status: u16, keep: bool) -> Outcome 
     }
 }
 
+/// The bytes of its latest pieces a pass-through fill keeps for its
+/// waiters (`WorkerGeneration::pass_through`).
+pub(super) const PASS_WINDOW: usize = 8 * 1024 * 1024;
+
 /// Writes a whole `Bytes` (shared with the cache: no copy) within `timeout`.
 pub(super) async fn write_bytes(
     stream: &mut ClientStream,
@@ -875,14 +932,30 @@ pub(super) struct Fill<'s> {
     meta: Option<Object>,
     /// Its share of the budget of fills in flight, given back once stored.
     reservation: Option<store::FillReservation>,
+    /// Too large to store: the body is passed to the waiters through the
+    /// shared fill's window and kept nowhere else.
+    passthrough: bool,
+    /// Bytes passed on (pass-through only).
+    passed: u64,
 }
 
 impl crate::http::body::Tee for Fill<'_> {
     fn push(&mut self, bytes: &[u8]) {
-        self.body.extend_from_slice(bytes);
         if let Some(f) = &self.shared {
             f.push(bytes);
         }
+        if self.passthrough {
+            // Nothing kept here: the shared pieces are the only copy.
+            self.passed += bytes.len() as u64;
+            if self.passed == self.len {
+                if let Some(f) = &self.shared {
+                    f.done(None);
+                }
+                self.reservation = None;
+            }
+            return;
+        }
+        self.body.extend_from_slice(bytes);
         if self.body.len() as u64 == self.len {
             let purged = self.store.purge_epoch() != self.epoch;
             let mut stored = None;
@@ -927,14 +1000,22 @@ impl Fill<'_> {
         self.shared.clone()
     }
 
-    /// Body bytes in hand.
+    /// Body bytes in hand (for a pass-through fill: passed on).
     pub(super) fn filled(&self) -> u64 {
-        self.body.len() as u64
+        match self.passthrough {
+            true => self.passed,
+            false => self.body.len() as u64,
+        }
     }
 
     /// Body bytes still to come.
     pub(super) fn missing(&self) -> u64 {
-        self.len.saturating_sub(self.body.len() as u64)
+        self.len.saturating_sub(self.filled())
+    }
+
+    /// Not stored: shared with the waiters only (see `fill_start`).
+    pub(super) fn passthrough(&self) -> bool {
+        self.passthrough
     }
 
     /// The body broke and nothing completed it: waiters abort.
@@ -1072,6 +1153,18 @@ impl WorkerGeneration {
                 out.keep_alive = false;
                 return out;
             }
+            // Behind a pass-through fill's window, its stored copy gone
+            // first, or a fill its leader could not finish: the rest with a
+            // range request of our own (the same ETag, or nothing).
+            (Streamed::Detached, n) | (Streamed::Broken, n) if !head.etag.is_empty() => {
+                let resumed = Box::pin(self.resume_waiter(c, bucket, key, &head, n)).await;
+                out.bytes = resumed.sent;
+                if !resumed.complete {
+                    out.keep_alive = false;
+                    out.abort = true;
+                }
+                return out;
+            }
             // Failed, abandoned mid-body, stalled, or the stored copy gone
             // before this reader caught up: never a short body presented
             // as complete.
@@ -1085,6 +1178,39 @@ impl WorkerGeneration {
         let mid = self.shared.bucket_metric[bucket];
         self.core.metrics.borrow_mut().cache_saved(mid, out.bytes);
         out
+    }
+
+    /// A waiter that fell behind the fill it streamed (after `sent` body
+    /// bytes) asks the replicas for the rest of the same object, as a
+    /// broken body is resumed: `Range` from `sent`, `If-Match` its ETag.
+    async fn resume_waiter(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        key: &str,
+        head: &FillHead,
+        sent: u64,
+    ) -> super::resume::Resumed {
+        let mid = self.shared.bucket_metric[bucket];
+        self.core.metrics.borrow_mut().detached(mid);
+        let mut order_buf = [0usize; crate::config::MAX_REPLICAS];
+        let order = self.plan(bucket, &mut order_buf);
+        let ctx = RequestCtx { bucket, key, order };
+        let mut cursor = Cursor::new(self, order);
+        let object = Response {
+            status: 200,
+            framing: Some(Framing::Length(head.len)),
+            etag: head.etag.clone(),
+            ..Response::default()
+        };
+        let timeouts = Timeouts {
+            upstream: order
+                .first()
+                .map_or(Duration::from_secs(30), |&rid| self.replica(rid).timeout),
+            client: self.shared.config.server.idle_timeout,
+        };
+        self.resume(c, &ctx, (None, object), sent, &mut cursor, (timeouts, None))
+            .await
     }
 
     /// Streams a fill's body to the client from byte `sent` (those before
@@ -1106,13 +1232,11 @@ impl WorkerGeneration {
         let (mut seen, mut at) = (0usize, 0u64);
         while sent < head.len {
             let event = match stop {
-                Some(stop) if stop.fired() => {
-                    let pieces = fill.available(seen);
-                    if pieces.is_empty() {
-                        return (Streamed::Stopped, sent);
-                    }
-                    Some(Event::Body(pieces))
-                }
+                Some(stop) if stop.fired() => match fill.available(seen) {
+                    None => return (Streamed::Detached, sent),
+                    Some(pieces) if pieces.is_empty() => return (Streamed::Stopped, sent),
+                    Some(pieces) => Some(Event::Body(pieces)),
+                },
                 Some(stop) => monoio::select! {
                     e = monoio::time::timeout(wait, fill.next(true, seen)) => e.ok(),
                     _ = stop.wait() => continue,
@@ -1142,6 +1266,8 @@ impl WorkerGeneration {
                 Some(Event::Ended(End::Done)) => {
                     return self.stream_stored(c, fill, head.len, sent).await
                 }
+                // A pass-through fill's window moved past this reader.
+                Some(Event::Behind) => return (Streamed::Detached, sent),
                 _ => return (Streamed::Broken, sent),
             }
         }

@@ -40,7 +40,10 @@ impl WorkerGeneration {
             c.give_response(answer.resp);
             return out;
         }
-        if let Some(f) = fill.take_if(|f| f.shared().is_some()) {
+        // A stored fill decouples the fetch from this client; a pass-through
+        // one is paced by it (its waiters follow, or fall behind and
+        // continue on their own).
+        if let Some(f) = fill.take_if(|f| f.shared().is_some() && !f.passthrough()) {
             return Box::pin(self.relay_filling(c, ctx, answer, cursor, f, out, (start, timeouts)))
                 .await;
         }
@@ -94,7 +97,7 @@ impl WorkerGeneration {
                 // Boxed: a break mid-body is rare, and resuming holds a
                 // whole attempt; inline, every relay's state would be that
                 // much larger.
-                let broken = (answer.rid, answer.resp);
+                let broken = (Some(answer.rid), answer.resp);
                 let resumed =
                     Box::pin(self.resume(c, ctx, broken, out.bytes, cursor, (timeouts, tee))).await;
                 if !resumed.complete {
@@ -167,7 +170,7 @@ impl WorkerGeneration {
                     // The client has all the fill had: both continue
                     // together from the next replicas.
                     let tee = Some(&mut fill as &mut dyn body::Tee);
-                    let broken = (answer.rid, answer.resp);
+                    let broken = (Some(answer.rid), answer.resp);
                     let resumed =
                         Box::pin(self.resume(c, ctx, broken, sent, cursor, (timeouts, tee))).await;
                     if !resumed.complete {
@@ -201,7 +204,7 @@ impl WorkerGeneration {
                 // The stored copy went before this client caught up: the
                 // rest from the replicas, with Range + If-Match.
                 cursor.again();
-                let broken = (answer.rid, answer.resp);
+                let broken = (Some(answer.rid), answer.resp);
                 let resumed =
                     Box::pin(self.resume(c, ctx, broken, sent, cursor, (timeouts, None))).await;
                 out.finish_resume(resumed);

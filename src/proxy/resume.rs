@@ -72,7 +72,7 @@ impl WorkerGeneration {
         &self,
         c: &mut Client,
         ctx: &RequestCtx<'_>,
-        (rid, resp): (usize, Response),
+        (from, resp): (Option<usize>, Response),
         mut sent: u64,
         cursor: &mut Cursor<'_>,
         (timeouts, mut tee): (Timeouts, Option<&mut dyn body::Tee>),
@@ -80,14 +80,14 @@ impl WorkerGeneration {
         let (Framing::Length(len), Some(base), false) =
             (resp.framing(), resumable(&resp), resp.etag.is_empty())
         else {
-            self.log_unresumable(c, ctx, rid, "the response cannot be resumed (no ETag, no Content-Length, or a multipart or unparsed range)");
+            self.log_unresumable(c, ctx, from, "the response cannot be resumed (no ETag, no Content-Length, or a multipart or unparsed range)");
             c.give_response(resp);
             return Resumed::incomplete(sent);
         };
-        let mut from = rid;
+        let mut from = from;
         while let Some(next) = cursor.next_replica() {
             self.log_resume(c, ctx, from, next, base + sent);
-            from = next;
+            from = Some(next);
             let want = Resume {
                 first: base + sent,
                 last: base + len - 1,
@@ -137,7 +137,7 @@ impl WorkerGeneration {
             c.give_response(a.resp);
             let msg = "Replica cannot resume the body with the same ETag at the same offset";
             let why = "not a single-range 206 of that ETag at the offset asked for";
-            self.log_replica(Level::Warn, msg, c, ctx, rid, why);
+            self.log_replica(Level::Warn, msg, c, ctx, Some(rid), why);
             return Continued::Refused;
         }
         cursor.answered_head();
@@ -178,21 +178,35 @@ impl WorkerGeneration {
         result
     }
 
-    fn log_resume(&self, c: &Client, ctx: &RequestCtx<'_>, from: usize, to: usize, offset: u64) {
-        log!(
-            Level::Warn,
-            &format!(
+    fn log_resume(
+        &self,
+        c: &Client,
+        ctx: &RequestCtx<'_>,
+        from: Option<usize>,
+        to: usize,
+        offset: u64,
+    ) {
+        let message = match from {
+            Some(from) => format!(
                 "Replica '{}' failed mid-body, resuming from '{}'",
                 self.replica(from).name,
                 self.replica(to).name
             ),
+            None => format!(
+                "A shared fetch went on without this reader; continuing from '{}'",
+                self.replica(to).name
+            ),
+        };
+        log!(
+            Level::Warn,
+            &message,
             bucket = self.shared.bucket(ctx.bucket).name,
             request_id = c.s.req.request_id,
             offset = offset,
         );
     }
 
-    fn log_unresumable(&self, c: &Client, ctx: &RequestCtx<'_>, rid: usize, why: &str) {
+    fn log_unresumable(&self, c: &Client, ctx: &RequestCtx<'_>, rid: Option<usize>, why: &str) {
         let msg = "Upstream failed mid-body; aborting the client connection";
         self.log_replica(Level::Error, msg, c, ctx, rid, why);
     }
@@ -203,14 +217,14 @@ impl WorkerGeneration {
         msg: &str,
         c: &Client,
         ctx: &RequestCtx<'_>,
-        rid: usize,
+        rid: Option<usize>,
         why: &str,
     ) {
         log!(
             level,
             msg,
             bucket = self.shared.bucket(ctx.bucket).name,
-            replica = self.replica(rid).name,
+            replica = rid.map_or("-", |r| self.replica(r).name.as_str()),
             request_id = c.s.req.request_id,
             cause = why,
         );
