@@ -181,6 +181,8 @@ pub struct Authorized {
     pub sub: String,
     /// The `exp` claim: until when the verdict holds (plus the leeway).
     pub exp: u64,
+    /// Every claim, for a policy engine's input (`authz`).
+    pub claims: std::sync::Arc<Value>,
 }
 
 /// Verifies `token` and checks its claims; `Ok` when it may read. `fetched` are the JWKS keys; `unknown_kid` is
@@ -199,6 +201,7 @@ pub fn authorize(
             .unwrap_or("")
             .to_string(),
         exp: claims.get("exp").and_then(Value::as_u64).unwrap_or(0),
+        claims: std::sync::Arc::new(claims.clone()),
     })
 }
 

@@ -4,6 +4,7 @@
 //! problems, each prefixed with the YAML path it concerns (for example
 //! `buckets[1].s3.replicas[0].endpoint: ...`). Nothing downstream re-validates.
 
+mod authz;
 mod compat;
 pub mod expand;
 pub mod schema;
@@ -393,6 +394,67 @@ pub struct Bucket {
     /// replicas' S3 locations ([`origin_fingerprint`]): part of every cache
     /// key, so an entry stored from another location is never served.
     pub origin: String,
+    /// `authorization`: a policy decides who may read (see `authz`).
+    pub authorization: Option<std::sync::Arc<Authorization>>,
+}
+
+/// `buckets[].authorization`, resolved.
+#[derive(Debug)]
+pub struct Authorization {
+    /// Who decides.
+    pub engine: AuthzEngine,
+    /// A decision service slower than this has failed (OPA, OpenFGA).
+    pub timeout: Duration,
+    /// How long a decision is remembered (per core; 0: not at all).
+    pub cache_ttl: Duration,
+    /// `fail_mode: open`: a failed decision allows (with a WARN); closed
+    /// (the default) answers 503.
+    pub fail_open: bool,
+}
+
+/// The policy engine of a bucket.
+#[derive(Debug)]
+pub enum AuthzEngine {
+    /// Open Policy Agent's Data API: `POST {endpoint}{path}`.
+    Opa {
+        /// `opa_url`.
+        endpoint: Endpoint,
+        /// `/v1/data/` + `opa_policy_path`.
+        path: String,
+    },
+    /// OpenFGA's Check API: `POST {endpoint}/stores/{store}/check`.
+    OpenFga {
+        /// `openfga_endpoint`.
+        endpoint: Endpoint,
+        /// `openfga_store_id`.
+        store: String,
+        /// `openfga_authorization_model_id`.
+        model: Option<String>,
+        /// `openfga_api_token` (sent as a bearer token).
+        token: Option<String>,
+        /// `openfga_user_claim`: a dotted path into the token's claims.
+        user_claim: String,
+    },
+    /// Rego evaluated in this process (regorus), compiled at load.
+    Rego {
+        /// `policy_file`, for messages.
+        file: String,
+        /// The compiled policy and `data_file`'s data.
+        engine: Box<regorus::Engine>,
+        /// The rule evaluated: `data.` + `policy_path` with dots.
+        rule: String,
+    },
+}
+
+impl AuthzEngine {
+    /// `opa`, `openfga` or `rego`: the metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            AuthzEngine::Opa { .. } => "opa",
+            AuthzEngine::OpenFga { .. } => "openfga",
+            AuthzEngine::Rego { .. } => "rego",
+        }
+    }
 }
 
 /// A fingerprint of a replica set's S3 locations (scheme, endpoint

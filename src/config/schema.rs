@@ -299,6 +299,55 @@ pub struct RawBucket {
     pub cache: Option<RawBucketCache>,
     #[serde(default)]
     pub ip_filter: Option<RawIpFilter>,
+    #[serde(default)]
+    pub authorization: Option<RawAuthorization>,
+}
+
+/// `buckets[].authorization`: the other system's keys (`opa_*`,
+/// `openfga_*`), the unprefixed spellings its load-test configs use
+/// (`url`, `policy_path`, `timeout_ms`, `cache_ttl_seconds`, `fail_mode`),
+/// and ours for `type: rego` (`policy_file`, `data_file`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuthorization {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, alias = "url")]
+    pub opa_url: Option<String>,
+    #[serde(default, alias = "policy_path")]
+    pub opa_policy_path: Option<String>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub opa_timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub opa_cache_ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub opa_fail_mode: Option<String>,
+    #[serde(default)]
+    pub openfga_endpoint: Option<String>,
+    #[serde(default)]
+    pub openfga_store_id: Option<String>,
+    #[serde(default, alias = "openfga_model_id")]
+    pub openfga_authorization_model_id: Option<String>,
+    #[serde(default)]
+    pub openfga_api_token: Option<String>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub openfga_timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub openfga_cache_ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub openfga_fail_mode: Option<String>,
+    #[serde(default)]
+    pub openfga_user_claim: Option<String>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub cache_ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub fail_mode: Option<String>,
+    #[serde(default)]
+    pub policy_file: Option<String>,
+    #[serde(default)]
+    pub data_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

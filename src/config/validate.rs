@@ -15,17 +15,17 @@ impl Problems {
     /// Records a warning about the value at YAML path `at`: accepted, but
     /// the user should know (a key of the other system with no effect
     /// here, a setting that does less than it says).
-    fn warn(&mut self, at: &str, message: impl std::fmt::Display) {
+    pub(super) fn warn(&mut self, at: &str, message: impl std::fmt::Display) {
         self.1.push(format!("{at}: {message}"));
     }
 
     /// Records `message` about the value at YAML path `at`.
-    fn at(&mut self, at: &str, message: impl std::fmt::Display) {
+    pub(super) fn at(&mut self, at: &str, message: impl std::fmt::Display) {
         self.0.push(format!("{at}: {message}"));
     }
 
     /// Records that `value` at `at` must be at least 1.
-    fn positive(&mut self, at: &str, value: u64) {
+    pub(super) fn positive(&mut self, at: &str, value: u64) {
         if value == 0 {
             self.at(at, "must be at least 1");
         }
@@ -279,6 +279,10 @@ fn buckets(
                 cidrs(&f.blocklist, &format!("{at}.ip_filter.blocklist"), p),
             ),
         };
+        let authorization = b
+            .authorization
+            .as_ref()
+            .and_then(|a| super::authz::authorization(a, &format!("{at}.authorization"), auth, p));
         let at3 = format!("{at}.s3");
         let s3 = &b.s3;
         let replicas = replicas(s3, &at3, p);
@@ -304,6 +308,7 @@ fn buckets(
             jwt: own_jwt,
             allowlist,
             blocklist,
+            authorization: authorization.map(std::sync::Arc::new),
         });
     }
     out
@@ -1252,7 +1257,7 @@ fn resolve_endpoint(
 }
 
 /// `scheme://host[:port]` with no path; the error completes "<src> ...".
-fn parse_endpoint(src: &str) -> Result<Endpoint, &'static str> {
+pub(super) fn parse_endpoint(src: &str) -> Result<Endpoint, &'static str> {
     let (tls, rest) = if let Some(r) = src.strip_prefix("http://") {
         (false, r)
     } else if let Some(r) = src.strip_prefix("https://") {

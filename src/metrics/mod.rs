@@ -82,6 +82,12 @@ pub struct WorkerMetrics {
     pub rate_limited: HashMap<&'static str, u64>,
     /// `(from replica id, to replica id) -> count`.
     pub failovers: HashMap<(usize, usize), u64>,
+    /// `(bucket metric id, engine, result)` -> policy decisions.
+    pub authz: HashMap<(usize, &'static str, &'static str), u64>,
+    /// `(bucket metric id, hit or miss)` -> decision cache lookups.
+    pub authz_cache: HashMap<(usize, &'static str), u64>,
+    /// Engine -> decision latency (us) of calls made (not remembered ones).
+    pub authz_duration: HashMap<&'static str, Histogram<u64>>,
 }
 
 impl WorkerMetrics {
@@ -107,6 +113,9 @@ impl WorkerMetrics {
             ip_filtered: HashMap::new(),
             rate_limited: HashMap::new(),
             auth: HashMap::new(),
+            authz: HashMap::new(),
+            authz_cache: HashMap::new(),
+            authz_duration: HashMap::new(),
         }
     }
 
@@ -171,6 +180,25 @@ impl WorkerMetrics {
     /// Counts a request refused by bucket `bucket`'s IP filter.
     pub fn ip_filtered(&mut self, bucket: usize) {
         *self.ip_filtered.entry(bucket).or_insert(0) += 1;
+    }
+
+    /// Counts a policy decision of bucket `bucket` by `engine`.
+    pub fn authz(&mut self, bucket: usize, engine: &'static str, result: &'static str) {
+        *self.authz.entry((bucket, engine, result)).or_insert(0) += 1;
+    }
+
+    /// Counts a decision cache lookup of bucket `bucket`.
+    pub fn authz_cache(&mut self, bucket: usize, result: &'static str) {
+        *self.authz_cache.entry((bucket, result)).or_insert(0) += 1;
+    }
+
+    /// Records how long `engine` took to decide.
+    pub fn authz_duration(&mut self, engine: &'static str, micros: u64) {
+        let _ = self
+            .authz_duration
+            .entry(engine)
+            .or_insert_with(new_histogram)
+            .record(micros.max(1));
     }
 
     /// Counts an authentication outcome of bucket `bucket`.
@@ -258,6 +286,19 @@ impl WorkerMetrics {
         }
         for (k, v) in &other.rate_limited {
             *self.rate_limited.entry(k).or_insert(0) += v;
+        }
+        for (k, v) in &other.authz {
+            *self.authz.entry(*k).or_insert(0) += v;
+        }
+        for (k, v) in &other.authz_cache {
+            *self.authz_cache.entry(*k).or_insert(0) += v;
+        }
+        for (k, h) in &other.authz_duration {
+            let _ = self
+                .authz_duration
+                .entry(k)
+                .or_insert_with(new_histogram)
+                .add(h);
         }
     }
 }

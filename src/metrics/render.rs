@@ -189,6 +189,41 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
             .map(|((b, r), v)| counter(&[("bucket", bucket_name(*b)), ("result", r)], *v as f64))
             .collect(),
     ));
+    let mut decisions: Vec<_> = merged.authz.iter().collect();
+    decisions.sort();
+    families.push(family(
+        "yatagarasu_authz_decisions_total",
+        "Policy decisions by bucket, engine (opa, openfga, rego) and result (allow, deny, error_open: allowed by fail_mode open, error_closed: refused with 503).",
+        MetricType::COUNTER,
+        decisions
+            .into_iter()
+            .map(|((b, e, r), v)| {
+                counter(&[("bucket", bucket_name(*b)), ("engine", e), ("result", r)], *v as f64)
+            })
+            .collect(),
+    ));
+    let mut remembered: Vec<_> = merged.authz_cache.iter().collect();
+    remembered.sort();
+    families.push(family(
+        "yatagarasu_authz_cache_total",
+        "Policy decision cache lookups by bucket and result (hit, miss).",
+        MetricType::COUNTER,
+        remembered
+            .into_iter()
+            .map(|((b, r), v)| counter(&[("bucket", bucket_name(*b)), ("result", r)], *v as f64))
+            .collect(),
+    ));
+    let mut engines: Vec<_> = merged.authz_duration.iter().collect();
+    engines.sort_by_key(|(e, _)| *e);
+    families.push(family(
+        "yatagarasu_authz_duration_seconds",
+        "Time a policy engine took to decide (calls made, not remembered decisions), by engine.",
+        MetricType::HISTOGRAM,
+        engines
+            .into_iter()
+            .map(|(e, h)| histogram(&[("engine", e)], h))
+            .collect(),
+    ));
     let mut limited: Vec<_> = merged.rate_limited.iter().collect();
     limited.sort();
     families.push(family(

@@ -85,6 +85,7 @@ impl WorkerGeneration {
     /// before any cache lookup or upstream request.
     async fn authenticate(&self, c: &mut Client, bucket: usize) -> Option<Outcome> {
         c.s.subject.clear();
+        c.s.claims = None;
         let b = self.shared.bucket(bucket);
         // The bucket's own settings (`auth.jwt`), else the top-level ones.
         let jwt = b
@@ -120,6 +121,7 @@ impl WorkerGeneration {
         let refusal = match verdict {
             Ok(ok) => {
                 c.s.subject = ok.sub;
+                c.s.claims = Some(ok.claims);
                 self.core.metrics.borrow_mut().auth(mid, "ok");
                 return None;
             }

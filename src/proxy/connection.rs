@@ -490,6 +490,12 @@ impl WorkerGeneration {
             } else {
                 c.s.subject.as_str()
             },
+            authz = if c.s.authz.is_empty() { "-" } else { c.s.authz },
+            authz_reason = if c.s.authz_reason.is_empty() {
+                "-"
+            } else {
+                c.s.authz_reason.as_str()
+            },
             worker = self.id,
         );
     }

@@ -24,6 +24,7 @@ use crate::upstream::client::{self as upclient, Cause};
 
 mod access;
 mod attempt;
+mod authorize;
 mod breakers;
 use breakers::Cursor;
 mod cache;
@@ -92,6 +93,10 @@ pub struct WorkerGeneration {
     verified: RefCell<quick_cache::unsync::Cache<String, (usize, crate::access::jwt::Authorized)>>,
     /// The JWKS key set this worker uses, and its version.
     jwks: RefCell<(u64, Arc<crate::access::jwks::KeyMap>)>,
+    /// Policy decisions: remembered, in flight, breakers, Rego copies.
+    authz: authorize::Authz,
+    /// Connections to the buckets' decision services (by bucket index).
+    authz_pool: Pool,
 }
 
 /// One worker thread's state that outlives configuration generations (owned
@@ -356,6 +361,13 @@ struct RequestState {
     leading: Option<(String, Arc<crate::cache::collapse::SharedFill>)>,
     /// The authenticated token's `sub` claim (for the access log).
     subject: String,
+    /// The authenticated token's claims (for a policy engine's input).
+    claims: Option<Arc<serde_json::Value>>,
+    /// The policy decision (for the access log): empty when no policy
+    /// applies, else allow, deny, error_open or error_closed.
+    authz: &'static str,
+    /// The policy's reason for its decision, when it gave one.
+    authz_reason: String,
     /// An expired copy that may answer if no replica can (stale-if-error).
     stale: Option<Arc<crate::cache::store::Object>>,
     /// The bucket's upstream limit already paid for this request's next
@@ -462,6 +474,8 @@ impl WorkerGeneration {
             limits: RefCell::new(limits::Limiters::new(&shared.config)),
             jwks: RefCell::new((u64::MAX, Arc::default())),
             verified: RefCell::new(quick_cache::unsync::Cache::new(VERIFIED_TOKENS)),
+            authz: authorize::Authz::default(),
+            authz_pool: Pool::new(shared.config.buckets.len()),
             id: core.id,
             pool: Pool::with_budget(shared.replicas.len(), core.upstream_budget.clone()),
             breakers: RefCell::new(breakers),

@@ -6,6 +6,7 @@
 //!                         bucket by prefix, the key and forwarded query
 //! access   access.rs      client address and rate limits (before routing);
 //!                         the bucket's IP filter and JWT (after)
+//! authorize authorize.rs  the bucket's policy (OPA, OpenFGA, Rego)
 //! lookup   cache.rs       disk tier, slices, memory tier, a fill to join
 //! forward  forward.rs     plan the replicas, try them through one
 //!                         `upstream::cursor::ReplicaCursor`; attempt.rs
@@ -41,12 +42,13 @@ impl WorkerGeneration {
         outcome
     }
 
-    /// route -> access -> lookup -> forward (-> respond).
+    /// route -> access -> authorize -> lookup -> forward (-> respond).
     async fn phases(&self, c: &mut Client, path: &mut String, key: &mut String) -> Phase<Outcome> {
         self.decode(c, path).await?;
         let client = self.admit_client(c).await?;
         let bucket = self.route(c, path, key).await?;
         self.access(c, client, bucket).await?;
+        self.authorize(c, client, bucket, path, key).await?;
         self.lookup(c, bucket, key).await?;
         Ok(self.forward(c, bucket, key).await)
     }

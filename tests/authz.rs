@@ -1,0 +1,292 @@
+//! Policy authorization through real sockets: OPA's Data API around a real
+//! Rego engine, an OpenFGA Check stand-in (tests/support/policy.rs), and
+//! the proxy's own Rego engine on the same policy files.
+
+mod support;
+
+use serde_json::json;
+use std::time::Duration;
+use support::http;
+use support::policy::{Fga, Mode, Opa};
+use support::rogue::Rogue;
+use support::*;
+
+const SECRET: &str = "authz-test-secret-0123456789abcdef";
+
+/// An origin answering each key with a body naming it.
+fn origin() -> Rogue {
+    Rogue::start(move |req| {
+        let body = format!("object {}\n", req.target);
+        vec![support::rogue::send(&format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"e\"\r\nCache-Control: max-age=600\r\n\r\n{body}",
+            body.len()
+        ))]
+    })
+}
+
+fn gets(up: &Rogue) -> usize {
+    up.seen().len()
+}
+
+/// One bucket `/<name>` with JWT auth, the memory cache and `authorization`.
+fn bucket(name: &str, endpoint: &str, authorization: &str) -> String {
+    format!(
+        "  - name: \"{name}\"\n    path_prefix: \"/{name}\"\n    auth:\n      enabled: true\n    authorization:\n{authorization}    s3:\n      bucket: \"bkt\"\n      endpoint: \"{endpoint}\"\n      access_key: \"{AK}\"\n      secret_key: \"{SK}\"\n      health_check:\n        enabled: false\n"
+    )
+}
+
+fn config(buckets: &str) -> String {
+    format!(
+        "jwt:\n  enabled: true\n  algorithm: \"HS256\"\n  secret: \"{SECRET}\"\ncache:\n  enabled: true\nbuckets:\n{buckets}"
+    )
+}
+
+fn token(claims: serde_json::Value) -> String {
+    let mut c = claims;
+    c["exp"] = json!(unix_now() + 3600);
+    hs256_token(SECRET, &c)
+}
+
+fn get(proxy: &Proxy, path: &str, token: &str) -> http::Resp {
+    let auth = format!("Bearer {token}");
+    http::get(proxy.port, path, &[("Authorization", &auth)])
+}
+
+fn opa_bucket(endpoint: &str, opa: &Opa, extra: &str) -> String {
+    bucket(
+        "opa",
+        endpoint,
+        &format!(
+            "      type: opa\n      opa_url: \"{}\"\n      opa_policy_path: \"yatagarasu/authz/decision\"\n{extra}",
+            opa.url()
+        ),
+    )
+}
+
+#[test]
+fn opa_allows_and_denies_by_policy_and_a_cached_object_is_never_served_to_a_denied_request() {
+    let up = origin();
+    let opa = Opa::start();
+    // One worker: decisions are remembered per core.
+    let proxy = Proxy::start_with(&config(&opa_bucket(&up.endpoint(), &opa, "")), 1, &[]);
+    let admin = token(json!({"sub": "ann", "role": "admin"}));
+    let reader = token(json!({"sub": "rob", "role": "reader"}));
+    // Admin: anything; the object is now cached.
+    let r = get(&proxy, "/opa/secret/plan.txt", &admin);
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "object /bkt/secret/plan.txt\n")
+    );
+    assert_eq!(
+        get(&proxy, "/opa/secret/plan.txt", &admin).header("x-cache"),
+        Some("HIT")
+    );
+    assert_eq!(gets(&up), 1);
+    // A reader outside the public folder: denied although the copy is cached.
+    let r = get(&proxy, "/opa/secret/plan.txt", &reader);
+    assert_eq!(r.status, 403, "{}", r.text());
+    // A reader in the public folder: allowed.
+    assert_eq!(get(&proxy, "/opa/public/a.txt", &reader).status, 200);
+    // No token: the JWT phase refuses before the policy is asked.
+    assert_eq!(proxy.get("/opa/public/a.txt").status, 401);
+    let m = proxy.metrics();
+    for needle in [
+        "yatagarasu_authz_decisions_total{bucket=\"opa\",engine=\"opa\",result=\"allow\"} 3",
+        "yatagarasu_authz_decisions_total{bucket=\"opa\",engine=\"opa\",result=\"deny\"} 1",
+        "yatagarasu_authz_cache_total{bucket=\"opa\",result=\"hit\"} 1",
+        "yatagarasu_authz_duration_seconds_count{engine=\"opa\"} 3",
+    ] {
+        assert!(m.contains(needle), "{needle}\n{m}");
+    }
+    // Remembered: the same question again is not asked (allow and deny).
+    assert_eq!(opa.asked(), 3);
+    assert_eq!(get(&proxy, "/opa/secret/plan.txt", &reader).status, 403);
+    assert_eq!(opa.asked(), 3);
+    // The access line carries the decision and the policy's reason.
+    assert!(
+        proxy.wait_log("authz=deny", Duration::from_secs(5)),
+        "{}",
+        proxy.log()
+    );
+    assert!(proxy
+        .log()
+        .contains("not an admin, and not a reader of a public folder"));
+}
+
+#[test]
+fn a_failing_opa_answers_503_when_closed_and_allows_with_a_warning_when_open() {
+    let up = origin();
+    let opa = Opa::start();
+    let open = bucket(
+        "open",
+        &up.endpoint(),
+        &format!(
+            "      type: opa\n      opa_url: \"{}\"\n      opa_timeout_ms: 300\n      opa_cache_ttl_seconds: 0\n      opa_fail_mode: open\n",
+            opa.url()
+        ),
+    );
+    let closed = opa_bucket(
+        &up.endpoint(),
+        &opa,
+        "      opa_timeout_ms: 300\n      opa_cache_ttl_seconds: 0\n",
+    );
+    let proxy = Proxy::start(&config(&format!("{closed}{open}")));
+    let admin = token(json!({"sub": "ann", "role": "admin"}));
+    for mode in [Mode::Garbage, Mode::Fail, Mode::Hang] {
+        opa.set_mode(mode);
+        let r = get(&proxy, "/opa/k", &admin);
+        assert_eq!(r.status, 503, "{mode:?}: {}", r.text());
+        assert_eq!(r.header("retry-after"), Some("1"));
+        let r = get(&proxy, "/open/k", &admin);
+        assert_eq!(r.status, 200, "{mode:?}");
+    }
+    assert!(proxy
+        .log()
+        .contains("Authorization failed; allowing (fail_mode: open)"));
+    assert!(proxy
+        .log()
+        .contains("Authorization failed; refusing with 503"));
+    let m = proxy.metrics();
+    assert!(m.contains("result=\"error_open\"} 3"), "{m}");
+    assert!(m.contains("result=\"error_closed\"} 3"), "{m}");
+    // Down: the breaker stops asking after three failures in a row per
+    // core, so most of these never wait for a timeout.
+    let asked = opa.asked();
+    for _ in 0..20 {
+        assert_eq!(get(&proxy, "/opa/k", &admin).status, 503);
+    }
+    assert!(
+        opa.asked() - asked < 20,
+        "every request asked a failing OPA"
+    );
+}
+
+#[test]
+fn rego_in_process_decides_as_opa_does_on_the_same_policy() {
+    let up = origin();
+    let opa = Opa::start();
+    let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/config/policies/authz.rego");
+    let rego = bucket(
+        "rego",
+        &up.endpoint(),
+        &format!("      type: rego\n      policy_file: \"{policy}\"\n      policy_path: \"yatagarasu/authz/decision\"\n"),
+    );
+    let proxy = Proxy::start(&config(&format!(
+        "{}{rego}",
+        opa_bucket(&up.endpoint(), &opa, "")
+    )));
+    let cases = [
+        (json!({"sub": "a", "role": "admin"}), "/x/secret.txt"),
+        (json!({"sub": "b", "role": "reader"}), "/x/public/a.txt"),
+        (json!({"sub": "c", "role": "reader"}), "/x/private/a.txt"),
+        (json!({"sub": "d", "role": "guest"}), "/x/public/a.txt"),
+        (json!({"sub": "e"}), "/x/public/a.txt"),
+    ];
+    let mut allowed = 0;
+    for (claims, path) in cases {
+        let t = token(claims.clone());
+        let by_opa = get(&proxy, &format!("/opa{path}"), &t).status;
+        let by_rego = get(&proxy, &format!("/rego{path}"), &t).status;
+        assert_eq!(by_opa, by_rego, "{claims} {path}");
+        assert!(by_opa == 200 || by_opa == 403);
+        allowed += usize::from(by_opa == 200);
+    }
+    assert_eq!(allowed, 2);
+    let m = proxy.metrics();
+    assert!(
+        m.contains(
+            "yatagarasu_authz_decisions_total{bucket=\"rego\",engine=\"rego\",result=\"deny\"} 3"
+        ),
+        "{m}"
+    );
+}
+
+#[test]
+fn openfga_checks_viewer_on_files_folders_and_buckets() {
+    let up = origin();
+    let fga = Fga::start(&[
+        ("user:alice", "viewer", "file:fga/docs/a.txt"),
+        ("user:bob", "viewer", "folder:fga/reports/2026/"),
+        ("user:carol", "viewer", "bucket:fga"),
+    ]);
+    let b = bucket(
+        "fga",
+        &up.endpoint(),
+        &format!(
+            "      type: openfga\n      openfga_endpoint: \"{}\"\n      openfga_store_id: \"{}\"\n      openfga_authorization_model_id: \"01HMODEL\"\n      openfga_api_token: \"tok\"\n",
+            fga.url(),
+            fga.store
+        ),
+    );
+    let proxy = Proxy::start(&config(&b));
+    let as_user = |sub: &str, path: &str| get(&proxy, path, &token(json!({ "sub": sub }))).status;
+    assert_eq!(as_user("alice", "/fga/docs/a.txt"), 200);
+    assert_eq!(as_user("alice", "/fga/docs/b.txt"), 403);
+    assert_eq!(
+        as_user("bob", "/fga/reports/2026/q1/sales.csv"),
+        200,
+        "inherited from the folder"
+    );
+    assert_eq!(as_user("bob", "/fga/reports/2025/q1.csv"), 403);
+    assert_eq!(
+        as_user("carol", "/fga/anything/at/all"),
+        200,
+        "inherited from the bucket"
+    );
+    assert_eq!(as_user("dave", "/fga/docs/a.txt"), 403);
+    // A token without the user claim: nothing to ask, denied.
+    let r = get(&proxy, "/fga/docs/a.txt", &token(json!({"role": "x"})));
+    assert_eq!(r.status, 403);
+    assert_eq!(fga.asked(), 6);
+    fga.set_mode(Mode::Fail);
+    assert_eq!(as_user("erin", "/fga/docs/a.txt"), 503);
+}
+
+#[test]
+fn the_other_systems_authorization_keys_load() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("c.yaml");
+    let text = "server:\n  address: \"127.0.0.1:0\"\n".to_string() + &config(&format!(
+        "{}{}",
+        bucket(
+            "a",
+            "http://127.0.0.1:9",
+            "      type: opa\n      url: \"http://localhost:8181\"\n      policy_path: \"yatagarasu/authz/allow\"\n      timeout_ms: 100\n      cache_ttl_seconds: 60\n      fail_mode: closed\n",
+        ),
+        bucket(
+            "b",
+            "http://127.0.0.1:9",
+            "      type: openfga\n      openfga_endpoint: \"http://localhost:8081\"\n      openfga_store_id: \"01ARZ3NDEKTSV4RRFFQ69G5FAV\"\n      openfga_user_claim: \"user.id\"\n      openfga_fail_mode: open\n",
+        )
+    ));
+    std::fs::write(&path, &text).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_yatagarasu"))
+        .args(["--check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    let said =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    // Mistakes are named.
+    let bad = text
+        .replace("type: opa", "type: opaa")
+        .replace("openfga_fail_mode: open", "openfga_fail_mode: maybe");
+    std::fs::write(&path, bad).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_yatagarasu"))
+        .args(["--check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    let said =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        said.contains("buckets[0].authorization.type: \"opaa\" is not one of opa, openfga, rego"),
+        "{said}"
+    );
+    assert!(
+        said.contains("buckets[1].authorization.fail_mode: \"maybe\""),
+        "{said}"
+    );
+}
