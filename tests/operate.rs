@@ -168,3 +168,98 @@ fn the_debian_package_installs_checks_and_purges_cleanly() {
         "the user outlived the purge"
     );
 }
+
+/// `promtool` with `args`, from `dir`; its output, and whether it passed.
+fn promtool(dir: &str, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new("promtool");
+    cmd.current_dir(dir)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .expect("promtool must be installed (apt-get install prometheus)");
+    if let Some(mut input) = child.stdin.take() {
+        let _ = input.write_all(stdin.unwrap_or("").as_bytes());
+    }
+    let out = child.wait_with_output().expect("promtool");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+const PROMETHEUS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus");
+
+#[test]
+fn the_alert_rules_check_and_fire_on_their_unit_tests() {
+    let (ok, out) = promtool(PROMETHEUS_DIR, &["check", "rules", "alerts.yml"], None);
+    assert!(ok, "{out}");
+    let (ok, out) = promtool(PROMETHEUS_DIR, &["test", "rules", "alerts_test.yml"], None);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn a_live_scrape_passes_promtool_and_has_every_metric_the_dashboard_and_alerts_use() {
+    let up = support::rogue::Rogue::start(|_| {
+        vec![support::rogue::send(
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nETag: \"e\"\r\n\r\nok",
+        )]
+    });
+    // Every tier and feature whose metrics the dashboard shows.
+    let body = format!(
+        "cache:\n  enabled: true\n  cache_layers: [\"memory\", \"redis\"]\n  redis:\n    redis_url: \"redis://127.0.0.1:{}\"\nbuckets:\n  - name: \"b\"\n    path_prefix: \"/b\"\n    s3:\n      bucket: \"bkt\"\n      endpoint: \"{}\"\n      access_key: \"{AK}\"\n      secret_key: \"{SK}\"\n      health_check:\n        enabled: false\n",
+        free_port(),
+        up.endpoint()
+    );
+    let proxy = Proxy::start(&body);
+    for _ in 0..3 {
+        assert_eq!(proxy.get("/b/k").status, 200);
+    }
+    let scrape = proxy.metrics();
+    let (ok, out) = promtool(PROMETHEUS_DIR, &["check", "metrics"], Some(&scrape));
+    assert!(ok, "{out}\n{scrape}");
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/yatagarasu.json"
+    ))
+    .expect("dashboard");
+    let json: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
+    assert!(json["panels"].as_array().is_some_and(|p| p.len() >= 10));
+    let alerts = std::fs::read_to_string(format!("{PROMETHEUS_DIR}/alerts.yml")).expect("alerts");
+    let mut names: Vec<String> = Vec::new();
+    for text in [&dashboard, &alerts] {
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("yatagarasu_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = tail[..end].trim_end_matches("_bucket").to_string();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+            rest = &tail[end..];
+        }
+    }
+    assert!(names.len() >= 20, "{names:?}");
+    // Families with no series yet (no failover, no refusal) are not in a
+    // scrape: those must at least be families the renderer defines.
+    let renderer = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/metrics/render.rs"
+    ))
+    .expect("renderer");
+    let mut scraped = 0;
+    for name in &names {
+        if scrape.contains(&format!("# TYPE {name} ")) {
+            scraped += 1;
+            continue;
+        }
+        assert!(
+            renderer.contains(&format!("\"{name}\"")),
+            "{name} is used by the dashboard or alerts but never exported"
+        );
+    }
+    assert!(scraped * 2 >= names.len(), "{scraped} of {names:?} scraped");
+}

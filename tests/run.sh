@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: installs what the suite needs (s3s-fs, redis-server, moto,
+# The test command: installs what the suite needs (s3s-fs, redis-server,
+# promtool, moto,
 # kubernetes-validate) when missing, validates the Kubernetes manifests,
 # checks formatting and lints, then runs every test on the default driver
 # (io_uring where the kernel allows), the process tests again on epoll, and
@@ -16,6 +17,11 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   echo "== installing redis-server and redis-tools"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
+fi
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "== installing prometheus (promtool)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 if ! python3 -c 'import moto.server' >/dev/null 2>&1; then
   echo "== installing moto"
