@@ -343,6 +343,14 @@ impl Process {
             .map(|s| s.in_flight.load(Ordering::Relaxed))
             .sum()
     }
+
+    /// Client connections open now, over all workers.
+    pub fn open_connections(&self) -> i64 {
+        self.workers
+            .iter()
+            .map(|s| s.open_connections.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 impl Generation {

@@ -185,7 +185,8 @@ fn promtool(dir: &str, args: &[&str], stdin: Option<&str>) -> (bool, String) {
         let _ = input.write_all(stdin.unwrap_or("").as_bytes());
     }
     let out = child.wait_with_output().expect("promtool");
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 

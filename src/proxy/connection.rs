@@ -298,7 +298,11 @@ impl WorkerGeneration {
             }
             // Keep any pipelined bytes that followed this head.
             c.s.rbuf.drain(..head_len.min(c.s.rbuf.len()));
-            if !outcome.keep_alive || self.core.draining.get() {
+            // What the response told the client decides: one that promised
+            // keep-alive before draining began gets its next request read
+            // and answered (with `Connection: close`), never a close it
+            // could not expect.
+            if !outcome.keep_alive {
                 return None;
             }
         }

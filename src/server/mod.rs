@@ -10,12 +10,14 @@ pub mod admin;
 pub mod driver;
 pub mod metrics_http;
 mod systemd;
+pub mod upgrade;
 
 use crate::config::{Config, Level};
 use crate::log;
 use crate::proxy::Worker;
 use crate::shared::{Generation, Process};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -23,6 +25,8 @@ use std::time::{Duration, Instant};
 
 /// How often each worker checks for shutdown, scrape requests and log flushing.
 const TICK: Duration = Duration::from_millis(20);
+/// While draining, keep-alive connections idle this long are closed.
+const DRAIN_IDLE: Duration = Duration::from_secs(1);
 
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
@@ -45,6 +49,9 @@ pub enum Control {
     Reload,
     /// Stop accepting, drain, return (SIGTERM, SIGINT).
     Stop,
+    /// Hand the listeners to a new process from the binary at the same
+    /// path, which stops this one once it serves (SIGUSR2; `upgrade`).
+    Upgrade,
 }
 
 /// A proxy with its sockets bound and its process state built, not yet
@@ -64,7 +71,47 @@ impl Server {
     pub fn bind(config: Config, config_path: &str) -> Result<Server, String> {
         let mut address = config.server.address;
         let mut listeners = Vec::with_capacity(config.server.workers);
-        for _ in 0..config.server.workers {
+        let mut inherited = match upgrade::inherited() {
+            None => upgrade::Inherited::default(),
+            Some(Ok(i)) => i,
+            Some(Err(e)) => return Err(e),
+        };
+        let handed = inherited.workers.len();
+        // An upgrade's sockets first (the same sockets, their queues intact).
+        for fd in std::mem::take(&mut inherited.workers) {
+            let adopted = upgrade::adopt(fd, true).filter(|l| {
+                l.local_addr()
+                    .is_ok_and(|a| address.port() == 0 || a.port() == address.port())
+            });
+            match adopted {
+                Some(l) if listeners.len() < config.server.workers => {
+                    if address.port() == 0 {
+                        address = l
+                            .local_addr()
+                            .map_err(|e| format!("listener address: {e}"))?;
+                    }
+                    listeners.push(l);
+                }
+                Some(_) => log!(
+                    Level::Warn,
+                    "Upgrade: more listeners handed over than workers; the extra one is closed (server.workers changed)",
+                ),
+                None => log!(
+                    Level::Warn,
+                    "Upgrade: a handed descriptor is not a listener on this address; ignored",
+                    fd = fd,
+                ),
+            }
+        }
+        if handed > 0 {
+            log!(
+                Level::Info,
+                "Upgrade: took over the listeners",
+                pid = std::process::id(),
+                listeners = listeners.len(),
+            );
+        }
+        while listeners.len() < config.server.workers {
             let l =
                 bind_reuseport(address).map_err(|e| format!("cannot listen on {address}: {e}"))?;
             if address.port() == 0 {
@@ -74,16 +121,22 @@ impl Server {
             }
             listeners.push(l);
         }
-        let metrics_listener = match config.metrics.enabled {
-            false => None,
-            true => Some(
-                std::net::TcpListener::bind(config.metrics.address).map_err(|e| {
+        let metrics_listener = match (config.metrics.enabled, inherited.metrics) {
+            (false, _) => None,
+            (true, Some(fd)) => match upgrade::adopt(fd, false) {
+                Some(l) => Some(l),
+                None => {
+                    return Err("Upgrade: the handed metrics descriptor is not a listener".into())
+                }
+            },
+            (true, None) => Some(std::net::TcpListener::bind(config.metrics.address).map_err(
+                |e| {
                     format!(
                         "cannot listen for metrics on {}: {e}",
                         config.metrics.address
                     )
-                })?,
-            ),
+                },
+            )?),
         };
         let acceptor = match &config.server.tls {
             None => None,
@@ -124,6 +177,12 @@ impl Server {
             address,
         } = self;
         warn_insecure(&process.current());
+        // Kept for an upgrade: the descriptors stay open while the workers
+        // accept (upgrades are refused once draining began).
+        let listener_fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+        let metrics_fd = metrics_listener.as_ref().map(AsRawFd::as_raw_fd);
+        // Read now: an upgrade replaces the file at this path.
+        let exe = std::env::current_exe();
         if let Err(e) = start_workers(&process, listeners, acceptor) {
             log!(Level::Error, "cannot start worker thread", error = e);
             return 1;
@@ -131,11 +190,24 @@ impl Server {
         start_helpers(&process, metrics_listener);
         systemd::start(&process);
         log_listening(&process, address);
+        take_over_when_serving(&process);
         for c in control {
             match c {
                 Control::Reload => {
                     let _ = reload(&process);
                 }
+                Control::Upgrade => match &exe {
+                    Ok(exe) => match upgrade::spawn(exe, &listener_fds, metrics_fd) {
+                        Ok(pid) => log!(
+                            Level::Info,
+                            "Upgrade: started the new process; serving until it takes over",
+                            binary = exe.display(),
+                            pid = pid,
+                        ),
+                        Err(e) => log!(Level::Error, "Upgrade failed; serving on", error = e),
+                    },
+                    Err(e) => log!(Level::Error, "Upgrade: own executable unknown", error = e),
+                },
                 Control::Stop => break,
             }
         }
@@ -145,7 +217,32 @@ impl Server {
     }
 }
 
-/// Runs the proxy until SIGTERM or SIGINT (SIGHUP reloads); returns the exit code.
+/// Started by an upgrade: once every worker accepts, stops the process it
+/// took over from (see `upgrade`).
+fn take_over_when_serving(process: &Arc<Process>) {
+    let Some(from) = std::env::var(upgrade::UPGRADE_FROM)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    else {
+        return;
+    };
+    let process = process.clone();
+    let _ = std::thread::Builder::new()
+        .name("yatagarasu-takeover".into())
+        .spawn(move || {
+            while !process
+                .workers
+                .iter()
+                .all(|w| w.accepting.load(Ordering::Acquire))
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            upgrade::take_over(from);
+        });
+}
+
+/// Runs the proxy until SIGTERM or SIGINT (SIGHUP reloads, SIGUSR2
+/// upgrades); returns the exit code.
 pub fn run(config: Config, config_path: &str) -> i32 {
     let server = match Server::bind(config, config_path) {
         Ok(s) => s,
@@ -158,6 +255,7 @@ pub fn run(config: Config, config_path: &str) -> i32 {
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGUSR2,
     ]) {
         Ok(s) => s,
         Err(e) => {
@@ -167,6 +265,7 @@ pub fn run(config: Config, config_path: &str) -> i32 {
     };
     let control = signals.forever().map(|sig| match sig {
         signal_hook::consts::SIGHUP => Control::Reload,
+        signal_hook::consts::SIGUSR2 => Control::Upgrade,
         _ => Control::Stop,
     });
     server.run_until(control)
@@ -317,7 +416,9 @@ fn drain(process: &Process) {
             .iter()
             .all(|s| s.stopped_accepting.load(Ordering::SeqCst));
         let in_flight = process.in_flight();
-        if stopped && in_flight == 0 {
+        // Every connection gone: requests in flight answered with
+        // `Connection: close`, idle ones closed after a second (`tick`).
+        if stopped && in_flight == 0 && process.open_connections() <= 0 {
             break;
         }
         if Instant::now() >= deadline {
@@ -332,7 +433,12 @@ fn drain(process: &Process) {
     }
     // Give workers one tick to flush their buffered log lines.
     std::thread::sleep(TICK * 2);
-    log!(Level::Info, "Shutdown complete");
+    log!(
+        Level::Info,
+        "Shutdown complete",
+        open_connections = process.open_connections(),
+        in_flight = process.in_flight(),
+    );
 }
 
 /// SIGHUP (and `POST /admin/reload`): re-read the config file; keep the
@@ -387,6 +493,7 @@ async fn worker_main(
     listener: std::net::TcpListener,
     tls: Option<monoio_rustls::TlsAcceptor>,
 ) {
+    let listen_fd = listener.as_raw_fd();
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -403,20 +510,14 @@ async fn worker_main(
     let core = Worker::new(id, process.clone());
     let shared = process.current();
     let tls = tls.map(Rc::new);
-    let canceller = monoio::io::Canceller::new();
-    let handle = canceller.handle();
     {
         let core = core.clone();
         monoio::spawn(async move {
-            let mut canceller = Some(canceller);
             loop {
                 monoio::time::sleep(TICK).await;
                 tick(&core);
                 if core.process.shutdown.load(Ordering::Relaxed) && !core.draining.get() {
                     core.draining.set(true);
-                    if let Some(c) = canceller.take() {
-                        c.cancel();
-                    }
                 }
             }
         });
@@ -434,46 +535,42 @@ async fn worker_main(
         .store(crate::shared::now_ms().max(1), Ordering::Relaxed);
     me.accepting.store(true, Ordering::Release);
     let mut last_refusal_log: Option<Instant> = None;
-    loop {
-        match listener.cancelable_accept(handle.clone()).await {
-            Ok((stream, peer)) => {
-                if core.draining.get() {
-                    break;
-                }
-                if me.open_connections.load(Ordering::Relaxed) >= limit {
-                    // Refused at accept: closed before any byte is read.
-                    drop(stream);
-                    core.metrics.borrow_mut().connections_refused += 1;
-                    if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                        last_refusal_log = Some(Instant::now());
-                        log!(
-                            Level::Warn,
-                            "Connection refused: server.max_connections reached",
-                            worker = id,
-                            limit_per_worker = limit,
-                            peer = peer,
-                        );
-                    }
-                    continue;
-                }
-                me.open_connections.fetch_add(1, Ordering::Relaxed);
-                core.metrics.borrow_mut().connections_total += 1;
-                let worker = core.current();
-                let tls = tls.clone();
-                // Counted closed where it ends (its task, or the lot).
-                monoio::spawn(async move {
-                    worker.serve(stream, tls.as_deref(), peer.ip()).await;
-                });
-            }
+    while !core.draining.get() {
+        let (stream, peer) = match accept(&listener, listen_fd).await {
+            Ok(Some(accepted)) => accepted,
+            // Nothing yet: look at the drain flag again.
+            Ok(None) => continue,
             Err(e) => {
-                if core.draining.get() {
-                    break;
-                }
                 // EMFILE and friends: back off briefly instead of spinning.
                 log!(Level::Warn, "accept failed", worker = id, error = e);
                 monoio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
+        };
+        if me.open_connections.load(Ordering::Relaxed) >= limit {
+            // Refused at accept: closed before any byte is read.
+            drop(stream);
+            core.metrics.borrow_mut().connections_refused += 1;
+            if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                last_refusal_log = Some(Instant::now());
+                log!(
+                    Level::Warn,
+                    "Connection refused: server.max_connections reached",
+                    worker = id,
+                    limit_per_worker = limit,
+                    peer = peer,
+                );
+            }
+            continue;
         }
+        me.open_connections.fetch_add(1, Ordering::Relaxed);
+        core.metrics.borrow_mut().connections_total += 1;
+        let worker = core.current();
+        let tls = tls.clone();
+        // Counted closed where it ends (its task, or the lot).
+        monoio::spawn(async move {
+            worker.serve(stream, tls.as_deref(), peer.ip()).await;
+        });
     }
     drop(listener);
     me.stopped_accepting.store(true, Ordering::SeqCst);
@@ -482,6 +579,52 @@ async fn worker_main(
     loop {
         monoio::time::sleep(Duration::from_secs(3600)).await;
     }
+}
+
+/// How long an accept waits for a connection before the worker looks at its
+/// drain flag again.
+const ACCEPT_WAIT: Duration = Duration::from_millis(100);
+
+/// Accepts one connection: accept4(2) on the (nonblocking) listener, and
+/// when none is queued, a wait for readiness of at most [`ACCEPT_WAIT`]
+/// (`Ok(None)`). Never an accept left in flight: an io_uring accept still
+/// pending when a worker drains takes a connection from the queue this
+/// process shares with its successor during an upgrade, and nobody serves
+/// it. The socket is nonblocking and close-on-exec.
+async fn accept(
+    listener: &monoio::net::TcpListener,
+    fd: RawFd,
+) -> std::io::Result<Option<(monoio::net::TcpStream, SocketAddr)>> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: accept4(2) on this worker's open listener; the peer address
+    // is read back from the connected socket, not from a buffer here.
+    let conn = unsafe {
+        libc::accept4(
+            fd,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+        )
+    };
+    if conn < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => {
+                let _ = monoio::time::timeout(ACCEPT_WAIT, listener.readable(false)).await;
+                Ok(None)
+            }
+            // The peer gave up while queued: not this worker's failure.
+            std::io::ErrorKind::ConnectionAborted => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    let std = unsafe { std::net::TcpStream::from_raw_fd(conn) };
+    // A peer gone already (ENOTCONN) is dropped like an aborted one.
+    let Ok(peer) = std.peer_addr() else {
+        return Ok(None);
+    };
+    Ok(Some((monoio::net::TcpStream::from_std(std)?, peer)))
 }
 
 /// Returns freed heap pages to the OS (glibc only; other C libraries, such
@@ -501,8 +644,17 @@ fn tick(worker: &Worker) {
     worker.process.workers[worker.id]
         .last_tick_ms
         .store(now.max(1), Ordering::Relaxed);
-    if worker.parking.tick(now) {
-        worker.expire_lot(now);
+    // Draining: a keep-alive connection idle for DRAIN_IDLE is closed (one
+    // that sends a request meanwhile is answered with `Connection: close`).
+    let sweep_at = match worker.draining.get() {
+        true => {
+            let idle = worker.process.current().config.server.idle_timeout;
+            now + (idle.saturating_sub(DRAIN_IDLE).as_millis() as u64)
+        }
+        false => now,
+    };
+    if worker.parking.tick(sweep_at) {
+        worker.expire_lot(sweep_at);
         // Disk-tier files kept open whose entry was replaced or removed
         // are closed, so they do not hold the disk space of a removed file.
         if let Some(disk) = &worker.process.disk {
