@@ -1,6 +1,6 @@
 //! yatagarasu: a read-only S3 origin proxy that keeps serving when an S3
-//! endpoint dies. See README.md for the tour; `proxy/flow.rs` reads the request
-//! path top to bottom.
+//! endpoint dies. See README.md for the tour; `proxy/session.rs` lists the
+//! request's phases in order.
 
 #![warn(missing_docs)]
 

@@ -1,5 +1,5 @@
 //! Replays the committed fuzz corpus (`fuzz/corpus/<target>/*`, grown by
-//! cargo-afl runs, see README "Fuzzing") through the same target bodies the
+//! cargo-afl runs, see docs/security.md, "Fuzzing") through the same target bodies the
 //! fuzzers run: every input must pass its target's invariants, no panic.
 
 #[allow(dead_code)]

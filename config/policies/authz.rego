@@ -1,4 +1,4 @@
-# Who may read, as a policy (buckets[].authorization, README "Policy
+# Who may read, as a policy (buckets[].authorization, docs/behaviour.md, "Policy
 # authorization"). The same file serves OPA (type: opa) and the proxy's own
 # Rego engine (type: rego, policy_file).
 #

@@ -271,7 +271,7 @@ pub enum ZeroCopy {
 }
 
 impl ZeroCopy {
-    /// Smallest relayed body `auto` splices (from loadtest/results: see README).
+    /// Smallest relayed body `auto` splices (see loadtest/results/performance.md).
     pub const AUTO_MIN_BYTES: u64 = 1024 * 1024;
 
     /// Smallest cached body `auto` sends by reference (from

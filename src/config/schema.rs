@@ -5,7 +5,7 @@
 //! produced by `${VAR}` expansion (always strings) deserialize.
 
 // The `Raw*` structs below are the YAML as written: each field is the key of
-// the same name, documented in the README's Configuration table.
+// the same name, documented in docs/configuration.md.
 #![allow(missing_docs)]
 
 use super::{LogFormat, ZeroCopy};

@@ -7,7 +7,7 @@
 //! resumed body, a cache slice) walks its plan of replicas with one
 //! `upstream::cursor::ReplicaCursor` on this core's breakers
 //! (`breakers.rs`): one blame rule (`upstream::blame`, documented in the
-//! README's "What is a replica failure"), one half-open accounting.
+//! docs/behaviour.md, "What is a replica failure"), one half-open accounting.
 
 use crate::config::{Level, Replica};
 use crate::http::body::{self, PumpError, Pumped, Timeouts};
