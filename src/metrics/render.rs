@@ -126,6 +126,22 @@ fn credential_families(shared: &Generation, families: &mut Vec<MetricFamily>) {
     ));
 }
 
+/// Bucket and replica names by their stable metric ids.
+struct Names<'r>(&'r crate::shared::Registry);
+
+impl Names<'_> {
+    fn bucket(&self, i: usize) -> &str {
+        self.0.buckets.get(i).map_or("", |b| b.as_str())
+    }
+
+    fn replica(&self, i: usize) -> Option<(&str, &str)> {
+        self.0
+            .replicas
+            .get(i)
+            .map(|(b, r)| (b.as_str(), r.as_str()))
+    }
+}
+
 /// Renders every metric as Prometheus text.
 pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
     let mut families = Vec::new();
@@ -134,14 +150,25 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
         Ok(r) => r,
         Err(poisoned) => poisoned.into_inner(),
     };
-    let bucket_name = |i: usize| registry.buckets.get(i).map_or("", |b| b.as_str());
-    let replica_name = |i: usize| {
-        registry
-            .replicas
-            .get(i)
-            .map(|(b, r)| (b.as_str(), r.as_str()))
-    };
+    let names = Names(&registry);
+    request_families(merged, &names, &mut families);
+    cache_families(shared, merged, &|i| names.bucket(i), &mut families);
+    access_families(shared, merged, &names, &mut families);
+    traffic_families(shared, merged, &mut families);
+    replica_families(shared, merged, &names, &mut families);
+    process_families(shared, &mut families);
+    families.retain(|f| !f.get_metric().is_empty());
 
+    let mut out = Vec::new();
+    if TextEncoder::new().encode(&families, &mut out).is_err() {
+        return String::from("# metrics encoding failed\n");
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Client requests by bucket, method and status.
+fn request_families(merged: &WorkerMetrics, names: &Names<'_>, families: &mut Vec<MetricFamily>) {
+    let bucket_name = |i: usize| names.bucket(i);
     let mut reqs: Vec<_> = merged.requests.iter().collect();
     reqs.sort_by_key(|(k, _)| **k);
     let metrics = reqs
@@ -164,7 +191,16 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
         MetricType::COUNTER,
         metrics,
     ));
-    cache_families(shared, merged, &bucket_name, &mut families);
+}
+
+/// Who may read: JWKS, authentication, policy decisions, limits, IP filters.
+fn access_families(
+    shared: &Generation,
+    merged: &WorkerMetrics,
+    names: &Names<'_>,
+    families: &mut Vec<MetricFamily>,
+) {
+    let bucket_name = |i: usize| names.bucket(i);
     let jwks = &shared.process.jwks;
     families.push(family(
         "yatagarasu_jwks_refresh_total",
@@ -178,7 +214,7 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
             ),
         ],
     ));
-    credential_families(shared, &mut families);
+    credential_families(shared, families);
     let mut auth: Vec<_> = merged.auth.iter().collect();
     auth.sort();
     families.push(family(
@@ -246,6 +282,10 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
             .map(|(b, v)| counter(&[("bucket", bucket_name(*b))], *v as f64))
             .collect(),
     ));
+}
+
+/// Latency, bytes, connections and splicing.
+fn traffic_families(shared: &Generation, merged: &WorkerMetrics, families: &mut Vec<MetricFamily>) {
     families.push(family(
         "yatagarasu_request_duration_seconds",
         "Time from request head to last response byte.",
@@ -319,7 +359,16 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
         MetricType::GAUGE,
         vec![gauge(&[], in_lot as f64)],
     ));
+}
 
+/// Per replica: health, breaker state, requests, failures, failovers, resumes, latency.
+fn replica_families(
+    shared: &Generation,
+    merged: &WorkerMetrics,
+    names: &Names<'_>,
+    families: &mut Vec<MetricFamily>,
+) {
+    let replica_name = |i: usize| names.replica(i);
     let mut health = Vec::new();
     let mut state = Vec::new();
     let mut requests = Vec::new();
@@ -420,6 +469,10 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
         MetricType::HISTOGRAM,
         durations,
     ));
+}
+
+/// Configuration reloads.
+fn process_families(shared: &Generation, families: &mut Vec<MetricFamily>) {
     let reloads = ["success", "failure"]
         .iter()
         .zip([&shared.process.reloads_ok, &shared.process.reloads_failed])
@@ -431,13 +484,6 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
         MetricType::COUNTER,
         reloads,
     ));
-    families.retain(|f| !f.get_metric().is_empty());
-
-    let mut out = Vec::new();
-    if TextEncoder::new().encode(&families, &mut out).is_err() {
-        return String::from("# metrics encoding failed\n");
-    }
-    String::from_utf8(out).unwrap_or_default()
 }
 
 /// The origin cache's families (only when the cache is enabled).
