@@ -4,7 +4,6 @@
 //! problems, each prefixed with the YAML path it concerns (for example
 //! `buckets[1].s3.replicas[0].endpoint: ...`). Nothing downstream re-validates.
 
-mod authz;
 mod compat;
 pub mod expand;
 pub mod schema;

@@ -4,9 +4,9 @@
 //! read alike; `type: rego` compiles its policy here, so `--check` reports a
 //! policy that does not compile.
 
-use super::schema::RawAuthorization;
-use super::validate::{parse_endpoint, Problems};
-use super::{Authorization, AuthzEngine};
+use super::super::schema::RawAuthorization;
+use super::super::{Authorization, AuthzEngine, Endpoint};
+use super::{parse_endpoint, Problems};
 use std::time::Duration;
 
 /// `opa_timeout_ms` / `openfga_timeout_ms` default (the other system's).
@@ -139,7 +139,7 @@ fn policy_path<'r>(raw: &'r RawAuthorization, at: &str, p: &mut Problems) -> Opt
     segments
 }
 
-fn endpoint(value: Option<&str>, key: &str, at: &str, p: &mut Problems) -> Option<super::Endpoint> {
+fn endpoint(value: Option<&str>, key: &str, at: &str, p: &mut Problems) -> Option<Endpoint> {
     let Some(url) = value.map(str::trim).filter(|u| !u.is_empty()) else {
         p.at(&format!("{at}.{key}"), "is required for this type");
         return None;

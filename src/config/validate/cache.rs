@@ -1,0 +1,237 @@
+//! `cache:` and `buckets[].cache`: the memory, disk and Redis tiers and
+//! slices, resolved.
+
+use super::super::schema::*;
+use super::super::*;
+use super::Problems;
+
+pub(super) const MIB: u64 = 1024 * 1024;
+
+/// Largest `cache.slice_size_mb`.
+pub(super) const MAX_SLICE_MB: u64 = 1024;
+
+/// `cache:`: the memory and disk tiers and slices.
+pub(super) fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
+    let mut out = CacheSettings {
+        enabled: false,
+        memory_bytes: DEFAULT_CACHE_MEMORY_MB * MIB,
+        max_item_bytes: DEFAULT_CACHE_ITEM_MB * MIB,
+        default_ttl: Duration::from_secs(DEFAULT_CACHE_TTL_SECS),
+        stale_if_error: Duration::ZERO,
+        disk: None,
+        slice_bytes: None,
+        redis: None,
+    };
+    let Some(c) = raw else { return out };
+    out.enabled = c.enabled.unwrap_or(false);
+    let disk_on = c.disk.as_ref().is_some_and(|d| d.enabled == Some(true));
+    let mut listed_disk = false;
+    let mut listed_memory = false;
+    let mut listed_redis = false;
+    for (i, layer) in c.cache_layers.iter().flatten().enumerate() {
+        let at = format!("cache.cache_layers[{i}]");
+        match layer.as_str() {
+            "memory" => listed_memory = true,
+            "disk" if !disk_on => p.at(&at, "\"disk\" needs cache.disk.enabled: true"),
+            "disk" => {
+                if i == 0 && c.cache_layers.as_ref().is_some_and(|l| l.len() > 1) {
+                    p.warn(
+                        "cache.cache_layers",
+                        "lookups always go memory, then disk (a memory hit never needs the disk); the order written has no effect",
+                    );
+                }
+                listed_disk = true;
+            }
+            "redis" if c.redis.is_none() => p.at(&at, "\"redis\" needs cache.redis (redis_url)"),
+            "redis" => listed_redis = true,
+            other => p.at(
+                &at,
+                format_args!("{other:?} is not one of memory, disk, redis"),
+            ),
+        }
+    }
+    if listed_disk && !listed_memory && out.enabled {
+        p.warn(
+            "cache.cache_layers",
+            "the memory tier is always in front of the disk tier here (sized by cache.memory.max_cache_size_mb)",
+        );
+    }
+    if disk_on && c.cache_layers.is_some() && !listed_disk {
+        p.at(
+            "cache.disk.enabled",
+            "the disk tier is enabled but cache.cache_layers does not list \"disk\"",
+        );
+    }
+    if let Some(m) = &c.memory {
+        let mb = m.max_cache_size_mb.unwrap_or(DEFAULT_CACHE_MEMORY_MB);
+        let item = m.max_item_size_mb.unwrap_or(DEFAULT_CACHE_ITEM_MB);
+        let ttl = m.default_ttl_seconds.unwrap_or(DEFAULT_CACHE_TTL_SECS);
+        p.positive("cache.memory.max_cache_size_mb", mb);
+        p.positive("cache.memory.max_item_size_mb", item);
+        p.positive("cache.memory.default_ttl_seconds", ttl);
+        if item > mb {
+            p.at(
+                "cache.memory.max_item_size_mb",
+                "must not exceed max_cache_size_mb",
+            );
+        }
+        out.memory_bytes = mb.max(1) * MIB;
+        out.max_item_bytes = item.max(1) * MIB;
+        out.default_ttl = Duration::from_secs(ttl.max(1));
+    }
+    if let Some(d) = &c.disk {
+        let dir = d.cache_dir.as_deref().unwrap_or("").trim();
+        if disk_on && dir.is_empty() {
+            p.at(
+                "cache.disk.cache_dir",
+                "is required when the disk tier is enabled",
+            );
+        }
+        let mb = d.max_disk_cache_size_mb.unwrap_or(DEFAULT_CACHE_DISK_MB);
+        p.positive("cache.disk.max_disk_cache_size_mb", mb);
+        if disk_on {
+            out.disk = Some(DiskCache {
+                dir: dir.to_string(),
+                max_bytes: mb.max(1) * MIB,
+            });
+        }
+    }
+    if let Some(r) = &c.redis {
+        let on = r.enabled.unwrap_or(listed_redis) || listed_redis;
+        if r.enabled == Some(true) && c.cache_layers.is_some() && !listed_redis {
+            p.at(
+                "cache.redis.enabled",
+                "the Redis tier is enabled but cache.cache_layers does not list \"redis\"",
+            );
+        }
+        if on {
+            out.redis = redis(r, p);
+        }
+    }
+    out.stale_if_error = Duration::from_secs(c.stale_if_error_seconds.unwrap_or(0));
+    if let Some(mb) = c.slice_size_mb {
+        if !(1..=MAX_SLICE_MB).contains(&mb) {
+            p.at(
+                "cache.slice_size_mb",
+                format_args!("must be between 1 and {MAX_SLICE_MB}"),
+            );
+        } else if mb * MIB > out.max_item_bytes {
+            p.at(
+                "cache.slice_size_mb",
+                "must not exceed cache.memory.max_item_size_mb (a slice is stored like an object)",
+            );
+        }
+        out.slice_bytes = Some(mb.clamp(1, MAX_SLICE_MB) * MIB);
+    }
+    out
+}
+
+/// Default `cache.redis.redis_ttl_seconds` (the other system's).
+pub(super) const DEFAULT_REDIS_TTL_SECS: u64 = 3600;
+
+/// Default `cache.redis.redis_max_ttl_seconds` (the other system's).
+pub(super) const DEFAULT_REDIS_MAX_TTL_SECS: u64 = 86_400;
+
+/// `cache.redis`, when the tier is on.
+pub(super) fn redis(
+    r: &super::schema::RawCacheRedis,
+    p: &mut Problems,
+) -> Option<super::RedisCache> {
+    let Some(url) = r
+        .redis_url
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    else {
+        p.at(
+            "cache.redis.redis_url",
+            "is required when the Redis tier is on",
+        );
+        return None;
+    };
+    let parsed = match crate::cache::redis::parse_url(url) {
+        Ok(u) => u,
+        Err(why) => {
+            p.at("cache.redis.redis_url", why);
+            return None;
+        }
+    };
+    let ttl = r.redis_ttl_seconds.unwrap_or(DEFAULT_REDIS_TTL_SECS);
+    let max_ttl = r
+        .redis_max_ttl_seconds
+        .unwrap_or(DEFAULT_REDIS_MAX_TTL_SECS);
+    p.positive("cache.redis.redis_ttl_seconds", ttl);
+    p.positive("cache.redis.redis_max_ttl_seconds", max_ttl);
+    let connect = r.connection_timeout_ms.unwrap_or(5000);
+    let operation = r.operation_timeout_ms.unwrap_or(2000);
+    p.positive("cache.redis.connection_timeout_ms", connect);
+    p.positive("cache.redis.operation_timeout_ms", operation);
+    let max_pool = r.max_pool_size.unwrap_or(10);
+    p.positive("cache.redis.max_pool_size", max_pool as u64);
+    if r.min_pool_size.is_some() {
+        p.warn(
+            "cache.redis.min_pool_size",
+            "has no effect: each core opens its Redis connections when it first needs them",
+        );
+    }
+    let prefix = r
+        .redis_key_prefix
+        .clone()
+        .unwrap_or_else(|| "yatagarasu".into());
+    if prefix
+        .bytes()
+        .any(|b| b.is_ascii_control() || b == b'{' || b == b'}')
+    {
+        p.at(
+            "cache.redis.redis_key_prefix",
+            "must not hold control characters or braces (braces are the key's hash tag)",
+        );
+    }
+    Some(super::RedisCache {
+        address: parsed.address,
+        password: r
+            .redis_password
+            .clone()
+            .filter(|s| !s.is_empty())
+            .or(parsed.password),
+        user: parsed.user,
+        db: r.redis_db.or(parsed.db).unwrap_or(0),
+        prefix,
+        ttl: Duration::from_secs(ttl.max(1)),
+        max_ttl: Duration::from_secs(max_ttl.max(1)),
+        connect_timeout: Duration::from_millis(connect.max(1)),
+        operation_timeout: Duration::from_millis(operation.max(1)),
+        max_connections: max_pool.max(1),
+    })
+}
+
+/// `buckets[].cache`, resolved against the top-level settings.
+pub(super) fn bucket_cache(
+    raw: Option<&RawBucketCache>,
+    top: &CacheSettings,
+    at: &str,
+    p: &mut Problems,
+) -> BucketCache {
+    let mut out = BucketCache {
+        enabled: top.enabled,
+        ttl: top.default_ttl,
+        max_item_bytes: top.max_item_bytes,
+    };
+    let Some(c) = raw else { return out };
+    if c.enabled == Some(true) && !top.enabled {
+        p.warn(
+            &format!("{at}.enabled"),
+            "has no effect while cache.enabled is false (the cache is off for every bucket)",
+        );
+    }
+    out.enabled = top.enabled && c.enabled.unwrap_or(true);
+    if let Some(v) = c.ttl_seconds {
+        p.positive(&format!("{at}.ttl_seconds"), v);
+        out.ttl = Duration::from_secs(v.max(1));
+    }
+    if let Some(v) = c.max_item_size_mb {
+        p.positive(&format!("{at}.max_item_size_mb"), v);
+        out.max_item_bytes = v.max(1) * MIB;
+    }
+    out
+}
