@@ -344,6 +344,19 @@ impl Process {
             .sum()
     }
 
+    /// Drops the local copies (memory and disk tiers) whose cache keys begin
+    /// with `prefix` (`""`: every copy); how many.
+    pub fn purge_local(&self, prefix: &str) -> usize {
+        let memory = self.cache.as_ref().map_or(0, |c| c.purge(prefix));
+        let disk = self.disk.as_ref().map_or(0, |d| d.remove_prefix(prefix));
+        memory + disk
+    }
+
+    /// Copies held in the local tiers.
+    pub fn local_items(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| c.items()) + self.disk.as_ref().map_or(0, |d| d.items())
+    }
+
     /// Client connections open now, over all workers.
     pub fn open_connections(&self) -> i64 {
         self.workers

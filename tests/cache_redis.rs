@@ -36,6 +36,32 @@ fn gets(up: &Rogue) -> usize {
 }
 
 const WRITES: &str = "yatagarasu_cache_redis_writes_total";
+
+/// The entries in Redis (not the purge index sets or the purge count).
+fn entries(redis: &Redis) -> Vec<String> {
+    redis
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with("yt-test:{"))
+        .collect()
+}
+
+const ADMIN_TOKEN: &str = "0123456789abcdef-fleet-admin";
+
+/// `config` with an admin token.
+fn admin_config(endpoint: &str, redis_url: &str) -> String {
+    format!(
+        "admin:\n  token: \"{ADMIN_TOKEN}\"\n{}",
+        config(endpoint, redis_url)
+    )
+}
+
+fn admin_post(proxy: &Proxy, path: &str) -> support::http::Resp {
+    let mut c = support::http::Conn::open(proxy.metrics_port).expect("admin port");
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    c.request("POST", path, &[("Authorization", &bearer)])
+        .expect("admin request")
+}
 const WAIT: Duration = Duration::from_secs(20);
 
 #[test]
@@ -48,7 +74,7 @@ fn a_second_instance_is_served_from_redis_without_an_origin_fetch() {
     assert_eq!(r.header("x-cache"), Some("MISS"));
     let body = r.text();
     assert!(first.wait_metric(WRITES, 1.0, WAIT), "{}", first.metrics());
-    let keys = redis.keys();
+    let keys = entries(&redis);
     assert_eq!(keys.len(), 1, "{keys:?}");
     assert!(keys[0].starts_with("yt-test:{"), "{keys:?}");
     // The entry lives no longer than redis_ttl_seconds (3600 by default).
@@ -85,7 +111,7 @@ fn a_foreign_or_flipped_value_under_our_key_is_dropped_never_served() {
     assert!(first.wait_metric(WRITES, 2.0, WAIT), "{}", first.metrics());
     assert_eq!(gets(&up), 2);
     // Which key is which: the entry holds its cache key.
-    let keys = redis.keys();
+    let keys = entries(&redis);
     let holding = |needle: &str| {
         keys.iter()
             .find(|k| redis.cli(&["GET", k]).contains(needle))
@@ -187,13 +213,13 @@ fn a_wrong_password_is_named_and_requests_still_succeed() {
         assert_eq!(proxy.get(&format!("/b/k{i}")).status, 200);
     }
     assert!(proxy.wait_log("AUTH refused", WAIT), "{}", proxy.log());
-    assert!(redis.keys().is_empty());
+    assert!(entries(&redis).is_empty());
     // The right one works.
     let url = format!("redis://:right@127.0.0.1:{}", redis.port);
     let proxy = Proxy::start(&config(&up.endpoint(), &url));
     assert_eq!(proxy.get("/b/k0").status, 200);
     assert!(proxy.wait_metric(WRITES, 1.0, WAIT), "{}", proxy.log());
-    assert_eq!(redis.keys().len(), 1);
+    assert_eq!(entries(&redis).len(), 1);
 }
 
 #[test]
@@ -236,4 +262,76 @@ fn a_stalled_redis_is_a_miss_within_the_timeout_and_its_breaker_spares_requests(
         n >= 1 && n <= requests / 2,
         "{n} connections for {requests} requests"
     );
+}
+
+#[test]
+fn a_purge_on_one_instance_reaches_redis_and_every_other_instance() {
+    let mut redis = Redis::start();
+    let up = origin();
+    let a = Proxy::start(&admin_config(&up.endpoint(), &redis.url()));
+    let b = Proxy::start(&admin_config(&up.endpoint(), &redis.url()));
+    // Both instances subscribed before anything happens.
+    assert!(wait_subscribers(&redis, 2), "instances did not subscribe");
+    for k in ["/b/keep.txt", "/b/gone.txt"] {
+        assert_eq!(a.get(k).status, 200);
+    }
+    assert!(a.wait_metric(WRITES, 2.0, WAIT), "{}", a.metrics());
+    // B takes both from Redis into its memory.
+    for k in ["/b/keep.txt", "/b/gone.txt"] {
+        assert_eq!(b.get(k).header("x-cache"), Some("HIT"));
+    }
+    assert_eq!(gets(&up), 2);
+    let r = admin_post(&a, "/admin/cache/purge/b/gone.txt");
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Gone from Redis; B drops its copy when the purge reaches it.
+    assert!(!entries(&redis)
+        .iter()
+        .any(|k| redis.cli(&["GET", k]).contains("gone")));
+    assert!(
+        b.wait_metric("yatagarasu_cache_redis_fleet_purges_total", 1.0, WAIT),
+        "{}",
+        b.log()
+    );
+    assert_eq!(b.get("/b/gone.txt").header("x-cache"), Some("MISS"));
+    assert_eq!(b.get("/b/keep.txt").header("x-cache"), Some("HIT"));
+    assert_eq!(gets(&up), 3);
+    // A purge of the whole bucket empties Redis of its entries.
+    let r = admin_post(&b, "/admin/cache/purge/b");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        a.wait_metric("yatagarasu_cache_redis_fleet_purges_total", 2.0, WAIT),
+        "{}",
+        a.log()
+    );
+    assert!(entries(&redis).is_empty(), "{:?}", entries(&redis));
+    assert_eq!(a.get("/b/keep.txt").header("x-cache"), Some("MISS"));
+    // Redis restarted empty: the purge count went back, so an instance
+    // cannot know what it missed; it drops its local copies.
+    assert_eq!(b.get("/b/keep.txt").header("x-cache"), Some("HIT"));
+    redis.kill();
+    redis.restart();
+    assert!(
+        b.wait_log("local copies dropped", Duration::from_secs(30)),
+        "{}",
+        b.log()
+    );
+    assert_eq!(b.get("/b/keep.txt").header("x-cache"), Some("MISS"));
+}
+
+/// Waits until `n` clients subscribe to the purge channel.
+fn wait_subscribers(redis: &Redis, n: usize) -> bool {
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
+        let out = redis.cli(&["PUBSUB", "NUMSUB", "yt-test:purge"]);
+        if out
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse::<usize>().ok())
+            == Some(n)
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }

@@ -606,6 +606,7 @@ fn cache_families<'n>(
             ("writes", "Entries written to the Redis tier.", &r.writes),
             ("writes_dropped", "Redis writes not made because the writer's queue was full.", &r.writes_dropped),
             ("bad_entries", "Values under the proxy's Redis keys refused (foreign, cut short, checksum) and deleted.", &r.bad_entries),
+            ("fleet_purges", "Purges announced by the fleet (or a purge count that moved while this instance was not listening) applied to the local tiers.", &r.fleet_purges),
         ];
         for (name, help, value) in redis {
             families.push(family(

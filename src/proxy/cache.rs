@@ -972,7 +972,7 @@ impl crate::http::body::Tee for Fill<'_> {
                         stale,
                         now,
                     );
-                    redis.offer(key.clone(), shared.clone(), servable);
+                    redis.offer(key.clone(), shared.clone(), servable, self.epoch);
                 }
                 if let Some(disk) = self.disk {
                     disk.offer(key, shared.clone(), self.epoch);

@@ -202,6 +202,22 @@ fn purge_counts(
         .disk
         .as_ref()
         .map_or(0, |d| d.remove_prefix(&prefix));
+    // The shared tier and every other instance of the fleet.
+    let fleet = process.redis.as_ref().map(|r| r.purge_fleet(&prefix));
+    if let Some(Err(e)) = &fleet {
+        crate::log!(
+            crate::config::Level::Error,
+            "Cache purge did not reach Redis; other instances keep their copies",
+            bucket = bucket,
+            error = e,
+        );
+        let body = serde_json::json!({
+            "purged": purged,
+            "purged_disk": purged_disk,
+            "error": format!("Redis: {e}"),
+        });
+        return Err((502, "application/json", body.to_string()));
+    }
     crate::log!(
         crate::config::Level::Info,
         "Cache purged",

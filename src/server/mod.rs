@@ -354,13 +354,32 @@ fn start_helpers(process: &Arc<Process>, metrics_listener: Option<std::net::TcpL
         Err(poisoned) => poisoned.into_inner().take(),
     };
     if let (Some(tier), Some(rx)) = (process.redis.clone(), queue) {
+        let writer = process.clone();
+        let writes = tier.clone();
         let _ = std::thread::Builder::new()
             .name("yatagarasu-redis".into())
             .spawn(move || {
-                if let Err(e) = driver::block_on(choice, |_| tier.run_writer(rx)) {
+                let epoch = || writer.cache.as_ref().map_or(0, |c| c.purge_epoch());
+                if let Err(e) = driver::block_on(choice, |_| writes.run_writer(rx, epoch)) {
                     log!(
                         Level::Error,
                         "Redis cache writer failed to start",
+                        error = e
+                    );
+                }
+            });
+        // Purges from the fleet, applied to this instance's tiers.
+        let fleet = process.clone();
+        let _ = std::thread::Builder::new()
+            .name("yatagarasu-fleet".into())
+            .spawn(move || {
+                let purge = |prefix: &str| fleet.purge_local(prefix);
+                let items = || fleet.local_items();
+                let stop = || fleet.shutdown.load(Ordering::Relaxed);
+                if let Err(e) = driver::block_on(choice, |_| tier.run_fleet(purge, items, stop)) {
+                    log!(
+                        Level::Error,
+                        "Redis purge follower failed to start",
                         error = e
                     );
                 }

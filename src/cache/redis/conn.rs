@@ -60,39 +60,72 @@ impl Conn {
     /// Sends one command and reads its reply within `timeout`. An error
     /// reply is `Ok(OwnedFrame::Error)`; `Err` means the connection is done.
     pub async fn call(&mut self, args: &[&[u8]], timeout: Duration) -> Result<OwnedFrame, String> {
-        self.out.clear();
-        self.out
-            .extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-        for a in args {
-            self.out
-                .extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            self.out.extend_from_slice(a);
-            self.out.extend_from_slice(b"\r\n");
-        }
+        let mut replies = self.pipeline(&[args], timeout).await?;
+        replies.pop().ok_or_else(|| "no reply".to_string())
+    }
+
+    /// Sends `commands` in one write and reads their replies, in order,
+    /// within `timeout`.
+    pub async fn pipeline(
+        &mut self,
+        commands: &[&[&[u8]]],
+        timeout: Duration,
+    ) -> Result<Vec<OwnedFrame>, String> {
         let deadline = std::time::Instant::now() + timeout;
+        self.send(commands, timeout).await?;
+        let mut replies = Vec::with_capacity(commands.len());
+        while replies.len() < commands.len() {
+            replies.push(self.read_frame(deadline).await?);
+        }
+        Ok(replies)
+    }
+
+    /// Writes `commands` without reading (a subscriber's PING, SUBSCRIBE).
+    pub async fn send(&mut self, commands: &[&[&[u8]]], timeout: Duration) -> Result<(), String> {
+        self.out.clear();
+        for args in commands {
+            self.out
+                .extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+            for a in *args {
+                self.out
+                    .extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+                self.out.extend_from_slice(a);
+                self.out.extend_from_slice(b"\r\n");
+            }
+        }
         write_all(&mut self.stream, &mut self.out, timeout)
             .await
-            .map_err(|e| format!("write: {e}"))?;
-        self.buf.clear();
+            .map_err(|e| format!("write: {e}"))
+    }
+
+    /// The next frame Redis sends (a reply, or a subscriber's message),
+    /// by `deadline`.
+    pub async fn read_frame(&mut self, deadline: std::time::Instant) -> Result<OwnedFrame, String> {
         loop {
             match decode(&self.buf) {
-                Ok(Some((frame, used))) if used == self.buf.len() => return Ok(frame),
-                Ok(Some(_)) => return Err("more than one reply".into()),
+                Ok(Some((frame, used))) => {
+                    self.buf.drain(..used);
+                    return Ok(frame);
+                }
                 Ok(None) => {}
                 Err(e) => return Err(format!("unreadable reply: {e:?}")),
             }
             if self.buf.len() == self.buf.capacity() {
-                self.buf.reserve(self.buf.capacity());
+                self.buf.reserve(self.buf.capacity().max(BUF));
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match read_more(&mut self.stream, &mut self.buf, left).await {
                 Ok(0) => return Err("connection closed".into()),
                 Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(TIMED_OUT.into()),
                 Err(e) => return Err(format!("read: {e}")),
             }
         }
     }
 }
+
+/// What [`Conn::read_frame`] says when nothing came by its deadline.
+pub const TIMED_OUT: &str = "read timed out";
 
 /// `+OK` or an error naming what Redis said.
 pub fn ok(reply: OwnedFrame) -> Result<(), String> {

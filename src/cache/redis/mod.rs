@@ -21,8 +21,14 @@
 //! - **Keys** are `{prefix}:{<hash of the cache key>}`: the braces are a
 //!   Cluster hash tag.
 //!
+//! - **Purges reach the fleet:** an admin purge deletes the entries its
+//!   index sets list, bumps the fleet's purge count and publishes the
+//!   prefix; every instance's fleet thread applies it to its memory and
+//!   disk tiers. An instance that finds the count moved while it was not
+//!   listening drops all its local copies ([`RedisTier::run_fleet`]).
+//!
 //! Not yet: Redis Cluster, `rediss://`, objects stored as chunks,
-//! fleet-wide collapsing, purge and limits (issue #25).
+//! fleet-wide collapsing and limits (issue #25).
 
 pub mod conn;
 pub mod entry;
@@ -118,6 +124,9 @@ pub struct Write {
     key: String,
     object: Arc<Object>,
     ttl: Duration,
+    /// The memory tier's purge count when the object was stored: a purge
+    /// since means the write is not made.
+    epoch: u64,
 }
 
 /// The process's Redis tier: its settings, counters and write queue.
@@ -138,6 +147,10 @@ pub struct RedisTier {
     pub writes_dropped: AtomicU64,
     /// Values under our keys refused (foreign, cut, flipped) and deleted.
     pub bad_entries: AtomicU64,
+    /// Purges from the fleet applied to the local tiers.
+    pub fleet_purges: AtomicU64,
+    /// The fleet's purge count as this instance last saw it.
+    seen_epoch: AtomicU64,
 }
 
 impl RedisTier {
@@ -153,6 +166,8 @@ impl RedisTier {
             writes: AtomicU64::new(0),
             writes_dropped: AtomicU64::new(0),
             bad_entries: AtomicU64::new(0),
+            fleet_purges: AtomicU64::new(0),
+            seen_epoch: AtomicU64::new(UNSEEN),
         };
         (Arc::new(tier), rx)
     }
@@ -165,9 +180,14 @@ impl RedisTier {
 
     /// Hands a stored object to the writer thread; never waits. `servable`:
     /// how long from now the object may still be served (fresh or stale).
-    pub fn offer(&self, key: String, object: Arc<Object>, servable: Duration) {
+    pub fn offer(&self, key: String, object: Arc<Object>, servable: Duration, epoch: u64) {
         let ttl = ttl(&self.settings, servable);
-        match self.queue.try_send(Write { key, object, ttl }) {
+        match self.queue.try_send(Write {
+            key,
+            object,
+            ttl,
+            epoch,
+        }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.writes_dropped.fetch_add(1, Ordering::Relaxed);
@@ -176,8 +196,11 @@ impl RedisTier {
     }
 
     /// The writer thread's loop: one connection, reopened after a failure;
-    /// failures are counted and said at most once per 10 s.
-    pub async fn run_writer(self: Arc<Self>, rx: Receiver<Write>) {
+    /// failures are counted and said at most once per 10 s. An entry is
+    /// written with its object's and bucket's index entries (for purges)
+    /// in one round trip; one whose object was purged since it was stored
+    /// (`purge_epoch` moved) is not written.
+    pub async fn run_writer(self: Arc<Self>, rx: Receiver<Write>, purge_epoch: impl Fn() -> u64) {
         let mut conn: Option<Conn> = None;
         let mut warned: Option<Instant> = None;
         // After a failure, writes are dropped (counted) for a pause: a dead
@@ -185,6 +208,9 @@ impl RedisTier {
         let mut paused_until: Option<Instant> = None;
         // This thread does nothing else: waiting on the queue blocks no one.
         while let Ok(w) = rx.recv() {
+            if purge_epoch() != w.epoch {
+                continue;
+            }
             if paused_until.is_some_and(|t| Instant::now() < t) {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -192,13 +218,30 @@ impl RedisTier {
             let value = entry::encode(&w.key, &w.object);
             let key = self.redis_key(&w.key);
             let px = w.ttl.as_millis().max(1).to_string();
+            let keep = self.settings.max_ttl.as_millis().max(1).to_string();
+            let (object_index, bucket_index) = self.index_keys(&w.key);
             let result = async {
                 let c = match conn.as_mut() {
                     Some(c) => c,
                     None => conn.insert(Conn::open(&self.settings).await?),
                 };
-                let args = [&b"SET"[..], key.as_bytes(), &value, b"PX", px.as_bytes()];
-                conn::ok(c.call(&args, self.settings.operation_timeout).await?)
+                let commands: [&[&[u8]]; 5] = [
+                    &[b"SET", key.as_bytes(), &value, b"PX", px.as_bytes()],
+                    &[b"SADD", object_index.as_bytes(), key.as_bytes()],
+                    &[b"PEXPIRE", object_index.as_bytes(), keep.as_bytes()],
+                    &[b"SADD", bucket_index.as_bytes(), object_index.as_bytes()],
+                    &[b"PEXPIRE", bucket_index.as_bytes(), keep.as_bytes()],
+                ];
+                let replies = c
+                    .pipeline(&commands, self.settings.operation_timeout)
+                    .await?;
+                match replies
+                    .into_iter()
+                    .find(|r| matches!(r, OwnedFrame::Error(_)))
+                {
+                    Some(OwnedFrame::Error(e)) => Err(format!("Redis said: {e}")),
+                    _ => Ok(()),
+                }
             }
             .await;
             match result {
@@ -222,7 +265,209 @@ impl RedisTier {
             }
         }
     }
+
+    /// The index sets an entry is listed in: its object's (every query
+    /// variant and origin of one key) and its bucket's (every object index).
+    fn index_keys(&self, cache_key: &str) -> (String, String) {
+        let mut parts = cache_key.splitn(3, '\0');
+        let bucket = parts.next().unwrap_or("");
+        let key = parts.next().unwrap_or("");
+        (
+            self.index_key("o", &crate::cache::store::object_prefix(bucket, key)),
+            self.index_key("b", &crate::cache::store::bucket_prefix(bucket)),
+        )
+    }
+
+    fn index_key(&self, kind: &str, prefix: &str) -> String {
+        let hash = sha2::Sha256::digest(prefix.as_bytes());
+        format!(
+            "{}:{kind}:{}",
+            self.settings.prefix,
+            hex::encode(&hash[..16])
+        )
+    }
+
+    /// The fleet's purge count (bumped by every purge).
+    fn epoch_key(&self) -> String {
+        format!("{}:purges", self.settings.prefix)
+    }
+
+    /// The channel purges are announced on.
+    fn channel(&self) -> String {
+        format!("{}:purge", self.settings.prefix)
+    }
+
+    /// Purges `prefix` (`bucket\0` or `bucket\0key\0`) from Redis and tells
+    /// every instance to drop its local copies: the entries listed in the
+    /// index sets are deleted, the fleet's purge count bumped, the purge
+    /// published. Blocking (the admin API's thread); the number of entries
+    /// deleted, or why it failed.
+    pub fn purge_fleet(&self, prefix: &str) -> Result<usize, String> {
+        let run = async {
+            let s = &self.settings;
+            let t = s.operation_timeout;
+            let mut c = Conn::open(s).await?;
+            let object_level = prefix.trim_end_matches('\0').contains('\0');
+            let objects: Vec<Vec<u8>> = if object_level {
+                vec![self.index_key("o", prefix).into_bytes()]
+            } else {
+                let bucket_index = self.index_key("b", prefix);
+                let listed = members(c.call(&[b"SMEMBERS", bucket_index.as_bytes()], t).await?);
+                c.call(&[b"DEL", bucket_index.as_bytes()], t).await?;
+                listed
+            };
+            let mut deleted = 0;
+            for object in &objects {
+                let entries = members(c.call(&[b"SMEMBERS", object], t).await?);
+                for e in entries.iter().chain(std::iter::once(object)) {
+                    if let OwnedFrame::Integer(n) = c.call(&[b"DEL", e], t).await? {
+                        deleted += usize::from(n > 0 && e != object);
+                    }
+                }
+            }
+            let epoch = match c.call(&[b"INCR", self.epoch_key().as_bytes()], t).await? {
+                OwnedFrame::Integer(n) => n,
+                other => return Err(format!("INCR answered {other:?}")),
+            };
+            let message = format!("{epoch} {}", hex::encode(prefix.as_bytes()));
+            c.call(
+                &[b"PUBLISH", self.channel().as_bytes(), message.as_bytes()],
+                t,
+            )
+            .await?;
+            self.seen_epoch.store(epoch as u64, Ordering::Relaxed);
+            Ok(deleted)
+        };
+        crate::server::driver::block_on(crate::server::driver::Choice::Epoll, |_| run)
+            .map_err(|e| format!("no runtime for the purge: {e}"))?
+    }
+
+    /// The fleet thread: keeps a subscription to the purge channel and
+    /// applies every purge announced to this instance's local tiers
+    /// (`purge_local`, by prefix; `""` for everything). When the fleet's
+    /// purge count is not the last one this instance saw (it was
+    /// disconnected, or Redis restarted empty) and it holds local copies
+    /// (`local_items`), it drops them all: it cannot know what it missed.
+    pub async fn run_fleet(
+        self: Arc<Self>,
+        purge_local: impl Fn(&str) -> usize,
+        local_items: impl Fn() -> usize,
+        stop: impl Fn() -> bool,
+    ) {
+        let mut warned: Option<Instant> = None;
+        while !stop() {
+            if let Err(e) = self.follow(&purge_local, &local_items, &stop).await {
+                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    warned = Some(Instant::now());
+                    log!(
+                        Level::Warn,
+                        "Redis purge channel lost; retrying (purges from other instances wait)",
+                        redis = self.settings.address,
+                        error = e,
+                    );
+                }
+                monoio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    async fn follow(
+        &self,
+        purge_local: &impl Fn(&str) -> usize,
+        local_items: &impl Fn() -> usize,
+        stop: &impl Fn() -> bool,
+    ) -> Result<(), String> {
+        let s = &self.settings;
+        let mut c = Conn::open(s).await?;
+        let epoch = match c
+            .call(&[b"GET", self.epoch_key().as_bytes()], s.operation_timeout)
+            .await?
+        {
+            OwnedFrame::BulkString(v) => String::from_utf8_lossy(&v).parse::<u64>().unwrap_or(0),
+            _ => 0,
+        };
+        let seen = self.seen_epoch.swap(epoch, Ordering::Relaxed);
+        if seen != epoch && local_items() > 0 {
+            let dropped = purge_local("");
+            self.fleet_purges.fetch_add(1, Ordering::Relaxed);
+            log!(
+                Level::Warn,
+                "Purges may have been missed (the fleet's purge count changed); local copies dropped",
+                seen = if seen == UNSEEN { "none".to_string() } else { seen.to_string() },
+                now = epoch,
+                dropped = dropped,
+            );
+        }
+        let channel = self.channel();
+        c.send(&[&[b"SUBSCRIBE", channel.as_bytes()]], s.operation_timeout)
+            .await?;
+        let mut pinged = false;
+        while !stop() {
+            let deadline = Instant::now() + FLEET_QUIET;
+            match c.read_frame(deadline).await {
+                Ok(OwnedFrame::Array(parts)) => {
+                    pinged = false;
+                    if let [OwnedFrame::BulkString(kind), _, OwnedFrame::BulkString(payload)] =
+                        parts.as_slice()
+                    {
+                        if kind.as_slice() == b"message" {
+                            self.apply(payload, purge_local);
+                        }
+                    }
+                }
+                Ok(_) => pinged = false,
+                Err(e) if e == conn::TIMED_OUT && !pinged => {
+                    // Quiet: make sure the connection still lives.
+                    c.send(&[&[b"PING"]], s.operation_timeout).await?;
+                    pinged = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one announced purge: `<epoch> <hex of the prefix>`.
+    fn apply(&self, payload: &[u8], purge_local: &impl Fn(&str) -> usize) {
+        let text = String::from_utf8_lossy(payload);
+        let Some((epoch, hex_prefix)) = text.split_once(' ') else {
+            return;
+        };
+        let (Ok(epoch), Ok(prefix)) = (epoch.parse::<u64>(), hex::decode(hex_prefix)) else {
+            return;
+        };
+        let prefix = String::from_utf8_lossy(&prefix).into_owned();
+        let dropped = purge_local(&prefix);
+        self.seen_epoch.store(epoch, Ordering::Relaxed);
+        self.fleet_purges.fetch_add(1, Ordering::Relaxed);
+        log!(
+            Level::Info,
+            "Fleet purge applied",
+            prefix = prefix.replace('\0', "/"),
+            dropped = dropped,
+            epoch = epoch,
+        );
+    }
 }
+
+/// The members of an SMEMBERS reply.
+fn members(reply: OwnedFrame) -> Vec<Vec<u8>> {
+    match reply {
+        OwnedFrame::Array(items) => items
+            .into_iter()
+            .filter_map(|i| match i {
+                OwnedFrame::BulkString(b) => Some(b),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `seen_epoch` before this instance saw the fleet's purge count.
+const UNSEEN: u64 = u64::MAX;
+/// A subscription quiet this long is pinged.
+const FLEET_QUIET: Duration = Duration::from_secs(15);
 
 /// An entry's TTL: `redis_ttl_seconds`, capped by `redis_max_ttl_seconds`
 /// and by how long the object may still be served; at least a second.
