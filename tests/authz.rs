@@ -290,3 +290,68 @@ fn the_other_systems_authorization_keys_load() {
         "{said}"
     );
 }
+
+#[test]
+fn identical_questions_asked_at_once_on_one_core_make_one_call() {
+    let up = origin();
+    let opa = Opa::start();
+    opa.set_mode(Mode::Held);
+    let proxy = Proxy::start_with(&config(&opa_bucket(&up.endpoint(), &opa, "")), 1, &[]);
+    let admin = token(json!({"sub": "ann", "role": "admin"}));
+    let port = proxy.port;
+    let clients: Vec<_> = (0..10)
+        .map(|_| {
+            let auth = format!("Bearer {admin}");
+            std::thread::spawn(move || {
+                http::get(port, "/opa/same.txt", &[("Authorization", &auth)]).status
+            })
+        })
+        .collect();
+    // Every request has looked its question up (and missed) before the one
+    // call is answered.
+    let misses = "yatagarasu_authz_cache_total{bucket=\"opa\",result=\"miss\"}";
+    assert!(
+        proxy.wait_metric(misses, 10.0, Duration::from_secs(30)),
+        "{}",
+        proxy.metrics()
+    );
+    opa.release();
+    for c in clients {
+        assert_eq!(c.join().expect("client"), 200);
+    }
+    assert_eq!(opa.asked(), 1, "identical questions were asked separately");
+}
+
+#[test]
+fn the_other_systems_load_test_shapes_run_against_the_decision_services() {
+    // Its config/loadtest/config.loadtest-opa.yaml and -openfga.yaml shapes:
+    // unprefixed url/policy_path/timeout_ms/cache_ttl_seconds/fail_mode,
+    // and openfga_endpoint/openfga_store_id with the unprefixed rest.
+    let up = origin();
+    let opa = Opa::start();
+    let fga = Fga::start(&[("user:rob", "viewer", "folder:fga/reports/")]);
+    let opa_bucket = bucket(
+        "opa",
+        &up.endpoint(),
+        &format!(
+            "      type: opa\n      url: \"{}\"\n      policy_path: \"yatagarasu/authz/allow\"\n      timeout_ms: 100\n      cache_ttl_seconds: 60\n      fail_mode: closed\n",
+            opa.url()
+        ),
+    );
+    let fga_bucket = bucket(
+        "fga",
+        &up.endpoint(),
+        &format!(
+            "      type: openfga\n      openfga_endpoint: \"{}\"\n      openfga_store_id: \"{}\"\n      timeout_ms: 100\n      cache_ttl_seconds: 60\n      fail_mode: closed\n",
+            fga.url(),
+            fga.store
+        ),
+    );
+    let proxy = Proxy::start(&config(&format!("{opa_bucket}{fga_bucket}")));
+    let reader = token(json!({"sub": "rob", "role": "reader"}));
+    assert_eq!(get(&proxy, "/opa/public/a.txt", &reader).status, 200);
+    assert_eq!(get(&proxy, "/opa/private/a.txt", &reader).status, 403);
+    assert_eq!(get(&proxy, "/fga/reports/q1.csv", &reader).status, 200);
+    assert_eq!(get(&proxy, "/fga/other/q1.csv", &reader).status, 403);
+    assert!(opa.asked() >= 2 && fga.asked() >= 2);
+}

@@ -27,12 +27,15 @@ pub enum Mode {
     Fail,
     /// Reads the question, never answers.
     Hang,
+    /// Answers as `Serve` once [`Opa::release`] is called.
+    Held,
 }
 
 struct Server {
     port: u16,
     mode: Arc<Mutex<Mode>>,
     asked: Arc<AtomicUsize>,
+    gate: super::rogue::Gate,
 }
 
 type Answer = dyn Fn(&str, &serde_json::Value) -> serde_json::Value + Send + Sync;
@@ -43,19 +46,31 @@ impl Server {
         let port = listener.local_addr().expect("addr").port();
         let mode = Arc::new(Mutex::new(Mode::Serve));
         let asked = Arc::new(AtomicUsize::new(0));
-        let (m, a) = (mode.clone(), asked.clone());
+        let gate = super::rogue::Gate::default();
+        let (m, a, g) = (mode.clone(), asked.clone(), gate.clone());
         std::thread::spawn(move || {
             for s in listener.incoming().flatten() {
-                let (m, a, answer) = (m.clone(), a.clone(), answer.clone());
-                std::thread::spawn(move || serve(s, &m, &a, &*answer));
+                let (m, a, g, answer) = (m.clone(), a.clone(), g.clone(), answer.clone());
+                std::thread::spawn(move || serve(s, &m, &a, &g, &*answer));
             }
         });
-        Server { port, mode, asked }
+        Server {
+            port,
+            mode,
+            asked,
+            gate,
+        }
     }
 }
 
 /// Answers requests on one keep-alive connection.
-fn serve(s: TcpStream, mode: &Mutex<Mode>, asked: &AtomicUsize, answer: &Answer) {
+fn serve(
+    s: TcpStream,
+    mode: &Mutex<Mode>,
+    asked: &AtomicUsize,
+    gate: &super::rogue::Gate,
+    answer: &Answer,
+) {
     let mut out = match s.try_clone() {
         Ok(o) => o,
         Err(_) => return,
@@ -95,7 +110,10 @@ fn serve(s: TcpStream, mode: &Mutex<Mode>, asked: &AtomicUsize, answer: &Answer)
             }
             Mode::Fail => (500, "{\"code\":\"internal\"}".to_string()),
             Mode::Garbage => (200, "<html>not json</html>".to_string()),
-            Mode::Serve => {
+            Mode::Serve | Mode::Held => {
+                if mode == Mode::Held {
+                    gate.wait();
+                }
                 let question: serde_json::Value =
                     serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
                 (200, answer(&target, &question).to_string())
@@ -159,6 +177,11 @@ impl Opa {
 
     pub fn set_mode(&self, mode: Mode) {
         *self.server.mode.lock().unwrap() = mode;
+    }
+
+    /// Lets the questions held (`Mode::Held`) be answered.
+    pub fn release(&self) {
+        self.server.gate.open();
     }
 
     /// Questions asked so far.
