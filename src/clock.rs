@@ -1,13 +1,46 @@
-//! Time helpers: the monotonic millisecond clock breakers run on, and UTC
-//! civil time for log timestamps and SigV4 dates (no date crate needed).
+//! Time helpers: the monotonic millisecond clock breakers run on, the wall
+//! clock the cache ages copies by, and UTC civil time for log timestamps
+//! and SigV4 dates (no date crate needed).
+//!
+//! Tests move time forward instead of sleeping: a process started with
+//! `YATAGARASU_TEST_CLOCK=1` lets the admin API advance both clocks
+//! ([`advance`]; `POST /admin/debug/advance-clock?ms=N`). Without it the
+//! offset stays 0. Signing, token expiry and log timestamps always read
+//! the real clock (S3 and token issuers do).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
-/// Milliseconds since the process started: the clock breakers run on.
+/// How far tests moved time forward, in ms.
+static OFFSET_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Milliseconds since the process started: the clock breakers, limits and
+/// idle timeouts run on.
 pub fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + OFFSET_MS.load(Ordering::Relaxed)
+}
+
+/// The wall clock copies are stored and aged by (the cache's clock).
+pub fn now() -> SystemTime {
+    SystemTime::now() + Duration::from_millis(OFFSET_MS.load(Ordering::Relaxed))
+}
+
+/// Whether this process lets tests move its clocks.
+pub fn adjustable() -> bool {
+    static ADJUSTABLE: OnceLock<bool> = OnceLock::new();
+    *ADJUSTABLE.get_or_init(|| std::env::var_os("YATAGARASU_TEST_CLOCK").is_some())
+}
+
+/// Moves [`now`] and [`now_ms`] forward by `ms`; false (nothing moved)
+/// unless the process was started with `YATAGARASU_TEST_CLOCK`.
+pub fn advance(ms: u64) -> bool {
+    if !adjustable() {
+        return false;
+    }
+    OFFSET_MS.fetch_add(ms, Ordering::Relaxed);
+    true
 }
 
 /// UTC civil time from Unix seconds: (year, month, day, hour, minute, second).

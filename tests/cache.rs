@@ -141,15 +141,18 @@ fn what_must_not_be_stored_is_not() {
 
 #[test]
 fn max_age_expires_the_copy_and_large_objects_are_not_stored() {
-    let up = origin("short-lived", "Cache-Control: max-age=1\r\n");
-    let proxy = Proxy::start(&config(
-        &up.endpoint(),
-        "",
-        "    cache:\n      max_item_size_mb: 1\n",
-    ));
+    let up = origin("short-lived", "Cache-Control: max-age=60\r\n");
+    let proxy = Proxy::start_with_test_clock(
+        &config(
+            &up.endpoint(),
+            "",
+            "    cache:\n      max_item_size_mb: 1\n",
+        ),
+        2,
+    );
     assert_eq!(proxy.get("/b/k").header("x-cache"), Some("MISS"));
     assert_eq!(proxy.get("/b/k").header("x-cache"), Some("HIT"));
-    std::thread::sleep(Duration::from_millis(1300));
+    proxy.advance_clock(60_001);
     assert_eq!(proxy.get("/b/k").header("x-cache"), Some("MISS"));
     assert_eq!(gets(&up), 2);
 
@@ -233,7 +236,7 @@ fn stale_if_error_serves_an_expired_copy_through_an_outage_then_fresh_again() {
         }
         let body = format!("version {}", v.load(Ordering::SeqCst));
         vec![send(&format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nCache-Control: max-age=1\r\n\r\n{body}",
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nCache-Control: max-age=60\r\n\r\n{body}",
             body.len()
         ))]
     });
@@ -241,10 +244,10 @@ fn stale_if_error_serves_an_expired_copy_through_an_outage_then_fresh_again() {
         "      health_check:",
         "      circuit_breaker:\n        failure_threshold: 2\n        timeout_seconds: 1\n      health_check:",
     );
-    let proxy = Proxy::start(&cfg);
+    let proxy = Proxy::start_with_test_clock(&cfg, 2);
     assert_eq!(proxy.get("/b/k").text(), "version 1");
     down.store(true, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(1200));
+    proxy.advance_clock(60_001);
     // Expired, every replica failing (then every breaker open): the copy answers.
     for _ in 0..4 {
         let r = proxy.get("/b/k");
@@ -265,7 +268,7 @@ fn stale_if_error_serves_an_expired_copy_through_an_outage_then_fresh_again() {
     // Recovery: the breaker half-opens after 1 s, the next request refills.
     down.store(false, Ordering::SeqCst);
     version.store(2, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(1100));
+    proxy.advance_clock(1_001);
     let r = proxy.get("/b/k");
     assert_eq!(
         (r.text().as_str(), r.header("x-cache")),
@@ -298,14 +301,14 @@ fn waiters_on_a_failed_fill_fall_back_to_the_stale_copy_with_one_warning() {
             ];
         }
         vec![send(
-            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nCache-Control: max-age=1\r\n\r\nold",
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nCache-Control: max-age=60\r\n\r\nold",
         )]
     });
     let cfg = config(&up.endpoint(), "  stale_if_error_seconds: 60\n", "");
-    let proxy = Proxy::start(&cfg);
+    let proxy = Proxy::start_with_test_clock(&cfg, 2);
     assert_eq!(proxy.get("/b/k").text(), "old");
     down.store(true, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(1200));
+    proxy.advance_clock(60_001);
     let clients: Vec<_> = (0..6)
         .map(|i| {
             let port = proxy.port;
@@ -344,18 +347,18 @@ fn an_expired_copy_is_revalidated_with_its_etag_and_replaced_when_it_changed() {
         let current = format!("\"v{}\"", v.load(Ordering::SeqCst));
         if r.header("if-none-match").as_deref() == Some(current.as_str()) {
             return vec![send(&format!(
-                "HTTP/1.1 304 Not Modified\r\nETag: {current}\r\nCache-Control: max-age=1\r\n\r\n"
+                "HTTP/1.1 304 Not Modified\r\nETag: {current}\r\nCache-Control: max-age=60\r\n\r\n"
             ))];
         }
         let body = format!("body of {current}");
         vec![send(&format!(
-            "HTTP/1.1 200 OK\r\nETag: {current}\r\nCache-Control: max-age=1\r\nContent-Length: {}\r\n\r\n{body}",
+            "HTTP/1.1 200 OK\r\nETag: {current}\r\nCache-Control: max-age=60\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         ))]
     });
-    let proxy = Proxy::start_with(&config(&up.endpoint(), "", ""), 1, &[]);
+    let proxy = Proxy::start_with_test_clock(&config(&up.endpoint(), "", ""), 1);
     assert_eq!(proxy.get("/b/k").header("x-cache"), Some("MISS"));
-    std::thread::sleep(Duration::from_millis(1200));
+    proxy.advance_clock(60_001);
     let r = proxy.get("/b/k");
     assert_eq!((r.status, r.text().as_str()), (200, "body of \"v1\""));
     assert_eq!(r.header("x-cache"), Some("REVALIDATED"));
@@ -367,7 +370,7 @@ fn an_expired_copy_is_revalidated_with_its_etag_and_replaced_when_it_changed() {
     assert_eq!(up.seen().len(), 2, "the refreshed copy answered");
     // The object changed: the revalidation gets a 200 that replaces the copy.
     version.store(2, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(1200));
+    proxy.advance_clock(60_001);
     let r = proxy.get("/b/k");
     assert_eq!(
         (r.text().as_str(), r.header("x-cache")),
@@ -1192,4 +1195,27 @@ fn an_object_over_the_item_limit_is_fetched_once_for_a_burst_and_a_reader_left_b
     );
     // Not stored: the next request fetches it again.
     assert_eq!(proxy.get("/b/huge.bin").header("x-cache"), Some("MISS"));
+}
+
+#[test]
+fn the_clock_moves_only_in_a_process_started_for_tests() {
+    let up = origin("timed", "Cache-Control: max-age=60\r\n");
+    let token = "0123456789abcdef-admin";
+    let cfg = format!(
+        "admin:\n  token: \"{token}\"\n{}",
+        config(&up.endpoint(), "", "")
+    );
+    let proxy = Proxy::start(&cfg);
+    assert_eq!(proxy.get("/b/k").header("x-cache"), Some("MISS"));
+    let mut c = Conn::open(proxy.metrics_port).unwrap();
+    let bearer = format!("Bearer {token}");
+    let r = c
+        .request(
+            "POST",
+            "/admin/debug/advance-clock?ms=3600000",
+            &[("Authorization", &bearer)],
+        )
+        .unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(proxy.get("/b/k").header("x-cache"), Some("HIT"));
 }

@@ -219,7 +219,7 @@ impl WorkerGeneration {
         let k = self.cache_key(bucket, key, &c.s.query);
         let mut expired = None;
         if let Some(copy) = store.get(&k).or(promoted) {
-            let now = SystemTime::now();
+            let now = crate::clock::now();
             if policy::is_fresh(copy.stored_at, copy.fresh_for, now) {
                 self.core.metrics.borrow_mut().cache(mid, "hit");
                 return Ok(Some(copy));
@@ -292,7 +292,7 @@ impl WorkerGeneration {
             expires: forwarded_value(&answer.resp.forward, "expires"),
             date: forwarded_value(&answer.resp.forward, "date"),
         };
-        let fresh = policy::freshness(&stored, ttl, SystemTime::now());
+        let fresh = policy::freshness(&stored, ttl, crate::clock::now());
         c.give_response(answer.resp);
         c.s.stale = None;
         let mid = self.shared.bucket_metric[bucket];
@@ -301,7 +301,7 @@ impl WorkerGeneration {
             return copy;
         };
         let refreshed = Arc::new(Object {
-            stored_at: SystemTime::now(),
+            stored_at: crate::clock::now(),
             fresh_for,
             etag: copy.etag.clone(),
             last_modified: copy.last_modified.clone(),
@@ -358,7 +358,7 @@ impl WorkerGeneration {
             }
             warned.insert(key, Instant::now());
             drop(warned);
-            let age = policy::age(copy.stored_at, SystemTime::now());
+            let age = policy::age(copy.stored_at, crate::clock::now());
             log!(
                 Level::Warn,
                 "No replica could answer; serving a stale copy",
@@ -432,7 +432,7 @@ impl WorkerGeneration {
             }
         };
         let copy = &entry.object;
-        let fresh = policy::is_fresh(copy.stored_at, copy.fresh_for, SystemTime::now());
+        let fresh = policy::is_fresh(copy.stored_at, copy.fresh_for, crate::clock::now());
         if !(zero_copy.send_stored(copy.total) && fresh && entry.in_page_cache()) {
             return None;
         }
@@ -571,7 +571,7 @@ impl WorkerGeneration {
                 head::header(w, "Content-Length", &itoa(last - first + 1));
             }
         }
-        let age = policy::age(copy.stored_at, SystemTime::now());
+        let age = policy::age(copy.stored_at, crate::clock::now());
         head::header(w, "Age", &itoa(age));
         head::header(w, "X-Cache", x_cache);
         head::header(w, "X-Request-ID", &c.s.req.request_id);
@@ -684,7 +684,7 @@ impl WorkerGeneration {
     /// fill, or a sliced object's metadata.
     pub(super) fn stored_meta(&self, resp: &Response, fresh_for: Duration, total: u64) -> Object {
         Object {
-            stored_at: SystemTime::now(),
+            stored_at: crate::clock::now(),
             fresh_for,
             etag: resp.etag.clone(),
             last_modified: forwarded_value(&resp.forward, "last-modified").map(str::to_string),
@@ -737,7 +737,7 @@ impl WorkerGeneration {
             expires: forwarded_value(&resp.forward, "expires"),
             date: forwarded_value(&resp.forward, "date"),
         };
-        policy::freshness(&stored, ttl, SystemTime::now())
+        policy::freshness(&stored, ttl, crate::clock::now())
     }
 }
 
@@ -965,7 +965,7 @@ impl crate::http::body::Tee for Fill<'_> {
                 let key = std::mem::take(&mut self.key);
                 let shared = self.store.insert(key.clone(), object);
                 if let Some((redis, stale)) = self.redis {
-                    let now = SystemTime::now();
+                    let now = crate::clock::now();
                     let servable = crate::cache::redis::servable(
                         shared.stored_at,
                         shared.fresh_for,

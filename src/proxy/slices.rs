@@ -132,7 +132,7 @@ impl WorkerGeneration {
             .as_ref()
             .ok_or(SliceError::NotSliceable)?;
         let mut fetched: Option<(u64, Arc<Object>)> = None;
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         let meta = match self
             .stored(&slice::meta_key(object_key))
             .await

@@ -130,6 +130,7 @@ pub fn handle(
             (200, "application/json", body.to_string())
         }
         ("POST", "/admin/cache/purge") => purge_all(process, cache),
+        ("POST", p) if p.starts_with("/admin/debug/advance-clock") => advance_clock(p),
         ("GET", "/admin/cache/stats") => {
             let mut layers = vec![serde_json::json!({
                 "layer": "memory",
@@ -227,6 +228,20 @@ fn purge_counts(
         disk_entries = purged_disk
     );
     Ok((purged, purged_disk))
+}
+
+/// `POST /admin/debug/advance-clock?ms=N`: moves the cache's and the
+/// breakers' clocks forward, in a process started with
+/// `YATAGARASU_TEST_CLOCK` (tests); not found otherwise.
+fn advance_clock(target: &str) -> Answer {
+    let ms = target
+        .split_once("?ms=")
+        .and_then(|(_, v)| v.parse::<u64>().ok());
+    match ms {
+        Some(ms) if crate::clock::advance(ms) => text(200, "advanced\n"),
+        Some(_) => text(404, "not found\n"),
+        None => text(400, "ms=<milliseconds> expected\n"),
+    }
 }
 
 /// `POST /admin/reload`: the SIGHUP path (`server::reload`).

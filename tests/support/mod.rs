@@ -517,6 +517,29 @@ impl Proxy {
         http::get(self.port, path, &[])
     }
 
+    /// Started so that [`Proxy::advance_clock`] can move its clocks (an
+    /// admin token is added to `body`).
+    pub fn start_with_test_clock(body: &str, workers: usize) -> Proxy {
+        let body = format!("admin:\n  token: \"{TEST_CLOCK_TOKEN}\"\n{body}");
+        Proxy::start_with(&body, workers, &[("YATAGARASU_TEST_CLOCK", "1")])
+    }
+
+    /// Moves the proxy's cache and breaker clocks forward by `ms`, instead
+    /// of sleeping (a proxy from [`Proxy::start_with_test_clock`]).
+    pub fn advance_clock(&self, ms: u64) {
+        let bearer = format!("Bearer {TEST_CLOCK_TOKEN}");
+        let r = http::Conn::open(self.metrics_port)
+            .and_then(|mut c| {
+                c.request(
+                    "POST",
+                    &format!("/admin/debug/advance-clock?ms={ms}"),
+                    &[("Authorization", &bearer)],
+                )
+            })
+            .expect("advance the clock");
+        assert_eq!(r.status, 200, "advance the clock: {}", r.text());
+    }
+
     /// `/ready` with its details (buckets, replicas, breakers, credentials),
     /// from the metrics listener.
     pub fn ready_details(&self) -> http::Resp {
@@ -626,6 +649,9 @@ pub fn hs256_token(secret: &str, claims: &serde_json::Value) -> String {
     )
     .expect("token")
 }
+
+/// The admin token of proxies started with a test clock.
+const TEST_CLOCK_TOKEN: &str = "test-clock-admin-token-0123456789";
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
