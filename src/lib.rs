@@ -14,6 +14,7 @@ pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod proxy;
+pub mod published;
 pub mod router;
 pub mod s3;
 pub mod server;

@@ -16,7 +16,7 @@ use crate::cache::store::MemoryStore;
 use crate::config::{self, Bucket, Config, Replica};
 use crate::metrics::WorkerMetrics;
 use crate::router::Router;
-use crate::upstream::snapshot::PublishedBreaker;
+use crate::upstream::snapshot::SharedBreaker;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,13 +42,13 @@ pub struct ReplicaState {
     /// TLS client for `https://` endpoints.
     pub tls: Option<monoio_rustls::TlsConnector>,
     /// Carried across generations while the replica's settings are unchanged.
-    pub breaker: Arc<PublishedBreaker>,
+    pub breaker: Arc<SharedBreaker>,
     /// The prober's last verdict (`PROBE_*`).
     pub probe: Arc<AtomicU8>,
     /// Stable id of `(bucket name, replica name)` for metrics.
     pub metric_id: usize,
     /// Its signing keys, as the credentials thread publishes them.
-    pub credentials: Arc<crate::credentials::Published>,
+    pub credentials: Arc<crate::credentials::KeyCell>,
     /// When (ms since epoch) this replica last gave any core a non-5xx
     /// answer, to about a second: written at most once a second per core.
     /// Tells a request that fails everywhere from a replica that does.
@@ -125,8 +125,9 @@ pub struct Process {
     pub scrape_generation: AtomicU64,
     /// Set by SIGTERM/SIGINT.
     pub shutdown: AtomicBool,
-    /// Bumped each time a new generation is installed.
-    pub epoch: AtomicU64,
+    /// The configuration generation serving new requests; its version is
+    /// bumped each time one is installed.
+    pub generation: crate::published::Published<Option<Arc<Generation>>>,
     /// Reloads applied.
     pub reloads_ok: AtomicU64,
     /// Reloads rejected.
@@ -152,7 +153,6 @@ pub struct Process {
     /// When each key last had a stale copy served, for one WARN a minute per
     /// key across workers. Locked only while serving stale (an outage).
     pub stale_warned: Mutex<HashMap<String, std::time::Instant>>,
-    current: Mutex<Option<Arc<Generation>>>,
 }
 
 /// One configuration generation (immutable, shared by every thread through
@@ -229,7 +229,7 @@ impl Process {
                 .collect(),
             scrape_generation: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
-            epoch: AtomicU64::new(0),
+            generation: crate::published::Published::new(None),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             registry: Mutex::new(Registry::default()),
@@ -242,7 +242,6 @@ impl Process {
             jwks: Arc::default(),
             credentials: Arc::default(),
             fills: Default::default(),
-            current: Mutex::new(None),
         });
         let first = Generation::build(config, process.clone(), None)?;
         process.install(first);
@@ -251,20 +250,18 @@ impl Process {
 
     /// The current generation.
     pub fn current(&self) -> Arc<Generation> {
-        match self.current.lock() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-        .expect("a generation is installed at start")
+        (*self.generation.load())
+            .clone()
+            .expect("a generation is installed at start")
+    }
+
+    /// The generation's version: bumped by each install (one atomic load).
+    pub fn epoch(&self) -> u64 {
+        self.generation.version()
     }
 
     fn install(&self, gen: Generation) {
-        let gen = Arc::new(gen);
-        match self.current.lock() {
-            Ok(mut g) => *g = Some(gen),
-            Err(poisoned) => *poisoned.into_inner() = Some(gen),
-        }
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.generation.publish(Some(Arc::new(gen)));
     }
 
     /// Re-reads the config file and installs it; on any problem the running
@@ -414,7 +411,7 @@ impl Generation {
                 let (breaker, probe) = match same {
                     Some(old) => (old.breaker.clone(), old.probe.clone()),
                     None => (
-                        Arc::new(PublishedBreaker::new()),
+                        Arc::new(SharedBreaker::new()),
                         Arc::new(AtomicU8::new(PROBE_UNKNOWN)),
                     ),
                 };

@@ -15,7 +15,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm
 use jsonwebtoken::{Algorithm, DecodingKey};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The soonest an unknown `kid` triggers another fetch.
@@ -27,9 +27,8 @@ pub type KeyMap = HashMap<String, Key>;
 /// The published key set and what the fetcher thread needs to be told.
 #[derive(Default)]
 pub struct Jwks {
-    keys: Mutex<Arc<KeyMap>>,
-    /// Bumped on every successful fetch.
-    version: AtomicU64,
+    /// The key set, republished by every successful fetch.
+    pub keys: crate::published::Published<KeyMap>,
     /// A request saw an unknown `kid`.
     wanted: AtomicBool,
     /// Fetch outcomes, for metrics.
@@ -39,17 +38,9 @@ pub struct Jwks {
 }
 
 impl Jwks {
-    /// The version of the current set (one relaxed load).
-    pub fn version(&self) -> u64 {
-        self.version.load(Ordering::Acquire)
-    }
-
     /// The current set.
     pub fn keys(&self) -> Arc<KeyMap> {
-        match self.keys.lock() {
-            Ok(k) => k.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.keys.load()
     }
 
     /// Asks the fetcher for a refresh (an unknown `kid` was seen).
@@ -58,11 +49,7 @@ impl Jwks {
     }
 
     fn publish(&self, keys: KeyMap) {
-        match self.keys.lock() {
-            Ok(mut k) => *k = Arc::new(keys),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(keys),
-        }
-        self.version.fetch_add(1, Ordering::AcqRel);
+        self.keys.publish(keys);
     }
 }
 

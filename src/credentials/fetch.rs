@@ -10,7 +10,7 @@
 //! only its own replicas.
 
 use super::schedule;
-use super::{Credentials, Hub, Published};
+use super::{Credentials, Hub, KeyCell};
 use crate::config::{CredentialBase, CredentialSource, Level, ProviderKind};
 use crate::log;
 use aws_config::default_provider::credentials::DefaultCredentialsChain;
@@ -53,7 +53,7 @@ pub fn run(hub: Arc<Hub>, stop: &AtomicBool) {
 struct Entry {
     /// Names the entry in fetch results (indices move as sources go).
     id: u64,
-    cell: std::sync::Weak<Published>,
+    cell: std::sync::Weak<KeyCell>,
     provider: Option<SharedCredentialsProvider>,
     /// When the next scheduled fetch is due.
     next: Instant,

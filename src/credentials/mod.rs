@@ -4,7 +4,7 @@
 //! Static keys from the config file are published once. Every other source
 //! (key files, the AWS SDK's providers, an assumed role) is served by one
 //! thread of its own ([`fetch`]), which fetches, refreshes ahead of expiry
-//! ([`schedule`]) and publishes into a [`Published`] cell per source. Cells
+//! ([`schedule`]) and publishes into a [`KeyCell`] cell per source. Cells
 //! are shared by every replica with the same source and region and live in
 //! the process-wide [`Hub`], so a reload that keeps a replica's source keeps
 //! its keys.
@@ -90,14 +90,13 @@ impl State {
 }
 
 /// The keys of one source, published to every core.
-pub struct Published {
+pub struct KeyCell {
     /// What this cell serves.
     pub source: CredentialSource,
     /// The region STS calls use.
     pub region: String,
-    current: Mutex<Option<Arc<Credentials>>>,
-    /// Bumped on each publication (0: nothing yet).
-    version: AtomicU64,
+    /// The keys, republished by each fetch (version 0: none yet).
+    keys: crate::published::Published<Option<Arc<Credentials>>>,
     /// A request asked for an immediate refresh (a 403 naming the keys).
     wanted: AtomicBool,
     /// Fetches finished, successful or not (requests waiting on a refresh
@@ -110,11 +109,10 @@ pub struct Published {
     pub failed: AtomicU64,
 }
 
-impl Published {
-    fn new(source: CredentialSource, region: String) -> Published {
-        let cell = Published {
-            current: Mutex::new(None),
-            version: AtomicU64::new(0),
+impl KeyCell {
+    fn new(source: CredentialSource, region: String) -> KeyCell {
+        let cell = KeyCell {
+            keys: crate::published::Published::new(None),
             wanted: AtomicBool::new(false),
             finished: AtomicU64::new(0),
             state: AtomicU8::new(State::Pending as u8),
@@ -143,15 +141,12 @@ impl Published {
 
     /// The publication counter (one atomic load; 0 until the first keys).
     pub fn version(&self) -> u64 {
-        self.version.load(Ordering::Acquire)
+        self.keys.version()
     }
 
     /// The keys published last.
     pub fn current(&self) -> Option<Arc<Credentials>> {
-        match self.current.lock() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        (*self.keys.load()).clone()
     }
 
     /// Fetches finished so far.
@@ -190,11 +185,7 @@ impl Published {
 
     /// Publishes new keys to every core.
     pub fn publish(&self, creds: Credentials) {
-        match self.current.lock() {
-            Ok(mut c) => *c = Some(Arc::new(creds)),
-            Err(poisoned) => *poisoned.into_inner() = Some(Arc::new(creds)),
-        }
-        self.version.fetch_add(1, Ordering::AcqRel);
+        self.keys.publish(Some(Arc::new(creds)));
         self.state.store(State::Fresh as u8, Ordering::Release);
     }
 
@@ -218,13 +209,13 @@ impl Published {
 /// thread serves the ones a generation still uses.
 #[derive(Default)]
 pub struct Hub {
-    cells: Mutex<Vec<Arc<Published>>>,
+    cells: Mutex<Vec<Arc<KeyCell>>>,
 }
 
 impl Hub {
     /// The cell for `source` in `region`, created (and, for static keys,
     /// filled) on first use.
-    pub fn cell(&self, source: &CredentialSource, region: &str) -> Arc<Published> {
+    pub fn cell(&self, source: &CredentialSource, region: &str) -> Arc<KeyCell> {
         let mut cells = match self.cells.lock() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
@@ -235,13 +226,13 @@ impl Hub {
         {
             return c.clone();
         }
-        let cell = Arc::new(Published::new(source.clone(), region.to_string()));
+        let cell = Arc::new(KeyCell::new(source.clone(), region.to_string()));
         cells.push(cell.clone());
         cell
     }
 
     /// Cells still referenced by a generation; forgets the others.
-    fn live(&self) -> Vec<Arc<Published>> {
+    fn live(&self) -> Vec<Arc<KeyCell>> {
         let mut cells = match self.cells.lock() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
@@ -253,7 +244,7 @@ impl Hub {
 
 /// Waits (polling, without blocking the core) until `cell` has keys or
 /// `deadline` passes: the cold-start path.
-pub async fn wait_for_first(cell: &Published, deadline: Instant) -> bool {
+pub async fn wait_for_first(cell: &KeyCell, deadline: Instant) -> bool {
     while cell.version() == 0 {
         if Instant::now() >= deadline {
             return false;
@@ -265,7 +256,7 @@ pub async fn wait_for_first(cell: &Published, deadline: Instant) -> bool {
 
 /// Asks for a refresh and waits until a fetch finishes after the request
 /// or `deadline` passes.
-pub async fn refresh_now(cell: &Published, deadline: Instant) {
+pub async fn refresh_now(cell: &KeyCell, deadline: Instant) {
     let seen = cell.finished();
     cell.want_refresh();
     while cell.finished() == seen && Instant::now() < deadline {

@@ -104,14 +104,7 @@ impl WorkerGeneration {
                 .unwrap_or("");
         let header = |name: &str| head::find_header(head, name);
         let published = &self.shared.process.jwks;
-        let fetched = {
-            let mut mine = self.jwks.borrow_mut();
-            let v = published.version();
-            if mine.0 != v {
-                *mine = (v, published.keys());
-            }
-            mine.1.clone()
-        };
+        let fetched = self.jwks.borrow_mut().get(&published.keys);
         let unknown_kid = || published.want_refresh();
         let verdict = match crate::access::jwt::find_token(&jwt.sources, &header, query) {
             None => Err(crate::access::jwt::Refusal::Missing),

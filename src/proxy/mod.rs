@@ -62,7 +62,7 @@ struct LocalBreaker {
 /// A core's signer for one replica, and the credentials it was built from.
 #[derive(Default)]
 struct LocalSigner {
-    /// `Published::version` it was built from (0: none yet).
+    /// `KeyCell::version` it was built from (0: none yet).
     version: u64,
     signer: Option<Signer>,
     expires: Option<SystemTime>,
@@ -92,7 +92,7 @@ pub struct WorkerGeneration {
     /// for the generation) that verified it.
     verified: RefCell<quick_cache::unsync::Cache<String, (usize, crate::access::jwt::Authorized)>>,
     /// The JWKS key set this worker uses, and its version.
-    jwks: RefCell<(u64, Arc<crate::access::jwks::KeyMap>)>,
+    jwks: RefCell<crate::published::Local<crate::access::jwks::KeyMap>>,
     /// Policy decisions: remembered, in flight, breakers, Rego copies.
     authz: authorize::Authz,
     /// Connections to the buckets' decision services (by bucket index).
@@ -278,7 +278,7 @@ impl Worker {
     /// The worker for the current configuration generation; adopts a newly
     /// reloaded generation on first use (one relaxed load per request).
     pub fn current(self: &Rc<Self>) -> Rc<WorkerGeneration> {
-        let epoch = self.process.epoch.load(Ordering::Acquire);
+        let epoch = self.process.epoch();
         if epoch != self.seen_epoch.get() {
             let worker = Rc::new(WorkerGeneration::new(self.clone(), self.process.current()));
             *self.current.borrow_mut() = Some(worker);
@@ -472,7 +472,7 @@ impl WorkerGeneration {
         );
         WorkerGeneration {
             limits: RefCell::new(limits::Limiters::new(&shared.config)),
-            jwks: RefCell::new((u64::MAX, Arc::default())),
+            jwks: RefCell::default(),
             verified: RefCell::new(quick_cache::unsync::Cache::new(VERIFIED_TOKENS)),
             authz: authorize::Authz::default(),
             authz_pool: Pool::new(shared.config.buckets.len()),

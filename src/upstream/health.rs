@@ -29,7 +29,7 @@ pub const FALL: u32 = 2;
 /// after a configuration reload, the new generation's replicas instead.
 pub async fn run(process: Arc<Process>) {
     loop {
-        let epoch = process.epoch.load(Ordering::Acquire);
+        let epoch = process.epoch();
         let shared = process.current();
         let pool = std::rc::Rc::new(Pool::new(shared.replicas.len()));
         for rid in 0..shared.replicas.len() {
@@ -42,9 +42,7 @@ pub async fn run(process: Arc<Process>) {
                 let mut failed_in_a_row = 0;
                 loop {
                     let started = Instant::now();
-                    if process.shutdown.load(Ordering::Relaxed)
-                        || process.epoch.load(Ordering::Acquire) != epoch
-                    {
+                    if process.shutdown.load(Ordering::Relaxed) || process.epoch() != epoch {
                         return;
                     }
                     let result = probe(&shared, &pool, rid).await;
@@ -60,7 +58,7 @@ pub async fn run(process: Arc<Process>) {
             });
         }
         drop(shared);
-        while process.epoch.load(Ordering::Acquire) == epoch {
+        while process.epoch() == epoch {
             monoio::time::sleep(Duration::from_millis(250)).await;
         }
     }

@@ -18,7 +18,7 @@ const GEN_MASK: u64 = (1 << (64 - GEN_SHIFT)) - 1;
 
 /// The published view of one replica's breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Published {
+pub struct BreakerView {
     /// Bumped on every publication.
     pub generation: u32,
     /// The published state.
@@ -32,20 +32,20 @@ pub struct Published {
 /// word, padded to its own cache line.
 #[derive(Debug, Default)]
 #[repr(align(64))]
-pub struct PublishedBreaker {
+pub struct SharedBreaker {
     word: AtomicU64,
     /// Consecutive failures seen by all cores while CLOSED.
     failures: AtomicU32,
 }
 
-impl PublishedBreaker {
+impl SharedBreaker {
     /// A closed breaker.
-    pub fn new() -> PublishedBreaker {
-        PublishedBreaker::default()
+    pub fn new() -> SharedBreaker {
+        SharedBreaker::default()
     }
 
     /// The published state, in one atomic load.
-    pub fn load(&self) -> Published {
+    pub fn load(&self) -> BreakerView {
         unpack(self.word.load(Ordering::Acquire))
     }
 
@@ -79,8 +79,8 @@ impl PublishedBreaker {
     }
 }
 
-fn unpack(w: u64) -> Published {
-    Published {
+fn unpack(w: u64) -> BreakerView {
+    BreakerView {
         generation: ((w >> GEN_SHIFT) & GEN_MASK) as u32,
         state: State::from_code((w >> STATE_SHIFT) & 3),
         open_until: w & UNTIL_MASK,
@@ -93,10 +93,10 @@ mod tests {
 
     #[test]
     fn round_trips_and_bumps_generation() {
-        let s = PublishedBreaker::new();
+        let s = SharedBreaker::new();
         assert_eq!(
             s.load(),
-            Published {
+            BreakerView {
                 generation: 0,
                 state: State::Closed,
                 open_until: 0
