@@ -81,7 +81,7 @@ run_one() { # variant size -> "rps us_per_req"
   rate "$out" $((t1 - t0)) "$DURATION"
 }
 
-VARIANTS="jwt-only rego-warm rego-cold opa-warm"
+VARIANTS=${VARIANTS:-"jwt-only rego-warm rego-cold opa-warm"}
 echo "| object | variant | req/s | CPU us/req | CPU vs jwt-only |"
 echo "|---|---|---|---|---|"
 for s in $SIZES; do

@@ -59,9 +59,9 @@ pub struct ReplicaCursor<'a, L: Ledger> {
     answering: Option<usize>,
     /// Some replica gave this request a non-5xx answer.
     answered: bool,
-    /// 5xx answers, judged once the request's outcome is known.
-    deferred: [(usize, Admit, Cause); MAX_REPLICAS],
-    n_deferred: usize,
+    /// 5xx answers, judged once the request's outcome is known (rare: an
+    /// empty Vec allocates nothing, and the cursor stays small to move).
+    deferred: Vec<(usize, Admit, Cause)>,
 }
 
 impl<'a, L: Ledger> ReplicaCursor<'a, L> {
@@ -75,8 +75,7 @@ impl<'a, L: Ledger> ReplicaCursor<'a, L> {
             previous: None,
             answering: None,
             answered: false,
-            deferred: [(0, Admit::Rejected, Cause::Connect); MAX_REPLICAS],
-            n_deferred: 0,
+            deferred: Vec::new(),
         }
     }
 
@@ -117,9 +116,8 @@ impl<'a, L: Ledger> ReplicaCursor<'a, L> {
         let Some((rid, admit)) = self.turn.take() else {
             return;
         };
-        if cause.is_http_status() && self.n_deferred < MAX_REPLICAS {
-            self.deferred[self.n_deferred] = (rid, admit, cause);
-            self.n_deferred += 1;
+        if cause.is_http_status() && self.deferred.len() < MAX_REPLICAS {
+            self.deferred.push((rid, admit, cause));
         } else {
             self.ledger.replica_failed(rid, admit, cause);
         }
@@ -194,23 +192,22 @@ impl<'a, L: Ledger> ReplicaCursor<'a, L> {
 
     /// Judges the deferred 5xx answers with what is known now.
     fn judge_deferred(&mut self) {
-        if self.n_deferred == 0 {
+        if self.deferred.is_empty() {
             return;
         }
-        let deferred = &self.deferred[..self.n_deferred];
+        let deferred = std::mem::take(&mut self.deferred);
         let last = deferred
             .iter()
             .map(|&(rid, _, _)| self.ledger.last_answer_ms(rid))
             .max()
             .unwrap_or(0);
         let now = self.ledger.now_ms();
-        for &(rid, admit, cause) in deferred {
+        for (rid, admit, cause) in deferred {
             match blame(cause, self.answered, last, now) {
                 Blame::Replica => self.ledger.replica_failed(rid, admit, cause),
                 Blame::Request => self.ledger.request_failed(rid, admit, cause),
             }
         }
-        self.n_deferred = 0;
     }
 }
 
