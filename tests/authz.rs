@@ -355,3 +355,109 @@ fn the_other_systems_load_test_shapes_run_against_the_decision_services() {
     assert_eq!(get(&proxy, "/fga/other/q1.csv", &reader).status, 403);
     assert!(opa.asked() >= 2 && fga.asked() >= 2);
 }
+
+#[test]
+fn an_opa_that_is_not_there_follows_the_fail_mode() {
+    let up = origin();
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let closed = bucket(
+        "opa",
+        &up.endpoint(),
+        &format!("      type: opa\n      opa_url: \"{nowhere}\"\n"),
+    );
+    let open = bucket(
+        "open",
+        &up.endpoint(),
+        &format!("      type: opa\n      opa_url: \"{nowhere}\"\n      opa_fail_mode: open\n"),
+    );
+    let proxy = Proxy::start(&config(&format!("{closed}{open}")));
+    let admin = token(json!({"sub": "ann", "role": "admin"}));
+    let r = get(&proxy, "/opa/k", &admin);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(get(&proxy, "/open/k", &admin).status, 200);
+}
+
+#[test]
+fn opa_over_https_is_verified_against_the_trusted_roots() {
+    use support::tls_front::{TestCa, TlsFront};
+    let up = origin();
+    let opa = Opa::start();
+    let ca = TestCa::new("authz test CA");
+    let front = TlsFront::start(&ca, opa.port());
+    let dir = tempfile::tempdir().expect("dir");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).expect("ca");
+    let b = bucket(
+        "opa",
+        &up.endpoint(),
+        &format!(
+            "      type: opa\n      opa_url: \"{}\"\n      opa_timeout_ms: 2000\n",
+            front.endpoint()
+        ),
+    );
+    let admin = token(json!({"sub": "ann", "role": "admin"}));
+    // Trusted (the test CA is the system's roots here): decided over TLS.
+    let ca_path = ca_file.to_str().expect("utf-8");
+    let proxy = Proxy::start_with(&config(&b), 1, &[("SSL_CERT_FILE", ca_path)]);
+    assert_eq!(get(&proxy, "/opa/k", &admin).status, 200);
+    assert_eq!(opa.asked(), 1);
+    drop(proxy);
+    // Not trusted: the handshake fails, and the fail mode (closed) answers.
+    let proxy = Proxy::start_with(&config(&b), 1, &[]);
+    assert_eq!(get(&proxy, "/opa/k", &admin).status, 503);
+    assert_eq!(opa.asked(), 1, "a question went to an unverified server");
+    assert!(proxy.log().contains("tls"), "{}", proxy.log());
+}
+
+#[test]
+fn a_changed_rego_policy_applies_after_a_reload() {
+    let up = origin();
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = dir.path().join("p.rego");
+    let write = |allow: &str| {
+        std::fs::write(
+            &policy,
+            format!("package yatagarasu.authz\nimport rego.v1\ndefault allow := false\nallow if {allow}\n"),
+        )
+        .expect("policy")
+    };
+    write("input.jwt_claims.role == \"admin\"");
+    let b = bucket(
+        "rego",
+        &up.endpoint(),
+        &format!(
+            "      type: rego\n      policy_file: \"{}\"\n",
+            policy.display()
+        ),
+    );
+    let body = config(&b);
+    let proxy = Proxy::start(&body);
+    let reader = token(json!({"sub": "rob", "role": "reader"}));
+    assert_eq!(get(&proxy, "/rego/k", &reader).status, 403);
+    write("input.jwt_claims.role in {\"admin\", \"reader\"}");
+    proxy.reload(&body);
+    assert!(
+        proxy.wait_metric(
+            "yatagarasu_config_reloads_total{result=\"success\"}",
+            1.0,
+            Duration::from_secs(10)
+        ),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(get(&proxy, "/rego/k", &reader).status, 200);
+    // A policy that no longer compiles is refused; the running one stays.
+    std::fs::write(&policy, "package yatagarasu.authz\nallow if {").expect("policy");
+    proxy.reload(&body);
+    assert!(
+        proxy.wait_metric(
+            "yatagarasu_config_reloads_total{result=\"failure\"}",
+            1.0,
+            Duration::from_secs(10)
+        ),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(get(&proxy, "/rego/k", &reader).status, 200);
+}

@@ -175,6 +175,11 @@ impl Opa {
         format!("http://127.0.0.1:{}", self.server.port)
     }
 
+    /// Its plain-HTTP port (for a TLS front).
+    pub fn port(&self) -> u16 {
+        self.server.port
+    }
+
     pub fn set_mode(&self, mode: Mode) {
         *self.server.mode.lock().unwrap() = mode;
     }

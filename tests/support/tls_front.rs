@@ -155,6 +155,23 @@ fn serve<S: Read + Write>(client: &mut S, up: &mut TcpStream) -> std::io::Result
     let mut ubuf = Vec::new();
     while let Some(req) = read_head(client, &mut cbuf)? {
         up.write_all(&req)?;
+        // The request's body (a POST to a decision service), if any.
+        let mut body_left = content_length(&req);
+        let take = body_left.min(cbuf.len());
+        up.write_all(&cbuf[..take])?;
+        cbuf.drain(..take);
+        body_left -= take;
+        let mut chunk = [0u8; 16384];
+        while body_left > 0 {
+            let n = super::read_retry(client, &mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            let k = n.min(body_left);
+            up.write_all(&chunk[..k])?;
+            cbuf.extend_from_slice(&chunk[k..n]);
+            body_left -= k;
+        }
         let Some(head) = read_head(up, &mut ubuf)? else {
             return Ok(());
         };
