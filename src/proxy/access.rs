@@ -86,6 +86,7 @@ impl WorkerGeneration {
     async fn authenticate(&self, c: &mut Client, bucket: usize) -> Option<Outcome> {
         c.s.subject.clear();
         c.s.claims = None;
+        c.s.token.clear();
         let b = self.shared.bucket(bucket);
         // The bucket's own settings (`auth.jwt`), else the top-level ones.
         let jwt = b
@@ -106,9 +107,13 @@ impl WorkerGeneration {
         let published = &self.shared.process.jwks;
         let fetched = self.jwks.borrow_mut().get(&published.keys);
         let unknown_kid = || published.want_refresh();
+        c.s.token.clear();
         let verdict = match crate::access::jwt::find_token(&jwt.sources, &header, query) {
             None => Err(crate::access::jwt::Refusal::Missing),
-            Some(token) => self.verify_token(jwt, &fetched, &unknown_kid, token),
+            Some(token) => {
+                c.s.token.push_str(token);
+                self.verify_token(jwt, &fetched, &unknown_kid, token)
+            }
         };
         let mid = self.shared.bucket_metric[bucket];
         let refusal = match verdict {

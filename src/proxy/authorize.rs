@@ -120,8 +120,7 @@ impl WorkerGeneration {
         };
         let b = self.shared.bucket(bucket);
         let engine = settings.engine.label();
-        let (question, body) = self.question(c, &settings, bucket, client, path, key);
-        let Some(question) = question else {
+        let Some(question) = self.question(c, &settings, bucket, client, path, key) else {
             // OpenFGA with no user in the token: nothing to ask about.
             return Err(self
                 .refused(
@@ -143,6 +142,7 @@ impl WorkerGeneration {
             Some(v) => Ok(v),
             None => {
                 let t0 = Instant::now();
+                let body = self.body(c, &settings, bucket, client, path, key);
                 let r = self.decide(&settings, bucket, &question, body).await;
                 let micros = t0.elapsed().as_micros() as u64;
                 self.core
@@ -241,9 +241,11 @@ impl WorkerGeneration {
             .await
     }
 
-    /// What is asked, as the decision cache's key (everything that is sent),
-    /// and the request body for an engine over HTTP; `None` when there is
-    /// no question (OpenFGA without its user claim).
+    /// The question, as the decision cache's key: everything the engine's
+    /// answer depends on, cheap to build on every request. For OPA and Rego
+    /// the input's fields, with the token standing for its claims (the
+    /// claims are the verified token's); for OpenFGA the user and object.
+    /// `None` when there is no question (OpenFGA without its user claim).
     fn question(
         &self,
         c: &Client,
@@ -252,21 +254,49 @@ impl WorkerGeneration {
         client: std::net::IpAddr,
         path: &str,
         key: &str,
-    ) -> (Option<String>, Vec<u8>) {
+    ) -> Option<String> {
+        use std::fmt::Write;
+        let mut q = String::with_capacity(64 + path.len() + c.s.token.len());
+        match &settings.engine {
+            AuthzEngine::OpenFga { user_claim, .. } => {
+                let claims = c.s.claims.as_deref()?;
+                let user = authz::openfga_user(claims, user_claim)?;
+                let _ = write!(q, "{user}\0{bucket}\0{key}");
+            }
+            AuthzEngine::Opa { .. } | AuthzEngine::Rego { .. } => {
+                let head = c.s.req.method() == Method::Head;
+                let _ = write!(q, "{head}\0{bucket}\0{client}\0{path}\0{}", c.s.token);
+            }
+        }
+        Some(q)
+    }
+
+    /// What the engine is sent (built on a miss only): OpenFGA's Check body,
+    /// or `{"input": ...}` for OPA and Rego.
+    fn body(
+        &self,
+        c: &Client,
+        settings: &Authorization,
+        bucket: usize,
+        client: std::net::IpAddr,
+        path: &str,
+        key: &str,
+    ) -> Vec<u8> {
         let name = &self.shared.bucket(bucket).name;
         let claims = c.s.claims.as_deref();
         match &settings.engine {
             AuthzEngine::OpenFga {
                 model, user_claim, ..
             } => {
-                let Some(user) = claims.and_then(|cl| authz::openfga_user(cl, user_claim)) else {
-                    return (None, Vec::new());
-                };
+                let user = claims
+                    .and_then(|cl| authz::openfga_user(cl, user_claim))
+                    .unwrap_or_default();
                 let mut decoded = String::new();
                 let _ = router::decode_path(format!("/{key}").as_bytes(), &mut decoded);
                 let object = authz::openfga_object(name, &decoded);
-                let body = authz::openfga_check(&user, &object, model.as_deref()).to_string();
-                (Some(body.clone()), body.into_bytes())
+                authz::openfga_check(&user, &object, model.as_deref())
+                    .to_string()
+                    .into_bytes()
             }
             AuthzEngine::Opa { .. } | AuthzEngine::Rego { .. } => {
                 let method = if c.s.req.method() == Method::Head {
@@ -275,8 +305,7 @@ impl WorkerGeneration {
                     "GET"
                 };
                 let input = authz::input(claims, name, path, method, &client.to_string());
-                let body = serde_json::json!({ "input": input }).to_string();
-                (Some(body.clone()), body.into_bytes())
+                serde_json::json!({ "input": input }).to_string().into_bytes()
             }
         }
     }
@@ -292,7 +321,7 @@ impl WorkerGeneration {
     ) -> Result<Verdict, String> {
         if let AuthzEngine::Rego { engine, rule, file } = &settings.engine {
             return self
-                .evaluate(bucket, engine, rule, question)
+                .evaluate(bucket, engine, rule, &body)
                 .map_err(|e| format!("{file}: {e}"));
         }
         let joined = self.authz.inflight.borrow().get(question).cloned();
@@ -315,20 +344,21 @@ impl WorkerGeneration {
         r
     }
 
-    /// Evaluates the bucket's Rego policy on this core's copy of it.
+    /// Evaluates the bucket's Rego policy on this core's copy of it, for
+    /// `body` (`{"input": ...}`).
     fn evaluate(
         &self,
         bucket: usize,
         compiled: &regorus::Engine,
         rule: &str,
-        question: &str,
+        body: &[u8],
     ) -> Result<Verdict, String> {
         let mut all = self.authz.rego.borrow_mut();
         if all.len() <= bucket {
             all.resize_with(bucket + 1, || None);
         }
         let engine = all[bucket].get_or_insert_with(|| compiled.clone());
-        let asked: serde_json::Value = serde_json::from_str(question).map_err(|e| e.to_string())?;
+        let asked: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
         let input = regorus::Value::from_json_str(&asked["input"].to_string())
             .map_err(|e| e.to_string())?;
         engine.set_input(input);

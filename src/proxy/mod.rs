@@ -363,6 +363,9 @@ struct RequestState {
     subject: String,
     /// The authenticated token's claims (for a policy engine's input).
     claims: Option<Arc<serde_json::Value>>,
+    /// The authenticated token (it stands for its claims in the policy
+    /// decision cache's key).
+    token: String,
     /// The policy decision (for the access log): empty when no policy
     /// applies, else allow, deny, error_open or error_closed.
     authz: &'static str,
