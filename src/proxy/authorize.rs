@@ -168,40 +168,33 @@ impl WorkerGeneration {
                 Ok(())
             }
             Ok(deny) => Err(self.refused(c, bucket, engine, deny).await),
-            Err(why) if settings.fail_open => {
-                c.s.authz = "error_open";
-                self.core
-                    .metrics
-                    .borrow_mut()
-                    .authz(mid, engine, "error_open");
+            Err(why) => {
+                // The fail mode decides; a WARN each time it refuses, at
+                // most once a second per core when it allows.
+                let open = settings.fail_open;
+                c.s.authz = if open { "error_open" } else { "error_closed" };
+                self.core.metrics.borrow_mut().authz(mid, engine, c.s.authz);
                 let (now, last) = (now_ms().max(1), self.authz.warned_ms.get());
-                if last == 0 || now.saturating_sub(last) >= 1000 {
-                    self.authz.warned_ms.set(now);
+                if !open || last == 0 || now.saturating_sub(last) >= 1000 {
+                    if open {
+                        self.authz.warned_ms.set(now);
+                    }
+                    let message = match open {
+                        true => "Authorization failed; allowing (fail_mode: open)",
+                        false => "Authorization failed; refusing with 503 (fail_mode: closed)",
+                    };
                     log!(
                         Level::Warn,
-                        "Authorization failed; allowing (fail_mode: open)",
+                        message,
                         bucket = b.name,
                         engine = engine,
                         error = why,
                         request_id = c.s.req.request_id,
                     );
                 }
-                Ok(())
-            }
-            Err(why) => {
-                c.s.authz = "error_closed";
-                self.core
-                    .metrics
-                    .borrow_mut()
-                    .authz(mid, engine, "error_closed");
-                log!(
-                    Level::Warn,
-                    "Authorization failed; refusing with 503 (fail_mode: closed)",
-                    bucket = b.name,
-                    engine = engine,
-                    error = why,
-                    request_id = c.s.req.request_id,
-                );
+                if open {
+                    return Ok(());
+                }
                 let body = b"authorization service unavailable, retry\n";
                 Err(self
                     .simple_outcome(c, 503, "text/plain", body, &[("Retry-After", "1")])
@@ -305,7 +298,9 @@ impl WorkerGeneration {
                     "GET"
                 };
                 let input = authz::input(claims, name, path, method, &client.to_string());
-                serde_json::json!({ "input": input }).to_string().into_bytes()
+                serde_json::json!({ "input": input })
+                    .to_string()
+                    .into_bytes()
             }
         }
     }

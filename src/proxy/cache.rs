@@ -132,21 +132,31 @@ impl WorkerGeneration {
         bucket: usize,
         key: &str,
     ) -> Option<Arc<Object>> {
-        let process = &self.shared.process;
-        let (Some(store), Some(disk)) = (&process.cache, &process.disk) else {
-            return None;
-        };
-        if !self.shared.bucket(bucket).cache.enabled {
-            return None;
-        }
-        let k = self.cache_key(bucket, key, &c.s.query);
-        if store.get(&k).is_some() || !disk.contains(&k) {
+        let disk = self.shared.process.disk.as_ref()?;
+        let (store, k) = self.memory_miss(c, bucket, key)?;
+        if !disk.contains(&k) {
             return None;
         }
         let epoch = store.purge_epoch();
         let object = disk.load(&k).await?;
         // A purge while the file was read wins.
         (store.purge_epoch() == epoch).then(|| store.insert(k, object))
+    }
+
+    /// The memory tier and the request's cache key, when the bucket caches
+    /// and the memory tier does not hold the key (a lower tier may).
+    fn memory_miss(
+        &self,
+        c: &Client,
+        bucket: usize,
+        key: &str,
+    ) -> Option<(&crate::cache::store::MemoryStore, String)> {
+        let store = self.shared.process.cache.as_ref()?;
+        if !self.shared.bucket(bucket).cache.enabled {
+            return None;
+        }
+        let k = self.cache_key(bucket, key, &c.s.query);
+        store.get(&k).is_none().then_some((store, k))
     }
 
     /// Step "redis": a miss in the local tiers asks the Redis tier; an
@@ -160,18 +170,13 @@ impl WorkerGeneration {
         key: &str,
     ) -> Option<Arc<Object>> {
         let process = &self.shared.process;
-        let (Some(store), Some(tier), Some(reader)) =
-            (&process.cache, &process.redis, &self.core.redis)
-        else {
+        let (Some(tier), Some(reader)) = (&process.redis, &self.core.redis) else {
             return None;
         };
-        if !self.shared.bucket(bucket).cache.enabled || conditional_not_answered(c) {
+        if conditional_not_answered(c) {
             return None;
         }
-        let k = self.cache_key(bucket, key, &c.s.query);
-        if store.get(&k).is_some() {
-            return None;
-        }
+        let (store, k) = self.memory_miss(c, bucket, key)?;
         let epoch = store.purge_epoch();
         let crate::cache::redis::Found::Hit(object) = reader.get(tier, &k).await else {
             return None;
