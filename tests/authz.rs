@@ -238,6 +238,12 @@ fn openfga_checks_viewer_on_files_folders_and_buckets() {
     let r = get(&proxy, "/fga/docs/a.txt", &token(json!({"role": "x"})));
     assert_eq!(r.status, 403);
     assert_eq!(fga.asked(), 6);
+    // The model and the API token go with every question.
+    let (authorization, question) = fga.last();
+    assert_eq!(authorization.as_deref(), Some("Bearer tok"));
+    assert_eq!(question["authorization_model_id"], "01HMODEL");
+    assert_eq!(question["tuple_key"]["user"], "user:dave");
+    assert_eq!(question["tuple_key"]["object"], "file:fga/docs/a.txt");
     fga.set_mode(Mode::Fail);
     assert_eq!(as_user("erin", "/fga/docs/a.txt"), 503);
 }
@@ -460,4 +466,33 @@ fn a_changed_rego_policy_applies_after_a_reload() {
         proxy.log()
     );
     assert_eq!(get(&proxy, "/rego/k", &reader).status, 200);
+}
+
+#[test]
+fn a_rego_policy_reads_its_data_file() {
+    let up = origin();
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = dir.path().join("p.rego");
+    let data = dir.path().join("d.json");
+    std::fs::write(
+        &policy,
+        "package yatagarasu.authz\nimport rego.v1\ndefault allow := false\nallow if input.jwt_claims.team in data.teams\n",
+    )
+    .expect("policy");
+    std::fs::write(&data, r#"{"teams": ["blue", "green"]}"#).expect("data");
+    let b = bucket(
+        "rego",
+        &up.endpoint(),
+        &format!(
+            "      type: rego\n      policy_file: \"{}\"\n      data_file: \"{}\"\n",
+            policy.display(),
+            data.display()
+        ),
+    );
+    let proxy = Proxy::start(&config(&b));
+    let as_team =
+        |team: &str| get(&proxy, "/rego/k", &token(json!({"sub": "x", "team": team}))).status;
+    assert_eq!(as_team("blue"), 200);
+    assert_eq!(as_team("green"), 200);
+    assert_eq!(as_team("red"), 403);
 }

@@ -36,6 +36,8 @@ struct Server {
     mode: Arc<Mutex<Mode>>,
     asked: Arc<AtomicUsize>,
     gate: super::rogue::Gate,
+    /// The last question's `Authorization` header and body.
+    last: Arc<Mutex<(Option<String>, serde_json::Value)>>,
 }
 
 type Answer = dyn Fn(&str, &serde_json::Value) -> serde_json::Value + Send + Sync;
@@ -47,11 +49,13 @@ impl Server {
         let mode = Arc::new(Mutex::new(Mode::Serve));
         let asked = Arc::new(AtomicUsize::new(0));
         let gate = super::rogue::Gate::default();
-        let (m, a, g) = (mode.clone(), asked.clone(), gate.clone());
+        let last = Arc::new(Mutex::new((None, serde_json::Value::Null)));
+        let (m, a, g, l) = (mode.clone(), asked.clone(), gate.clone(), last.clone());
         std::thread::spawn(move || {
             for s in listener.incoming().flatten() {
-                let (m, a, g, answer) = (m.clone(), a.clone(), g.clone(), answer.clone());
-                std::thread::spawn(move || serve(s, &m, &a, &g, &*answer));
+                let (m, a, g, l, answer) =
+                    (m.clone(), a.clone(), g.clone(), l.clone(), answer.clone());
+                std::thread::spawn(move || serve(s, &m, &a, &g, &l, &*answer));
             }
         });
         Server {
@@ -59,6 +63,7 @@ impl Server {
             mode,
             asked,
             gate,
+            last,
         }
     }
 }
@@ -69,6 +74,7 @@ fn serve(
     mode: &Mutex<Mode>,
     asked: &AtomicUsize,
     gate: &super::rogue::Gate,
+    last: &Mutex<(Option<String>, serde_json::Value)>,
     answer: &Answer,
 ) {
     let mut out = match s.try_clone() {
@@ -83,6 +89,7 @@ fn serve(
         }
         let target = line.split(' ').nth(1).unwrap_or("").to_string();
         let mut len = 0usize;
+        let mut authorization = None;
         loop {
             let mut h = String::new();
             if r.read_line(&mut h).unwrap_or(0) == 0 {
@@ -95,12 +102,19 @@ fn serve(
                 if k.eq_ignore_ascii_case("content-length") {
                     len = v.trim().parse().unwrap_or(0);
                 }
+                if k.eq_ignore_ascii_case("authorization") {
+                    authorization = Some(v.trim().to_string());
+                }
             }
         }
         let mut body = vec![0u8; len];
         if r.read_exact(&mut body).is_err() {
             return;
         }
+        *last.lock().unwrap() = (
+            authorization,
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        );
         asked.fetch_add(1, Ordering::SeqCst);
         let mode = *mode.lock().unwrap();
         let (status, text) = match mode {
@@ -244,6 +258,11 @@ impl Fga {
 
     pub fn asked(&self) -> usize {
         self.server.asked.load(Ordering::SeqCst)
+    }
+
+    /// The last question's `Authorization` header and body.
+    pub fn last(&self) -> (Option<String>, serde_json::Value) {
+        self.server.last.lock().unwrap().clone()
     }
 }
 
