@@ -107,6 +107,30 @@ fn the_tutorial_automated() {
         line.contains("bucket=ha-data") && line.contains("request_id=") && line.contains("cause="),
         "{line}"
     );
+    // The failed-over request's access line says so (as Envoy's flags).
+    let request_id = line
+        .split("request_id=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string();
+    // Written when the request ends: wait for that very line.
+    assert!(proxy.wait_log(
+        &format!("request_id={request_id} sub="),
+        Duration::from_secs(5)
+    ));
+    let access = proxy
+        .log()
+        .lines()
+        .find(|l| l.contains(" request ") && l.contains(&format!("request_id={request_id}")))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        access.contains("replica=backup")
+            && access.contains("failovers=1")
+            && access.contains("cause=connect"),
+        "{access}"
+    );
     // Step 6: primary back; served again within one health interval (+ margin).
     p.primary.restart();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -428,6 +452,19 @@ fn a_body_that_stalls_longer_than_timeout_seconds_is_resumed() {
         t.elapsed()
     );
     assert!(proxy.log().contains(RESUMED));
+    // The access line says the body was resumed, and why.
+    assert!(
+        proxy.wait_log("resumed=true", Duration::from_secs(5)),
+        "{}",
+        proxy.log()
+    );
+    assert!(
+        proxy.log().lines().any(|l| l.contains(" request ")
+            && l.contains("resumed=true")
+            && l.contains("cause=timeout")),
+        "{}",
+        proxy.log()
+    );
     // Once: the stall is the primary's one failure (waited for: a scrape
     // shows what each worker published by then).
     let failures = "yatagarasu_replica_failures_total{bucket=\"ha-data\",replica=\"primary\",reason=\"timeout\"}";

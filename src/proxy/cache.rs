@@ -543,7 +543,7 @@ impl WorkerGeneration {
         &self,
         c: &mut Client,
         copy: &Object,
-        (status, answer, x_cache): (u16, Option<RangeAnswer>, &str),
+        (status, answer, x_cache): (u16, Option<RangeAnswer>, &'static str),
         keep: bool,
     ) {
         let len = copy.total;
@@ -579,6 +579,7 @@ impl WorkerGeneration {
         let age = policy::age(copy.stored_at, crate::clock::now());
         head::header(w, "Age", &itoa(age));
         head::header(w, "X-Cache", x_cache);
+        c.s.flags.x_cache = x_cache;
         head::header(w, "X-Request-ID", &c.s.req.request_id);
         connection_header(w, keep, c.s.req.http10);
         w.extend_from_slice(b"\r\n");
@@ -1136,6 +1137,7 @@ impl WorkerGeneration {
         w.extend_from_slice(head.headers.as_bytes());
         head::header(w, "Content-Length", &itoa(head.len));
         head::header(w, "X-Cache", "HIT");
+        c.s.flags.x_cache = "HIT";
         head::header(w, "X-Request-ID", &c.s.req.request_id);
         connection_header(w, keep, c.s.req.http10);
         w.extend_from_slice(b"\r\n");

@@ -494,6 +494,18 @@ impl WorkerGeneration {
             } else {
                 c.s.subject.as_str()
             },
+            cache = if c.s.flags.x_cache.is_empty() {
+                "-"
+            } else {
+                c.s.flags.x_cache
+            },
+            failovers = c.s.flags.failovers,
+            resumed = c.s.flags.resumed,
+            cause = if c.s.flags.cause.is_empty() {
+                "-"
+            } else {
+                c.s.flags.cause
+            },
             authz = if c.s.authz.is_empty() { "-" } else { c.s.authz },
             authz_reason = if c.s.authz_reason.is_empty() {
                 "-"

@@ -32,7 +32,9 @@ impl WorkerGeneration {
             Tried::Answered { answer, mut cursor } => {
                 let Some(confirmed) = self.confirmed_copy(c, &answer) else {
                     self.settle(c, bucket, key, false);
-                    return self.relay(c, &ctx, answer, &mut cursor).await;
+                    let out = self.relay(c, &ctx, answer, &mut cursor).await;
+                    c.s.flags.failovers = cursor.failovers();
+                    return out;
                 };
                 // A 304: nothing more to come.
                 cursor.body_whole();
@@ -88,12 +90,14 @@ impl WorkerGeneration {
                     return Tried::Answered { answer, cursor };
                 }
                 Err(f) => {
+                    c.s.flags.cause = f.cause.label();
                     cursor.failed(f.cause);
                     self.log_failover(c, ctx, rid, cursor.rest(), &f);
                     last = Some((rid, f));
                 }
             }
         }
+        c.s.flags.failovers = cursor.failovers();
         match last {
             Some((rid, failure)) => Tried::AllFailed { rid, failure },
             None => Tried::AllOpen,

@@ -371,11 +371,28 @@ struct RequestState {
     authz: &'static str,
     /// The policy's reason for its decision, when it gave one.
     authz_reason: String,
+    /// What the access line says of the request beyond its status (as
+    /// Envoy's response flags): the `X-Cache` it got, the replicas it
+    /// moved past, whether its body was resumed, and the last failure.
+    flags: Flags,
     /// An expired copy that may answer if no replica can (stale-if-error).
     stale: Option<Arc<crate::cache::store::Object>>,
     /// The bucket's upstream limit already paid for this request's next
     /// upstream request (see `limits`).
     upstream_prepaid: bool,
+}
+
+/// What the access line says of a request beyond its status.
+#[derive(Default, Clone, Copy)]
+struct Flags {
+    /// The `X-Cache` value sent (empty: none).
+    x_cache: &'static str,
+    /// Times the request moved on to another replica (resumes included).
+    failovers: u32,
+    /// A body that broke was continued from another replica.
+    resumed: bool,
+    /// The last replica failure's cause label (empty: none).
+    cause: &'static str,
 }
 
 /// How a request ended, for the access log and metrics.

@@ -92,6 +92,7 @@ impl WorkerGeneration {
             }
             Err((PumpError::Upstream(cause), sent)) => {
                 out.bytes += sent;
+                c.s.flags.cause = cause.label();
                 cursor.body_broke(cause);
                 let tee = fill.as_mut().map(|f| f as &mut dyn body::Tee);
                 // Boxed: a break mid-body is rare, and resuming holds a
@@ -263,6 +264,7 @@ impl WorkerGeneration {
         head::header(w, "X-Request-ID", &c.s.req.request_id);
         if let Some(x) = c.s.cache.x_cache() {
             head::header(w, "X-Cache", x);
+            c.s.flags.x_cache = x;
         }
         if delimited_by_us && rechunk {
             head::header(w, "Transfer-Encoding", "chunked");

@@ -126,6 +126,7 @@ impl WorkerGeneration {
         let mut a = match self.attempt(c, ctx, rid, Some(want)).await {
             Ok(a) => a,
             Err(f) => {
+                c.s.flags.cause = f.cause.label();
                 cursor.failed(f.cause);
                 return Continued::Refused;
             }
@@ -141,6 +142,7 @@ impl WorkerGeneration {
             return Continued::Refused;
         }
         cursor.answered_head();
+        c.s.flags.resumed = true;
         self.core.metrics.borrow_mut().resume(self.mid(rid));
         let (up, buf) = (&mut a.conn.stream, &mut a.conn.buf);
         let client = &mut c.stream;

@@ -56,6 +56,7 @@ impl WorkerGeneration {
     /// Resets what one request keeps between phases; names the request.
     fn begin(&self, c: &mut Client) {
         c.s.upstream_prepaid = false;
+        c.s.flags = Flags::default();
         if c.s.req.request_id.is_empty() {
             let mut id = std::mem::take(&mut c.s.req.request_id);
             self.next_request_id(&mut id);

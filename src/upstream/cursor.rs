@@ -59,6 +59,8 @@ pub struct ReplicaCursor<'a, L: Ledger> {
     answering: Option<usize>,
     /// Some replica gave this request a non-5xx answer.
     answered: bool,
+    /// Times the request moved on to another replica.
+    failovers: u32,
     /// 5xx answers, judged once the request's outcome is known (rare: an
     /// empty Vec allocates nothing, and the cursor stays small to move).
     deferred: Vec<(usize, Admit, Cause)>,
@@ -75,6 +77,7 @@ impl<'a, L: Ledger> ReplicaCursor<'a, L> {
             previous: None,
             answering: None,
             answered: false,
+            failovers: 0,
             deferred: Vec::new(),
         }
     }
@@ -91,6 +94,7 @@ impl<'a, L: Ledger> ReplicaCursor<'a, L> {
             }
             if let Some(from) = self.previous.or(self.answering) {
                 self.ledger.failover(from, rid);
+                self.failovers += 1;
             }
             self.previous = Some(rid);
             self.turn = Some((rid, admit));
@@ -102,6 +106,11 @@ impl<'a, L: Ledger> ReplicaCursor<'a, L> {
     /// The replicas not yet considered, in plan order.
     pub fn rest(&self) -> &'a [usize] {
         &self.plan[self.pos.min(self.plan.len())..]
+    }
+
+    /// Times the request moved on to another replica so far.
+    pub fn failovers(&self) -> u32 {
+        self.failovers
     }
 
     /// Whether any replica took a turn (false: every breaker refused).
