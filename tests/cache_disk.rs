@@ -450,3 +450,44 @@ fn a_copy_read_from_disk_answers_its_request_even_when_memory_drops_it_at_once()
     }
     assert_eq!(gets(&up), 8, "a copy on disk was fetched again");
 }
+
+#[test]
+fn memory_hits_keep_their_disk_entries_from_being_evicted_first() {
+    let up = origin(300 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&up.endpoint(), dir.path(), 1, "");
+    let p = Proxy::start(&cfg);
+    // Three entries fill the 1 MiB disk tier, k0 written first.
+    for i in 0..3 {
+        assert_eq!(p.get(&format!("/b/k{i}")).status, 200);
+        wait_disk_items(&p, (i + 1) as f64);
+    }
+    // k0 is served from memory: its disk entry becomes the most recent.
+    assert_eq!(p.get("/b/k0").header("x-cache"), Some("HIT"));
+    assert!(
+        p.wait_metric(
+            "yatagarasu_cache_disk_recency_refreshes_total",
+            1.0,
+            Duration::from_secs(10)
+        ),
+        "{}",
+        p.metrics()
+    );
+    // A fourth entry evicts the least recently used: k1, not k0.
+    assert_eq!(p.get("/b/k3").status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &p.metrics(),
+        "yatagarasu_cache_evictions_total{layer=\"disk\"}",
+    ) < Some(1.0)
+    {
+        assert!(Instant::now() < deadline, "{}", p.metrics());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(p); // kill -9: the entries were already renamed into place
+    let p = Proxy::start(&cfg);
+    let before = gets(&up);
+    assert_eq!(p.get("/b/k0").header("x-cache"), Some("HIT"));
+    assert_eq!(gets(&up), before, "k0 was evicted from disk");
+    assert_eq!(p.get("/b/k1").header("x-cache"), Some("MISS"));
+}

@@ -354,6 +354,7 @@ mod tests {
             headers: String::new(),
             body: Bytes::from_static(b"abcdef").into(),
             total: 6,
+            touched_ms: Default::default(),
         });
         lead.done(Some(&object));
         assert!(w.stored().is_some());

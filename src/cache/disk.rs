@@ -149,6 +149,7 @@ impl Meta {
             headers: self.headers,
             body,
             total: self.total,
+            touched_ms: Default::default(),
         };
         (self.key, object)
     }
@@ -364,6 +365,8 @@ pub struct DiskStore {
     pub foreign: AtomicU64,
     /// Writes not made because the writer's queue was full.
     pub writes_dropped: AtomicU64,
+    /// Entries marked used by memory hits (`touch_all`).
+    pub recency_refreshes: AtomicU64,
     tmp_seq: AtomicU64,
 }
 
@@ -390,6 +393,7 @@ impl DiskStore {
             corrupt: AtomicU64::new(0),
             foreign: AtomicU64::new(0),
             writes_dropped: AtomicU64::new(0),
+            recency_refreshes: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
         };
         let rebuilt = store.rebuild(origins);
@@ -485,6 +489,16 @@ impl DiskStore {
         let mut index = self.lock();
         index.touch(key);
         index.entries.get(key).map(|e| (e.size, e.id))
+    }
+
+    /// Marks the entries of `keys` used (those still on disk), under one
+    /// lock: a core's memory hits, batched (see `proxy::cache`).
+    pub fn touch_all(&self, keys: &[String]) {
+        let mut index = self.lock();
+        let found = keys.iter().filter(|k| index.touch(k)).count();
+        drop(index);
+        self.recency_refreshes
+            .fetch_add(found as u64, Ordering::Relaxed);
     }
 
     /// The id of the entry file for `key` (not marked used).
@@ -781,6 +795,7 @@ mod tests {
             headers: "Content-Type: text/plain\r\n".into(),
             body: Bytes::copy_from_slice(body).into(),
             total: body.len() as u64,
+            touched_ms: Default::default(),
         }
     }
 

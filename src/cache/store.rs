@@ -33,6 +33,9 @@ pub struct Object {
     /// The whole object's length: `body.len()` unless this is a slice or
     /// slice metadata (see `cache::slice`).
     pub total: u64,
+    /// When (ms, process clock) a memory hit last refreshed this copy's
+    /// recency in the disk tier (0: never); see `proxy::cache`.
+    pub touched_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Weighs an entry by the memory it holds.
@@ -342,6 +345,7 @@ mod tests {
             headers: String::new(),
             body: bytes::Bytes::from(vec![7u8; len]).into(),
             total: len as u64,
+            touched_ms: Default::default(),
         }
     }
 

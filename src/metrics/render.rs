@@ -625,6 +625,12 @@ fn cache_families<'n>(
             vec![counter(&[], d.corrupt.load(Ordering::Relaxed) as f64)],
         ));
         families.push(family(
+            "yatagarasu_cache_disk_recency_refreshes_total",
+            "Disk entries marked used because memory served them (at most once a second per copy), so the disk's LRU keeps what memory serves most.",
+            MetricType::COUNTER,
+            vec![counter(&[], d.recency_refreshes.load(Ordering::Relaxed) as f64)],
+        ));
+        families.push(family(
             "yatagarasu_cache_disk_writes_dropped_total",
             "Disk-tier writes not made because the writer's queue was full (the object stays in memory only).",
             MetricType::COUNTER,

@@ -107,7 +107,10 @@ impl WorkerGeneration {
             }
         }
         match self.cache_lookup(c, bucket, key, promoted) {
-            Ok(Some(copy)) => Err(self.serve_cached(c, bucket, &copy, "HIT").await),
+            Ok(Some(copy)) => {
+                self.note_hit_for_disk(c, bucket, key, &copy);
+                Err(self.serve_cached(c, bucket, &copy, "HIT").await)
+            }
             Ok(None) => Ok(()),
             Err(fill) => Err(Box::pin(self.serve_waiter(c, bucket, fill, key)).await),
         }
@@ -141,6 +144,24 @@ impl WorkerGeneration {
         let object = disk.load(&k).await?;
         // A purge while the file was read wins.
         (store.purge_epoch() == epoch).then(|| store.insert(k, object))
+    }
+
+    /// A memory hit keeps its disk-tier entry recent too, so the disk's LRU
+    /// does not evict what memory serves most: at most once per
+    /// [`DISK_TOUCH_EVERY_MS`] per copy, the key is queued on this core and
+    /// the disk index marked under one lock at the next tick.
+    fn note_hit_for_disk(&self, c: &Client, bucket: usize, key: &str, copy: &Object) {
+        if self.shared.process.disk.is_none() {
+            return;
+        }
+        let now = now_ms().max(1);
+        let last = copy.touched_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < DISK_TOUCH_EVERY_MS {
+            return;
+        }
+        copy.touched_ms.store(now, Ordering::Relaxed);
+        let k = self.cache_key(bucket, key, &c.s.query);
+        self.core.disk_touches.borrow_mut().push(k);
     }
 
     /// The memory tier and the request's cache key, when the bucket caches
@@ -313,6 +334,7 @@ impl WorkerGeneration {
             headers: copy.headers.clone(),
             body: copy.body.clone(),
             total: copy.total,
+            touched_ms: Default::default(),
         });
         if let Some(store) = &self.shared.process.cache {
             store.insert_shared(key.clone(), refreshed.clone());
@@ -697,6 +719,7 @@ impl WorkerGeneration {
             headers: self.stored_headers(resp),
             body: Body::default(),
             total,
+            touched_ms: Default::default(),
         }
     }
 
@@ -899,6 +922,9 @@ pub(super) fn cached_outcome(bucket: usize, status: u16, keep: bool) -> Outcome 
         bucket: Some(bucket),
     }
 }
+
+/// How often a copy's memory hits refresh its disk-tier entry's recency.
+const DISK_TOUCH_EVERY_MS: u64 = 1_000;
 
 /// The bytes of its latest pieces a pass-through fill keeps for its
 /// waiters (`WorkerGeneration::pass_through`).

@@ -148,6 +148,9 @@ pub struct Worker {
     date: RefCell<(u64, String)>,
     /// This core's connections to the Redis tier, when there is one.
     pub redis: Option<crate::cache::redis::Reader>,
+    /// Cache keys of memory hits whose disk-tier entries are to be marked
+    /// used, at the next tick, under one lock.
+    pub disk_touches: RefCell<Vec<String>>,
 }
 
 /// Empty pipes a worker keeps for splicing, two descriptors each (more are
@@ -253,6 +256,7 @@ impl Worker {
             states: RefCell::new(Vec::new()),
             date: RefCell::new((0, String::new())),
             redis,
+            disk_touches: RefCell::default(),
         })
     }
 

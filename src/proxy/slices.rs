@@ -479,6 +479,7 @@ impl WorkerGeneration {
             headers: String::new(),
             body,
             total,
+            touched_ms: Default::default(),
         };
         if upclient::reusable(&a.resp, &a.conn, a.head_len, exact) {
             self.pool.put(a.rid, a.conn);
@@ -619,6 +620,7 @@ mod tests {
             headers: String::new(),
             body: bytes::Bytes::from(vec![0u8; body_len]).into(),
             total,
+            touched_ms: Default::default(),
         }
     }
 

@@ -672,6 +672,14 @@ fn tick(worker: &Worker) {
         }
         false => now,
     };
+    // Memory hits' disk-tier recency, batched under one lock.
+    if let Some(disk) = &worker.process.disk {
+        let mut touches = worker.disk_touches.borrow_mut();
+        if !touches.is_empty() {
+            disk.touch_all(&touches);
+            touches.clear();
+        }
+    }
     if worker.parking.tick(sweep_at) {
         worker.expire_lot(sweep_at);
         // Disk-tier files kept open whose entry was replaced or removed

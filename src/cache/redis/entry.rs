@@ -101,6 +101,7 @@ pub fn decode(key: &str, value: &[u8]) -> Result<Object, Bad> {
         headers: meta.headers,
         body: Bytes::copy_from_slice(body).into(),
         total: meta.total,
+        touched_ms: Default::default(),
     })
 }
 
@@ -117,6 +118,7 @@ mod tests {
             headers: "Content-Type: text/plain\r\n".into(),
             body: Bytes::from_static(b"hello, redis").into(),
             total: 12,
+            touched_ms: Default::default(),
         }
     }
 

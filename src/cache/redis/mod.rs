@@ -225,29 +225,38 @@ impl RedisTier {
                     Some(c) => c,
                     None => conn.insert(Conn::open(&self.settings).await?),
                 };
-                let commands: [&[&[u8]]; 5] = [
-                    &[b"SET", key.as_bytes(), &value, b"PX", px.as_bytes()],
-                    &[b"SADD", object_index.as_bytes(), key.as_bytes()],
-                    &[b"PEXPIRE", object_index.as_bytes(), keep.as_bytes()],
-                    &[b"SADD", bucket_index.as_bytes(), object_index.as_bytes()],
-                    &[b"PEXPIRE", bucket_index.as_bytes(), keep.as_bytes()],
+                let epoch_key = self.epoch_key();
+                // The fleet's purge count as this instance knows it now: a
+                // purge it has applied already failed the check above (the
+                // local count moved); one it has not heard of yet moved the
+                // count in Redis, and the script refuses the write.
+                let fleet_epoch = self.known_epoch().await?.to_string();
+                let args: [&[u8]; 11] = [
+                    b"EVAL",
+                    WRITE_SCRIPT.as_bytes(),
+                    b"4",
+                    epoch_key.as_bytes(),
+                    key.as_bytes(),
+                    object_index.as_bytes(),
+                    bucket_index.as_bytes(),
+                    fleet_epoch.as_bytes(),
+                    &value,
+                    px.as_bytes(),
+                    keep.as_bytes(),
                 ];
-                let replies = c
-                    .pipeline(&commands, self.settings.operation_timeout)
-                    .await?;
-                match replies
-                    .into_iter()
-                    .find(|r| matches!(r, OwnedFrame::Error(_)))
-                {
-                    Some(OwnedFrame::Error(e)) => Err(format!("Redis said: {e}")),
-                    _ => Ok(()),
+                match c.call(&args, self.settings.operation_timeout).await? {
+                    OwnedFrame::Error(e) => Err(format!("Redis said: {e}")),
+                    OwnedFrame::Integer(0) => Ok(false),
+                    _ => Ok(true),
                 }
             }
             .await;
             match result {
-                Ok(()) => {
+                Ok(true) => {
                     self.writes.fetch_add(1, Ordering::Relaxed);
                 }
+                // A purge came first: not written.
+                Ok(false) => {}
                 Err(e) => {
                     conn = None;
                     paused_until = Some(Instant::now() + WRITER_PAUSE);
@@ -264,6 +273,20 @@ impl RedisTier {
                 }
             }
         }
+    }
+
+    /// The fleet's purge count as this instance last saw it, waiting (on
+    /// the writer's thread) up to two seconds for the fleet thread's first
+    /// look: a write made without it could undo a purge.
+    async fn known_epoch(&self) -> Result<u64, String> {
+        for _ in 0..40 {
+            let seen = self.seen_epoch.load(Ordering::Relaxed);
+            if seen != UNSEEN {
+                return Ok(seen);
+            }
+            monoio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err("the fleet's purge count is not known yet".into())
     }
 
     /// The index sets an entry is listed in: its object's (every query
@@ -307,6 +330,12 @@ impl RedisTier {
             let s = &self.settings;
             let t = s.operation_timeout;
             let mut c = Conn::open(s).await?;
+            // The count first: a write that checks it after this fails, and
+            // one made before it is listed in the index sets deleted below.
+            let epoch = match c.call(&[b"INCR", self.epoch_key().as_bytes()], t).await? {
+                OwnedFrame::Integer(n) => n,
+                other => return Err(format!("INCR answered {other:?}")),
+            };
             let object_level = prefix.trim_end_matches('\0').contains('\0');
             let objects: Vec<Vec<u8>> = if object_level {
                 vec![self.index_key("o", prefix).into_bytes()]
@@ -325,10 +354,6 @@ impl RedisTier {
                     }
                 }
             }
-            let epoch = match c.call(&[b"INCR", self.epoch_key().as_bytes()], t).await? {
-                OwnedFrame::Integer(n) => n,
-                other => return Err(format!("INCR answered {other:?}")),
-            };
             let message = format!("{epoch} {}", hex::encode(prefix.as_bytes()));
             c.call(
                 &[b"PUBLISH", self.channel().as_bytes(), message.as_bytes()],
@@ -463,6 +488,15 @@ fn members(reply: OwnedFrame) -> Vec<Vec<u8>> {
         _ => Vec::new(),
     }
 }
+
+/// Writes an entry and its index entries only if the fleet's purge count
+/// (KEYS[1]) is still the one the writer knew (ARGV[1]): a purge between
+/// the fetch and the write wins, on every instance. Returns 1 when written.
+const WRITE_SCRIPT: &str = "if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return 0 end \
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) \
+redis.call('SADD', KEYS[3], KEYS[2]) redis.call('PEXPIRE', KEYS[3], ARGV[4]) \
+redis.call('SADD', KEYS[4], KEYS[3]) redis.call('PEXPIRE', KEYS[4], ARGV[4]) \
+return 1";
 
 /// `seen_epoch` before this instance saw the fleet's purge count.
 const UNSEEN: u64 = u64::MAX;
