@@ -305,6 +305,8 @@ fn a_purge_on_one_instance_reaches_redis_and_every_other_instance() {
     );
     assert!(entries(&redis).is_empty(), "{:?}", entries(&redis));
     assert_eq!(a.get("/b/keep.txt").header("x-cache"), Some("MISS"));
+    // Written again by A (its third write), then B takes it from Redis.
+    assert!(a.wait_metric(WRITES, 3.0, WAIT), "{}", a.metrics());
     // Redis restarted empty: the purge count went back, so an instance
     // cannot know what it missed; it drops its local copies.
     assert_eq!(b.get("/b/keep.txt").header("x-cache"), Some("HIT"));
