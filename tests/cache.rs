@@ -1219,3 +1219,45 @@ fn the_clock_moves_only_in_a_process_started_for_tests() {
     assert_eq!(r.status, 404, "{}", r.text());
     assert_eq!(proxy.get("/b/k").header("x-cache"), Some("HIT"));
 }
+
+#[test]
+fn the_admin_api_answers_on_the_main_port_too() {
+    let up = origin("admin on the main port", "");
+    let token = "0123456789abcdef-admin";
+    let cfg = format!(
+        "admin:\n  token: \"{token}\"\n  main_port: true\n{}",
+        config(&up.endpoint(), "", "")
+    );
+    let proxy = Proxy::start(&cfg);
+    let admin = |method: &str, path: &str, auth: Option<&str>| {
+        let mut c = Conn::open(proxy.port).unwrap();
+        let bearer = auth.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|b| ("Authorization", b.as_str()))
+            .collect();
+        c.request(method, path, &headers).unwrap()
+    };
+    assert_eq!(proxy.get("/b/k").header("x-cache"), Some("MISS"));
+    assert_eq!(proxy.get("/b/k").header("x-cache"), Some("HIT"));
+    let stats = admin("GET", "/admin/cache/stats", Some(token));
+    assert_eq!(stats.status, 200, "{}", stats.text());
+    assert!(stats.text().contains("\"items\":1"), "{}", stats.text());
+    assert_eq!(admin("GET", "/admin/cache/stats", None).status, 401);
+    assert_eq!(
+        admin("POST", "/admin/cache/purge/b", Some("wrong-token-0000")).status,
+        401
+    );
+    let purged = admin("POST", "/admin/cache/purge/b", Some(token));
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    assert_eq!(proxy.get("/b/k").header("x-cache"), Some("MISS"));
+    // Without admin.main_port, /admin/ is an ordinary path there.
+    let plain = Proxy::start(&format!(
+        "admin:\n  token: \"{token}\"\n{}",
+        config(&up.endpoint(), "", "")
+    ));
+    let mut c = Conn::open(plain.port).unwrap();
+    let r = c.request("POST", "/admin/cache/purge", &[]).unwrap();
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert_eq!(plain.get("/admin/cache/stats").status, 404);
+}

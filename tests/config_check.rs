@@ -621,3 +621,16 @@ fn redis_mistakes_are_named() {
         &["cache.redis.enabled", "does not list \"redis\""],
     );
 }
+
+#[test]
+fn the_admin_api_on_the_main_port_needs_a_guard() {
+    let text = format!("{GOOD}admin:\n  main_port: true\n");
+    assert_error(
+        &text,
+        &ENV,
+        &["admin.main_port", "needs admin.token or jwt.admin_claims"],
+    );
+    let text = format!("{GOOD}admin:\n  token: \"0123456789abcdef-admin\"\n  main_port: true\n");
+    let (code, out) = check(&text, &ENV);
+    assert_eq!(code, 0, "{out}");
+}

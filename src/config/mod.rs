@@ -34,6 +34,9 @@ pub struct Config {
     pub cache: CacheSettings,
     /// `admin.token`: bearer token of the admin endpoints (none: they are off).
     pub admin_token: Option<String>,
+    /// `admin.main_port`: the admin API answers on the main listener too
+    /// (it always does on the metrics listener).
+    pub admin_main_port: bool,
     /// `jwt:` when enabled: keys, token sources and claim rules.
     pub jwt: Option<std::sync::Arc<crate::access::jwt::JwtSettings>>,
     /// Accepted, but worth saying: logged at WARN at start and on reload,

@@ -153,6 +153,9 @@ pub struct RawClaim {
 pub struct RawAdmin {
     #[serde(default)]
     pub token: Option<String>,
+    /// Serve the admin API on the main port too (the other system's place).
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub main_port: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,14 +8,16 @@ use super::session::Phase;
 use super::*;
 
 impl WorkerGeneration {
-    /// Phase "route", first half: the method, the decoded path (into
-    /// `path`), and the proxy's own endpoints.
+    /// Phase "route", first half: the decoded path (into `path`), the
+    /// admin API, the method, and the proxy's own endpoints.
     pub(super) async fn decode(&self, c: &mut Client, path: &mut String) -> Phase<()> {
-        if c.s.req.method() == Method::Other {
-            return Err(self.method_not_allowed(c).await);
-        }
         if let Err(e) = router::decode_path(&c.s.req.target, path) {
             return Err(self.route_error(c, e).await);
+        }
+        // The admin API takes POST too.
+        self.admin(c, path).await?;
+        if c.s.req.method() == Method::Other {
+            return Err(self.method_not_allowed(c).await);
         }
         match path.as_str() {
             "/health" => Err(self
@@ -35,6 +37,35 @@ impl WorkerGeneration {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The admin API on the main port too (where the other system serves
+    /// it), when `admin.main_port` is on and no bucket routes the path:
+    /// answered on the blocking pool, so a reload, a purge or a stats scan
+    /// never runs on a core. The metrics listener serves the same API.
+    pub(super) async fn admin(&self, c: &mut Client, path: &str) -> Phase<()> {
+        if !path.starts_with("/admin/") {
+            return Ok(());
+        }
+        // Only where the operator asked for it (`admin.main_port`; its
+        // guards are checked at load), and never over a bucket's path.
+        if !self.shared.config.admin_main_port || self.shared.router.route(path).is_ok() {
+            return Ok(());
+        }
+        let process = self.shared.process.clone();
+        let method = c.s.req.method_text.clone();
+        let target = String::from_utf8_lossy(&c.s.req.target).into_owned();
+        let head = c.s.rbuf.get(..c.s.req.head_len).unwrap_or_default();
+        let authorization = head::find_header(head, "authorization").map(str::to_string);
+        let answered = monoio::spawn_blocking(move || {
+            crate::server::admin::handle(&process, &method, &target, authorization.as_deref())
+        })
+        .await;
+        let (status, ctype, body) = answered
+            .unwrap_or_else(|_| (500, "text/plain", "the admin request failed\n".to_string()));
+        Err(self
+            .simple_outcome(c, status, ctype, body.as_bytes(), &[])
+            .await)
     }
 
     /// Phase "route", second half: the decoded `path` -> its bucket; the

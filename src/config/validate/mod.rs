@@ -74,6 +74,19 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
     if admin_token.as_deref().is_some_and(|t| t.len() < 16) {
         p.at("admin.token", "must be at least 16 characters");
     }
+    let admin_main_port = raw
+        .admin
+        .as_ref()
+        .and_then(|a| a.main_port)
+        .unwrap_or(false);
+    let admin_guarded =
+        admin_token.is_some() || jwt.as_ref().is_some_and(|j| !j.admin_claims.is_empty());
+    if admin_main_port && !admin_guarded {
+        p.at(
+            "admin.main_port",
+            "needs admin.token or jwt.admin_claims (the admin API is off without one)",
+        );
+    }
     if p.0.is_empty() {
         Ok(Config {
             server,
@@ -82,6 +95,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             logging,
             cache,
             admin_token,
+            admin_main_port,
             jwt,
             warnings: p.1,
         })
