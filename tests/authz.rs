@@ -24,10 +24,6 @@ fn origin() -> Rogue {
     })
 }
 
-fn gets(up: &Rogue) -> usize {
-    up.seen().len()
-}
-
 /// One bucket `/<name>` with JWT auth, the memory cache and `authorization`.
 fn bucket(name: &str, endpoint: &str, authorization: &str) -> String {
     format!(
@@ -81,7 +77,7 @@ fn opa_allows_and_denies_by_policy_and_a_cached_object_is_never_served_to_a_deni
         get(&proxy, "/opa/secret/plan.txt", &admin).header("x-cache"),
         Some("HIT")
     );
-    assert_eq!(gets(&up), 1);
+    assert_eq!(up.gets(), 1);
     // A reader outside the public folder: denied although the copy is cached.
     let r = get(&proxy, "/opa/secret/plan.txt", &reader);
     assert_eq!(r.status, 403, "{}", r.text());
@@ -265,28 +261,25 @@ fn the_other_systems_authorization_keys_load() {
             "      type: openfga\n      openfga_endpoint: \"http://localhost:8081\"\n      openfga_store_id: \"01ARZ3NDEKTSV4RRFFQ69G5FAV\"\n      openfga_user_claim: \"user.id\"\n      openfga_fail_mode: open\n",
         )
     ));
-    std::fs::write(&path, &text).expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_yatagarasu"))
-        .args(["--check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    let said =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{said}");
+    let check = |text: &str| {
+        std::fs::write(&path, text).expect("write");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_yatagarasu"))
+            .args(["--check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run");
+        let said = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        (out.status.success(), said)
+    };
+    let (ok, said) = check(&text);
+    assert!(ok, "{said}");
     // Mistakes are named.
     let bad = text
         .replace("type: opa", "type: opaa")
         .replace("openfga_fail_mode: open", "openfga_fail_mode: maybe");
-    std::fs::write(&path, bad).expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_yatagarasu"))
-        .args(["--check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    let said =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success());
+    let (ok, said) = check(&bad);
+    assert!(!ok);
     assert!(
         said.contains("buckets[0].authorization.type: \"opaa\" is not one of opa, openfga, rego"),
         "{said}"

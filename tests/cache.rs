@@ -26,13 +26,6 @@ fn origin(body: &'static str, headers: &'static str) -> Rogue {
     })
 }
 
-fn gets(up: &Rogue) -> usize {
-    up.seen()
-        .iter()
-        .filter(|s| s.head.starts_with("GET "))
-        .count()
-}
-
 #[test]
 fn a_miss_fills_and_the_next_requests_hit_without_upstream() {
     let up = origin("hello cache", "");
@@ -48,14 +41,14 @@ fn a_miss_fills_and_the_next_requests_hit_without_upstream() {
         assert_eq!(r.header("etag"), Some("\"v1\""));
         assert_eq!(r.header("content-type"), Some("text/plain"));
     }
-    assert_eq!(gets(&up), 1, "hits went upstream");
+    assert_eq!(up.gets(), 1, "hits went upstream");
     // Another key, and the same key with another versionId, are other objects.
     assert_eq!(proxy.get("/b/other.txt").header("x-cache"), Some("MISS"));
     assert_eq!(
         proxy.get("/b/k.txt?versionId=2").header("x-cache"),
         Some("MISS")
     );
-    assert_eq!(gets(&up), 3);
+    assert_eq!(up.gets(), 3);
     let m = proxy.metrics();
     for needle in [
         "yatagarasu_cache_requests_total{bucket=\"b\",result=\"hit\"} 5",
@@ -103,7 +96,7 @@ fn ranges_conditionals_and_head_are_answered_from_the_copy() {
         let r = conn.request("GET", "/b/k", &[]).unwrap();
         assert_eq!(r.text(), "0123456789");
     }
-    assert_eq!(gets(&up), 1);
+    assert_eq!(up.gets(), 1);
 }
 
 #[test]
@@ -132,7 +125,7 @@ fn what_must_not_be_stored_is_not() {
             );
         }
     }
-    assert_eq!(gets(&up), 6);
+    assert_eq!(up.gets(), 6);
     // A Range on a miss goes upstream as asked and is not stored.
     let r = http::get(proxy.port, "/b/ranged", &[("Range", "bytes=0-0")]);
     assert_eq!(r.header("x-cache"), Some("BYPASS"));
@@ -154,7 +147,7 @@ fn max_age_expires_the_copy_and_large_objects_are_not_stored() {
     assert_eq!(proxy.get("/b/k").header("x-cache"), Some("HIT"));
     proxy.advance_clock(60_001);
     assert_eq!(proxy.get("/b/k").header("x-cache"), Some("MISS"));
-    assert_eq!(gets(&up), 2);
+    assert_eq!(up.gets(), 2);
 
     let big = Rogue::start(|_| vec![ok_with("", &vec![b'x'; 1024 * 1024 + 1])]);
     let proxy = Proxy::start(&config(
@@ -166,7 +159,7 @@ fn max_age_expires_the_copy_and_large_objects_are_not_stored() {
         let r = proxy.get("/b/big");
         assert_eq!(r.body.len(), 1024 * 1024 + 1);
     }
-    assert_eq!(gets(&big), 2, "an object over max_item_size_mb was stored");
+    assert_eq!(big.gets(), 2, "an object over max_item_size_mb was stored");
 }
 
 #[test]
@@ -182,7 +175,7 @@ fn a_bucket_that_opts_out_is_not_cached_and_says_nothing() {
         assert_eq!(r.text(), "x");
         assert_eq!(r.header("x-cache"), None);
     }
-    assert_eq!(gets(&up), 2);
+    assert_eq!(up.gets(), 2);
 }
 
 /// A proxy whose cache holds `cache_mb`, in front of an origin answering
@@ -435,13 +428,7 @@ fn purge_and_stats_on_the_admin_port_with_a_token() {
     );
     let proxy = Proxy::start(&cfg);
     let admin = |method: &str, path: &str, auth: Option<&str>| {
-        let mut c = Conn::open(proxy.metrics_port).unwrap();
-        let bearer = auth.map(|t| format!("Bearer {t}"));
-        let headers: Vec<(&str, &str)> = bearer
-            .iter()
-            .map(|b| ("Authorization", b.as_str()))
-            .collect();
-        c.request(method, path, &headers).unwrap()
+        http::with_bearer(proxy.metrics_port, method, path, auth)
     };
     for key in ["a.txt", "dir/b%20c.txt"] {
         assert_eq!(
@@ -655,7 +642,7 @@ fn concurrent_misses_on_any_core_cause_one_upstream_get_and_stream_byte_exact() 
         .count();
     assert_eq!(exact, 100, "bodies differ or were cut short");
     assert_eq!(
-        gets(&up),
+        up.gets(),
         1,
         "{:?}",
         up.seen().iter().map(|s| &s.target).collect::<Vec<_>>()
@@ -701,8 +688,8 @@ fn a_fill_broken_mid_body_is_resumed_for_every_waiter() {
         let r = c.join().unwrap();
         assert_eq!(sha256(&r.body), want);
     }
-    assert_eq!(gets(&primary), 1);
-    assert_eq!(gets(&backup), 1, "one resume, for every waiter");
+    assert_eq!(primary.gets(), 1);
+    assert_eq!(backup.gets(), 1, "one resume, for every waiter");
     assert!(backup.seen()[0].header("range").is_some());
 }
 
@@ -758,7 +745,7 @@ fn the_leaders_client_leaving_does_not_cancel_the_fill() {
     for w in waiters {
         assert_eq!(sha256(&w.join().unwrap().body), want);
     }
-    assert_eq!(gets(&up), 1);
+    assert_eq!(up.gets(), 1);
 }
 
 #[test]
@@ -781,7 +768,7 @@ fn waiters_on_an_uncacheable_answer_fetch_for_themselves() {
     for c in clients {
         assert_eq!(c.join().unwrap().text(), "nocopy");
     }
-    assert_eq!(gets(&up), 4, "nothing was shared or stored");
+    assert_eq!(up.gets(), 4, "nothing was shared or stored");
 }
 
 /// An upstream serving `len` bytes of `pattern(len, seed)` for `/bkt/k<seed>`.
@@ -1046,15 +1033,8 @@ fn purge_everything_per_bucket_stats_and_info_on_the_admin_port() {
         config(&up.endpoint(), "", "")
     );
     let proxy = Proxy::start(&cfg);
-    let admin = |method: &str, path: &str| {
-        let mut c = Conn::open(proxy.metrics_port).unwrap();
-        c.request(
-            method,
-            path,
-            &[("Authorization", &format!("Bearer {token}"))],
-        )
-        .unwrap()
-    };
+    let admin =
+        |method: &str, path: &str| http::with_bearer(proxy.metrics_port, method, path, Some(token));
     for path in ["/b/x", "/b/y", "/c/x"] {
         assert_eq!(proxy.get(path).header("x-cache"), Some("MISS"));
         assert_eq!(proxy.get(path).header("x-cache"), Some("HIT"));
@@ -1230,13 +1210,7 @@ fn the_admin_api_answers_on_the_main_port_too() {
     );
     let proxy = Proxy::start(&cfg);
     let admin = |method: &str, path: &str, auth: Option<&str>| {
-        let mut c = Conn::open(proxy.port).unwrap();
-        let bearer = auth.map(|t| format!("Bearer {t}"));
-        let headers: Vec<(&str, &str)> = bearer
-            .iter()
-            .map(|b| ("Authorization", b.as_str()))
-            .collect();
-        c.request(method, path, &headers).unwrap()
+        http::with_bearer(proxy.port, method, path, auth)
     };
     assert_eq!(proxy.get("/b/k").header("x-cache"), Some("MISS"));
     assert_eq!(proxy.get("/b/k").header("x-cache"), Some("HIT"));

@@ -33,13 +33,6 @@ fn body_for(target: &str, len: usize) -> Vec<u8> {
     pattern(len, seed)
 }
 
-fn gets(up: &Rogue) -> usize {
-    up.seen()
-        .iter()
-        .filter(|s| s.head.starts_with("GET "))
-        .count()
-}
-
 fn metric(m: &str, prefix: &str) -> Option<f64> {
     m.lines()
         .find(|l| l.starts_with(prefix))
@@ -97,11 +90,11 @@ fn a_restart_with_a_warm_disk_cache_serves_hits_without_upstream() {
         assert_eq!(r.header("x-cache"), Some("HIT"), "{k}");
         assert_eq!(r.body, body_for(&format!("/bkt/{k}"), 100 * 1024), "{k}");
     }
-    assert_eq!(gets(&up), 3, "hits after the restart went upstream");
+    assert_eq!(up.gets(), 3, "hits after the restart went upstream");
     // Ranges and HEAD from a promoted entry too.
     let r = support::http::get(p.port, "/b/a", &[("Range", "bytes=10-19")]);
     assert_eq!((r.status, r.body.len()), (206, 10));
-    assert_eq!(gets(&up), 3);
+    assert_eq!(up.gets(), 3);
 }
 
 #[test]
@@ -144,7 +137,7 @@ fn truncated_or_corrupted_entries_are_dropped_and_refetched() {
         );
         assert_eq!(r.body, body_for(&format!("/bkt/{k}"), 50 * 1024));
     }
-    assert_eq!(gets(&up), 4, "both refetched");
+    assert_eq!(up.gets(), 4, "both refetched");
     let m = p.metrics();
     assert_eq!(
         metric(&m, "yatagarasu_cache_disk_corrupt_total"),
@@ -277,7 +270,7 @@ fn a_purge_removes_disk_entries_too() {
     let p = Proxy::start(&cfg);
     assert_eq!(p.get("/b/x").header("x-cache"), Some("MISS"));
     assert_eq!(p.get("/b/y").header("x-cache"), Some("HIT"));
-    assert_eq!(gets(&up), 3);
+    assert_eq!(up.gets(), 3);
 }
 
 #[test]
@@ -325,7 +318,7 @@ fn entries_in_the_page_cache_are_sent_from_their_files_without_promotion() {
         (r.status, r.header("content-length")),
         (200, Some("262144"))
     );
-    assert_eq!(gets(&up), 8, "disk hits went upstream");
+    assert_eq!(up.gets(), 8, "disk hits went upstream");
     let m = p.metrics();
     assert_eq!(
         evictions(&m),
@@ -448,7 +441,7 @@ fn a_copy_read_from_disk_answers_its_request_even_when_memory_drops_it_at_once()
         assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")), "{k}");
         assert_eq!(r.body, body_for(&format!("/bkt/{k}"), LEN), "{k}");
     }
-    assert_eq!(gets(&up), 8, "a copy on disk was fetched again");
+    assert_eq!(up.gets(), 8, "a copy on disk was fetched again");
 }
 
 #[test]
@@ -486,8 +479,8 @@ fn memory_hits_keep_their_disk_entries_from_being_evicted_first() {
     }
     drop(p); // kill -9: the entries were already renamed into place
     let p = Proxy::start(&cfg);
-    let before = gets(&up);
+    let before = up.gets();
     assert_eq!(p.get("/b/k0").header("x-cache"), Some("HIT"));
-    assert_eq!(gets(&up), before, "k0 was evicted from disk");
+    assert_eq!(up.gets(), before, "k0 was evicted from disk");
     assert_eq!(p.get("/b/k1").header("x-cache"), Some("MISS"));
 }

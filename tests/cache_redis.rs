@@ -28,13 +28,6 @@ fn origin() -> Rogue {
     })
 }
 
-fn gets(up: &Rogue) -> usize {
-    up.seen()
-        .iter()
-        .filter(|s| s.head.starts_with("GET "))
-        .count()
-}
-
 const WRITES: &str = "yatagarasu_cache_redis_writes_total";
 
 /// The entries in Redis (not the purge index sets or the purge count).
@@ -57,10 +50,7 @@ fn admin_config(endpoint: &str, redis_url: &str) -> String {
 }
 
 fn admin_post(proxy: &Proxy, path: &str) -> support::http::Resp {
-    let mut c = support::http::Conn::open(proxy.metrics_port).expect("admin port");
-    let bearer = format!("Bearer {ADMIN_TOKEN}");
-    c.request("POST", path, &[("Authorization", &bearer)])
-        .expect("admin request")
+    support::http::with_bearer(proxy.metrics_port, "POST", path, Some(ADMIN_TOKEN))
 }
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -90,14 +80,14 @@ fn a_second_instance_is_served_from_redis_without_an_origin_fetch() {
         assert_eq!(r.header("etag"), Some("\"v1\""));
         assert_eq!(r.header("content-type"), Some("text/plain"));
     }
-    assert_eq!(gets(&up), 1, "the second instance went to the origin");
+    assert_eq!(up.gets(), 1, "the second instance went to the origin");
     // Once in its memory, Redis is not asked again.
     let m = second.metrics();
     assert!(m.contains("yatagarasu_cache_redis_hits_total 1\n"), "{m}");
     // A Range is served from the copy Redis gave.
     let r = support::http::get(second.port, "/b/dir/k.txt", &[("Range", "bytes=0-5")]);
     assert_eq!((r.status, r.text().as_str()), (206, "object"));
-    assert_eq!(gets(&up), 1);
+    assert_eq!(up.gets(), 1);
 }
 
 #[test]
@@ -109,7 +99,7 @@ fn a_foreign_or_flipped_value_under_our_key_is_dropped_never_served() {
         assert_eq!(first.get(k).status, 200);
     }
     assert!(first.wait_metric(WRITES, 2.0, WAIT), "{}", first.metrics());
-    assert_eq!(gets(&up), 2);
+    assert_eq!(up.gets(), 2);
     // Which key is which: the entry holds its cache key.
     let keys = entries(&redis);
     let holding = |needle: &str| {
@@ -132,7 +122,7 @@ fn a_foreign_or_flipped_value_under_our_key_is_dropped_never_served() {
         assert_eq!(r.text(), format!("object at /bkt{}\n", &k[2..]));
         assert_eq!(r.header("x-cache"), Some("MISS"));
     }
-    assert_eq!(gets(&up), 4, "both refused entries were refetched");
+    assert_eq!(up.gets(), 4, "both refused entries were refetched");
     let m = second.metrics();
     assert!(
         m.contains("yatagarasu_cache_redis_bad_entries_total 2\n"),
@@ -149,7 +139,7 @@ fn a_foreign_or_flipped_value_under_our_key_is_dropped_never_served() {
     );
     let third = Proxy::start(&config(&up.endpoint(), &redis.url()));
     assert_eq!(third.get("/b/flip").header("x-cache"), Some("HIT"));
-    assert_eq!(gets(&up), 4);
+    assert_eq!(up.gets(), 4);
 }
 
 #[test]
@@ -248,7 +238,7 @@ fn a_stalled_redis_is_a_miss_within_the_timeout_and_its_breaker_spares_requests(
         assert_eq!(r.status, 200);
         assert_eq!(r.text(), format!("object at /bkt/stalled-{i}\n"));
     }
-    assert_eq!(gets(&up), requests);
+    assert_eq!(up.gets(), requests);
     assert!(
         proxy.wait_log("Redis cache unavailable", WAIT),
         "{}",
@@ -280,7 +270,7 @@ fn a_purge_on_one_instance_reaches_redis_and_every_other_instance() {
     for k in ["/b/keep.txt", "/b/gone.txt"] {
         assert_eq!(b.get(k).header("x-cache"), Some("HIT"));
     }
-    assert_eq!(gets(&up), 2);
+    assert_eq!(up.gets(), 2);
     let r = admin_post(&a, "/admin/cache/purge/b/gone.txt");
     assert_eq!(r.status, 200, "{}", r.text());
     // Gone from Redis; B drops its copy when the purge reaches it.
@@ -294,7 +284,7 @@ fn a_purge_on_one_instance_reaches_redis_and_every_other_instance() {
     );
     assert_eq!(b.get("/b/gone.txt").header("x-cache"), Some("MISS"));
     assert_eq!(b.get("/b/keep.txt").header("x-cache"), Some("HIT"));
-    assert_eq!(gets(&up), 3);
+    assert_eq!(up.gets(), 3);
     // A purge of the whole bucket empties Redis of its entries.
     let r = admin_post(&b, "/admin/cache/purge/b");
     assert_eq!(r.status, 200, "{}", r.text());

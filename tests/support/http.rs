@@ -234,6 +234,19 @@ pub fn try_get(port: u16, path: &str, headers: &[(&str, &str)]) -> io::Result<Re
     Conn::open(port)?.request("GET", path, &[&[("Connection", "close")], headers].concat())
 }
 
+/// `method path` on a new connection, with `Authorization: Bearer <token>`
+/// when a token is given (the admin API).
+pub fn with_bearer(port: u16, method: &str, path: &str, token: Option<&str>) -> Resp {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|b| ("Authorization", b.as_str()))
+        .collect();
+    Conn::open(port)
+        .and_then(|mut c| c.request(method, path, &headers))
+        .unwrap_or_else(|e| panic!("{method} {path} on :{port}: {e}"))
+}
+
 pub fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> Resp {
     try_get(port, path, headers).unwrap_or_else(|e| panic!("GET {path} on :{port}: {e}"))
 }

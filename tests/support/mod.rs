@@ -527,16 +527,8 @@ impl Proxy {
     /// Moves the proxy's cache and breaker clocks forward by `ms`, instead
     /// of sleeping (a proxy from [`Proxy::start_with_test_clock`]).
     pub fn advance_clock(&self, ms: u64) {
-        let bearer = format!("Bearer {TEST_CLOCK_TOKEN}");
-        let r = http::Conn::open(self.metrics_port)
-            .and_then(|mut c| {
-                c.request(
-                    "POST",
-                    &format!("/admin/debug/advance-clock?ms={ms}"),
-                    &[("Authorization", &bearer)],
-                )
-            })
-            .expect("advance the clock");
+        let path = format!("/admin/debug/advance-clock?ms={ms}");
+        let r = http::with_bearer(self.metrics_port, "POST", &path, Some(TEST_CLOCK_TOKEN));
         assert_eq!(r.status, 200, "advance the clock: {}", r.text());
     }
 

@@ -175,6 +175,16 @@ impl Rogue {
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
+
+    /// The GET requests it answered (an origin's own count of fetches).
+    pub fn gets(&self) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.head.starts_with("GET "))
+            .count()
+    }
 }
 
 impl Drop for Rogue {
