@@ -341,12 +341,13 @@ impl Process {
             .sum()
     }
 
-    /// Drops the local copies (memory and disk tiers) whose cache keys begin
-    /// with `prefix` (`""`: every copy); how many.
-    pub fn purge_local(&self, prefix: &str) -> usize {
+    /// Drops the local copies whose cache keys begin with `prefix` (`""`:
+    /// every copy); how many, in memory and on disk. The one local purge
+    /// (admin API, fleet purges).
+    pub fn purge_local(&self, prefix: &str) -> (usize, usize) {
         let memory = self.cache.as_ref().map_or(0, |c| c.purge(prefix));
         let disk = self.disk.as_ref().map_or(0, |d| d.remove_prefix(prefix));
-        memory + disk
+        (memory, disk)
     }
 
     /// Copies held in the local tiers.

@@ -111,7 +111,10 @@ impl WorkerGeneration {
         let verdict = match crate::access::jwt::find_token(&jwt.sources, &header, query) {
             None => Err(crate::access::jwt::Refusal::Missing),
             Some(token) => {
-                c.s.token.push_str(token);
+                // Kept only where a policy's decision cache needs it.
+                if b.authorization.is_some() {
+                    c.s.token.push_str(token);
+                }
                 self.verify_token(jwt, &fetched, &unknown_kid, token)
             }
         };

@@ -101,6 +101,17 @@ fn breaker() -> Breaker {
     })
 }
 
+/// What a request asks a policy about (with its token and claims in the
+/// request state).
+struct Ask<'a> {
+    bucket: usize,
+    client: std::net::IpAddr,
+    /// The request path, decoded.
+    path: &'a str,
+    /// The object key, URI-encoded.
+    key: &'a str,
+}
+
 impl WorkerGeneration {
     /// Phase "authorize": `Ok` when the bucket has no policy or its policy
     /// allows; otherwise the 403 (denied) or 503 (no decision, fail mode
@@ -120,7 +131,13 @@ impl WorkerGeneration {
         };
         let b = self.shared.bucket(bucket);
         let engine = settings.engine.label();
-        let Some(question) = self.question(c, &settings, bucket, client, path, key) else {
+        let ask = Ask {
+            bucket,
+            client,
+            path,
+            key,
+        };
+        let Some(question) = self.question(c, &settings, &ask) else {
             // OpenFGA with no user in the token: nothing to ask about.
             return Err(self
                 .refused(
@@ -142,7 +159,7 @@ impl WorkerGeneration {
             Some(v) => Ok(v),
             None => {
                 let t0 = Instant::now();
-                let body = self.body(c, &settings, bucket, client, path, key);
+                let body = self.body(c, &settings, &ask);
                 let r = self.decide(&settings, bucket, &question, body).await;
                 let micros = t0.elapsed().as_micros() as u64;
                 self.core
@@ -239,16 +256,14 @@ impl WorkerGeneration {
     /// the input's fields, with the token standing for its claims (the
     /// claims are the verified token's); for OpenFGA the user and object.
     /// `None` when there is no question (OpenFGA without its user claim).
-    fn question(
-        &self,
-        c: &Client,
-        settings: &Authorization,
-        bucket: usize,
-        client: std::net::IpAddr,
-        path: &str,
-        key: &str,
-    ) -> Option<String> {
+    fn question(&self, c: &Client, settings: &Authorization, ask: &Ask<'_>) -> Option<String> {
         use std::fmt::Write;
+        let Ask {
+            bucket,
+            client,
+            path,
+            key,
+        } = ask;
         let mut q = String::with_capacity(64 + path.len() + c.s.token.len());
         match &settings.engine {
             AuthzEngine::OpenFga { user_claim, .. } => {
@@ -266,16 +281,14 @@ impl WorkerGeneration {
 
     /// What the engine is sent (built on a miss only): OpenFGA's Check body,
     /// or `{"input": ...}` for OPA and Rego.
-    fn body(
-        &self,
-        c: &Client,
-        settings: &Authorization,
-        bucket: usize,
-        client: std::net::IpAddr,
-        path: &str,
-        key: &str,
-    ) -> Vec<u8> {
-        let name = &self.shared.bucket(bucket).name;
+    fn body(&self, c: &Client, settings: &Authorization, ask: &Ask<'_>) -> Vec<u8> {
+        let Ask {
+            bucket,
+            client,
+            path,
+            key,
+        } = ask;
+        let name = &self.shared.bucket(*bucket).name;
         let claims = c.s.claims.as_deref();
         match &settings.engine {
             AuthzEngine::OpenFga {

@@ -129,7 +129,7 @@ pub fn handle(
             });
             (200, "application/json", body.to_string())
         }
-        ("POST", "/admin/cache/purge") => purge_all(process, cache),
+        ("POST", "/admin/cache/purge") => purge_all(process),
         ("POST", p) if p.starts_with("/admin/debug/advance-clock") => advance_clock(p),
         ("GET", "/admin/cache/stats") => {
             let mut layers = vec![serde_json::json!({
@@ -153,15 +153,15 @@ pub fn handle(
             (200, "application/json", body.to_string())
         }
         ("POST", p) if p.starts_with("/admin/cache/purge/") => {
-            purge(process, cache, &p["/admin/cache/purge/".len()..])
+            purge(process, &p["/admin/cache/purge/".len()..])
         }
         _ => text(404, "not found\n"),
     }
 }
 
 /// `<bucket>` or `<bucket>/<key>` (the key as a client writes it in a URL).
-fn purge(process: &Process, cache: &store::MemoryStore, target: &str) -> Answer {
-    match purge_counts(process, cache, target) {
+fn purge(process: &Process, target: &str) -> Answer {
+    match purge_counts(process, target) {
         Ok((purged, purged_disk)) => (
             200,
             "application/json",
@@ -173,11 +173,7 @@ fn purge(process: &Process, cache: &store::MemoryStore, target: &str) -> Answer 
 
 /// Purges `<bucket>` or `<bucket>/<key>`: entries dropped from memory and
 /// from disk, or the answer refusing it.
-fn purge_counts(
-    process: &Process,
-    cache: &store::MemoryStore,
-    target: &str,
-) -> Result<(usize, usize), Answer> {
+fn purge_counts(process: &Process, target: &str) -> Result<(usize, usize), Answer> {
     let (bucket, key) = match target.split_once('/') {
         Some((b, k)) => (b, Some(k)),
         None => (target, None),
@@ -198,11 +194,7 @@ fn purge_counts(
             store::object_prefix(bucket, &encoded)
         }
     };
-    let purged = cache.purge(&prefix);
-    let purged_disk = process
-        .disk
-        .as_ref()
-        .map_or(0, |d| d.remove_prefix(&prefix));
+    let (purged, purged_disk) = process.purge_local(&prefix);
     // The shared tier and every other instance of the fleet.
     let fleet = process.redis.as_ref().map(|r| r.purge_fleet(&prefix));
     if let Some(Err(e)) = &fleet {
@@ -262,7 +254,7 @@ fn reload(process: &std::sync::Arc<Process>) -> Answer {
 }
 
 /// `POST /admin/cache/purge`: every configured bucket, as its own purge.
-fn purge_all(process: &Process, cache: &store::MemoryStore) -> Answer {
+fn purge_all(process: &Process) -> Answer {
     let names: Vec<String> = process
         .current()
         .config
@@ -272,7 +264,7 @@ fn purge_all(process: &Process, cache: &store::MemoryStore) -> Answer {
         .collect();
     let (mut purged, mut purged_disk) = (0, 0);
     for name in &names {
-        if let Ok((memory, disk)) = purge_counts(process, cache, name) {
+        if let Ok((memory, disk)) = purge_counts(process, name) {
             purged += memory;
             purged_disk += disk;
         }

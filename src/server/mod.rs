@@ -373,7 +373,10 @@ fn start_helpers(process: &Arc<Process>, metrics_listener: Option<std::net::TcpL
         let _ = std::thread::Builder::new()
             .name("yatagarasu-fleet".into())
             .spawn(move || {
-                let purge = |prefix: &str| fleet.purge_local(prefix);
+                let purge = |prefix: &str| {
+                    let (memory, disk) = fleet.purge_local(prefix);
+                    memory + disk
+                };
                 let items = || fleet.local_items();
                 let stop = || fleet.shutdown.load(Ordering::Relaxed);
                 if let Err(e) = driver::block_on(choice, |_| tier.run_fleet(purge, items, stop)) {
