@@ -13,6 +13,7 @@ pub mod credentials;
 pub mod http;
 pub mod log;
 pub mod metrics;
+pub mod prewarm;
 pub mod proxy;
 pub mod published;
 pub mod router;

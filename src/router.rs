@@ -282,7 +282,7 @@ pub fn loggable_target(target: &[u8], out: &mut String) {
 }
 
 /// Appends `v` URI-encoded for a SigV4 query component (`/` escaped too).
-fn encode_component(v: &str, out: &mut String) {
+pub fn encode_component(v: &str, out: &mut String) {
     out.extend(utf8_percent_encode(v, SIGV4_COMPONENT));
 }
 

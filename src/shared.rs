@@ -153,6 +153,8 @@ pub struct Process {
     /// When each key last had a stale copy served, for one WARN a minute per
     /// key across workers. Locked only while serving stale (an outage).
     pub stale_warned: Mutex<HashMap<String, std::time::Instant>>,
+    /// Cache pre-warming tasks (the admin API's).
+    pub prewarm: crate::prewarm::Tasks,
 }
 
 /// One configuration generation (immutable, shared by every thread through
@@ -242,6 +244,7 @@ impl Process {
             jwks: Arc::default(),
             credentials: Arc::default(),
             fills: Default::default(),
+            prewarm: Default::default(),
         });
         let first = Generation::build(config, process.clone(), None)?;
         process.install(first);

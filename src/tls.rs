@@ -40,13 +40,34 @@ pub fn load_pem_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String
 /// Builds a TLS client: the system's roots plus `ca_file`, or no
 /// certificate verification at all when `insecure`.
 pub fn connector(ca_file: Option<&str>, insecure: bool) -> Result<TlsConnector, String> {
+    client_config(ca_file, insecure).map(TlsConnector::from)
+}
+
+/// A client that trusts exactly the leaf certificate of `cert_file` (the
+/// proxy's own listener, for its pre-warming fetches): any name, no CA.
+pub fn pinned_config(cert_file: &str) -> Result<Arc<ClientConfig>, String> {
+    let leaf = load_pem_certs(cert_file)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("{cert_file:?} holds no certificate"))?;
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify(provider(), Some(leaf))))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The client settings behind [`connector`] (also for blocking clients).
+pub fn client_config(ca_file: Option<&str>, insecure: bool) -> Result<Arc<ClientConfig>, String> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?;
     let config = if insecure {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider(), None)))
             .with_no_client_auth()
     } else {
         let mut roots = RootCertStore::empty();
@@ -65,7 +86,7 @@ pub fn connector(ca_file: Option<&str>, insecure: bool) -> Result<TlsConnector, 
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(Arc::new(config))
 }
 
 /// The name the certificate must carry (SNI), from the endpoint host.
@@ -75,20 +96,26 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
         .map_err(|e| format!("{host:?} is not a valid TLS server name: {e}"))
 }
 
-/// `insecure_skip_verify`: accepts any certificate, still checks handshake signatures.
+/// `insecure_skip_verify`: accepts any certificate (or, with a pinned
+/// leaf, exactly that one); still checks handshake signatures.
 #[derive(Debug)]
-struct NoVerify(Arc<CryptoProvider>);
+struct NoVerify(Arc<CryptoProvider>, Option<CertificateDer<'static>>);
 
 impl ServerCertVerifier for NoVerify {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
+        end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        match &self.1 {
+            Some(pinned) if pinned.as_ref() != end_entity.as_ref() => Err(
+                rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure),
+            ),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
     }
 
     fn verify_tls12_signature(

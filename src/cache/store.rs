@@ -193,6 +193,12 @@ impl MemoryStore {
         self.inner.get(key)
     }
 
+    /// The stored object under `key`, without counting it as used (for
+    /// pre-warming's "already held" check).
+    pub fn peek(&self, key: &str) -> Option<Arc<Object>> {
+        self.inner.peek(key)
+    }
+
     /// Stores (or replaces) `key`; returns the shared copy.
     pub fn insert(&self, key: String, object: Object) -> Arc<Object> {
         let shared = Arc::new(object);

@@ -65,6 +65,28 @@ pub struct CacheSettings {
     pub slice_bytes: Option<u64>,
     /// `cache.redis`: the shared Redis tier, when enabled.
     pub redis: Option<RedisCache>,
+    /// `cache.warming`: pre-warming tasks' pace.
+    pub warming: Warming,
+}
+
+/// `cache.warming`: objects fetched at once and per second by a
+/// pre-warming task (`crate::prewarm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Warming {
+    /// Fetches under way at once.
+    pub concurrency: usize,
+    /// Fetches started per second.
+    pub rate_limit: u32,
+}
+
+impl Default for Warming {
+    /// The other system's defaults.
+    fn default() -> Warming {
+        Warming {
+            concurrency: 10,
+            rate_limit: 100,
+        }
+    }
 }
 
 /// `cache.redis`, when enabled (see `cache::redis`).

@@ -175,6 +175,20 @@ pub struct RawCache {
     pub stale_if_error_seconds: Option<u64>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub slice_size_mb: Option<u64>,
+    /// Pre-warming through the admin API (the other system's `warming`).
+    #[serde(default)]
+    pub warming: Option<RawWarming>,
+}
+
+/// `cache.warming`: how hard a pre-warming task may pull from S3.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWarming {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub concurrency: Option<usize>,
+    /// Objects per second.
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub rate_limit: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -617,6 +617,28 @@ fn cache_families<'n>(
             ));
         }
     }
+    let warm = &shared.process.prewarm;
+    let prewarm = [
+        ("yatagarasu_prewarm_tasks_total", "Cache pre-warming tasks started.", &warm.totals.tasks),
+        ("yatagarasu_prewarm_files_total", "Objects fetched into the cache by pre-warming.", &warm.totals.files),
+        ("yatagarasu_prewarm_files_skipped_total", "Objects pre-warming skipped: already held, too large to store, or past the cache's bound.", &warm.totals.skipped),
+        ("yatagarasu_prewarm_errors_total", "Pre-warming fetches that failed, and listings that failed on every replica.", &warm.totals.errors),
+        ("yatagarasu_prewarm_bytes_total", "Body bytes pre-warming fetched into the cache.", &warm.totals.bytes),
+    ];
+    for (name, help, value) in prewarm {
+        families.push(family(
+            name,
+            help,
+            MetricType::COUNTER,
+            vec![counter(&[], value.load(Ordering::Relaxed) as f64)],
+        ));
+    }
+    families.push(family(
+        "yatagarasu_prewarm_tasks_running",
+        "Cache pre-warming tasks running now.",
+        MetricType::GAUGE,
+        vec![gauge(&[], warm.running() as f64)],
+    ));
     if let Some(d) = &shared.process.disk {
         families.push(family(
             "yatagarasu_cache_disk_corrupt_total",

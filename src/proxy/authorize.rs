@@ -126,6 +126,9 @@ impl WorkerGeneration {
     ) -> Phase<()> {
         c.s.authz = "";
         c.s.authz_reason.clear();
+        if c.s.prewarm {
+            return Ok(());
+        }
         let Some(settings) = self.shared.bucket(bucket).authorization.clone() else {
             return Ok(());
         };

@@ -384,6 +384,9 @@ struct RequestState {
     /// The bucket's upstream limit already paid for this request's next
     /// upstream request (see `limits`).
     upstream_prepaid: bool,
+    /// A pre-warming fetch of this process (`crate::prewarm`): it passes
+    /// the access and authorize phases.
+    prewarm: bool,
 }
 
 /// What the access line says of a request beyond its status.

@@ -57,8 +57,15 @@ impl WorkerGeneration {
         let target = String::from_utf8_lossy(&c.s.req.target).into_owned();
         let head = c.s.rbuf.get(..c.s.req.head_len).unwrap_or_default();
         let authorization = head::find_header(head, "authorization").map(str::to_string);
+        let body = self.admin_body(c).await?;
         let answered = monoio::spawn_blocking(move || {
-            crate::server::admin::handle(&process, &method, &target, authorization.as_deref())
+            crate::server::admin::handle(
+                &process,
+                &method,
+                &target,
+                authorization.as_deref(),
+                &body,
+            )
         })
         .await;
         let (status, ctype, body) = answered
@@ -66,6 +73,43 @@ impl WorkerGeneration {
         Err(self
             .simple_outcome(c, status, ctype, body.as_bytes(), &[])
             .await)
+    }
+
+    /// An admin request's body (pre-warming's JSON), by its Content-Length,
+    /// at most 64 KiB. The connection closes after the answer (a request
+    /// with a body always does), so nothing is left to frame.
+    async fn admin_body(&self, c: &mut Client) -> Phase<Vec<u8>> {
+        const MAX: usize = 64 * 1024;
+        if !c.s.req.has_body {
+            return Ok(Vec::new());
+        }
+        let head = c.s.rbuf.get(..c.s.req.head_len).unwrap_or_default();
+        let Some(len) = head::find_header(head, "content-length").and_then(|v| v.trim().parse::<usize>().ok()) else {
+            return Err(self
+                .simple_outcome(c, 411, "text/plain", b"admin requests need a Content-Length\n", &[])
+                .await);
+        };
+        if len > MAX {
+            return Err(self
+                .simple_outcome(c, 413, "text/plain", b"request body too large\n", &[])
+                .await);
+        }
+        let mut body = Vec::with_capacity(len);
+        let have = c.s.rbuf.get(c.s.req.head_len..).unwrap_or_default();
+        body.extend_from_slice(&have[..have.len().min(len)]);
+        let deadline = std::time::Instant::now() + self.shared.config.server.request_head_timeout;
+        while body.len() < len {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match read_more(&mut c.stream, &mut body, left).await {
+                Ok(n) if n > 0 => {}
+                _ => {
+                    return Err(self
+                        .simple_outcome(c, 400, "text/plain", b"request body cut short\n", &[])
+                        .await)
+                }
+            }
+        }
+        Ok(body)
     }
 
     /// Phase "route", second half: the decoded `path` -> its bucket; the

@@ -53,10 +53,23 @@ impl WorkerGeneration {
         Ok(self.forward(c, bucket, key).await)
     }
 
+    /// Whether the request is this process's own pre-warming fetch: only
+    /// while a task runs (one atomic load otherwise), from a loopback peer,
+    /// carrying the process's secret.
+    fn is_prewarm(&self, c: &Client) -> bool {
+        let tasks = &self.shared.process.prewarm;
+        if tasks.running() == 0 || !c.peer.is_loopback() {
+            return false;
+        }
+        let head = c.s.rbuf.get(..c.s.req.head_len).unwrap_or_default();
+        head::find_header(head, crate::prewarm::HEADER).is_some_and(|v| tasks.admits(v))
+    }
+
     /// Resets what one request keeps between phases; names the request.
     fn begin(&self, c: &mut Client) {
         c.s.upstream_prepaid = false;
         c.s.flags = Flags::default();
+        c.s.prewarm = self.is_prewarm(c);
         if c.s.req.request_id.is_empty() {
             let mut id = std::mem::take(&mut c.s.req.request_id);
             self.next_request_id(&mut id);

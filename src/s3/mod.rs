@@ -8,6 +8,8 @@
 //! (region and service are fixed per replica). A unit test checks the result
 //! byte for byte against `aws-sigv4`'s own full signer.
 
+pub mod list;
+
 use aws_sigv4::sign::v4::{calculate_signature, generate_signing_key};
 use sha2::{Digest, Sha256};
 use std::cell::RefCell;

@@ -15,7 +15,11 @@
 //! - `GET /admin/cache/stats`: items, bytes, bound and evictions, as JSON;
 //! - `GET /admin/cache/stats/<bucket>`: the bucket's items and bytes in
 //!   memory;
-//! - `GET /admin/cache/info`: the cache's settings.
+//! - `GET /admin/cache/info`: the cache's settings;
+//! - `POST /admin/cache/prewarm` (`{bucket, path, recursive, max_depth,
+//!   max_files}`), `GET /admin/cache/prewarm/tasks`,
+//!   `GET /admin/cache/prewarm/status/<id>`, `DELETE
+//!   /admin/cache/prewarm/<id>`: pre-warming tasks (`crate::prewarm`).
 //!
 //! The endpoint names are the other system's. A purge during a fill wins:
 //! the fill is not stored.
@@ -32,6 +36,7 @@ pub fn handle(
     method: &str,
     path: &str,
     authorization: Option<&str>,
+    body: &[u8],
 ) -> Answer {
     let generation = process.current();
     let token = generation.config.admin_token.clone();
@@ -154,6 +159,14 @@ pub fn handle(
         }
         ("POST", p) if p.starts_with("/admin/cache/purge/") => {
             purge(process, &p["/admin/cache/purge/".len()..])
+        }
+        ("POST", "/admin/cache/prewarm") => crate::prewarm::create(process, body),
+        ("GET", "/admin/cache/prewarm/tasks") => crate::prewarm::list(process),
+        ("GET", p) if p.starts_with("/admin/cache/prewarm/status/") => {
+            crate::prewarm::status(process, &p["/admin/cache/prewarm/status/".len()..])
+        }
+        ("DELETE", p) if p.starts_with("/admin/cache/prewarm/") => {
+            crate::prewarm::cancel(process, &p["/admin/cache/prewarm/".len()..])
         }
         _ => text(404, "not found\n"),
     }
@@ -283,7 +296,7 @@ fn text(status: u16, body: &str) -> Answer {
 
 /// Compares without an early exit, so the time taken does not reveal how
 /// much of a guess matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     let mut diff = a.len() ^ b.len();
     for (i, &x) in b.iter().enumerate() {
         diff |= (x ^ a.get(i).copied().unwrap_or(0)) as usize;

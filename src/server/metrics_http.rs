@@ -64,33 +64,61 @@ fn left(deadline: Instant) -> std::io::Result<Duration> {
     Ok(left)
 }
 
+/// Largest request body read (an admin request's JSON).
+const BODY_MAX: usize = 64 * 1024;
+
 fn handle(mut s: TcpStream, shared: &Arc<Process>) -> std::io::Result<()> {
     let deadline = Instant::now() + DEADLINE;
-    let mut buf = [0u8; 4096];
+    let mut buf = vec![0u8; 8192];
     let mut len = 0;
-    loop {
+    let head_len = loop {
         s.set_read_timeout(Some(left(deadline)?))?;
         let n = s.read(&mut buf[len..])?;
         if n == 0 {
             return Ok(());
         }
         len += n;
-        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") || len == buf.len() {
-            break;
+        if let Some(at) = buf[..len].windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
         }
-    }
+        if len == buf.len() {
+            break len;
+        }
+    };
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
-    let _ = req.parse(&buf[..len]);
-    let method = req.method.unwrap_or("");
-    let path = req.path.unwrap_or("");
-    let authorization = req
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("authorization"))
-        .and_then(|h| std::str::from_utf8(h.value).ok());
+    let _ = req.parse(&buf[..head_len]);
+    let method = req.method.unwrap_or("").to_string();
+    let path = req.path.unwrap_or("").to_string();
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+    };
+    let authorization = header("authorization").map(str::to_string);
+    // An admin request's body (pre-warming's JSON), by Content-Length.
+    let body_len = header("content-length")
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    if body_len > BODY_MAX {
+        return answer(&mut s, deadline, &method, (413, "text/plain", "request body too large\n".into()));
+    }
+    let mut body = buf[head_len..len].to_vec();
+    body.truncate(body_len);
+    while body.len() < body_len {
+        s.set_read_timeout(Some(left(deadline)?))?;
+        let mut more = vec![0u8; body_len - body.len()];
+        let n = s.read(&mut more)?;
+        if n == 0 {
+            return Ok(());
+        }
+        body.extend_from_slice(&more[..n]);
+    }
+    let (method, path) = (method.as_str(), path.as_str());
+    let authorization = authorization.as_deref();
     let (status, ctype, body) = if path.starts_with("/admin/") {
-        super::admin::handle(shared, method, path, authorization)
+        super::admin::handle(shared, method, path, authorization, &body)
     } else if (method == "GET" || method == "HEAD")
         && (path == "/metrics" || path.starts_with("/metrics?"))
     {
@@ -104,6 +132,16 @@ fn handle(mut s: TcpStream, shared: &Arc<Process>) -> std::io::Result<()> {
     } else {
         (404, "text/plain", "not found; try /metrics\n".to_string())
     };
+    answer(&mut s, deadline, method, (status, ctype, body))
+}
+
+/// Writes one answer and closes (no keep-alive on this listener).
+fn answer(
+    s: &mut TcpStream,
+    deadline: Instant,
+    method: &str,
+    (status, ctype, body): (u16, &str, String),
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(256);
     Generated {
         status,

@@ -21,6 +21,7 @@ pub(super) fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
         disk: None,
         slice_bytes: None,
         redis: None,
+        warming: Warming::default(),
     };
     let Some(c) = raw else { return out };
     out.enabled = c.enabled.unwrap_or(false);
@@ -123,8 +124,27 @@ pub(super) fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
         }
         out.slice_bytes = Some(mb.clamp(1, MAX_SLICE_MB) * MIB);
     }
+    if let Some(w) = &c.warming {
+        let defaults = Warming::default();
+        let concurrency = w.concurrency.unwrap_or(defaults.concurrency);
+        let rate = w.rate_limit.unwrap_or(defaults.rate_limit);
+        if !(1..=MAX_WARMING_CONCURRENCY).contains(&concurrency) {
+            p.at(
+                "cache.warming.concurrency",
+                format_args!("must be between 1 and {MAX_WARMING_CONCURRENCY}"),
+            );
+        }
+        p.positive("cache.warming.rate_limit", u64::from(rate));
+        out.warming = Warming {
+            concurrency: concurrency.clamp(1, MAX_WARMING_CONCURRENCY),
+            rate_limit: rate.max(1),
+        };
+    }
     out
 }
+
+/// Largest `cache.warming.concurrency`.
+const MAX_WARMING_CONCURRENCY: usize = 64;
 
 /// Default `cache.redis.redis_ttl_seconds` (the other system's).
 pub(super) const DEFAULT_REDIS_TTL_SECS: u64 = 3600;
