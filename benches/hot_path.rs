@@ -24,7 +24,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use std::time::{Duration, SystemTime};
 use yatagarasu::config::BreakerSettings;
 use yatagarasu::http::head::{parse_request, Method, Request};
-use yatagarasu::metrics::WorkerMetrics;
+use yatagarasu::metrics::CoreMetrics;
 use yatagarasu::router::{decode_path, encode_key, Router};
 use yatagarasu::s3::Signer;
 use yatagarasu::upstream::breaker::Breaker;
@@ -106,7 +106,7 @@ fn select(c: &mut Criterion) {
 }
 
 fn metrics(c: &mut Criterion) {
-    let mut m = WorkerMetrics::new(3);
+    let mut m = CoreMetrics::new(3);
     let mut i = 0u64;
     c.bench_function("metrics_record", |b| {
         b.iter(|| {

@@ -1,6 +1,6 @@
 //! Structured logging: one line per event, `text` or `json`, to stderr.
 //!
-//! Worker threads buffer INFO/DEBUG lines (access logs) and flush them on their
+//! Core threads buffer INFO/DEBUG lines (access logs) and flush them on their
 //! periodic tick or when the buffer fills; WARN and ERROR are written at once,
 //! and every other thread writes unbuffered. The level comes from the config
 //! and can be overridden with `RUST_LOG` (`error|warn|info|debug`).

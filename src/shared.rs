@@ -14,7 +14,7 @@
 
 use crate::cache::store::MemoryStore;
 use crate::config::{self, Bucket, Config, Replica};
-use crate::metrics::WorkerMetrics;
+use crate::metrics::CoreMetrics;
 use crate::router::Router;
 use crate::upstream::snapshot::SharedBreaker;
 use std::collections::HashMap;
@@ -58,7 +58,7 @@ pub struct ReplicaState {
 /// What one worker thread publishes to the others (process-wide, one per
 /// worker): in-flight and open counts, scraped metrics, shutdown progress.
 #[derive(Default)]
-pub struct WorkerStatus {
+pub struct CoreStatus {
     /// Requests being served now (for the shutdown drain).
     pub in_flight: AtomicUsize,
     /// Client connections open now.
@@ -68,7 +68,7 @@ pub struct WorkerStatus {
     /// Highest scrape generation this worker has published for.
     pub published: AtomicU64,
     /// The worker's metrics as of `published`.
-    pub metrics: Mutex<Option<WorkerMetrics>>,
+    pub metrics: Mutex<Option<CoreMetrics>>,
     /// Set once the worker stopped accepting after a shutdown request.
     pub stopped_accepting: AtomicBool,
     /// Set once the worker's accept loop runs (readiness for systemd).
@@ -120,7 +120,7 @@ pub struct Process {
     /// The config file, re-read on SIGHUP.
     pub config_path: String,
     /// One status per worker thread.
-    pub workers: Vec<WorkerStatus>,
+    pub workers: Vec<CoreStatus>,
     /// Bumped by each scrape; workers publish when they see it.
     pub scrape_generation: AtomicU64,
     /// Set by SIGTERM/SIGINT.
@@ -141,9 +141,9 @@ pub struct Process {
     /// The Redis tier, when `cache.redis` is on (with the memory tier).
     pub redis: Option<Arc<crate::cache::redis::RedisTier>>,
     /// The Redis tier's write queue, until its thread takes it.
-    pub redis_queue: Mutex<Option<std::sync::mpsc::Receiver<crate::cache::redis::Write>>>,
+    pub redis_queue: Mutex<Option<std::sync::mpsc::Receiver<crate::cache::redis::RedisWrite>>>,
     /// The disk tier's write queue, until its thread takes it.
-    pub disk_queue: Mutex<Option<std::sync::mpsc::Receiver<crate::cache::disk::Write>>>,
+    pub disk_queue: Mutex<Option<std::sync::mpsc::Receiver<crate::cache::disk::DiskWrite>>>,
     /// Cache fills under way, for collapsed forwarding.
     pub fills: crate::cache::collapse::Fills,
     /// Keys fetched from `jwt.jwks_url` (empty without one).
@@ -227,7 +227,7 @@ impl Process {
         let process = Arc::new(Process {
             config_path: config_path.to_string(),
             workers: (0..config.server.workers)
-                .map(|_| WorkerStatus::default())
+                .map(|_| CoreStatus::default())
                 .collect(),
             scrape_generation: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),

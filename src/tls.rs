@@ -111,9 +111,11 @@ impl ServerCertVerifier for NoVerify {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         match &self.1 {
-            Some(pinned) if pinned.as_ref() != end_entity.as_ref() => Err(
-                rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure),
-            ),
+            Some(pinned) if pinned.as_ref() != end_entity.as_ref() => {
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::ApplicationVerificationFailure,
+                ))
+            }
             _ => Ok(ServerCertVerified::assertion()),
         }
     }

@@ -1,4 +1,4 @@
-//! The proxy started in-process (`Server::bind` + `run_until`) on an
+//! The proxy started in-process (`Bound::bind` + `run_until`) on an
 //! ephemeral port: fast tests of the request path without spawning the
 //! binary. The upstream is still a real socket server (`support::rogue`).
 
@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 use support::http;
 use support::rogue::{send, Rogue};
-use yatagarasu::server::{Control, Server};
+use yatagarasu::server::{Bound, Control};
 
 /// A running in-process proxy; stopping it waits for `run_until` to return.
 struct InProcess {
@@ -24,7 +24,7 @@ impl InProcess {
             "server:\n  address: \"127.0.0.1:0\"\n  workers: 1\nmetrics:\n  address: \"127.0.0.1\"\n  port: 0\nbuckets:\n  - name: \"b\"\n    path_prefix: \"/b\"\n    s3:\n      bucket: \"bkt\"\n      endpoint: \"{upstream}\"\n      access_key: \"k\"\n      secret_key: \"s\"\n      health_check:\n        enabled: false\n"
         );
         let config = yatagarasu::config::parse(&yaml, &|_| None).expect("valid config");
-        let server = Server::bind(config, "in-process.yaml").expect("bind");
+        let server = Bound::bind(config, "in-process.yaml").expect("bind");
         let port = server.local_addr().port();
         let metrics_port = server.metrics_addr().expect("metrics").port();
         let (control, rx) = mpsc::channel();

@@ -60,12 +60,20 @@ fn start_task(proxy: &Proxy, body: &str) -> String {
 fn wait_done(proxy: &Proxy, id: &str) -> serde_json::Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(240);
     loop {
-        let (status, v) = admin(proxy, "GET", &format!("/admin/cache/prewarm/status/{id}"), None);
+        let (status, v) = admin(
+            proxy,
+            "GET",
+            &format!("/admin/cache/prewarm/status/{id}"),
+            None,
+        );
         assert_eq!(status, 200, "{v}");
         if v["status"] != "running" && v["status"] != "pending" {
             return v;
         }
-        assert!(std::time::Instant::now() < deadline, "task never ended: {v}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task never ended: {v}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -107,15 +115,25 @@ fn prewarm_fetches_thousands_of_nested_keys_once_then_skips_them() {
     let done = wait_done(&proxy, &id);
     let total: u64 = keys.iter().map(|(_, b)| b.len() as u64).sum();
     assert_eq!(done["status"], "completed", "{done}");
-    assert_eq!(done["files_scanned"], 2000, "the deeper and outside keys are out of scope: {done}");
+    assert_eq!(
+        done["files_scanned"], 2000,
+        "the deeper and outside keys are out of scope: {done}"
+    );
     assert_eq!(done["files_cached"], 2000, "{done}");
     assert_eq!(done["files_failed"], 0, "{done}");
     assert_eq!(done["bytes_cached"], total, "{done}");
     // Two listing pages (1000 keys each) were read: every key came.
-    let token = hs256_token(JWT_SECRET, &serde_json::json!({"sub": "u", "exp": unix_now() + 600}));
+    let token = hs256_token(
+        JWT_SECRET,
+        &serde_json::json!({"sub": "u", "exp": unix_now() + 600}),
+    );
     let bearer = format!("Bearer {token}");
     for (key, body) in keys.iter().step_by(97) {
-        let r = http::get(proxy.port, &format!("/w/{key}"), &[("Authorization", &bearer)]);
+        let r = http::get(
+            proxy.port,
+            &format!("/w/{key}"),
+            &[("Authorization", &bearer)],
+        );
         assert_eq!(r.status, 200, "{key}");
         assert_eq!(r.header("x-cache"), Some("HIT"), "{key} was pre-warmed");
         assert_eq!(&r.body, body, "{key}");
@@ -124,13 +142,20 @@ fn prewarm_fetches_thousands_of_nested_keys_once_then_skips_them() {
     // does not.
     assert_eq!(proxy.get(&format!("/w/{}", keys[0].0)).status, 401);
     // The same task again: everything is held already.
-    let again = wait_done(&proxy, &start_task(&proxy, r#"{"bucket": "w", "path": "site/"}"#));
+    let again = wait_done(
+        &proxy,
+        &start_task(&proxy, r#"{"bucket": "w", "path": "site/"}"#),
+    );
     assert_eq!(again["status"], "completed", "{again}");
     // Without max_depth the deeper key is in scope: the one fetch.
     assert_eq!(again["files_scanned"], 2001, "{again}");
     assert_eq!(again["files_skipped"], 2000, "{again}");
     assert_eq!(again["files_cached"], 1, "{again}");
-    assert!(proxy.wait_metric("yatagarasu_prewarm_files_total", 2001.0, Duration::from_secs(10)));
+    assert!(proxy.wait_metric(
+        "yatagarasu_prewarm_files_total",
+        2001.0,
+        Duration::from_secs(10)
+    ));
     assert_eq!(proxy.metric("yatagarasu_prewarm_tasks_total"), Some(2.0));
     let (status, tasks) = admin(&proxy, "GET", "/admin/cache/prewarm/tasks", None);
     assert_eq!(status, 200);
@@ -160,7 +185,11 @@ fn the_listing_fails_over_past_a_dead_replica_and_a_task_stops_at_the_caches_bou
         moto_put(&moto, &format!("big/o{i}"), &pattern(200 * 1024, i));
     }
     for i in 0..12 {
-        moto_put(&moto, &format!("dir/k{i:02}"), format!("small {i}").as_bytes());
+        moto_put(
+            &moto,
+            &format!("dir/k{i:02}"),
+            format!("small {i}").as_bytes(),
+        );
     }
     moto_put(&moto, "dir/sub/nested", b"below dir/");
     let dead = free_port();
@@ -175,18 +204,26 @@ fn the_listing_fails_over_past_a_dead_replica_and_a_task_stops_at_the_caches_bou
     // Not recursive: the objects directly in dir/, not dir/sub/.
     let flat = wait_done(
         &proxy,
-        &start_task(&proxy, r#"{"bucket": "w", "path": "dir/", "recursive": false}"#),
+        &start_task(
+            &proxy,
+            r#"{"bucket": "w", "path": "dir/", "recursive": false}"#,
+        ),
     );
     assert_eq!(flat["status"], "completed", "{flat}");
     assert_eq!(flat["files_scanned"], 12, "{flat}");
     assert_eq!(flat["files_cached"], 12, "{flat}");
     // Six objects of 200 KiB into a 1 MiB cache (the small ones held
     // already take little): five fit, the sixth would pass the bound.
-    let big = wait_done(&proxy, &start_task(&proxy, r#"{"bucket": "w", "path": "big/"}"#));
+    let big = wait_done(
+        &proxy,
+        &start_task(&proxy, r#"{"bucket": "w", "path": "big/"}"#),
+    );
     assert_eq!(big["status"], "completed", "{big}");
     assert_eq!(big["files_cached"], 5, "{big}");
     assert!(
-        big["stopped_reason"].as_str().is_some_and(|s| s.contains("bound")),
+        big["stopped_reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("bound")),
         "{big}"
     );
 }
@@ -211,26 +248,51 @@ fn tasks_are_cancelled_and_bad_requests_named() {
     );
     assert_eq!(status, 200, "{v}");
     let id = v["task_id"].as_str().expect("a task id").to_string();
-    let (status, v) = admin(&proxy, "DELETE", &format!("/admin/cache/prewarm/{id}"), None);
+    let (status, v) = admin(
+        &proxy,
+        "DELETE",
+        &format!("/admin/cache/prewarm/{id}"),
+        None,
+    );
     assert_eq!(status, 200, "{v}");
     let done = wait_done(&proxy, &id);
     assert_eq!(done["status"], "cancelled", "{done}");
     let cached = done["files_cached"].as_u64().unwrap_or(u64::MAX);
     assert!(cached < 200, "a cancelled task stops fetching: {done}");
-    let (status, _) = admin(&proxy, "DELETE", &format!("/admin/cache/prewarm/{id}"), None);
+    let (status, _) = admin(
+        &proxy,
+        "DELETE",
+        &format!("/admin/cache/prewarm/{id}"),
+        None,
+    );
     assert_eq!(status, 409, "a finished task cannot be cancelled");
     for (path, method, body, want) in [
         ("/admin/cache/prewarm/prewarm-999", "DELETE", None, 404),
         ("/admin/cache/prewarm/status/prewarm-999", "GET", None, 404),
         ("/admin/cache/prewarm", "POST", Some("{not json"), 400),
-        ("/admin/cache/prewarm", "POST", Some(r#"{"bucket": "w", "pth": "x"}"#), 400),
-        ("/admin/cache/prewarm", "POST", Some(r#"{"bucket": "nope"}"#), 404),
+        (
+            "/admin/cache/prewarm",
+            "POST",
+            Some(r#"{"bucket": "w", "pth": "x"}"#),
+            400,
+        ),
+        (
+            "/admin/cache/prewarm",
+            "POST",
+            Some(r#"{"bucket": "nope"}"#),
+            404,
+        ),
     ] {
         let (status, v) = admin(&proxy, method, path, body);
         assert_eq!(status, want, "{method} {path} {body:?}: {v}");
         assert!(v["error"].is_string(), "the answer names the problem: {v}");
     }
     // Without the admin token: refused like every admin endpoint.
-    let r = http::with_bearer(proxy.metrics_port, "GET", "/admin/cache/prewarm/tasks", Some("wrong"));
+    let r = http::with_bearer(
+        proxy.metrics_port,
+        "GET",
+        "/admin/cache/prewarm/tasks",
+        Some("wrong"),
+    );
     assert_eq!(r.status, 401);
 }

@@ -15,7 +15,13 @@ pub fn request_head(data: &[u8]) {
             assert!(n <= data.len());
             assert!(req.target.len() <= head::MAX_REQUEST_LINE);
             // Never two Range headers, never control characters forwarded.
-            assert!(req.forwarded.iter().filter(|(i, _)| *i == 0).count() <= 1);
+            assert!(
+                req.forwarded
+                    .iter()
+                    .filter(|(h, _)| *h == yatagarasu::http::head::Forwarded::Range)
+                    .count()
+                    <= 1
+            );
             for (_, v) in &req.forwarded {
                 assert!(!v.bytes().any(|b| b.is_ascii_control()));
             }

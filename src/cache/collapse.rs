@@ -13,7 +13,7 @@
 //! An object too large to store is still fetched once for everyone waiting
 //! on it: a *pass-through* fill keeps only a window of its latest pieces
 //! ([`SharedFill::set_window`]); a reader that falls behind the window is
-//! told so ([`Event::Behind`]) and continues with a range request of its own.
+//! told so ([`FillEvent::Behind`]) and continues with a range request of its own.
 //!
 //! The fill ends `Done` (complete, and stored), `Failed` (the body broke and
 //! nothing could resume it: waiters abort their connections, never a short
@@ -27,7 +27,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-/// Most pieces one [`Event::Body`] hands out.
+/// Most pieces one [`FillEvent::Body`] hands out.
 pub const PIECES_PER_EVENT: usize = 4;
 
 /// What a waiter needs to write the response head.
@@ -58,7 +58,7 @@ pub enum End {
 }
 
 #[derive(Default)]
-struct State {
+struct FillState {
     head: Option<Arc<FillHead>>,
     /// The pieces kept: piece `base + i` is `body[i]`.
     body: std::collections::VecDeque<Bytes>,
@@ -78,12 +78,12 @@ struct State {
 /// One body being fetched once for several clients.
 #[derive(Default)]
 pub struct SharedFill {
-    state: Mutex<State>,
+    state: Mutex<FillState>,
 }
 
 /// What a waiter learns on each wake-up.
 #[derive(Debug)]
-pub enum Event {
+pub enum FillEvent {
     /// The response head (once).
     Head(Arc<FillHead>),
     /// Body pieces from where the waiter stood.
@@ -96,14 +96,14 @@ pub enum Event {
 }
 
 impl SharedFill {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, FillState> {
         match self.state.lock() {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         }
     }
 
-    fn wake(state: &mut State) {
+    fn wake(state: &mut FillState) {
         for w in state.wakers.drain(..) {
             w.wake();
         }
@@ -210,7 +210,7 @@ impl SharedFill {
     }
 }
 
-impl State {
+impl FillState {
     /// Up to [`PIECES_PER_EVENT`] pieces after the first `seen` (a bounded
     /// batch: a reader far behind holds only what it is writing now);
     /// `None` when some of them were dropped.
@@ -229,23 +229,23 @@ pub struct Next {
 }
 
 impl Future for Next {
-    type Output = Event;
+    type Output = FillEvent;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Event> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<FillEvent> {
         let mut s = self.fill.lock();
         if !self.have_head {
             if let Some(h) = &s.head {
-                return Poll::Ready(Event::Head(h.clone()));
+                return Poll::Ready(FillEvent::Head(h.clone()));
             }
         } else if s.stored.is_none() {
             match s.pieces_after(self.seen) {
-                None => return Poll::Ready(Event::Behind),
-                Some(pieces) if !pieces.is_empty() => return Poll::Ready(Event::Body(pieces)),
+                None => return Poll::Ready(FillEvent::Behind),
+                Some(pieces) if !pieces.is_empty() => return Poll::Ready(FillEvent::Body(pieces)),
                 Some(_) => {}
             }
         }
         if let Some(end) = s.end {
-            return Poll::Ready(Event::Ended(end));
+            return Poll::Ready(FillEvent::Ended(end));
         }
         s.wakers.push(cx.waker().clone());
         Poll::Pending
@@ -313,7 +313,7 @@ impl Fills {
 mod tests {
     use super::*;
 
-    fn poll_now(n: &mut Next) -> Poll<Event> {
+    fn poll_now(n: &mut Next) -> Poll<FillEvent> {
         let waker = Waker::noop();
         let mut cx = Context::from_waker(waker);
         Pin::new(n).poll(&mut cx)
@@ -335,15 +335,15 @@ mod tests {
         });
         lead.push(b"abc");
         assert!(
-            matches!(poll_now(&mut w.next(false, 0)), Poll::Ready(Event::Head(h)) if h.len == 6)
+            matches!(poll_now(&mut w.next(false, 0)), Poll::Ready(FillEvent::Head(h)) if h.len == 6)
         );
         assert!(
-            matches!(poll_now(&mut w.next(true, 0)), Poll::Ready(Event::Body(b)) if b.len() == 1)
+            matches!(poll_now(&mut w.next(true, 0)), Poll::Ready(FillEvent::Body(b)) if b.len() == 1)
         );
         assert!(poll_now(&mut w.next(true, 1)).is_pending());
         lead.push(b"def");
         assert!(
-            matches!(poll_now(&mut w.next(true, 1)), Poll::Ready(Event::Body(b)) if &b[0][..] == b"def")
+            matches!(poll_now(&mut w.next(true, 1)), Poll::Ready(FillEvent::Body(b)) if &b[0][..] == b"def")
         );
         assert_eq!(w.available(0).map(|p| p.len()), Some(2));
         let object = Arc::new(crate::cache::store::Object {
@@ -361,7 +361,7 @@ mod tests {
         // Done: the pieces are gone; readers go on from the stored copy.
         assert!(matches!(
             poll_now(&mut w.next(true, 1)),
-            Poll::Ready(Event::Ended(End::Done))
+            Poll::Ready(FillEvent::Ended(End::Done))
         ));
         assert!(w.available(0).is_none_or(|p| p.is_empty()));
         drop(object);
@@ -388,25 +388,25 @@ mod tests {
         // Eight bytes kept: the last two pieces; pieces 0-2 are gone.
         assert!(matches!(
             poll_now(&mut f.next(true, 0)),
-            Poll::Ready(Event::Behind)
+            Poll::Ready(FillEvent::Behind)
         ));
         assert!(matches!(
             poll_now(&mut f.next(true, 2)),
-            Poll::Ready(Event::Behind)
+            Poll::Ready(FillEvent::Behind)
         ));
         assert!(
-            matches!(poll_now(&mut f.next(true, 3)), Poll::Ready(Event::Body(b)) if b.len() == 2 && &b[0][..] == b"dddd")
+            matches!(poll_now(&mut f.next(true, 3)), Poll::Ready(FillEvent::Body(b)) if b.len() == 2 && &b[0][..] == b"dddd")
         );
         assert!(f.available(1).is_none());
         assert!(poll_now(&mut f.next(true, 5)).is_pending());
         // Done without a stored copy: readers in the window still get it.
         f.done(None);
         assert!(
-            matches!(poll_now(&mut f.next(true, 4)), Poll::Ready(Event::Body(b)) if &b[0][..] == b"eeee")
+            matches!(poll_now(&mut f.next(true, 4)), Poll::Ready(FillEvent::Body(b)) if &b[0][..] == b"eeee")
         );
         assert!(matches!(
             poll_now(&mut f.next(true, 5)),
-            Poll::Ready(Event::Ended(End::Done))
+            Poll::Ready(FillEvent::Ended(End::Done))
         ));
     }
 

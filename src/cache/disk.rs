@@ -49,7 +49,7 @@ const QUEUE: usize = 256;
 
 /// The metadata of an entry, as stored.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
-struct Meta {
+struct DiskMeta {
     key: String,
     stored_at_ms: u64,
     fresh_for_ms: u64,
@@ -62,7 +62,7 @@ struct Meta {
 
 /// The head and metadata of `object` stored under `key`.
 pub fn encode_head(key: &str, object: &Object) -> Vec<u8> {
-    let meta = Meta {
+    let meta = DiskMeta {
         key: key.to_string(),
         stored_at_ms: object
             .stored_at
@@ -104,7 +104,7 @@ fn parse_head(head: &[u8]) -> Result<(usize, u64, u32, u32), String> {
 /// An entry's head and metadata (`start` holds at least both), checked
 /// against the file's length and the metadata checksum; also returns the
 /// metadata length and the body checksum.
-fn read_meta(start: &[u8], file_len: u64) -> Result<(Meta, usize, u32), String> {
+fn read_meta(start: &[u8], file_len: u64) -> Result<(DiskMeta, usize, u32), String> {
     let (meta_len, body_len, meta_crc, body_crc) = parse_head(start)?;
     let want = HEAD_LEN as u64 + meta_len as u64 + body_len;
     if want != file_len {
@@ -138,7 +138,7 @@ pub fn decode(file: Body, check_body: bool) -> Result<(String, Object), String> 
     Ok(meta.into_object(body))
 }
 
-impl Meta {
+impl DiskMeta {
     /// `(key, object)` with `body`.
     fn into_object(self, body: Body) -> (String, Object) {
         let object = Object {
@@ -342,7 +342,7 @@ impl Index {
 }
 
 /// One object on its way to the disk thread.
-pub struct Write {
+pub struct DiskWrite {
     key: String,
     object: Arc<Object>,
     /// The memory tier's purge count when it was stored.
@@ -354,7 +354,7 @@ pub struct DiskStore {
     dir: PathBuf,
     max_bytes: u64,
     index: Mutex<Index>,
-    queue: SyncSender<Write>,
+    queue: SyncSender<DiskWrite>,
     /// Writes are off (the disk failed us); reads go on.
     degraded: AtomicBool,
     evictions: AtomicU64,
@@ -381,7 +381,7 @@ impl DiskStore {
         dir: &str,
         max_bytes: u64,
         origins: &HashMap<String, String>,
-    ) -> (DiskStore, Receiver<Write>, Result<usize, String>) {
+    ) -> (DiskStore, Receiver<DiskWrite>, Result<usize, String>) {
         let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let store = DiskStore {
             dir: PathBuf::from(dir),
@@ -515,7 +515,7 @@ impl DiskStore {
         if size > self.max_bytes {
             return;
         }
-        match self.queue.try_send(Write { key, object, epoch }) {
+        match self.queue.try_send(DiskWrite { key, object, epoch }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 // Counted, and said at most once per interval (by the
@@ -652,7 +652,7 @@ impl DiskStore {
     /// The disk thread: writes queued entries until the queue closes.
     /// `purge_epoch` is the memory tier's current purge count: an entry
     /// queued before a purge is not indexed.
-    pub async fn run_writer(&self, rx: Receiver<Write>, purge_epoch: impl Fn() -> u64) {
+    pub async fn run_writer(&self, rx: Receiver<DiskWrite>, purge_epoch: impl Fn() -> u64) {
         // Drops happen while the queue is full, so while this loop is busy:
         // it reports them, once per interval at most.
         const DROP_REPORT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -715,7 +715,7 @@ impl DiskStore {
     }
 
     /// Writes one entry: a temporary file, then renamed into place.
-    async fn write(&self, w: &Write) -> std::io::Result<u64> {
+    async fn write(&self, w: &DiskWrite) -> std::io::Result<u64> {
         let head = encode_head(&w.key, &w.object);
         let tmp = self.dir.join(format!(
             "{TMP_PREFIX}{}",

@@ -53,7 +53,7 @@ impl Credentials {
 /// A source's state as `/ready` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum State {
+pub enum KeyState {
     /// Nothing fetched yet.
     Pending = 0,
     /// The last fetch worked.
@@ -66,25 +66,25 @@ pub enum State {
     Static = 4,
 }
 
-impl State {
+impl KeyState {
     /// The label in `/ready`.
     pub fn label(self) -> &'static str {
         match self {
-            State::Pending => "pending",
-            State::Fresh => "ok",
-            State::RefreshFailing => "refresh_failing",
-            State::Expired => "expired",
-            State::Static => "static",
+            KeyState::Pending => "pending",
+            KeyState::Fresh => "ok",
+            KeyState::RefreshFailing => "refresh_failing",
+            KeyState::Expired => "expired",
+            KeyState::Static => "static",
         }
     }
 
-    fn from_u8(v: u8) -> State {
+    fn from_u8(v: u8) -> KeyState {
         match v {
-            1 => State::Fresh,
-            2 => State::RefreshFailing,
-            3 => State::Expired,
-            4 => State::Static,
-            _ => State::Pending,
+            1 => KeyState::Fresh,
+            2 => KeyState::RefreshFailing,
+            3 => KeyState::Expired,
+            4 => KeyState::Static,
+            _ => KeyState::Pending,
         }
     }
 }
@@ -115,7 +115,7 @@ impl KeyCell {
             keys: crate::published::Published::new(None),
             wanted: AtomicBool::new(false),
             finished: AtomicU64::new(0),
-            state: AtomicU8::new(State::Pending as u8),
+            state: AtomicU8::new(KeyState::Pending as u8),
             ok: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             region,
@@ -133,7 +133,7 @@ impl KeyCell {
                     session_token: None,
                     expires: None,
                 });
-                cell.state.store(State::Static as u8, Ordering::Release);
+                cell.state.store(KeyState::Static as u8, Ordering::Release);
             }
         }
         cell
@@ -165,10 +165,10 @@ impl KeyCell {
     }
 
     /// The state for `/ready`, with expiry taken into account.
-    pub fn state(&self, now: SystemTime) -> State {
-        let s = State::from_u8(self.state.load(Ordering::Acquire));
+    pub fn state(&self, now: SystemTime) -> KeyState {
+        let s = KeyState::from_u8(self.state.load(Ordering::Acquire));
         match self.current() {
-            Some(c) if c.expired(now) && s != State::Static => State::Expired,
+            Some(c) if c.expired(now) && s != KeyState::Static => KeyState::Expired,
             _ => s,
         }
     }
@@ -186,13 +186,13 @@ impl KeyCell {
     /// Publishes new keys to every core.
     pub fn publish(&self, creds: Credentials) {
         self.keys.publish(Some(Arc::new(creds)));
-        self.state.store(State::Fresh as u8, Ordering::Release);
+        self.state.store(KeyState::Fresh as u8, Ordering::Release);
     }
 
     fn fetch_failed(&self) {
         if self.version() > 0 {
             self.state
-                .store(State::RefreshFailing as u8, Ordering::Release);
+                .store(KeyState::RefreshFailing as u8, Ordering::Release);
         }
     }
 

@@ -36,15 +36,59 @@ impl Method {
     }
 }
 
-/// Client request headers forwarded upstream unchanged.
-pub const FORWARDED_REQUEST_HEADERS: [&str; 6] = [
-    "range",
-    "if-match",
-    "if-none-match",
-    "if-modified-since",
-    "if-unmodified-since",
-    "if-range",
-];
+/// Client request headers forwarded upstream unchanged: `Range` and the
+/// conditionals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarded {
+    /// `Range`.
+    Range,
+    /// `If-Match`.
+    IfMatch,
+    /// `If-None-Match`.
+    IfNoneMatch,
+    /// `If-Modified-Since`.
+    IfModifiedSince,
+    /// `If-Unmodified-Since`.
+    IfUnmodifiedSince,
+    /// `If-Range`.
+    IfRange,
+}
+
+impl Forwarded {
+    /// Every one, in the order written upstream.
+    pub const ALL: [Forwarded; 6] = [
+        Forwarded::Range,
+        Forwarded::IfMatch,
+        Forwarded::IfNoneMatch,
+        Forwarded::IfModifiedSince,
+        Forwarded::IfUnmodifiedSince,
+        Forwarded::IfRange,
+    ];
+
+    /// The header name, lower-case.
+    pub fn name(self) -> &'static str {
+        match self {
+            Forwarded::Range => "range",
+            Forwarded::IfMatch => "if-match",
+            Forwarded::IfNoneMatch => "if-none-match",
+            Forwarded::IfModifiedSince => "if-modified-since",
+            Forwarded::IfUnmodifiedSince => "if-unmodified-since",
+            Forwarded::IfRange => "if-range",
+        }
+    }
+
+    /// The one named `name` (any case).
+    fn named(name: &[u8]) -> Option<Forwarded> {
+        Forwarded::ALL
+            .into_iter()
+            .find(|f| name.eq_ignore_ascii_case(f.name().as_bytes()))
+    }
+
+    /// Its bit in a set of headers.
+    fn bit(self) -> u32 {
+        1 << (self as u32)
+    }
+}
 
 /// The parts of a client request the proxy uses; reused across requests.
 #[derive(Debug, Default)]
@@ -68,8 +112,8 @@ pub struct Request {
     /// `X-Forwarded-For` as sent (several headers joined with `,`); only
     /// believed from trusted proxies (see `access::ip`).
     pub forwarded_for: String,
-    /// `(index into FORWARDED_REQUEST_HEADERS, value)`.
-    pub forwarded: Vec<(usize, String)>,
+    /// The forwarded headers the client sent, with their values.
+    pub forwarded: Vec<(Forwarded, String)>,
     /// Bytes of the read buffer this request's head takes (its headers end
     /// there; what follows belongs to the next pipelined request).
     pub head_len: usize,
@@ -82,11 +126,11 @@ impl Request {
         self.method.unwrap_or(Method::Other)
     }
 
-    /// The value of the forwarded header at `name_idx` of [`FORWARDED_REQUEST_HEADERS`].
-    pub fn header(&self, name_idx: usize) -> Option<&str> {
+    /// The value of forwarded header `name`, if the client sent it.
+    pub fn header(&self, name: Forwarded) -> Option<&str> {
         self.forwarded
             .iter()
-            .find(|(i, _)| *i == name_idx)
+            .find(|(h, _)| *h == name)
             .map(|(_, v)| v.as_str())
     }
 }
@@ -117,9 +161,6 @@ impl HeadError {
         }
     }
 }
-
-/// Index of `range` in [`FORWARDED_REQUEST_HEADERS`].
-const RANGE: usize = 0;
 
 /// Parses a request head from `buf`; on success returns the head's length.
 pub fn parse_request(buf: &[u8], req: &mut Request) -> Result<usize, HeadError> {
@@ -196,17 +237,11 @@ impl ConnectionTokens {
                 self.close = true;
             } else if token.eq_ignore_ascii_case(b"keep-alive") {
                 self.keep_alive = true;
-            } else if let Some(idx) = forwarded_index(token) {
-                self.hop_by_hop |= 1 << idx;
+            } else if let Some(h) = Forwarded::named(token) {
+                self.hop_by_hop |= h.bit();
             }
         }
     }
-}
-
-fn forwarded_index(name: &[u8]) -> Option<usize> {
-    FORWARDED_REQUEST_HEADERS
-        .iter()
-        .position(|f| name.eq_ignore_ascii_case(f.as_bytes()))
 }
 
 /// Reads the headers the proxy acts on; refuses the ones it must.
@@ -245,14 +280,14 @@ fn request_headers(headers: &[httparse::Header<'_>], req: &mut Request) -> Resul
                 req.request_id
                     .push_str(std::str::from_utf8(value).unwrap_or_default());
             }
-        } else if let Some(idx) = forwarded_index(name.as_bytes()) {
-            forward_header(req, idx, value)?;
+        } else if let Some(h) = Forwarded::named(name.as_bytes()) {
+            forward_header(req, h, value)?;
         }
     }
     if conn.hop_by_hop != 0 {
         let spare = &mut req.spare;
         req.forwarded.retain_mut(|(i, v)| {
-            let keep = conn.hop_by_hop & (1 << *i) == 0;
+            let keep = conn.hop_by_hop & i.bit() == 0;
             if !keep {
                 spare.push(std::mem::take(v));
             }
@@ -273,19 +308,19 @@ fn request_headers(headers: &[httparse::Header<'_>], req: &mut Request) -> Resul
 }
 
 /// Keeps a `Range` or conditional header to forward upstream.
-fn forward_header(req: &mut Request, idx: usize, value: &[u8]) -> Result<(), HeadError> {
+fn forward_header(req: &mut Request, h: Forwarded, value: &[u8]) -> Result<(), HeadError> {
     let value = std::str::from_utf8(value)
         .map_err(|_| HeadError::BadRequest("non-ASCII conditional or Range header"))?;
     if value.bytes().any(|b| b.is_ascii_control()) {
         return Err(HeadError::BadRequest("control character in header"));
     }
-    if idx == RANGE && req.header(RANGE).is_some() {
+    if h == Forwarded::Range && req.header(Forwarded::Range).is_some() {
         return Err(HeadError::BadRequest("more than one Range header"));
     }
     let mut s = req.spare.pop().unwrap_or_default();
     s.clear();
     s.push_str(value);
-    req.forwarded.push((idx, s));
+    req.forwarded.push((h, s));
     Ok(())
 }
 
@@ -726,7 +761,7 @@ mod tests {
         assert_eq!(r.method(), Method::Get);
         assert_eq!(r.target, b"/data/a%20b");
         assert_eq!(r.request_id, "abc");
-        assert_eq!(r.header(0), Some("bytes=0-9"));
+        assert_eq!(r.header(Forwarded::Range), Some("bytes=0-9"));
         assert_eq!(r.forwarded.len(), 1, "Authorization is never kept");
         assert!(r.keep_alive);
     }
@@ -916,8 +951,8 @@ mod tests {
             &mut r,
         )
         .unwrap();
-        assert_eq!(r.header(0), None);
-        assert_eq!(r.header(1), Some("\"e\""));
+        assert_eq!(r.header(Forwarded::Range), None);
+        assert_eq!(r.header(Forwarded::IfMatch), Some("\"e\""));
         assert!(!r.keep_alive);
         // Two Range headers, a bad Host.
         let two = b"GET /d/k HTTP/1.1\r\nHost: a\r\nRange: bytes=0-1\r\nRange: bytes=2-3\r\n\r\n";

@@ -1,7 +1,7 @@
 //! Metrics: per-core recording with no lock or atomic on the request path,
 //! merged into Prometheus text only when scraped.
 //!
-//! Each worker owns a [`WorkerMetrics`] (plain counters and `hdrhistogram`s in
+//! Each worker owns a [`CoreMetrics`] (plain counters and `hdrhistogram`s in
 //! microseconds). When a scrape starts it bumps a generation counter; each worker
 //! notices on its next tick (every few ms) and copies its metrics into its
 //! publication slot, the only place a lock is taken, off the request path. The
@@ -39,7 +39,7 @@ pub struct ReplicaMetrics {
 /// Everything one worker records, keyed by the stable metric ids of
 /// `shared::Registry` (so counters survive configuration reloads). Cloned into the publication slot on demand.
 #[derive(Clone)]
-pub struct WorkerMetrics {
+pub struct CoreMetrics {
     /// `(bucket index or usize::MAX, method, status) -> count`.
     pub requests: HashMap<(usize, Method, u16), u64>,
     /// Client request latency (us).
@@ -90,10 +90,10 @@ pub struct WorkerMetrics {
     pub authz_duration: HashMap<&'static str, Histogram<u64>>,
 }
 
-impl WorkerMetrics {
+impl CoreMetrics {
     /// Empty metrics for `replicas` replica ids (grown on demand).
-    pub fn new(replicas: usize) -> WorkerMetrics {
-        WorkerMetrics {
+    pub fn new(replicas: usize) -> CoreMetrics {
+        CoreMetrics {
             requests: HashMap::new(),
             request_duration: new_histogram(),
             upstream_duration: new_histogram(),
@@ -238,7 +238,7 @@ impl WorkerMetrics {
     }
 
     /// Adds `other` into `self` (scrape-time merge).
-    pub fn merge(&mut self, other: &WorkerMetrics) {
+    pub fn merge(&mut self, other: &CoreMetrics) {
         for (k, v) in &other.requests {
             *self.requests.entry(*k).or_insert(0) += v;
         }
@@ -309,8 +309,8 @@ mod tests {
 
     #[test]
     fn merge_adds_everything() {
-        let mut a = WorkerMetrics::new(2);
-        let mut b = WorkerMetrics::new(2);
+        let mut a = CoreMetrics::new(2);
+        let mut b = CoreMetrics::new(2);
         a.request(Some(0), Method::Get, 200, 1500, 10);
         b.request(Some(0), Method::Get, 200, 2500, 5);
         b.replica_failure(1, "connect");

@@ -1,6 +1,6 @@
 //! Prometheus text exposition of merged worker metrics and live replica state.
 
-use super::WorkerMetrics;
+use super::CoreMetrics;
 use crate::shared::{Generation, PROBE_FAILED};
 use crate::upstream::breaker::State;
 use hdrhistogram::Histogram;
@@ -143,7 +143,7 @@ impl Names<'_> {
 }
 
 /// Renders every metric as Prometheus text.
-pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
+pub fn render(shared: &Generation, merged: &CoreMetrics) -> String {
     let mut families = Vec::new();
     // Counters are keyed by stable metric ids; names come from the registry.
     let registry = match shared.process.registry.lock() {
@@ -167,7 +167,7 @@ pub fn render(shared: &Generation, merged: &WorkerMetrics) -> String {
 }
 
 /// Client requests by bucket, method and status.
-fn request_families(merged: &WorkerMetrics, names: &Names<'_>, families: &mut Vec<MetricFamily>) {
+fn request_families(merged: &CoreMetrics, names: &Names<'_>, families: &mut Vec<MetricFamily>) {
     let bucket_name = |i: usize| names.bucket(i);
     let mut reqs: Vec<_> = merged.requests.iter().collect();
     reqs.sort_by_key(|(k, _)| **k);
@@ -196,7 +196,7 @@ fn request_families(merged: &WorkerMetrics, names: &Names<'_>, families: &mut Ve
 /// Who may read: JWKS, authentication, policy decisions, limits, IP filters.
 fn access_families(
     shared: &Generation,
-    merged: &WorkerMetrics,
+    merged: &CoreMetrics,
     names: &Names<'_>,
     families: &mut Vec<MetricFamily>,
 ) {
@@ -285,7 +285,7 @@ fn access_families(
 }
 
 /// Latency, bytes, connections and splicing.
-fn traffic_families(shared: &Generation, merged: &WorkerMetrics, families: &mut Vec<MetricFamily>) {
+fn traffic_families(shared: &Generation, merged: &CoreMetrics, families: &mut Vec<MetricFamily>) {
     families.push(family(
         "yatagarasu_request_duration_seconds",
         "Time from request head to last response byte.",
@@ -364,7 +364,7 @@ fn traffic_families(shared: &Generation, merged: &WorkerMetrics, families: &mut 
 /// Per replica: health, breaker state, requests, failures, failovers, resumes, latency.
 fn replica_families(
     shared: &Generation,
-    merged: &WorkerMetrics,
+    merged: &CoreMetrics,
     names: &Names<'_>,
     families: &mut Vec<MetricFamily>,
 ) {
@@ -489,7 +489,7 @@ fn process_families(shared: &Generation, families: &mut Vec<MetricFamily>) {
 /// The origin cache's families (only when the cache is enabled).
 fn cache_families<'n>(
     shared: &Generation,
-    merged: &WorkerMetrics,
+    merged: &CoreMetrics,
     bucket_name: &dyn Fn(usize) -> &'n str,
     families: &mut Vec<MetricFamily>,
 ) {

@@ -68,7 +68,7 @@ pub struct Totals {
 /// What a task was asked (the body of `POST /admin/cache/prewarm`).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct Request {
+pub struct TaskSpec {
     /// The bucket's `name`.
     pub bucket: String,
     /// The key prefix to warm (relative to the bucket; a leading `/` is
@@ -138,7 +138,7 @@ pub struct Task {
     /// `prewarm-<n>`.
     pub id: String,
     /// What was asked.
-    pub request: Request,
+    pub request: TaskSpec,
     status: AtomicU8,
     cancel: AtomicBool,
     /// Objects listed in scope.
@@ -158,7 +158,7 @@ pub struct Task {
 }
 
 impl Task {
-    fn new(id: String, request: Request) -> Task {
+    fn new(id: String, request: TaskSpec) -> Task {
         Task {
             id,
             request,
@@ -266,7 +266,8 @@ impl Tasks {
     /// Whether `value` (of [`HEADER`]) is this process's secret, while a
     /// task runs. Compared in constant time.
     pub fn admits(&self, value: &str) -> bool {
-        self.running() > 0 && crate::server::admin::constant_time_eq(value.as_bytes(), self.secret.as_bytes())
+        self.running() > 0
+            && crate::server::admin::constant_time_eq(value.as_bytes(), self.secret.as_bytes())
     }
 
     fn all(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Task>>> {
@@ -293,7 +294,7 @@ fn random_secret() -> String {
 
 /// `POST /admin/cache/prewarm`: starts a task.
 pub fn create(process: &Arc<crate::shared::Process>, body: &[u8]) -> Answer {
-    let request: Request = match serde_json::from_slice(body) {
+    let request: TaskSpec = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
             return json(
@@ -418,7 +419,10 @@ pub fn cancel(process: &crate::shared::Process, id: &str) -> Answer {
         ),
         Some(t) => {
             t.cancel.store(true, Ordering::Release);
-            json(200, serde_json::json!({"status": "cancelled", "task_id": t.id}))
+            json(
+                200,
+                serde_json::json!({"status": "cancelled", "task_id": t.id}),
+            )
         }
     }
 }
@@ -473,14 +477,15 @@ mod tests {
 
     #[test]
     fn requests_read_the_other_systems_body() {
-        let r: Request =
-            serde_json::from_str(r#"{"bucket":"b","path":"test/path","recursive":true}"#).expect("a request");
+        let r: TaskSpec =
+            serde_json::from_str(r#"{"bucket":"b","path":"test/path","recursive":true}"#)
+                .expect("a request");
         assert_eq!(r.path, "test/path");
         assert!(r.recursive);
         assert_eq!(r.max_depth, None);
-        let r: Request = serde_json::from_str(r#"{"bucket":"b"}"#).expect("a request");
+        let r: TaskSpec = serde_json::from_str(r#"{"bucket":"b"}"#).expect("a request");
         assert!(r.recursive, "recursive by default, as the other system");
-        assert!(serde_json::from_str::<Request>(r#"{"bucket":"b","recursve":false}"#).is_err());
+        assert!(serde_json::from_str::<TaskSpec>(r#"{"bucket":"b","recursve":false}"#).is_err());
     }
 
     #[test]

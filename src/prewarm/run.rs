@@ -77,7 +77,11 @@ pub(super) fn run(process: &Arc<Process>, task: &Arc<Task>) -> Status {
         _ if task.cancelled() => Status::Cancelled,
         Ok(()) => Status::Completed,
         Err(e) => {
-            process.prewarm.totals.errors.fetch_add(1, Ordering::Relaxed);
+            process
+                .prewarm
+                .totals
+                .errors
+                .fetch_add(1, Ordering::Relaxed);
             task.note_error(e);
             Status::Failed
         }
@@ -208,7 +212,11 @@ fn held(process: &Process, generation: &Generation, bucket: usize, key: &str) ->
 
 fn skip(process: &Process, task: &Task) {
     task.skipped.fetch_add(1, Ordering::Relaxed);
-    process.prewarm.totals.skipped.fetch_add(1, Ordering::Relaxed);
+    process
+        .prewarm
+        .totals
+        .skipped
+        .fetch_add(1, Ordering::Relaxed);
 }
 
 /// One listing page from the first replica that gives one: replicas in
@@ -223,7 +231,8 @@ fn page(
     let now = crate::clock::now_ms();
     let mut order: Vec<usize> = generation.bucket_replicas[bucket].clone();
     order.sort_by_key(|&r| {
-        let open = generation.replicas[r].breaker.load().state == crate::upstream::breaker::State::Open
+        let open = generation.replicas[r].breaker.load().state
+            == crate::upstream::breaker::State::Open
             && generation.replicas[r].breaker.load().open_until > now;
         (open, generation.replicas[r].config.priority)
     });
@@ -234,7 +243,10 @@ fn page(
             Err(e) => errors.push(format!("{}: {e}", generation.replicas[r].config.name)),
         }
     }
-    Err(format!("listing failed on every replica ({})", errors.join("; ")))
+    Err(format!(
+        "listing failed on every replica ({})",
+        errors.join("; ")
+    ))
 }
 
 /// One signed ListObjectsV2 request to replica `r`.

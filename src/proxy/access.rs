@@ -7,7 +7,7 @@
 use super::session::Phase;
 use super::*;
 
-impl WorkerGeneration {
+impl CoreGeneration {
     /// Phase "access", first half: the client's address, and the global
     /// and per-address rate limits.
     pub(super) async fn admit_client(&self, c: &mut Client) -> Phase<std::net::IpAddr> {

@@ -18,7 +18,7 @@ pub(super) struct Resume<'a> {
     pub etag: &'a str,
 }
 
-impl WorkerGeneration {
+impl CoreGeneration {
     /// Sends the request to `rid` and reads its final response head.
     pub(super) async fn attempt(
         &self,
@@ -162,7 +162,7 @@ impl WorkerGeneration {
             Method::Head => "HEAD",
             _ => "GET",
         };
-        let mut target = std::mem::take(&mut c.s.opath);
+        let mut target = std::mem::take(&mut c.s.upstream_target);
         replica.object_path(key, &mut target);
         if !c.s.query.is_empty() {
             target.push('?');
@@ -176,8 +176,8 @@ impl WorkerGeneration {
         head::header(w, "Host", &replica.endpoint.authority);
         match resume {
             None => {
-                for (idx, value) in &c.s.req.forwarded {
-                    head::header(w, FORWARDED_REQUEST_HEADERS[*idx], value);
+                for (name, value) in &c.s.req.forwarded {
+                    head::header(w, name.name(), value);
                 }
                 if let super::cache::CacheUse::Revalidate(_, copy) = &c.s.cache {
                     head::header(w, "If-None-Match", &copy.etag);
@@ -194,7 +194,7 @@ impl WorkerGeneration {
         head::header(w, "X-Request-ID", &c.s.req.request_id);
         let signed = self.sign(rid, method, &replica.endpoint.authority, &target, w);
         w.extend_from_slice(b"\r\n");
-        c.s.opath = target;
+        c.s.upstream_target = target;
         signed
     }
 

@@ -112,7 +112,7 @@ struct Ask<'a> {
     key: &'a str,
 }
 
-impl WorkerGeneration {
+impl CoreGeneration {
     /// Phase "authorize": `Ok` when the bucket has no policy or its policy
     /// allows; otherwise the 403 (denied) or 503 (no decision, fail mode
     /// closed) is answered here.
@@ -440,7 +440,7 @@ impl WorkerGeneration {
                         endpoint,
                         tls.as_ref(),
                         settings.timeout,
-                        crate::upstream::pool::Slot::unbudgeted(),
+                        crate::upstream::pool::BudgetSlot::unbudgeted(),
                     )
                     .await
                     .map_err(|(cause, detail)| format!("{}: {detail}", cause.label()))?,

@@ -4,7 +4,7 @@
 use super::*;
 use crate::upstream::cursor::{Ledger, ReplicaCursor};
 
-impl WorkerGeneration {
+impl CoreGeneration {
     // ---- breakers: local copy, synchronised with the shared snapshot ----
 
     pub(super) fn sync(&self, rid: usize, b: &mut LocalBreaker) {
@@ -151,11 +151,11 @@ impl WorkerGeneration {
 
 /// A request's walk over its replicas (`upstream::cursor`) on this core's
 /// breakers.
-pub(super) type Cursor<'a> = ReplicaCursor<'a, WorkerGeneration>;
+pub(super) type Cursor<'a> = ReplicaCursor<'a, CoreGeneration>;
 
-impl Ledger for WorkerGeneration {
+impl Ledger for CoreGeneration {
     fn admit(&self, rid: usize) -> Admit {
-        WorkerGeneration::admit(self, rid, now_ms())
+        CoreGeneration::admit(self, rid, now_ms())
     }
     fn replica_failed(&self, rid: usize, admit: Admit, cause: Cause) {
         self.record_failure(rid, admit, cause);
@@ -165,10 +165,10 @@ impl Ledger for WorkerGeneration {
             .metrics
             .borrow_mut()
             .request_caused(self.mid(rid), cause.label());
-        WorkerGeneration::release(self, rid, admit);
+        CoreGeneration::release(self, rid, admit);
     }
     fn release(&self, rid: usize, admit: Admit) {
-        WorkerGeneration::release(self, rid, admit);
+        CoreGeneration::release(self, rid, admit);
     }
     fn answered_head(&self, rid: usize, admit: Admit) {
         self.record_head(rid, admit);

@@ -18,27 +18,19 @@
 //! the memory tier let it go at once; stored objects go to the disk tier too.
 //! Single-range requests may be answered from slices first (`slices.rs`).
 //!
-//! [`promote_from_disk`]: WorkerGeneration::promote_from_disk
+//! [`promote_from_disk`]: CoreGeneration::promote_from_disk
 //!
-//! [`serve_waiter`]: WorkerGeneration::serve_waiter
+//! [`serve_waiter`]: CoreGeneration::serve_waiter
 
 use super::session::Phase;
 use super::*;
-use crate::cache::collapse::{End, Event, FillHead, Role, SharedFill};
+use crate::cache::collapse::{End, FillEvent, FillHead, Role, SharedFill};
 use crate::cache::policy::{self, Precondition, RangeAnswer};
 use crate::cache::region::{Body, Filling};
 use crate::cache::store::{self, Object};
 use crate::http::body::Tee as _;
 use crate::http::zerocopy;
 use bytes::Bytes;
-
-/// Index of each header in [`FORWARDED_REQUEST_HEADERS`].
-pub(super) const RANGE: usize = 0;
-const IF_MATCH: usize = 1;
-const IF_NONE_MATCH: usize = 2;
-const IF_MODIFIED_SINCE: usize = 3;
-const IF_UNMODIFIED_SINCE: usize = 4;
-const IF_RANGE: usize = 5;
 
 /// Headers a 304 from the cache carries (RFC 9110 §15.4.5).
 const NOT_MODIFIED_HEADERS: [&str; 6] = [
@@ -85,7 +77,7 @@ impl CacheUse {
     }
 }
 
-impl WorkerGeneration {
+impl CoreGeneration {
     /// Phase "lookup": the disk tier, then slices (a large object's
     /// ranges), then the memory tier, which may hand this request a fill
     /// in flight to follow. `Err(outcome)`: a copy answered; `Ok(())`: a
@@ -491,14 +483,14 @@ impl WorkerGeneration {
             Source::File { .. } => copy.total,
         };
         let pre = policy::precondition(
-            c.s.req.header(IF_NONE_MATCH),
-            c.s.req.header(IF_MODIFIED_SINCE),
+            c.s.req.header(Forwarded::IfNoneMatch),
+            c.s.req.header(Forwarded::IfModifiedSince),
             &copy.etag,
             copy.last_modified.as_deref(),
         );
         let answer = match pre {
             Precondition::NotModified => None,
-            Precondition::Serve => Some(policy::range(c.s.req.header(RANGE), len)),
+            Precondition::Serve => Some(policy::range(c.s.req.header(Forwarded::Range), len)),
         };
         let (status, part) = match answer {
             None => (304, None),
@@ -773,28 +765,37 @@ impl WorkerGeneration {
 /// A conditional the cache does not answer (`If-Match`,
 /// `If-Unmodified-Since`, `If-Range`): such a request bypasses it.
 fn conditional_not_answered(c: &Client) -> bool {
-    [IF_MATCH, IF_UNMODIFIED_SINCE, IF_RANGE]
-        .iter()
-        .any(|&h| c.s.req.header(h).is_some())
+    [
+        Forwarded::IfMatch,
+        Forwarded::IfUnmodifiedSince,
+        Forwarded::IfRange,
+    ]
+    .iter()
+    .any(|&h| c.s.req.header(h).is_some())
 }
 
 /// A GET with no range and no conditional.
 pub(super) fn plain_get(c: &Client) -> bool {
-    c.s.req.method() == Method::Get && c.s.req.header(RANGE).is_none() && no_conditionals(c)
+    c.s.req.method() == Method::Get
+        && c.s.req.header(Forwarded::Range).is_none()
+        && no_conditionals(c)
 }
 
 /// A request with one byte range and no conditional: what slices answer.
 pub(super) fn single_range_only(c: &Client) -> bool {
-    c.s.req.header(RANGE).is_some_and(|r| !r.contains(',')) && no_conditionals(c)
+    c.s.req
+        .header(Forwarded::Range)
+        .is_some_and(|r| !r.contains(','))
+        && no_conditionals(c)
 }
 
 fn no_conditionals(c: &Client) -> bool {
     [
-        IF_MATCH,
-        IF_NONE_MATCH,
-        IF_MODIFIED_SINCE,
-        IF_UNMODIFIED_SINCE,
-        IF_RANGE,
+        Forwarded::IfMatch,
+        Forwarded::IfNoneMatch,
+        Forwarded::IfModifiedSince,
+        Forwarded::IfUnmodifiedSince,
+        Forwarded::IfRange,
     ]
     .iter()
     .all(|&h| c.s.req.header(h).is_none())
@@ -812,7 +813,7 @@ pub(super) fn forwarded_value<'a>(forward: &'a str, name: &str) -> Option<&'a st
     })
 }
 
-impl WorkerGeneration {
+impl CoreGeneration {
     /// Writes the head in `c.s.wbuf` (when `with_head`) and a stored body
     /// within `timeout`:
     /// the body by reference (see `http::zerocopy`, the head sent with
@@ -927,7 +928,7 @@ pub(super) fn cached_outcome(bucket: usize, status: u16, keep: bool) -> Outcome 
 const DISK_TOUCH_EVERY_MS: u64 = 1_000;
 
 /// The bytes of its latest pieces a pass-through fill keeps for its
-/// waiters (`WorkerGeneration::pass_through`).
+/// waiters (`CoreGeneration::pass_through`).
 pub(super) const PASS_WINDOW: usize = 8 * 1024 * 1024;
 
 /// Writes a whole `Bytes` (shared with the cache: no copy) within `timeout`.
@@ -1130,7 +1131,7 @@ impl monoio::io::AsyncWriteRent for Discard {
     }
 }
 
-impl WorkerGeneration {
+impl CoreGeneration {
     /// A waiter: streams the leader's fill (head, then bytes as they come).
     /// A fill abandoned before its head sends the request upstream itself;
     /// a fill that fails mid-body aborts this connection too.
@@ -1143,7 +1144,7 @@ impl WorkerGeneration {
     ) -> Outcome {
         let wait = self.shared.config.server.idle_timeout;
         let head = match monoio::time::timeout(wait, fill.next(false, 0)).await {
-            Ok(Event::Head(h)) => h,
+            Ok(FillEvent::Head(h)) => h,
             _ => {
                 // No shared answer: fetch for ourselves, without caching (a
                 // stale copy found by the lookup still answers an outage).
@@ -1268,7 +1269,7 @@ impl WorkerGeneration {
                 Some(stop) if stop.fired() => match fill.available(seen) {
                     None => return (Streamed::Detached, sent),
                     Some(pieces) if pieces.is_empty() => return (Streamed::Stopped, sent),
-                    Some(pieces) => Some(Event::Body(pieces)),
+                    Some(pieces) => Some(FillEvent::Body(pieces)),
                 },
                 Some(stop) => monoio::select! {
                     e = monoio::time::timeout(wait, fill.next(true, seen)) => e.ok(),
@@ -1279,7 +1280,7 @@ impl WorkerGeneration {
                     .ok(),
             };
             match event {
-                Some(Event::Body(pieces)) => {
+                Some(FillEvent::Body(pieces)) => {
                     seen += pieces.len();
                     for piece in pieces {
                         let n = piece.len() as u64;
@@ -1296,11 +1297,11 @@ impl WorkerGeneration {
                         sent += n - skip;
                     }
                 }
-                Some(Event::Ended(End::Done)) => {
+                Some(FillEvent::Ended(End::Done)) => {
                     return self.stream_stored(c, fill, head.len, sent).await
                 }
                 // A pass-through fill's window moved past this reader.
-                Some(Event::Behind) => return (Streamed::Detached, sent),
+                Some(FillEvent::Behind) => return (Streamed::Detached, sent),
                 _ => return (Streamed::Broken, sent),
             }
         }

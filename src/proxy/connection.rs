@@ -64,7 +64,7 @@ impl RequestState {
     }
 }
 
-impl WorkerGeneration {
+impl CoreGeneration {
     pub(super) fn next_request_id(&self, out: &mut String) {
         // splitmix64: unique per worker and start time, cheap, no allocation.
         let mut z = self
@@ -83,7 +83,7 @@ impl WorkerGeneration {
     // ---- connection loop ----
 
     /// Serves one client connection until it closes, errs or idles out (or
-    /// moves to the lot, see [`Worker::watch_lot`]).
+    /// moves to the lot, see [`Core::watch_lot`]).
     pub async fn serve(
         &self,
         stream: TcpStream,
@@ -577,7 +577,7 @@ impl WorkerGeneration {
     }
 }
 
-impl Worker {
+impl Core {
     /// A connection of this worker ended (closed or idled out).
     pub fn connection_closed(&self) {
         self.process.workers[self.id]
@@ -588,7 +588,7 @@ impl Worker {
     /// The lot's watcher, one task per worker: gives each connection whose
     /// socket became readable (or hung up) a task again, served by the
     /// newest configuration generation.
-    pub async fn watch_lot(self: Rc<Worker>) {
+    pub async fn watch_lot(self: Rc<Core>) {
         let Some(idle) = &self.lot else {
             return;
         };

@@ -19,7 +19,7 @@ enum Tried<'a> {
     AllFailed { rid: usize, failure: Failure },
 }
 
-impl WorkerGeneration {
+impl CoreGeneration {
     /// Phase "forward": plan, try replicas, then "relay" or the error answers.
     pub(super) async fn forward(&self, c: &mut Client, bucket: usize, key: &str) -> Outcome {
         if let Some(refused) = self.limit_upstream(c, bucket).await {

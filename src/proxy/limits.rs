@@ -50,7 +50,7 @@ impl Limiters {
     }
 }
 
-impl WorkerGeneration {
+impl CoreGeneration {
     /// Client limits: `Some(outcome)` (a 429) when the request is refused.
     pub(super) async fn limit_client(
         &self,

@@ -1,4 +1,4 @@
-//! Serving requests: per-core state ([`Worker`], [`WorkerGeneration`]) and
+//! Serving requests: per-core state ([`Core`], [`CoreGeneration`]) and
 //! the request path as named phases, listed in order in `session.rs`, one
 //! file each (read and log: `connection.rs`; route; access; lookup:
 //! `cache.rs`; forward; respond: `relay.rs`, `resume.rs`).
@@ -11,12 +11,10 @@
 
 use crate::config::{Level, Replica};
 use crate::http::body::{self, PumpError, Pumped, Timeouts};
-use crate::http::head::{
-    self, Framing, HeadError, Method, Request, Response, FORWARDED_REQUEST_HEADERS,
-};
+use crate::http::head::{self, Forwarded, Framing, HeadError, Method, Request, Response};
 use crate::http::io::{read_more, write_all, write_head_and, write_head_and_body, write_range};
 use crate::log;
-use crate::metrics::WorkerMetrics;
+use crate::metrics::CoreMetrics;
 use crate::router::{self, RouteError};
 use crate::s3::{self, Signer};
 use crate::shared::{now_ms, Generation, Process};
@@ -71,7 +69,7 @@ struct LocalSigner {
 /// One worker's view of one configuration [`Generation`] (owned by that
 /// worker's thread, rebuilt on reload): breaker copies, replica selectors,
 /// signers and the upstream connection pool.
-pub struct WorkerGeneration {
+pub struct CoreGeneration {
     /// The worker's index.
     pub id: usize,
     /// The configuration generation this state was built for.
@@ -83,7 +81,7 @@ pub struct WorkerGeneration {
     /// This worker's upstream connections to this generation's replicas.
     pub pool: Pool,
     /// Per-core state that outlives generations.
-    pub core: Rc<Worker>,
+    pub core: Rc<Core>,
     /// This worker's share of the rate limits.
     limits: RefCell<limits::Limiters>,
     /// Tokens this worker verified (whose claims held), until their `exp`:
@@ -101,16 +99,16 @@ pub struct WorkerGeneration {
 
 /// One worker thread's state that outlives configuration generations (owned
 /// by that thread): metrics, buffers, pipes, the drain flag, and its
-/// [`WorkerGeneration`] for the current generation.
-pub struct Worker {
+/// [`CoreGeneration`] for the current generation.
+pub struct Core {
     /// The worker's index (its core and listener).
     pub id: usize,
     /// Process-wide state.
     pub process: Arc<Process>,
-    current: RefCell<Option<Rc<WorkerGeneration>>>,
+    current: RefCell<Option<Rc<CoreGeneration>>>,
     seen_epoch: Cell<u64>,
     /// This worker's metrics, published on scrape.
-    pub metrics: RefCell<WorkerMetrics>,
+    pub metrics: RefCell<CoreMetrics>,
     rid_state: Cell<u64>,
     /// Set once shutdown began: answer with `Connection: close`.
     pub draining: Cell<bool>,
@@ -162,7 +160,7 @@ const KEPT_PIPES: usize = 64;
 /// that are busy at once; parked ones beyond it free theirs.
 const KEPT_STATES: usize = 1024;
 
-impl Worker {
+impl Core {
     /// A cleared request state (reused, or new).
     fn take_state(&self) -> Box<RequestState> {
         self.states.borrow_mut().pop().unwrap_or_default()
@@ -204,7 +202,7 @@ impl Worker {
     }
 
     /// State for worker `id`, before any generation is adopted.
-    pub fn new(id: usize, process: Arc<Process>) -> Rc<Worker> {
+    pub fn new(id: usize, process: Arc<Process>) -> Rc<Core> {
         let seed = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -225,12 +223,12 @@ impl Worker {
                 crate::http::zerocopy::PipeBudget::new(workers),
             )
         };
-        Rc::new(Worker {
+        Rc::new(Core {
             id,
             process,
             current: RefCell::new(None),
             seen_epoch: Cell::new(u64::MAX),
-            metrics: RefCell::new(WorkerMetrics::new(0)),
+            metrics: RefCell::new(CoreMetrics::new(0)),
             rid_state: Cell::new(seed),
             draining: Cell::new(false),
             pipes: RefCell::new(Vec::new()),
@@ -281,16 +279,16 @@ impl Worker {
 
     /// The worker for the current configuration generation; adopts a newly
     /// reloaded generation on first use (one relaxed load per request).
-    pub fn current(self: &Rc<Self>) -> Rc<WorkerGeneration> {
+    pub fn current(self: &Rc<Self>) -> Rc<CoreGeneration> {
         let epoch = self.process.epoch();
         if epoch != self.seen_epoch.get() {
-            let worker = Rc::new(WorkerGeneration::new(self.clone(), self.process.current()));
+            let worker = Rc::new(CoreGeneration::new(self.clone(), self.process.current()));
             *self.current.borrow_mut() = Some(worker);
             self.seen_epoch.set(epoch);
         }
         match &*self.current.borrow() {
             Some(s) => s.clone(),
-            None => Rc::new(WorkerGeneration::new(self.clone(), self.process.current())),
+            None => Rc::new(CoreGeneration::new(self.clone(), self.process.current())),
         }
     }
 }
@@ -325,7 +323,7 @@ impl std::os::fd::AsRawFd for Idle {
 }
 
 /// This worker's lot and the descriptor its watcher waits on (see
-/// `Worker::watch_lot`).
+/// `Core::watch_lot`).
 pub struct IdleLot {
     lot: lot::Lot<Idle>,
     watch: monoio::net::unix::UnixDatagram,
@@ -353,10 +351,12 @@ struct RequestState {
     /// Response heads not in use, kept for their buffers (an attempt takes
     /// one, its answer gives it back).
     responses: Vec<Response>,
-    path: String,
-    upath: String,
-    /// The upstream request path, reused.
-    opath: String,
+    /// The request path, percent-decoded (its buffer, reused).
+    decoded_path: String,
+    /// The object key, URI-encoded for S3 (its buffer, reused).
+    encoded_key: String,
+    /// The upstream request target (its buffer, reused).
+    upstream_target: String,
     /// The query forwarded upstream (`partNumber`, `versionId`), canonical.
     query: String,
     /// What the cache does for the current request.
@@ -466,9 +466,9 @@ impl Failure {
     }
 }
 
-impl WorkerGeneration {
+impl CoreGeneration {
     /// Builds this worker's state for generation `shared`.
-    pub fn new(core: Rc<Worker>, shared: Arc<Generation>) -> WorkerGeneration {
+    pub fn new(core: Rc<Core>, shared: Arc<Generation>) -> CoreGeneration {
         let breakers = shared
             .replicas
             .iter()
@@ -497,7 +497,7 @@ impl WorkerGeneration {
                 .map(|_| LocalSigner::default())
                 .collect(),
         );
-        WorkerGeneration {
+        CoreGeneration {
             limits: RefCell::new(limits::Limiters::new(&shared.config)),
             jwks: RefCell::default(),
             verified: RefCell::new(quick_cache::unsync::Cache::new(VERIFIED_TOKENS)),

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::rc::{Rc, Weak};
 use std::task::{Poll, Waker};
 
-/// Worker ticks between two sweeps (a tick is 20 ms: about 200 ms).
+/// Core ticks between two sweeps (a tick is 20 ms: about 200 ms).
 pub const SWEEP_EVERY: u32 = 10;
 
 /// How a parked connection's wait ended.
@@ -34,7 +34,7 @@ pub enum Woke {
 
 /// One parked connection's deadline and waker.
 #[derive(Default)]
-pub struct Slot {
+pub struct ParkSlot {
     deadline_ms: Cell<u64>,
     /// May this connection move to the lot (false after the lot refused it).
     movable: Cell<bool>,
@@ -45,18 +45,18 @@ pub struct Slot {
 /// The parked connections of one worker.
 #[derive(Default)]
 pub struct Parking {
-    slots: RefCell<Vec<Weak<Slot>>>,
+    slots: RefCell<Vec<Weak<ParkSlot>>>,
     ticks: Cell<u32>,
 }
 
 impl Parking {
     /// Registers a connection parked until `deadline_ms` (ms since the
     /// epoch); a `movable` one is moved to the lot by the next sweep.
-    pub fn park(&self, deadline_ms: u64, movable: bool) -> Rc<Slot> {
-        let slot = Rc::new(Slot {
+    pub fn park(&self, deadline_ms: u64, movable: bool) -> Rc<ParkSlot> {
+        let slot = Rc::new(ParkSlot {
             deadline_ms: Cell::new(deadline_ms),
             movable: Cell::new(movable),
-            ..Slot::default()
+            ..ParkSlot::default()
         });
         self.slots.borrow_mut().push(Rc::downgrade(&slot));
         slot
@@ -110,7 +110,7 @@ impl Parking {
 
 /// Waits for `readable` (the socket's readiness) unless a sweep ends the
 /// wait first (expired, or to the lot).
-pub async fn until_readable<F>(readable: F, slot: &Slot) -> Woke
+pub async fn until_readable<F>(readable: F, slot: &ParkSlot) -> Woke
 where
     F: Future<Output = std::io::Result<()>>,
 {
@@ -169,11 +169,11 @@ mod tests {
     fn a_sweep_ends_the_wait_and_readiness_wins_otherwise() {
         let never = || std::future::pending::<std::io::Result<()>>();
         for woke in [Woke::Expired, Woke::ToLot] {
-            let slot = Slot::default();
+            let slot = ParkSlot::default();
             slot.woke.set(woke);
             assert_eq!(futures_lite_block_on(until_readable(never(), &slot)), woke);
         }
-        let open = Slot::default();
+        let open = ParkSlot::default();
         let ready = std::future::ready(Ok(()));
         assert_eq!(
             futures_lite_block_on(until_readable(ready, &open)),

@@ -9,7 +9,7 @@ use super::*;
 /// go out with it in a vectored write (uncopied).
 const COALESCE_MAX: usize = 16 * 1024;
 
-impl WorkerGeneration {
+impl CoreGeneration {
     /// Streams an answer to the client; if the body breaks, resumes it on the
     /// rest of the cursor's plan.
     pub(super) async fn relay(
@@ -400,7 +400,7 @@ impl WorkerGeneration {
     }
 }
 
-impl WorkerGeneration {
+impl CoreGeneration {
     /// The upstream broke a body while our client was not reading (see
     /// `body::PumpError::ClientStalled`): the request's doing, counted as
     /// such (`yatagarasu_request_caused_failures_total{reason=

@@ -64,7 +64,7 @@ fn continues(resp: &Response, want: &Resume<'_>) -> bool {
         && resp.framing() == Framing::Length(want.last - want.first + 1)
 }
 
-impl WorkerGeneration {
+impl CoreGeneration {
     /// Continues the body of `resp`, which `rid` sent and which broke (or
     /// which a reader could no longer follow) after `sent` payload bytes,
     /// on the rest of the cursor's plan.

@@ -7,7 +7,7 @@
 use super::session::Phase;
 use super::*;
 
-impl WorkerGeneration {
+impl CoreGeneration {
     /// Phase "route", first half: the decoded path (into `path`), the
     /// admin API, the method, and the proxy's own endpoints.
     pub(super) async fn decode(&self, c: &mut Client, path: &mut String) -> Phase<()> {
@@ -84,9 +84,17 @@ impl WorkerGeneration {
             return Ok(Vec::new());
         }
         let head = c.s.rbuf.get(..c.s.req.head_len).unwrap_or_default();
-        let Some(len) = head::find_header(head, "content-length").and_then(|v| v.trim().parse::<usize>().ok()) else {
+        let Some(len) =
+            head::find_header(head, "content-length").and_then(|v| v.trim().parse::<usize>().ok())
+        else {
             return Err(self
-                .simple_outcome(c, 411, "text/plain", b"admin requests need a Content-Length\n", &[])
+                .simple_outcome(
+                    c,
+                    411,
+                    "text/plain",
+                    b"admin requests need a Content-Length\n",
+                    &[],
+                )
                 .await);
         };
         if len > MAX {

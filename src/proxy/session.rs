@@ -27,18 +27,18 @@ use super::*;
 /// a cache hit) and the request goes straight to the log phase.
 pub(super) type Phase<T> = Result<T, Outcome>;
 
-impl WorkerGeneration {
+impl CoreGeneration {
     /// Runs one parsed request's phases (read before, log after: see
     /// `connection.rs`).
     pub(super) async fn handle(&self, c: &mut Client) -> Outcome {
         self.begin(c);
-        let mut path = std::mem::take(&mut c.s.path);
-        let mut key = std::mem::take(&mut c.s.upath);
+        let mut path = std::mem::take(&mut c.s.decoded_path);
+        let mut key = std::mem::take(&mut c.s.encoded_key);
         let outcome = match self.phases(c, &mut path, &mut key).await {
             Ok(answered) | Err(answered) => answered,
         };
-        c.s.path = path;
-        c.s.upath = key;
+        c.s.decoded_path = path;
+        c.s.encoded_key = key;
         outcome
     }
 

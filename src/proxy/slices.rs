@@ -52,7 +52,7 @@ struct Want<'a> {
     total: Option<u64>,
 }
 
-impl WorkerGeneration {
+impl CoreGeneration {
     /// Whether the request is one slices may answer (a cheap check made
     /// before the slice step's future is built).
     pub(super) fn wants_slices(&self, c: &Client, bucket: usize) -> bool {
@@ -85,7 +85,7 @@ impl WorkerGeneration {
         // A whole GET goes through slices only for an object known to be
         // above the item limit (its slice metadata stored, see
         // `cache::Fill`); any other is relayed and stored whole as before.
-        let range = match c.s.req.header(super::cache::RANGE) {
+        let range = match c.s.req.header(Forwarded::Range) {
             Some(r) => r.to_string(),
             None => {
                 self.stored(&slice::meta_key(&object_key))
@@ -305,7 +305,7 @@ impl WorkerGeneration {
         key: &str,
         want: &Want<'_>,
     ) -> Result<(Arc<Object>, Arc<Object>), SliceError> {
-        use crate::cache::collapse::{Event, Role};
+        use crate::cache::collapse::{FillEvent, Role};
         let slice_key = slice::key(want.object_key, want.size, want.n);
         let fills = &self.shared.process.fills;
         let fill = match fills.join_or_lead(&slice_key) {
@@ -321,7 +321,7 @@ impl WorkerGeneration {
         };
         let wait = self.shared.config.server.idle_timeout;
         let ended = monoio::time::timeout(wait, fill.next(true, 0)).await;
-        if let (Ok(Event::Ended(crate::cache::collapse::End::Done)), Some(piece)) =
+        if let (Ok(FillEvent::Ended(crate::cache::collapse::End::Done)), Some(piece)) =
             (ended, fill.stored())
         {
             let meta = self.stored(&slice::meta_key(want.object_key)).await;

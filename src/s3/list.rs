@@ -123,9 +123,7 @@ fn root_element(text: &str) -> Option<String> {
     let mut reader = quick_xml::Reader::from_str(text);
     loop {
         match reader.read_event().ok()? {
-            Event::Start(e) | Event::Empty(e) => {
-                return Some(e.local_name().as_ref().to_string())
-            }
+            Event::Start(e) | Event::Empty(e) => return Some(e.local_name().as_ref().to_string()),
             Event::Eof => return None,
             _ => {}
         }
@@ -190,15 +188,21 @@ mod tests {
         let page = parse(b"<ListBucketResult><IsTruncated>false</IsTruncated><Contents><Key>k</Key><Size>3</Size></Contents></ListBucketResult>").expect("page");
         assert_eq!(page.next, None);
         assert_eq!(page.objects.len(), 1);
-        let empty = parse(b"<ListBucketResult><KeyCount>0</KeyCount></ListBucketResult>").expect("page");
+        let empty =
+            parse(b"<ListBucketResult><KeyCount>0</KeyCount></ListBucketResult>").expect("page");
         assert_eq!(empty, Page::default());
     }
 
     #[test]
     fn refuses_what_cannot_be_trusted() {
         assert!(parse(b"<Error><Code>AccessDenied</Code></Error>").is_err());
-        assert!(parse(b"<ListBucketResult><IsTruncated>true</IsTruncated></ListBucketResult>").is_err());
-        assert!(parse(b"<ListBucketResult><Contents><Key>k</Key><Size>x</Size></Contents></ListBucketResult>").is_err());
+        assert!(
+            parse(b"<ListBucketResult><IsTruncated>true</IsTruncated></ListBucketResult>").is_err()
+        );
+        assert!(parse(
+            b"<ListBucketResult><Contents><Key>k</Key><Size>x</Size></Contents></ListBucketResult>"
+        )
+        .is_err());
         assert!(parse(b"not xml <<<").is_err());
         assert!(parse(&[0xff, 0xfe]).is_err());
     }

@@ -6,7 +6,7 @@
 use crate::config::Level;
 use crate::http::head::Generated;
 use crate::log;
-use crate::metrics::{render::render, WorkerMetrics};
+use crate::metrics::{render::render, CoreMetrics};
 use crate::shared::Process;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -102,7 +102,12 @@ fn handle(mut s: TcpStream, shared: &Arc<Process>) -> std::io::Result<()> {
         .and_then(|v| v.trim().parse::<usize>().ok())
         .unwrap_or(0);
     if body_len > BODY_MAX {
-        return answer(&mut s, deadline, &method, (413, "text/plain", "request body too large\n".into()));
+        return answer(
+            &mut s,
+            deadline,
+            &method,
+            (413, "text/plain", "request body too large\n".into()),
+        );
     }
     let mut body = buf[head_len..len].to_vec();
     body.truncate(body_len);
@@ -173,7 +178,7 @@ pub fn gather(shared: &Process) -> String {
     {
         std::thread::sleep(Duration::from_millis(2));
     }
-    let mut merged = WorkerMetrics::new(0);
+    let mut merged = CoreMetrics::new(0);
     for s in &shared.workers {
         if let Ok(slot) = s.metrics.lock() {
             if let Some(m) = slot.as_ref() {

@@ -14,7 +14,7 @@ pub mod upgrade;
 
 use crate::config::{Config, Level};
 use crate::log;
-use crate::proxy::Worker;
+use crate::proxy::Core;
 use crate::shared::{Generation, Process};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -56,7 +56,7 @@ pub enum Control {
 
 /// A proxy with its sockets bound and its process state built, not yet
 /// serving. `bind` reports a taken port before any thread starts.
-pub struct Server {
+pub struct Bound {
     process: Arc<Process>,
     listeners: Vec<std::net::TcpListener>,
     metrics_listener: Option<std::net::TcpListener>,
@@ -64,11 +64,11 @@ pub struct Server {
     address: SocketAddr,
 }
 
-impl Server {
+impl Bound {
     /// Binds one `SO_REUSEPORT` listener per worker (port 0 picks one port for
     /// all), the metrics listener, builds the listener TLS acceptor once, and
     /// the first configuration generation.
-    pub fn bind(config: Config, config_path: &str) -> Result<Server, String> {
+    pub fn bind(config: Config, config_path: &str) -> Result<Bound, String> {
         let mut address = config.server.address;
         let mut listeners = Vec::with_capacity(config.server.workers);
         let mut inherited = match upgrade::inherited() {
@@ -143,7 +143,7 @@ impl Server {
             Some(t) => Some(crate::tls::acceptor(&t.cert_file, &t.key_file)?),
         };
         let process = Process::start(config, config_path)?;
-        Ok(Server {
+        Ok(Bound {
             process,
             listeners,
             metrics_listener,
@@ -167,9 +167,9 @@ impl Server {
     /// Starts the workers, the prober and the metrics endpoint, then obeys
     /// `control` until it says [`Control::Stop`] (or ends): stops accepting,
     /// drains in-flight requests (bounded by `shutdown_timeout_seconds`) and
-    /// returns the exit code. Worker threads end with the process.
+    /// returns the exit code. Core threads end with the process.
     pub fn run_until(self, control: impl IntoIterator<Item = Control>) -> i32 {
-        let Server {
+        let Bound {
             process,
             listeners,
             metrics_listener,
@@ -244,7 +244,7 @@ fn take_over_when_serving(process: &Arc<Process>) {
 /// Runs the proxy until SIGTERM or SIGINT (SIGHUP reloads, SIGUSR2
 /// upgrades); returns the exit code.
 pub fn run(config: Config, config_path: &str) -> i32 {
-    let server = match Server::bind(config, config_path) {
+    let server = match Bound::bind(config, config_path) {
         Ok(s) => s,
         Err(e) => {
             log!(Level::Error, "cannot start", error = e);
@@ -529,7 +529,7 @@ async fn worker_main(
             std::process::exit(1);
         }
     };
-    let core = Worker::new(id, process.clone());
+    let core = Core::new(id, process.clone());
     let shared = process.current();
     let tls = tls.map(Rc::new);
     {
@@ -660,7 +660,7 @@ fn trim_heap() {
 }
 
 /// Periodic per-worker housekeeping, off the request path.
-fn tick(worker: &Worker) {
+fn tick(worker: &Core) {
     log::flush();
     let now = crate::shared::now_ms();
     worker.process.workers[worker.id]

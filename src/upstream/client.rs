@@ -234,7 +234,13 @@ pub async fn get_status(
     let deadline = Instant::now() + timeout;
     let pool = super::pool::Pool::new(1);
     let mut conn = pool
-        .connect(0, endpoint, None, timeout, super::pool::Slot::unbudgeted())
+        .connect(
+            0,
+            endpoint,
+            None,
+            timeout,
+            super::pool::BudgetSlot::unbudgeted(),
+        )
         .await
         .map_err(|(cause, detail)| format!("{}: {detail}", cause.label()))?;
     let mut request = Vec::with_capacity(128);

@@ -114,7 +114,7 @@ pub async fn probe(shared: &Generation, pool: &Pool, rid: usize) -> Result<u16, 
             &replica.endpoint,
             r.tls.as_ref(),
             settings.timeout,
-            crate::upstream::pool::Slot::unbudgeted(),
+            crate::upstream::pool::BudgetSlot::unbudgeted(),
         )
         .await
         .map_err(|(cause, detail)| format!("{}: {detail}", cause.label()))?;

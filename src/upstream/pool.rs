@@ -135,16 +135,16 @@ impl Drop for Place<'_> {
 }
 
 /// One connection's share of a [`Budget`], given back when dropped.
-pub struct Slot(Option<Rc<Budget>>);
+pub struct BudgetSlot(Option<Rc<Budget>>);
 
-impl Slot {
+impl BudgetSlot {
     /// A slot outside any budget (the health prober, `--probe`).
-    pub fn unbudgeted() -> Slot {
-        Slot(None)
+    pub fn unbudgeted() -> BudgetSlot {
+        BudgetSlot(None)
     }
 }
 
-impl Drop for Slot {
+impl Drop for BudgetSlot {
     fn drop(&mut self) {
         if let Some(b) = self.0.take() {
             b.release();
@@ -164,7 +164,7 @@ pub struct UpConn {
     /// The TCP socket under the (possibly TLS) stream, for the idle check.
     fd: RawFd,
     /// Its share of the worker's upstream budget (freed when it closes).
-    _slot: Slot,
+    _slot: BudgetSlot,
 }
 
 /// True when an idle socket has input waiting (stray bytes or a close) or
@@ -212,7 +212,7 @@ pub enum Acquired {
     /// An idle connection to the replica, checked.
     Pooled(UpConn),
     /// Room to open a new one.
-    New(Slot),
+    New(BudgetSlot),
 }
 
 impl Pool {
@@ -248,14 +248,14 @@ impl Pool {
         let Some(budget) = &self.budget else {
             return Ok(match pooled() {
                 Some(c) => Acquired::Pooled(c),
-                None => Acquired::New(Slot::unbudgeted()),
+                None => Acquired::New(BudgetSlot::unbudgeted()),
             });
         };
         if let Some(c) = pooled() {
             return Ok(Acquired::Pooled(c));
         }
         if budget.try_take() || (self.close_one_idle() && budget.try_take()) {
-            return Ok(Acquired::New(Slot(Some(budget.clone()))));
+            return Ok(Acquired::New(BudgetSlot(Some(budget.clone()))));
         }
         let place = Place(budget, budget.waiters.borrow_mut().id());
         let wait = std::future::poll_fn(|cx| {
@@ -263,7 +263,7 @@ impl Pool {
                 return Poll::Ready(Acquired::Pooled(c));
             }
             if budget.try_take() || (self.close_one_idle() && budget.try_take()) {
-                return Poll::Ready(Acquired::New(Slot(Some(budget.clone()))));
+                return Poll::Ready(Acquired::New(BudgetSlot(Some(budget.clone()))));
             }
             budget.waiters.borrow_mut().wait(place.1, cx.waker());
             Poll::Pending
@@ -336,7 +336,7 @@ impl Pool {
         endpoint: &Endpoint,
         tls: Option<&TlsConnector>,
         timeout: Duration,
-        slot: Slot,
+        slot: BudgetSlot,
     ) -> Result<UpConn, (Cause, String)> {
         let deadline = Instant::now() + timeout;
         let addrs = self

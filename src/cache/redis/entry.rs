@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 const MAGIC: &[u8] = b"YTGRS1\n";
 
 #[derive(Serialize, Deserialize)]
-struct Meta {
+struct EntryMeta {
     key: String,
     etag: String,
     last_modified: Option<String>,
@@ -53,7 +53,7 @@ pub fn encode(key: &str, object: &Object) -> Vec<u8> {
         .stored_at
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let meta = Meta {
+    let meta = EntryMeta {
         key: key.to_string(),
         etag: object.etag.clone(),
         last_modified: object.last_modified.clone(),
@@ -83,7 +83,7 @@ pub fn decode(key: &str, value: &[u8]) -> Result<Object, Bad> {
     let (Some(meta), Some(body)) = (meta, body) else {
         return Err(Bad::Length);
     };
-    let meta: Meta = serde_json::from_slice(meta).map_err(|_| Bad::Foreign)?;
+    let meta: EntryMeta = serde_json::from_slice(meta).map_err(|_| Bad::Foreign)?;
     if meta.key != key {
         return Err(Bad::OtherKey);
     }

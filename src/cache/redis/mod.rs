@@ -120,7 +120,7 @@ pub fn parse_url(url: &str) -> Result<Url, String> {
 }
 
 /// One write for the writer thread.
-pub struct Write {
+pub struct RedisWrite {
     key: String,
     object: Arc<Object>,
     ttl: Duration,
@@ -133,7 +133,7 @@ pub struct Write {
 pub struct RedisTier {
     /// `cache.redis`.
     pub settings: RedisCache,
-    queue: SyncSender<Write>,
+    queue: SyncSender<RedisWrite>,
     /// Lookups answered by an entry.
     pub hits: AtomicU64,
     /// Lookups that found nothing.
@@ -155,7 +155,7 @@ pub struct RedisTier {
 
 impl RedisTier {
     /// The tier, and the queue its writer thread drains ([`Self::run_writer`]).
-    pub fn new(settings: RedisCache) -> (Arc<RedisTier>, Receiver<Write>) {
+    pub fn new(settings: RedisCache) -> (Arc<RedisTier>, Receiver<RedisWrite>) {
         let (queue, rx) = std::sync::mpsc::sync_channel(WRITE_QUEUE);
         let tier = RedisTier {
             settings,
@@ -182,7 +182,7 @@ impl RedisTier {
     /// how long from now the object may still be served (fresh or stale).
     pub fn offer(&self, key: String, object: Arc<Object>, servable: Duration, epoch: u64) {
         let ttl = ttl(&self.settings, servable);
-        match self.queue.try_send(Write {
+        match self.queue.try_send(RedisWrite {
             key,
             object,
             ttl,
@@ -200,7 +200,11 @@ impl RedisTier {
     /// written with its object's and bucket's index entries (for purges)
     /// in one round trip; one whose object was purged since it was stored
     /// (`purge_epoch` moved) is not written.
-    pub async fn run_writer(self: Arc<Self>, rx: Receiver<Write>, purge_epoch: impl Fn() -> u64) {
+    pub async fn run_writer(
+        self: Arc<Self>,
+        rx: Receiver<RedisWrite>,
+        purge_epoch: impl Fn() -> u64,
+    ) {
         let mut conn: Option<Conn> = None;
         let mut warned: Option<Instant> = None;
         // After a failure, writes are dropped (counted) for a pause: a dead
