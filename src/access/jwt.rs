@@ -164,12 +164,13 @@ pub enum Refusal {
 
 impl Refusal {
     /// The metric label of `yatagarasu_auth_requests_total`.
-    pub fn label(&self) -> &'static str {
+    pub fn result(&self) -> crate::metrics::outcome::AuthResult {
+        use crate::metrics::outcome::AuthResult;
         match self {
-            Refusal::Missing => "missing",
-            Refusal::Invalid(_) => "invalid",
-            Refusal::Expired => "expired",
-            Refusal::Forbidden(_) => "forbidden",
+            Refusal::Missing => AuthResult::Missing,
+            Refusal::Invalid(_) => AuthResult::Invalid,
+            Refusal::Expired => AuthResult::Expired,
+            Refusal::Forbidden(_) => AuthResult::Forbidden,
         }
     }
 }

@@ -471,12 +471,13 @@ pub enum AuthzEngine {
 }
 
 impl AuthzEngine {
-    /// `opa`, `openfga` or `rego`: the metric label.
-    pub fn label(&self) -> &'static str {
+    /// Which engine (its metric label: `opa`, `openfga` or `rego`).
+    pub fn kind(&self) -> crate::metrics::outcome::Engine {
+        use crate::metrics::outcome::Engine;
         match self {
-            AuthzEngine::Opa { .. } => "opa",
-            AuthzEngine::OpenFga { .. } => "openfga",
-            AuthzEngine::Rego { .. } => "rego",
+            AuthzEngine::Opa { .. } => Engine::Opa,
+            AuthzEngine::OpenFga { .. } => Engine::OpenFga,
+            AuthzEngine::Rego { .. } => Engine::Rego,
         }
     }
 }

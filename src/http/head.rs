@@ -683,8 +683,9 @@ pub fn status_line(out: &mut Vec<u8>, status: u16) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// A response the proxy generates itself (errors, `/health`, `/ready`,
-/// metrics): the one writer of such heads, for every listener.
+/// A response of the metrics listener (metrics, `/ready`, the admin API):
+/// its head, whole. (Heads on the main port end in `proxy::respond`, which
+/// adds the request's id and the cache's headers.)
 pub struct Generated<'a> {
     /// The status code.
     pub status: u16,

@@ -8,10 +8,16 @@
 //! scraper merges the slots, adds live gauges (connections, breaker states) and
 //! encodes with the `prometheus` crate's text encoder.
 
+pub mod outcome;
 pub mod render;
 
 use crate::http::head::Method;
+use crate::upstream::client::Cause;
 use hdrhistogram::Histogram;
+use outcome::{
+    AuthResult, CacheResult, Counts, Decision, Engine, Label as _, LimitScope, Lookup, PerKey,
+    RequestCaused,
+};
 use std::collections::HashMap;
 
 /// Latency histogram bounds in microseconds: 1 us .. 1 hour, 2 significant digits.
@@ -25,11 +31,11 @@ pub fn new_histogram() -> Histogram<u64> {
 pub struct ReplicaMetrics {
     /// Requests sent to the replica.
     pub requests: u64,
-    /// Failures blamed on the replica, by reason label.
-    pub failures: HashMap<&'static str, u64>,
-    /// 5xx answers judged to follow the request, not the replica (not
-    /// counted by the breaker), by reason.
-    pub request_caused: HashMap<&'static str, u64>,
+    /// Failures blamed on the replica, by cause.
+    pub failures: Counts<Cause>,
+    /// 5xx answers judged to follow the request, not the replica, and
+    /// bodies broken by a stalled client (not counted by the breaker).
+    pub request_caused: Counts<RequestCaused>,
     /// Bodies resumed from this replica.
     pub resumes: u64,
     /// Upstream response-head latency (us).
@@ -57,10 +63,10 @@ pub struct CoreMetrics {
     pub head_timeouts: u64,
     /// Indexed by global replica id.
     pub replicas: Vec<ReplicaMetrics>,
-    /// `(bucket metric id, result) -> count` of cache lookups.
-    pub cache: HashMap<(usize, &'static str), u64>,
-    /// Bucket metric id -> body bytes served from the cache.
-    pub cache_saved: HashMap<usize, u64>,
+    /// Cache lookups by bucket metric id and result.
+    pub cache: Counts<CacheResult>,
+    /// Body bytes served from the cache, by bucket metric id.
+    pub cache_saved: PerKey,
     /// Cached body bytes sent by reference (vmsplice), not copied.
     pub cache_by_reference: u64,
     /// Relayed body bytes moved upstream -> client with splice(2), not copied.
@@ -69,25 +75,26 @@ pub struct CoreMetrics {
     /// reference, for want of a pipe (the worker's pipe budget spent, or
     /// out of file descriptors).
     pub splice_fallbacks: u64,
-    /// Bucket metric id -> requests that streamed another request's fill.
-    pub coalesced: HashMap<usize, u64>,
+    /// Requests that streamed another request's fill, by bucket metric id.
+    pub coalesced: PerKey,
     /// Waiters that fell behind a shared fetch and continued with a range
     /// request, by bucket metric id.
-    pub detached: HashMap<usize, u64>,
-    /// Bucket metric id -> requests refused by the bucket's IP filter.
-    pub ip_filtered: HashMap<usize, u64>,
-    /// `(bucket metric id, result)` -> authentication outcomes.
-    pub auth: HashMap<(usize, &'static str), u64>,
-    /// Scope (global, per_ip, bucket) -> requests refused by a rate limit.
-    pub rate_limited: HashMap<&'static str, u64>,
+    pub detached: PerKey,
+    /// Requests refused by the bucket's IP filter, by bucket metric id.
+    pub ip_filtered: PerKey,
+    /// Authentication outcomes by bucket metric id.
+    pub auth: Counts<AuthResult>,
+    /// Requests refused by a rate limit, by scope (one key: 0).
+    pub rate_limited: Counts<LimitScope>,
     /// `(from replica id, to replica id) -> count`.
     pub failovers: HashMap<(usize, usize), u64>,
-    /// `(bucket metric id, engine, result)` -> policy decisions.
-    pub authz: HashMap<(usize, &'static str, &'static str), u64>,
-    /// `(bucket metric id, hit or miss)` -> decision cache lookups.
-    pub authz_cache: HashMap<(usize, &'static str), u64>,
-    /// Engine -> decision latency (us) of calls made (not remembered ones).
-    pub authz_duration: HashMap<&'static str, Histogram<u64>>,
+    /// Policy decisions by `(bucket metric id, engine)` (key
+    /// `bucket * Engine::COUNT + engine`) and result.
+    pub authz: Counts<Decision>,
+    /// Decision cache lookups by bucket metric id.
+    pub authz_cache: Counts<Lookup>,
+    /// Decision latency (us) of calls made (not remembered ones), by engine.
+    pub authz_duration: [Option<Histogram<u64>>; 3],
 }
 
 impl CoreMetrics {
@@ -106,16 +113,16 @@ impl CoreMetrics {
             splice_fallbacks: 0,
             replicas: Vec::with_capacity(replicas),
             failovers: HashMap::new(),
-            cache: HashMap::new(),
-            cache_saved: HashMap::new(),
-            coalesced: HashMap::new(),
-            detached: HashMap::new(),
-            ip_filtered: HashMap::new(),
-            rate_limited: HashMap::new(),
-            auth: HashMap::new(),
-            authz: HashMap::new(),
-            authz_cache: HashMap::new(),
-            authz_duration: HashMap::new(),
+            cache: Counts::default(),
+            cache_saved: PerKey::default(),
+            coalesced: PerKey::default(),
+            detached: PerKey::default(),
+            ip_filtered: PerKey::default(),
+            rate_limited: Counts::default(),
+            auth: Counts::default(),
+            authz: Counts::default(),
+            authz_cache: Counts::default(),
+            authz_duration: Default::default(),
         }
     }
 
@@ -141,8 +148,8 @@ impl CoreMetrics {
         while self.replicas.len() <= id {
             self.replicas.push(ReplicaMetrics {
                 requests: 0,
-                failures: HashMap::new(),
-                request_caused: HashMap::new(),
+                failures: Counts::default(),
+                request_caused: Counts::default(),
                 resumes: 0,
                 duration: new_histogram(),
             });
@@ -159,72 +166,67 @@ impl CoreMetrics {
     }
 
     /// Counts a failure blamed on the replica.
-    pub fn replica_failure(&mut self, replica: usize, reason: &'static str) {
-        *self.replica(replica).failures.entry(reason).or_insert(0) += 1;
+    pub fn replica_failure(&mut self, replica: usize, cause: Cause) {
+        self.replica(replica).failures.add(0, cause, 1);
     }
 
-    /// Counts a 5xx blamed on the request (see `upstream::blame`).
-    pub fn request_caused(&mut self, replica: usize, reason: &'static str) {
-        *self
-            .replica(replica)
-            .request_caused
-            .entry(reason)
-            .or_insert(0) += 1;
+    /// Counts a failure laid at the request's door, not the replica's.
+    pub fn request_caused(&mut self, replica: usize, why: RequestCaused) {
+        self.replica(replica).request_caused.add(0, why, 1);
     }
 
-    /// Counts a cache lookup of bucket `bucket` by result (hit, miss, bypass).
-    pub fn cache(&mut self, bucket: usize, result: &'static str) {
-        *self.cache.entry((bucket, result)).or_insert(0) += 1;
+    /// Counts a cache lookup of bucket `bucket` by result.
+    pub fn cache(&mut self, bucket: usize, result: CacheResult) {
+        self.cache.add(bucket, result, 1);
     }
 
     /// Counts a request refused by bucket `bucket`'s IP filter.
     pub fn ip_filtered(&mut self, bucket: usize) {
-        *self.ip_filtered.entry(bucket).or_insert(0) += 1;
+        self.ip_filtered.add(bucket, 1);
     }
 
     /// Counts a policy decision of bucket `bucket` by `engine`.
-    pub fn authz(&mut self, bucket: usize, engine: &'static str, result: &'static str) {
-        *self.authz.entry((bucket, engine, result)).or_insert(0) += 1;
+    pub fn authz(&mut self, bucket: usize, engine: Engine, result: Decision) {
+        self.authz
+            .add(bucket * Engine::COUNT + engine.index(), result, 1);
     }
 
     /// Counts a decision cache lookup of bucket `bucket`.
-    pub fn authz_cache(&mut self, bucket: usize, result: &'static str) {
-        *self.authz_cache.entry((bucket, result)).or_insert(0) += 1;
+    pub fn authz_cache(&mut self, bucket: usize, result: Lookup) {
+        self.authz_cache.add(bucket, result, 1);
     }
 
     /// Records how long `engine` took to decide.
-    pub fn authz_duration(&mut self, engine: &'static str, micros: u64) {
-        let _ = self
-            .authz_duration
-            .entry(engine)
-            .or_insert_with(new_histogram)
+    pub fn authz_duration(&mut self, engine: Engine, micros: u64) {
+        let _ = self.authz_duration[engine.index()]
+            .get_or_insert_with(new_histogram)
             .record(micros.max(1));
     }
 
     /// Counts an authentication outcome of bucket `bucket`.
-    pub fn auth(&mut self, bucket: usize, result: &'static str) {
-        *self.auth.entry((bucket, result)).or_insert(0) += 1;
+    pub fn auth(&mut self, bucket: usize, result: AuthResult) {
+        self.auth.add(bucket, result, 1);
     }
 
     /// Counts a request refused with 429 by a limit of `scope`.
-    pub fn rate_limited(&mut self, scope: &'static str) {
-        *self.rate_limited.entry(scope).or_insert(0) += 1;
+    pub fn rate_limited(&mut self, scope: LimitScope) {
+        self.rate_limited.add(0, scope, 1);
     }
 
     /// Counts a waiter that fell behind a shared fetch and continued with
     /// a range request.
     pub fn detached(&mut self, bucket: usize) {
-        *self.detached.entry(bucket).or_insert(0) += 1;
+        self.detached.add(bucket, 1);
     }
 
     /// Counts a request that streamed another request's fill.
     pub fn coalesced(&mut self, bucket: usize) {
-        *self.coalesced.entry(bucket).or_insert(0) += 1;
+        self.coalesced.add(bucket, 1);
     }
 
     /// Counts body bytes served from the cache instead of an upstream GET.
     pub fn cache_saved(&mut self, bucket: usize, bytes: u64) {
-        *self.cache_saved.entry(bucket).or_insert(0) += bytes;
+        self.cache_saved.add(bucket, bytes);
     }
 
     /// Counts a request moved from replica `from` to `to`.
@@ -255,50 +257,26 @@ impl CoreMetrics {
             let mine = self.replica(id);
             mine.requests += theirs.requests;
             mine.resumes += theirs.resumes;
-            for (k, v) in &theirs.failures {
-                *mine.failures.entry(k).or_insert(0) += v;
-            }
-            for (k, v) in &theirs.request_caused {
-                *mine.request_caused.entry(k).or_insert(0) += v;
-            }
+            mine.failures.merge(&theirs.failures);
+            mine.request_caused.merge(&theirs.request_caused);
             let _ = mine.duration.add(&theirs.duration);
         }
         for (k, v) in &other.failovers {
             *self.failovers.entry(*k).or_insert(0) += v;
         }
-        for (k, v) in &other.cache {
-            *self.cache.entry(*k).or_insert(0) += v;
-        }
-        for (k, v) in &other.cache_saved {
-            *self.cache_saved.entry(*k).or_insert(0) += v;
-        }
-        for (k, v) in &other.detached {
-            *self.detached.entry(*k).or_insert(0) += v;
-        }
-        for (k, v) in &other.coalesced {
-            *self.coalesced.entry(*k).or_insert(0) += v;
-        }
-        for (k, v) in &other.ip_filtered {
-            *self.ip_filtered.entry(*k).or_insert(0) += v;
-        }
-        for (k, v) in &other.auth {
-            *self.auth.entry(*k).or_insert(0) += v;
-        }
-        for (k, v) in &other.rate_limited {
-            *self.rate_limited.entry(k).or_insert(0) += v;
-        }
-        for (k, v) in &other.authz {
-            *self.authz.entry(*k).or_insert(0) += v;
-        }
-        for (k, v) in &other.authz_cache {
-            *self.authz_cache.entry(*k).or_insert(0) += v;
-        }
-        for (k, h) in &other.authz_duration {
-            let _ = self
-                .authz_duration
-                .entry(k)
-                .or_insert_with(new_histogram)
-                .add(h);
+        self.cache.merge(&other.cache);
+        self.cache_saved.merge(&other.cache_saved);
+        self.detached.merge(&other.detached);
+        self.coalesced.merge(&other.coalesced);
+        self.ip_filtered.merge(&other.ip_filtered);
+        self.auth.merge(&other.auth);
+        self.rate_limited.merge(&other.rate_limited);
+        self.authz.merge(&other.authz);
+        self.authz_cache.merge(&other.authz_cache);
+        for (mine, theirs) in self.authz_duration.iter_mut().zip(&other.authz_duration) {
+            if let Some(h) = theirs {
+                let _ = mine.get_or_insert_with(new_histogram).add(h);
+            }
         }
     }
 }
@@ -313,13 +291,13 @@ mod tests {
         let mut b = CoreMetrics::new(2);
         a.request(Some(0), Method::Get, 200, 1500, 10);
         b.request(Some(0), Method::Get, 200, 2500, 5);
-        b.replica_failure(1, "connect");
+        b.replica_failure(1, Cause::Connect);
         b.failover(1, 0);
         a.merge(&b);
         assert_eq!(a.requests[&(0, Method::Get, 200)], 2);
         assert_eq!(a.bytes_sent, 15);
         assert_eq!(a.request_duration.len(), 2);
-        assert_eq!(a.replicas[1].failures["connect"], 1);
+        assert_eq!(a.replicas[1].failures.get(0, Cause::Connect), 1);
         assert_eq!(a.failovers[&(1, 0)], 1);
     }
 }

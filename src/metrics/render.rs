@@ -1,5 +1,6 @@
 //! Prometheus text exposition of merged worker metrics and live replica state.
 
+use super::outcome::{Engine, Label};
 use super::CoreMetrics;
 use crate::shared::{Generation, PROBE_FAILED};
 use crate::upstream::breaker::State;
@@ -215,71 +216,68 @@ fn access_families(
         ],
     ));
     credential_families(shared, families);
-    let mut auth: Vec<_> = merged.auth.iter().collect();
-    auth.sort();
     families.push(family(
         "yatagarasu_auth_requests_total",
         "JWT authentication outcomes by bucket and result (ok, missing, invalid, expired, forbidden).",
         MetricType::COUNTER,
-        auth.into_iter()
-            .map(|((b, r), v)| counter(&[("bucket", bucket_name(*b)), ("result", r)], *v as f64))
+        merged
+            .auth
+            .nonzero()
+            .map(|(b, r, v)| counter(&[("bucket", bucket_name(b)), ("result", r)], v as f64))
             .collect(),
     ));
-    let mut decisions: Vec<_> = merged.authz.iter().collect();
-    decisions.sort();
     families.push(family(
         "yatagarasu_authz_decisions_total",
         "Policy decisions by bucket, engine (opa, openfga, rego) and result (allow, deny, error_open: allowed by fail_mode open, error_closed: refused with 503).",
         MetricType::COUNTER,
-        decisions
-            .into_iter()
-            .map(|((b, e, r), v)| {
-                counter(&[("bucket", bucket_name(*b)), ("engine", e), ("result", r)], *v as f64)
+        merged
+            .authz
+            .nonzero()
+            .map(|(key, r, v)| {
+                let (b, e) = (key / Engine::COUNT, Engine::label_at(key % Engine::COUNT));
+                counter(&[("bucket", bucket_name(b)), ("engine", e), ("result", r)], v as f64)
             })
             .collect(),
     ));
-    let mut remembered: Vec<_> = merged.authz_cache.iter().collect();
-    remembered.sort();
     families.push(family(
         "yatagarasu_authz_cache_total",
         "Policy decision cache lookups by bucket and result (hit, miss).",
         MetricType::COUNTER,
-        remembered
-            .into_iter()
-            .map(|((b, r), v)| counter(&[("bucket", bucket_name(*b)), ("result", r)], *v as f64))
+        merged
+            .authz_cache
+            .nonzero()
+            .map(|(b, r, v)| counter(&[("bucket", bucket_name(b)), ("result", r)], v as f64))
             .collect(),
     ));
-    let mut engines: Vec<_> = merged.authz_duration.iter().collect();
-    engines.sort_by_key(|(e, _)| *e);
     families.push(family(
         "yatagarasu_authz_duration_seconds",
         "Time a policy engine took to decide (calls made, not remembered decisions), by engine.",
         MetricType::HISTOGRAM,
-        engines
-            .into_iter()
-            .map(|(e, h)| histogram(&[("engine", e)], h))
+        merged
+            .authz_duration
+            .iter()
+            .enumerate()
+            .filter_map(|(e, h)| Some(histogram(&[("engine", Engine::label_at(e))], h.as_ref()?)))
             .collect(),
     ));
-    let mut limited: Vec<_> = merged.rate_limited.iter().collect();
-    limited.sort();
     families.push(family(
         "yatagarasu_rate_limited_total",
         "Requests refused with 429 by a rate limit, by scope (global, per_ip, bucket).",
         MetricType::COUNTER,
-        limited
-            .into_iter()
-            .map(|(scope, v)| counter(&[("scope", scope)], *v as f64))
+        merged
+            .rate_limited
+            .nonzero()
+            .map(|(_, scope, v)| counter(&[("scope", scope)], v as f64))
             .collect(),
     ));
-    let mut filtered: Vec<_> = merged.ip_filtered.iter().collect();
-    filtered.sort();
     families.push(family(
         "yatagarasu_ip_filtered_total",
         "Requests refused by a bucket's IP filter.",
         MetricType::COUNTER,
-        filtered
-            .into_iter()
-            .map(|(b, v)| counter(&[("bucket", bucket_name(*b))], *v as f64))
+        merged
+            .ip_filtered
+            .nonzero()
+            .map(|(b, v)| counter(&[("bucket", bucket_name(b))], v as f64))
             .collect(),
     ));
 }
@@ -394,20 +392,16 @@ fn replica_families(
         requests.push(counter(&l, m.requests as f64));
         resumes.push(counter(&l, m.resumes as f64));
         durations.push(histogram(&l, &m.duration));
-        let mut reasons: Vec<_> = m.failures.iter().collect();
-        reasons.sort();
-        for (reason, v) in reasons {
+        for (_, reason, v) in m.failures.nonzero() {
             failures.push(counter(
                 &[("bucket", b), ("replica", name), ("reason", reason)],
-                *v as f64,
+                v as f64,
             ));
         }
-        let mut reasons: Vec<_> = m.request_caused.iter().collect();
-        reasons.sort();
-        for (reason, v) in reasons {
+        for (_, reason, v) in m.request_caused.nonzero() {
             request_caused.push(counter(
                 &[("bucket", b), ("replica", name), ("reason", reason)],
-                *v as f64,
+                v as f64,
             ));
         }
     }
@@ -496,11 +490,10 @@ fn cache_families<'n>(
     let Some(store) = shared.process.cache.as_ref() else {
         return;
     };
-    let mut results: Vec<_> = merged.cache.iter().collect();
-    results.sort();
-    let requests = results
-        .into_iter()
-        .map(|((b, r), v)| counter(&[("bucket", bucket_name(*b)), ("result", r)], *v as f64))
+    let requests = merged
+        .cache
+        .nonzero()
+        .map(|(b, r, v)| counter(&[("bucket", bucket_name(b)), ("result", r)], v as f64))
         .collect();
     families.push(family(
         "yatagarasu_cache_requests_total",
@@ -508,11 +501,10 @@ fn cache_families<'n>(
         MetricType::COUNTER,
         requests,
     ));
-    let mut saved: Vec<_> = merged.cache_saved.iter().collect();
-    saved.sort();
-    let saved = saved
-        .into_iter()
-        .map(|(b, v)| counter(&[("bucket", bucket_name(*b))], *v as f64))
+    let saved = merged
+        .cache_saved
+        .nonzero()
+        .map(|(b, v)| counter(&[("bucket", bucket_name(b))], v as f64))
         .collect();
     families.push(family(
         "yatagarasu_cache_upstream_bytes_saved_total",
@@ -526,26 +518,24 @@ fn cache_families<'n>(
         MetricType::COUNTER,
         vec![counter(&[], merged.cache_by_reference as f64)],
     ));
-    let mut coalesced: Vec<_> = merged.coalesced.iter().collect();
-    coalesced.sort();
     families.push(family(
         "yatagarasu_cache_coalesced_total",
         "Requests that streamed another request's upstream fetch (collapsed forwarding).",
         MetricType::COUNTER,
-        coalesced
-            .into_iter()
-            .map(|(b, v)| counter(&[("bucket", bucket_name(*b))], *v as f64))
+        merged
+            .coalesced
+            .nonzero()
+            .map(|(b, v)| counter(&[("bucket", bucket_name(b))], v as f64))
             .collect(),
     ));
-    let mut detached: Vec<_> = merged.detached.iter().collect();
-    detached.sort();
     families.push(family(
         "yatagarasu_cache_waiters_detached_total",
         "Requests that fell behind a shared fetch they streamed (a pass-through fill's window, or a stored copy gone) and continued with a range request of their own.",
         MetricType::COUNTER,
-        detached
-            .into_iter()
-            .map(|(b, v)| counter(&[("bucket", bucket_name(*b))], *v as f64))
+        merged
+            .detached
+            .nonzero()
+            .map(|(b, v)| counter(&[("bucket", bucket_name(b))], v as f64))
             .collect(),
     ));
     let memory = [("layer", "memory")];

@@ -135,17 +135,17 @@ impl CoreGeneration {
             Ok(ok) => {
                 c.s.subject = ok.sub;
                 c.s.claims = Some(ok.claims);
-                self.core.metrics.borrow_mut().auth(mid, "ok");
+                self.core.metrics.borrow_mut().auth(mid, AuthResult::Ok);
                 return None;
             }
             Err(r) => r,
         };
-        self.core.metrics.borrow_mut().auth(mid, refusal.label());
+        self.core.metrics.borrow_mut().auth(mid, refusal.result());
         log!(
             Level::Info,
             "Request refused by authentication",
             bucket = b.name,
-            result = refusal.label(),
+            result = refusal.result().label(),
             reason = format_args!("{refusal:?}"),
             request_id = c.s.req.request_id,
         );

@@ -124,7 +124,7 @@ impl CoreGeneration {
         path: &str,
         key: &str,
     ) -> Phase<()> {
-        c.s.authz = "";
+        c.s.authz = None;
         c.s.authz_reason.clear();
         if c.s.prewarm {
             return Ok(());
@@ -133,7 +133,7 @@ impl CoreGeneration {
             return Ok(());
         };
         let b = self.shared.bucket(bucket);
-        let engine = settings.engine.label();
+        let engine = settings.engine.kind();
         let ask = Ask {
             bucket,
             client,
@@ -154,10 +154,14 @@ impl CoreGeneration {
         let now = now_ms();
         let cached = self.authz.cache.borrow_mut().get(&question, now);
         let mid = self.shared.bucket_metric[bucket];
-        self.core
-            .metrics
-            .borrow_mut()
-            .authz_cache(mid, if cached.is_some() { "hit" } else { "miss" });
+        self.core.metrics.borrow_mut().authz_cache(
+            mid,
+            if cached.is_some() {
+                Lookup::Hit
+            } else {
+                Lookup::Miss
+            },
+        );
         let decided = match cached {
             Some(v) => Ok(v),
             None => {
@@ -183,8 +187,11 @@ impl CoreGeneration {
         };
         match decided {
             Ok(Verdict::Allow) => {
-                c.s.authz = "allow";
-                self.core.metrics.borrow_mut().authz(mid, engine, "allow");
+                c.s.authz = Some(Decision::Allow);
+                self.core
+                    .metrics
+                    .borrow_mut()
+                    .authz(mid, engine, Decision::Allow);
                 Ok(())
             }
             Ok(deny) => Err(self.refused(c, bucket, engine, deny).await),
@@ -192,8 +199,13 @@ impl CoreGeneration {
                 // The fail mode decides; a WARN each time it refuses, at
                 // most once a second per core when it allows.
                 let open = settings.fail_open;
-                c.s.authz = if open { "error_open" } else { "error_closed" };
-                self.core.metrics.borrow_mut().authz(mid, engine, c.s.authz);
+                let decision = if open {
+                    Decision::ErrorOpen
+                } else {
+                    Decision::ErrorClosed
+                };
+                c.s.authz = Some(decision);
+                self.core.metrics.borrow_mut().authz(mid, engine, decision);
                 let (now, last) = (now_ms().max(1), self.authz.warned_ms.get());
                 if !open || last == 0 || now.saturating_sub(last) >= 1000 {
                     if open {
@@ -225,19 +237,16 @@ impl CoreGeneration {
 
     /// A 403 for a denied request, its reason logged and kept for the
     /// access line.
-    async fn refused(
-        &self,
-        c: &mut Client,
-        bucket: usize,
-        engine: &'static str,
-        v: Verdict,
-    ) -> Outcome {
+    async fn refused(&self, c: &mut Client, bucket: usize, engine: Engine, v: Verdict) -> Outcome {
         let mid = self.shared.bucket_metric[bucket];
-        c.s.authz = "deny";
+        c.s.authz = Some(Decision::Deny);
         if let Verdict::Deny(Some(reason)) = &v {
             c.s.authz_reason = reason.clone();
         }
-        self.core.metrics.borrow_mut().authz(mid, engine, "deny");
+        self.core
+            .metrics
+            .borrow_mut()
+            .authz(mid, engine, Decision::Deny);
         log!(
             Level::Info,
             "Request refused by policy",

@@ -118,7 +118,7 @@ impl CoreGeneration {
         self.core
             .metrics
             .borrow_mut()
-            .replica_failure(self.mid(rid), cause.label());
+            .replica_failure(self.mid(rid), cause);
         if cause.is_local() {
             // The proxy's own exhaustion says nothing about the replica.
             self.release(rid, admit);
@@ -164,7 +164,7 @@ impl Ledger for CoreGeneration {
         self.core
             .metrics
             .borrow_mut()
-            .request_caused(self.mid(rid), cause.label());
+            .request_caused(self.mid(rid), RequestCaused::Status(cause));
         CoreGeneration::release(self, rid, admit);
     }
     fn release(&self, rid: usize, admit: Admit) {

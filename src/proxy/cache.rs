@@ -231,7 +231,10 @@ impl CoreGeneration {
         let mid = self.shared.bucket_metric[bucket];
         if conditional_not_answered(c) {
             c.s.cache = CacheUse::Bypass;
-            self.core.metrics.borrow_mut().cache(mid, "bypass");
+            self.core
+                .metrics
+                .borrow_mut()
+                .cache(mid, CacheResult::Bypass);
             return Ok(None);
         }
         let k = self.cache_key(bucket, key, &c.s.query);
@@ -239,7 +242,7 @@ impl CoreGeneration {
         if let Some(copy) = store.get(&k).or(promoted) {
             let now = crate::clock::now();
             if policy::is_fresh(copy.stored_at, copy.fresh_for, now) {
-                self.core.metrics.borrow_mut().cache(mid, "hit");
+                self.core.metrics.borrow_mut().cache(mid, CacheResult::Hit);
                 return Ok(Some(copy));
             }
             let stale_for = self.shared.config.cache.stale_if_error;
@@ -264,7 +267,11 @@ impl CoreGeneration {
         // A revalidation or a stale copy in hand: the result is known once
         // the replicas have been tried (`settle`).
         if !self.deferred(c) {
-            let result = if plain_get { "miss" } else { "bypass" };
+            let result = if plain_get {
+                CacheResult::Miss
+            } else {
+                CacheResult::Bypass
+            };
             self.core.metrics.borrow_mut().cache(mid, result);
         }
         Ok(None)
@@ -314,7 +321,10 @@ impl CoreGeneration {
         c.give_response(answer.resp);
         c.s.stale = None;
         let mid = self.shared.bucket_metric[bucket];
-        self.core.metrics.borrow_mut().cache(mid, "revalidated");
+        self.core
+            .metrics
+            .borrow_mut()
+            .cache(mid, CacheResult::Revalidated);
         let Some(fresh_for) = fresh else {
             return copy;
         };
@@ -354,13 +364,16 @@ impl CoreGeneration {
         let stale = c.s.stale.take();
         let Some(copy) = stale.filter(|_| replicas_failed) else {
             let result = match c.s.cache {
-                CacheUse::Bypass => "bypass",
-                _ => "miss",
+                CacheUse::Bypass => CacheResult::Bypass,
+                _ => CacheResult::Miss,
             };
             self.core.metrics.borrow_mut().cache(mid, result);
             return None;
         };
-        self.core.metrics.borrow_mut().cache(mid, "stale");
+        self.core
+            .metrics
+            .borrow_mut()
+            .cache(mid, CacheResult::Stale);
         // The store key, whatever role this request had: a waiter whose fill
         // was abandoned falls back here too, and is the same key.
         let key = self.cache_key(bucket, key, &c.s.query);
@@ -460,7 +473,7 @@ impl CoreGeneration {
         // is read instead (and that copy's answer counts any fallback).
         let pipe = self.core.take_pipe().ok()?;
         let mid = self.shared.bucket_metric[bucket];
-        self.core.metrics.borrow_mut().cache(mid, "hit");
+        self.core.metrics.borrow_mut().cache(mid, CacheResult::Hit);
         let source = Source::File {
             file: &entry.file,
             offset: entry.body_offset,
@@ -561,6 +574,8 @@ impl CoreGeneration {
         keep: bool,
     ) {
         let len = copy.total;
+        // A 416 carries none of the copy's headers: its own Date.
+        let unsatisfiable = matches!(answer, Some(RangeAnswer::Unsatisfiable));
         let w = &mut c.s.wbuf;
         head::status_line(w, status);
         match answer {
@@ -578,7 +593,6 @@ impl CoreGeneration {
             Some(RangeAnswer::Unsatisfiable) => {
                 head::header(w, "Content-Range", &format!("bytes */{len}"));
                 head::header(w, "Content-Length", "0");
-                self.core.date_header(w);
             }
             Some(RangeAnswer::Whole) => {
                 w.extend_from_slice(copy.headers.as_bytes());
@@ -591,12 +605,16 @@ impl CoreGeneration {
             }
         }
         let age = policy::age(copy.stored_at, crate::clock::now());
-        head::header(w, "Age", &itoa(age));
-        head::header(w, "X-Cache", x_cache);
-        c.s.flags.x_cache = x_cache;
-        head::header(w, "X-Request-ID", &c.s.req.request_id);
-        connection_header(w, keep, c.s.req.http10);
-        w.extend_from_slice(b"\r\n");
+        self.end_head(
+            c,
+            respond::HeadEnd {
+                date: unsatisfiable,
+                age: Some(age),
+                x_cache: Some(x_cache),
+                chunked: false,
+                keep,
+            },
+        );
     }
 
     /// A fill for the answer's body, when it is to be stored: a 200 with a
@@ -1155,7 +1173,7 @@ impl CoreGeneration {
         let mid = self.shared.bucket_metric[bucket];
         {
             let mut m = self.core.metrics.borrow_mut();
-            m.cache(mid, "hit");
+            m.cache(mid, CacheResult::Hit);
             m.coalesced(mid);
         }
         let keep = c.s.req.keep_alive && !self.core.draining.get();
@@ -1163,11 +1181,16 @@ impl CoreGeneration {
         head::status_line(w, 200);
         w.extend_from_slice(head.headers.as_bytes());
         head::header(w, "Content-Length", &itoa(head.len));
-        head::header(w, "X-Cache", "HIT");
-        c.s.flags.x_cache = "HIT";
-        head::header(w, "X-Request-ID", &c.s.req.request_id);
-        connection_header(w, keep, c.s.req.http10);
-        w.extend_from_slice(b"\r\n");
+        self.end_head(
+            c,
+            respond::HeadEnd {
+                date: false,
+                age: Some(0),
+                x_cache: Some("HIT"),
+                chunked: false,
+                keep,
+            },
+        );
         let mut out = Outcome {
             status: 200,
             bytes: 0,

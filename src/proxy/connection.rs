@@ -506,7 +506,7 @@ impl CoreGeneration {
             } else {
                 c.s.flags.cause
             },
-            authz = if c.s.authz.is_empty() { "-" } else { c.s.authz },
+            authz = c.s.authz.map_or("-", |d| d.label()),
             authz_reason = if c.s.authz_reason.is_empty() {
                 "-"
             } else {
@@ -527,23 +527,21 @@ impl CoreGeneration {
         extra: &[(&str, &str)],
     ) -> bool {
         let keep = keep_alive && c.s.req.keep_alive && !self.core.draining.get();
-        let mut headers = [("X-Request-ID", c.s.req.request_id.as_str()); 3];
-        debug_assert!(extra.len() <= 2, "at most two extra headers");
-        let n = extra.len().min(2) + 1;
-        headers[1..n].copy_from_slice(&extra[..n - 1]);
-        c.s.wbuf.clear();
-        self.core.with_date(|date| {
-            head::Generated {
-                status,
-                content_type,
-                content_length: body.len(),
-                date,
-                extra: &headers[..n],
-                keep_alive: keep,
-                http10: c.s.req.http10,
-            }
-            .write(&mut c.s.wbuf)
-        });
+        let w = &mut c.s.wbuf;
+        head::status_line(w, status);
+        head::header(w, "Content-Type", content_type);
+        head::header(w, "Content-Length", &itoa(body.len() as u64));
+        for (name, value) in extra {
+            head::header(w, name, value);
+        }
+        self.end_head(
+            c,
+            respond::HeadEnd {
+                date: true,
+                keep,
+                ..Default::default()
+            },
+        );
         if c.s.req.method() != Method::Head {
             c.s.wbuf.extend_from_slice(body);
         }

@@ -63,11 +63,11 @@ impl CoreGeneration {
             let per_ip = l
                 .per_ip
                 .as_mut()
-                .and_then(|t| t.take(client, now).err().map(|w| ("per_ip", w)));
+                .and_then(|t| t.take(client, now).err().map(|w| (LimitScope::PerIp, w)));
             per_ip.or_else(|| {
                 l.global
                     .as_mut()
-                    .and_then(|g| g.take(now).err().map(|w| ("global", w)))
+                    .and_then(|g| g.take(now).err().map(|w| (LimitScope::Global, w)))
             })
         };
         let (scope, wait_ms) = verdict?;
@@ -86,7 +86,7 @@ impl CoreGeneration {
             c.s.upstream_prepaid = taken.is_ok();
             taken.err()?
         };
-        Some(self.too_many(c, "bucket", wait_ms).await)
+        Some(self.too_many(c, LimitScope::Bucket, wait_ms).await)
     }
 
     /// Charges one request sent to S3 to the bucket's upstream limit: the
@@ -115,7 +115,10 @@ impl CoreGeneration {
             };
             let wait = Duration::from_millis(wait_ms);
             if Instant::now() + wait > deadline {
-                self.core.metrics.borrow_mut().rate_limited("bucket");
+                self.core
+                    .metrics
+                    .borrow_mut()
+                    .rate_limited(LimitScope::Bucket);
                 return Err(Failure::new(
                     Cause::RateLimited,
                     format!("bucket's upstream rate limit: next request allowed in {wait_ms} ms"),
@@ -125,7 +128,7 @@ impl CoreGeneration {
         }
     }
 
-    async fn too_many(&self, c: &mut Client, scope: &'static str, wait_ms: u64) -> Outcome {
+    async fn too_many(&self, c: &mut Client, scope: LimitScope, wait_ms: u64) -> Outcome {
         self.core.metrics.borrow_mut().rate_limited(scope);
         let secs = itoa(wait_ms.div_ceil(1000).max(1));
         let extra = [("Retry-After", secs.as_str())];

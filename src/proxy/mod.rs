@@ -14,6 +14,9 @@ use crate::http::body::{self, PumpError, Pumped, Timeouts};
 use crate::http::head::{self, Forwarded, Framing, HeadError, Method, Request, Response};
 use crate::http::io::{read_more, write_all, write_head_and, write_head_and_body, write_range};
 use crate::log;
+use crate::metrics::outcome::{
+    AuthResult, CacheResult, Decision, Engine, Label as _, LimitScope, Lookup, RequestCaused,
+};
 use crate::metrics::CoreMetrics;
 use crate::router::{self, RouteError};
 use crate::s3::{self, Signer};
@@ -32,6 +35,7 @@ mod limits;
 pub mod lot;
 pub mod park;
 mod relay;
+mod respond;
 mod resume;
 mod route;
 mod session;
@@ -370,9 +374,8 @@ struct RequestState {
     /// The authenticated token (it stands for its claims in the policy
     /// decision cache's key).
     token: String,
-    /// The policy decision (for the access log): empty when no policy
-    /// applies, else allow, deny, error_open or error_closed.
-    authz: &'static str,
+    /// The policy decision (for the access log), when a policy applies.
+    authz: Option<crate::metrics::outcome::Decision>,
     /// The policy's reason for its decision, when it gave one.
     authz_reason: String,
     /// What the access line says of the request beyond its status (as
@@ -563,14 +566,6 @@ impl CoreGeneration {
 
     fn replica(&self, rid: usize) -> &Replica {
         &self.shared.replicas[rid].config
-    }
-}
-
-fn connection_header(out: &mut Vec<u8>, keep: bool, http10: bool) {
-    if !keep {
-        head::header(out, "Connection", "close");
-    } else if http10 {
-        head::header(out, "Connection", "keep-alive");
     }
 }
 

@@ -255,22 +255,19 @@ impl CoreGeneration {
         let rechunk = !c.s.req.http10;
         let delimited_by_us = matches!(framing, Framing::Chunked | Framing::Close);
         let keep = c.s.req.keep_alive && !self.core.draining.get() && (rechunk || !delimited_by_us);
-        let w = &mut c.s.wbuf;
-        head::status_line(w, resp.status);
-        w.extend_from_slice(resp.forward.as_bytes());
-        if !resp.has_date {
-            self.core.date_header(w);
-        }
-        head::header(w, "X-Request-ID", &c.s.req.request_id);
-        if let Some(x) = c.s.cache.x_cache() {
-            head::header(w, "X-Cache", x);
-            c.s.flags.x_cache = x;
-        }
-        if delimited_by_us && rechunk {
-            head::header(w, "Transfer-Encoding", "chunked");
-        }
-        connection_header(w, keep, c.s.req.http10);
-        w.extend_from_slice(b"\r\n");
+        head::status_line(&mut c.s.wbuf, resp.status);
+        c.s.wbuf.extend_from_slice(resp.forward.as_bytes());
+        let x_cache = c.s.cache.x_cache();
+        self.end_head(
+            c,
+            respond::HeadEnd {
+                date: !resp.has_date,
+                age: None,
+                x_cache,
+                chunked: delimited_by_us && rechunk,
+                keep,
+            },
+        );
         let mut out = Outcome {
             status: resp.status,
             bytes: 0,
@@ -285,7 +282,8 @@ impl CoreGeneration {
             let avail = answer.conn.buf.len() - start;
             let n = avail.min(usize::try_from(len).unwrap_or(usize::MAX));
             if n <= COALESCE_MAX {
-                w.extend_from_slice(&answer.conn.buf[start..start + n]);
+                c.s.wbuf
+                    .extend_from_slice(&answer.conn.buf[start..start + n]);
                 with_head = (start + n, start + n);
             } else {
                 with_head = (start, start + n);
@@ -410,7 +408,7 @@ impl CoreGeneration {
         self.core
             .metrics
             .borrow_mut()
-            .request_caused(self.mid(rid), "client_stalled");
+            .request_caused(self.mid(rid), RequestCaused::ClientStalled);
         log!(
             Level::Info,
             "Upstream closed while the client was not reading; aborting the client connection",

@@ -195,10 +195,14 @@ impl CoreGeneration {
                 .all(|n| stored_slice(store, object_key, (&meta, size), n).is_some());
         let x_cache = if all_stored { "HIT" } else { "MISS" };
         let mid = self.shared.bucket_metric[bucket];
-        self.core
-            .metrics
-            .borrow_mut()
-            .cache(mid, if all_stored { "hit" } else { "miss" });
+        self.core.metrics.borrow_mut().cache(
+            mid,
+            if all_stored {
+                CacheResult::Hit
+            } else {
+                CacheResult::Miss
+            },
+        );
         let keep = c.s.req.keep_alive && !self.core.draining.get();
         let (status, part) = match whole {
             true => (200, RangeAnswer::Whole),
