@@ -10,6 +10,7 @@ pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod credentials;
+pub mod error;
 pub mod http;
 pub mod log;
 pub mod metrics;

@@ -67,6 +67,18 @@ pub struct CacheSettings {
     pub redis: Option<RedisCache>,
     /// `cache.warming`: pre-warming tasks' pace.
     pub warming: Warming,
+    /// The tiers below memory in the order a memory miss asks them
+    /// (`cache.cache_layers`' order; disk then Redis when not listed).
+    pub lower_layers: Vec<Layer>,
+}
+
+/// A cache tier below memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    /// `cache.disk`.
+    Disk,
+    /// `cache.redis`.
+    Redis,
 }
 
 /// `cache.warming`: objects fetched at once and per second by a

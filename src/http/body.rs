@@ -9,24 +9,10 @@
 use super::chunked::ChunkedDecoder;
 use super::io::{read_more, write_range};
 use super::zerocopy;
-use crate::upstream::client::Cause;
+use crate::error::{Cause, Error, Source};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use std::io::Write as _;
 use std::time::Duration;
-
-/// Which side broke a pump.
-#[derive(Debug)]
-pub enum PumpError {
-    /// The upstream stalled, reset, closed early or sent bad framing.
-    Upstream(Cause),
-    /// The upstream broke after our client stopped reading for
-    /// [`CLIENT_STALL`] or more: the pump stopped reading the upstream too
-    /// (backpressure), and an upstream drops a send that stalls. The
-    /// client's doing, never the replica's failure.
-    ClientStalled(Cause),
-    /// The client went away or stopped reading.
-    Client,
-}
 
 /// A client write that waits this long means the client stopped reading
 /// (and so, through backpressure, did the pump).
@@ -49,18 +35,18 @@ impl Backpressure {
     }
 
     /// The error for an upstream failure with `cause`.
-    fn upstream(&self, cause: Cause) -> PumpError {
+    fn upstream(&self, cause: Cause) -> Error {
         match self.stalled {
-            true => PumpError::ClientStalled(cause),
-            false => PumpError::Upstream(cause),
+            true => Error::stalled_client(cause),
+            false => Error::upstream(cause, ""),
         }
     }
 
     /// Reclassifies an upstream error.
-    fn judge(&self, e: PumpError) -> PumpError {
-        match e {
-            PumpError::Upstream(cause) => self.upstream(cause),
-            other => other,
+    fn judge(&self, e: Error) -> Error {
+        match e.source {
+            Source::Upstream => self.upstream(e.cause),
+            _ => e,
         }
     }
 }
@@ -110,7 +96,7 @@ pub async fn length<U, C>(
     client: &mut C,
     t: Timeouts,
     mut tee: Option<&mut dyn Tee>,
-) -> Result<Pumped, (PumpError, u64)>
+) -> Result<Pumped, (Error, u64)>
 where
     U: AsyncReadRent,
     C: AsyncWriteRentExt,
@@ -136,7 +122,7 @@ where
                 .await
                 .is_err()
             {
-                return Err((PumpError::Client, sent));
+                return Err((Error::client_gone(), sent));
             }
             backpressure.wrote(started);
             sent += n as u64;
@@ -165,23 +151,23 @@ async fn forward<C: AsyncWriteRentExt>(
     (from, n): (usize, usize),
     rechunk: bool,
     t: Timeouts,
-) -> Result<(), PumpError> {
+) -> Result<(), Error> {
     if !rechunk {
         return write_range(client, buf, from, from + n, t.client)
             .await
-            .map_err(|_| PumpError::Client);
+            .map_err(|_| Error::client_gone());
     }
     frame.clear();
     let _ = write!(frame, "{n:x}\r\n");
     let flen = frame.len();
     write_range(client, frame, 0, flen, t.client)
         .await
-        .map_err(|_| PumpError::Client)?;
+        .map_err(|_| Error::client_gone())?;
     buf.truncate(from + n);
     buf.extend_from_slice(b"\r\n");
     write_range(client, buf, from, from + n + 2, t.client)
         .await
-        .map_err(|_| PumpError::Client)
+        .map_err(|_| Error::client_gone())
 }
 
 /// Ends a re-chunked body with the last (empty) chunk.
@@ -190,7 +176,7 @@ async fn last_chunk<C: AsyncWriteRentExt>(
     frame: &mut Vec<u8>,
     rechunk: bool,
     t: Timeouts,
-) -> Result<(), PumpError> {
+) -> Result<(), Error> {
     if !rechunk {
         return Ok(());
     }
@@ -198,7 +184,7 @@ async fn last_chunk<C: AsyncWriteRentExt>(
     frame.extend_from_slice(b"0\r\n\r\n");
     write_range(client, frame, 0, 5, t.client)
         .await
-        .map_err(|_| PumpError::Client)
+        .map_err(|_| Error::client_gone())
 }
 
 /// Reads the next piece of the body; end of stream is `Ok(0)`.
@@ -206,11 +192,11 @@ async fn next_piece<U: AsyncReadRent>(
     up: &mut U,
     buf: &mut Vec<u8>,
     t: Timeouts,
-) -> Result<usize, PumpError> {
+) -> Result<usize, Error> {
     buf.clear();
     read_more(up, buf, t.upstream)
         .await
-        .map_err(|e| PumpError::Upstream(upstream_error(&e)))
+        .map_err(|e| Error::upstream(upstream_error(&e), ""))
 }
 
 /// Streams a chunked body, re-chunked (`rechunk`) or raw until close for HTTP/1.0 clients.
@@ -221,7 +207,7 @@ pub async fn chunked<U, C>(
     client: &mut C,
     rechunk: bool,
     t: Timeouts,
-) -> Result<Pumped, (PumpError, u64)>
+) -> Result<Pumped, (Error, u64)>
 where
     U: AsyncReadRent,
     C: AsyncWriteRentExt,
@@ -234,7 +220,7 @@ where
     loop {
         let d = decoder
             .decode(&mut buf[from..])
-            .map_err(|_| (PumpError::Upstream(Cause::Malformed), sent))?;
+            .map_err(|_| (Error::upstream(Cause::Malformed, ""), sent))?;
         let reusable = d.done && from + d.consumed == buf.len();
         if d.payload > 0 {
             // Payload now sits at buf[from..from + payload].
@@ -268,7 +254,7 @@ pub async fn until_close<U, C>(
     client: &mut C,
     rechunk: bool,
     t: Timeouts,
-) -> Result<Pumped, (PumpError, u64)>
+) -> Result<Pumped, (Error, u64)>
 where
     U: AsyncReadRent,
     C: AsyncWriteRentExt,
@@ -314,10 +300,10 @@ pub async fn splice_length(
     mut remaining: u64,
     client: &monoio::net::TcpStream,
     t: Timeouts,
-) -> Result<Pumped, (PumpError, u64)> {
+) -> Result<Pumped, (Error, u64)> {
     let up =
-        zerocopy::NonBlocking::new(up).map_err(|e| (PumpError::Upstream(upstream_error(&e)), 0))?;
-    let client = zerocopy::NonBlocking::new(client).map_err(|_| (PumpError::Client, 0))?;
+        zerocopy::NonBlocking::new(up).map_err(|e| (Error::upstream(upstream_error(&e), ""), 0))?;
+    let client = zerocopy::NonBlocking::new(client).map_err(|_| (Error::client_gone(), 0))?;
     let mut sent = 0u64;
     let mut backpressure = Backpressure::default();
     while remaining > 0 {
@@ -336,7 +322,7 @@ pub async fn splice_length(
             .await
             .is_err()
         {
-            return Err((PumpError::Client, sent));
+            return Err((Error::client_gone(), sent));
         }
         backpressure.wrote(started);
         sent += n as u64;
@@ -526,7 +512,7 @@ mod tests {
             let mut up = Scripted(events.into());
             let mut client = Sink::new(1000);
             match run(length(&mut up, &mut buf(), 0, 10, &mut client, T, None)) {
-                Err((PumpError::Upstream(c), 3)) => assert_eq!(c, want),
+                Err((e, 3)) if e.source == Source::Upstream => assert_eq!(e.cause, want),
                 other => panic!("{want:?}: {other:?}"),
             }
             assert_eq!(client.out, b"abc");
@@ -539,7 +525,7 @@ mod tests {
         let mut client = Sink::new(3);
         client.fail_after = 3;
         match run(length(&mut up, &mut buf(), 0, 6, &mut client, T, None)) {
-            Err((PumpError::Client, 3)) => {}
+            Err((e, 3)) if e.source == Source::Downstream => {}
             other => panic!("{other:?}"),
         }
     }
@@ -579,12 +565,26 @@ mod tests {
         let mut client = Sink::new(1000);
         assert!(matches!(
             run(chunked(&mut up, &mut buf(), 0, &mut client, true, T)),
-            Err((PumpError::Upstream(Cause::Truncated), 3))
+            Err((
+                Error {
+                    source: Source::Upstream,
+                    cause: Cause::Truncated,
+                    ..
+                },
+                3
+            ))
         ));
         let mut up = Scripted::split(b"zz\r\n", &[]);
         assert!(matches!(
             run(chunked(&mut up, &mut buf(), 0, &mut Sink::new(9), true, T)),
-            Err((PumpError::Upstream(Cause::Malformed), 0))
+            Err((
+                Error {
+                    source: Source::Upstream,
+                    cause: Cause::Malformed,
+                    ..
+                },
+                0
+            ))
         ));
     }
 
@@ -614,7 +614,14 @@ mod tests {
                 false,
                 T
             )),
-            Err((PumpError::Upstream(Cause::Reset), 2))
+            Err((
+                Error {
+                    source: Source::Upstream,
+                    cause: Cause::Reset,
+                    ..
+                },
+                2
+            ))
         ));
     }
 }

@@ -2,7 +2,7 @@
 //! request, sends it on a pooled or new connection (a pooled one the peer had
 //! closed is retried once on a fresh one), reads the final response head
 //! within the replica's timeout, and classifies it: an [`Answer`], or a
-//! [`Failure`] (5xx, a 403 for broken credentials, any transport failure).
+//! `Error` (`crate::error`: 5xx, a 403 for broken credentials, any transport failure).
 
 use super::*;
 use crate::credentials;
@@ -26,12 +26,12 @@ impl CoreGeneration {
         ctx: &RequestCtx<'_>,
         rid: usize,
         resume: Option<Resume<'_>>,
-    ) -> Result<Answer, Failure> {
+    ) -> Result<Answer, Error<Answer>> {
         let deadline = Instant::now() + self.replica(rid).timeout;
         self.pay_upstream(c, ctx.bucket, deadline).await?;
         let cell = &self.shared.replicas[rid].credentials;
         if !credentials::wait_for_first(cell, deadline).await {
-            return Err(Failure::new(
+            return Err(Error::upstream(
                 Cause::Credentials,
                 format!(
                     "no credentials from {} within the replica timeout",
@@ -42,9 +42,7 @@ impl CoreGeneration {
         match self.attempt_once(c, ctx, rid, resume, deadline).await {
             // Temporary keys refused: refresh now and try this replica once
             // more before it counts as failed.
-            Err(f)
-                if f.cause == Cause::Credentials && f.captured.is_some() && cell.refreshable() =>
-            {
+            Err(f) if f.cause == Cause::Credentials && f.answer.is_some() && cell.refreshable() => {
                 log!(
                     Level::Info,
                     "Replica refused our credentials; refreshing and retrying",
@@ -52,7 +50,7 @@ impl CoreGeneration {
                     detail = f.detail,
                     request_id = c.s.req.request_id,
                 );
-                if let Some(a) = f.captured {
+                if let Some(a) = f.answer {
                     c.give_response(a.resp);
                 }
                 let deadline = Instant::now() + self.replica(rid).timeout;
@@ -71,7 +69,7 @@ impl CoreGeneration {
         rid: usize,
         resume: Option<Resume<'_>>,
         deadline: Instant,
-    ) -> Result<Answer, Failure> {
+    ) -> Result<Answer, Error<Answer>> {
         let mut resp = c.take_response();
         let result = self
             .exchange(c, ctx, rid, resume, deadline, &mut resp)
@@ -93,7 +91,7 @@ impl CoreGeneration {
         match status {
             500.. => {
                 c.give_response(answer.resp);
-                Err(Failure::new(
+                Err(Error::upstream(
                     Cause::Http(status),
                     format!("HTTP {status} from upstream"),
                 ))
@@ -103,7 +101,7 @@ impl CoreGeneration {
             // §15.3.7); relayed without it, a client could not place them.
             206 if !answer.resp.multipart && answer.resp.content_range.is_none() => {
                 c.give_response(answer.resp);
-                Err(Failure::new(
+                Err(Error::upstream(
                     Cause::Malformed,
                     "206 without a Content-Range from upstream",
                 ))
@@ -122,7 +120,7 @@ impl CoreGeneration {
         resume: Option<Resume<'_>>,
         deadline: Instant,
         resp: &mut Response,
-    ) -> Result<(UpConn, usize), Failure> {
+    ) -> Result<(UpConn, usize), Error<Answer>> {
         let head_request = c.s.req.method() == Method::Head;
         self.build_request(c, ctx.key, rid, resume)?;
         let mut conn = self.upstream_conn(rid, deadline, false).await?;
@@ -143,9 +141,9 @@ impl CoreGeneration {
                 upclient::exchange(&mut conn, &mut c.s.wbuf, head_request, deadline, resp)
                     .await
                     .map(|n| (conn, n))
-                    .map_err(|e| Failure::new(e.cause, e.detail))
+                    .map_err(Error::carrying)
             }
-            Err(e) => Err(Failure::new(e.cause, e.detail)),
+            Err(e) => Err(e.carrying()),
         }
     }
 
@@ -156,7 +154,7 @@ impl CoreGeneration {
         key: &str,
         rid: usize,
         resume: Option<Resume<'_>>,
-    ) -> Result<(), Failure> {
+    ) -> Result<(), Error<Answer>> {
         let replica = self.replica(rid);
         let method = match c.s.req.method() {
             Method::Head => "HEAD",
@@ -201,7 +199,11 @@ impl CoreGeneration {
     /// A 403 is an answer unless S3's error code says this replica refuses
     /// our credentials (`InvalidAccessKeyId`, `SignatureDoesNotMatch`,
     /// `ExpiredToken`, `InvalidToken`, `TokenRefreshRequired`).
-    async fn check_credentials(&self, mut a: Answer, deadline: Instant) -> Result<Answer, Failure> {
+    async fn check_credentials(
+        &self,
+        mut a: Answer,
+        deadline: Instant,
+    ) -> Result<Answer, Error<Answer>> {
         let Framing::Length(len) = a.resp.framing() else {
             return Ok(a);
         };
@@ -212,15 +214,15 @@ impl CoreGeneration {
         while a.conn.buf.len() < want {
             let left = deadline.saturating_duration_since(Instant::now());
             match read_more(&mut a.conn.stream, &mut a.conn.buf, left).await {
-                Ok(0) => return Err(Failure::new(Cause::Truncated, "403 body cut short")),
+                Ok(0) => return Err(Error::upstream(Cause::Truncated, "403 body cut short")),
                 Ok(_) => {}
-                Err(e) => return Err(Failure::new(Cause::of_io(&e), e.to_string())),
+                Err(e) => return Err(Error::upstream(Cause::of_io(&e), e.to_string())),
             }
         }
         match s3::error_code(&a.conn.buf[a.head_len..want]) {
             Some(code) if s3::is_broken_replica_code(code) => {
-                let mut f = Failure::new(Cause::Credentials, format!("HTTP 403 {code}"));
-                f.captured = Some(Box::new(a));
+                let mut f = Error::upstream(Cause::Credentials, format!("HTTP 403 {code}"));
+                f.answer = Some(Box::new(a));
                 Err(f)
             }
             _ => Ok(a),
@@ -236,12 +238,12 @@ impl CoreGeneration {
         rid: usize,
         deadline: Instant,
         fresh: bool,
-    ) -> Result<UpConn, Failure> {
+    ) -> Result<UpConn, Error<Answer>> {
         let slot = match self.pool.acquire(rid, deadline, fresh).await {
             Ok(Acquired::Pooled(conn)) => return Ok(conn),
             Ok(Acquired::New(slot)) => slot,
             Err(()) => {
-                return Err(Failure::new(
+                return Err(Error::upstream(
                     Cause::LocalResources,
                     "no upstream connection free before the replica timeout (server.max_upstream_connections)",
                 ))
@@ -256,6 +258,6 @@ impl CoreGeneration {
                 .connect(rid, &r.config.endpoint, r.tls.as_ref(), left, slot),
         )
         .await
-        .map_err(|(cause, detail)| Failure::new(cause, detail))
+        .map_err(|(cause, detail)| Error::upstream(cause, detail))
     }
 }

@@ -83,15 +83,25 @@ impl CoreGeneration {
     /// in flight to follow. `Err(outcome)`: a copy answered; `Ok(())`: a
     /// miss, to forward (this request may lead the fill).
     pub(super) async fn lookup(&self, c: &mut Client, bucket: usize, key: &str) -> Phase<()> {
+        // The tiers below memory, in `cache.cache_layers`' order, until
+        // one has the object.
         let mut promoted = None;
-        if self.shared.process.disk.is_some() {
-            if let Some(o) = self.serve_from_disk(c, bucket, key).await {
-                return Err(o);
+        for layer in &self.shared.config.cache.lower_layers {
+            if promoted.is_some() {
+                break;
             }
-            promoted = self.promote_from_disk(c, bucket, key).await;
-        }
-        if promoted.is_none() && self.shared.process.redis.is_some() {
-            promoted = self.promote_from_redis(c, bucket, key).await;
+            match layer {
+                Layer::Disk if self.shared.process.disk.is_some() => {
+                    if let Some(o) = self.serve_from_disk(c, bucket, key).await {
+                        return Err(o);
+                    }
+                    promoted = self.promote_from_disk(c, bucket, key).await;
+                }
+                Layer::Redis if self.shared.process.redis.is_some() => {
+                    promoted = self.promote_from_redis(c, bucket, key).await;
+                }
+                _ => {}
+            }
         }
         if self.wants_slices(c, bucket) {
             if let Some(o) = Box::pin(self.serve_sliced(c, bucket, key)).await {

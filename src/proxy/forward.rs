@@ -16,7 +16,7 @@ enum Tried<'a> {
     /// Every breaker was open: nothing was tried.
     AllOpen,
     /// Every replica tried failed; the last one and why.
-    AllFailed { rid: usize, failure: Failure },
+    AllFailed { rid: usize, failure: Error<Answer> },
 }
 
 impl CoreGeneration {
@@ -75,7 +75,7 @@ impl CoreGeneration {
     /// answers (`upstream::cursor` records or blames each attempt).
     async fn try_replicas<'a>(&'a self, c: &mut Client, ctx: &RequestCtx<'a>) -> Tried<'a> {
         let mut cursor = Cursor::new(self, ctx.order);
-        let mut last: Option<(usize, Failure)> = None;
+        let mut last: Option<(usize, Error<Answer>)> = None;
         while let Some(rid) = cursor.next_replica() {
             let t0 = Instant::now();
             let result = self.attempt(c, ctx, rid, None).await;
@@ -111,7 +111,7 @@ impl CoreGeneration {
         ctx: &RequestCtx<'_>,
         rid: usize,
         rest: &[usize],
-        f: &Failure,
+        f: &Error<Answer>,
     ) {
         if f.cause.is_local() {
             return; // logged once a second by `overloaded`, or a 429
@@ -139,7 +139,7 @@ impl CoreGeneration {
         c: &mut Client,
         ctx: &RequestCtx<'_>,
         rid: usize,
-        failure: Failure,
+        failure: Error<Answer>,
     ) -> Outcome {
         let bucket_name = &self.shared.bucket(ctx.bucket).name;
         if failure.cause == Cause::LocalResources {
@@ -159,7 +159,7 @@ impl CoreGeneration {
             last_replica = self.replica(rid).name,
             cause = format_args!("{}: {}", failure.cause.label(), failure.detail),
         );
-        if let Some(captured) = failure.captured {
+        if let Some(captured) = failure.answer {
             // Relayed as it is: no replica is left to resume it from, and
             // its breaker already counted the failure.
             let mut none = Cursor::new(self, &[]);
@@ -173,7 +173,12 @@ impl CoreGeneration {
     /// The proxy ran out of its own resources (file descriptors) reaching
     /// the replicas: 503 with `Retry-After: 1`, the breakers untouched, one
     /// WARN a second per worker at most (a flood must not flood the log).
-    async fn overloaded(&self, c: &mut Client, bucket_name: &str, failure: &Failure) -> Outcome {
+    async fn overloaded(
+        &self,
+        c: &mut Client,
+        bucket_name: &str,
+        failure: &Error<Answer>,
+    ) -> Outcome {
         let (now, last) = (now_ms().max(1), self.core.overload_logged.get());
         if last == 0 || now.saturating_sub(last) >= 1000 {
             self.core.overload_logged.set(now);

@@ -98,7 +98,7 @@ impl CoreGeneration {
         c: &mut Client,
         bucket: usize,
         deadline: Instant,
-    ) -> Result<(), Failure> {
+    ) -> Result<(), Error<Answer>> {
         if std::mem::take(&mut c.s.upstream_prepaid) {
             return Ok(());
         }
@@ -119,7 +119,7 @@ impl CoreGeneration {
                     .metrics
                     .borrow_mut()
                     .rate_limited(LimitScope::Bucket);
-                return Err(Failure::new(
+                return Err(Error::upstream(
                     Cause::RateLimited,
                     format!("bucket's upstream rate limit: next request allowed in {wait_ms} ms"),
                 ));

@@ -9,8 +9,9 @@
 //! (`breakers.rs`): one blame rule (`upstream::blame`, documented in the
 //! docs/behaviour.md, "What is a replica failure"), one half-open accounting.
 
-use crate::config::{Level, Replica};
-use crate::http::body::{self, PumpError, Pumped, Timeouts};
+use crate::config::{Layer, Level, Replica};
+use crate::error::{Error, Source};
+use crate::http::body::{self, Pumped, Timeouts};
 use crate::http::head::{self, Forwarded, Framing, HeadError, Method, Request, Response};
 use crate::http::io::{read_more, write_all, write_head_and, write_head_and_body, write_range};
 use crate::log;
@@ -451,24 +452,6 @@ impl Client {
     }
 }
 
-/// A failed attempt.
-struct Failure {
-    cause: Cause,
-    detail: String,
-    /// For a 403 auth failure: the response, relayed if no replica answers.
-    captured: Option<Box<Answer>>,
-}
-
-impl Failure {
-    fn new(cause: Cause, detail: impl Into<String>) -> Failure {
-        Failure {
-            cause,
-            detail: detail.into(),
-            captured: None,
-        }
-    }
-}
-
 impl CoreGeneration {
     /// Builds this worker's state for generation `shared`.
     pub fn new(core: Rc<Core>, shared: Arc<Generation>) -> CoreGeneration {
@@ -526,7 +509,7 @@ impl CoreGeneration {
         host: &str,
         target: &str,
         out: &mut Vec<u8>,
-    ) -> Result<(), Failure> {
+    ) -> Result<(), Error<Answer>> {
         let cell = &self.shared.replicas[rid].credentials;
         let mut signers = self.signers.borrow_mut();
         let local = &mut signers[rid];
@@ -540,13 +523,13 @@ impl CoreGeneration {
         }
         let now = SystemTime::now();
         let Some(signer) = &local.signer else {
-            return Err(Failure::new(
+            return Err(Error::upstream(
                 Cause::Credentials,
                 format!("no credentials yet from {}", cell.source.describe()),
             ));
         };
         if local.expires.is_some_and(|e| e <= now) {
-            return Err(Failure::new(
+            return Err(Error::upstream(
                 Cause::Credentials,
                 format!(
                     "credentials from {} expired and no refresh has replaced them",
@@ -556,7 +539,7 @@ impl CoreGeneration {
         }
         signer
             .sign_into(method, host, target, now, out)
-            .map_err(|e| Failure::new(Cause::Signing, e))
+            .map_err(|e| Error::upstream(Cause::Signing, e))
     }
 
     /// Stable metric id of a replica of this generation.

@@ -70,7 +70,7 @@ impl CoreGeneration {
                 }
                 c.give_response(answer.resp);
             }
-            Err((PumpError::Client, sent)) => {
+            Err((e, sent)) if e.source == Source::Downstream => {
                 out.bytes += sent;
                 out.keep_alive = false;
                 if let Some(f) = fill.as_mut().filter(|f| f.has_waiters()) {
@@ -79,10 +79,10 @@ impl CoreGeneration {
                 }
                 c.give_response(answer.resp);
             }
-            Err((PumpError::ClientStalled(cause), sent)) => {
+            Err((e, sent)) if e.source == Source::StalledClient => {
                 out.bytes += sent;
                 cursor.body_abandoned();
-                self.client_stalled(c, answer.rid, cause);
+                self.client_stalled(c, answer.rid, e.cause);
                 if let Some(f) = &fill {
                     f.fail();
                 }
@@ -90,7 +90,8 @@ impl CoreGeneration {
                 out.abort = true;
                 c.give_response(answer.resp);
             }
-            Err((PumpError::Upstream(cause), sent)) => {
+            Err((e, sent)) => {
+                let cause = e.cause;
                 out.bytes += sent;
                 c.s.flags.cause = cause.label();
                 cursor.body_broke(cause);
@@ -165,8 +166,8 @@ impl CoreGeneration {
                     self.pool.put(answer.rid, answer.conn);
                 }
             }
-            Err((PumpError::Upstream(cause) | PumpError::ClientStalled(cause), _)) => {
-                cursor.body_broke(cause);
+            Err((e, _)) if e.source != Source::Downstream => {
+                cursor.body_broke(e.cause);
                 if streamed == Streamed::Stopped && sent == fill.filled() {
                     // The client has all the fill had: both continue
                     // together from the next replicas.
@@ -186,7 +187,7 @@ impl CoreGeneration {
                 out.abort = streamed != Streamed::ClientGone;
                 return out;
             }
-            Err((PumpError::Client, _)) => {
+            Err(_) => {
                 // The sink takes everything; not reached.
                 fill.fail();
                 c.give_response(answer.resp);
@@ -306,7 +307,7 @@ impl CoreGeneration {
         already: u64,
         timeouts: Timeouts,
         tee: Option<&mut dyn body::Tee>,
-    ) -> Result<Pumped, (PumpError, u64)> {
+    ) -> Result<Pumped, (Error, u64)> {
         let rechunk = !c.s.req.http10;
         let t = timeouts;
         match framing {
@@ -348,14 +349,14 @@ impl CoreGeneration {
         remaining: u64,
         client: &mut TcpStream,
         t: Timeouts,
-    ) -> Result<Pumped, (PumpError, u64)> {
+    ) -> Result<Pumped, (Error, u64)> {
         let buffered = (conn.buf.len() - start).min(remaining as usize);
         if buffered > 0
             && write_range(client, &mut conn.buf, start, start + buffered, t.client)
                 .await
                 .is_err()
         {
-            return Err((PumpError::Client, 0));
+            return Err((Error::client_gone(), 0));
         }
         // Splicing needs a plain-TCP upstream and a pipe (none when the
         // worker's pipe budget is spent or descriptors ran out); otherwise
@@ -400,7 +401,7 @@ impl CoreGeneration {
 
 impl CoreGeneration {
     /// The upstream broke a body while our client was not reading (see
-    /// `body::PumpError::ClientStalled`): the request's doing, counted as
+    /// `error::Source::StalledClient`): the request's doing, counted as
     /// such (`yatagarasu_request_caused_failures_total{reason=
     /// "client_stalled"}`), the breaker untouched. The client's response
     /// ends as an abort: resuming would stall the same way.

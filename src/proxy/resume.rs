@@ -162,17 +162,17 @@ impl CoreGeneration {
                 }
                 finished(p.sent, true)
             }
-            Err((PumpError::Client, sent)) => {
+            Err((e, sent)) if e.source == Source::Downstream => {
                 cursor.body_abandoned();
                 finished(sent, false)
             }
-            Err((PumpError::ClientStalled(cause), sent)) => {
+            Err((e, sent)) if e.source == Source::StalledClient => {
                 cursor.body_abandoned();
-                self.client_stalled(c, rid, cause);
+                self.client_stalled(c, rid, e.cause);
                 finished(sent, false)
             }
-            Err((PumpError::Upstream(cause), n)) => {
-                cursor.body_broke(cause);
+            Err((e, n)) => {
+                cursor.body_broke(e.cause);
                 Continued::Partly(n)
             }
         };

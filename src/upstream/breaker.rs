@@ -13,7 +13,7 @@
 //! - A passing active health probe moves OPEN to HALF-OPEN at once; a failing
 //!   probe opens a CLOSED or HALF-OPEN breaker (see `health.rs`).
 //!
-//! A failure is what `proxy::Failure` says it is; everything else is a success.
+//! A failure is what a `crate::error::Error` from the replica says it is; everything else is a success.
 
 use crate::config::BreakerSettings;
 

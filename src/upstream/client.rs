@@ -1,7 +1,7 @@
 //! The one HTTP/1.1 client both the proxy and the health prober use to talk
 //! to a replica: write a signed request, read past every interim (1xx)
 //! response to the final head, and say why an exchange failed with one
-//! [`Cause`] whose metric label is defined once.
+//! [`Cause`] (in `crate::error`) whose metric label is defined once.
 //!
 //! What the client guarantees to its callers:
 //! - the head it returns is a *final* response (status 200-599); `100` and
@@ -13,127 +13,12 @@
 //!   a response: only when the response was consumed exactly.
 
 use super::pool::UpConn;
+pub use crate::error::Cause;
+use crate::error::Error;
 use crate::http::head::{self, Framing, Response};
 use crate::http::io::{read_more, write_all};
 use std::io;
 use std::time::Instant;
-
-/// Why an attempt at a replica failed. [`Cause::label`] is the
-/// `reason` label of `yatagarasu_replica_failures_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
-    /// Connection refused, or the name did not resolve.
-    Connect,
-    /// No connection, head or body progress within the replica's timeout.
-    Timeout,
-    /// The replica reset or aborted the connection.
-    Reset,
-    /// TLS handshake or certificate failure.
-    Tls,
-    /// A response that is not valid HTTP/1.1 framing (bad status, bad
-    /// Content-Length, unsupported transfer coding, 101, oversized head).
-    Malformed,
-    /// The connection ended before the head or the body was complete.
-    Truncated,
-    /// Any other socket error.
-    Io,
-    /// The replica answered with a 5xx status.
-    Http(u16),
-    /// No valid credentials for this replica: none fetched yet, expired, or
-    /// a 403 whose S3 code says the replica refuses them.
-    Credentials,
-    /// The request could not be signed.
-    Signing,
-    /// The proxy itself ran out of file descriptors, socket buffers or
-    /// memory while connecting: not the replica's failure, never counted
-    /// against its breaker (a flood of clients must not open it).
-    LocalResources,
-    /// The bucket's upstream rate limit (`s3.rate_limit`, the S3 bill
-    /// guard) had no token for this request in time: nothing was sent, and
-    /// the replica's breaker is untouched.
-    RateLimited,
-}
-
-impl Cause {
-    /// The metric label; defined here once for every path (head, body, probe).
-    pub fn label(self) -> &'static str {
-        match self {
-            Cause::Connect => "connect",
-            Cause::Timeout => "timeout",
-            Cause::Reset => "reset",
-            Cause::Tls => "tls",
-            Cause::Malformed => "malformed",
-            Cause::Truncated => "truncated",
-            Cause::Io => "io",
-            Cause::Http(500) => "http_500",
-            Cause::Http(502) => "http_502",
-            Cause::Http(503) => "http_503",
-            Cause::Http(504) => "http_504",
-            Cause::Http(_) => "http_5xx",
-            Cause::Credentials => "credentials",
-            Cause::Signing => "signing",
-            Cause::LocalResources => "local_resources",
-            Cause::RateLimited => "rate_limited",
-        }
-    }
-
-    /// The cause of a socket error.
-    pub fn of_io(e: &io::Error) -> Cause {
-        match e.kind() {
-            io::ErrorKind::TimedOut => Cause::Timeout,
-            io::ErrorKind::ConnectionRefused => Cause::Connect,
-            io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe => Cause::Reset,
-            io::ErrorKind::UnexpectedEof => Cause::Truncated,
-            io::ErrorKind::InvalidData => Cause::Malformed,
-            _ => Cause::Io,
-        }
-    }
-
-    /// A failure the request rather than the replica may have caused
-    /// (an HTTP answer, as opposed to a transport or protocol failure).
-    pub fn is_http_status(self) -> bool {
-        matches!(self, Cause::Http(_))
-    }
-
-    /// A failure of the proxy's own making (its resources, its limits):
-    /// it says nothing about the replica, whose breaker is never charged.
-    pub fn is_local(self) -> bool {
-        matches!(self, Cause::LocalResources | Cause::RateLimited)
-    }
-}
-
-/// A failed exchange: its cause, a human-readable detail, and whether any
-/// response byte had arrived (a pooled connection that fails before any
-/// byte is retried once on a fresh connection).
-#[derive(Debug)]
-pub struct ExchangeError {
-    /// Why the exchange failed.
-    pub cause: Cause,
-    /// What happened, for the log.
-    pub detail: String,
-    /// Some response bytes had arrived.
-    pub got_bytes: bool,
-}
-
-impl ExchangeError {
-    fn io(e: io::Error, got_bytes: bool) -> ExchangeError {
-        ExchangeError {
-            cause: Cause::of_io(&e),
-            detail: e.to_string(),
-            got_bytes,
-        }
-    }
-
-    fn malformed(detail: impl Into<String>) -> ExchangeError {
-        ExchangeError {
-            cause: Cause::Malformed,
-            detail: detail.into(),
-            got_bytes: true,
-        }
-    }
-}
 
 /// Writes `request` (a complete head) and reads the final response head into
 /// `resp`. Returns the final head's length in `conn.buf`.
@@ -143,11 +28,11 @@ pub async fn exchange(
     head_request: bool,
     deadline: Instant,
     resp: &mut Response,
-) -> Result<usize, ExchangeError> {
+) -> Result<usize, Error> {
     let left = deadline.saturating_duration_since(Instant::now());
     write_all(&mut conn.stream, request, left)
         .await
-        .map_err(|e| ExchangeError::io(e, false))?;
+        .map_err(|e| Error::io(e, false))?;
     conn.buf.clear();
     read_final_head(conn, head_request, deadline, resp).await
 }
@@ -159,16 +44,12 @@ pub async fn read_final_head(
     head_request: bool,
     deadline: Instant,
     resp: &mut Response,
-) -> Result<usize, ExchangeError> {
+) -> Result<usize, Error> {
     loop {
         if !conn.buf.is_empty() {
             match head::parse_response(&conn.buf, head_request, resp) {
                 Ok(Some(n)) => match resp.status {
-                    101 => {
-                        return Err(ExchangeError::malformed(
-                            "101 Switching Protocols from upstream",
-                        ))
-                    }
+                    101 => return Err(Error::malformed("101 Switching Protocols from upstream")),
                     100..=199 => {
                         // Interim response (100 Continue, 103 Early Hints):
                         // read on to the final one.
@@ -178,32 +59,32 @@ pub async fn read_final_head(
                     _ => return Ok(n),
                 },
                 Ok(None) => {}
-                Err(msg) => return Err(ExchangeError::malformed(msg)),
+                Err(msg) => return Err(Error::malformed(msg)),
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
         match read_more(&mut conn.stream, &mut conn.buf, left).await {
             Ok(0) => {
-                return Err(ExchangeError {
-                    cause: Cause::Truncated,
-                    detail: "upstream closed before a full response head".into(),
-                    got_bytes: !conn.buf.is_empty(),
-                })
+                return Err(Error::upstream(
+                    Cause::Truncated,
+                    "upstream closed before a full response head",
+                )
+                .after_bytes(!conn.buf.is_empty()))
             }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                return Err(ExchangeError {
-                    cause: Cause::Timeout,
-                    detail: "no response head within timeout_seconds".into(),
-                    got_bytes: !conn.buf.is_empty(),
-                })
+                return Err(Error::upstream(
+                    Cause::Timeout,
+                    "no response head within timeout_seconds",
+                )
+                .after_bytes(!conn.buf.is_empty()))
             }
             Err(e) if e.kind() == io::ErrorKind::OutOfMemory => {
-                return Err(ExchangeError::malformed("response head too large"))
+                return Err(Error::malformed("response head too large"))
             }
             Err(e) => {
                 let got = !conn.buf.is_empty();
-                return Err(ExchangeError::io(e, got));
+                return Err(Error::io(e, got));
             }
         }
     }

@@ -22,6 +22,7 @@ pub(super) fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
         slice_bytes: None,
         redis: None,
         warming: Warming::default(),
+        lower_layers: vec![Layer::Disk, Layer::Redis],
     };
     let Some(c) = raw else { return out };
     out.enabled = c.enabled.unwrap_or(false);
@@ -29,27 +30,39 @@ pub(super) fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
     let mut listed_disk = false;
     let mut listed_memory = false;
     let mut listed_redis = false;
+    let mut listed_order = Vec::new();
     for (i, layer) in c.cache_layers.iter().flatten().enumerate() {
         let at = format!("cache.cache_layers[{i}]");
         match layer.as_str() {
-            "memory" => listed_memory = true,
-            "disk" if !disk_on => p.at(&at, "\"disk\" needs cache.disk.enabled: true"),
-            "disk" => {
-                if i == 0 && c.cache_layers.as_ref().is_some_and(|l| l.len() > 1) {
+            "memory" => {
+                if i > 0 {
                     p.warn(
                         "cache.cache_layers",
-                        "lookups always go memory, then disk (a memory hit never needs the disk); the order written has no effect",
+                        "the memory tier is always asked first (a memory hit never needs a lower tier); the tiers below it are asked in the order written",
                     );
                 }
+                listed_memory = true;
+            }
+            "disk" if !disk_on => p.at(&at, "\"disk\" needs cache.disk.enabled: true"),
+            "disk" => {
                 listed_disk = true;
+                listed_order.push(Layer::Disk);
             }
             "redis" if c.redis.is_none() => p.at(&at, "\"redis\" needs cache.redis (redis_url)"),
-            "redis" => listed_redis = true,
+            "redis" => {
+                listed_redis = true;
+                listed_order.push(Layer::Redis);
+            }
             other => p.at(
                 &at,
                 format_args!("{other:?} is not one of memory, disk, redis"),
             ),
         }
+    }
+    if !listed_order.is_empty() {
+        // The tiers listed, in their order; one not listed is not enabled
+        // (refused below when it is).
+        out.lower_layers = listed_order;
     }
     if listed_disk && !listed_memory && out.enabled {
         p.warn(
