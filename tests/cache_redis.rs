@@ -327,3 +327,76 @@ fn wait_subscribers(redis: &Redis, n: usize) -> bool {
     }
     false
 }
+
+/// `cache.cache_layers` orders the tiers below memory. An instance holds
+/// X in memory, on disk and in Redis; Y, too large to share the memory
+/// tier with X, pushes X out of memory (not out of the other two); X is
+/// then asked of the tier listed first. Both orders run the same steps on
+/// fresh instances, so a memory that kept X would fail the Redis-first
+/// run.
+#[test]
+fn the_tiers_below_memory_are_asked_in_cache_layers_order() {
+    let redis = Redis::start();
+    let up = Rogue::start(move |req| {
+        let path = req.head.split(' ').nth(1).unwrap_or("").to_string();
+        let body = pattern(600 * 1024, path.len() as u64);
+        let mut answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"v1\"\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        answer.extend_from_slice(&body);
+        vec![support::rogue::Step::Send(answer)]
+    });
+    const HITS: &str = "yatagarasu_cache_redis_hits_total";
+    for (run, layers, redis_hits) in [
+        ("disk-first", "[\"memory\", \"disk\", \"redis\"]", 0.0),
+        ("redis-first", "[\"memory\", \"redis\", \"disk\"]", 1.0),
+    ] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cfg = config(&up.endpoint(), &redis.url())
+            .replace(
+                "  cache_layers: [\"memory\", \"redis\"]\n",
+                &format!(
+                    "  cache_layers: {layers}\n  memory:\n    max_cache_size_mb: 1\n    max_item_size_mb: 1\n  disk:\n    enabled: true\n    cache_dir: \"{}\"\n",
+                    dir.path().join("disk").display()
+                ),
+            )
+            .replace("redis_key_prefix: \"yt-test\"", &format!("redis_key_prefix: \"yt-{run}\""));
+        let p = Proxy::start(&cfg);
+        let x = format!("/b/{run}/x");
+        let first = p.get(&x);
+        assert_eq!(first.header("x-cache"), Some("MISS"), "{run}");
+        assert_eq!(
+            p.get(&format!("/b/{run}/y-longer")).header("x-cache"),
+            Some("MISS"),
+            "{run}"
+        );
+        assert!(p.wait_metric(WRITES, 2.0, WAIT), "{run}: {}", p.metrics());
+        let deadline = std::time::Instant::now() + WAIT;
+        while !p
+            .metrics()
+            .contains("yatagarasu_cache_items{layer=\"disk\"} 2")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{run}: {}",
+                p.metrics()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let r = p.get(&x);
+        assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")), "{run}");
+        assert!(
+            r.body == first.body && r.body.len() == 600 * 1024,
+            "{run}: the same bytes"
+        );
+        assert!(
+            p.wait_metric(HITS, redis_hits, WAIT),
+            "{run}: {}",
+            p.metrics()
+        );
+        assert_eq!(p.metric(HITS), Some(redis_hits), "{run}");
+    }
+    assert_eq!(up.gets(), 4, "each object fetched once per run");
+}

@@ -259,9 +259,9 @@ fn the_cache_section_is_checked_by_path() {
         "    enabled: true\n    cache_dir: \"/tmp/y\"\n",
     );
     // Any order is accepted (the other system's configs write either);
-    // lookups still go memory first, and the warning says so.
+    // memory is still asked first, and the warning says so.
     assert!(
-        out.contains("warning: cache.cache_layers: lookups always go memory, then disk"),
+        out.contains("warning: cache.cache_layers: the memory tier is always asked first"),
         "{out}"
     );
     let out = disk(
