@@ -128,11 +128,11 @@ impl CoreGeneration {
         ctx: &RequestCtx<'_>,
         mut answer: Answer,
         cursor: &mut Cursor<'_>,
-        mut fill: super::cache::Fill<'_>,
+        mut fill: super::fill::Fill<'_>,
         mut out: Outcome,
         (start, timeouts): (usize, Timeouts),
     ) -> Outcome {
-        use super::cache::{Signal, Streamed};
+        use super::fill::{Signal, Streamed};
         let shared = fill.shared();
         let Some((shared, head)) = shared.and_then(|f| f.head().map(|h| (f, h))) else {
             // No head set: nothing shares this fill (not reached).
@@ -148,7 +148,7 @@ impl CoreGeneration {
         let fetch = async {
             let (up, buf) = (&mut answer.conn.stream, &mut answer.conn.buf);
             let tee = Some(&mut fill as &mut dyn body::Tee);
-            let mut sink = super::cache::Discard;
+            let mut sink = super::fill::Discard;
             let r = body::length(up, buf, start, remaining, &mut sink, timeouts, tee).await;
             if r.is_err() {
                 stop.fire();
@@ -225,7 +225,7 @@ impl CoreGeneration {
     async fn finish_for_waiters(
         &self,
         conn: &mut UpConn,
-        fill: &mut super::cache::Fill<'_>,
+        fill: &mut super::fill::Fill<'_>,
         t: Timeouts,
     ) {
         let missing = fill.missing();
@@ -236,7 +236,7 @@ impl CoreGeneration {
             buf,
             0,
             missing,
-            &mut super::cache::Discard,
+            &mut super::fill::Discard,
             t,
             Some(fill),
         )

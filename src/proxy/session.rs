@@ -7,13 +7,16 @@
 //! access   access.rs      client address and rate limits (before routing);
 //!                         the bucket's IP filter and JWT (after)
 //! authorize authorize.rs  the bucket's policy (OPA, OpenFGA, Rego)
-//! lookup   cache.rs       disk tier, slices, memory tier, a fill to join
+//! lookup   cache.rs       the memory tier, then the tiers below it
+//!          tiers.rs       (disk, Redis, in cache_layers' order), slices
+//!          waiter.rs      (slices.rs), or a fill under way to stream
 //! forward  forward.rs     plan the replicas, try them through one
 //!                         `upstream::cursor::ReplicaCursor`; attempt.rs
 //!                         sends one request to one replica
 //! respond  relay.rs       the answer's head and body to the client (copy or
 //!                         splice), a broken body resumed (resume.rs), the
-//!                         cache filled on the way
+//!          fill.rs        cache filled on the way; every head ends in
+//!          respond.rs     one writer
 //! log      connection.rs  metrics and the access line (`finish`)
 //! ```
 //!

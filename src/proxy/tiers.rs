@@ -1,0 +1,169 @@
+//! Step "lookup", below memory: the disk and Redis tiers, asked in
+//! `cache.cache_layers`' order on a memory miss (`cache.rs`). An entry
+//! found is put back into memory and handed to the lookup that follows,
+//! which must not miss it even if the memory tier let it go at once; a
+//! large disk entry is sent straight from its file, by reference, without
+//! entering memory. A memory hit keeps the disk entry recent.
+
+use super::cache::{conditional_not_answered, StoredBody};
+use super::*;
+use crate::cache::policy;
+use crate::cache::store::Object;
+
+impl CoreGeneration {
+    /// Step "disk": a memory miss whose entry is on disk is read (on this
+    /// core's driver), checked and put back into memory; the copy read is
+    /// handed to the lookup that follows ([`Self::cache_lookup`]), which
+    /// must not miss it because the memory tier (bounded, shared with the
+    /// other cores) evicted it meanwhile. A bad entry is dropped and reads
+    /// as a miss.
+    pub(super) async fn promote_from_disk(
+        &self,
+        c: &Client,
+        bucket: usize,
+        key: &str,
+    ) -> Option<Arc<Object>> {
+        let disk = self.shared.process.disk.as_ref()?;
+        let (store, k) = self.memory_miss(c, bucket, key)?;
+        if !disk.contains(&k) {
+            return None;
+        }
+        let epoch = store.purge_epoch();
+        let object = disk.load(&k).await?;
+        // A purge while the file was read wins.
+        (store.purge_epoch() == epoch).then(|| store.insert(k, object))
+    }
+
+    /// A memory hit keeps its disk-tier entry recent too, so the disk's LRU
+    /// does not evict what memory serves most: at most once per
+    /// [`DISK_TOUCH_EVERY_MS`] per copy, the key is queued on this core and
+    /// the disk index marked under one lock at the next tick.
+    pub(super) fn note_hit_for_disk(&self, c: &Client, bucket: usize, key: &str, copy: &Object) {
+        if self.shared.process.disk.is_none() {
+            return;
+        }
+        let now = now_ms().max(1);
+        let last = copy.touched_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < DISK_TOUCH_EVERY_MS {
+            return;
+        }
+        copy.touched_ms.store(now, Ordering::Relaxed);
+        let k = self.cache_key(bucket, key, &c.s.query);
+        self.core.disk_touches.borrow_mut().push(k);
+    }
+
+    /// The memory tier and the request's cache key, when the bucket caches
+    /// and the memory tier does not hold the key (a lower tier may).
+    fn memory_miss(
+        &self,
+        c: &Client,
+        bucket: usize,
+        key: &str,
+    ) -> Option<(&crate::cache::store::MemoryStore, String)> {
+        let store = self.shared.process.cache.as_ref()?;
+        if !self.shared.bucket(bucket).cache.enabled {
+            return None;
+        }
+        let k = self.cache_key(bucket, key, &c.s.query);
+        store.get(&k).is_none().then_some((store, k))
+    }
+
+    /// Step "redis": a miss in the local tiers asks the Redis tier; an
+    /// intact entry is put into memory (and offered to the disk tier) and
+    /// handed to the lookup that follows, as a disk entry is. Anything else
+    /// (absent, refused, Redis slow or down) is a miss.
+    pub(super) async fn promote_from_redis(
+        &self,
+        c: &Client,
+        bucket: usize,
+        key: &str,
+    ) -> Option<Arc<Object>> {
+        let process = &self.shared.process;
+        let (Some(tier), Some(reader)) = (&process.redis, &self.core.redis) else {
+            return None;
+        };
+        if conditional_not_answered(c) {
+            return None;
+        }
+        let (store, k) = self.memory_miss(c, bucket, key)?;
+        let epoch = store.purge_epoch();
+        let crate::cache::redis::Found::Hit(object) = reader.get(tier, &k).await else {
+            return None;
+        };
+        // A purge while Redis answered wins.
+        if store.purge_epoch() != epoch {
+            return None;
+        }
+        let copy = store.insert(k.clone(), object);
+        if let Some(disk) = &process.disk {
+            disk.offer(k, copy.clone(), epoch);
+        }
+        Some(copy)
+    }
+
+    /// A disk-tier entry whose pages are all in the page cache answers a
+    /// memory miss straight from its file (`Some`), when the client is
+    /// plain TCP and `server.zero_copy` sends such a body by reference;
+    /// otherwise (`None`) the entry is read and promoted as usual
+    /// ([`Self::promote_from_disk`]). The core keeps the file open for the
+    /// next hit (`cache::open`).
+    pub(super) async fn serve_from_disk(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        key: &str,
+    ) -> Option<Outcome> {
+        let process = &self.shared.process;
+        let (Some(store), Some(disk)) = (&process.cache, &process.disk) else {
+            return None;
+        };
+        let settings = &self.shared.bucket(bucket).cache;
+        let zero_copy = self.shared.config.server.zero_copy;
+        if !settings.enabled
+            || conditional_not_answered(c)
+            || !matches!(c.stream, MaybeTls::Plain(_))
+        {
+            return None;
+        }
+        let k = self.cache_key(bucket, key, &c.s.query);
+        if store.get(&k).is_some() {
+            return None;
+        }
+        // The file's size bounds the body's: an entry too small to be sent
+        // by reference is not opened twice (here, then to be read).
+        let (size, id) = disk.entry(&k)?;
+        if !zero_copy.send_stored(size) {
+            return None;
+        }
+        let kept = self.core.open_entries.borrow_mut().get(&k, id);
+        let entry = match kept {
+            Some(entry) => entry,
+            None => {
+                let entry = Rc::new(disk.open_entry(&k).await?);
+                let mut open = self.core.open_entries.borrow_mut();
+                open.put(&k, entry.id, entry.clone());
+                entry
+            }
+        };
+        let copy = &entry.object;
+        let fresh = policy::is_fresh(copy.stored_at, copy.fresh_for, crate::clock::now());
+        if !(zero_copy.send_stored(copy.total) && fresh && entry.in_page_cache()) {
+            return None;
+        }
+        // The pipe is taken before anything is sent: running out of pipes
+        // then can never strand a head already sent. Without one the entry
+        // is read instead (and that copy's answer counts any fallback).
+        let pipe = self.core.take_pipe().ok()?;
+        let mid = self.shared.bucket_metric[bucket];
+        self.core.metrics.borrow_mut().cache(mid, CacheResult::Hit);
+        let source = StoredBody::File {
+            file: &entry.file,
+            offset: entry.body_offset,
+            pipe,
+        };
+        Some(self.answer_stored(c, bucket, copy, "HIT", source).await)
+    }
+}
+
+/// How often a copy's memory hits refresh its disk-tier entry's recency.
+const DISK_TOUCH_EVERY_MS: u64 = 1_000;
