@@ -232,6 +232,19 @@ fn the_cache_section_is_checked_by_path() {
     .replace("[\"memory\"]", "[\"memory\", \"disk\"]");
     let (code, out) = check(&format!("{GOOD}{later}"), &ENV);
     assert_eq!(code, 0, "the disk tier and slices are accepted: {out}");
+    // Pre-warming's pace (the other system's cache.warming).
+    let warming = |body: &str| check(&format!("{GOOD}{CACHE}  warming:\n{body}"), &ENV);
+    let (code, out) = warming("    concurrency: 4\n    rate_limit: 50\n");
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = warming("    concurrency: 0\n    rate_limit: 0\n    burst: 3\n");
+    assert_eq!(code, 1);
+    for needle in [
+        "cache.warming.concurrency: must be between 1 and 64",
+        "cache.warming.rate_limit: must be at least 1",
+        "cache.warming.burst",
+    ] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
     for (mb, needle) in [
         ("0", "cache.slice_size_mb: must be between 1 and 1024"),
         (

@@ -6,8 +6,13 @@
 
 mod compat;
 pub mod expand;
+mod fd;
+mod load;
 pub mod schema;
 mod validate;
+
+pub use fd::{default_max_connections, default_max_upstream_connections, raise_fd_limit, FdLimit};
+pub use load::{load, parse};
 
 use schema::*;
 use std::collections::HashMap;
@@ -193,93 +198,6 @@ pub struct Server {
     pub tls: Option<ListenerTls>,
 }
 
-/// `server.max_connections` default: what the file-descriptor limit allows,
-/// with room for two upstream sockets per client connection and a reserve
-/// for listeners, pipes and files (a third of the limit per client, at least 64).
-pub fn default_max_connections() -> usize {
-    (fd_limit().saturating_sub(64) / 3).max(64)
-}
-
-/// `server.max_upstream_connections` default: the descriptors left after
-/// the client connections and a reserve of 64 (at least 64).
-pub fn default_max_upstream_connections(max_connections: usize) -> usize {
-    fd_limit()
-        .saturating_sub(64)
-        .saturating_sub(max_connections)
-        .max(64)
-}
-
-/// The open-file limit: soft before and after [`raise_fd_limit`], and hard.
-#[derive(Debug, Clone, Copy)]
-pub struct FdLimit {
-    /// The soft limit the process was started with.
-    pub was: u64,
-    /// The soft limit now.
-    pub soft: u64,
-    /// The hard limit (the most the soft one may be raised to).
-    pub hard: u64,
-}
-
-/// Most the soft open-file limit is raised to (as the Go runtime does).
-const FD_RAISE_CAP: u64 = 1 << 20;
-
-/// Raises the soft open-file limit to the hard one (at most 2^20), as
-/// HAProxy and the Go runtime do: started from a shell with the usual soft
-/// limit of 1024, the default connection budgets (derived from the limit)
-/// would admit only about 320 clients. Call before the config is read.
-pub fn raise_fd_limit() -> FdLimit {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the valid rlimit struct passed by pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return FdLimit {
-            was: 0,
-            soft: 0,
-            hard: 0,
-        };
-    }
-    let was: u64 = lim.rlim_cur;
-    let hard: u64 = lim.rlim_max;
-    let want = hard.min(FD_RAISE_CAP).max(was);
-    if want > was {
-        let raised = libc::rlimit {
-            rlim_cur: want,
-            rlim_max: lim.rlim_max,
-        };
-        // SAFETY: setrlimit reads the valid rlimit struct passed by pointer;
-        // raising the soft limit up to the hard one needs no privilege.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            return FdLimit {
-                was,
-                soft: want,
-                hard,
-            };
-        }
-    }
-    FdLimit {
-        was,
-        soft: was,
-        hard,
-    }
-}
-
-/// The process's open-file limit (1024 when unknown or unlimited).
-fn fd_limit() -> usize {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the valid rlimit struct passed by pointer.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
-    if ok && lim.rlim_cur != libc::RLIM_INFINITY {
-        lim.rlim_cur as usize
-    } else {
-        1024
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 /// `server.tls`: the listener's certificate chain and key (PEM files).
 pub struct ListenerTls {
@@ -367,6 +285,7 @@ impl Level {
             _ => None,
         }
     }
+
     /// The level as it appears in a log line.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -702,140 +621,6 @@ impl Replica {
         }
         out.push('/');
         out.push_str(encoded_key);
-    }
-}
-
-/// Reads, expands and validates the file at `path`.
-pub fn load(path: &str) -> Result<Config, Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| vec![format!("{path}: cannot read config: {e}")])?;
-    parse(&text, &|name| std::env::var(name).ok())
-}
-
-/// Parses config text with `env` supplying `${VAR}` values.
-pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Vec<String>> {
-    let mut tree: serde_yaml::Value =
-        serde_yaml::from_str(text).map_err(|e| vec![format!("invalid YAML: {e}")])?;
-    let mut errors = Vec::new();
-    expand::expand_tree(&mut tree, &mut String::new(), env, &mut errors);
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    let no_effect = compat::strip_no_effect_keys(&mut tree);
-    let mut config = deserialize_all(tree)?;
-    config.warnings.splice(0..0, no_effect);
-    Ok(config)
-}
-
-/// Most schema problems listed from one file.
-const MAX_SCHEMA_PROBLEMS: usize = 100;
-
-/// Deserializes and validates, listing every problem at once: each unknown
-/// key or wrongly typed value is recorded with its YAML path and taken out
-/// of the tree, and the rest is read again, so a user fixes a file in one
-/// pass rather than one line per run. The checks of values
-/// (`validate`) run on what remains, and their problems join the list.
-fn deserialize_all(mut tree: serde_yaml::Value) -> Result<Config, Vec<String>> {
-    let mut errors: Vec<String> = Vec::new();
-    let mut removed: Vec<String> = Vec::new();
-    loop {
-        match serde_path_to_error::deserialize::<_, RawConfig>(tree.clone()) {
-            Ok(raw) => {
-                let checked = validate::validate(raw);
-                return match (checked, errors.is_empty()) {
-                    (Ok(config), true) => Ok(config),
-                    (Ok(_), false) => Err(errors),
-                    (Err(more), _) => {
-                        // Not about a key already reported and taken out.
-                        errors.extend(
-                            more.into_iter().filter(|m| {
-                                !removed.iter().any(|r| m.starts_with(&format!("{r}:")))
-                            }),
-                        );
-                        Err(errors)
-                    }
-                };
-            }
-            Err(e) => {
-                let path = e.path().to_string();
-                let inner = e.into_inner().to_string();
-                // A required key reported wrong and taken out now reads as
-                // missing: said once already.
-                let echo = inner
-                    .strip_prefix("missing field `")
-                    .and_then(|f| f.split('`').next())
-                    .map(|f| {
-                        if path == "." {
-                            f.to_string()
-                        } else {
-                            format!("{path}.{f}")
-                        }
-                    })
-                    .is_some_and(|p| removed.contains(&p));
-                if !echo {
-                    errors.push(if path == "." {
-                        inner
-                    } else {
-                        format!("{path}: {inner}")
-                    });
-                }
-                if echo
-                    || path == "."
-                    || errors.len() >= MAX_SCHEMA_PROBLEMS
-                    || !remove_path(&mut tree, &path)
-                {
-                    return Err(errors);
-                }
-                removed.push(path);
-            }
-        }
-    }
-}
-
-/// Removes the node at a `serde_path_to_error` path (`a.b[2].c`) from
-/// `tree`; whether there was one.
-fn remove_path(tree: &mut serde_yaml::Value, path: &str) -> bool {
-    let mut steps: Vec<Result<usize, String>> = Vec::new();
-    for part in path.split('.') {
-        let (key, indexes) = match part.find('[') {
-            Some(i) => (&part[..i], &part[i..]),
-            None => (part, ""),
-        };
-        if !key.is_empty() {
-            steps.push(Err(key.to_string()));
-        }
-        for idx in indexes.split('[').filter(|s| !s.is_empty()) {
-            match idx.trim_end_matches(']').parse::<usize>() {
-                Ok(n) => steps.push(Ok(n)),
-                Err(_) => return false,
-            }
-        }
-    }
-    let Some((last, walk)) = steps.split_last() else {
-        return false;
-    };
-    let mut node = tree;
-    for step in walk {
-        let next = match step {
-            Ok(i) => node.as_sequence_mut().and_then(|s| s.get_mut(*i)),
-            Err(k) => node.as_mapping_mut().and_then(|m| m.get_mut(k.as_str())),
-        };
-        match next {
-            Some(n) => node = n,
-            None => return false,
-        }
-    }
-    match last {
-        Ok(i) => match node.as_sequence_mut() {
-            Some(s) if *i < s.len() => {
-                s.remove(*i);
-                true
-            }
-            _ => false,
-        },
-        Err(k) => node
-            .as_mapping_mut()
-            .is_some_and(|m| m.remove(k.as_str()).is_some()),
     }
 }
 

@@ -538,6 +538,16 @@ fn cache_families<'n>(
             .map(|(b, v)| counter(&[("bucket", bucket_name(b))], v as f64))
             .collect(),
     ));
+    tier_families(shared, store, families);
+}
+
+/// What each tier holds and has evicted, the fills in flight and their
+/// waiters, and the Redis and disk tiers' own counters.
+fn tier_families(
+    shared: &Generation,
+    store: &crate::cache::store::MemoryStore,
+    families: &mut Vec<MetricFamily>,
+) {
     let memory = [("layer", "memory")];
     let disk = [("layer", "disk")];
     let tiers = |memory_value: f64,
@@ -607,6 +617,31 @@ fn cache_families<'n>(
             ));
         }
     }
+    if let Some(d) = &shared.process.disk {
+        families.push(family(
+            "yatagarasu_cache_disk_corrupt_total",
+            "Disk entries dropped for a bad length or checksum (then refetched).",
+            MetricType::COUNTER,
+            vec![counter(&[], d.corrupt.load(Ordering::Relaxed) as f64)],
+        ));
+        families.push(family(
+            "yatagarasu_cache_disk_recency_refreshes_total",
+            "Disk entries marked used because memory served them (at most once a second per copy), so the disk's LRU keeps what memory serves most.",
+            MetricType::COUNTER,
+            vec![counter(&[], d.recency_refreshes.load(Ordering::Relaxed) as f64)],
+        ));
+        families.push(family(
+            "yatagarasu_cache_disk_writes_dropped_total",
+            "Disk-tier writes not made because the writer's queue was full (the object stays in memory only).",
+            MetricType::COUNTER,
+            vec![counter(&[], d.writes_dropped.load(Ordering::Relaxed) as f64)],
+        ));
+    }
+    prewarm_families(shared, families);
+}
+
+/// Cache pre-warming tasks (`crate::prewarm`).
+fn prewarm_families(shared: &Generation, families: &mut Vec<MetricFamily>) {
     let warm = &shared.process.prewarm;
     let prewarm = [
         ("yatagarasu_prewarm_tasks_total", "Cache pre-warming tasks started.", &warm.totals.tasks),
@@ -629,24 +664,4 @@ fn cache_families<'n>(
         MetricType::GAUGE,
         vec![gauge(&[], warm.running() as f64)],
     ));
-    if let Some(d) = &shared.process.disk {
-        families.push(family(
-            "yatagarasu_cache_disk_corrupt_total",
-            "Disk entries dropped for a bad length or checksum (then refetched).",
-            MetricType::COUNTER,
-            vec![counter(&[], d.corrupt.load(Ordering::Relaxed) as f64)],
-        ));
-        families.push(family(
-            "yatagarasu_cache_disk_recency_refreshes_total",
-            "Disk entries marked used because memory served them (at most once a second per copy), so the disk's LRU keeps what memory serves most.",
-            MetricType::COUNTER,
-            vec![counter(&[], d.recency_refreshes.load(Ordering::Relaxed) as f64)],
-        ));
-        families.push(family(
-            "yatagarasu_cache_disk_writes_dropped_total",
-            "Disk-tier writes not made because the writer's queue was full (the object stays in memory only).",
-            MetricType::COUNTER,
-            vec![counter(&[], d.writes_dropped.load(Ordering::Relaxed) as f64)],
-        ));
-    }
 }

@@ -89,74 +89,13 @@ pub fn handle(
         return text(404, "the cache is not enabled\n");
     };
     match (method, path) {
-        ("GET", "/admin/cache/info") => {
-            let config = &process.current().config;
-            let c = &config.cache;
-            let body = serde_json::json!({
-                "enabled": c.enabled,
-                "layers": if c.disk.is_some() { vec!["memory", "disk"] } else { vec!["memory"] },
-                "memory": {
-                    "max_bytes": c.memory_bytes,
-                    "max_item_bytes": c.max_item_bytes,
-                    "default_ttl_seconds": c.default_ttl.as_secs(),
-                    "fill_budget_bytes": store::fill_budget(c.memory_bytes, c.max_item_bytes),
-                },
-                "disk": c.disk.as_ref().map(|d| serde_json::json!({
-                    "dir": d.dir,
-                    "max_bytes": d.max_bytes,
-                })),
-                "slice_bytes": c.slice_bytes,
-                "stale_if_error_seconds": c.stale_if_error.as_secs(),
-                "buckets": config.buckets.iter().map(|b| serde_json::json!({
-                    "name": b.name,
-                    "enabled": b.cache.enabled,
-                    "ttl_seconds": b.cache.ttl.as_secs(),
-                    "max_item_bytes": b.cache.max_item_bytes,
-                })).collect::<Vec<_>>(),
-            });
-            (200, "application/json", body.to_string())
-        }
+        ("GET", "/admin/cache/info") => info(process),
         ("GET", p) if p.starts_with("/admin/cache/stats/") => {
-            let bucket = &p["/admin/cache/stats/".len()..];
-            if !process
-                .current()
-                .config
-                .buckets
-                .iter()
-                .any(|b| b.name == bucket)
-            {
-                return text(404, "no such bucket\n");
-            }
-            let (items, bytes) = cache.prefix_stats(&store::bucket_prefix(bucket));
-            let body = serde_json::json!({
-                "bucket": bucket,
-                "layers": [{ "layer": "memory", "items": items, "bytes": bytes }],
-            });
-            (200, "application/json", body.to_string())
+            bucket_stats(process, cache, &p["/admin/cache/stats/".len()..])
         }
         ("POST", "/admin/cache/purge") => purge_all(process),
         ("POST", p) if p.starts_with("/admin/debug/advance-clock") => advance_clock(p),
-        ("GET", "/admin/cache/stats") => {
-            let mut layers = vec![serde_json::json!({
-                "layer": "memory",
-                "items": cache.items(),
-                "bytes": cache.bytes(),
-                "max_bytes": cache.max_bytes(),
-                "evictions": cache.evictions(),
-            })];
-            if let Some(disk) = &process.disk {
-                layers.push(serde_json::json!({
-                    "layer": "disk",
-                    "items": disk.items(),
-                    "bytes": disk.bytes(),
-                    "evictions": disk.evictions(),
-                    "corrupt_dropped": disk.corrupt.load(std::sync::atomic::Ordering::Relaxed),
-                    "writes": if disk.degraded() { "off (disk unusable)" } else { "on" },
-                }));
-            }
-            let body = serde_json::json!({ "layers": layers });
-            (200, "application/json", body.to_string())
-        }
+        ("GET", "/admin/cache/stats") => stats(process, cache),
         ("POST", p) if p.starts_with("/admin/cache/purge/") => {
             purge(process, &p["/admin/cache/purge/".len()..])
         }
@@ -170,6 +109,86 @@ pub fn handle(
         }
         _ => text(404, "not found\n"),
     }
+}
+
+/// `GET /admin/cache/info`: the cache's settings.
+fn info(process: &Process) -> Answer {
+    let config = &process.current().config;
+    let c = &config.cache;
+    // In lookup order.
+    let mut layers = vec!["memory"];
+    for layer in &c.lower_layers {
+        match layer {
+            crate::config::Layer::Disk if c.disk.is_some() => layers.push("disk"),
+            crate::config::Layer::Redis if c.redis.is_some() => layers.push("redis"),
+            _ => {}
+        }
+    }
+    let body = serde_json::json!({
+        "enabled": c.enabled,
+        "layers": layers,
+        "memory": {
+            "max_bytes": c.memory_bytes,
+            "max_item_bytes": c.max_item_bytes,
+            "default_ttl_seconds": c.default_ttl.as_secs(),
+            "fill_budget_bytes": store::fill_budget(c.memory_bytes, c.max_item_bytes),
+        },
+        "disk": c.disk.as_ref().map(|d| serde_json::json!({
+            "dir": d.dir,
+            "max_bytes": d.max_bytes,
+        })),
+        "slice_bytes": c.slice_bytes,
+        "stale_if_error_seconds": c.stale_if_error.as_secs(),
+        "buckets": config.buckets.iter().map(|b| serde_json::json!({
+            "name": b.name,
+            "enabled": b.cache.enabled,
+            "ttl_seconds": b.cache.ttl.as_secs(),
+            "max_item_bytes": b.cache.max_item_bytes,
+        })).collect::<Vec<_>>(),
+    });
+    (200, "application/json", body.to_string())
+}
+
+/// `GET /admin/cache/stats/<bucket>`: the bucket's items and bytes in memory.
+fn bucket_stats(process: &Process, cache: &store::MemoryStore, bucket: &str) -> Answer {
+    if !process
+        .current()
+        .config
+        .buckets
+        .iter()
+        .any(|b| b.name == bucket)
+    {
+        return text(404, "no such bucket\n");
+    }
+    let (items, bytes) = cache.prefix_stats(&store::bucket_prefix(bucket));
+    let body = serde_json::json!({
+        "bucket": bucket,
+        "layers": [{ "layer": "memory", "items": items, "bytes": bytes }],
+    });
+    (200, "application/json", body.to_string())
+}
+
+/// `GET /admin/cache/stats`: each tier's items, bytes and evictions.
+fn stats(process: &Process, cache: &store::MemoryStore) -> Answer {
+    let mut layers = vec![serde_json::json!({
+        "layer": "memory",
+        "items": cache.items(),
+        "bytes": cache.bytes(),
+        "max_bytes": cache.max_bytes(),
+        "evictions": cache.evictions(),
+    })];
+    if let Some(disk) = &process.disk {
+        layers.push(serde_json::json!({
+            "layer": "disk",
+            "items": disk.items(),
+            "bytes": disk.bytes(),
+            "evictions": disk.evictions(),
+            "corrupt_dropped": disk.corrupt.load(std::sync::atomic::Ordering::Relaxed),
+            "writes": if disk.degraded() { "off (disk unusable)" } else { "on" },
+        }));
+    }
+    let body = serde_json::json!({ "layers": layers });
+    (200, "application/json", body.to_string())
 }
 
 /// `<bucket>` or `<bucket>/<key>` (the key as a client writes it in a URL).

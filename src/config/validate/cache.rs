@@ -27,38 +27,12 @@ pub(super) fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
     let Some(c) = raw else { return out };
     out.enabled = c.enabled.unwrap_or(false);
     let disk_on = c.disk.as_ref().is_some_and(|d| d.enabled == Some(true));
-    let mut listed_disk = false;
-    let mut listed_memory = false;
-    let mut listed_redis = false;
-    let mut listed_order = Vec::new();
-    for (i, layer) in c.cache_layers.iter().flatten().enumerate() {
-        let at = format!("cache.cache_layers[{i}]");
-        match layer.as_str() {
-            "memory" => {
-                if i > 0 {
-                    p.warn(
-                        "cache.cache_layers",
-                        "the memory tier is always asked first (a memory hit never needs a lower tier); the tiers below it are asked in the order written",
-                    );
-                }
-                listed_memory = true;
-            }
-            "disk" if !disk_on => p.at(&at, "\"disk\" needs cache.disk.enabled: true"),
-            "disk" => {
-                listed_disk = true;
-                listed_order.push(Layer::Disk);
-            }
-            "redis" if c.redis.is_none() => p.at(&at, "\"redis\" needs cache.redis (redis_url)"),
-            "redis" => {
-                listed_redis = true;
-                listed_order.push(Layer::Redis);
-            }
-            other => p.at(
-                &at,
-                format_args!("{other:?} is not one of memory, disk, redis"),
-            ),
-        }
-    }
+    let Listed {
+        memory: listed_memory,
+        disk: listed_disk,
+        redis: listed_redis,
+        order: listed_order,
+    } = layers(c, disk_on, p);
     if !listed_order.is_empty() {
         // The tiers listed, in their order; one not listed is not enabled
         // (refused below when it is).
@@ -138,22 +112,71 @@ pub(super) fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
         out.slice_bytes = Some(mb.clamp(1, MAX_SLICE_MB) * MIB);
     }
     if let Some(w) = &c.warming {
-        let defaults = Warming::default();
-        let concurrency = w.concurrency.unwrap_or(defaults.concurrency);
-        let rate = w.rate_limit.unwrap_or(defaults.rate_limit);
-        if !(1..=MAX_WARMING_CONCURRENCY).contains(&concurrency) {
-            p.at(
-                "cache.warming.concurrency",
-                format_args!("must be between 1 and {MAX_WARMING_CONCURRENCY}"),
-            );
-        }
-        p.positive("cache.warming.rate_limit", u64::from(rate));
-        out.warming = Warming {
-            concurrency: concurrency.clamp(1, MAX_WARMING_CONCURRENCY),
-            rate_limit: rate.max(1),
-        };
+        out.warming = warming(w, p);
     }
     out
+}
+
+/// What `cache.cache_layers` lists: which tiers, and the order of those
+/// below memory.
+#[derive(Default)]
+struct Listed {
+    memory: bool,
+    disk: bool,
+    redis: bool,
+    order: Vec<Layer>,
+}
+
+/// Reads `cache.cache_layers`: each entry a tier that is configured.
+fn layers(c: &RawCache, disk_on: bool, p: &mut Problems) -> Listed {
+    let mut listed = Listed::default();
+    for (i, layer) in c.cache_layers.iter().flatten().enumerate() {
+        let at = format!("cache.cache_layers[{i}]");
+        match layer.as_str() {
+            "memory" => {
+                if i > 0 {
+                    p.warn(
+                        "cache.cache_layers",
+                        "the memory tier is always asked first (a memory hit never needs a lower tier); the tiers below it are asked in the order written",
+                    );
+                }
+                listed.memory = true;
+            }
+            "disk" if !disk_on => p.at(&at, "\"disk\" needs cache.disk.enabled: true"),
+            "disk" => {
+                listed.disk = true;
+                listed.order.push(Layer::Disk);
+            }
+            "redis" if c.redis.is_none() => p.at(&at, "\"redis\" needs cache.redis (redis_url)"),
+            "redis" => {
+                listed.redis = true;
+                listed.order.push(Layer::Redis);
+            }
+            other => p.at(
+                &at,
+                format_args!("{other:?} is not one of memory, disk, redis"),
+            ),
+        }
+    }
+    listed
+}
+
+/// `cache.warming`: a pre-warming task's concurrency and pace.
+fn warming(w: &RawWarming, p: &mut Problems) -> Warming {
+    let defaults = Warming::default();
+    let concurrency = w.concurrency.unwrap_or(defaults.concurrency);
+    let rate = w.rate_limit.unwrap_or(defaults.rate_limit);
+    if !(1..=MAX_WARMING_CONCURRENCY).contains(&concurrency) {
+        p.at(
+            "cache.warming.concurrency",
+            format_args!("must be between 1 and {MAX_WARMING_CONCURRENCY}"),
+        );
+    }
+    p.positive("cache.warming.rate_limit", u64::from(rate));
+    Warming {
+        concurrency: concurrency.clamp(1, MAX_WARMING_CONCURRENCY),
+        rate_limit: rate.max(1),
+    }
 }
 
 /// Largest `cache.warming.concurrency`.
