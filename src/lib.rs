@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod audit;
 pub mod authz;
 pub mod cache;
 pub mod clock;

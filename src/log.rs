@@ -238,7 +238,7 @@ fn json_str(out: &mut String, s: &str) {
 }
 
 /// RFC 3339 UTC timestamp with milliseconds.
-fn timestamp(out: &mut String, secs: u64, millis: u32) {
+pub(crate) fn timestamp(out: &mut String, secs: u64, millis: u32) {
     let (y, m, d, h, mi, s) = crate::clock::civil(secs);
     let _ = write!(
         out,

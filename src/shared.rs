@@ -155,6 +155,8 @@ pub struct Process {
     pub stale_warned: Mutex<HashMap<String, std::time::Instant>>,
     /// Cache pre-warming tasks (the admin API's).
     pub prewarm: crate::prewarm::Tasks,
+    /// The audit log, when `audit_log` is enabled.
+    pub audit: Option<Arc<crate::audit::Audit>>,
 }
 
 /// One configuration generation (immutable, shared by every thread through
@@ -224,6 +226,10 @@ impl Process {
             }
             _ => (None, None),
         };
+        let audit = match &config.audit {
+            Some(settings) => Some(crate::audit::Audit::start(settings.clone())?),
+            None => None,
+        };
         let process = Arc::new(Process {
             config_path: config_path.to_string(),
             workers: (0..config.server.workers)
@@ -245,6 +251,7 @@ impl Process {
             credentials: Arc::default(),
             fills: Default::default(),
             prewarm: Default::default(),
+            audit,
         });
         let first = Generation::build(config, process.clone(), None)?;
         process.install(first);
@@ -304,6 +311,9 @@ impl Process {
                 "cache cannot change on reload (bucket-level cache settings can); restart instead"
                     .into(),
             );
+        }
+        if old.config.audit != config.audit {
+            errs.push("audit_log cannot change on reload; restart instead".into());
         }
         if !errs.is_empty() {
             return Err(errs);

@@ -44,9 +44,70 @@ pub struct Config {
     pub admin_main_port: bool,
     /// `jwt:` when enabled: keys, token sources and claim rules.
     pub jwt: Option<std::sync::Arc<crate::access::jwt::JwtSettings>>,
+    /// `audit_log`, when enabled.
+    pub audit: Option<AuditSettings>,
     /// Accepted, but worth saying: logged at WARN at start and on reload,
     /// and printed by `--check` (`YAML path: message`).
     pub warnings: Vec<String>,
+}
+
+/// `audit_log`, resolved (see `crate::audit`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    /// Which decisions are recorded.
+    pub level: AuditLevel,
+    /// `audit_log.file`, when `outputs` lists `file`.
+    pub file: Option<AuditFile>,
+    /// `audit_log.syslog`, when `outputs` lists `syslog`.
+    pub syslog: Option<AuditSyslog>,
+}
+
+/// `audit_log.log_level`: which access decisions get a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AuditLevel {
+    /// `debug` / `info`: every decision.
+    All,
+    /// `warn`: refusals (401, 403, 429, policy denials) and errors.
+    Refusals,
+    /// `error`: answers of 5xx only.
+    Errors,
+}
+
+/// How an audit file is rotated besides its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    /// By size only.
+    Size,
+    /// By size, and when the UTC day changes.
+    Daily,
+    /// By size, and when the UTC hour changes.
+    Hourly,
+}
+
+/// `audit_log.file`, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditFile {
+    /// The file written.
+    pub path: String,
+    /// Rotated when a record would take it past this (bytes).
+    pub max_bytes: u64,
+    /// Rotated files kept (`path.1` the newest).
+    pub max_backups: u32,
+    /// Rotation besides the size.
+    pub rotation: Rotation,
+    /// Bytes buffered before a write (0: each batch written at once).
+    pub buffer_bytes: usize,
+}
+
+/// `audit_log.syslog`, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSyslog {
+    /// `host:port` of the receiver.
+    pub address: String,
+    /// TCP (RFC 6587 octet counting) rather than UDP.
+    pub tcp: bool,
+    /// The facility's number (RFC 5424: local0 is 16).
+    pub facility: u8,
 }
 
 /// `cache:`, resolved (the memory tier; see `crate::cache`).

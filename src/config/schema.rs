@@ -79,6 +79,54 @@ pub struct RawConfig {
     /// JWT authentication.
     #[serde(default)]
     pub jwt: Option<RawJwt>,
+    /// The audit log (the other system's keys).
+    #[serde(default)]
+    pub audit_log: Option<RawAuditLog>,
+}
+
+/// `audit_log`: one record per access decision, to a file and/or syslog.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuditLog {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub outputs: Option<Vec<String>>,
+    #[serde(default)]
+    pub log_level: Option<String>,
+    #[serde(default)]
+    pub file: Option<RawAuditFile>,
+    #[serde(default)]
+    pub syslog: Option<RawAuditSyslog>,
+    /// The other system's S3 export: refused with a message.
+    #[serde(default)]
+    pub s3_export: Option<serde_yaml::Value>,
+}
+
+/// `audit_log.file`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuditFile {
+    pub path: String,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub max_file_size_mb: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub max_backup_files: Option<u32>,
+    #[serde(default)]
+    pub rotation_policy: Option<String>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub buffer_size: Option<usize>,
+}
+
+/// `audit_log.syslog`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuditSyslog {
+    pub address: String,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub facility: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone, Default)]

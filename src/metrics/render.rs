@@ -216,6 +216,7 @@ fn access_families(
         ],
     ));
     credential_families(shared, families);
+    audit_families(shared, families);
     families.push(family(
         "yatagarasu_auth_requests_total",
         "JWT authentication outcomes by bucket and result (ok, missing, invalid, expired, forbidden).",
@@ -663,5 +664,32 @@ fn prewarm_families(shared: &Generation, families: &mut Vec<MetricFamily>) {
         "Cache pre-warming tasks running now.",
         MetricType::GAUGE,
         vec![gauge(&[], warm.running() as f64)],
+    ));
+}
+
+/// The audit log's records written and dropped (`crate::audit`).
+fn audit_families(shared: &Generation, families: &mut Vec<MetricFamily>) {
+    let Some(a) = &shared.process.audit else {
+        return;
+    };
+    let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed) as f64;
+    families.push(family(
+        "yatagarasu_audit_records_total",
+        "Audit records written, by output (file, syslog).",
+        MetricType::COUNTER,
+        vec![
+            counter(&[("output", "file")], load(&a.written_file)),
+            counter(&[("output", "syslog")], load(&a.written_syslog)),
+        ],
+    ));
+    families.push(family(
+        "yatagarasu_audit_records_dropped_total",
+        "Audit records dropped, by reason (queue_full: the writer was behind; file: the file could not be written, e.g. a full disk; syslog: the receiver could not be reached). Requests are never held up for them.",
+        MetricType::COUNTER,
+        vec![
+            counter(&[("reason", "queue_full")], load(&a.dropped_queue)),
+            counter(&[("reason", "file")], load(&a.dropped_file)),
+            counter(&[("reason", "syslog")], load(&a.dropped_syslog)),
+        ],
     ));
 }

@@ -48,6 +48,7 @@ impl CoreGeneration {
             return Ok(());
         }
         if !self.ip_allowed(c, client, bucket) {
+            c.s.refusal = Some("ip_filter");
             return Err(self
                 .simple_outcome(c, 403, "text/plain", b"forbidden\n", &[])
                 .await);
@@ -141,6 +142,7 @@ impl CoreGeneration {
             Err(r) => r,
         };
         self.core.metrics.borrow_mut().auth(mid, refusal.result());
+        c.s.refusal = Some(refusal.result().label());
         log!(
             Level::Info,
             "Request refused by authentication",

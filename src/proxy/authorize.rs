@@ -205,6 +205,9 @@ impl CoreGeneration {
                     Decision::ErrorClosed
                 };
                 c.s.authz = Some(decision);
+                if !open {
+                    c.s.refusal = Some("policy_unavailable");
+                }
                 self.core.metrics.borrow_mut().authz(mid, engine, decision);
                 let (now, last) = (now_ms().max(1), self.authz.warned_ms.get());
                 if !open || last == 0 || now.saturating_sub(last) >= 1000 {
@@ -240,6 +243,7 @@ impl CoreGeneration {
     async fn refused(&self, c: &mut Client, bucket: usize, engine: Engine, v: Verdict) -> Outcome {
         let mid = self.shared.bucket_metric[bucket];
         c.s.authz = Some(Decision::Deny);
+        c.s.refusal = Some("policy");
         if let Verdict::Deny(Some(reason)) = &v {
             c.s.authz_reason = reason.clone();
         }

@@ -129,6 +129,7 @@ impl CoreGeneration {
     }
 
     async fn too_many(&self, c: &mut Client, scope: LimitScope, wait_ms: u64) -> Outcome {
+        c.s.refusal = Some("rate_limit");
         self.core.metrics.borrow_mut().rate_limited(scope);
         let secs = itoa(wait_ms.div_ceil(1000).max(1));
         let extra = [("Retry-After", secs.as_str())];

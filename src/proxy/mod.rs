@@ -157,6 +157,9 @@ pub struct Core {
     /// Cache keys of memory hits whose disk-tier entries are to be marked
     /// used, at the next tick, under one lock.
     pub disk_touches: RefCell<Vec<String>>,
+    /// Audit records (JSON lines) and their count since the last tick,
+    /// handed to the audit writer at the next one.
+    pub audit_batch: RefCell<(Vec<u8>, u64)>,
 }
 
 /// Empty pipes a worker keeps for splicing, two descriptors each (more are
@@ -263,6 +266,7 @@ impl Core {
             date: RefCell::new((0, String::new())),
             redis,
             disk_touches: RefCell::default(),
+            audit_batch: RefCell::default(),
         })
     }
 
@@ -394,6 +398,11 @@ struct RequestState {
     /// A pre-warming fetch of this process (`crate::prewarm`): it passes
     /// the access and authorize phases.
     prewarm: bool,
+    /// Why the access phases refused the request, if they did (for the
+    /// audit log): `ip_filter`, a JWT result, `rate_limit`, `policy`.
+    refusal: Option<&'static str>,
+    /// The bucket the request was routed to, once it was.
+    routed: Option<usize>,
 }
 
 /// What the access line says of a request beyond its status.

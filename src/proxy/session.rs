@@ -50,6 +50,7 @@ impl CoreGeneration {
         self.decode(c, path).await?;
         let client = self.admit_client(c).await?;
         let bucket = self.route(c, path, key).await?;
+        c.s.routed = Some(bucket);
         self.access(c, client, bucket).await?;
         self.authorize(c, client, bucket, path, key).await?;
         self.lookup(c, bucket, key).await?;
@@ -73,6 +74,8 @@ impl CoreGeneration {
         c.s.upstream_prepaid = false;
         c.s.flags = Flags::default();
         c.s.prewarm = self.is_prewarm(c);
+        c.s.refusal = None;
+        c.s.routed = None;
         if c.s.req.request_id.is_empty() {
             let mut id = std::mem::take(&mut c.s.req.request_id);
             self.next_request_id(&mut id);

@@ -85,6 +85,9 @@ pub fn handle(
     if (method, path) == ("POST", "/admin/reload") {
         return reload(process);
     }
+    if method == "POST" && path.starts_with("/admin/debug/advance-clock") {
+        return advance_clock(path);
+    }
     let Some(cache) = process.cache.as_ref() else {
         return text(404, "the cache is not enabled\n");
     };
@@ -94,7 +97,6 @@ pub fn handle(
             bucket_stats(process, cache, &p["/admin/cache/stats/".len()..])
         }
         ("POST", "/admin/cache/purge") => purge_all(process),
-        ("POST", p) if p.starts_with("/admin/debug/advance-clock") => advance_clock(p),
         ("GET", "/admin/cache/stats") => stats(process, cache),
         ("POST", p) if p.starts_with("/admin/cache/purge/") => {
             purge(process, &p["/admin/cache/purge/".len()..])

@@ -213,6 +213,12 @@ impl Bound {
         }
         log!(Level::Info, "Shutdown requested, draining");
         drain(&process);
+        if let Some(audit) = &process.audit {
+            // The cores' last batches (they hand them over each tick),
+            // then whatever the writer buffers, on disk before exit.
+            std::thread::sleep(Duration::from_millis(100));
+            audit.flush(Duration::from_secs(2));
+        }
         0
     }
 }
@@ -675,6 +681,13 @@ fn tick(worker: &Core) {
         }
         false => now,
     };
+    // Audit records of the last tick, handed over in one batch.
+    if let Some(audit) = &worker.process.audit {
+        let batch = std::mem::take(&mut *worker.audit_batch.borrow_mut());
+        if batch.1 > 0 {
+            audit.submit(batch.0, batch.1);
+        }
+    }
     // Memory hits' disk-tier recency, batched under one lock.
     if let Some(disk) = &worker.process.disk {
         let mut touches = worker.disk_touches.borrow_mut();

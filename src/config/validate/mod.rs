@@ -8,6 +8,7 @@ use super::schema::*;
 use super::*;
 
 mod access;
+mod audit;
 mod authz;
 mod cache;
 mod replicas;
@@ -70,6 +71,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
     let metrics = metrics(raw.metrics.as_ref(), server.address, &mut p);
     let logging = logging(raw.logging.as_ref(), &mut p);
     let jwt = raw.jwt.as_ref().and_then(|j| jwt(j, "jwt", &mut p));
+    let audit = raw.audit_log.as_ref().and_then(|a| audit::audit(a, &mut p));
     let admin_token = raw.admin.as_ref().and_then(|a| a.token.clone());
     if admin_token.as_deref().is_some_and(|t| t.len() < 16) {
         p.at("admin.token", "must be at least 16 characters");
@@ -97,6 +99,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             admin_token,
             admin_main_port,
             jwt,
+            audit,
             warnings: p.1,
         })
     } else {
