@@ -246,15 +246,19 @@ impl SyslogSink {
         };
     }
 
+    /// The receiver's address (resolved on each connect: a name may move).
+    fn target(&self) -> Result<std::net::SocketAddr, ()> {
+        self.settings
+            .address
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or(())
+    }
+
     fn send_udp(&mut self, line: &str) -> Result<(), ()> {
         if self.udp.is_none() {
-            let target = self
-                .settings
-                .address
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or(())?;
+            let target = self.target()?;
             let local = if target.is_ipv4() {
                 "0.0.0.0:0"
             } else {
@@ -273,13 +277,7 @@ impl SyslogSink {
             if self.retry_at.is_some_and(|t| Instant::now() < t) {
                 return Err(());
             }
-            let target = self
-                .settings
-                .address
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or(())?;
+            let target = self.target()?;
             match TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
                 Ok(s) => {
                     let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
