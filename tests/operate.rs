@@ -264,3 +264,39 @@ fn a_live_scrape_passes_promtool_and_has_every_metric_the_dashboard_and_alerts_u
     }
     assert!(scraped * 2 >= names.len(), "{scraped} of {names:?} scraped");
 }
+
+/// The configs the Kubernetes manifests ship (the base's ConfigMap and the
+/// Redis overlay's) pass `--check`, with the mounted key files in place.
+#[test]
+fn the_kubernetes_configs_pass_check() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let keys = dir.path().join("s3");
+    std::fs::create_dir_all(&keys).expect("mkdir");
+    std::fs::write(keys.join("access_key"), "AKIAEXAMPLEEXAMPLE").expect("key");
+    std::fs::write(keys.join("secret_key"), "secret-example-0123456789").expect("key");
+    for manifest in [
+        "deploy/k8s/base/configmap.yaml",
+        "deploy/k8s/overlays/redis/config-redis.yaml",
+    ] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(manifest);
+        let doc: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&path).expect("read")).expect("YAML");
+        let config = doc["data"]["config.yaml"]
+            .as_str()
+            .expect("data.config.yaml");
+        let config = config.replace("/var/run/secrets/s3", &keys.display().to_string());
+        let file = dir.path().join("config.yaml");
+        std::fs::write(&file, config).expect("write");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_yatagarasu"))
+            .arg("--check")
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .expect("run --check");
+        assert!(
+            out.status.success(),
+            "{manifest}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

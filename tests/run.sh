@@ -33,8 +33,8 @@ if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
   python3 -m pip install --quiet kubernetes-validate
 fi
 
-echo "== Kubernetes manifests against the Kubernetes schemas (offline)"
-python3 -m kubernetes_validate --strict --quiet deploy/k8s/*.yaml
+echo "== Kubernetes manifests (base, overlays, ServiceMonitor) against their schemas (offline)"
+bash deploy/k8s/validate.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
