@@ -400,3 +400,61 @@ fn the_tiers_below_memory_are_asked_in_cache_layers_order() {
     }
     assert_eq!(up.gets(), 4, "each object fetched once per run");
 }
+
+/// `rediss://`: TLS to Redis, the server's certificate checked against
+/// `cache.redis.ca_file` and the URL's host. A second instance is served
+/// from the TLS Redis; an instance that does not trust the CA says so
+/// clearly and still answers from the origin.
+#[test]
+fn rediss_connects_over_tls_and_a_wrong_ca_is_named() {
+    let ca = support::tls_front::TestCa::new("redis test CA");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert, key) = ca.leaf_pem_files(dir.path());
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).expect("write CA");
+    let redis = Redis::start_tls(&cert, &key);
+    let up = origin();
+    let tls_config = |ca: Option<&std::path::Path>| {
+        let url = format!("rediss://localhost:{}", redis.port);
+        let mut cfg = config(&up.endpoint(), &url);
+        if let Some(ca) = ca {
+            cfg = cfg.replace(
+                "    operation_timeout_ms: 2000\n",
+                &format!(
+                    "    operation_timeout_ms: 2000\n    ca_file: \"{}\"\n",
+                    ca.display()
+                ),
+            );
+        }
+        cfg
+    };
+    let first = Proxy::start(&tls_config(Some(&ca_file)));
+    let r = first.get("/b/tls/k.txt");
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+    assert!(first.wait_metric(WRITES, 1.0, WAIT), "{}", first.metrics());
+    let second = Proxy::start(&tls_config(Some(&ca_file)));
+    let r = second.get("/b/tls/k.txt");
+    assert_eq!(
+        (r.status, r.header("x-cache")),
+        (200, Some("HIT")),
+        "served from Redis over TLS"
+    );
+    assert_eq!(up.gets(), 1);
+    assert!(second.wait_metric("yatagarasu_cache_redis_hits_total", 1.0, WAIT));
+
+    // Not trusting the test CA: the handshake fails, named in the log, and
+    // the request goes to the origin.
+    let untrusting = Proxy::start(&tls_config(None));
+    let r = untrusting.get("/b/tls/other.txt");
+    assert_eq!(r.status, 200);
+    assert!(
+        untrusting.wait_log("TLS handshake with localhost", WAIT),
+        "{}",
+        untrusting.log()
+    );
+    assert!(
+        untrusting.log().contains("UnknownIssuer") || untrusting.log().contains("certificate"),
+        "{}",
+        untrusting.log()
+    );
+}

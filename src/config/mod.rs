@@ -190,6 +190,18 @@ pub struct RedisCache {
     pub operation_timeout: Duration,
     /// `max_pool_size`: connections for the process (shared out per core).
     pub max_connections: usize,
+    /// `rediss://`: TLS to Redis, verified against the system's roots and
+    /// `ca_file`.
+    pub tls: Option<RedisTls>,
+}
+
+/// TLS to Redis (`rediss://`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTls {
+    /// The name the server's certificate must carry (the URL's host).
+    pub server_name: String,
+    /// `cache.redis.ca_file`: extra trusted CA certificates (PEM).
+    pub ca_file: Option<String>,
 }
 
 /// `cache.disk`, when enabled.

@@ -287,6 +287,9 @@ pub struct RawCacheRedis {
     pub min_pool_size: Option<usize>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub max_pool_size: Option<usize>,
+    /// CA certificates (PEM) trusted for `rediss://` beside the system's.
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

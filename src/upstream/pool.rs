@@ -449,22 +449,38 @@ async fn handshake(
     endpoint: &Endpoint,
     deadline: Instant,
 ) -> Result<monoio_rustls::ClientTlsStream<TcpStream>, (Cause, String)> {
-    let name = tls::server_name(&endpoint.host).map_err(|e| (Cause::Tls, e))?;
+    tls_handshake(
+        connector,
+        stream,
+        &endpoint.host,
+        &endpoint.authority,
+        deadline,
+    )
+    .await
+}
+
+/// A TLS handshake by `deadline`, the certificate checked against `host`
+/// (SNI too); errors name `authority` and what rustls found wrong. For
+/// replicas, decision services and `rediss://` alike.
+pub async fn tls_handshake(
+    connector: &TlsConnector,
+    stream: TcpStream,
+    host: &str,
+    authority: &str,
+    deadline: Instant,
+) -> Result<monoio_rustls::ClientTlsStream<TcpStream>, (Cause, String)> {
+    let name = tls::server_name(host).map_err(|e| (Cause::Tls, e))?;
     let left = deadline.saturating_duration_since(Instant::now());
     match monoio::time::timeout(left, connector.connect(name, stream)).await {
         Ok(Ok(s)) => Ok(s),
         // TlsError's own text hides the cause; io::Error keeps it.
         Ok(Err(e)) => Err((
             Cause::Tls,
-            format!(
-                "TLS handshake with {}: {}",
-                endpoint.authority,
-                io::Error::from(e)
-            ),
+            format!("TLS handshake with {authority}: {}", io::Error::from(e)),
         )),
         Err(_) => Err((
             Cause::Timeout,
-            format!("TLS handshake with {} timed out", endpoint.authority),
+            format!("TLS handshake with {authority} timed out"),
         )),
     }
 }

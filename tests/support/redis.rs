@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 pub struct Redis {
     pub port: u16,
     password: Option<String>,
+    /// Serves TLS only (`--tls-port`), with this certificate and key.
+    tls: Option<(String, String)>,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -24,6 +26,21 @@ impl Redis {
         let mut r = Redis {
             port,
             password: password.map(str::to_string),
+            tls: None,
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    /// A server speaking TLS only, with this certificate and key (PEM
+    /// files); clients are not asked for certificates.
+    pub fn start_tls(cert_file: &str, key_file: &str) -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            password: None,
+            tls: Some((cert_file.to_string(), key_file.to_string())),
             dir: tempfile::tempdir().expect("temp dir"),
             child: None,
         };
@@ -35,7 +52,14 @@ impl Redis {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some((cert, key)) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .args(["--tls-cert-file", cert, "--tls-key-file", key])
+                .args(["--tls-auth-clients", "no"]),
+        };
+        cmd.args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path());

@@ -1,10 +1,13 @@
 //! One connection to Redis on the calling thread's monoio runtime: RESP2
-//! frames (the `redis-protocol` crate's codec) over a plain TCP socket, each
-//! command bounded by a deadline. Opening it sends `AUTH` and `SELECT` as
-//! configured; a connection that failed once is dropped, never reused.
+//! frames (the `redis-protocol` crate's codec) over TCP, or TLS for
+//! `rediss://` (rustls, the system's roots plus `cache.redis.ca_file`, the
+//! certificate checked against the URL's host), each command bounded by a
+//! deadline. Opening it sends `AUTH` and `SELECT` as configured; a
+//! connection that failed once is dropped, never reused.
 
-use crate::config::RedisCache;
+use crate::config::{RedisCache, RedisTls};
 use crate::http::io::{read_more, write_all};
+use crate::stream::{MaybeTls, UpStream};
 use monoio::net::TcpStream;
 use redis_protocol::resp2::decode::decode;
 use redis_protocol::resp2::types::OwnedFrame;
@@ -15,7 +18,7 @@ const BUF: usize = 16 * 1024;
 
 /// An open, authenticated connection.
 pub struct Conn {
-    stream: TcpStream,
+    stream: UpStream,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
@@ -29,6 +32,10 @@ impl Conn {
             .map_err(|_| format!("connect to {} timed out", s.address))?
             .map_err(|e| format!("connect to {}: {e}", s.address))?;
         let _ = stream.set_nodelay(true);
+        let stream = match &s.tls {
+            None => MaybeTls::Plain(stream),
+            Some(tls) => MaybeTls::Tls(Box::new(handshake(tls, stream, s).await?)),
+        };
         let mut conn = Conn {
             stream,
             buf: Vec::with_capacity(BUF),
@@ -122,6 +129,26 @@ impl Conn {
             }
         }
     }
+}
+
+/// The TLS handshake of a `rediss://` connection, within
+/// `connection_timeout_ms`. The client settings are built once per process
+/// (the Redis settings cannot change on reload).
+async fn handshake(
+    tls: &RedisTls,
+    stream: TcpStream,
+    s: &RedisCache,
+) -> Result<monoio_rustls::ClientTlsStream<TcpStream>, String> {
+    static CONNECTOR: std::sync::OnceLock<Result<monoio_rustls::TlsConnector, String>> =
+        std::sync::OnceLock::new();
+    let connector = CONNECTOR
+        .get_or_init(|| crate::tls::connector(tls.ca_file.as_deref(), false))
+        .as_ref()
+        .map_err(|e| format!("TLS to Redis: {e}"))?;
+    let deadline = std::time::Instant::now() + s.connect_timeout;
+    crate::upstream::pool::tls_handshake(connector, stream, &tls.server_name, &s.address, deadline)
+        .await
+        .map_err(|(_, e)| e)
 }
 
 /// What [`Conn::read_frame`] says when nothing came by its deadline.

@@ -27,8 +27,10 @@
 //!   disk tiers. An instance that finds the count moved while it was not
 //!   listening drops all its local copies ([`RedisTier::run_fleet`]).
 //!
-//! Not yet: Redis Cluster, `rediss://`, objects stored as chunks,
-//! fleet-wide collapsing and limits (issue #25).
+//! `rediss://` connects over TLS (`conn.rs`).
+//!
+//! Not yet: Redis Cluster, objects stored as chunks, fleet-wide collapsing
+//! and limits (issue #25).
 
 pub mod conn;
 pub mod entry;
@@ -62,19 +64,18 @@ pub struct Url {
     pub password: Option<String>,
     /// The database from the path (`/2`).
     pub db: Option<u32>,
+    /// `rediss://`: TLS, the host the certificate must name.
+    pub tls_host: Option<String>,
 }
 
-/// Reads `redis://[[user]:password@]host[:port][/db]`.
+/// Reads `redis[s]://[[user]:password@]host[:port][/db]`.
 pub fn parse_url(url: &str) -> Result<Url, String> {
-    let rest = if let Some(rest) = url.strip_prefix("redis://") {
-        rest
-    } else if url.starts_with("rediss://") {
-        return Err(
-            "rediss:// (TLS to Redis) is not supported yet; use redis:// on a trusted network"
-                .into(),
-        );
+    let (rest, tls) = if let Some(rest) = url.strip_prefix("redis://") {
+        (rest, false)
+    } else if let Some(rest) = url.strip_prefix("rediss://") {
+        (rest, true)
     } else {
-        return Err(format!("{url:?} is not a redis:// URL"));
+        return Err(format!("{url:?} is not a redis:// or rediss:// URL"));
     };
     let (auth, rest) = match rest.rsplit_once('@') {
         Some((auth, rest)) => (Some(auth), rest),
@@ -111,11 +112,18 @@ pub fn parse_url(url: &str) -> Result<Url, String> {
         Some(None) => (None, Some(decode(auth.unwrap_or_default()))),
         Some(Some((u, p))) => ((!u.is_empty()).then(|| decode(u)), Some(decode(p))),
     };
+    let host = address
+        .rsplit_once(':')
+        .map_or(address.as_str(), |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     Ok(Url {
         address,
         user,
         password: password.filter(|p| !p.is_empty()),
         db,
+        tls_host: tls.then_some(host),
     })
 }
 
@@ -686,9 +694,14 @@ mod tests {
         let u = parse_url("redis://app:pw@redis:7000/").expect("user");
         assert_eq!(u.address, "redis:7000");
         assert_eq!(u.user.as_deref(), Some("app"));
-        assert!(parse_url("rediss://x")
-            .unwrap_err()
-            .contains("not supported yet"));
+        let u = parse_url("rediss://:pw@cache.example:6380/1").expect("TLS");
+        assert_eq!(u.address, "cache.example:6380");
+        assert_eq!(u.tls_host.as_deref(), Some("cache.example"));
+        assert_eq!(
+            parse_url("rediss://[::1]").expect("v6").tls_host.as_deref(),
+            Some("::1")
+        );
+        assert_eq!(parse_url("redis://x").expect("plain").tls_host, None);
         assert!(parse_url("http://x").is_err());
         assert!(parse_url("redis://x:port").is_err());
         assert!(parse_url("redis://x/db").is_err());
@@ -707,6 +720,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             operation_timeout: Duration::from_secs(1),
             max_connections: 1,
+            tls: None,
         };
         assert_eq!(
             ttl(&s, Duration::from_secs(86_400)),

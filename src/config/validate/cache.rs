@@ -230,6 +230,24 @@ pub(super) fn redis(
             "has no effect: each core opens its Redis connections when it first needs them",
         );
     }
+    let tls = match (&parsed.tls_host, &r.ca_file) {
+        (None, Some(_)) => {
+            p.at("cache.redis.ca_file", "needs a rediss:// redis_url");
+            None
+        }
+        (None, None) => None,
+        (Some(host), ca_file) => {
+            if let Some(path) = ca_file {
+                if let Err(e) = crate::tls::load_pem_certs(path) {
+                    p.at("cache.redis.ca_file", e);
+                }
+            }
+            Some(RedisTls {
+                server_name: host.clone(),
+                ca_file: ca_file.clone(),
+            })
+        }
+    };
     let prefix = r
         .redis_key_prefix
         .clone()
@@ -258,6 +276,7 @@ pub(super) fn redis(
         connect_timeout: Duration::from_millis(connect.max(1)),
         operation_timeout: Duration::from_millis(operation.max(1)),
         max_connections: max_pool.max(1),
+        tls,
     })
 }
 
