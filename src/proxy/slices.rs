@@ -131,33 +131,9 @@ impl CoreGeneration {
             .cache
             .as_ref()
             .ok_or(SliceError::NotSliceable)?;
-        let mut fetched: Option<(u64, Arc<Object>)> = None;
-        let now = crate::clock::now();
-        let meta = match self
-            .stored(&slice::meta_key(object_key))
-            .await
-            .filter(|m| policy::is_fresh(m.stored_at, m.fresh_for, now))
-        {
-            Some(m) => m,
-            None => {
-                drop_slices(store, object_key, size);
-                let n = if range.is_empty() {
-                    0
-                } else {
-                    slice::first_to_fetch(range, size)
-                };
-                let want = Want {
-                    object_key,
-                    n,
-                    size,
-                    etag: None,
-                    total: None,
-                };
-                let (meta, s) = self.fetch_slice(c, bucket, key, &want).await?;
-                fetched = Some((n, s));
-                meta
-            }
-        };
+        let (meta, mut fetched) = self
+            .slice_meta(c, bucket, key, (object_key, range, size))
+            .await?;
         let whole = range.is_empty();
         let asked = if whole { None } else { Some(range) };
         let (first, last) = match policy::range(asked, meta.total) {
@@ -211,14 +187,96 @@ impl CoreGeneration {
         self.cached_head(c, &meta, (status, Some(part), x_cache), keep);
         // The head leaves with the first slice's bytes (send_stored).
         let mut out = super::cache::cached_outcome(bucket, status, keep);
+        let range = (first, last);
+        let head_sent = self
+            .send_slices(
+                c,
+                (bucket, key),
+                (object_key, &meta, size),
+                (slices, range, first_slice),
+                &mut fetched,
+                &mut out,
+            )
+            .await;
+        if out.abort {
+            return Ok(out);
+        }
+        if !head_sent {
+            // No slice to send (nothing in range): the head alone.
+            let (Ok(head_only) | Err(head_only)) =
+                self.write_cached_head(c, bucket, status, keep).await;
+            return Ok(head_only);
+        }
+        if all_stored {
+            self.core.metrics.borrow_mut().cache_saved(mid, out.bytes);
+        }
+        Ok(out)
+    }
+
+    /// The object's slice metadata (its length, ETag, headers): the stored
+    /// copy while fresh, else fetched with the first slice the range needs
+    /// (that slice returned too, by its number). Stale slices are dropped.
+    async fn slice_meta(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        key: &str,
+        (object_key, range, size): (&str, &str, u64),
+    ) -> Result<(Arc<Object>, Option<(u64, Arc<Object>)>), SliceError> {
+        let store = self
+            .shared
+            .process
+            .cache
+            .as_ref()
+            .ok_or(SliceError::NotSliceable)?;
+        let now = crate::clock::now();
+        if let Some(m) = self
+            .stored(&slice::meta_key(object_key))
+            .await
+            .filter(|m| policy::is_fresh(m.stored_at, m.fresh_for, now))
+        {
+            return Ok((m, None));
+        }
+        drop_slices(store, object_key, size);
+        let n = if range.is_empty() {
+            0
+        } else {
+            slice::first_to_fetch(range, size)
+        };
+        let want = Want {
+            object_key,
+            n,
+            size,
+            etag: None,
+            total: None,
+        };
+        let (meta, s) = self.fetch_slice(c, bucket, key, &want).await?;
+        Ok((meta, Some((n, s))))
+    }
+
+    /// Sends the part of each slice in `slices` that `range` covers, the
+    /// head (in `c.s.wbuf`) with the first; later slices stored or fetched
+    /// as they are reached. Whether anything was sent; a failure once bytes
+    /// went out aborts `out` (the client must not take a short body for the
+    /// whole range).
+    async fn send_slices(
+        &self,
+        c: &mut Client,
+        (bucket, key): (usize, &str),
+        (object_key, meta, size): (&str, &Object, u64),
+        (slices, range, first_slice): (std::ops::RangeInclusive<u64>, (u64, u64), Arc<Object>),
+        fetched: &mut Option<(u64, Arc<Object>)>,
+        out: &mut Outcome,
+    ) -> bool {
         let timeout = self.shared.config.server.idle_timeout;
         let mut current = Some(first_slice);
+        let (first, last) = range;
         let mut head_sent = false;
         for n in slices {
             let s = match current.take() {
                 Some(s) => s,
                 None => match self
-                    .slice_of(c, bucket, key, (object_key, &meta, size), n, &mut fetched)
+                    .slice_of(c, bucket, key, (object_key, meta, size), n, fetched)
                     .await
                 {
                     Ok((s, _)) => s,
@@ -227,7 +285,7 @@ impl CoreGeneration {
                         // has for the whole range.
                         out.keep_alive = false;
                         out.abort = true;
-                        return Ok(out);
+                        return head_sent;
                     }
                 },
             };
@@ -240,7 +298,7 @@ impl CoreGeneration {
             if from > to || to >= s.body.len() as u64 {
                 out.keep_alive = false;
                 out.abort = true;
-                return Ok(out);
+                return head_sent;
             }
             let part = s.body.slice(from as usize..=to as usize);
             let len = part.len() as u64;
@@ -251,21 +309,12 @@ impl CoreGeneration {
             {
                 out.keep_alive = false;
                 out.abort = true;
-                return Ok(out);
+                return head_sent;
             }
             out.bytes += len;
             head_sent = true;
         }
-        if !head_sent {
-            // No slice to send (nothing in range): the head alone.
-            let (Ok(head_only) | Err(head_only)) =
-                self.write_cached_head(c, bucket, status, keep).await;
-            return Ok(head_only);
-        }
-        if all_stored {
-            self.core.metrics.borrow_mut().cache_saved(mid, out.bytes);
-        }
-        Ok(out)
+        head_sent
     }
 
     /// Slice `n`: the one just fetched, a stored one of the same ETag, or a

@@ -261,34 +261,39 @@ pub(super) fn credentials(k: RawKeys<'_>, at: &str, p: &mut Problems) -> Credent
     if c.profile.as_deref() == Some("") {
         p.at(&format!("{at}.credentials.profile"), "must not be empty");
     }
-    let assume_role = c.assume_role.as_ref().map(|r| {
-        let at_role = format!("{at}.credentials.assume_role");
-        if !r.role_arn.starts_with("arn:") {
-            p.at(
-                &format!("{at_role}.role_arn"),
-                format_args!(
-                    "{:?} is not a role ARN (arn:aws:iam::<account>:role/<name>)",
-                    r.role_arn
-                ),
-            );
-        }
-        let session_name = r
-            .session_name
-            .clone()
-            .unwrap_or_else(|| DEFAULT_SESSION_NAME.to_string());
-        if session_name.is_empty() {
-            p.at(&format!("{at_role}.session_name"), "must not be empty");
-        }
-        if r.external_id.as_deref() == Some("") {
-            p.at(&format!("{at_role}.external_id"), "must not be empty");
-        }
-        AssumeRole {
-            role_arn: r.role_arn.clone(),
-            session_name,
-            external_id: r.external_id.clone(),
-        }
-    });
+    let assume_role = c
+        .assume_role
+        .as_ref()
+        .map(|r| assume_role(r, &format!("{at}.credentials.assume_role"), p));
     CredentialSource { base, assume_role }
+}
+
+/// `credentials.assume_role`: STS AssumeRole over the base source.
+fn assume_role(r: &RawAssumeRole, at: &str, p: &mut Problems) -> AssumeRole {
+    if !r.role_arn.starts_with("arn:") {
+        p.at(
+            &format!("{at}.role_arn"),
+            format_args!(
+                "{:?} is not a role ARN (arn:aws:iam::<account>:role/<name>)",
+                r.role_arn
+            ),
+        );
+    }
+    let session_name = r
+        .session_name
+        .clone()
+        .unwrap_or_else(|| DEFAULT_SESSION_NAME.to_string());
+    if session_name.is_empty() {
+        p.at(&format!("{at}.session_name"), "must not be empty");
+    }
+    if r.external_id.as_deref() == Some("") {
+        p.at(&format!("{at}.external_id"), "must not be empty");
+    }
+    AssumeRole {
+        role_arn: r.role_arn.clone(),
+        session_name,
+        external_id: r.external_id.clone(),
+    }
 }
 
 pub(super) fn provider_name(p: RawProvider) -> &'static str {
