@@ -595,13 +595,16 @@ fn redis_mistakes_are_named() {
             "  cache_layers: [\"memory\", \"redis\"]\n  redis:\n    enabled: true\n{body}"
         ))
     };
+    // TLS: a CA file that is not one is named; a ca_file without TLS too.
     assert_error(
-        &redis("    redis_url: \"rediss://cache:6379\"\n"),
+        &redis("    redis_url: \"rediss://cache:6379\"\n    ca_file: \"/nonexistent/ca.pem\"\n"),
         &ENV,
-        &[
-            "cache.redis.redis_url",
-            "rediss:// (TLS to Redis) is not supported yet",
-        ],
+        &["cache.redis.ca_file", "cannot read"],
+    );
+    assert_error(
+        &redis("    redis_url: \"redis://cache:6379\"\n    ca_file: \"/etc/hostname\"\n"),
+        &ENV,
+        &["cache.redis.ca_file", "needs a rediss:// redis_url"],
     );
     assert_error(
         &redis("    redis_url: \"redis://cache:notaport\"\n"),
