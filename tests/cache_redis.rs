@@ -458,3 +458,39 @@ fn rediss_connects_over_tls_and_a_wrong_ca_is_named() {
         untrusting.log()
     );
 }
+
+/// Redis full (`OOM command not allowed`, maxmemory reached with
+/// noeviction): writes pause and are counted, reads go on (another
+/// instance is still served from Redis), and writes resume once Redis has
+/// room again.
+#[test]
+fn a_full_redis_pauses_writes_while_reads_go_on() {
+    let redis = Redis::start();
+    let up = origin();
+    let first = Proxy::start(&config(&up.endpoint(), &redis.url()));
+    assert_eq!(first.get("/b/full/k1").header("x-cache"), Some("MISS"));
+    assert!(first.wait_metric(WRITES, 1.0, WAIT), "{}", first.metrics());
+    assert_eq!(redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]), "OK");
+    assert_eq!(redis.cli(&["CONFIG", "SET", "maxmemory", "1"]), "OK");
+    // A new object: its write is refused; the client is served anyway.
+    let r = first.get("/b/full/k2");
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+    assert!(first.wait_log("OOM command not allowed", WAIT), "{}", first.log());
+    assert_eq!(first.metric(WRITES), Some(1.0));
+    assert!(first.metric("yatagarasu_cache_redis_errors_total").unwrap_or(0.0) >= 1.0);
+    // Reads go on: a second instance is served k1 from Redis.
+    let second = Proxy::start(&config(&up.endpoint(), &redis.url()));
+    let r = second.get("/b/full/k1");
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
+    assert_eq!(up.gets(), 2, "k1 once, k2 once");
+    // Room again: new objects are written once the pause is over.
+    assert_eq!(redis.cli(&["CONFIG", "SET", "maxmemory", "0"]), "OK");
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut i = 3;
+    while first.metric(WRITES) == Some(1.0) {
+        assert!(std::time::Instant::now() < deadline, "writes never resumed: {}", first.metrics());
+        assert_eq!(first.get(&format!("/b/full/k{i}")).status, 200);
+        i += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
