@@ -470,14 +470,26 @@ fn a_full_redis_pauses_writes_while_reads_go_on() {
     let first = Proxy::start(&config(&up.endpoint(), &redis.url()));
     assert_eq!(first.get("/b/full/k1").header("x-cache"), Some("MISS"));
     assert!(first.wait_metric(WRITES, 1.0, WAIT), "{}", first.metrics());
-    assert_eq!(redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]), "OK");
+    assert_eq!(
+        redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]),
+        "OK"
+    );
     assert_eq!(redis.cli(&["CONFIG", "SET", "maxmemory", "1"]), "OK");
     // A new object: its write is refused; the client is served anyway.
     let r = first.get("/b/full/k2");
     assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
-    assert!(first.wait_log("OOM command not allowed", WAIT), "{}", first.log());
+    assert!(
+        first.wait_log("OOM command not allowed", WAIT),
+        "{}",
+        first.log()
+    );
     assert_eq!(first.metric(WRITES), Some(1.0));
-    assert!(first.metric("yatagarasu_cache_redis_errors_total").unwrap_or(0.0) >= 1.0);
+    assert!(
+        first
+            .metric("yatagarasu_cache_redis_errors_total")
+            .unwrap_or(0.0)
+            >= 1.0
+    );
     // Reads go on: a second instance is served k1 from Redis.
     let second = Proxy::start(&config(&up.endpoint(), &redis.url()));
     let r = second.get("/b/full/k1");
@@ -488,9 +500,73 @@ fn a_full_redis_pauses_writes_while_reads_go_on() {
     let deadline = std::time::Instant::now() + WAIT;
     let mut i = 3;
     while first.metric(WRITES) == Some(1.0) {
-        assert!(std::time::Instant::now() < deadline, "writes never resumed: {}", first.metrics());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writes never resumed: {}",
+            first.metrics()
+        );
         assert_eq!(first.get(&format!("/b/full/k{i}")).status, 200);
         i += 1;
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// `scope: fleet`: the global client limit and a bucket's upstream limit
+/// are one allowance for every instance sharing the Redis tier (a rate so
+/// low that nothing refills during the test: exactly `burst` admitted,
+/// whichever instance and core asks). With Redis gone, each instance
+/// limits alone, and says so.
+#[test]
+fn fleet_limits_are_one_allowance_across_instances() {
+    let mut redis = Redis::start();
+    let redis_url = redis.url();
+    let up = origin();
+    let fleet = |global_burst: u32| {
+        let port = free_port();
+        format!(
+            "server:\n  address: \"127.0.0.1:{port}\"\n  workers: 2\n  rate_limit:\n    enabled: true\n    global:\n      requests_per_second: 0.0001\n      burst: {global_burst}\n      scope: fleet\n{}",
+            config(&up.endpoint(), &redis_url).replace(
+                "      health_check:\n",
+                "      rate_limit:\n        requests_per_second: 0.0001\n        burst: 3\n        scope: fleet\n      health_check:\n",
+            )
+        )
+    };
+    let a = Proxy::start(&fleet(7));
+    let b = Proxy::start(&fleet(7));
+    // Upstream limit: three distinct cold objects reach S3, fleet-wide.
+    let mut upstream_ok = 0;
+    for (i, p) in [&a, &b, &a, &b, &a].into_iter().enumerate() {
+        let r = p.get(&format!("/b/up/{i}"));
+        if r.status == 200 {
+            upstream_ok += 1;
+        } else {
+            assert_eq!(r.status, 429, "{}", r.text());
+        }
+    }
+    assert_eq!(
+        upstream_ok, 3,
+        "the bucket's upstream burst, across both instances"
+    );
+    assert_eq!(up.gets(), 3);
+    // Client limit: seven in all (five taken above), whoever asks.
+    let mut admitted = 0;
+    for i in 0..10 {
+        let p = if i % 2 == 0 { &a } else { &b };
+        let r = p.get("/b/up/0");
+        match r.status {
+            200 => admitted += 1,
+            429 => assert!(r.header("retry-after").is_some()),
+            s => panic!("status {s}"),
+        }
+    }
+    assert_eq!(admitted, 2, "burst 7, five used by the upstream round");
+    // Redis gone: each instance falls back to its own share and says so.
+    redis.kill();
+    let r = a.get("/b/up/0");
+    assert_eq!(r.status, 200, "the local share admits again: {}", r.text());
+    assert!(
+        a.wait_log("Fleet rate limit unavailable", WAIT),
+        "{}",
+        a.log()
+    );
 }

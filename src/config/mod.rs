@@ -220,6 +220,9 @@ pub struct Rate {
     pub per_second: f64,
     /// Requests admitted at once (process-wide).
     pub burst: f64,
+    /// `scope: fleet`: one allowance for every instance sharing the Redis
+    /// tier (else each instance has its own).
+    pub fleet: bool,
 }
 
 /// `server.rate_limit`, resolved (empty when not enabled).

@@ -436,6 +436,9 @@ pub struct RawRate {
     pub requests_per_second: f64,
     #[serde(default, deserialize_with = "flex_opt")]
     pub burst: Option<f64>,
+    /// `instance` (default) or `fleet`.
+    #[serde(default)]
+    pub scope: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

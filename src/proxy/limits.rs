@@ -3,7 +3,8 @@
 //! bucket's upstream limit (`s3.rate_limit`, an S3 bill guard) runs only when
 //! a request is about to go upstream, so cache hits never count. Excess gets
 //! 429 with `Retry-After`. Each worker holds its share of every limit
-//! (`access::rate`).
+//! (`access::rate`); a `scope: fleet` limit is one allowance in Redis for
+//! every instance (`cache::redis::limit`), the share its fallback.
 
 use super::*;
 use crate::access::rate::{PerAddress, TokenBucket};
@@ -57,21 +58,70 @@ impl CoreGeneration {
         c: &mut Client,
         client: std::net::IpAddr,
     ) -> Option<Outcome> {
-        let now = now_ms();
-        let verdict = {
-            let mut l = self.limits.borrow_mut();
-            let per_ip = l
-                .per_ip
-                .as_mut()
-                .and_then(|t| t.take(client, now).err().map(|w| (LimitScope::PerIp, w)));
-            per_ip.or_else(|| {
-                l.global
-                    .as_mut()
-                    .and_then(|g| g.take(now).err().map(|w| (LimitScope::Global, w)))
-            })
+        let limits = self.shared.config.server.rate_limit;
+        if let Some(r) = limits.per_ip {
+            let local =
+                |l: &mut Limiters, now| l.per_ip.as_mut().map_or(Ok(()), |t| t.take(client, now));
+            if let Err(wait) = self
+                .limit_verdict(r, || format!("ip:{client}"), local)
+                .await
+            {
+                return Some(self.too_many(c, LimitScope::PerIp, wait).await);
+            }
+        }
+        if let Some(r) = limits.global {
+            let local = |l: &mut Limiters, now| l.global.as_mut().map_or(Ok(()), |g| g.take(now));
+            if let Err(wait) = self.limit_verdict(r, || "global".into(), local).await {
+                return Some(self.too_many(c, LimitScope::Global, wait).await);
+            }
+        }
+        None
+    }
+
+    /// One limit's verdict (`Err`: the milliseconds until a request would
+    /// be admitted): the fleet's, for a `scope: fleet` limit Redis answers
+    /// for; otherwise this core's share of it (`local`), which is also the
+    /// fallback when Redis cannot answer.
+    async fn limit_verdict(
+        &self,
+        r: Rate,
+        name: impl FnOnce() -> String,
+        local: impl FnOnce(&mut Limiters, u64) -> Result<(), u64>,
+    ) -> Result<(), u64> {
+        if r.fleet {
+            if let Some(verdict) = self.fleet(&name(), r).await {
+                return verdict;
+            }
+        }
+        local(&mut self.limits.borrow_mut(), now_ms())
+    }
+
+    /// The fleet's verdict on limit `name`, or `None` when Redis cannot
+    /// give one (a WARN at most once per 10 s per core: the instance then
+    /// limits alone).
+    async fn fleet(&self, name: &str, r: Rate) -> Option<Result<(), u64>> {
+        use crate::cache::redis::limit::Taken;
+        let (Some(tier), Some(reader)) = (&self.shared.process.redis, &self.core.redis) else {
+            return None;
         };
-        let (scope, wait_ms) = verdict?;
-        Some(self.too_many(c, scope, wait_ms).await)
+        match reader.take(tier, name, r.per_second, r.burst).await {
+            Ok(Taken::Yes) => Some(Ok(())),
+            Ok(Taken::Wait(ms)) => Some(Err(ms)),
+            Err(e) => {
+                let now = now_ms().max(1);
+                let last = self.core.fleet_limit_warned.get();
+                if last == 0 || now.saturating_sub(last) >= 10_000 {
+                    self.core.fleet_limit_warned.set(now);
+                    log!(
+                        Level::Warn,
+                        "Fleet rate limit unavailable; this instance limits alone (its share) until Redis answers",
+                        limit = name,
+                        error = e,
+                    );
+                }
+                None
+            }
+        }
     }
 
     /// The bucket's upstream limit, before a client request's first
@@ -80,13 +130,21 @@ impl CoreGeneration {
     /// every further one (slices, failovers, resumes) pays in
     /// [`Self::pay_upstream`].
     pub(super) async fn limit_upstream(&self, c: &mut Client, bucket: usize) -> Option<Outcome> {
-        let wait_ms = {
-            let mut l = self.limits.borrow_mut();
-            let taken = l.upstream.get_mut(bucket)?.as_mut()?.take(now_ms());
-            c.s.upstream_prepaid = taken.is_ok();
-            taken.err()?
-        };
+        let r = self.shared.bucket(bucket).upstream_rate?;
+        let taken = self.take_upstream(bucket, r).await;
+        c.s.upstream_prepaid = taken.is_ok();
+        let wait_ms = taken.err()?;
         Some(self.too_many(c, LimitScope::Bucket, wait_ms).await)
+    }
+
+    /// One token of bucket `bucket`'s upstream limit `r`.
+    async fn take_upstream(&self, bucket: usize, r: Rate) -> Result<(), u64> {
+        let local = |l: &mut Limiters, now| match l.upstream.get_mut(bucket) {
+            Some(Some(t)) => t.take(now),
+            _ => Ok(()),
+        };
+        let name = || format!("bucket:{}", self.shared.bucket(bucket).name);
+        self.limit_verdict(r, name, local).await
     }
 
     /// Charges one request sent to S3 to the bucket's upstream limit: the
@@ -102,16 +160,13 @@ impl CoreGeneration {
         if std::mem::take(&mut c.s.upstream_prepaid) {
             return Ok(());
         }
+        let Some(r) = self.shared.bucket(bucket).upstream_rate else {
+            return Ok(());
+        };
         loop {
-            let wait_ms = {
-                let mut l = self.limits.borrow_mut();
-                let Some(Some(limit)) = l.upstream.get_mut(bucket) else {
-                    return Ok(());
-                };
-                match limit.take(now_ms()) {
-                    Ok(()) => return Ok(()),
-                    Err(w) => w,
-                }
+            let wait_ms = match self.take_upstream(bucket, r).await {
+                Ok(()) => return Ok(()),
+                Err(w) => w,
             };
             let wait = Duration::from_millis(wait_ms);
             if Instant::now() + wait > deadline {

@@ -160,6 +160,8 @@ pub struct Core {
     /// Audit records (JSON lines) and their count since the last tick,
     /// handed to the audit writer at the next one.
     pub audit_batch: RefCell<(Vec<u8>, u64)>,
+    /// When (ms) this core last said a fleet rate limit was unavailable.
+    pub fleet_limit_warned: Cell<u64>,
 }
 
 /// Empty pipes a worker keeps for splicing, two descriptors each (more are
@@ -267,6 +269,7 @@ impl Core {
             redis,
             disk_touches: RefCell::default(),
             audit_batch: RefCell::default(),
+            fleet_limit_warned: Cell::new(0),
         })
     }
 

@@ -34,6 +34,7 @@
 
 pub mod conn;
 pub mod entry;
+pub mod limit;
 
 use crate::cache::store::Object;
 use crate::config::{BreakerSettings, Level, RedisCache};
@@ -615,7 +616,11 @@ impl Reader {
 
     /// One command on an idle connection, or a new one within this core's
     /// share; all busy is an error (a miss), not a wait.
-    async fn call(&self, tier: &RedisTier, args: &[&[u8]]) -> Result<OwnedFrame, String> {
+    pub(super) async fn call(
+        &self,
+        tier: &RedisTier,
+        args: &[&[u8]],
+    ) -> Result<OwnedFrame, String> {
         let s = &tier.settings;
         let kept = self.idle.borrow_mut().pop();
         let mut conn = match kept {

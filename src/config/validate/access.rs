@@ -36,9 +36,21 @@ pub(super) fn rate(r: &RawRate, at: &str, p: &mut Problems) -> Rate {
     if !(burst >= 1.0 && burst.is_finite()) {
         p.at(&format!("{at}.burst"), "must be at least 1");
     }
+    let fleet = match r.scope.as_deref() {
+        None | Some("instance") => false,
+        Some("fleet") => true,
+        Some(other) => {
+            p.at(
+                &format!("{at}.scope"),
+                format_args!("{other:?} is not one of instance, fleet"),
+            );
+            false
+        }
+    };
     Rate {
-        per_second: r.requests_per_second.max(0.001),
+        per_second: r.requests_per_second.max(0.000_001),
         burst: burst.max(1.0),
+        fleet,
     }
 }
 

@@ -50,6 +50,10 @@ impl Problems {
 }
 
 /// Checks and resolves a whole configuration.
+/// Why `scope: fleet` needs the Redis tier.
+const FLEET_NEEDS_REDIS: &str =
+    "fleet needs cache.redis (the fleet's limits are kept in that Redis)";
+
 pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
     let mut p = Problems::default();
     let server = server(&raw.server, &mut p);
@@ -60,6 +64,17 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         p.at("buckets", "at least one bucket is required");
     }
     let cache = cache(raw.cache.as_ref(), &mut p);
+    if cache.redis.is_none() {
+        let limits = &server.rate_limit;
+        for (r, at) in [
+            (limits.global, "server.rate_limit.global.scope"),
+            (limits.per_ip, "server.rate_limit.per_ip.scope"),
+        ] {
+            if r.is_some_and(|r| r.fleet) {
+                p.at(at, FLEET_NEEDS_REDIS);
+            }
+        }
+    }
     let jwt_enabled = raw.jwt.as_ref().is_some_and(|j| j.enabled == Some(true));
     let buckets = buckets(
         raw.buckets,
@@ -298,6 +313,9 @@ fn buckets(
             b.s3.rate_limit
                 .as_ref()
                 .map(|r| rate(r, &format!("{at}.s3.rate_limit"), p));
+        if upstream_rate.is_some_and(|r| r.fleet) && cache.redis.is_none() {
+            p.at(&format!("{at}.s3.rate_limit.scope"), FLEET_NEEDS_REDIS);
+        }
         let (allowlist, blocklist) = match &b.ip_filter {
             None => (Vec::new(), Vec::new()),
             Some(f) => (
