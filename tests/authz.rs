@@ -489,3 +489,79 @@ fn a_rego_policy_reads_its_data_file() {
     assert_eq!(as_team("green"), 200);
     assert_eq!(as_team("red"), 403);
 }
+
+/// The other system's older shape (its Kubernetes example): engines named
+/// at the top (`authorization.opa`, `authorization.openfga`), chosen per
+/// bucket under `auth.authorization` with OpenFGA's `relation` and
+/// `object_prefix`. Read as each bucket's `authorization`, said in a
+/// warning, and enforced: the relation and the object names asked are the
+/// ones written.
+#[test]
+fn the_older_shape_with_top_level_engines_is_read_and_enforced() {
+    let up = origin();
+    let opa = Opa::start();
+    let fga = Fga::start(&[("user:rob", "reader", "document:docs/a.txt")]);
+    let legacy = |name: &str, block: &str| {
+        format!(
+            "  - name: \"{name}\"\n    path_prefix: \"/{name}\"\n    auth:\n      enabled: true\n      authorization:\n{block}    s3:\n      bucket: \"bkt\"\n      endpoint: \"{}\"\n      access_key: \"{AK}\"\n      secret_key: \"{SK}\"\n      health_check:\n        enabled: false\n",
+            up.endpoint()
+        )
+    };
+    let cfg = format!(
+        "authorization:\n  opa:\n    enabled: true\n    url: \"{}\"\n    policy_path: /v1/data/yatagarasu/authz/allow\n  openfga:\n    enabled: true\n    url: \"{}\"\n    store_id: \"{}\"\n{}",
+        opa.url(),
+        fga.url(),
+        fga.store,
+        config(&format!(
+            "{}{}",
+            legacy("docs", "        type: openfga\n        relation: reader\n        object_prefix: \"document:\"\n"),
+            legacy("opa", "        type: opa\n"),
+        ))
+    );
+    let proxy = Proxy::start(&cfg);
+    assert!(
+        proxy
+            .log()
+            .contains("buckets[0].auth.authorization: read as buckets[0].authorization"),
+        "{}",
+        proxy.log()
+    );
+    let rob = token(json!({"sub": "rob", "role": "reader"}));
+    assert_eq!(
+        get(&proxy, "/docs/a.txt", &rob).status,
+        200,
+        "reader on document:docs/a.txt"
+    );
+    assert_eq!(get(&proxy, "/docs/b.txt", &rob).status, 403);
+    let (_, asked) = fga.last();
+    assert_eq!(asked["tuple_key"]["relation"], "reader");
+    assert_eq!(asked["tuple_key"]["object"], "document:docs/b.txt");
+    // OPA with the Data API's own prefix in policy_path.
+    assert_eq!(get(&proxy, "/opa/public/a.txt", &rob).status, 200);
+    assert_eq!(get(&proxy, "/opa/private/a.txt", &rob).status, 403);
+    assert!(opa.asked() >= 2);
+
+    // A bucket naming an engine the top does not configure is refused at
+    // load (its requests would otherwise go unchecked).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("c.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "server:\n  address: \"127.0.0.1:0\"\n{}",
+            config(&legacy("x", "        type: openfga\n"))
+        ),
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_yatagarasu"))
+        .args(["--check", "--config"])
+        .arg(&file)
+        .output()
+        .expect("--check");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("buckets[0].auth.authorization: names \"openfga\", which the top-level authorization.openfga does not configure"),
+        "{text}"
+    );
+}

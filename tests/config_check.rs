@@ -650,3 +650,39 @@ fn the_admin_api_on_the_main_port_needs_a_guard() {
     let (code, out) = check(&text, &ENV);
     assert_eq!(code, 0, "{out}");
 }
+
+/// The other system's older spellings (its Kubernetes example) are read as
+/// the current keys, and a Redis block that is not on says it does nothing.
+#[test]
+fn the_older_spellings_are_read_as_the_current_keys() {
+    let legacy = GOOD
+        .replace("  address: \"127.0.0.1:8080\"\n", "  addr: \"127.0.0.1:8080\"\n")
+        + "metrics:\n  enabled: true\n  addr: \"127.0.0.1:9191\"\ncache:\n  enabled: true\n  memory:\n    max_size: 52428800\n    ttl: 300\n  redis:\n    url: redis://127.0.0.1:6379\n    ttl: 3600\n    key_prefix: \"yatagarasu:\"\n";
+    let (code, out) = check(&legacy, &ENV);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("warning: cache.redis: is not enabled"),
+        "{out}"
+    );
+    // Both spellings of one setting: named, not guessed.
+    let both = legacy.replace(
+        "    ttl: 300\n",
+        "    ttl: 300\n    max_cache_size_mb: 64\n",
+    );
+    let (code, out) = check(&both, &ENV);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("cache.memory.max_size: is the same bound as max_cache_size_mb"),
+        "{out}"
+    );
+    let ports = legacy.replace(
+        "  addr: \"127.0.0.1:9191\"\n",
+        "  addr: \"127.0.0.1:9191\"\n  port: 9292\n",
+    );
+    let (code, out) = check(&ports, &ENV);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("metrics.port: differs from the port in metrics.address"),
+        "{out}"
+    );
+}

@@ -87,9 +87,13 @@ pub fn openfga_verdict(body: &[u8]) -> Result<Verdict, String> {
 
 /// The OpenFGA object for `key` (the object key, decoded) in `bucket`:
 /// `bucket:<b>` for the root, `folder:<b>/<dir>/` for a key ending in `/`,
-/// else `file:<b>/<key>`, as the other system names them.
-pub fn openfga_object(bucket: &str, key: &str) -> String {
+/// else `file:<b>/<key>`, as the other system names them; with a `prefix`
+/// (an object type and `:`), `<prefix><b>/<key>` for every key.
+pub fn openfga_object(bucket: &str, key: &str, prefix: Option<&str>) -> String {
     let key = key.trim_start_matches('/');
+    if let Some(prefix) = prefix {
+        return format!("{prefix}{bucket}/{key}");
+    }
     if key.is_empty() {
         format!("bucket:{bucket}")
     } else if key.ends_with('/') {
@@ -110,9 +114,9 @@ pub fn openfga_user(claims: &Value, path: &str) -> Option<String> {
 }
 
 /// The body of an OpenFGA Check request.
-pub fn openfga_check(user: &str, object: &str, model: Option<&str>) -> Value {
+pub fn openfga_check(user: &str, relation: &str, object: &str, model: Option<&str>) -> Value {
     let mut body = serde_json::json!({
-        "tuple_key": { "user": user, "relation": "viewer", "object": object },
+        "tuple_key": { "user": user, "relation": relation, "object": object },
     });
     if let Some(m) = model {
         body["authorization_model_id"] = Value::String(m.to_string());
@@ -193,16 +197,23 @@ mod tests {
             Ok(Verdict::Deny(None))
         );
         assert!(openfga_verdict(br#"{"code": "validation_error"}"#).is_err());
-        assert_eq!(openfga_object("b", ""), "bucket:b");
-        assert_eq!(openfga_object("b", "/docs/"), "folder:b/docs/");
-        assert_eq!(openfga_object("b", "docs/a.txt"), "file:b/docs/a.txt");
+        assert_eq!(openfga_object("b", "", None), "bucket:b");
+        assert_eq!(openfga_object("b", "/docs/", None), "folder:b/docs/");
+        assert_eq!(openfga_object("b", "docs/a.txt", None), "file:b/docs/a.txt");
+        assert_eq!(
+            openfga_object("b", "docs/a.txt", Some("document:")),
+            "document:b/docs/a.txt"
+        );
         let claims = serde_json::json!({"sub": "alice", "user": {"id": "u1", "n": 3}});
         assert_eq!(openfga_user(&claims, "sub").as_deref(), Some("user:alice"));
         assert_eq!(openfga_user(&claims, "user.id").as_deref(), Some("user:u1"));
         assert_eq!(openfga_user(&claims, "user.n"), None);
         assert_eq!(openfga_user(&claims, "missing"), None);
-        let body = openfga_check("user:alice", "file:b/a", Some("m1"));
+        let body = openfga_check("user:alice", "viewer", "file:b/a", Some("m1"));
         assert_eq!(body["tuple_key"]["relation"], "viewer");
+        let body = openfga_check("user:alice", "reader", "document:b/a", None);
+        assert_eq!(body["tuple_key"]["relation"], "reader");
+        assert!(body.get("authorization_model_id").is_none());
         assert_eq!(body["authorization_model_id"], "m1");
     }
 

@@ -54,7 +54,116 @@ const NO_EFFECT: &[(&str, &str)] = &[
         "buckets[].cache.default_ttl_seconds",
         "not a bucket key of the other system either (it reads ttl_seconds)",
     ),
+    (
+        "buckets[].cache.max_size",
+        "not read by the other system either; one memory tier (cache.memory) serves every bucket, and a bucket bounds its objects with max_item_size_mb",
+    ),
 ];
+
+/// The other system's older shape for policies (its Kubernetes example): a
+/// top-level `authorization: {opa: {enabled, url, policy_path}, openfga:
+/// {enabled, url, store_id}}` naming the engines, and
+/// `buckets[].auth.authorization: {type, relation, object_prefix}` choosing
+/// one per bucket. Each bucket's block is rewritten into its
+/// `authorization` (the shape both systems read today) with the engine's
+/// settings, and said in a warning. `Err` lists what cannot be moved (a
+/// bucket naming an engine that is absent or disabled: its requests would
+/// otherwise go unchecked).
+pub fn move_legacy_authorization(tree: &mut Value) -> Result<Vec<String>, Vec<String>> {
+    let (mut warnings, mut errors) = (Vec::new(), Vec::new());
+    let Some(root) = tree.as_mapping_mut() else {
+        return Ok(warnings);
+    };
+    let engines = root.remove("authorization");
+    let mut used = false;
+    let Some(buckets) = root.get_mut("buckets").and_then(Value::as_sequence_mut) else {
+        return Ok(warnings);
+    };
+    for (i, bucket) in buckets.iter_mut().enumerate() {
+        let Some(b) = bucket.as_mapping_mut() else {
+            continue;
+        };
+        let old = b
+            .get_mut("auth")
+            .and_then(Value::as_mapping_mut)
+            .and_then(|auth| auth.remove("authorization"));
+        let Some(Value::Mapping(old)) = old else {
+            continue;
+        };
+        let at = format!("buckets[{i}].auth.authorization");
+        let kind = old
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let engine = engines.as_ref().and_then(|e| e.get(kind.as_str()));
+        let enabled = engine
+            .and_then(|e| e.get("enabled"))
+            .is_none_or(|v| v.as_bool() != Some(false));
+        let Some(engine) = engine.filter(|_| enabled) else {
+            errors.push(format!(
+                "{at}: names {kind:?}, which the top-level authorization.{kind} does not configure (or disables)"
+            ));
+            continue;
+        };
+        if b.contains_key("authorization") {
+            errors.push(format!(
+                "{at}: the bucket has an authorization block too; keep one"
+            ));
+            continue;
+        }
+        used = true;
+        let mut new = serde_yaml::Mapping::new();
+        new.insert("type".into(), kind.clone().into());
+        let copy = |from: &Value, key: &str, to: &str, new: &mut serde_yaml::Mapping| {
+            if let Some(v) = from.get(key) {
+                new.insert(to.into(), v.clone());
+            }
+        };
+        match kind.as_str() {
+            "opa" => {
+                copy(engine, "url", "opa_url", &mut new);
+                copy(engine, "policy_path", "opa_policy_path", &mut new);
+            }
+            "openfga" => {
+                copy(engine, "url", "openfga_endpoint", &mut new);
+                copy(engine, "store_id", "openfga_store_id", &mut new);
+                copy(
+                    engine,
+                    "authorization_model_id",
+                    "openfga_authorization_model_id",
+                    &mut new,
+                );
+            }
+            _ => {}
+        }
+        for key in ["timeout_ms", "cache_ttl_seconds", "fail_mode"] {
+            copy(engine, key, key, &mut new);
+        }
+        let own = Value::Mapping(old.clone());
+        copy(&own, "relation", "openfga_relation", &mut new);
+        copy(&own, "object_prefix", "openfga_object_prefix", &mut new);
+        for key in old.keys().filter_map(Value::as_str) {
+            if !["type", "relation", "object_prefix"].contains(&key) {
+                errors.push(format!("{at}.{key}: unknown key"));
+            }
+        }
+        b.insert("authorization".into(), Value::Mapping(new));
+        warnings.push(format!(
+            "{at}: read as buckets[{i}].authorization (type {kind}, with authorization.{kind}'s settings); the other system's current shape is the bucket's authorization block"
+        ));
+    }
+    if engines.is_some() && !used {
+        warnings.push(
+            "authorization: has no effect (no bucket's auth.authorization names an engine)".into(),
+        );
+    }
+    if errors.is_empty() {
+        Ok(warnings)
+    } else {
+        Err(errors)
+    }
+}
 
 /// Removes every no-effect key found in `tree`; returns one warning each,
 /// `path: has no effect (why)`, with list indexes filled in.

@@ -21,7 +21,8 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
     if !errors.is_empty() {
         return Err(errors);
     }
-    let no_effect = compat::strip_no_effect_keys(&mut tree);
+    let mut no_effect = compat::strip_no_effect_keys(&mut tree);
+    no_effect.extend(compat::move_legacy_authorization(&mut tree)?);
     let mut config = deserialize_all(tree)?;
     config.warnings.splice(0..0, no_effect);
     Ok(config)

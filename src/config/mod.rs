@@ -465,6 +465,11 @@ pub enum AuthzEngine {
         token: Option<String>,
         /// `openfga_user_claim`: a dotted path into the token's claims.
         user_claim: String,
+        /// `openfga_relation` (`relation`): the relation checked.
+        relation: String,
+        /// `openfga_object_prefix` (`object_prefix`): objects are
+        /// `<prefix><bucket>/<key>`; `None`: `bucket:`/`folder:`/`file:`.
+        object_prefix: Option<String>,
     },
     /// Rego evaluated in this process (regorus), compiled at load.
     Rego {

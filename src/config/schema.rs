@@ -244,9 +244,12 @@ pub struct RawWarming {
 pub struct RawCacheMemory {
     #[serde(default, deserialize_with = "flex_opt")]
     pub max_cache_size_mb: Option<u64>,
+    /// The same bound in bytes (the other system's older spelling).
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub max_size: Option<u64>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub max_item_size_mb: Option<u64>,
-    #[serde(default, deserialize_with = "flex_opt")]
+    #[serde(default, alias = "ttl", deserialize_with = "flex_opt")]
     pub default_ttl_seconds: Option<u64>,
 }
 
@@ -267,15 +270,15 @@ pub struct RawCacheDisk {
 pub struct RawCacheRedis {
     #[serde(default, deserialize_with = "flex_opt")]
     pub enabled: Option<bool>,
-    #[serde(default)]
+    #[serde(default, alias = "url")]
     pub redis_url: Option<String>,
     #[serde(default)]
     pub redis_password: Option<String>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub redis_db: Option<u32>,
-    #[serde(default)]
+    #[serde(default, alias = "key_prefix")]
     pub redis_key_prefix: Option<String>,
-    #[serde(default, deserialize_with = "flex_opt")]
+    #[serde(default, alias = "ttl", deserialize_with = "flex_opt")]
     pub redis_ttl_seconds: Option<u64>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub redis_max_ttl_seconds: Option<u64>,
@@ -307,6 +310,7 @@ pub struct RawBucketCache {
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
     /// `host:port`, or a host with `port` (the other system's shape).
+    #[serde(alias = "addr")]
     pub address: String,
     #[serde(default, deserialize_with = "flex_opt")]
     pub port: Option<u16>,
@@ -406,6 +410,13 @@ pub struct RawAuthorization {
     pub openfga_fail_mode: Option<String>,
     #[serde(default)]
     pub openfga_user_claim: Option<String>,
+    /// The relation checked (`viewer` by default).
+    #[serde(default, alias = "relation")]
+    pub openfga_relation: Option<String>,
+    /// Objects named `<prefix><bucket>/<key>` (as `document:`) instead of
+    /// `bucket:`/`folder:`/`file:`.
+    #[serde(default, alias = "object_prefix")]
+    pub openfga_object_prefix: Option<String>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub timeout_ms: Option<u64>,
     #[serde(default, deserialize_with = "flex_opt")]
@@ -668,7 +679,8 @@ pub struct RawMetrics {
     pub enabled: Option<bool>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub port: Option<u16>,
-    #[serde(default)]
+    /// An IP, or `ip:port` (`addr`: the other system's older spelling).
+    #[serde(default, alias = "addr")]
     pub address: Option<String>,
 }
 

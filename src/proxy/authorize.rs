@@ -308,15 +308,19 @@ impl CoreGeneration {
         let claims = c.s.claims.as_deref();
         match &settings.engine {
             AuthzEngine::OpenFga {
-                model, user_claim, ..
+                model,
+                user_claim,
+                relation,
+                object_prefix,
+                ..
             } => {
                 let user = claims
                     .and_then(|cl| authz::openfga_user(cl, user_claim))
                     .unwrap_or_default();
                 let mut decoded = String::new();
                 let _ = router::decode_path(format!("/{key}").as_bytes(), &mut decoded);
-                let object = authz::openfga_object(name, &decoded);
-                authz::openfga_check(&user, &object, model.as_deref())
+                let object = authz::openfga_object(name, &decoded, object_prefix.as_deref());
+                authz::openfga_check(&user, relation, &object, model.as_deref())
                     .to_string()
                     .into_bytes()
             }

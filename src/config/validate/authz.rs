@@ -129,6 +129,11 @@ fn policy_path<'r>(raw: &'r RawAuthorization, at: &str, p: &mut Problems) -> Opt
         .opa_policy_path
         .as_deref()
         .unwrap_or(DEFAULT_POLICY_PATH);
+    // The Data API's own prefix, as some of the other system's files write it.
+    let path = path
+        .trim_start_matches('/')
+        .strip_prefix("v1/data/")
+        .unwrap_or(path);
     let segments = policy_segments(path);
     if segments.is_none() {
         p.at(
@@ -195,12 +200,38 @@ fn openfga(raw: &RawAuthorization, at: &str, auth: bool, p: &mut Problems) -> Op
         .openfga_authorization_model_id
         .clone()
         .filter(|m| !m.trim().is_empty());
+    let relation = raw
+        .openfga_relation
+        .clone()
+        .unwrap_or_else(|| "viewer".into());
+    if relation.is_empty()
+        || !relation
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        p.at(
+            &format!("{at}.openfga_relation"),
+            format_args!("{relation:?} is not a relation name"),
+        );
+    }
+    let object_prefix = raw.openfga_object_prefix.clone();
+    if object_prefix
+        .as_deref()
+        .is_some_and(|o| !o.ends_with(':') || o.len() < 2)
+    {
+        p.at(
+            &format!("{at}.openfga_object_prefix"),
+            "must be an object type followed by ':' (as \"document:\")",
+        );
+    }
     Some(AuthzEngine::OpenFga {
         endpoint: endpoint?,
         store: store.to_string(),
         model,
         token: raw.openfga_api_token.clone().filter(|t| !t.is_empty()),
         user_claim,
+        relation,
+        object_prefix,
     })
 }
 

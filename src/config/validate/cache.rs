@@ -51,7 +51,17 @@ pub(super) fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
         );
     }
     if let Some(m) = &c.memory {
-        let mb = m.max_cache_size_mb.unwrap_or(DEFAULT_CACHE_MEMORY_MB);
+        let from_bytes = m.max_size.map(|b| b.div_ceil(MIB));
+        if from_bytes.is_some() && m.max_cache_size_mb.is_some() {
+            p.at(
+                "cache.memory.max_size",
+                "is the same bound as max_cache_size_mb (in bytes); keep one",
+            );
+        }
+        let mb = m
+            .max_cache_size_mb
+            .or(from_bytes)
+            .unwrap_or(DEFAULT_CACHE_MEMORY_MB);
         let item = m.max_item_size_mb.unwrap_or(DEFAULT_CACHE_ITEM_MB);
         let ttl = m.default_ttl_seconds.unwrap_or(DEFAULT_CACHE_TTL_SECS);
         p.positive("cache.memory.max_cache_size_mb", mb);
@@ -94,6 +104,11 @@ pub(super) fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
         }
         if on {
             out.redis = redis(r, p);
+        } else if r.redis_url.is_some() {
+            p.warn(
+                "cache.redis",
+                "is not enabled (set enabled: true, or list \"redis\" in cache.cache_layers); the block has no effect",
+            );
         }
     }
     out.stale_if_error = Duration::from_secs(c.stale_if_error_seconds.unwrap_or(0));

@@ -379,16 +379,27 @@ fn metrics(raw: Option<&RawMetrics>, server: SocketAddr, p: &mut Problems) -> Me
             address: SocketAddr::new(server.ip(), DEFAULT_METRICS_PORT),
         };
     };
-    let port = m.port.unwrap_or(DEFAULT_METRICS_PORT);
+    let mut port = m.port.unwrap_or(DEFAULT_METRICS_PORT);
     let ip = match &m.address {
         None => server.ip(),
-        Some(a) => a.parse().unwrap_or_else(|_| {
-            p.at(
-                "metrics.address",
-                format_args!("{a:?} is not an IP address"),
-            );
-            server.ip()
-        }),
+        Some(a) => match (a.parse::<std::net::IpAddr>(), a.parse::<SocketAddr>()) {
+            (Ok(ip), _) => ip,
+            (_, Ok(both)) if m.port.is_none_or(|p| p == both.port()) => {
+                port = both.port();
+                both.ip()
+            }
+            (_, Ok(_)) => {
+                p.at("metrics.port", "differs from the port in metrics.address");
+                server.ip()
+            }
+            _ => {
+                p.at(
+                    "metrics.address",
+                    format_args!("{a:?} is not an IP address or ip:port"),
+                );
+                server.ip()
+            }
+        },
     };
     let enabled = m.enabled.unwrap_or(true);
     if enabled && port == server.port() && port != 0 {
