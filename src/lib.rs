@@ -24,6 +24,7 @@ pub mod server;
 pub mod shared;
 pub mod stream;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 
 #[cfg(test)]

@@ -157,6 +157,8 @@ pub struct Process {
     pub prewarm: crate::prewarm::Tasks,
     /// The audit log, when `audit_log` is enabled.
     pub audit: Option<Arc<crate::audit::Audit>>,
+    /// The span exporter, when `observability.tracing` is enabled.
+    pub traces: Option<Arc<crate::trace::export::Exporter>>,
 }
 
 /// One configuration generation (immutable, shared by every thread through
@@ -230,6 +232,10 @@ impl Process {
             Some(settings) => Some(crate::audit::Audit::start(settings.clone())?),
             None => None,
         };
+        let traces = match &config.tracing {
+            Some(t) => Some(crate::trace::export::Exporter::start(t.clone())?),
+            None => None,
+        };
         let process = Arc::new(Process {
             config_path: config_path.to_string(),
             workers: (0..config.server.workers)
@@ -252,6 +258,7 @@ impl Process {
             fills: Default::default(),
             prewarm: Default::default(),
             audit,
+            traces,
         });
         let first = Generation::build(config, process.clone(), None)?;
         process.install(first);
@@ -314,6 +321,9 @@ impl Process {
         }
         if old.config.audit != config.audit {
             errs.push("audit_log cannot change on reload; restart instead".into());
+        }
+        if old.config.tracing != config.tracing {
+            errs.push("observability.tracing cannot change on reload; restart instead".into());
         }
         if !errs.is_empty() {
             return Err(errs);

@@ -48,6 +48,6 @@ cargo test --lib --bins --tests -- --test-threads=4
 echo "== benches compile and run once (criterion test mode)"
 cargo test --benches
 echo "== process tests again on the epoll driver"
-YATAGARASU_DRIVER=epoll cargo test --test core --test ha --test hostile --test seams --test cache --test cache_disk --test cache_slices --test cache_redis --test access --test auth --test authz --test audit --test prewarm --test credentials --test reload --test tls --test pipe_budget --test upgrade -- --test-threads=4
+YATAGARASU_DRIVER=epoll cargo test --test core --test ha --test hostile --test seams --test cache --test cache_disk --test cache_slices --test cache_redis --test access --test auth --test authz --test audit --test prewarm --test traces --test credentials --test reload --test tls --test pipe_budget --test upgrade -- --test-threads=4
 echo "== the HA tutorial demo (tests/demo.sh)"
 HEALTH_WAIT=${HEALTH_WAIT:-10} bash tests/demo.sh

@@ -23,8 +23,12 @@ const NO_EFFECT: &[(&str, &str)] = &[
         "parsed by the other system, which never acts on it; objects are relayed as stored",
     ),
     (
-        "observability",
-        "tracing and its settings are not implemented here yet",
+        "observability.request_logging",
+        "parsed by the other system, which never acts on it; the access log has one line per request",
+    ),
+    (
+        "observability.slow_query",
+        "parsed by the other system, which never acts on it; the access log's duration_ms and the latency histograms show slow requests",
     ),
     (
         "cache.layers",

@@ -46,9 +46,25 @@ pub struct Config {
     pub jwt: Option<std::sync::Arc<crate::access::jwt::JwtSettings>>,
     /// `audit_log`, when enabled.
     pub audit: Option<AuditSettings>,
+    /// `observability.tracing`, when enabled.
+    pub tracing: Option<Tracing>,
     /// Accepted, but worth saying: logged at WARN at start and on reload,
     /// and printed by `--check` (`YAML path: message`).
     pub warnings: Vec<String>,
+}
+
+/// `observability.tracing`, resolved (see `crate::trace`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tracing {
+    /// Where spans are POSTed (OTLP/HTTP, protobuf): `.../v1/traces`.
+    pub endpoint: String,
+    /// `service.name` of the resource.
+    pub service_name: String,
+    /// Share of new traces recorded (0 to 1); a client's `traceparent`
+    /// decides for the traces it continues.
+    pub ratio: f64,
+    /// Send `traceparent` on the requests to the replicas.
+    pub propagate: bool,
 }
 
 /// `audit_log`, resolved (see `crate::audit`).

@@ -82,6 +82,39 @@ pub struct RawConfig {
     /// The audit log (the other system's keys).
     #[serde(default)]
     pub audit_log: Option<RawAuditLog>,
+    /// Traces (the other system's keys).
+    #[serde(default)]
+    pub observability: Option<RawObservability>,
+}
+
+/// `observability` (its no-effect parts are taken out by `compat`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawObservability {
+    #[serde(default)]
+    pub tracing: Option<RawTracing>,
+}
+
+/// `observability.tracing`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub exporter: Option<String>,
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    #[serde(default)]
+    pub jaeger_endpoint: Option<String>,
+    #[serde(default)]
+    pub zipkin_endpoint: Option<String>,
+    #[serde(default)]
+    pub service_name: Option<String>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub sampling_ratio: Option<f64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub propagate_context: Option<bool>,
 }
 
 /// `audit_log`: one record per access decision, to a file and/or syslog.

@@ -217,6 +217,7 @@ fn access_families(
     ));
     credential_families(shared, families);
     audit_families(shared, families);
+    trace_families(shared, families);
     families.push(family(
         "yatagarasu_auth_requests_total",
         "JWT authentication outcomes by bucket and result (ok, missing, invalid, expired, forbidden).",
@@ -690,6 +691,29 @@ fn audit_families(shared: &Generation, families: &mut Vec<MetricFamily>) {
             counter(&[("reason", "queue_full")], load(&a.dropped_queue)),
             counter(&[("reason", "file")], load(&a.dropped_file)),
             counter(&[("reason", "syslog")], load(&a.dropped_syslog)),
+        ],
+    ));
+}
+
+/// Spans exported and dropped (`crate::trace`).
+fn trace_families(shared: &Generation, families: &mut Vec<MetricFamily>) {
+    let Some(t) = &shared.process.traces else {
+        return;
+    };
+    let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed) as f64;
+    families.push(family(
+        "yatagarasu_trace_spans_exported_total",
+        "Spans the OTLP collector accepted.",
+        MetricType::COUNTER,
+        vec![counter(&[], load(&t.exported))],
+    ));
+    families.push(family(
+        "yatagarasu_trace_spans_dropped_total",
+        "Spans dropped, by reason (queue_full: the exporter was behind; export: the collector did not take them). Requests never wait for the collector.",
+        MetricType::COUNTER,
+        vec![
+            counter(&[("reason", "queue_full")], load(&t.dropped_queue)),
+            counter(&[("reason", "export")], load(&t.dropped_export)),
         ],
     ));
 }

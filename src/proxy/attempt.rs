@@ -27,6 +27,40 @@ impl CoreGeneration {
         rid: usize,
         resume: Option<Resume<'_>>,
     ) -> Result<Answer, Error<Answer>> {
+        let start = self.span_start(c);
+        c.s.trace.upstream = self.span_id();
+        let span = c.s.trace.upstream;
+        let result = self.attempt_untraced(c, ctx, rid, resume).await;
+        if start != 0 {
+            use crate::trace::Attr;
+            let mut attrs = vec![(
+                "yatagarasu.replica",
+                Attr::Str(self.replica(rid).name.clone()),
+            )];
+            match &result {
+                Ok(a) => attrs.push((
+                    "http.response.status_code",
+                    Attr::Int(i64::from(a.resp.status)),
+                )),
+                Err(e) => attrs.push(("yatagarasu.cause", Attr::Str(e.cause.label().into()))),
+            }
+            if let Some(r) = &resume {
+                attrs.push(("yatagarasu.range_first", Attr::Int(r.first as i64)));
+            }
+            let kind = opentelemetry_proto::tonic::trace::v1::span::SpanKind::Client;
+            self.span_end_as(c, span, start, ("upstream", kind), attrs, result.is_err());
+        }
+        result
+    }
+
+    /// [`Self::attempt`] without its span.
+    async fn attempt_untraced(
+        &self,
+        c: &mut Client,
+        ctx: &RequestCtx<'_>,
+        rid: usize,
+        resume: Option<Resume<'_>>,
+    ) -> Result<Answer, Error<Answer>> {
         let deadline = Instant::now() + self.replica(rid).timeout;
         self.pay_upstream(c, ctx.bucket, deadline).await?;
         let cell = &self.shared.replicas[rid].credentials;
@@ -190,6 +224,10 @@ impl CoreGeneration {
             }
         }
         head::header(w, "X-Request-ID", &c.s.req.request_id);
+        if let Some(tp) = self.upstream_traceparent(c, c.s.trace.upstream) {
+            head::header(&mut c.s.wbuf, "traceparent", &tp);
+        }
+        let w = &mut c.s.wbuf;
         let signed = self.sign(rid, method, &replica.endpoint.authority, &target, w);
         w.extend_from_slice(b"\r\n");
         c.s.upstream_target = target;

@@ -287,6 +287,7 @@ impl CoreGeneration {
             current.end_fill(c);
             worker.in_flight.fetch_sub(1, Ordering::Relaxed);
             current.finish(c, &outcome, started);
+            current.trace_finish(c, &outcome);
             if outcome.abort {
                 reset_on_close(c.fd);
                 return None;
@@ -481,6 +482,10 @@ impl CoreGeneration {
         } else {
             String::from_utf8_lossy(&c.s.req.target)
         };
+        let trace_id = match self.shared.config.tracing.is_some() {
+            true => std::borrow::Cow::Owned(hex::encode(c.s.trace.trace_id)),
+            false => std::borrow::Cow::Borrowed("-"),
+        };
         log!(
             Level::Info,
             "request",
@@ -515,6 +520,7 @@ impl CoreGeneration {
             } else {
                 c.s.authz_reason.as_str()
             },
+            trace_id = trace_id,
             worker = self.id,
         );
     }

@@ -34,6 +34,7 @@ impl CoreGeneration {
                     self.settle(c, bucket, key, false);
                     let out = self.relay(c, &ctx, answer, &mut cursor).await;
                     c.s.flags.failovers = cursor.failovers();
+                    self.fill_span_end(c, out.bytes, !out.abort);
                     return out;
                 };
                 // A 304: nothing more to come.

@@ -43,6 +43,7 @@ mod route;
 mod session;
 mod slices;
 mod tiers;
+mod traces;
 mod waiter;
 use crate::stream::{ClientStream, MaybeTls};
 use crate::upstream::breaker::{Admit, Breaker, State};
@@ -162,6 +163,10 @@ pub struct Core {
     pub audit_batch: RefCell<(Vec<u8>, u64)>,
     /// When (ms) this core last said a fleet rate limit was unavailable.
     pub fleet_limit_warned: Cell<u64>,
+    /// Trace and span ids, sampling draws.
+    pub trace_ids: RefCell<crate::trace::Ids>,
+    /// Finished traces since the last tick, handed to the exporter then.
+    pub trace_batch: RefCell<Vec<crate::trace::Trace>>,
 }
 
 /// Empty pipes a worker keeps for splicing, two descriptors each (more are
@@ -270,6 +275,8 @@ impl Core {
             disk_touches: RefCell::default(),
             audit_batch: RefCell::default(),
             fleet_limit_warned: Cell::new(0),
+            trace_ids: RefCell::default(),
+            trace_batch: RefCell::default(),
         })
     }
 
@@ -406,6 +413,8 @@ struct RequestState {
     refusal: Option<&'static str>,
     /// The bucket the request was routed to, once it was.
     routed: Option<usize>,
+    /// Its trace (`observability.tracing`): ids, and the spans closed.
+    trace: crate::trace::Trace,
 }
 
 /// What the access line says of a request beyond its status.

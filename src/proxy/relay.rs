@@ -30,6 +30,8 @@ impl CoreGeneration {
         if fill.is_none() {
             // Not cacheable: requests waiting on this fill go upstream now.
             self.abandon_fill(c);
+        } else {
+            c.s.trace.fill_start = self.span_start(c);
         }
         let (head, buf) = (&mut c.s.wbuf, &mut answer.conn.buf);
         if write_head_and_body(&mut c.stream, head, buf, with_head, timeouts.client)

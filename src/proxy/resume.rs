@@ -72,6 +72,31 @@ impl CoreGeneration {
         &self,
         c: &mut Client,
         ctx: &RequestCtx<'_>,
+        broken: (Option<usize>, Response),
+        sent: u64,
+        cursor: &mut Cursor<'_>,
+        step: (Timeouts, Option<&mut dyn body::Tee>),
+    ) -> Resumed {
+        let span = self.span_start(c);
+        let r = self
+            .resume_untraced(c, ctx, broken, sent, cursor, step)
+            .await;
+        let attrs = vec![
+            (
+                "yatagarasu.resumed_at",
+                crate::trace::Attr::Int(sent as i64),
+            ),
+            ("yatagarasu.sent", crate::trace::Attr::Int(r.sent as i64)),
+        ];
+        self.span_end(c, span, "resume", attrs, !r.complete);
+        r
+    }
+
+    /// [`Self::resume`] without its span.
+    async fn resume_untraced(
+        &self,
+        c: &mut Client,
+        ctx: &RequestCtx<'_>,
         (from, resp): (Option<usize>, Response),
         mut sent: u64,
         cursor: &mut Cursor<'_>,

@@ -48,12 +48,22 @@ impl CoreGeneration {
     /// route -> access -> authorize -> lookup -> forward (-> respond).
     async fn phases(&self, c: &mut Client, path: &mut String, key: &mut String) -> Phase<Outcome> {
         self.decode(c, path).await?;
-        let client = self.admit_client(c).await?;
-        let bucket = self.route(c, path, key).await?;
-        c.s.routed = Some(bucket);
-        self.access(c, client, bucket).await?;
-        self.authorize(c, client, bucket, path, key).await?;
-        self.lookup(c, bucket, key).await?;
+        let span = self.span_start(c);
+        let admitted = self.admission(c, path, key).await;
+        let refused = admitted.is_err();
+        self.span_end(c, span, "access", Vec::new(), refused);
+        let bucket = admitted?;
+        let span = self.span_start(c);
+        let looked_up = self.lookup(c, bucket, key).await;
+        let cache = c.s.flags.x_cache;
+        self.span_end(
+            c,
+            span,
+            "cache lookup",
+            vec![("yatagarasu.cache", crate::trace::Attr::Str(cache.into()))],
+            false,
+        );
+        looked_up?;
         Ok(self.forward(c, bucket, key).await)
     }
 
@@ -69,6 +79,16 @@ impl CoreGeneration {
         head::find_header(head, crate::prewarm::HEADER).is_some_and(|v| tasks.admits(v))
     }
 
+    /// route -> access -> authorize: who may ask for what; the bucket.
+    async fn admission(&self, c: &mut Client, path: &str, key: &mut String) -> Phase<usize> {
+        let client = self.admit_client(c).await?;
+        let bucket = self.route(c, path, key).await?;
+        c.s.routed = Some(bucket);
+        self.access(c, client, bucket).await?;
+        self.authorize(c, client, bucket, path, key).await?;
+        Ok(bucket)
+    }
+
     /// Resets what one request keeps between phases; names the request.
     fn begin(&self, c: &mut Client) {
         c.s.upstream_prepaid = false;
@@ -76,6 +96,7 @@ impl CoreGeneration {
         c.s.prewarm = self.is_prewarm(c);
         c.s.refusal = None;
         c.s.routed = None;
+        self.trace_begin(c);
         if c.s.req.request_id.is_empty() {
             let mut id = std::mem::take(&mut c.s.req.request_id);
             self.next_request_id(&mut id);

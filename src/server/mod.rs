@@ -681,6 +681,13 @@ fn tick(worker: &Core) {
         }
         false => now,
     };
+    // Finished traces of the last tick, handed over in one batch.
+    if let Some(exporter) = &worker.process.traces {
+        let batch = std::mem::take(&mut *worker.trace_batch.borrow_mut());
+        if !batch.is_empty() {
+            exporter.submit(batch);
+        }
+    }
     // Audit records of the last tick, handed over in one batch.
     if let Some(audit) = &worker.process.audit {
         let batch = std::mem::take(&mut *worker.audit_batch.borrow_mut());

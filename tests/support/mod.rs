@@ -16,6 +16,7 @@
 pub mod fault;
 pub mod http;
 pub mod metadata;
+pub mod otlp;
 pub mod policy;
 pub mod redis;
 pub mod rogue;

@@ -1,4 +1,5 @@
-//! `audit_log`: the other system's keys, resolved (see `crate::audit`).
+//! `audit_log` and `observability.tracing`: the other system's keys,
+//! resolved (see `crate::audit` and `crate::trace`).
 
 use super::super::schema::*;
 use super::super::*;
@@ -145,4 +146,89 @@ fn facility_number(name: &str) -> Option<u8> {
         .iter()
         .position(|n| n.eq_ignore_ascii_case(name))
         .map(|i| i as u8)
+}
+
+/// `observability.tracing`: `None` when off.
+pub(super) fn tracing(raw: &RawTracing, p: &mut Problems) -> Option<Tracing> {
+    if raw.enabled != Some(true) {
+        return None;
+    }
+    let exporter = raw.exporter.as_deref().unwrap_or("otlp");
+    match exporter {
+        "otlp" => {}
+        "none" => return None,
+        other => {
+            p.at(
+                "observability.tracing.exporter",
+                format_args!("{other:?} is not supported here: otlp (OTLP/HTTP) or none; Jaeger and Zipkin take OTLP directly"),
+            );
+            return None;
+        }
+    }
+    for (key, value) in [
+        ("jaeger_endpoint", &raw.jaeger_endpoint),
+        ("zipkin_endpoint", &raw.zipkin_endpoint),
+    ] {
+        if value.is_some() {
+            p.warn(
+                &format!("observability.tracing.{key}"),
+                "has no effect: spans go to otlp_endpoint (OTLP/HTTP)",
+            );
+        }
+    }
+    let Some(url) = raw
+        .otlp_endpoint
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    else {
+        p.at(
+            "observability.tracing.otlp_endpoint",
+            "is required (the collector's OTLP/HTTP address, as http://collector:4318)",
+        );
+        return None;
+    };
+    // `scheme://host[:port]`, and the signal's path unless one is given.
+    let scheme_len = url.find("://").map_or(0, |i| i + 3);
+    let (base, path) = match url[scheme_len..].find('/') {
+        Some(i) => url.split_at(scheme_len + i),
+        None => (url, ""),
+    };
+    let endpoint = match super::parse_endpoint(base) {
+        Ok(e) => e,
+        Err(why) => {
+            p.at(
+                "observability.tracing.otlp_endpoint",
+                format_args!("{url:?} {why}"),
+            );
+            return None;
+        }
+    };
+    if endpoint.port == 4317 {
+        p.warn(
+            "observability.tracing.otlp_endpoint",
+            "4317 is OTLP/gRPC's port; this exporter speaks OTLP/HTTP (usually 4318)",
+        );
+    }
+    let full = match path.trim_end_matches('/') {
+        "" => format!("{}/v1/traces", base.trim_end_matches('/')),
+        _ => url.to_string(),
+    };
+    let ratio = raw.sampling_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&ratio) {
+        p.at(
+            "observability.tracing.sampling_ratio",
+            "must be between 0 and 1",
+        );
+    }
+    Some(Tracing {
+        endpoint: full,
+        service_name: raw
+            .service_name
+            .clone()
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| "yatagarasu".into()),
+        ratio: ratio.clamp(0.0, 1.0),
+        propagate: raw.propagate_context.unwrap_or(true),
+    })
 }

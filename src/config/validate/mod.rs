@@ -87,6 +87,11 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
     let logging = logging(raw.logging.as_ref(), &mut p);
     let jwt = raw.jwt.as_ref().and_then(|j| jwt(j, "jwt", &mut p));
     let audit = raw.audit_log.as_ref().and_then(|a| audit::audit(a, &mut p));
+    let tracing = raw
+        .observability
+        .as_ref()
+        .and_then(|o| o.tracing.as_ref())
+        .and_then(|t| audit::tracing(t, &mut p));
     let admin_token = raw.admin.as_ref().and_then(|a| a.token.clone());
     if admin_token.as_deref().is_some_and(|t| t.len() < 16) {
         p.at("admin.token", "must be at least 16 characters");
@@ -115,6 +120,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             admin_main_port,
             jwt,
             audit,
+            tracing,
             warnings: p.1,
         })
     } else {
