@@ -686,3 +686,33 @@ fn the_older_spellings_are_read_as_the_current_keys() {
         "{out}"
     );
 }
+
+#[test]
+fn tracing_settings_are_checked() {
+    let with = |t: &str| format!("{GOOD}observability:\n  tracing:\n    enabled: true\n{t}");
+    let (code, out) = check(&with("    otlp_endpoint: \"http://collector:4317\"\n    sampling_ratio: 0.01\n    jaeger_endpoint: \"http://j:14268\"\n  request_logging:\n    log_requests: true\n"), &ENV);
+    assert_eq!(code, 0, "{out}");
+    for needle in [
+        "observability.tracing.otlp_endpoint: 4317 is OTLP/gRPC's port",
+        "observability.tracing.jaeger_endpoint: has no effect",
+        "observability.request_logging: has no effect",
+    ] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+    let (code, out) = check(&with("    exporter: zipkin\n"), &ENV);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("observability.tracing.exporter: \"zipkin\" is not supported here"),
+        "{out}"
+    );
+    let (code, out) = check(&with("    sampling_ratio: 2\n"), &ENV);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("observability.tracing.otlp_endpoint: is required"),
+        "{out}"
+    );
+    assert!(
+        out.contains("observability.tracing.sampling_ratio: must be between 0 and 1"),
+        "{out}"
+    );
+}

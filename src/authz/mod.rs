@@ -211,10 +211,10 @@ mod tests {
         assert_eq!(openfga_user(&claims, "missing"), None);
         let body = openfga_check("user:alice", "viewer", "file:b/a", Some("m1"));
         assert_eq!(body["tuple_key"]["relation"], "viewer");
+        assert_eq!(body["authorization_model_id"], "m1");
         let body = openfga_check("user:alice", "reader", "document:b/a", None);
         assert_eq!(body["tuple_key"]["relation"], "reader");
         assert!(body.get("authorization_model_id").is_none());
-        assert_eq!(body["authorization_model_id"], "m1");
     }
 
     #[test]

@@ -165,6 +165,13 @@ pub(super) fn tracing(raw: &RawTracing, p: &mut Problems) -> Option<Tracing> {
             return None;
         }
     }
+    let ratio = raw.sampling_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&ratio) {
+        p.at(
+            "observability.tracing.sampling_ratio",
+            "must be between 0 and 1",
+        );
+    }
     for (key, value) in [
         ("jaeger_endpoint", &raw.jaeger_endpoint),
         ("zipkin_endpoint", &raw.zipkin_endpoint),
@@ -214,13 +221,6 @@ pub(super) fn tracing(raw: &RawTracing, p: &mut Problems) -> Option<Tracing> {
         "" => format!("{}/v1/traces", base.trim_end_matches('/')),
         _ => url.to_string(),
     };
-    let ratio = raw.sampling_ratio.unwrap_or(1.0);
-    if !(0.0..=1.0).contains(&ratio) {
-        p.at(
-            "observability.tracing.sampling_ratio",
-            "must be between 0 and 1",
-        );
-    }
     Some(Tracing {
         endpoint: full,
         service_name: raw
