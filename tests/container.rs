@@ -42,6 +42,7 @@ struct Cleanup {
     project: String,
     compose_env: Vec<(String, String)>,
     containers: Vec<String>,
+    networks: Vec<String>,
     image: String,
 }
 
@@ -58,8 +59,47 @@ impl Drop for Cleanup {
         for c in &self.containers {
             let _ = run(Command::new("docker").args(["rm", "-f", c]));
         }
+        for n in &self.networks {
+            let _ = run(Command::new("docker").args(["network", "rm", n]));
+        }
         let _ = run(Command::new("docker").args(["rmi", "-f", &self.image]));
     }
+}
+
+/// Builds the offline image with the proxy and `tools` (looked up on PATH)
+/// in `dir`; its tag.
+fn build_image(dir: &Path, tools: &[&str]) -> String {
+    let ctx = dir.join("ctx");
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo().join("deploy/docker/rootfs.sh"))
+        .arg(ctx.join("rootfs"))
+        .arg(env!("CARGO_BIN_EXE_yatagarasu"));
+    for tool in tools {
+        let path = Command::new("which")
+            .arg(tool)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        assert!(!path.is_empty(), "{tool} must be installed");
+        cmd.arg(path);
+    }
+    let (ok, out) = run(&mut cmd);
+    assert!(ok, "rootfs: {out}");
+    let image = format!(
+        "yatagarasu-test:{}-{}",
+        std::process::id(),
+        dir.file_name().map_or("x".into(), |n| n
+            .to_string_lossy()
+            .to_lowercase()
+            .replace('.', ""))
+    );
+    let (ok, out) = run(Command::new("docker")
+        .args(["build", "-q", "-f"])
+        .arg(repo().join("deploy/docker/Dockerfile.scratch"))
+        .args(["-t", &image])
+        .arg(&ctx));
+    assert!(ok, "docker build: {out}");
+    image
 }
 
 fn get(port: u16) -> Option<(u16, String)> {
@@ -109,19 +149,7 @@ fn the_image_runs_the_ha_tutorial_under_compose_and_fails_over_without_a_failed_
     }
     let dir = tempfile::tempdir().expect("temp dir");
     // The image: the proxy and s3s-fs (the tutorial's replicas) from scratch.
-    let ctx = dir.path().join("ctx");
-    let s3s = Command::new("which")
-        .arg("s3s-fs")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .expect("s3s-fs installed");
-    let (ok, out) = run(Command::new("bash")
-        .arg(repo().join("deploy/docker/rootfs.sh"))
-        .arg(ctx.join("rootfs"))
-        .arg(env!("CARGO_BIN_EXE_yatagarasu"))
-        .arg(&s3s));
-    assert!(ok, "rootfs: {out}");
-    let image = format!("yatagarasu-test:{}", std::process::id());
+    let image = build_image(dir.path(), &["s3s-fs"]);
     let project = format!("yt{}", std::process::id());
     let data = dir.path().join("data");
     let (proxy_port, metrics_port) = (free_port(), free_port());
@@ -146,14 +174,9 @@ fn the_image_runs_the_ha_tutorial_under_compose_and_fails_over_without_a_failed_
         project: project.clone(),
         compose_env: env.clone(),
         containers: Vec::new(),
+        networks: Vec::new(),
         image: image.clone(),
     };
-    let (ok, out) = run(Command::new("docker")
-        .args(["build", "-q", "-f"])
-        .arg(repo().join("deploy/docker/Dockerfile.scratch"))
-        .args(["-t", &image])
-        .arg(&ctx));
-    assert!(ok, "docker build: {out}");
     for (replica, text) in [("primary", "Primary data!\n"), ("backup", "Backup data!\n")] {
         let bucket = data.join(replica).join("data-bucket");
         std::fs::create_dir_all(&bucket).expect("mkdir");
@@ -245,5 +268,158 @@ fn the_image_runs_the_ha_tutorial_under_compose_and_fails_over_without_a_failed_
     let logs = run(Command::new("docker").args(["logs", &name])).1;
     assert!(logs.contains("driver=epoll"), "{logs}");
     assert!(!logs.contains("driver=io_uring"), "{logs}");
+    drop(cleanup);
+}
+
+/// A Redis tier cut off the network (`docker network disconnect`, not
+/// killed) under load: the proxy treats the silent peer as a dead one
+/// within operation_timeout_ms, no request fails, and once Redis is back on
+/// the network the proxy writes to it again.
+#[test]
+fn redis_cut_off_the_network_mid_load_fails_no_request() {
+    if !run(Command::new("docker").arg("info")).0 {
+        eprintln!(
+            "no Docker Engine here (docker info failed): the container test has nothing to run on"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = build_image(dir.path(), &["s3s-fs", "redis-server"]);
+    let tag = format!("ytnet{}", std::process::id());
+    let (s3, redis, proxy) = (
+        format!("{tag}-s3"),
+        format!("{tag}-redis"),
+        format!("{tag}-proxy"),
+    );
+    let cleanup = Cleanup {
+        project: format!("{tag}none"),
+        compose_env: vec![
+            ("DATA_DIR".into(), "/nonexistent".into()),
+            ("CONFIG".into(), "/nonexistent".into()),
+        ],
+        containers: vec![proxy.clone(), redis.clone(), s3.clone()],
+        networks: vec![tag.clone()],
+        image: image.clone(),
+    };
+    assert!(run(Command::new("docker").args(["network", "create", &tag])).0);
+    let data = dir.path().join("data");
+    let bucket = data.join("data-bucket");
+    std::fs::create_dir_all(&bucket).expect("mkdir");
+    for i in 0..200 {
+        std::fs::write(bucket.join(format!("k{i}")), format!("object {i}\n")).expect("object");
+    }
+    let _ = run(Command::new("chmod").args(["-R", "a+rwX"]).arg(&data));
+    let docker_run = |name: &str, args: &[&str]| {
+        let mut c = Command::new("docker");
+        c.args(["run", "-d", "--name", name, "--network", &tag]);
+        c.args(args);
+        let (ok, out) = run(&mut c);
+        assert!(ok, "docker run {name}: {out}");
+    };
+    docker_run(
+        &s3,
+        &[
+            "-v",
+            &format!("{}:/data", data.display()),
+            "--entrypoint",
+            "/usr/local/bin/s3s-fs",
+            &image,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "9000",
+            "--access-key",
+            "minioadmin",
+            "--secret-key",
+            "minioadmin",
+            "/data",
+        ],
+    );
+    docker_run(
+        &redis,
+        &[
+            "--entrypoint",
+            "/usr/local/bin/redis-server",
+            &image,
+            "--port",
+            "6379",
+            "--bind",
+            "0.0.0.0",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            "/tmp",
+        ],
+    );
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "server:\n  address: \"0.0.0.0:8080\"\nmetrics:\n  port: 9090\ncache:\n  enabled: true\n  cache_layers: [\"memory\", \"redis\"]\n  redis:\n    enabled: true\n    redis_url: \"redis://{redis}:6379\"\n    connection_timeout_ms: 500\n    operation_timeout_ms: 300\nbuckets:\n  - name: \"ha-data\"\n    path_prefix: \"/data\"\n    s3:\n      bucket: \"data-bucket\"\n      endpoint: \"http://{s3}:9000\"\n      access_key: \"minioadmin\"\n      secret_key: \"minioadmin\"\n      health_check:\n        enabled: false\n"
+        ),
+    )
+    .expect("config");
+    let (port, metrics) = (free_port(), free_port());
+    docker_run(
+        &proxy,
+        &[
+            "-p",
+            &format!("127.0.0.1:{port}:8080"),
+            "-p",
+            &format!("127.0.0.1:{metrics}:9090"),
+            "-v",
+            &format!("{}:/etc/yatagarasu/config.yaml:ro", config.display()),
+            &format!(
+                "--security-opt=seccomp={}",
+                repo().join("deploy/seccomp-io-uring.json").display()
+            ),
+            &image,
+        ],
+    );
+    let metric = |name: &str| -> f64 {
+        http::try_get(metrics, "/metrics", &[])
+            .ok()
+            .and_then(|r| {
+                r.text()
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            })
+            .unwrap_or(-1.0)
+    };
+    let fetch = |i: usize| {
+        let r = http::try_get(port, &format!("/data/k{i}"), &[]);
+        let r = r.unwrap_or_else(|e| panic!("k{i}: {e}"));
+        assert_eq!((r.status, r.text()), (200, format!("object {i}\n")), "k{i}");
+    };
+    wait_until("the proxy to answer", || {
+        http::try_get(port, "/health", &[]).is_ok_and(|r| r.status == 200)
+    });
+    const WRITES: &str = "yatagarasu_cache_redis_writes_total";
+    for i in 0..20 {
+        fetch(i);
+    }
+    wait_until("writes to Redis", || metric(WRITES) >= 20.0);
+    // Cut Redis off: its packets go nowhere (no reset, no refusal).
+    assert!(run(Command::new("docker").args(["network", "disconnect", &tag, &redis])).0);
+    let errors_before = metric("yatagarasu_cache_redis_errors_total");
+    for i in 20..120 {
+        fetch(i);
+    }
+    assert!(metric("yatagarasu_cache_redis_errors_total") > errors_before);
+    // Back on the network: new fills are written to it again.
+    assert!(run(Command::new("docker").args(["network", "connect", &tag, &redis])).0);
+    let written = metric(WRITES);
+    let mut i = 120;
+    wait_until("writes to resume", || {
+        if i < 200 {
+            fetch(i);
+            i += 1;
+        }
+        metric(WRITES) > written
+    });
     drop(cleanup);
 }
