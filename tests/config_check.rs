@@ -498,7 +498,7 @@ buckets:
 #[test]
 fn the_other_system_s_no_effect_keys_warn_and_typos_still_fail() {
     let theirs = format!(
-        "{GOOD}compression:\n  enabled: true\n  algorithms: [\"gzip\"]\nobservability:\n  tracing:\n    enabled: false\ncache:\n  enabled: true\n  layers: [\"memory\"]\n  memory:\n    enabled: true\n    max_memory_cache_mb: 64\n    max_entry_size_mb: 4\n"
+        "{GOOD}compression:\n  enabled: true\n  algorithms: [\"gzip\"]\nobservability:\n  tracing:\n    enabled: false\n  slow_query:\n    enabled: true\ncache:\n  enabled: true\n  layers: [\"memory\"]\n  memory:\n    enabled: true\n    max_memory_cache_mb: 64\n    max_entry_size_mb: 4\n"
     )
     .replace("  address: \"127.0.0.1:8080\"\n", "  address: \"127.0.0.1:8080\"\n  request_timeout: 30\n");
     let (code, out) = check(&theirs, &ENV);
@@ -506,7 +506,7 @@ fn the_other_system_s_no_effect_keys_warn_and_typos_still_fail() {
     for path in [
         "server.request_timeout",
         "compression",
-        "observability",
+        "observability.slow_query",
         "cache.layers",
         "cache.memory.enabled",
         "cache.memory.max_memory_cache_mb",
