@@ -239,6 +239,34 @@ fn the_image_runs_the_ha_tutorial_under_compose_and_fails_over_without_a_failed_
         got.is_some_and(|(_, b)| b == "Primary data!\n")
     });
 
+    // The primary cut off the network (not killed: its packets go
+    // nowhere): answered by the backup within the replica timeout, none
+    // failing; back on the network, it serves again.
+    let network = format!("{project}_default");
+    let primary = format!("{project}_primary_1");
+    let (ok, out) = run(Command::new("docker").args(["network", "disconnect", &network, &primary]));
+    assert!(ok, "disconnect: {out}");
+    for i in 0..20 {
+        let got = get(proxy_port);
+        assert_eq!(
+            got,
+            Some((200, "Backup data!\n".to_string())),
+            "request {i} after the cut"
+        );
+    }
+    let (ok, out) = run(Command::new("docker").args([
+        "network", "connect", "--alias", "primary", &network, &primary,
+    ]));
+    assert!(ok, "connect: {out}");
+    wait_until("the primary to serve again after the cut", || {
+        let got = get(proxy_port);
+        assert!(
+            got.as_ref().is_some_and(|(s, _)| *s == 200),
+            "a failed request: {got:?}"
+        );
+        got.is_some_and(|(_, b)| b == "Primary data!\n")
+    });
+
     // A profile that blocks io_uring (Docker 25+'s default): epoll, said in
     // the log, and it serves.
     let blocked = profile_without_io_uring(dir.path());
