@@ -218,3 +218,55 @@ fn a_dead_collector_costs_no_request() {
     }
     assert!(proxy.wait_log("Trace export failed", WAIT));
 }
+
+#[test]
+fn a_request_that_fills_the_cache_has_a_fill_span_and_a_hit_none() {
+    let up = Rogue::start(|_| {
+        vec![support::rogue::send(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nETag: \"f\"\r\n\r\nfresh",
+        )]
+    });
+    let collector = Collector::start();
+    let tracing = format!(
+        "    enabled: true\n    otlp_endpoint: \"{}\"\n    sampling_ratio: 1.0\n",
+        collector.endpoint()
+    );
+    let cfg = format!(
+        "cache:\n  enabled: true\n{}",
+        config(&[("only", up.endpoint())], &tracing)
+    );
+    let proxy = Proxy::start(&cfg);
+    let ids = [
+        "11111111111111111111111111111111",
+        "22222222222222222222222222222222",
+    ];
+    for (id, cache) in ids.iter().zip(["MISS", "HIT"]) {
+        let parent = format!("00-{id}-{CLIENT_SPAN}-01");
+        let r = http::get(proxy.port, "/b/f", &[("traceparent", &parent)]);
+        assert_eq!((r.status, r.header("x-cache")), (200, Some(cache)));
+    }
+    let spans_of = |id: &str| {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let spans = collector.trace(id);
+            if spans.iter().any(|s| s.name == "GET /b") {
+                return spans;
+            }
+            assert!(std::time::Instant::now() < deadline, "no trace {id}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let miss = spans_of(ids[0]);
+    let fill = miss
+        .iter()
+        .find(|s| s.name == "fill")
+        .expect("the miss filled the cache");
+    assert_eq!(attr(fill, "yatagarasu.fill_bytes").as_deref(), Some("5"));
+    let hit = spans_of(ids[1]);
+    assert!(
+        hit.iter().all(|s| s.name != "fill" && s.name != "upstream"),
+        "a hit goes nowhere"
+    );
+    let root = hit.iter().find(|s| s.name == "GET /b").expect("root");
+    assert_eq!(attr(root, "yatagarasu.cache").as_deref(), Some("HIT"));
+}
