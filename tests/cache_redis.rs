@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 use support::redis::Redis;
-use support::rogue::{send, Rogue};
+use support::rogue::{send, Rogue, Step};
 use support::*;
 
 /// One bucket `/b` cached in memory and Redis, on one upstream.
@@ -569,4 +569,44 @@ fn fleet_limits_are_one_allowance_across_instances() {
         "{}",
         a.log()
     );
+}
+
+/// Fleet-wide collapsed forwarding: four instances sharing Redis, fifty
+/// clients each on the same cold object, one S3 GET for all of them; the
+/// instances that did not fetch answer from Redis once the one that did
+/// has written it. Every body byte-exact.
+#[test]
+fn four_instances_fifty_clients_each_make_one_s3_get() {
+    let redis = Redis::start();
+    let size = 2 * 1024 * 1024;
+    let body = std::sync::Arc::new(pattern(size, 11));
+    let b = body.clone();
+    // A slow origin: the head at once, the body after a pause, so every
+    // client asks while the first fetch is under way.
+    let up = Rogue::start(move |_| {
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nETag: \"f\"\r\n\r\n");
+        vec![
+            Step::Sleep(Duration::from_millis(300)),
+            Step::Send(head.into_bytes()),
+            Step::Send(b[..size / 2].to_vec()),
+            Step::Sleep(Duration::from_millis(300)),
+            Step::Send(b[size / 2..].to_vec()),
+        ]
+    });
+    let proxies: Vec<Proxy> = (0..4)
+        .map(|_| Proxy::start(&config(&up.endpoint(), &redis.url())))
+        .collect();
+    let ports: Vec<u16> = proxies.iter().map(|p| p.port).collect();
+    let clients: Vec<_> = (0..200)
+        .map(|i| {
+            let port = ports[i % 4];
+            std::thread::spawn(move || support::http::get(port, "/b/fleet/big.bin", &[]))
+        })
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        let r = c.join().expect("client thread");
+        assert_eq!(r.status, 200, "client {i}");
+        assert!(r.body == *body, "client {i}: body differs");
+    }
+    assert_eq!(up.gets(), 1, "one S3 GET for the whole fleet");
 }

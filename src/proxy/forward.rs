@@ -25,6 +25,11 @@ impl CoreGeneration {
         if let Some(refused) = self.limit_upstream(c, bucket).await {
             return refused;
         }
+        if c.s.leading.is_some() {
+            if let Some(served) = Box::pin(self.fleet_lead(c, bucket)).await {
+                return served;
+            }
+        }
         let mut order_buf = [0usize; crate::config::MAX_REPLICAS];
         let order = self.plan(bucket, &mut order_buf);
         let ctx = RequestCtx { bucket, key, order };
@@ -35,6 +40,7 @@ impl CoreGeneration {
                     let out = self.relay(c, &ctx, answer, &mut cursor).await;
                     c.s.flags.failovers = cursor.failovers();
                     self.fill_span_end(c, out.bytes, !out.abort);
+                    self.fleet_release(c).await;
                     return out;
                 };
                 // A 304: nothing more to come.

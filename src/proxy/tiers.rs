@@ -165,5 +165,63 @@ impl CoreGeneration {
     }
 }
 
+impl CoreGeneration {
+    /// Step "fleet": before this instance's leader of a fill goes to S3, it
+    /// asks the fleet (`cache::redis::lease`). When another instance holds
+    /// the lease, its fetch answers this request from Redis (put into
+    /// memory, offered to disk), and this instance's waiters, told the fill
+    /// is abandoned, look again and find it. `None`: fetch.
+    pub(super) async fn fleet_lead(&self, c: &mut Client, bucket: usize) -> Option<Outcome> {
+        use crate::cache::redis::lease::Lease;
+        let process = &self.shared.process;
+        let (Some(tier), Some(reader), Some(store)) =
+            (&process.redis, &self.core.redis, &process.cache)
+        else {
+            return None;
+        };
+        let k = c.s.leading.as_ref()?.0.clone();
+        // As long as a fetch may take: the slowest replica's timeout, twice.
+        let hold = self.shared.bucket_replicas[bucket]
+            .iter()
+            .map(|&r| self.replica(r).timeout)
+            .max()
+            .unwrap_or(Duration::from_secs(5))
+            .saturating_mul(2)
+            .clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let Lease::Fetched(object) = reader.lease(tier, &k, hold).await else {
+            return None;
+        };
+        let epoch = store.purge_epoch();
+        let copy = store.insert(k.clone(), object);
+        if let Some(disk) = &process.disk {
+            disk.offer(k, copy.clone(), epoch);
+        }
+        self.abandon_fill(c);
+        self.core
+            .metrics
+            .borrow_mut()
+            .coalesced(self.shared.bucket_metric[bucket]);
+        Some(self.serve_cached(c, bucket, &copy, "HIT").await)
+    }
+
+    /// After this instance's leader fetched: when its answer is not in the
+    /// memory tier (so not on its way to Redis, whose write ends the lease),
+    /// the lease is given up, so waiting instances fetch now.
+    pub(super) async fn fleet_release(&self, c: &Client) {
+        let process = &self.shared.process;
+        let (Some(tier), Some(reader), Some(store)) =
+            (&process.redis, &self.core.redis, &process.cache)
+        else {
+            return;
+        };
+        let Some((k, _)) = &c.s.leading else {
+            return;
+        };
+        if store.peek(k).is_none() {
+            reader.release(tier, k).await;
+        }
+    }
+}
+
 /// How often a copy's memory hits refresh its disk-tier entry's recency.
 const DISK_TOUCH_EVERY_MS: u64 = 1_000;

@@ -24,6 +24,16 @@ impl CoreGeneration {
         let head = match monoio::time::timeout(wait, fill.next(false, 0)).await {
             Ok(FillEvent::Head(h)) => h,
             _ => {
+                // The copy may have come another way (the fleet's, from
+                // Redis): look again.
+                let k = self.cache_key(bucket, key, &c.s.query);
+                let now = crate::clock::now();
+                let copy = self.shared.process.cache.as_ref().and_then(|s| s.get(&k));
+                if let Some(copy) =
+                    copy.filter(|o| crate::cache::policy::is_fresh(o.stored_at, o.fresh_for, now))
+                {
+                    return self.serve_cached(c, bucket, &copy, "HIT").await;
+                }
                 // No shared answer: fetch for ourselves, without caching (a
                 // stale copy found by the lookup still answers an outage).
                 c.s.cache = CacheUse::Bypass;

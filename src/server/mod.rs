@@ -183,11 +183,12 @@ impl Bound {
         let metrics_fd = metrics_listener.as_ref().map(AsRawFd::as_raw_fd);
         // Read now: an upgrade replaces the file at this path.
         let exe = std::env::current_exe();
+        start_helpers(&process, metrics_listener);
+        wait_for_the_fleet(&process);
         if let Err(e) = start_workers(&process, listeners, acceptor) {
             log!(Level::Error, "cannot start worker thread", error = e);
             return 1;
         }
-        start_helpers(&process, metrics_listener);
         systemd::start(&process);
         log_listening(&process, address);
         take_over_when_serving(&process);
@@ -322,6 +323,21 @@ fn start_workers(
 }
 
 /// The health prober's thread and the metrics endpoint's thread.
+/// With a Redis tier, the cores start serving once the fleet thread has
+/// read the fleet's purge count (or Redis did not answer in time): a copy
+/// made before then would be dropped when it is read (the instance could
+/// not know which purges it missed).
+fn wait_for_the_fleet(process: &Process) {
+    let Some(tier) = &process.redis else {
+        return;
+    };
+    let deadline =
+        std::time::Instant::now() + tier.settings.connect_timeout + tier.settings.operation_timeout;
+    while !tier.knows_fleet_epoch() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn start_helpers(process: &Arc<Process>, metrics_listener: Option<std::net::TcpListener>) {
     let choice = driver::choose();
     let prober = process.clone();

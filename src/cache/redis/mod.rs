@@ -34,6 +34,7 @@
 
 pub mod conn;
 pub mod entry;
+pub mod lease;
 pub mod limit;
 
 use crate::cache::store::Object;
@@ -163,6 +164,12 @@ pub struct RedisTier {
 }
 
 impl RedisTier {
+    /// Whether the fleet thread has read the fleet's purge count since
+    /// this instance started.
+    pub fn knows_fleet_epoch(&self) -> bool {
+        self.seen_epoch.load(Ordering::Relaxed) != UNSEEN
+    }
+
     /// The tier, and the queue its writer thread drains ([`Self::run_writer`]).
     pub fn new(settings: RedisCache) -> (Arc<RedisTier>, Receiver<RedisWrite>) {
         let (queue, rx) = std::sync::mpsc::sync_channel(WRITE_QUEUE);
@@ -233,6 +240,7 @@ impl RedisTier {
             let px = w.ttl.as_millis().max(1).to_string();
             let keep = self.settings.max_ttl.as_millis().max(1).to_string();
             let (object_index, bucket_index) = self.index_keys(&w.key);
+            let lease_key = self.lease_key(&w.key);
             let result = async {
                 let c = match conn.as_mut() {
                     Some(c) => c,
@@ -244,14 +252,15 @@ impl RedisTier {
                 // local count moved); one it has not heard of yet moved the
                 // count in Redis, and the script refuses the write.
                 let fleet_epoch = self.known_epoch().await?.to_string();
-                let args: [&[u8]; 11] = [
+                let args: [&[u8]; 12] = [
                     b"EVAL",
                     WRITE_SCRIPT.as_bytes(),
-                    b"4",
+                    b"5",
                     epoch_key.as_bytes(),
                     key.as_bytes(),
                     object_index.as_bytes(),
                     bucket_index.as_bytes(),
+                    lease_key.as_bytes(),
                     fleet_epoch.as_bytes(),
                     &value,
                     px.as_bytes(),
@@ -324,6 +333,12 @@ impl RedisTier {
     }
 
     /// The fleet's purge count (bumped by every purge).
+    /// The fleet's lease on fetching `cache_key` (`limit.rs`'s neighbour:
+    /// `lease.rs`); the write of its entry removes it.
+    pub fn lease_key(&self, cache_key: &str) -> String {
+        format!("{}:lease", self.redis_key(cache_key))
+    }
+
     fn epoch_key(&self) -> String {
         format!("{}:purges", self.settings.prefix)
     }
@@ -506,7 +521,7 @@ fn members(reply: OwnedFrame) -> Vec<Vec<u8>> {
 /// (KEYS[1]) is still the one the writer knew (ARGV[1]): a purge between
 /// the fetch and the write wins, on every instance. Returns 1 when written.
 const WRITE_SCRIPT: &str = "if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return 0 end \
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) \
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) redis.call('DEL', KEYS[5]) \
 redis.call('SADD', KEYS[3], KEYS[2]) redis.call('PEXPIRE', KEYS[3], ARGV[4]) \
 redis.call('SADD', KEYS[4], KEYS[3]) redis.call('PEXPIRE', KEYS[4], ARGV[4]) \
 return 1";
@@ -565,8 +580,18 @@ impl Reader {
         }
     }
 
+    /// Whether every connection this core may hold is in use.
+    pub fn all_busy(&self) -> bool {
+        self.idle.borrow().is_empty() && self.open.get() >= self.max
+    }
+
     /// Looks cache key `key` up in Redis.
     pub async fn get(&self, tier: &RedisTier, key: &str) -> Found {
+        // Every connection busy is this core's load, not Redis failing: a
+        // miss, and the breaker is not told.
+        if self.all_busy() {
+            return Found::Miss;
+        }
         let now = crate::clock::now_ms();
         let (admit, _) = self.breaker.borrow_mut().admit(now);
         if admit == Admit::Rejected {
