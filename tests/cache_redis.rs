@@ -35,7 +35,7 @@ fn entries(redis: &Redis) -> Vec<String> {
     redis
         .keys()
         .into_iter()
-        .filter(|k| k.starts_with("yt-test:{"))
+        .filter(|k| k.starts_with("yt-test:{") && !k.ends_with(":lease"))
         .collect()
 }
 

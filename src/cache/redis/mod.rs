@@ -520,7 +520,10 @@ fn members(reply: OwnedFrame) -> Vec<Vec<u8>> {
 /// Writes an entry and its index entries only if the fleet's purge count
 /// (KEYS[1]) is still the one the writer knew (ARGV[1]): a purge between
 /// the fetch and the write wins, on every instance. Returns 1 when written.
-const WRITE_SCRIPT: &str = "if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return 0 end \
+/// The key's fleet lease (KEYS[5]) ends either way. The entry is the first
+/// write: Redis refuses a script's first write when it is full, and lets
+/// the writes after one through.
+const WRITE_SCRIPT: &str = "if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then redis.call('DEL', KEYS[5]) return 0 end \
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) redis.call('DEL', KEYS[5]) \
 redis.call('SADD', KEYS[3], KEYS[2]) redis.call('PEXPIRE', KEYS[3], ARGV[4]) \
 redis.call('SADD', KEYS[4], KEYS[3]) redis.call('PEXPIRE', KEYS[4], ARGV[4]) \
