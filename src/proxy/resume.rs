@@ -81,13 +81,15 @@ impl CoreGeneration {
         let r = self
             .resume_untraced(c, ctx, broken, sent, cursor, step)
             .await;
-        let attrs = vec![
-            (
-                "yatagarasu.resumed_at",
-                crate::trace::Attr::Int(sent as i64),
-            ),
-            ("yatagarasu.sent", crate::trace::Attr::Int(r.sent as i64)),
-        ];
+        let attrs = || {
+            vec![
+                (
+                    "yatagarasu.resumed_at",
+                    crate::trace::Attr::Int(sent as i64),
+                ),
+                ("yatagarasu.sent", crate::trace::Attr::Int(r.sent as i64)),
+            ]
+        };
         self.span_end(c, span, "resume", attrs, !r.complete);
         r
     }

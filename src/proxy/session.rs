@@ -51,7 +51,7 @@ impl CoreGeneration {
         let span = self.span_start(c);
         let admitted = self.admission(c, path, key).await;
         let refused = admitted.is_err();
-        self.span_end(c, span, "access", Vec::new(), refused);
+        self.span_end(c, span, "access", Vec::new, refused);
         let bucket = admitted?;
         let span = self.span_start(c);
         let looked_up = self.lookup(c, bucket, key).await;
@@ -60,7 +60,7 @@ impl CoreGeneration {
             c,
             span,
             "cache lookup",
-            vec![("yatagarasu.cache", crate::trace::Attr::Str(cache.into()))],
+            || vec![("yatagarasu.cache", crate::trace::Attr::Str(cache.into()))],
             false,
         );
         looked_up?;

@@ -132,7 +132,7 @@ impl CoreGeneration {
             .as_ref()
             .ok_or(SliceError::NotSliceable)?;
         let (meta, mut fetched) = self
-            .slice_meta(c, bucket, key, (object_key, range, size))
+            .slice_meta(c, bucket, key, (store, object_key, range, size))
             .await?;
         let whole = range.is_empty();
         let asked = if whole { None } else { Some(range) };
@@ -221,14 +221,8 @@ impl CoreGeneration {
         c: &mut Client,
         bucket: usize,
         key: &str,
-        (object_key, range, size): (&str, &str, u64),
+        (store, object_key, range, size): (&store::MemoryStore, &str, &str, u64),
     ) -> Result<(Arc<Object>, Option<(u64, Arc<Object>)>), SliceError> {
-        let store = self
-            .shared
-            .process
-            .cache
-            .as_ref()
-            .ok_or(SliceError::NotSliceable)?;
         let now = crate::clock::now();
         if let Some(m) = self
             .stored(&slice::meta_key(object_key))

@@ -49,20 +49,21 @@ impl CoreGeneration {
         }
     }
 
-    /// Closes a span that started at `start` (from [`Self::span_start`]).
+    /// Closes a span that started at `start` (from [`Self::span_start`]);
+    /// its attributes are built only when the request is recorded.
     pub(super) fn span_end(
         &self,
         c: &mut Client,
         start: u64,
         name: &'static str,
-        attrs: Vec<(&'static str, Attr)>,
+        attrs: impl FnOnce() -> Vec<(&'static str, Attr)>,
         error: bool,
     ) {
         if start == 0 {
             return;
         }
         let id = self.core.trace_ids.borrow_mut().span_id();
-        self.span_end_as(c, id, start, (name, SpanKind::Internal), attrs, error);
+        self.span_end_as(c, id, start, (name, SpanKind::Internal), attrs(), error);
     }
 
     /// Closes a span whose id was chosen when it started (an upstream
@@ -95,7 +96,7 @@ impl CoreGeneration {
     /// Closes the span of the cache fill this request led, if it did.
     pub(super) fn fill_span_end(&self, c: &mut Client, bytes: u64, stored: bool) {
         let start = std::mem::take(&mut c.s.trace.fill_start);
-        let attrs = vec![("yatagarasu.fill_bytes", Attr::Int(bytes as i64))];
+        let attrs = || vec![("yatagarasu.fill_bytes", Attr::Int(bytes as i64))];
         self.span_end(c, start, "fill", attrs, !stored);
     }
 
