@@ -716,8 +716,11 @@ fn cache_config(endpoint: &str, memory_mb: u64, item_mb: u64) -> String {
 fn fills_complete_at_the_upstream_s_pace_while_their_clients_stall() {
     const SIZE: usize = 4 << 20;
     let up = objects_origin(SIZE, None);
-    // Budget: max(64 MiB / 4, 4 x 16 MiB): all eight fills (8 MiB each) fit.
-    let p = Proxy::start_with(&cache_config(&up.endpoint(), 64, 16), 1, &[]);
+    // Budget: max(256 MiB / 4, 4 x 16 MiB): all eight fills (8 MiB each) fit.
+    // The store is sharded (32 MiB shards here) and a shard evicts when full:
+    // with 64 MiB (two shards) the eight 4 MiB objects all hashed to one
+    // shard one run in 128 and one was evicted. Eight shards leave room.
+    let p = Proxy::start_with(&cache_config(&up.endpoint(), 256, 16), 1, &[]);
     // Eight clients ask for eight objects, read nothing, and hold on.
     let stalled: Vec<Conn> = (0..8)
         .map(|i| {
