@@ -13,6 +13,7 @@ use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvi
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 fn provider() -> Arc<CryptoProvider> {
@@ -173,8 +174,77 @@ pub fn acceptor(cert_file: &str, key_file: &str) -> Result<monoio_rustls::TlsAcc
     // or a cached session from one worker resumes on any other: TLS 1.3
     // tickets from rustls's ticketer (its keys rotate every 6 hours, the
     // previous key still accepted), TLS 1.2 sessions in a bounded cache.
-    config.ticketer =
-        rustls::crypto::ring::Ticketer::new().map_err(|e| format!("TLS tickets: {e}"))?;
-    config.session_storage = rustls::server::ServerSessionMemoryCache::new(TLS12_SESSIONS);
+    let tickets = rustls::crypto::ring::Ticketer::new().map_err(|e| format!("TLS tickets: {e}"))?;
+    config.ticketer = Arc::new(CountResumptions(tickets));
+    config.session_storage = Arc::new(CountResumptions(
+        rustls::server::ServerSessionMemoryCache::new(TLS12_SESSIONS),
+    ));
     Ok(monoio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Client handshakes that resumed a session (a TLS 1.3 ticket or a TLS 1.2
+/// session this process issued), for `yatagarasu_tls_resumed_handshakes_total`.
+/// Process-wide: the listener's one config serves every core, and counting
+/// here costs one atomic add per resumed handshake, never per request.
+pub fn resumed_handshakes() -> u64 {
+    RESUMED.load(Ordering::Relaxed)
+}
+
+static RESUMED: AtomicU64 = AtomicU64::new(0);
+
+/// Wraps the ticketer and the TLS 1.2 session cache: a ticket that
+/// decrypts, or a session found, is a handshake that resumes.
+#[derive(Debug)]
+struct CountResumptions<T: ?Sized>(Arc<T>);
+
+impl<T: rustls::server::ProducesTickets + ?Sized> rustls::server::ProducesTickets
+    for CountResumptions<T>
+{
+    fn enabled(&self) -> bool {
+        self.0.enabled()
+    }
+
+    fn lifetime(&self) -> u32 {
+        self.0.lifetime()
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.0.encrypt(plain)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        let plain = self.0.decrypt(cipher);
+        if plain.is_some() {
+            RESUMED.fetch_add(1, Ordering::Relaxed);
+        }
+        plain
+    }
+}
+
+impl<T: rustls::server::StoresServerSessions + ?Sized> rustls::server::StoresServerSessions
+    for CountResumptions<T>
+{
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.0.put(key, value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let found = self.0.get(key);
+        if found.is_some() {
+            RESUMED.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let found = self.0.take(key);
+        if found.is_some() {
+            RESUMED.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    fn can_cache(&self) -> bool {
+        self.0.can_cache()
+    }
 }

@@ -373,4 +373,47 @@ fn clients_resume_tls_sessions_with_any_worker() {
             assert!(again.contains("over TLS"), "{version}: {again}");
         }
     }
+    // Counted: ten handshakes, eight of them resumed.
+    assert_eq!(_proxy.metric("yatagarasu_tls_handshakes_total"), Some(10.0));
+    assert_eq!(
+        _proxy.metric("yatagarasu_tls_resumed_handshakes_total"),
+        Some(8.0)
+    );
+}
+
+/// Issue #28: a reconnect to an `https://` replica resumes the session the
+/// last connection made (rustls's client session store, kept per replica
+/// in its connector), so only the first handshake is a full one.
+#[test]
+fn reconnects_to_an_https_replica_resume_their_tls_session() {
+    let s3 = backend();
+    let ca = TestCa::new("upstream resumption CA");
+    // Every answer closes its connection: each request is a new handshake.
+    let front = TlsFront::start_with(&ca, s3.port, true);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, &ca.pem).unwrap();
+    let proxy = Proxy::start_with(
+        &tls_bucket(
+            &front.endpoint(),
+            &format!(
+                "      ca_file: \"{}\"\n      health_check:\n        enabled: false\n",
+                ca_path.display()
+            ),
+        ),
+        1,
+        &[],
+    );
+    for _ in 0..4 {
+        let r = proxy.get("/s/hello.txt");
+        assert_eq!(r.status, 200, "{}\n{}", r.text(), proxy.log());
+        assert_eq!(r.text(), "over TLS\n");
+    }
+    let kinds = front.resumed.lock().unwrap().clone();
+    assert_eq!(kinds.len(), 4, "one handshake per request: {kinds:?}");
+    assert_eq!(
+        kinds,
+        vec![false, true, true, true],
+        "full once, then resumed"
+    );
 }

@@ -58,6 +58,8 @@ pub struct CoreMetrics {
     pub connections_total: u64,
     /// Connections refused at accept because `server.max_connections` was reached.
     pub connections_refused: u64,
+    /// TLS handshakes with clients completed (full and resumed).
+    pub tls_handshakes: u64,
     /// Client connections closed because their request head was not
     /// complete within `server.request_head_timeout_seconds`.
     pub head_timeouts: u64,
@@ -107,6 +109,7 @@ impl CoreMetrics {
             bytes_sent: 0,
             connections_total: 0,
             connections_refused: 0,
+            tls_handshakes: 0,
             head_timeouts: 0,
             cache_by_reference: 0,
             spliced: 0,
@@ -249,6 +252,7 @@ impl CoreMetrics {
         self.bytes_sent += other.bytes_sent;
         self.connections_total += other.connections_total;
         self.connections_refused += other.connections_refused;
+        self.tls_handshakes += other.tls_handshakes;
         self.head_timeouts += other.head_timeouts;
         self.cache_by_reference += other.cache_by_reference;
         self.spliced += other.spliced;

@@ -317,6 +317,18 @@ fn traffic_families(shared: &Generation, merged: &CoreMetrics, families: &mut Ve
         vec![counter(&[], merged.connections_refused as f64)],
     ));
     families.push(family(
+        "yatagarasu_tls_handshakes_total",
+        "TLS handshakes with clients completed (server.tls), full and resumed.",
+        MetricType::COUNTER,
+        vec![counter(&[], merged.tls_handshakes as f64)],
+    ));
+    families.push(family(
+        "yatagarasu_tls_resumed_handshakes_total",
+        "TLS handshakes with clients that resumed a session (a TLS 1.3 ticket or a TLS 1.2 session) instead of a full handshake.",
+        MetricType::COUNTER,
+        vec![counter(&[], crate::tls::resumed_handshakes() as f64)],
+    ));
+    families.push(family(
         "yatagarasu_request_head_timeouts_total",
         "Client connections closed: request head not complete within request_head_timeout_seconds.",
         MetricType::COUNTER,

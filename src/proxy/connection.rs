@@ -97,7 +97,10 @@ impl CoreGeneration {
             Some(acceptor) => {
                 let idle = self.shared.config.server.idle_timeout;
                 match Box::pin(monoio::time::timeout(idle, acceptor.accept(stream))).await {
-                    Ok(Ok(s)) => MaybeTls::Tls(Box::new(s)),
+                    Ok(Ok(s)) => {
+                        self.core.metrics.borrow_mut().tls_handshakes += 1;
+                        MaybeTls::Tls(Box::new(s))
+                    }
                     Ok(Err(e)) => {
                         log!(
                             Level::Debug,

@@ -84,10 +84,18 @@ impl TestCa {
 /// Listens with TLS on a free port and forwards to `127.0.0.1:backend`.
 pub struct TlsFront {
     pub port: u16,
+    /// Each handshake's kind, in order: `true` when it resumed a session.
+    pub resumed: Arc<std::sync::Mutex<Vec<bool>>>,
 }
 
 impl TlsFront {
     pub fn start(ca: &TestCa, backend: u16) -> TlsFront {
+        TlsFront::start_with(ca, backend, false)
+    }
+
+    /// With `one_request_each`, every answer says `Connection: close` and
+    /// the connection closes after it: each request is a new handshake.
+    pub fn start_with(ca: &TestCa, backend: u16, one_request_each: bool) -> TlsFront {
         let (cert, key) = ca.leaf();
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -100,23 +108,39 @@ impl TlsFront {
         let config = Arc::new(config);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
+        let resumed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kinds = resumed.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(tcp) = conn else { continue };
                 let config = config.clone();
+                let kinds = kinds.clone();
                 std::thread::spawn(move || {
                     let Ok(session) = rustls::ServerConnection::new(config) else {
                         return;
                     };
                     let mut tls = rustls::StreamOwned::new(session, tcp);
+                    while tls.conn.is_handshaking() {
+                        if tls.conn.complete_io(&mut tls.sock).is_err() {
+                            return;
+                        }
+                    }
+                    let kind = tls.conn.handshake_kind();
+                    if let Ok(mut k) = kinds.lock() {
+                        k.push(kind == Some(rustls::HandshakeKind::Resumed));
+                    }
                     let Ok(mut up) = TcpStream::connect(("127.0.0.1", backend)) else {
                         return;
                     };
-                    let _ = serve(&mut tls, &mut up);
+                    let _ = serve(&mut tls, &mut up, one_request_each);
+                    if one_request_each {
+                        tls.conn.send_close_notify();
+                        let _ = tls.conn.complete_io(&mut tls.sock);
+                    }
                 });
             }
         });
-        TlsFront { port }
+        TlsFront { port, resumed }
     }
 
     pub fn endpoint(&self) -> String {
@@ -150,7 +174,11 @@ fn content_length(head: &[u8]) -> usize {
         .unwrap_or(0)
 }
 
-fn serve<S: Read + Write>(client: &mut S, up: &mut TcpStream) -> std::io::Result<()> {
+fn serve<S: Read + Write>(
+    client: &mut S,
+    up: &mut TcpStream,
+    one_request: bool,
+) -> std::io::Result<()> {
     let mut cbuf = Vec::new();
     let mut ubuf = Vec::new();
     while let Some(req) = read_head(client, &mut cbuf)? {
@@ -177,7 +205,12 @@ fn serve<S: Read + Write>(client: &mut S, up: &mut TcpStream) -> std::io::Result
         };
         let is_head = req.starts_with(b"HEAD ");
         let mut left = if is_head { 0 } else { content_length(&head) };
-        client.write_all(&head)?;
+        if one_request {
+            client.write_all(&head[..head.len() - 2])?;
+            client.write_all(b"Connection: close\r\n\r\n")?;
+        } else {
+            client.write_all(&head)?;
+        }
         let mut tmp = vec![0u8; 65536];
         let take = left.min(ubuf.len());
         client.write_all(&ubuf[..take])?;
@@ -193,6 +226,9 @@ fn serve<S: Read + Write>(client: &mut S, up: &mut TcpStream) -> std::io::Result
             left -= k;
         }
         client.flush()?;
+        if one_request {
+            break;
+        }
     }
     Ok(())
 }
