@@ -1177,6 +1177,119 @@ fn an_object_over_the_item_limit_is_fetched_once_for_a_burst_and_a_reader_left_b
     assert_eq!(proxy.get("/b/huge.bin").header("x-cache"), Some("MISS"));
 }
 
+/// Issue #23: with the budget room for the whole object, a burst's slowest
+/// reader stays attached to the one fetch: no second origin request (it
+/// was resumed with a range, the 8 MiB window having moved past it).
+#[test]
+fn a_burst_s_slow_reader_stays_on_the_one_fetch_while_the_budget_holds_the_object() {
+    const LEN: usize = 32 * 1024 * 1024;
+    let body = Arc::new(pattern(LEN, 12));
+    let gate = Gate::default();
+    let up = gated_origin(body.clone(), gate.clone());
+    // Fill budget: max(256 MiB / 4, 4 x 8 MiB) = 64 MiB; half holds 32 MiB.
+    let proxy = Proxy::start(&config(
+        &up.endpoint(),
+        "  memory:\n    max_cache_size_mb: 256\n    max_item_size_mb: 8\n",
+        "",
+    ));
+    let port = proxy.port;
+    let leader = {
+        let body = body.clone();
+        std::thread::spawn(move || streams_exactly(port, "/b/huge.bin", &body))
+    };
+    wait_until("the leader's fetch started", || up.seen().len() == 1);
+    use std::io::{Read, Write};
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    slow.write_all(b"GET /b/huge.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    wait_until("the slow reader waits on the fetch", || {
+        waiters(&proxy) == 1.0
+    });
+    gate.open();
+    assert!(leader.join().expect("leader"), "the leader's body");
+    assert_eq!(read_head(&mut slow), LEN);
+    let mut got = Vec::with_capacity(LEN);
+    slow.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    slow.read_to_end(&mut got).expect("slow body");
+    assert!(got == *body, "the slow reader's body ({} bytes)", got.len());
+    assert_eq!(up.seen().len(), 1, "one origin request: {:?}", up.seen());
+    let detached = proxy.metric("yatagarasu_cache_waiters_detached_total{bucket=\"b\"}");
+    assert_eq!(detached.unwrap_or(0.0), 0.0);
+}
+
+/// Issue #23: with slices on, requests that arrive once a large object's
+/// size is known take the slice path; they wait on the slices the leader's
+/// whole fetch stores as it goes, instead of fetching every slice again
+/// (one whole GET plus a range GET per slice before).
+#[test]
+fn with_slices_on_a_burst_on_a_large_object_makes_one_origin_request() {
+    const LEN: usize = 32 * 1024 * 1024;
+    const CLIENTS: usize = 12;
+    let body = Arc::new(pattern(LEN, 13));
+    let gate = Gate::default();
+    let up = gated_origin(body.clone(), gate.clone());
+    let proxy = Proxy::start(&config(
+        &up.endpoint(),
+        "  slice_size_mb: 4\n  memory:\n    max_cache_size_mb: 256\n    max_item_size_mb: 8\n",
+        "",
+    ));
+    let port = proxy.port;
+    // The leader has the head: the object's size is known (its slice
+    // metadata stored); its body waits at the origin's gate. The leader's
+    // client reads on (a pass-through fill goes at its leader's pace).
+    let (has_head, head) = std::sync::mpsc::channel();
+    let leader = {
+        let body = body.clone();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.write_all(b"GET /b/huge.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .expect("request");
+            let len = read_head(&mut s);
+            let _ = has_head.send(len);
+            let mut got = Vec::with_capacity(LEN);
+            s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+            s.read_to_end(&mut got).expect("leader body");
+            got == *body
+        })
+    };
+    assert_eq!(head.recv().expect("the leader's head"), LEN);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || streams_exactly(port, "/b/huge.bin", &body))
+        })
+        .collect();
+    wait_until("the burst waits on the first slice", || {
+        waiters(&proxy) == CLIENTS as f64
+    });
+    gate.open();
+    let exact = clients
+        .into_iter()
+        .filter_map(|c| c.join().ok())
+        .filter(|ok| *ok)
+        .count();
+    assert_eq!(
+        exact,
+        CLIENTS,
+        "bodies differ or were cut short\n{}",
+        proxy.log()
+    );
+    assert!(
+        leader.join().expect("leader"),
+        "the leader's body\n{}",
+        proxy.log()
+    );
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1, "one origin request: {:?}", seen);
+    assert!(seen[0].header("range").is_none());
+    // Stored as slices: a range is a hit now, with no origin request.
+    let r = http::get(port, "/b/huge.bin", &[("Range", "bytes=20000000-20000099")]);
+    assert_eq!(r.status, 206);
+    assert!(r.body[..] == body[20000000..20000100]);
+    assert_eq!(up.seen().len(), 1);
+}
+
 #[test]
 fn the_clock_moves_only_in_a_process_started_for_tests() {
     let up = origin("timed", "Cache-Control: max-age=60\r\n");

@@ -288,6 +288,18 @@ impl Fills {
         Role::Leader(f)
     }
 
+    /// Starts the fill of `key` unless one is open (then `None`, and the
+    /// caller is no waiter of it).
+    pub fn lead(&self, key: &str) -> Option<Arc<SharedFill>> {
+        let mut map = self.lock();
+        if map.get(key).is_some_and(|f| f.ended().is_none()) {
+            return None;
+        }
+        let f = Arc::new(SharedFill::default());
+        map.insert(key.to_string(), f.clone());
+        Some(f)
+    }
+
     /// Requests waiting now on a fetch another request leads (fills still
     /// open), over every key: for the metrics scrape.
     pub fn waiting(&self) -> usize {

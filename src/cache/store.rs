@@ -160,10 +160,24 @@ impl MemoryStore {
     /// stream) count against it until the fill ends, whatever the pace of
     /// the clients reading them. `None` (counted): relay without a fill.
     pub fn reserve_fill(&self, bytes: u64) -> Option<FillReservation> {
+        let reserved = self.reserve_fill_quietly(bytes);
+        if reserved.is_none() {
+            self.fills_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        reserved
+    }
+
+    /// What fills in flight may hold at once.
+    pub fn fill_budget(&self) -> u64 {
+        self.fill_budget
+    }
+
+    /// [`MemoryStore::reserve_fill`] for a size the caller can do without
+    /// (it falls back to a smaller one): a refusal is not counted.
+    pub fn reserve_fill_quietly(&self, bytes: u64) -> Option<FillReservation> {
         let mut held = self.fill_held.load(Ordering::Relaxed);
         loop {
             if held.saturating_add(bytes) > self.fill_budget {
-                self.fills_refused.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
             match self.fill_held.compare_exchange_weak(

@@ -59,6 +59,7 @@ impl CoreGeneration {
             reservation: Some(reservation),
             passthrough: false,
             passed: 0,
+            slices: None,
         };
         fill.push(&answer.conn.buf[answer.head_len..start]);
         Some(fill)
@@ -87,8 +88,15 @@ impl CoreGeneration {
             return None;
         }
         self.freshness(resp, ttl)?;
-        let reservation = store.reserve_fill(PASS_WINDOW as u64)?;
-        shared.set_window(PASS_WINDOW);
+        // The window: the whole object while the budget has room for it
+        // (up to half the budget), so no waiter in a burst falls behind
+        // and fetches again; else PASS_WINDOW.
+        let whole = len.min(store.fill_budget() / 2).max(PASS_WINDOW as u64);
+        let (reservation, window) = match store.reserve_fill_quietly(whole) {
+            Some(r) => (r, whole),
+            None => (store.reserve_fill(PASS_WINDOW as u64)?, PASS_WINDOW as u64),
+        };
+        shared.set_window(window as usize);
         shared.set_head(FillHead {
             headers: self.stored_headers(resp),
             len,
@@ -108,6 +116,11 @@ impl CoreGeneration {
             reservation: Some(reservation),
             passthrough: true,
             passed: 0,
+            slices: c
+                .s
+                .cache
+                .fill_key()
+                .and_then(|key| self.slice_feed(key, len)),
         };
         fill.push(&answer.conn.buf[answer.head_len..start]);
         Some(fill)
@@ -205,6 +218,8 @@ pub(super) struct Fill<'s> {
     passthrough: bool,
     /// Bytes passed on (pass-through only).
     passed: u64,
+    /// A pass-through body cut into stored slices (`cache.slice_size_mb`).
+    slices: Option<super::slices::SliceFeed<'s>>,
 }
 
 impl crate::http::body::Tee for Fill<'_> {
@@ -213,8 +228,12 @@ impl crate::http::body::Tee for Fill<'_> {
             f.push(bytes);
         }
         if self.passthrough {
-            // Nothing kept here: the shared pieces are the only copy.
+            // Nothing kept here: the shared pieces are the only copy (and
+            // the slices, stored as they complete).
             self.passed += bytes.len() as u64;
+            if let Some(feed) = &mut self.slices {
+                feed.push(bytes);
+            }
             if self.passed == self.len {
                 if let Some(f) = &self.shared {
                     f.done(None);

@@ -612,6 +612,152 @@ impl CoreGeneration {
     }
 }
 
+/// Slices ahead of the one being filled that a [`SliceFeed`] leads too:
+/// a request on the slice path reads slices in order and never passes the
+/// feed, so one is enough; two leave room for a range that starts a slice
+/// further on.
+const FEED_AHEAD: u64 = 2;
+
+/// A pass-through fill's body (a whole answer above the item limit, with
+/// `cache.slice_size_mb` set) cut into slices as it arrives: each slice is
+/// stored once complete, and the feed leads the collapsed fetch of the
+/// slice it fills and of the next [`FEED_AHEAD`], so requests that take the
+/// slice path meanwhile (every whole GET once the object's metadata is
+/// stored) wait for these slices instead of fetching the same bytes again.
+/// One origin fetch for a burst on a large object, slices on or off.
+pub(super) struct SliceFeed<'s> {
+    store: &'s store::MemoryStore,
+    disk: Option<&'s crate::cache::disk::DiskStore>,
+    fills: &'s crate::cache::collapse::Fills,
+    object_key: String,
+    size: u64,
+    meta: Arc<Object>,
+    /// The store's purge count when the fill started.
+    epoch: u64,
+    /// The slice being filled, and its bytes so far.
+    n: u64,
+    piece: Filling,
+    /// The slice fills this feed leads, by slice number.
+    leads: Vec<(u64, Arc<crate::cache::collapse::SharedFill>)>,
+}
+
+impl CoreGeneration {
+    /// A feed for the pass-through fill of `object_key` (`len` bytes),
+    /// when slices are configured and its metadata was just stored
+    /// (`note_large`).
+    pub(super) fn slice_feed(&self, object_key: &str, len: u64) -> Option<SliceFeed<'_>> {
+        let size = self.shared.config.cache.slice_bytes?;
+        let store = self.shared.process.cache.as_ref()?;
+        let meta = store
+            .get(&slice::meta_key(object_key))
+            .filter(|m| m.total == len && len > 0)?;
+        let mut feed = SliceFeed {
+            store,
+            disk: self.shared.process.disk.as_deref(),
+            fills: &self.shared.process.fills,
+            object_key: object_key.to_string(),
+            size,
+            epoch: store.purge_epoch(),
+            n: 0,
+            piece: Filling::with_capacity(slice_len(0, size, len)),
+            leads: Vec::new(),
+            meta,
+        };
+        feed.lead_ahead();
+        Some(feed)
+    }
+}
+
+/// The length of slice `n` of a `total` bytes object.
+fn slice_len(n: u64, size: u64, total: u64) -> u64 {
+    let (first, last) = slice::bounds(n, size, total);
+    (last + 1).saturating_sub(first)
+}
+
+impl SliceFeed<'_> {
+    /// Takes the next bytes of the body.
+    pub(super) fn push(&mut self, mut bytes: &[u8]) {
+        let total = self.meta.total;
+        while !bytes.is_empty() && self.n * self.size < total {
+            let want = slice_len(self.n, self.size, total) as usize;
+            let take = (want - self.piece.len()).min(bytes.len());
+            self.piece.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.piece.len() == want {
+                self.complete();
+            }
+        }
+    }
+
+    /// Stores the slice just filled (unless a purge came, or the object's
+    /// metadata changed), hands it to the waiters on it, and moves on.
+    fn complete(&mut self) {
+        let n = self.n;
+        self.n += 1;
+        let next = slice_len(self.n, self.size, self.meta.total);
+        let body = std::mem::replace(&mut self.piece, Filling::with_capacity(next)).freeze();
+        let meta_key = slice::meta_key(&self.object_key);
+        let current = self.store.purge_epoch() == self.epoch
+            && self
+                .store
+                .get(&meta_key)
+                .is_some_and(|m| Arc::ptr_eq(&m, &self.meta));
+        let key = slice::key(&self.object_key, self.size, n);
+        let stored = current.then(|| {
+            let piece = self.store.insert(
+                key.clone(),
+                Object {
+                    stored_at: self.meta.stored_at,
+                    fresh_for: self.meta.fresh_for,
+                    etag: self.meta.etag.clone(),
+                    last_modified: None,
+                    headers: String::new(),
+                    body,
+                    total: self.meta.total,
+                    touched_ms: Default::default(),
+                },
+            );
+            if let Some(disk) = self.disk {
+                disk.offer(key.clone(), piece.clone(), self.epoch);
+            }
+            piece
+        });
+        if let Some(i) = self.leads.iter().position(|(m, _)| *m == n) {
+            let (_, fill) = self.leads.swap_remove(i);
+            fill.done(stored.as_ref());
+            self.fills.finish(&key, &fill);
+        }
+        self.lead_ahead();
+    }
+
+    /// Leads the fills of the slice being filled and the next
+    /// [`FEED_AHEAD`], where no other request leads them.
+    fn lead_ahead(&mut self) {
+        let count = self.meta.total.div_ceil(self.size);
+        let last = (self.n + FEED_AHEAD).min(count.saturating_sub(1));
+        for n in self.n..=last {
+            if self.leads.iter().any(|(m, _)| *m == n) {
+                continue;
+            }
+            let key = slice::key(&self.object_key, self.size, n);
+            if let Some(fill) = self.fills.lead(&key) {
+                self.leads.push((n, fill));
+            }
+        }
+    }
+}
+
+impl Drop for SliceFeed<'_> {
+    /// Slices never filled (the body broke, the client left): their
+    /// waiters fetch them themselves.
+    fn drop(&mut self) {
+        for (n, fill) in self.leads.drain(..) {
+            self.fills
+                .finish(&slice::key(&self.object_key, self.size, n), &fill);
+        }
+    }
+}
+
 /// Drops the object's slice metadata and the slices it describes, by key:
 /// this runs on the request path (a cold or expired object, a new version),
 /// where a scan of the whole memory tier would stall the core. A scan
