@@ -143,7 +143,7 @@ pub struct Process {
     /// The Redis tier's write queue, until its thread takes it.
     pub redis_queue: Mutex<Option<std::sync::mpsc::Receiver<crate::cache::redis::RedisWrite>>>,
     /// The disk tier's write queue, until its thread takes it.
-    pub disk_queue: Mutex<Option<std::sync::mpsc::Receiver<crate::cache::disk::DiskWrite>>>,
+    pub disk_queue: Mutex<Option<flume::Receiver<crate::cache::disk::DiskWrite>>>,
     /// Cache fills under way, for collapsed forwarding.
     pub fills: crate::cache::collapse::Fills,
     /// Keys fetched from `jwt.jwks_url` (empty without one).

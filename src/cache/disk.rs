@@ -29,11 +29,11 @@
 use super::region::{Body, Region, MAPPED_MIN_READ_BYTES};
 use super::store::Object;
 use bytes::Bytes;
+use flume::{Receiver, Sender, TrySendError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -44,8 +44,18 @@ pub const HEAD_LEN: usize = 8 + 4 + 8 + 4 + 4;
 /// Entry files end with this; temporary files start with [`TMP_PREFIX`].
 const SUFFIX: &str = ".entry";
 const TMP_PREFIX: &str = ".tmp-";
-/// Writes waiting for the disk thread; more are skipped.
-const QUEUE: usize = 256;
+/// Writes waiting for the disk thread, or being written; more are skipped
+/// (and counted). Bounded by count and by bytes: the queue holds its
+/// objects, which memory may have let go of meanwhile.
+const QUEUE: usize = 4096;
+/// Body bytes the queue may hold (see [`QUEUE`]). 256 entries, the bound
+/// before, dropped writes in cold starts (loadtest/zipf.sh).
+const QUEUE_BYTES: u64 = 64 * 1024 * 1024;
+/// Entries the disk thread writes at once. One at a time, its five file
+/// operations in a row (create, two writes, close, rename) fell behind a
+/// cold start's miss stream on ext4 and the queue dropped writes; with
+/// several in flight the kernel overlaps them (loadtest/zipf.sh measures it).
+pub const IN_FLIGHT: usize = 16;
 
 /// The metadata of an entry, as stored.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -354,7 +364,7 @@ pub struct DiskStore {
     dir: PathBuf,
     max_bytes: u64,
     index: Mutex<Index>,
-    queue: SyncSender<DiskWrite>,
+    queue: Sender<DiskWrite>,
     /// Writes are off (the disk failed us); reads go on.
     degraded: AtomicBool,
     evictions: AtomicU64,
@@ -365,6 +375,8 @@ pub struct DiskStore {
     pub foreign: AtomicU64,
     /// Writes not made because the writer's queue was full.
     pub writes_dropped: AtomicU64,
+    /// Body bytes queued or being written (bounded by [`QUEUE_BYTES`]).
+    queued_bytes: AtomicU64,
     /// Entries marked used by memory hits (`touch_all`).
     pub recency_refreshes: AtomicU64,
     tmp_seq: AtomicU64,
@@ -382,7 +394,7 @@ impl DiskStore {
         max_bytes: u64,
         origins: &HashMap<String, String>,
     ) -> (DiskStore, Receiver<DiskWrite>, Result<usize, String>) {
-        let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let (queue, rx) = flume::bounded(QUEUE);
         let store = DiskStore {
             dir: PathBuf::from(dir),
             max_bytes,
@@ -393,6 +405,7 @@ impl DiskStore {
             corrupt: AtomicU64::new(0),
             foreign: AtomicU64::new(0),
             writes_dropped: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
             recency_refreshes: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
         };
@@ -515,9 +528,16 @@ impl DiskStore {
         if size > self.max_bytes {
             return;
         }
-        match self.queue.try_send(DiskWrite { key, object, epoch }) {
+        let body = object.body.len() as u64;
+        let queued = self.queued_bytes.fetch_add(body, Ordering::Relaxed);
+        let sent = match queued + body <= QUEUE_BYTES || queued == 0 {
+            true => self.queue.try_send(DiskWrite { key, object, epoch }),
+            false => Err(TrySendError::Full(DiskWrite { key, object, epoch })),
+        };
+        match sent {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.queued_bytes.fetch_sub(body, Ordering::Relaxed);
                 // Counted, and said at most once per interval (by the
                 // writer, off the cores): never a silent drop.
                 self.writes_dropped.fetch_add(1, Ordering::Relaxed);
@@ -649,16 +669,35 @@ impl DiskStore {
         self.degraded.load(Ordering::Relaxed)
     }
 
-    /// The disk thread: writes queued entries until the queue closes.
+    /// The disk thread: writes queued entries until the queue closes, up
+    /// to [`IN_FLIGHT`] at once. Two writes of one key never overlap (the
+    /// later waits for the earlier, so the newer copy is the one kept).
     /// `purge_epoch` is the memory tier's current purge count: an entry
     /// queued before a purge is not indexed.
     pub async fn run_writer(&self, rx: Receiver<DiskWrite>, purge_epoch: impl Fn() -> u64) {
+        self.run_writer_with(rx, purge_epoch, IN_FLIGHT).await
+    }
+
+    /// [`DiskStore::run_writer`] with `in_flight` entries written at once
+    /// (for `benches/disk_writer.rs`, which compares counts).
+    pub async fn run_writer_with(
+        &self,
+        rx: Receiver<DiskWrite>,
+        purge_epoch: impl Fn() -> u64,
+        in_flight: usize,
+    ) {
+        use futures_util::future::{select, Either};
+        use futures_util::stream::{FuturesUnordered, StreamExt};
         // Drops happen while the queue is full, so while this loop is busy:
         // it reports them, once per interval at most.
         const DROP_REPORT: std::time::Duration = std::time::Duration::from_secs(10);
         let mut reported = (0u64, std::time::Instant::now());
-        // This thread does nothing else: waiting on the queue blocks no one.
-        while let Ok(w) = rx.recv() {
+        let purge_epoch = &purge_epoch;
+        let mut writing = FuturesUnordered::new();
+        // Keys being written, and the newest write of each waiting on them.
+        let mut busy: HashMap<String, Option<DiskWrite>> = HashMap::new();
+        let mut open = true;
+        while open || !writing.is_empty() {
             let dropped = self.writes_dropped.load(Ordering::Relaxed);
             if dropped > reported.0 && reported.1.elapsed() >= DROP_REPORT {
                 crate::log!(
@@ -669,49 +708,105 @@ impl DiskStore {
                 );
                 reported = (dropped, std::time::Instant::now());
             }
-            if self.degraded() {
-                continue;
-            }
-            match self.write(&w).await {
-                Ok(size) => {
-                    let excess = {
-                        let mut index = self.lock();
-                        if purge_epoch() != w.epoch {
-                            None
-                        } else {
-                            index.insert(w.key.clone(), size, true);
-                            Some(index.over(self.max_bytes))
-                        }
-                    };
-                    match excess {
-                        None => {
-                            let _ = monoio::fs::remove_file(self.dir.join(file_name(&w.key))).await;
-                        }
-                        Some(keys) => {
-                            for k in keys {
-                                self.evictions.fetch_add(1, Ordering::Relaxed);
-                                let _ = monoio::fs::remove_file(self.dir.join(file_name(&k))).await;
+            // A queued write if there is room for one, else a finished one.
+            let next = if open && writing.len() < in_flight.max(1) {
+                if writing.is_empty() {
+                    rx.recv_async().await.ok().map(Either::Left)
+                } else {
+                    match select(rx.recv_async(), writing.next()).await {
+                        Either::Left((w, _)) => w.ok().map(Either::Left),
+                        Either::Right((done, _)) => done.map(Either::Right),
+                    }
+                }
+            } else {
+                writing.next().await.map(Either::Right)
+            };
+            match next {
+                None if writing.is_empty() => open = false,
+                None => open = open && !rx.is_disconnected(),
+                Some(Either::Left(w)) => {
+                    if self.degraded() {
+                        self.dequeued(&w);
+                        continue;
+                    }
+                    match busy.get_mut(&w.key) {
+                        Some(waiting) => {
+                            if let Some(older) = waiting.replace(w) {
+                                self.dequeued(&older);
                             }
+                        }
+                        None => {
+                            busy.insert(w.key.clone(), None);
+                            writing.push(self.store_entry(w, purge_epoch));
                         }
                     }
                 }
-                Err(e) if disk_unusable(&e) => {
-                    self.degraded.store(true, Ordering::Relaxed);
-                    crate::log!(
-                        crate::config::Level::Error,
-                        "Disk cache unusable; continuing memory-only",
-                        dir = self.dir.display(),
-                        error = e
-                    );
+                Some(Either::Right(key)) => {
+                    if let Some(Some(w)) = busy.remove(&key) {
+                        if self.degraded() {
+                            self.dequeued(&w);
+                        } else {
+                            busy.insert(key, None);
+                            writing.push(self.store_entry(w, purge_epoch));
+                        }
+                    }
                 }
-                Err(e) => crate::log!(
-                    crate::config::Level::Warn,
-                    "Disk cache write failed",
-                    dir = self.dir.display(),
-                    error = e
-                ),
             }
         }
+    }
+
+    /// Writes one entry, indexes it (unless a purge came after it was
+    /// queued) and deletes what the index evicted to make room; returns
+    /// its key.
+    async fn store_entry(&self, w: DiskWrite, purge_epoch: &impl Fn() -> u64) -> String {
+        let written = self.write(&w).await;
+        self.dequeued(&w);
+        match written {
+            Ok(size) => {
+                let excess = {
+                    let mut index = self.lock();
+                    if purge_epoch() != w.epoch {
+                        None
+                    } else {
+                        index.insert(w.key.clone(), size, true);
+                        Some(index.over(self.max_bytes))
+                    }
+                };
+                match excess {
+                    None => {
+                        let _ = monoio::fs::remove_file(self.dir.join(file_name(&w.key))).await;
+                    }
+                    Some(keys) => {
+                        for k in keys {
+                            self.evictions.fetch_add(1, Ordering::Relaxed);
+                            let _ = monoio::fs::remove_file(self.dir.join(file_name(&k))).await;
+                        }
+                    }
+                }
+            }
+            Err(e) if disk_unusable(&e) => {
+                self.degraded.store(true, Ordering::Relaxed);
+                crate::log!(
+                    crate::config::Level::Error,
+                    "Disk cache unusable; continuing memory-only",
+                    dir = self.dir.display(),
+                    error = e
+                );
+            }
+            Err(e) => crate::log!(
+                crate::config::Level::Warn,
+                "Disk cache write failed",
+                dir = self.dir.display(),
+                error = e
+            ),
+        }
+        w.key
+    }
+
+    /// `w` leaves the queue's byte bound (written or given up).
+    fn dequeued(&self, w: &DiskWrite) {
+        let body = w.object.body.len() as u64;
+        self.queued_bytes.fetch_sub(body, Ordering::Relaxed);
     }
 
     /// Writes one entry: a temporary file, then renamed into place.
@@ -822,6 +917,24 @@ mod tests {
             store.offer(format!("b\0k{i}\0\0o"), o.clone(), 0);
         }
         assert_eq!(store.writes_dropped.load(Ordering::Relaxed), 10);
+    }
+
+    #[test]
+    fn the_queue_is_bounded_by_bytes_too() {
+        let dir = tempfile::tempdir().expect("dir");
+        let origins = HashMap::from([("b".to_string(), "o".to_string())]);
+        let path = dir.path().to_str().expect("utf-8 path").to_string();
+        let (store, rx, opened) = DiskStore::open(&path, 1 << 40, &origins);
+        assert!(opened.is_ok());
+        let big = std::sync::Arc::new(object(&vec![1u8; (QUEUE_BYTES / 2 + 1) as usize]));
+        store.offer("b\0a\0\0o".into(), big.clone(), 0);
+        store.offer("b\0b\0\0o".into(), big.clone(), 0);
+        assert_eq!(store.writes_dropped.load(Ordering::Relaxed), 1);
+        // Taken off the queue and written: the bytes are given back.
+        let w = rx.try_recv().expect("the first write");
+        store.dequeued(&w);
+        store.offer("b\0b\0\0o".into(), big, 0);
+        assert_eq!(store.writes_dropped.load(Ordering::Relaxed), 1);
     }
 
     #[test]
