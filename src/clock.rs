@@ -4,8 +4,9 @@
 //!
 //! Tests move time forward instead of sleeping: a process started with
 //! `YATAGARASU_TEST_CLOCK=1` lets the admin API advance both clocks
-//! ([`advance`]; `POST /admin/debug/advance-clock?ms=N`). Without it the
-//! offset stays 0. Signing, token expiry and log timestamps always read
+//! ([`advance`]; `POST /admin/debug/advance-clock?ms=N`) or step the wall
+//! clock back ([`step_back`]; `ms=-N`), as NTP may. Without it the
+//! offsets stay 0. Signing, token expiry and log timestamps always read
 //! the real clock (S3 and token issuers do).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +15,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// How far tests moved time forward, in ms.
 static OFFSET_MS: AtomicU64 = AtomicU64::new(0);
+/// How far tests stepped the wall clock back, in ms (as NTP may step a
+/// real one; the monotonic clock never goes back).
+static STEPPED_BACK_MS: AtomicU64 = AtomicU64::new(0);
 
 /// Milliseconds since the process started: the clock breakers, limits and
 /// idle timeouts run on.
@@ -25,6 +29,7 @@ pub fn now_ms() -> u64 {
 /// The wall clock copies are stored and aged by (the cache's clock).
 pub fn now() -> SystemTime {
     SystemTime::now() + Duration::from_millis(OFFSET_MS.load(Ordering::Relaxed))
+        - Duration::from_millis(STEPPED_BACK_MS.load(Ordering::Relaxed))
 }
 
 /// Whether this process lets tests move its clocks.
@@ -40,6 +45,16 @@ pub fn advance(ms: u64) -> bool {
         return false;
     }
     OFFSET_MS.fetch_add(ms, Ordering::Relaxed);
+    true
+}
+
+/// Steps [`now`] (the wall clock only) back by `ms`; false unless the
+/// process was started with `YATAGARASU_TEST_CLOCK`.
+pub fn step_back(ms: u64) -> bool {
+    if !adjustable() {
+        return false;
+    }
+    STEPPED_BACK_MS.fetch_add(ms, Ordering::Relaxed);
     true
 }
 

@@ -93,10 +93,17 @@ pub fn age(stored_at: SystemTime, now: SystemTime) -> u64 {
     now.duration_since(stored_at).map_or(0, |d| d.as_secs())
 }
 
+/// How long ago a copy was stored: zero when the wall clock now reads
+/// earlier than when it was stored (stepped back, as NTP may), never an
+/// error that makes every recent copy look expired (RFC 9111 §4.2.3
+/// clamps a negative age to zero).
+fn elapsed(stored_at: SystemTime, now: SystemTime) -> Duration {
+    now.duration_since(stored_at).unwrap_or(Duration::ZERO)
+}
+
 /// Whether a copy stored at `stored_at` with `fresh_for` is still fresh.
 pub fn is_fresh(stored_at: SystemTime, fresh_for: Duration, now: SystemTime) -> bool {
-    now.duration_since(stored_at)
-        .is_ok_and(|elapsed| elapsed < fresh_for)
+    elapsed(stored_at, now) < fresh_for
 }
 
 /// Whether an expired copy may still answer when no replica can
@@ -107,10 +114,7 @@ pub fn usable_when_failing(
     stale_for: Duration,
     now: SystemTime,
 ) -> bool {
-    !stale_for.is_zero()
-        && now
-            .duration_since(stored_at)
-            .is_ok_and(|elapsed| elapsed < fresh_for + stale_for)
+    !stale_for.is_zero() && elapsed(stored_at, now) < fresh_for + stale_for
 }
 
 /// How a stored copy answers a request's preconditions.
@@ -275,6 +279,18 @@ mod tests {
         assert!(is_fresh(at(0), DAY, at(100)));
         assert!(!is_fresh(at(0), Duration::from_secs(100), at(100)));
         assert!(!is_fresh(at(0), Duration::ZERO, at(0)));
+    }
+
+    #[test]
+    fn a_wall_clock_stepped_back_leaves_recent_copies_fresh() {
+        // Stored at 100 s; the clock was then stepped back to 95 s (issue
+        // #23's warm object that went upstream: it looked expired).
+        assert!(is_fresh(at(100), Duration::from_secs(60), at(95)));
+        assert_eq!(age(at(100), at(95)), 0);
+        let (fresh, stale) = (Duration::from_secs(10), Duration::from_secs(100));
+        assert!(usable_when_failing(at(100), fresh, stale, at(95)));
+        // Zero freshness stays expired, whatever the clock.
+        assert!(!is_fresh(at(100), Duration::ZERO, at(95)));
     }
 
     #[test]

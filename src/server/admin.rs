@@ -257,16 +257,21 @@ fn purge_counts(process: &Process, target: &str) -> Result<(usize, usize), Answe
 }
 
 /// `POST /admin/debug/advance-clock?ms=N`: moves the cache's and the
-/// breakers' clocks forward, in a process started with
-/// `YATAGARASU_TEST_CLOCK` (tests); not found otherwise.
+/// breakers' clocks forward (`ms=-N`: steps the wall clock back), in a
+/// process started with `YATAGARASU_TEST_CLOCK` (tests); not found
+/// otherwise.
 fn advance_clock(target: &str) -> Answer {
     let ms = target
         .split_once("?ms=")
-        .and_then(|(_, v)| v.parse::<u64>().ok());
-    match ms {
-        Some(ms) if crate::clock::advance(ms) => text(200, "advanced\n"),
-        Some(_) => text(404, "not found\n"),
-        None => text(400, "ms=<milliseconds> expected\n"),
+        .and_then(|(_, v)| v.parse::<i64>().ok());
+    let moved = match ms {
+        Some(ms) if ms < 0 => crate::clock::step_back(ms.unsigned_abs()),
+        Some(ms) => crate::clock::advance(ms.unsigned_abs()),
+        None => return text(400, "ms=<milliseconds> expected\n"),
+    };
+    match moved {
+        true => text(200, "advanced\n"),
+        false => text(404, "not found\n"),
     }
 }
 

@@ -533,6 +533,14 @@ impl Proxy {
         assert_eq!(r.status, 200, "advance the clock: {}", r.text());
     }
 
+    /// Steps the proxy's wall clock back by `ms` (as NTP may step a real
+    /// one); its monotonic clock stays (a [`Proxy::start_with_test_clock`] proxy).
+    pub fn step_clock_back(&self, ms: u64) {
+        let path = format!("/admin/debug/advance-clock?ms=-{ms}");
+        let r = http::with_bearer(self.metrics_port, "POST", &path, Some(TEST_CLOCK_TOKEN));
+        assert_eq!(r.status, 200, "step the clock back: {}", r.text());
+    }
+
     /// `/ready` with its details (buckets, replicas, breakers, credentials),
     /// from the metrics listener.
     pub fn ready_details(&self) -> http::Resp {
