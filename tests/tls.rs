@@ -381,6 +381,56 @@ fn clients_resume_tls_sessions_with_any_worker() {
     );
 }
 
+/// Issue #28: a client that reconnects after `Connection: close` resumes
+/// its session. The proxy closed TLS connections without close_notify, and
+/// OpenSSL takes such an end for a truncation and drops the session from
+/// resumption: `openssl s_time -reuse` (HTTP/1.0, one request per
+/// connection) resumed none.
+#[test]
+fn sessions_of_connections_the_proxy_closed_resume() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!("openssl is not installed; skipped");
+        return;
+    }
+    let s3 = backend();
+    let ca = TestCa::new("close_notify CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.leaf_pem_files(dir.path());
+    let port = free_port();
+    let cfg = format!(
+        "server:\n  address: \"127.0.0.1:{port}\"\n  workers: 1\n  tls:\n    cert_file: \"{cert}\"\n    key_file: \"{key}\"\n{}",
+        single_bucket("/s", "data-bucket", &s3.endpoint())
+    );
+    let proxy = Proxy::start(&cfg);
+    let out = std::process::Command::new("openssl")
+        .args([
+            "s_time",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-www",
+            "/s/hello.txt",
+            "-reuse",
+            "-time",
+            "1",
+        ])
+        .output()
+        .expect("openssl s_time");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let handshakes = proxy
+        .metric("yatagarasu_tls_handshakes_total")
+        .unwrap_or(0.0);
+    let resumed = proxy
+        .metric("yatagarasu_tls_resumed_handshakes_total")
+        .unwrap_or(0.0);
+    assert!(handshakes >= 3.0, "{text}");
+    // The first connection makes the session; every later one resumes it.
+    assert_eq!(resumed, handshakes - 1.0, "{text}");
+}
+
 /// Issue #28: a reconnect to an `https://` replica resumes the session the
 /// last connection made (rustls's client session store, kept per replica
 /// in its connector), so only the first handshake is a full one.

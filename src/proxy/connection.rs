@@ -25,6 +25,8 @@ const READ_BUF_POOL: usize = 64;
 /// Most bytes drained from a client after an error response, and for how long.
 const DRAIN_MAX_BYTES: usize = 256 * 1024;
 const DRAIN_FOR: Duration = Duration::from_secs(2);
+/// How long a TLS connection's close_notify may take to leave.
+const CLOSE_NOTIFY_WAIT: Duration = Duration::from_millis(100);
 
 /// Makes the next close of `fd` send a reset (RST) instead of a FIN.
 fn reset_on_close(fd: RawFd) {
@@ -183,6 +185,15 @@ impl CoreGeneration {
             if park_for.is_none() {
                 break;
             }
+        }
+        if let MaybeTls::Tls(s) = &mut c.stream {
+            // close_notify before the FIN: a client keeps the session of a
+            // connection closed without it out of resumption (OpenSSL
+            // takes the bare EOF for a truncation), so every reconnect
+            // after `Connection: close` paid a full handshake. Bounded: a
+            // client that stopped reading costs no wait.
+            let close = monoio::io::AsyncWriteRent::shutdown(s.as_mut());
+            let _ = Box::pin(monoio::time::timeout(CLOSE_NOTIFY_WAIT, close)).await;
         }
         self.give_read_buf(std::mem::take(&mut c.s.rbuf));
         self.core.give_state(c.s);
