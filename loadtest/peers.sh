@@ -11,7 +11,23 @@
 #
 #   bash loadtest/peers.sh [yatagarasu binary]   (default target/release/yatagarasu)
 #
-# Needs wrk, nginx, haproxy (apt: wrk nginx-light haproxy).
+# TLS (issue #28), MODE=
+#   plain     plain HTTP on both sides (the default);
+#   upstream  HTTPS to the origin (nginx, verified against the script's CA),
+#             plain HTTP to clients;
+#   both      HTTPS on both sides (wrk over TLS, kept-alive connections);
+#   close     HTTPS on both sides, a new connection per request
+#             (Connection: close; wrk never resumes: a full handshake each);
+#   resume    HTTPS to clients only, `openssl s_time` for DURATION seconds
+#             with -new (full handshakes; RESUME_HOW=new, the default) or
+#             -reuse (resumed; RESUME_HOW=reuse); the columns are then
+#             connections/s and CPU us per connection.
+# KEY=ecdsa (P-256, the default) or rsa (2048) picks the certificates the
+# script makes: a CA and a leaf for 127.0.0.1. Every proxy verifies the
+# origin's certificate and keeps resumption on; their configurations are
+# printed with the results (SHOW_CONFIGS=1).
+#
+# Needs wrk, nginx, haproxy, openssl (apt: wrk nginx-light haproxy openssl).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${1:-$ROOT/target/release/yatagarasu}
@@ -27,11 +43,57 @@ setup_work
 make_objects "$WORK" $SIZES
 origin_conf "$WORK" "$P_ORIGIN" >"$WORK/origin.conf"
 
+MODE=${MODE:-plain}
+KEY=${KEY:-ecdsa}
 yata_yaml "$P_YATA" "$P_ORIGIN" >"$WORK/yatagarasu.yaml"
 
 nginx_proxy_conf "$WORK" "$P_NGINX" "$P_ORIGIN" "" "worker_cpu_affinity 1;" >"$WORK/nginx.conf"
 nginx_proxy_conf "$WORK" "$P_TUNED" "$P_ORIGIN" "$NGINX_TUNED" "worker_cpu_affinity 1;" >"$WORK/nginx_tuned.conf"
 haproxy_cfg "$P_HAPROXY" "$P_ORIGIN" "  cpu-map 1/1 0" >"$WORK/haproxy.cfg"
+
+SCHEME=http
+if [ "$MODE" != plain ]; then
+  # A CA and a leaf for 127.0.0.1 (IP and CN), ECDSA P-256 or RSA 2048.
+  T=$WORK/tls
+  mkdir -p "$T"
+  case $KEY in
+    rsa) newkey=(-newkey rsa:2048) ;;
+    *) newkey=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1) ;;
+  esac
+  openssl req -x509 -nodes "${newkey[@]}" -keyout "$T/ca.key" -out "$T/ca.pem" -days 2 \
+    -subj "/CN=yatagarasu bench CA" -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign" 2>/dev/null
+  openssl req -nodes "${newkey[@]}" -keyout "$T/leaf.key" -out "$T/leaf.csr" -subj "/CN=127.0.0.1" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' >"$T/ext"
+  openssl x509 -req -in "$T/leaf.csr" -CA "$T/ca.pem" -CAkey "$T/ca.key" -CAcreateserial \
+    -out "$T/leaf.pem" -days 2 -extfile "$T/ext" 2>/dev/null
+  cat "$T/leaf.pem" "$T/leaf.key" >"$T/haproxy.pem"
+  chmod 644 "$T"/*
+  TLS_SERVER="ssl_certificate $T/leaf.pem; ssl_certificate_key $T/leaf.key; ssl_session_cache shared:SSL:10m; ssl_session_tickets on;"
+  # The origin over HTTPS (modes upstream, both, close).
+  if [ "$MODE" != resume ]; then
+    sed -i "s|listen 127.0.0.1:$P_ORIGIN;|listen 127.0.0.1:$P_ORIGIN ssl; $TLS_SERVER|" "$WORK/origin.conf"
+    sed -i "s|endpoint: \"http://127.0.0.1:$P_ORIGIN\"|endpoint: \"https://127.0.0.1:$P_ORIGIN\"\n      ca_file: \"$T/ca.pem\"|" "$WORK/yatagarasu.yaml"
+    for c in nginx nginx_tuned; do
+      sed -i "s|proxy_pass http://origin/|proxy_ssl_trusted_certificate $T/ca.pem; proxy_ssl_verify on; proxy_ssl_name 127.0.0.1; proxy_ssl_session_reuse on;\n      proxy_pass https://origin/|" "$WORK/$c.conf"
+    done
+    sed -i "s|  server o 127.0.0.1:$P_ORIGIN|  server o 127.0.0.1:$P_ORIGIN ssl verify required ca-file $T/ca.pem verifyhost 127.0.0.1|" "$WORK/haproxy.cfg"
+  fi
+  # Clients over HTTPS (modes both, close, resume).
+  if [ "$MODE" != upstream ]; then
+    SCHEME=https
+    sed -i "s|^  workers: 1$|  workers: 1\n  tls:\n    cert_file: \"$T/leaf.pem\"\n    key_file: \"$T/leaf.key\"|" "$WORK/yatagarasu.yaml"
+    for c in nginx nginx_tuned; do
+      sed -i "s|listen 127.0.0.1:\([0-9]*\) backlog=16384;|listen 127.0.0.1:\1 ssl backlog=16384; $TLS_SERVER|" "$WORK/$c.conf"
+    done
+    sed -i "s|  bind 127.0.0.1:$P_HAPROXY|  bind 127.0.0.1:$P_HAPROXY ssl crt $T/haproxy.pem|" "$WORK/haproxy.cfg"
+  fi
+fi
+if [ "${SHOW_CONFIGS:-0}" = 1 ]; then
+  for f in yatagarasu.yaml nginx.conf nginx_tuned.conf haproxy.cfg origin.conf; do
+    echo "--- $f"; cat "$WORK/$f"; echo
+  done
+fi
 
 taskset -c 1 nginx -c "$WORK/origin.conf" &
 PIDS+=($!)
@@ -59,11 +121,25 @@ cpu_ticks() {
 run_one() { # target size -> "rps us_per_req"
   local pid port
   read -r pid port < <(start "$1")
-  for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$port/data/obj-$2" && break; sleep 0.1; done
-  taskset -c 1 wrk -t1 -c32 -d1s "http://127.0.0.1:$port/data/obj-$2" >/dev/null
+  local url="$SCHEME://127.0.0.1:$port/data/obj-$2"
+  for _ in $(seq 50); do curl -sfk -o /dev/null "$url" && break; sleep 0.1; done
+  if [ "$MODE" = resume ]; then
+    # s_time: -new makes a full handshake per connection, -reuse resumes.
+    local t0 t1 out how=${RESUME_HOW:-new}
+    t0=$(cpu_ticks "$pid")
+    out=$(taskset -c 1 openssl s_time -connect "127.0.0.1:$port" -www "/data/obj-$2" -time "$DURATION" -"$how" 2>&1)
+    t1=$(cpu_ticks "$pid")
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    echo "$out" | awk -v t=$((t1 - t0)) -v d="$DURATION" -v hz="$(getconf CLK_TCK)" \
+      '/connections in [0-9.]+ real/ && !done { n = $1; done = 1 } END { if (n > 0) printf "%.0f %.2f\n", n / d, (t / hz) * 1e6 / n; else print "0 0" }'
+    return
+  fi
+  local close=()
+  [ "$MODE" = close ] && close=(-H "Connection: close")
+  taskset -c 1 wrk -t1 -c32 -d1s "${close[@]}" "$url" >/dev/null
   local t0 out t1
   t0=$(cpu_ticks "$pid")
-  out=$(taskset -c 1 wrk -t1 -c32 -d"${DURATION}s" "http://127.0.0.1:$port/data/obj-$2")
+  out=$(taskset -c 1 wrk -t1 -c32 -d"${DURATION}s" "${close[@]}" "$url")
   t1=$(cpu_ticks "$pid")
   kill "$pid"; wait "$pid" 2>/dev/null || true
   if echo "$out" | grep -q "Non-2xx\|Socket errors"; then
@@ -74,7 +150,7 @@ run_one() { # target size -> "rps us_per_req"
 
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
-echo "wrk -t1 -c32, ${DURATION}s, medians of $ROUNDS rounds; proxies on core 0, wrk and origin on core 1"
+echo "mode $MODE${KEY:+ (keys: $KEY)}; wrk -t1 -c32, ${DURATION}s, medians of $ROUNDS rounds; proxies on core 0, wrk and origin on core 1"
 echo
 header="| object |"; sep="|---|"
 for t in $TARGETS; do header="$header $t req/s | $t CPU us/req |"; sep="$sep---|---|"; done

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# The Redis tier's cost (issue #25): a Redis-tier hit through yatagarasu
+# against the same GET made by redis-benchmark in the same run, and CPU per
+# request for a Redis-tier hit against a memory-tier hit and an S3 miss.
+#
+#   bash loadtest/redis.sh                 # 1 KiB, 64 KiB, 1 MiB
+#   SIZES="64k" DURATION=3 bash loadtest/redis.sh
+#
+# Layout: yatagarasu (one worker) pinned to core 0; wrk, redis-server,
+# redis-benchmark and the nginx file origin on core 1 (PIN=0: unpinned).
+# Redis-tier hits: the proxy's memory tier is 1 MiB and wrk cycles over
+# COPIES distinct objects of the size (a wrk Lua script), far more than
+# memory holds, so nearly every request is a memory miss answered from
+# Redis; the share that was is printed (from yatagarasu_cache_redis_hits_total).
+# redis-benchmark: GET of a value of the same size, 32 clients, no
+# pipelining. Latency p50 and p99 of both (wrk --latency; redis-benchmark
+# --csv). CPU per request is the proxy's utime+stime from /proc.
+#
+# Needs wrk, nginx, redis-server, redis-tools and a release build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+YATA=${YATA:-$ROOT/target/release/yatagarasu}
+SIZES=${SIZES:-"1k 64k 1m"}
+DURATION=${DURATION:-5}
+PIN=${PIN:-1}
+P_ORIGIN=18400 P_YATA=18401 P_METRICS=18402 P_REDIS=18403
+on_core() { if [ "$PIN" = 1 ]; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi; }
+
+# shellcheck source=loadtest/origin.sh
+source "$ROOT/loadtest/origin.sh"
+setup_work
+mkdir -p "$WORK/logs" "$WORK/origin/data-bucket"
+origin_conf "$WORK" "$P_ORIGIN" 'add_header Cache-Control "max-age=86400";' >"$WORK/origin.conf"
+copies() { case $1 in 1k) echo 4000;; 64k) echo 300;; 1m) echo 40;; esac; }
+bytes() { case $1 in 1k) echo 1024;; 64k) echo 65536;; 1m) echo 1048576;; esac; }
+for s in $SIZES; do
+  head -c "$(bytes "$s")" /dev/urandom >"$WORK/origin/data-bucket/obj-$s"
+  for i in $(seq 0 $(($(copies "$s") - 1))); do
+    ln "$WORK/origin/data-bucket/obj-$s" "$WORK/origin/data-bucket/obj-$s-$i"
+  done
+done
+
+on_core 1 nginx -c "$WORK/origin.conf" -p "$WORK" &
+PIDS+=($!)
+on_core 1 redis-server --port "$P_REDIS" --bind 127.0.0.1 --save "" --appendonly no \
+  --maxmemory 1gb --dir "$WORK" >"$WORK/logs/redis.log" 2>&1 &
+PIDS+=($!)
+
+# start_proxy <layers yaml> <memory MiB>; sets PROXY
+start_proxy() {
+  cat >"$WORK/yata.yaml" <<CONF
+server:
+  address: "127.0.0.1:$P_YATA"
+  workers: 1
+cache:
+  enabled: true
+$1
+  memory:
+    max_cache_size_mb: $2
+    max_item_size_mb: 1
+  redis:
+    enabled: true
+    redis_url: "redis://127.0.0.1:$P_REDIS"
+    redis_ttl_seconds: 3600
+buckets:
+  - name: "bench"
+    path_prefix: "/data"
+    s3:
+      bucket: "data-bucket"
+      endpoint: "http://127.0.0.1:$P_ORIGIN"
+      access_key: "bench"
+      secret_key: "bench-secret"
+      health_check:
+        enabled: false
+metrics:
+  enabled: true
+  port: $P_METRICS
+logging:
+  level: "warn"
+CONF
+  on_core 0 "$YATA" --config "$WORK/yata.yaml" 2>>"$WORK/logs/yata.log" &
+  PROXY=$!
+  for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$P_METRICS/metrics" && return; sleep 0.1; done
+  echo "the proxy did not start" >&2; cat "$WORK/logs/yata.log" >&2; exit 1
+}
+stop_proxy() { kill "$PROXY"; wait "$PROXY" 2>/dev/null || true; }
+ticks() { awk '{print $14 + $15}' "/proc/$PROXY/stat"; }
+metric() { curl -sf "http://127.0.0.1:$P_METRICS/metrics" | awk -v m="$1" '$1 == m {s += $2} END {print s + 0}'; }
+requests_of() { echo "$1" | awk '/requests in/ {print $1}'; }
+# "p50_ms p99_ms" from wrk --latency output.
+wrk_latency() {
+  echo "$1" | awk 'function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    $1 == "50%" {p50 = ms($2)} $1 == "99%" {p99 = ms($2)} END {printf "%.3f %.3f", p50, p99}'
+}
+
+# wrk against the proxy; a Lua script cycles over n copies when n > 0.
+# Prints "requests cpu_us_per_request p50 p99".
+measure() {
+  local path=$1 n=$2 script=()
+  if [ "$n" -gt 0 ]; then
+    cat >"$WORK/cycle.lua" <<LUA
+local i = 0
+request = function()
+  i = (i + 1) % $n
+  return wrk.format("GET", "$path-" .. i)
+end
+LUA
+    script=(-s "$WORK/cycle.lua")
+  fi
+  on_core 1 wrk -t1 -c32 -d1s "${script[@]}" "http://127.0.0.1:$P_YATA$path" >/dev/null
+  local t0 t1 out reqs
+  t0=$(ticks)
+  out=$(on_core 1 wrk -t1 -c32 -d"${DURATION}s" --latency "${script[@]}" "http://127.0.0.1:$P_YATA$path")
+  t1=$(ticks)
+  if echo "$out" | grep -q "Non-2xx"; then echo "errors on $path:" >&2; echo "$out" >&2; exit 1; fi
+  reqs=$(requests_of "$out")
+  echo "$reqs $(awk -v t=$((t1 - t0)) -v r="$reqs" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", (t / hz) * 1e6 / r}') $(wrk_latency "$out")"
+}
+
+echo "machine: $(nproc) cores; proxy on core 0, wrk, Redis and the origin on core 1; wrk -t1 -c32 ${DURATION}s"
+echo
+echo "| object | Redis-tier hit p50 / p99 ms | redis-benchmark GET p50 / p99 ms | share answered from Redis | CPU us/req: Redis-tier hit | memory-tier hit | S3 miss (cache off) |"
+echo "|---|---|---|---|---|---|---|"
+for s in $SIZES; do
+  n=$(copies "$s")
+  # Redis-tier hits: every copy stored in Redis first.
+  redis-cli -p "$P_REDIS" flushall >/dev/null
+  start_proxy '  cache_layers: ["memory", "redis"]' 1
+  for i in $(seq 0 $((n - 1))); do curl -sf -o /dev/null "http://127.0.0.1:$P_YATA/data/obj-$s-$i"; done
+  for _ in $(seq 100); do
+    [ "$(redis-cli -p "$P_REDIS" dbsize)" -ge "$n" ] && break
+    sleep 0.1
+  done
+  h0=$(metric yatagarasu_cache_redis_hits_total)
+  r0=$(metric 'yatagarasu_requests_total{bucket="bench",method="GET",status="200"}')
+  read -r reqs redis_cpu p50 p99 < <(measure "/data/obj-$s" "$n")
+  h1=$(metric yatagarasu_cache_redis_hits_total)
+  r1=$(metric 'yatagarasu_requests_total{bucket="bench",method="GET",status="200"}')
+  share=$(awk -v h=$((h1 - h0)) -v r=$((r1 - r0)) 'BEGIN {printf "%.2f", h / r}')
+  stop_proxy
+  # Memory-tier hits: one object, warm.
+  start_proxy '  cache_layers: ["memory", "redis"]' 256
+  curl -sf -o /dev/null "http://127.0.0.1:$P_YATA/data/obj-$s"
+  read -r _ mem_cpu _ _ < <(measure "/data/obj-$s" 0)
+  stop_proxy
+  # S3 misses: the cache off (every request goes to the origin).
+  sed -i 's/^  enabled: true$/  enabled: false/' "$WORK/yata.yaml"
+  on_core 0 "$YATA" --config "$WORK/yata.yaml" 2>>"$WORK/logs/yata.log" &
+  PROXY=$!
+  for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$P_YATA/data/obj-$s" && break; sleep 0.1; done
+  read -r _ miss_cpu _ _ < <(measure "/data/obj-$s" 0)
+  stop_proxy
+  # Redis's own GET of the same size.
+  rb=$(on_core 1 redis-benchmark -p "$P_REDIS" -c 32 -n 50000 -d "$(bytes "$s")" -t set,get --csv 2>/dev/null | awk -F, '/^"GET"/ {gsub(/"/, ""); print $5, $7}')
+  echo "| $s | $p50 / $p99 | ${rb% *} / ${rb#* } | $share | $redis_cpu | $mem_cpu | $miss_cpu |"
+done
