@@ -121,6 +121,7 @@ cpu_ticks() {
 run_one() { # target size -> "rps us_per_req"
   local pid port
   read -r pid port < <(start "$1")
+  PIDS+=("$pid") # stopped on exit too, should this run end early
   local url="$SCHEME://127.0.0.1:$port/data/obj-$2"
   for _ in $(seq 50); do curl -sfk -o /dev/null "$url" && break; sleep 0.1; done
   if [ "$MODE" = resume ]; then

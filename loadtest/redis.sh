@@ -26,6 +26,8 @@ DURATION=${DURATION:-5}
 PIN=${PIN:-1}
 P_ORIGIN=18400 P_YATA=18401 P_METRICS=18402 P_REDIS=18403
 on_core() { if [ "$PIN" = 1 ]; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi; }
+# In the background, so that $! is the server itself (stopped by PID).
+spawn_on() { if [ "$PIN" = 1 ]; then exec taskset -c "$1" "${@:2}"; else exec "${@:2}"; fi; }
 
 # shellcheck source=loadtest/origin.sh
 source "$ROOT/loadtest/origin.sh"
@@ -41,11 +43,12 @@ for s in $SIZES; do
   done
 done
 
-on_core 1 nginx -c "$WORK/origin.conf" -p "$WORK" &
+spawn_on 1 nginx -c "$WORK/origin.conf" -p "$WORK" &
 PIDS+=($!)
-on_core 1 redis-server --port "$P_REDIS" --bind 127.0.0.1 --save "" --appendonly no \
+spawn_on 1 redis-server --port "$P_REDIS" --bind 127.0.0.1 --save "" --appendonly no \
   --maxmemory 1gb --dir "$WORK" >"$WORK/logs/redis.log" 2>&1 &
 PIDS+=($!)
+for _ in $(seq 100); do redis-cli -p "$P_REDIS" ping >/dev/null 2>&1 && break; sleep 0.1; done
 
 # start_proxy <layers yaml> <memory MiB>; sets PROXY
 start_proxy() {
@@ -79,8 +82,9 @@ metrics:
 logging:
   level: "warn"
 CONF
-  on_core 0 "$YATA" --config "$WORK/yata.yaml" 2>>"$WORK/logs/yata.log" &
+  spawn_on 0 "$YATA" --config "$WORK/yata.yaml" 2>>"$WORK/logs/yata.log" &
   PROXY=$!
+  PIDS+=("$PROXY")
   for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$P_METRICS/metrics" && return; sleep 0.1; done
   echo "the proxy did not start" >&2; cat "$WORK/logs/yata.log" >&2; exit 1
 }
@@ -146,8 +150,9 @@ for s in $SIZES; do
   stop_proxy
   # S3 misses: the cache off (every request goes to the origin).
   sed -i 's/^  enabled: true$/  enabled: false/' "$WORK/yata.yaml"
-  on_core 0 "$YATA" --config "$WORK/yata.yaml" 2>>"$WORK/logs/yata.log" &
+  spawn_on 0 "$YATA" --config "$WORK/yata.yaml" 2>>"$WORK/logs/yata.log" &
   PROXY=$!
+  PIDS+=("$PROXY")
   for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$P_YATA/data/obj-$s" && break; sleep 0.1; done
   read -r _ miss_cpu _ _ < <(measure "/data/obj-$s" 0)
   stop_proxy

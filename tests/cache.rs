@@ -596,6 +596,40 @@ fn big_cache(endpoint: &str) -> String {
 /// GETs `path` with `Connection: close` and compares the body with `want`
 /// as it arrives (no copy of the whole body is kept); `true` when every
 /// byte matched and nothing was missing.
+/// `n` clients at once, each streaming `path` and comparing it with `want`
+/// (see [`exact_count`]).
+fn readers(
+    port: u16,
+    path: &'static str,
+    want: &Arc<Vec<u8>>,
+    n: usize,
+) -> Vec<std::thread::JoinHandle<bool>> {
+    (0..n)
+        .map(|_| {
+            let want = want.clone();
+            std::thread::spawn(move || streams_exactly(port, path, &want))
+        })
+        .collect()
+}
+
+/// How many of `readers` got their body whole and exact.
+fn exact_count(readers: Vec<std::thread::JoinHandle<bool>>) -> usize {
+    readers
+        .into_iter()
+        .filter_map(|c| c.join().ok())
+        .filter(|ok| *ok)
+        .count()
+}
+
+/// The rest of a response on `s` (its head read), to the connection's end.
+fn rest_of(s: &mut std::net::TcpStream, len: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut got = Vec::with_capacity(len);
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    s.read_to_end(&mut got).expect("the body");
+    got
+}
+
 fn streams_exactly(port: u16, path: &str, want: &[u8]) -> bool {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
@@ -629,18 +663,8 @@ fn concurrent_misses_on_any_core_cause_one_upstream_get_and_stream_byte_exact() 
         "",
     ));
     let port = proxy.port;
-    let clients: Vec<_> = (0..100)
-        .map(|_| {
-            let body = body.clone();
-            std::thread::spawn(move || streams_exactly(port, "/b/big.bin", &body))
-        })
-        .collect();
-    let exact = clients
-        .into_iter()
-        .map(|c| c.join())
-        .filter(|r| matches!(r, Ok(true)))
-        .count();
-    assert_eq!(exact, 100, "bodies differ or were cut short");
+    let clients = readers(port, "/b/big.bin", &body, 100);
+    assert_eq!(exact_count(clients), 100, "bodies differ or were cut short");
     assert_eq!(
         up.gets(),
         1,
@@ -1120,19 +1144,14 @@ fn an_object_over_the_item_limit_is_fetched_once_for_a_burst_and_a_reader_left_b
         "",
     ));
     let port = proxy.port;
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let body = body.clone();
-            std::thread::spawn(move || streams_exactly(port, "/b/huge.bin", &body))
-        })
-        .collect();
+    let clients = readers(port, "/b/huge.bin", &body, CLIENTS);
     // Every client but the leader waits on the leader's fetch.
     wait_until("the burst waits on one fetch", || {
         waiters(&proxy) == (CLIENTS - 1) as f64
     });
     // One more reader that reads the head, then nothing until the others
     // are done: the fetch's window moves past it.
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     slow.write_all(b"GET /b/huge.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         .expect("request");
@@ -1140,16 +1159,13 @@ fn an_object_over_the_item_limit_is_fetched_once_for_a_burst_and_a_reader_left_b
         waiters(&proxy) == CLIENTS as f64
     });
     gate.open();
-    let exact = clients
-        .into_iter()
-        .filter_map(|c| c.join().ok())
-        .filter(|ok| *ok)
-        .count();
-    assert_eq!(exact, CLIENTS, "bodies differ or were cut short");
+    assert_eq!(
+        exact_count(clients),
+        CLIENTS,
+        "bodies differ or were cut short"
+    );
     assert_eq!(read_head(&mut slow), LEN);
-    let mut got = Vec::with_capacity(LEN);
-    slow.set_read_timeout(Some(Duration::from_secs(60))).ok();
-    slow.read_to_end(&mut got).expect("slow body");
+    let got = rest_of(&mut slow, LEN);
     assert!(
         got == *body,
         "the slow reader's body differs ({} bytes)",
@@ -1193,12 +1209,9 @@ fn a_burst_s_slow_reader_stays_on_the_one_fetch_while_the_budget_holds_the_objec
         "",
     ));
     let port = proxy.port;
-    let leader = {
-        let body = body.clone();
-        std::thread::spawn(move || streams_exactly(port, "/b/huge.bin", &body))
-    };
+    let leader = readers(port, "/b/huge.bin", &body, 1);
     wait_until("the leader's fetch started", || up.seen().len() == 1);
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     slow.write_all(b"GET /b/huge.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         .expect("request");
@@ -1206,11 +1219,9 @@ fn a_burst_s_slow_reader_stays_on_the_one_fetch_while_the_budget_holds_the_objec
         waiters(&proxy) == 1.0
     });
     gate.open();
-    assert!(leader.join().expect("leader"), "the leader's body");
+    assert_eq!(exact_count(leader), 1, "the leader's body");
     assert_eq!(read_head(&mut slow), LEN);
-    let mut got = Vec::with_capacity(LEN);
-    slow.set_read_timeout(Some(Duration::from_secs(60))).ok();
-    slow.read_to_end(&mut got).expect("slow body");
+    let got = rest_of(&mut slow, LEN);
     assert!(got == *body, "the slow reader's body ({} bytes)", got.len());
     assert_eq!(up.seen().len(), 1, "one origin request: {:?}", up.seen());
     let detached = proxy.metric("yatagarasu_cache_waiters_detached_total{bucket=\"b\"}");
@@ -1241,36 +1252,23 @@ fn with_slices_on_a_burst_on_a_large_object_makes_one_origin_request() {
     let leader = {
         let body = body.clone();
         std::thread::spawn(move || {
-            use std::io::{Read, Write};
+            use std::io::Write;
             let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
             s.write_all(b"GET /b/huge.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
                 .expect("request");
             let len = read_head(&mut s);
             let _ = has_head.send(len);
-            let mut got = Vec::with_capacity(LEN);
-            s.set_read_timeout(Some(Duration::from_secs(60))).ok();
-            s.read_to_end(&mut got).expect("leader body");
-            got == *body
+            rest_of(&mut s, LEN) == *body
         })
     };
     assert_eq!(head.recv().expect("the leader's head"), LEN);
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let body = body.clone();
-            std::thread::spawn(move || streams_exactly(port, "/b/huge.bin", &body))
-        })
-        .collect();
+    let clients = readers(port, "/b/huge.bin", &body, CLIENTS);
     wait_until("the burst waits on the first slice", || {
         waiters(&proxy) == CLIENTS as f64
     });
     gate.open();
-    let exact = clients
-        .into_iter()
-        .filter_map(|c| c.join().ok())
-        .filter(|ok| *ok)
-        .count();
     assert_eq!(
-        exact,
+        exact_count(clients),
         CLIENTS,
         "bodies differ or were cut short\n{}",
         proxy.log()

@@ -25,6 +25,18 @@ fn tls_client(
     rustls::StreamOwned::new(conn, tcp)
 }
 
+/// Whether the `openssl` tool is here (said when it is not).
+fn has_openssl() -> bool {
+    let here = std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok();
+    if !here {
+        eprintln!("openssl is not installed; skipped");
+    }
+    here
+}
+
 fn backend() -> S3 {
     let s3 = S3::start();
     s3.create_bucket("data-bucket");
@@ -315,12 +327,7 @@ fn head_and_body_written_together_arrive_whole_over_tls() {
 /// `openssl s_client -sess_out` / `-sess_in` sees it.
 #[test]
 fn clients_resume_tls_sessions_with_any_worker() {
-    if std::process::Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_err()
-    {
-        eprintln!("openssl is not installed; skipped");
+    if !has_openssl() {
         return;
     }
     let s3 = backend();
@@ -388,12 +395,7 @@ fn clients_resume_tls_sessions_with_any_worker() {
 /// connection) resumed none.
 #[test]
 fn sessions_of_connections_the_proxy_closed_resume() {
-    if std::process::Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_err()
-    {
-        eprintln!("openssl is not installed; skipped");
+    if !has_openssl() {
         return;
     }
     let s3 = backend();
