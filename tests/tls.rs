@@ -37,6 +37,23 @@ fn has_openssl() -> bool {
     here
 }
 
+/// A proxy serving HTTPS with a leaf of a CA made here (`workers` cores),
+/// in front of [`backend`]: the backend, the certificates' directory, the
+/// port and the proxy.
+fn https_listener(ca_name: &str, workers: usize) -> (S3, tempfile::TempDir, u16, Proxy) {
+    let s3 = backend();
+    let ca = TestCa::new(ca_name);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.leaf_pem_files(dir.path());
+    let port = free_port();
+    let cfg = format!(
+        "server:\n  address: \"127.0.0.1:{port}\"\n  workers: {workers}\n  tls:\n    cert_file: \"{cert}\"\n    key_file: \"{key}\"\n{}",
+        single_bucket("/s", "data-bucket", &s3.endpoint())
+    );
+    let proxy = Proxy::start(&cfg);
+    (s3, dir, port, proxy)
+}
+
 fn backend() -> S3 {
     let s3 = S3::start();
     s3.create_bucket("data-bucket");
@@ -330,16 +347,7 @@ fn clients_resume_tls_sessions_with_any_worker() {
     if !has_openssl() {
         return;
     }
-    let s3 = backend();
-    let ca = TestCa::new("resumption CA");
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = ca.leaf_pem_files(dir.path());
-    let port = free_port();
-    let cfg = format!(
-        "server:\n  address: \"127.0.0.1:{port}\"\n  workers: 2\n  tls:\n    cert_file: \"{cert}\"\n    key_file: \"{key}\"\n{}",
-        single_bucket("/s", "data-bucket", &s3.endpoint())
-    );
-    let _proxy = Proxy::start(&cfg);
+    let (_s3, dir, port, _proxy) = https_listener("resumption CA", 2);
     let session = dir.path().join("session.pem");
     let connect = |version: &str, resume: bool| {
         use std::io::Write;
@@ -398,16 +406,7 @@ fn sessions_of_connections_the_proxy_closed_resume() {
     if !has_openssl() {
         return;
     }
-    let s3 = backend();
-    let ca = TestCa::new("close_notify CA");
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = ca.leaf_pem_files(dir.path());
-    let port = free_port();
-    let cfg = format!(
-        "server:\n  address: \"127.0.0.1:{port}\"\n  workers: 1\n  tls:\n    cert_file: \"{cert}\"\n    key_file: \"{key}\"\n{}",
-        single_bucket("/s", "data-bucket", &s3.endpoint())
-    );
-    let proxy = Proxy::start(&cfg);
+    let (_s3, _dir, port, proxy) = https_listener("close_notify CA", 1);
     let out = std::process::Command::new("openssl")
         .args([
             "s_time",
