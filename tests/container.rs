@@ -18,20 +18,6 @@ use support::*;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-fn run(cmd: &mut Command) -> (bool, String) {
-    match cmd.output() {
-        Ok(o) => (
-            o.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        ),
-        Err(e) => (false, e.to_string()),
-    }
-}
-
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -55,14 +41,14 @@ impl Drop for Cleanup {
         for (k, v) in &self.compose_env {
             down.env(k, v);
         }
-        let _ = run(&mut down);
+        let _ = run_command(&mut down);
         for c in &self.containers {
-            let _ = run(Command::new("docker").args(["rm", "-f", c]));
+            let _ = run_command(Command::new("docker").args(["rm", "-f", c]));
         }
         for n in &self.networks {
-            let _ = run(Command::new("docker").args(["network", "rm", n]));
+            let _ = run_command(Command::new("docker").args(["network", "rm", n]));
         }
-        let _ = run(Command::new("docker").args(["rmi", "-f", &self.image]));
+        let _ = run_command(Command::new("docker").args(["rmi", "-f", &self.image]));
     }
 }
 
@@ -83,7 +69,7 @@ fn build_image(dir: &Path, tools: &[&str]) -> String {
         assert!(!path.is_empty(), "{tool} must be installed");
         cmd.arg(path);
     }
-    let (ok, out) = run(&mut cmd);
+    let (ok, out) = run_command(&mut cmd);
     assert!(ok, "rootfs: {out}");
     let image = format!(
         "yatagarasu-test:{}-{}",
@@ -93,11 +79,13 @@ fn build_image(dir: &Path, tools: &[&str]) -> String {
             .to_lowercase()
             .replace('.', ""))
     );
-    let (ok, out) = run(Command::new("docker")
-        .args(["build", "-q", "-f"])
-        .arg(repo().join("deploy/docker/Dockerfile.scratch"))
-        .args(["-t", &image])
-        .arg(&ctx));
+    let (ok, out) = run_command(
+        Command::new("docker")
+            .args(["build", "-q", "-f"])
+            .arg(repo().join("deploy/docker/Dockerfile.scratch"))
+            .args(["-t", &image])
+            .arg(&ctx),
+    );
     assert!(ok, "docker build: {out}");
     image
 }
@@ -117,7 +105,7 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 fn inspect(container: &str, format: &str) -> String {
-    run(Command::new("docker").args(["inspect", "-f", format, container]))
+    run_command(Command::new("docker").args(["inspect", "-f", format, container]))
         .1
         .trim()
         .to_string()
@@ -141,7 +129,7 @@ fn profile_without_io_uring(dir: &Path) -> PathBuf {
 
 #[test]
 fn the_image_runs_the_ha_tutorial_under_compose_and_fails_over_without_a_failed_request() {
-    if !run(Command::new("docker").arg("info")).0 {
+    if !run_command(Command::new("docker").arg("info")).0 {
         eprintln!(
             "no Docker Engine here (docker info failed): the container test has nothing to run on"
         );
@@ -182,7 +170,7 @@ fn the_image_runs_the_ha_tutorial_under_compose_and_fails_over_without_a_failed_
         std::fs::create_dir_all(&bucket).expect("mkdir");
         std::fs::write(bucket.join("test.txt"), text).expect("object");
     }
-    let _ = run(Command::new("chmod").args(["-R", "a+rwX"]).arg(&data));
+    let _ = run_command(Command::new("chmod").args(["-R", "a+rwX"]).arg(&data));
 
     let compose = |args: &[&str]| {
         let mut c = Command::new("docker-compose");
@@ -192,7 +180,7 @@ fn the_image_runs_the_ha_tutorial_under_compose_and_fails_over_without_a_failed_
         for (k, v) in &env {
             c.env(k, v);
         }
-        run(&mut c)
+        run_command(&mut c)
     };
     let (ok, out) = compose(&["up", "-d"]);
     assert!(ok, "compose up: {out}");
@@ -205,7 +193,7 @@ fn the_image_runs_the_ha_tutorial_under_compose_and_fails_over_without_a_failed_
     });
     // The shipped profile lets io_uring through, and the log says which
     // driver runs; the process is not root.
-    let logs = run(Command::new("docker").args(["logs", &proxy])).1;
+    let logs = run_command(Command::new("docker").args(["logs", &proxy])).1;
     assert!(logs.contains("driver=io_uring"), "{logs}");
     let pid = inspect(&proxy, "{{.State.Pid}}");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -244,7 +232,8 @@ fn the_image_runs_the_ha_tutorial_under_compose_and_fails_over_without_a_failed_
     // failing; back on the network, it serves again.
     let network = format!("{project}_default");
     let primary = format!("{project}_primary_1");
-    let (ok, out) = run(Command::new("docker").args(["network", "disconnect", &network, &primary]));
+    let (ok, out) =
+        run_command(Command::new("docker").args(["network", "disconnect", &network, &primary]));
     assert!(ok, "disconnect: {out}");
     for i in 0..20 {
         let got = get(proxy_port);
@@ -254,7 +243,7 @@ fn the_image_runs_the_ha_tutorial_under_compose_and_fails_over_without_a_failed_
             "request {i} after the cut"
         );
     }
-    let (ok, out) = run(Command::new("docker").args([
+    let (ok, out) = run_command(Command::new("docker").args([
         "network", "connect", "--alias", "primary", &network, &primary,
     ]));
     assert!(ok, "connect: {out}");
@@ -279,21 +268,23 @@ fn the_image_runs_the_ha_tutorial_under_compose_and_fails_over_without_a_failed_
         "server:\n  address: \"0.0.0.0:8080\"\nbuckets:\n  - name: \"b\"\n    path_prefix: \"/b\"\n    s3:\n      bucket: \"x\"\n      endpoint: \"http://127.0.0.1:9\"\n      access_key: \"a\"\n      secret_key: \"b\"\n      health_check:\n        enabled: false\n",
     )
     .expect("config");
-    let (ok, out) = run(Command::new("docker")
-        .args(["run", "-d", "--name", &name])
-        .arg(format!("--security-opt=seccomp={}", blocked.display()))
-        .args(["-p", &format!("127.0.0.1:{port}:8080")])
-        .arg("-v")
-        .arg(format!(
-            "{}:/etc/yatagarasu/config.yaml:ro",
-            config.display()
-        ))
-        .arg(&image));
+    let (ok, out) = run_command(
+        Command::new("docker")
+            .args(["run", "-d", "--name", &name])
+            .arg(format!("--security-opt=seccomp={}", blocked.display()))
+            .args(["-p", &format!("127.0.0.1:{port}:8080")])
+            .arg("-v")
+            .arg(format!(
+                "{}:/etc/yatagarasu/config.yaml:ro",
+                config.display()
+            ))
+            .arg(&image),
+    );
     assert!(ok, "docker run: {out}");
     wait_until("the epoll container to answer /health", || {
         http::try_get(port, "/health", &[]).is_ok_and(|r| r.status == 200)
     });
-    let logs = run(Command::new("docker").args(["logs", &name])).1;
+    let logs = run_command(Command::new("docker").args(["logs", &name])).1;
     assert!(logs.contains("driver=epoll"), "{logs}");
     assert!(!logs.contains("driver=io_uring"), "{logs}");
     drop(cleanup);
@@ -305,7 +296,7 @@ fn the_image_runs_the_ha_tutorial_under_compose_and_fails_over_without_a_failed_
 /// the network the proxy writes to it again.
 #[test]
 fn redis_cut_off_the_network_mid_load_fails_no_request() {
-    if !run(Command::new("docker").arg("info")).0 {
+    if !run_command(Command::new("docker").arg("info")).0 {
         eprintln!(
             "no Docker Engine here (docker info failed): the container test has nothing to run on"
         );
@@ -329,19 +320,19 @@ fn redis_cut_off_the_network_mid_load_fails_no_request() {
         networks: vec![tag.clone()],
         image: image.clone(),
     };
-    assert!(run(Command::new("docker").args(["network", "create", &tag])).0);
+    assert!(run_command(Command::new("docker").args(["network", "create", &tag])).0);
     let data = dir.path().join("data");
     let bucket = data.join("data-bucket");
     std::fs::create_dir_all(&bucket).expect("mkdir");
     for i in 0..200 {
         std::fs::write(bucket.join(format!("k{i}")), format!("object {i}\n")).expect("object");
     }
-    let _ = run(Command::new("chmod").args(["-R", "a+rwX"]).arg(&data));
+    let _ = run_command(Command::new("chmod").args(["-R", "a+rwX"]).arg(&data));
     let docker_run = |name: &str, args: &[&str]| {
         let mut c = Command::new("docker");
         c.args(["run", "-d", "--name", name, "--network", &tag]);
         c.args(args);
-        let (ok, out) = run(&mut c);
+        let (ok, out) = run_command(&mut c);
         assert!(ok, "docker run {name}: {out}");
     };
     docker_run(
@@ -432,14 +423,14 @@ fn redis_cut_off_the_network_mid_load_fails_no_request() {
     }
     wait_until("writes to Redis", || metric(WRITES) >= 20.0);
     // Cut Redis off: its packets go nowhere (no reset, no refusal).
-    assert!(run(Command::new("docker").args(["network", "disconnect", &tag, &redis])).0);
+    assert!(run_command(Command::new("docker").args(["network", "disconnect", &tag, &redis])).0);
     let errors_before = metric("yatagarasu_cache_redis_errors_total");
     for i in 20..120 {
         fetch(i);
     }
     assert!(metric("yatagarasu_cache_redis_errors_total") > errors_before);
     // Back on the network: new fills are written to it again.
-    assert!(run(Command::new("docker").args(["network", "connect", &tag, &redis])).0);
+    assert!(run_command(Command::new("docker").args(["network", "connect", &tag, &redis])).0);
     let written = metric(WRITES);
     let mut i = 120;
     wait_until("writes to resume", || {

@@ -83,17 +83,7 @@ fn the_shipped_unit_file_verifies() {
 }
 
 fn run(cmd: &str, args: &[&str]) -> (bool, String) {
-    match std::process::Command::new(cmd).args(args).output() {
-        Ok(o) => (
-            o.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        ),
-        Err(e) => (false, e.to_string()),
-    }
+    run_command(std::process::Command::new(cmd).args(args))
 }
 
 /// The package (deploy/debian/build.sh, dpkg-deb) installs the binary, the

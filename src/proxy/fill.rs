@@ -28,7 +28,7 @@ impl CoreGeneration {
         let settings = &self.shared.bucket(bucket).cache;
         if len > settings.max_item_bytes {
             self.note_large(key, resp, len, settings.ttl);
-            return self.pass_through(c, answer, start, len);
+            return self.pass_through(c, (key, answer), start, len);
         }
         let fresh_for = self.freshness(resp, settings.ttl)?;
         // The body, and the copy waiters stream, count against the budget
@@ -75,7 +75,7 @@ impl CoreGeneration {
     fn pass_through(
         &self,
         c: &Client,
-        answer: &Answer,
+        (key, answer): (&str, &Answer),
         start: usize,
         len: u64,
     ) -> Option<Fill<'_>> {
@@ -116,11 +116,7 @@ impl CoreGeneration {
             reservation: Some(reservation),
             passthrough: true,
             passed: 0,
-            slices: c
-                .s
-                .cache
-                .fill_key()
-                .and_then(|key| self.slice_feed(key, len)),
+            slices: self.slice_feed(key, len),
         };
         fill.push(&answer.conn.buf[answer.head_len..start]);
         Some(fill)
