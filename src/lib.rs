@@ -13,6 +13,7 @@ pub mod config;
 pub mod credentials;
 pub mod error;
 pub mod http;
+pub mod images;
 pub mod log;
 pub mod metrics;
 pub mod prewarm;

@@ -159,6 +159,8 @@ pub struct Process {
     pub audit: Option<Arc<crate::audit::Audit>>,
     /// The span exporter, when `observability.tracing` is enabled.
     pub traces: Option<Arc<crate::trace::export::Exporter>>,
+    /// Image transform counts (over every generation's pool).
+    pub image_stats: Arc<crate::images::Stats>,
 }
 
 /// One configuration generation (immutable, shared by every thread through
@@ -176,6 +178,9 @@ pub struct Generation {
     pub bucket_replicas: Vec<Vec<usize>>,
     /// Stable metric id of each bucket.
     pub bucket_metric: Vec<usize>,
+    /// The image transform pool (`config.image_pool`): carried over from
+    /// the previous generation when its size is unchanged.
+    pub images: Option<Arc<crate::images::Pool>>,
 }
 
 impl Process {
@@ -259,6 +264,7 @@ impl Process {
             prewarm: Default::default(),
             audit,
             traces,
+            image_stats: Arc::default(),
         });
         let first = Generation::build(config, process.clone(), None)?;
         process.install(first);
@@ -453,6 +459,17 @@ impl Generation {
             bucket_replicas.push(ids);
         }
         drop(registry);
+        let images = match config.image_pool {
+            None => None,
+            Some(size) => match previous.filter(|p| p.config.image_pool == Some(size)) {
+                Some(p) => p.images.clone(),
+                None => Some(Arc::new(crate::images::Pool::start(
+                    size.threads,
+                    size.queue,
+                    process.image_stats.clone(),
+                )?)),
+            },
+        };
         Ok(Generation {
             process,
             config,
@@ -460,6 +477,7 @@ impl Generation {
             replicas,
             bucket_replicas,
             bucket_metric,
+            images,
         })
     }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: installs what the suite needs (s3s-fs, redis-server,
-# promtool, moto,
+# promtool, libvips-tools, moto,
 # kubernetes-validate) when missing, validates the Kubernetes manifests,
 # checks formatting and lints, then runs every test on the default driver
 # (io_uring where the kernel allows), the process tests again on epoll, and
@@ -22,6 +22,11 @@ if ! command -v promtool >/dev/null 2>&1; then
   echo "== installing prometheus (promtool)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+if ! command -v vipsheader >/dev/null 2>&1 || ! fc-list 2>/dev/null | grep -qi dejavu; then
+  echo "== installing libvips-tools (libvips for image transforms, the vips tools that check them) and a font"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libvips-tools fonts-dejavu-core fontconfig >/dev/null
 fi
 if ! python3 -c 'import moto.server' >/dev/null 2>&1; then
   echo "== installing moto"
@@ -48,6 +53,6 @@ cargo test --lib --bins --tests -- --test-threads=4
 echo "== benches compile and run once (criterion test mode)"
 cargo test --benches
 echo "== process tests again on the epoll driver"
-YATAGARASU_DRIVER=epoll cargo test --test core --test ha --test hostile --test seams --test cache --test cache_disk --test cache_slices --test cache_redis --test access --test auth --test authz --test audit --test prewarm --test traces --test credentials --test reload --test tls --test pipe_budget --test upgrade -- --test-threads=4
+YATAGARASU_DRIVER=epoll cargo test --test core --test ha --test hostile --test seams --test cache --test cache_disk --test cache_slices --test cache_redis --test access --test auth --test authz --test images --test audit --test prewarm --test traces --test credentials --test reload --test tls --test pipe_budget --test upgrade -- --test-threads=4
 echo "== the HA tutorial demo (tests/demo.sh)"
 HEALTH_WAIT=${HEALTH_WAIT:-10} bash tests/demo.sh

@@ -48,9 +48,21 @@ pub struct Config {
     pub audit: Option<AuditSettings>,
     /// `observability.tracing`, when enabled.
     pub tracing: Option<Tracing>,
+    /// The image transform pool, when some bucket uses images.
+    pub image_pool: Option<ImagePool>,
     /// Accepted, but worth saying: logged at WARN at start and on reload,
     /// and printed by `--check` (`YAML path: message`).
     pub warnings: Vec<String>,
+}
+
+/// `image_optimization.max_concurrent` / `max_queue`: the process's
+/// transform pool (see `crate::images::Pool`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImagePool {
+    /// Transforms at once (pool threads).
+    pub threads: usize,
+    /// Transforms waiting; beyond, 503.
+    pub queue: usize,
 }
 
 /// `observability.tracing`, resolved (see `crate::trace`).
@@ -443,6 +455,11 @@ pub struct Bucket {
     pub origin: String,
     /// `authorization`: a policy decides who may read (see `authz`).
     pub authorization: Option<std::sync::Arc<Authorization>>,
+    /// `image_optimization` (its own over the top level's), when
+    /// transforms or a watermark apply to the bucket.
+    pub images: Option<std::sync::Arc<crate::images::ImageSettings>>,
+    /// `watermark`, when enabled.
+    pub watermark: Option<std::sync::Arc<crate::images::watermark::Watermarks>>,
 }
 
 /// `buckets[].authorization`, resolved.

@@ -85,6 +85,93 @@ pub struct RawConfig {
     /// Traces (the other system's keys).
     #[serde(default)]
     pub observability: Option<RawObservability>,
+    /// Image transforms (the other system's keys, and ours for the pool,
+    /// the input limits and URL signing).
+    #[serde(default)]
+    pub image_optimization: Option<RawImages>,
+}
+
+/// `image_optimization` (top level, and per bucket over it).
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawImages {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub enabled: Option<bool>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub max_width: Option<u32>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub max_height: Option<u32>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub default_quality: Option<u8>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub max_input_pixels: Option<u64>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub max_input_mb: Option<u64>,
+    /// Transforms at once, process-wide (top level only).
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub max_concurrent: Option<usize>,
+    /// Transforms waiting, process-wide (top level only).
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub max_queue: Option<usize>,
+    #[serde(default)]
+    pub signing_key: Option<String>,
+    #[serde(default)]
+    pub signing_key_file: Option<String>,
+    #[serde(default)]
+    pub allowed_widths: Option<Vec<u32>>,
+    #[serde(default)]
+    pub allowed_heights: Option<Vec<u32>>,
+}
+
+/// `buckets[].watermark` (the other system's keys).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWatermark {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub enabled: Option<bool>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub cache_ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub rules: Vec<RawWatermarkRule>,
+}
+
+/// `watermark.rules[]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWatermarkRule {
+    pub pattern: String,
+    #[serde(default)]
+    pub watermarks: Vec<RawMark>,
+}
+
+/// `watermark.rules[].watermarks[]`: `type: text` or `type: image`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMark {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub font_size: Option<u32>,
+    #[serde(default)]
+    pub color: Option<String>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub opacity: Option<f32>,
+    #[serde(default)]
+    pub position: Option<String>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub margin: Option<u32>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub rotation: Option<i32>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub tile_spacing: Option<u32>,
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub width: Option<u32>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub height: Option<u32>,
 }
 
 /// `observability` (its no-effect parts are taken out by `compat`).
@@ -406,6 +493,11 @@ pub struct RawBucket {
     pub ip_filter: Option<RawIpFilter>,
     #[serde(default)]
     pub authorization: Option<RawAuthorization>,
+    /// This bucket's image settings over the top level's.
+    #[serde(default)]
+    pub image_optimization: Option<RawImages>,
+    #[serde(default)]
+    pub watermark: Option<RawWatermark>,
 }
 
 /// `buckets[].authorization`: the other system's keys (`opa_*`,

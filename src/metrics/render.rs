@@ -492,6 +492,43 @@ fn process_families(shared: &Generation, families: &mut Vec<MetricFamily>) {
         MetricType::COUNTER,
         reloads,
     ));
+    image_families(shared, families);
+}
+
+/// Image transforms (only once some bucket uses images).
+fn image_families(shared: &Generation, families: &mut Vec<MetricFamily>) {
+    if shared.images.is_none() {
+        return;
+    }
+    let s = &shared.process.image_stats;
+    let load = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed) as f64;
+    let results = [
+        ("ok", &s.ok),
+        ("failed", &s.failed),
+        ("refused", &s.refused),
+        ("busy", &s.busy),
+    ]
+    .into_iter()
+    .map(|(result, n)| counter(&[("result", result)], load(n)))
+    .collect();
+    families.push(family(
+        "yatagarasu_image_transforms_total",
+        "Image transforms by result: ok, failed (codec or watermark source), refused (limits, not an image), busy (queue full: 503).",
+        MetricType::COUNTER,
+        results,
+    ));
+    families.push(family(
+        "yatagarasu_image_transform_seconds_total",
+        "Time the transform pool spent on transforms.",
+        MetricType::COUNTER,
+        vec![counter(&[], load(&s.micros) / 1e6)],
+    ));
+    families.push(family(
+        "yatagarasu_image_transforms_queued",
+        "Transforms waiting or running now.",
+        MetricType::GAUGE,
+        vec![gauge(&[], load(&s.queued))],
+    ));
 }
 
 /// The origin cache's families (only when the cache is enabled).

@@ -10,7 +10,9 @@ use crate::credentials;
 /// Largest S3 error body read to classify a 403.
 const ERROR_BODY_MAX: u64 = 8 * 1024;
 
-/// Overrides for a resumed body: `Range` and `If-Match` replace the client's.
+/// Overrides for a request the proxy makes itself (a resumed body, a
+/// slice, an image's original): a GET whose `Range` and `If-Match` (when
+/// the ETag is known) replace the client's headers.
 #[derive(Clone, Copy)]
 pub(super) struct Resume<'a> {
     pub first: u64,
@@ -155,7 +157,7 @@ impl CoreGeneration {
         deadline: Instant,
         resp: &mut Response,
     ) -> Result<(UpConn, usize), Error<Answer>> {
-        let head_request = c.s.req.method() == Method::Head;
+        let head_request = resume.is_none() && c.s.req.method() == Method::Head;
         self.build_request(c, ctx.key, rid, resume)?;
         let mut conn = self.upstream_conn(rid, deadline, false).await?;
         let first =
@@ -191,7 +193,7 @@ impl CoreGeneration {
     ) -> Result<(), Error<Answer>> {
         let replica = self.replica(rid);
         let method = match c.s.req.method() {
-            Method::Head => "HEAD",
+            Method::Head if resume.is_none() => "HEAD",
             _ => "GET",
         };
         let mut target = std::mem::take(&mut c.s.upstream_target);

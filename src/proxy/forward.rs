@@ -142,7 +142,7 @@ impl CoreGeneration {
 
     /// Every replica tried failed: 502 naming the bucket, or S3's own 403
     /// when every replica refused the credentials.
-    async fn all_failed(
+    pub(super) async fn all_failed(
         &self,
         c: &mut Client,
         ctx: &RequestCtx<'_>,
@@ -210,7 +210,7 @@ impl CoreGeneration {
     }
 
     /// Every breaker of the bucket is open: 503 with `Retry-After`.
-    async fn all_open(&self, c: &mut Client, bucket: usize) -> Outcome {
+    pub(super) async fn all_open(&self, c: &mut Client, bucket: usize) -> Outcome {
         let wait_ms = self.shared.bucket_replicas[bucket]
             .iter()
             .map(|&rid| {

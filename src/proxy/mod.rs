@@ -33,6 +33,7 @@ mod cache;
 mod connection;
 mod fill;
 mod forward;
+mod images;
 mod limits;
 pub mod lot;
 pub mod park;

@@ -53,6 +53,7 @@ impl CoreGeneration {
         let refused = admitted.is_err();
         self.span_end(c, span, "access", Vec::new, refused);
         let bucket = admitted?;
+        self.image(c, bucket, path, key).await?;
         let span = self.span_start(c);
         let looked_up = self.lookup(c, bucket, key).await;
         let cache = c.s.flags.x_cache;

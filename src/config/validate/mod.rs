@@ -11,6 +11,7 @@ mod access;
 mod audit;
 mod authz;
 mod cache;
+mod images;
 mod replicas;
 use access::*;
 use cache::*;
@@ -81,8 +82,11 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         raw.health_check.as_ref(),
         &cache,
         (jwt_enabled, raw.jwt.as_ref()),
+        raw.image_optimization.as_ref(),
         &mut p,
     );
+    let images_used = buckets.iter().any(|b| b.images.is_some());
+    let image_pool = images::pool(raw.image_optimization.as_ref(), images_used, &mut p);
     let metrics = metrics(raw.metrics.as_ref(), server.address, &mut p);
     let logging = logging(raw.logging.as_ref(), &mut p);
     let jwt = raw.jwt.as_ref().and_then(|j| jwt(j, "jwt", &mut p));
@@ -121,6 +125,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             jwt,
             audit,
             tracing,
+            image_pool,
             warnings: p.1,
         })
     } else {
@@ -254,6 +259,7 @@ fn buckets(
     default_health: Option<&RawHealthCheck>,
     cache: &CacheSettings,
     (jwt_enabled, top_jwt): (bool, Option<&RawJwt>),
+    top_images: Option<&super::schema::RawImages>,
     p: &mut Problems,
 ) -> Vec<Bucket> {
     let mut prefixes: HashMap<String, usize> = HashMap::new();
@@ -333,6 +339,17 @@ fn buckets(
             .authorization
             .as_ref()
             .and_then(|a| authz::authorization(a, &format!("{at}.authorization"), auth, p));
+        let watermark = b
+            .watermark
+            .as_ref()
+            .and_then(|w| images::watermark(w, &format!("{at}.watermark"), auth, p));
+        let image_settings = images::bucket_images(
+            top_images,
+            b.image_optimization.as_ref(),
+            watermark.is_some(),
+            &at,
+            p,
+        );
         let at3 = format!("{at}.s3");
         let s3 = &b.s3;
         let replicas = replicas(s3, &at3, p);
@@ -359,6 +376,8 @@ fn buckets(
             allowlist,
             blocklist,
             authorization: authorization.map(std::sync::Arc::new),
+            images: image_settings.map(std::sync::Arc::new),
+            watermark: watermark.map(std::sync::Arc::new),
         });
     }
     out
