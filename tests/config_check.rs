@@ -498,7 +498,7 @@ buckets:
 #[test]
 fn the_other_system_s_no_effect_keys_warn_and_typos_still_fail() {
     let theirs = format!(
-        "{GOOD}compression:\n  enabled: true\n  algorithms: [\"gzip\"]\nobservability:\n  tracing:\n    enabled: false\n  slow_query:\n    enabled: true\ncache:\n  enabled: true\n  layers: [\"memory\"]\n  memory:\n    enabled: true\n    max_memory_cache_mb: 64\n    max_entry_size_mb: 4\n"
+        "{GOOD}compression:\n  enabled: true\n  algorithms: [\"gzip\"]\nobservability:\n  tracing:\n    enabled: false\n  slow_query:\n    enabled: true\ncache:\n  enabled: true\n  layers: [\"memory\"]\n  memory:\n    enabled: true\n    max_memory_cache_mb: 64\n    max_entry_size_mb: 4\n    max_capacity: 10000\n    ttl_seconds: 300\n"
     )
     .replace("  address: \"127.0.0.1:8080\"\n", "  address: \"127.0.0.1:8080\"\n  request_timeout: 30\n");
     let (code, out) = check(&theirs, &ENV);
@@ -511,6 +511,8 @@ fn the_other_system_s_no_effect_keys_warn_and_typos_still_fail() {
         "cache.memory.enabled",
         "cache.memory.max_memory_cache_mb",
         "cache.memory.max_entry_size_mb",
+        "cache.memory.max_capacity",
+        "cache.memory.ttl_seconds",
     ] {
         assert!(
             out.contains(&format!("warning: {path}: has no effect")),
@@ -715,4 +717,36 @@ fn tracing_settings_are_checked() {
         out.contains("observability.tracing.sampling_ratio: must be between 0 and 1"),
         "{out}"
     );
+}
+
+/// Issue #29: image and watermark settings are checked like the rest: every
+/// problem with its YAML path, in one run.
+#[test]
+fn image_and_watermark_problems_are_listed_with_their_paths() {
+    let bad = GOOD.replace(
+        "buckets:\n",
+        "image_optimization:\n  enabled: true\n  max_width: 0\n  default_quality: 101\n  max_concurrent: 0\n  signing_key: \"short\"\n  sizes: [1]\nbuckets:\n",
+    )
+    .replacen(
+        "    s3:\n",
+        "    image_optimization:\n      max_queue: 5\n    watermark:\n      enabled: true\n      rules:\n        - pattern: \"**\"\n          watermarks:\n            - type: text\n              text: \"{{jwt.sub}} {{nope}}\"\n              position: top-left\n            - type: image\n              text: \"x\"\n              position: middle\n            - type: sticker\n              position: center\n              opacity: 2\n    s3:\n",
+        1,
+    );
+    let (code, out) = check(&bad, &ENV);
+    assert_eq!(code, 1, "{out}");
+    for needle in [
+        "image_optimization.sizes: unknown field",
+        "image_optimization.max_width: must be from 1 to 16384",
+        "image_optimization.default_quality: must be from 1 to 100",
+        "image_optimization.max_concurrent: must be from 1 to 256",
+        "image_optimization.signing_key: must be at least 16 characters",
+        "buckets[0].image_optimization.max_queue: is process-wide",
+        "buckets[0].watermark.rules[0].watermarks[0].text: {{nope}} is not a template value",
+        "buckets[0].watermark.rules[0].watermarks[1].text: does not apply to type: image",
+        "buckets[0].watermark.rules[0].watermarks[1].source: is required",
+        "buckets[0].watermark.rules[0].watermarks[1].position: \"middle\" is not a position",
+        "buckets[0].watermark.rules[0].watermarks[2].type: \"sticker\" is not a watermark type",
+    ] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
 }

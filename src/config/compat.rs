@@ -51,6 +51,14 @@ const NO_EFFECT: &[(&str, &str)] = &[
         "not read by the other system either (it reads max_cache_size_mb)",
     ),
     (
+        "cache.memory.max_capacity",
+        "not read by the other system either (it reads max_cache_size_mb)",
+    ),
+    (
+        "cache.memory.ttl_seconds",
+        "not read by the other system either (it reads default_ttl_seconds)",
+    ),
+    (
         "cache.memory.max_entry_size_bytes",
         "not read by the other system either (it reads max_item_size_mb)",
     ),

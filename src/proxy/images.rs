@@ -203,11 +203,9 @@ impl CoreGeneration {
                 }
             };
             let object = Arc::new(object);
+            // Variants live in the memory tier only (docs/images.md).
             if let (Some(s), true) = (store, storable) {
                 s.insert_shared(vkey.clone(), object.clone());
-                if let Some(disk) = &self.shared.process.disk {
-                    disk.offer(vkey.clone(), object.clone(), s.purge_epoch());
-                }
             }
             fill.done(Some(&object));
             fills.finish(&vkey, &fill);

@@ -7,6 +7,8 @@
 //! access   access.rs      client address and rate limits (before routing);
 //!                         the bucket's IP filter and JWT (after)
 //! authorize authorize.rs  the bucket's policy (OPA, OpenFGA, Rego)
+//! image    images.rs      an image variant (parameters, watermarks):
+//!                         answered from its cache entry or one transform
 //! lookup   cache.rs       the memory tier, then the tiers below it
 //!          tiers.rs       (disk, Redis, in cache_layers' order), slices
 //!          waiter.rs      (slices.rs), or a fill under way to stream
@@ -45,7 +47,7 @@ impl CoreGeneration {
         outcome
     }
 
-    /// route -> access -> authorize -> lookup -> forward (-> respond).
+    /// route -> access -> authorize -> image -> lookup -> forward (-> respond).
     async fn phases(&self, c: &mut Client, path: &mut String, key: &mut String) -> Phase<Outcome> {
         self.decode(c, path).await?;
         let span = self.span_start(c);
