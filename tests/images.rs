@@ -94,6 +94,23 @@ fn region_mean(dir: &Path, bytes: &[u8], region: (u32, u32, u32, u32)) -> f64 {
     region_stat(dir, bytes, region, "avg")
 }
 
+/// The mean of one band over a region of `bytes`.
+fn band_mean(dir: &Path, bytes: &[u8], region: (u32, u32, u32, u32), band: u32) -> f64 {
+    let f = dir.join("band-in.bin");
+    let b = dir.join("band.png");
+    std::fs::write(&f, bytes).expect("write");
+    vips(
+        "vips",
+        &[
+            "extract_band",
+            f.to_str().unwrap(),
+            b.to_str().unwrap(),
+            &band.to_string(),
+        ],
+    );
+    region_stat(dir, &std::fs::read(&b).expect("band"), region, "avg")
+}
+
 /// The standard deviation over a region of `bytes` (about 0 where the
 /// image is one flat colour, large where something was drawn).
 fn region_spread(dir: &Path, bytes: &[u8], region: (u32, u32, u32, u32)) -> f64 {
@@ -348,6 +365,10 @@ fn rotation_flips_exif_and_effects_change_the_pixels_they_name() {
         (flat - 128.0).abs() < 8.0,
         "contrast keeps mid grey: {flat}"
     );
+    // Quality: fewer bytes at a lower q.
+    let q30 = get("/img/photo.jpg?w=400&q=30").len();
+    let q95 = get("/img/photo.jpg?w=400&q=95").len();
+    assert!(q30 < q95, "q=30 {q30} bytes, q=95 {q95}");
     // Blur softens the red/blue edge; sharpen keeps the size.
     let blurred = get("/img/photo.jpg?w=400&blur=10");
     let edge = pixel(d, &blurred, 200, 100);
@@ -692,7 +713,7 @@ fn watermarks_are_drawn_where_they_say_and_never_shared_across_viewers() {
         ("grey.png", &encode(d, &ppm(80, 60, |_, _| GREY), "g2.png")),
     ]);
     let marks = format!(
-        "            - type: text\n              text: \"Licensed to {{{{jwt.sub}}}}\"\n              font_size: 40\n              color: \"#FF0000\"\n              opacity: 1.0\n              position: bottom-right\n              margin: 10\n            - type: image\n              source: \"{}\"\n              opacity: 1.0\n              position: top-left\n              margin: 0\n",
+        "            - type: text\n              text: \"Licensed to {{{{jwt.sub}}}}\"\n              font_size: 40\n              color: \"#FF0000\"\n              opacity: 1.0\n              position: bottom-right\n              margin: 10\n            - type: image\n              source: \"{}\"\n              opacity: 1.0\n              position: top-left\n              margin: 0\n            - type: text\n              text: \"INVISIBLE\"\n              font_size: 40\n              opacity: 0.0\n              position: top-right\n",
         logo_path.display()
     );
     let top =
@@ -720,6 +741,15 @@ fn watermarks_are_drawn_where_they_say_and_never_shared_across_viewers() {
     assert!(
         region_spread(d, &ann.body, (0, 520, 200, 70)) < 3.0,
         "nothing bottom left"
+    );
+    let (red, green) = (
+        band_mean(d, &ann.body, (400, 520, 390, 70), 0),
+        band_mean(d, &ann.body, (400, 520, 390, 70), 1),
+    );
+    assert!(red > green + 5.0, "the text is red: R {red}, G {green}");
+    assert!(
+        region_spread(d, &ann.body, (600, 0, 200, 100)) < 3.0,
+        "opacity 0 draws nothing"
     );
     assert!(
         near(&pixel(d, &ann.body, 30, 15), [0.0, 255.0, 0.0]),
