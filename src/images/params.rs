@@ -229,7 +229,9 @@ const NAMES: &[(&str, &str)] = &[
 pub fn parse(query: &[u8]) -> Result<Option<(Params, Signature)>, ParamError> {
     let mut p = Params::default();
     let mut s = Signature::default();
-    let mut seen: Vec<&'static str> = Vec::new();
+    // Each canonical name's bit (its first place in NAMES), once seen.
+    let mut seen = 0u64;
+    let mut image_params = false;
     for pair in query.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
         let (name, value) = match pair.iter().position(|&b| b == b'=') {
             Some(i) => (&pair[..i], &pair[i + 1..]),
@@ -239,10 +241,12 @@ pub fn parse(query: &[u8]) -> Result<Option<(Params, Signature)>, ParamError> {
         let Some(&(_, canon)) = NAMES.iter().find(|(n, _)| *n == name) else {
             continue;
         };
-        if seen.contains(&canon) {
+        let bit = 1u64 << NAMES.iter().position(|(n, _)| *n == canon).unwrap_or(63);
+        if seen & bit != 0 {
             return Err(bad(canon, "is given twice"));
         }
-        seen.push(canon);
+        seen |= bit;
+        image_params |= canon != "sig" && canon != "exp";
         let v = decode(value);
         let v = v.trim();
         match canon {
@@ -297,7 +301,7 @@ pub fn parse(query: &[u8]) -> Result<Option<(Params, Signature)>, ParamError> {
             _ => {}
         }
     }
-    if seen.iter().all(|n| *n == "sig" || *n == "exp") {
+    if !image_params {
         return Ok(None);
     }
     Ok(Some((p, s)))
@@ -307,10 +311,18 @@ impl Params {
     /// The parameters in one order, defaults left out.
     pub fn canonical(&self) -> String {
         let mut out = String::new();
+        self.write_canonical(&mut out);
+        out
+    }
+
+    /// [`Self::canonical`], appended to `out`.
+    pub fn write_canonical(&self, out: &mut String) {
+        let mut first = true;
         let mut put = |name: &str, value: &dyn std::fmt::Display| {
-            if !out.is_empty() {
+            if !first {
                 out.push('&');
             }
+            first = false;
             let _ = write!(out, "{name}={value}");
         };
         if let Some(w) = self.w {
@@ -373,7 +385,6 @@ impl Params {
         if let Some([r, g, b]) = self.bg {
             put("bg", &format_args!("{r:02x}{g:02x}{b:02x}"));
         }
-        out
     }
 
     /// The widths and heights in pixels asked for (after `dpr`), where
@@ -441,14 +452,21 @@ impl std::fmt::Display for Hundredths {
     }
 }
 
-fn decode(raw: &[u8]) -> String {
+/// A query component, `+` as a space and percent-decoded (borrowed when
+/// there is nothing to decode, as for nearly every image parameter).
+fn decode(raw: &[u8]) -> std::borrow::Cow<'_, str> {
+    if !raw.iter().any(|&b| b == b'+' || b == b'%') {
+        return String::from_utf8_lossy(raw);
+    }
     let plus_as_space: Vec<u8> = raw
         .iter()
         .map(|&b| if b == b'+' { b' ' } else { b })
         .collect();
-    percent_encoding::percent_decode(&plus_as_space)
-        .decode_utf8_lossy()
-        .into_owned()
+    std::borrow::Cow::Owned(
+        percent_encoding::percent_decode(&plus_as_space)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
 }
 
 fn bad(name: &'static str, why: impl Into<String>) -> ParamError {

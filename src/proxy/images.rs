@@ -29,6 +29,10 @@ use sha2::{Digest, Sha256};
 /// Extensions of objects image parameters and watermarks apply to.
 const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "webp", "gif", "avif", "heic"];
 
+/// Where a variant's part of the cache key's query begins (no forwarded
+/// query holds it: the router encodes every control character).
+const VARIANT_MARK: &str = "\u{1}img:";
+
 /// Times a request waits on another's transform of its variant, then
 /// tries to lead one, before answering 503.
 const ROUNDS: usize = 3;
@@ -40,8 +44,10 @@ struct Variant {
     /// by the original's transparency).
     auto: Option<Format>,
     marks: Vec<Drawn>,
-    /// What keys it beside the object's key (and its ETag).
-    suffix: String,
+    /// The query part of its cache key: the forwarded query, then
+    /// [`VARIANT_MARK`] and the normalized parameters, the format `auto`
+    /// chose and the rendered watermarks' digest (its ETag hashes it too).
+    query: String,
     settings: Arc<ImageSettings>,
     source_ttl: Duration,
 }
@@ -72,9 +78,8 @@ impl CoreGeneration {
         if self.shared.images.is_none() || !is_image_path(path) || c.s.prewarm {
             return Ok(());
         }
-        let raw_query = query_of(&c.s.req.target);
         let parsed = if settings.transforms {
-            match params::parse(raw_query.as_bytes()) {
+            match params::parse(query_of(&c.s.req.target)) {
                 Ok(p) => p,
                 Err(e) => return Err(self.image_refusal(c, 400, &e.to_string()).await),
             }
@@ -106,7 +111,9 @@ impl CoreGeneration {
             let now = crate::clock::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            let raw_path = target_path(&c.s.req.target);
+            let target = &c.s.req.target;
+            let raw_path = String::from_utf8_lossy(path_of(target));
+            let raw_query = String::from_utf8_lossy(query_of(target));
             let checked = crate::images::verify_signature(
                 k,
                 &raw_path,
@@ -135,13 +142,18 @@ impl CoreGeneration {
             _ => None,
         };
         let marks = marks.unwrap_or_default();
-        let mut suffix = format!("img:{}", params.canonical());
+        // The forwarded query, then what names the variant (see `Variant`).
+        let mut query = String::with_capacity(c.s.query.len() + 64);
+        query.push_str(&c.s.query);
+        query.push_str(VARIANT_MARK);
+        params.write_canonical(&mut query);
         if params.format == Some(FormatChoice::Auto) {
-            suffix.push_str(&format!("&to={}", auto.map_or("fallback", Format::name)));
+            query.push_str("&to=");
+            query.push_str(auto.map_or("fallback", Format::name));
         }
         if !marks.is_empty() {
-            suffix.push_str("&wm=");
-            suffix.push_str(&watermark::fingerprint(&marks));
+            query.push_str("&wm=");
+            query.push_str(&watermark::fingerprint(&marks));
         }
         let source_ttl = b
             .watermark
@@ -151,7 +163,7 @@ impl CoreGeneration {
             params,
             auto,
             marks,
-            suffix,
+            query,
             settings,
             source_ttl,
         };
@@ -160,8 +172,7 @@ impl CoreGeneration {
 
     /// Answers from the stored variant, or the one transform made for it.
     async fn serve_variant(&self, c: &mut Client, bucket: usize, key: &str, v: Variant) -> Outcome {
-        let query = format!("{}\u{1}{}", c.s.query, v.suffix);
-        let vkey = self.cache_key(bucket, key, &query);
+        let vkey = self.cache_key(bucket, key, &v.query);
         let b = self.shared.bucket(bucket);
         let store = self
             .shared
@@ -287,7 +298,7 @@ impl CoreGeneration {
             }
         };
         put("Content-Type", format.content_type());
-        let etag = variant_etag(&original.etag, &v.suffix);
+        let etag = variant_etag(&original.etag, &v.query);
         put("ETag", &etag);
         if let Some(lm) = &original.last_modified {
             put("Last-Modified", lm);
@@ -582,21 +593,20 @@ fn is_image_path(path: &str) -> bool {
 }
 
 /// The raw query of a request target (after `?`).
-fn query_of(target: &[u8]) -> String {
-    let q = target
+fn query_of(target: &[u8]) -> &[u8] {
+    target
         .iter()
         .position(|&b| b == b'?')
-        .map_or(&[][..], |i| &target[i + 1..]);
-    String::from_utf8_lossy(q).into_owned()
+        .map_or(&[][..], |i| &target[i + 1..])
 }
 
 /// The raw path of a request target (before `?`), as the client sent it.
-fn target_path(target: &[u8]) -> String {
+fn path_of(target: &[u8]) -> &[u8] {
     let end = target
         .iter()
         .position(|&b| b == b'?')
         .unwrap_or(target.len());
-    String::from_utf8_lossy(&target[..end]).into_owned()
+    &target[..end]
 }
 
 /// The size allowlists (`allowed_widths`, `allowed_heights`): a width
@@ -642,9 +652,9 @@ mod tests {
 
     #[test]
     fn variant_etags_follow_the_original_and_the_parameters() {
-        let a = variant_etag("\"abc\"", "img:w=400&fmt=webp");
-        assert_ne!(a, variant_etag("\"abd\"", "img:w=400&fmt=webp"));
-        assert_ne!(a, variant_etag("\"abc\"", "img:w=401&fmt=webp"));
-        assert_eq!(a, variant_etag("\"abc\"", "img:w=400&fmt=webp"));
+        let a = variant_etag("\"abc\"", "\u{1}img:w=400&fmt=webp");
+        assert_ne!(a, variant_etag("\"abd\"", "\u{1}img:w=400&fmt=webp"));
+        assert_ne!(a, variant_etag("\"abc\"", "\u{1}img:w=401&fmt=webp"));
+        assert_eq!(a, variant_etag("\"abc\"", "\u{1}img:w=400&fmt=webp"));
     }
 }
