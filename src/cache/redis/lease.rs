@@ -32,12 +32,6 @@ impl Reader {
         let ms = hold.as_millis().max(1).to_string();
         let deadline = Instant::now() + hold;
         loop {
-            // Every connection of this core busy (its lookups): wait for
-            // one rather than fetch alone.
-            if self.all_busy() && Instant::now() < deadline {
-                monoio::time::sleep(POLL).await;
-                continue;
-            }
             match self.take_lease(tier, &lease, &ms).await {
                 // Redis cannot say: fetch alone rather than wait on it.
                 Err(_) | Ok(true) => {

@@ -7,7 +7,10 @@
 //!   refusing Redis is a miss, and after three failures in a row the core's
 //!   breaker stops asking for a while, so a dead Redis costs no request its
 //!   timeout. Each core holds at most its share of `max_pool_size`
-//!   connections; when they are all busy a lookup is a miss, never a wait.
+//!   connections; when they are all busy a lookup waits for the next one
+//!   freed (Redis answers in well under a millisecond; a miss would cost
+//!   an S3 fetch or the fleet lease's polling), within
+//!   `operation_timeout_ms`.
 //! - **Writes** are off the response path: a fill stored in memory is
 //!   offered to a bounded queue ([`RedisTier::offer`], never waits), which
 //!   the tier's own thread writes with `SET key value PX ttl` (after a
@@ -551,6 +554,37 @@ pub enum Found {
     Miss,
 }
 
+/// Ready once woken (a connection was freed), after queueing its waker.
+struct Freed<'a> {
+    queue: &'a RefCell<Vec<std::task::Waker>>,
+    queued: bool,
+}
+
+impl<'a> Freed<'a> {
+    fn new(queue: &'a RefCell<Vec<std::task::Waker>>) -> Freed<'a> {
+        Freed {
+            queue,
+            queued: false,
+        }
+    }
+}
+
+impl std::future::Future for Freed<'_> {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.queued {
+            return std::task::Poll::Ready(());
+        }
+        self.queue.borrow_mut().push(cx.waker().clone());
+        self.queued = true;
+        std::task::Poll::Pending
+    }
+}
+
 /// Three failures in a row stop a core asking Redis for five seconds.
 fn breaker_settings() -> BreakerSettings {
     BreakerSettings {
@@ -569,6 +603,11 @@ pub struct Reader {
     breaker: RefCell<Breaker>,
     /// When this core last said Redis was unavailable (WARN once per 10 s).
     warned: Cell<Option<Instant>>,
+    /// Commands waiting for a connection: woken when one is freed.
+    waiting: RefCell<Vec<std::task::Waker>>,
+    /// The last command failed (timed out, connection lost): nobody waits
+    /// for a connection until one succeeds again.
+    failing: Cell<bool>,
 }
 
 impl Reader {
@@ -580,21 +619,13 @@ impl Reader {
             max: max.max(1),
             breaker: RefCell::new(Breaker::new(&breaker_settings())),
             warned: Cell::new(None),
+            waiting: RefCell::new(Vec::new()),
+            failing: Cell::new(false),
         }
-    }
-
-    /// Whether every connection this core may hold is in use.
-    pub fn all_busy(&self) -> bool {
-        self.idle.borrow().is_empty() && self.open.get() >= self.max
     }
 
     /// Looks cache key `key` up in Redis.
     pub async fn get(&self, tier: &RedisTier, key: &str) -> Found {
-        // Every connection busy is this core's load, not Redis failing: a
-        // miss, and the breaker is not told.
-        if self.all_busy() {
-            return Found::Miss;
-        }
         let now = crate::clock::now_ms();
         let (admit, _) = self.breaker.borrow_mut().admit(now);
         if admit == Admit::Rejected {
@@ -642,43 +673,76 @@ impl Reader {
         }
     }
 
-    /// One command on an idle connection, or a new one within this core's
-    /// share; all busy is an error (a miss), not a wait.
+    /// One command on an idle connection, a new one within this core's
+    /// share, or the next one freed (waiting at most `operation_timeout_ms`
+    /// in all).
     pub(super) async fn call(
         &self,
         tier: &RedisTier,
         args: &[&[u8]],
     ) -> Result<OwnedFrame, String> {
         let s = &tier.settings;
-        let kept = self.idle.borrow_mut().pop();
-        let mut conn = match kept {
-            Some(c) => c,
-            None if self.open.get() >= self.max => {
-                return Err("every connection of this core is busy".into())
-            }
-            None => {
-                self.open.set(self.open.get() + 1);
-                match Conn::open(s).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        self.open.set(self.open.get() - 1);
-                        return Err(e);
-                    }
-                }
-            }
-        };
-        match conn.call(args, s.operation_timeout).await {
+        let deadline = Instant::now() + s.operation_timeout;
+        let mut conn = self.checkout(s, deadline).await?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        match conn.call(args, left.max(Duration::from_millis(1))).await {
             Ok(reply) => {
+                self.failing.set(false);
                 self.idle.borrow_mut().push(conn);
+                self.wake_waiting();
                 match reply {
                     OwnedFrame::Error(e) => Err(format!("Redis said: {e}")),
                     reply => Ok(reply),
                 }
             }
             Err(e) => {
-                self.open.set(self.open.get() - 1);
+                self.failing.set(true);
+                self.closed_one();
                 Err(e)
             }
+        }
+    }
+
+    /// A connection for one command: idle, new, or the next freed (not
+    /// waited for while Redis is failing).
+    async fn checkout(&self, s: &RedisCache, deadline: Instant) -> Result<Conn, String> {
+        loop {
+            if let Some(c) = self.idle.borrow_mut().pop() {
+                return Ok(c);
+            }
+            if self.open.get() < self.max {
+                self.open.set(self.open.get() + 1);
+                return Conn::open(s).await.inspect_err(|_| {
+                    self.failing.set(true);
+                    self.closed_one();
+                });
+            }
+            // A failing Redis is not waited for: a miss at once.
+            if self.failing.get() {
+                return Err("Redis is failing; not waiting for a busy connection".into());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero()
+                || monoio::time::timeout(left, Freed::new(&self.waiting))
+                    .await
+                    .is_err()
+            {
+                return Err("every connection of this core stayed busy".into());
+            }
+        }
+    }
+
+    /// A connection was closed (failed, or never opened): room for another.
+    fn closed_one(&self) {
+        self.open.set(self.open.get().saturating_sub(1));
+        self.wake_waiting();
+    }
+
+    /// Wakes every command waiting for a connection: each looks again
+    /// (on one core, in turn; the losers wait again).
+    fn wake_waiting(&self) {
+        for w in self.waiting.borrow_mut().drain(..) {
+            w.wake();
         }
     }
 
