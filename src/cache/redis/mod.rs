@@ -32,8 +32,8 @@
 //!
 //! `rediss://` connects over TLS (`conn.rs`).
 //!
-//! Not yet: Redis Cluster, objects stored as chunks, fleet-wide collapsing
-//! and limits (issue #25).
+//! Fleet-wide collapsed forwarding is `lease.rs`, fleet-wide limits
+//! `limit.rs`. Not yet: Redis Cluster, objects stored as chunks (issue #25).
 
 pub mod conn;
 pub mod entry;
