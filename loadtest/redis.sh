@@ -66,6 +66,7 @@ $1
     enabled: true
     redis_url: "redis://127.0.0.1:$P_REDIS"
     redis_ttl_seconds: 3600
+    max_pool_size: 32
 buckets:
   - name: "bench"
     path_prefix: "/data"
