@@ -376,7 +376,24 @@ fn rotation_flips_exif_and_effects_change_the_pixels_they_name() {
         edge[0] > 60.0 && edge[2] > 60.0,
         "the edge is mixed: {edge:?}"
     );
-    assert_eq!(probe(d, &get("/img/photo.jpg?w=400&sharpen=2")).0, 400);
+    // Contrast pushes the red half's channels apart (230 and 20 become
+    // about 255 and 0); sharpening overshoots at the red/blue edge.
+    let p = pixel(d, &get("/img/photo.jpg?w=400&contrast=50"), 10, 100);
+    assert!(p[0] > 245.0 && p[2] < 8.0, "contrast: {p:?}");
+    let plain = get("/img/photo.jpg?w=400");
+    let sharp = get("/img/photo.jpg?w=400&sharpen=2");
+    assert_eq!(probe(d, &sharp).0, 400);
+    // Across the red/blue edge (x = 200) the sharpened pixels overshoot.
+    let moved: f64 = (196..204)
+        .map(|x| {
+            let (a, b) = (pixel(d, &sharp, x, 100), pixel(d, &plain, x, 100));
+            a.iter().zip(&b).map(|(a, b)| (a - b).abs()).sum::<f64>()
+        })
+        .sum();
+    assert!(
+        moved > 40.0,
+        "sharpening moved the edge's pixels by {moved}"
+    );
 }
 
 #[test]

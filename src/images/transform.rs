@@ -311,7 +311,7 @@ fn overlay(
     keep_alive: &mut Vec<Arc<Vec<u8>>>,
 ) -> Result<Image, String> {
     let opacity = f64::from(mark.opacity.clamp(0.0, 1.0));
-    let img = match &mark.what {
+    let img = match &mark.kind {
         DrawnKind::Text {
             text,
             font_size,

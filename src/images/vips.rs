@@ -44,12 +44,12 @@ struct Api {
     thumbnail_buffer: unsafe extern "C" fn(*mut c_void, usize, Out, c_int, ...) -> c_int,
     extract_area: unsafe extern "C" fn(Img, Out, c_int, c_int, c_int, c_int, ...) -> c_int,
     embed: unsafe extern "C" fn(Img, Out, c_int, c_int, c_int, c_int, ...) -> c_int,
-    rot: unsafe extern "C" fn(Img, Out, c_int, ...) -> c_int,
-    flip: unsafe extern "C" fn(Img, Out, c_int, ...) -> c_int,
-    colourspace: unsafe extern "C" fn(Img, Out, c_int, ...) -> c_int,
-    cast: unsafe extern "C" fn(Img, Out, c_int, ...) -> c_int,
-    gaussblur: unsafe extern "C" fn(Img, Out, f64, ...) -> c_int,
-    rotate: unsafe extern "C" fn(Img, Out, f64, ...) -> c_int,
+    rot: IntOp,
+    flip: IntOp,
+    colourspace: IntOp,
+    cast: IntOp,
+    gaussblur: FloatOp,
+    rotate: FloatOp,
     sharpen: unsafe extern "C" fn(Img, Out, ...) -> c_int,
     flatten: unsafe extern "C" fn(Img, Out, ...) -> c_int,
     addalpha: unsafe extern "C" fn(Img, Out, ...) -> c_int,
@@ -69,6 +69,10 @@ struct Api {
 }
 
 type Saver = unsafe extern "C" fn(Img, *mut *mut c_void, *mut usize, ...) -> c_int;
+/// An operation of one image and one int (an enum) argument.
+type IntOp = unsafe extern "C" fn(Img, Out, c_int, ...) -> c_int;
+/// An operation of one image and one double argument.
+type FloatOp = unsafe extern "C" fn(Img, Out, f64, ...) -> c_int;
 
 /// The loaded library: the process's one copy, or why there is none.
 static API: OnceLock<Result<Api, String>> = OnceLock::new();
@@ -487,49 +491,47 @@ impl Image {
         made(self.api, rc, out)
     }
 
+    /// `op` with one int argument and no options.
+    fn with_int(&self, op: IntOp, arg: c_int) -> Result<Image, String> {
+        let mut out = null_mut();
+        // SAFETY: a live input, a valid out pointer, the int as a C int.
+        let rc = unsafe { op(self.p(), &mut out, arg, END) };
+        made(self.api, rc, out)
+    }
+
+    /// `op` with one double argument and no options.
+    fn with_float(&self, op: FloatOp, arg: f64) -> Result<Image, String> {
+        let mut out = null_mut();
+        // SAFETY: a live input, a valid out pointer, the double as a double.
+        let rc = unsafe { op(self.p(), &mut out, arg, END) };
+        made(self.api, rc, out)
+    }
+
     /// Rotates by a multiple of 90 degrees clockwise (`angle`: `VipsAngle`).
     pub fn rot(&self, angle: c_int) -> Result<Image, String> {
-        let mut out = null_mut();
-        // SAFETY: as `crop`.
-        let rc = unsafe { (self.api.rot)(self.p(), &mut out, angle, END) };
-        made(self.api, rc, out)
+        self.with_int(self.api.rot, angle)
     }
 
     pub fn flip(&self, direction: c_int) -> Result<Image, String> {
-        let mut out = null_mut();
-        // SAFETY: as `crop`.
-        let rc = unsafe { (self.api.flip)(self.p(), &mut out, direction, END) };
-        made(self.api, rc, out)
+        self.with_int(self.api.flip, direction)
     }
 
     pub fn colourspace(&self, space: c_int) -> Result<Image, String> {
-        let mut out = null_mut();
-        // SAFETY: as `crop`.
-        let rc = unsafe { (self.api.colourspace)(self.p(), &mut out, space, END) };
-        made(self.api, rc, out)
+        self.with_int(self.api.colourspace, space)
     }
 
     pub fn cast(&self, format: c_int) -> Result<Image, String> {
-        let mut out = null_mut();
-        // SAFETY: as `crop`.
-        let rc = unsafe { (self.api.cast)(self.p(), &mut out, format, END) };
-        made(self.api, rc, out)
+        self.with_int(self.api.cast, format)
     }
 
     pub fn gaussblur(&self, sigma: f64) -> Result<Image, String> {
-        let mut out = null_mut();
-        // SAFETY: as `crop`; the sigma is a double.
-        let rc = unsafe { (self.api.gaussblur)(self.p(), &mut out, sigma, END) };
-        made(self.api, rc, out)
+        self.with_float(self.api.gaussblur, sigma)
     }
 
     /// Rotates by any angle (degrees, clockwise), the corners transparent
     /// for an image with alpha.
     pub fn rotate(&self, degrees: f64) -> Result<Image, String> {
-        let mut out = null_mut();
-        // SAFETY: as `crop`.
-        let rc = unsafe { (self.api.rotate)(self.p(), &mut out, degrees, END) };
-        made(self.api, rc, out)
+        self.with_float(self.api.rotate, degrees)
     }
 
     pub fn sharpen(&self, sigma: f64) -> Result<Image, String> {

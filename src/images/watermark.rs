@@ -26,10 +26,11 @@ pub struct Rule {
     pub marks: Vec<Mark>,
 }
 
-/// One `watermarks[]` entry.
+/// One `watermarks[]` entry: as configured (`Mark<Template>`), or as
+/// drawn for one request (`Drawn`, its text rendered).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Mark {
-    pub kind: MarkKind,
+pub struct Mark<T = Template> {
+    pub kind: MarkKind<T>,
     /// 0 to 1.
     pub opacity: f32,
     pub position: Position,
@@ -43,9 +44,9 @@ pub struct Mark {
 
 /// Text or an image.
 #[derive(Debug, Clone, PartialEq)]
-pub enum MarkKind {
+pub enum MarkKind<T = Template> {
     Text {
-        template: Template,
+        text: T,
         font_size: u32,
         color: [u8; 3],
     },
@@ -211,29 +212,42 @@ pub struct Context<'a> {
 }
 
 /// A mark as drawn for one request: its text rendered.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Drawn {
-    pub what: DrawnKind,
-    pub opacity: f32,
-    pub position: Position,
-    pub margin: u32,
-    pub rotation: i32,
-    pub tile_spacing: u32,
-}
+pub type Drawn = Mark<String>;
 
-/// Text as rendered, or an image by its source.
-#[derive(Debug, Clone, PartialEq)]
-pub enum DrawnKind {
-    Text {
-        text: String,
-        font_size: u32,
-        color: [u8; 3],
-    },
-    Image {
-        source: String,
-        width: Option<u32>,
-        height: Option<u32>,
-    },
+/// What a drawn mark shows.
+pub type DrawnKind = MarkKind<String>;
+
+impl Mark {
+    /// This mark with its text rendered for one request.
+    fn drawn(&self, ctx: &Context<'_>) -> Drawn {
+        Mark {
+            kind: match &self.kind {
+                MarkKind::Text {
+                    text,
+                    font_size,
+                    color,
+                } => MarkKind::Text {
+                    text: text.render(ctx),
+                    font_size: *font_size,
+                    color: *color,
+                },
+                MarkKind::Image {
+                    source,
+                    width,
+                    height,
+                } => MarkKind::Image {
+                    source: source.clone(),
+                    width: *width,
+                    height: *height,
+                },
+            },
+            opacity: self.opacity,
+            position: self.position,
+            margin: self.margin,
+            rotation: self.rotation,
+            tile_spacing: self.tile_spacing,
+        }
+    }
 }
 
 impl Watermarks {
@@ -241,38 +255,7 @@ impl Watermarks {
     /// `None` when no rule matches.
     pub fn render(&self, ctx: &Context<'_>) -> Option<Vec<Drawn>> {
         let rule = self.rules.iter().find(|r| glob(&r.pattern, ctx.path))?;
-        Some(
-            rule.marks
-                .iter()
-                .map(|m| Drawn {
-                    what: match &m.kind {
-                        MarkKind::Text {
-                            template,
-                            font_size,
-                            color,
-                        } => DrawnKind::Text {
-                            text: template.render(ctx),
-                            font_size: *font_size,
-                            color: *color,
-                        },
-                        MarkKind::Image {
-                            source,
-                            width,
-                            height,
-                        } => DrawnKind::Image {
-                            source: source.clone(),
-                            width: *width,
-                            height: *height,
-                        },
-                    },
-                    opacity: m.opacity,
-                    position: m.position,
-                    margin: m.margin,
-                    rotation: m.rotation,
-                    tile_spacing: m.tile_spacing,
-                })
-                .collect(),
-        )
+        Some(rule.marks.iter().map(|m| m.drawn(ctx)).collect())
     }
 }
 
@@ -382,7 +365,7 @@ mod tests {
     fn first_matching_rule_wins_and_rendered_text_keys_the_variant() {
         let text = |s: &str| Mark {
             kind: MarkKind::Text {
-                template: Template::parse(s).expect("t"),
+                text: Template::parse(s).expect("t"),
                 font_size: 24,
                 color: [255, 0, 0],
             },
@@ -410,7 +393,7 @@ mod tests {
         let a = w.render(&ctx(Some(&ann), "/p/x.jpg")).expect("rule");
         let b = w.render(&ctx(Some(&bob), "/p/x.jpg")).expect("rule");
         assert_eq!(
-            a[0].what,
+            a[0].kind,
             DrawnKind::Text {
                 text: "for ann".into(),
                 font_size: 24,
@@ -423,7 +406,7 @@ mod tests {
             fingerprint(&w.render(&ctx(Some(&ann), "/p/y.jpg")).expect("r"))
         );
         let png = w.render(&ctx(None, "/p/x.png")).expect("fallback rule");
-        assert!(matches!(&png[0].what, DrawnKind::Text { text, .. } if text == "other"));
+        assert!(matches!(&png[0].kind, DrawnKind::Text { text, .. } if text == "other"));
         let none = Watermarks {
             cache_ttl: w.cache_ttl,
             rules: vec![w.rules[0].clone()],

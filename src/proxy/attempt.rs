@@ -55,6 +55,25 @@ impl CoreGeneration {
         result
     }
 
+    /// [`Self::attempt`], its time to the response head recorded in the
+    /// replica's upstream duration histogram.
+    pub(super) async fn attempt_timed(
+        &self,
+        c: &mut Client,
+        ctx: &RequestCtx<'_>,
+        rid: usize,
+        resume: Option<Resume<'_>>,
+    ) -> Result<Answer, Error<Answer>> {
+        let t0 = Instant::now();
+        let result = self.attempt(c, ctx, rid, resume).await;
+        let micros = t0.elapsed().as_micros() as u64;
+        self.core
+            .metrics
+            .borrow_mut()
+            .upstream(self.mid(rid), micros);
+        result
+    }
+
     /// [`Self::attempt`] without its span.
     async fn attempt_untraced(
         &self,

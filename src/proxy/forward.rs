@@ -85,13 +85,7 @@ impl CoreGeneration {
         let mut cursor = Cursor::new(self, ctx.order);
         let mut last: Option<(usize, Error<Answer>)> = None;
         while let Some(rid) = cursor.next_replica() {
-            let t0 = Instant::now();
-            let result = self.attempt(c, ctx, rid, None).await;
-            let micros = t0.elapsed().as_micros() as u64;
-            self.core
-                .metrics
-                .borrow_mut()
-                .upstream(self.mid(rid), micros);
+            let result = self.attempt_timed(c, ctx, rid, None).await;
             match result {
                 Ok(answer) => {
                     cursor.answered_head();

@@ -384,13 +384,7 @@ impl CoreGeneration {
         let mut cursor = Cursor::new(self, ctx.order);
         let mut last = None;
         while let Some(rid) = cursor.next_replica() {
-            let t0 = Instant::now();
-            let result = self.attempt(c, &ctx, rid, Some(ask)).await;
-            let micros = t0.elapsed().as_micros() as u64;
-            self.core
-                .metrics
-                .borrow_mut()
-                .upstream(self.mid(rid), micros);
+            let result = self.attempt_timed(c, &ctx, rid, Some(ask)).await;
             let answer = match result {
                 Ok(a) => a,
                 Err(f) => {

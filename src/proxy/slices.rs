@@ -412,13 +412,7 @@ impl CoreGeneration {
             .map_or(0, |s| s.purge_epoch());
         let mut cursor = Cursor::new(self, ctx.order);
         while let Some(rid) = cursor.next_replica() {
-            let t0 = Instant::now();
-            let result = self.attempt(c, &ctx, rid, Some(resume)).await;
-            let micros = t0.elapsed().as_micros() as u64;
-            self.core
-                .metrics
-                .borrow_mut()
-                .upstream(self.mid(rid), micros);
+            let result = self.attempt_timed(c, &ctx, rid, Some(resume)).await;
             let answer = match result {
                 Ok(a) => a,
                 Err(f) => {

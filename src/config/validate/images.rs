@@ -294,7 +294,7 @@ fn mark(m: &RawMark, at: &str, auth: bool, p: &mut Problems) -> Option<Mark> {
                 }),
             };
             MarkKind::Text {
-                template,
+                text: template,
                 font_size,
                 color,
             }
