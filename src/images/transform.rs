@@ -8,7 +8,7 @@
 
 use super::params::{Fit, Format, Params};
 use super::plan::{self, Crop, Limits};
-use super::vips::{self, Image, SaveAs};
+use super::vips::{self, Image, SaveAs, Thumb};
 use super::watermark::{Drawn, DrawnKind, Position};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -188,14 +188,12 @@ pub fn run(job: &Job, sources: &Sources) -> Result<Output, Failure> {
     } else {
         plan.scale_to
     };
-    let mut img = match plan.crop {
-        Crop::Smart { size } => {
-            let (cw, ch) = if quarter { (size.1, size.0) } else { size };
-            vips::thumbnail_smart(&job.input, cw, ch, !p.auto_rotate)
-        }
-        _ => vips::thumbnail(&job.input, tw, th, !p.auto_rotate),
-    }
-    .map_err(failed)?;
+    let (size, how) = match plan.crop {
+        Crop::Smart { size } if quarter => ((size.1, size.0), Thumb::Smart),
+        Crop::Smart { size } => (size, Thumb::Smart),
+        _ => ((tw, th), Thumb::Exact),
+    };
+    let mut img = vips::thumbnail(&job.input, size, how, !p.auto_rotate).map_err(failed)?;
     img = img.colourspace(vips::INTERPRETATION_SRGB).map_err(failed)?;
     if p.rotate != 0 {
         img = img
@@ -341,7 +339,8 @@ fn overlay(
                 (None, Some(h)) => (ratio(sw, *h, sh), *h),
                 (None, None) => (sw, sh),
             };
-            let mut img = vips::thumbnail(&bytes, w.clamp(1, 4096), h.clamp(1, 4096), false)?
+            let size = (w.clamp(1, 4096), h.clamp(1, 4096));
+            let mut img = vips::thumbnail(&bytes, size, Thumb::Exact, false)?
                 .colourspace(vips::INTERPRETATION_SRGB)?;
             keep_alive.push(bytes);
             if !img.has_alpha() {

@@ -341,45 +341,36 @@ pub fn header(buf: &[u8]) -> Result<Header, String> {
     })
 }
 
-/// Decodes `buf` scaled to exactly `width` x `height` (shrinking on load
-/// where the format allows: JPEG decodes at 1/2, 1/4, 1/8), turned upright
-/// by its EXIF orientation unless `no_rotate`.
-pub fn thumbnail(buf: &[u8], width: u32, height: u32, no_rotate: bool) -> Result<Image, String> {
-    let api = api()?;
-    let mut out = null_mut();
-    // SAFETY: `buf` outlives the image (see the module note); libvips does
-    // not write through the pointer despite its `void *` type.
-    let rc = unsafe {
-        (api.thumbnail_buffer)(
-            buf.as_ptr() as *mut c_void,
-            buf.len(),
-            &mut out,
-            width as c_int,
-            c"height".as_ptr(),
-            height as c_int,
-            c"size".as_ptr(),
-            SIZE_FORCE,
-            c"no_rotate".as_ptr(),
-            c_int::from(no_rotate),
-            END,
-        )
-    };
-    made(api, rc, out)
+/// How [`thumbnail`] meets its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Thumb {
+    /// Scaled to exactly the size (the plan has kept the aspect).
+    Exact,
+    /// Scaled to cover the size, cropped to it around what draws the eye
+    /// (libvips' attention measure). A crop after an exact thumbnail
+    /// cannot do this: its decode is sequential, and finding the
+    /// interesting part reads the image twice.
+    Smart,
 }
 
-/// Decodes `buf` scaled to cover `width` x `height`, cropped to it around
-/// what draws the eye (libvips' attention measure), upright unless
-/// `no_rotate`. (A crop after `thumbnail` cannot: its decode is
-/// sequential, and finding the interesting part reads the image twice.)
-pub fn thumbnail_smart(
+/// Decodes `buf` scaled to `width` x `height` as `how` says (shrinking on
+/// load where the format allows: JPEG decodes at 1/2, 1/4, 1/8), turned
+/// upright by its EXIF orientation unless `no_rotate`.
+pub fn thumbnail(
     buf: &[u8],
-    width: u32,
-    height: u32,
+    (width, height): (u32, u32),
+    how: Thumb,
     no_rotate: bool,
 ) -> Result<Image, String> {
     let api = api()?;
+    let (option, value) = match how {
+        Thumb::Exact => (c"size", SIZE_FORCE),
+        Thumb::Smart => (c"crop", INTERESTING_ATTENTION),
+    };
     let mut out = null_mut();
-    // SAFETY: as `thumbnail`; the crop option is an enum passed as a C int.
+    // SAFETY: `buf` outlives the image (see the module note); libvips does
+    // not write through the pointer despite its `void *` type; the option
+    // values are enums passed as C ints.
     let rc = unsafe {
         (api.thumbnail_buffer)(
             buf.as_ptr() as *mut c_void,
@@ -388,8 +379,8 @@ pub fn thumbnail_smart(
             width as c_int,
             c"height".as_ptr(),
             height as c_int,
-            c"crop".as_ptr(),
-            INTERESTING_ATTENTION,
+            option.as_ptr(),
+            value,
             c"no_rotate".as_ptr(),
             c_int::from(no_rotate),
             END,

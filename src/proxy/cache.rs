@@ -111,6 +111,17 @@ impl CoreGeneration {
         }
     }
 
+    /// The memory tier's purge count now (0 without a cache): a copy
+    /// fetched while it moved is not stored (a purge that lands while an
+    /// object is on its way wins).
+    pub(super) fn purge_epoch(&self) -> u64 {
+        self.shared
+            .process
+            .cache
+            .as_ref()
+            .map_or(0, |s| s.purge_epoch())
+    }
+
     /// The cache key of `key` (URI-encoded) in `bucket`, with the forwarded
     /// query and the bucket's origin (see `cache::store::key`).
     pub(super) fn cache_key(&self, bucket: usize, key: &str, query: &str) -> String {

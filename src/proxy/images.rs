@@ -375,12 +375,7 @@ impl CoreGeneration {
         };
         // A purge that lands while the original is on its way wins: it is
         // then not kept.
-        let epoch = self
-            .shared
-            .process
-            .cache
-            .as_ref()
-            .map_or(0, |s| s.purge_epoch());
+        let epoch = self.purge_epoch();
         let mut cursor = Cursor::new(self, ctx.order);
         let mut last = None;
         while let Some(rid) = cursor.next_replica() {

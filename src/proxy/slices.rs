@@ -404,12 +404,7 @@ impl CoreGeneration {
         };
         // A purge that lands while the slice is on its way wins: the slice
         // then answers this request and is not stored.
-        let epoch = self
-            .shared
-            .process
-            .cache
-            .as_ref()
-            .map_or(0, |s| s.purge_epoch());
+        let epoch = self.purge_epoch();
         let mut cursor = Cursor::new(self, ctx.order);
         while let Some(rid) = cursor.next_replica() {
             let result = self.attempt_timed(c, &ctx, rid, Some(resume)).await;
