@@ -23,7 +23,7 @@ YATA=${YATA:-$ROOT/target/release/yatagarasu}
 N=${N:-40}
 DURATION=${DURATION:-5}
 PIN=${PIN:-1}
-P_ORIGIN=18500 P_YATA=18501 P_METRICS=18502
+P_ORIGIN=18500 P_YATA=18501
 on_core() { if [ "$PIN" = 1 ]; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi; }
 # In the background, so that $! is the server itself (stopped by PID).
 spawn_on() { if [ "$PIN" = 1 ]; then exec taskset -c "$1" "${@:2}"; else exec "${@:2}"; fi; }
@@ -56,11 +56,7 @@ done
 origin_conf "$WORK" "$P_ORIGIN" 'add_header Cache-Control "max-age=86400";' >"$WORK/origin.conf"
 spawn_on 1 nginx -c "$WORK/origin.conf" -p "$WORK" &
 PIDS+=($!)
-cat >"$WORK/yata.yaml" <<CONF
-server:
-  address: "127.0.0.1:$P_YATA"
-  workers: 1
-image_optimization:
+yata_yaml "$P_YATA" "$P_ORIGIN" "image_optimization:
   enabled: true
   max_concurrent: 1
   max_queue: 64
@@ -69,22 +65,7 @@ cache:
   memory:
     max_cache_size_mb: 512
     max_item_size_mb: 16
-buckets:
-  - name: "bench"
-    path_prefix: "/data"
-    s3:
-      bucket: "data-bucket"
-      endpoint: "http://127.0.0.1:$P_ORIGIN"
-      access_key: "bench"
-      secret_key: "bench-secret"
-      health_check:
-        enabled: false
-metrics:
-  enabled: true
-  address: "127.0.0.1:$P_METRICS"
-logging:
-  level: "warn"
-CONF
+" >"$WORK/yata.yaml"
 if ss -ltn | grep -q ":$P_YATA "; then echo "port $P_YATA is taken (a proxy left over?)" >&2; exit 1; fi
 spawn_on 0 "$YATA" --config "$WORK/yata.yaml" >"$WORK/logs/yata.log" 2>&1 &
 PROXY=$!

@@ -5,7 +5,10 @@
 #                                           on exit the PIDS are killed and WORK removed
 #   make_objects <work> <sizes...>        objects obj-<size> (1k 4k 16k 32k 64k 256k 1m 64m) under <work>/origin/data-bucket
 #   origin_conf <work> <port> [directives] nginx config serving <work>/origin at <port>
-#   yata_yaml <port> <origin port> [extra]  a one-worker yatagarasu config for /data -> the origin
+#   yata_yaml <port> <origin port> [extra] [metrics port]
+#                                         a one-worker yatagarasu config for /data -> the origin;
+#                                           extra: top-level sections before buckets (ending in a
+#                                           newline); metrics served on the port when one is given
 #   haproxy_cfg <port> <origin port> [global lines]  HAProxy proxying /data to the origin
 #   nginx_proxy_conf <work> <port> <origin port> [http directives] [main directives]
 #                                           nginx (one worker) proxying /data to the origin,
@@ -54,6 +57,9 @@ CONF
 }
 
 yata_yaml() {
+  local metrics="  enabled: false"
+  [ -n "${4:-}" ] && metrics="  enabled: true
+  address: \"127.0.0.1:$4\""
   cat <<CONF
 server:
   address: "127.0.0.1:$1"
@@ -69,7 +75,7 @@ ${3:-}buckets:
       health_check:
         enabled: false
 metrics:
-  enabled: false
+$metrics
 logging:
   level: "warn"
 CONF

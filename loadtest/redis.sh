@@ -52,11 +52,7 @@ for _ in $(seq 100); do redis-cli -p "$P_REDIS" ping >/dev/null 2>&1 && break; s
 
 # start_proxy <layers yaml> <memory MiB>; sets PROXY
 start_proxy() {
-  cat >"$WORK/yata.yaml" <<CONF
-server:
-  address: "127.0.0.1:$P_YATA"
-  workers: 1
-cache:
+  yata_yaml "$P_YATA" "$P_ORIGIN" "cache:
   enabled: true
 $1
   memory:
@@ -64,25 +60,10 @@ $1
     max_item_size_mb: 1
   redis:
     enabled: true
-    redis_url: "redis://127.0.0.1:$P_REDIS"
+    redis_url: \"redis://127.0.0.1:$P_REDIS\"
     redis_ttl_seconds: 3600
     max_pool_size: 32
-buckets:
-  - name: "bench"
-    path_prefix: "/data"
-    s3:
-      bucket: "data-bucket"
-      endpoint: "http://127.0.0.1:$P_ORIGIN"
-      access_key: "bench"
-      secret_key: "bench-secret"
-      health_check:
-        enabled: false
-metrics:
-  enabled: true
-  port: $P_METRICS
-logging:
-  level: "warn"
-CONF
+" "$P_METRICS" >"$WORK/yata.yaml"
   spawn_on 0 "$YATA" --config "$WORK/yata.yaml" 2>>"$WORK/logs/yata.log" &
   PROXY=$!
   PIDS+=("$PROXY")

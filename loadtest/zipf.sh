@@ -309,33 +309,14 @@ fleet_run() {
     redis_ttl_seconds: 86400
 "
     fi
-    cat >"$WORK/fleet-$i.yaml" <<CONF
-server:
-  address: "127.0.0.1:$port"
-  workers: 1
-cache:
+    yata_yaml "$port" "$P_ORIGIN" "cache:
   enabled: true
   cache_layers: $layers
   memory:
     max_cache_size_mb: $MEM_MB
     max_item_size_mb: 8
     default_ttl_seconds: 86400
-$redis
-buckets:
-  - name: "bench"
-    path_prefix: "/data"
-    s3:
-      bucket: "data-bucket"
-      endpoint: "http://127.0.0.1:$P_ORIGIN"
-      access_key: "bench"
-      secret_key: "bench-secret"
-      health_check:
-        enabled: false
-metrics:
-  enabled: false
-logging:
-  level: "warn"
-CONF
+$redis" >"$WORK/fleet-$i.yaml"
     "$YATA" --config "$WORK/fleet-$i.yaml" 2>>"$WORK/logs/fleet.log" &
     CACHE_PIDS+=($!)
     wait_port "$port"
