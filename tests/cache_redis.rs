@@ -30,13 +30,16 @@ fn origin() -> Rogue {
 
 const WRITES: &str = "yatagarasu_cache_redis_writes_total";
 
-/// The entries in Redis (not the purge index sets or the purge count).
+/// The entries in Redis (`yt-test:{<tag>}:<hash>`: not their chunks or
+/// leases, the purge index sets or the purge count).
 fn entries(redis: &Redis) -> Vec<String> {
-    redis
-        .keys()
-        .into_iter()
-        .filter(|k| k.starts_with("yt-test:{") && !k.ends_with(":lease"))
-        .collect()
+    redis.keys().into_iter().filter(|k| is_entry(k)).collect()
+}
+
+fn is_entry(key: &str) -> bool {
+    key.strip_prefix("yt-test:{")
+        .and_then(|k| k.split_once("}:"))
+        .is_some_and(|(_, hash)| hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 const ADMIN_TOKEN: &str = "0123456789abcdef-fleet-admin";

@@ -218,6 +218,9 @@ pub struct RedisCache {
     pub operation_timeout: Duration,
     /// `max_pool_size`: connections for the process (shared out per core).
     pub max_connections: usize,
+    /// `chunk_size_kb`, in bytes: larger objects are stored as chunks of
+    /// this size.
+    pub chunk_bytes: usize,
     /// `rediss://`: TLS to Redis, verified against the system's roots and
     /// `ca_file`.
     pub tls: Option<RedisTls>,

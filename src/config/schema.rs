@@ -413,6 +413,9 @@ pub struct RawCacheRedis {
     /// CA certificates (PEM) trusted for `rediss://` beside the system's.
     #[serde(default)]
     pub ca_file: Option<String>,
+    /// Objects larger than this are stored as chunks of this size (ours).
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub chunk_size_kb: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

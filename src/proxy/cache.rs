@@ -91,7 +91,7 @@ impl CoreGeneration {
                     promoted = self.promote_from_disk(c, bucket, key).await;
                 }
                 Layer::Redis if self.shared.process.redis.is_some() => {
-                    promoted = self.promote_from_redis(c, bucket, key).await;
+                    promoted = self.promote_from_redis(c, bucket, key).await?;
                 }
                 _ => {}
             }
@@ -354,7 +354,7 @@ impl CoreGeneration {
     ) -> Outcome {
         let len = match &source {
             StoredBody::Memory => copy.body.len() as u64,
-            StoredBody::File { .. } => copy.total,
+            StoredBody::Part { .. } | StoredBody::File { .. } => copy.total,
         };
         let pre = policy::precondition(
             c.s.req.header(Forwarded::IfNoneMatch),
@@ -388,6 +388,18 @@ impl CoreGeneration {
             StoredBody::Memory => {
                 let body = copy.body.slice(from as usize..(from + n) as usize);
                 self.send_stored(c, body, true, client_timeout).await
+            }
+            StoredBody::Part { offset } => {
+                // The part was read for this range; bytes outside it are
+                // never made up: the connection ends instead.
+                let held = offset..offset + copy.body.len() as u64;
+                if held.start <= from && from + n <= held.end {
+                    let at = (from - offset) as usize;
+                    let body = copy.body.slice(at..at + n as usize);
+                    self.send_stored(c, body, true, client_timeout).await
+                } else {
+                    Err(io::Error::other("the range is outside the part read"))
+                }
             }
             StoredBody::File { file, offset, pipe } => {
                 self.send_file(c, file, offset + from, n, pipe, client_timeout)
@@ -559,6 +571,9 @@ pub(super) async fn write_bytes(
 pub(super) enum StoredBody<'a> {
     /// The memory tier's copy (`Object::body`).
     Memory,
+    /// Part of the object (`Object::body`, its bytes from `offset` on),
+    /// read for a range from a lower tier.
+    Part { offset: u64 },
     /// A disk-tier file, its body from `offset`, in the page cache, to be
     /// sent through `pipe`.
     File {

@@ -70,35 +70,50 @@ impl CoreGeneration {
 
     /// Step "redis": a miss in the local tiers asks the Redis tier; an
     /// intact entry is put into memory (and offered to the disk tier) and
-    /// handed to the lookup that follows, as a disk entry is. Anything else
-    /// (absent, refused, Redis slow or down) is a miss.
+    /// handed to the lookup that follows, as a disk entry is. A single
+    /// range of a chunked object is answered from the chunks it covers
+    /// (`Err`), without entering memory. Anything else (absent, refused,
+    /// Redis slow or down) is a miss.
     pub(super) async fn promote_from_redis(
         &self,
-        c: &Client,
+        c: &mut Client,
         bucket: usize,
         key: &str,
-    ) -> Option<Arc<Object>> {
+    ) -> Result<Option<Arc<Object>>, Outcome> {
+        use crate::cache::redis::Found;
         let process = &self.shared.process;
         let (Some(tier), Some(reader)) = (&process.redis, &self.core.redis) else {
-            return None;
+            return Ok(None);
         };
         if conditional_not_answered(c) {
-            return None;
+            return Ok(None);
         }
-        let (store, k) = self.memory_miss(c, bucket, key)?;
-        let epoch = store.purge_epoch();
-        let crate::cache::redis::Found::Hit(object) = reader.get(tier, &k).await else {
-            return None;
+        let Some((store, k)) = self.memory_miss(c, bucket, key) else {
+            return Ok(None);
         };
+        let epoch = store.purge_epoch();
+        let range = c.s.req.header(Forwarded::Range);
+        let found = reader.get(tier, &k, range).await;
         // A purge while Redis answered wins.
         if store.purge_epoch() != epoch {
-            return None;
+            return Ok(None);
         }
-        let copy = store.insert(k.clone(), object);
-        if let Some(disk) = &process.disk {
-            disk.offer(k, copy.clone(), epoch);
+        match found {
+            Found::Miss => Ok(None),
+            Found::Hit(object) => {
+                let copy = store.insert(k.clone(), object);
+                if let Some(disk) = &process.disk {
+                    disk.offer(k, copy.clone(), epoch);
+                }
+                Ok(Some(copy))
+            }
+            Found::Part(part, offset) => {
+                let mid = self.shared.bucket_metric[bucket];
+                self.core.metrics.borrow_mut().cache(mid, CacheResult::Hit);
+                let source = StoredBody::Part { offset };
+                Err(self.answer_stored(c, bucket, &part, "HIT", source).await)
+            }
         }
-        Some(copy)
     }
 
     /// A disk-tier entry whose pages are all in the page cache answers a

@@ -13,8 +13,10 @@ use redis_protocol::resp2::decode::decode;
 use redis_protocol::resp2::types::OwnedFrame;
 use std::time::Duration;
 
-/// Read buffer to start with; grows to the largest value read.
+/// Read buffer to start with; grows to the largest reply read.
 const BUF: usize = 16 * 1024;
+/// A read buffer grown past this shrinks back once its reply is taken.
+const MAX_KEPT: usize = 256 * 1024;
 
 /// An open, authenticated connection.
 pub struct Conn {
@@ -24,17 +26,23 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Connects within `connection_timeout_ms`, then authenticates and
-    /// selects the database within `operation_timeout_ms`.
+    /// Connects to `redis_url`'s server (see [`Conn::open_at`]).
     pub async fn open(s: &RedisCache) -> Result<Conn, String> {
-        let stream = monoio::time::timeout(s.connect_timeout, TcpStream::connect(&s.address))
+        Conn::open_at(s, &s.address).await
+    }
+
+    /// Connects to `address` (a node of a Cluster, or the one server)
+    /// within `connection_timeout_ms`, then authenticates and selects the
+    /// database within `operation_timeout_ms`.
+    pub async fn open_at(s: &RedisCache, address: &str) -> Result<Conn, String> {
+        let stream = monoio::time::timeout(s.connect_timeout, TcpStream::connect(address))
             .await
-            .map_err(|_| format!("connect to {} timed out", s.address))?
-            .map_err(|e| format!("connect to {}: {e}", s.address))?;
+            .map_err(|_| format!("connect to {address} timed out"))?
+            .map_err(|e| format!("connect to {address}: {e}"))?;
         let _ = stream.set_nodelay(true);
         let stream = match &s.tls {
             None => MaybeTls::Plain(stream),
-            Some(tls) => MaybeTls::Tls(Box::new(handshake(tls, stream, s).await?)),
+            Some(tls) => MaybeTls::Tls(Box::new(handshake(tls, stream, s, address).await?)),
         };
         let mut conn = Conn {
             stream,
@@ -112,6 +120,11 @@ impl Conn {
             match decode(&self.buf) {
                 Ok(Some((frame, used))) => {
                     self.buf.drain(..used);
+                    // A large value read once is not kept for the
+                    // connection's life.
+                    if self.buf.capacity() > MAX_KEPT && self.buf.len() <= BUF {
+                        self.buf.shrink_to(BUF);
+                    }
                     return Ok(frame);
                 }
                 Ok(None) => {}
@@ -138,6 +151,7 @@ async fn handshake(
     tls: &RedisTls,
     stream: TcpStream,
     s: &RedisCache,
+    address: &str,
 ) -> Result<monoio_rustls::ClientTlsStream<TcpStream>, String> {
     static CONNECTOR: std::sync::OnceLock<Result<monoio_rustls::TlsConnector, String>> =
         std::sync::OnceLock::new();
@@ -146,7 +160,7 @@ async fn handshake(
         .as_ref()
         .map_err(|e| format!("TLS to Redis: {e}"))?;
     let deadline = std::time::Instant::now() + s.connect_timeout;
-    crate::upstream::pool::tls_handshake(connector, stream, &tls.server_name, &s.address, deadline)
+    crate::upstream::pool::tls_handshake(connector, stream, &tls.server_name, address, deadline)
         .await
         .map_err(|(_, e)| e)
 }

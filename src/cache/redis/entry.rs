@@ -2,23 +2,35 @@
 //! is not ours, was cut short or had a bit flipped is recognised and dropped,
 //! never served.
 //!
+//! An object up to the chunk size (`cache.redis.chunk_size_kb`) is one
+//! value, its body inline. A larger one is a manifest plus chunks, each
+//! chunk a value of its own under the entry's key, the write's id and the
+//! chunk's number (`mod.rs` names them; one hash tag, so one Cluster slot).
+//! The manifest, written last, lists each chunk's CRC-32: a chunk missing,
+//! cut, flipped or left by another write is caught before a byte is sent,
+//! and the lookup is a miss, never a short or mixed body. A range is read
+//! from the chunks it covers.
+//!
 //! ```text
-//! "YTGRS1\n"   magic and format version
+//! "YTGRS2\n"   magic and format version
 //! u32 BE       length of the metadata that follows
 //! JSON         key (the whole cache key, origin fingerprint included),
 //!              etag, last_modified, headers, total, stored_at_ms,
-//!              fresh_for_ms, body_len, crc32 (of the body)
-//! body         body_len bytes
+//!              fresh_for_ms, body_len, crc32 (of an inline body),
+//!              chunk_size, chunks (CRC-32 of each), write_id
+//! body         body_len bytes when inline, nothing when chunked
 //! ```
 //!
 //! Pure: no I/O.
 
+use crate::cache::region::Filling;
 use crate::cache::store::Object;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 use std::time::{Duration, SystemTime};
 
-const MAGIC: &[u8] = b"YTGRS1\n";
+const MAGIC: &[u8] = b"YTGRS2\n";
 
 #[derive(Serialize, Deserialize)]
 struct EntryMeta {
@@ -31,6 +43,9 @@ struct EntryMeta {
     fresh_for_ms: u64,
     body_len: u64,
     crc32: u32,
+    chunk_size: u64,
+    chunks: Vec<u32>,
+    write_id: String,
 }
 
 /// Why a value under one of our keys was refused.
@@ -40,19 +55,41 @@ pub enum Bad {
     Foreign,
     /// Shorter or longer than it says.
     Length,
-    /// The body does not match its checksum.
+    /// The body (or a chunk) does not match its checksum.
     Checksum,
     /// Written for another cache key (another origin, or a hash collision).
     OtherKey,
+    /// A chunk the manifest lists is not there.
+    MissingChunk,
 }
 
-/// `object`, stored under cache key `key`, as one value.
-pub fn encode(key: &str, object: &Object) -> Vec<u8> {
-    let body: &[u8] = &object.body;
+/// An entry ready to write: the manifest (with the body when inline) and
+/// the chunks, in order.
+pub struct Encoded {
+    /// The manifest's value.
+    pub manifest: Vec<u8>,
+    /// The chunks' values (none when the body is inline).
+    pub chunks: Vec<Bytes>,
+}
+
+/// `object`, stored under cache key `key`: inline when its body fits in
+/// `chunk_size`, else as chunks of that size written by `write_id`.
+pub fn encode(key: &str, object: &Object, chunk_size: usize, write_id: &str) -> Encoded {
+    let body: &Bytes = object.body.bytes();
+    let chunk_size = chunk_size.max(1);
+    let chunks: Vec<Bytes> = if body.len() > chunk_size {
+        (0..body.len())
+            .step_by(chunk_size)
+            .map(|at| body.slice(at..(at + chunk_size).min(body.len())))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let stored_at_ms = object
         .stored_at
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
+    let inline = chunks.is_empty();
     let meta = EntryMeta {
         key: key.to_string(),
         etag: object.etag.clone(),
@@ -62,94 +99,246 @@ pub fn encode(key: &str, object: &Object) -> Vec<u8> {
         stored_at_ms,
         fresh_for_ms: object.fresh_for.as_millis() as u64,
         body_len: body.len() as u64,
-        crc32: crc32fast::hash(body),
+        crc32: if inline { crc32fast::hash(body) } else { 0 },
+        chunk_size: chunk_size as u64,
+        chunks: chunks.iter().map(|c| crc32fast::hash(c)).collect(),
+        write_id: write_id.to_string(),
     };
     // Serializing plain strings and numbers cannot fail.
     let meta = serde_json::to_vec(&meta).unwrap_or_default();
-    let mut out = Vec::with_capacity(MAGIC.len() + 4 + meta.len() + body.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(meta.len() as u32).to_be_bytes());
-    out.extend_from_slice(&meta);
-    out.extend_from_slice(body);
-    out
+    let inline_len = if inline { body.len() } else { 0 };
+    let mut manifest = Vec::with_capacity(MAGIC.len() + 4 + meta.len() + inline_len);
+    manifest.extend_from_slice(MAGIC);
+    manifest.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+    manifest.extend_from_slice(&meta);
+    if inline {
+        manifest.extend_from_slice(body);
+    }
+    Encoded { manifest, chunks }
 }
 
-/// The object in `value`, if it is a whole, intact entry for `key`.
-pub fn decode(key: &str, value: &[u8]) -> Result<Object, Bad> {
+/// A manifest read back: what the object is, and its body when inline.
+pub struct Manifest {
+    meta: EntryMeta,
+    inline: Option<Bytes>,
+}
+
+/// The manifest in `value`, if it is an intact entry for `key`.
+pub fn decode(key: &str, value: Bytes) -> Result<Manifest, Bad> {
     let rest = value.strip_prefix(MAGIC).ok_or(Bad::Foreign)?;
     let (len, rest) = rest.split_first_chunk::<4>().ok_or(Bad::Length)?;
     let len = u32::from_be_bytes(*len) as usize;
-    let (meta, body) = (rest.get(..len), rest.get(len..));
-    let (Some(meta), Some(body)) = (meta, body) else {
-        return Err(Bad::Length);
-    };
+    let meta = rest.get(..len).ok_or(Bad::Length)?;
     let meta: EntryMeta = serde_json::from_slice(meta).map_err(|_| Bad::Foreign)?;
     if meta.key != key {
         return Err(Bad::OtherKey);
     }
-    if body.len() as u64 != meta.body_len {
+    let body_at = MAGIC.len() + 4 + len;
+    let body_len = value.len() - body_at;
+    if meta.chunks.is_empty() {
+        if body_len as u64 != meta.body_len {
+            return Err(Bad::Length);
+        }
+        let body = value.slice(body_at..);
+        if crc32fast::hash(&body) != meta.crc32 {
+            return Err(Bad::Checksum);
+        }
+        return Ok(Manifest {
+            meta,
+            inline: Some(body),
+        });
+    }
+    let expected = meta.body_len.div_ceil(meta.chunk_size.max(1));
+    if body_len != 0 || meta.chunk_size == 0 || expected != meta.chunks.len() as u64 {
         return Err(Bad::Length);
     }
-    if crc32fast::hash(body) != meta.crc32 {
-        return Err(Bad::Checksum);
+    Ok(Manifest { meta, inline: None })
+}
+
+impl Manifest {
+    /// The object's length.
+    pub fn body_len(&self) -> u64 {
+        self.meta.body_len
     }
-    Ok(Object {
-        stored_at: SystemTime::UNIX_EPOCH + Duration::from_millis(meta.stored_at_ms),
-        fresh_for: Duration::from_millis(meta.fresh_for_ms),
-        etag: meta.etag,
-        last_modified: meta.last_modified,
-        headers: meta.headers,
-        body: Bytes::copy_from_slice(body).into(),
-        total: meta.total,
-        touched_ms: Default::default(),
-    })
+
+    /// The id of the write its chunks came from (part of their keys).
+    pub fn write_id(&self) -> &str {
+        &self.meta.write_id
+    }
+
+    /// Whether the body is in chunks.
+    pub fn chunked(&self) -> bool {
+        self.inline.is_none()
+    }
+
+    /// The chunks holding bytes `bytes` (all of them for `0..body_len`).
+    pub fn chunks_for(&self, bytes: Range<u64>) -> Range<usize> {
+        let size = self.meta.chunk_size.max(1);
+        let n = self.meta.chunks.len();
+        if bytes.start >= bytes.end {
+            return 0..0;
+        }
+        let first = (bytes.start / size) as usize;
+        let last = ((bytes.end - 1) / size) as usize;
+        first.min(n)..(last + 1).min(n)
+    }
+
+    /// Where chunk `n` starts in the body.
+    pub fn chunk_offset(&self, n: usize) -> u64 {
+        n as u64 * self.meta.chunk_size
+    }
+
+    /// The object with `body` (the inline body, or the chunks `which`
+    /// holds, read in order, `None` where absent), checked chunk by chunk.
+    /// The body starts at byte `chunk_offset(which.start)` of the object.
+    pub fn object(self, which: Range<usize>, chunks: Vec<Option<Bytes>>) -> Result<Object, Bad> {
+        let body = match self.inline {
+            Some(body) => body.into(),
+            None => {
+                if chunks.len() != which.len() {
+                    return Err(Bad::MissingChunk);
+                }
+                let size = self.meta.chunk_size;
+                let len: u64 = which
+                    .clone()
+                    .map(|n| size.min(self.meta.body_len - n as u64 * size))
+                    .sum();
+                let mut body = Filling::with_capacity(len);
+                for (n, chunk) in which.zip(chunks) {
+                    let chunk = chunk.ok_or(Bad::MissingChunk)?;
+                    let want = size.min(self.meta.body_len - n as u64 * size);
+                    if chunk.len() as u64 != want {
+                        return Err(Bad::Length);
+                    }
+                    if Some(&crc32fast::hash(&chunk)) != self.meta.chunks.get(n) {
+                        return Err(Bad::Checksum);
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                body.freeze()
+            }
+        };
+        let meta = self.meta;
+        Ok(Object {
+            stored_at: SystemTime::UNIX_EPOCH + Duration::from_millis(meta.stored_at_ms),
+            fresh_for: Duration::from_millis(meta.fresh_for_ms),
+            etag: meta.etag,
+            last_modified: meta.last_modified,
+            headers: meta.headers,
+            body,
+            total: meta.total,
+            touched_ms: Default::default(),
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn object() -> Object {
+    fn object(body: &'static [u8]) -> Object {
         Object {
             stored_at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
             fresh_for: Duration::from_secs(60),
             etag: "\"abc\"".into(),
             last_modified: Some("Tue, 01 Dec 2026 00:00:00 GMT".into()),
             headers: "Content-Type: text/plain\r\n".into(),
-            body: Bytes::from_static(b"hello, redis").into(),
-            total: 12,
+            body: Bytes::from_static(body).into(),
+            total: body.len() as u64,
             touched_ms: Default::default(),
         }
     }
 
-    #[test]
-    fn an_entry_reads_back_as_written() {
-        let value = encode("k", &object());
-        let back = decode("k", &value).expect("decodes");
-        let want = object();
-        assert_eq!(&back.body[..], &want.body[..]);
-        assert_eq!(back.etag, want.etag);
-        assert_eq!(back.headers, want.headers);
-        assert_eq!(back.last_modified, want.last_modified);
-        assert_eq!(back.stored_at, want.stored_at);
-        assert_eq!(back.fresh_for, want.fresh_for);
-        assert_eq!(back.total, 12);
+    fn whole(m: Manifest, chunks: &[Bytes]) -> Result<Object, Bad> {
+        let all = m.chunks_for(0..m.body_len());
+        let read = chunks[all.clone()].iter().cloned().map(Some).collect();
+        m.object(all, read)
     }
 
     #[test]
-    fn foreign_cut_flipped_and_misplaced_values_are_refused() {
-        let value = encode("k", &object());
-        assert_eq!(decode("k", b"hello").err(), Some(Bad::Foreign));
-        assert_eq!(decode("other", &value).err(), Some(Bad::OtherKey));
-        for cut in [value.len() - 1, MAGIC.len() + 2, MAGIC.len() + 10] {
-            assert!(decode("k", &value[..cut]).is_err(), "cut at {cut}");
+    fn an_entry_reads_back_as_written_inline_or_in_chunks() {
+        for chunk_size in [1024, 5, 4, 1] {
+            let e = encode("k", &object(b"hello, redis"), chunk_size, "w1");
+            let m = decode("k", e.manifest.into()).expect("decodes");
+            assert_eq!(m.chunked(), chunk_size < 12, "chunk size {chunk_size}");
+            assert_eq!(
+                e.chunks.len(),
+                if chunk_size < 12 {
+                    12usize.div_ceil(chunk_size)
+                } else {
+                    0
+                }
+            );
+            let back = whole(m, &e.chunks).expect("whole");
+            let want = object(b"hello, redis");
+            assert_eq!(&back.body[..], &want.body[..]);
+            assert_eq!(back.etag, want.etag);
+            assert_eq!(back.headers, want.headers);
+            assert_eq!(back.last_modified, want.last_modified);
+            assert_eq!(back.stored_at, want.stored_at);
+            assert_eq!(back.fresh_for, want.fresh_for);
+            assert_eq!(back.total, 12);
         }
-        let mut longer = value.clone();
+    }
+
+    #[test]
+    fn a_range_is_read_from_the_chunks_it_covers() {
+        let e = encode("k", &object(b"0123456789abcdef"), 4, "w");
+        let m = decode("k", e.manifest.into()).expect("decodes");
+        assert_eq!(m.chunks_for(5..7), 1..2);
+        assert_eq!(m.chunks_for(3..9), 0..3);
+        assert_eq!(m.chunks_for(12..16), 3..4);
+        assert_eq!(m.chunks_for(0..16), 0..4);
+        assert_eq!(m.chunks_for(7..7), 0..0);
+        assert_eq!(m.chunk_offset(2), 8);
+        let part = m
+            .object(
+                2..4,
+                vec![Some(e.chunks[2].clone()), Some(e.chunks[3].clone())],
+            )
+            .expect("part");
+        assert_eq!(&part.body[..], b"89abcdef");
+        assert_eq!(part.total, 16, "the whole object's length");
+    }
+
+    #[test]
+    fn foreign_cut_flipped_misplaced_and_mixed_values_are_refused() {
+        let value: Bytes = encode("k", &object(b"hello, redis"), 1024, "w")
+            .manifest
+            .into();
+        assert_eq!(
+            decode("k", Bytes::from_static(b"hello")).err(),
+            Some(Bad::Foreign)
+        );
+        assert_eq!(decode("other", value.clone()).err(), Some(Bad::OtherKey));
+        for cut in [value.len() - 1, MAGIC.len() + 2, MAGIC.len() + 10] {
+            assert!(decode("k", value.slice(..cut)).is_err(), "cut at {cut}");
+        }
+        let mut longer = value.to_vec();
         longer.push(b'!');
-        assert_eq!(decode("k", &longer).err(), Some(Bad::Length));
-        let mut flipped = value.clone();
+        assert_eq!(decode("k", longer.into()).err(), Some(Bad::Length));
+        let mut flipped = value.to_vec();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x04;
-        assert_eq!(decode("k", &flipped).err(), Some(Bad::Checksum));
+        assert_eq!(decode("k", flipped.into()).err(), Some(Bad::Checksum));
+
+        // Chunks: one missing, one cut, one flipped, one from another write
+        // of another body: each refused, never served short or mixed.
+        let e = encode("k", &object(b"0123456789abcdef"), 4, "w");
+        let other = encode("k", &object(b"0123456789ABCDEF"), 4, "v");
+        let m = || decode("k", e.manifest.clone().into()).expect("decodes");
+        let mut read: Vec<Option<Bytes>> = e.chunks.iter().cloned().map(Some).collect();
+        read[1] = None;
+        assert_eq!(m().object(0..4, read).err(), Some(Bad::MissingChunk));
+        let mut read: Vec<Option<Bytes>> = e.chunks.iter().cloned().map(Some).collect();
+        read[3] = Some(e.chunks[3].slice(..3));
+        assert_eq!(m().object(0..4, read).err(), Some(Bad::Length));
+        let mut read: Vec<Option<Bytes>> = e.chunks.iter().cloned().map(Some).collect();
+        read[2] = Some(Bytes::from_static(b"89aB"));
+        assert_eq!(m().object(0..4, read).err(), Some(Bad::Checksum));
+        let mut read: Vec<Option<Bytes>> = e.chunks.iter().cloned().map(Some).collect();
+        read[3] = Some(other.chunks[3].clone());
+        assert_eq!(m().object(0..4, read).err(), Some(Bad::Checksum));
+        assert_eq!(m().object(0..4, vec![None]).err(), Some(Bad::MissingChunk));
     }
 }

@@ -9,7 +9,6 @@
 
 use super::{Found, Reader, RedisTier};
 use crate::cache::store::Object;
-use crate::upstream::breaker::Admit;
 use redis_protocol::resp2::types::OwnedFrame;
 use std::time::{Duration, Instant};
 
@@ -36,14 +35,14 @@ impl Reader {
                 // Redis cannot say: fetch alone rather than wait on it.
                 Err(_) | Ok(true) => {
                     // The entry may have landed as the lease was freed.
-                    if let Found::Hit(o) = self.get(tier, cache_key).await {
+                    if let Found::Hit(o) = self.get(tier, cache_key, None).await {
                         return Lease::Fetched(o);
                     }
                     return Lease::Fetch;
                 }
                 Ok(false) => {}
             }
-            if let Found::Hit(o) = self.get(tier, cache_key).await {
+            if let Found::Hit(o) = self.get(tier, cache_key, None).await {
                 return Lease::Fetched(o);
             }
             if Instant::now() >= deadline {
@@ -54,16 +53,8 @@ impl Reader {
     }
 
     async fn take_lease(&self, tier: &RedisTier, lease: &str, ms: &str) -> Result<bool, String> {
-        let (admit, _) = self.breaker.borrow_mut().admit(crate::clock::now_ms());
-        if admit == Admit::Rejected {
-            return Err("breaker open".into());
-        }
         let args: [&[u8]; 6] = [b"SET", lease.as_bytes(), b"1", b"NX", b"PX", ms.as_bytes()];
-        let r = self.call(tier, &args).await;
-        self.breaker
-            .borrow_mut()
-            .record(admit, r.is_ok(), crate::clock::now_ms());
-        match r? {
+        match self.call(tier, lease.as_bytes(), &args).await? {
             OwnedFrame::SimpleString(_) => Ok(true),
             OwnedFrame::Null => Ok(false),
             other => Err(format!("SET NX answered {other:?}")),
@@ -74,6 +65,8 @@ impl Reader {
     /// instances waiting on it fetch now rather than when it expires.
     pub async fn release(&self, tier: &RedisTier, cache_key: &str) {
         let lease = tier.lease_key(cache_key);
-        let _ = self.call(tier, &[b"DEL", lease.as_bytes()]).await;
+        let _ = self
+            .call(tier, lease.as_bytes(), &[b"DEL", lease.as_bytes()])
+            .await;
     }
 }

@@ -6,7 +6,6 @@
 //! caller falls back to its per-instance share (`proxy::limits`).
 
 use super::{Reader, RedisTier};
-use crate::upstream::breaker::Admit;
 use redis_protocol::resp2::types::OwnedFrame;
 
 /// GCRA: KEYS[1] the limit's state (its theoretical arrival time, ms on
@@ -49,10 +48,6 @@ impl Reader {
         per_second: f64,
         burst: f64,
     ) -> Result<Taken, String> {
-        let (admit, _) = self.breaker.borrow_mut().admit(crate::clock::now_ms());
-        if admit == Admit::Rejected {
-            return Err("Redis failing; not asked for a while (breaker open)".into());
-        }
         let key = format!("{}:limit:{name}", tier.settings.prefix);
         let interval = format!("{:.3}", 1000.0 / per_second.max(0.000_001));
         let burst = format!("{}", burst.max(1.0).floor());
@@ -64,11 +59,7 @@ impl Reader {
             interval.as_bytes(),
             burst.as_bytes(),
         ];
-        let result = self.call(tier, &args).await;
-        self.breaker
-            .borrow_mut()
-            .record(admit, result.is_ok(), crate::clock::now_ms());
-        match result? {
+        match self.call(tier, key.as_bytes(), &args).await? {
             OwnedFrame::Integer(0) => Ok(Taken::Yes),
             OwnedFrame::Integer(wait) => Ok(Taken::Wait(wait.max(1) as u64)),
             other => Err(format!("the limit script answered {other:?}")),

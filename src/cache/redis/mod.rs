@@ -35,19 +35,23 @@
 //! Fleet-wide collapsed forwarding is `lease.rs`, fleet-wide limits
 //! `limit.rs`. Not yet: Redis Cluster, objects stored as chunks (issue #25).
 
+pub mod cluster;
 pub mod conn;
 pub mod entry;
 pub mod lease;
 pub mod limit;
+pub mod lookup;
+pub mod reader;
+
+pub use lookup::Found;
+pub use reader::Reader;
 
 use crate::cache::store::Object;
-use crate::config::{BreakerSettings, Level, RedisCache};
+use crate::config::{Level, RedisCache};
 use crate::log;
-use crate::upstream::breaker::{Admit, Breaker};
 use conn::Conn;
 use redis_protocol::resp2::types::OwnedFrame;
 use sha2::Digest;
-use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -191,10 +195,31 @@ impl RedisTier {
         (Arc::new(tier), rx)
     }
 
-    /// The Redis key of cache key `key`.
+    /// The hash tag of every key of one object (its entries, their
+    /// chunks and leases, its index set): one Cluster slot for them all.
+    fn tag(cache_key: &str) -> String {
+        let mut parts = cache_key.splitn(3, '\0');
+        let bucket = parts.next().unwrap_or("");
+        let key = parts.next().unwrap_or("");
+        let object = crate::cache::store::object_prefix(bucket, key);
+        hex::encode(&sha2::Sha256::digest(object.as_bytes())[..8])
+    }
+
+    /// The Redis key of cache key `key` (its entry's manifest):
+    /// `{prefix}:{<object's tag>}:<hash of the cache key>`.
     pub fn redis_key(&self, key: &str) -> String {
         let hash = sha2::Sha256::digest(key.as_bytes());
-        format!("{}:{{{}}}", self.settings.prefix, hex::encode(&hash[..16]))
+        format!(
+            "{}:{{{}}}:{}",
+            self.settings.prefix,
+            Self::tag(key),
+            hex::encode(&hash[..16])
+        )
+    }
+
+    /// The key of chunk `n` of the entry at `rkey`, written by `write_id`.
+    pub fn chunk_key(&self, rkey: &str, write_id: &str, n: usize) -> String {
+        format!("{rkey}:{write_id}:{n}")
     }
 
     /// Hands a stored object to the writer thread; never waits. `servable`:
@@ -214,21 +239,21 @@ impl RedisTier {
         }
     }
 
-    /// The writer thread's loop: one connection, reopened after a failure;
-    /// failures are counted and said at most once per 10 s. An entry is
-    /// written with its object's and bucket's index entries (for purges)
-    /// in one round trip; one whose object was purged since it was stored
+    /// The writer thread's loop: one connection per node, reopened after
+    /// a failure; failures are counted and said at most once per 10 s. An
+    /// object whose memory copy was purged since it was stored
     /// (`purge_epoch` moved) is not written.
     pub async fn run_writer(
         self: Arc<Self>,
         rx: Receiver<RedisWrite>,
         purge_epoch: impl Fn() -> u64,
     ) {
-        let mut conn: Option<Conn> = None;
+        let redis = Reader::new(1);
         let mut warned: Option<Instant> = None;
         // After a failure, writes are dropped (counted) for a pause: a dead
         // or stalled Redis costs one timeout per pause, not one per write.
         let mut paused_until: Option<Instant> = None;
+        let mut writes = 0u64;
         // This thread does nothing else: waiting on the queue blocks no one.
         while let Ok(w) = rx.recv() {
             if purge_epoch() != w.epoch {
@@ -238,52 +263,14 @@ impl RedisTier {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let value = entry::encode(&w.key, &w.object);
-            let key = self.redis_key(&w.key);
-            let px = w.ttl.as_millis().max(1).to_string();
-            let keep = self.settings.max_ttl.as_millis().max(1).to_string();
-            let (object_index, bucket_index) = self.index_keys(&w.key);
-            let lease_key = self.lease_key(&w.key);
-            let result = async {
-                let c = match conn.as_mut() {
-                    Some(c) => c,
-                    None => conn.insert(Conn::open(&self.settings).await?),
-                };
-                let epoch_key = self.epoch_key();
-                // The fleet's purge count as this instance knows it now: a
-                // purge it has applied already failed the check above (the
-                // local count moved); one it has not heard of yet moved the
-                // count in Redis, and the script refuses the write.
-                let fleet_epoch = self.known_epoch().await?.to_string();
-                let args: [&[u8]; 12] = [
-                    b"EVAL",
-                    WRITE_SCRIPT.as_bytes(),
-                    b"5",
-                    epoch_key.as_bytes(),
-                    key.as_bytes(),
-                    object_index.as_bytes(),
-                    bucket_index.as_bytes(),
-                    lease_key.as_bytes(),
-                    fleet_epoch.as_bytes(),
-                    &value,
-                    px.as_bytes(),
-                    keep.as_bytes(),
-                ];
-                match c.call(&args, self.settings.operation_timeout).await? {
-                    OwnedFrame::Error(e) => Err(format!("Redis said: {e}")),
-                    OwnedFrame::Integer(0) => Ok(false),
-                    _ => Ok(true),
-                }
-            }
-            .await;
-            match result {
+            writes += 1;
+            match self.write(&redis, &w, writes).await {
                 Ok(true) => {
                     self.writes.fetch_add(1, Ordering::Relaxed);
                 }
                 // A purge came first: not written.
                 Ok(false) => {}
                 Err(e) => {
-                    conn = None;
                     paused_until = Some(Instant::now() + WRITER_PAUSE);
                     self.errors.fetch_add(1, Ordering::Relaxed);
                     if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
@@ -297,6 +284,87 @@ impl RedisTier {
                     }
                 }
             }
+        }
+    }
+
+    /// Writes one entry: its chunks, then in one script on its slot the
+    /// manifest, its place in its object's index set and the end of its
+    /// fleet lease; then its object's place in its bucket's index set.
+    /// `Ok(false)`: not written, or taken back, because the fleet's purge
+    /// count is not (or is no longer) the one this instance knows: a purge
+    /// since the fetch wins. The count is read after the writes, so a purge
+    /// either finds the entry in the index sets or moved the count first.
+    async fn write(&self, redis: &Reader, w: &RedisWrite, n: u64) -> Result<bool, String> {
+        let s = &self.settings;
+        let known = self.known_epoch().await?;
+        if self.fleet_epoch(redis).await? != known {
+            return Ok(false);
+        }
+        let key = self.redis_key(&w.key);
+        let write_id = format!("{:x}{n:x}", std::process::id());
+        let encoded = entry::encode(&w.key, &w.object, s.chunk_bytes, &write_id);
+        let px = w.ttl.as_millis().max(1).to_string();
+        let keep = s.max_ttl.as_millis().max(1).to_string();
+        let chunk_keys: Vec<String> = (0..encoded.chunks.len())
+            .map(|i| self.chunk_key(&key, &write_id, i))
+            .collect();
+        // Chunks first, a few per round trip: a manifest found has its
+        // chunks.
+        let batches = chunk_keys
+            .chunks(CHUNKS_PER_WRITE)
+            .zip(encoded.chunks.chunks(CHUNKS_PER_WRITE));
+        for (keys, values) in batches {
+            let commands: Vec<[&[u8]; 5]> = keys
+                .iter()
+                .zip(values)
+                .map(|(k, v)| [&b"SET"[..], k.as_bytes(), &v[..], b"PX", px.as_bytes()])
+                .collect();
+            let commands: Vec<&[&[u8]]> = commands.iter().map(|c| &c[..]).collect();
+            for reply in redis.pipeline(self, key.as_bytes(), &commands).await? {
+                conn::ok(reply).map_err(|e| format!("Redis said: {e}"))?;
+            }
+        }
+        let (object_index, bucket_index) = self.index_keys(&w.key);
+        let lease_key = self.lease_key(&w.key);
+        let n_keys = (3 + chunk_keys.len()).to_string();
+        let mut args: Vec<&[u8]> = vec![
+            b"EVAL",
+            WRITE_SCRIPT.as_bytes(),
+            n_keys.as_bytes(),
+            key.as_bytes(),
+            object_index.as_bytes(),
+            lease_key.as_bytes(),
+        ];
+        args.extend(chunk_keys.iter().map(|k| k.as_bytes()));
+        args.extend([&encoded.manifest[..], px.as_bytes(), keep.as_bytes()]);
+        redis.call(self, key.as_bytes(), &args).await?;
+        let listed: [&[&[u8]]; 2] = [
+            &[b"SADD", bucket_index.as_bytes(), object_index.as_bytes()],
+            &[b"PEXPIRE", bucket_index.as_bytes(), keep.as_bytes()],
+        ];
+        redis
+            .pipeline(self, bucket_index.as_bytes(), &listed)
+            .await?;
+        if self.fleet_epoch(redis).await? != known {
+            redis
+                .call(self, key.as_bytes(), &[b"DEL", key.as_bytes()])
+                .await?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// The fleet's purge count in Redis now.
+    async fn fleet_epoch(&self, redis: &Reader) -> Result<u64, String> {
+        let key = self.epoch_key();
+        match redis
+            .call(self, key.as_bytes(), &[b"GET", key.as_bytes()])
+            .await?
+        {
+            OwnedFrame::BulkString(v) => {
+                Ok(String::from_utf8_lossy(&v).parse::<u64>().unwrap_or(0))
+            }
+            _ => Ok(0),
         }
     }
 
@@ -315,33 +383,28 @@ impl RedisTier {
     }
 
     /// The index sets an entry is listed in: its object's (every query
-    /// variant and origin of one key) and its bucket's (every object index).
+    /// variant and origin of one key, with their chunks; on the entries'
+    /// slot) and its bucket's (every object index).
     fn index_keys(&self, cache_key: &str) -> (String, String) {
-        let mut parts = cache_key.splitn(3, '\0');
-        let bucket = parts.next().unwrap_or("");
-        let key = parts.next().unwrap_or("");
+        let bucket = cache_key.split('\0').next().unwrap_or("");
         (
-            self.index_key("o", &crate::cache::store::object_prefix(bucket, key)),
-            self.index_key("b", &crate::cache::store::bucket_prefix(bucket)),
+            format!("{}:{{{}}}:o", self.settings.prefix, Self::tag(cache_key)),
+            self.bucket_index(&crate::cache::store::bucket_prefix(bucket)),
         )
     }
 
-    fn index_key(&self, kind: &str, prefix: &str) -> String {
+    fn bucket_index(&self, prefix: &str) -> String {
         let hash = sha2::Sha256::digest(prefix.as_bytes());
-        format!(
-            "{}:{kind}:{}",
-            self.settings.prefix,
-            hex::encode(&hash[..16])
-        )
+        format!("{}:b:{}", self.settings.prefix, hex::encode(&hash[..16]))
     }
 
-    /// The fleet's purge count (bumped by every purge).
     /// The fleet's lease on fetching `cache_key` (`limit.rs`'s neighbour:
     /// `lease.rs`); the write of its entry removes it.
     pub fn lease_key(&self, cache_key: &str) -> String {
         format!("{}:lease", self.redis_key(cache_key))
     }
 
+    /// The fleet's purge count (bumped by every purge).
     fn epoch_key(&self) -> String {
         format!("{}:purges", self.settings.prefix)
     }
@@ -358,39 +421,43 @@ impl RedisTier {
     /// deleted, or why it failed.
     pub fn purge_fleet(&self, prefix: &str) -> Result<usize, String> {
         let run = async {
-            let s = &self.settings;
-            let t = s.operation_timeout;
-            let mut c = Conn::open(s).await?;
-            // The count first: a write that checks it after this fails, and
-            // one made before it is listed in the index sets deleted below.
-            let epoch = match c.call(&[b"INCR", self.epoch_key().as_bytes()], t).await? {
+            let redis = Reader::new(1);
+            let epoch_key = self.epoch_key();
+            // The count first: a write that reads it after this takes its
+            // entry back, and one that read it before is listed in the
+            // index sets deleted below.
+            let epoch = match redis
+                .call(self, epoch_key.as_bytes(), &[b"INCR", epoch_key.as_bytes()])
+                .await?
+            {
                 OwnedFrame::Integer(n) => n,
                 other => return Err(format!("INCR answered {other:?}")),
             };
             let object_level = prefix.trim_end_matches('\0').contains('\0');
             let objects: Vec<Vec<u8>> = if object_level {
-                vec![self.index_key("o", prefix).into_bytes()]
+                vec![self.index_keys(prefix).0.into_bytes()]
             } else {
-                let bucket_index = self.index_key("b", prefix);
-                let listed = members(c.call(&[b"SMEMBERS", bucket_index.as_bytes()], t).await?);
-                c.call(&[b"DEL", bucket_index.as_bytes()], t).await?;
+                let index = self.bucket_index(prefix);
+                let smembers: [&[u8]; 2] = [b"SMEMBERS", index.as_bytes()];
+                let listed = members(redis.call(self, index.as_bytes(), &smembers).await?);
+                redis
+                    .call(self, index.as_bytes(), &[b"DEL", index.as_bytes()])
+                    .await?;
                 listed
             };
             let mut deleted = 0;
             for object in &objects {
-                let entries = members(c.call(&[b"SMEMBERS", object], t).await?);
-                for e in entries.iter().chain(std::iter::once(object)) {
-                    if let OwnedFrame::Integer(n) = c.call(&[b"DEL", e], t).await? {
-                        deleted += usize::from(n > 0 && e != object);
-                    }
-                }
+                let entries = members(redis.call(self, object, &[b"SMEMBERS", object]).await?);
+                // The index and everything it lists share one slot.
+                let mut del: Vec<&[u8]> = vec![b"DEL", object];
+                del.extend(entries.iter().map(|e| &e[..]));
+                redis.call(self, object, &del).await?;
+                deleted += entries.iter().filter(|e| !is_chunk(e)).count();
             }
+            let channel = self.channel();
             let message = format!("{epoch} {}", hex::encode(prefix.as_bytes()));
-            c.call(
-                &[b"PUBLISH", self.channel().as_bytes(), message.as_bytes()],
-                t,
-            )
-            .await?;
+            let publish: [&[u8]; 3] = [b"PUBLISH", channel.as_bytes(), message.as_bytes()];
+            redis.call(self, channel.as_bytes(), &publish).await?;
             self.seen_epoch.store(epoch as u64, Ordering::Relaxed);
             Ok(deleted)
         };
@@ -434,14 +501,21 @@ impl RedisTier {
         stop: &impl Fn() -> bool,
     ) -> Result<(), String> {
         let s = &self.settings;
-        let mut c = Conn::open(s).await?;
-        let epoch = match c
-            .call(&[b"GET", self.epoch_key().as_bytes()], s.operation_timeout)
-            .await?
-        {
-            OwnedFrame::BulkString(v) => String::from_utf8_lossy(&v).parse::<u64>().unwrap_or(0),
-            _ => 0,
-        };
+        let redis = Reader::new(1);
+        let epoch = self.fleet_epoch(&redis).await?;
+        // Any node of a Cluster hears every publication.
+        let mut c = None;
+        let mut failed = String::new();
+        for address in redis.known_nodes(s) {
+            match Conn::open_at(s, &address).await {
+                Ok(conn) => {
+                    c = Some(conn);
+                    break;
+                }
+                Err(e) => failed = e,
+            }
+        }
+        let mut c = c.ok_or(failed)?;
         let seen = self.seen_epoch.swap(epoch, Ordering::Relaxed);
         if seen != epoch && local_items() > 0 {
             let dropped = purge_local("");
@@ -506,6 +580,13 @@ impl RedisTier {
     }
 }
 
+/// Whether an index set's member is a chunk (`<entry>:<write>:<n>`), not
+/// an entry.
+fn is_chunk(member: &[u8]) -> bool {
+    let after_tag = member.rsplit(|&b| b == b'}').next().unwrap_or(member);
+    after_tag.iter().filter(|&&b| b == b':').count() >= 3
+}
+
 /// The members of an SMEMBERS reply.
 fn members(reply: OwnedFrame) -> Vec<Vec<u8>> {
     match reply {
@@ -520,17 +601,18 @@ fn members(reply: OwnedFrame) -> Vec<Vec<u8>> {
     }
 }
 
-/// Writes an entry and its index entries only if the fleet's purge count
-/// (KEYS[1]) is still the one the writer knew (ARGV[1]): a purge between
-/// the fetch and the write wins, on every instance. Returns 1 when written.
-/// The key's fleet lease (KEYS[5]) ends either way. The entry is the first
-/// write: Redis refuses a script's first write when it is full, and lets
-/// the writes after one through.
-const WRITE_SCRIPT: &str = "if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then redis.call('DEL', KEYS[5]) return 0 end \
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) redis.call('DEL', KEYS[5]) \
-redis.call('SADD', KEYS[3], KEYS[2]) redis.call('PEXPIRE', KEYS[3], ARGV[4]) \
-redis.call('SADD', KEYS[4], KEYS[3]) redis.call('PEXPIRE', KEYS[4], ARGV[4]) \
-return 1";
+/// Writes an entry's manifest (KEYS[1] = ARGV[1], for ARGV[2] ms), lists
+/// it and its chunks (KEYS[4..]) in its object's index set (KEYS[2], kept
+/// ARGV[3] ms) and ends the key's fleet lease (KEYS[3]). Every key shares
+/// one slot. The manifest is the first write: Redis refuses a script's
+/// first write when it is full, and lets the writes after one through.
+const WRITE_SCRIPT: &str =
+    "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) redis.call('DEL', KEYS[3]) \
+for i = 1, #KEYS do if i ~= 3 and i ~= 2 then redis.call('SADD', KEYS[2], KEYS[i]) end end \
+redis.call('PEXPIRE', KEYS[2], ARGV[3]) return 1";
+
+/// Chunks written per round trip.
+const CHUNKS_PER_WRITE: usize = 8;
 
 /// `seen_epoch` before this instance saw the fleet's purge count.
 const UNSEEN: u64 = u64::MAX;
@@ -544,224 +626,6 @@ pub fn ttl(s: &RedisCache, servable: Duration) -> Duration {
         .min(s.max_ttl)
         .min(servable)
         .max(Duration::from_secs(1))
-}
-
-/// What a lookup found.
-pub enum Found {
-    /// An intact entry for the key.
-    Hit(Object),
-    /// Nothing usable (absent, refused, or Redis unavailable).
-    Miss,
-}
-
-/// Ready once woken (a connection was freed), after queueing its waker.
-struct Freed<'a> {
-    queue: &'a RefCell<Vec<std::task::Waker>>,
-    queued: bool,
-}
-
-impl<'a> Freed<'a> {
-    fn new(queue: &'a RefCell<Vec<std::task::Waker>>) -> Freed<'a> {
-        Freed {
-            queue,
-            queued: false,
-        }
-    }
-}
-
-impl std::future::Future for Freed<'_> {
-    type Output = ();
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        if self.queued {
-            return std::task::Poll::Ready(());
-        }
-        self.queue.borrow_mut().push(cx.waker().clone());
-        self.queued = true;
-        std::task::Poll::Pending
-    }
-}
-
-/// Three failures in a row stop a core asking Redis for five seconds.
-fn breaker_settings() -> BreakerSettings {
-    BreakerSettings {
-        failure_threshold: 3,
-        success_threshold: 1,
-        open_for: Duration::from_secs(5),
-        half_open_requests: 1,
-    }
-}
-
-/// One core's way to Redis: its idle connections and its breaker.
-pub struct Reader {
-    idle: RefCell<Vec<Conn>>,
-    open: Cell<usize>,
-    max: usize,
-    breaker: RefCell<Breaker>,
-    /// When this core last said Redis was unavailable (WARN once per 10 s).
-    warned: Cell<Option<Instant>>,
-    /// Commands waiting for a connection: woken when one is freed.
-    waiting: RefCell<Vec<std::task::Waker>>,
-    /// The last command failed (timed out, connection lost): nobody waits
-    /// for a connection until one succeeds again.
-    failing: Cell<bool>,
-}
-
-impl Reader {
-    /// A reader holding at most `max` connections.
-    pub fn new(max: usize) -> Reader {
-        Reader {
-            idle: RefCell::new(Vec::new()),
-            open: Cell::new(0),
-            max: max.max(1),
-            breaker: RefCell::new(Breaker::new(&breaker_settings())),
-            warned: Cell::new(None),
-            waiting: RefCell::new(Vec::new()),
-            failing: Cell::new(false),
-        }
-    }
-
-    /// Looks cache key `key` up in Redis.
-    pub async fn get(&self, tier: &RedisTier, key: &str) -> Found {
-        let now = crate::clock::now_ms();
-        let (admit, _) = self.breaker.borrow_mut().admit(now);
-        if admit == Admit::Rejected {
-            tier.errors.fetch_add(1, Ordering::Relaxed);
-            return Found::Miss;
-        }
-        let rkey = tier.redis_key(key);
-        let result = self.call(tier, &[b"GET", rkey.as_bytes()]).await;
-        let ok = result.is_ok();
-        self.breaker
-            .borrow_mut()
-            .record(admit, ok, crate::clock::now_ms());
-        let value = match result {
-            Ok(OwnedFrame::BulkString(v)) => v,
-            Ok(OwnedFrame::Null) => {
-                tier.misses.fetch_add(1, Ordering::Relaxed);
-                return Found::Miss;
-            }
-            Ok(other) => {
-                self.unavailable(tier, &format!("GET answered {other:?}"));
-                return Found::Miss;
-            }
-            Err(e) => {
-                self.unavailable(tier, &e);
-                return Found::Miss;
-            }
-        };
-        match entry::decode(key, &value) {
-            Ok(object) => {
-                tier.hits.fetch_add(1, Ordering::Relaxed);
-                Found::Hit(object)
-            }
-            Err(bad) => {
-                tier.bad_entries.fetch_add(1, Ordering::Relaxed);
-                tier.misses.fetch_add(1, Ordering::Relaxed);
-                log!(
-                    Level::Warn,
-                    "Redis cache entry refused and deleted",
-                    key = rkey,
-                    reason = format_args!("{bad:?}"),
-                );
-                let _ = self.call(tier, &[b"DEL", rkey.as_bytes()]).await;
-                Found::Miss
-            }
-        }
-    }
-
-    /// One command on an idle connection, a new one within this core's
-    /// share, or the next one freed (waiting at most `operation_timeout_ms`
-    /// in all).
-    pub(super) async fn call(
-        &self,
-        tier: &RedisTier,
-        args: &[&[u8]],
-    ) -> Result<OwnedFrame, String> {
-        let s = &tier.settings;
-        let deadline = Instant::now() + s.operation_timeout;
-        let mut conn = self.checkout(s, deadline).await?;
-        let left = deadline.saturating_duration_since(Instant::now());
-        match conn.call(args, left.max(Duration::from_millis(1))).await {
-            Ok(reply) => {
-                self.failing.set(false);
-                self.idle.borrow_mut().push(conn);
-                self.wake_waiting();
-                match reply {
-                    OwnedFrame::Error(e) => Err(format!("Redis said: {e}")),
-                    reply => Ok(reply),
-                }
-            }
-            Err(e) => {
-                self.failing.set(true);
-                self.closed_one();
-                Err(e)
-            }
-        }
-    }
-
-    /// A connection for one command: idle, new, or the next freed (not
-    /// waited for while Redis is failing).
-    async fn checkout(&self, s: &RedisCache, deadline: Instant) -> Result<Conn, String> {
-        loop {
-            if let Some(c) = self.idle.borrow_mut().pop() {
-                return Ok(c);
-            }
-            if self.open.get() < self.max {
-                self.open.set(self.open.get() + 1);
-                return Conn::open(s).await.inspect_err(|_| {
-                    self.failing.set(true);
-                    self.closed_one();
-                });
-            }
-            // A failing Redis is not waited for: a miss at once.
-            if self.failing.get() {
-                return Err("Redis is failing; not waiting for a busy connection".into());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero()
-                || monoio::time::timeout(left, Freed::new(&self.waiting))
-                    .await
-                    .is_err()
-            {
-                return Err("every connection of this core stayed busy".into());
-            }
-        }
-    }
-
-    /// A connection was closed (failed, or never opened): room for another.
-    fn closed_one(&self) {
-        self.open.set(self.open.get().saturating_sub(1));
-        self.wake_waiting();
-    }
-
-    /// Wakes every command waiting for a connection: each looks again
-    /// (on one core, in turn; the losers wait again).
-    fn wake_waiting(&self) {
-        for w in self.waiting.borrow_mut().drain(..) {
-            w.wake();
-        }
-    }
-
-    fn unavailable(&self, tier: &RedisTier, why: &str) {
-        tier.errors.fetch_add(1, Ordering::Relaxed);
-        let due = self
-            .warned
-            .get()
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
-        if due {
-            self.warned.set(Some(Instant::now()));
-            log!(
-                Level::Warn,
-                "Redis cache unavailable; serving from the other tiers and the origin",
-                redis = tier.settings.address,
-                error = why,
-            );
-        }
-    }
 }
 
 /// How long from `now` a copy stored at `stored_at`, fresh for
@@ -817,6 +681,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             operation_timeout: Duration::from_secs(1),
             max_connections: 1,
+            chunk_bytes: 1024,
             tls: None,
         };
         assert_eq!(

@@ -203,6 +203,13 @@ pub(super) const DEFAULT_REDIS_TTL_SECS: u64 = 3600;
 /// Default `cache.redis.redis_max_ttl_seconds` (the other system's).
 pub(super) const DEFAULT_REDIS_MAX_TTL_SECS: u64 = 86_400;
 
+/// Default `cache.redis.chunk_size_kb`: objects above 1 MiB are chunked.
+const DEFAULT_REDIS_CHUNK_KB: u64 = 1024;
+
+/// Largest `cache.redis.chunk_size_kb` (64 MiB; Redis takes values up to
+/// 512 MB, but one chunk is read and checked whole).
+const MAX_REDIS_CHUNK_KB: u64 = 64 * 1024;
+
 /// `cache.redis`, when the tier is on.
 pub(super) fn redis(
     r: &super::schema::RawCacheRedis,
@@ -237,6 +244,13 @@ pub(super) fn redis(
     let operation = r.operation_timeout_ms.unwrap_or(2000);
     p.positive("cache.redis.connection_timeout_ms", connect);
     p.positive("cache.redis.operation_timeout_ms", operation);
+    let chunk_kb = r.chunk_size_kb.unwrap_or(DEFAULT_REDIS_CHUNK_KB);
+    if !(1..=MAX_REDIS_CHUNK_KB).contains(&chunk_kb) {
+        p.at(
+            "cache.redis.chunk_size_kb",
+            format!("must be between 1 and {MAX_REDIS_CHUNK_KB} (KiB), not {chunk_kb}"),
+        );
+    }
     let max_pool = r.max_pool_size.unwrap_or(10);
     p.positive("cache.redis.max_pool_size", max_pool as u64);
     if r.min_pool_size.is_some() {
@@ -291,6 +305,7 @@ pub(super) fn redis(
         connect_timeout: Duration::from_millis(connect.max(1)),
         operation_timeout: Duration::from_millis(operation.max(1)),
         max_connections: max_pool.max(1),
+        chunk_bytes: chunk_kb.clamp(1, MAX_REDIS_CHUNK_KB) as usize * 1024,
         tls,
     })
 }

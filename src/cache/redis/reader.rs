@@ -1,0 +1,403 @@
+//! One thread's way to Redis, a single server or a Cluster: per node, its
+//! idle connections, a cap on how many it opens, and a breaker; and the
+//! routing of each command to the node serving its key's slot.
+//!
+//! Every core has one ([`Reader`]), and so do the writer, the purge and the
+//! fleet threads. It starts by sending everything to `redis_url`'s server.
+//! A node that answers `MOVED` is a Cluster's: the slot map is read
+//! (`CLUSTER SLOTS`) and commands go to the node serving their key's slot
+//! from then on. `ASK` (a slot being migrated) is followed once, after
+//! `ASKING`. A node that fails makes the map be read again (at most once a
+//! second): that is how a Cluster's failover is found. Three failures in a
+//! row open a node's breaker, and it is not asked for five seconds: a dead
+//! Redis costs no request its timeout.
+
+use super::cluster::{self, Redirect, SlotMap};
+use super::conn::Conn;
+use super::RedisTier;
+use crate::config::{BreakerSettings, Level, RedisCache};
+use crate::log;
+use crate::upstream::breaker::{Admit, Breaker};
+use redis_protocol::resp2::types::OwnedFrame;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Redirections followed for one command before giving up.
+const MAX_REDIRECTS: usize = 5;
+/// The slot map is read again at most this often after a node failed.
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
+
+/// Three failures in a row stop a core asking a node for five seconds.
+fn breaker_settings() -> BreakerSettings {
+    BreakerSettings {
+        failure_threshold: 3,
+        success_threshold: 1,
+        open_for: Duration::from_secs(5),
+        half_open_requests: 1,
+    }
+}
+
+/// One node: its connections and its breaker.
+struct Node {
+    address: String,
+    idle: RefCell<Vec<Conn>>,
+    open: Cell<usize>,
+    /// Commands waiting for a connection: woken when one is freed.
+    waiting: RefCell<Vec<std::task::Waker>>,
+    /// The last command failed (timed out, connection lost): nobody waits
+    /// for a connection until one succeeds again.
+    failing: Cell<bool>,
+    breaker: RefCell<Breaker>,
+}
+
+impl Node {
+    fn new(address: &str) -> Node {
+        Node {
+            address: address.to_string(),
+            idle: RefCell::new(Vec::new()),
+            open: Cell::new(0),
+            waiting: RefCell::new(Vec::new()),
+            failing: Cell::new(false),
+            breaker: RefCell::new(Breaker::new(&breaker_settings())),
+        }
+    }
+}
+
+/// One thread's connections to Redis.
+pub struct Reader {
+    /// Connections per node.
+    max: usize,
+    /// Every node known, `redis_url`'s first.
+    nodes: RefCell<Vec<Rc<Node>>>,
+    /// The Cluster's slot map, once a node said `MOVED`.
+    map: RefCell<Option<SlotMap>>,
+    /// A node failed or moved a slot: read the map again.
+    stale: Cell<bool>,
+    last_refresh: Cell<Option<Instant>>,
+    /// When this reader last said Redis was unavailable (WARN once per 10 s).
+    warned: Cell<Option<Instant>>,
+}
+
+impl Reader {
+    /// A reader holding at most `max` connections to each node.
+    pub fn new(max: usize) -> Reader {
+        Reader {
+            max: max.max(1),
+            nodes: RefCell::new(Vec::new()),
+            map: RefCell::new(None),
+            stale: Cell::new(false),
+            last_refresh: Cell::new(None),
+            warned: Cell::new(None),
+        }
+    }
+
+    /// Whether Redis answered as a Cluster (a node said `MOVED`).
+    pub fn is_cluster(&self) -> bool {
+        self.map.borrow().is_some()
+    }
+
+    /// The addresses of every node known (a Cluster's primaries, else the
+    /// one server).
+    pub fn known_nodes(&self, s: &RedisCache) -> Vec<String> {
+        let mut all = vec![s.address.clone()];
+        if let Some(map) = self.map.borrow().as_ref() {
+            all.extend(map.nodes.iter().filter(|n| **n != s.address).cloned());
+        }
+        all
+    }
+
+    /// Sends `args`, whose key is `key`, to the node serving the key, and
+    /// reads its reply; redirections are followed. An error reply is `Err`
+    /// (naming what Redis said), as is a failure or a breaker open.
+    pub async fn call(
+        &self,
+        tier: &RedisTier,
+        key: &[u8],
+        args: &[&[u8]],
+    ) -> Result<OwnedFrame, String> {
+        match self.pipeline(tier, key, &[args]).await?.pop() {
+            Some(OwnedFrame::Error(e)) => Err(format!("Redis said: {e}")),
+            Some(reply) => Ok(reply),
+            None => Err("no reply".into()),
+        }
+    }
+
+    /// Sends `commands`, whose keys all share `key`'s slot, to its node in
+    /// one write, and reads their replies in order (an error reply is one
+    /// of them). A `MOVED` or `ASK` in any reply sends them all again to
+    /// the node named (each command must bear repeating).
+    pub async fn pipeline(
+        &self,
+        tier: &RedisTier,
+        key: &[u8],
+        commands: &[&[&[u8]]],
+    ) -> Result<Vec<OwnedFrame>, String> {
+        let s = &tier.settings;
+        let slot = cluster::slot(key);
+        self.refresh_if_stale(s).await;
+        let mut target = self.route(s, slot);
+        let mut asking = false;
+        for _ in 0..=MAX_REDIRECTS {
+            let node = self.node(&target);
+            let replies = self.on_node(s, &node, commands, asking).await?;
+            let redirect = replies.iter().find_map(|r| match r {
+                OwnedFrame::Error(e) => cluster::redirect(e, host_of(&target)),
+                _ => None,
+            });
+            match redirect {
+                None => return Ok(replies),
+                Some(Redirect::Moved(slot, to)) => {
+                    self.map
+                        .borrow_mut()
+                        .get_or_insert_with(|| SlotMap::single(&s.address))
+                        .moved(slot, &to);
+                    self.stale.set(true);
+                    (target, asking) = (to, false);
+                }
+                Some(Redirect::Ask(_, to)) => (target, asking) = (to, true),
+            }
+        }
+        Err(format!("more than {MAX_REDIRECTS} Cluster redirections"))
+    }
+
+    /// Where `slot`'s commands go: its node in the map, else the server of
+    /// `redis_url`.
+    fn route(&self, s: &RedisCache, slot: u16) -> String {
+        self.map
+            .borrow()
+            .as_ref()
+            .and_then(|m| m.node_of(slot).map(str::to_string))
+            .unwrap_or_else(|| s.address.clone())
+    }
+
+    /// The node at `address`, known from now on.
+    fn node(&self, address: &str) -> Rc<Node> {
+        let mut nodes = self.nodes.borrow_mut();
+        if let Some(n) = nodes.iter().find(|n| n.address == address) {
+            return n.clone();
+        }
+        let n = Rc::new(Node::new(address));
+        nodes.push(n.clone());
+        n
+    }
+
+    /// `commands` on one of `node`'s connections (after `ASKING` when
+    /// `asking`), through its breaker.
+    async fn on_node(
+        &self,
+        s: &RedisCache,
+        node: &Node,
+        commands: &[&[&[u8]]],
+        asking: bool,
+    ) -> Result<Vec<OwnedFrame>, String> {
+        let (admit, _) = node.breaker.borrow_mut().admit(crate::clock::now_ms());
+        if admit == Admit::Rejected {
+            self.node_failed();
+            return Err(format!(
+                "Redis at {} failing; not asked for a while (breaker open)",
+                node.address
+            ));
+        }
+        let deadline = Instant::now() + s.operation_timeout;
+        let result = async {
+            let mut conn = self.checkout(s, node, deadline).await?;
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            const ASKING: &[&[u8]] = &[b"ASKING"];
+            let sent: Vec<&[&[u8]]> = if asking {
+                std::iter::once(ASKING)
+                    .chain(commands.iter().copied())
+                    .collect()
+            } else {
+                commands.to_vec()
+            };
+            match conn.pipeline(&sent, left).await {
+                Ok(mut replies) => {
+                    node.failing.set(false);
+                    node.idle.borrow_mut().push(conn);
+                    wake(node);
+                    if asking {
+                        replies.remove(0);
+                    }
+                    Ok(replies)
+                }
+                Err(e) => {
+                    node.failing.set(true);
+                    closed_one(node);
+                    Err(format!("{}: {e}", node.address))
+                }
+            }
+        }
+        .await;
+        // A node that answers at all is up, whatever it answered.
+        node.breaker
+            .borrow_mut()
+            .record(admit, result.is_ok(), crate::clock::now_ms());
+        if result.is_err() {
+            self.node_failed();
+        }
+        result
+    }
+
+    /// A connection to `node` for one command: idle, new, or the next
+    /// freed (not waited for while the node is failing).
+    async fn checkout(
+        &self,
+        s: &RedisCache,
+        node: &Node,
+        deadline: Instant,
+    ) -> Result<Conn, String> {
+        loop {
+            if let Some(c) = node.idle.borrow_mut().pop() {
+                return Ok(c);
+            }
+            if node.open.get() < self.max {
+                node.open.set(node.open.get() + 1);
+                return Conn::open_at(s, &node.address).await.inspect_err(|_| {
+                    node.failing.set(true);
+                    closed_one(node);
+                });
+            }
+            // A failing node is not waited for: a miss at once.
+            if node.failing.get() {
+                return Err("Redis is failing; not waiting for a busy connection".into());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero()
+                || monoio::time::timeout(left, Freed::new(&node.waiting))
+                    .await
+                    .is_err()
+            {
+                return Err("every connection of this core stayed busy".into());
+            }
+        }
+    }
+
+    /// In a Cluster, a node that failed may have been replaced: the map is
+    /// read again before the next command.
+    fn node_failed(&self) {
+        if self.is_cluster() {
+            self.stale.set(true);
+        }
+    }
+
+    /// Reads the slot map again when a node moved a slot or failed, at most
+    /// once per [`REFRESH_EVERY`], from the first node that answers.
+    async fn refresh_if_stale(&self, s: &RedisCache) {
+        if !self.stale.get()
+            || self
+                .last_refresh
+                .get()
+                .is_some_and(|t| t.elapsed() < REFRESH_EVERY)
+        {
+            return;
+        }
+        self.stale.set(false);
+        self.last_refresh.set(Some(Instant::now()));
+        for address in self.known_nodes(s) {
+            let node = self.node(&address);
+            if node.breaker.borrow_mut().admit(crate::clock::now_ms()).0 == Admit::Rejected {
+                continue;
+            }
+            let Ok(mut replies) = self
+                .on_node(s, &node, &[&[b"CLUSTER", b"SLOTS"]], false)
+                .await
+            else {
+                continue;
+            };
+            match replies
+                .pop()
+                .map(|r| SlotMap::from_reply(&r, host_of(&address)))
+            {
+                Some(Ok(map)) => {
+                    *self.map.borrow_mut() = Some(map);
+                    return;
+                }
+                Some(Err(e)) => self.say(s, &format!("{address}: {e}")),
+                None => {}
+            }
+        }
+        // Nobody answered: try again on the next command after the pause.
+        self.stale.set(true);
+    }
+
+    /// Counts a failed command and says (at most once per 10 s) that
+    /// Redis is unavailable.
+    pub fn unavailable(&self, tier: &RedisTier, why: &str) {
+        tier.errors.fetch_add(1, Ordering::Relaxed);
+        self.say(&tier.settings, why);
+    }
+
+    fn say(&self, s: &RedisCache, why: &str) {
+        let due = self
+            .warned
+            .get()
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+        if due {
+            self.warned.set(Some(Instant::now()));
+            log!(
+                Level::Warn,
+                "Redis cache unavailable; serving from the other tiers and the origin",
+                redis = s.address,
+                error = why,
+            );
+        }
+    }
+}
+
+/// A connection was closed (failed, or never opened): room for another.
+fn closed_one(node: &Node) {
+    node.open.set(node.open.get().saturating_sub(1));
+    wake(node);
+}
+
+/// Wakes every command waiting for one of `node`'s connections: each looks
+/// again (on one thread, in turn; the losers wait again).
+fn wake(node: &Node) {
+    for w in node.waiting.borrow_mut().drain(..) {
+        w.wake();
+    }
+}
+
+/// The host of `host:port` (brackets kept off an IPv6 address).
+fn host_of(address: &str) -> &str {
+    address
+        .rsplit_once(':')
+        .map_or(address, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+}
+
+/// Ready once woken (a connection was freed), after queueing its waker.
+struct Freed<'a> {
+    queue: &'a RefCell<Vec<std::task::Waker>>,
+    queued: bool,
+}
+
+impl<'a> Freed<'a> {
+    fn new(queue: &'a RefCell<Vec<std::task::Waker>>) -> Freed<'a> {
+        Freed {
+            queue,
+            queued: false,
+        }
+    }
+}
+
+impl std::future::Future for Freed<'_> {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.queued {
+            return std::task::Poll::Ready(());
+        }
+        self.queue.borrow_mut().push(cx.waker().clone());
+        self.queued = true;
+        std::task::Poll::Pending
+    }
+}
