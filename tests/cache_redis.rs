@@ -674,3 +674,355 @@ fn a_lookup_waits_for_a_busy_connection_rather_than_missing() {
     );
     assert_eq!(up.gets(), 2, "only the first instance's fills");
 }
+
+/// An origin answering keys with "big" in them with a large patterned
+/// body (its length from the key's digits after "big", in KiB, else
+/// 1 MiB), and every other key with a line naming it.
+fn mixed_origin() -> Rogue {
+    Rogue::start(move |req| {
+        let path = req.head.split(' ').nth(1).unwrap_or("").to_string();
+        let body = match path.split_once("big") {
+            Some((_, n)) => pattern(big_len(n), path.len() as u64),
+            None => format!("object at {path}\n").into_bytes(),
+        };
+        let mut out = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"v1\"\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(&body);
+        vec![Step::Send(out)]
+    })
+}
+
+fn big_len(digits: &str) -> usize {
+    let kib: usize = digits
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap_or(1024);
+    kib * 1024 + 1000
+}
+
+/// The body `mixed_origin` gives `path` (a proxy path, `/b/...`).
+fn mixed_body(path: &str) -> Vec<u8> {
+    let upstream = format!("/bkt{}", &path[2..]);
+    match upstream.split_once("big") {
+        Some((_, n)) => pattern(big_len(n), upstream.len() as u64),
+        None => format!("object at {upstream}\n").into_bytes(),
+    }
+}
+
+/// `config` with objects above 64 KiB stored as chunks.
+fn chunked_config(endpoint: &str, redis_url: &str) -> String {
+    admin_config(endpoint, redis_url).replace(
+        "operation_timeout_ms: 2000",
+        "operation_timeout_ms: 2000\n    chunk_size_kb: 64",
+    )
+}
+
+/// Chunk keys in Redis (`<entry>:<write>:<n>`), with their numbers.
+fn chunks(keys: &[String]) -> Vec<(String, usize)> {
+    keys.iter()
+        .filter_map(|k| {
+            let after = k.rsplit('}').next()?;
+            let parts: Vec<&str> = after.split(':').collect();
+            let n = parts.get(3).filter(|_| parts.len() == 4)?.parse().ok()?;
+            Some((k.clone(), n))
+        })
+        .collect()
+}
+
+/// An object above the chunk size is stored as chunks (one manifest, 17
+/// chunks of 64 KiB for 1 MiB and 1000 bytes) and read back whole. A
+/// range is answered from the chunks it covers: with another chunk gone
+/// it is still a HIT, byte-exact, and no origin request. A whole read
+/// that needs the missing chunk is a miss, refetched, never a short body;
+/// so is one whose chunk had a bit flipped.
+#[test]
+fn large_objects_are_chunked_and_a_range_reads_only_the_chunks_it_covers() {
+    let redis = Redis::start();
+    let up = mixed_origin();
+    let path = "/b/big1024.bin";
+    let body = mixed_body(path);
+    let first = Proxy::start(&chunked_config(&up.endpoint(), &redis.url()));
+    assert!(first.get(path).body == body);
+    assert!(first.wait_metric(WRITES, 1.0, WAIT), "{}", first.metrics());
+    let keys = redis.keys();
+    assert_eq!(entries(&redis).len(), 1, "{keys:?}");
+    let stored = chunks(&keys);
+    assert_eq!(stored.len(), 17, "{keys:?}");
+    let second = Proxy::start(&chunked_config(&up.endpoint(), &redis.url()));
+    let r = second.get(path);
+    assert_eq!(r.header("x-cache"), Some("HIT"));
+    assert!(r.body == body, "whole from chunks, byte-exact");
+    assert_eq!(up.gets(), 1);
+
+    // Chunk 0 gone: a range in chunks 3 and 4 does not need it.
+    let chunk = |n: usize| {
+        stored
+            .iter()
+            .find(|(_, i)| *i == n)
+            .expect("chunk")
+            .0
+            .clone()
+    };
+    redis.cli(&["DEL", &chunk(0)]);
+    let third = Proxy::start(&chunked_config(&up.endpoint(), &redis.url()));
+    let r = support::http::get(third.port, path, &[("Range", "bytes=200000-300000")]);
+    assert_eq!((r.status, r.header("x-cache")), (206, Some("HIT")));
+    assert_eq!(
+        r.header("content-range").map(str::to_string),
+        Some(format!("bytes 200000-300000/{}", body.len()))
+    );
+    assert!(r.body == body[200_000..=300_000], "the range's bytes");
+    assert_eq!(up.gets(), 1, "no origin request for the range");
+    // The whole object needs chunk 0: a miss, refetched whole.
+    let r = third.get(path);
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+    assert!(r.body == body, "never short");
+    assert_eq!(up.gets(), 2);
+    assert_eq!(
+        third.metric("yatagarasu_cache_redis_bad_entries_total"),
+        Some(1.0)
+    );
+
+    // Written again by the third instance; one bit of a chunk flipped.
+    assert!(third.wait_metric(WRITES, 1.0, WAIT), "{}", third.metrics());
+    let manifest = entries(&redis).pop().expect("rewritten");
+    let rewritten: Vec<(String, usize)> = chunks(&redis.keys())
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(&format!("{manifest}:")) && redis.cli(&["EXISTS", k]) == "1")
+        .collect();
+    let five = rewritten
+        .iter()
+        .find(|(k, n)| *n == 5 && !stored.iter().any(|(s, _)| s == k))
+        .expect("chunk 5 of the new write")
+        .0
+        .clone();
+    redis.cli(&["SETRANGE", &five, "100", "\u{1}"]);
+    let fourth = Proxy::start(&chunked_config(&up.endpoint(), &redis.url()));
+    let r = fourth.get(path);
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+    assert!(r.body == body, "a flipped chunk is never served");
+    assert_eq!(
+        fourth.metric("yatagarasu_cache_redis_bad_entries_total"),
+        Some(1.0)
+    );
+    assert_eq!(up.gets(), 3);
+}
+
+/// The number of subscribers to the purge channel across `nodes`.
+fn cluster_subscribers(cluster: &support::redis::Cluster) -> usize {
+    cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            n.cli(&["PUBSUB", "NUMSUB", "yt-test:purge"])
+                .lines()
+                .last()
+                .and_then(|l| l.trim().parse::<usize>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// A 3-primary Cluster behind `redis_url` naming one node: the proxy
+/// follows MOVED, its entries spread over the shards (a chunked object
+/// with them, all its chunks on its manifest's node), a second instance
+/// is served from them, and a purge on one instance empties the Cluster
+/// of the object and reaches the other.
+#[test]
+fn a_cluster_spreads_entries_over_its_shards_and_purges_reach_them() {
+    let cluster = support::redis::Cluster::start();
+    let up = mixed_origin();
+    let a = Proxy::start(&chunked_config(&up.endpoint(), &cluster.url()));
+    let b = Proxy::start(&chunked_config(&up.endpoint(), &cluster.url()));
+    let paths: Vec<String> = (0..30)
+        .map(|i| format!("/b/c/{i}.txt"))
+        .chain(["/b/big300.bin".to_string()])
+        .collect();
+    for p in &paths {
+        assert!(a.get(p).body == mixed_body(p), "{p}");
+    }
+    assert!(a.wait_metric(WRITES, 31.0, WAIT), "{}", a.metrics());
+    let per_node: Vec<usize> = cluster
+        .primaries()
+        .iter()
+        .map(|n| n.keys().iter().filter(|k| is_entry(k)).count())
+        .collect();
+    assert_eq!(per_node.iter().sum::<usize>(), 31, "{per_node:?}");
+    assert!(
+        per_node.iter().all(|&n| n > 0),
+        "spread over every shard: {per_node:?}"
+    );
+    let big = cluster
+        .primaries()
+        .into_iter()
+        .find(|n| !chunks(&n.keys()).is_empty())
+        .expect("the chunks' node");
+    assert_eq!(chunks(&big.keys()).len(), 5, "every chunk on one node");
+    for p in &paths {
+        let r = b.get(p);
+        assert_eq!(r.header("x-cache"), Some("HIT"), "{p}");
+        assert!(r.body == mixed_body(p), "{p}");
+    }
+    assert_eq!(up.gets(), 31, "the second instance fetched nothing");
+
+    let deadline = std::time::Instant::now() + WAIT;
+    while cluster_subscribers(&cluster) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "instances did not subscribe"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = admin_post(&a, "/admin/cache/purge/b/big300.bin");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(chunks(&cluster.keys()).is_empty(), "chunks purged");
+    assert_eq!(cluster.keys().iter().filter(|k| is_entry(k)).count(), 30);
+    assert!(
+        b.wait_metric("yatagarasu_cache_redis_fleet_purges_total", 1.0, WAIT),
+        "{}",
+        b.log()
+    );
+    assert_eq!(b.get("/b/big300.bin").header("x-cache"), Some("MISS"));
+    let r = admin_post(&b, "/admin/cache/purge/b");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let left: Vec<String> = cluster.keys().into_iter().filter(|k| is_entry(k)).collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A slot being migrated: its node answers ASK for the keys already moved;
+/// the proxy asks the importing node (after ASKING) and is served.
+#[test]
+fn a_cluster_slot_in_migration_is_followed_by_ask() {
+    let cluster = support::redis::Cluster::start();
+    let up = mixed_origin();
+    let a = Proxy::start(&chunked_config(&up.endpoint(), &cluster.url()));
+    assert_eq!(a.get("/b/moving.txt").status, 200);
+    assert!(a.wait_metric(WRITES, 1.0, WAIT), "{}", a.metrics());
+    let primaries = cluster.primaries();
+    let (from, key) = primaries
+        .iter()
+        .find_map(|n| n.keys().into_iter().find(|k| is_entry(k)).map(|k| (*n, k)))
+        .expect("the entry's node");
+    let to = *primaries
+        .iter()
+        .find(|n| n.port != from.port)
+        .expect("another primary");
+    let slot = from.cli(&["CLUSTER", "KEYSLOT", &key]);
+    let id = |n: &Redis| n.cli(&["CLUSTER", "MYID"]);
+    assert_eq!(
+        to.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &id(from)]),
+        "OK"
+    );
+    assert_eq!(
+        from.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &id(to)]),
+        "OK"
+    );
+    let in_slot = from.cli(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+    let mut migrate = vec![
+        "MIGRATE".to_string(),
+        "127.0.0.1".into(),
+        to.port.to_string(),
+        String::new(),
+        "0".into(),
+        "5000".into(),
+        "KEYS".into(),
+    ];
+    migrate.extend(in_slot.lines().map(str::to_string));
+    let migrate: Vec<&str> = migrate.iter().map(String::as_str).collect();
+    assert_eq!(from.cli(&migrate), "OK");
+    let asked = from.cli(&["EXISTS", &key]);
+    assert!(asked.starts_with("ASK "), "moved off: {asked}");
+    let b = Proxy::start(&chunked_config(&up.endpoint(), &cluster.url()));
+    let r = b.get("/b/moving.txt");
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
+    assert_eq!(r.text(), "object at /bkt/moving.txt\n");
+    assert_eq!(up.gets(), 1);
+}
+
+/// A primary killed under load: no request fails (its objects are misses,
+/// fetched from the origin, while its replica takes over); the proxy
+/// names the lost node, reads the slot map again and is served from the
+/// promoted replica.
+#[test]
+fn a_lost_cluster_primary_fails_over_and_no_request_fails() {
+    let mut cluster = support::redis::Cluster::start();
+    let up = mixed_origin();
+    // A memory tier that holds one of these objects at a time: every
+    // other request asks Redis.
+    let cfg = chunked_config(&up.endpoint(), &cluster.url()).replace(
+        "  cache_layers: [\"memory\", \"redis\"]\n",
+        "  cache_layers: [\"memory\", \"redis\"]\n  memory:\n    max_cache_size_mb: 1\n    max_item_size_mb: 1\n",
+    );
+    let cfg = cfg.replace("chunk_size_kb: 64", "chunk_size_kb: 1024");
+    let a = Proxy::start(&cfg);
+    let paths: Vec<String> = (0..24).map(|i| format!("/b/big600/{i}.bin")).collect();
+    for p in &paths {
+        assert!(a.get(p).body == mixed_body(p), "{p}");
+    }
+    assert!(a.wait_metric(WRITES, 24.0, WAIT), "{}", a.metrics());
+    let b = Proxy::start(&cfg);
+    assert_eq!(b.get(&paths[0]).status, 200);
+    // The primary to lose: not the one redis_url names, holding entries.
+    let victim = cluster
+        .primaries()
+        .into_iter()
+        .find(|n| n.port != cluster.nodes[0].port && n.keys().iter().any(|k| is_entry(k)))
+        .expect("a primary with entries")
+        .port;
+    let on_victim: Vec<String> = {
+        let node = cluster
+            .nodes
+            .iter()
+            .find(|n| n.port == victim)
+            .expect("victim");
+        assert_eq!(node.cli(&["WAIT", "1", "5000"]), "1", "replicated");
+        paths
+            .iter()
+            .filter(|p| {
+                node.keys()
+                    .iter()
+                    .filter(|k| is_entry(k))
+                    .any(|k| node.cli(&["GET", k]).contains(&p[3..]))
+            })
+            .cloned()
+            .collect()
+    };
+    assert!(on_victim.len() >= 2, "{on_victim:?}");
+    let hits = |p: &Proxy| p.metric("yatagarasu_cache_redis_hits_total").unwrap_or(0.0);
+    let before = hits(&b);
+    let index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.port == victim)
+        .expect("victim");
+    cluster.nodes[index].kill();
+    // Ask for the lost node's objects, in turn, until one is a Redis hit
+    // again (from the promoted replica): every answer whole.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    loop {
+        let p = &on_victim[n % on_victim.len()];
+        n += 1;
+        let r = b.get(p);
+        assert_eq!(r.status, 200, "{p}");
+        assert!(r.body == mixed_body(p), "{p}");
+        if hits(&b) > before && cluster.replica_of(victim).is_none() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never served after the failover: {}",
+            b.log()
+        );
+    }
+    assert!(
+        b.log().contains(&format!("127.0.0.1:{victim}")),
+        "the lost node named: {}",
+        b.log()
+    );
+}

@@ -11,6 +11,8 @@ pub struct Redis {
     password: Option<String>,
     /// Serves TLS only (`--tls-port`), with this certificate and key.
     tls: Option<(String, String)>,
+    /// More `redis-server` arguments (a Cluster node's).
+    extra: Vec<String>,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -27,6 +29,7 @@ impl Redis {
             port,
             password: password.map(str::to_string),
             tls: None,
+            extra: Vec::new(),
             dir: tempfile::tempdir().expect("temp dir"),
             child: None,
         };
@@ -41,6 +44,7 @@ impl Redis {
             port: free_port(),
             password: None,
             tls: Some((cert_file.to_string(), key_file.to_string())),
+            extra: Vec::new(),
             dir: tempfile::tempdir().expect("temp dir"),
             child: None,
         };
@@ -66,6 +70,7 @@ impl Redis {
         if let Some(p) = &self.password {
             cmd.args(["--requirepass", p]);
         }
+        cmd.args(&self.extra);
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -114,5 +119,101 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A Redis Cluster on loopback: three primaries, each with one replica,
+/// made by `redis-cli --cluster create`, its nodes started and stopped by
+/// PID. Nodes fail over one second after a primary stops answering.
+pub struct Cluster {
+    /// Every node, primaries first as created (a failover changes roles).
+    pub nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let nodes: Vec<Redis> = (0..6)
+            .map(|_| {
+                let mut r = Redis {
+                    port: free_port(),
+                    password: None,
+                    tls: None,
+                    extra: Vec::new(),
+                    dir: tempfile::tempdir().expect("temp dir"),
+                    child: None,
+                };
+                r.extra = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--cluster-port",
+                    &free_port().to_string(),
+                    "--cluster-config-file",
+                    &r.dir.path().join("nodes.conf").display().to_string(),
+                ]
+                .map(str::to_string)
+                .to_vec();
+                r.restart();
+                r
+            })
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = Cluster { nodes };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cluster.nodes.iter().all(|n| {
+            n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                && n.cli(&["CLUSTER", "SLOTS"]).lines().count() > 0
+        }) || !cluster.replicas_synced()
+        {
+            assert!(Instant::now() < deadline, "the cluster did not form");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    fn replicas_synced(&self) -> bool {
+        self.nodes.iter().all(|n| {
+            let role = n.cli(&["ROLE"]);
+            !role.starts_with("slave") || role.contains("connected")
+        })
+    }
+
+    /// The URL of the first node: the proxy learns the rest.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    /// The nodes that are primaries now.
+    pub fn primaries(&self) -> Vec<&Redis> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some() && n.cli(&["ROLE"]).starts_with("master"))
+            .collect()
+    }
+
+    /// The node whose replica is `primary` (by port), once it is one.
+    pub fn replica_of(&self, primary: u16) -> Option<&Redis> {
+        self.nodes.iter().find(|n| {
+            n.child.is_some() && n.cli(&["ROLE"]).lines().nth(2) == Some(&primary.to_string())
+        })
+    }
+
+    /// Every key on every running primary.
+    pub fn keys(&self) -> Vec<String> {
+        self.primaries().iter().flat_map(|n| n.keys()).collect()
     }
 }
