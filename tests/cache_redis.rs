@@ -574,43 +574,113 @@ fn fleet_limits_are_one_allowance_across_instances() {
     );
 }
 
-/// Fleet-wide collapsed forwarding: four instances sharing Redis, fifty
-/// clients each on the same cold object, one S3 GET for all of them; the
-/// instances that did not fetch answer from Redis once the one that did
-/// has written it. Every body byte-exact.
+/// GETs `path`, reading the body as it comes and checking it against
+/// `body` piece by piece (nothing held), `received` counting the bytes.
+fn stream_get(
+    port: u16,
+    path: &str,
+    body: &[u8],
+    received: &std::sync::atomic::AtomicU64,
+) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut head = Vec::new();
+    let mut at = 0usize;
+    loop {
+        let n = s.read(&mut buf).map_err(|e| format!("at {at}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        let mut data = &buf[..n];
+        while !data.is_empty() && !head.ends_with(b"\r\n\r\n") {
+            head.push(data[0]);
+            data = &data[1..];
+        }
+        if at + data.len() > body.len() || data != &body[at..at + data.len()] {
+            return Err(format!("body differs at {at}"));
+        }
+        at += data.len();
+        received.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    if !head.starts_with("HTTP/1.1 200") || at != body.len() {
+        return Err(format!("{head:?}, {at} of {} bytes", body.len()));
+    }
+    Ok(())
+}
+
+/// Four instances sharing Redis, fifty clients each on the same cold 64
+/// MiB object: one S3 GET for all of them, every body byte-exact. The
+/// instance that fetches publishes the object's chunks as they arrive and
+/// the others stream them: the origin holds back the second half of the
+/// body until a client of every instance has received part of the first
+/// (a fleet whose waiters waited for the whole object would never get
+/// there, and the test says so).
 #[test]
-fn four_instances_fifty_clients_each_make_one_s3_get() {
+fn four_instances_fifty_clients_each_stream_one_s3_get_of_64_mib() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
     let redis = Redis::start();
-    let size = 2 * 1024 * 1024;
-    let body = std::sync::Arc::new(pattern(size, 11));
-    let b = body.clone();
-    // A slow origin: the head at once, the body after a pause, so every
-    // client asks while the first fetch is under way.
+    let size = 64 * 1024 * 1024;
+    let body = Arc::new(pattern(size, 11));
+    let gate = support::rogue::Gate::default();
+    let (b, g) = (body.clone(), gate.clone());
     let up = Rogue::start(move |_| {
         let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nETag: \"f\"\r\n\r\n");
-        vec![
-            Step::Sleep(Duration::from_millis(300)),
-            Step::Send(head.into_bytes()),
-            Step::Send(b[..size / 2].to_vec()),
-            Step::Sleep(Duration::from_millis(300)),
-            Step::Send(b[size / 2..].to_vec()),
-        ]
+        let mut steps = vec![Step::Send(head.into_bytes())];
+        for piece in b[..size / 2].chunks(4 * 1024 * 1024) {
+            steps.push(Step::Send(piece.to_vec()));
+        }
+        steps.push(Step::Wait(g.clone()));
+        steps.push(Step::Send(b[size / 2..].to_vec()));
+        steps
     });
-    let proxies: Vec<Proxy> = (0..4)
-        .map(|_| Proxy::start(&config(&up.endpoint(), &redis.url())))
-        .collect();
-    let ports: Vec<u16> = proxies.iter().map(|p| p.port).collect();
+    let cfg = config(&up.endpoint(), &redis.url()).replace(
+        "  cache_layers: [\"memory\", \"redis\"]\n",
+        "  cache_layers: [\"memory\", \"redis\"]\n  memory:\n    max_cache_size_mb: 256\n    max_item_size_mb: 100\n",
+    );
+    let proxies: Vec<Proxy> = (0..4).map(|_| Proxy::start(&cfg)).collect();
+    // Bytes received so far by the clients of each instance.
+    let received: Arc<Vec<AtomicU64>> = Arc::new((0..4).map(|_| AtomicU64::new(0)).collect());
     let clients: Vec<_> = (0..200)
         .map(|i| {
-            let port = ports[i % 4];
-            std::thread::spawn(move || support::http::get(port, "/b/fleet/big.bin", &[]))
+            let (port, body, received) = (proxies[i % 4].port, body.clone(), received.clone());
+            std::thread::spawn(move || {
+                stream_get(port, "/b/fleet/big.bin", &body, &received[i % 4])
+                    .map_err(|e| format!("client {i}: {e}"))
+            })
         })
         .collect();
-    for (i, c) in clients.into_iter().enumerate() {
-        let r = c.join().expect("client thread");
-        assert_eq!(r.status, 200, "client {i}");
-        assert!(r.body == *body, "client {i}: body differs");
+    // Every instance's clients have a chunk's worth before the rest of the
+    // body leaves the origin: the followers streamed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let streamed = loop {
+        if received
+            .iter()
+            .all(|r| r.load(Ordering::Relaxed) >= 2 * 1024 * 1024)
+        {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    gate.open();
+    for c in clients {
+        c.join()
+            .expect("client thread")
+            .expect("a whole, byte-exact body");
     }
+    assert!(streamed, "the other instances waited for the whole object");
     assert_eq!(up.gets(), 1, "one S3 GET for the whole fleet");
 }
 
@@ -1025,4 +1095,96 @@ fn a_lost_cluster_primary_fails_over_and_no_request_fails() {
         "the lost node named: {}",
         b.log()
     );
+}
+
+/// The instance publishing an object dies mid-body: the instance streaming
+/// it from Redis stops getting chunks once the dead one's stream record and
+/// lease expire, and continues from the origin with a range request of its
+/// own (If-Match the object's ETag). Its client gets the whole body,
+/// byte-exact, never a short one.
+#[test]
+fn a_publisher_that_dies_mid_body_leaves_its_followers_whole() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let redis = Redis::start();
+    let size = 16 * 1024 * 1024;
+    let body = Arc::new(pattern(size, 5));
+    let gate = support::rogue::Gate::default();
+    let (b, g) = (body.clone(), gate.clone());
+    let up = Rogue::start(move |req| {
+        let range = req
+            .head
+            .lines()
+            .find_map(|l| l.strip_prefix("Range: bytes="))
+            .and_then(|r| r.split('-').next()?.trim().parse::<usize>().ok());
+        match range {
+            Some(from) => {
+                let head = format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{size}\r\nETag: \"f\"\r\n\r\n",
+                    size - from,
+                    size - 1
+                );
+                vec![
+                    Step::Send(head.into_bytes()),
+                    Step::Send(b[from..].to_vec()),
+                ]
+            }
+            None => {
+                let head =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nETag: \"f\"\r\n\r\n");
+                vec![
+                    Step::Send(head.into_bytes()),
+                    Step::Send(b[..size / 2].to_vec()),
+                    Step::Wait(g.clone()),
+                ]
+            }
+        }
+    });
+    // A one-second replica timeout: the lease lasts two.
+    let cfg = config(&up.endpoint(), &redis.url())
+        .replace(
+            "  cache_layers: [\"memory\", \"redis\"]\n",
+            "  cache_layers: [\"memory\", \"redis\"]\n  memory:\n    max_cache_size_mb: 128\n    max_item_size_mb: 32\n",
+        )
+        .replace("      health_check:", "      timeout_seconds: 1\n      health_check:");
+    let publisher = Proxy::start(&cfg);
+    let follower = Proxy::start(&cfg);
+    let (port, b) = (publisher.port, body.clone());
+    let first = std::thread::spawn(move || stream_get(port, "/b/dies.bin", &b, &AtomicU64::new(0)));
+    let deadline = std::time::Instant::now() + WAIT;
+    while !redis.keys().iter().any(|k| k.ends_with(":stream")) {
+        assert!(std::time::Instant::now() < deadline, "no stream record");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let received = Arc::new(AtomicU64::new(0));
+    let (port, b, r) = (follower.port, body.clone(), received.clone());
+    let second = std::thread::spawn(move || stream_get(port, "/b/dies.bin", &b, &r));
+    while received.load(Ordering::Relaxed) < 2 * 1024 * 1024 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower got nothing"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(publisher);
+    assert!(
+        first.join().expect("first client").is_err(),
+        "its instance died"
+    );
+    let whole = second.join().expect("second client");
+    assert!(whole.is_ok(), "{whole:?}: {}", follower.log());
+    assert!(follower
+        .log()
+        .contains("Streaming an object from the fleet stopped"));
+    let ranges = up
+        .seen()
+        .iter()
+        .filter(|s| s.head.contains("If-Match: \"f\"") && s.head.contains("Range: bytes="))
+        .count();
+    assert_eq!(
+        (up.gets(), ranges),
+        (2, 1),
+        "one fetch, then the rest by range"
+    );
+    gate.open();
 }

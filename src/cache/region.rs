@@ -245,6 +245,14 @@ impl Filling {
         self.len() == 0
     }
 
+    /// The bytes so far.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Filling::Heap(v) => v,
+            Filling::Mapped(r) => r.as_ref(),
+        }
+    }
+
     /// The finished body.
     pub fn freeze(self) -> Body {
         match self {

@@ -36,6 +36,15 @@ impl CoreGeneration {
         // relayed uncached, at the client's pace.
         let reservation = store.reserve_fill(len.saturating_mul(2))?;
         let meta = self.stored_meta(resp, fresh_for, len);
+        let stale = self.shared.config.cache.stale_if_error;
+        // This instance holds the fleet's lease: the others stream the
+        // object from Redis as it arrives.
+        let publish = match (&self.shared.process.redis, c.s.fleet_hold) {
+            (Some(redis), Some(hold)) => redis
+                .publish(key, &meta, len, hold, fresh_for + stale)
+                .map(|p| (&**redis, p)),
+            _ => None,
+        };
         let shared = c.s.leading.as_ref().map(|(_, f)| f.clone());
         if let Some(f) = &shared {
             f.set_head(FillHead {
@@ -48,8 +57,8 @@ impl CoreGeneration {
         let mut fill = Fill {
             store,
             disk: self.shared.process.disk.as_deref(),
-            redis: (self.shared.process.redis.as_deref())
-                .map(|r| (r, self.shared.config.cache.stale_if_error)),
+            redis: (self.shared.process.redis.as_deref()).map(|r| (r, stale)),
+            publish,
             shared,
             epoch: store.purge_epoch(),
             key: key.to_string(),
@@ -63,6 +72,43 @@ impl CoreGeneration {
         };
         fill.push(&answer.conn.buf[answer.head_len..start]);
         Some(fill)
+    }
+
+    /// A fill for an object another instance is fetching and publishing
+    /// (`cache::redis::publish`): its chunks, read from Redis as they land,
+    /// are pushed into it as an upstream body would be, so this instance's
+    /// waiters stream them and the object is stored (memory, disk; not
+    /// written back to Redis) once whole. `meta`: the object, its body
+    /// empty, `total` its length. `None` when the fill budget is spent.
+    pub(super) fn fleet_fill(&self, c: &Client, key: &str, meta: Object) -> Option<Fill<'_>> {
+        let store = self.shared.process.cache.as_ref()?;
+        let len = meta.total;
+        let reservation = store.reserve_fill(len.saturating_mul(2))?;
+        let shared = c.s.leading.as_ref().map(|(_, f)| f.clone());
+        if let Some(f) = &shared {
+            f.set_head(FillHead {
+                headers: meta.headers.clone(),
+                len,
+                etag: meta.etag.clone(),
+                passthrough: false,
+            });
+        }
+        Some(Fill {
+            store,
+            disk: self.shared.process.disk.as_deref(),
+            redis: None,
+            publish: None,
+            shared,
+            epoch: store.purge_epoch(),
+            key: key.to_string(),
+            len,
+            body: Filling::with_capacity(len),
+            meta: Some(meta),
+            reservation: Some(reservation),
+            passthrough: false,
+            passed: 0,
+            slices: None,
+        })
     }
 
     /// A fill for an answer too large to store that other requests may be
@@ -107,6 +153,7 @@ impl CoreGeneration {
             store,
             disk: None,
             redis: None,
+            publish: None,
             shared: Some(shared.clone()),
             epoch: store.purge_epoch(),
             key: String::new(),
@@ -198,6 +245,12 @@ pub(super) struct Fill<'s> {
     /// The Redis tier, offered the object once it is stored in memory,
     /// with how long past its freshness it may be served.
     redis: Option<(&'s crate::cache::redis::RedisTier, Duration)>,
+    /// Publishing the object to the fleet while it arrives, chunk by
+    /// chunk (`cache::redis::publish`).
+    publish: Option<(
+        &'s crate::cache::redis::RedisTier,
+        crate::cache::redis::publish::Publisher,
+    )>,
     /// Waiters on other requests stream these bytes too (collapsed forwarding).
     shared: Option<Arc<SharedFill>>,
     /// The store's purge count when the fill started.
@@ -239,6 +292,13 @@ impl crate::http::body::Tee for Fill<'_> {
             return;
         }
         self.body.extend_from_slice(bytes);
+        if let Some((redis, p)) = &mut self.publish {
+            let size = redis.settings.chunk_bytes;
+            while (p.sent + 1) * size <= self.body.len() {
+                let at = p.sent * size;
+                redis.publish_chunk(p, &self.body.as_slice()[at..at + size]);
+            }
+        }
         if self.body.len() as u64 == self.len {
             let purged = self.store.purge_epoch() != self.epoch;
             let mut stored = None;
@@ -255,7 +315,8 @@ impl crate::http::body::Tee for Fill<'_> {
                         stale,
                         now,
                     );
-                    redis.offer(key.clone(), shared.clone(), servable, self.epoch);
+                    let write_id = self.publish.take().map(|(_, p)| p.write_id);
+                    redis.offer(key.clone(), shared.clone(), servable, self.epoch, write_id);
                 }
                 if let Some(disk) = self.disk {
                     disk.offer(key, shared.clone(), self.epoch);

@@ -25,9 +25,10 @@ impl CoreGeneration {
         if let Some(refused) = self.limit_upstream(c, bucket).await {
             return refused;
         }
+        c.s.fleet_hold = None;
         // Only with a Redis tier: the boxed future is not paid for otherwise.
         if c.s.leading.is_some() && self.shared.process.redis.is_some() {
-            if let Some(served) = Box::pin(self.fleet_lead(c, bucket)).await {
+            if let Some(served) = Box::pin(self.fleet_lead(c, bucket, key)).await {
                 return served;
             }
         }

@@ -386,6 +386,9 @@ struct RequestState {
     cache: cache::CacheUse,
     /// The cache fill this request leads (collapsed forwarding), by key.
     leading: Option<(String, Arc<crate::cache::collapse::SharedFill>)>,
+    /// This request's fill holds the fleet's lease on its key for this
+    /// long (`cache::redis::lease`): it publishes the object as it comes.
+    fleet_hold: Option<Duration>,
     /// The authenticated token's `sub` claim (for the access log).
     subject: String,
     /// The authenticated token's claims (for a policy engine's input).

@@ -186,7 +186,12 @@ impl CoreGeneration {
     /// the lease, its fetch answers this request from Redis (put into
     /// memory, offered to disk), and this instance's waiters, told the fill
     /// is abandoned, look again and find it. `None`: fetch.
-    pub(super) async fn fleet_lead(&self, c: &mut Client, bucket: usize) -> Option<Outcome> {
+    pub(super) async fn fleet_lead(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        key: &str,
+    ) -> Option<Outcome> {
         use crate::cache::redis::lease::Lease;
         let process = &self.shared.process;
         let (Some(tier), Some(reader), Some(store)) =
@@ -203,8 +208,20 @@ impl CoreGeneration {
             .unwrap_or(Duration::from_secs(5))
             .saturating_mul(2)
             .clamp(Duration::from_secs(1), Duration::from_secs(30));
-        let Lease::Fetched(object) = reader.lease(tier, &k, hold).await else {
-            return None;
+        // A whole GET can stream an object another instance is fetching.
+        let stream = c.s.req.method() == Method::Get
+            && c.s.req.header(Forwarded::Range).is_none()
+            && !conditional_not_answered(c);
+        let object = match reader.lease(tier, &k, hold, stream).await {
+            Lease::Fetch => {
+                c.s.fleet_hold = Some(hold);
+                return None;
+            }
+            Lease::Fetched(object) => object,
+            Lease::Streaming(head) => {
+                let follow = self.follow_fleet(c, bucket, key, &k, (head, hold), (tier, reader));
+                return Some(Box::pin(follow).await);
+            }
         };
         let epoch = store.purge_epoch();
         let copy = store.insert(k.clone(), object);
@@ -217,6 +234,99 @@ impl CoreGeneration {
             .borrow_mut()
             .coalesced(self.shared.bucket_metric[bucket]);
         Some(self.serve_cached(c, bucket, &copy, "HIT").await)
+    }
+
+    /// Another instance is fetching the object and publishing its chunks:
+    /// this request streams them from Redis as they land, into a fill of
+    /// its own (so this instance's waiters stream them too, and the object
+    /// is stored once whole) and to its client. Each chunk is checked
+    /// before it is sent. When the chunks stop coming (the fetching
+    /// instance died, Redis failed, a chunk is bad), this instance's
+    /// waiters and its client continue with range requests of their own
+    /// (`If-Match` the object's ETag): never a short body.
+    async fn follow_fleet(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        key: &str,
+        k: &str,
+        (head, stall): (crate::cache::redis::entry::StreamHead, Duration),
+        (tier, reader): (
+            &crate::cache::redis::RedisTier,
+            &crate::cache::redis::Reader,
+        ),
+    ) -> Outcome {
+        let meta = head.object();
+        let fill_head = crate::cache::collapse::FillHead {
+            headers: meta.headers.clone(),
+            len: meta.total,
+            etag: meta.etag.clone(),
+            passthrough: false,
+        };
+        let mut fill = self.fleet_fill(c, k, meta);
+        if fill.is_none() {
+            self.abandon_fill(c);
+        }
+        let mut out = match self.send_fill_head(c, bucket, &fill_head).await {
+            Ok(out) => out,
+            Err(out) => {
+                if let Some(f) = &fill {
+                    f.fail();
+                }
+                return out;
+            }
+        };
+        let wait = self.shared.config.server.idle_timeout;
+        let mut client_gone = false;
+        for n in 0..head.chunk_count() {
+            let bytes = match reader.follow_chunk(tier, k, &head, n, stall).await {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    log!(
+                        Level::Warn,
+                        "Streaming an object from the fleet stopped; continuing from the origin",
+                        key = key,
+                        error = e,
+                    );
+                    if let Some(f) = &fill {
+                        f.fail();
+                    }
+                    if client_gone {
+                        out.keep_alive = false;
+                        return out;
+                    }
+                    let resumed =
+                        Box::pin(self.resume_waiter(c, bucket, key, &fill_head, out.bytes)).await;
+                    out.bytes = resumed.sent;
+                    if !resumed.complete {
+                        out.keep_alive = false;
+                        out.abort = true;
+                    }
+                    return out;
+                }
+            };
+            if let Some(f) = &mut fill {
+                crate::http::body::Tee::push(f, &bytes);
+            }
+            if !client_gone {
+                let n = bytes.len() as u64;
+                match super::cache::write_bytes(&mut c.stream, bytes, wait).await {
+                    Ok(()) => out.bytes += n,
+                    Err(_) => client_gone = true,
+                }
+            }
+            // A client gone with nobody else streaming: nothing to pump for.
+            if client_gone && !fill.as_ref().is_some_and(|f| f.has_waiters()) {
+                if let Some(f) = &fill {
+                    f.fail();
+                }
+                break;
+            }
+        }
+        if client_gone {
+            out.keep_alive = false;
+        }
+        out
     }
 
     /// After this instance's leader fetched: when its answer is not in the

@@ -40,39 +40,10 @@ impl CoreGeneration {
                 return self.forward(c, bucket, key).await;
             }
         };
-        let mid = self.shared.bucket_metric[bucket];
-        {
-            let mut m = self.core.metrics.borrow_mut();
-            m.cache(mid, CacheResult::Hit);
-            m.coalesced(mid);
-        }
-        let keep = c.s.req.keep_alive && !self.core.draining.get();
-        let w = &mut c.s.wbuf;
-        head::status_line(w, 200);
-        w.extend_from_slice(head.headers.as_bytes());
-        head::header(w, "Content-Length", &itoa(head.len));
-        self.end_head(
-            c,
-            respond::HeadEnd {
-                date: false,
-                age: Some(0),
-                x_cache: Some("HIT"),
-                chunked: false,
-                keep,
-            },
-        );
-        let mut out = Outcome {
-            status: 200,
-            bytes: 0,
-            keep_alive: keep,
-            abort: false,
-            replica: None,
-            bucket: Some(bucket),
+        let mut out = match self.send_fill_head(c, bucket, &head).await {
+            Ok(out) => out,
+            Err(out) => return out,
         };
-        if write_all(&mut c.stream, &mut c.s.wbuf, wait).await.is_err() {
-            out.keep_alive = false;
-            return out;
-        }
         match self.stream_fill(c, &fill, &head, 0, None).await {
             (Streamed::Whole, n) => out.bytes = n,
             (Streamed::ClientGone, n) => {
@@ -107,10 +78,56 @@ impl CoreGeneration {
         out
     }
 
+    /// The head of a collapsed answer (a fill's, streamed as it comes):
+    /// 200, the object's headers and length, `X-Cache: HIT`, counted as a
+    /// hit coalesced. `Err`: the client could not take it.
+    pub(super) async fn send_fill_head(
+        &self,
+        c: &mut Client,
+        bucket: usize,
+        head: &FillHead,
+    ) -> Result<Outcome, Outcome> {
+        let wait = self.shared.config.server.idle_timeout;
+        let mid = self.shared.bucket_metric[bucket];
+        {
+            let mut m = self.core.metrics.borrow_mut();
+            m.cache(mid, CacheResult::Hit);
+            m.coalesced(mid);
+        }
+        let keep = c.s.req.keep_alive && !self.core.draining.get();
+        let w = &mut c.s.wbuf;
+        head::status_line(w, 200);
+        w.extend_from_slice(head.headers.as_bytes());
+        head::header(w, "Content-Length", &itoa(head.len));
+        self.end_head(
+            c,
+            respond::HeadEnd {
+                date: false,
+                age: Some(0),
+                x_cache: Some("HIT"),
+                chunked: false,
+                keep,
+            },
+        );
+        let mut out = Outcome {
+            status: 200,
+            bytes: 0,
+            keep_alive: keep,
+            abort: false,
+            replica: None,
+            bucket: Some(bucket),
+        };
+        if write_all(&mut c.stream, &mut c.s.wbuf, wait).await.is_err() {
+            out.keep_alive = false;
+            return Err(out);
+        }
+        Ok(out)
+    }
+
     /// A waiter that fell behind the fill it streamed (after `sent` body
     /// bytes) asks the replicas for the rest of the same object, as a
     /// broken body is resumed: `Range` from `sent`, `If-Match` its ETag.
-    async fn resume_waiter(
+    pub(super) async fn resume_waiter(
         &self,
         c: &mut Client,
         bucket: usize,

@@ -31,6 +31,9 @@ use std::ops::Range;
 use std::time::{Duration, SystemTime};
 
 const MAGIC: &[u8] = b"YTGRS2\n";
+/// The magic of a stream record: an object being fetched, its chunks
+/// published as they arrive.
+const STREAM_MAGIC: &[u8] = b"YTGRST1\n";
 
 #[derive(Serialize, Deserialize)]
 struct EntryMeta {
@@ -64,12 +67,41 @@ pub enum Bad {
 }
 
 /// An entry ready to write: the manifest (with the body when inline) and
-/// the chunks, in order.
+/// the chunks' bytes, in order (each stored as [`chunk_value`]).
 pub struct Encoded {
     /// The manifest's value.
     pub manifest: Vec<u8>,
-    /// The chunks' values (none when the body is inline).
+    /// The chunks' bytes (none when the body is inline).
     pub chunks: Vec<Bytes>,
+}
+
+/// A chunk's value: its CRC-32 (4 bytes, big-endian), then its bytes, so
+/// a chunk read while its object is still being fetched (no manifest yet)
+/// is checked too.
+pub fn chunk_value(bytes: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + bytes.len());
+    v.extend_from_slice(&crc32fast::hash(bytes).to_be_bytes());
+    v.extend_from_slice(bytes);
+    v
+}
+
+/// The bytes of a chunk's value, if intact and `len` long.
+pub fn open_chunk(value: Bytes, len: u64) -> Result<Bytes, Bad> {
+    let crc = value.first_chunk::<4>().map(|c| u32::from_be_bytes(*c));
+    let bytes = value.slice(4.min(value.len())..);
+    if crc.is_none() || bytes.len() as u64 != len {
+        return Err(Bad::Length);
+    }
+    if Some(crc32fast::hash(&bytes)) != crc {
+        return Err(Bad::Checksum);
+    }
+    Ok(bytes)
+}
+
+/// The bytes of chunk `n` of an object of `body_len` bytes in chunks of
+/// `chunk_size`.
+pub fn chunk_len(n: usize, chunk_size: u64, body_len: u64) -> u64 {
+    chunk_size.min(body_len.saturating_sub(n as u64 * chunk_size))
 }
 
 /// `object`, stored under cache key `key`: inline when its body fits in
@@ -183,6 +215,11 @@ impl Manifest {
         first.min(n)..(last + 1).min(n)
     }
 
+    /// The length of chunk `n`.
+    pub fn chunk_len(&self, n: usize) -> u64 {
+        chunk_len(n, self.meta.chunk_size, self.meta.body_len)
+    }
+
     /// Where chunk `n` starts in the body.
     pub fn chunk_offset(&self, n: usize) -> u64 {
         n as u64 * self.meta.chunk_size
@@ -198,18 +235,10 @@ impl Manifest {
                 if chunks.len() != which.len() {
                     return Err(Bad::MissingChunk);
                 }
-                let size = self.meta.chunk_size;
-                let len: u64 = which
-                    .clone()
-                    .map(|n| size.min(self.meta.body_len - n as u64 * size))
-                    .sum();
+                let len: u64 = which.clone().map(|n| self.chunk_len(n)).sum();
                 let mut body = Filling::with_capacity(len);
                 for (n, chunk) in which.zip(chunks) {
-                    let chunk = chunk.ok_or(Bad::MissingChunk)?;
-                    let want = size.min(self.meta.body_len - n as u64 * size);
-                    if chunk.len() as u64 != want {
-                        return Err(Bad::Length);
-                    }
+                    let chunk = open_chunk(chunk.ok_or(Bad::MissingChunk)?, self.chunk_len(n))?;
                     if Some(&crc32fast::hash(&chunk)) != self.meta.chunks.get(n) {
                         return Err(Bad::Checksum);
                     }
@@ -232,6 +261,96 @@ impl Manifest {
     }
 }
 
+/// An object another instance is fetching now, publishing its chunks as
+/// they arrive (`lease.rs`): everything but the body, which its chunks
+/// bring, each checked by its own CRC.
+pub struct StreamHead {
+    meta: EntryMeta,
+}
+
+/// The stream record of `object` (its body still empty), `body_len` bytes
+/// to come in chunks of `chunk_size`, written by `write_id`.
+pub fn encode_stream(
+    key: &str,
+    object: &Object,
+    body_len: u64,
+    chunk_size: usize,
+    write_id: &str,
+) -> Vec<u8> {
+    let stored_at_ms = object
+        .stored_at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let meta = EntryMeta {
+        key: key.to_string(),
+        etag: object.etag.clone(),
+        last_modified: object.last_modified.clone(),
+        headers: object.headers.clone(),
+        total: body_len,
+        stored_at_ms,
+        fresh_for_ms: object.fresh_for.as_millis() as u64,
+        body_len,
+        crc32: 0,
+        chunk_size: chunk_size.max(1) as u64,
+        chunks: Vec::new(),
+        write_id: write_id.to_string(),
+    };
+    let mut out = STREAM_MAGIC.to_vec();
+    // Serializing plain strings and numbers cannot fail.
+    out.extend_from_slice(&serde_json::to_vec(&meta).unwrap_or_default());
+    out
+}
+
+/// The stream record in `value`, if it is one for `key`.
+pub fn decode_stream(key: &str, value: &[u8]) -> Result<StreamHead, Bad> {
+    let json = value.strip_prefix(STREAM_MAGIC).ok_or(Bad::Foreign)?;
+    let meta: EntryMeta = serde_json::from_slice(json).map_err(|_| Bad::Foreign)?;
+    if meta.key != key {
+        return Err(Bad::OtherKey);
+    }
+    if meta.chunk_size == 0 {
+        return Err(Bad::Length);
+    }
+    Ok(StreamHead { meta })
+}
+
+impl StreamHead {
+    /// The object's length.
+    pub fn body_len(&self) -> u64 {
+        self.meta.body_len
+    }
+
+    /// How many chunks bring the body.
+    pub fn chunk_count(&self) -> usize {
+        self.meta.body_len.div_ceil(self.meta.chunk_size) as usize
+    }
+
+    /// The length of chunk `n`.
+    pub fn chunk_len(&self, n: usize) -> u64 {
+        chunk_len(n, self.meta.chunk_size, self.meta.body_len)
+    }
+
+    /// The id of the write its chunks come from.
+    pub fn write_id(&self) -> &str {
+        &self.meta.write_id
+    }
+
+    /// The object, its body empty (`total` its length).
+    pub fn object(&self) -> Object {
+        let meta = &self.meta;
+        Object {
+            stored_at: SystemTime::UNIX_EPOCH + Duration::from_millis(meta.stored_at_ms),
+            fresh_for: Duration::from_millis(meta.fresh_for_ms),
+            etag: meta.etag.clone(),
+            last_modified: meta.last_modified.clone(),
+            headers: meta.headers.clone(),
+            body: Default::default(),
+            total: meta.total,
+            touched_ms: Default::default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,9 +368,14 @@ mod tests {
         }
     }
 
+    /// Chunks as Redis holds them.
+    fn values(chunks: &[Bytes]) -> Vec<Option<Bytes>> {
+        chunks.iter().map(|c| Some(chunk_value(c).into())).collect()
+    }
+
     fn whole(m: Manifest, chunks: &[Bytes]) -> Result<Object, Bad> {
         let all = m.chunks_for(0..m.body_len());
-        let read = chunks[all.clone()].iter().cloned().map(Some).collect();
+        let read = values(chunks)[all.clone()].to_vec();
         m.object(all, read)
     }
 
@@ -291,12 +415,7 @@ mod tests {
         assert_eq!(m.chunks_for(0..16), 0..4);
         assert_eq!(m.chunks_for(7..7), 0..0);
         assert_eq!(m.chunk_offset(2), 8);
-        let part = m
-            .object(
-                2..4,
-                vec![Some(e.chunks[2].clone()), Some(e.chunks[3].clone())],
-            )
-            .expect("part");
+        let part = m.object(2..4, values(&e.chunks[2..4])).expect("part");
         assert_eq!(&part.body[..], b"89abcdef");
         assert_eq!(part.total, 16, "the whole object's length");
     }
@@ -327,18 +446,41 @@ mod tests {
         let e = encode("k", &object(b"0123456789abcdef"), 4, "w");
         let other = encode("k", &object(b"0123456789ABCDEF"), 4, "v");
         let m = || decode("k", e.manifest.clone().into()).expect("decodes");
-        let mut read: Vec<Option<Bytes>> = e.chunks.iter().cloned().map(Some).collect();
+        let mut read = values(&e.chunks);
         read[1] = None;
         assert_eq!(m().object(0..4, read).err(), Some(Bad::MissingChunk));
-        let mut read: Vec<Option<Bytes>> = e.chunks.iter().cloned().map(Some).collect();
-        read[3] = Some(e.chunks[3].slice(..3));
+        let mut read = values(&e.chunks);
+        read[3] = Some(Bytes::from(chunk_value(&e.chunks[3])).slice(..6));
         assert_eq!(m().object(0..4, read).err(), Some(Bad::Length));
-        let mut read: Vec<Option<Bytes>> = e.chunks.iter().cloned().map(Some).collect();
-        read[2] = Some(Bytes::from_static(b"89aB"));
+        let mut read = values(&e.chunks);
+        let mut flipped = chunk_value(&e.chunks[2]);
+        flipped[5] ^= 0x20;
+        read[2] = Some(flipped.into());
         assert_eq!(m().object(0..4, read).err(), Some(Bad::Checksum));
-        let mut read: Vec<Option<Bytes>> = e.chunks.iter().cloned().map(Some).collect();
-        read[3] = Some(other.chunks[3].clone());
+        // Intact in itself, but another write's bytes.
+        let mut read = values(&e.chunks);
+        read[3] = values(&other.chunks)[3].clone();
         assert_eq!(m().object(0..4, read).err(), Some(Bad::Checksum));
+        assert_eq!(
+            open_chunk(Bytes::from_static(b"ab"), 0).err(),
+            Some(Bad::Length)
+        );
         assert_eq!(m().object(0..4, vec![None]).err(), Some(Bad::MissingChunk));
+    }
+
+    #[test]
+    fn a_stream_record_describes_the_object_its_chunks_bring() {
+        let o = object(b"");
+        let v = encode_stream("k", &o, 10, 4, "w9");
+        let h = decode_stream("k", &v).expect("decodes");
+        assert_eq!((h.body_len(), h.chunk_count(), h.write_id()), (10, 3, "w9"));
+        assert_eq!((h.chunk_len(0), h.chunk_len(2)), (4, 2));
+        let back = h.object();
+        assert_eq!(
+            (back.etag, back.headers, back.total),
+            (o.etag, o.headers, 10)
+        );
+        assert_eq!(decode_stream("other", &v).err(), Some(Bad::OtherKey));
+        assert_eq!(decode_stream("k", b"YTGRS2\nxx").err(), Some(Bad::Foreign));
     }
 }

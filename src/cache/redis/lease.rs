@@ -6,14 +6,23 @@
 //! ends without an entry (the leader died, or its answer is not stored) is
 //! taken by the next waiter, which fetches. Nobody waits longer than the
 //! lease.
+//!
+//! An object larger than a chunk is published as it arrives
+//! (`publish.rs`): a waiter that finds its stream record streams the chunks
+//! as they land ([`Reader::follow_chunk`]) instead of waiting for all of
+//! them.
 
+use super::entry::{self, StreamHead};
 use super::{Found, Reader, RedisTier};
 use crate::cache::store::Object;
+use bytes::Bytes;
 use redis_protocol::resp2::types::OwnedFrame;
 use std::time::{Duration, Instant};
 
 /// How often a waiting instance looks for the entry.
 const POLL: Duration = Duration::from_millis(25);
+/// How often a follower looks for the next chunk.
+const CHUNK_POLL: Duration = Duration::from_millis(5);
 
 /// What the fleet says about a key this instance is about to fetch.
 pub enum Lease {
@@ -21,12 +30,21 @@ pub enum Lease {
     Fetch,
     /// Another instance fetched it: the entry, from Redis.
     Fetched(Object),
+    /// Another instance is fetching it and publishing its chunks.
+    Streaming(StreamHead),
 }
 
 impl Reader {
     /// Takes the fleet's lease on `cache_key` for `hold`, or waits (at most
-    /// `hold`) for the instance holding it to write the entry.
-    pub async fn lease(&self, tier: &RedisTier, cache_key: &str, hold: Duration) -> Lease {
+    /// `hold`) for the instance holding it to write the entry, or (when
+    /// `stream`) to publish its stream record.
+    pub async fn lease(
+        &self,
+        tier: &RedisTier,
+        cache_key: &str,
+        hold: Duration,
+        stream: bool,
+    ) -> Lease {
         let lease = tier.lease_key(cache_key);
         let ms = hold.as_millis().max(1).to_string();
         let deadline = Instant::now() + hold;
@@ -44,6 +62,11 @@ impl Reader {
             }
             if let Found::Hit(o) = self.get(tier, cache_key, None).await {
                 return Lease::Fetched(o);
+            }
+            if stream {
+                if let Some(head) = self.stream_head(tier, cache_key).await {
+                    return Lease::Streaming(head);
+                }
             }
             if Instant::now() >= deadline {
                 return Lease::Fetch;
@@ -64,9 +87,66 @@ impl Reader {
     /// Gives the lease up (the answer will not be stored in Redis), so the
     /// instances waiting on it fetch now rather than when it expires.
     pub async fn release(&self, tier: &RedisTier, cache_key: &str) {
-        let lease = tier.lease_key(cache_key);
-        let _ = self
-            .call(tier, lease.as_bytes(), &[b"DEL", lease.as_bytes()])
-            .await;
+        let (lease, stream) = (tier.lease_key(cache_key), tier.stream_key(cache_key));
+        let args: [&[u8]; 3] = [b"DEL", lease.as_bytes(), stream.as_bytes()];
+        let _ = self.call(tier, lease.as_bytes(), &args).await;
+    }
+
+    /// The stream record of `cache_key`, while another instance publishes it.
+    async fn stream_head(&self, tier: &RedisTier, cache_key: &str) -> Option<StreamHead> {
+        let key = tier.stream_key(cache_key);
+        match self
+            .call(tier, key.as_bytes(), &[b"GET", key.as_bytes()])
+            .await
+        {
+            Ok(OwnedFrame::BulkString(v)) => entry::decode_stream(cache_key, &v).ok(),
+            _ => None,
+        }
+    }
+
+    /// Chunk `n` of the object `head` describes, once its publisher wrote
+    /// it (checked against its own CRC). `Err` when it will not come: the
+    /// publisher stopped (its record and lease are gone, and no entry holds
+    /// the chunk), nothing came for `stall`, or Redis failed.
+    pub async fn follow_chunk(
+        &self,
+        tier: &RedisTier,
+        cache_key: &str,
+        head: &StreamHead,
+        n: usize,
+        stall: Duration,
+    ) -> Result<Bytes, String> {
+        let rkey = tier.redis_key(cache_key);
+        let chunk = tier.chunk_key(&rkey, head.write_id(), n);
+        let (stream, lease) = (tier.stream_key(cache_key), tier.lease_key(cache_key));
+        let deadline = Instant::now() + stall;
+        loop {
+            let commands: [&[&[u8]]; 2] = [
+                &[b"GET", chunk.as_bytes()],
+                &[
+                    b"EXISTS",
+                    stream.as_bytes(),
+                    lease.as_bytes(),
+                    rkey.as_bytes(),
+                ],
+            ];
+            let mut replies = self.pipeline(tier, rkey.as_bytes(), &commands).await?;
+            let alive = replies.pop();
+            match replies.pop() {
+                Some(OwnedFrame::BulkString(v)) => {
+                    return entry::open_chunk(Bytes::from(v), head.chunk_len(n))
+                        .map_err(|bad| format!("chunk {n}: {bad:?}"));
+                }
+                Some(OwnedFrame::Null) => {}
+                other => return Err(format!("GET answered {other:?}")),
+            }
+            if alive == Some(OwnedFrame::Integer(0)) {
+                return Err("the fetching instance stopped publishing".into());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("chunk {n} did not come in {stall:?}"));
+            }
+            monoio::time::sleep(CHUNK_POLL).await;
+        }
     }
 }

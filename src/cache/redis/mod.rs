@@ -41,6 +41,7 @@ pub mod entry;
 pub mod lease;
 pub mod limit;
 pub mod lookup;
+pub mod publish;
 pub mod reader;
 
 pub use lookup::Found;
@@ -137,13 +138,26 @@ pub fn parse_url(url: &str) -> Result<Url, String> {
 }
 
 /// One write for the writer thread.
-pub struct RedisWrite {
+pub enum RedisWrite {
+    /// A stored object.
+    Entry(EntryWrite),
+    /// An object being fetched: its stream record (`publish.rs`).
+    Stream(publish::StreamWrite),
+    /// One chunk of an object being fetched (`publish.rs`).
+    Chunk(publish::ChunkWrite),
+}
+
+/// A stored object to write.
+pub struct EntryWrite {
     key: String,
     object: Arc<Object>,
     ttl: Duration,
     /// The memory tier's purge count when the object was stored: a purge
     /// since means the write is not made.
     epoch: u64,
+    /// The write whose chunks were published while the object was
+    /// fetched, if they were: those written are not written again.
+    write_id: Option<String>,
 }
 
 /// The process's Redis tier: its settings, counters and write queue.
@@ -168,6 +182,12 @@ pub struct RedisTier {
     pub fleet_purges: AtomicU64,
     /// The fleet's purge count as this instance last saw it.
     seen_epoch: AtomicU64,
+    /// This process's part of every write id (random).
+    instance: String,
+    /// Writes numbered so far (the other part of a write id).
+    next_write: AtomicU64,
+    /// Bytes of published chunks waiting in the write queue.
+    chunks_queued: Arc<AtomicU64>,
 }
 
 impl RedisTier {
@@ -191,6 +211,15 @@ impl RedisTier {
             bad_entries: AtomicU64::new(0),
             fleet_purges: AtomicU64::new(0),
             seen_epoch: AtomicU64::new(UNSEEN),
+            instance: {
+                use std::hash::{BuildHasher, Hasher};
+                let random = std::collections::hash_map::RandomState::new()
+                    .build_hasher()
+                    .finish();
+                format!("{:08x}", random as u32)
+            },
+            next_write: AtomicU64::new(0),
+            chunks_queued: Arc::new(AtomicU64::new(0)),
         };
         (Arc::new(tier), rx)
     }
@@ -222,19 +251,41 @@ impl RedisTier {
         format!("{rkey}:{write_id}:{n}")
     }
 
+    /// A new write's id (no `:`), unique across the fleet.
+    pub fn new_write_id(&self) -> String {
+        let n = self.next_write.fetch_add(1, Ordering::Relaxed);
+        format!("{}{n:x}", self.instance)
+    }
+
     /// Hands a stored object to the writer thread; never waits. `servable`:
     /// how long from now the object may still be served (fresh or stale).
-    pub fn offer(&self, key: String, object: Arc<Object>, servable: Duration, epoch: u64) {
+    /// `write_id`: the write its chunks were published under while it was
+    /// fetched, if they were.
+    pub fn offer(
+        &self,
+        key: String,
+        object: Arc<Object>,
+        servable: Duration,
+        epoch: u64,
+        write_id: Option<String>,
+    ) {
         let ttl = ttl(&self.settings, servable);
-        match self.queue.try_send(RedisWrite {
+        self.enqueue(RedisWrite::Entry(EntryWrite {
             key,
             object,
             ttl,
             epoch,
-        }) {
-            Ok(()) => {}
+            write_id,
+        }));
+    }
+
+    /// Queues a write; a full queue drops it, counted. Never waits.
+    fn enqueue(&self, write: RedisWrite) -> bool {
+        match self.queue.try_send(write) {
+            Ok(()) => true,
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.writes_dropped.fetch_add(1, Ordering::Relaxed);
+                false
             }
         }
     }
@@ -253,18 +304,40 @@ impl RedisTier {
         // After a failure, writes are dropped (counted) for a pause: a dead
         // or stalled Redis costs one timeout per pause, not one per write.
         let mut paused_until: Option<Instant> = None;
-        let mut writes = 0u64;
+        // Chunks published per write id, in order from the first.
+        let mut published = std::collections::HashMap::new();
         // This thread does nothing else: waiting on the queue blocks no one.
         while let Ok(w) = rx.recv() {
-            if purge_epoch() != w.epoch {
-                continue;
+            if let RedisWrite::Chunk(c) = &w {
+                self.chunks_queued
+                    .fetch_sub(c.value.len() as u64, Ordering::Relaxed);
             }
             if paused_until.is_some_and(|t| Instant::now() < t) {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            writes += 1;
-            match self.write(&redis, &w, writes).await {
+            let w = match w {
+                RedisWrite::Entry(w) => w,
+                RedisWrite::Stream(s) => {
+                    if let Err(e) = self.write_stream(&redis, &s).await {
+                        paused_until = Some(Instant::now() + WRITER_PAUSE);
+                        self.write_failed(&mut warned, &e);
+                    }
+                    continue;
+                }
+                RedisWrite::Chunk(c) => {
+                    if let Err(e) = self.write_chunk(&redis, &c, &mut published).await {
+                        paused_until = Some(Instant::now() + WRITER_PAUSE);
+                        self.write_failed(&mut warned, &e);
+                    }
+                    continue;
+                }
+            };
+            let done = w.write_id.as_ref().and_then(|id| published.remove(id));
+            if purge_epoch() != w.epoch {
+                continue;
+            }
+            match self.write(&redis, &w, done.unwrap_or(0)).await {
                 Ok(true) => {
                     self.writes.fetch_add(1, Ordering::Relaxed);
                 }
@@ -272,18 +345,23 @@ impl RedisTier {
                 Ok(false) => {}
                 Err(e) => {
                     paused_until = Some(Instant::now() + WRITER_PAUSE);
-                    self.errors.fetch_add(1, Ordering::Relaxed);
-                    if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                        warned = Some(Instant::now());
-                        log!(
-                            Level::Warn,
-                            "Redis cache write failed; the object stays in the local tiers",
-                            redis = self.settings.address,
-                            error = e,
-                        );
-                    }
+                    self.write_failed(&mut warned, &e);
                 }
             }
+        }
+    }
+
+    /// Counts a failed write and says so, at most once per 10 s.
+    fn write_failed(&self, warned: &mut Option<Instant>, e: &str) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            *warned = Some(Instant::now());
+            log!(
+                Level::Warn,
+                "Redis cache write failed; the object stays in the local tiers",
+                redis = self.settings.address,
+                error = e,
+            );
         }
     }
 
@@ -294,14 +372,22 @@ impl RedisTier {
     /// count is not (or is no longer) the one this instance knows: a purge
     /// since the fetch wins. The count is read after the writes, so a purge
     /// either finds the entry in the index sets or moved the count first.
-    async fn write(&self, redis: &Reader, w: &RedisWrite, n: u64) -> Result<bool, String> {
+    /// Chunks `..published` of `w.write_id` were written while the object
+    /// was fetched: they are not written again.
+    async fn write(
+        &self,
+        redis: &Reader,
+        w: &EntryWrite,
+        published: usize,
+    ) -> Result<bool, String> {
         let s = &self.settings;
+        let key = self.redis_key(&w.key);
         let known = self.known_epoch().await?;
         if self.fleet_epoch(redis).await? != known {
+            self.end_stream(redis, &w.key).await;
             return Ok(false);
         }
-        let key = self.redis_key(&w.key);
-        let write_id = format!("{:x}{n:x}", std::process::id());
+        let write_id = w.write_id.clone().unwrap_or_else(|| self.new_write_id());
         let encoded = entry::encode(&w.key, &w.object, s.chunk_bytes, &write_id);
         let px = w.ttl.as_millis().max(1).to_string();
         let keep = s.max_ttl.as_millis().max(1).to_string();
@@ -310,13 +396,15 @@ impl RedisTier {
             .collect();
         // Chunks first, a few per round trip: a manifest found has its
         // chunks.
-        let batches = chunk_keys
+        let from = published.min(chunk_keys.len());
+        let batches = chunk_keys[from..]
             .chunks(CHUNKS_PER_WRITE)
-            .zip(encoded.chunks.chunks(CHUNKS_PER_WRITE));
+            .zip(encoded.chunks[from..].chunks(CHUNKS_PER_WRITE));
         for (keys, values) in batches {
+            let values: Vec<Vec<u8>> = values.iter().map(|v| entry::chunk_value(v)).collect();
             let commands: Vec<[&[u8]; 5]> = keys
                 .iter()
-                .zip(values)
+                .zip(&values)
                 .map(|(k, v)| [&b"SET"[..], k.as_bytes(), &v[..], b"PX", px.as_bytes()])
                 .collect();
             let commands: Vec<&[&[u8]]> = commands.iter().map(|c| &c[..]).collect();
@@ -326,7 +414,8 @@ impl RedisTier {
         }
         let (object_index, bucket_index) = self.index_keys(&w.key);
         let lease_key = self.lease_key(&w.key);
-        let n_keys = (3 + chunk_keys.len()).to_string();
+        let stream_key = self.stream_key(&w.key);
+        let n_keys = (4 + chunk_keys.len()).to_string();
         let mut args: Vec<&[u8]> = vec![
             b"EVAL",
             WRITE_SCRIPT.as_bytes(),
@@ -334,6 +423,7 @@ impl RedisTier {
             key.as_bytes(),
             object_index.as_bytes(),
             lease_key.as_bytes(),
+            stream_key.as_bytes(),
         ];
         args.extend(chunk_keys.iter().map(|k| k.as_bytes()));
         args.extend([&encoded.manifest[..], px.as_bytes(), keep.as_bytes()]);
@@ -402,6 +492,11 @@ impl RedisTier {
     /// `lease.rs`); the write of its entry removes it.
     pub fn lease_key(&self, cache_key: &str) -> String {
         format!("{}:lease", self.redis_key(cache_key))
+    }
+
+    /// The stream record of `cache_key` while it is fetched (`publish.rs`).
+    pub fn stream_key(&self, cache_key: &str) -> String {
+        format!("{}:stream", self.redis_key(cache_key))
     }
 
     /// The fleet's purge count (bumped by every purge).
