@@ -93,7 +93,8 @@ impl CoreGeneration {
         };
         let epoch = store.purge_epoch();
         let range = c.s.req.header(Forwarded::Range);
-        let found = reader.get(tier, &k, range).await;
+        let stream = range.is_none() && c.s.req.method() == Method::Get;
+        let found = reader.get(tier, &k, range, stream).await;
         // A purge while Redis answered wins.
         if store.purge_epoch() != epoch {
             return Ok(None);
@@ -112,6 +113,14 @@ impl CoreGeneration {
                 self.core.metrics.borrow_mut().cache(mid, CacheResult::Hit);
                 let source = StoredBody::Part { offset };
                 Err(self.answer_stored(c, bucket, &part, "HIT", source).await)
+            }
+            Found::Stream(head) => {
+                let whole = (head, Duration::ZERO);
+                let stream = self.stream_chunks(c, (bucket, key, &k), whole, (tier, reader));
+                match Box::pin(stream).await {
+                    Some(out) => Err(out),
+                    None => Ok(None),
+                }
             }
         }
     }
@@ -219,8 +228,8 @@ impl CoreGeneration {
             }
             Lease::Fetched(object) => object,
             Lease::Streaming(head) => {
-                let follow = self.follow_fleet(c, bucket, key, &k, (head, hold), (tier, reader));
-                return Some(Box::pin(follow).await);
+                let follow = self.stream_chunks(c, (bucket, key, &k), (head, hold), (tier, reader));
+                return Box::pin(follow).await;
             }
         };
         let epoch = store.purge_epoch();
@@ -236,26 +245,39 @@ impl CoreGeneration {
         Some(self.serve_cached(c, bucket, &copy, "HIT").await)
     }
 
-    /// Another instance is fetching the object and publishing its chunks:
-    /// this request streams them from Redis as they land, into a fill of
-    /// its own (so this instance's waiters stream them too, and the object
-    /// is stored once whole) and to its client. Each chunk is checked
-    /// before it is sent. When the chunks stop coming (the fetching
-    /// instance died, Redis failed, a chunk is bad), this instance's
-    /// waiters and its client continue with range requests of their own
-    /// (`If-Match` the object's ETag): never a short body.
-    async fn follow_fleet(
+    /// Streams a chunked object from Redis: chunk by chunk, each checked
+    /// before it is sent, the next one read while the last is sent, into a
+    /// fill of its own (so this instance's waiters stream it too, and the
+    /// object is stored once whole; none when the fill budget is spent)
+    /// and to the client. `stall`: how long to wait for a chunk not written
+    /// yet (another instance is still fetching the object: the fleet's
+    /// stream), zero for a stored entry. When a chunk does not come (the
+    /// fetching instance died, Redis failed, a chunk is missing or bad),
+    /// this instance's waiters and the client continue with range requests
+    /// of their own (`If-Match` the object's ETag): never a short body.
+    async fn stream_chunks(
         &self,
         c: &mut Client,
-        bucket: usize,
-        key: &str,
-        k: &str,
+        (bucket, key, k): (usize, &str, &str),
         (head, stall): (crate::cache::redis::entry::StreamHead, Duration),
         (tier, reader): (
             &crate::cache::redis::RedisTier,
             &crate::cache::redis::Reader,
         ),
-    ) -> Outcome {
+    ) -> Option<Outcome> {
+        use crate::cache::redis::lease::ChunkError;
+        let stored = stall.is_zero();
+        // The first chunk before anything is sent: without it, a miss.
+        let mut next = reader.follow_chunk(tier, k, &head, 0, stall).await;
+        if let Err(e) = &next {
+            if let (true, ChunkError::Broken(why)) = (stored, e) {
+                reader.drop_entry(tier, k, why).await;
+            }
+            return None;
+        }
+        if stored {
+            tier.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let meta = head.object();
         let fill_head = crate::cache::collapse::FillHead {
             headers: meta.headers.clone(),
@@ -267,33 +289,37 @@ impl CoreGeneration {
         if fill.is_none() {
             self.abandon_fill(c);
         }
-        let mut out = match self.send_fill_head(c, bucket, &fill_head).await {
+        let mut out = match self.send_fill_head(c, bucket, &fill_head, !stored).await {
             Ok(out) => out,
             Err(out) => {
                 if let Some(f) = &fill {
                     f.fail();
                 }
-                return out;
+                return Some(out);
             }
         };
         let wait = self.shared.config.server.idle_timeout;
         let mut client_gone = false;
-        for n in 0..head.chunk_count() {
-            let bytes = match reader.follow_chunk(tier, k, &head, n, stall).await {
+        let count = head.chunk_count();
+        for n in 0..count {
+            let bytes = match next {
                 Ok(bytes) => bytes,
                 Err(e) => {
                     log!(
                         Level::Warn,
-                        "Streaming an object from the fleet stopped; continuing from the origin",
+                        "Streaming an object from Redis stopped; continuing from the origin",
                         key = key,
                         error = e,
                     );
+                    if let (true, ChunkError::Broken(why)) = (stored, &e) {
+                        reader.drop_entry(tier, k, why).await;
+                    }
                     if let Some(f) = &fill {
                         f.fail();
                     }
                     if client_gone {
                         out.keep_alive = false;
-                        return out;
+                        return Some(out);
                     }
                     let resumed =
                         Box::pin(self.resume_waiter(c, bucket, key, &fill_head, out.bytes)).await;
@@ -302,18 +328,30 @@ impl CoreGeneration {
                         out.keep_alive = false;
                         out.abort = true;
                     }
-                    return out;
+                    return Some(out);
                 }
             };
             if let Some(f) = &mut fill {
                 crate::http::body::Tee::push(f, &bytes);
             }
-            if !client_gone {
-                let n = bytes.len() as u64;
-                match super::cache::write_bytes(&mut c.stream, bytes, wait).await {
-                    Ok(()) => out.bytes += n,
-                    Err(_) => client_gone = true,
+            // The next chunk is read while this one is sent.
+            let len = bytes.len() as u64;
+            let read = async {
+                match n + 1 < count {
+                    true => Some(reader.follow_chunk(tier, k, &head, n + 1, stall).await),
+                    false => None,
                 }
+            };
+            let send = async {
+                match client_gone {
+                    true => Err(io::Error::from(io::ErrorKind::NotConnected)),
+                    false => super::cache::write_bytes(&mut c.stream, bytes, wait).await,
+                }
+            };
+            let (sent, read) = monoio::join!(send, read);
+            match sent {
+                Ok(()) => out.bytes += len,
+                Err(_) => client_gone = true,
             }
             // A client gone with nobody else streaming: nothing to pump for.
             if client_gone && !fill.as_ref().is_some_and(|f| f.has_waiters()) {
@@ -322,11 +360,15 @@ impl CoreGeneration {
                 }
                 break;
             }
+            match read {
+                Some(r) => next = r,
+                None => break,
+            }
         }
         if client_gone {
             out.keep_alive = false;
         }
-        out
+        Some(out)
     }
 
     /// After this instance's leader fetched: when its answer is not in the

@@ -40,7 +40,7 @@ impl CoreGeneration {
                 return self.forward(c, bucket, key).await;
             }
         };
-        let mut out = match self.send_fill_head(c, bucket, &head).await {
+        let mut out = match self.send_fill_head(c, bucket, &head, true).await {
             Ok(out) => out,
             Err(out) => return out,
         };
@@ -78,21 +78,25 @@ impl CoreGeneration {
         out
     }
 
-    /// The head of a collapsed answer (a fill's, streamed as it comes):
-    /// 200, the object's headers and length, `X-Cache: HIT`, counted as a
-    /// hit coalesced. `Err`: the client could not take it.
+    /// The head of an answer streamed as its body comes (a fill's, or
+    /// chunks from Redis): 200, the object's headers and length, `X-Cache:
+    /// HIT`, counted as a hit (and `coalesced`: one that waited on another
+    /// request's fetch). `Err`: the client could not take it.
     pub(super) async fn send_fill_head(
         &self,
         c: &mut Client,
         bucket: usize,
         head: &FillHead,
+        coalesced: bool,
     ) -> Result<Outcome, Outcome> {
         let wait = self.shared.config.server.idle_timeout;
         let mid = self.shared.bucket_metric[bucket];
         {
             let mut m = self.core.metrics.borrow_mut();
             m.cache(mid, CacheResult::Hit);
-            m.coalesced(mid);
+            if coalesced {
+                m.coalesced(mid);
+            }
         }
         let keep = c.s.req.keep_alive && !self.core.draining.get();
         let w = &mut c.s.wbuf;

@@ -15,8 +15,9 @@ use std::time::Duration;
 
 /// Read buffer to start with; grows to the largest reply read.
 const BUF: usize = 16 * 1024;
-/// A read buffer grown past this shrinks back once its reply is taken.
-const MAX_KEPT: usize = 256 * 1024;
+/// A read buffer grown past this shrinks back once its reply is taken
+/// (a chunk of the default size, 1 MiB, and its framing fit).
+const MAX_KEPT: usize = 1024 * 1024 + BUF;
 
 /// An open, authenticated connection.
 pub struct Conn {
@@ -130,7 +131,12 @@ impl Conn {
                 Ok(None) => {}
                 Err(e) => return Err(format!("unreadable reply: {e:?}")),
             }
-            if self.buf.len() == self.buf.capacity() {
+            // A value's length is known from its header: room for all of
+            // it at once, not grown (and copied) step by step.
+            let want = bulk_len(&self.buf).unwrap_or(0);
+            if want > self.buf.capacity() {
+                self.buf.reserve_exact(want - self.buf.len());
+            } else if self.buf.len() == self.buf.capacity() {
                 self.buf.reserve(self.buf.capacity().max(BUF));
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -165,6 +171,15 @@ async fn handshake(
         .map_err(|(_, e)| e)
 }
 
+/// The whole length of the bulk string reply `buf` begins with (header,
+/// value and the final CRLF), once its header is in.
+fn bulk_len(buf: &[u8]) -> Option<usize> {
+    let rest = buf.strip_prefix(b"$")?;
+    let end = rest.iter().take(21).position(|&b| b == b'\r')?;
+    let n: usize = std::str::from_utf8(&rest[..end]).ok()?.parse().ok()?;
+    Some(1 + end + 2 + n + 2)
+}
+
 /// What [`Conn::read_frame`] says when nothing came by its deadline.
 pub const TIMED_OUT: &str = "read timed out";
 
@@ -174,5 +189,17 @@ pub fn ok(reply: OwnedFrame) -> Result<(), String> {
         OwnedFrame::SimpleString(_) => Ok(()),
         OwnedFrame::Error(e) => Err(e),
         other => Err(format!("unexpected reply {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_bulk_reply_s_length_is_read_from_its_header() {
+        assert_eq!(super::bulk_len(b"$5\r\nhello\r\n"), Some(11));
+        assert_eq!(super::bulk_len(b"$65536\r\nxx"), Some(65536 + 10));
+        assert_eq!(super::bulk_len(b"$655"), None, "header not in yet");
+        assert_eq!(super::bulk_len(b"$-1\r\n"), None, "null");
+        assert_eq!(super::bulk_len(b"*2\r\n"), None);
     }
 }

@@ -220,6 +220,11 @@ impl Manifest {
         chunk_len(n, self.meta.chunk_size, self.meta.body_len)
     }
 
+    /// What streaming the chunks needs (each checks itself).
+    pub fn into_stream_head(self) -> StreamHead {
+        StreamHead { meta: self.meta }
+    }
+
     /// Where chunk `n` starts in the body.
     pub fn chunk_offset(&self, n: usize) -> u64 {
         n as u64 * self.meta.chunk_size

@@ -24,6 +24,24 @@ const POLL: Duration = Duration::from_millis(25);
 /// How often a follower looks for the next chunk.
 const CHUNK_POLL: Duration = Duration::from_millis(5);
 
+/// Why a chunk could not be had.
+#[derive(Debug)]
+pub enum ChunkError {
+    /// The entry is broken: a chunk missing, cut or flipped (a stored
+    /// entry), or its publisher stopped (the fleet's stream).
+    Broken(String),
+    /// Redis failed or did not answer.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for ChunkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChunkError::Broken(e) | ChunkError::Unavailable(e) => f.write_str(e),
+        }
+    }
+}
+
 /// What the fleet says about a key this instance is about to fetch.
 pub enum Lease {
     /// This instance fetches (it holds the lease, or Redis cannot say).
@@ -53,14 +71,14 @@ impl Reader {
                 // Redis cannot say: fetch alone rather than wait on it.
                 Err(_) | Ok(true) => {
                     // The entry may have landed as the lease was freed.
-                    if let Found::Hit(o) = self.get(tier, cache_key, None).await {
+                    if let Found::Hit(o) = self.get(tier, cache_key, None, false).await {
                         return Lease::Fetched(o);
                     }
                     return Lease::Fetch;
                 }
                 Ok(false) => {}
             }
-            if let Found::Hit(o) = self.get(tier, cache_key, None).await {
+            if let Found::Hit(o) = self.get(tier, cache_key, None, false).await {
                 return Lease::Fetched(o);
             }
             if stream {
@@ -115,7 +133,7 @@ impl Reader {
         head: &StreamHead,
         n: usize,
         stall: Duration,
-    ) -> Result<Bytes, String> {
+    ) -> Result<Bytes, ChunkError> {
         let rkey = tier.redis_key(cache_key);
         let chunk = tier.chunk_key(&rkey, head.write_id(), n);
         let (stream, lease) = (tier.stream_key(cache_key), tier.lease_key(cache_key));
@@ -130,21 +148,26 @@ impl Reader {
                     rkey.as_bytes(),
                 ],
             ];
-            let mut replies = self.pipeline(tier, rkey.as_bytes(), &commands).await?;
+            let mut replies = self
+                .pipeline(tier, rkey.as_bytes(), &commands)
+                .await
+                .map_err(ChunkError::Unavailable)?;
             let alive = replies.pop();
             match replies.pop() {
                 Some(OwnedFrame::BulkString(v)) => {
                     return entry::open_chunk(Bytes::from(v), head.chunk_len(n))
-                        .map_err(|bad| format!("chunk {n}: {bad:?}"));
+                        .map_err(|bad| ChunkError::Broken(format!("chunk {n}: {bad:?}")));
                 }
                 Some(OwnedFrame::Null) => {}
-                other => return Err(format!("GET answered {other:?}")),
+                other => return Err(ChunkError::Unavailable(format!("GET answered {other:?}"))),
             }
             if alive == Some(OwnedFrame::Integer(0)) {
-                return Err("the fetching instance stopped publishing".into());
+                let e = "the fetching instance stopped publishing";
+                return Err(ChunkError::Broken(e.into()));
             }
             if Instant::now() >= deadline {
-                return Err(format!("chunk {n} did not come in {stall:?}"));
+                let e = format!("chunk {n} missing");
+                return Err(ChunkError::Broken(e));
             }
             monoio::time::sleep(CHUNK_POLL).await;
         }

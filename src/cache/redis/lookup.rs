@@ -5,7 +5,7 @@
 //! the chunks it covers, and is answered from them without entering the
 //! memory tier. A bad value is deleted, counted and read as a miss.
 
-use super::entry::{self, Bad};
+use super::entry;
 use super::reader::Reader;
 use super::RedisTier;
 use crate::cache::policy::{self, RangeAnswer};
@@ -23,14 +23,24 @@ pub enum Found {
     /// Part of a chunked object, for the range asked: `Object::body` holds
     /// the object's bytes from `offset` on, `Object::total` its length.
     Part(Object, u64),
+    /// A chunked object, to be streamed chunk by chunk
+    /// ([`Reader::follow_chunk`]).
+    Stream(entry::StreamHead),
     /// Nothing usable (absent, refused, or Redis unavailable).
     Miss,
 }
 
 impl Reader {
     /// Looks cache key `key` up. `range`: the request's `Range` header,
-    /// when a part of a chunked object would do.
-    pub async fn get(&self, tier: &RedisTier, key: &str, range: Option<&str>) -> Found {
+    /// when a part of a chunked object would do; `stream`: a chunked object
+    /// is to be streamed (its chunks are not read here).
+    pub async fn get(
+        &self,
+        tier: &RedisTier,
+        key: &str,
+        range: Option<&str>,
+        stream: bool,
+    ) -> Found {
         let rkey = tier.redis_key(key);
         let value = match self
             .call(tier, rkey.as_bytes(), &[b"GET", rkey.as_bytes()])
@@ -52,6 +62,7 @@ impl Reader {
         };
         let found = match entry::decode(key, value) {
             Ok(m) if !m.chunked() => m.object(0..0, Vec::new()).map(Found::Hit),
+            Ok(m) if stream => Ok(Found::Stream(m.into_stream_head())),
             Ok(m) => {
                 let len = m.body_len();
                 let bytes = match range.map(|r| policy::range(Some(r), len)) {
@@ -76,6 +87,8 @@ impl Reader {
             Err(bad) => Err(bad),
         };
         match found {
+            // Counted once its first chunk is in hand (`proxy::tiers`).
+            Ok(found @ Found::Stream(_)) => found,
             Ok(found) => {
                 tier.hits.fetch_add(1, Ordering::Relaxed);
                 found
@@ -111,9 +124,15 @@ impl Reader {
         }
     }
 
+    /// The entry of cache key `key` is broken (a chunk missing or bad,
+    /// found while streaming it): counted, said and deleted.
+    pub async fn drop_entry(&self, tier: &RedisTier, key: &str, why: &str) {
+        self.refuse(tier, &tier.redis_key(key), why).await;
+    }
+
     /// A value under our key that is not a whole, intact entry for it: a
     /// miss, counted, said and deleted.
-    async fn refuse(&self, tier: &RedisTier, rkey: &str, bad: Bad) {
+    async fn refuse(&self, tier: &RedisTier, rkey: &str, bad: impl std::fmt::Debug) {
         tier.bad_entries.fetch_add(1, Ordering::Relaxed);
         tier.misses.fetch_add(1, Ordering::Relaxed);
         log!(
