@@ -5,6 +5,7 @@
 #
 #   bash loadtest/redis.sh                 # 1 KiB, 64 KiB, 1 MiB
 #   SIZES="64k" DURATION=3 bash loadtest/redis.sh
+#   CHUNK_KB=64 bash loadtest/redis.sh     # objects above 64 KiB stored (and streamed) as chunks
 #
 # Layout: yatagarasu (one worker) pinned to core 0; wrk, redis-server,
 # redis-benchmark and the nginx file origin on core 1 (PIN=0: unpinned).
@@ -23,6 +24,7 @@ ROOT=$(pwd)
 YATA=${YATA:-$ROOT/target/release/yatagarasu}
 SIZES=${SIZES:-"1k 64k 1m"}
 DURATION=${DURATION:-5}
+CHUNK_KB=${CHUNK_KB:-1024}
 PIN=${PIN:-1}
 P_ORIGIN=18400 P_YATA=18401 P_METRICS=18402 P_REDIS=18403
 on_core() { if [ "$PIN" = 1 ]; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi; }
@@ -63,6 +65,7 @@ $1
     redis_url: \"redis://127.0.0.1:$P_REDIS\"
     redis_ttl_seconds: 3600
     max_pool_size: 32
+    chunk_size_kb: $CHUNK_KB
 " "$P_METRICS" >"$WORK/yata.yaml"
   spawn_on 0 "$YATA" --config "$WORK/yata.yaml" 2>>"$WORK/logs/yata.log" &
   PROXY=$!
@@ -104,7 +107,7 @@ LUA
   echo "$reqs $(awk -v t=$((t1 - t0)) -v r="$reqs" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", (t / hz) * 1e6 / r}') $(wrk_latency "$out")"
 }
 
-echo "machine: $(nproc) cores; proxy on core 0, wrk, Redis and the origin on core 1; wrk -t1 -c32 ${DURATION}s"
+echo "machine: $(nproc) cores; proxy on core 0, wrk, Redis and the origin on core 1; wrk -t1 -c32 ${DURATION}s; chunks of ${CHUNK_KB} KiB"
 echo
 echo "| object | Redis-tier hit p50 / p99 ms | redis-benchmark GET p50 / p99 ms | share answered from Redis | CPU us/req: Redis-tier hit | memory-tier hit | S3 miss (cache off) |"
 echo "|---|---|---|---|---|---|---|"

@@ -79,10 +79,20 @@ impl CoreGeneration {
     /// are pushed into it as an upstream body would be, so this instance's
     /// waiters stream them and the object is stored (memory, disk; not
     /// written back to Redis) once whole. `meta`: the object, its body
-    /// empty, `total` its length. `None` when the fill budget is spent.
-    pub(super) fn fleet_fill(&self, c: &Client, key: &str, meta: Object) -> Option<Fill<'_>> {
+    /// empty, `total` its length. `None` when the object is larger than
+    /// the bucket's item limit or the fill budget is spent.
+    pub(super) fn fleet_fill(
+        &self,
+        c: &Client,
+        bucket: usize,
+        key: &str,
+        meta: Object,
+    ) -> Option<Fill<'_>> {
         let store = self.shared.process.cache.as_ref()?;
         let len = meta.total;
+        if len > self.shared.bucket(bucket).cache.max_item_bytes {
+            return None;
+        }
         let reservation = store.reserve_fill(len.saturating_mul(2))?;
         let shared = c.s.leading.as_ref().map(|(_, f)| f.clone());
         if let Some(f) = &shared {

@@ -267,8 +267,13 @@ impl CoreGeneration {
     ) -> Option<Outcome> {
         use crate::cache::redis::lease::ChunkError;
         let stored = stall.is_zero();
-        // The first chunk before anything is sent: without it, a miss.
-        let mut next = reader.follow_chunk(tier, k, &head, 0, stall).await;
+        // A stored entry's chunks are read a batch per round trip; a
+        // stream's, one at a time as they land.
+        let per_read = if stored { STORED_CHUNKS_PER_READ } else { 1 };
+        let count = head.chunk_count();
+        let batch = |at: usize| at..(at + per_read).min(count);
+        // The first chunks before anything is sent: without them, a miss.
+        let mut next = reader.read_chunks(tier, k, &head, batch(0), stall).await;
         if let Err(e) = &next {
             if let (true, ChunkError::Broken(why)) = (stored, e) {
                 reader.drop_entry(tier, k, why).await;
@@ -285,7 +290,7 @@ impl CoreGeneration {
             etag: meta.etag.clone(),
             passthrough: false,
         };
-        let mut fill = self.fleet_fill(c, k, meta);
+        let mut fill = self.fleet_fill(c, bucket, k, meta);
         if fill.is_none() {
             self.abandon_fill(c);
         }
@@ -300,10 +305,10 @@ impl CoreGeneration {
         };
         let wait = self.shared.config.server.idle_timeout;
         let mut client_gone = false;
-        let count = head.chunk_count();
-        for n in 0..count {
-            let bytes = match next {
-                Ok(bytes) => bytes,
+        let mut at = 0;
+        while at < count {
+            let pieces = match next {
+                Ok(pieces) => pieces,
                 Err(e) => {
                     log!(
                         Level::Warn,
@@ -331,27 +336,41 @@ impl CoreGeneration {
                     return Some(out);
                 }
             };
+            at += pieces.len();
             if let Some(f) = &mut fill {
-                crate::http::body::Tee::push(f, &bytes);
+                for p in &pieces {
+                    crate::http::body::Tee::push(f, p);
+                }
             }
-            // The next chunk is read while this one is sent.
-            let len = bytes.len() as u64;
+            // The next chunks are read while these are sent.
             let read = async {
-                match n + 1 < count {
-                    true => Some(reader.follow_chunk(tier, k, &head, n + 1, stall).await),
+                match at < count {
+                    true => Some(reader.read_chunks(tier, k, &head, batch(at), stall).await),
                     false => None,
                 }
             };
             let send = async {
-                match client_gone {
-                    true => Err(io::Error::from(io::ErrorKind::NotConnected)),
-                    false => super::cache::write_bytes(&mut c.stream, bytes, wait).await,
+                let mut sent = 0;
+                for p in pieces {
+                    let n = p.len() as u64;
+                    if client_gone
+                        || super::cache::write_bytes(&mut c.stream, p, wait)
+                            .await
+                            .is_err()
+                    {
+                        return Err(sent);
+                    }
+                    sent += n;
                 }
+                Ok(sent)
             };
             let (sent, read) = monoio::join!(send, read);
             match sent {
-                Ok(()) => out.bytes += len,
-                Err(_) => client_gone = true,
+                Ok(n) => out.bytes += n,
+                Err(n) => {
+                    out.bytes += n;
+                    client_gone = true;
+                }
             }
             // A client gone with nobody else streaming: nothing to pump for.
             if client_gone && !fill.as_ref().is_some_and(|f| f.has_waiters()) {
@@ -389,6 +408,9 @@ impl CoreGeneration {
         }
     }
 }
+
+/// Chunks of a stored Redis entry read per round trip while streaming it.
+const STORED_CHUNKS_PER_READ: usize = 8;
 
 /// How often a copy's memory hits refresh its disk-tier entry's recency.
 const DISK_TOUCH_EVERY_MS: u64 = 1_000;

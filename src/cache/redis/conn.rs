@@ -118,8 +118,17 @@ impl Conn {
     /// by `deadline`.
     pub async fn read_frame(&mut self, deadline: std::time::Instant) -> Result<OwnedFrame, String> {
         loop {
-            match decode(&self.buf) {
-                Ok(Some((frame, used))) => {
+            // Decoded once whole: a partial reply is only scanned (decoding
+            // it would copy what is in, again after every read).
+            let scanned = scan(&self.buf, 0, 0);
+            let decoded = match scanned {
+                None => None,
+                Some(Scan::Whole(_)) => Some(decode(&self.buf)),
+                Some(Scan::Need(_)) => Some(Ok(None)),
+            };
+            match decoded {
+                None => return Err("unreadable reply".into()),
+                Some(Ok(Some((frame, used)))) => {
                     self.buf.drain(..used);
                     // A large value read once is not kept for the
                     // connection's life.
@@ -128,12 +137,15 @@ impl Conn {
                     }
                     return Ok(frame);
                 }
-                Ok(None) => {}
-                Err(e) => return Err(format!("unreadable reply: {e:?}")),
+                Some(Ok(None)) => {}
+                Some(Err(e)) => return Err(format!("unreadable reply: {e:?}")),
             }
             // A value's length is known from its header: room for all of
             // it at once, not grown (and copied) step by step.
-            let want = bulk_len(&self.buf).unwrap_or(0);
+            let want = match scanned {
+                Some(Scan::Need(n)) => n,
+                _ => 0,
+            };
             if want > self.buf.capacity() {
                 self.buf.reserve_exact(want - self.buf.len());
             } else if self.buf.len() == self.buf.capacity() {
@@ -171,13 +183,57 @@ async fn handshake(
         .map_err(|(_, e)| e)
 }
 
-/// The whole length of the bulk string reply `buf` begins with (header,
-/// value and the final CRLF), once its header is in.
-fn bulk_len(buf: &[u8]) -> Option<usize> {
-    let rest = buf.strip_prefix(b"$")?;
-    let end = rest.iter().take(21).position(|&b| b == b'\r')?;
-    let n: usize = std::str::from_utf8(&rest[..end]).ok()?.parse().ok()?;
-    Some(1 + end + 2 + n + 2)
+/// How much of a RESP2 reply is in a buffer.
+#[derive(Debug, PartialEq, Eq)]
+enum Scan {
+    /// The reply ends at this offset.
+    Whole(usize),
+    /// Incomplete: at least this many bytes are needed (as far as the
+    /// headers in hand tell).
+    Need(usize),
+}
+
+/// Walks the RESP2 reply at `buf[at..]` without copying anything (`depth`:
+/// arrays within arrays); `None` when it is not RESP2.
+fn scan(buf: &[u8], at: usize, depth: usize) -> Option<Scan> {
+    if depth > 8 {
+        return None;
+    }
+    let Some(&kind) = buf.get(at) else {
+        return Some(Scan::Need(at + 1));
+    };
+    let Some(eol) = buf[at..].windows(2).position(|w| w == b"\r\n") else {
+        return Some(Scan::Need(buf.len() + 1));
+    };
+    let line = std::str::from_utf8(&buf[at + 1..at + eol]).ok()?;
+    let next = at + eol + 2;
+    match kind {
+        b'+' | b'-' | b':' => Some(Scan::Whole(next)),
+        b'$' => {
+            let n: i64 = line.parse().ok()?;
+            if n < 0 {
+                return Some(Scan::Whole(next));
+            }
+            let end = next + n as usize + 2;
+            Some(if end <= buf.len() {
+                Scan::Whole(end)
+            } else {
+                Scan::Need(end)
+            })
+        }
+        b'*' => {
+            let n: i64 = line.parse().ok()?;
+            let mut at = next;
+            for _ in 0..n.max(0) {
+                match scan(buf, at, depth + 1)? {
+                    Scan::Whole(end) => at = end,
+                    need => return Some(need),
+                }
+            }
+            Some(Scan::Whole(at))
+        }
+        _ => None,
+    }
 }
 
 /// What [`Conn::read_frame`] says when nothing came by its deadline.
@@ -194,12 +250,26 @@ pub fn ok(reply: OwnedFrame) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use super::{scan, Scan};
+
     #[test]
-    fn a_bulk_reply_s_length_is_read_from_its_header() {
-        assert_eq!(super::bulk_len(b"$5\r\nhello\r\n"), Some(11));
-        assert_eq!(super::bulk_len(b"$65536\r\nxx"), Some(65536 + 10));
-        assert_eq!(super::bulk_len(b"$655"), None, "header not in yet");
-        assert_eq!(super::bulk_len(b"$-1\r\n"), None, "null");
-        assert_eq!(super::bulk_len(b"*2\r\n"), None);
+    fn a_reply_is_scanned_for_its_end_or_the_bytes_it_still_needs() {
+        assert_eq!(scan(b"$5\r\nhello\r\n", 0, 0), Some(Scan::Whole(11)));
+        assert_eq!(scan(b"$65536\r\nxx", 0, 0), Some(Scan::Need(65536 + 10)));
+        assert_eq!(
+            scan(b"$655", 0, 0),
+            Some(Scan::Need(5)),
+            "header not in yet"
+        );
+        assert_eq!(scan(b"$-1\r\n", 0, 0), Some(Scan::Whole(5)), "null");
+        assert_eq!(scan(b"+OK\r\n:1\r\n", 0, 0), Some(Scan::Whole(5)));
+        let mget = b"*3\r\n$2\r\nab\r\n$-1\r\n$4\r\ncd";
+        assert_eq!(scan(mget, 0, 0), Some(Scan::Need(mget.len() + 4)));
+        let whole = b"*3\r\n$2\r\nab\r\n$-1\r\n$4\r\ncdef\r\n";
+        assert_eq!(scan(whole, 0, 0), Some(Scan::Whole(whole.len())));
+        assert_eq!(scan(b"*2\r\n*1\r\n:1\r\n", 0, 0), Some(Scan::Need(13)));
+        assert_eq!(scan(b"", 0, 0), Some(Scan::Need(1)));
+        assert_eq!(scan(b"?x\r\n", 0, 0), None);
+        assert_eq!(scan(b"$x\r\n", 0, 0), None);
     }
 }

@@ -122,6 +122,39 @@ impl Reader {
         }
     }
 
+    /// Chunks `which` of the object `head` describes, checked: of a stored
+    /// entry in one `MGET` (`stall` zero), else each as [`Self::follow_chunk`]
+    /// waits for it.
+    pub async fn read_chunks(
+        &self,
+        tier: &RedisTier,
+        cache_key: &str,
+        head: &StreamHead,
+        which: std::ops::Range<usize>,
+        stall: Duration,
+    ) -> Result<Vec<Bytes>, ChunkError> {
+        if !stall.is_zero() {
+            let mut out = Vec::with_capacity(which.len());
+            for n in which {
+                out.push(self.follow_chunk(tier, cache_key, head, n, stall).await?);
+            }
+            return Ok(out);
+        }
+        let rkey = tier.redis_key(cache_key);
+        let values = self
+            .chunks(tier, &rkey, head.write_id(), which.clone())
+            .await
+            .map_err(ChunkError::Unavailable)?;
+        which
+            .zip(values)
+            .map(|(n, v)| {
+                let v = v.ok_or_else(|| ChunkError::Broken(format!("chunk {n} missing")))?;
+                entry::open_chunk(v, head.chunk_len(n))
+                    .map_err(|bad| ChunkError::Broken(format!("chunk {n}: {bad:?}")))
+            })
+            .collect()
+    }
+
     /// Chunk `n` of the object `head` describes, once its publisher wrote
     /// it (checked against its own CRC). `Err` when it will not come: the
     /// publisher stopped (its record and lease are gone, and no entry holds

@@ -102,7 +102,7 @@ impl Reader {
 
     /// Chunks `which` of the entry at `rkey` written by `write_id`, in
     /// order, `None` where absent.
-    async fn chunks(
+    pub(super) async fn chunks(
         &self,
         tier: &RedisTier,
         rkey: &str,
