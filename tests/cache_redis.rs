@@ -1221,3 +1221,77 @@ fn a_publisher_that_dies_mid_body_leaves_its_followers_whole() {
     );
     gate.open();
 }
+
+/// An object too large for the memory tier (8 MiB against a 1 MiB item
+/// limit) is passed through, never held whole, yet still published: three
+/// instances, ten clients each, one S3 GET, every body byte-exact, the
+/// followers streaming while the origin holds back the second half. Its
+/// manifest is written from the chunks' CRCs once the last byte passed,
+/// so a fourth instance streams it from Redis without an origin request.
+#[test]
+fn an_object_above_the_item_limit_is_published_and_streamed_from_redis() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let redis = Redis::start();
+    let size = 8 * 1024 * 1024;
+    let body = Arc::new(pattern(size, 3));
+    let gate = support::rogue::Gate::default();
+    let (b, g) = (body.clone(), gate.clone());
+    let up = Rogue::start(move |_| {
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nETag: \"big\"\r\n\r\n");
+        vec![
+            Step::Send(head.into_bytes()),
+            Step::Send(b[..size / 2].to_vec()),
+            Step::Wait(g.clone()),
+            Step::Send(b[size / 2..].to_vec()),
+        ]
+    });
+    let cfg = config(&up.endpoint(), &redis.url()).replace(
+        "  cache_layers: [\"memory\", \"redis\"]\n",
+        "  cache_layers: [\"memory\", \"redis\"]\n  memory:\n    max_cache_size_mb: 64\n    max_item_size_mb: 1\n",
+    );
+    let proxies: Vec<Proxy> = (0..3).map(|_| Proxy::start(&cfg)).collect();
+    let received: Arc<Vec<AtomicU64>> = Arc::new((0..3).map(|_| AtomicU64::new(0)).collect());
+    let clients: Vec<_> = (0..30)
+        .map(|i| {
+            let (port, body, received) = (proxies[i % 3].port, body.clone(), received.clone());
+            std::thread::spawn(move || {
+                stream_get(port, "/b/large.bin", &body, &received[i % 3])
+                    .map_err(|e| format!("client {i}: {e}"))
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let streamed = loop {
+        if received
+            .iter()
+            .all(|r| r.load(Ordering::Relaxed) >= 1024 * 1024)
+        {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    gate.open();
+    for c in clients {
+        c.join()
+            .expect("client thread")
+            .expect("a whole, byte-exact body");
+    }
+    assert!(streamed, "the other instances did not stream it");
+    assert_eq!(up.gets(), 1, "one S3 GET for the whole fleet");
+    let deadline = std::time::Instant::now() + WAIT;
+    while entries(&redis).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no manifest written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(entries(&redis).len(), 1);
+    assert_eq!(chunks(&redis.keys()).len(), 8);
+    let fourth = Proxy::start(&cfg);
+    let r = fourth.get("/b/large.bin");
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
+    assert!(r.body == *body, "streamed from Redis, byte-exact");
+    assert_eq!(up.gets(), 1);
+}

@@ -78,9 +78,11 @@ impl CoreGeneration {
     /// (`cache::redis::publish`): its chunks, read from Redis as they land,
     /// are pushed into it as an upstream body would be, so this instance's
     /// waiters stream them and the object is stored (memory, disk; not
-    /// written back to Redis) once whole. `meta`: the object, its body
-    /// empty, `total` its length. `None` when the object is larger than
-    /// the bucket's item limit or the fill budget is spent.
+    /// written back to Redis) once whole; an object larger than the
+    /// bucket's item limit is passed to the waiters through a window and
+    /// kept nowhere. `meta`: the object, its body empty, `total` its
+    /// length. `None` when the fill budget is spent (or, for a large
+    /// object, nobody leads a fill to share).
     pub(super) fn fleet_fill(
         &self,
         c: &Client,
@@ -91,7 +93,32 @@ impl CoreGeneration {
         let store = self.shared.process.cache.as_ref()?;
         let len = meta.total;
         if len > self.shared.bucket(bucket).cache.max_item_bytes {
-            return None;
+            // Too large to store: this instance's waiters stream it through
+            // a window, and it is kept nowhere.
+            let (_, shared) = c.s.leading.as_ref()?;
+            let head = FillHead {
+                headers: meta.headers,
+                len,
+                etag: meta.etag,
+                passthrough: true,
+            };
+            let reservation = pass_window(store, shared, head)?;
+            return Some(Fill {
+                store,
+                disk: None,
+                redis: None,
+                publish: None,
+                shared: Some(shared.clone()),
+                epoch: store.purge_epoch(),
+                key: String::new(),
+                len,
+                body: Filling::Heap(Vec::new()),
+                meta: None,
+                reservation: Some(reservation),
+                passthrough: true,
+                passed: 0,
+                slices: None,
+            });
         }
         let reservation = store.reserve_fill(len.saturating_mul(2))?;
         let shared = c.s.leading.as_ref().map(|(_, f)| f.clone());
@@ -143,33 +170,36 @@ impl CoreGeneration {
         if resp.status != 200 || resp.etag.is_empty() {
             return None;
         }
-        self.freshness(resp, ttl)?;
-        // The window: the whole object while the budget has room for it
-        // (up to half the budget), so no waiter in a burst falls behind
-        // and fetches again; else PASS_WINDOW.
-        let whole = len.min(store.fill_budget() / 2).max(PASS_WINDOW as u64);
-        let (reservation, window) = match store.reserve_fill_quietly(whole) {
-            Some(r) => (r, whole),
-            None => (store.reserve_fill(PASS_WINDOW as u64)?, PASS_WINDOW as u64),
-        };
-        shared.set_window(window as usize);
-        shared.set_head(FillHead {
+        let fresh_for = self.freshness(resp, ttl)?;
+        let head = FillHead {
             headers: self.stored_headers(resp),
             len,
             etag: resp.etag.clone(),
             passthrough: true,
-        });
+        };
+        let reservation = pass_window(store, shared, head)?;
+        // Holding the fleet's lease: published to Redis as it passes, so
+        // the other instances stream it and store it in Redis only.
+        let meta = self.stored_meta(resp, fresh_for, len);
+        let stale = self.shared.config.cache.stale_if_error;
+        let publish = match (&self.shared.process.redis, c.s.fleet_hold) {
+            (Some(redis), Some(hold)) => redis
+                .publish(key, &meta, len, hold, fresh_for + stale)
+                .map(|p| (&**redis, p)),
+            _ => None,
+        };
+        c.s.fleet_published.set(publish.is_some());
         let mut fill = Fill {
             store,
             disk: None,
             redis: None,
-            publish: None,
+            publish,
             shared: Some(shared.clone()),
             epoch: store.purge_epoch(),
             key: String::new(),
             len,
             body: Filling::Heap(Vec::new()),
-            meta: None,
+            meta: Some(meta),
             reservation: Some(reservation),
             passthrough: true,
             passed: 0,
@@ -241,6 +271,28 @@ impl CoreGeneration {
         policy::freshness(&stored, ttl, crate::clock::now())
     }
 }
+/// Sizes a pass-through fill's window and announces its head: the whole
+/// object while the fill budget has room for it (up to half the budget),
+/// so no waiter in a burst falls behind and fetches again; else
+/// [`PASS_WINDOW`]. `None` when even that is not in the budget.
+fn pass_window(
+    store: &store::MemoryStore,
+    shared: &SharedFill,
+    head: FillHead,
+) -> Option<store::FillReservation> {
+    let whole = head
+        .len
+        .min(store.fill_budget() / 2)
+        .max(PASS_WINDOW as u64);
+    let (reservation, window) = match store.reserve_fill_quietly(whole) {
+        Some(r) => (r, whole),
+        None => (store.reserve_fill(PASS_WINDOW as u64)?, PASS_WINDOW as u64),
+    };
+    shared.set_window(window as usize);
+    shared.set_head(head);
+    Some(reservation)
+}
+
 /// The bytes of its latest pieces a pass-through fill keeps for its
 /// waiters (`CoreGeneration::pass_through`).
 pub(super) const PASS_WINDOW: usize = 8 * 1024 * 1024;
@@ -293,7 +345,13 @@ impl crate::http::body::Tee for Fill<'_> {
             if let Some(feed) = &mut self.slices {
                 feed.push(bytes);
             }
+            if let Some((redis, p)) = &mut self.publish {
+                redis.publish_bytes(p, bytes);
+            }
             if self.passed == self.len {
+                if let (Some((redis, p)), Some(meta)) = (self.publish.take(), &self.meta) {
+                    redis.finish(p, meta, self.len, self.epoch);
+                }
                 if let Some(f) = &self.shared {
                     f.done(None);
                 }
@@ -372,10 +430,14 @@ impl Fill<'_> {
         self.passthrough
     }
 
-    /// The body broke and nothing completed it: waiters abort.
+    /// The body broke and nothing completed it: waiters abort, and so do
+    /// the other instances streaming what it published.
     pub(super) fn fail(&self) {
         if let Some(f) = &self.shared {
             f.end(End::Failed);
+        }
+        if let Some((redis, p)) = &self.publish {
+            redis.abort(p);
         }
     }
 }

@@ -26,6 +26,7 @@ impl CoreGeneration {
             return refused;
         }
         c.s.fleet_hold = None;
+        c.s.fleet_published.set(false);
         // Only with a Redis tier: the boxed future is not paid for otherwise.
         if c.s.leading.is_some() && self.shared.process.redis.is_some() {
             if let Some(served) = Box::pin(self.fleet_lead(c, bucket, key)).await {

@@ -389,6 +389,9 @@ struct RequestState {
     /// This request's fill holds the fleet's lease on its key for this
     /// long (`cache::redis::lease`): it publishes the object as it comes.
     fleet_hold: Option<Duration>,
+    /// This request's fill publishes an object the memory tier does not
+    /// hold: the entry written at its end ends the fleet's lease.
+    fleet_published: std::cell::Cell<bool>,
     /// The authenticated token's `sub` claim (for the access log).
     subject: String,
     /// The authenticated token's claims (for a policy engine's input).

@@ -403,7 +403,7 @@ impl CoreGeneration {
         let Some((k, _)) = &c.s.leading else {
             return;
         };
-        if store.peek(k).is_none() {
+        if store.peek(k).is_none() && !c.s.fleet_published.get() {
             reader.release(tier, k).await;
         }
     }

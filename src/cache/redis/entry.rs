@@ -109,44 +109,78 @@ pub fn chunk_len(n: usize, chunk_size: u64, body_len: u64) -> u64 {
 pub fn encode(key: &str, object: &Object, chunk_size: usize, write_id: &str) -> Encoded {
     let body: &Bytes = object.body.bytes();
     let chunk_size = chunk_size.max(1);
-    let chunks: Vec<Bytes> = if body.len() > chunk_size {
-        (0..body.len())
-            .step_by(chunk_size)
-            .map(|at| body.slice(at..(at + chunk_size).min(body.len())))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    if body.len() <= chunk_size {
+        let mut meta = meta_of(key, object, body.len() as u64, chunk_size, write_id);
+        meta.crc32 = crc32fast::hash(body);
+        return Encoded {
+            manifest: frame(&meta, body),
+            chunks: Vec::new(),
+        };
+    }
+    let chunks: Vec<Bytes> = (0..body.len())
+        .step_by(chunk_size)
+        .map(|at| body.slice(at..(at + chunk_size).min(body.len())))
+        .collect();
+    let crcs = chunks.iter().map(|c| crc32fast::hash(c)).collect();
+    let manifest = encode_manifest(key, object, body.len() as u64, chunk_size, crcs, write_id);
+    Encoded { manifest, chunks }
+}
+
+/// The manifest of a chunked object whose chunks were written already
+/// (published as it arrived): `object` without its body, `body_len` bytes
+/// in chunks of `chunk_size` whose CRC-32s are `crcs`.
+pub fn encode_manifest(
+    key: &str,
+    object: &Object,
+    body_len: u64,
+    chunk_size: usize,
+    crcs: Vec<u32>,
+    write_id: &str,
+) -> Vec<u8> {
+    let mut meta = meta_of(key, object, body_len, chunk_size, write_id);
+    meta.chunks = crcs;
+    frame(&meta, &[])
+}
+
+/// The description of `object` (its body aside).
+fn meta_of(
+    key: &str,
+    object: &Object,
+    body_len: u64,
+    chunk_size: usize,
+    write_id: &str,
+) -> EntryMeta {
     let stored_at_ms = object
         .stored_at
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let inline = chunks.is_empty();
-    let meta = EntryMeta {
+    EntryMeta {
         key: key.to_string(),
         etag: object.etag.clone(),
         last_modified: object.last_modified.clone(),
         headers: object.headers.clone(),
-        total: object.total,
+        total: body_len,
         stored_at_ms,
         fresh_for_ms: object.fresh_for.as_millis() as u64,
-        body_len: body.len() as u64,
-        crc32: if inline { crc32fast::hash(body) } else { 0 },
-        chunk_size: chunk_size as u64,
-        chunks: chunks.iter().map(|c| crc32fast::hash(c)).collect(),
+        body_len,
+        crc32: 0,
+        chunk_size: chunk_size.max(1) as u64,
+        chunks: Vec::new(),
         write_id: write_id.to_string(),
-    };
-    // Serializing plain strings and numbers cannot fail.
-    let meta = serde_json::to_vec(&meta).unwrap_or_default();
-    let inline_len = if inline { body.len() } else { 0 };
-    let mut manifest = Vec::with_capacity(MAGIC.len() + 4 + meta.len() + inline_len);
-    manifest.extend_from_slice(MAGIC);
-    manifest.extend_from_slice(&(meta.len() as u32).to_be_bytes());
-    manifest.extend_from_slice(&meta);
-    if inline {
-        manifest.extend_from_slice(body);
     }
-    Encoded { manifest, chunks }
+}
+
+/// A manifest's value: magic, the metadata's length and the metadata,
+/// then `inline` (the body, when it is not chunked).
+fn frame(meta: &EntryMeta, inline: &[u8]) -> Vec<u8> {
+    // Serializing plain strings and numbers cannot fail.
+    let meta = serde_json::to_vec(meta).unwrap_or_default();
+    let mut out = Vec::with_capacity(MAGIC.len() + 4 + meta.len() + inline.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+    out.extend_from_slice(&meta);
+    out.extend_from_slice(inline);
+    out
 }
 
 /// A manifest read back: what the object is, and its body when inline.
@@ -282,24 +316,7 @@ pub fn encode_stream(
     chunk_size: usize,
     write_id: &str,
 ) -> Vec<u8> {
-    let stored_at_ms = object
-        .stored_at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let meta = EntryMeta {
-        key: key.to_string(),
-        etag: object.etag.clone(),
-        last_modified: object.last_modified.clone(),
-        headers: object.headers.clone(),
-        total: body_len,
-        stored_at_ms,
-        fresh_for_ms: object.fresh_for.as_millis() as u64,
-        body_len,
-        crc32: 0,
-        chunk_size: chunk_size.max(1) as u64,
-        chunks: Vec::new(),
-        write_id: write_id.to_string(),
-    };
+    let meta = meta_of(key, object, body_len, chunk_size, write_id);
     let mut out = STREAM_MAGIC.to_vec();
     // Serializing plain strings and numbers cannot fail.
     out.extend_from_slice(&serde_json::to_vec(&meta).unwrap_or_default());

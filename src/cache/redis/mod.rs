@@ -1,39 +1,37 @@
 //! The Redis tier: a cache shared by every instance of a fleet, behind the
-//! memory and disk tiers (`cache.cache_layers`, `cache.redis`).
+//! memory and disk tiers (`cache.cache_layers`, `cache.redis`), on one
+//! Redis server or a Redis Cluster.
 //!
-//! - **Reads** run on the requesting core's runtime ([`Reader`]): a memory
-//!   miss asks Redis for the entry within `operation_timeout_ms`; a hit is
-//!   checked (`entry`), put into the memory tier and served. A slow, dead or
-//!   refusing Redis is a miss, and after three failures in a row the core's
-//!   breaker stops asking for a while, so a dead Redis costs no request its
-//!   timeout. Each core holds at most its share of `max_pool_size`
-//!   connections; when they are all busy a lookup waits for the next one
-//!   freed (Redis answers in well under a millisecond; a miss would cost
-//!   an S3 fetch or the fleet lease's polling), within
-//!   `operation_timeout_ms`.
+//! - **Reads** run on the requesting core's runtime, over its own
+//!   connections ([`Reader`]: per node, routed by slot, a breaker each):
+//!   a memory miss asks Redis for the entry within `operation_timeout_ms`
+//!   (`lookup.rs`); a hit is checked (`entry.rs`), put into the memory tier
+//!   and served; a chunked object is streamed chunk by chunk
+//!   (`proxy::tiers`). A slow, dead or refusing Redis is a miss.
 //! - **Writes** are off the response path: a fill stored in memory is
 //!   offered to a bounded queue ([`RedisTier::offer`], never waits), which
-//!   the tier's own thread writes with `SET key value PX ttl` (after a
-//!   failure it drops writes, counted, for two seconds). The TTL is
-//!   `redis_ttl_seconds`, capped by `redis_max_ttl_seconds` and by how long
-//!   the object may still be served (fresh, or stale-if-error).
-//! - **Entries** describe themselves (`entry`): the whole cache key (with
-//!   the origin fingerprint), headers, ETag, length and a CRC-32 of the
-//!   body. A foreign, cut or bit-flipped value is dropped (`DEL`), counted
-//!   and read as a miss.
-//! - **Keys** are `{prefix}:{<hash of the cache key>}`: the braces are a
-//!   Cluster hash tag.
-//!
+//!   the tier's own thread writes (after a failure it drops writes,
+//!   counted, for two seconds). The TTL is `redis_ttl_seconds`, capped by
+//!   `redis_max_ttl_seconds` and by how long the object may still be served
+//!   (fresh, or stale-if-error).
+//! - **Entries** describe themselves (`entry.rs`): the whole cache key (with
+//!   the origin fingerprint), headers, ETag, length and CRC-32s; objects
+//!   above `chunk_size_kb` are a manifest and chunks. A foreign, cut or
+//!   bit-flipped value is dropped (`DEL`), counted and read as a miss.
+//! - **Keys** are `{prefix}:{<object's tag>}:<hash of the cache key>`, and
+//!   every key of one object (chunks `…:<write>:<n>`, `…:lease`,
+//!   `…:stream`, the index set `{prefix}:{<tag>}:o`) shares the hash tag:
+//!   one Cluster slot.
 //! - **Purges reach the fleet:** an admin purge deletes the entries its
 //!   index sets list, bumps the fleet's purge count and publishes the
 //!   prefix; every instance's fleet thread applies it to its memory and
 //!   disk tiers. An instance that finds the count moved while it was not
 //!   listening drops all its local copies ([`RedisTier::run_fleet`]).
 //!
-//! `rediss://` connects over TLS (`conn.rs`).
-//!
-//! Fleet-wide collapsed forwarding is `lease.rs`, fleet-wide limits
-//! `limit.rs`. Not yet: Redis Cluster, objects stored as chunks (issue #25).
+//! `rediss://` connects over TLS (`conn.rs`); `cluster.rs` is the slot
+//! map's pure part. Fleet-wide collapsed forwarding is `lease.rs` (and
+//! `publish.rs`: objects streamed to the fleet while they arrive),
+//! fleet-wide limits `limit.rs`.
 
 pub mod cluster;
 pub mod conn;
@@ -145,6 +143,23 @@ pub enum RedisWrite {
     Stream(publish::StreamWrite),
     /// One chunk of an object being fetched (`publish.rs`).
     Chunk(publish::ChunkWrite),
+    /// The manifest of a passed-through object, its chunks all queued
+    /// before it (`publish.rs`).
+    Finish(publish::FinishWrite),
+    /// The fetch of this cache key broke: its stream record and lease end.
+    Abort(String),
+}
+
+/// An entry ready to write ([`RedisTier::commit`]).
+struct Prepared<'a> {
+    /// The cache key.
+    key: &'a str,
+    manifest: &'a [u8],
+    /// The chunks not written yet: the last `chunks.len()` of them.
+    chunks: &'a [bytes::Bytes],
+    chunk_count: usize,
+    write_id: &'a str,
+    ttl: Duration,
 }
 
 /// A stored object to write.
@@ -332,9 +347,43 @@ impl RedisTier {
                     }
                     continue;
                 }
+                RedisWrite::Abort(key) => {
+                    self.end_stream(&redis, &key).await;
+                    continue;
+                }
+                RedisWrite::Finish(f) => {
+                    let written = published.remove(&f.write_id).unwrap_or(0);
+                    // Purged since, or a chunk missing: no entry.
+                    if purge_epoch() != f.epoch || written != f.chunks {
+                        self.end_stream(&redis, &f.key).await;
+                        continue;
+                    }
+                    let entry = Prepared {
+                        key: &f.key,
+                        manifest: &f.manifest,
+                        chunks: &[],
+                        chunk_count: f.chunks,
+                        write_id: &f.write_id,
+                        ttl: f.ttl,
+                    };
+                    match self.commit(&redis, entry).await {
+                        Ok(true) => {
+                            self.writes.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            paused_until = Some(Instant::now() + WRITER_PAUSE);
+                            self.write_failed(&mut warned, &e);
+                        }
+                    }
+                    continue;
+                }
             };
             let done = w.write_id.as_ref().and_then(|id| published.remove(id));
             if purge_epoch() != w.epoch {
+                if w.write_id.is_some() {
+                    self.end_stream(&redis, &w.key).await;
+                }
                 continue;
             }
             match self.write(&redis, &w, done.unwrap_or(0)).await {
@@ -365,15 +414,9 @@ impl RedisTier {
         }
     }
 
-    /// Writes one entry: its chunks, then in one script on its slot the
-    /// manifest, its place in its object's index set and the end of its
-    /// fleet lease; then its object's place in its bucket's index set.
-    /// `Ok(false)`: not written, or taken back, because the fleet's purge
-    /// count is not (or is no longer) the one this instance knows: a purge
-    /// since the fetch wins. The count is read after the writes, so a purge
-    /// either finds the entry in the index sets or moved the count first.
-    /// Chunks `..published` of `w.write_id` were written while the object
-    /// was fetched: they are not written again.
+    /// Writes one stored object's entry ([`Self::commit`]). Chunks
+    /// `..published` of `w.write_id` were written while the object was
+    /// fetched: they are not written again.
     async fn write(
         &self,
         redis: &Reader,
@@ -381,25 +424,47 @@ impl RedisTier {
         published: usize,
     ) -> Result<bool, String> {
         let s = &self.settings;
-        let key = self.redis_key(&w.key);
-        let known = self.known_epoch().await?;
-        if self.fleet_epoch(redis).await? != known {
-            self.end_stream(redis, &w.key).await;
-            return Ok(false);
-        }
         let write_id = w.write_id.clone().unwrap_or_else(|| self.new_write_id());
         let encoded = entry::encode(&w.key, &w.object, s.chunk_bytes, &write_id);
-        let px = w.ttl.as_millis().max(1).to_string();
+        let from = published.min(encoded.chunks.len());
+        let entry = Prepared {
+            key: &w.key,
+            manifest: &encoded.manifest,
+            chunks: &encoded.chunks[from..],
+            chunk_count: encoded.chunks.len(),
+            write_id: &write_id,
+            ttl: w.ttl,
+        };
+        self.commit(redis, entry).await
+    }
+
+    /// Writes an entry: the chunks not written yet (the last ones), then
+    /// in one script on its slot the manifest, its place (and its chunks')
+    /// in its object's index set and the end of its fleet lease and stream
+    /// record; then its object's place in its bucket's index set.
+    /// `Ok(false)`: not written, or taken back, because the fleet's purge
+    /// count is not (or is no longer) the one this instance knows: a purge
+    /// since the fetch wins. The count is read after the writes, so a purge
+    /// either finds the entry in the index sets or moved the count first.
+    async fn commit(&self, redis: &Reader, e: Prepared<'_>) -> Result<bool, String> {
+        let s = &self.settings;
+        let key = self.redis_key(e.key);
+        let known = self.known_epoch().await?;
+        if self.fleet_epoch(redis).await? != known {
+            self.end_stream(redis, e.key).await;
+            return Ok(false);
+        }
+        let px = e.ttl.as_millis().max(1).to_string();
         let keep = s.max_ttl.as_millis().max(1).to_string();
-        let chunk_keys: Vec<String> = (0..encoded.chunks.len())
-            .map(|i| self.chunk_key(&key, &write_id, i))
+        let chunk_keys: Vec<String> = (0..e.chunk_count)
+            .map(|i| self.chunk_key(&key, e.write_id, i))
             .collect();
-        // Chunks first, a few per round trip: a manifest found has its
+        // The chunks first, a few per round trip: a manifest found has its
         // chunks.
-        let from = published.min(chunk_keys.len());
-        let batches = chunk_keys[from..]
+        let unwritten = &chunk_keys[e.chunk_count - e.chunks.len()..];
+        let batches = unwritten
             .chunks(CHUNKS_PER_WRITE)
-            .zip(encoded.chunks[from..].chunks(CHUNKS_PER_WRITE));
+            .zip(e.chunks.chunks(CHUNKS_PER_WRITE));
         for (keys, values) in batches {
             let values: Vec<Vec<u8>> = values.iter().map(|v| entry::chunk_value(v)).collect();
             let commands: Vec<[&[u8]; 5]> = keys
@@ -412,9 +477,9 @@ impl RedisTier {
                 conn::ok(reply).map_err(|e| format!("Redis said: {e}"))?;
             }
         }
-        let (object_index, bucket_index) = self.index_keys(&w.key);
-        let lease_key = self.lease_key(&w.key);
-        let stream_key = self.stream_key(&w.key);
+        let (object_index, bucket_index) = self.index_keys(e.key);
+        let lease_key = self.lease_key(e.key);
+        let stream_key = self.stream_key(e.key);
         let n_keys = (4 + chunk_keys.len()).to_string();
         let mut args: Vec<&[u8]> = vec![
             b"EVAL",
@@ -426,7 +491,7 @@ impl RedisTier {
             stream_key.as_bytes(),
         ];
         args.extend(chunk_keys.iter().map(|k| k.as_bytes()));
-        args.extend([&encoded.manifest[..], px.as_bytes(), keep.as_bytes()]);
+        args.extend([e.manifest, px.as_bytes(), keep.as_bytes()]);
         redis.call(self, key.as_bytes(), &args).await?;
         let listed: [&[&[u8]]; 2] = [
             &[b"SADD", bucket_index.as_bytes(), object_index.as_bytes()],

@@ -13,6 +13,13 @@
 //! A chunk the queue had no room for is written with the entry: a follower
 //! waiting for it waits for the entry. Queued chunk bytes are bounded
 //! ([`MAX_QUEUED`]); past that, chunks are dropped the same way.
+//!
+//! An object too large for the memory tier is never held whole: its fill
+//! passes it through. It is still published ([`RedisTier::publish_bytes`]),
+//! and when its last byte has passed, its manifest is written from the
+//! chunks' CRCs ([`RedisTier::finish`]): stored in Redis only, and only if
+//! every chunk was written. A fill that breaks ends its stream record and
+//! lease at once ([`RedisTier::abort`]).
 
 use super::entry;
 use super::reader::Reader;
@@ -55,6 +62,22 @@ pub struct Publisher {
     pub ttl: Duration,
     /// Chunks published so far.
     pub sent: usize,
+    /// Their CRC-32s (a passed-through object's manifest lists them).
+    crcs: Vec<u32>,
+    /// Bytes of the next chunk, for a passed-through object.
+    pending: Vec<u8>,
+}
+
+/// The manifest of a passed-through object, once all its chunks are
+/// queued.
+pub struct FinishWrite {
+    pub(super) key: String,
+    pub(super) manifest: Vec<u8>,
+    pub(super) chunks: usize,
+    pub(super) write_id: String,
+    pub(super) ttl: Duration,
+    /// The memory tier's purge count when the fill started.
+    pub(super) epoch: u64,
 }
 
 impl RedisTier {
@@ -85,13 +108,63 @@ impl RedisTier {
             hold,
             ttl: super::ttl(&self.settings, servable),
             sent: 0,
+            crcs: Vec::new(),
+            pending: Vec::new(),
         })
+    }
+
+    /// Passes bytes of a passed-through object to `p`: each chunk is queued
+    /// as soon as it is complete.
+    pub fn publish_bytes(&self, p: &mut Publisher, mut bytes: &[u8]) {
+        let size = self.settings.chunk_bytes;
+        while !bytes.is_empty() {
+            let take = (size - p.pending.len()).min(bytes.len());
+            p.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if p.pending.len() == size {
+                let chunk = std::mem::take(&mut p.pending);
+                self.publish_chunk(p, &chunk);
+            }
+        }
+    }
+
+    /// The last byte of a passed-through object has passed: its last chunk
+    /// and its manifest (`object` without its body, `len` bytes) are
+    /// queued. `epoch`: the memory tier's purge count when its fill began.
+    pub fn finish(&self, mut p: Publisher, object: &Object, len: u64, epoch: u64) {
+        if !p.pending.is_empty() {
+            let chunk = std::mem::take(&mut p.pending);
+            self.publish_chunk(&mut p, &chunk);
+        }
+        let manifest = entry::encode_manifest(
+            &p.key,
+            object,
+            len,
+            self.settings.chunk_bytes,
+            std::mem::take(&mut p.crcs),
+            &p.write_id,
+        );
+        self.enqueue(RedisWrite::Finish(FinishWrite {
+            key: p.key,
+            manifest,
+            chunks: p.sent,
+            write_id: p.write_id,
+            ttl: p.ttl,
+            epoch,
+        }));
+    }
+
+    /// The object `p` published will not be whole: its stream record and
+    /// lease end, so its followers fetch for themselves now.
+    pub fn abort(&self, p: &Publisher) {
+        self.enqueue(RedisWrite::Abort(p.key.clone()));
     }
 
     /// Queues the next chunk of `p`'s object, `bytes`; never waits.
     pub fn publish_chunk(&self, p: &mut Publisher, bytes: &[u8]) {
         let n = p.sent;
         p.sent += 1;
+        p.crcs.push(crc32fast::hash(bytes));
         let len = bytes.len() as u64 + 4;
         if self.chunks_queued.fetch_add(len, Ordering::Relaxed) + len > MAX_QUEUED {
             self.chunks_queued.fetch_sub(len, Ordering::Relaxed);
