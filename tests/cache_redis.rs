@@ -626,14 +626,33 @@ fn stream_get(
 /// there, and the test says so).
 #[test]
 fn four_instances_fifty_clients_each_stream_one_s3_get_of_64_mib() {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
     let redis = Redis::start();
-    let size = 64 * 1024 * 1024;
-    let body = Arc::new(pattern(size, 11));
+    let body = std::sync::Arc::new(pattern(64 * 1024 * 1024, 11));
+    let (up, gate) = held_back_origin(&body);
+    let cfg = config(&up.endpoint(), &redis.url()).replace(
+        "  cache_layers: [\"memory\", \"redis\"]\n",
+        "  cache_layers: [\"memory\", \"redis\"]\n  memory:\n    max_cache_size_mb: 256\n    max_item_size_mb: 100\n",
+    );
+    let proxies: Vec<Proxy> = (0..4).map(|_| Proxy::start(&cfg)).collect();
+    let streamed = burst(
+        &proxies,
+        50,
+        "/b/fleet/big.bin",
+        &body,
+        &gate,
+        2 * 1024 * 1024,
+    );
+    assert!(streamed, "the other instances waited for the whole object");
+    assert_eq!(up.gets(), 1, "one S3 GET for the whole fleet");
+}
+
+/// An origin answering every GET with `body` (ETag "f"): its first half
+/// at once, the second once the gate returned is opened.
+fn held_back_origin(body: &std::sync::Arc<Vec<u8>>) -> (Rogue, support::rogue::Gate) {
     let gate = support::rogue::Gate::default();
     let (b, g) = (body.clone(), gate.clone());
     let up = Rogue::start(move |_| {
+        let size = b.len();
         let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nETag: \"f\"\r\n\r\n");
         let mut steps = vec![Step::Send(head.into_bytes())];
         for piece in b[..size / 2].chunks(4 * 1024 * 1024) {
@@ -643,30 +662,39 @@ fn four_instances_fifty_clients_each_stream_one_s3_get_of_64_mib() {
         steps.push(Step::Send(b[size / 2..].to_vec()));
         steps
     });
-    let cfg = config(&up.endpoint(), &redis.url()).replace(
-        "  cache_layers: [\"memory\", \"redis\"]\n",
-        "  cache_layers: [\"memory\", \"redis\"]\n  memory:\n    max_cache_size_mb: 256\n    max_item_size_mb: 100\n",
-    );
-    let proxies: Vec<Proxy> = (0..4).map(|_| Proxy::start(&cfg)).collect();
-    // Bytes received so far by the clients of each instance.
-    let received: Arc<Vec<AtomicU64>> = Arc::new((0..4).map(|_| AtomicU64::new(0)).collect());
-    let clients: Vec<_> = (0..200)
+    (up, gate)
+}
+
+/// `per` clients on each of `proxies` GET `path` at once, each checking
+/// the body against `body` as it comes. The gate (holding back the
+/// second half of the body at the origin) opens once the clients of every
+/// instance received `first` bytes, or after a minute; whether they did
+/// first is returned. Every client must get the whole body, byte-exact.
+fn burst(
+    proxies: &[Proxy],
+    per: usize,
+    path: &str,
+    body: &std::sync::Arc<Vec<u8>>,
+    gate: &support::rogue::Gate,
+    first: u64,
+) -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let n = proxies.len();
+    let received: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let clients: Vec<_> = (0..n * per)
         .map(|i| {
-            let (port, body, received) = (proxies[i % 4].port, body.clone(), received.clone());
+            let (port, body, received) = (proxies[i % n].port, body.clone(), received.clone());
+            let path = path.to_string();
             std::thread::spawn(move || {
-                stream_get(port, "/b/fleet/big.bin", &body, &received[i % 4])
+                stream_get(port, &path, &body, &received[i % n])
                     .map_err(|e| format!("client {i}: {e}"))
             })
         })
         .collect();
-    // Every instance's clients have a chunk's worth before the rest of the
-    // body leaves the origin: the followers streamed.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let streamed = loop {
-        if received
-            .iter()
-            .all(|r| r.load(Ordering::Relaxed) >= 2 * 1024 * 1024)
-        {
+        if received.iter().all(|r| r.load(Ordering::Relaxed) >= first) {
             break true;
         }
         if std::time::Instant::now() > deadline {
@@ -680,8 +708,7 @@ fn four_instances_fifty_clients_each_stream_one_s3_get_of_64_mib() {
             .expect("client thread")
             .expect("a whole, byte-exact body");
     }
-    assert!(streamed, "the other instances waited for the whole object");
-    assert_eq!(up.gets(), 1, "one S3 GET for the whole fleet");
+    streamed
 }
 
 /// A lookup that finds every Redis connection of its core busy waits for
@@ -1230,56 +1257,15 @@ fn a_publisher_that_dies_mid_body_leaves_its_followers_whole() {
 /// so a fourth instance streams it from Redis without an origin request.
 #[test]
 fn an_object_above_the_item_limit_is_published_and_streamed_from_redis() {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
     let redis = Redis::start();
-    let size = 8 * 1024 * 1024;
-    let body = Arc::new(pattern(size, 3));
-    let gate = support::rogue::Gate::default();
-    let (b, g) = (body.clone(), gate.clone());
-    let up = Rogue::start(move |_| {
-        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nETag: \"big\"\r\n\r\n");
-        vec![
-            Step::Send(head.into_bytes()),
-            Step::Send(b[..size / 2].to_vec()),
-            Step::Wait(g.clone()),
-            Step::Send(b[size / 2..].to_vec()),
-        ]
-    });
+    let body = std::sync::Arc::new(pattern(8 * 1024 * 1024, 3));
+    let (up, gate) = held_back_origin(&body);
     let cfg = config(&up.endpoint(), &redis.url()).replace(
         "  cache_layers: [\"memory\", \"redis\"]\n",
         "  cache_layers: [\"memory\", \"redis\"]\n  memory:\n    max_cache_size_mb: 64\n    max_item_size_mb: 1\n",
     );
     let proxies: Vec<Proxy> = (0..3).map(|_| Proxy::start(&cfg)).collect();
-    let received: Arc<Vec<AtomicU64>> = Arc::new((0..3).map(|_| AtomicU64::new(0)).collect());
-    let clients: Vec<_> = (0..30)
-        .map(|i| {
-            let (port, body, received) = (proxies[i % 3].port, body.clone(), received.clone());
-            std::thread::spawn(move || {
-                stream_get(port, "/b/large.bin", &body, &received[i % 3])
-                    .map_err(|e| format!("client {i}: {e}"))
-            })
-        })
-        .collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let streamed = loop {
-        if received
-            .iter()
-            .all(|r| r.load(Ordering::Relaxed) >= 1024 * 1024)
-        {
-            break true;
-        }
-        if std::time::Instant::now() > deadline {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    gate.open();
-    for c in clients {
-        c.join()
-            .expect("client thread")
-            .expect("a whole, byte-exact body");
-    }
+    let streamed = burst(&proxies, 10, "/b/large.bin", &body, &gate, 1024 * 1024);
     assert!(streamed, "the other instances did not stream it");
     assert_eq!(up.gets(), 1, "one S3 GET for the whole fleet");
     let deadline = std::time::Instant::now() + WAIT;

@@ -55,20 +55,10 @@ impl CoreGeneration {
             });
         }
         let mut fill = Fill {
-            store,
             disk: self.shared.process.disk.as_deref(),
             redis: (self.shared.process.redis.as_deref()).map(|r| (r, stale)),
             publish,
-            shared,
-            epoch: store.purge_epoch(),
-            key: key.to_string(),
-            len,
-            body: Filling::with_capacity(len),
-            meta: Some(meta),
-            reservation: Some(reservation),
-            passthrough: false,
-            passed: 0,
-            slices: None,
+            ..Fill::storing(store, shared, (key, meta), reservation)
         };
         fill.push(&answer.conn.buf[answer.head_len..start]);
         Some(fill)
@@ -103,22 +93,7 @@ impl CoreGeneration {
                 passthrough: true,
             };
             let reservation = pass_window(store, shared, head)?;
-            return Some(Fill {
-                store,
-                disk: None,
-                redis: None,
-                publish: None,
-                shared: Some(shared.clone()),
-                epoch: store.purge_epoch(),
-                key: String::new(),
-                len,
-                body: Filling::Heap(Vec::new()),
-                meta: None,
-                reservation: Some(reservation),
-                passthrough: true,
-                passed: 0,
-                slices: None,
-            });
+            return Some(Fill::passing(store, shared.clone(), len, reservation));
         }
         let reservation = store.reserve_fill(len.saturating_mul(2))?;
         let shared = c.s.leading.as_ref().map(|(_, f)| f.clone());
@@ -131,20 +106,8 @@ impl CoreGeneration {
             });
         }
         Some(Fill {
-            store,
             disk: self.shared.process.disk.as_deref(),
-            redis: None,
-            publish: None,
-            shared,
-            epoch: store.purge_epoch(),
-            key: key.to_string(),
-            len,
-            body: Filling::with_capacity(len),
-            meta: Some(meta),
-            reservation: Some(reservation),
-            passthrough: false,
-            passed: 0,
-            slices: None,
+            ..Fill::storing(store, shared, (key, meta), reservation)
         })
     }
 
@@ -190,20 +153,10 @@ impl CoreGeneration {
         };
         c.s.fleet_published.set(publish.is_some());
         let mut fill = Fill {
-            store,
-            disk: None,
-            redis: None,
             publish,
-            shared: Some(shared.clone()),
-            epoch: store.purge_epoch(),
-            key: String::new(),
-            len,
-            body: Filling::Heap(Vec::new()),
             meta: Some(meta),
-            reservation: Some(reservation),
-            passthrough: true,
-            passed: 0,
             slices: self.slice_feed(key, len),
+            ..Fill::passing(store, shared.clone(), len, reservation)
         };
         fill.push(&answer.conn.buf[answer.head_len..start]);
         Some(fill)
@@ -401,7 +354,60 @@ impl crate::http::body::Tee for Fill<'_> {
     }
 }
 
-impl Fill<'_> {
+impl<'s> Fill<'s> {
+    /// A fill that stores the object (`meta`, its body empty) under `key`
+    /// once whole, in memory only until a caller adds the other tiers.
+    fn storing(
+        store: &'s store::MemoryStore,
+        shared: Option<Arc<SharedFill>>,
+        (key, meta): (&str, Object),
+        reservation: store::FillReservation,
+    ) -> Fill<'s> {
+        let len = meta.total;
+        Fill {
+            store,
+            disk: None,
+            redis: None,
+            publish: None,
+            shared,
+            epoch: store.purge_epoch(),
+            key: key.to_string(),
+            len,
+            body: Filling::with_capacity(len),
+            meta: Some(meta),
+            reservation: Some(reservation),
+            passthrough: false,
+            passed: 0,
+            slices: None,
+        }
+    }
+
+    /// A fill that passes `len` bytes to `shared`'s waiters through its
+    /// window and keeps nothing.
+    fn passing(
+        store: &'s store::MemoryStore,
+        shared: Arc<SharedFill>,
+        len: u64,
+        reservation: store::FillReservation,
+    ) -> Fill<'s> {
+        Fill {
+            store,
+            disk: None,
+            redis: None,
+            publish: None,
+            shared: Some(shared),
+            epoch: store.purge_epoch(),
+            key: String::new(),
+            len,
+            body: Filling::Heap(Vec::new()),
+            meta: None,
+            reservation: Some(reservation),
+            passthrough: true,
+            passed: 0,
+            slices: None,
+        }
+    }
+
     /// Other requests are streaming this fill.
     pub(super) fn has_waiters(&self) -> bool {
         self.shared.as_ref().is_some_and(|f| f.waiters() > 0)

@@ -331,66 +331,52 @@ impl RedisTier {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let w = match w {
-                RedisWrite::Entry(w) => w,
-                RedisWrite::Stream(s) => {
-                    if let Err(e) = self.write_stream(&redis, &s).await {
-                        paused_until = Some(Instant::now() + WRITER_PAUSE);
-                        self.write_failed(&mut warned, &e);
+            let result = match w {
+                RedisWrite::Entry(w) => {
+                    let done = w.write_id.as_ref().and_then(|id| published.remove(id));
+                    if purge_epoch() == w.epoch {
+                        self.write(&redis, &w, done.unwrap_or(0)).await
+                    } else {
+                        // Purged since it was stored: not written.
+                        if w.write_id.is_some() {
+                            self.end_stream(&redis, &w.key).await;
+                        }
+                        Ok(false)
                     }
-                    continue;
                 }
-                RedisWrite::Chunk(c) => {
-                    if let Err(e) = self.write_chunk(&redis, &c, &mut published).await {
-                        paused_until = Some(Instant::now() + WRITER_PAUSE);
-                        self.write_failed(&mut warned, &e);
-                    }
-                    continue;
-                }
+                RedisWrite::Stream(s) => self.write_stream(&redis, &s).await.map(|()| false),
+                RedisWrite::Chunk(c) => self
+                    .write_chunk(&redis, &c, &mut published)
+                    .await
+                    .map(|()| false),
                 RedisWrite::Abort(key) => {
                     self.end_stream(&redis, &key).await;
-                    continue;
+                    Ok(false)
                 }
                 RedisWrite::Finish(f) => {
                     let written = published.remove(&f.write_id).unwrap_or(0);
                     // Purged since, or a chunk missing: no entry.
                     if purge_epoch() != f.epoch || written != f.chunks {
                         self.end_stream(&redis, &f.key).await;
-                        continue;
+                        Ok(false)
+                    } else {
+                        let entry = Prepared {
+                            key: &f.key,
+                            manifest: &f.manifest,
+                            chunks: &[],
+                            chunk_count: f.chunks,
+                            write_id: &f.write_id,
+                            ttl: f.ttl,
+                        };
+                        self.commit(&redis, entry).await
                     }
-                    let entry = Prepared {
-                        key: &f.key,
-                        manifest: &f.manifest,
-                        chunks: &[],
-                        chunk_count: f.chunks,
-                        write_id: &f.write_id,
-                        ttl: f.ttl,
-                    };
-                    match self.commit(&redis, entry).await {
-                        Ok(true) => {
-                            self.writes.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(false) => {}
-                        Err(e) => {
-                            paused_until = Some(Instant::now() + WRITER_PAUSE);
-                            self.write_failed(&mut warned, &e);
-                        }
-                    }
-                    continue;
                 }
             };
-            let done = w.write_id.as_ref().and_then(|id| published.remove(id));
-            if purge_epoch() != w.epoch {
-                if w.write_id.is_some() {
-                    self.end_stream(&redis, &w.key).await;
-                }
-                continue;
-            }
-            match self.write(&redis, &w, done.unwrap_or(0)).await {
+            match result {
                 Ok(true) => {
                     self.writes.fetch_add(1, Ordering::Relaxed);
                 }
-                // A purge came first: not written.
+                // Not an entry, or a purge came first.
                 Ok(false) => {}
                 Err(e) => {
                     paused_until = Some(Instant::now() + WRITER_PAUSE);
