@@ -37,14 +37,7 @@ impl CoreGeneration {
         let reservation = store.reserve_fill(len.saturating_mul(2))?;
         let meta = self.stored_meta(resp, fresh_for, len);
         let stale = self.shared.config.cache.stale_if_error;
-        // This instance holds the fleet's lease: the others stream the
-        // object from Redis as it arrives.
-        let publish = match (&self.shared.process.redis, c.s.fleet_hold) {
-            (Some(redis), Some(hold)) => redis
-                .publish(key, &meta, len, hold, fresh_for + stale)
-                .map(|p| (&**redis, p)),
-            _ => None,
-        };
+        let publish = self.publisher(c, key, &meta, fresh_for);
         let shared = c.s.leading.as_ref().map(|(_, f)| f.clone());
         if let Some(f) = &shared {
             f.set_head(FillHead {
@@ -62,6 +55,25 @@ impl CoreGeneration {
         };
         fill.push(&answer.conn.buf[answer.head_len..start]);
         Some(fill)
+    }
+
+    /// When this request holds the fleet's lease on `key` (and the object,
+    /// `meta`, is larger than a chunk): its publisher, so the other
+    /// instances stream the object from Redis as it arrives.
+    fn publisher(
+        &self,
+        c: &Client,
+        key: &str,
+        meta: &Object,
+        fresh_for: Duration,
+    ) -> Option<(
+        &crate::cache::redis::RedisTier,
+        crate::cache::redis::publish::Publisher,
+    )> {
+        let (redis, hold) = (self.shared.process.redis.as_deref()?, c.s.fleet_hold?);
+        let servable = fresh_for + self.shared.config.cache.stale_if_error;
+        let p = redis.publish(key, meta, meta.total, hold, servable)?;
+        Some((redis, p))
     }
 
     /// A fill for an object another instance is fetching and publishing
@@ -141,16 +153,9 @@ impl CoreGeneration {
             passthrough: true,
         };
         let reservation = pass_window(store, shared, head)?;
-        // Holding the fleet's lease: published to Redis as it passes, so
-        // the other instances stream it and store it in Redis only.
+        // Published as it passes: it lives in Redis only.
         let meta = self.stored_meta(resp, fresh_for, len);
-        let stale = self.shared.config.cache.stale_if_error;
-        let publish = match (&self.shared.process.redis, c.s.fleet_hold) {
-            (Some(redis), Some(hold)) => redis
-                .publish(key, &meta, len, hold, fresh_for + stale)
-                .map(|p| (&**redis, p)),
-            _ => None,
-        };
+        let publish = self.publisher(c, key, &meta, fresh_for);
         c.s.fleet_published.set(publish.is_some());
         let mut fill = Fill {
             publish,
