@@ -1281,3 +1281,48 @@ fn an_object_above_the_item_limit_is_published_and_streamed_from_redis() {
     assert!(r.body == *body, "streamed from Redis, byte-exact");
     assert_eq!(up.gets(), 1);
 }
+
+/// The node `redis_url` names is lost (killed; its replica takes over): an
+/// instance's purge still reaches Redis and the other instance, whose
+/// purge channel moves to a node it learnt from the slot map.
+#[test]
+fn purges_reach_the_fleet_after_the_seed_node_is_lost() {
+    let mut cluster = support::redis::Cluster::start();
+    let up = mixed_origin();
+    let a = Proxy::start(&chunked_config(&up.endpoint(), &cluster.url()));
+    let b = Proxy::start(&chunked_config(&up.endpoint(), &cluster.url()));
+    let paths: Vec<String> = (0..12).map(|i| format!("/b/seed/{i}.txt")).collect();
+    for p in &paths {
+        assert_eq!(a.get(p).status, 200);
+    }
+    assert!(a.wait_metric(WRITES, 12.0, WAIT), "{}", a.metrics());
+    for p in &paths {
+        assert_eq!(b.get(p).header("x-cache"), Some("HIT"), "{p}");
+    }
+    let seed = cluster.nodes[0].port;
+    assert!(cluster.nodes[0].cli(&["ROLE"]).starts_with("master"));
+    assert_eq!(
+        cluster.nodes[0].cli(&["WAIT", "1", "5000"]),
+        "1",
+        "replicated"
+    );
+    cluster.nodes[0].kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while cluster.replica_of(seed).is_some() || cluster_subscribers(&cluster) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failover, or an instance did not subscribe again: {}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = admin_post(&a, "/admin/cache/purge/b/seed/3.txt");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        b.wait_metric("yatagarasu_cache_redis_fleet_purges_total", 1.0, WAIT),
+        "{}",
+        b.log()
+    );
+    assert_eq!(b.get("/b/seed/3.txt").header("x-cache"), Some("MISS"));
+    assert_eq!(b.get("/b/seed/4.txt").header("x-cache"), Some("HIT"));
+}

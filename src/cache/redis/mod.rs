@@ -203,6 +203,13 @@ pub struct RedisTier {
     next_write: AtomicU64,
     /// Bytes of published chunks waiting in the write queue.
     chunks_queued: Arc<AtomicU64>,
+    /// A Cluster's primaries, as a reader last read them: where a new
+    /// reader (a purge's, the fleet thread's after a loss) looks for the
+    /// slot map when `redis_url`'s node is gone. Locked only when a map is
+    /// read or sought, never per command.
+    cluster_nodes: std::sync::Mutex<Vec<String>>,
+    /// `cluster_nodes` is not empty.
+    knows_cluster: std::sync::atomic::AtomicBool,
 }
 
 impl RedisTier {
@@ -235,6 +242,8 @@ impl RedisTier {
             },
             next_write: AtomicU64::new(0),
             chunks_queued: Arc::new(AtomicU64::new(0)),
+            cluster_nodes: std::sync::Mutex::new(Vec::new()),
+            knows_cluster: std::sync::atomic::AtomicBool::new(false),
         };
         (Arc::new(tier), rx)
     }
@@ -264,6 +273,25 @@ impl RedisTier {
     /// The key of chunk `n` of the entry at `rkey`, written by `write_id`.
     pub fn chunk_key(&self, rkey: &str, write_id: &str, n: usize) -> String {
         format!("{rkey}:{write_id}:{n}")
+    }
+
+    /// Remembers a Cluster's primaries (a reader read its slot map).
+    fn learn_nodes(&self, nodes: &[String]) {
+        if let Ok(mut known) = self.cluster_nodes.lock() {
+            if known.as_slice() != nodes {
+                *known = nodes.to_vec();
+            }
+        }
+        self.knows_cluster
+            .store(!nodes.is_empty(), Ordering::Relaxed);
+    }
+
+    /// A Cluster's primaries as last read ([`Self::learn_nodes`]).
+    fn cluster_nodes(&self) -> Vec<String> {
+        self.cluster_nodes
+            .lock()
+            .map(|n| n.clone())
+            .unwrap_or_default()
     }
 
     /// A new write's id (no `:`), unique across the fleet.
@@ -624,8 +652,11 @@ impl RedisTier {
         stop: impl Fn() -> bool,
     ) {
         let mut warned: Option<Instant> = None;
+        // Kept across reconnections: the nodes of a Cluster it has learnt
+        // are where it reconnects when `redis_url`'s node is gone.
+        let redis = Reader::new(1);
         while !stop() {
-            if let Err(e) = self.follow(&purge_local, &local_items, &stop).await {
+            if let Err(e) = self.follow(&redis, &purge_local, &local_items, &stop).await {
                 if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                     warned = Some(Instant::now());
                     log!(
@@ -642,17 +673,17 @@ impl RedisTier {
 
     async fn follow(
         &self,
+        redis: &Reader,
         purge_local: &impl Fn(&str) -> usize,
         local_items: &impl Fn() -> usize,
         stop: &impl Fn() -> bool,
     ) -> Result<(), String> {
         let s = &self.settings;
-        let redis = Reader::new(1);
-        let epoch = self.fleet_epoch(&redis).await?;
+        let epoch = self.fleet_epoch(redis).await?;
         // Any node of a Cluster hears every publication.
         let mut c = None;
         let mut failed = String::new();
-        for address in redis.known_nodes(s) {
+        for address in redis.known_nodes(self) {
             match Conn::open_at(s, &address).await {
                 Ok(conn) => {
                     c = Some(conn);

@@ -78,6 +78,8 @@ pub struct Reader {
     last_refresh: Cell<Option<Instant>>,
     /// When this reader last said Redis was unavailable (WARN once per 10 s).
     warned: Cell<Option<Instant>>,
+    /// It looked for the slot map among the nodes other readers learnt.
+    seeded: Cell<bool>,
 }
 
 impl Reader {
@@ -90,6 +92,7 @@ impl Reader {
             stale: Cell::new(false),
             last_refresh: Cell::new(None),
             warned: Cell::new(None),
+            seeded: Cell::new(false),
         }
     }
 
@@ -98,12 +101,20 @@ impl Reader {
         self.map.borrow().is_some()
     }
 
-    /// The addresses of every node known (a Cluster's primaries, else the
-    /// one server).
-    pub fn known_nodes(&self, s: &RedisCache) -> Vec<String> {
-        let mut all = vec![s.address.clone()];
-        if let Some(map) = self.map.borrow().as_ref() {
-            all.extend(map.nodes.iter().filter(|n| **n != s.address).cloned());
+    /// The addresses of every node known: `redis_url`'s, then a Cluster's
+    /// primaries (from this reader's map, and as other readers last read
+    /// them).
+    pub fn known_nodes(&self, tier: &RedisTier) -> Vec<String> {
+        let mut all = vec![tier.settings.address.clone()];
+        let mapped = self.map.borrow().as_ref().map(|m| m.nodes.clone());
+        for n in mapped
+            .unwrap_or_default()
+            .into_iter()
+            .chain(tier.cluster_nodes())
+        {
+            if !all.contains(&n) {
+                all.push(n);
+            }
         }
         all
     }
@@ -136,7 +147,17 @@ impl Reader {
     ) -> Result<Vec<OwnedFrame>, String> {
         let s = &tier.settings;
         let slot = cluster::slot(key);
-        self.refresh_if_stale(s).await;
+        // A reader new to a Cluster other readers have mapped reads the
+        // map first: `redis_url`'s node may be the one that is gone.
+        if self.map.borrow().is_none()
+            && tier
+                .knows_cluster
+                .load(std::sync::atomic::Ordering::Relaxed)
+            && !self.seeded.replace(true)
+        {
+            self.stale.set(true);
+        }
+        self.refresh_if_stale(tier).await;
         let mut target = self.route(s, slot);
         let mut asking = false;
         for _ in 0..=MAX_REDIRECTS {
@@ -286,7 +307,8 @@ impl Reader {
 
     /// Reads the slot map again when a node moved a slot or failed, at most
     /// once per [`REFRESH_EVERY`], from the first node that answers.
-    async fn refresh_if_stale(&self, s: &RedisCache) {
+    async fn refresh_if_stale(&self, tier: &RedisTier) {
+        let s = &tier.settings;
         if !self.stale.get()
             || self
                 .last_refresh
@@ -297,7 +319,7 @@ impl Reader {
         }
         self.stale.set(false);
         self.last_refresh.set(Some(Instant::now()));
-        for address in self.known_nodes(s) {
+        for address in self.known_nodes(tier) {
             let node = self.node(&address);
             if node.breaker.borrow_mut().admit(crate::clock::now_ms()).0 == Admit::Rejected {
                 continue;
@@ -313,6 +335,7 @@ impl Reader {
                 .map(|r| SlotMap::from_reply(&r, host_of(&address)))
             {
                 Some(Ok(map)) => {
+                    tier.learn_nodes(&map.nodes);
                     *self.map.borrow_mut() = Some(map);
                     return;
                 }
