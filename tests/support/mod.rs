@@ -41,12 +41,23 @@ pub fn read_retry<R: std::io::Read>(r: &mut R, buf: &mut [u8]) -> std::io::Resul
     }
 }
 
-/// A free loopback port (bound then released).
+/// A free loopback port (bound then released), never one this process
+/// handed out before: the kernel may offer a released port again, and two
+/// proxies given the same one would both listen on it (SO_REUSEPORT) and
+/// share each other's clients.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
