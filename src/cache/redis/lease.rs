@@ -78,8 +78,11 @@ impl Reader {
                 }
                 Ok(false) => {}
             }
-            if let Found::Hit(o) = self.get(tier, cache_key, None, false).await {
-                return Lease::Fetched(o);
+            // Written meanwhile: a chunked entry is streamed, not read whole.
+            match self.get(tier, cache_key, None, stream).await {
+                Found::Hit(o) => return Lease::Fetched(o),
+                Found::Stream(head) => return Lease::Streaming(head),
+                Found::Part(..) | Found::Miss => {}
             }
             if stream {
                 if let Some(head) = self.stream_head(tier, cache_key).await {
