@@ -228,14 +228,17 @@ impl Reader {
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1));
             const ASKING: &[&[u8]] = &[b"ASKING"];
-            let sent: Vec<&[&[u8]]> = if asking {
-                std::iter::once(ASKING)
+            // Only a command sent after `ASKING` is copied into a new list.
+            let with_asking: Vec<&[&[u8]]>;
+            let sent = if asking {
+                with_asking = std::iter::once(ASKING)
                     .chain(commands.iter().copied())
-                    .collect()
+                    .collect();
+                &with_asking[..]
             } else {
-                commands.to_vec()
+                commands
             };
-            match conn.pipeline(&sent, left).await {
+            match conn.pipeline(sent, left).await {
                 Ok(mut replies) => {
                     node.failing.set(false);
                     node.idle.borrow_mut().push(conn);
