@@ -212,6 +212,17 @@ impl Cluster {
         })
     }
 
+    /// Whether every running node's slot map has left `port` (a lost
+    /// primary's slots moved to its promoted replica everywhere).
+    pub fn forgot(&self, port: u16) -> bool {
+        let port = port.to_string();
+        self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+            !n.cli(&["CLUSTER", "SLOTS"])
+                .lines()
+                .any(|l| l.trim() == port)
+        })
+    }
+
     /// Every key on every running primary.
     pub fn keys(&self) -> Vec<String> {
         self.primaries().iter().flat_map(|n| n.keys()).collect()
