@@ -380,6 +380,12 @@ fn concurrent_misses_for_one_slice_share_one_fetch() {
         "{}",
         p.metrics()
     );
+    // The leader's slice request reaches the origin (it may be read there
+    // after the waiters have joined).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while up.seen().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     assert_eq!(up.seen().len(), 1);
     gate.open();
     for t in clients {
