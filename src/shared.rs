@@ -40,7 +40,7 @@ pub struct ReplicaState {
     /// Its resolved settings.
     pub config: Replica,
     /// TLS client for `https://` endpoints.
-    pub tls: Option<monoio_rustls::TlsConnector>,
+    pub tls: Option<crate::tls::TlsConnector>,
     /// Carried across generations while the replica's settings are unchanged.
     pub breaker: Arc<SharedBreaker>,
     /// The prober's last verdict (`PROBE_*`).

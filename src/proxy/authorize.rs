@@ -37,7 +37,7 @@ pub(super) struct Authz {
     /// Calls under way, by question: identical ones wait for the first.
     inflight: RefCell<std::collections::HashMap<String, Rc<InFlight>>>,
     /// TLS client for `https://` decision services (made on first use).
-    tls: RefCell<Option<monoio_rustls::TlsConnector>>,
+    tls: RefCell<Option<crate::tls::TlsConnector>>,
     /// When (ms) this core last warned of a decision allowed by fail-open.
     warned_ms: Cell<u64>,
 }
@@ -517,7 +517,7 @@ impl CoreGeneration {
     }
 
     /// The TLS client for `https://` decision services.
-    fn authz_tls(&self) -> Result<monoio_rustls::TlsConnector, String> {
+    fn authz_tls(&self) -> Result<crate::tls::TlsConnector, String> {
         let mut tls = self.authz.tls.borrow_mut();
         if let Some(t) = tls.as_ref() {
             return Ok(t.clone());

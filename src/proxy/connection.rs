@@ -89,7 +89,7 @@ impl CoreGeneration {
     pub async fn serve(
         &self,
         stream: TcpStream,
-        tls: Option<&monoio_rustls::TlsAcceptor>,
+        tls: Option<&crate::tls::TlsAcceptor>,
         peer: std::net::IpAddr,
     ) {
         let _ = stream.set_nodelay(true);
@@ -104,11 +104,7 @@ impl CoreGeneration {
                         MaybeTls::Tls(Box::new(s))
                     }
                     Ok(Err(e)) => {
-                        log!(
-                            Level::Debug,
-                            "TLS handshake with client failed",
-                            error = io::Error::from(e)
-                        );
+                        log!(Level::Debug, "TLS handshake with client failed", error = e);
                         self.core.connection_closed();
                         return;
                     }
@@ -137,7 +133,7 @@ impl CoreGeneration {
         // the one it was duplicated from).
         match TcpStream::from_std(std::net::TcpStream::from(idle.fd)) {
             Ok(tcp) => {
-                let c = self.woken(tcp, idle.peer);
+                let c = self.woken(MaybeTls::Plain(tcp), idle.peer);
                 self.serve_client(c).await;
             }
             Err(e) => {
@@ -151,14 +147,16 @@ impl CoreGeneration {
         }
     }
 
-    /// A (plain-TCP) connection back from parking: a request state and a
-    /// read buffer.
-    fn woken(&self, tcp: TcpStream, peer: std::net::IpAddr) -> Client {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+    /// A connection back from parking: a request state and a read buffer.
+    fn woken(&self, stream: ClientStream, peer: std::net::IpAddr) -> Client {
+        let fd = match &stream {
+            MaybeTls::Plain(tcp) => std::os::fd::AsRawFd::as_raw_fd(tcp),
+            MaybeTls::Tls(tls) => std::os::fd::AsRawFd::as_raw_fd(tls.tcp()),
+        };
         let mut s = self.core.take_state();
         s.rbuf = self.take_read_buf();
         Client {
-            stream: MaybeTls::Plain(tcp),
+            stream,
             fd,
             peer,
             s,
@@ -186,15 +184,7 @@ impl CoreGeneration {
                 break;
             }
         }
-        if let MaybeTls::Tls(s) = &mut c.stream {
-            // close_notify before the FIN: a client keeps the session of a
-            // connection closed without it out of resumption (OpenSSL
-            // takes the bare EOF for a truncation), so every reconnect
-            // after `Connection: close` paid a full handshake. Bounded: a
-            // client that stopped reading costs no wait.
-            let close = monoio::io::AsyncWriteRent::shutdown(s.as_mut());
-            let _ = Box::pin(monoio::time::timeout(CLOSE_NOTIFY_WAIT, close)).await;
-        }
+        close_notify(&mut c.stream).await;
         self.give_read_buf(std::mem::take(&mut c.s.rbuf));
         self.core.give_state(c.s);
         self.core.connection_closed();
@@ -202,29 +192,33 @@ impl CoreGeneration {
 
     /// Parks `c` for at most `left`, its request state handed back to the
     /// worker: the task holds only the socket and a readiness wait. Returns
-    /// the connection when it is readable; `None` when it closed (counted;
-    /// TLS connections never park) or moved to the lot at a sweep.
+    /// the connection when it is readable; `None` when it closed (counted)
+    /// or moved to the lot at a sweep (plain connections only).
     async fn park(&self, c: Client, left: Duration) -> Option<Client> {
         let Client {
             stream, peer, s, ..
         } = c;
         self.core.give_state(s);
-        let MaybeTls::Plain(tcp) = stream else {
-            self.core.connection_closed();
-            return None;
-        };
         let deadline = now_ms().saturating_add(left.as_millis() as u64);
-        let mut movable = self.core.lot.is_some();
+        // A TLS connection parks in its task (rustls's state cannot move
+        // to the lot with the descriptor).
+        let mut movable = self.core.lot.is_some() && matches!(stream, MaybeTls::Plain(_));
         loop {
             let slot = self.core.parking.park(deadline, movable);
+            let tcp = match &stream {
+                MaybeTls::Plain(tcp) => tcp,
+                MaybeTls::Tls(tls) => tls.tcp(),
+            };
             match super::park::until_readable(tcp.readable(false), &slot).await {
-                Woke::Readable => return Some(self.woken(tcp, peer)),
+                Woke::Readable => return Some(self.woken(stream, peer)),
                 Woke::Waiting | Woke::Expired => {
+                    let mut stream = stream;
+                    close_notify(&mut stream).await;
                     self.core.connection_closed();
                     return None;
                 }
                 Woke::ToLot => {
-                    let Some(idle) = &self.core.lot else {
+                    let (Some(idle), MaybeTls::Plain(tcp)) = (&self.core.lot, &stream) else {
                         movable = false;
                         continue;
                     };
@@ -247,7 +241,7 @@ impl CoreGeneration {
                             // The lot holds the duplicate; the runtime's
                             // stream closes here. Its task's memory is freed
                             // now: counted for the next trim, as parking is.
-                            drop(tcp);
+                            drop(stream);
                             self.core.parked.set(self.core.parked.get() + 1);
                             return None;
                         }
@@ -418,9 +412,14 @@ impl CoreGeneration {
                 }
                 deadline.get_or_insert_with(|| Instant::now() + head_timeout);
             }
-            let plain = matches!(c.stream, MaybeTls::Plain(_));
+            // Nothing of the client's held in TLS either (a read given up
+            // with none held leaves the stream as it was: tls::stream).
+            let parkable = match &c.stream {
+                MaybeTls::Plain(_) => true,
+                MaybeTls::Tls(tls) => !tls.holds_input(),
+            };
             self.room_to_read(c)?;
-            if plain && c.s.rbuf.is_empty() && idle > PARK_AFTER {
+            if parkable && c.s.rbuf.is_empty() && idle > PARK_AFTER {
                 // Between requests: a normal read for a while, then park.
                 match read_more(&mut c.stream, &mut c.s.rbuf, PARK_AFTER).await {
                     Ok(0) => return Ok(Next::Closed),
@@ -696,5 +695,17 @@ impl Core {
         self.process.workers[self.id]
             .lot_connections
             .store(idle.lot.len(), Ordering::Relaxed);
+    }
+}
+
+/// Ends a TLS connection with close_notify before the FIN: a client keeps
+/// the session of a connection closed without it out of resumption
+/// (OpenSSL takes the bare EOF for a truncation), so every reconnect after
+/// `Connection: close` or an idle timeout paid a full handshake. Bounded: a
+/// client that stopped reading costs no wait. Plain connections: nothing.
+async fn close_notify(stream: &mut ClientStream) {
+    if let MaybeTls::Tls(s) = stream {
+        let close = monoio::io::AsyncWriteRent::shutdown(s.as_mut());
+        let _ = monoio::time::timeout(CLOSE_NOTIFY_WAIT, close).await;
     }
 }

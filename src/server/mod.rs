@@ -60,7 +60,7 @@ pub struct Bound {
     process: Arc<Process>,
     listeners: Vec<std::net::TcpListener>,
     metrics_listener: Option<std::net::TcpListener>,
-    acceptor: Option<monoio_rustls::TlsAcceptor>,
+    acceptor: Option<crate::tls::TlsAcceptor>,
     address: SocketAddr,
 }
 
@@ -282,7 +282,7 @@ pub fn run(config: Config, config_path: &str) -> i32 {
 fn start_workers(
     process: &Arc<Process>,
     listeners: Vec<std::net::TcpListener>,
-    acceptor: Option<monoio_rustls::TlsAcceptor>,
+    acceptor: Option<crate::tls::TlsAcceptor>,
 ) -> std::io::Result<()> {
     let choice = driver::choose();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -535,7 +535,7 @@ async fn worker_main(
     id: usize,
     process: Arc<Process>,
     listener: std::net::TcpListener,
-    tls: Option<monoio_rustls::TlsAcceptor>,
+    tls: Option<crate::tls::TlsAcceptor>,
 ) {
     let listen_fd = listener.as_raw_fd();
     let listener = match monoio::net::TcpListener::from_std(listener) {

@@ -23,8 +23,8 @@ use super::client::Cause;
 use crate::config::Endpoint;
 use crate::stream::{MaybeTls, UpStream};
 use crate::tls;
+use crate::tls::TlsConnector;
 use monoio::net::TcpStream;
-use monoio_rustls::TlsConnector;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
@@ -448,7 +448,7 @@ async fn handshake(
     stream: TcpStream,
     endpoint: &Endpoint,
     deadline: Instant,
-) -> Result<monoio_rustls::ClientTlsStream<TcpStream>, (Cause, String)> {
+) -> Result<crate::tls::ClientTls, (Cause, String)> {
     tls_handshake(
         connector,
         stream,
@@ -468,16 +468,12 @@ pub async fn tls_handshake(
     host: &str,
     authority: &str,
     deadline: Instant,
-) -> Result<monoio_rustls::ClientTlsStream<TcpStream>, (Cause, String)> {
+) -> Result<crate::tls::ClientTls, (Cause, String)> {
     let name = tls::server_name(host).map_err(|e| (Cause::Tls, e))?;
     let left = deadline.saturating_duration_since(Instant::now());
     match monoio::time::timeout(left, connector.connect(name, stream)).await {
         Ok(Ok(s)) => Ok(s),
-        // TlsError's own text hides the cause; io::Error keeps it.
-        Ok(Err(e)) => Err((
-            Cause::Tls,
-            format!("TLS handshake with {authority}: {}", io::Error::from(e)),
-        )),
+        Ok(Err(e)) => Err((Cause::Tls, format!("TLS handshake with {authority}: {e}"))),
         Err(_) => Err((
             Cause::Timeout,
             format!("TLS handshake with {authority} timed out"),

@@ -170,8 +170,8 @@ async fn handshake(
     stream: TcpStream,
     s: &RedisCache,
     address: &str,
-) -> Result<monoio_rustls::ClientTlsStream<TcpStream>, String> {
-    static CONNECTOR: std::sync::OnceLock<Result<monoio_rustls::TlsConnector, String>> =
+) -> Result<crate::tls::ClientTls, String> {
+    static CONNECTOR: std::sync::OnceLock<Result<crate::tls::TlsConnector, String>> =
         std::sync::OnceLock::new();
     let connector = CONNECTOR
         .get_or_init(|| crate::tls::connector(tls.ca_file.as_deref(), false))

@@ -1,5 +1,7 @@
-//! TLS settings built once (rustls with ring, used through monoio-rustls):
-//! the client side for `https://` replicas and the listener's acceptor.
+//! TLS settings built once (rustls with ring): the client side for
+//! `https://` replicas and the listener's acceptor. The connections
+//! themselves are our own stream over rustls ([`stream`]), whose buffers
+//! come from each core's pool ([`buffers`]).
 //!
 //! Upstream certificates are checked against the system's roots plus an
 //! optional `ca_file` (PEM) for private CAs, with SNI set from the endpoint
@@ -7,7 +9,6 @@
 //! (logged at WARN at start). A handshake or certificate failure is a replica
 //! failure with reason `tls`. Nothing here knows the configuration types.
 
-use monoio_rustls::TlsConnector;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
@@ -15,6 +16,11 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+
+pub mod buffers;
+pub mod stream;
+
+pub use stream::{ClientTls, ServerTls, TlsAcceptor, TlsConnector};
 
 /// The crypto provider (ring; aws-lc-rs with the `tls-aws-lc` feature),
 /// its cipher suites ordered AES-128-GCM first ([`prefer_aes128`]).
@@ -185,7 +191,7 @@ impl ServerCertVerifier for NoVerify {
 const TLS12_SESSIONS: usize = 16_384;
 
 /// Builds the listener's TLS acceptor from PEM files (`server.tls`).
-pub fn acceptor(cert_file: &str, key_file: &str) -> Result<monoio_rustls::TlsAcceptor, String> {
+pub fn acceptor(cert_file: &str, key_file: &str) -> Result<TlsAcceptor, String> {
     let certs = load_pem_certs(cert_file)?;
     let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| format!("cannot read a private key from {key_file:?}: {e}"))?;
@@ -209,7 +215,7 @@ pub fn acceptor(cert_file: &str, key_file: &str) -> Result<monoio_rustls::TlsAcc
     config.session_storage = Arc::new(CountResumptions(
         rustls::server::ServerSessionMemoryCache::new(TLS12_SESSIONS),
     ));
-    Ok(monoio_rustls::TlsAcceptor::from(Arc::new(config)))
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Client handshakes that resumed a session (a TLS 1.3 ticket or a TLS 1.2
