@@ -49,3 +49,8 @@ fn route_corpus() {
 fn expand_corpus() {
     replay("expand", targets::expand);
 }
+
+#[test]
+fn tls_server_corpus() {
+    replay("tls_server", targets::tls_server);
+}

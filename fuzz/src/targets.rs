@@ -126,3 +126,69 @@ pub fn expand(data: &[u8]) {
         assert_eq!(out.as_deref(), Ok(s));
     }
 }
+
+/// The TLS stream's server side (our own over rustls, `src/tls/stream.rs`)
+/// fed whatever a client might send, in pieces of a size the first byte
+/// picks (records cut anywhere): the handshake fails or completes and the
+/// reads that follow end, with an error or at the end: never a panic, never
+/// a hang, never plaintext from bytes that were not a handshake.
+pub fn tls_server(data: &[u8]) {
+    use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+    let Some((piece, data)) = data.split_first() else {
+        return;
+    };
+    let piece = (*piece as usize).max(1) * 7;
+    let data = data.to_vec();
+    let acceptor = tls_acceptor();
+    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let listener = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut peer = monoio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect");
+        let (ours, _) = listener.accept().await.expect("accept");
+        let feeder = monoio::spawn(async move {
+            for chunk in data.chunks(piece) {
+                if peer.write_all(chunk.to_vec()).await.0.is_err() {
+                    break;
+                }
+            }
+            let _ = peer.shutdown().await;
+            // Takes what the server answers until it closes.
+            loop {
+                match peer.read(Vec::with_capacity(65_536)).await.0 {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        });
+        if let Ok(mut s) = acceptor.accept(ours).await {
+            // Bytes that never completed a handshake of ours cannot, nor
+            // can any plaintext follow from them.
+            let (r, _) = s.read(Vec::with_capacity(4096)).await;
+            assert!(!matches!(r, Ok(n) if n > 0), "plaintext from fuzz bytes");
+        }
+        feeder.await;
+    });
+}
+
+/// The listener's acceptor over the fuzz crate's test certificate (a
+/// self-signed P-256 key made for fuzzing, nothing else).
+fn tls_acceptor() -> yatagarasu::tls::TlsAcceptor {
+    static ACCEPTOR: std::sync::OnceLock<yatagarasu::tls::TlsAcceptor> = std::sync::OnceLock::new();
+    ACCEPTOR
+        .get_or_init(|| {
+            let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/tls");
+            let dir = if std::path::Path::new(dir).exists() {
+                dir.to_string()
+            } else {
+                concat!(env!("CARGO_MANIFEST_DIR"), "/tls").to_string()
+            };
+            yatagarasu::tls::acceptor(&format!("{dir}/cert.pem"), &format!("{dir}/key.pem"))
+                .expect("fuzz certificate")
+        })
+        .clone()
+}

@@ -583,8 +583,55 @@ impl CoreGeneration {
     }
 }
 
-fn itoa(v: u64) -> String {
-    v.to_string()
+/// `v` in decimal, on the stack: a header's number costs no allocation.
+fn itoa(mut v: u64) -> Digits {
+    let mut buf = [b'0'; 20];
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    Digits { buf, start }
+}
+
+/// A number's decimal digits (u64::MAX has 20).
+struct Digits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    fn as_str(&self) -> &str {
+        // Only ASCII digits are ever written.
+        std::str::from_utf8(&self.buf[self.start..]).unwrap_or("0")
+    }
+}
+
+impl std::ops::Deref for Digits {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for Digits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod digits_tests {
+    #[test]
+    fn numbers_are_written_in_decimal_without_allocating() {
+        for v in [0, 7, 10, 65_536, 1 << 40, u64::MAX] {
+            assert_eq!(super::itoa(v).as_str(), v.to_string());
+        }
+    }
 }
 
 /// `/ready`: 503 when some bucket has no usable replica; lists every
