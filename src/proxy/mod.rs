@@ -624,16 +624,6 @@ impl std::fmt::Display for Digits {
     }
 }
 
-#[cfg(test)]
-mod digits_tests {
-    #[test]
-    fn numbers_are_written_in_decimal_without_allocating() {
-        for v in [0, 7, 10, 65_536, 1 << 40, u64::MAX] {
-            assert_eq!(super::itoa(v).as_str(), v.to_string());
-        }
-    }
-}
-
 /// `/ready`: 503 when some bucket has no usable replica; lists every
 /// replica's breaker state as JSON (serde_json: names are escaped properly).
 pub fn readiness(shared: &Generation) -> (bool, String) {
@@ -674,4 +664,14 @@ pub fn readiness(shared: &Generation) -> (bool, String) {
         "status": if ready { "ready" } else { "unavailable" },
     });
     (ready, body.to_string())
+}
+
+#[cfg(test)]
+mod digits_tests {
+    #[test]
+    fn numbers_are_written_in_decimal_without_allocating() {
+        for v in [0, 7, 10, 65_536, 1 << 40, u64::MAX] {
+            assert_eq!(super::itoa(v).as_str(), v.to_string());
+        }
+    }
 }
