@@ -727,8 +727,8 @@ impl Generated<'_> {
     }
 }
 
-/// `v` in decimal, written into `buf`.
-fn decimal(mut v: u64, buf: &mut [u8; 20]) -> &str {
+/// `v` in decimal, written at the end of `buf`.
+pub fn decimal(mut v: u64, buf: &mut [u8; 20]) -> &str {
     let mut i = buf.len();
     loop {
         i -= 1;

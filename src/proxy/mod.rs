@@ -584,17 +584,9 @@ impl CoreGeneration {
 }
 
 /// `v` in decimal, on the stack: a header's number costs no allocation.
-fn itoa(mut v: u64) -> Digits {
-    let mut buf = [b'0'; 20];
-    let mut start = buf.len();
-    loop {
-        start -= 1;
-        buf[start] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
+fn itoa(v: u64) -> Digits {
+    let mut buf = [0u8; 20];
+    let start = buf.len() - head::decimal(v, &mut buf).len();
     Digits { buf, start }
 }
 
