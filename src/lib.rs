@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod prewarm;
 pub mod proxy;
 pub mod published;
+pub mod reuse;
 pub mod router;
 pub mod s3;
 pub mod server;

@@ -287,12 +287,19 @@ impl MemoryStore {
 /// NUL). With the origin in the key, an entry stored while the bucket
 /// pointed elsewhere is never found, in memory or on disk.
 pub fn key(bucket: &str, origin: &str, encoded_key: &str, query: &str) -> String {
-    let mut k =
-        String::with_capacity(bucket.len() + encoded_key.len() + query.len() + origin.len() + 3);
-    for part in [bucket, "\0", encoded_key, "\0", query, "\0", origin] {
-        k.push_str(part);
-    }
+    let mut k = String::new();
+    write_key(&mut k, bucket, origin, encoded_key, query);
     k
+}
+
+/// Writes [`key`] into `out` (cleared first): a lookup through a reused
+/// buffer allocates nothing.
+pub fn write_key(out: &mut String, bucket: &str, origin: &str, encoded_key: &str, query: &str) {
+    out.clear();
+    out.reserve(bucket.len() + encoded_key.len() + query.len() + origin.len() + 3);
+    for part in [bucket, "\0", encoded_key, "\0", query, "\0", origin] {
+        out.push_str(part);
+    }
 }
 
 /// The bucket name and origin fingerprint a cache key names (for the disk

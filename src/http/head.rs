@@ -343,32 +343,42 @@ pub fn find_header<'a>(head: &'a [u8], name: &str) -> Option<&'a str> {
     })
 }
 
-/// `Host` is `uri-host [ ":" port ]` (RFC 9112 §3.2): no user info, no path,
-/// no spaces. Empty is allowed (for targets without an authority).
+/// `Host` is `uri-host [ ":" port ]` (RFC 9112 §3.2, RFC 3986 §3.2.2): a
+/// bracketed IP literal or a reg-name (unreserved, sub-delims and
+/// percent-escapes, which covers IPv4), then an optional decimal port. No
+/// user info, no path, no spaces. Empty is allowed (for targets without an
+/// authority). Checked byte by byte: nothing is copied.
 fn valid_host(v: &[u8]) -> bool {
-    if v.is_empty() {
-        return true;
-    }
-    if v.iter()
-        .any(|&b| b == b'@' || b == b'/' || b == b'?' || b == b'#')
-    {
-        return false;
-    }
-    if http::uri::Authority::try_from(v).is_err() {
-        return false;
-    }
-    // The port, if any, is digits (the authority parser takes `h:x`).
-    let after_host = match v.iter().rposition(|&b| b == b']') {
-        Some(end) => &v[end + 1..],
-        None => v,
-    };
-    match after_host.iter().position(|&b| b == b':') {
-        Some(p) => {
-            let port = &after_host[p + 1..];
-            port.is_empty() || parse_decimal(port).is_some_and(|n| n <= 65535)
+    let (host_ok, rest) = match v.first() {
+        None => return true,
+        Some(b'[') => match v.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let inner = &v[1..end];
+                let ok = !inner.is_empty()
+                    && inner.iter().all(|&b| b == b':' || host_byte(b))
+                    && inner.iter().any(|&b| b == b':' || b == b'.');
+                (ok, &v[end + 1..])
+            }
+            None => return false,
+        },
+        Some(_) => {
+            let end = v.iter().position(|&b| b == b':').unwrap_or(v.len());
+            (v[..end].iter().all(|&b| host_byte(b)), &v[end..])
         }
-        None => true,
-    }
+    };
+    host_ok
+        && match rest.split_first() {
+            None => true,
+            Some((b':', port)) => {
+                port.is_empty() || parse_decimal(port).is_some_and(|n| n <= 65535)
+            }
+            Some(_) => false,
+        }
+}
+
+/// A byte of a reg-name: unreserved, a sub-delim, or `%` (of an escape).
+fn host_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b)
 }
 
 /// The request line ends in `HTTP/1.N` with N > 1.
@@ -958,11 +968,22 @@ mod tests {
         // Two Range headers, a bad Host.
         let two = b"GET /d/k HTTP/1.1\r\nHost: a\r\nRange: bytes=0-1\r\nRange: bytes=2-3\r\n\r\n";
         assert_eq!(parse_request(two, &mut r).unwrap_err().status(), 400);
-        for host in ["a b/c@d", "u@h", "h/p", "h:x"] {
+        for host in [
+            "a b/c@d", "u@h", "h/p", "h:x", "h:1:2", "[::1", "[]", "[::1]x", "h?", "h#", "h:99999",
+            "[::1]:x", "h\"",
+        ] {
             let raw = format!("GET /d/k HTTP/1.1\r\nHost: {host}\r\n\r\n");
             assert!(parse_request(raw.as_bytes(), &mut r).is_err(), "{host}");
         }
-        for host in ["example.com", "127.0.0.1:8080", "[::1]:80", ""] {
+        for host in [
+            "example.com",
+            "127.0.0.1:8080",
+            "[::1]:80",
+            "",
+            "h:",
+            "[fe80::1%25eth0]",
+            "a-b_c.d~",
+        ] {
             let raw = format!("GET /d/k HTTP/1.1\r\nHost: {host}\r\n\r\n");
             assert!(parse_request(raw.as_bytes(), &mut r).is_ok(), "{host}");
         }

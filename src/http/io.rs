@@ -5,6 +5,7 @@
 //! on timeout the operation (and the buffer it owns) is cancelled and the
 //! caller gets an empty buffer of the same capacity plus a `TimedOut` error.
 
+use crate::reuse::ReusedBox;
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use std::io;
@@ -78,9 +79,10 @@ pub async fn write_all<S: AsyncWriteRentExt>(
 struct HeadAndBody<B> {
     head: Vec<u8>,
     body: B,
-    /// Boxed: the value moves after the operation is queued, and the kernel
-    /// may read the iovecs only when the queue is submitted.
-    iov: Box<[libc::iovec; 2]>,
+    /// Boxed (in a block the thread reuses): the value moves after the
+    /// operation is queued, and the kernel may read the iovecs only when the
+    /// queue is submitted.
+    iov: ReusedBox<[libc::iovec; 2]>,
 }
 
 // SAFETY: the iovec array is on the heap, so its address stays put however
@@ -124,7 +126,7 @@ where
     }
     let head_cap = head.capacity();
     let mut h = std::mem::take(head);
-    let iov = Box::new([
+    let iov = ReusedBox::new([
         libc::iovec {
             iov_base: h.as_mut_ptr().cast(),
             iov_len: h.len(),

@@ -161,9 +161,14 @@ impl CoreGeneration {
                 .cache(mid, CacheResult::Bypass);
             return Ok(None);
         }
-        let k = self.cache_key(bucket, key, &c.s.query);
+        let found = {
+            let mut k = self.core.key_scratch.borrow_mut();
+            let b = self.shared.bucket(bucket);
+            store::write_key(&mut k, &b.name, &b.origin, key, &c.s.query);
+            store.get(&k)
+        };
         let mut expired = None;
-        if let Some(copy) = store.get(&k).or(promoted) {
+        if let Some(copy) = found.or(promoted) {
             let now = crate::clock::now();
             if policy::is_fresh(copy.stored_at, copy.fresh_for, now) {
                 self.core.metrics.borrow_mut().cache(mid, CacheResult::Hit);
@@ -177,9 +182,17 @@ impl CoreGeneration {
         }
         let plain_get = plain_get(c);
         c.s.cache = match (plain_get, expired) {
-            (true, Some(copy)) if !copy.etag.is_empty() => CacheUse::Revalidate(k, copy),
-            (true, _) => match self.shared.process.fills.join_or_lead(&k) {
+            (true, Some(copy)) if !copy.etag.is_empty() => {
+                CacheUse::Revalidate(self.cache_key(bucket, key, &c.s.query), copy)
+            }
+            (true, _) => match self
+                .shared
+                .process
+                .fills
+                .join_or_lead(&self.core.key_scratch.borrow())
+            {
                 Role::Leader(fill) => {
+                    let k = self.cache_key(bucket, key, &c.s.query);
                     c.s.leading = Some((k.clone(), fill));
                     CacheUse::Fill(k)
                 }

@@ -156,6 +156,9 @@ pub struct Core {
     date: RefCell<(u64, String)>,
     /// This core's connections to the Redis tier, when there is one.
     pub redis: Option<crate::cache::redis::Reader>,
+    /// The cache key of the request being looked up (a buffer reused by
+    /// every lookup: a hit allocates no key).
+    pub key_scratch: RefCell<String>,
     /// Cache keys of memory hits whose disk-tier entries are to be marked
     /// used, at the next tick, under one lock.
     pub disk_touches: RefCell<Vec<String>>,
@@ -273,6 +276,7 @@ impl Core {
             states: RefCell::new(Vec::new()),
             date: RefCell::new((0, String::new())),
             redis,
+            key_scratch: RefCell::default(),
             disk_touches: RefCell::default(),
             audit_batch: RefCell::default(),
             fleet_limit_warned: Cell::new(0),
