@@ -58,6 +58,11 @@ pub trait Side {
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
     /// The connection's negotiated state.
     fn state(&self) -> &CommonState;
+    /// Whether what is sealed once the handshake is complete may wait for
+    /// the first write: a server's session tickets may (the client needs
+    /// none of them to go on); a client's Finished may not (a server's
+    /// accept waits for it).
+    const HOLDS_POST_HANDSHAKE: bool;
 }
 
 impl Side for UnbufferedServerConnection {
@@ -71,6 +76,7 @@ impl Side for UnbufferedServerConnection {
     fn state(&self) -> &CommonState {
         self
     }
+    const HOLDS_POST_HANDSHAKE: bool = true;
 }
 
 impl Side for UnbufferedClientConnection {
@@ -84,6 +90,7 @@ impl Side for UnbufferedClientConnection {
     fn state(&self) -> &CommonState {
         self
     }
+    const HOLDS_POST_HANDSHAKE: bool = false;
 }
 
 /// A client connection's TLS stream (we are the server).
@@ -441,10 +448,16 @@ impl<S: Side> TlsStream<S> {
         Ok(0)
     }
 
-    /// Runs the handshake to its end.
+    /// Runs the handshake to its end. A server's session tickets, sealed
+    /// once the handshake is complete, are held: they leave with the first
+    /// write (tickets and the first response in one segment), or before a
+    /// read has to wait for the peer (`read_into`), so a client that does
+    /// not need them never waits for them, and none is lost.
     async fn handshake(&mut self) -> io::Result<()> {
         loop {
             match self.drive(&mut Want::Handshake)? {
+                Drive::Transmit
+                    if S::HOLDS_POST_HANDSHAKE && !self.conn.state().is_handshaking() => {}
                 Drive::Transmit => self.transmit().await?,
                 Drive::NeedInput => {
                     self.transmit().await?;
@@ -456,7 +469,9 @@ impl<S: Side> TlsStream<S> {
                 other => return Err(unexpected(other)),
             }
         }
-        self.transmit().await?;
+        if !S::HOLDS_POST_HANDSHAKE {
+            self.transmit().await?;
+        }
         self.release_output();
         Ok(())
     }
@@ -938,6 +953,65 @@ mod tests {
             r.expect("read");
             assert_eq!(&got[300..], &body[..]);
             assert_eq!(tap.records.load(Ordering::SeqCst) - before, 1 + 4);
+        });
+    }
+
+    /// A handshake over loopback with these configs: (client, server).
+    async fn handshake_with(
+        acceptor: &TlsAcceptor,
+        connector: &TlsConnector,
+    ) -> (ClientTls, ServerTls) {
+        let (a, b) = loopback_pair().await;
+        let acceptor = acceptor.clone();
+        let accepted = monoio::spawn(async move { acceptor.accept(b).await });
+        let client = connector
+            .connect(name(), a)
+            .await
+            .expect("client handshake");
+        (client, accepted.await.expect("server handshake"))
+    }
+
+    #[test]
+    fn session_tickets_leave_with_the_first_write_or_before_a_read_waits() {
+        run(async {
+            // Held after the handshake; sent with the first response (a
+            // client that got them resumes with one).
+            let (acceptor, connector, _dir) = configs();
+            let (mut client, mut server) = handshake_with(&acceptor, &connector).await;
+            assert!(
+                server.out_len > 0,
+                "the tickets are held after the handshake"
+            );
+            let (r, _) = server.write_all(b"response".to_vec()).await;
+            r.expect("write");
+            assert_eq!(server.out_len, 0, "the tickets left with the response");
+            let (r, got) = client.read_exact(vec![0u8; 8]).await;
+            r.expect("read");
+            assert_eq!(got, b"response");
+            let (again, _) = handshake_with(&acceptor, &connector).await;
+            assert_eq!(again.handshake_kind(), Some(HandshakeKind::Resumed));
+
+            // A read that has to wait sends them first.
+            let (acceptor, connector, _dir) = configs();
+            let (mut client, mut server) = handshake_with(&acceptor, &connector).await;
+            assert!(server.out_len > 0);
+            let waited = monoio::time::timeout(
+                std::time::Duration::from_millis(20),
+                server.read(Vec::with_capacity(10)),
+            )
+            .await;
+            assert!(waited.is_err(), "nothing was sent");
+            assert_eq!(server.out_len, 0, "the tickets left before the read waited");
+            let (r, _) = client.write_all(b"ping".to_vec()).await;
+            r.expect("write");
+            let (r, _) = server.read_exact(vec![0u8; 4]).await;
+            r.expect("read");
+            let (r, _) = server.write_all(b"pong".to_vec()).await;
+            r.expect("write");
+            let (r, _) = client.read_exact(vec![0u8; 4]).await;
+            r.expect("read");
+            let (again, _) = handshake_with(&acceptor, &connector).await;
+            assert_eq!(again.handshake_kind(), Some(HandshakeKind::Resumed));
         });
     }
 
