@@ -27,6 +27,9 @@
 # origin's certificate and keeps resumption on; their configurations are
 # printed with the results (SHOW_CONFIGS=1).
 #
+# A/B of two builds: BIN_B=path and the target yatagarasu_b in TARGETS (the
+# same configuration; its CPU against the best peer is a last column).
+#
 # Needs wrk, nginx, haproxy, openssl (apt: wrk nginx-light haproxy openssl).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -103,6 +106,7 @@ sleep 0.5
 start() {
   case $1 in
     yatagarasu) taskset -c 0 "$BIN" --config "$WORK/yatagarasu.yaml" 2>"$WORK/logs/yata.log" & echo "$! $P_YATA" ;;
+    yatagarasu_b) taskset -c 0 "$BIN_B" --config "$WORK/yatagarasu.yaml" 2>"$WORK/logs/yata_b.log" & echo "$! $P_YATA" ;;
     nginx) taskset -c 0 nginx -c "$WORK/nginx.conf" & echo "$! $P_NGINX" ;;
     nginx_tuned) taskset -c 0 nginx -c "$WORK/nginx_tuned.conf" & echo "$! $P_TUNED" ;;
     haproxy) taskset -c 0 haproxy -db -f "$WORK/haproxy.cfg" & echo "$! $P_HAPROXY" ;;
@@ -155,7 +159,8 @@ echo "mode $MODE${KEY:+ (keys: $KEY)}; wrk -t1 -c32, ${DURATION}s, medians of $R
 echo
 header="| object |"; sep="|---|"
 for t in $TARGETS; do header="$header $t req/s | $t CPU us/req |"; sep="$sep---|---|"; done
-echo "$header yatagarasu CPU / best peer |"; echo "$sep---|"
+extra=""; [[ " $TARGETS " == *" yatagarasu_b "* ]] && { extra=" yatagarasu_b CPU / best peer |"; sep="$sep---|"; }
+echo "$header yatagarasu CPU / best peer |$extra"; echo "$sep---|"
 for s in $SIZES; do
   for t in $TARGETS; do : >"$WORK/$t"; done
   for r in $(seq "$ROUNDS"); do
@@ -163,13 +168,15 @@ for s in $SIZES; do
     [ $((r % 2)) = 0 ] && order=$(echo "$TARGETS" | tr ' ' '\n' | tac | xargs)
     for t in $order; do run_one "$t" "$s" >>"$WORK/$t"; done
   done
-  row="| $s |"; best=""; mine=""
+  row="| $s |"; best=""; mine=""; mine_b=""
   for t in $TARGETS; do
     rps=$(cut -d' ' -f1 "$WORK/$t" | median); cpu=$(cut -d' ' -f2 "$WORK/$t" | median)
     row="$row $rps | $cpu |"
     if [ "$t" = yatagarasu ]; then mine=$cpu
+    elif [ "$t" = yatagarasu_b ]; then mine_b=$cpu
     elif [ -z "$best" ] || awk -v a="$cpu" -v b="$best" 'BEGIN{exit !(a<b)}'; then best=$cpu; fi
   done
   ratio=$(awk -v a="$mine" -v b="$best" 'BEGIN { printf "%.2f", a / b }')
-  echo "$row ${ratio}x |"
+  ratio_b=""; [ -n "$mine_b" ] && ratio_b=" $(awk -v a="$mine_b" -v b="$best" 'BEGIN { printf "%.2f", a / b }')x |"
+  echo "$row ${ratio}x |$ratio_b"
 done

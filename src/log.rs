@@ -72,11 +72,11 @@ struct Bridge;
 
 impl ::log::Log for Bridge {
     fn enabled(&self, metadata: &::log::Metadata<'_>) -> bool {
-        admitted(metadata) && enabled(from_facade(metadata.level()))
+        admitted(metadata) && enabled(facade_level(metadata))
     }
 
     fn log(&self, record: &::log::Record<'_>) {
-        let level = from_facade(record.level());
+        let level = facade_level(record.metadata());
         if admitted(record.metadata()) && enabled(level) {
             let msg = record.args().to_string();
             log(level, &msg, &[("target", &record.target())]);
@@ -98,6 +98,18 @@ fn admitted(m: &::log::Metadata<'_>) -> bool {
         ::log::Level::Debug => !CREDENTIAL_PATH.iter().any(|p| m.target().starts_with(p)),
         _ => true,
     }
+}
+
+/// The level a library event is written at: its own, except rustls's,
+/// which are all DEBUG. rustls's warnings are about what a peer sent (an
+/// IP address as SNI, a bad alert), so a client could have one written per
+/// handshake, and log lines as fast as it can connect; a handshake that
+/// fails is the proxy's to report (and count), once.
+fn facade_level(m: &::log::Metadata<'_>) -> Level {
+    if m.target().starts_with("rustls") {
+        return Level::Debug;
+    }
+    from_facade(m.level())
 }
 
 fn from_facade(l: ::log::Level) -> Level {
@@ -259,6 +271,23 @@ macro_rules! log {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rustls_events_are_debug_and_others_keep_their_level() {
+        let event = |level, target| {
+            facade_level(
+                &::log::Metadata::builder()
+                    .level(level)
+                    .target(target)
+                    .build(),
+            )
+        };
+        let warn = ::log::Level::Warn;
+        assert_eq!(event(warn, "rustls::msgs::handshake"), Level::Debug);
+        assert_eq!(event(::log::Level::Error, "rustls::conn"), Level::Debug);
+        assert_eq!(event(warn, "aws_config::imds"), Level::Warn);
+        assert_eq!(event(::log::Level::Info, "monoio"), Level::Info);
+    }
 
     #[test]
     fn timestamps_are_civil() {

@@ -504,3 +504,29 @@ fn the_server_s_suite_order_wins() {
     let only = negotiate(&["-tls1_3", "-ciphersuites", "TLS_AES_256_GCM_SHA384"]);
     assert!(only.contains("TLS_AES_256_GCM_SHA384"), "{only}");
 }
+
+/// What a client puts in its handshake is not a WARN line per connection:
+/// rustls's notes on what a peer sent (here an IP address as the SNI name,
+/// as wrk and browsers' tools send) are DEBUG. At WARN, every handshake
+/// wrote one, and a client could fill the log as fast as it connects.
+#[test]
+fn what_a_client_sends_in_its_handshake_writes_no_warning() {
+    if !has_openssl() {
+        return;
+    }
+    let (_s3, _dir, port, proxy) = https_listener("SNI CA", 1);
+    for _ in 0..3 {
+        let out = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+            .args(["-servername", "127.0.0.1", "-tls1_3"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl s_client");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.contains("TLSv1.3"), "{text}");
+    }
+    assert_eq!(proxy.metric("yatagarasu_tls_handshakes_total"), Some(3.0));
+    let log = proxy.log();
+    assert!(!log.contains("SNI"), "{log}");
+    assert!(!log.contains("rustls"), "{log}");
+}

@@ -640,32 +640,44 @@ async fn accept(
     fd: RawFd,
 ) -> std::io::Result<Option<(monoio::net::TcpStream, SocketAddr)>> {
     use std::os::fd::FromRawFd;
-    // SAFETY: accept4(2) on this worker's open listener; the peer address
-    // is read back from the connected socket, not from a buffer here.
-    let conn = unsafe {
-        libc::accept4(
-            fd,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-        )
-    };
-    if conn < 0 {
-        let e = std::io::Error::last_os_error();
-        return match e.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => {
-                let _ = monoio::time::timeout(ACCEPT_WAIT, listener.readable(false)).await;
-                Ok(None)
+    // The peer's address comes back from accept4 itself (no getpeername
+    // per connection).
+    // SAFETY: accept4(2) on this worker's open listener, writing at most
+    // `len` bytes of address into the storage socket2 hands over (and
+    // reading back the length it wrote); a descriptor it returns is owned
+    // by `std` below.
+    let accepted = unsafe {
+        socket2::SockAddr::try_init(|storage, len| {
+            let conn = libc::accept4(
+                fd,
+                storage.cast(),
+                len,
+                libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            );
+            match conn {
+                c if c < 0 => Err(std::io::Error::last_os_error()),
+                c => Ok(c),
             }
-            // The peer gave up while queued: not this worker's failure.
-            std::io::ErrorKind::ConnectionAborted => Ok(None),
-            _ => Err(e),
-        };
-    }
+        })
+    };
+    let (conn, addr) = match accepted {
+        Ok(both) => both,
+        Err(e) => {
+            return match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => {
+                    let _ = monoio::time::timeout(ACCEPT_WAIT, listener.readable(false)).await;
+                    Ok(None)
+                }
+                // The peer gave up while queued: not this worker's failure.
+                std::io::ErrorKind::ConnectionAborted => Ok(None),
+                _ => Err(e),
+            };
+        }
+    };
     // SAFETY: accept4 returned a new descriptor that nothing else owns.
     let std = unsafe { std::net::TcpStream::from_raw_fd(conn) };
-    // A peer gone already (ENOTCONN) is dropped like an aborted one.
-    let Ok(peer) = std.peer_addr() else {
+    // A TCP listener's peers are IPv4 or IPv6; anything else is dropped.
+    let Some(peer) = addr.as_socket() else {
         return Ok(None);
     };
     Ok(Some((monoio::net::TcpStream::from_std(std)?, peer)))
