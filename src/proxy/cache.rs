@@ -185,6 +185,8 @@ impl CoreGeneration {
             (true, Some(copy)) if !copy.etag.is_empty() => {
                 CacheUse::Revalidate(self.cache_key(bucket, key, &c.s.query), copy)
             }
+            // The scratch buffer still holds this request's key (nothing
+            // has run since the lookup).
             (true, _) => match self
                 .shared
                 .process

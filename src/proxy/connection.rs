@@ -284,12 +284,12 @@ impl CoreGeneration {
             let worker = &self.shared.process.workers[self.id];
             worker.in_flight.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            // Boxed (in a block the worker reuses: no allocation once it has
+            // Boxed, in a block the worker reuses (no allocation once it has
             // served a few): serving a request takes an 8.7 KiB state
-            // machine, held only while it runs (a connection waiting up to PARK_AFTER for
-            // its next request holds none of it; unboxed, 10 000 clients
-            // that went idle together left 300 more bytes each behind as
-            // heap fragments, for 4% less CPU per request).
+            // machine, held only while it runs (a connection waiting up to
+            // PARK_AFTER for its next request holds none of it; unboxed,
+            // 10 000 clients that went idle together left 300 more bytes
+            // each behind as heap fragments, for 4% less CPU per request).
             // The newest configuration generation serves this request; it
             // keeps its generation alive until it finishes, whatever reloads.
             let current = self.core.current();
