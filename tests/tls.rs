@@ -525,7 +525,16 @@ fn what_a_client_sends_in_its_handshake_writes_no_warning() {
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(text.contains("TLSv1.3"), "{text}");
     }
-    assert_eq!(proxy.metric("yatagarasu_tls_handshakes_total"), Some(3.0));
+    // Counted once each handshake is done (workers publish their counts).
+    assert!(
+        proxy.wait_metric(
+            "yatagarasu_tls_handshakes_total",
+            3.0,
+            Duration::from_secs(30)
+        ),
+        "{}",
+        proxy.metrics()
+    );
     let log = proxy.log();
     assert!(!log.contains("SNI"), "{log}");
     assert!(!log.contains("rustls"), "{log}");
