@@ -348,6 +348,12 @@ impl<S: Side> TlsStream<S> {
                     self.peer_closed = true;
                     match want {
                         Want::Read(_) => return Ok(Drive::PeerClosed),
+                        // A client whose close_notify came with its
+                        // Finished completed the handshake: the stream
+                        // is whole, its reads at their end.
+                        Want::Handshake if !self.conn.state().is_handshaking() => {
+                            return Ok(Drive::Ready)
+                        }
                         Want::Handshake => {
                             return Err(io::Error::new(
                                 io::ErrorKind::UnexpectedEof,
@@ -1012,6 +1018,44 @@ mod tests {
             r.expect("read");
             let (again, _) = handshake_with(&acceptor, &connector).await;
             assert_eq!(again.handshake_kind(), Some(HandshakeKind::Resumed));
+        });
+    }
+
+    #[test]
+    fn a_client_that_closes_with_its_finished_completed_the_handshake() {
+        run(async {
+            let (acceptor, connector, _dir) = configs();
+            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let config = connector.0.clone();
+            // rustls's buffered client on a thread: its Finished and its
+            // close_notify leave in one write, so they arrive together.
+            let client = std::thread::spawn(move || {
+                let mut tcp = std::net::TcpStream::connect(addr).expect("connect");
+                let mut conn = rustls::ClientConnection::new(config, name()).expect("client");
+                while conn.is_handshaking() {
+                    while conn.wants_write() {
+                        conn.write_tls(&mut tcp).expect("write");
+                    }
+                    conn.read_tls(&mut tcp).expect("read");
+                    conn.process_new_packets().expect("server flight");
+                }
+                conn.send_close_notify();
+                let mut both = Vec::new();
+                while conn.wants_write() {
+                    conn.write_tls(&mut both).expect("buffer");
+                }
+                tcp.write_all(&both).expect("finished and close_notify");
+                let mut rest = Vec::new();
+                let _ = tcp.read_to_end(&mut rest);
+            });
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut server = acceptor.accept(tcp).await.expect("a completed handshake");
+            let (r, _) = server.read(Vec::with_capacity(10)).await;
+            assert_eq!(r.expect("a clean end"), 0);
+            server.shutdown().await.expect("close");
+            drop(server);
+            client.join().expect("client thread");
         });
     }
 
