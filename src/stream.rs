@@ -13,6 +13,16 @@ pub enum MaybeTls<T> {
     Tls(Box<T>),
 }
 
+impl<S: crate::tls::stream::Side> MaybeTls<crate::tls::stream::TlsStream<S>> {
+    /// The TCP stream underneath (for readiness waits and the descriptor).
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            MaybeTls::Plain(tcp) => tcp,
+            MaybeTls::Tls(tls) => tls.tcp(),
+        }
+    }
+}
+
 /// An upstream connection.
 pub type UpStream = MaybeTls<crate::tls::ClientTls>;
 /// A client connection.

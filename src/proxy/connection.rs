@@ -150,10 +150,7 @@ impl CoreGeneration {
 
     /// A connection back from parking: a request state and a read buffer.
     fn woken(&self, stream: ClientStream, peer: std::net::IpAddr) -> Client {
-        let fd = match &stream {
-            MaybeTls::Plain(tcp) => std::os::fd::AsRawFd::as_raw_fd(tcp),
-            MaybeTls::Tls(tls) => std::os::fd::AsRawFd::as_raw_fd(tls.tcp()),
-        };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(stream.tcp());
         let mut s = self.core.take_state();
         s.rbuf = self.take_read_buf();
         Client {
@@ -206,11 +203,7 @@ impl CoreGeneration {
         let mut movable = self.core.lot.is_some() && matches!(stream, MaybeTls::Plain(_));
         loop {
             let slot = self.core.parking.park(deadline, movable);
-            let tcp = match &stream {
-                MaybeTls::Plain(tcp) => tcp,
-                MaybeTls::Tls(tls) => tls.tcp(),
-            };
-            match super::park::until_readable(tcp.readable(false), &slot).await {
+            match super::park::until_readable(stream.tcp().readable(false), &slot).await {
                 Woke::Readable => return Some(self.woken(stream, peer)),
                 Woke::Waiting | Woke::Expired => {
                     let mut stream = stream;
