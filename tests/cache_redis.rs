@@ -646,6 +646,112 @@ fn four_instances_fifty_clients_each_stream_one_s3_get_of_64_mib() {
     assert_eq!(up.gets(), 1, "one S3 GET for the whole fleet");
 }
 
+/// A request arriving while this instance fetches an object joins that
+/// fill, even once the object is whole in Redis: it used to read its own
+/// copy from Redis and store it over the fill's, and a slower reader of the
+/// fill, still sending from the copy replaced, lost it and fell back to a
+/// range request of its own (a second S3 GET; here, where the origin
+/// ignores ranges, a reset connection).
+#[test]
+fn a_request_joins_the_fill_under_way_rather_than_replacing_its_copy_from_redis() {
+    let redis = Redis::start();
+    let body = std::sync::Arc::new(pattern(32 * 1024 * 1024, 12));
+    let (up, gate) = held_back_origin(&body);
+    let cfg = config(&up.endpoint(), &redis.url()).replace(
+        "  cache_layers: [\"memory\", \"redis\"]\n",
+        "  cache_layers: [\"memory\", \"redis\"]\n  memory:\n    max_cache_size_mb: 256\n    max_item_size_mb: 100\n",
+    );
+    let (first, second) = (Proxy::start(&cfg), Proxy::start(&cfg));
+    let path = "/b/fleet/joined.bin";
+    // The first instance fetches (and holds the fleet's lease)...
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let leader = {
+        let (port, body, started) = (first.port, body.clone(), started.clone());
+        std::thread::spawn(move || stream_get(port, path, &body, &started))
+    };
+    while started.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // ...the second streams it from Redis for a client that stops reading,
+    // with a waiter that stops reading too.
+    let follower = Stalled::get(second.port, path);
+    let waiter = Stalled::get(second.port, path);
+    // The object is whole in Redis; the second instance's fill is not.
+    gate.open();
+    leader.join().expect("leader").expect("the leader's body");
+    assert!(first.wait_metric(WRITES, 1.0, WAIT), "{}", first.metrics());
+    // A third client on the second instance, who stops reading too.
+    let late = Stalled::get(second.port, path);
+    // The fill completes (and is stored), then the late client's request
+    // ends, then the waiter reads the rest.
+    follower.finish(&body).expect("the follower's body");
+    late.finish(&body).expect("the late client's body");
+    waiter.finish(&body).expect("the waiter's body");
+    assert_eq!(up.gets(), 1, "one S3 GET");
+}
+
+/// A GET whose client read the head and stopped reading; [`Stalled::finish`]
+/// reads the rest and checks it.
+struct Stalled {
+    s: std::net::TcpStream,
+    got: Vec<u8>,
+}
+
+impl Stalled {
+    fn get(port: u16, path: &str) -> Stalled {
+        use std::io::{Read, Write};
+        // A small receive buffer, so that not reading soon stops the
+        // proxy's sending (an autotuned one can take a whole object).
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
+        let to: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        sock.connect(&to.into()).expect("connect");
+        let mut s: std::net::TcpStream = sock.into();
+        s.set_read_timeout(Some(Duration::from_secs(120)))
+            .expect("timeout");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).expect("the head");
+            assert!(
+                n > 0,
+                "closed before the head: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        Stalled { s, got }
+    }
+
+    fn finish(mut self, body: &[u8]) -> Result<(), String> {
+        use std::io::Read;
+        self.s
+            .read_to_end(&mut self.got)
+            .map_err(|e| format!("after {} bytes: {e}", self.got.len()))?;
+        let at = self
+            .got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(0, |p| p + 4);
+        let (head, got) = self.got.split_at(at);
+        if !head.starts_with(b"HTTP/1.1 200") || got != body {
+            return Err(format!(
+                "{:?}, {} of {} bytes",
+                String::from_utf8_lossy(head),
+                got.len(),
+                body.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// An origin answering every GET with `body` (ETag "f"): its first half
 /// at once, the second once the gate returned is opened.
 fn held_back_origin(body: &std::sync::Arc<Vec<u8>>) -> (Rogue, support::rogue::Gate) {
@@ -703,10 +809,29 @@ fn burst(
         std::thread::sleep(Duration::from_millis(20));
     };
     gate.open();
-    for c in clients {
-        c.join()
-            .expect("client thread")
-            .expect("a whole, byte-exact body");
+    let failed: Vec<String> = clients
+        .into_iter()
+        .filter_map(|c| c.join().expect("client thread").err())
+        .collect();
+    if !failed.is_empty() {
+        // What the instances said about it (warnings and errors).
+        let said: Vec<String> = proxies
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| {
+                p.log()
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .map(|l| format!("instance {i}: {l}"))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        panic!(
+            "{} clients without a whole, byte-exact body: {:?}\n{}",
+            failed.len(),
+            &failed[..failed.len().min(5)],
+            said.join("\n")
+        );
     }
     streamed
 }

@@ -288,6 +288,11 @@ impl Fills {
         Role::Leader(f)
     }
 
+    /// Whether a fill of `key` is under way (a request for it would join).
+    pub fn is_open(&self, key: &str) -> bool {
+        self.lock().get(key).is_some_and(|f| f.ended().is_none())
+    }
+
     /// Starts the fill of `key` unless one is open (then `None`, and the
     /// caller is no waiter of it).
     pub fn lead(&self, key: &str) -> Option<Arc<SharedFill>> {
@@ -428,5 +433,19 @@ mod tests {
         f.end(End::Failed);
         f.end(End::Abandoned);
         assert_eq!(f.ended(), Some(End::Failed));
+    }
+
+    #[test]
+    fn a_fill_is_open_from_its_lead_to_its_end() {
+        let fills = Fills::default();
+        assert!(!fills.is_open("k"));
+        let Role::Leader(f) = fills.join_or_lead("k") else {
+            panic!("the first request leads");
+        };
+        assert!(fills.is_open("k") && !fills.is_open("other"));
+        f.done(None);
+        assert!(!fills.is_open("k"), "an ended fill is joined by no one");
+        fills.finish("k", &f);
+        assert!(!fills.is_open("k"));
     }
 }

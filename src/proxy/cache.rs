@@ -71,16 +71,21 @@ impl CacheUse {
 }
 
 impl CoreGeneration {
-    /// Phase "lookup": the disk tier, then slices (a large object's
+    /// Phase "lookup": the tiers below memory (unless this instance is
+    /// fetching the object already), then slices (a large object's
     /// ranges), then the memory tier, which may hand this request a fill
     /// in flight to follow. `Err(outcome)`: a copy answered; `Ok(())`: a
     /// miss, to forward (this request may lead the fill).
     pub(super) async fn lookup(&self, c: &mut Client, bucket: usize, key: &str) -> Phase<()> {
         // The tiers below memory, in `cache.cache_layers`' order, until
-        // one has the object.
+        // one has the object; not while this instance fetches it already
+        // (the request joins that fill below: its copy, once stored, is
+        // the one its slower readers are still sending, and a copy read
+        // from below would replace it under them).
         let mut promoted = None;
+        let joins = plain_get(c) && self.fill_open(bucket, key, &c.s.query);
         for layer in &self.shared.config.cache.lower_layers {
-            if promoted.is_some() {
+            if promoted.is_some() || joins {
                 break;
             }
             match layer {
@@ -109,6 +114,14 @@ impl CoreGeneration {
             Ok(None) => Ok(()),
             Err(fill) => Err(Box::pin(self.serve_waiter(c, bucket, fill, key)).await),
         }
+    }
+
+    /// Whether a fill of this request's cache key is under way here.
+    fn fill_open(&self, bucket: usize, key: &str, query: &str) -> bool {
+        let mut k = self.core.key_scratch.borrow_mut();
+        let b = self.shared.bucket(bucket);
+        store::write_key(&mut k, &b.name, &b.origin, key, query);
+        self.shared.process.fills.is_open(&k)
     }
 
     /// The memory tier's purge count now (0 without a cache): a copy
