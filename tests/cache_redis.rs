@@ -629,10 +629,7 @@ fn four_instances_fifty_clients_each_stream_one_s3_get_of_64_mib() {
     let redis = Redis::start();
     let body = std::sync::Arc::new(pattern(64 * 1024 * 1024, 11));
     let (up, gate) = held_back_origin(&body);
-    let cfg = config(&up.endpoint(), &redis.url()).replace(
-        "  cache_layers: [\"memory\", \"redis\"]\n",
-        "  cache_layers: [\"memory\", \"redis\"]\n  memory:\n    max_cache_size_mb: 256\n    max_item_size_mb: 100\n",
-    );
+    let cfg = large_object_config(&up.endpoint(), &redis.url());
     let proxies: Vec<Proxy> = (0..4).map(|_| Proxy::start(&cfg)).collect();
     let streamed = burst(
         &proxies,
@@ -657,10 +654,7 @@ fn a_request_joins_the_fill_under_way_rather_than_replacing_its_copy_from_redis(
     let redis = Redis::start();
     let body = std::sync::Arc::new(pattern(32 * 1024 * 1024, 12));
     let (up, gate) = held_back_origin(&body);
-    let cfg = config(&up.endpoint(), &redis.url()).replace(
-        "  cache_layers: [\"memory\", \"redis\"]\n",
-        "  cache_layers: [\"memory\", \"redis\"]\n  memory:\n    max_cache_size_mb: 256\n    max_item_size_mb: 100\n",
-    );
+    let cfg = large_object_config(&up.endpoint(), &redis.url());
     let (first, second) = (Proxy::start(&cfg), Proxy::start(&cfg));
     let path = "/b/fleet/joined.bin";
     // The first instance fetches (and holds the fleet's lease)...
@@ -750,6 +744,14 @@ impl Stalled {
         }
         Ok(())
     }
+}
+
+/// `config` with a memory tier that holds objects of tens of MiB.
+fn large_object_config(endpoint: &str, redis_url: &str) -> String {
+    config(endpoint, redis_url).replace(
+        "  cache_layers: [\"memory\", \"redis\"]\n",
+        "  cache_layers: [\"memory\", \"redis\"]\n  memory:\n    max_cache_size_mb: 256\n    max_item_size_mb: 100\n",
+    )
 }
 
 /// An origin answering every GET with `body` (ETag "f"): its first half
