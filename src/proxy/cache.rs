@@ -83,8 +83,9 @@ impl CoreGeneration {
         // the one its slower readers are still sending, and a copy read
         // from below would replace it under them).
         let mut promoted = None;
-        let joins = plain_get(c) && self.fill_open(bucket, key, &c.s.query);
-        for layer in &self.shared.config.cache.lower_layers {
+        let lower = &self.shared.config.cache.lower_layers;
+        let joins = !lower.is_empty() && plain_get(c) && self.fill_open(bucket, key, &c.s.query);
+        for layer in lower {
             if promoted.is_some() || joins {
                 break;
             }
@@ -116,12 +117,16 @@ impl CoreGeneration {
         }
     }
 
-    /// Whether a fill of this request's cache key is under way here.
+    /// Whether a fill of this request's cache key is under way here: only
+    /// asked on a memory miss (a hit takes no process-wide lock).
     fn fill_open(&self, bucket: usize, key: &str, query: &str) -> bool {
+        let Some(store) = self.shared.process.cache.as_ref() else {
+            return false;
+        };
         let mut k = self.core.key_scratch.borrow_mut();
         let b = self.shared.bucket(bucket);
         store::write_key(&mut k, &b.name, &b.origin, key, query);
-        self.shared.process.fills.is_open(&k)
+        store.peek(&k).is_none() && self.shared.process.fills.is_open(&k)
     }
 
     /// The memory tier's purge count now (0 without a cache): a copy
