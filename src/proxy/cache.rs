@@ -78,15 +78,11 @@ impl CoreGeneration {
     /// miss, to forward (this request may lead the fill).
     pub(super) async fn lookup(&self, c: &mut Client, bucket: usize, key: &str) -> Phase<()> {
         // The tiers below memory, in `cache.cache_layers`' order, until
-        // one has the object; not while this instance fetches it already
-        // (the request joins that fill below: its copy, once stored, is
-        // the one its slower readers are still sending, and a copy read
-        // from below would replace it under them).
+        // one has the object (none while this instance fetches it already:
+        // `memory_miss`).
         let mut promoted = None;
-        let lower = &self.shared.config.cache.lower_layers;
-        let joins = !lower.is_empty() && plain_get(c) && self.fill_open(bucket, key, &c.s.query);
-        for layer in lower {
-            if promoted.is_some() || joins {
+        for layer in &self.shared.config.cache.lower_layers {
+            if promoted.is_some() {
                 break;
             }
             match layer {
@@ -115,18 +111,6 @@ impl CoreGeneration {
             Ok(None) => Ok(()),
             Err(fill) => Err(Box::pin(self.serve_waiter(c, bucket, fill, key)).await),
         }
-    }
-
-    /// Whether a fill of this request's cache key is under way here: only
-    /// asked on a memory miss (a hit takes no process-wide lock).
-    fn fill_open(&self, bucket: usize, key: &str, query: &str) -> bool {
-        let Some(store) = self.shared.process.cache.as_ref() else {
-            return false;
-        };
-        let mut k = self.core.key_scratch.borrow_mut();
-        let b = self.shared.bucket(bucket);
-        store::write_key(&mut k, &b.name, &b.origin, key, query);
-        store.peek(&k).is_none() && self.shared.process.fills.is_open(&k)
     }
 
     /// The memory tier's purge count now (0 without a cache): a copy

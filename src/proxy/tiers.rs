@@ -52,8 +52,9 @@ impl CoreGeneration {
         self.core.disk_touches.borrow_mut().push(k);
     }
 
-    /// The memory tier and the request's cache key, when the bucket caches
-    /// and the memory tier does not hold the key (a lower tier may).
+    /// The memory tier and the request's cache key, when the bucket caches,
+    /// the memory tier does not hold the key and no fill of it is under way
+    /// here for this request to join (a lower tier may be asked).
     fn memory_miss(
         &self,
         c: &Client,
@@ -65,7 +66,12 @@ impl CoreGeneration {
             return None;
         }
         let k = self.cache_key(bucket, key, &c.s.query);
-        store.get(&k).is_none().then_some((store, k))
+        // A whole GET of an object this instance is fetching joins that
+        // fill instead (`cache_lookup`): its copy, once stored, is the one
+        // the fill's slower readers are still sending, and a copy read
+        // from below would replace it under them.
+        let joins = || super::cache::plain_get(c) && self.shared.process.fills.is_open(&k);
+        (store.get(&k).is_none() && !joins()).then_some((store, k))
     }
 
     /// Step "redis": a miss in the local tiers asks the Redis tier; an
