@@ -220,6 +220,20 @@ impl MemoryStore {
         shared
     }
 
+    /// Stores `key` unless memory holds it already, and returns the copy
+    /// held: for a copy promoted from a lower tier, read while memory
+    /// missed, which must not replace what a fill stored meanwhile (that
+    /// copy is the one the fill's slower readers are still sending).
+    pub fn insert_unless_held(&self, key: String, object: Object) -> Arc<Object> {
+        let held = self
+            .inner
+            .get_or_insert_with(&key, || Ok::<_, std::convert::Infallible>(Arc::new(object)));
+        match held {
+            Ok(copy) => copy,
+            Err(never) => match never {},
+        }
+    }
+
     /// Stores (or replaces) `key` with an object already shared.
     pub fn insert_shared(&self, key: String, object: Arc<Object>) {
         self.inner.insert(key, object);
@@ -361,6 +375,24 @@ mod tests {
         store.insert(key("b", "o", "big", ""), object(64 * MB));
         let got = store.get(&key("b", "o", "big", "")).map(|o| o.body.len());
         assert_eq!(got, Some(64 * MB));
+    }
+
+    #[test]
+    fn a_promoted_copy_never_replaces_the_copy_held() {
+        let store = MemoryStore::new(1024 * 1024, 64 * 1024).unwrap();
+        let k = key("b", "o", "k", "");
+        // Memory missed; a fill stored its copy while a lower tier was read.
+        let filled = store.insert(k.clone(), object(1));
+        let got = store.insert_unless_held(k.clone(), object(2));
+        assert!(Arc::ptr_eq(&got, &filled), "the fill's copy is handed out");
+        let held = store.get(&k).expect("held");
+        assert!(Arc::ptr_eq(&held, &filled), "and stays stored");
+        // Nothing held: the promoted copy is stored.
+        let other = key("b", "o", "other", "");
+        let got = store.insert_unless_held(other.clone(), object(3));
+        assert_eq!(got.body.len(), 3);
+        let held = store.get(&other).expect("stored");
+        assert!(Arc::ptr_eq(&held, &got));
     }
 
     fn object(len: usize) -> Object {

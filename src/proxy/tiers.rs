@@ -1,7 +1,8 @@
 //! Step "lookup", below memory: the disk and Redis tiers, asked in
 //! `cache.cache_layers`' order on a memory miss (`cache.rs`). An entry
 //! found is put back into memory and handed to the lookup that follows,
-//! which must not miss it even if the memory tier let it go at once; a
+//! which must not miss it even if the memory tier let it go at once, and
+//! never replaces a copy a fill stored while the lower tier was read; a
 //! large disk entry is sent straight from its file, by reference, without
 //! entering memory. A memory hit keeps the disk entry recent.
 
@@ -31,7 +32,7 @@ impl CoreGeneration {
         let epoch = store.purge_epoch();
         let object = disk.load(&k).await?;
         // A purge while the file was read wins.
-        (store.purge_epoch() == epoch).then(|| store.insert(k, object))
+        (store.purge_epoch() == epoch).then(|| store.insert_unless_held(k, object))
     }
 
     /// A memory hit keeps its disk-tier entry recent too, so the disk's LRU
@@ -108,7 +109,7 @@ impl CoreGeneration {
         match found {
             Found::Miss => Ok(None),
             Found::Hit(object) => {
-                let copy = store.insert(k.clone(), object);
+                let copy = store.insert_unless_held(k.clone(), object);
                 if let Some(disk) = &process.disk {
                     disk.offer(k, copy.clone(), epoch);
                 }
