@@ -15,7 +15,8 @@
 # Redis; the share that was is printed (from yatagarasu_cache_redis_hits_total).
 # redis-benchmark: GET of a value of the same size, 32 clients, no
 # pipelining. Latency p50 and p99 of both (wrk --latency; redis-benchmark
-# --csv). CPU per request is the proxy's utime+stime from /proc.
+# --csv). CPU per request is the proxy's utime+stime from /proc; the
+# Redis-tier proxy's resident memory (VmRSS) is read as its run ends.
 #
 # Needs wrk, nginx, redis-server, redis-tools and a release build.
 set -euo pipefail
@@ -75,6 +76,7 @@ $1
 }
 stop_proxy() { kill "$PROXY"; wait "$PROXY" 2>/dev/null || true; }
 ticks() { awk '{print $14 + $15}' "/proc/$PROXY/stat"; }
+rss_mib() { awk '/^VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$PROXY/status"; }
 metric() { curl -sf "http://127.0.0.1:$P_METRICS/metrics" | awk -v m="$1" '$1 == m {s += $2} END {print s + 0}'; }
 requests_of() { echo "$1" | awk '/requests in/ {print $1}'; }
 # "p50_ms p99_ms" from wrk --latency output.
@@ -109,8 +111,8 @@ LUA
 
 echo "machine: $(nproc) cores; proxy on core 0, wrk, Redis and the origin on core 1; wrk -t1 -c32 ${DURATION}s; chunks of ${CHUNK_KB} KiB"
 echo
-echo "| object | Redis-tier hit p50 / p99 ms | redis-benchmark GET p50 / p99 ms | share answered from Redis | CPU us/req: Redis-tier hit | memory-tier hit | S3 miss (cache off) |"
-echo "|---|---|---|---|---|---|---|"
+echo "| object | Redis-tier hit p50 / p99 ms | redis-benchmark GET p50 / p99 ms | share answered from Redis | CPU us/req: Redis-tier hit | memory-tier hit | S3 miss (cache off) | RSS after Redis-tier hits, MiB |"
+echo "|---|---|---|---|---|---|---|---|"
 for s in $SIZES; do
   n=$(copies "$s")
   # Redis-tier hits: every copy stored in Redis first.
@@ -127,6 +129,7 @@ for s in $SIZES; do
   h1=$(metric yatagarasu_cache_redis_hits_total)
   r1=$(metric 'yatagarasu_requests_total{bucket="bench",method="GET",status="200"}')
   share=$(awk -v h=$((h1 - h0)) -v r=$((r1 - r0)) 'BEGIN {printf "%.2f", h / r}')
+  rss=$(rss_mib)
   stop_proxy
   # Memory-tier hits: one object, warm.
   start_proxy '  cache_layers: ["memory", "redis"]' 256
@@ -143,5 +146,5 @@ for s in $SIZES; do
   stop_proxy
   # Redis's own GET of the same size.
   rb=$(on_core 1 redis-benchmark -p "$P_REDIS" -c 32 -n 50000 -d "$(bytes "$s")" -t set,get --csv 2>/dev/null | awk -F, '/^"GET"/ {gsub(/"/, ""); print $5, $7}')
-  echo "| $s | $p50 / $p99 | ${rb% *} / ${rb#* } | $share | $redis_cpu | $mem_cpu | $miss_cpu |"
+  echo "| $s | $p50 / $p99 | ${rb% *} / ${rb#* } | $share | $redis_cpu | $mem_cpu | $miss_cpu | $rss |"
 done

@@ -125,12 +125,19 @@ impl SharedFill {
 
     /// The next body bytes.
     pub fn push(&self, bytes: &[u8]) {
-        if bytes.is_empty() {
+        if !bytes.is_empty() {
+            self.push_shared(Bytes::copy_from_slice(bytes));
+        }
+    }
+
+    /// The next body bytes, kept by reference (no copy).
+    pub fn push_shared(&self, piece: Bytes) {
+        if piece.is_empty() {
             return;
         }
         let mut s = self.lock();
-        s.body.push_back(Bytes::copy_from_slice(bytes));
-        s.kept += bytes.len();
+        s.kept += piece.len();
+        s.body.push_back(piece);
         while s.window > 0 && s.kept > s.window && s.body.len() > 1 {
             if let Some(front) = s.body.pop_front() {
                 s.kept -= front.len();
@@ -425,6 +432,25 @@ mod tests {
             poll_now(&mut f.next(true, 5)),
             Poll::Ready(FillEvent::Ended(End::Done))
         ));
+    }
+
+    #[test]
+    fn a_shared_piece_is_kept_by_reference_in_order_with_copied_ones() {
+        let f = Arc::new(SharedFill::default());
+        f.set_head(FillHead {
+            len: 6,
+            ..FillHead::default()
+        });
+        let shared = Bytes::from_static(b"def");
+        f.push(b"abc");
+        f.push_shared(shared.clone());
+        f.push_shared(Bytes::new());
+        let Poll::Ready(FillEvent::Body(pieces)) = poll_now(&mut f.next(true, 0)) else {
+            panic!("two pieces")
+        };
+        assert_eq!(pieces.len(), 2, "an empty piece is not kept");
+        assert_eq!((&pieces[0][..], &pieces[1][..]), (&b"abc"[..], &b"def"[..]));
+        assert_eq!(pieces[1].as_ptr(), shared.as_ptr(), "not copied");
     }
 
     #[test]

@@ -78,6 +78,13 @@ fn upstream_error(e: &std::io::Error) -> Cause {
 pub trait Tee {
     /// The next bytes of the body.
     fn push(&mut self, bytes: &[u8]);
+
+    /// The next bytes of the body, already in a shared buffer (a Redis
+    /// chunk): a tee that keeps pieces may keep this one by reference
+    /// rather than copy it.
+    fn push_shared(&mut self, piece: &bytes::Bytes) {
+        self.push(piece);
+    }
 }
 
 impl Tee for Vec<u8> {

@@ -296,6 +296,21 @@ impl crate::http::body::Tee for Fill<'_> {
         if let Some(f) = &self.shared {
             f.push(bytes);
         }
+        self.keep(bytes);
+    }
+
+    fn push_shared(&mut self, piece: &bytes::Bytes) {
+        if let Some(f) = &self.shared {
+            f.push_shared(piece.clone());
+        }
+        self.keep(piece);
+    }
+}
+
+impl Fill<'_> {
+    /// The next body bytes, after the shared fill's waiters were given
+    /// them: passed on, or kept (and the object stored once whole).
+    fn keep(&mut self, bytes: &[u8]) {
         if self.passthrough {
             // Nothing kept here: the shared pieces are the only copy (and
             // the slices, stored as they complete).

@@ -346,7 +346,7 @@ impl CoreGeneration {
             at += pieces.len();
             if let Some(f) = &mut fill {
                 for p in &pieces {
-                    crate::http::body::Tee::push(f, p);
+                    crate::http::body::Tee::push_shared(f, p);
                 }
             }
             // The next chunks are read while these are sent.
