@@ -331,6 +331,64 @@ fn entries_in_the_page_cache_are_sent_from_their_files_without_promotion() {
     );
 }
 
+/// The other system's `cache.disk.sendfile`: `enabled: false` reads every
+/// disk hit (never sent from its file), and `threshold_bytes` is the
+/// smallest body sent from its file. A disk hit read is promoted into
+/// memory, which holds about three of the eight objects, so it evicts; one
+/// sent from its file does not.
+#[test]
+fn cache_disk_sendfile_decides_which_disk_hits_are_sent_from_their_files() {
+    const LEN: usize = 256 * 1024;
+    let keys = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    // Memory evictions during a hit on every key, all of them on disk.
+    let evictions_for = |sendfile: &str| {
+        let up = origin(LEN);
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(&up.endpoint(), dir.path(), 64, "").replace(
+            "  disk:\n    enabled: true\n",
+            &format!("  memory:\n    max_cache_size_mb: 1\n    max_item_size_mb: 1\n  disk:\n    enabled: true\n{sendfile}"),
+        );
+        let p = Proxy::start(&cfg);
+        for k in keys {
+            assert_eq!(p.get(&format!("/b/{k}")).status, 200);
+        }
+        wait_disk_items(&p, keys.len() as f64);
+        let evictions = |p: &Proxy| {
+            metric(
+                &p.metrics(),
+                "yatagarasu_cache_evictions_total{layer=\"memory\"}",
+            )
+            .unwrap_or(0.0)
+        };
+        let before = evictions(&p);
+        for k in keys {
+            let r = p.get(&format!("/b/{k}"));
+            assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")), "{k}");
+            assert_eq!(r.body, body_for(&format!("/bkt/{k}"), LEN), "{k}");
+        }
+        assert_eq!(up.gets(), keys.len(), "disk hits went upstream");
+        evictions(&p) - before
+    };
+    assert_eq!(
+        evictions_for(""),
+        0.0,
+        "without sendfile, zero_copy decides"
+    );
+    let off = evictions_for("    sendfile:\n      enabled: false\n");
+    assert!(
+        off > 0.0,
+        "enabled: false: no disk hit was read and promoted"
+    );
+    let under =
+        evictions_for("    sendfile:\n      enabled: true\n      threshold_bytes: 300000\n");
+    assert!(
+        under > 0.0,
+        "under threshold_bytes: no disk hit was read and promoted"
+    );
+    let over = evictions_for("    sendfile:\n      threshold_bytes: 200000\n");
+    assert_eq!(over, 0.0, "over threshold_bytes: disk hits were promoted");
+}
+
 #[test]
 fn a_disk_tier_file_kept_open_never_outlives_its_entry() {
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -590,6 +590,85 @@ fn the_redis_tier_in_the_other_systems_shape_loads_and_names_what_has_no_effect(
     assert!(out.contains("cache.redis.min_pool_size"), "{out}");
 }
 
+/// The cache example of the other system's documentation: the keys its
+/// parser skips are each named as having no effect; what it leaves out
+/// (the disk tier's `cache_dir`, spelled `path` there) is named too.
+#[test]
+fn the_cache_example_of_the_other_systems_documentation_loads() {
+    let theirs = include_str!("fixtures/other-system/website-cache.yaml");
+    let text = format!("{GOOD}{theirs}");
+    let (code, out) = check(&text, &ENV);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("(1 problem)")
+            && out.contains("cache.disk.cache_dir: is required when the disk tier is enabled"),
+        "{out}"
+    );
+    let text = text.replace(
+        "    path: \"/var/cache/yatagarasu\"\n",
+        "    path: \"/var/cache/yatagarasu\"\n    cache_dir: \"/tmp/yatagarasu-cache\"\n    sendfile:\n      enabled: true\n      threshold_bytes: 65536\n",
+    );
+    let (code, out) = check(&text, &ENV);
+    assert_eq!(code, 0, "{out}");
+    for path in [
+        "cache.memory.max_capacity",
+        "cache.memory.max_file_size",
+        "cache.memory.ttl_seconds",
+        "cache.redis.max_capacity",
+        "cache.redis.max_file_size",
+        "cache.redis.ttl_seconds",
+        "cache.redis.pool_size",
+        "cache.disk.path",
+        "cache.disk.max_capacity",
+        "cache.disk.max_file_size",
+        "cache.disk.ttl_seconds",
+    ] {
+        assert!(
+            out.contains(&format!("warning: {path}: has no effect")),
+            "{path}: {out}"
+        );
+    }
+    assert!(!out.contains("sendfile"), "{out}");
+    // Its other Redis pages: Sentinel and Cluster blocks, retries.
+    let text = with_cache(
+        "  redis:\n    enabled: true\n    redis_url: \"redis://c:6379\"\n    timeout_ms: 1000\n    retry_attempts: 3\n    retry_delay_ms: 100\n    sentinel:\n      master_name: \"mymaster\"\n      nodes: [\"s1:26379\"]\n    cluster:\n      nodes: [\"r1:6379\"]\n",
+    );
+    let (code, out) = check(&text, &ENV);
+    assert_eq!(code, 0, "{out}");
+    for path in [
+        "timeout_ms",
+        "retry_attempts",
+        "retry_delay_ms",
+        "sentinel",
+        "cluster",
+    ] {
+        assert!(
+            out.contains(&format!("warning: cache.redis.{path}: has no effect")),
+            "{path}: {out}"
+        );
+    }
+    let path_style = GOOD.replacen(
+        "      bucket: \"c\"\n",
+        "      bucket: \"c\"\n      path_style: true\n",
+        1,
+    );
+    let (code, out) = check(&path_style, &ENV);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("warning: buckets[1].s3.path_style: has no effect"),
+        "{out}"
+    );
+    let typo = with_cache(
+        "  disk:\n    enabled: true\n    cache_dir: \"/tmp/c\"\n    sendfile:\n      treshold_bytes: 1\n",
+    );
+    let (code, out) = check(&typo, &ENV);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("cache.disk.sendfile.treshold_bytes: unknown field"),
+        "{out}"
+    );
+}
+
 #[test]
 fn redis_mistakes_are_named() {
     let redis = |body: &str| {

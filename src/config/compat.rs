@@ -62,6 +62,68 @@ const NO_EFFECT: &[(&str, &str)] = &[
         "cache.memory.max_entry_size_bytes",
         "not read by the other system either (it reads max_item_size_mb)",
     ),
+    // The other system's documentation site (website/configuration/cache.md)
+    // shows cache keys its parser skips; users copy them from there.
+    (
+        "cache.memory.max_file_size",
+        "not read by the other system either (it reads max_item_size_mb)",
+    ),
+    (
+        "cache.disk.path",
+        "not read by the other system either (it reads cache_dir)",
+    ),
+    (
+        "cache.disk.max_capacity",
+        "not read by the other system either (it reads max_disk_cache_size_mb)",
+    ),
+    (
+        "cache.disk.max_file_size",
+        "not read by the other system either; a disk entry is bounded by cache.memory.max_item_size_mb",
+    ),
+    (
+        "cache.disk.ttl_seconds",
+        "not read by the other system either; a disk entry stays fresh as long as its response says",
+    ),
+    (
+        "cache.redis.max_capacity",
+        "not read by the other system either; Redis's own maxmemory bounds the tier",
+    ),
+    (
+        "cache.redis.max_file_size",
+        "not read by the other system either; Redis entries have no size bound of their own (large objects are stored as chunks, cache.redis.chunk_size_kb; Redis's maxmemory bounds the tier)",
+    ),
+    (
+        "cache.redis.ttl_seconds",
+        "not read by the other system either (it reads redis_ttl_seconds)",
+    ),
+    (
+        "cache.redis.pool_size",
+        "not read by the other system either (it reads max_pool_size)",
+    ),
+    (
+        "cache.redis.timeout_ms",
+        "not read by the other system either (it reads operation_timeout_ms and connection_timeout_ms)",
+    ),
+    (
+        "cache.redis.retry_attempts",
+        "not read by the other system either; a failed Redis call is a miss, and a breaker keeps a dead Redis from costing every request",
+    ),
+    (
+        "cache.redis.retry_delay_ms",
+        "not read by the other system either; a failed Redis call is a miss, and a breaker keeps a dead Redis from costing every request",
+    ),
+    (
+        "cache.redis.sentinel",
+        "not read by the other system either; Sentinel is not supported: point redis_url at the primary",
+    ),
+    (
+        "cache.redis.cluster",
+        "not read by the other system either; point redis_url at any node of a Cluster: the others are found from it",
+    ),
+    (
+        "buckets[].s3.path_style",
+        "not read by the other system either; requests to an endpoint are always path-style (/bucket/key), as there",
+    ),
     (
         "buckets[].cache.default_ttl_seconds",
         "not a bucket key of the other system either (it reads ttl_seconds)",

@@ -242,6 +242,21 @@ pub struct DiskCache {
     pub dir: String,
     /// `max_disk_cache_size_mb`, in bytes.
     pub max_bytes: u64,
+    /// `sendfile`: the smallest body a disk hit is sent from its file for
+    /// (where `server.zero_copy` sends it by reference at all); `None`
+    /// (`enabled: false`): never, every disk hit is read and copied.
+    pub send_from_file: Option<u64>,
+}
+
+impl DiskCache {
+    /// The other system's default `sendfile.threshold_bytes`.
+    pub const SENDFILE_THRESHOLD_BYTES: u64 = 64 * 1024;
+
+    /// Whether a disk hit whose body is `body_bytes` long may be sent from
+    /// its file (`server.zero_copy` decides too).
+    pub fn sends_from_file(&self, body_bytes: u64) -> bool {
+        self.send_from_file.is_some_and(|min| body_bytes >= min)
+    }
 }
 
 /// A rate: requests a second, and how many may come at once.

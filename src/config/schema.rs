@@ -382,6 +382,19 @@ pub struct RawCacheDisk {
     pub cache_dir: Option<String>,
     #[serde(default, deserialize_with = "flex_opt")]
     pub max_disk_cache_size_mb: Option<u64>,
+    /// Whether (and from what size) a disk hit is sent from its file.
+    #[serde(default)]
+    pub sendfile: Option<RawSendfile>,
+}
+
+/// `cache.disk.sendfile`: the other system's keys.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSendfile {
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub enabled: Option<bool>,
+    #[serde(default, deserialize_with = "flex_opt")]
+    pub threshold_bytes: Option<u64>,
 }
 
 /// `cache.redis`: the other system's keys.

@@ -134,7 +134,8 @@ impl CoreGeneration {
 
     /// A disk-tier entry whose pages are all in the page cache answers a
     /// memory miss straight from its file (`Some`), when the client is
-    /// plain TCP and `server.zero_copy` sends such a body by reference;
+    /// plain TCP, `server.zero_copy` sends such a body by reference and
+    /// `cache.disk.sendfile` allows it from its size;
     /// otherwise (`None`) the entry is read and promoted as usual
     /// ([`Self::promote_from_disk`]). The core keeps the file open for the
     /// next hit (`cache::open`).
@@ -149,7 +150,12 @@ impl CoreGeneration {
             return None;
         };
         let settings = &self.shared.bucket(bucket).cache;
+        let Some(disk_settings) = &self.shared.config.cache.disk else {
+            return None;
+        };
         let zero_copy = self.shared.config.server.zero_copy;
+        let by_reference =
+            |body: u64| zero_copy.send_stored(body) && disk_settings.sends_from_file(body);
         if !settings.enabled
             || conditional_not_answered(c)
             || !matches!(c.stream, MaybeTls::Plain(_))
@@ -163,7 +169,7 @@ impl CoreGeneration {
         // The file's size bounds the body's: an entry too small to be sent
         // by reference is not opened twice (here, then to be read).
         let (size, id) = disk.entry(&k)?;
-        if !zero_copy.send_stored(size) {
+        if !by_reference(size) {
             return None;
         }
         let kept = self.core.open_entries.borrow_mut().get(&k, id);
@@ -178,7 +184,7 @@ impl CoreGeneration {
         };
         let copy = &entry.object;
         let fresh = policy::is_fresh(copy.stored_at, copy.fresh_for, crate::clock::now());
-        if !(zero_copy.send_stored(copy.total) && fresh && entry.in_page_cache()) {
+        if !(by_reference(copy.total) && fresh && entry.in_page_cache()) {
             return None;
         }
         // The pipe is taken before anything is sent: running out of pipes

@@ -87,10 +87,20 @@ pub(super) fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
         }
         let mb = d.max_disk_cache_size_mb.unwrap_or(DEFAULT_CACHE_DISK_MB);
         p.positive("cache.disk.max_disk_cache_size_mb", mb);
+        // Without a `sendfile` block, `server.zero_copy` alone decides.
+        let send_from_file = match &d.sendfile {
+            None => Some(0),
+            Some(f) if f.enabled == Some(false) => None,
+            Some(f) => Some(
+                f.threshold_bytes
+                    .unwrap_or(DiskCache::SENDFILE_THRESHOLD_BYTES),
+            ),
+        };
         if disk_on {
             out.disk = Some(DiskCache {
                 dir: dir.to_string(),
                 max_bytes: mb.max(1) * MIB,
+                send_from_file,
             });
         }
     }
