@@ -10,6 +10,8 @@ pub(super) const MIB: u64 = 1024 * 1024;
 /// Largest `cache.slice_size_mb`.
 pub(super) const MAX_SLICE_MB: u64 = 1024;
 
+/// `cache.disk.cache_dir` when it is left out.
+const DEFAULT_CACHE_DIR: &str = "/var/cache/yatagarasu";
 /// `cache:`: the memory and disk tiers and slices.
 pub(super) fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
     let mut out = CacheSettings {
@@ -78,11 +80,12 @@ pub(super) fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
         out.default_ttl = Duration::from_secs(ttl.max(1));
     }
     if let Some(d) = &c.disk {
-        let dir = d.cache_dir.as_deref().unwrap_or("").trim();
+        // The other system's default, and where our packages put it.
+        let dir = d.cache_dir.as_deref().unwrap_or(DEFAULT_CACHE_DIR).trim();
         if disk_on && dir.is_empty() {
             p.at(
                 "cache.disk.cache_dir",
-                "is required when the disk tier is enabled",
+                "is empty (leave it out for /var/cache/yatagarasu)",
             );
         }
         let mb = d.max_disk_cache_size_mb.unwrap_or(DEFAULT_CACHE_DISK_MB);
