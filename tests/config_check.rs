@@ -646,6 +646,31 @@ fn the_cache_example_of_the_other_systems_documentation_loads() {
             "{path}: {out}"
         );
     }
+    // Its other pages: pre-warming, rate limits, a bucket's image keys.
+    let text = format!(
+        "{}cache:\n  warming:\n    enabled: true\n    paths:\n      - \"/assets/logo.png\"\n    concurrency: 4\n    rate_limit_requests_per_second: 10\nrate_limiting:\n  enabled: true\n  requests_per_second: 10000\n",
+        GOOD.replacen(
+            "    s3:\n",
+            "    image_optimization:\n      enabled: true\n      quality: 85\n      auto_format: true\n      auto_rotate: true\n    s3:\n",
+            1
+        )
+    );
+    let (code, out) = check(&text, &ENV);
+    assert_eq!(code, 0, "{out}");
+    for path in [
+        "cache.warming.enabled",
+        "cache.warming.paths",
+        "cache.warming.rate_limit_requests_per_second",
+        "rate_limiting",
+        "buckets[0].image_optimization.quality",
+        "buckets[0].image_optimization.auto_format",
+        "buckets[0].image_optimization.auto_rotate",
+    ] {
+        assert!(
+            out.contains(&format!("warning: {path}: has no effect")),
+            "{path}: {out}"
+        );
+    }
     let path_style = GOOD.replacen(
         "      bucket: \"c\"\n",
         "      bucket: \"c\"\n      path_style: true\n",

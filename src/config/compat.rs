@@ -121,6 +121,34 @@ const NO_EFFECT: &[(&str, &str)] = &[
         "not read by the other system either; point redis_url at any node of a Cluster: the others are found from it",
     ),
     (
+        "cache.warming.enabled",
+        "not read by the other system either; a pre-warm runs when one is asked for (POST /admin/cache/prewarm)",
+    ),
+    (
+        "cache.warming.paths",
+        "not read by the other system either; the prefixes to warm are given with each pre-warm request",
+    ),
+    (
+        "cache.warming.rate_limit_requests_per_second",
+        "not read by the other system either (it reads rate_limit)",
+    ),
+    (
+        "rate_limiting",
+        "not read by the other system either (it reads server.rate_limit)",
+    ),
+    (
+        "buckets[].image_optimization.quality",
+        "not read by the other system either (it reads default_quality)",
+    ),
+    (
+        "buckets[].image_optimization.auto_format",
+        "not read by the other system either; the fmt=auto query parameter picks the format from Accept",
+    ),
+    (
+        "buckets[].image_optimization.auto_rotate",
+        "not read by the other system either; images are turned upright by their EXIF orientation unless the query says auto_rotate=0",
+    ),
+    (
         "buckets[].s3.path_style",
         "not read by the other system either; requests to an endpoint are always path-style (/bucket/key), as there",
     ),
