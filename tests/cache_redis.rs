@@ -1458,3 +1458,58 @@ fn purges_reach_the_fleet_after_the_seed_node_is_lost() {
     assert_eq!(b.get("/b/seed/3.txt").header("x-cache"), Some("MISS"));
     assert_eq!(b.get("/b/seed/4.txt").header("x-cache"), Some("HIT"));
 }
+
+/// `cache.redis.sentinel` (the shape of the other system's documentation):
+/// the tier writes to the primary the Sentinel names, and once the
+/// Sentinel has failed it over to its replica, to the new primary; no
+/// client request fails meanwhile.
+#[test]
+fn the_primary_is_found_through_sentinel_and_followed_over_a_failover() {
+    let mut primary = Redis::start();
+    let replica = Redis::start_replica_of(primary.port);
+    let sentinel = support::redis::Sentinel::start(primary.port);
+    let up = origin();
+    let cfg = config(&up.endpoint(), "unused").replace(
+        "    redis_url: \"unused\"\n",
+        &format!(
+            "    sentinel:\n      master_name: \"mymaster\"\n      nodes: [\"127.0.0.1:{}\"]\n",
+            sentinel.port
+        ),
+    );
+    let p = Proxy::start(&cfg);
+    let r = p.get("/b/before");
+    assert_eq!(r.status, 200);
+    assert!(p.wait_metric(WRITES, 1.0, WAIT), "{}", p.metrics());
+    assert!(!primary.keys().is_empty(), "not written to the primary");
+    // The primary dies; the Sentinel promotes the replica.
+    primary.kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while sentinel.primary_port() != Some(replica.port) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Sentinel did not fail over"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Objects fetched from now on are written to the new primary (the only
+    // one up), by a writer that was writing to the old one.
+    let written = p.metric(WRITES).unwrap_or(0.0);
+    let mut n = 0;
+    while p.metric(WRITES).unwrap_or(0.0) <= written {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing written to the new primary\n{}",
+            p.log()
+        );
+        let path = format!("/b/after-{n}");
+        let r = p.get(&path);
+        assert_eq!(r.status, 200, "{path} failed during the failover");
+        assert_eq!(r.body, format!("object at /bkt/after-{n}\n").as_bytes());
+        n += 1;
+    }
+    assert!(
+        replica.keys().iter().any(|k| !k.ends_with(":lease")),
+        "no entry on the new primary: {:?}",
+        replica.keys()
+    );
+}

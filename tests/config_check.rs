@@ -628,19 +628,14 @@ fn the_cache_example_of_the_other_systems_documentation_loads() {
         !out.contains("sendfile") && !out.contains("cache.disk.path"),
         "{out}"
     );
-    // Its other Redis pages: Sentinel and Cluster blocks, retries.
+    // Its other Redis pages: Sentinel (read here) and Cluster blocks,
+    // retries.
     let text = with_cache(
         "  redis:\n    enabled: true\n    redis_url: \"redis://c:6379\"\n    timeout_ms: 1000\n    retry_attempts: 3\n    retry_delay_ms: 100\n    sentinel:\n      master_name: \"mymaster\"\n      nodes: [\"s1:26379\"]\n    cluster:\n      nodes: [\"r1:6379\"]\n",
     );
     let (code, out) = check(&text, &ENV);
     assert_eq!(code, 0, "{out}");
-    for path in [
-        "timeout_ms",
-        "retry_attempts",
-        "retry_delay_ms",
-        "sentinel",
-        "cluster",
-    ] {
+    for path in ["timeout_ms", "retry_attempts", "retry_delay_ms", "cluster"] {
         assert!(
             out.contains(&format!("warning: cache.redis.{path}: has no effect")),
             "{path}: {out}"
@@ -690,6 +685,48 @@ fn the_cache_example_of_the_other_systems_documentation_loads() {
     assert!(
         out.contains("cache.disk.sendfile.treshold_bytes: unknown field"),
         "{out}"
+    );
+}
+
+/// `cache.redis.sentinel`: the other system's documented shape loads (no
+/// `redis_url` needed), and its mistakes are named.
+#[test]
+fn redis_sentinel_settings_load_and_their_mistakes_are_named() {
+    let sentinel = |body: &str| {
+        with_cache(&format!(
+            "  cache_layers: [\"memory\", \"redis\"]\n  redis:\n    enabled: true\n{body}"
+        ))
+    };
+    let good = sentinel(
+        "    sentinel:\n      master_name: \"mymaster\"\n      nodes:\n        - \"sentinel-1:26379\"\n        - \"sentinel-2:26379\"\n",
+    );
+    let (code, out) = check(&good, &ENV);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("sentinel"), "{out}");
+    assert_error(
+        &sentinel("    sentinel:\n      nodes: [\"s:26379\"]\n"),
+        &ENV,
+        &["cache.redis.sentinel.master_name", "is required"],
+    );
+    assert_error(
+        &sentinel("    sentinel:\n      master_name: \"m\"\n      nodes: []\n"),
+        &ENV,
+        &["cache.redis.sentinel.nodes", "at least one Sentinel"],
+    );
+    assert_error(
+        &sentinel("    sentinel:\n      master_name: \"m\"\n      nodes: [\"s:port\"]\n"),
+        &ENV,
+        &["cache.redis.sentinel.nodes[0]", "is not a port"],
+    );
+    assert_error(
+        &sentinel("    redis_url: \"rediss://c:6380\"\n    sentinel:\n      master_name: \"m\"\n      nodes: [\"s:26379\"]\n"),
+        &ENV,
+        &["cache.redis.sentinel", "rediss://"],
+    );
+    assert_error(
+        &sentinel("    sentinel:\n      master_name: \"m\"\n      nodes: [\"s:26379\"]\n      password: \"x\"\n"),
+        &ENV,
+        &["cache.redis.sentinel.password: unknown field"],
     );
 }
 

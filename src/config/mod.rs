@@ -198,7 +198,7 @@ impl Default for Warming {
 /// `cache.redis`, when enabled (see `cache::redis`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisCache {
-    /// `host:port` from `redis_url`.
+    /// `host:port` from `redis_url` (empty: none given, with `sentinel`).
     pub address: String,
     /// `redis_password`, or the URL's password (`AUTH`).
     pub password: Option<String>,
@@ -224,6 +224,28 @@ pub struct RedisCache {
     /// `rediss://`: TLS to Redis, verified against the system's roots and
     /// `ca_file`.
     pub tls: Option<RedisTls>,
+    /// `sentinel`: the primary is the one these Sentinels name (then
+    /// `address` is only asked while none of them answers).
+    pub sentinel: Option<RedisSentinel>,
+}
+
+impl RedisCache {
+    /// The server to name in a log line: `redis_url`'s, or the Sentinels'.
+    pub fn shown(&self) -> String {
+        match (&self.sentinel, self.address.is_empty()) {
+            (Some(s), true) => format!("the primary of {:?} named by Sentinel", s.master),
+            _ => self.address.clone(),
+        }
+    }
+}
+
+/// `cache.redis.sentinel`: Redis Sentinel finds the primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSentinel {
+    /// `master_name`: the name the Sentinels monitor the primary under.
+    pub master: String,
+    /// `nodes`: the Sentinels' `host:port`, asked in order.
+    pub nodes: Vec<String>,
 }
 
 /// TLS to Redis (`rediss://`).

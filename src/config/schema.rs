@@ -429,6 +429,20 @@ pub struct RawCacheRedis {
     /// Objects larger than this are stored as chunks of this size (ours).
     #[serde(default, deserialize_with = "flex_opt")]
     pub chunk_size_kb: Option<u64>,
+    /// The primary found through Redis Sentinel (the shape the other
+    /// system's documentation shows).
+    #[serde(default)]
+    pub sentinel: Option<RawSentinel>,
+}
+
+/// `cache.redis.sentinel`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSentinel {
+    #[serde(default)]
+    pub master_name: Option<String>,
+    #[serde(default)]
+    pub nodes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -37,6 +37,24 @@ impl Redis {
         r
     }
 
+    /// A replica of the server on `primary`'s port.
+    pub fn start_replica_of(primary: u16) -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            password: None,
+            tls: None,
+            extra: vec![
+                "--replicaof".into(),
+                "127.0.0.1".into(),
+                primary.to_string(),
+            ],
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
     /// A server speaking TLS only, with this certificate and key (PEM
     /// files); clients are not asked for certificates.
     pub fn start_tls(cert_file: &str, key_file: &str) -> Redis {
@@ -226,5 +244,69 @@ impl Cluster {
     /// Every key on every running primary.
     pub fn keys(&self) -> Vec<String> {
         self.primaries().iter().flat_map(|n| n.keys()).collect()
+    }
+}
+
+/// A Redis Sentinel on a loopback port watching the primary on one port
+/// under the name "mymaster" (quorum 1): it fails the primary over to a
+/// replica one second after it stops answering.
+pub struct Sentinel {
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Sentinel {
+    pub fn start(primary: u16) -> Sentinel {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Sentinel rewrites its file as it learns: one of its own.
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {primary} 1\nsentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n",
+                dir.path().display()
+            ),
+        )
+        .expect("sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Sentinel mode)");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the Sentinel did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Sentinel {
+            port,
+            _dir: dir,
+            child: Some(child),
+        }
+    }
+
+    /// The port of the primary it names now.
+    pub fn primary_port(&self) -> Option<u16> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(["SENTINEL", "get-master-addr-by-name", "mymaster"])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|p| p.trim().parse().ok())
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_pid(&mut c, libc::SIGKILL);
+        }
     }
 }

@@ -36,20 +36,12 @@ impl Conn {
     /// within `connection_timeout_ms`, then authenticates and selects the
     /// database within `operation_timeout_ms`.
     pub async fn open_at(s: &RedisCache, address: &str) -> Result<Conn, String> {
-        let stream = monoio::time::timeout(s.connect_timeout, TcpStream::connect(address))
-            .await
-            .map_err(|_| format!("connect to {address} timed out"))?
-            .map_err(|e| format!("connect to {address}: {e}"))?;
-        let _ = stream.set_nodelay(true);
+        let stream = connect(s, address).await?;
         let stream = match &s.tls {
             None => MaybeTls::Plain(stream),
             Some(tls) => MaybeTls::Tls(Box::new(handshake(tls, stream, s, address).await?)),
         };
-        let mut conn = Conn {
-            stream,
-            buf: Vec::with_capacity(BUF),
-            out: Vec::with_capacity(256),
-        };
+        let mut conn = Conn::over(stream);
         if let Some(password) = &s.password {
             let reply = match &s.user {
                 Some(user) => {
@@ -71,6 +63,20 @@ impl Conn {
             ok(reply).map_err(|e| format!("SELECT {db} refused: {e}"))?;
         }
         Ok(conn)
+    }
+
+    /// Connects to a Sentinel at `address` within `connection_timeout_ms`:
+    /// plain TCP, no `AUTH` or `SELECT` (a Sentinel has no database).
+    pub async fn open_sentinel(s: &RedisCache, address: &str) -> Result<Conn, String> {
+        Ok(Conn::over(MaybeTls::Plain(connect(s, address).await?)))
+    }
+
+    fn over(stream: UpStream) -> Conn {
+        Conn {
+            stream,
+            buf: Vec::with_capacity(BUF),
+            out: Vec::with_capacity(256),
+        }
     }
 
     /// Sends one command and reads its reply within `timeout`. An error
@@ -160,6 +166,16 @@ impl Conn {
             }
         }
     }
+}
+
+/// A TCP connection to `address` within `connection_timeout_ms`.
+async fn connect(s: &RedisCache, address: &str) -> Result<TcpStream, String> {
+    let stream = monoio::time::timeout(s.connect_timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| format!("connect to {address} timed out"))?
+        .map_err(|e| format!("connect to {address}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 /// The TLS handshake of a `rediss://` connection, within

@@ -422,7 +422,7 @@ impl RedisTier {
             log!(
                 Level::Warn,
                 "Redis cache write failed; the object stays in the local tiers",
-                redis = self.settings.address,
+                redis = self.settings.shown(),
                 error = e,
             );
         }
@@ -662,7 +662,7 @@ impl RedisTier {
                     log!(
                         Level::Warn,
                         "Redis purge channel lost; retrying (purges from other instances wait)",
-                        redis = self.settings.address,
+                        redis = self.settings.shown(),
                         error = e,
                     );
                 }
@@ -682,7 +682,7 @@ impl RedisTier {
         let epoch = self.fleet_epoch(redis).await?;
         // Any node of a Cluster hears every publication.
         let mut c = None;
-        let mut failed = String::new();
+        let mut failed = String::from("no Redis node known yet");
         for address in redis.known_nodes(self) {
             match Conn::open_at(s, &address).await {
                 Ok(conn) => {
@@ -860,6 +860,7 @@ mod tests {
             max_connections: 1,
             chunk_bytes: 1024,
             tls: None,
+            sentinel: None,
         };
         assert_eq!(
             ttl(&s, Duration::from_secs(86_400)),

@@ -11,11 +11,17 @@
 //! second): that is how a Cluster's failover is found. Three failures in a
 //! row open a node's breaker, and it is not asked for five seconds: a dead
 //! Redis costs no request its timeout.
+//!
+//! With `cache.redis.sentinel`, commands go to the primary the Sentinels
+//! name (`SENTINEL get-master-addr-by-name`, asked before the first
+//! command); a primary that fails, or answers `READONLY` (it was demoted),
+//! makes them be asked again, at most once a second: that is how a
+//! Sentinel failover is found.
 
 use super::cluster::{self, Redirect, SlotMap};
 use super::conn::Conn;
 use super::RedisTier;
-use crate::config::{BreakerSettings, Level, RedisCache};
+use crate::config::{BreakerSettings, Level, RedisCache, RedisSentinel};
 use crate::log;
 use crate::upstream::breaker::{Admit, Breaker};
 use redis_protocol::resp2::types::OwnedFrame;
@@ -80,6 +86,8 @@ pub struct Reader {
     warned: Cell<Option<Instant>>,
     /// It looked for the slot map among the nodes other readers learnt.
     seeded: Cell<bool>,
+    /// The primary the Sentinels last named (`cache.redis.sentinel`).
+    primary: RefCell<Option<String>>,
 }
 
 impl Reader {
@@ -93,6 +101,7 @@ impl Reader {
             last_refresh: Cell::new(None),
             warned: Cell::new(None),
             seeded: Cell::new(false),
+            primary: RefCell::new(None),
         }
     }
 
@@ -101,11 +110,13 @@ impl Reader {
         self.map.borrow().is_some()
     }
 
-    /// The addresses of every node known: `redis_url`'s, then a Cluster's
-    /// primaries (from this reader's map, and as other readers last read
-    /// them).
+    /// The addresses of every node known: the Sentinels' primary or
+    /// `redis_url`'s, then a Cluster's primaries (from this reader's map,
+    /// and as other readers last read them).
     pub fn known_nodes(&self, tier: &RedisTier) -> Vec<String> {
-        let mut all = vec![tier.settings.address.clone()];
+        let first = self.primary.borrow().clone();
+        let mut all = vec![first.unwrap_or_else(|| tier.settings.address.clone())];
+        all.retain(|a| !a.is_empty());
         let mapped = self.map.borrow().as_ref().map(|m| m.nodes.clone());
         for n in mapped
             .unwrap_or_default()
@@ -157,12 +168,22 @@ impl Reader {
         {
             self.stale.set(true);
         }
+        if s.sentinel.is_some() && self.primary.borrow().is_none() {
+            self.stale.set(true);
+        }
         self.refresh_if_stale(tier).await;
         let mut target = self.route(s, slot);
+        if target.is_empty() {
+            return Err("no Sentinel has named the primary yet".into());
+        }
         let mut asking = false;
         for _ in 0..=MAX_REDIRECTS {
             let node = self.node(&target);
             let replies = self.on_node(s, &node, commands, asking).await?;
+            if s.sentinel.is_some() && replies.iter().any(is_readonly) {
+                // A demoted primary: the Sentinels are asked again.
+                self.stale.set(true);
+            }
             let redirect = replies.iter().find_map(|r| match r {
                 OwnedFrame::Error(e) => cluster::redirect(e, host_of(&target)),
                 _ => None,
@@ -183,13 +204,14 @@ impl Reader {
         Err(format!("more than {MAX_REDIRECTS} Cluster redirections"))
     }
 
-    /// Where `slot`'s commands go: its node in the map, else the server of
-    /// `redis_url`.
+    /// Where `slot`'s commands go: its node in the map, else the primary
+    /// the Sentinels named, else the server of `redis_url`.
     fn route(&self, s: &RedisCache, slot: u16) -> String {
         self.map
             .borrow()
             .as_ref()
             .and_then(|m| m.node_of(slot).map(str::to_string))
+            .or_else(|| self.primary.borrow().clone())
             .unwrap_or_else(|| s.address.clone())
     }
 
@@ -215,7 +237,7 @@ impl Reader {
     ) -> Result<Vec<OwnedFrame>, String> {
         let (admit, _) = node.breaker.borrow_mut().admit(crate::clock::now_ms());
         if admit == Admit::Rejected {
-            self.node_failed();
+            self.node_failed(s);
             return Err(format!(
                 "Redis at {} failing; not asked for a while (breaker open)",
                 node.address
@@ -261,7 +283,7 @@ impl Reader {
             .borrow_mut()
             .record(admit, result.is_ok(), crate::clock::now_ms());
         if result.is_err() {
-            self.node_failed();
+            self.node_failed(s);
         }
         result
     }
@@ -301,9 +323,10 @@ impl Reader {
     }
 
     /// In a Cluster, a node that failed may have been replaced: the map is
-    /// read again before the next command.
-    fn node_failed(&self) {
-        if self.is_cluster() {
+    /// read again before the next command; under Sentinel, the primary is
+    /// asked for again.
+    fn node_failed(&self, s: &RedisCache) {
+        if self.is_cluster() || s.sentinel.is_some() {
             self.stale.set(true);
         }
     }
@@ -322,6 +345,12 @@ impl Reader {
         }
         self.stale.set(false);
         self.last_refresh.set(Some(Instant::now()));
+        if let Some(sentinel) = &s.sentinel {
+            if !self.ask_sentinels(s, sentinel).await {
+                self.stale.set(true);
+            }
+            return;
+        }
         for address in self.known_nodes(tier) {
             let node = self.node(&address);
             if node.breaker.borrow_mut().admit(crate::clock::now_ms()).0 == Admit::Rejected {
@@ -350,6 +379,45 @@ impl Reader {
         self.stale.set(true);
     }
 
+    /// Asks the Sentinels, in order, which node is the primary; the first
+    /// answer is where commands go from now on. Whether one answered.
+    async fn ask_sentinels(&self, s: &RedisCache, sentinel: &RedisSentinel) -> bool {
+        let ask: &[&[u8]] = &[
+            b"SENTINEL",
+            b"get-master-addr-by-name",
+            sentinel.master.as_bytes(),
+        ];
+        let mut failed = Vec::new();
+        for at in &sentinel.nodes {
+            let reply = match Conn::open_sentinel(s, at).await {
+                Ok(mut c) => c.call(ask, s.operation_timeout).await,
+                Err(e) => Err(e),
+            };
+            match reply.map(|r| primary_of(&r)) {
+                Ok(Some(primary)) => {
+                    let before = self.primary.replace(Some(primary.clone()));
+                    if before.as_deref() != Some(primary.as_str()) {
+                        log!(
+                            Level::Info,
+                            "Redis primary named by Sentinel",
+                            master = sentinel.master,
+                            primary = primary,
+                            sentinel = at,
+                        );
+                    }
+                    return true;
+                }
+                Ok(None) => failed.push(format!("{at}: does not know {:?}", sentinel.master)),
+                Err(e) => failed.push(format!("{at}: {e}")),
+            }
+        }
+        self.say(
+            s,
+            &format!("no Sentinel named the primary ({})", failed.join("; ")),
+        );
+        false
+    }
+
     /// Counts a failed command and says (at most once per 10 s) that
     /// Redis is unavailable.
     pub fn unavailable(&self, tier: &RedisTier, why: &str) {
@@ -367,11 +435,33 @@ impl Reader {
             log!(
                 Level::Warn,
                 "Redis cache unavailable; serving from the other tiers and the origin",
-                redis = s.address,
+                redis = s.shown(),
                 error = why,
             );
         }
     }
+}
+
+/// The `host:port` in a `SENTINEL get-master-addr-by-name` reply (`None`:
+/// the Sentinel does not know the name, or said something else).
+fn primary_of(reply: &OwnedFrame) -> Option<String> {
+    let OwnedFrame::Array(parts) = reply else {
+        return None;
+    };
+    let [OwnedFrame::BulkString(host), OwnedFrame::BulkString(port)] = parts.as_slice() else {
+        return None;
+    };
+    let host = std::str::from_utf8(host).ok()?;
+    let port: u16 = std::str::from_utf8(port).ok()?.parse().ok()?;
+    Some(match host.contains(':') {
+        true => format!("[{host}]:{port}"),
+        false => format!("{host}:{port}"),
+    })
+}
+
+/// An error reply from a replica refusing a write.
+fn is_readonly(reply: &OwnedFrame) -> bool {
+    matches!(reply, OwnedFrame::Error(e) if e.starts_with("READONLY"))
 }
 
 /// A connection was closed (failed, or never opened): room for another.
@@ -425,5 +515,38 @@ impl std::future::Future for Freed<'_> {
         self.queue.borrow_mut().push(cx.waker().clone());
         self.queued = true;
         std::task::Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> OwnedFrame {
+        OwnedFrame::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn a_sentinel_reply_names_the_primary_or_nothing() {
+        let reply = OwnedFrame::Array(vec![bulk("127.0.0.1"), bulk("6380")]);
+        assert_eq!(primary_of(&reply).as_deref(), Some("127.0.0.1:6380"));
+        let v6 = OwnedFrame::Array(vec![bulk("::1"), bulk("6380")]);
+        assert_eq!(primary_of(&v6).as_deref(), Some("[::1]:6380"));
+        // An unknown master name, a bad port, anything else: nothing.
+        assert_eq!(primary_of(&OwnedFrame::Null), None);
+        let bad = OwnedFrame::Array(vec![bulk("h"), bulk("port")]);
+        assert_eq!(primary_of(&bad), None);
+        assert_eq!(primary_of(&OwnedFrame::Error("ERR".into())), None);
+    }
+
+    #[test]
+    fn only_a_replica_refusing_a_write_reads_as_demoted() {
+        let readonly =
+            OwnedFrame::Error("READONLY You can't write against a read only replica.".into());
+        assert!(is_readonly(&readonly));
+        assert!(!is_readonly(&OwnedFrame::Error(
+            "OOM command not allowed".into()
+        )));
+        assert!(!is_readonly(&bulk("READONLY")));
     }
 }

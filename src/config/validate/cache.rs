@@ -228,17 +228,19 @@ pub(super) fn redis(
     r: &super::schema::RawCacheRedis,
     p: &mut Problems,
 ) -> Option<super::RedisCache> {
-    let Some(url) = r
-        .redis_url
-        .as_deref()
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-    else {
-        p.at(
-            "cache.redis.redis_url",
-            "is required when the Redis tier is on",
-        );
-        return None;
+    let sentinel = r.sentinel.as_ref().and_then(|s| sentinel(s, p));
+    // With Sentinel, `redis_url` is optional: it carries credentials and a
+    // database, and its host is asked while no Sentinel answers.
+    let url = match r.redis_url.as_deref().map(str::trim) {
+        Some(u) if !u.is_empty() => u,
+        _ if r.sentinel.is_some() => "redis://sentinel",
+        _ => {
+            p.at(
+                "cache.redis.redis_url",
+                "is required when the Redis tier is on (or cache.redis.sentinel)",
+            );
+            return None;
+        }
     };
     let parsed = match crate::cache::redis::parse_url(url) {
         Ok(u) => u,
@@ -272,6 +274,12 @@ pub(super) fn redis(
             "has no effect: each core opens its Redis connections when it first needs them",
         );
     }
+    if parsed.tls_host.is_some() && r.sentinel.is_some() {
+        p.at(
+            "cache.redis.sentinel",
+            "is not supported with a rediss:// redis_url (Sentinels and the primaries they name are reached over plain TCP)",
+        );
+    }
     let tls = match (&parsed.tls_host, &r.ca_file) {
         (None, Some(_)) => {
             p.at("cache.redis.ca_file", "needs a rediss:// redis_url");
@@ -303,8 +311,13 @@ pub(super) fn redis(
             "must not hold control characters or braces (braces are the key's hash tag)",
         );
     }
+    // Without a `redis_url`, only the primary a Sentinel names is asked.
+    let address = match r.redis_url.as_deref().map(str::trim) {
+        Some(u) if !u.is_empty() => parsed.address,
+        _ => String::new(),
+    };
     Some(super::RedisCache {
-        address: parsed.address,
+        address,
         password: r
             .redis_password
             .clone()
@@ -320,6 +333,43 @@ pub(super) fn redis(
         max_connections: max_pool.max(1),
         chunk_bytes: chunk_kb.clamp(1, MAX_REDIS_CHUNK_KB) as usize * 1024,
         tls,
+        sentinel,
+    })
+}
+
+/// `cache.redis.sentinel`: a master name and at least one Sentinel.
+fn sentinel(s: &super::schema::RawSentinel, p: &mut Problems) -> Option<super::RedisSentinel> {
+    let master = s.master_name.as_deref().map(str::trim).unwrap_or("");
+    if master.is_empty()
+        || master
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        p.at(
+            "cache.redis.sentinel.master_name",
+            "is required: the name the Sentinels monitor the primary under (no spaces)",
+        );
+    }
+    let mut nodes = Vec::new();
+    for (i, node) in s.nodes.iter().flatten().enumerate() {
+        match crate::cache::redis::parse_url(&format!("redis://{}", node.trim())) {
+            Ok(u) if !node.contains(['/', '@']) => nodes.push(u.address),
+            Ok(_) => p.at(
+                &format!("cache.redis.sentinel.nodes[{i}]"),
+                format_args!("{node:?} is not a host:port"),
+            ),
+            Err(why) => p.at(&format!("cache.redis.sentinel.nodes[{i}]"), why),
+        }
+    }
+    if s.nodes.as_ref().is_none_or(|n| n.is_empty()) {
+        p.at(
+            "cache.redis.sentinel.nodes",
+            "is required: at least one Sentinel's host:port",
+        );
+    }
+    (!master.is_empty() && !nodes.is_empty()).then(|| super::RedisSentinel {
+        master: master.to_string(),
+        nodes,
     })
 }
 
