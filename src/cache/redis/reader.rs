@@ -389,10 +389,15 @@ impl Reader {
         ];
         let mut failed = Vec::new();
         for at in &sentinel.nodes {
-            let reply = match Conn::open_sentinel(s, at).await {
-                Ok(mut c) => c.call(ask, s.operation_timeout).await,
-                Err(e) => Err(e),
+            // One Sentinel costs a request at most the operation timeout,
+            // however slow its connection is to open.
+            let asked = async {
+                let mut c = Conn::open_sentinel(s, at).await?;
+                c.call(ask, s.operation_timeout).await
             };
+            let reply = monoio::time::timeout(s.operation_timeout, asked)
+                .await
+                .unwrap_or_else(|_| Err("no answer within operation_timeout_ms".into()));
             match reply.map(|r| primary_of(&r)) {
                 Ok(Some(primary)) => {
                     let before = self.primary.replace(Some(primary.clone()));
