@@ -77,6 +77,18 @@ buckets:
       secret_key: "k"
 "#;
 
+/// `text` loads (exit 0) and names each of `paths` as having no effect.
+fn loads_with_no_effect(text: &str, paths: &[&str]) {
+    let (code, out) = check(text, &ENV);
+    assert_eq!(code, 0, "{out}");
+    for path in paths {
+        assert!(
+            out.contains(&format!("warning: {path}: has no effect")),
+            "{path}: {out}"
+        );
+    }
+}
+
 fn assert_error(text: &str, env: &[(&str, &str)], needles: &[&str]) {
     let (code, out) = check(text, env);
     assert_eq!(code, 1, "expected failure:\n{out}");
@@ -501,24 +513,20 @@ fn the_other_system_s_no_effect_keys_warn_and_typos_still_fail() {
         "{GOOD}compression:\n  enabled: true\n  algorithms: [\"gzip\"]\nobservability:\n  tracing:\n    enabled: false\n  slow_query:\n    enabled: true\ncache:\n  enabled: true\n  layers: [\"memory\"]\n  memory:\n    enabled: true\n    max_memory_cache_mb: 64\n    max_entry_size_mb: 4\n    max_capacity: 10000\n    ttl_seconds: 300\n"
     )
     .replace("  address: \"127.0.0.1:8080\"\n", "  address: \"127.0.0.1:8080\"\n  request_timeout: 30\n");
-    let (code, out) = check(&theirs, &ENV);
-    assert_eq!(code, 0, "{out}");
-    for path in [
-        "server.request_timeout",
-        "compression",
-        "observability.slow_query",
-        "cache.layers",
-        "cache.memory.enabled",
-        "cache.memory.max_memory_cache_mb",
-        "cache.memory.max_entry_size_mb",
-        "cache.memory.max_capacity",
-        "cache.memory.ttl_seconds",
-    ] {
-        assert!(
-            out.contains(&format!("warning: {path}: has no effect")),
-            "{path}: {out}"
-        );
-    }
+    loads_with_no_effect(
+        &theirs,
+        &[
+            "server.request_timeout",
+            "compression",
+            "observability.slow_query",
+            "cache.layers",
+            "cache.memory.enabled",
+            "cache.memory.max_memory_cache_mb",
+            "cache.memory.max_entry_size_mb",
+            "cache.memory.max_capacity",
+            "cache.memory.ttl_seconds",
+        ],
+    );
     let typo = theirs.replace("request_timeout", "request_timeuot");
     let (code, out) = check(&typo, &ENV);
     assert_eq!(code, 1);
@@ -598,26 +606,22 @@ fn the_redis_tier_in_the_other_systems_shape_loads_and_names_what_has_no_effect(
 fn the_cache_example_of_the_other_systems_documentation_loads() {
     let theirs = include_str!("fixtures/other-system/website-cache.yaml");
     let text = format!("{GOOD}{theirs}");
-    let (code, out) = check(&text, &ENV);
-    assert_eq!(code, 0, "{out}");
-    for path in [
-        "cache.memory.max_capacity",
-        "cache.memory.max_file_size",
-        "cache.memory.ttl_seconds",
-        "cache.redis.max_capacity",
-        "cache.redis.max_file_size",
-        "cache.redis.ttl_seconds",
-        "cache.redis.pool_size",
-        "cache.disk.path",
-        "cache.disk.max_capacity",
-        "cache.disk.max_file_size",
-        "cache.disk.ttl_seconds",
-    ] {
-        assert!(
-            out.contains(&format!("warning: {path}: has no effect")),
-            "{path}: {out}"
-        );
-    }
+    loads_with_no_effect(
+        &text,
+        &[
+            "cache.memory.max_capacity",
+            "cache.memory.max_file_size",
+            "cache.memory.ttl_seconds",
+            "cache.redis.max_capacity",
+            "cache.redis.max_file_size",
+            "cache.redis.ttl_seconds",
+            "cache.redis.pool_size",
+            "cache.disk.path",
+            "cache.disk.max_capacity",
+            "cache.disk.max_file_size",
+            "cache.disk.ttl_seconds",
+        ],
+    );
     let text = text.replace(
         "    path: \"/var/cache/yatagarasu\"\n",
         "    cache_dir: \"/tmp/yatagarasu-cache\"\n    sendfile:\n      enabled: true\n      threshold_bytes: 65536\n",
@@ -633,14 +637,15 @@ fn the_cache_example_of_the_other_systems_documentation_loads() {
     let text = with_cache(
         "  redis:\n    enabled: true\n    redis_url: \"redis://c:6379\"\n    timeout_ms: 1000\n    retry_attempts: 3\n    retry_delay_ms: 100\n    sentinel:\n      master_name: \"mymaster\"\n      nodes: [\"s1:26379\"]\n    cluster:\n      nodes: [\"r1:6379\"]\n",
     );
-    let (code, out) = check(&text, &ENV);
-    assert_eq!(code, 0, "{out}");
-    for path in ["timeout_ms", "retry_attempts", "retry_delay_ms", "cluster"] {
-        assert!(
-            out.contains(&format!("warning: cache.redis.{path}: has no effect")),
-            "{path}: {out}"
-        );
-    }
+    loads_with_no_effect(
+        &text,
+        &[
+            "cache.redis.timeout_ms",
+            "cache.redis.retry_attempts",
+            "cache.redis.retry_delay_ms",
+            "cache.redis.cluster",
+        ],
+    );
     // Its other pages: pre-warming, rate limits, a bucket's image keys.
     let text = format!(
         "{}cache:\n  warming:\n    enabled: true\n    paths:\n      - \"/assets/logo.png\"\n    concurrency: 4\n    rate_limit_requests_per_second: 10\nrate_limiting:\n  enabled: true\n  requests_per_second: 10000\n",
@@ -650,33 +655,24 @@ fn the_cache_example_of_the_other_systems_documentation_loads() {
             1
         )
     );
-    let (code, out) = check(&text, &ENV);
-    assert_eq!(code, 0, "{out}");
-    for path in [
-        "cache.warming.enabled",
-        "cache.warming.paths",
-        "cache.warming.rate_limit_requests_per_second",
-        "rate_limiting",
-        "buckets[0].image_optimization.quality",
-        "buckets[0].image_optimization.auto_format",
-        "buckets[0].image_optimization.auto_rotate",
-    ] {
-        assert!(
-            out.contains(&format!("warning: {path}: has no effect")),
-            "{path}: {out}"
-        );
-    }
+    loads_with_no_effect(
+        &text,
+        &[
+            "cache.warming.enabled",
+            "cache.warming.paths",
+            "cache.warming.rate_limit_requests_per_second",
+            "rate_limiting",
+            "buckets[0].image_optimization.quality",
+            "buckets[0].image_optimization.auto_format",
+            "buckets[0].image_optimization.auto_rotate",
+        ],
+    );
     let path_style = GOOD.replacen(
         "      bucket: \"c\"\n",
         "      bucket: \"c\"\n      path_style: true\n",
         1,
     );
-    let (code, out) = check(&path_style, &ENV);
-    assert_eq!(code, 0, "{out}");
-    assert!(
-        out.contains("warning: buckets[1].s3.path_style: has no effect"),
-        "{out}"
-    );
+    loads_with_no_effect(&path_style, &["buckets[1].s3.path_style"]);
     let typo = with_cache(
         "  disk:\n    enabled: true\n    cache_dir: \"/tmp/c\"\n    sendfile:\n      treshold_bytes: 1\n",
     );

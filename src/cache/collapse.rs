@@ -5,8 +5,9 @@
 //! already there, then follows. Waiters are woken across cores through
 //! monoio's thread-safe wakers.
 //!
-//! The pieces are a second copy of the body: they live only while the fill
-//! is open. When it ends `Done` they are dropped, and readers still behind
+//! The pieces are a second copy of the body (or, for chunks read from
+//! Redis, those chunks themselves, shared: [`SharedFill::push_shared`]):
+//! they live only while the fill is open. When it ends `Done` they are dropped, and readers still behind
 //! continue from the stored copy (`proxy::cache::stream_fill`), so a reader
 //! that stalls holds no copy of its own.
 //!
