@@ -473,14 +473,16 @@ fn a_trickling_metrics_client_does_not_block_scrapes() {
     let mut slow = TcpStream::connect(("127.0.0.1", proxy.metrics_port)).unwrap();
     slow.write_all(b"GET /met").unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    let started = Instant::now();
     let m = proxy.metrics();
     assert!(m.contains("yatagarasu_requests_total") || m.contains("yatagarasu_"));
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "scrape waited {:?} behind a slow client",
-        started.elapsed()
-    );
+    // Answered while the slow client is still connected, its request
+    // unfinished: the scrape did not wait for it to be given up on.
+    slow.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    match slow.read(&mut byte) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the slow client was answered or closed first: {other:?}"),
+    }
     drop(slow);
 }
 
