@@ -1151,6 +1151,44 @@ fn a_cluster_spreads_entries_over_its_shards_and_purges_reach_them() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// `cache.redis.cluster.nodes` (the other system's documented shape, no
+/// `redis_url`): the first node listed is down, so the slot map is read from
+/// the next; entries land on every shard and no request fails.
+#[test]
+fn the_cluster_is_found_from_cluster_nodes_when_the_first_is_down() {
+    let cluster = support::redis::Cluster::start();
+    let up = origin();
+    let nodes: Vec<String> = std::iter::once(free_port())
+        .chain(cluster.primaries().iter().map(|n| n.port))
+        .map(|port| format!("\"127.0.0.1:{port}\""))
+        .collect();
+    let cfg = config(&up.endpoint(), "unused").replace(
+        "    redis_url: \"unused\"\n",
+        &format!("    cluster:\n      nodes: [{}]\n", nodes.join(", ")),
+    );
+    let p = Proxy::start(&cfg);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    // Until entries are on every shard (writes to the dead node's address
+    // are dropped until the map is read).
+    while cluster
+        .primaries()
+        .iter()
+        .any(|node| !node.keys().iter().any(|k| is_entry(k)))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "entries did not spread over the shards\n{}",
+            p.log()
+        );
+        let path = format!("/b/seeded-{n}");
+        let r = p.get(&path);
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.body, format!("object at /bkt/seeded-{n}\n").as_bytes());
+        n += 1;
+    }
+}
+
 /// A slot being migrated: its node answers ASK for the keys already moved;
 /// the proxy asks the importing node (after ASKING) and is served.
 #[test]

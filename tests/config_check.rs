@@ -632,10 +632,9 @@ fn the_cache_example_of_the_other_systems_documentation_loads() {
         !out.contains("sendfile") && !out.contains("cache.disk.path"),
         "{out}"
     );
-    // Its other Redis pages: Sentinel (read here) and Cluster blocks,
-    // retries.
+    // Its other Redis pages: a Sentinel block (read here), retries.
     let text = with_cache(
-        "  redis:\n    enabled: true\n    redis_url: \"redis://c:6379\"\n    timeout_ms: 1000\n    retry_attempts: 3\n    retry_delay_ms: 100\n    sentinel:\n      master_name: \"mymaster\"\n      nodes: [\"s1:26379\"]\n    cluster:\n      nodes: [\"r1:6379\"]\n",
+        "  redis:\n    enabled: true\n    redis_url: \"redis://c:6379\"\n    timeout_ms: 1000\n    retry_attempts: 3\n    retry_delay_ms: 100\n    sentinel:\n      master_name: \"mymaster\"\n      nodes: [\"s1:26379\"]\n",
     );
     loads_with_no_effect(
         &text,
@@ -643,7 +642,6 @@ fn the_cache_example_of_the_other_systems_documentation_loads() {
             "cache.redis.timeout_ms",
             "cache.redis.retry_attempts",
             "cache.redis.retry_delay_ms",
-            "cache.redis.cluster",
         ],
     );
     // Its other pages: pre-warming, rate limits, a bucket's image keys.
@@ -718,6 +716,25 @@ fn redis_sentinel_settings_load_and_their_mistakes_are_named() {
         &sentinel("    redis_url: \"rediss://c:6380\"\n    sentinel:\n      master_name: \"m\"\n      nodes: [\"s:26379\"]\n"),
         &ENV,
         &["cache.redis.sentinel", "rediss://"],
+    );
+    // Its Cluster shape: nodes instead of a redis_url.
+    let (code, out) = check(
+        &sentinel(
+            "    cluster:\n      nodes:\n        - \"redis-1:6379\"\n        - \"redis-2:6379\"\n",
+        ),
+        &ENV,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("cluster"), "{out}");
+    assert_error(
+        &sentinel("    cluster:\n      nodes: []\n"),
+        &ENV,
+        &["cache.redis.cluster.nodes", "at least one node"],
+    );
+    assert_error(
+        &sentinel("    cluster:\n      nodes: [\"r:1\"]\n    sentinel:\n      master_name: \"m\"\n      nodes: [\"s:26379\"]\n"),
+        &ENV,
+        &["cache.redis.cluster", "cannot both be set"],
     );
     assert_error(
         &sentinel("    sentinel:\n      master_name: \"m\"\n      nodes: [\"s:26379\"]\n      password: \"x\"\n"),

@@ -113,10 +113,6 @@ const NO_EFFECT: &[(&str, &str)] = &[
         "not read by the other system either; a failed Redis call is a miss, and a breaker keeps a dead Redis from costing every request",
     ),
     (
-        "cache.redis.cluster",
-        "not read by the other system either; point redis_url at any node of a Cluster: the others are found from it",
-    ),
-    (
         "cache.warming.enabled",
         "not read by the other system either; a pre-warm runs when one is asked for (POST /admin/cache/prewarm)",
     ),

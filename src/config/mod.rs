@@ -227,6 +227,10 @@ pub struct RedisCache {
     /// `sentinel`: the primary is the one these Sentinels name (then
     /// `address` is only asked while none of them answers).
     pub sentinel: Option<RedisSentinel>,
+    /// `cluster.nodes`: a Cluster's nodes to read the slot map from when
+    /// `address` does not answer (`address` is the first of them when
+    /// `redis_url` is left out).
+    pub seeds: Vec<String>,
 }
 
 impl RedisCache {

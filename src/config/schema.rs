@@ -433,6 +433,17 @@ pub struct RawCacheRedis {
     /// system's documentation shows).
     #[serde(default)]
     pub sentinel: Option<RawSentinel>,
+    /// A Cluster's nodes to start from (the other system's documentation).
+    #[serde(default)]
+    pub cluster: Option<RawRedisCluster>,
+}
+
+/// `cache.redis.cluster`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedisCluster {
+    #[serde(default)]
+    pub nodes: Option<Vec<String>>,
 }
 
 /// `cache.redis.sentinel`.

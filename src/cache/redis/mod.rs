@@ -861,6 +861,7 @@ mod tests {
             chunk_bytes: 1024,
             tls: None,
             sentinel: None,
+            seeds: Vec::new(),
         };
         assert_eq!(
             ttl(&s, Duration::from_secs(86_400)),

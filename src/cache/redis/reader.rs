@@ -111,16 +111,19 @@ impl Reader {
     }
 
     /// The addresses of every node known: the Sentinels' primary or
-    /// `redis_url`'s, then a Cluster's primaries (from this reader's map,
-    /// and as other readers last read them).
+    /// `redis_url`'s, then `cluster.nodes`, then a Cluster's primaries
+    /// (from this reader's map, and as other readers last read them).
     pub fn known_nodes(&self, tier: &RedisTier) -> Vec<String> {
         let first = self.primary.borrow().clone();
         let mut all = vec![first.unwrap_or_else(|| tier.settings.address.clone())];
         all.retain(|a| !a.is_empty());
         let mapped = self.map.borrow().as_ref().map(|m| m.nodes.clone());
-        for n in mapped
-            .unwrap_or_default()
-            .into_iter()
+        for n in tier
+            .settings
+            .seeds
+            .iter()
+            .cloned()
+            .chain(mapped.unwrap_or_default())
             .chain(tier.cluster_nodes())
         {
             if !all.contains(&n) {
@@ -323,10 +326,10 @@ impl Reader {
     }
 
     /// In a Cluster, a node that failed may have been replaced: the map is
-    /// read again before the next command; under Sentinel, the primary is
-    /// asked for again.
+    /// read again (from the nodes known, `cluster.nodes` among them) before
+    /// the next command; under Sentinel, the primary is asked for again.
     fn node_failed(&self, s: &RedisCache) {
-        if self.is_cluster() || s.sentinel.is_some() {
+        if self.is_cluster() || s.sentinel.is_some() || !s.seeds.is_empty() {
             self.stale.set(true);
         }
     }

@@ -229,15 +229,37 @@ pub(super) fn redis(
     p: &mut Problems,
 ) -> Option<super::RedisCache> {
     let sentinel = r.sentinel.as_ref().and_then(|s| sentinel(s, p));
+    let seeds = match &r.cluster {
+        Some(c) => host_ports(
+            c.nodes.as_deref().unwrap_or_default(),
+            "cache.redis.cluster.nodes",
+            p,
+        ),
+        None => Vec::new(),
+    };
+    if r.cluster.is_some() && seeds.is_empty() {
+        p.at(
+            "cache.redis.cluster.nodes",
+            "is required: at least one node's host:port",
+        );
+    }
+    if r.cluster.is_some() && r.sentinel.is_some() {
+        p.at(
+            "cache.redis.cluster",
+            "and cache.redis.sentinel cannot both be set (a Cluster fails over by itself)",
+        );
+    }
     // With Sentinel, `redis_url` is optional: it carries credentials and a
     // database, and its host is asked while no Sentinel answers.
+    let first_seed = seeds.first().map(|s| format!("redis://{s}"));
     let url = match r.redis_url.as_deref().map(str::trim) {
         Some(u) if !u.is_empty() => u,
         _ if r.sentinel.is_some() => "redis://sentinel",
+        _ if first_seed.is_some() => first_seed.as_deref().unwrap_or_default(),
         _ => {
             p.at(
                 "cache.redis.redis_url",
-                "is required when the Redis tier is on (or cache.redis.sentinel)",
+                "is required when the Redis tier is on (or cache.redis.sentinel, or cache.redis.cluster.nodes)",
             );
             return None;
         }
@@ -314,6 +336,7 @@ pub(super) fn redis(
     // Without a `redis_url`, only the primary a Sentinel names is asked.
     let address = match r.redis_url.as_deref().map(str::trim) {
         Some(u) if !u.is_empty() => parsed.address,
+        _ if r.sentinel.is_none() => parsed.address,
         _ => String::new(),
     };
     Some(super::RedisCache {
@@ -334,7 +357,24 @@ pub(super) fn redis(
         chunk_bytes: chunk_kb.clamp(1, MAX_REDIS_CHUNK_KB) as usize * 1024,
         tls,
         sentinel,
+        seeds,
     })
+}
+
+/// `host:port` entries at `at`, each checked.
+fn host_ports(nodes: &[String], at: &str, p: &mut Problems) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        match crate::cache::redis::parse_url(&format!("redis://{}", node.trim())) {
+            Ok(u) if !node.contains(['/', '@']) => out.push(u.address),
+            Ok(_) => p.at(
+                &format!("{at}[{i}]"),
+                format_args!("{node:?} is not a host:port"),
+            ),
+            Err(why) => p.at(&format!("{at}[{i}]"), why),
+        }
+    }
+    out
 }
 
 /// `cache.redis.sentinel`: a master name and at least one Sentinel.
@@ -350,17 +390,11 @@ fn sentinel(s: &super::schema::RawSentinel, p: &mut Problems) -> Option<super::R
             "is required: the name the Sentinels monitor the primary under (no spaces)",
         );
     }
-    let mut nodes = Vec::new();
-    for (i, node) in s.nodes.iter().flatten().enumerate() {
-        match crate::cache::redis::parse_url(&format!("redis://{}", node.trim())) {
-            Ok(u) if !node.contains(['/', '@']) => nodes.push(u.address),
-            Ok(_) => p.at(
-                &format!("cache.redis.sentinel.nodes[{i}]"),
-                format_args!("{node:?} is not a host:port"),
-            ),
-            Err(why) => p.at(&format!("cache.redis.sentinel.nodes[{i}]"), why),
-        }
-    }
+    let nodes = host_ports(
+        s.nodes.as_deref().unwrap_or_default(),
+        "cache.redis.sentinel.nodes",
+        p,
+    );
     if s.nodes.as_ref().is_none_or(|n| n.is_empty()) {
         p.at(
             "cache.redis.sentinel.nodes",
