@@ -1167,24 +1167,30 @@ fn the_cluster_is_found_from_cluster_nodes_when_the_first_is_down() {
         &format!("    cluster:\n      nodes: [{}]\n", nodes.join(", ")),
     );
     let p = Proxy::start(&cfg);
+    // Writes to the dead node's address are dropped until the map is read.
+    get_new_objects_until(&p, "entries on every shard", || {
+        cluster
+            .primaries()
+            .iter()
+            .all(|node| node.keys().iter().any(|k| is_entry(k)))
+    });
+}
+
+/// GETs of new objects (each checked: 200, its body) until `done`, for at
+/// most a minute; `what` names what is waited for.
+fn get_new_objects_until(p: &Proxy, what: &str, mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut n = 0;
-    // Until entries are on every shard (writes to the dead node's address
-    // are dropped until the map is read).
-    while cluster
-        .primaries()
-        .iter()
-        .any(|node| !node.keys().iter().any(|k| is_entry(k)))
-    {
+    while !done() {
         assert!(
             std::time::Instant::now() < deadline,
-            "entries did not spread over the shards\n{}",
+            "never: {what}\n{}",
             p.log()
         );
-        let path = format!("/b/seeded-{n}");
+        let path = format!("/b/new-{n}");
         let r = p.get(&path);
-        assert_eq!(r.status, 200, "{path}");
-        assert_eq!(r.body, format!("object at /bkt/seeded-{n}\n").as_bytes());
+        assert_eq!(r.status, 200, "{path} failed");
+        assert_eq!(r.body, format!("object at /bkt/new-{n}\n").as_bytes());
         n += 1;
     }
 }
@@ -1532,19 +1538,9 @@ fn the_primary_is_found_through_sentinel_and_followed_over_a_failover() {
     // Objects fetched from now on are written to the new primary (the only
     // one up), by a writer that was writing to the old one.
     let written = p.metric(WRITES).unwrap_or(0.0);
-    let mut n = 0;
-    while p.metric(WRITES).unwrap_or(0.0) <= written {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nothing written to the new primary\n{}",
-            p.log()
-        );
-        let path = format!("/b/after-{n}");
-        let r = p.get(&path);
-        assert_eq!(r.status, 200, "{path} failed during the failover");
-        assert_eq!(r.body, format!("object at /bkt/after-{n}\n").as_bytes());
-        n += 1;
-    }
+    get_new_objects_until(&p, "a write to the new primary", || {
+        p.metric(WRITES).unwrap_or(0.0) > written
+    });
     assert!(
         replica.keys().iter().any(|k| !k.ends_with(":lease")),
         "no entry on the new primary: {:?}",
