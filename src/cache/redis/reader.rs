@@ -3,10 +3,11 @@
 //! routing of each command to the node serving its key's slot.
 //!
 //! Every core has one ([`Reader`]), and so do the writer, the purge and the
-//! fleet threads. It starts by sending everything to `redis_url`'s server.
-//! A node that answers `MOVED` is a Cluster's: the slot map is read
-//! (`CLUSTER SLOTS`) and commands go to the node serving their key's slot
-//! from then on. `ASK` (a slot being migrated) is followed once, after
+//! fleet threads. It starts by sending everything to `redis_url`'s server
+//! (or the first of `cluster.nodes`). A node that answers `MOVED` is a
+//! Cluster's: the slot map is read (`CLUSTER SLOTS`, from the first node
+//! known that answers) and commands go to the node serving their key's
+//! slot from then on. `ASK` (a slot being migrated) is followed once, after
 //! `ASKING`. A node that fails makes the map be read again (at most once a
 //! second): that is how a Cluster's failover is found. Three failures in a
 //! row open a node's breaker, and it is not asked for five seconds: a dead

@@ -12,6 +12,7 @@ pub(super) const MAX_SLICE_MB: u64 = 1024;
 
 /// `cache.disk.cache_dir` when it is left out.
 const DEFAULT_CACHE_DIR: &str = "/var/cache/yatagarasu";
+
 /// `cache:`: the memory and disk tiers and slices.
 pub(super) fn cache(raw: Option<&RawCache>, p: &mut Problems) -> CacheSettings {
     let mut out = CacheSettings {
