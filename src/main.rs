@@ -52,6 +52,9 @@ fn main() {
             for e in &errors {
                 eprintln!("  - {e}");
             }
+            for w in config::no_effect_warnings(&path) {
+                eprintln!("warning: {w}");
+            }
             std::process::exit(1);
         }
     };

@@ -534,6 +534,8 @@ fn the_other_system_s_no_effect_keys_warn_and_typos_still_fail() {
         out.contains("server.request_timeuot: unknown field"),
         "{out}"
     );
+    // The keys that have no effect are named beside the errors too.
+    assert!(out.contains("warning: compression: has no effect"), "{out}");
 }
 
 /// Issue #24: every unknown key and wrongly typed value in one run, each

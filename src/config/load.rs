@@ -12,6 +12,20 @@ pub fn load(path: &str) -> Result<Config, Vec<String>> {
     parse(&text, &|name| std::env::var(name).ok())
 }
 
+/// The other system's keys in the file at `path` that have no effect here
+/// (what [`load`] warns about), read again for a file that did not load:
+/// a user fixing the errors sees them at once too. Nothing when the file
+/// cannot be read or is not YAML (the errors say so).
+pub fn no_effect_warnings(path: &str) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    match serde_yaml::from_str::<serde_yaml::Value>(&text) {
+        Ok(mut tree) => compat::strip_no_effect_keys(&mut tree),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// Parses config text with `env` supplying `${VAR}` values.
 pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Vec<String>> {
     let mut tree: serde_yaml::Value =

@@ -12,7 +12,7 @@ pub mod schema;
 mod validate;
 
 pub use fd::{default_max_connections, default_max_upstream_connections, raise_fd_limit, FdLimit};
-pub use load::{load, parse};
+pub use load::{load, no_effect_warnings, parse};
 
 use schema::*;
 use std::collections::HashMap;
