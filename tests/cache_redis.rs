@@ -816,26 +816,31 @@ fn burst(
         .filter_map(|c| c.join().expect("client thread").err())
         .collect();
     if !failed.is_empty() {
-        // What the instances said about it (warnings and errors).
-        let said: Vec<String> = proxies
-            .iter()
-            .enumerate()
-            .flat_map(|(i, p)| {
-                p.log()
-                    .lines()
-                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-                    .map(|l| format!("instance {i}: {l}"))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
         panic!(
             "{} clients without a whole, byte-exact body: {:?}\n{}",
             failed.len(),
             &failed[..failed.len().min(5)],
-            said.join("\n")
+            warnings(proxies)
         );
     }
     streamed
+}
+
+/// What the instances said (their warnings and errors), each line marked
+/// with its instance.
+fn warnings(proxies: &[Proxy]) -> String {
+    let said: Vec<String> = proxies
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            p.log()
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .map(|l| format!("instance {i}: {l}"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    said.join("\n")
 }
 
 /// A lookup that finds every Redis connection of its core busy waits for
@@ -1438,7 +1443,12 @@ fn an_object_above_the_item_limit_is_published_and_streamed_from_redis() {
     let proxies: Vec<Proxy> = (0..3).map(|_| Proxy::start(&cfg)).collect();
     let streamed = burst(&proxies, 10, "/b/large.bin", &body, &gate, 1024 * 1024);
     assert!(streamed, "the other instances did not stream it");
-    assert_eq!(up.gets(), 1, "one S3 GET for the whole fleet");
+    assert_eq!(
+        up.gets(),
+        1,
+        "one S3 GET for the whole fleet\n{}",
+        warnings(&proxies)
+    );
     let deadline = std::time::Instant::now() + WAIT;
     while entries(&redis).is_empty() {
         assert!(std::time::Instant::now() < deadline, "no manifest written");
