@@ -118,6 +118,15 @@ start() {
   esac
 }
 
+# Stops target process $1 and waits until it is gone: it is not this
+# shell's child (started in a process substitution), so `wait` cannot, and
+# a proxy still draining would share the next one's port (SO_REUSEPORT)
+# and refuse its first connections.
+stop() {
+  kill "$1" 2>/dev/null || true
+  while [ -e "/proc/$1" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; do sleep 0.05; done
+}
+
 # CPU ticks of a process and its children (nginx master + worker).
 cpu_ticks() {
   local total=0 p
@@ -141,7 +150,7 @@ run_one() { # target size -> "rps us_per_req"
     # count of those that completed is still its figure.)
     out=$(taskset -c 1 openssl s_time -connect "127.0.0.1:$port" -www "/data/obj-$2" -time "$DURATION" -"$how" 2>&1) || true
     t1=$(cpu_ticks "$pid")
-    kill "$pid"; wait "$pid" 2>/dev/null || true
+    stop "$pid"
     echo "$out" | awk -v t=$((t1 - t0)) -v d="$DURATION" -v hz="$(getconf CLK_TCK)" \
       '/connections in [0-9.]+ real/ && !done { n = $1; done = 1 } END { if (n > 0) printf "%.0f %.2f\n", n / d, (t / hz) * 1e6 / n; else print "0 0" }'
     return
@@ -153,7 +162,7 @@ run_one() { # target size -> "rps us_per_req"
   t0=$(cpu_ticks "$pid")
   out=$(taskset -c 1 wrk -t1 -c32 -d"${DURATION}s" "${close[@]}" "$url")
   t1=$(cpu_ticks "$pid")
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  stop "$pid"
   if echo "$out" | grep -q "Non-2xx\|Socket errors"; then
     echo "$1 errors on obj-$2:" >&2; echo "$out" >&2
   fi
