@@ -289,7 +289,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// The SDK's HTTPS client on rustls with ring (the crypto the proxy uses).
+/// The SDK's HTTPS client on rustls with ring. Not its aws-lc mode, though
+/// the proxy's own TLS is on aws-lc-rs: that mode turns on rustls's
+/// `prefer-post-quantum` feature, and Cargo features are one per build, so
+/// every handshake of the proxy would lead with ML-KEM (larger, dearer)
+/// instead of X25519.
 fn http_client() -> SharedHttpClient {
     aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(

@@ -1,4 +1,4 @@
-//! TLS settings built once (rustls with ring): the client side for
+//! TLS settings built once (rustls with aws-lc-rs): the client side for
 //! `https://` replicas and the listener's acceptor. The connections
 //! themselves are our own stream over rustls ([`stream`]), whose buffers
 //! come from each core's pool ([`buffers`]).
@@ -22,12 +22,13 @@ pub mod stream;
 
 pub use stream::{ClientTls, ServerTls, TlsAcceptor, TlsConnector};
 
-/// The crypto provider (ring; aws-lc-rs with the `tls-aws-lc` feature),
-/// its cipher suites ordered AES-128-GCM first ([`prefer_aes128`]).
+/// The crypto provider (aws-lc-rs; ring with the `tls-ring` feature, for
+/// the A/B of issue #28), its cipher suites ordered AES-128-GCM first
+/// ([`prefer_aes128`]).
 fn provider() -> Arc<CryptoProvider> {
-    #[cfg(feature = "tls-aws-lc")]
+    #[cfg(not(feature = "tls-ring"))]
     let mut p = rustls::crypto::aws_lc_rs::default_provider();
-    #[cfg(not(feature = "tls-aws-lc"))]
+    #[cfg(feature = "tls-ring")]
     let mut p = rustls::crypto::ring::default_provider();
     prefer_aes128(&mut p.cipher_suites);
     Arc::new(p)
@@ -210,7 +211,11 @@ pub fn acceptor(cert_file: &str, key_file: &str) -> Result<TlsAcceptor, String> 
     // or a cached session from one worker resumes on any other: TLS 1.3
     // tickets from rustls's ticketer (its keys rotate every 6 hours, the
     // previous key still accepted), TLS 1.2 sessions in a bounded cache.
-    let tickets = rustls::crypto::ring::Ticketer::new().map_err(|e| format!("TLS tickets: {e}"))?;
+    #[cfg(not(feature = "tls-ring"))]
+    let tickets = rustls::crypto::aws_lc_rs::Ticketer::new();
+    #[cfg(feature = "tls-ring")]
+    let tickets = rustls::crypto::ring::Ticketer::new();
+    let tickets = tickets.map_err(|e| format!("TLS tickets: {e}"))?;
     config.ticketer = Arc::new(CountResumptions(tickets));
     config.session_storage = Arc::new(CountResumptions(
         rustls::server::ServerSessionMemoryCache::new(TLS12_SESSIONS),
