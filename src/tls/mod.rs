@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 pub mod buffers;
+pub mod record;
 pub mod stream;
 
 pub use stream::{ClientTls, ServerTls, TlsAcceptor, TlsConnector};

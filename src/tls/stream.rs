@@ -16,25 +16,34 @@
 //! - a read takes up to 64 KiB of ciphertext per system call and decrypts
 //!   the next record straight into the caller's buffer when it fits.
 //!
-//! rustls drives the protocol ([`TlsStream::drive`] is the one place that
-//! runs its state machine); this file only moves bytes. Dropping an
+//! rustls runs the handshake ([`TlsStream::drive`] is the one place that
+//! runs its state machine). Once a TLS 1.3 handshake is over, the records
+//! are ours ([`super::record`]: opened and sealed in place, no allocation
+//! per record) and rustls keeps only what needs its secrets: the next keys
+//! on a key update, and a client's session tickets. A TLS 1.2 connection
+//! stays with rustls throughout (its records are protected differently,
+//! and few clients still use it). Dropping an
 //! operation mid-flight while it owned bytes of the stream (ciphertext not
 //! yet processed, records not yet sent) leaves the stream broken: every
 //! later operation fails rather than send or read a damaged stream.
 
 use super::buffers::{self, MAX_RECORD, RECORDS_PER_IO, RECORD_PLAIN};
+use super::record::{self, Keys, PostHandshake, OVERHEAD};
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use monoio::BufResult;
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
 use rustls::pki_types::ServerName;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
     WriteTraffic,
 };
-use rustls::{ClientConfig, CommonState, HandshakeKind, ServerConfig};
+use rustls::{
+    ClientConfig, CommonState, ExtractedSecrets, HandshakeKind, ProtocolVersion, ServerConfig,
+};
 use std::io;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
@@ -58,10 +67,17 @@ pub trait Side {
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
     /// The connection's negotiated state.
     fn state(&self) -> &CommonState;
+    /// Hands the records over once the handshake is complete: their keys,
+    /// and the part of rustls that derives the next ones.
+    fn into_kernel(self)
+        -> Result<(ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error>;
+    /// A TLS 1.3 session ticket the peer sent after the handshake.
+    fn ticket(kernel: &mut KernelConnection<Self::Data>, body: &[u8]) -> io::Result<()>;
     /// Whether what is sealed once the handshake is complete may wait for
-    /// the first write: a server's session tickets may (the client needs
-    /// none of them to go on); a client's Finished may not (a server's
-    /// accept waits for it).
+    /// the first write: a TLS 1.3 server's session tickets may (the client
+    /// needs none of them to go on); a client's Finished may not (a
+    /// server's accept waits for it), nor a TLS 1.2 server's (the client's
+    /// handshake waits for it).
     const HOLDS_POST_HANDSHAKE: bool;
 }
 
@@ -75,6 +91,17 @@ impl Side for UnbufferedServerConnection {
     }
     fn state(&self) -> &CommonState {
         self
+    }
+    fn into_kernel(
+        self,
+    ) -> Result<(ExtractedSecrets, KernelConnection<ServerConnectionData>), rustls::Error> {
+        self.dangerous_into_kernel_connection()
+    }
+    fn ticket(_: &mut KernelConnection<ServerConnectionData>, _: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "TLS: a client sent a session ticket",
+        ))
     }
     const HOLDS_POST_HANDSHAKE: bool = true;
 }
@@ -90,6 +117,14 @@ impl Side for UnbufferedClientConnection {
     fn state(&self) -> &CommonState {
         self
     }
+    fn into_kernel(
+        self,
+    ) -> Result<(ExtractedSecrets, KernelConnection<ClientConnectionData>), rustls::Error> {
+        self.dangerous_into_kernel_connection()
+    }
+    fn ticket(kernel: &mut KernelConnection<ClientConnectionData>, body: &[u8]) -> io::Result<()> {
+        kernel.handle_new_session_ticket(body).map_err(invalid)
+    }
     const HOLDS_POST_HANDSHAKE: bool = false;
 }
 
@@ -103,8 +138,15 @@ pub type ClientTls = TlsStream<UnbufferedClientConnection>;
 pub struct TlsAcceptor(Arc<ServerConfig>);
 
 impl From<Arc<ServerConfig>> for TlsAcceptor {
+    /// Secret extraction is switched on (a copy of the config, when it was
+    /// off): TLS 1.3 records are ours after the handshake.
     fn from(config: Arc<ServerConfig>) -> Self {
-        TlsAcceptor(config)
+        if config.enable_secret_extraction {
+            return TlsAcceptor(config);
+        }
+        let mut config = (*config).clone();
+        config.enable_secret_extraction = true;
+        TlsAcceptor(Arc::new(config))
     }
 }
 
@@ -124,8 +166,14 @@ impl TlsAcceptor {
 pub struct TlsConnector(Arc<ClientConfig>);
 
 impl From<Arc<ClientConfig>> for TlsConnector {
+    /// Secret extraction is switched on, as for [`TlsAcceptor`].
     fn from(config: Arc<ClientConfig>) -> Self {
-        TlsConnector(config)
+        if config.enable_secret_extraction {
+            return TlsConnector(config);
+        }
+        let mut config = (*config).clone();
+        config.enable_secret_extraction = true;
+        TlsConnector(Arc::new(config))
     }
 }
 
@@ -178,10 +226,58 @@ enum Drive {
     PeerClosed,
 }
 
+/// Who protects the records.
+enum Engine<S: Side> {
+    /// rustls: the handshake, and every record of a TLS 1.2 connection.
+    Rustls(S),
+    /// [`super::record`], with keys from rustls: a TLS 1.3 connection
+    /// after its handshake (boxed: the rustls state it replaces is freed).
+    Own(Box<Own<S::Data>>),
+    /// Neither: a hand-over that failed (every operation fails).
+    Gone,
+}
+
+/// A TLS 1.3 connection's records, once they are ours.
+struct Own<D> {
+    /// rustls's remains: the next keys on a key update, a client's tickets.
+    kernel: KernelConnection<D>,
+    tx: Keys,
+    rx: Keys,
+    /// A key update of ours goes before the next record we seal (the peer
+    /// asked for one, or the key has sealed its share of records).
+    update_tx: bool,
+    kind: Option<HandshakeKind>,
+}
+
+impl<D> Own<D> {
+    /// Seals a KeyUpdate under the current key into `out[*out_len..]`, then
+    /// moves to the next key (RFC 8446 4.6.3).
+    fn update_tx(&mut self, out: &mut Vec<u8>, out_len: &mut usize) -> io::Result<()> {
+        let msg = record::KEY_UPDATE_NOT_REQUESTED;
+        room(out, *out_len + msg.len() + OVERHEAD);
+        out[*out_len + record::HEADER..][..msg.len()].copy_from_slice(&msg);
+        *out_len += self
+            .tx
+            .seal(record::HANDSHAKE, &mut out[*out_len..], msg.len())?;
+        let (seq, secrets) = self.kernel.update_tx_secret().map_err(invalid)?;
+        self.tx = Keys::new(seq, secrets)?;
+        self.update_tx = false;
+        Ok(())
+    }
+}
+
+/// Grows `out` to at least `len` bytes (a pooled buffer holds four full
+/// records and the tickets; more only in a corner).
+fn room(out: &mut Vec<u8>, len: usize) {
+    if out.len() < len {
+        out.resize(len, 0);
+    }
+}
+
 /// A TLS connection over a monoio TCP stream (see the module's notes).
-pub struct TlsStream<S> {
+pub struct TlsStream<S: Side> {
     tcp: TcpStream,
-    conn: S,
+    engine: Engine<S>,
     /// Ciphertext read and not yet consumed by rustls: `incoming[start..]`.
     /// Without capacity (back in the pool) when there is none.
     incoming: Vec<u8>,
@@ -205,7 +301,7 @@ impl<S: Side> TlsStream<S> {
     fn new(tcp: TcpStream, conn: S) -> Self {
         TlsStream {
             tcp,
-            conn,
+            engine: Engine::Rustls(conn),
             incoming: Vec::new(),
             start: 0,
             plain: Vec::new(),
@@ -225,7 +321,19 @@ impl<S: Side> TlsStream<S> {
 
     /// Whether the handshake was full or resumed (`None` before it ends).
     pub fn handshake_kind(&self) -> Option<HandshakeKind> {
-        self.conn.state().handshake_kind()
+        match &self.engine {
+            Engine::Rustls(conn) => conn.state().handshake_kind(),
+            Engine::Own(own) => own.kind,
+            Engine::Gone => None,
+        }
+    }
+
+    /// Whether the handshake is still under way.
+    fn handshaking(&self) -> bool {
+        match &self.engine {
+            Engine::Rustls(conn) => conn.state().is_handshaking(),
+            Engine::Own(_) | Engine::Gone => false,
+        }
     }
 
     /// Whether bytes of the peer's are held here (decrypted or not): a
@@ -235,6 +343,9 @@ impl<S: Side> TlsStream<S> {
     }
 
     fn check(&self) -> io::Result<()> {
+        if let Engine::Gone = self.engine {
+            return Err(io::Error::other("TLS: the connection's records were lost"));
+        }
         if self.broken {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -250,7 +361,7 @@ impl<S: Side> TlsStream<S> {
     fn drive(&mut self, want: &mut Want<'_>) -> io::Result<Drive> {
         loop {
             let Self {
-                conn,
+                engine,
                 incoming,
                 start,
                 plain,
@@ -259,6 +370,9 @@ impl<S: Side> TlsStream<S> {
                 out_len,
                 ..
             } = self;
+            let Engine::Rustls(conn) = engine else {
+                return Err(io::Error::other("TLS: rustls no longer holds the records"));
+            };
             let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[*start..]);
             let step: io::Result<Option<Drive>> = match state {
                 Err(e) => Err(invalid(e)),
@@ -341,9 +455,7 @@ impl<S: Side> TlsStream<S> {
                 None => continue,
                 // The server may write from its Finished on, before the
                 // client's has come: the handshake ends with the client's.
-                Some(Drive::Ready) if self.conn.state().is_handshaking() => {
-                    return Ok(Drive::NeedInput)
-                }
+                Some(Drive::Ready) if self.handshaking() => return Ok(Drive::NeedInput),
                 Some(Drive::PeerClosed) => {
                     self.peer_closed = true;
                     match want {
@@ -351,9 +463,7 @@ impl<S: Side> TlsStream<S> {
                         // A client whose close_notify came with its
                         // Finished completed the handshake: the stream
                         // is whole, its reads at their end.
-                        Want::Handshake if !self.conn.state().is_handshaking() => {
-                            return Ok(Drive::Ready)
-                        }
+                        Want::Handshake if !self.handshaking() => return Ok(Drive::Ready),
                         Want::Handshake => {
                             return Err(io::Error::new(
                                 io::ErrorKind::UnexpectedEof,
@@ -444,7 +554,7 @@ impl<S: Side> TlsStream<S> {
                 "TLS peer closed the connection in the middle of a record",
             ));
         }
-        if self.conn.state().is_handshaking() {
+        if self.handshaking() {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the peer closed during the TLS handshake",
@@ -462,8 +572,7 @@ impl<S: Side> TlsStream<S> {
     async fn handshake(&mut self) -> io::Result<()> {
         loop {
             match self.drive(&mut Want::Handshake)? {
-                Drive::Transmit
-                    if S::HOLDS_POST_HANDSHAKE && !self.conn.state().is_handshaking() => {}
+                Drive::Transmit if self.may_hold() => {}
                 Drive::Transmit => self.transmit().await?,
                 Drive::NeedInput => {
                     self.transmit().await?;
@@ -475,10 +584,194 @@ impl<S: Side> TlsStream<S> {
                 other => return Err(unexpected(other)),
             }
         }
-        if !S::HOLDS_POST_HANDSHAKE {
+        if !self.may_hold() {
             self.transmit().await?;
         }
         self.release_output();
+        self.take_records()
+    }
+
+    /// Whether the records sealed now may wait for the first write (see
+    /// [`Side::HOLDS_POST_HANDSHAKE`]).
+    fn may_hold(&self) -> bool {
+        S::HOLDS_POST_HANDSHAKE
+            && !self.handshaking()
+            && self.version() == Some(ProtocolVersion::TLSv1_3)
+    }
+
+    /// The protocol version once negotiated.
+    fn version(&self) -> Option<ProtocolVersion> {
+        match &self.engine {
+            Engine::Rustls(conn) => conn.state().protocol_version(),
+            Engine::Own(_) => Some(ProtocolVersion::TLSv1_3),
+            Engine::Gone => None,
+        }
+    }
+
+    /// A TLS 1.3 connection's records become ours (rustls has nothing
+    /// left to send: the handshake ended in its WriteTraffic state, and a
+    /// server's tickets are already sealed, held in `out`); a TLS 1.2 one,
+    /// or one the peer already closed, stays with rustls.
+    fn take_records(&mut self) -> io::Result<()> {
+        let Engine::Rustls(conn) = &self.engine else {
+            return Ok(());
+        };
+        if self.peer_closed || self.version() != Some(ProtocolVersion::TLSv1_3) {
+            return Ok(());
+        }
+        let kind = conn.state().handshake_kind();
+        let Engine::Rustls(conn) = std::mem::replace(&mut self.engine, Engine::Gone) else {
+            return Ok(());
+        };
+        let (secrets, kernel) = conn.into_kernel().map_err(invalid)?;
+        let (tx_seq, tx) = secrets.tx;
+        let (rx_seq, rx) = secrets.rx;
+        self.engine = Engine::Own(Box::new(Own {
+            kernel,
+            tx: Keys::new(tx_seq, tx)?,
+            rx: Keys::new(rx_seq, rx)?,
+            update_tx: false,
+            kind,
+        }));
+        Ok(())
+    }
+
+    /// Opens the complete records held, until one brings plaintext (the
+    /// start of it into `dst`, the rest kept in `plain`): `Some(n)` bytes
+    /// read, `Some(0)` at close_notify, `None` when more ciphertext is
+    /// needed. Key updates and tickets are handled on the way.
+    fn open_records(&mut self, dst: &mut [MaybeUninit<u8>]) -> io::Result<Option<usize>> {
+        let Self {
+            engine,
+            incoming,
+            start,
+            plain,
+            plain_at,
+            peer_closed,
+            ..
+        } = self;
+        let Engine::Own(own) = engine else {
+            return Err(io::Error::other("TLS: the records are rustls's"));
+        };
+        let got = loop {
+            let held = &mut incoming[*start..];
+            let Some(len) = record::complete(held)? else {
+                break None;
+            };
+            let (typ, range) = own.rx.open(&mut held[..len])?;
+            *start += len;
+            let content = &held[range];
+            match typ {
+                record::APPLICATION_DATA if content.is_empty() => {}
+                record::APPLICATION_DATA => {
+                    let n = content.len().min(dst.len());
+                    copy_into(&mut dst[..n], &content[..n]);
+                    keep_plain(plain, plain_at, &content[n..]);
+                    break Some(n);
+                }
+                record::ALERT => {
+                    if record::alert(content)? {
+                        *peer_closed = true;
+                        break Some(0);
+                    }
+                }
+                record::HANDSHAKE => {
+                    for message in record::post_handshake(content)? {
+                        match message {
+                            PostHandshake::KeyUpdate { update_requested } => {
+                                let (seq, secrets) =
+                                    own.kernel.update_rx_secret().map_err(invalid)?;
+                                own.rx = Keys::new(seq, secrets)?;
+                                own.update_tx |= update_requested;
+                            }
+                            PostHandshake::NewSessionTicket(body) => {
+                                S::ticket(&mut own.kernel, body)?
+                            }
+                        }
+                    }
+                }
+                other => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("TLS: a record of content type {other}"),
+                    ))
+                }
+            }
+        };
+        if *start >= incoming.len() {
+            *start = 0;
+            buffers::give_input(std::mem::take(incoming));
+        }
+        Ok(got)
+    }
+
+    /// Seals the start of `parts` into `out`, at most four records' worth:
+    /// full 16 KiB records, the plaintext copied once straight into place,
+    /// pieces shorter than a record gathered into one. Returns the bytes
+    /// taken.
+    fn seal_records(&mut self, parts: &[&[u8]]) -> io::Result<usize> {
+        let Self {
+            engine,
+            out,
+            out_len,
+            ..
+        } = self;
+        let Engine::Own(own) = engine else {
+            return Err(io::Error::other("TLS: the records are rustls's"));
+        };
+        take_output(out);
+        if own.update_tx || own.tx.seq() >= record::RECORDS_PER_KEY {
+            own.update_tx(out, out_len)?;
+        }
+        let budget = RECORDS_PER_IO * RECORD_PLAIN;
+        let (mut taken, mut filled) = (0, 0);
+        for part in parts {
+            let mut piece = &part[..part.len().min(budget - taken)];
+            taken += piece.len();
+            while !piece.is_empty() {
+                let n = (RECORD_PLAIN - filled).min(piece.len());
+                let at = *out_len + record::HEADER + filled;
+                room(out, at + n + OVERHEAD);
+                out[at..at + n].copy_from_slice(&piece[..n]);
+                filled += n;
+                piece = &piece[n..];
+                if filled == RECORD_PLAIN {
+                    *out_len +=
+                        own.tx
+                            .seal(record::APPLICATION_DATA, &mut out[*out_len..], filled)?;
+                    filled = 0;
+                }
+            }
+            if taken == budget {
+                break;
+            }
+        }
+        if filled > 0 {
+            *out_len += own
+                .tx
+                .seal(record::APPLICATION_DATA, &mut out[*out_len..], filled)?;
+        }
+        Ok(taken)
+    }
+
+    /// Seals a close_notify alert into `out`.
+    fn seal_close_notify(&mut self) -> io::Result<()> {
+        let Self {
+            engine,
+            out,
+            out_len,
+            ..
+        } = self;
+        let Engine::Own(own) = engine else {
+            return Err(io::Error::other("TLS: the records are rustls's"));
+        };
+        take_output(out);
+        let alert = record::CLOSE_NOTIFY;
+        room(out, *out_len + alert.len() + OVERHEAD);
+        out[*out_len + record::HEADER..][..alert.len()].copy_from_slice(&alert);
+        *out_len += own
+            .tx
+            .seal(record::ALERT, &mut out[*out_len..], alert.len())?;
         Ok(())
     }
 
@@ -510,6 +803,18 @@ impl<S: Side> TlsStream<S> {
             // SAFETY: as above; the slice is written, never read, through
             // MaybeUninit, and lives only for this call.
             let dst_slice = unsafe { std::slice::from_raw_parts_mut(dst.cast(), cap) };
+            if let Engine::Own(_) = self.engine {
+                if let Some(n) = self.open_records(dst_slice)? {
+                    return Ok(n);
+                }
+                // Held tickets leave before the wait.
+                self.transmit().await?;
+                self.release_output();
+                if self.fill().await? == 0 {
+                    return self.tcp_eof();
+                }
+                continue;
+            }
             match self.drive(&mut Want::Read(dst_slice))? {
                 Drive::Read(n) => {
                     self.release_output();
@@ -536,6 +841,12 @@ impl<S: Side> TlsStream<S> {
         if parts.iter().all(|p| p.is_empty()) {
             return Ok(0);
         }
+        if let Engine::Own(_) = self.engine {
+            let n = self.seal_records(parts)?;
+            self.transmit().await?;
+            self.release_output();
+            return Ok(n);
+        }
         loop {
             match self.drive(&mut Want::Write(parts))? {
                 Drive::Sealed(n) => {
@@ -556,9 +867,18 @@ impl<S: Side> TlsStream<S> {
 
     /// Sends close_notify (once), then the FIN.
     async fn close(&mut self) -> io::Result<()> {
-        if !self.broken && !self.closed && !self.conn.state().is_handshaking() {
-            if let Drive::Sealed(_) = self.drive(&mut Want::Close)? {
-                self.closed = true;
+        if !self.broken && !self.closed && !self.handshaking() {
+            match self.engine {
+                Engine::Own(_) => {
+                    self.seal_close_notify()?;
+                    self.closed = true;
+                }
+                Engine::Rustls(_) => {
+                    if let Drive::Sealed(_) = self.drive(&mut Want::Close)? {
+                        self.closed = true;
+                    }
+                }
+                Engine::Gone => {}
             }
             self.transmit().await?;
             self.release_output();
@@ -687,7 +1007,7 @@ fn seal_close<D>(
     }
 }
 
-impl<S> Drop for TlsStream<S> {
+impl<S: Side> Drop for TlsStream<S> {
     fn drop(&mut self) {
         buffers::give_input(std::mem::take(&mut self.incoming));
         buffers::give_input(std::mem::take(&mut self.plain));
@@ -1113,6 +1433,225 @@ mod tests {
             r.expect("write");
             let e = server.await.err().expect("not TLS");
             assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        });
+    }
+
+    fn owned<S: Side>(s: &TlsStream<S>) -> bool {
+        matches!(s.engine, Engine::Own(_))
+    }
+
+    fn tx_seq<S: Side>(s: &TlsStream<S>) -> u64 {
+        match &s.engine {
+            Engine::Own(own) => own.tx.seq(),
+            _ => u64::MAX,
+        }
+    }
+
+    /// rustls's buffered server on a thread, over the acceptor's config:
+    /// for each connection, it sends `size` bytes, updates its keys
+    /// (asking for ours), sends them again, then echoes what comes.
+    fn rustls_server(config: Arc<ServerConfig>, size: usize, conns: usize) -> std::net::SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for _ in 0..conns {
+                let Ok((tcp, _)) = listener.accept() else {
+                    return;
+                };
+                let conn = rustls::ServerConnection::new(config.clone()).expect("server");
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let run = (|| -> io::Result<()> {
+                    tls.write_all(&pattern(size))?;
+                    tls.conn.refresh_traffic_keys().map_err(io::Error::other)?;
+                    tls.write_all(&pattern(size))?;
+                    let mut back = vec![0u8; size];
+                    tls.read_exact(&mut back)?;
+                    tls.write_all(&back)?;
+                    tls.conn.send_close_notify();
+                    tls.flush()
+                })();
+                let _ = run;
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_tls13_connection_is_ours_after_the_handshake_and_tls12_stays_with_rustls() {
+        run(async {
+            let (client, server) = pair().await;
+            assert!(owned(&client) && owned(&server), "TLS 1.3: our records");
+
+            // A server that speaks only TLS 1.2: rustls's records, both ends.
+            let (_a, connector, dir) = configs();
+            let certs =
+                super::super::load_pem_certs(&dir.path().join("c.pem").display().to_string())
+                    .expect("certs");
+            use rustls::pki_types::pem::PemObject;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(dir.path().join("k.pem"))
+                .expect("key");
+            let config = ServerConfig::builder_with_provider(super::super::provider())
+                .with_protocol_versions(&[&rustls::version::TLS12])
+                .expect("TLS 1.2")
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .expect("config");
+            let acceptor = TlsAcceptor::from(Arc::new(config));
+            let (mut client, mut server) = handshake_with(&acceptor, &connector).await;
+            assert!(
+                !owned(&client) && !owned(&server),
+                "TLS 1.2: rustls's records"
+            );
+            let (r, _) = client.write_all(pattern(40_000)).await;
+            r.expect("write");
+            let (r, got) = server.read_exact(vec![0u8; 40_000]).await;
+            r.expect("read");
+            assert_eq!(got, pattern(40_000));
+            let (r, _) = server.write_all(got).await;
+            r.expect("write");
+            let (r, back) = client.read_exact(vec![0u8; 40_000]).await;
+            r.expect("read");
+            assert_eq!(back, pattern(40_000));
+        });
+    }
+
+    #[test]
+    fn a_rustls_client_that_updates_its_keys_is_followed_and_answered() {
+        run(async {
+            let (acceptor, connector, _dir) = configs();
+            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let config = connector.0.clone();
+            let client = std::thread::spawn(move || -> io::Result<()> {
+                let tcp = std::net::TcpStream::connect(addr)?;
+                let conn =
+                    rustls::ClientConnection::new(config, name()).map_err(io::Error::other)?;
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                for _ in 0..3 {
+                    tls.write_all(&pattern(20_000))?;
+                    let mut back = vec![0u8; 20_000];
+                    tls.read_exact(&mut back)?;
+                    if back != pattern(20_000) {
+                        return Err(io::Error::other("the echo differs"));
+                    }
+                    // Asks for ours to be updated too.
+                    tls.conn.refresh_traffic_keys().map_err(io::Error::other)?;
+                }
+                tls.conn.send_close_notify();
+                tls.flush()
+            });
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut server = acceptor.accept(tcp).await.expect("handshake");
+            assert!(owned(&server));
+            for _ in 0..3 {
+                let (r, got) = server.read_exact(vec![0u8; 20_000]).await;
+                r.expect("read under the client's current key");
+                assert_eq!(got, pattern(20_000));
+                let (r, _) = server.write_all(got).await;
+                r.expect("write");
+            }
+            let (r, _) = server.read(Vec::with_capacity(10)).await;
+            assert_eq!(r.expect("close_notify under the third key"), 0);
+            client.join().expect("client thread").expect("client");
+            // Two records under the key our answer to the last update
+            // started (without the answers: 2 tickets + 3 x 2 records).
+            assert_eq!(tx_seq(&server), 2);
+        });
+    }
+
+    #[test]
+    fn a_rustls_server_that_updates_its_keys_and_sends_tickets_is_followed() {
+        run(async {
+            let (acceptor, connector, _dir) = configs();
+            let size = 30_000;
+            let addr = rustls_server(acceptor.0.clone(), size, 2);
+            for round in 0..2 {
+                let tcp = monoio::net::TcpStream::connect(addr)
+                    .await
+                    .expect("connect");
+                let mut client = connector.connect(name(), tcp).await.expect("handshake");
+                assert!(owned(&client));
+                let want = if round == 0 {
+                    HandshakeKind::Full
+                } else {
+                    HandshakeKind::Resumed
+                };
+                assert_eq!(client.handshake_kind(), Some(want), "a ticket of the first");
+                for _ in 0..2 {
+                    let (r, got) = client.read_exact(vec![0u8; size]).await;
+                    r.expect("read");
+                    assert_eq!(got, pattern(size));
+                }
+                let (r, _) = client.write_all(pattern(size)).await;
+                r.expect("write after answering the update");
+                assert_eq!(tx_seq(&client), 2, "our key was updated first");
+                let (r, back) = client.read_exact(vec![0u8; size]).await;
+                r.expect("the echo");
+                assert_eq!(back, pattern(size));
+                let (r, _) = client.read(Vec::with_capacity(10)).await;
+                assert_eq!(r.expect("close_notify"), 0);
+            }
+        });
+    }
+
+    #[test]
+    fn records_that_do_not_decrypt_fail_the_read_and_nothing_of_them_is_read() {
+        run(async {
+            let (acceptor, connector, _dir) = configs();
+            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let mut state = 0x2545_f491_4f6c_dd1du64;
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            for case in 0..24u64 {
+                let config = connector.0.clone();
+                let len = 17 + (next() % 3000) as usize;
+                let garbage: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                let flip = next() as usize % (len + 5 + 100);
+                let client = std::thread::spawn(move || -> io::Result<()> {
+                    let tcp = std::net::TcpStream::connect(addr)?;
+                    let conn =
+                        rustls::ClientConnection::new(config, name()).map_err(io::Error::other)?;
+                    let mut tls = rustls::StreamOwned::new(conn, tcp);
+                    tls.write_all(b"good")?;
+                    tls.flush()?;
+                    if case % 2 == 0 {
+                        // A record of random bytes under a valid header.
+                        let mut record = vec![23u8, 3, 3];
+                        record.extend_from_slice(&(len as u16).to_be_bytes());
+                        record.extend_from_slice(&garbage);
+                        tls.sock.write_all(&record)?;
+                    } else {
+                        // A real record with one bit flipped.
+                        let mut sealed = Vec::new();
+                        tls.conn.writer().write_all(&pattern(100))?;
+                        while tls.conn.wants_write() {
+                            tls.conn.write_tls(&mut sealed)?;
+                        }
+                        // In the body: a damaged length would only wait.
+                        let at = 5 + flip % (sealed.len() - 5);
+                        sealed[at] ^= 1 << (case % 8);
+                        tls.sock.write_all(&sealed)?;
+                    }
+                    let mut rest = Vec::new();
+                    let _ = tls.sock.read_to_end(&mut rest);
+                    Ok(())
+                });
+                let (tcp, _) = listener.accept().await.expect("accept");
+                let mut server = acceptor.accept(tcp).await.expect("handshake");
+                let (r, got) = server.read_exact(vec![0u8; 4]).await;
+                r.expect("the good record");
+                assert_eq!(got, b"good");
+                let (r, _) = server.read(Vec::with_capacity(200)).await;
+                let e = r.expect_err("a damaged record is an error");
+                assert_eq!(e.kind(), io::ErrorKind::InvalidData, "case {case}: {e}");
+                drop(server);
+                client.join().expect("client thread").expect("client");
+            }
         });
     }
 
