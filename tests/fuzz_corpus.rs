@@ -54,3 +54,8 @@ fn expand_corpus() {
 fn tls_server_corpus() {
     replay("tls_server", targets::tls_server);
 }
+
+#[test]
+fn tls_record_corpus() {
+    replay("tls_record", targets::tls_record);
+}

@@ -192,3 +192,63 @@ fn tls_acceptor() -> yatagarasu::tls::TlsAcceptor {
         })
         .clone()
 }
+
+/// TLS 1.3 record protection of our own (`src/tls/record.rs`). The first
+/// byte picks the suite and a byte to damage; the rest is cut into records
+/// (a length byte, an inner type byte, the content), each sealed under a
+/// fixed key and opened again: what opens is what was sealed (the inner
+/// type and the content, zero padding stripped when the type byte is a
+/// zero), the same record with one byte damaged never opens, and the
+/// plaintext parsed as an alert and as post-handshake messages gives a
+/// value or an error, never a panic.
+pub fn tls_record(data: &[u8]) {
+    use rustls::crypto::cipher::{AeadKey, Iv};
+    use rustls::ConnectionTrafficSecrets;
+    use yatagarasu::tls::record::{self, Keys, HEADER, OVERHEAD};
+    let Some((&pick, mut data)) = data.split_first() else {
+        return;
+    };
+    let secrets = || {
+        let (key, iv) = (AeadKey::from([7u8; 32]), Iv::from([9u8; 12]));
+        if pick & 1 == 0 {
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        } else {
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv }
+        }
+    };
+    let keys = || Keys::new(0, secrets()).expect("keys");
+    let (mut tx, mut rx, mut shadow) = (keys(), keys(), keys());
+    while let [len, typ, rest @ ..] = data {
+        let n = (*len as usize * 67).min(rest.len()).min(record::MAX_PLAIN);
+        let (content, tail) = rest.split_at(n);
+        data = tail;
+        let mut sealed = vec![0u8; n + OVERHEAD];
+        sealed[HEADER..HEADER + n].copy_from_slice(content);
+        let total = tx.seal(*typ, &mut sealed, n).expect("seal");
+        assert_eq!(record::complete(&sealed).expect("header"), Some(total));
+        assert_eq!(
+            record::complete(&sealed[..total - 1]).expect("header"),
+            None
+        );
+
+        let mut damaged = sealed.clone();
+        let at = HEADER + (pick as usize * 31 + n) % (total - HEADER);
+        damaged[at] ^= 1 << (pick % 8);
+        assert!(
+            shadow.open(&mut damaged).is_err(),
+            "a damaged record opened"
+        );
+
+        let inner: Vec<u8> = content.iter().copied().chain([*typ]).collect();
+        match (inner.iter().rposition(|&b| b != 0), rx.open(&mut sealed)) {
+            (Some(at), Ok((t, range))) => {
+                assert_eq!(t, inner[at]);
+                assert_eq!(&sealed[range.clone()], &inner[..at]);
+                let _ = record::alert(&sealed[range.clone()]);
+                let _ = record::post_handshake(&sealed[range]);
+            }
+            (None, Err(_)) => {}
+            (want, got) => panic!("opened {got:?}, expected a type at {want:?}"),
+        }
+    }
+}

@@ -636,10 +636,10 @@ impl<S: Side> TlsStream<S> {
         Ok(())
     }
 
-    /// Opens the complete records held, until one brings plaintext (the
-    /// start of it into `dst`, the rest kept in `plain`): `Some(n)` bytes
-    /// read, `Some(0)` at close_notify, `None` when more ciphertext is
-    /// needed. Key updates and tickets are handled on the way.
+    /// Opens the complete records held into `dst` while it has room (what
+    /// a record brings beyond it is kept in `plain`): `Some(n)` bytes read,
+    /// `Some(0)` at close_notify with none, `None` when more ciphertext is
+    /// needed for any. Key updates and tickets are handled on the way.
     fn open_records(&mut self, dst: &mut [MaybeUninit<u8>]) -> io::Result<Option<usize>> {
         let Self {
             engine,
@@ -653,26 +653,32 @@ impl<S: Side> TlsStream<S> {
         let Engine::Own(own) = engine else {
             return Err(io::Error::other("TLS: the records are rustls's"));
         };
+        let mut delivered = 0;
         let got = loop {
             let held = &mut incoming[*start..];
             let Some(len) = record::complete(held)? else {
-                break None;
+                break (delivered > 0).then_some(delivered);
             };
+            if delivered == dst.len() {
+                break Some(delivered);
+            }
             let (typ, range) = own.rx.open(&mut held[..len])?;
             *start += len;
             let content = &held[range];
             match typ {
-                record::APPLICATION_DATA if content.is_empty() => {}
                 record::APPLICATION_DATA => {
-                    let n = content.len().min(dst.len());
-                    copy_into(&mut dst[..n], &content[..n]);
-                    keep_plain(plain, plain_at, &content[n..]);
-                    break Some(n);
+                    let n = content.len().min(dst.len() - delivered);
+                    copy_into(&mut dst[delivered..delivered + n], &content[..n]);
+                    delivered += n;
+                    if n < content.len() {
+                        keep_plain(plain, plain_at, &content[n..]);
+                        break Some(delivered);
+                    }
                 }
                 record::ALERT => {
                     if record::alert(content)? {
                         *peer_closed = true;
-                        break Some(0);
+                        break Some(delivered);
                     }
                 }
                 record::HANDSHAKE => {
@@ -804,8 +810,14 @@ impl<S: Side> TlsStream<S> {
             // MaybeUninit, and lives only for this call.
             let dst_slice = unsafe { std::slice::from_raw_parts_mut(dst.cast(), cap) };
             if let Engine::Own(_) = self.engine {
-                if let Some(n) = self.open_records(dst_slice)? {
-                    return Ok(n);
+                match self.open_records(dst_slice) {
+                    Ok(Some(n)) => return Ok(n),
+                    Ok(None) => {}
+                    // Fatal (RFC 8446 6): nothing more is read or sent.
+                    Err(e) => {
+                        self.engine = Engine::Gone;
+                        return Err(e);
+                    }
                 }
                 // Held tickets leave before the wait.
                 self.transmit().await?;
@@ -1649,6 +1661,10 @@ mod tests {
                 let (r, _) = server.read(Vec::with_capacity(200)).await;
                 let e = r.expect_err("a damaged record is an error");
                 assert_eq!(e.kind(), io::ErrorKind::InvalidData, "case {case}: {e}");
+                let (r, _) = server.read(Vec::with_capacity(200)).await;
+                assert!(r.is_err(), "case {case}: the stream stays failed");
+                let (r, _) = server.write_all(b"x".to_vec()).await;
+                assert!(r.is_err(), "case {case}: nothing is sent after it");
                 drop(server);
                 client.join().expect("client thread").expect("client");
             }
