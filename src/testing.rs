@@ -20,3 +20,14 @@ pub async fn loopback_pair() -> (TcpStream, TcpStream) {
     let (theirs, _) = listener.accept().await.expect("accept");
     (ours, theirs)
 }
+
+/// A deterministic xorshift generator, for tests that fuzz a little with a
+/// fixed seed (the same bytes every run).
+pub fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}

@@ -364,17 +364,11 @@ mod tests {
     fn random_bytes_are_refused_without_a_panic() {
         // A small deterministic fuzz: any bytes after a valid header either
         // fail to open or (never, in practice) open to a checked record.
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::testing::xorshift(0x9e37_79b9_7f4a_7c15u64);
         for _ in 0..2000 {
             let len = (next() % 400) as usize;
             let mut buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            if next() % 2 == 0 && len >= HEADER {
+            if next().is_multiple_of(2) && len >= HEADER {
                 buf[..3].copy_from_slice(&[23, 3, 3]);
                 let body = (len - HEADER) as u16;
                 buf[3..5].copy_from_slice(&body.to_be_bytes());

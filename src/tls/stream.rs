@@ -250,19 +250,79 @@ struct Own<D> {
 }
 
 impl<D> Own<D> {
-    /// Seals a KeyUpdate under the current key into `out[*out_len..]`, then
-    /// moves to the next key (RFC 8446 4.6.3).
-    fn update_tx(&mut self, out: &mut Vec<u8>, out_len: &mut usize) -> io::Result<()> {
-        let msg = record::KEY_UPDATE_NOT_REQUESTED;
+    /// Seals one short message of inner type `typ` as a record of its own
+    /// into `out[*out_len..]`.
+    fn seal_message(
+        &mut self,
+        typ: u8,
+        msg: &[u8],
+        out: &mut Vec<u8>,
+        out_len: &mut usize,
+    ) -> io::Result<()> {
         room(out, *out_len + msg.len() + OVERHEAD);
-        out[*out_len + record::HEADER..][..msg.len()].copy_from_slice(&msg);
-        *out_len += self
-            .tx
-            .seal(record::HANDSHAKE, &mut out[*out_len..], msg.len())?;
+        out[*out_len + record::HEADER..][..msg.len()].copy_from_slice(msg);
+        *out_len += self.tx.seal(typ, &mut out[*out_len..], msg.len())?;
+        Ok(())
+    }
+
+    /// Seals a KeyUpdate under the current key, then moves to the next key
+    /// (RFC 8446 4.6.3).
+    fn update_tx(&mut self, out: &mut Vec<u8>, out_len: &mut usize) -> io::Result<()> {
+        self.seal_message(
+            record::HANDSHAKE,
+            &record::KEY_UPDATE_NOT_REQUESTED,
+            out,
+            out_len,
+        )?;
         let (seq, secrets) = self.kernel.update_tx_secret().map_err(invalid)?;
         self.tx = Keys::new(seq, secrets)?;
         self.update_tx = false;
         Ok(())
+    }
+
+    /// Seals the start of `parts` into `out[*out_len..]`, at most four
+    /// records' worth: full 16 KiB records, the plaintext copied once
+    /// straight into place, pieces shorter than a record gathered into
+    /// one. A key update of ours goes first when one is due. Returns the
+    /// bytes taken.
+    fn seal_data(
+        &mut self,
+        parts: &[&[u8]],
+        out: &mut Vec<u8>,
+        out_len: &mut usize,
+    ) -> io::Result<usize> {
+        if self.update_tx || self.tx.seq() >= record::RECORDS_PER_KEY {
+            self.update_tx(out, out_len)?;
+        }
+        let budget = RECORDS_PER_IO * RECORD_PLAIN;
+        let (mut taken, mut filled) = (0, 0);
+        for part in parts {
+            let mut piece = &part[..part.len().min(budget - taken)];
+            taken += piece.len();
+            while !piece.is_empty() {
+                let n = (RECORD_PLAIN - filled).min(piece.len());
+                let at = *out_len + record::HEADER + filled;
+                room(out, at + n + OVERHEAD);
+                out[at..at + n].copy_from_slice(&piece[..n]);
+                filled += n;
+                piece = &piece[n..];
+                if filled == RECORD_PLAIN {
+                    *out_len +=
+                        self.tx
+                            .seal(record::APPLICATION_DATA, &mut out[*out_len..], filled)?;
+                    filled = 0;
+                }
+            }
+            if taken == budget {
+                break;
+            }
+        }
+        if filled > 0 {
+            *out_len += self
+                .tx
+                .seal(record::APPLICATION_DATA, &mut out[*out_len..], filled)?;
+        }
+        Ok(taken)
     }
 }
 
@@ -642,15 +702,15 @@ impl<S: Side> TlsStream<S> {
     /// needed for any. Key updates and tickets are handled on the way.
     fn open_records(&mut self, dst: &mut [MaybeUninit<u8>]) -> io::Result<Option<usize>> {
         let Self {
-            engine,
+            engine: Engine::Own(own),
             incoming,
             start,
             plain,
             plain_at,
             peer_closed,
             ..
-        } = self;
-        let Engine::Own(own) = engine else {
+        } = self
+        else {
             return Err(io::Error::other("TLS: the records are rustls's"));
         };
         let mut delivered = 0;
@@ -711,74 +771,26 @@ impl<S: Side> TlsStream<S> {
         Ok(got)
     }
 
-    /// Seals the start of `parts` into `out`, at most four records' worth:
-    /// full 16 KiB records, the plaintext copied once straight into place,
-    /// pieces shorter than a record gathered into one. Returns the bytes
-    /// taken.
-    fn seal_records(&mut self, parts: &[&[u8]]) -> io::Result<usize> {
+    /// Seals what `want` asks (a write or a close_notify) with our own
+    /// records into `out`; for a write, returns the bytes taken.
+    fn seal_own(&mut self, want: Want<'_>) -> io::Result<usize> {
         let Self {
-            engine,
+            engine: Engine::Own(own),
             out,
             out_len,
             ..
-        } = self;
-        let Engine::Own(own) = engine else {
+        } = self
+        else {
             return Err(io::Error::other("TLS: the records are rustls's"));
         };
         take_output(out);
-        if own.update_tx || own.tx.seq() >= record::RECORDS_PER_KEY {
-            own.update_tx(out, out_len)?;
+        match want {
+            Want::Write(parts) => own.seal_data(parts, out, out_len),
+            Want::Close => own
+                .seal_message(record::ALERT, &record::CLOSE_NOTIFY, out, out_len)
+                .map(|()| 0),
+            Want::Handshake | Want::Read(_) => Err(io::Error::other("TLS: nothing to seal")),
         }
-        let budget = RECORDS_PER_IO * RECORD_PLAIN;
-        let (mut taken, mut filled) = (0, 0);
-        for part in parts {
-            let mut piece = &part[..part.len().min(budget - taken)];
-            taken += piece.len();
-            while !piece.is_empty() {
-                let n = (RECORD_PLAIN - filled).min(piece.len());
-                let at = *out_len + record::HEADER + filled;
-                room(out, at + n + OVERHEAD);
-                out[at..at + n].copy_from_slice(&piece[..n]);
-                filled += n;
-                piece = &piece[n..];
-                if filled == RECORD_PLAIN {
-                    *out_len +=
-                        own.tx
-                            .seal(record::APPLICATION_DATA, &mut out[*out_len..], filled)?;
-                    filled = 0;
-                }
-            }
-            if taken == budget {
-                break;
-            }
-        }
-        if filled > 0 {
-            *out_len += own
-                .tx
-                .seal(record::APPLICATION_DATA, &mut out[*out_len..], filled)?;
-        }
-        Ok(taken)
-    }
-
-    /// Seals a close_notify alert into `out`.
-    fn seal_close_notify(&mut self) -> io::Result<()> {
-        let Self {
-            engine,
-            out,
-            out_len,
-            ..
-        } = self;
-        let Engine::Own(own) = engine else {
-            return Err(io::Error::other("TLS: the records are rustls's"));
-        };
-        take_output(out);
-        let alert = record::CLOSE_NOTIFY;
-        room(out, *out_len + alert.len() + OVERHEAD);
-        out[*out_len + record::HEADER..][..alert.len()].copy_from_slice(&alert);
-        *out_len += own
-            .tx
-            .seal(record::ALERT, &mut out[*out_len..], alert.len())?;
-        Ok(())
     }
 
     /// Reads plaintext into `cap` bytes at `dst`; `Ok(0)` only at the end.
@@ -854,7 +866,7 @@ impl<S: Side> TlsStream<S> {
             return Ok(0);
         }
         if let Engine::Own(_) = self.engine {
-            let n = self.seal_records(parts)?;
+            let n = self.seal_own(Want::Write(parts))?;
             self.transmit().await?;
             self.release_output();
             return Ok(n);
@@ -882,7 +894,7 @@ impl<S: Side> TlsStream<S> {
         if !self.broken && !self.closed && !self.handshaking() {
             match self.engine {
                 Engine::Own(_) => {
-                    self.seal_close_notify()?;
+                    self.seal_own(Want::Close)?;
                     self.closed = true;
                 }
                 Engine::Rustls(_) => {
@@ -1612,13 +1624,7 @@ mod tests {
             let (acceptor, connector, _dir) = configs();
             let listener = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             let addr = listener.local_addr().expect("addr");
-            let mut state = 0x2545_f491_4f6c_dd1du64;
-            let mut next = move || {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state
-            };
+            let mut next = crate::testing::xorshift(0x2545_f491_4f6c_dd1du64);
             for case in 0..24u64 {
                 let config = connector.0.clone();
                 let len = 17 + (next() % 3000) as usize;
