@@ -715,13 +715,13 @@ impl<S: Side> TlsStream<S> {
         };
         let mut delivered = 0;
         let got = loop {
+            if delivered == dst.len() {
+                break Some(delivered);
+            }
             let held = &mut incoming[*start..];
             let Some(len) = record::complete(held)? else {
                 break (delivered > 0).then_some(delivered);
             };
-            if delivered == dst.len() {
-                break Some(delivered);
-            }
             let (typ, range) = own.rx.open(&mut held[..len])?;
             *start += len;
             let content = &held[range];
