@@ -1135,6 +1135,13 @@ mod tests {
         (acceptor, connector, dir)
     }
 
+    /// A monoio listener on a loopback port, and its address.
+    fn listen() -> (monoio::net::TcpListener, std::net::SocketAddr) {
+        let listener = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        (listener, addr)
+    }
+
     fn name() -> ServerName<'static> {
         ServerName::try_from("localhost").expect("name")
     }
@@ -1263,8 +1270,8 @@ mod tests {
     fn a_head_and_a_small_body_are_one_record_and_a_large_body_full_records() {
         run(async {
             let (acceptor, connector, _dir) = configs();
-            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let tap = tap(listener.local_addr().expect("addr"));
+            let (listener, addr) = listen();
+            let tap = tap(addr);
             let server = monoio::spawn(async move {
                 let (tcp, _) = listener.accept().await.expect("accept");
                 acceptor.accept(tcp).await
@@ -1369,8 +1376,7 @@ mod tests {
     fn a_client_that_closes_with_its_finished_completed_the_handshake() {
         run(async {
             let (acceptor, connector, _dir) = configs();
-            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let addr = listener.local_addr().expect("addr");
+            let (listener, addr) = listen();
             let config = connector.0.clone();
             // rustls's buffered client on a thread: its Finished and its
             // close_notify leave in one write, so they arrive together.
@@ -1543,8 +1549,7 @@ mod tests {
     fn a_rustls_client_that_updates_its_keys_is_followed_and_answered() {
         run(async {
             let (acceptor, connector, _dir) = configs();
-            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let addr = listener.local_addr().expect("addr");
+            let (listener, addr) = listen();
             let config = connector.0.clone();
             let client = std::thread::spawn(move || -> io::Result<()> {
                 let tcp = std::net::TcpStream::connect(addr)?;
@@ -1622,8 +1627,7 @@ mod tests {
     fn records_that_do_not_decrypt_fail_the_read_and_nothing_of_them_is_read() {
         run(async {
             let (acceptor, connector, _dir) = configs();
-            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let addr = listener.local_addr().expect("addr");
+            let (listener, addr) = listen();
             let mut next = crate::testing::xorshift(0x2545_f491_4f6c_dd1du64);
             for case in 0..24u64 {
                 let config = connector.0.clone();
