@@ -28,7 +28,7 @@ if [ "${TLS:-0}" = 1 ]; then
     -out "$T/leaf.pem" -days 2 -subj "/CN=127.0.0.1" -addext "subjectAltName=IP:127.0.0.1" 2>/dev/null
   chmod 644 "$T"/*
   sed -i "s|^  workers: 1$|  workers: 1\n  tls:\n    cert_file: \"$T/leaf.pem\"\n    key_file: \"$T/leaf.key\"|" "$WORK/y.yaml"
-  sed -i "s|listen 127.0.0.1:$P_NGINX backlog=16384;|listen 127.0.0.1:$P_NGINX ssl backlog=16384; ssl_certificate $T/leaf.pem; ssl_certificate_key $T/leaf.key; ssl_session_cache shared:SSL:10m; ssl_session_tickets on;|" "$WORK/nginx.conf"
+  sed -i "s|listen 127.0.0.1:$P_NGINX backlog=16384;|listen 127.0.0.1:$P_NGINX ssl backlog=16384; ssl_certificate $T/leaf.pem; ssl_certificate_key $T/leaf.key; ssl_session_cache shared:SSL:10m; ssl_session_tickets on; ssl_protocols TLSv1.2 TLSv1.3;|" "$WORK/nginx.conf"
   export IDLE_TLS=1
 fi
 nginx -c "$WORK/origin.conf" &

@@ -27,6 +27,12 @@
 #             with -new (full handshakes; RESUME_HOW=new, the default) or
 #             -reuse (resumed; RESUME_HOW=reuse); the columns are then
 #             connections/s and CPU us per connection.
+# TLS versions: nginx 1.22 (Debian 12) speaks only up to TLS 1.2 unless told
+# (its ssl_protocols and proxy_ssl_protocols defaults lack TLSv1.3), so every
+# nginx here is given "TLSv1.2 TLSv1.3" (HAProxy and yatagarasu offer both
+# already): TLS 1.3 is what the clients and origins negotiate. ORIGIN_TLS=
+# "TLSv1.2" keeps the origin at TLS 1.2 (an older S3-compatible endpoint)
+# for every proxy alike; CLIENT_TLS likewise for the nginx peers' listeners.
 # KEY=ecdsa (P-256, the default) or rsa (2048) picks the certificates the
 # script makes: a CA and a leaf for 127.0.0.1. Every proxy verifies the
 # origin's certificate and keeps resumption on; their configurations are
@@ -78,12 +84,14 @@ if [ "$MODE" != plain ]; then
   cat "$T/leaf.pem" "$T/leaf.key" >"$T/haproxy.pem"
   chmod 644 "$T"/*
   TLS_SERVER="ssl_certificate $T/leaf.pem; ssl_certificate_key $T/leaf.key; ssl_session_cache shared:SSL:10m; ssl_session_tickets on;"
+  ORIGIN_TLS=${ORIGIN_TLS:-TLSv1.2 TLSv1.3}
+  CLIENT_TLS=${CLIENT_TLS:-TLSv1.2 TLSv1.3}
   # The origin over HTTPS (modes upstream, both, close).
   if [ "$MODE" != resume ]; then
-    sed -i "s|listen 127.0.0.1:$P_ORIGIN;|listen 127.0.0.1:$P_ORIGIN ssl; $TLS_SERVER|" "$WORK/origin.conf"
+    sed -i "s|listen 127.0.0.1:$P_ORIGIN;|listen 127.0.0.1:$P_ORIGIN ssl; $TLS_SERVER ssl_protocols $ORIGIN_TLS;|" "$WORK/origin.conf"
     sed -i "s|endpoint: \"http://127.0.0.1:$P_ORIGIN\"|endpoint: \"https://127.0.0.1:$P_ORIGIN\"\n      ca_file: \"$T/ca.pem\"|" "$WORK/yatagarasu.yaml"
     for c in nginx nginx_tuned; do
-      sed -i "s|proxy_pass http://origin/|proxy_ssl_trusted_certificate $T/ca.pem; proxy_ssl_verify on; proxy_ssl_name 127.0.0.1; proxy_ssl_session_reuse on;\n      proxy_pass https://origin/|" "$WORK/$c.conf"
+      sed -i "s|proxy_pass http://origin/|proxy_ssl_trusted_certificate $T/ca.pem; proxy_ssl_verify on; proxy_ssl_name 127.0.0.1; proxy_ssl_session_reuse on; proxy_ssl_protocols TLSv1.2 TLSv1.3;\n      proxy_pass https://origin/|" "$WORK/$c.conf"
     done
     sed -i "s|  server o 127.0.0.1:$P_ORIGIN|  server o 127.0.0.1:$P_ORIGIN ssl verify required ca-file $T/ca.pem verifyhost 127.0.0.1|" "$WORK/haproxy.cfg"
   fi
@@ -92,7 +100,7 @@ if [ "$MODE" != plain ]; then
     SCHEME=https
     sed -i "s|^  workers: 1$|  workers: 1\n  tls:\n    cert_file: \"$T/leaf.pem\"\n    key_file: \"$T/leaf.key\"|" "$WORK/yatagarasu.yaml"
     for c in nginx nginx_tuned; do
-      sed -i "s|listen 127.0.0.1:\([0-9]*\) backlog=16384;|listen 127.0.0.1:\1 ssl backlog=16384; $TLS_SERVER|" "$WORK/$c.conf"
+      sed -i "s|listen 127.0.0.1:\([0-9]*\) backlog=16384;|listen 127.0.0.1:\1 ssl backlog=16384; $TLS_SERVER ssl_protocols $CLIENT_TLS;|" "$WORK/$c.conf"
     done
     sed -i "s|  bind 127.0.0.1:$P_HAPROXY|  bind 127.0.0.1:$P_HAPROXY ssl crt $T/haproxy.pem|" "$WORK/haproxy.cfg"
   fi

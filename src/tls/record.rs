@@ -3,8 +3,11 @@
 //!
 //! Why: rustls's unbuffered API seals every record into a `Vec` of its own
 //! and hands every received record over through another, two allocations
-//! and two extra copies per kept-alive request. Here a record is opened in
-//! place in the input buffer and sealed in place in the output buffer. The
+//! and two extra copies per kept-alive request. Here a record is opened
+//! straight into the reader's buffer (in place in the input buffer when
+//! the reader's has no room for all of it) and sealed straight from the
+//! writer's bytes into the output buffer (in place there when small pieces
+//! are gathered into one record). The
 //! keys come from rustls ([`rustls::kernel`]), which also derives the next
 //! ones on a key update and keeps a server's session tickets: this file
 //! never touches a secret beyond the AEAD key and IV it is given.
@@ -166,6 +169,50 @@ impl Keys {
         Ok(total)
     }
 
+    /// Seals `plain` (at most [`MAX_PLAIN`] bytes) as one record of inner
+    /// type `typ` into the start of `out`, which must hold `plain.len() +
+    /// OVERHEAD` bytes; returns the record's length. With aws-lc-rs the
+    /// plaintext is encrypted straight from where it lies (no copy first).
+    pub fn seal_from(&mut self, typ: u8, plain: &[u8], out: &mut [u8]) -> io::Result<usize> {
+        let len = plain.len();
+        #[cfg(feature = "tls-ring")]
+        {
+            let Some(at) = out.get_mut(HEADER..HEADER + len) else {
+                return Err(io::Error::other(
+                    "TLS: output buffer too small for a record",
+                ));
+            };
+            at.copy_from_slice(plain);
+            self.seal(typ, out, len)
+        }
+        #[cfg(not(feature = "tls-ring"))]
+        {
+            debug_assert!(len <= MAX_PLAIN);
+            let total = len + OVERHEAD;
+            let Some(record) = out.get_mut(..total) else {
+                return Err(io::Error::other(
+                    "TLS: output buffer too small for a record",
+                ));
+            };
+            let [hi, lo] = ((1 + len + TAG) as u16).to_be_bytes();
+            let head = [APPLICATION_DATA, 3, 3, hi, lo];
+            record[..HEADER].copy_from_slice(&head);
+            let nonce = self.next_nonce()?;
+            let (cipher, type_and_tag) = record[HEADER..].split_at_mut(len);
+            self.key
+                .seal_out_of_place_scatter(
+                    nonce,
+                    aead::Aad::from(head),
+                    plain,
+                    cipher,
+                    &[typ],
+                    type_and_tag,
+                )
+                .map_err(|_| io::Error::other("TLS: sealing failed"))?;
+            Ok(total)
+        }
+    }
+
     /// Opens the complete record `record` (header included; see
     /// [`complete`]) in place: its inner content type and where its
     /// plaintext now lies in `record`.
@@ -175,16 +222,59 @@ impl Keys {
         let plain = self
             .key
             .open_in_place(nonce, aead::Aad::from(&*head), body)
-            .map_err(|_| bad("bad_record_mac: a record that does not decrypt"))?;
-        // The inner plaintext: content, the type byte, then zero padding.
-        let Some(at) = plain.iter().rposition(|&b| b != 0) else {
-            return Err(bad("a record with no content type"));
-        };
-        if at > MAX_PLAIN {
-            return Err(bad("record_overflow: more than 2^14 bytes of plaintext"));
-        }
-        Ok((plain[at], HEADER..HEADER + at))
+            .map_err(|_| not_opened())?;
+        let (typ, len) = content(plain)?;
+        Ok((typ, HEADER..HEADER + len))
     }
+
+    /// Opens the complete record `record` into `out`, which must be
+    /// [`inner_len`] bytes long: its inner content type and the length of
+    /// its content, now at the start of `out`. With aws-lc-rs it is
+    /// decrypted straight into `out` (no copy after); `record` is left as
+    /// it was. Should it not open, `out` holds garbage.
+    pub fn open_into(&mut self, record: &[u8], out: &mut [u8]) -> io::Result<(u8, usize)> {
+        if record.len() < HEADER + TAG || out.len() != inner_len(record.len()) {
+            return Err(io::Error::other("TLS: a record and a buffer that differ"));
+        }
+        let nonce = self.next_nonce()?;
+        let (head, body) = record.split_at(HEADER);
+        let (cipher, tag) = body.split_at(body.len() - TAG);
+        #[cfg(feature = "tls-ring")]
+        {
+            out.copy_from_slice(cipher);
+            let tag = aead::Tag::try_from(tag).map_err(|_| not_opened())?;
+            self.key
+                .open_in_place_separate_tag(nonce, aead::Aad::from(head), tag, out, 0..)
+                .map_err(|_| not_opened())?;
+        }
+        #[cfg(not(feature = "tls-ring"))]
+        self.key
+            .open_separate_gather(nonce, aead::Aad::from(head), cipher, tag, out)
+            .map_err(|_| not_opened())?;
+        content(out)
+    }
+}
+
+/// The length of the inner plaintext (content, type byte, padding) of a
+/// protected record `record_len` bytes long, header included.
+pub fn inner_len(record_len: usize) -> usize {
+    record_len.saturating_sub(HEADER + TAG)
+}
+
+fn not_opened() -> io::Error {
+    bad("bad_record_mac: a record that does not decrypt")
+}
+
+/// An opened record's inner plaintext (content, the type byte, then zero
+/// padding): its content type and the content's length.
+fn content(inner: &[u8]) -> io::Result<(u8, usize)> {
+    let Some(at) = inner.iter().rposition(|&b| b != 0) else {
+        return Err(bad("a record with no content type"));
+    };
+    if at > MAX_PLAIN {
+        return Err(bad("record_overflow: more than 2^14 bytes of plaintext"));
+    }
+    Ok((inner[at], at))
 }
 
 /// What a handshake message received after the handshake asks.
@@ -305,6 +395,62 @@ mod tests {
             }
             assert_eq!((tx.seq(), rx.seq()), (11, 11));
         }
+    }
+
+    #[test]
+    fn sealing_from_the_writers_bytes_and_opening_into_the_readers_match_the_in_place_forms() {
+        for kind in 0..2 {
+            let (mut a, mut b) = pair(kind);
+            let (mut c, mut d) = pair(kind);
+            for len in [0, 1, 100, 4097, MAX_PLAIN] {
+                let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+                let mut from = vec![0xEE; len + OVERHEAD + 3];
+                let n = a
+                    .seal_from(APPLICATION_DATA, &data, &mut from)
+                    .expect("seal");
+                assert_eq!(n, len + OVERHEAD);
+                let mut in_place = vec![0u8; len + OVERHEAD];
+                in_place[HEADER..HEADER + len].copy_from_slice(&data);
+                c.seal(APPLICATION_DATA, &mut in_place, len).expect("seal");
+                assert_eq!(&from[..n], &in_place[..], "the same record, {len} bytes");
+                assert_eq!(&from[n..], &[0xEE; 3], "nothing written past it");
+
+                let mut out = vec![0x55; inner_len(n)];
+                let (typ, got) = b.open_into(&from[..n], &mut out).expect("open");
+                assert_eq!((typ, &out[..got]), (APPLICATION_DATA, &data[..]));
+                let (typ, range) = d.open(&mut in_place).expect("open");
+                assert_eq!((typ, &in_place[range]), (APPLICATION_DATA, &data[..]));
+            }
+            let mut short = vec![0u8; 10];
+            assert!(a.seal_from(ALERT, &[1, 0], &mut short).is_err(), "no room");
+        }
+    }
+
+    #[test]
+    fn a_record_opened_into_another_buffer_checks_like_one_opened_in_place() {
+        let (mut tx, mut rx) = pair(1);
+        let mut record = vec![0u8; 10 + OVERHEAD];
+        let n = tx
+            .seal_from(HANDSHAKE, b"0123456789", &mut record)
+            .expect("seal");
+        for bit in 0..n * 8 {
+            let mut flipped = record.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            let mut fresh = Keys::new(7, secrets(1, 1)).expect("keys");
+            let mut out = vec![0u8; inner_len(n)];
+            assert!(fresh.open_into(&flipped, &mut out).is_err(), "bit {bit}");
+        }
+        let mut out = vec![0u8; inner_len(n)];
+        let (typ, len) = rx.open_into(&record, &mut out).expect("opens");
+        assert_eq!((typ, &out[..len]), (HANDSHAKE, &b"0123456789"[..]));
+        assert!(rx.open_into(&record, &mut out).is_err(), "a replay");
+        let mut wrong = vec![0u8; inner_len(n) + 1];
+        let e = rx.open_into(&record, &mut wrong).expect_err("size");
+        assert!(e.to_string().contains("differ"), "{e}");
+        assert!(
+            rx.open_into(&record[..HEADER], &mut []).is_err(),
+            "too short"
+        );
     }
 
     #[test]

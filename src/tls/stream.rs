@@ -281,9 +281,9 @@ impl<D> Own<D> {
     }
 
     /// Seals the start of `parts` into `out[*out_len..]`, at most four
-    /// records' worth: full 16 KiB records, the plaintext copied once
-    /// straight into place, pieces shorter than a record gathered into
-    /// one. A key update of ours goes first when one is due. Returns the
+    /// records' worth: full 16 KiB records sealed straight from a piece
+    /// that holds one, shorter pieces copied into place and gathered into
+    /// one record. A key update of ours goes first when one is due. Returns the
     /// bytes taken.
     fn seal_data(
         &mut self,
@@ -300,6 +300,16 @@ impl<D> Own<D> {
             let mut piece = &part[..part.len().min(budget - taken)];
             taken += piece.len();
             while !piece.is_empty() {
+                if filled == 0 && piece.len() >= RECORD_PLAIN {
+                    // A whole record in one piece: sealed from where it lies.
+                    room(out, *out_len + RECORD_PLAIN + OVERHEAD);
+                    let (whole, rest) = piece.split_at(RECORD_PLAIN);
+                    *out_len +=
+                        self.tx
+                            .seal_from(record::APPLICATION_DATA, whole, &mut out[*out_len..])?;
+                    piece = rest;
+                    continue;
+                }
                 let n = (RECORD_PLAIN - filled).min(piece.len());
                 let at = *out_len + record::HEADER + filled;
                 room(out, at + n + OVERHEAD);
@@ -699,7 +709,9 @@ impl<S: Side> TlsStream<S> {
     /// Opens the complete records held into `dst` while it has room (what
     /// a record brings beyond it is kept in `plain`): `Some(n)` bytes read,
     /// `Some(0)` at close_notify with none, `None` when more ciphertext is
-    /// needed for any. Key updates and tickets are handled on the way.
+    /// needed for any. A record `dst` has room for is decrypted straight
+    /// into it; one it has not, in place, then copied. Key updates and
+    /// tickets are handled on the way.
     fn open_records(&mut self, dst: &mut [MaybeUninit<u8>]) -> io::Result<Option<usize>> {
         let Self {
             engine: Engine::Own(own),
@@ -722,46 +734,36 @@ impl<S: Side> TlsStream<S> {
             let Some(len) = record::complete(held)? else {
                 break (delivered > 0).then_some(delivered);
             };
+            let inner = record::inner_len(len);
+            if inner <= dst.len() - delivered {
+                let out = &mut dst[delivered..delivered + inner];
+                // SAFETY: every bit pattern is a valid u8, and these bytes
+                // are written by the AEAD before anything reads them (a
+                // reader sees only the `delivered` bytes); the slice lives
+                // only for this iteration.
+                let out = unsafe { &mut *(out as *mut [MaybeUninit<u8>] as *mut [u8]) };
+                let (typ, n) = own.rx.open_into(&held[..len], out)?;
+                *start += len;
+                if typ == record::APPLICATION_DATA {
+                    delivered += n;
+                } else if control::<S>(own, typ, &out[..n], peer_closed)? {
+                    break Some(delivered);
+                }
+                continue;
+            }
             let (typ, range) = own.rx.open(&mut held[..len])?;
             *start += len;
             let content = &held[range];
-            match typ {
-                record::APPLICATION_DATA => {
-                    let n = content.len().min(dst.len() - delivered);
-                    copy_into(&mut dst[delivered..delivered + n], &content[..n]);
-                    delivered += n;
-                    if n < content.len() {
-                        keep_plain(plain, plain_at, &content[n..]);
-                        break Some(delivered);
-                    }
+            if typ == record::APPLICATION_DATA {
+                let n = content.len().min(dst.len() - delivered);
+                copy_into(&mut dst[delivered..delivered + n], &content[..n]);
+                delivered += n;
+                if n < content.len() {
+                    keep_plain(plain, plain_at, &content[n..]);
+                    break Some(delivered);
                 }
-                record::ALERT => {
-                    if record::alert(content)? {
-                        *peer_closed = true;
-                        break Some(delivered);
-                    }
-                }
-                record::HANDSHAKE => {
-                    for message in record::post_handshake(content)? {
-                        match message {
-                            PostHandshake::KeyUpdate { update_requested } => {
-                                let (seq, secrets) =
-                                    own.kernel.update_rx_secret().map_err(invalid)?;
-                                own.rx = Keys::new(seq, secrets)?;
-                                own.update_tx |= update_requested;
-                            }
-                            PostHandshake::NewSessionTicket(body) => {
-                                S::ticket(&mut own.kernel, body)?
-                            }
-                        }
-                    }
-                }
-                other => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("TLS: a record of content type {other}"),
-                    ))
-                }
+            } else if control::<S>(own, typ, content, peer_closed)? {
+                break Some(delivered);
             }
         };
         if *start >= incoming.len() {
@@ -913,6 +915,41 @@ impl<S: Side> TlsStream<S> {
 
 fn unexpected(d: Drive) -> io::Error {
     io::Error::other(format!("TLS: unexpected state {d:?}"))
+}
+
+/// A record of ours that is not application data: an alert (`Ok(true)`
+/// at close_notify: nothing more will be read) or post-handshake messages
+/// (key updates followed, tickets kept); any other type is an error.
+fn control<S: Side>(
+    own: &mut Own<S::Data>,
+    typ: u8,
+    content: &[u8],
+    peer_closed: &mut bool,
+) -> io::Result<bool> {
+    match typ {
+        record::ALERT => {
+            let closed = record::alert(content)?;
+            *peer_closed |= closed;
+            Ok(closed)
+        }
+        record::HANDSHAKE => {
+            for message in record::post_handshake(content)? {
+                match message {
+                    PostHandshake::KeyUpdate { update_requested } => {
+                        let (seq, secrets) = own.kernel.update_rx_secret().map_err(invalid)?;
+                        own.rx = Keys::new(seq, secrets)?;
+                        own.update_tx |= update_requested;
+                    }
+                    PostHandshake::NewSessionTicket(body) => S::ticket(&mut own.kernel, body)?,
+                }
+            }
+            Ok(false)
+        }
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("TLS: a record of content type {other}"),
+        )),
+    }
 }
 
 /// Copies `src` into the start of `dst` (`dst.len() == src.len()`).
