@@ -196,7 +196,9 @@ fn tls_acceptor() -> yatagarasu::tls::TlsAcceptor {
 /// TLS 1.3 record protection of our own (`src/tls/record.rs`). The first
 /// byte picks the suite and a byte to damage; the rest is cut into records
 /// (a length byte, an inner type byte, the content), each sealed under a
-/// fixed key and opened again: what opens is what was sealed (the inner
+/// fixed key (in place, or straight from the bytes, as the length byte's
+/// low bit says) and opened again (in place, or into another buffer, as
+/// its next bit says): what opens is what was sealed (the inner
 /// type and the content, zero padding stripped when the type byte is a
 /// zero), the same record with one byte damaged never opens, and the
 /// plaintext parsed as an alert and as post-handshake messages gives a
@@ -222,9 +224,14 @@ pub fn tls_record(data: &[u8]) {
         let n = (*len as usize * 67).min(rest.len()).min(record::MAX_PLAIN);
         let (content, tail) = rest.split_at(n);
         data = tail;
+        // Sealed in place, or straight from the bytes (the same record).
         let mut sealed = vec![0u8; n + OVERHEAD];
-        sealed[HEADER..HEADER + n].copy_from_slice(content);
-        let total = tx.seal(*typ, &mut sealed, n).expect("seal");
+        let total = if len & 1 == 0 {
+            sealed[HEADER..HEADER + n].copy_from_slice(content);
+            tx.seal(*typ, &mut sealed, n).expect("seal")
+        } else {
+            tx.seal_from(*typ, content, &mut sealed).expect("seal")
+        };
         assert_eq!(record::complete(&sealed).expect("header"), Some(total));
         assert_eq!(
             record::complete(&sealed[..total - 1]).expect("header"),
@@ -234,18 +241,29 @@ pub fn tls_record(data: &[u8]) {
         let mut damaged = sealed.clone();
         let at = HEADER + (pick as usize * 31 + n) % (total - HEADER);
         damaged[at] ^= 1 << (pick % 8);
-        assert!(
-            shadow.open(&mut damaged).is_err(),
-            "a damaged record opened"
-        );
+        // Opened in place, or into another buffer.
+        let into = len & 2 != 0;
+        let mut out = vec![0u8; record::inner_len(total)];
+        let opened = if into {
+            shadow.open_into(&damaged, &mut out).map(|_| ())
+        } else {
+            shadow.open(&mut damaged).map(|_| ())
+        };
+        assert!(opened.is_err(), "a damaged record opened");
 
         let inner: Vec<u8> = content.iter().copied().chain([*typ]).collect();
-        match (inner.iter().rposition(|&b| b != 0), rx.open(&mut sealed)) {
-            (Some(at), Ok((t, range))) => {
+        let opened = if into {
+            rx.open_into(&sealed, &mut out)
+                .map(|(t, got)| (t, out[..got].to_vec()))
+        } else {
+            rx.open(&mut sealed).map(|(t, range)| (t, sealed[range].to_vec()))
+        };
+        match (inner.iter().rposition(|&b| b != 0), opened) {
+            (Some(at), Ok((t, plain))) => {
                 assert_eq!(t, inner[at]);
-                assert_eq!(&sealed[range.clone()], &inner[..at]);
-                let _ = record::alert(&sealed[range.clone()]);
-                let _ = record::post_handshake(&sealed[range]);
+                assert_eq!(&plain[..], &inner[..at]);
+                let _ = record::alert(&plain);
+                let _ = record::post_handshake(&plain);
             }
             (None, Err(_)) => {}
             (want, got) => panic!("opened {got:?}, expected a type at {want:?}"),
