@@ -193,23 +193,25 @@ fn tls_acceptor() -> yatagarasu::tls::TlsAcceptor {
         .clone()
 }
 
-/// TLS 1.3 record protection of our own (`src/tls/record.rs`). The first
-/// byte picks the suite and a byte to damage; the rest is cut into records
-/// (a length byte, an inner type byte, the content), each sealed under a
-/// fixed key (in place, or straight from the bytes, as the length byte's
-/// low bit says) and opened again (in place, or into another buffer, as
-/// its next bit says): what opens is what was sealed (the inner
-/// type and the content, zero padding stripped when the type byte is a
-/// zero), the same record with one byte damaged never opens, and the
-/// plaintext parsed as an alert and as post-handshake messages gives a
-/// value or an error, never a panic.
+/// TLS record protection of our own (`src/tls/record.rs`). The first byte
+/// picks the suite (its low bit), TLS 1.3 or 1.2 (its next bit) and a byte
+/// to damage; the rest is cut into records (a length byte, a type byte,
+/// the content), each sealed under a fixed key (in place, or straight from
+/// the bytes, as the length byte's low bit says) and opened again (in
+/// place, or into another buffer, as its next bit says): what opens is what
+/// was sealed (TLS 1.3: the inner type and the content, zero padding
+/// stripped when the type byte is a zero; TLS 1.2: the type outside and
+/// all of the content), the same record with one byte damaged never opens,
+/// and the plaintext parsed as an alert and as post-handshake messages
+/// gives a value or an error, never a panic.
 pub fn tls_record(data: &[u8]) {
     use rustls::crypto::cipher::{AeadKey, Iv};
     use rustls::ConnectionTrafficSecrets;
-    use yatagarasu::tls::record::{self, Keys, HEADER, OVERHEAD};
+    use yatagarasu::tls::record::{self, Keys};
     let Some((&pick, mut data)) = data.split_first() else {
         return;
     };
+    let tls12 = pick & 2 != 0;
     let secrets = || {
         let (key, iv) = (AeadKey::from([7u8; 32]), Iv::from([9u8; 12]));
         if pick & 1 == 0 {
@@ -218,32 +220,33 @@ pub fn tls_record(data: &[u8]) {
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv }
         }
     };
-    let keys = || Keys::new(0, secrets()).expect("keys");
+    let keys = || Keys::new(0, secrets(), tls12).expect("keys");
     let (mut tx, mut rx, mut shadow) = (keys(), keys(), keys());
     while let [len, typ, rest @ ..] = data {
         let n = (*len as usize * 67).min(rest.len()).min(record::MAX_PLAIN);
         let (content, tail) = rest.split_at(n);
         data = tail;
+        // TLS 1.2 records carry one of the three types a protected
+        // record may have.
+        let typ = if tls12 { record::ALERT + typ % 3 } else { *typ };
         // Sealed in place, or straight from the bytes (the same record).
-        let mut sealed = vec![0u8; n + OVERHEAD];
+        let mut sealed = vec![0u8; n + tx.overhead()];
         let total = if len & 1 == 0 {
-            sealed[HEADER..HEADER + n].copy_from_slice(content);
-            tx.seal(*typ, &mut sealed, n).expect("seal")
+            let at = tx.body_at();
+            sealed[at..at + n].copy_from_slice(content);
+            tx.seal(typ, &mut sealed, n).expect("seal")
         } else {
-            tx.seal_from(*typ, content, &mut sealed).expect("seal")
+            tx.seal_from(typ, content, &mut sealed).expect("seal")
         };
-        assert_eq!(record::complete(&sealed).expect("header"), Some(total));
-        assert_eq!(
-            record::complete(&sealed[..total - 1]).expect("header"),
-            None
-        );
+        assert_eq!(rx.complete(&sealed).expect("header"), Some(total));
+        assert_eq!(rx.complete(&sealed[..total - 1]).expect("header"), None);
 
         let mut damaged = sealed.clone();
-        let at = HEADER + (pick as usize * 31 + n) % (total - HEADER);
+        let at = record::HEADER + (pick as usize * 31 + n) % (total - record::HEADER);
         damaged[at] ^= 1 << (pick % 8);
         // Opened in place, or into another buffer.
         let into = len & 2 != 0;
-        let mut out = vec![0u8; record::inner_len(total)];
+        let mut out = vec![0u8; rx.plain_len(total)];
         let opened = if into {
             shadow.open_into(&damaged, &mut out).map(|_| ())
         } else {
@@ -251,22 +254,32 @@ pub fn tls_record(data: &[u8]) {
         };
         assert!(opened.is_err(), "a damaged record opened");
 
-        let inner: Vec<u8> = content.iter().copied().chain([*typ]).collect();
         let opened = if into {
             rx.open_into(&sealed, &mut out)
                 .map(|(t, got)| (t, out[..got].to_vec()))
         } else {
-            rx.open(&mut sealed).map(|(t, range)| (t, sealed[range].to_vec()))
+            rx.open(&mut sealed)
+                .map(|(t, range)| (t, sealed[range].to_vec()))
         };
-        match (inner.iter().rposition(|&b| b != 0), opened) {
-            (Some(at), Ok((t, plain))) => {
-                assert_eq!(t, inner[at]);
-                assert_eq!(&plain[..], &inner[..at]);
+        let inner: Vec<u8> = content.iter().copied().chain([typ]).collect();
+        let want = if tls12 {
+            Some((typ, content))
+        } else {
+            inner
+                .iter()
+                .rposition(|&b| b != 0)
+                .map(|at| (inner[at], &inner[..at]))
+        };
+        match (want, opened) {
+            (Some((want_type, want_plain)), Ok((t, plain))) => {
+                assert_eq!(t, want_type);
+                assert_eq!(&plain[..], want_plain);
                 let _ = record::alert(&plain);
                 let _ = record::post_handshake(&plain);
+                let _ = record::tls12_post_handshake(&plain);
             }
             (None, Err(_)) => {}
-            (want, got) => panic!("opened {got:?}, expected a type at {want:?}"),
+            (want, got) => panic!("opened {got:?}, expected {want:?}"),
         }
     }
 }

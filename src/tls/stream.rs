@@ -17,18 +17,17 @@
 //!   the next record straight into the caller's buffer when it fits.
 //!
 //! rustls runs the handshake ([`TlsStream::drive`] is the one place that
-//! runs its state machine). Once a TLS 1.3 handshake is over, the records
-//! are ours ([`super::record`]: opened and sealed in place, no allocation
-//! per record) and rustls keeps only what needs its secrets: the next keys
-//! on a key update, and a client's session tickets. A TLS 1.2 connection
-//! stays with rustls throughout (its records are protected differently,
-//! and few clients still use it). Dropping an
+//! runs its state machine). Once a handshake is over (TLS 1.3 or 1.2), the
+//! records are ours ([`super::record`]: opened and sealed between the
+//! callers' buffers and ours, no allocation per record) and rustls keeps
+//! only what needs its secrets: the next keys on a TLS 1.3 key update,
+//! and a client's session tickets. Dropping an
 //! operation mid-flight while it owned bytes of the stream (ciphertext not
 //! yet processed, records not yet sent) leaves the stream broken: every
 //! later operation fails rather than send or read a damaged stream.
 
 use super::buffers::{self, MAX_RECORD, RECORDS_PER_IO, RECORD_PLAIN};
-use super::record::{self, Keys, PostHandshake, OVERHEAD};
+use super::record::{self, Keys, PostHandshake, Protection};
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
@@ -228,16 +227,17 @@ enum Drive {
 
 /// Who protects the records.
 enum Engine<S: Side> {
-    /// rustls: the handshake, and every record of a TLS 1.2 connection.
+    /// rustls: the handshake (and the records of a connection the peer
+    /// closed before it ended).
     Rustls(S),
-    /// [`super::record`], with keys from rustls: a TLS 1.3 connection
-    /// after its handshake (boxed: the rustls state it replaces is freed).
+    /// [`super::record`], with keys from rustls: a connection after its
+    /// handshake (boxed: the rustls state it replaces is freed).
     Own(Box<Own<S::Data>>),
     /// Neither: a hand-over that failed (every operation fails).
     Gone,
 }
 
-/// A TLS 1.3 connection's records, once they are ours.
+/// A connection's records, once they are ours.
 struct Own<D> {
     /// rustls's remains: the next keys on a key update, a client's tickets.
     kernel: KernelConnection<D>,
@@ -259,8 +259,8 @@ impl<D> Own<D> {
         out: &mut Vec<u8>,
         out_len: &mut usize,
     ) -> io::Result<()> {
-        room(out, *out_len + msg.len() + OVERHEAD);
-        out[*out_len + record::HEADER..][..msg.len()].copy_from_slice(msg);
+        room(out, *out_len + msg.len() + self.tx.overhead());
+        out[*out_len + self.tx.body_at()..][..msg.len()].copy_from_slice(msg);
         *out_len += self.tx.seal(typ, &mut out[*out_len..], msg.len())?;
         Ok(())
     }
@@ -275,7 +275,7 @@ impl<D> Own<D> {
             out_len,
         )?;
         let (seq, secrets) = self.kernel.update_tx_secret().map_err(invalid)?;
-        self.tx = Keys::new(seq, secrets)?;
+        self.tx = Keys::new(seq, secrets, false)?;
         self.update_tx = false;
         Ok(())
     }
@@ -283,15 +283,22 @@ impl<D> Own<D> {
     /// Seals the start of `parts` into `out[*out_len..]`, at most four
     /// records' worth: full 16 KiB records sealed straight from a piece
     /// that holds one, shorter pieces copied into place and gathered into
-    /// one record. A key update of ours goes first when one is due. Returns the
-    /// bytes taken.
+    /// one record. A key update of ours goes first when one is due.
+    /// Returns the bytes taken.
     fn seal_data(
         &mut self,
         parts: &[&[u8]],
         out: &mut Vec<u8>,
         out_len: &mut usize,
     ) -> io::Result<usize> {
-        if self.update_tx || self.tx.seq() >= record::RECORDS_PER_KEY {
+        let worn = self.tx.seq() >= record::RECORDS_PER_KEY;
+        if self.tx.protection() != Protection::Tls13 && worn {
+            // TLS 1.2 has no key update: such a connection must end.
+            return Err(io::Error::other(
+                "TLS 1.2: the key has sealed its share of records",
+            ));
+        }
+        if self.update_tx || worn {
             self.update_tx(out, out_len)?;
         }
         let budget = RECORDS_PER_IO * RECORD_PLAIN;
@@ -302,7 +309,7 @@ impl<D> Own<D> {
             while !piece.is_empty() {
                 if filled == 0 && piece.len() >= RECORD_PLAIN {
                     // A whole record in one piece: sealed from where it lies.
-                    room(out, *out_len + RECORD_PLAIN + OVERHEAD);
+                    room(out, *out_len + RECORD_PLAIN + self.tx.overhead());
                     let (whole, rest) = piece.split_at(RECORD_PLAIN);
                     *out_len +=
                         self.tx
@@ -311,8 +318,8 @@ impl<D> Own<D> {
                     continue;
                 }
                 let n = (RECORD_PLAIN - filled).min(piece.len());
-                let at = *out_len + record::HEADER + filled;
-                room(out, at + n + OVERHEAD);
+                let at = *out_len + self.tx.body_at() + filled;
+                room(out, at + n + self.tx.overhead());
                 out[at..at + n].copy_from_slice(&piece[..n]);
                 filled += n;
                 piece = &piece[n..];
@@ -673,20 +680,28 @@ impl<S: Side> TlsStream<S> {
     fn version(&self) -> Option<ProtocolVersion> {
         match &self.engine {
             Engine::Rustls(conn) => conn.state().protocol_version(),
-            Engine::Own(_) => Some(ProtocolVersion::TLSv1_3),
+            Engine::Own(own) => Some(match own.tx.protection() {
+                Protection::Tls13 => ProtocolVersion::TLSv1_3,
+                Protection::Tls12Gcm | Protection::Tls12Chacha => ProtocolVersion::TLSv1_2,
+            }),
             Engine::Gone => None,
         }
     }
 
-    /// A TLS 1.3 connection's records become ours (rustls has nothing
-    /// left to send: the handshake ended in its WriteTraffic state, and a
-    /// server's tickets are already sealed, held in `out`); a TLS 1.2 one,
-    /// or one the peer already closed, stays with rustls.
+    /// The connection's records become ours (rustls has nothing left to
+    /// send: the handshake ended in its WriteTraffic state, and a TLS 1.3
+    /// server's tickets are already sealed, held in `out`); one the peer
+    /// already closed stays with rustls.
     fn take_records(&mut self) -> io::Result<()> {
         let Engine::Rustls(conn) = &self.engine else {
             return Ok(());
         };
-        if self.peer_closed || self.version() != Some(ProtocolVersion::TLSv1_3) {
+        let tls12 = match self.version() {
+            Some(ProtocolVersion::TLSv1_3) => false,
+            Some(ProtocolVersion::TLSv1_2) => true,
+            _ => return Ok(()),
+        };
+        if self.peer_closed {
             return Ok(());
         }
         let kind = conn.state().handshake_kind();
@@ -698,8 +713,8 @@ impl<S: Side> TlsStream<S> {
         let (rx_seq, rx) = secrets.rx;
         self.engine = Engine::Own(Box::new(Own {
             kernel,
-            tx: Keys::new(tx_seq, tx)?,
-            rx: Keys::new(rx_seq, rx)?,
+            tx: Keys::new(tx_seq, tx, tls12)?,
+            rx: Keys::new(rx_seq, rx, tls12)?,
             update_tx: false,
             kind,
         }));
@@ -731,10 +746,10 @@ impl<S: Side> TlsStream<S> {
                 break Some(delivered);
             }
             let held = &mut incoming[*start..];
-            let Some(len) = record::complete(held)? else {
+            let Some(len) = own.rx.complete(held)? else {
                 break (delivered > 0).then_some(delivered);
             };
-            let inner = record::inner_len(len);
+            let inner = own.rx.plain_len(len);
             if inner <= dst.len() - delivered {
                 let out = &mut dst[delivered..delivered + inner];
                 // SAFETY: every bit pattern is a valid u8, and these bytes
@@ -932,12 +947,16 @@ fn control<S: Side>(
             *peer_closed |= closed;
             Ok(closed)
         }
+        record::HANDSHAKE if own.rx.protection() != Protection::Tls13 => {
+            record::tls12_post_handshake(content)?;
+            Ok(false)
+        }
         record::HANDSHAKE => {
             for message in record::post_handshake(content)? {
                 match message {
                     PostHandshake::KeyUpdate { update_requested } => {
                         let (seq, secrets) = own.kernel.update_rx_secret().map_err(invalid)?;
-                        own.rx = Keys::new(seq, secrets)?;
+                        own.rx = Keys::new(seq, secrets, false)?;
                         own.update_tx |= update_requested;
                     }
                     PostHandshake::NewSessionTicket(body) => S::ticket(&mut own.kernel, body)?,
@@ -1543,43 +1562,123 @@ mod tests {
         addr
     }
 
+    /// rustls's configs (server, client) that speak only TLS 1.2 with one
+    /// cipher suite, trusting and using the certificate in `dir`.
+    fn tls12_only(
+        dir: &tempfile::TempDir,
+        suite: rustls::CipherSuite,
+    ) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+        use rustls::pki_types::pem::PemObject;
+        let c = dir.path().join("c.pem").display().to_string();
+        let certs = super::super::load_pem_certs(&c).expect("certs");
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_file(dir.path().join("k.pem")).expect("key");
+        let mut provider = (*super::super::provider()).clone();
+        provider.cipher_suites.retain(|s| s.suite() == suite);
+        assert_eq!(provider.cipher_suites.len(), 1, "{suite:?}");
+        let provider = Arc::new(provider);
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .expect("TLS 1.2")
+            .with_no_client_auth()
+            .with_single_cert(certs.clone(), key)
+            .expect("config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(certs[0].clone()).expect("root");
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .expect("TLS 1.2")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// rustls's side of a TLS 1.2 exchange: it echoes `size` bytes, then
+    /// sends `size + 1` of its own (close_notify is the caller's).
+    fn echo_then_send(tls: &mut (impl Read + Write), size: usize) -> io::Result<()> {
+        let mut got = vec![0u8; size];
+        tls.read_exact(&mut got)?;
+        tls.write_all(&got)?;
+        tls.write_all(&pattern(size + 1))
+    }
+
     #[test]
-    fn a_tls13_connection_is_ours_after_the_handshake_and_tls12_stays_with_rustls() {
+    fn tls12_connections_are_ours_too_and_interwork_with_rustls_records_for_each_suite() {
         run(async {
             let (client, server) = pair().await;
             assert!(owned(&client) && owned(&server), "TLS 1.3: our records");
+            assert_eq!(client.version(), Some(ProtocolVersion::TLSv1_3));
 
-            // A server that speaks only TLS 1.2: rustls's records, both ends.
-            let (_a, connector, dir) = configs();
-            let certs =
-                super::super::load_pem_certs(&dir.path().join("c.pem").display().to_string())
-                    .expect("certs");
-            use rustls::pki_types::pem::PemObject;
-            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(dir.path().join("k.pem"))
-                .expect("key");
-            let config = ServerConfig::builder_with_provider(super::super::provider())
-                .with_protocol_versions(&[&rustls::version::TLS12])
-                .expect("TLS 1.2")
-                .with_no_client_auth()
-                .with_single_cert(certs, key)
-                .expect("config");
-            let acceptor = TlsAcceptor::from(Arc::new(config));
-            let (mut client, mut server) = handshake_with(&acceptor, &connector).await;
-            assert!(
-                !owned(&client) && !owned(&server),
-                "TLS 1.2: rustls's records"
-            );
-            let (r, _) = client.write_all(pattern(40_000)).await;
-            r.expect("write");
-            let (r, got) = server.read_exact(vec![0u8; 40_000]).await;
-            r.expect("read");
-            assert_eq!(got, pattern(40_000));
-            let (r, _) = server.write_all(got).await;
-            r.expect("write");
-            let (r, back) = client.read_exact(vec![0u8; 40_000]).await;
-            r.expect("read");
-            assert_eq!(back, pattern(40_000));
+            let (acceptor, _, dir) = configs();
+            let size = 40_000;
+            for suite in [
+                rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            ] {
+                let (server_config, client_config) = tls12_only(&dir, suite);
+
+                // Our client, rustls's TLS 1.2 server.
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+                let addr = listener.local_addr().expect("addr");
+                let peer = std::thread::spawn(move || -> io::Result<()> {
+                    let (tcp, _) = listener.accept()?;
+                    let conn =
+                        rustls::ServerConnection::new(server_config).map_err(io::Error::other)?;
+                    let mut tls = rustls::StreamOwned::new(conn, tcp);
+                    echo_then_send(&mut tls, size)?;
+                    tls.conn.send_close_notify();
+                    tls.flush()
+                });
+                let tcp = monoio::net::TcpStream::connect(addr)
+                    .await
+                    .expect("connect");
+                let mut ours = TlsConnector::from(client_config.clone())
+                    .connect(name(), tcp)
+                    .await
+                    .expect("handshake");
+                assert!(owned(&ours), "{suite:?}: our records");
+                assert_eq!(ours.version(), Some(ProtocolVersion::TLSv1_2));
+                exchange_with_tls12_peer(&mut ours, size, suite).await;
+                peer.join().expect("peer thread").expect("rustls server");
+
+                // rustls's TLS 1.2 client, our server.
+                let (listener, addr) = listen();
+                let peer = std::thread::spawn(move || -> io::Result<()> {
+                    let tcp = std::net::TcpStream::connect(addr)?;
+                    let conn = rustls::ClientConnection::new(client_config, name())
+                        .map_err(io::Error::other)?;
+                    let mut tls = rustls::StreamOwned::new(conn, tcp);
+                    echo_then_send(&mut tls, size)?;
+                    tls.conn.send_close_notify();
+                    tls.flush()
+                });
+                let (tcp, _) = listener.accept().await.expect("accept");
+                let mut ours = acceptor.accept(tcp).await.expect("handshake");
+                assert!(owned(&ours), "{suite:?}: our records");
+                assert_eq!(ours.version(), Some(ProtocolVersion::TLSv1_2));
+                exchange_with_tls12_peer(&mut ours, size, suite).await;
+                peer.join().expect("peer thread").expect("rustls client");
+            }
         });
+    }
+
+    /// Our side of [`echo_then_send`]: `size` bytes out and echoed
+    /// back, `size + 1` of the peer's, then its close_notify.
+    async fn exchange_with_tls12_peer<S: Side>(
+        ours: &mut TlsStream<S>,
+        size: usize,
+        suite: rustls::CipherSuite,
+    ) {
+        let (r, _) = ours.write_all(pattern(size)).await;
+        r.expect("write");
+        let (r, back) = ours.read_exact(vec![0u8; size]).await;
+        r.expect("read the echo");
+        assert_eq!(back, pattern(size), "{suite:?}");
+        let (r, more) = ours.read_exact(vec![0u8; size + 1]).await;
+        r.expect("read");
+        assert_eq!(more, pattern(size + 1), "{suite:?}");
+        let (r, _) = ours.read(Vec::with_capacity(10)).await;
+        assert_eq!(r.expect("close_notify"), 0, "{suite:?}");
     }
 
     #[test]
