@@ -8,6 +8,7 @@
 # count per request (start-up, the handshake and the first miss cancel out).
 #
 #   bash loadtest/tls_allocs.sh [yatagarasu binary]   (N1=200 N2=1200)
+#   TLS_MAX=1.2 makes the client speak TLS 1.2 (the default: TLS 1.3).
 #
 # Needs valgrind, nginx, openssl, python3.
 set -euo pipefail
@@ -48,12 +49,14 @@ count() {
     curl -skf -o /dev/null "https://127.0.0.1:$P_YATA/data/obj-1k" && break
     sleep 0.2
   done
-  python3 - "$P_YATA" "$n" <<'PY'
+  python3 - "$P_YATA" "$n" "${TLS_MAX:-1.3}" <<'PY'
 import http.client, ssl, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])
 ctx = ssl.create_default_context()
 ctx.check_hostname = False
 ctx.verify_mode = ssl.CERT_NONE
+if sys.argv[3] == "1.2":
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
 c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx)
 for _ in range(n):
     c.request("GET", "/data/obj-1k")
