@@ -28,11 +28,8 @@ use ring::aead;
 
 /// A record's header: content type, legacy version, length.
 pub const HEADER: usize = 5;
-/// The AEAD tag (16 bytes for every TLS 1.3 suite).
+/// The AEAD tag (16 bytes for every suite we seal with).
 pub const TAG: usize = 16;
-/// What sealing adds to a TLS 1.3 record's plaintext: the header, the inner
-/// content type byte and the tag (see [`Keys::overhead`] for TLS 1.2's).
-pub const OVERHEAD: usize = HEADER + 1 + TAG;
 /// The most plaintext one record carries (2^14).
 pub const MAX_PLAIN: usize = 16_384;
 
@@ -530,6 +527,10 @@ pub fn alert(plain: &[u8]) -> io::Result<bool> {
 mod tests {
     use super::*;
     use rustls::crypto::cipher::{AeadKey, Iv};
+
+    /// What sealing adds to a TLS 1.3 record's plaintext, written out (the
+    /// header, the inner type byte, the tag) to check `Keys::overhead`.
+    const OVERHEAD: usize = HEADER + 1 + TAG;
 
     fn secrets(kind: u8, seed: u8) -> ConnectionTrafficSecrets {
         let mut key = [0u8; 32];
