@@ -5,13 +5,16 @@
 //! deadline. Opening it sends `AUTH` and `SELECT` as configured; a
 //! connection that failed once is dropped, never reused.
 
+use super::values;
 use crate::config::{RedisCache, RedisTls};
 use crate::http::io::{read_more, write_all};
 use crate::stream::{MaybeTls, UpStream};
+use monoio::buf::IoBufMut;
+use monoio::io::AsyncReadRent;
 use monoio::net::TcpStream;
 use redis_protocol::resp2::decode::decode;
 use redis_protocol::resp2::types::OwnedFrame;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Read buffer to start with; grows to the largest reply read.
 const BUF: usize = 16 * 1024;
@@ -93,11 +96,17 @@ impl Conn {
         commands: &[&[&[u8]]],
         timeout: Duration,
     ) -> Result<Vec<OwnedFrame>, String> {
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         self.send(commands, timeout).await?;
         let mut replies = Vec::with_capacity(commands.len());
-        while replies.len() < commands.len() {
-            replies.push(self.read_frame(deadline).await?);
+        for args in commands {
+            let reply = match args.first() {
+                Some(&name) if name == b"GET" || name == b"MGET" => {
+                    self.read_values(deadline).await?
+                }
+                _ => self.read_frame(deadline).await?,
+            };
+            replies.push(reply);
         }
         Ok(replies)
     }
@@ -122,7 +131,7 @@ impl Conn {
 
     /// The next frame Redis sends (a reply, or a subscriber's message),
     /// by `deadline`.
-    pub async fn read_frame(&mut self, deadline: std::time::Instant) -> Result<OwnedFrame, String> {
+    pub async fn read_frame(&mut self, deadline: Instant) -> Result<OwnedFrame, String> {
         loop {
             // Decoded once whole: a partial reply is only scanned (decoding
             // it would copy what is in, again after every read).
@@ -157,13 +166,163 @@ impl Conn {
             } else if self.buf.len() == self.buf.capacity() {
                 self.buf.reserve(self.buf.capacity().max(BUF));
             }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let left = deadline.saturating_duration_since(Instant::now());
             match read_more(&mut self.stream, &mut self.buf, left).await {
                 Ok(0) => return Err("connection closed".into()),
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(TIMED_OUT.into()),
                 Err(e) => return Err(format!("read: {e}")),
             }
+        }
+    }
+}
+
+impl Conn {
+    /// The reply to a `GET` or an `MGET`: a value or null, an array of
+    /// them, or an error. A value of [`values::POOLED_MIN`] bytes or more
+    /// is read straight off the socket into a buffer of its own
+    /// ([`values::take`]); smaller ones are copied out of the read buffer.
+    async fn read_values(&mut self, deadline: Instant) -> Result<OwnedFrame, String> {
+        let mut at = 0;
+        let reply = match self.header(&mut at, deadline).await? {
+            Header::Value(n) => self.value(&mut at, n, deadline).await?,
+            Header::Array(None) => OwnedFrame::Null,
+            Header::Array(Some(n)) => {
+                let mut items = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    match self.header(&mut at, deadline).await? {
+                        Header::Value(v) => items.push(self.value(&mut at, v, deadline).await?),
+                        _ => {
+                            return Err("unreadable reply: not a value in an array of values".into())
+                        }
+                    }
+                }
+                OwnedFrame::Array(items)
+            }
+            Header::Error(e) => OwnedFrame::Error(e),
+        };
+        self.buf.drain(..at);
+        Ok(reply)
+    }
+
+    /// The header line at `buf[*at..]`, read in if need be; `*at` moves
+    /// past it.
+    async fn header(&mut self, at: &mut usize, deadline: Instant) -> Result<Header, String> {
+        loop {
+            let rest = &self.buf[*at..];
+            if let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+                let header = Header::parse(rest[0], &rest[1..eol])?;
+                *at += eol + 2;
+                return Ok(header);
+            }
+            if rest.len() > MAX_HEADER {
+                return Err("unreadable reply: header line too long".into());
+            }
+            let more = rest.len() + 1;
+            self.fill(at, more, deadline).await?;
+        }
+    }
+
+    /// A value of `n` bytes (`None`: null) at `buf[*at..]`, its body read
+    /// in as need be; `*at` moves past it.
+    async fn value(
+        &mut self,
+        at: &mut usize,
+        n: Option<usize>,
+        deadline: Instant,
+    ) -> Result<OwnedFrame, String> {
+        let Some(n) = n else {
+            return Ok(OwnedFrame::Null);
+        };
+        let framed = n.checked_add(2).ok_or("unreadable reply: value too long")?;
+        let mut v;
+        if n < values::POOLED_MIN {
+            self.fill(at, framed, deadline).await?;
+            v = self.buf[*at..*at + framed].to_vec();
+            *at += framed;
+        } else {
+            // What is already in, copied; the rest read straight in, no
+            // further than the value's end (what follows is the next
+            // reply's).
+            v = values::take(framed);
+            let have = (self.buf.len() - *at).min(framed);
+            v.extend_from_slice(&self.buf[*at..*at + have]);
+            *at += have;
+            while v.len() < framed {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let len = v.len();
+                let read = monoio::time::timeout(left, self.stream.read(v.slice_mut(len..framed)));
+                match read.await {
+                    Ok((Ok(0), _)) => return Err("connection closed".into()),
+                    Ok((Ok(_), slice)) => v = slice.into_inner(),
+                    Ok((Err(e), _)) => return Err(format!("read: {e}")),
+                    Err(_) => return Err(TIMED_OUT.into()),
+                }
+            }
+        }
+        if !v.ends_with(b"\r\n") {
+            return Err("unreadable reply: a value not followed by CRLF".into());
+        }
+        v.truncate(n);
+        Ok(OwnedFrame::BulkString(v))
+    }
+
+    /// Reads until `buf[*at..]` holds at least `want` bytes (moving what is
+    /// unread to the front first when the buffer lacks room).
+    async fn fill(&mut self, at: &mut usize, want: usize, deadline: Instant) -> Result<(), String> {
+        while self.buf.len() - *at < want {
+            if *at > 0 && *at + want > self.buf.capacity() {
+                self.buf.drain(..*at);
+                *at = 0;
+            }
+            if want > self.buf.capacity() - *at {
+                self.buf.reserve_exact(*at + want - self.buf.len());
+            } else if self.buf.len() == self.buf.capacity() {
+                self.buf.reserve(BUF);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match read_more(&mut self.stream, &mut self.buf, left).await {
+                Ok(0) => return Err("connection closed".into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(TIMED_OUT.into()),
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The longest header line a reply to `GET` or `MGET` may have.
+const MAX_HEADER: usize = 4096;
+
+/// The header line of a reply to `GET` or `MGET`, or of one of its values.
+#[derive(Debug, PartialEq, Eq)]
+enum Header {
+    /// A value of this many bytes; `None`: null.
+    Value(Option<usize>),
+    /// An array of this many values; `None`: null.
+    Array(Option<usize>),
+    Error(String),
+}
+
+impl Header {
+    /// The header of type `kind` whose text (CRLF excluded) is `line`.
+    fn parse(kind: u8, line: &[u8]) -> Result<Header, String> {
+        let count = || -> Result<Option<usize>, String> {
+            let n: i64 = std::str::from_utf8(line)
+                .ok()
+                .and_then(|l| l.parse().ok())
+                .ok_or("unreadable reply: a length that is not a number")?;
+            Ok(usize::try_from(n).ok())
+        };
+        match kind {
+            b'$' => Ok(Header::Value(count()?)),
+            b'*' => Ok(Header::Array(count()?)),
+            b'-' => Ok(Header::Error(String::from_utf8_lossy(line).into_owned())),
+            other => Err(format!(
+                "unreadable reply: {:?} where a value was expected",
+                other as char
+            )),
         }
     }
 }
@@ -193,7 +352,7 @@ async fn handshake(
         .get_or_init(|| crate::tls::connector(tls.ca_file.as_deref(), false))
         .as_ref()
         .map_err(|e| format!("TLS to Redis: {e}"))?;
-    let deadline = std::time::Instant::now() + s.connect_timeout;
+    let deadline = Instant::now() + s.connect_timeout;
     crate::upstream::pool::tls_handshake(connector, stream, &tls.server_name, address, deadline)
         .await
         .map_err(|(_, e)| e)
@@ -266,7 +425,122 @@ pub fn ok(reply: OwnedFrame) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{scan, Scan};
+    use super::{scan, Conn, Scan};
+    use crate::stream::MaybeTls;
+    use crate::testing::{loopback_pair, run, xorshift};
+    use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+    use redis_protocol::resp2::types::OwnedFrame;
+    use std::time::Duration;
+
+    /// Plays `reply` to `commands` sent on a new connection, in pieces of
+    /// random sizes (a few bytes to a few KiB) with pauses between some, so
+    /// that headers and values arrive split anywhere; then the end of the
+    /// stream.
+    fn replies(commands: &[&[&[u8]]], reply: Vec<u8>) -> Result<Vec<OwnedFrame>, String> {
+        run(async move {
+            let (ours, mut theirs) = loopback_pair().await;
+            let _ = theirs.set_nodelay(true);
+            let server = monoio::spawn(async move {
+                let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
+                let mut at = 0;
+                while at < reply.len() {
+                    let n = (next() % 3000 + 1) as usize;
+                    let piece = reply[at..(at + n).min(reply.len())].to_vec();
+                    at += piece.len();
+                    if theirs.write_all(piece).await.0.is_err() {
+                        return;
+                    }
+                    if next().is_multiple_of(4) {
+                        monoio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                // The end of the reply (a cut one ends here), then held
+                // open until the client has read and closed.
+                let _ = theirs.shutdown().await;
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    match theirs.read(buf).await {
+                        (Ok(n), b) if n > 0 => buf = b,
+                        _ => return,
+                    }
+                }
+            });
+            let mut conn = Conn::over(MaybeTls::Plain(ours));
+            let got = conn.pipeline(commands, Duration::from_secs(20)).await;
+            drop(conn);
+            server.await;
+            got
+        })
+    }
+
+    fn value(n: usize, seed: u64) -> Vec<u8> {
+        let mut next = xorshift(seed);
+        (0..n).map(|_| next() as u8).collect()
+    }
+
+    fn bulk(v: &[u8]) -> Vec<u8> {
+        let mut out = format!("${}\r\n", v.len()).into_bytes();
+        out.extend_from_slice(v);
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    #[test]
+    fn values_arrive_whole_however_the_reply_is_split_and_the_next_reply_is_left_alone() {
+        let (big, mid) = (value(100_000, 1), value(40_000, 2));
+        let mut reply = bulk(b"hello");
+        reply.extend_from_slice(b"$-1\r\n:1\r\n*4\r\n");
+        reply.extend(bulk(b"abc"));
+        reply.extend_from_slice(b"$-1\r\n");
+        reply.extend(bulk(&big));
+        reply.extend(bulk(b""));
+        reply.extend_from_slice(b"-MOVED 123 127.0.0.1:7000\r\n");
+        reply.extend(bulk(&mid));
+        reply.extend_from_slice(b"+PONG\r\n");
+        let commands: [&[&[u8]]; 7] = [
+            &[b"GET", b"a"],
+            &[b"GET", b"b"],
+            &[b"EXISTS", b"k"],
+            &[b"MGET", b"w", b"x", b"y", b"z"],
+            &[b"GET", b"c"],
+            &[b"GET", b"mid"],
+            &[b"PING"],
+        ];
+        let got = replies(&commands, reply).expect("every reply read");
+        let bs = |v: &[u8]| OwnedFrame::BulkString(v.to_vec());
+        assert_eq!(
+            got,
+            vec![
+                bs(b"hello"),
+                OwnedFrame::Null,
+                OwnedFrame::Integer(1),
+                OwnedFrame::Array(vec![bs(b"abc"), OwnedFrame::Null, bs(&big), bs(b"")]),
+                OwnedFrame::Error("MOVED 123 127.0.0.1:7000".into()),
+                bs(&mid),
+                OwnedFrame::SimpleString(b"PONG".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_malformed_or_cut_reply_to_a_get_is_an_error_naming_it() {
+        let get: [&[&[u8]]; 1] = [&[b"GET", b"k"]];
+        let cases: [(&[u8], &str); 6] = [
+            (b"$abc\r\n", "not a number"),
+            (b"$5\r\nhelloXX", "not followed by CRLF"),
+            (b":1\r\n", "where a value was expected"),
+            (b"*2\r\n*1\r\n$1\r\na\r\n", "not a value in an array"),
+            (b"$5\r\nhel", "connection closed"),
+            (b"$70000\r\nabc", "connection closed"),
+        ];
+        for (reply, says) in cases {
+            let err = replies(&get, reply.to_vec()).expect_err("not a value");
+            assert!(err.contains(says), "{reply:?}: {err}");
+        }
+        let long = vec![b'$'; 5000];
+        let err = replies(&get, long).expect_err("no end of line");
+        assert!(err.contains("header line too long"), "{err}");
+    }
 
     #[test]
     fn a_reply_is_scanned_for_its_end_or_the_bytes_it_still_needs() {

@@ -13,7 +13,7 @@
 //! them.
 
 use super::entry::{self, StreamHead};
-use super::{Found, Reader, RedisTier};
+use super::{values, Found, Reader, RedisTier};
 use crate::cache::store::Object;
 use bytes::Bytes;
 use redis_protocol::resp2::types::OwnedFrame;
@@ -191,7 +191,7 @@ impl Reader {
             let alive = replies.pop();
             match replies.pop() {
                 Some(OwnedFrame::BulkString(v)) => {
-                    return entry::open_chunk(Bytes::from(v), head.chunk_len(n))
+                    return entry::open_chunk(values::share(v), head.chunk_len(n))
                         .map_err(|bad| ChunkError::Broken(format!("chunk {n}: {bad:?}")));
                 }
                 Some(OwnedFrame::Null) => {}

@@ -7,6 +7,7 @@
 
 use super::entry;
 use super::reader::Reader;
+use super::values;
 use super::RedisTier;
 use crate::cache::policy::{self, RangeAnswer};
 use crate::cache::store::Object;
@@ -46,7 +47,7 @@ impl Reader {
             .call(tier, rkey.as_bytes(), &[b"GET", rkey.as_bytes()])
             .await
         {
-            Ok(OwnedFrame::BulkString(v)) => Bytes::from(v),
+            Ok(OwnedFrame::BulkString(v)) => values::share(v),
             Ok(OwnedFrame::Null) => {
                 tier.misses.fetch_add(1, Ordering::Relaxed);
                 return Found::Miss;
@@ -116,7 +117,7 @@ impl Reader {
             OwnedFrame::Array(values) => Ok(values
                 .into_iter()
                 .map(|v| match v {
-                    OwnedFrame::BulkString(b) => Some(Bytes::from(b)),
+                    OwnedFrame::BulkString(b) => Some(values::share(b)),
                     _ => None,
                 })
                 .collect()),

@@ -41,6 +41,7 @@ pub mod limit;
 pub mod lookup;
 pub mod publish;
 pub mod reader;
+pub mod values;
 
 pub use lookup::Found;
 pub use reader::Reader;
