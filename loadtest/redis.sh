@@ -6,6 +6,7 @@
 #   bash loadtest/redis.sh                 # 1 KiB, 64 KiB, 1 MiB
 #   SIZES="64k" DURATION=3 bash loadtest/redis.sh
 #   CHUNK_KB=64 bash loadtest/redis.sh     # objects above 64 KiB stored (and streamed) as chunks
+#   POOL=8 bash loadtest/redis.sh          # cache.redis.max_pool_size (default here 32, one per client)
 #
 # Layout: yatagarasu (one worker) pinned to core 0; wrk, redis-server,
 # redis-benchmark and the nginx file origin on core 1 (PIN=0: unpinned).
@@ -27,6 +28,7 @@ YATA=${YATA:-$ROOT/target/release/yatagarasu}
 SIZES=${SIZES:-"1k 64k 1m"}
 DURATION=${DURATION:-5}
 CHUNK_KB=${CHUNK_KB:-1024}
+POOL=${POOL:-32}
 PIN=${PIN:-1}
 P_ORIGIN=18400 P_YATA=18401 P_METRICS=18402 P_REDIS=18403
 on_core() { if [ "$PIN" = 1 ]; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi; }
@@ -66,7 +68,7 @@ $1
     enabled: true
     redis_url: \"redis://127.0.0.1:$P_REDIS\"
     redis_ttl_seconds: 3600
-    max_pool_size: 32
+    max_pool_size: $POOL
     chunk_size_kb: $CHUNK_KB
 " "$P_METRICS" >"$WORK/yata.yaml"
   spawn_on 0 "$YATA" --config "$WORK/yata.yaml" 2>>"$WORK/logs/yata.log" &
