@@ -1557,3 +1557,66 @@ fn the_primary_is_found_through_sentinel_and_followed_over_a_failover() {
         replica.keys()
     );
 }
+
+/// An entry longer than one read (256 KiB) is read a piece a round trip
+/// (`GETRANGE`), so Redis never holds a whole large reply for a lookup,
+/// and comes back byte-exact. One cut short, flipped in its last piece or
+/// longer than it says is refused and refetched, never served.
+#[test]
+fn a_large_entry_is_read_in_pieces_and_a_cut_flipped_or_longer_one_is_refused() {
+    let redis = Redis::start();
+    let up = mixed_origin();
+    let paths = ["/b/big700", "/b/big701", "/b/big702", "/b/big703"];
+    let first = Proxy::start(&config(&up.endpoint(), &redis.url()));
+    for p in paths {
+        assert_eq!(first.get(p).body, mixed_body(p), "{p}");
+    }
+    assert!(first.wait_metric(WRITES, 4.0, WAIT), "{}", first.metrics());
+    assert_eq!(up.gets(), 4);
+    let keys = entries(&redis);
+    // Which key is which: the entry's header holds its cache key.
+    let holding = |needle: &str| {
+        keys.iter()
+            .find(|k| redis.cli(&["GETRANGE", k, "0", "4095"]).contains(needle))
+            .cloned()
+            .expect("entry")
+    };
+    let (cut, flip, longer) = (holding("big701"), holding("big702"), holding("big703"));
+    let script = "return redis.call('SET', KEYS[1], string.sub(redis.call('GET', KEYS[1]), 1, -2))";
+    assert_eq!(redis.cli(&["EVAL", script, "1", &cut]), "OK");
+    let len: usize = redis.cli(&["STRLEN", &flip]).parse().expect("strlen");
+    redis.cli(&["SETRANGE", &flip, &(len - 1).to_string(), "\x0b"]);
+    redis.cli(&["APPEND", &longer, "x"]);
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+
+    let second = Proxy::start(&config(&up.endpoint(), &redis.url()));
+    let r = second.get(paths[0]);
+    assert_eq!(r.header("x-cache"), Some("HIT"));
+    assert_eq!(r.body, mixed_body(paths[0]));
+    assert_eq!(up.gets(), 4, "served from Redis");
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    let calls = |cmd: &str| -> usize {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        calls("getrange"),
+        3,
+        "700 KiB in pieces of 256 KiB: {stats}"
+    );
+    for p in &paths[1..] {
+        let r = second.get(p);
+        assert_eq!(r.status, 200, "{p}");
+        assert_eq!(r.header("x-cache"), Some("MISS"), "{p}");
+        assert_eq!(r.body, mixed_body(p), "{p}");
+    }
+    assert_eq!(up.gets(), 7, "the three refused entries were refetched");
+    let m = second.metrics();
+    assert!(
+        m.contains("yatagarasu_cache_redis_bad_entries_total 3\n"),
+        "{m}"
+    );
+}

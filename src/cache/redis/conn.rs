@@ -101,7 +101,7 @@ impl Conn {
         let mut replies = Vec::with_capacity(commands.len());
         for args in commands {
             let reply = match args.first() {
-                Some(&name) if name == b"GET" || name == b"MGET" => {
+                Some(&name) if [&b"GET"[..], b"MGET", b"GETRANGE"].contains(&name) => {
                     self.read_values(deadline).await?
                 }
                 _ => self.read_frame(deadline).await?,
@@ -178,8 +178,8 @@ impl Conn {
 }
 
 impl Conn {
-    /// The reply to a `GET` or an `MGET`: a value or null, an array of
-    /// them, or an error. A value of [`values::POOLED_MIN`] bytes or more
+    /// The reply to a `GET`, `GETRANGE` or `MGET`: a value or null, an
+    /// array of them, or an error. A value of [`values::POOLED_MIN`] bytes or more
     /// is read straight off the socket into a buffer of its own
     /// ([`values::take`]); smaller ones are copied out of the read buffer.
     async fn read_values(&mut self, deadline: Instant) -> Result<OwnedFrame, String> {

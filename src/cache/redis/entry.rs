@@ -183,6 +183,22 @@ fn frame(meta: &EntryMeta, inline: &[u8]) -> Vec<u8> {
     out
 }
 
+/// How long the value whose first bytes are `head` says it is (its header
+/// and, when inline, its body); `None` when `head` does not hold the whole
+/// header or is not an entry. Only a hint for reading the rest: [`decode`]
+/// checks the whole value.
+pub fn value_len(head: &[u8]) -> Option<u64> {
+    let rest = head.strip_prefix(MAGIC)?;
+    let (len, rest) = rest.split_first_chunk::<4>()?;
+    let len = u32::from_be_bytes(*len) as usize;
+    let meta: EntryMeta = serde_json::from_slice(rest.get(..len)?).ok()?;
+    let header = (MAGIC.len() + 4 + len) as u64;
+    match meta.chunks.is_empty() {
+        true => header.checked_add(meta.body_len),
+        false => Some(header),
+    }
+}
+
 /// A manifest read back: what the object is, and its body when inline.
 pub struct Manifest {
     meta: EntryMeta,
@@ -425,6 +441,19 @@ mod tests {
             assert_eq!(back.fresh_for, want.fresh_for);
             assert_eq!(back.total, 12);
         }
+    }
+
+    #[test]
+    fn a_value_s_length_is_read_from_its_header_alone() {
+        for chunk_size in [1024, 4] {
+            let value = encode("k", &object(b"hello, redis"), chunk_size, "w").manifest;
+            let header = value.len() - if chunk_size == 1024 { 12 } else { 0 };
+            for cut in [header, (header + 3).min(value.len()), value.len()] {
+                assert_eq!(value_len(&value[..cut]), Some(value.len() as u64), "{cut}");
+            }
+            assert_eq!(value_len(&value[..header - 1]), None, "header cut");
+        }
+        assert_eq!(value_len(b"YTGRS1\nxxxx{}"), None, "foreign");
     }
 
     #[test]

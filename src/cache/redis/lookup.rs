@@ -1,5 +1,6 @@
 //! A lookup in the Redis tier, on the requesting core: the entry's
-//! manifest, then (for a chunked object) the chunks the answer needs in one
+//! manifest (read 256 KiB a round trip, `GETRANGE`, so that Redis holds
+//! no whole large reply for it), then (for a chunked object) the chunks the answer needs in one
 //! `MGET` (they share the manifest's slot), every one checked (`entry`)
 //! before anything is served. A single range of a chunked object reads only
 //! the chunks it covers, and is answered from them without entering the
@@ -16,6 +17,9 @@ use crate::log;
 use bytes::Bytes;
 use redis_protocol::resp2::types::OwnedFrame;
 use std::sync::atomic::Ordering;
+
+/// An entry is read this much a round trip.
+const PIECE: usize = 256 * 1024;
 
 /// What a lookup found.
 pub enum Found {
@@ -43,17 +47,10 @@ impl Reader {
         stream: bool,
     ) -> Found {
         let rkey = tier.redis_key(key);
-        let value = match self
-            .call(tier, rkey.as_bytes(), &[b"GET", rkey.as_bytes()])
-            .await
-        {
-            Ok(OwnedFrame::BulkString(v)) => values::share(v),
-            Ok(OwnedFrame::Null) => {
+        let value = match self.value(tier, &rkey).await {
+            Ok(Some(v)) => v,
+            Ok(None) => {
                 tier.misses.fetch_add(1, Ordering::Relaxed);
-                return Found::Miss;
-            }
-            Ok(other) => {
-                self.unavailable(tier, &format!("GET answered {other:?}"));
                 return Found::Miss;
             }
             Err(e) => {
@@ -98,6 +95,62 @@ impl Reader {
                 self.refuse(tier, &rkey, bad).await;
                 Found::Miss
             }
+        }
+    }
+
+    /// The value at `rkey` (`None`: none), read [`PIECE`] bytes a round
+    /// trip: Redis holds no more than that of a reply for one lookup (with
+    /// 32 connections each awaiting a whole 1 MiB value, Redis's own GET
+    /// cost 3x as much: its allocator faulted in fresh pages for the
+    /// replies; loadtest/results/performance.md). Most entries are one
+    /// piece; a longer one says its length in its header, in the first.
+    async fn value(&self, tier: &RedisTier, rkey: &str) -> Result<Option<Bytes>, String> {
+        let first = self.range(tier, rkey, 0, PIECE).await?;
+        if first.is_empty() {
+            return Ok(None);
+        }
+        // A length beyond what an inline entry may have is not believed:
+        // the piece in hand goes to `entry::decode`, which refuses it.
+        let limit = (tier.settings.chunk_bytes + PIECE) as u64;
+        let total = match entry::value_len(&first) {
+            Some(total) if first.len() == PIECE && total <= limit => total as usize,
+            _ => return Ok(Some(values::share(first))),
+        };
+        // One byte past the length it says: a longer value is refused too.
+        let mut whole = values::take(total + 1);
+        whole.extend_from_slice(&first);
+        drop(first);
+        while whole.len() <= total {
+            let piece = PIECE.min(total + 1 - whole.len());
+            let more = self.range(tier, rkey, whole.len(), piece).await?;
+            whole.extend_from_slice(&more);
+            // Short: the value's end (as it says, or sooner: refused).
+            if more.len() < piece {
+                break;
+            }
+        }
+        Ok(Some(values::share(whole)))
+    }
+
+    /// Up to `len` bytes of the value at `rkey` from `start` on (`GETRANGE`:
+    /// empty past its end, and for no value).
+    async fn range(
+        &self,
+        tier: &RedisTier,
+        rkey: &str,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, String> {
+        let (from, to) = (start.to_string(), (start + len - 1).to_string());
+        let args = [
+            &b"GETRANGE"[..],
+            rkey.as_bytes(),
+            from.as_bytes(),
+            to.as_bytes(),
+        ];
+        match self.call(tier, rkey.as_bytes(), &args).await? {
+            OwnedFrame::BulkString(v) => Ok(v),
+            other => Err(format!("GETRANGE answered {other:?}")),
         }
     }
 
