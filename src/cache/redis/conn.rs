@@ -161,23 +161,18 @@ impl Conn {
                 Some(Scan::Need(n)) => n,
                 _ => 0,
             };
+            if want > MAX_VALUE + BUF {
+                return Err(format!("unreadable reply: {want} bytes announced"));
+            }
             if want > self.buf.capacity() {
                 self.buf.reserve_exact(want - self.buf.len());
             } else if self.buf.len() == self.buf.capacity() {
                 self.buf.reserve(self.buf.capacity().max(BUF));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match read_more(&mut self.stream, &mut self.buf, left).await {
-                Ok(0) => return Err("connection closed".into()),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(TIMED_OUT.into()),
-                Err(e) => return Err(format!("read: {e}")),
-            }
+            self.read_some(deadline).await?;
         }
     }
-}
 
-impl Conn {
     /// The reply to a `GET`, `GETRANGE` or `MGET`: a value or null, an
     /// array of them, or an error. A value of [`values::POOLED_MIN`] bytes or more
     /// is read straight off the socket into a buffer of its own
@@ -234,7 +229,10 @@ impl Conn {
         let Some(n) = n else {
             return Ok(OwnedFrame::Null);
         };
-        let framed = n.checked_add(2).ok_or("unreadable reply: value too long")?;
+        if n > MAX_VALUE {
+            return Err(format!("unreadable reply: a value of {n} bytes announced"));
+        }
+        let framed = n + 2;
         let mut v;
         if n < values::POOLED_MIN {
             self.fill(at, framed, deadline).await?;
@@ -244,14 +242,19 @@ impl Conn {
             // What is already in, copied; the rest read straight in, no
             // further than the value's end (what follows is the next
             // reply's).
-            v = values::take(framed);
+            // Room for what has come, not for all a header says: a value
+            // beyond `AHEAD` grows as it arrives.
+            v = values::take(framed.min(AHEAD));
             let have = (self.buf.len() - *at).min(framed);
             v.extend_from_slice(&self.buf[*at..*at + have]);
             *at += have;
             while v.len() < framed {
+                if v.len() == v.capacity() {
+                    v.reserve((framed - v.len()).min(v.capacity()));
+                }
                 let left = deadline.saturating_duration_since(Instant::now());
-                let len = v.len();
-                let read = monoio::time::timeout(left, self.stream.read(v.slice_mut(len..framed)));
+                let (len, end) = (v.len(), framed.min(v.capacity()));
+                let read = monoio::time::timeout(left, self.stream.read(v.slice_mut(len..end)));
                 match read.await {
                     Ok((Ok(0), _)) => return Err("connection closed".into()),
                     Ok((Ok(_), slice)) => v = slice.into_inner(),
@@ -280,17 +283,29 @@ impl Conn {
             } else if self.buf.len() == self.buf.capacity() {
                 self.buf.reserve(BUF);
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match read_more(&mut self.stream, &mut self.buf, left).await {
-                Ok(0) => return Err("connection closed".into()),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(TIMED_OUT.into()),
-                Err(e) => return Err(format!("read: {e}")),
-            }
+            self.read_some(deadline).await?;
         }
         Ok(())
     }
+
+    /// Reads what has come into the spare room of the read buffer, by
+    /// `deadline`.
+    async fn read_some(&mut self, deadline: Instant) -> Result<(), String> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match read_more(&mut self.stream, &mut self.buf, left).await {
+            Ok(0) => Err("connection closed".into()),
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(TIMED_OUT.into()),
+            Err(e) => Err(format!("read: {e}")),
+        }
+    }
 }
+
+/// The longest value Redis sends (its `proto-max-bulk-len` default): a
+/// header announcing more is not believed.
+const MAX_VALUE: usize = 512 << 20;
+/// A value's buffer is made this large at most before its bytes come.
+const AHEAD: usize = 4 << 20;
 
 /// The longest header line a reply to `GET` or `MGET` may have.
 const MAX_HEADER: usize = 4096;
@@ -389,7 +404,7 @@ fn scan(buf: &[u8], at: usize, depth: usize) -> Option<Scan> {
             if n < 0 {
                 return Some(Scan::Whole(next));
             }
-            let end = next + n as usize + 2;
+            let end = next.checked_add(usize::try_from(n).ok()?)?.checked_add(2)?;
             Some(if end <= buf.len() {
                 Scan::Whole(end)
             } else {
@@ -523,20 +538,38 @@ mod tests {
     }
 
     #[test]
+    fn a_value_longer_than_its_first_buffer_grows_as_it_arrives() {
+        let big = value(5 << 20, 3);
+        let mut reply = bulk(&big);
+        reply.extend_from_slice(b":7\r\n");
+        let commands: [&[&[u8]]; 2] = [&[b"GET", b"big"], &[b"EXISTS", b"k"]];
+        let got = replies(&commands, reply).expect("read");
+        assert_eq!(
+            got,
+            vec![OwnedFrame::BulkString(big), OwnedFrame::Integer(7)]
+        );
+    }
+
+    #[test]
     fn a_malformed_or_cut_reply_to_a_get_is_an_error_naming_it() {
         let get: [&[&[u8]]; 1] = [&[b"GET", b"k"]];
-        let cases: [(&[u8], &str); 6] = [
+        let cases: [(&[u8], &str); 8] = [
             (b"$abc\r\n", "not a number"),
             (b"$5\r\nhelloXX", "not followed by CRLF"),
             (b":1\r\n", "where a value was expected"),
             (b"*2\r\n*1\r\n$1\r\na\r\n", "not a value in an array"),
             (b"$5\r\nhel", "connection closed"),
             (b"$70000\r\nabc", "connection closed"),
+            (b"$99999999999999\r\nabc", "bytes announced"),
+            (b"*1\r\n$536870913\r\nabc", "bytes announced"),
         ];
         for (reply, says) in cases {
             let err = replies(&get, reply.to_vec()).expect_err("not a value");
             assert!(err.contains(says), "{reply:?}: {err}");
         }
+        let ping: [&[&[u8]]; 1] = [&[b"PING"]];
+        let err = replies(&ping, b"$99999999999999\r\nabc".to_vec()).expect_err("too long");
+        assert!(err.contains("bytes announced"), "{err}");
         let long = vec![b'$'; 5000];
         let err = replies(&get, long).expect_err("no end of line");
         assert!(err.contains("header line too long"), "{err}");
