@@ -1,10 +1,11 @@
 //! A lookup in the Redis tier, on the requesting core: the entry's
 //! manifest (read 256 KiB a round trip, `GETRANGE`, so that Redis holds
-//! no whole large reply for it), then (for a chunked object) the chunks the answer needs in one
-//! `MGET` (they share the manifest's slot), every one checked (`entry`)
-//! before anything is served. A single range of a chunked object reads only
-//! the chunks it covers, and is answered from them without entering the
-//! memory tier. A bad value is deleted, counted and read as a miss.
+//! no whole large reply for it), then (for a chunked object) the chunks
+//! the answer needs in one `MGET` (they share the manifest's slot), every
+//! one checked (`entry`) before anything is served. A single range of a
+//! chunked object reads only the chunks it covers, and is answered from
+//! them without entering the memory tier. A bad value is deleted, counted
+//! and read as a miss.
 
 use super::entry;
 use super::reader::Reader;
@@ -119,13 +120,15 @@ impl Reader {
         // One byte past the length it says: a longer value is refused too.
         let mut whole = values::take(total + 1);
         whole.extend_from_slice(&first);
-        drop(first);
+        values::give(first);
         while whole.len() <= total {
             let piece = PIECE.min(total + 1 - whole.len());
             let more = self.range(tier, rkey, whole.len(), piece).await?;
             whole.extend_from_slice(&more);
             // Short: the value's end (as it says, or sooner: refused).
-            if more.len() < piece {
+            let short = more.len() < piece;
+            values::give(more);
+            if short {
                 break;
             }
         }

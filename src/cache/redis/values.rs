@@ -66,6 +66,17 @@ pub fn take(n: usize) -> Vec<u8> {
     kept.unwrap_or_else(|| Vec::with_capacity(n))
 }
 
+/// Hands `b`, no longer needed, back to this thread's pool (when there is
+/// room for it).
+pub fn give(b: Vec<u8>) {
+    // A thread whose pool is gone (it is exiting) frees the buffer.
+    let _ = POOL.try_with(|p| {
+        if let Ok(mut p) = p.try_borrow_mut() {
+            p.give(b);
+        }
+    });
+}
+
 /// `v` as shared bytes; a buffer of [`POOLED_MIN`] bytes or more goes back
 /// to a pool when the last of them is dropped.
 pub fn share(v: Vec<u8>) -> Bytes {
@@ -86,13 +97,7 @@ impl AsRef<[u8]> for Pooled {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        let b = std::mem::take(&mut self.0);
-        // A thread whose pool is gone (it is exiting) frees the buffer.
-        let _ = POOL.try_with(|p| {
-            if let Ok(mut p) = p.try_borrow_mut() {
-                p.give(b);
-            }
-        });
+        give(std::mem::take(&mut self.0));
     }
 }
 
@@ -128,6 +133,15 @@ mod tests {
         assert_eq!(again.as_ptr(), at, "about its size: reused");
         assert!(again.is_empty());
         assert_eq!(kept(), (0, 0));
+    }
+
+    #[test]
+    fn a_buffer_given_back_is_kept_for_the_next_value() {
+        let b = take(300 * 1024);
+        let at = b.as_ptr();
+        give(b);
+        let again = take(300 * 1024);
+        assert_eq!(again.as_ptr(), at);
     }
 
     #[test]
