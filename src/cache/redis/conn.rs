@@ -161,15 +161,8 @@ impl Conn {
                 Some(Scan::Need(n)) => n,
                 _ => 0,
             };
-            if want > MAX_VALUE + BUF {
-                return Err(format!("unreadable reply: {want} bytes announced"));
-            }
-            if want > self.buf.capacity() {
-                self.buf.reserve_exact(want - self.buf.len());
-            } else if self.buf.len() == self.buf.capacity() {
-                self.buf.reserve(self.buf.capacity().max(BUF));
-            }
-            self.read_some(deadline).await?;
+            self.fill(&mut 0, want.max(self.buf.len() + 1), deadline)
+                .await?;
         }
     }
 
@@ -271,8 +264,13 @@ impl Conn {
     }
 
     /// Reads until `buf[*at..]` holds at least `want` bytes (moving what is
-    /// unread to the front first when the buffer lacks room).
+    /// unread to the front first when the buffer lacks room; room for all
+    /// of them made at once, not grown and copied step by step). More than
+    /// Redis ever sends is an error, not an allocation.
     async fn fill(&mut self, at: &mut usize, want: usize, deadline: Instant) -> Result<(), String> {
+        if want > MAX_VALUE + BUF {
+            return Err(format!("unreadable reply: {want} bytes announced"));
+        }
         while self.buf.len() - *at < want {
             if *at > 0 && *at + want > self.buf.capacity() {
                 self.buf.drain(..*at);
