@@ -904,6 +904,67 @@ fn a_lookup_waits_for_a_busy_connection_rather_than_missing() {
     assert_eq!(up.gets(), 2, "only the first instance's fills");
 }
 
+#[test]
+fn lookups_waiting_for_redis_are_sent_together_and_each_gets_its_own_entry() {
+    let redis = Redis::start();
+    let up = origin();
+    let first = Proxy::start(&config(&up.endpoint(), &redis.url()));
+    let keys = ["a", "b", "c", "d", "e", "f", "g"];
+    for k in keys {
+        assert_eq!(first.get(&format!("/b/{k}.txt")).status, 200);
+    }
+    assert!(first.wait_metric(WRITES, 7.0, WAIT), "{}", first.metrics());
+    // The second instance reaches Redis through a relay that records each
+    // read of what the proxy sends, with one connection and one core.
+    let relay = support::fault::Fault::start(redis.port, support::fault::Mode::Pass);
+    let cfg = config(&up.endpoint(), &format!("redis://127.0.0.1:{}", relay.port)).replace(
+        "operation_timeout_ms: 2000",
+        "operation_timeout_ms: 30000\n    max_pool_size: 1",
+    );
+    let second = Proxy::start_with(&cfg, 1, &[]);
+    let entry_reads = |record: &String| record.matches("GETRANGE").count();
+    let sent = || relay.recorded().iter().map(entry_reads).sum::<usize>();
+    // The relay holds every command until told: the first lookup keeps
+    // the one connection busy, and the six after it wait for it together.
+    relay.hold();
+    let port = second.port;
+    let get = |k: &str| {
+        let path = format!("/b/{k}.txt");
+        std::thread::spawn(move || (support::http::get(port, &path, &[]), path))
+    };
+    let mut clients = vec![get(keys[0])];
+    let end = std::time::Instant::now() + WAIT;
+    while sent() == 0 && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(sent(), 1, "the first lookup's read was sent");
+    clients.extend(keys[1..].iter().map(|k| get(k)));
+    assert!(
+        second.wait_metric("yatagarasu_open_connections", 7.0, WAIT),
+        "{}",
+        second.metrics()
+    );
+    relay.release();
+    for c in clients {
+        let (r, path) = c.join().expect("client");
+        assert_eq!(
+            (r.status, r.header("x-cache")),
+            (200, Some("HIT")),
+            "{path}"
+        );
+        let upstream_path = path.replacen("/b/", "/bkt/", 1);
+        let want = format!("object at {upstream_path}\n");
+        assert_eq!(String::from_utf8_lossy(&r.body), want, "{path}");
+    }
+    let records = relay.recorded();
+    assert_eq!(sent(), 7, "{records:?}");
+    let deepest = records.iter().map(entry_reads).max().unwrap_or(0);
+    assert!(deepest >= 2, "every read went alone: {records:?}");
+    let m = second.metrics();
+    assert!(m.contains("yatagarasu_cache_redis_hits_total 7\n"), "{m}");
+    assert_eq!(up.gets(), 7, "only the first instance's fills");
+}
+
 /// An origin answering keys with "big" in them with a large patterned
 /// body (its length from the key's digits after "big", in KiB, else
 /// 1 MiB), and every other key with a line naming it; `Range: bytes=N-M`

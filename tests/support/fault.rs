@@ -2,12 +2,13 @@
 //!
 //! The mode is read when a connection is accepted, so switching it affects new
 //! upstream connections. It also counts connections and records the first
-//! bytes of every request for assertions.
+//! bytes of every request for assertions, and can hold what clients send
+//! (recorded, not yet forwarded) until released ([`Fault::hold`]).
 
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +36,11 @@ pub struct Fault {
     pub requests: Arc<Mutex<Vec<Vec<u8>>>>,
     stop: Arc<AtomicBool>,
     sockets: Arc<Mutex<Vec<TcpStream>>>,
+    held: Held,
 }
+
+/// Whether what clients send is held back, and the forwarders waiting.
+type Held = Arc<(Mutex<bool>, Condvar)>;
 
 impl Fault {
     /// Starts a fault proxy forwarding to `127.0.0.1:target`.
@@ -49,13 +54,15 @@ impl Fault {
             requests: Arc::new(Mutex::new(Vec::new())),
             stop: Arc::new(AtomicBool::new(false)),
             sockets: Arc::new(Mutex::new(Vec::new())),
+            held: Arc::new((Mutex::new(false), Condvar::new())),
         };
-        let (m, c, r, s, socks) = (
+        let (m, c, r, s, socks, held) = (
             f.mode.clone(),
             f.connections.clone(),
             f.requests.clone(),
             f.stop.clone(),
             f.sockets.clone(),
+            f.held.clone(),
         );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -68,8 +75,8 @@ impl Fault {
                 if let Ok(clone) = client.try_clone() {
                     socks.lock().unwrap().push(clone);
                 }
-                let (r, socks) = (r.clone(), socks.clone());
-                std::thread::spawn(move || handle(client, target, mode, r, socks));
+                let (r, socks, held) = (r.clone(), socks.clone(), held.clone());
+                std::thread::spawn(move || handle(client, target, mode, r, socks, held));
             }
         });
         f
@@ -81,6 +88,18 @@ impl Fault {
 
     pub fn set(&self, mode: Mode) {
         *self.mode.lock().unwrap() = mode;
+    }
+
+    /// Holds what clients send from now on: recorded as it arrives, and
+    /// forwarded once [`Fault::release`]d.
+    pub fn hold(&self) {
+        *self.held.0.lock().unwrap() = true;
+    }
+
+    /// Forwards what was held, and everything after.
+    pub fn release(&self) {
+        *self.held.0.lock().unwrap() = false;
+        self.held.1.notify_all();
     }
 
     /// Closes every connection made so far (the listener stays).
@@ -129,6 +148,7 @@ fn handle(
     mode: Mode,
     rec: Arc<Mutex<Vec<Vec<u8>>>>,
     socks: Arc<Mutex<Vec<TcpStream>>>,
+    held: Held,
 ) {
     match mode {
         Mode::Hang => {
@@ -176,6 +196,8 @@ fn handle(
                 }
                 Ok(n) => {
                     rec.lock().unwrap().push(tmp[..n.min(8192)].to_vec());
+                    let (lock, released) = &*held;
+                    drop(released.wait_while(lock.lock().unwrap(), |h| *h));
                     if u_write.write_all(&tmp[..n]).is_err() {
                         return;
                     }

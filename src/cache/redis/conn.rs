@@ -113,13 +113,13 @@ impl Conn {
 
     /// Writes `commands` without reading (a subscriber's PING, SUBSCRIBE).
     pub async fn send(&mut self, commands: &[&[&[u8]]], timeout: Duration) -> Result<(), String> {
+        use std::io::Write as _;
         self.out.clear();
+        // Writing into a Vec cannot fail.
         for args in commands {
-            self.out
-                .extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+            let _ = write!(self.out, "*{}\r\n", args.len());
             for a in *args {
-                self.out
-                    .extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+                let _ = write!(self.out, "${}\r\n", a.len());
                 self.out.extend_from_slice(a);
                 self.out.extend_from_slice(b"\r\n");
             }

@@ -33,6 +33,7 @@
 //! `publish.rs`: objects streamed to the fleet while they arrive),
 //! fleet-wide limits `limit.rs`.
 
+pub mod batch;
 pub mod cluster;
 pub mod conn;
 pub mod entry;

@@ -19,6 +19,7 @@
 //! makes them be asked again, at most once a second: that is how a
 //! Sentinel failover is found.
 
+use super::batch::{self, Batch, Deferred, Member, Waited};
 use super::cluster::{self, Redirect, SlotMap};
 use super::conn::Conn;
 use super::RedisTier;
@@ -46,10 +47,20 @@ fn breaker_settings() -> BreakerSettings {
     }
 }
 
-/// One node: its connections and its breaker.
+/// One node: its connections, its breaker, and the batch of reads being
+/// gathered for it.
 struct Node {
     address: String,
     idle: RefCell<Vec<Conn>>,
+    /// Reads gathered to be sent together (`batch.rs`), until its leader
+    /// closes it.
+    batch: RefCell<Option<Rc<Batch>>>,
+    /// Batches sent and not yet answered, and the leaders waiting for one
+    /// to land.
+    flights: Cell<usize>,
+    landed: RefCell<Vec<std::task::Waker>>,
+    /// How large its replies to plain reads have been of late.
+    sizes: batch::ReplySizes,
     open: Cell<usize>,
     /// Commands waiting for a connection: woken when one is freed.
     waiting: RefCell<Vec<std::task::Waker>>,
@@ -64,6 +75,10 @@ impl Node {
         Node {
             address: address.to_string(),
             idle: RefCell::new(Vec::new()),
+            batch: RefCell::new(None),
+            flights: Cell::new(0),
+            landed: RefCell::new(Vec::new()),
+            sizes: batch::ReplySizes::default(),
             open: Cell::new(0),
             waiting: RefCell::new(Vec::new()),
             failing: Cell::new(false),
@@ -248,40 +263,12 @@ impl Reader {
             ));
         }
         let deadline = Instant::now() + s.operation_timeout;
-        let result = async {
-            let mut conn = self.checkout(s, node, deadline).await?;
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1));
-            const ASKING: &[&[u8]] = &[b"ASKING"];
-            // Only a command sent after `ASKING` is copied into a new list.
-            let with_asking: Vec<&[&[u8]]>;
-            let sent = if asking {
-                with_asking = std::iter::once(ASKING)
-                    .chain(commands.iter().copied())
-                    .collect();
-                &with_asking[..]
-            } else {
-                commands
-            };
-            match conn.pipeline(sent, left).await {
-                Ok(mut replies) => {
-                    node.failing.set(false);
-                    node.idle.borrow_mut().push(conn);
-                    wake(node);
-                    if asking {
-                        replies.remove(0);
-                    }
-                    Ok(replies)
-                }
-                Err(e) => {
-                    node.failing.set(true);
-                    closed_one(node);
-                    Err(format!("{}: {e}", node.address))
-                }
+        let result = match commands {
+            [read] if !asking && batch::batchable(commands) && node.sizes.small() => {
+                self.batched(s, node, read, deadline).await
             }
-        }
-        .await;
+            _ => self.alone(s, node, commands, asking, deadline).await,
+        };
         // A node that answers at all is up, whatever it answered.
         node.breaker
             .borrow_mut()
@@ -290,6 +277,142 @@ impl Reader {
             self.node_failed(s);
         }
         result
+    }
+
+    /// `read` sent with the other reads of this core that reach `node` in
+    /// the same pass of its run queue (`batch.rs`): joined to the batch
+    /// being gathered, or leading a new one.
+    async fn batched(
+        &self,
+        s: &RedisCache,
+        node: &Node,
+        read: &[&[u8]],
+        deadline: Instant,
+    ) -> Result<Vec<OwnedFrame>, String> {
+        loop {
+            let open = node.batch.borrow().clone().filter(|b| b.has_room());
+            if let Some(batch) = open {
+                let me = batch.join(read);
+                let left = deadline.saturating_duration_since(Instant::now());
+                match monoio::time::timeout(left, Member { batch: &batch, me }).await {
+                    Ok(Waited::Done(outcome)) => return outcome,
+                    Ok(Waited::Abandoned) => continue,
+                    Err(_) => {
+                        return Err(format!(
+                            "{}: no reply within operation_timeout_ms",
+                            node.address
+                        ))
+                    }
+                }
+            }
+            let batch = Rc::new(Batch::default());
+            let me = batch.join(read);
+            *node.batch.borrow_mut() = Some(batch.clone());
+            let mut leading = Leading {
+                node,
+                batch: &batch,
+                flying: false,
+                done: false,
+            };
+            // Gathered for one pass of the run queue, and for as long as
+            // every flight is out: the busier Redis is, the deeper the batch.
+            Deferred::default().await;
+            while node.flights.get() >= batch::FLIGHTS && batch.has_room() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero()
+                    || monoio::time::timeout(left, Freed::new(&node.landed))
+                        .await
+                        .is_err()
+                {
+                    break;
+                }
+            }
+            // And while no connection is free.
+            let replies = match self.checkout(s, node, deadline).await {
+                Ok(conn) => {
+                    leading.close();
+                    let commands = batch.close();
+                    let args: Vec<Vec<&[u8]>> = commands
+                        .iter()
+                        .map(|c| c.iter().map(Vec::as_slice).collect())
+                        .collect();
+                    let sent: Vec<&[&[u8]]> = args.iter().map(Vec::as_slice).collect();
+                    node.flights.set(node.flights.get() + 1);
+                    leading.flying = true;
+                    self.on_conn(node, conn, &sent, false, deadline).await
+                }
+                Err(e) => {
+                    leading.close();
+                    batch.close();
+                    Err(e)
+                }
+            };
+            batch.finish(replies);
+            leading.done = true;
+            return batch.take(me).unwrap_or_else(|| Err("no reply".into()));
+        }
+    }
+
+    /// `commands` on a connection of `node`'s own (after `ASKING` when
+    /// `asking`), by `deadline`.
+    async fn alone(
+        &self,
+        s: &RedisCache,
+        node: &Node,
+        commands: &[&[&[u8]]],
+        asking: bool,
+        deadline: Instant,
+    ) -> Result<Vec<OwnedFrame>, String> {
+        let conn = self.checkout(s, node, deadline).await?;
+        self.on_conn(node, conn, commands, asking, deadline).await
+    }
+
+    /// `commands` on `conn`, a connection to `node` (after `ASKING` when
+    /// `asking`), by `deadline`; the connection is idle again after, or
+    /// dropped if it failed.
+    async fn on_conn(
+        &self,
+        node: &Node,
+        mut conn: Conn,
+        commands: &[&[&[u8]]],
+        asking: bool,
+        deadline: Instant,
+    ) -> Result<Vec<OwnedFrame>, String> {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        const ASKING: &[&[u8]] = &[b"ASKING"];
+        // Only a command sent after `ASKING` is copied into a new list.
+        let with_asking: Vec<&[&[u8]]>;
+        let sent = if asking {
+            with_asking = std::iter::once(ASKING)
+                .chain(commands.iter().copied())
+                .collect();
+            &with_asking[..]
+        } else {
+            commands
+        };
+        match conn.pipeline(sent, left).await {
+            Ok(mut replies) => {
+                node.failing.set(false);
+                node.idle.borrow_mut().push(conn);
+                wake(node);
+                if asking {
+                    replies.remove(0);
+                }
+                // Plain reads (one, or a batch of them): their sizes
+                // decide whether the next are batched.
+                if commands.first().is_some_and(|&c| batch::batchable(&[c])) {
+                    node.sizes.record(&replies);
+                }
+                Ok(replies)
+            }
+            Err(e) => {
+                node.failing.set(true);
+                closed_one(node);
+                Err(format!("{}: {e}", node.address))
+            }
+        }
     }
 
     /// A connection to `node` for one command: idle, new, or the next
@@ -484,6 +607,42 @@ fn closed_one(node: &Node) {
 fn wake(node: &Node) {
     for w in node.waiting.borrow_mut().drain(..) {
         w.wake();
+    }
+}
+
+/// A batch being led: closed to new members once its leader sends it, and
+/// abandoned (its members try again) if the leader's lookup is dropped
+/// before the replies are handed out.
+struct Leading<'a> {
+    node: &'a Node,
+    batch: &'a Rc<Batch>,
+    /// Sent: one of the node's flights.
+    flying: bool,
+    done: bool,
+}
+
+impl Leading<'_> {
+    /// No longer the node's batch being gathered.
+    fn close(&self) {
+        let mut open = self.node.batch.borrow_mut();
+        if open.as_ref().is_some_and(|b| Rc::ptr_eq(b, self.batch)) {
+            *open = None;
+        }
+    }
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        if self.flying {
+            self.node.flights.set(self.node.flights.get() - 1);
+            for w in self.node.landed.borrow_mut().drain(..) {
+                w.wake();
+            }
+        }
+        if !self.done {
+            self.close();
+            self.batch.abandon();
+        }
     }
 }
 
