@@ -843,6 +843,48 @@ fn warnings(proxies: &[Proxy]) -> String {
     said.join("\n")
 }
 
+/// Objects stored in Redis by a first instance, and a second instance
+/// reaching Redis through a relay that records each read of what it sends
+/// (and can hold it), with one connection, one core and a 30 s operation
+/// timeout.
+struct Relayed {
+    redis: Redis,
+    up: Rogue,
+    /// Kept running: it wrote the objects.
+    _first: Proxy,
+    relay: support::fault::Fault,
+    second: Proxy,
+}
+
+/// [`Relayed`], with `/b/<key>.txt` of each of `keys` stored.
+fn relayed(keys: &[&str]) -> Relayed {
+    let redis = Redis::start();
+    let up = origin();
+    let first = Proxy::start(&config(&up.endpoint(), &redis.url()));
+    for k in keys {
+        assert_eq!(first.get(&format!("/b/{k}.txt")).status, 200);
+    }
+    let stored = keys.len() as f64;
+    assert!(
+        first.wait_metric(WRITES, stored, WAIT),
+        "{}",
+        first.metrics()
+    );
+    let relay = support::fault::Fault::start(redis.port, support::fault::Mode::Pass);
+    let cfg = config(&up.endpoint(), &format!("redis://127.0.0.1:{}", relay.port)).replace(
+        "operation_timeout_ms: 2000",
+        "operation_timeout_ms: 30000\n    max_pool_size: 1",
+    );
+    let second = Proxy::start_with(&cfg, 1, &[]);
+    Relayed {
+        redis,
+        up,
+        _first: first,
+        relay,
+        second,
+    }
+}
+
 /// A lookup that finds every Redis connection of its core busy waits for
 /// the next one freed. It used to be a miss: the request then led a fill,
 /// took the fleet lease and polled it every 25 ms until a connection was
@@ -850,21 +892,9 @@ fn warnings(proxies: &[Proxy]) -> String {
 /// (the p99 tail of Redis-tier hits in loadtest/redis.sh).
 #[test]
 fn a_lookup_waits_for_a_busy_connection_rather_than_missing() {
-    let redis = Redis::start();
-    let up = origin();
-    let first = Proxy::start(&config(&up.endpoint(), &redis.url()));
-    for k in ["a", "b"] {
-        assert_eq!(first.get(&format!("/b/{k}.txt")).status, 200);
-    }
-    assert!(first.wait_metric(WRITES, 2.0, WAIT), "{}", first.metrics());
-    // The second instance reaches Redis through a relay that shows what
-    // it sends, with one connection per core and one core.
-    let relay = support::fault::Fault::start(redis.port, support::fault::Mode::Pass);
-    let cfg = config(&up.endpoint(), &format!("redis://127.0.0.1:{}", relay.port)).replace(
-        "operation_timeout_ms: 2000",
-        "operation_timeout_ms: 30000\n    max_pool_size: 1",
-    );
-    let second = Proxy::start_with(&cfg, 1, &[]);
+    // Bound whole: a field left out of a pattern would be dropped at once.
+    let r = relayed(&["a", "b"]);
+    let (redis, up, relay, second) = (&r.redis, &r.up, &r.relay, &r.second);
     let entry_gets = || {
         relay
             .recorded()
@@ -906,22 +936,9 @@ fn a_lookup_waits_for_a_busy_connection_rather_than_missing() {
 
 #[test]
 fn lookups_waiting_for_redis_are_sent_together_and_each_gets_its_own_entry() {
-    let redis = Redis::start();
-    let up = origin();
-    let first = Proxy::start(&config(&up.endpoint(), &redis.url()));
     let keys = ["a", "b", "c", "d", "e", "f", "g"];
-    for k in keys {
-        assert_eq!(first.get(&format!("/b/{k}.txt")).status, 200);
-    }
-    assert!(first.wait_metric(WRITES, 7.0, WAIT), "{}", first.metrics());
-    // The second instance reaches Redis through a relay that records each
-    // read of what the proxy sends, with one connection and one core.
-    let relay = support::fault::Fault::start(redis.port, support::fault::Mode::Pass);
-    let cfg = config(&up.endpoint(), &format!("redis://127.0.0.1:{}", relay.port)).replace(
-        "operation_timeout_ms: 2000",
-        "operation_timeout_ms: 30000\n    max_pool_size: 1",
-    );
-    let second = Proxy::start_with(&cfg, 1, &[]);
+    let r = relayed(&keys);
+    let (up, relay, second) = (&r.up, &r.relay, &r.second);
     let entry_reads = |record: &String| record.matches("GETRANGE").count();
     let sent = || relay.recorded().iter().map(entry_reads).sum::<usize>();
     // The relay holds every command until told: the first lookup keeps
