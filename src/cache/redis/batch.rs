@@ -87,21 +87,23 @@ pub struct Batch {
 impl Batch {
     /// Whether another member fits.
     pub fn has_room(&self) -> bool {
-        !self.closed.get() && self.commands.borrow().len() < MAX
+        !self.closed.get() && self.outcomes.borrow().len() < MAX
     }
 
     /// Adds `command` (one read); its member's number.
     pub fn join(&self, command: &[&[u8]]) -> usize {
         let mut commands = self.commands.borrow_mut();
         commands.push(command.iter().map(|a| a.to_vec()).collect());
-        self.outcomes.borrow_mut().push(None);
-        commands.len() - 1
+        let mut outcomes = self.outcomes.borrow_mut();
+        outcomes.push(None);
+        outcomes.len() - 1
     }
 
-    /// Closes the batch; its commands, in members' order.
+    /// Closes the batch; its commands, in members' order (taken: nobody
+    /// joins a closed batch).
     pub fn close(&self) -> Vec<Vec<Vec<u8>>> {
         self.closed.set(true);
-        self.commands.borrow().clone()
+        std::mem::take(&mut *self.commands.borrow_mut())
     }
 
     /// Hands out the replies to the batch's commands (one each, in order),

@@ -110,11 +110,16 @@ impl Reader {
         if first.is_empty() {
             return Ok(None);
         }
+        // A short first piece is the whole value: its header is read once,
+        // by `entry::decode`.
+        if first.len() < PIECE {
+            return Ok(Some(values::share(first)));
+        }
         // A length beyond what an inline entry may have is not believed:
         // the piece in hand goes to `entry::decode`, which refuses it.
         let limit = (tier.settings.chunk_bytes + PIECE) as u64;
         let total = match entry::value_len(&first) {
-            Some(total) if first.len() == PIECE && total <= limit => total as usize,
+            Some(total) if total <= limit => total as usize,
             _ => return Ok(Some(values::share(first))),
         };
         // One byte past the length it says: a longer value is refused too.
